@@ -1,0 +1,225 @@
+//! rustls verifiers for SPIFFE peers. The peer's trust domain is taken from its SVID; the chain
+//! is validated against that trust domain's bundle only (bundles are never pooled); the
+//! X509-SVID rules are enforced; then the peer's ID is authorized.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::authorize::Authorizer;
+use crate::bundle::TrustStore;
+use crate::spiffe_id::SpiffeId;
+use crate::svid::{self, SvidError};
+
+/// Why a peer was refused. Every message names the peer's identity or trust domain.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VerifyError {
+    #[error("peer certificate is not a valid X509-SVID: {0}")]
+    Svid(#[from] SvidError),
+    #[error("no trust bundle for trust domain {trust_domain}, so {id} cannot be verified")]
+    NoBundle { trust_domain: String, id: String },
+    #[error("certificate for {id} does not verify against the bundle of trust domain {trust_domain}: {reason}")]
+    Chain {
+        id: String,
+        trust_domain: String,
+        reason: String,
+    },
+    #[error("intermediate certificate in the chain of {id} is not a signing certificate of trust domain {trust_domain}: {reason}")]
+    Intermediate {
+        id: String,
+        trust_domain: String,
+        reason: SvidError,
+    },
+    #[error("{id} is not authorized: {reason}")]
+    Unauthorized { id: String, reason: String },
+}
+
+/// Which side the peer plays, which decides the extended key usage required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    Server,
+    Client,
+}
+
+fn describe_webpki(e: &webpki::Error) -> String {
+    use webpki::Error as E;
+    match e {
+        E::UnknownIssuer => "the chain does not lead to any root in that bundle".into(),
+        E::CertExpired { not_after, .. } => {
+            format!("certificate expired at {} (unix seconds)", not_after.as_secs())
+        }
+        E::CertNotValidYet { not_before, .. } => {
+            format!("certificate is not valid before {} (unix seconds)", not_before.as_secs())
+        }
+        E::InvalidSignatureForPublicKey => "a signature in the chain does not verify".into(),
+        E::CaUsedAsEndEntity => "the leaf is a CA certificate".into(),
+        E::EndEntityUsedAsCa => "a leaf certificate was used as an intermediate".into(),
+        E::RequiredEkuNotFoundContext(_) => {
+            "the certificate lacks the extended key usage for this role".into()
+        }
+        E::UnsupportedSignatureAlgorithmContext(_)
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            "the chain uses an unsupported signature algorithm".into()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// Verifies SPIFFE peers against a live [`TrustStore`].
+#[derive(Debug, Clone)]
+pub struct SpiffeVerifier {
+    store: TrustStore,
+    authorizer: Authorizer,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeVerifier {
+    pub fn new(store: TrustStore, authorizer: Authorizer) -> Self {
+        SpiffeVerifier {
+            store,
+            authorizer,
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+
+    pub fn store(&self) -> &TrustStore {
+        &self.store
+    }
+
+    /// Verifies a presented chain (leaf, then intermediates) at `now` and returns the peer's ID.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+    ) -> Result<SpiffeId, VerifyError> {
+        let leaf = svid::check_leaf(end_entity)?;
+        let id = leaf.id;
+        let td = id.trust_domain();
+        let set = self.store.load();
+        let entry = set.entry(td.as_str()).ok_or_else(|| VerifyError::NoBundle {
+            trust_domain: td.to_string(),
+            id: id.to_string(),
+        })?;
+        for inter in intermediates {
+            svid::check_signer(inter, &td).map_err(|reason| VerifyError::Intermediate {
+                id: id.to_string(),
+                trust_domain: td.to_string(),
+                reason,
+            })?;
+        }
+        let chain_err = |reason: String| VerifyError::Chain {
+            id: id.to_string(),
+            trust_domain: td.to_string(),
+            reason,
+        };
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| chain_err(describe_webpki(&e)))?;
+        let usage = match role {
+            PeerRole::Server => webpki::KeyUsage::server_auth(),
+            PeerRole::Client => webpki::KeyUsage::client_auth(),
+        };
+        ee.verify_for_usage(
+            self.algorithms.all,
+            &entry.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| chain_err(describe_webpki(&e)))?;
+        self.authorizer.check(&id).map_err(|reason| VerifyError::Unauthorized {
+            id: id.to_string(),
+            reason,
+        })?;
+        Ok(id)
+    }
+
+    fn rustls_error(e: VerifyError) -> rustls::Error {
+        tracing::warn!(error = %e, "refused TLS peer");
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The server name is not used: SPIFFE peers are identified by their SPIFFE ID.
+        self.verify(end_entity, intermediates, now, PeerRole::Server)
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(Self::rustls_error)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Peers come from many trust domains; hints would only leak the bundle set.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, PeerRole::Client)
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(Self::rustls_error)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
