@@ -21,7 +21,10 @@ pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'stat
         x509_parser::parse_x509_certificate(&der).map_err(|e| {
             TrustError::cert(
                 what,
-                format!("certificate #{} is not a valid X.509 certificate: {e}", i + 1),
+                format!(
+                    "certificate #{} is not a valid X.509 certificate: {e}",
+                    i + 1
+                ),
             )
         })?;
         out.push(der);
@@ -37,7 +40,10 @@ pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'stat
 
 /// PEM-encodes certificates, one block each.
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
-    certs.into_iter().map(|c| pem_block("CERTIFICATE", c)).collect()
+    certs
+        .into_iter()
+        .map(|c| pem_block("CERTIFICATE", c))
+        .collect()
 }
 
 pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
@@ -116,7 +122,10 @@ fn pkcs1_to_pkcs8(key: &PrivatePkcs1KeyDer<'_>, what: &str) -> Result<PrivatePkc
     encode_info(&info, what)
 }
 
-fn encode_info(info: &pkcs8::PrivateKeyInfo<'_>, what: &str) -> Result<PrivatePkcs8KeyDer<'static>> {
+fn encode_info(
+    info: &pkcs8::PrivateKeyInfo<'_>,
+    what: &str,
+) -> Result<PrivatePkcs8KeyDer<'static>> {
     let der = info
         .to_der()
         .map_err(|e| TrustError::key(what, format!("cannot re-encode key as PKCS#8: {e}")))?;
@@ -142,7 +151,14 @@ pub fn pkcs8_to_pem(key: &PrivatePkcs8KeyDer<'_>) -> String {
 pub fn key_matches_cert(key: &rcgen::KeyPair, cert: &CertificateDer<'_>) -> bool {
     use rcgen::PublicKeyData;
     match x509_parser::parse_x509_certificate(cert) {
-        Ok((_, c)) => c.tbs_certificate.subject_pki.subject_public_key.data.as_ref() == key.der_bytes(),
+        Ok((_, c)) => {
+            c.tbs_certificate
+                .subject_pki
+                .subject_public_key
+                .data
+                .as_ref()
+                == key.der_bytes()
+        }
         Err(_) => false,
     }
 }
@@ -168,12 +184,21 @@ mod tests {
 
     #[test]
     fn garbage_is_a_named_error() {
-        let e = private_key_from_pem(b"hello", "ca-key.pem").unwrap_err().to_string();
+        let e = private_key_from_pem(b"hello", "ca-key.pem")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ca-key.pem: no private key found"), "{e}");
-        let e = certs_from_pem(b"", "root-cert.pem").unwrap_err().to_string();
-        assert!(e.contains("root-cert.pem") && e.contains("BEGIN CERTIFICATE"), "{e}");
+        let e = certs_from_pem(b"", "root-cert.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("root-cert.pem") && e.contains("BEGIN CERTIFICATE"),
+            "{e}"
+        );
         let bad = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        let e = certs_from_pem(bad.as_bytes(), "c.pem").unwrap_err().to_string();
+        let e = certs_from_pem(bad.as_bytes(), "c.pem")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.pem") && e.contains("#1"), "{e}");
     }
 }

@@ -203,7 +203,13 @@ impl SpiffeId {
     /// `(namespace, service account)` when the ID has Istio's `/ns/<ns>/sa/<sa>` form.
     pub fn istio_parts(&self) -> Option<(&str, &str)> {
         let mut segs = self.path().strip_prefix('/')?.split('/');
-        match (segs.next(), segs.next(), segs.next(), segs.next(), segs.next()) {
+        match (
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
             _ => None,
         }
@@ -301,20 +307,44 @@ mod tests {
         assert_eq!(reason("https://example.org/a"), IdError::WrongScheme);
         assert_eq!(reason("SPIFFE://example.org/a"), IdError::WrongScheme);
         assert_eq!(reason("spiffe:///a"), IdError::EmptyTrustDomain);
-        assert!(matches!(reason("spiffe://Example.org/a"), IdError::BadTrustDomainChar { pos: 9, .. }));
+        assert!(matches!(
+            reason("spiffe://Example.org/a"),
+            IdError::BadTrustDomainChar { pos: 9, .. }
+        ));
         assert!(
             matches!(reason("spiffe://example.org:8080/a"), IdError::BadTrustDomainChar { what, pos: 20 } if what.contains("port"))
         );
-        assert!(matches!(reason("spiffe://user@example.org/a"), IdError::BadTrustDomainChar { .. }));
-        assert!(matches!(reason("spiffe://example.org/a?x=1"), IdError::BadPathChar { what, .. } if what.contains("query")));
-        assert!(matches!(reason("spiffe://example.org/a#f"), IdError::BadPathChar { what, .. } if what.contains("fragment")));
-        assert!(matches!(reason("spiffe://example.org/a%20b"), IdError::BadPathChar { what, .. } if what.contains("percent")));
+        assert!(matches!(
+            reason("spiffe://user@example.org/a"),
+            IdError::BadTrustDomainChar { .. }
+        ));
+        assert!(
+            matches!(reason("spiffe://example.org/a?x=1"), IdError::BadPathChar { what, .. } if what.contains("query"))
+        );
+        assert!(
+            matches!(reason("spiffe://example.org/a#f"), IdError::BadPathChar { what, .. } if what.contains("fragment"))
+        );
+        assert!(
+            matches!(reason("spiffe://example.org/a%20b"), IdError::BadPathChar { what, .. } if what.contains("percent"))
+        );
         assert_eq!(reason("spiffe://example.org/"), IdError::TrailingSlash);
         assert_eq!(reason("spiffe://example.org/a/"), IdError::TrailingSlash);
-        assert!(matches!(reason("spiffe://example.org//a"), IdError::EmptySegment(21)));
-        assert!(matches!(reason("spiffe://example.org/a/./b"), IdError::DotSegment { .. }));
-        assert!(matches!(reason("spiffe://example.org/.."), IdError::DotSegment { .. }));
-        assert!(matches!(reason("spiffe://exämple.org"), IdError::BadTrustDomainChar { .. }));
+        assert!(matches!(
+            reason("spiffe://example.org//a"),
+            IdError::EmptySegment(21)
+        ));
+        assert!(matches!(
+            reason("spiffe://example.org/a/./b"),
+            IdError::DotSegment { .. }
+        ));
+        assert!(matches!(
+            reason("spiffe://example.org/.."),
+            IdError::DotSegment { .. }
+        ));
+        assert!(matches!(
+            reason("spiffe://exämple.org"),
+            IdError::BadTrustDomainChar { .. }
+        ));
     }
 
     #[test]
@@ -343,12 +373,17 @@ mod tests {
 
     #[test]
     fn trust_domain_forms() {
-        assert_eq!(TrustDomain::new("spiffe://east.mesh").unwrap().as_str(), "east.mesh");
+        assert_eq!(
+            TrustDomain::new("spiffe://east.mesh").unwrap().as_str(),
+            "east.mesh"
+        );
         assert!(TrustDomain::new("east.mesh/x").is_err());
         let td = TrustDomain::new("east.mesh").unwrap();
         let id = SpiffeId::istio_workload(&td, "shop", "payment").unwrap();
         assert_eq!(id.as_str(), "spiffe://east.mesh/ns/shop/sa/payment");
-        assert!(SpiffeId::istio_workload(&td, "a/b", "c").is_ok_and(|id| id.istio_parts().is_none()));
+        assert!(
+            SpiffeId::istio_workload(&td, "a/b", "c").is_ok_and(|id| id.istio_parts().is_none())
+        );
         assert!(SpiffeId::istio_workload(&td, "", "c").is_err());
     }
 }

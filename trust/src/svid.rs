@@ -62,10 +62,13 @@ pub struct LeafInfo {
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
-    let (rest, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let (rest, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(SvidError::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(SvidError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok(cert)
 }
@@ -237,16 +240,23 @@ impl std::fmt::Debug for Svid {
 
 impl Svid {
     /// Builds an SVID from a chain and key, checking the leaf rules and that the key matches.
-    pub fn new(chain: Vec<CertificateDer<'static>>, key: PrivatePkcs8KeyDer<'static>) -> Result<Self> {
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivatePkcs8KeyDer<'static>,
+    ) -> Result<Self> {
         let leaf = chain
             .first()
             .ok_or_else(|| TrustError::cert("certificate chain", "is empty"))?;
-        let info = check_leaf(leaf).map_err(|e| TrustError::cert("leaf certificate", e.to_string()))?;
+        let info =
+            check_leaf(leaf).map_err(|e| TrustError::cert("leaf certificate", e.to_string()))?;
         let kp = keys::signing_key(&key, "private key")?;
         if !keys::key_matches_cert(&kp, leaf) {
             return Err(TrustError::key(
                 "private key",
-                format!("does not match the public key of the certificate for {}", info.id),
+                format!(
+                    "does not match the public key of the certificate for {}",
+                    info.id
+                ),
             ));
         }
         Ok(Svid {
@@ -283,9 +293,14 @@ impl Svid {
         let chain_path = dir.join(CERT_CHAIN_FILE);
         let key_path = dir.join(KEY_FILE);
         let root_path = dir.join(ROOT_CERT_FILE);
-        let chain = keys::certs_from_pem(&files::read(&chain_path)?, &chain_path.display().to_string())?;
-        let key = keys::private_key_from_pem(&files::read(&key_path)?, &key_path.display().to_string())?;
-        let roots = keys::certs_from_pem(&files::read(&root_path)?, &root_path.display().to_string())?;
+        let chain = keys::certs_from_pem(
+            &files::read(&chain_path)?,
+            &chain_path.display().to_string(),
+        )?;
+        let key =
+            keys::private_key_from_pem(&files::read(&key_path)?, &key_path.display().to_string())?;
+        let roots =
+            keys::certs_from_pem(&files::read(&root_path)?, &root_path.display().to_string())?;
         Ok((Svid::new(chain, key)?, roots))
     }
 
@@ -298,7 +313,11 @@ impl Svid {
 
 /// The renewal point for a certificate valid from `not_before` to `not_after`, given a
 /// jitter `u` in [0, 1): `not_before + lifetime * (0.5 + 0.3 u)`.
-pub fn renewal_time(not_before: OffsetDateTime, not_after: OffsetDateTime, u: f64) -> OffsetDateTime {
+pub fn renewal_time(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    u: f64,
+) -> OffsetDateTime {
     let life = not_after - not_before;
     let frac = 0.5 + 0.3 * u.clamp(0.0, 1.0);
     not_before + life * frac

@@ -92,7 +92,10 @@ mod tests {
         assert!(parse_strict(r#"{"a":1,"b":[{"c":2}]}"#).is_ok());
         let e = parse_strict("{\"a\": {\"x\": 1,\n \"x\": 2}}").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("duplicate key \"x\"") && msg.contains("line 2"), "{msg}");
+        assert!(
+            msg.contains("duplicate key \"x\"") && msg.contains("line 2"),
+            "{msg}"
+        );
         assert!(parse_strict("{} x").is_err());
     }
 }

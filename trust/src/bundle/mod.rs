@@ -28,8 +28,13 @@ pub enum BundleError {
         reason: String,
     },
     #[error("trust bundle for {trust_domain}: {reason}")]
-    Unusable { trust_domain: String, reason: String },
-    #[error("trust bundle for {trust_domain}: sequence {offered} is older than the {held} already held")]
+    Unusable {
+        trust_domain: String,
+        reason: String,
+    },
+    #[error(
+        "trust bundle for {trust_domain}: sequence {offered} is older than the {held} already held"
+    )]
     Regression {
         trust_domain: String,
         offered: u64,
@@ -67,10 +72,13 @@ fn field(what: &str, at: impl Into<String>, reason: impl Into<String>) -> Bundle
 
 /// JWK key parameters describing a certificate's public key.
 fn jwk_params(cert: &CertificateDer<'_>) -> Result<Map<String, Value>, String> {
-    let (_, c) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let (_, c) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let spki = c.public_key();
     let mut m = Map::new();
-    let parsed = spki.parsed().map_err(|e| format!("unreadable public key: {e}"))?;
+    let parsed = spki
+        .parsed()
+        .map_err(|e| format!("unreadable public key: {e}"))?;
     match parsed {
         PublicKey::EC(point) => {
             let curve = spki
@@ -98,12 +106,21 @@ fn jwk_params(cert: &CertificateDer<'_>) -> Result<Map<String, Value>, String> {
         }
         PublicKey::RSA(rsa) => {
             let strip = |b: &[u8]| {
-                let i = b.iter().position(|x| *x != 0).unwrap_or(b.len().saturating_sub(1));
+                let i = b
+                    .iter()
+                    .position(|x| *x != 0)
+                    .unwrap_or(b.len().saturating_sub(1));
                 b[i..].to_vec()
             };
             m.insert("kty".into(), "RSA".into());
-            m.insert("n".into(), URL_SAFE_NO_PAD.encode(strip(rsa.modulus)).into());
-            m.insert("e".into(), URL_SAFE_NO_PAD.encode(strip(rsa.exponent)).into());
+            m.insert(
+                "n".into(),
+                URL_SAFE_NO_PAD.encode(strip(rsa.modulus)).into(),
+            );
+            m.insert(
+                "e".into(),
+                URL_SAFE_NO_PAD.encode(strip(rsa.exponent)).into(),
+            );
         }
         PublicKey::Unknown(raw) if spki.algorithm.algorithm.to_id_string() == "1.3.101.112" => {
             m.insert("kty".into(), "OKP".into());
@@ -157,7 +174,11 @@ impl TrustBundle {
     }
 
     /// Parses a SPIFFE bundle document for `trust_domain`. `what` names the source in errors.
-    pub fn from_json(trust_domain: TrustDomain, text: &str, what: &str) -> Result<Self, BundleError> {
+    pub fn from_json(
+        trust_domain: TrustDomain,
+        text: &str,
+        what: &str,
+    ) -> Result<Self, BundleError> {
         let v = json::parse_strict(text).map_err(|e| BundleError::Json {
             what: what.to_string(),
             reason: e.to_string(),
@@ -165,10 +186,19 @@ impl TrustBundle {
         Self::from_json_value(trust_domain, &v, what, "")
     }
 
-    pub(crate) fn from_json_value(trust_domain: TrustDomain, v: &Value, what: &str, prefix: &str) -> Result<Self, BundleError> {
-        let top = v
-            .as_object()
-            .ok_or_else(|| field(what, format!("{prefix}(top level)"), "a bundle is a JSON object"))?;
+    pub(crate) fn from_json_value(
+        trust_domain: TrustDomain,
+        v: &Value,
+        what: &str,
+        prefix: &str,
+    ) -> Result<Self, BundleError> {
+        let top = v.as_object().ok_or_else(|| {
+            field(
+                what,
+                format!("{prefix}(top level)"),
+                "a bundle is a JSON object",
+            )
+        })?;
         let keys = top
             .get("keys")
             .ok_or_else(|| field(what, format!("{prefix}keys"), "is missing"))?
@@ -177,14 +207,22 @@ impl TrustBundle {
         let sequence = match top.get("spiffe_sequence") {
             None => None,
             Some(s) => Some(s.as_u64().ok_or_else(|| {
-                field(what, format!("{prefix}spiffe_sequence"), "must be a non-negative integer")
+                field(
+                    what,
+                    format!("{prefix}spiffe_sequence"),
+                    "must be a non-negative integer",
+                )
             })?),
         };
         let refresh_hint = match top.get("spiffe_refresh_hint") {
             None => None,
             Some(s) => {
                 let secs = s.as_i64().filter(|s| *s >= 0).ok_or_else(|| {
-                    field(what, format!("{prefix}spiffe_refresh_hint"), "must be a non-negative integer (seconds)")
+                    field(
+                        what,
+                        format!("{prefix}spiffe_refresh_hint"),
+                        "must be a non-negative integer (seconds)",
+                    )
                 })?;
                 Some(Duration::seconds(secs))
             }
@@ -192,7 +230,9 @@ impl TrustBundle {
         let mut x509_authorities = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let at = format!("{prefix}keys[{i}]");
-            let obj = key.as_object().ok_or_else(|| field(what, &at, "must be an object"))?;
+            let obj = key
+                .as_object()
+                .ok_or_else(|| field(what, &at, "must be an object"))?;
             match obj.get("use").and_then(Value::as_str) {
                 Some("x509-svid") => {}
                 other => {
@@ -208,7 +248,11 @@ impl TrustBundle {
                 continue;
             }
             if obj.contains_key("kid") {
-                return Err(field(what, format!("{at}.kid"), "x509-svid entries must not carry a kid"));
+                return Err(field(
+                    what,
+                    format!("{at}.kid"),
+                    "x509-svid entries must not carry a kid",
+                ));
             }
             let Some(x5c) = obj.get("x5c") else {
                 tracing::debug!(%at, "ignoring x509-svid entry without x5c");
@@ -221,7 +265,10 @@ impl TrustBundle {
                 return Err(field(
                     what,
                     format!("{at}.x5c"),
-                    format!("holds {} certificates; an x509-svid entry holds exactly one", x5c.len()),
+                    format!(
+                        "holds {} certificates; an x509-svid entry holds exactly one",
+                        x5c.len()
+                    ),
                 ));
             }
             let b64 = x5c[0]
@@ -246,7 +293,11 @@ impl TrustBundle {
             let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
                 .map_err(|e| field(what, format!("{at}.x5c[0]"), e.to_string()))?;
             if !parsed.is_ca() {
-                return Err(field(what, format!("{at}.x5c[0]"), "certificate is not a CA (cA=false)"));
+                return Err(field(
+                    what,
+                    format!("{at}.x5c[0]"),
+                    "certificate is not a CA (cA=false)",
+                ));
             }
             x509_authorities.push(cert);
         }
@@ -273,14 +324,22 @@ pub fn parse_bundle_map(text: &str, what: &str) -> Result<Vec<TrustBundle>, Bund
         .ok_or_else(|| field(what, "trust_domains", "must be an object"))?;
     let mut out = Vec::new();
     for (name, b) in tds {
-        let td = TrustDomain::new(name).map_err(|e| field(what, format!("trust_domains.{name}"), e.reason.to_string()))?;
-        out.push(TrustBundle::from_json_value(td, b, what, &format!("trust_domains.{name}."))?);
+        let td = TrustDomain::new(name)
+            .map_err(|e| field(what, format!("trust_domains.{name}"), e.reason.to_string()))?;
+        out.push(TrustBundle::from_json_value(
+            td,
+            b,
+            what,
+            &format!("trust_domains.{name}."),
+        )?);
     }
     Ok(out)
 }
 
 /// Writes a bundle map document.
-pub fn bundle_map_json<'a>(bundles: impl IntoIterator<Item = &'a TrustBundle>) -> Result<String, BundleError> {
+pub fn bundle_map_json<'a>(
+    bundles: impl IntoIterator<Item = &'a TrustBundle>,
+) -> Result<String, BundleError> {
     let mut tds = Map::new();
     for b in bundles {
         tds.insert(b.trust_domain.to_string(), b.to_json_value()?);

@@ -43,8 +43,8 @@ struct Metadata {
     generations: Vec<GenerationMeta>,
 }
 
+// No deny_unknown_fields here: serde does not support it together with `flatten`.
 #[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct GenerationMeta {
     dir: String,
     #[serde(flatten)]
@@ -74,7 +74,9 @@ fn signed_by(child: &CertificateDer<'_>, parent: &CertificateDer<'_>) -> bool {
         x509_parser::parse_x509_certificate(child),
         x509_parser::parse_x509_certificate(parent),
     ) {
-        (Ok((_, c)), Ok((_, p))) => c.issuer() == p.subject() && c.verify_signature(Some(p.public_key())).is_ok(),
+        (Ok((_, c)), Ok((_, p))) => {
+            c.issuer() == p.subject() && c.verify_signature(Some(p.public_key())).is_ok()
+        }
         _ => false,
     }
 }
@@ -83,7 +85,11 @@ fn signed_by(child: &CertificateDer<'_>, parent: &CertificateDer<'_>) -> bool {
 /// optional `cert-chain.pem`) for trust domain `td`, checking that the key matches, that the
 /// chain links up signature by signature to a root in `root-cert.pem`, and that the signing
 /// certificate may sign for `td`.
-pub fn load_plugin(dir: &Path, td: &TrustDomain, options: CaOptions) -> Result<CertificateAuthority> {
+pub fn load_plugin(
+    dir: &Path,
+    td: &TrustDomain,
+    options: CaOptions,
+) -> Result<CertificateAuthority> {
     let generation = load_generation_files(dir, td)?;
     let mut roots = read_certs(&dir.join(ROOT_CERT))?;
     roots.retain(|r| r != &generation.root);
@@ -107,7 +113,10 @@ fn load_generation_files(dir: &Path, td: &TrustDomain) -> Result<Generation> {
     if ca_certs.len() != 1 {
         return Err(TrustError::cert(
             ca_cert_path.display().to_string(),
-            format!("holds {} certificates; expected exactly the signing CA certificate", ca_certs.len()),
+            format!(
+                "holds {} certificates; expected exactly the signing CA certificate",
+                ca_certs.len()
+            ),
         ));
     }
     let ca_cert = ca_certs[0].clone();
@@ -118,7 +127,10 @@ fn load_generation_files(dir: &Path, td: &TrustDomain) -> Result<Generation> {
     if !keys::key_matches_cert(&key, &ca_cert) {
         return Err(TrustError::key(
             key_path.display().to_string(),
-            format!("does not match the public key in {}", ca_cert_path.display()),
+            format!(
+                "does not match the public key in {}",
+                ca_cert_path.display()
+            ),
         ));
     }
     let root_path = dir.join(ROOT_CERT);
@@ -129,7 +141,10 @@ fn load_generation_files(dir: &Path, td: &TrustDomain) -> Result<Generation> {
         if chain[0] != ca_cert {
             return Err(TrustError::cert(
                 chain_path.display().to_string(),
-                format!("does not start with the certificate in {}", ca_cert_path.display()),
+                format!(
+                    "does not start with the certificate in {}",
+                    ca_cert_path.display()
+                ),
             ));
         }
         chain
@@ -140,7 +155,11 @@ fn load_generation_files(dir: &Path, td: &TrustDomain) -> Result<Generation> {
         if !signed_by(&pair[0], &pair[1]) {
             return Err(TrustError::cert(
                 chain_path.display().to_string(),
-                format!("certificate #{} is not signed by certificate #{}", i + 1, i + 2),
+                format!(
+                    "certificate #{} is not signed by certificate #{}",
+                    i + 1,
+                    i + 2
+                ),
             ));
         }
     }
@@ -155,7 +174,10 @@ fn load_generation_files(dir: &Path, td: &TrustDomain) -> Result<Generation> {
     } else {
         return Err(TrustError::cert(
             root_path.display().to_string(),
-            format!("no root in it signs the chain of {}", ca_cert_path.display()),
+            format!(
+                "no root in it signs the chain of {}",
+                ca_cert_path.display()
+            ),
         ));
     };
     let root_key_path = dir.join(ROOT_KEY);
@@ -182,12 +204,32 @@ fn load_generation_files(dir: &Path, td: &TrustDomain) -> Result<Generation> {
 
 fn write_generation(dir: &Path, g: &Generation) -> Result<()> {
     files::create_dir(dir)?;
-    files::write_atomic(&dir.join(CA_CERT), keys::certs_to_pem([g.signer.cert()]).as_bytes(), files::PUBLIC_MODE)?;
-    files::write_atomic(&dir.join(CA_KEY), g.signer.key_pem().as_bytes(), files::PRIVATE_MODE)?;
-    files::write_atomic(&dir.join(CERT_CHAIN), keys::certs_to_pem(&g.signer.chain).as_bytes(), files::PUBLIC_MODE)?;
-    files::write_atomic(&dir.join(ROOT_CERT), keys::certs_to_pem([&g.root]).as_bytes(), files::PUBLIC_MODE)?;
+    files::write_atomic(
+        &dir.join(CA_CERT),
+        keys::certs_to_pem([g.signer.cert()]).as_bytes(),
+        files::PUBLIC_MODE,
+    )?;
+    files::write_atomic(
+        &dir.join(CA_KEY),
+        g.signer.key_pem().as_bytes(),
+        files::PRIVATE_MODE,
+    )?;
+    files::write_atomic(
+        &dir.join(CERT_CHAIN),
+        keys::certs_to_pem(&g.signer.chain).as_bytes(),
+        files::PUBLIC_MODE,
+    )?;
+    files::write_atomic(
+        &dir.join(ROOT_CERT),
+        keys::certs_to_pem([&g.root]).as_bytes(),
+        files::PUBLIC_MODE,
+    )?;
     if let Some(k) = &g.root_key {
-        files::write_atomic(&dir.join(ROOT_KEY), k.serialize_pem().as_bytes(), files::PRIVATE_MODE)?;
+        files::write_atomic(
+            &dir.join(ROOT_KEY),
+            k.serialize_pem().as_bytes(),
+            files::PRIVATE_MODE,
+        )?;
     }
     Ok(())
 }
@@ -204,14 +246,32 @@ impl CertificateAuthority {
             metas.push(GenerationMeta {
                 dir: rel,
                 state: g.state.clone(),
-                last_issued_expiry: g.last_issued_expiry.load(std::sync::atomic::Ordering::Acquire),
+                last_issued_expiry: g
+                    .last_issued_expiry
+                    .load(std::sync::atomic::Ordering::Acquire),
             });
         }
         let active = self.active();
-        files::write_atomic(&dir.join(CA_CERT), keys::certs_to_pem([active.signer.cert()]).as_bytes(), files::PUBLIC_MODE)?;
-        files::write_atomic(&dir.join(CA_KEY), active.signer.key_pem().as_bytes(), files::PRIVATE_MODE)?;
-        files::write_atomic(&dir.join(CERT_CHAIN), keys::certs_to_pem(&active.signer.chain).as_bytes(), files::PUBLIC_MODE)?;
-        files::write_atomic(&dir.join(ROOT_CERT), keys::certs_to_pem(&self.roots()).as_bytes(), files::PUBLIC_MODE)?;
+        files::write_atomic(
+            &dir.join(CA_CERT),
+            keys::certs_to_pem([active.signer.cert()]).as_bytes(),
+            files::PUBLIC_MODE,
+        )?;
+        files::write_atomic(
+            &dir.join(CA_KEY),
+            active.signer.key_pem().as_bytes(),
+            files::PRIVATE_MODE,
+        )?;
+        files::write_atomic(
+            &dir.join(CERT_CHAIN),
+            keys::certs_to_pem(&active.signer.chain).as_bytes(),
+            files::PUBLIC_MODE,
+        )?;
+        files::write_atomic(
+            &dir.join(ROOT_CERT),
+            keys::certs_to_pem(&self.roots()).as_bytes(),
+            files::PUBLIC_MODE,
+        )?;
         let meta = Metadata {
             schema_version: SCHEMA_VERSION,
             trust_domain: self.trust_domain.to_string(),
@@ -225,7 +285,11 @@ impl CertificateAuthority {
                 std::fs::remove_file(&extra).map_err(|e| TrustError::io(&extra, e))?;
             }
         } else {
-            files::write_atomic(&extra, keys::certs_to_pem(&self.extra_roots).as_bytes(), files::PUBLIC_MODE)?;
+            files::write_atomic(
+                &extra,
+                keys::certs_to_pem(&self.extra_roots).as_bytes(),
+                files::PUBLIC_MODE,
+            )?;
         }
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| TrustError::Ca(e.to_string()))?;
         files::write_atomic(&dir.join(METADATA), &json, files::PUBLIC_MODE)
@@ -235,9 +299,8 @@ impl CertificateAuthority {
     pub fn load(dir: &Path) -> Result<Self> {
         let meta_path: PathBuf = dir.join(METADATA);
         let raw = files::read(&meta_path)?;
-        let meta: Metadata = serde_json::from_slice(&raw).map_err(|e| {
-            TrustError::Ca(format!("{}: {e}", meta_path.display()))
-        })?;
+        let meta: Metadata = serde_json::from_slice(&raw)
+            .map_err(|e| TrustError::Ca(format!("{}: {e}", meta_path.display())))?;
         if meta.schema_version != SCHEMA_VERSION {
             return Err(TrustError::Ca(format!(
                 "{}: schema version {} is not supported (expected {SCHEMA_VERSION})",
@@ -249,19 +312,35 @@ impl CertificateAuthority {
         let mut generations = Vec::new();
         for gm in meta.generations {
             if gm.dir.contains("..") || gm.dir.starts_with('/') {
-                return Err(TrustError::Ca(format!("{}: generation directory {:?} escapes the CA directory", meta_path.display(), gm.dir)));
+                return Err(TrustError::Ca(format!(
+                    "{}: generation directory {:?} escapes the CA directory",
+                    meta_path.display(),
+                    gm.dir
+                )));
             }
             let mut g = load_generation_files(&dir.join(&gm.dir), &td)?;
             g.state = gm.state;
             g.last_issued_expiry = gm.last_issued_expiry.into();
             generations.push(g);
         }
-        if generations.iter().filter(|g| g.state == GenerationState::Active).count() != 1 {
-            return Err(TrustError::Ca(format!("{}: exactly one generation must be active", meta_path.display())));
+        if generations
+            .iter()
+            .filter(|g| g.state == GenerationState::Active)
+            .count()
+            != 1
+        {
+            return Err(TrustError::Ca(format!(
+                "{}: exactly one generation must be active",
+                meta_path.display()
+            )));
         }
         let refresh_hint = Duration::seconds(meta.refresh_hint_secs.max(1));
         let extra = dir.join(EXTRA_ROOTS);
-        let extra_roots = if extra.exists() { read_certs(&extra)? } else { Vec::new() };
+        let extra_roots = if extra.exists() {
+            read_certs(&extra)?
+        } else {
+            Vec::new()
+        };
         Ok(CertificateAuthority {
             trust_domain: td,
             generations,
@@ -283,5 +362,89 @@ impl CertificateAuthority {
     /// The time the active signing certificate expires.
     pub fn expires_at(&self) -> OffsetDateTime {
         self.signer_not_after()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::policy::AnyWorkload;
+    use crate::spiffe_id::SpiffeId;
+
+    #[test]
+    fn save_and_load_keep_every_generation_and_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("east.mesh").unwrap();
+        let mut ca = CertificateAuthority::create(td.clone(), CaOptions::default()).unwrap();
+        let id = SpiffeId::new("spiffe://east.mesh/ns/a/sa/b").unwrap();
+        let leaf = ca
+            .issue_svid(&id, &AnyWorkload, Duration::hours(2))
+            .unwrap();
+        ca.begin_rotation(OffsetDateTime::now_utc(), Duration::minutes(20))
+            .unwrap();
+        ca.save(dir.path()).unwrap();
+        let back = CertificateAuthority::load(dir.path()).unwrap();
+        assert_eq!(back.bundle(), ca.bundle());
+        assert_eq!(back.generations().len(), 2);
+        assert_eq!(back.generations()[1].state(), ca.generations()[1].state());
+        assert_eq!(
+            back.generations()[0]
+                .last_issued_expiry()
+                .map(|t| t.unix_timestamp()),
+            Some(leaf.not_after.unix_timestamp())
+        );
+        // The top level is a loadable Istio plug-in CA on its own.
+        let plug = load_plugin(dir.path(), &td, CaOptions::default()).unwrap();
+        assert!(plug
+            .issue_svid(&id, &AnyWorkload, Duration::hours(1))
+            .is_ok());
+        // A tampered metadata file is refused with its name.
+        std::fs::write(dir.path().join(METADATA), b"{\"schema_version\": 9}").unwrap();
+        let e = CertificateAuthority::load(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("meshfed-ca.json"), "{e}");
+    }
+
+    #[test]
+    fn plugin_with_mismatched_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("east.mesh").unwrap();
+        let ca = CertificateAuthority::create(td.clone(), CaOptions::default()).unwrap();
+        ca.save(dir.path()).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join(CA_KEY), other.serialize_pem()).unwrap();
+        let e = load_plugin(dir.path(), &td, CaOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ca-key.pem") && e.contains("does not match"),
+            "{e}"
+        );
+        // And one whose chain is cut off from its root.
+        let ca2 = CertificateAuthority::create(td.clone(), CaOptions::default()).unwrap();
+        ca.save(dir.path()).unwrap();
+        std::fs::write(dir.path().join(ROOT_CERT), keys::certs_to_pem(&ca2.roots())).unwrap();
+        std::fs::remove_file(dir.path().join(CERT_CHAIN)).unwrap();
+        let e = load_plugin(dir.path(), &td, CaOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("root-cert.pem") && e.contains("no root in it signs"),
+            "{e}"
+        );
+        // A plug-in CA for another trust domain is refused.
+        ca.save(dir.path()).unwrap();
+        let e = load_plugin(
+            dir.path(),
+            &TrustDomain::new("west.mesh").unwrap(),
+            CaOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("belongs to trust domain east.mesh, not west.mesh"),
+            "{e}"
+        );
     }
 }

@@ -143,7 +143,12 @@ impl Generation {
         let root_issuer = Issuer::new(root, &root_key);
 
         let int_key = opts.key_algorithm.generate()?;
-        let mut int = ca_params(td, "intermediate", now, opts.intermediate_ttl.min(opts.root_ttl))?;
+        let mut int = ca_params(
+            td,
+            "intermediate",
+            now,
+            opts.intermediate_ttl.min(opts.root_ttl),
+        )?;
         int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         int.use_authority_key_identifier_extension = true;
         let int_cert = int.signed_by(&int_key, &root_issuer)?;
@@ -189,17 +194,21 @@ impl std::fmt::Debug for Generation {
     }
 }
 
-fn ca_params(td: &TrustDomain, role: &str, now: OffsetDateTime, ttl: Duration) -> Result<CertificateParams> {
+fn ca_params(
+    td: &TrustDomain,
+    role: &str,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Result<CertificateParams> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "meshfed");
     dn.push(DnType::CommonName, format!("meshfed {role} CA for {td}"));
     p.distinguished_name = dn;
-    p.subject_alt_names = vec![SanType::URI(
-        td.id_string()
-            .try_into()
-            .map_err(|_| TrustError::Ca(format!("trust domain {td} is not a valid URI")))?,
-    )];
+    p.subject_alt_names =
+        vec![SanType::URI(td.id_string().try_into().map_err(|_| {
+            TrustError::Ca(format!("trust domain {td} is not a valid URI"))
+        })?)];
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -301,9 +310,15 @@ impl CertificateAuthority {
     /// Signs a PEM or DER CSR into an X509-SVID, if the CSR's single URI SAN is an identity of
     /// this trust domain that `policy` allows. Only the SAN is taken from the CSR: every other
     /// extension is set by the CA.
-    pub fn sign_csr(&self, csr: &[u8], policy: &dyn IssuancePolicy, ttl: Duration) -> Result<IssuedCert> {
+    pub fn sign_csr(
+        &self,
+        csr: &[u8],
+        policy: &dyn IssuancePolicy,
+        ttl: Duration,
+    ) -> Result<IssuedCert> {
         let params = if csr.starts_with(b"-----") {
-            let text = std::str::from_utf8(csr).map_err(|_| TrustError::Csr("PEM is not UTF-8".into()))?;
+            let text =
+                std::str::from_utf8(csr).map_err(|_| TrustError::Csr("PEM is not UTF-8".into()))?;
             rcgen::CertificateSigningRequestParams::from_pem(text)
         } else {
             rcgen::CertificateSigningRequestParams::from_der(&csr.to_vec().into())
@@ -322,7 +337,11 @@ impl CertificateAuthority {
         }
         let id = match uris.as_slice() {
             [one] => SpiffeId::new(one)?,
-            [] => return Err(TrustError::Csr("has no URI SAN; put the SPIFFE ID in one".into())),
+            [] => {
+                return Err(TrustError::Csr(
+                    "has no URI SAN; put the SPIFFE ID in one".into(),
+                ))
+            }
             _ => {
                 return Err(TrustError::Csr(format!(
                     "has {} URI SANs ({}); an X509-SVID has exactly one",
@@ -336,12 +355,21 @@ impl CertificateAuthority {
         let not_after = crate::svid::validity(&chain[0])
             .map_err(|e| TrustError::Ca(e.to_string()))?
             .1;
-        Ok(IssuedCert { id, chain, not_after })
+        Ok(IssuedCert {
+            id,
+            chain,
+            not_after,
+        })
     }
 
     /// Issues an SVID with a key generated here (for the CA's own use and for tools; workloads
     /// should send a CSR so their key never leaves them).
-    pub fn issue_svid(&self, id: &SpiffeId, policy: &dyn IssuancePolicy, ttl: Duration) -> Result<Svid> {
+    pub fn issue_svid(
+        &self,
+        id: &SpiffeId,
+        policy: &dyn IssuancePolicy,
+        ttl: Duration,
+    ) -> Result<Svid> {
         self.authorize(id, policy)?;
         let key = self.options.key_algorithm.generate()?;
         let chain = self.sign_leaf(id, &key, ttl)?;
@@ -367,24 +395,31 @@ impl CertificateAuthority {
         policy.check(id).map_err(refuse)
     }
 
-    fn sign_leaf(&self, id: &SpiffeId, public_key: &impl rcgen::PublicKeyData, ttl: Duration) -> Result<Vec<CertificateDer<'static>>> {
+    fn sign_leaf(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>> {
         let generation = self.active();
         let signer = &generation.signer;
         let now = OffsetDateTime::now_utc();
         let mut p = CertificateParams::default();
         // Empty subject: the SAN extension is then marked critical, as X509-SVID requires.
         p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(
-            id.as_str()
-                .try_into()
-                .map_err(|_| TrustError::Ca(format!("{id} is not a valid URI")))?,
-        )];
+        p.subject_alt_names =
+            vec![SanType::URI(id.as_str().try_into().map_err(|_| {
+                TrustError::Ca(format!("{id} is not a valid URI"))
+            })?)];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if public_key.algorithm() == &rcgen::PKCS_RSA_SHA256 {
             p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         p.use_authority_key_identifier_extension = true;
         p.serial_number = Some(random_serial());
         p.not_before = now - BACKDATE;
@@ -404,7 +439,10 @@ impl CertificateAuthority {
 
     /// Issues a new intermediate CA under the active root (requires the root key, which
     /// meshfed holds for roots it made). Returns `(chain [intermediate, ..., root], key)`.
-    pub fn issue_intermediate(&self, ttl: Duration) -> Result<(Vec<CertificateDer<'static>>, KeyPair)> {
+    pub fn issue_intermediate(
+        &self,
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, KeyPair)> {
         let g = self.active();
         let root_key = g.root_key.as_ref().ok_or_else(|| {
             TrustError::Ca("this CA was loaded without its root key (plug-in CA); intermediates must be issued where the root key is kept".into())
@@ -412,10 +450,16 @@ impl CertificateAuthority {
         let issuer = Issuer::from_ca_cert_der(&g.root, root_key)
             .map_err(|e| TrustError::cert("root certificate", e.to_string()))?;
         let key = self.options.key_algorithm.generate()?;
-        let mut p = ca_params(&self.trust_domain, "intermediate", OffsetDateTime::now_utc(), ttl)?;
+        let mut p = ca_params(
+            &self.trust_domain,
+            "intermediate",
+            OffsetDateTime::now_utc(),
+            ttl,
+        )?;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.use_authority_key_identifier_extension = true;
-        let (_, root_not_after) = crate::svid::validity(&g.root).map_err(|e| TrustError::Ca(e.to_string()))?;
+        let (_, root_not_after) =
+            crate::svid::validity(&g.root).map_err(|e| TrustError::Ca(e.to_string()))?;
         p.not_after = p.not_after.min(root_not_after);
         let cert = p.signed_by(&key, &issuer)?;
         g.record_issued(p.not_after);

@@ -92,6 +92,9 @@ mod tests {
         assert!(p.check(&id("spiffe://e/workload/x")).is_err());
         let exact = ExactIds(vec![id("spiffe://e/a")]);
         assert!(exact.check(&id("spiffe://e/a")).is_ok());
-        assert!(exact.check(&id("spiffe://e/b")).unwrap_err().contains("spiffe://e/a"));
+        assert!(exact
+            .check(&id("spiffe://e/b"))
+            .unwrap_err()
+            .contains("spiffe://e/a"));
     }
 }

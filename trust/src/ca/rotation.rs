@@ -145,7 +145,9 @@ mod tests {
         let td = TrustDomain::new("east.mesh").unwrap();
         let mut ca = CertificateAuthority::create(td, CaOptions::default()).unwrap();
         let id = SpiffeId::new("spiffe://east.mesh/ns/a/sa/b").unwrap();
-        let old_leaf = ca.issue_svid(&id, &AnyWorkload, Duration::hours(1)).unwrap();
+        let old_leaf = ca
+            .issue_svid(&id, &AnyWorkload, Duration::hours(1))
+            .unwrap();
         let old_root = ca.roots()[0].clone();
         let t0 = OffsetDateTime::now_utc();
         assert_eq!(ca.bundle().sequence, Some(1));
@@ -156,21 +158,34 @@ mod tests {
         assert_eq!(b.sequence, Some(2));
         assert_eq!(b.x509_authorities.len(), 2);
         // Still signing with the old root until the lead has passed.
-        assert_eq!(ca.advance(t0 + Duration::minutes(19)), RotationChange::default());
-        let leaf = ca.issue_svid(&id, &AnyWorkload, Duration::hours(1)).unwrap();
+        assert_eq!(
+            ca.advance(t0 + Duration::minutes(19)),
+            RotationChange::default()
+        );
+        let leaf = ca
+            .issue_svid(&id, &AnyWorkload, Duration::hours(1))
+            .unwrap();
         assert_eq!(leaf.chain[1], ca.generations[0].signer.chain[0]);
 
         let c = ca.advance(t0 + Duration::minutes(20));
         assert!(c.signer_changed && !c.bundle_changed);
-        let leaf = ca.issue_svid(&id, &AnyWorkload, Duration::hours(1)).unwrap();
+        let leaf = ca
+            .issue_svid(&id, &AnyWorkload, Duration::hours(1))
+            .unwrap();
         assert_eq!(leaf.chain[1], ca.generations[1].signer.chain[0]);
         let GenerationState::Retiring { remove_after } = ca.generations[0].state.clone() else {
-            panic!("old generation should be retiring: {:?}", ca.generations[0].state)
+            panic!(
+                "old generation should be retiring: {:?}",
+                ca.generations[0].state
+            )
         };
         assert!(remove_after >= old_leaf.not_after);
 
         // Before the last old leaf expires the old root stays published.
-        assert!(!ca.advance(remove_after - Duration::seconds(1)).bundle_changed);
+        assert!(
+            !ca.advance(remove_after - Duration::seconds(1))
+                .bundle_changed
+        );
         assert!(ca.roots().contains(&old_root));
         let c = ca.advance(remove_after);
         assert!(c.bundle_changed);

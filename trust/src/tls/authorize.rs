@@ -31,7 +31,11 @@ impl Authorizer {
                     Ok(())
                 } else {
                     let list: Vec<_> = tds.iter().map(|t| t.as_str()).collect();
-                    Err(format!("trust domain {} is not one of the accepted [{}]", id.trust_domain_str(), list.join(", ")))
+                    Err(format!(
+                        "trust domain {} is not one of the accepted [{}]",
+                        id.trust_domain_str(),
+                        list.join(", ")
+                    ))
                 }
             }
             Authorizer::Ids(ids) => {
@@ -39,7 +43,10 @@ impl Authorizer {
                     Ok(())
                 } else {
                     let list: Vec<_> = ids.iter().map(|t| t.as_str()).collect();
-                    Err(format!("identity is not one of the accepted [{}]", list.join(", ")))
+                    Err(format!(
+                        "identity is not one of the accepted [{}]",
+                        list.join(", ")
+                    ))
                 }
             }
         }

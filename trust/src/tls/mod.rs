@@ -23,24 +23,36 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A server configuration that presents the resolver's SVID and requires a client SVID that
 /// `verifier` accepts.
-pub fn server_config(resolver: Arc<SvidResolver>, verifier: SpiffeVerifier) -> Result<ServerConfig> {
-    let cfg = ServerConfig::builder_with_provider(provider())
+///
+/// Session resumption is off on both sides: a resumed session skips certificate verification,
+/// so a peer whose bundle was withdrawn could otherwise keep opening connections.
+pub fn server_config(
+    resolver: Arc<SvidResolver>,
+    verifier: SpiffeVerifier,
+) -> Result<ServerConfig> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(resolver);
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
 /// A client configuration that presents the resolver's SVID and accepts a server SVID that
 /// `verifier` accepts.
-pub fn client_config(resolver: Arc<SvidResolver>, verifier: SpiffeVerifier) -> Result<ClientConfig> {
-    let cfg = ClientConfig::builder_with_provider(provider())
+pub fn client_config(
+    resolver: Arc<SvidResolver>,
+    verifier: SpiffeVerifier,
+) -> Result<ClientConfig> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(resolver);
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 

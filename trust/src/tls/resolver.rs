@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
 use rustls_pki_types::PrivateKeyDer;

@@ -16,10 +16,13 @@ use crate::spiffe_id::SpiffeId;
 use crate::svid::{self, SvidError};
 
 /// Why a peer was refused. Every message names the peer's identity or trust domain.
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// `Debug` prints the same text as `Display`, because rustls shows the verifier's error with
+/// `{:?}` in its own messages.
+#[derive(Clone, thiserror::Error)]
 pub enum VerifyError {
     #[error("peer certificate is not a valid X509-SVID: {0}")]
-    Svid(#[from] SvidError),
+    Svid(Box<SvidError>),
     #[error("no trust bundle for trust domain {trust_domain}, so {id} cannot be verified")]
     NoBundle { trust_domain: String, id: String },
     #[error("certificate for {id} does not verify against the bundle of trust domain {trust_domain}: {reason}")]
@@ -32,10 +35,16 @@ pub enum VerifyError {
     Intermediate {
         id: String,
         trust_domain: String,
-        reason: SvidError,
+        reason: Box<SvidError>,
     },
     #[error("{id} is not authorized: {reason}")]
     Unauthorized { id: String, reason: String },
+}
+
+impl std::fmt::Debug for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Which side the peer plays, which decides the extended key usage required.
@@ -55,7 +64,9 @@ fn describe_webpki(e: &webpki::Error) -> String {
         E::CertNotValidYet { not_before, .. } => {
             format!("certificate is not valid before {} (unix seconds)", not_before.as_secs())
         }
-        E::InvalidSignatureForPublicKey => "a signature in the chain does not verify".into(),
+        E::InvalidSignatureForPublicKey => {
+            "the chain does not lead to any root in that bundle (a certificate names an issuer found there, but its signature does not verify)".into()
+        }
         E::CaUsedAsEndEntity => "the leaf is a CA certificate".into(),
         E::EndEntityUsedAsCa => "a leaf certificate was used as an intermediate".into(),
         E::RequiredEkuNotFoundContext(_) => {
@@ -98,45 +109,53 @@ impl SpiffeVerifier {
         now: UnixTime,
         role: PeerRole,
     ) -> Result<SpiffeId, VerifyError> {
-        let leaf = svid::check_leaf(end_entity)?;
+        let leaf = svid::check_leaf(end_entity).map_err(|e| VerifyError::Svid(Box::new(e)))?;
         let id = leaf.id;
         let td = id.trust_domain();
         let set = self.store.load();
-        let entry = set.entry(td.as_str()).ok_or_else(|| VerifyError::NoBundle {
-            trust_domain: td.to_string(),
-            id: id.to_string(),
-        })?;
-        for inter in intermediates {
-            svid::check_signer(inter, &td).map_err(|reason| VerifyError::Intermediate {
-                id: id.to_string(),
+        let entry = set
+            .entry(td.as_str())
+            .ok_or_else(|| VerifyError::NoBundle {
                 trust_domain: td.to_string(),
-                reason,
+                id: id.to_string(),
             })?;
-        }
         let chain_err = |reason: String| VerifyError::Chain {
             id: id.to_string(),
             trust_domain: td.to_string(),
             reason,
         };
-        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| chain_err(describe_webpki(&e)))?;
+        let ee = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| chain_err(describe_webpki(&e)))?;
         let usage = match role {
             PeerRole::Server => webpki::KeyUsage::server_auth(),
             PeerRole::Client => webpki::KeyUsage::client_auth(),
         };
-        ee.verify_for_usage(
-            self.algorithms.all,
-            &entry.anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(|e| chain_err(describe_webpki(&e)))?;
-        self.authorizer.check(&id).map_err(|reason| VerifyError::Unauthorized {
-            id: id.to_string(),
-            reason,
-        })?;
+        let path = ee
+            .verify_for_usage(
+                self.algorithms.all,
+                &entry.anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| chain_err(describe_webpki(&e)))?;
+        // Peers may send extra certificates; only those on the verified path must be signing
+        // certificates of the leaf's own trust domain.
+        for inter in path.intermediate_certificates() {
+            svid::check_signer(&inter.der(), &td).map_err(|reason| VerifyError::Intermediate {
+                id: id.to_string(),
+                trust_domain: td.to_string(),
+                reason: Box::new(reason),
+            })?;
+        }
+        self.authorizer
+            .check(&id)
+            .map_err(|reason| VerifyError::Unauthorized {
+                id: id.to_string(),
+                reason,
+            })?;
         Ok(id)
     }
 
