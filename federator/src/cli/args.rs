@@ -20,6 +20,41 @@ pub fn spiffe_id(s: &str) -> Result<SpiffeId, String> {
     SpiffeId::new(s).map_err(|e| e.to_string())
 }
 
+/// A duration for std APIs (timeouts, intervals).
+pub fn std_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s, 500ms, 1m"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: the duration must be positive"));
+    }
+    Ok(d)
+}
+
+pub fn label(s: &str) -> Result<String, String> {
+    crate::types::check_label("value", s)?;
+    Ok(s.to_string())
+}
+
+pub fn locality(s: &str) -> Result<proto::Locality, String> {
+    let l = crate::types::parse_locality(s)?;
+    if l.region.is_empty() {
+        return Err(format!("locality {s:?} needs at least a region"));
+    }
+    Ok(l)
+}
+
+pub fn host_port(s: &str) -> Result<String, String> {
+    crate::types::check_host_port("value", s)?;
+    Ok(s.to_string())
+}
+
+/// RFC 3339 for Unix seconds.
+pub fn rfc3339_unix(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .map(rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
 /// RFC 3339 time for people and scripts.
 pub fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use sha2::{Digest, Sha256};
 use trust::ca::policy::AnyWorkload;
 use trust::ca::{cacerts, CaOptions};
 use trust::{CertificateAuthority, SpiffeId, TrustDomain};
@@ -68,7 +67,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
+    trust::keys::fingerprint(der)
 }
 
 fn init(a: InitArgs) -> anyhow::Result<ExitCode> {

@@ -1,8 +1,11 @@
 //! The `meshfed` command line. Only commands that work exist.
 
+mod agent;
 mod args;
 mod bundle;
 mod ca;
+mod federator;
+mod status;
 
 use std::process::ExitCode;
 
@@ -10,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 /// Exit code for bad input or a failed operation (clap uses 2 for usage errors too).
 pub const EXIT_BAD_INPUT: u8 = 2;
-/// Exit code for a check that ran and found a problem (e.g. an invalid chain).
+/// Exit code for a check that ran and found a problem (e.g. an invalid chain, an unhealthy status).
 pub const EXIT_CHECK_FAILED: u8 = 1;
 
 #[derive(Debug, Parser)]
@@ -35,11 +38,46 @@ pub enum Command {
     /// Show and check SPIFFE trust bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Run the federation service, or manage its join tokens.
+    Federator(federator::FederatorArgs),
+    /// Join this cluster to a federation (creates the cluster's keys locally).
+    Join(agent::JoinArgs),
+    /// Run the per-cluster control plane.
+    Agent(agent::AgentArgs),
+    /// Leave the federation: this cluster's exports and bundle are removed everywhere.
+    Leave(agent::LeaveArgs),
+    /// Show the measured state of a federator or an agent (exit 1 when unhealthy).
+    Status(status::StatusArgs),
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ca(c) => ca::run(c),
         Command::Bundle(c) => bundle::run(c),
+        Command::Federator(a) => runtime()?.block_on(federator::run(a)),
+        Command::Join(a) => runtime()?.block_on(agent::join(a)),
+        Command::Agent(a) => runtime()?.block_on(agent::run(a)),
+        Command::Leave(a) => runtime()?.block_on(agent::leave(a)),
+        Command::Status(a) => runtime()?.block_on(status::run(a)),
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }

@@ -12,7 +12,7 @@ use rustls_pki_types::CertificateDer;
 
 pub use authorize::Authorizer;
 pub use resolver::SvidResolver;
-pub use verifier::{PeerRole, SpiffeVerifier, VerifyError};
+pub use verifier::{PeerRole, PinnedRootVerifier, SpiffeVerifier, VerifyError};
 
 use crate::error::{Result, TrustError};
 use crate::spiffe_id::SpiffeId;
@@ -40,6 +40,21 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// Like [`server_config`], but a client may connect without a certificate: handlers then see
+/// no peer identity and must refuse what needs one. A certificate that is presented is still
+/// fully verified. (The federator's `Join` is the one call made before a cluster has an
+/// identity.)
+pub fn server_config_optional_client(resolver: Arc<SvidResolver>, verifier: SpiffeVerifier) -> Result<ServerConfig> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
+        .with_client_cert_verifier(Arc::new(verifier::Optional(verifier)))
+        .with_cert_resolver(resolver);
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
+}
+
 /// A client configuration that presents the resolver's SVID and accepts a server SVID that
 /// `verifier` accepts.
 pub fn client_config(
@@ -51,6 +66,22 @@ pub fn client_config(
         .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(resolver);
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
+}
+
+/// A client configuration that presents the resolver's SVID (if any) and checks the server with
+/// any rustls verifier (e.g. [`PinnedRootVerifier`]).
+pub fn client_config_with(
+    resolver: Arc<SvidResolver>,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+) -> Result<ClientConfig> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(resolver);
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)

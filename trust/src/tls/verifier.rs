@@ -242,3 +242,128 @@ impl ClientCertVerifier for SpiffeVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+/// A client verifier that lets clients without a certificate through (see
+/// `server_config_optional_client`), and fully verifies those that present one.
+#[derive(Debug)]
+pub(crate) struct Optional(pub(crate) SpiffeVerifier);
+
+impl ClientCertVerifier for Optional {
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        ClientCertVerifier::verify_client_cert(&self.0, end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls12_signature(&self.0, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls13_signature(&self.0, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ClientCertVerifier::supported_verify_schemes(&self.0)
+    }
+}
+
+/// Verifies a server before any bundle is known, by a pinned root: the server must send a
+/// certificate whose SHA-256 is `pin`, and the rest of its chain must verify as an SVID of
+/// `trust_domain` under that root (with `authorizer` applied). This is how a joining cluster
+/// trusts the federator named in its join token.
+#[derive(Debug)]
+pub struct PinnedRootVerifier {
+    pin: String,
+    trust_domain: crate::spiffe_id::TrustDomain,
+    authorizer: Authorizer,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinnedRootVerifier {
+    pub fn new(pin: &str, trust_domain: crate::spiffe_id::TrustDomain, authorizer: Authorizer) -> Self {
+        PinnedRootVerifier {
+            pin: pin.to_ascii_lowercase(),
+            trust_domain,
+            authorizer,
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for PinnedRootVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let root = intermediates
+            .iter()
+            .find(|c| crate::keys::fingerprint(c) == self.pin)
+            .ok_or_else(|| {
+                let got: Vec<String> = intermediates.iter().map(|c| crate::keys::fingerprint(c)).collect();
+                rustls::Error::General(format!(
+                    "the server's CA does not match the pinned fingerprint sha256:{} (it sent sha256:[{}])",
+                    self.pin,
+                    got.join(", ")
+                ))
+            })?;
+        let mut set = crate::bundle::BundleSet::new();
+        set.insert(crate::bundle::TrustBundle::new(
+            self.trust_domain.clone(),
+            vec![root.clone().into_owned()],
+        ))
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let rest: Vec<CertificateDer<'_>> = intermediates.iter().filter(|c| *c != root).cloned().collect();
+        SpiffeVerifier::new(TrustStore::new(set), self.authorizer.clone())
+            .verify(end_entity, &rest, now, PeerRole::Server)
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(SpiffeVerifier::rustls_error)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,91 @@
+//! The admin HTTP endpoint shared by the federator and the agent: `/metrics` (Prometheus text),
+//! `/healthz` (the process serves), `/readyz` (the status can be computed) and `/status` (JSON).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+pub type RegistryFn = Arc<dyn Fn() -> prometheus::Registry + Send + Sync>;
+pub type StatusFn = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
+
+#[derive(Clone)]
+struct Admin {
+    registry: RegistryFn,
+    status: StatusFn,
+}
+
+async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&(a.registry)()),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
+    let status = a.status.clone();
+    match tokio::task::spawn_blocking(move || status()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    }
+}
+
+async fn status(State(a): State<Admin>) -> impl IntoResponse {
+    let status = a.status.clone();
+    match tokio::task::spawn_blocking(move || status()).await {
+        Ok(Ok(v)) => (StatusCode::OK, axum::Json(v)).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Binds `addr` and serves the admin endpoints. Returns the bound address and the task.
+pub async fn serve(addr: &str, registry: RegistryFn, status_fn: StatusFn) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(Admin {
+            registry,
+            status: status_fn,
+        });
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    Ok((bound, task))
+}
+
+/// Fetches `/status` from an admin address (used by `meshfed status`).
+pub async fn fetch_status(addr: &str) -> anyhow::Result<serde_json::Value> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let uri: hyper::Uri = format!("http://{addr}/status")
+        .parse()
+        .with_context(|| format!("{addr:?} is not host:port"))?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+        .await
+        .with_context(|| format!("the admin endpoint {addr} did not answer in 10 s"))?
+        .with_context(|| format!("cannot reach the admin endpoint {addr}"))?;
+    let code = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(code.is_success(), "{addr}/status answered {code}: {}", String::from_utf8_lossy(&body).trim());
+    serde_json::from_slice(&body).with_context(|| format!("{addr}/status did not return JSON"))
+}

@@ -1,0 +1,370 @@
+//! The per-cluster control plane (`meshfed agent`): reads the cluster's registry, publishes its
+//! exports and trust bundle to the federator over one mTLS stream, and keeps the imports in a
+//! local cache and in the in-process [`model::Model`].
+
+pub mod cache;
+pub mod identity;
+pub mod model;
+pub mod registry;
+pub mod sync;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context;
+use proto::ServiceExport;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+use trust::{BundleSet, TrustDomain, TrustStore};
+
+use crate::federation::identity::federator_spiffe_id;
+use crate::metrics::AgentMetrics;
+use identity::ClusterIdentity;
+use registry::{FileRegistry, RegistrySource};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub registry: PathBuf,
+    pub admin: Option<String>,
+    /// How often the registry file is checked for changes.
+    pub registry_poll: Duration,
+}
+
+/// What the sync loop reports about itself.
+#[derive(Debug, Default, Clone)]
+pub struct SyncStatus {
+    pub connected: bool,
+    pub left: bool,
+    pub last_error: Option<String>,
+    pub exports_acked_version: u64,
+    pub conflicts: Vec<String>,
+    pub lease_ttl_ms: u64,
+    pub registry_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Inner {
+    identity: Mutex<ClusterIdentity>,
+    pub cache: cache::Cache,
+    pub model: model::Model,
+    /// The exports the registry currently asks for.
+    pub exports: watch::Sender<BTreeMap<String, ServiceExport>>,
+    /// The cluster CA's bundle JSON.
+    pub bundle: watch::Sender<String>,
+    pub resolver: Arc<SvidResolver>,
+    pub federator_verifier: SpiffeVerifier,
+    pub metrics: AgentMetrics,
+    status: Mutex<SyncStatus>,
+}
+
+impl Inner {
+    pub fn identity(&self) -> MutexGuard<'_, ClusterIdentity> {
+        self.identity.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> MutexGuard<'_, SyncStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_connected(&self, up: bool) {
+        self.status().connected = up;
+        self.metrics.connected.set(i64::from(up));
+        self.model.update(|s| s.federator_connected = up);
+    }
+
+    /// The agent's status report (for `/status` and `meshfed status`).
+    pub fn report(&self) -> AgentReport {
+        let snap = self.model.current();
+        let st = self.status().clone();
+        let id = self.identity().file.clone();
+        let mut imports: BTreeMap<String, u64> = BTreeMap::new();
+        for (src, _) in snap.imports.keys() {
+            *imports.entry(src.clone()).or_default() += 1;
+        }
+        AgentReport {
+            kind: "agent".into(),
+            cluster: id.cluster,
+            network: id.network,
+            trust_domain: id.trust_domain,
+            locality: id.locality,
+            federators: id.federators,
+            connected: st.connected,
+            left: st.left,
+            last_error: st.last_error,
+            registry_error: st.registry_error,
+            exports: self.exports.borrow().len() as u64,
+            exports_acked_version: st.exports_acked_version,
+            imports_applied_revision: snap.applied_revision,
+            imports,
+            conflicts: st.conflicts,
+            peers: snap
+                .peers
+                .values()
+                .filter_map(|p| {
+                    let f = p.facts.as_ref()?;
+                    Some(PeerReport {
+                        cluster: f.cluster_id.clone(),
+                        network: f.network.clone(),
+                        trust_domain: f.trust_domain.clone(),
+                        connected: p.connected,
+                        lease: if p.lease == proto::LeaseState::Stale as i32 { "stale".into() } else { "fresh".into() },
+                        last_heartbeat_age_ms: p.last_heartbeat_age_ms,
+                        bundle: snap.bundles.contains_key(&f.trust_domain),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerReport {
+    pub cluster: String,
+    pub network: String,
+    pub trust_domain: String,
+    pub connected: bool,
+    pub lease: String,
+    /// As measured by the federator when it last told us.
+    pub last_heartbeat_age_ms: u64,
+    /// Whether we hold the peer's trust bundle.
+    pub bundle: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentReport {
+    pub kind: String,
+    pub cluster: String,
+    pub network: String,
+    pub trust_domain: String,
+    pub locality: String,
+    pub federators: Vec<String>,
+    pub connected: bool,
+    pub left: bool,
+    pub last_error: Option<String>,
+    pub registry_error: Option<String>,
+    pub exports: u64,
+    pub exports_acked_version: u64,
+    pub imports_applied_revision: u64,
+    /// Imported services by source cluster.
+    pub imports: BTreeMap<String, u64>,
+    pub conflicts: Vec<String>,
+    pub peers: Vec<PeerReport>,
+}
+
+impl AgentReport {
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.left {
+            out.push("this cluster has left the federation".into());
+        } else if !self.connected {
+            out.push(format!(
+                "not connected to the federator{}",
+                self.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            ));
+        }
+        if let Some(e) = &self.registry_error {
+            out.push(format!("registry: {e}"));
+        }
+        for p in &self.peers {
+            if p.lease == "stale" {
+                out.push(format!("peer {} is stale (last heartbeat {:.1}s ago)", p.cluster, p.last_heartbeat_age_ms as f64 / 1000.0));
+            }
+        }
+        for c in &self.conflicts {
+            out.push(format!("conflict: {c}"));
+        }
+        out
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    pub inner: Arc<Inner>,
+    pub admin_addr: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("admin_addr", &self.admin_addr).finish()
+    }
+}
+
+impl Agent {
+    pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        let identity = ClusterIdentity::load(&cfg.state_dir)?;
+        let td = TrustDomain::new(&identity.file.trust_domain)?;
+        let ca = identity::open_cluster_ca(&cfg.state_dir, &td, None)?;
+        let cache_dir = cfg.state_dir.join("cache");
+        let cache = cache::Cache::open(&cache_dir)?;
+        let metrics = AgentMetrics::new();
+
+        // Static stability: serve what we last knew before the federator answers.
+        let mut snap = model::Snapshot {
+            facts: identity.facts(),
+            applied_revision: cache.applied_revision(),
+            ..Default::default()
+        };
+        for (src, e) in cache.imports()? {
+            snap.imports.insert((src, crate::types::service_key(&e.namespace, &e.name)), e);
+        }
+        for p in cache.peers()? {
+            if let Some(f) = &p.facts {
+                snap.peers.insert(f.cluster_id.clone(), p.clone());
+            }
+        }
+        for (td, (_, json)) in cache.bundles()? {
+            snap.bundles.insert(td, json);
+        }
+        tracing::info!(imports = snap.imports.len(), peers = snap.peers.len(), revision = snap.applied_revision, "serving the last known imports from the cache");
+
+        let source = FileRegistry { path: cfg.registry.clone() };
+        let default_locality = identity.locality();
+        let mut registry_error = None;
+        let initial_exports = match source.load() {
+            Ok(reg) => {
+                for s in &reg.services {
+                    snap.local.insert(crate::types::service_key(&s.namespace.0, &s.name.0), s.to_export(&default_locality));
+                }
+                reg.exports(&default_locality)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "registry is invalid; exporting what the federator last acknowledged");
+                registry_error = Some(e);
+                cache.acked_exports()?
+            }
+        };
+        let model = model::Model::new(snap);
+
+        let mut set = BundleSet::new();
+        set.insert(identity.federation_bundle.clone())?;
+        let fed_td = TrustDomain::new(&identity.file.federation_trust_domain)?;
+        let federator_verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(federator_spiffe_id(&fed_td)?));
+        let resolver = SvidResolver::with(&identity.svid)?;
+        let inner = Arc::new(Inner {
+            identity: Mutex::new(identity),
+            cache,
+            model,
+            exports: watch::Sender::new(initial_exports),
+            bundle: watch::Sender::new(ca.bundle().to_json()?),
+            resolver,
+            federator_verifier,
+            metrics,
+            status: Mutex::new(SyncStatus {
+                registry_error,
+                ..Default::default()
+            }),
+        });
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(sync::run(inner.clone())));
+        tasks.push(tokio::spawn(watch_registry(inner.clone(), source, default_locality, cfg.registry_poll)));
+        tasks.push(tokio::spawn(renew_cluster_cert(inner.clone())));
+        let admin_addr = match &cfg.admin {
+            Some(a) => {
+                let (ri, si) = (inner.clone(), inner.clone());
+                let (addr, task) = crate::admin::serve(
+                    a,
+                    Arc::new(move || ri.metrics.registry.clone()),
+                    Arc::new(move || serde_json::to_value(si.report()).map_err(|e| e.to_string())),
+                )
+                .await?;
+                tasks.push(task);
+                Some(addr)
+            }
+            None => None,
+        };
+        Ok(Agent { inner, admin_addr, tasks })
+    }
+
+    pub fn model(&self) -> &model::Model {
+        &self.inner.model
+    }
+
+    pub fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+async fn watch_registry(inner: Arc<Inner>, source: FileRegistry, default_locality: proto::Locality, poll: Duration) {
+    let mut seen = source.version();
+    let mut t = tokio::time::interval(poll);
+    loop {
+        t.tick().await;
+        let v = source.version();
+        if v == seen {
+            continue;
+        }
+        seen = v;
+        match source.load() {
+            Ok(reg) => {
+                inner.metrics.registry_reloads.with_label_values(&["ok"]).inc();
+                let local: BTreeMap<String, ServiceExport> = reg
+                    .services
+                    .iter()
+                    .map(|s| (crate::types::service_key(&s.namespace.0, &s.name.0), s.to_export(&default_locality)))
+                    .collect();
+                let exports = reg.exports(&default_locality);
+                tracing::info!(services = local.len(), exports = exports.len(), "registry reloaded");
+                inner.status().registry_error = None;
+                inner.model.update(|s| s.local = local);
+                inner.exports.send_if_modified(|cur| {
+                    if *cur == exports {
+                        false
+                    } else {
+                        *cur = exports;
+                        true
+                    }
+                });
+            }
+            Err(e) => {
+                inner.metrics.registry_reloads.with_label_values(&["invalid"]).inc();
+                tracing::error!(error = %e, "registry is invalid; keeping the last good one");
+                inner.status().registry_error = Some(e);
+            }
+        }
+    }
+}
+
+/// Renews the cluster certificate at a jittered 50-80 % of its lifetime (make-before-break: the
+/// old certificate stays valid until it expires).
+async fn renew_cluster_cert(inner: Arc<Inner>) {
+    loop {
+        let at = inner.identity().svid.renew_at();
+        let wait = (at - time::OffsetDateTime::now_utc()).whole_milliseconds().max(1000) as u64;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        match renew_once(&inner).await {
+            Ok(()) => tracing::info!("renewed the cluster certificate"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot renew the cluster certificate; retrying in 30 s");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
+async fn renew_once(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let (id, federators) = {
+        let i = inner.identity();
+        (i.svid.id.clone(), i.file.federators.clone())
+    };
+    let (key, csr) = trust::keys::key_and_csr(&id)?;
+    let cfg = trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone())?;
+    let mut client = proto::federation_client::FederationClient::new(crate::net::channel(federators, cfg, "federator")?);
+    let resp = client
+        .renew(proto::RenewRequest { csr_der: csr })
+        .await
+        .map_err(|s| identity::describe_status("renewal refused", &s))?
+        .into_inner();
+    let chain = resp.cert_chain_der.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+    let svid = trust::Svid::new(chain, key).context("the renewed certificate is unusable")?;
+    inner.identity().store_svid(svid.clone())?;
+    inner.resolver.install(&svid)?;
+    Ok(())
+}

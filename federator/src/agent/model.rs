@@ -1,0 +1,164 @@
+//! The agent's one in-process model of the services this cluster can reach: its own services
+//! and the imported ones, with the source cluster's network, gateways, locality and lease
+//! state. xDS, DNS and the gateway read it; changes are published to subscribers, never polled.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proto::{ClusterFacts, LeaseState, OnExpiry, PeerCluster, ServiceExport};
+use tokio::sync::watch;
+
+/// One instance of a service: where it runs and what the federation says about that place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub cluster: String,
+    pub local: bool,
+    pub network: String,
+    pub gateways: Vec<String>,
+    /// False when the source cluster's lease expired.
+    pub fresh: bool,
+    pub last_heartbeat_age_ms: u64,
+    pub export: ServiceExport,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub facts: ClusterFacts,
+    /// This cluster's services (exported or not), by `ns/name`.
+    pub local: BTreeMap<String, ServiceExport>,
+    /// Imported services by (source cluster, `ns/name`).
+    pub imports: BTreeMap<(String, String), ServiceExport>,
+    pub peers: BTreeMap<String, PeerCluster>,
+    /// Peer trust bundles: trust domain -> JSON.
+    pub bundles: BTreeMap<String, String>,
+    pub federator_connected: bool,
+    pub applied_revision: u64,
+}
+
+impl Snapshot {
+    /// Every reachable service, by `ns/name`, with one instance per cluster. Instances of a
+    /// stale cluster whose service says `withdraw` are left out; `deprioritize` keeps them,
+    /// marked not fresh, for the failover tables to rank last.
+    pub fn services(&self) -> BTreeMap<String, Vec<Instance>> {
+        let mut out: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for (k, e) in &self.local {
+            out.entry(k.clone()).or_default().push(Instance {
+                cluster: self.facts.cluster_id.clone(),
+                local: true,
+                network: self.facts.network.clone(),
+                gateways: self.facts.gateways.clone(),
+                fresh: true,
+                last_heartbeat_age_ms: 0,
+                export: e.clone(),
+            });
+        }
+        for ((cluster, k), e) in &self.imports {
+            let peer = self.peers.get(cluster);
+            let fresh = peer.is_some_and(|p| p.lease == LeaseState::Fresh as i32);
+            if !fresh && e.on_expiry == OnExpiry::Withdraw as i32 {
+                continue;
+            }
+            let facts = peer.and_then(|p| p.facts.clone()).unwrap_or_default();
+            out.entry(k.clone()).or_default().push(Instance {
+                cluster: cluster.clone(),
+                local: false,
+                network: facts.network,
+                gateways: facts.gateways,
+                fresh,
+                last_heartbeat_age_ms: peer.map(|p| p.last_heartbeat_age_ms).unwrap_or(0),
+                export: e.clone(),
+            });
+        }
+        out
+    }
+}
+
+/// The shared model. Cloning is cheap; every clone publishes to the same subscribers.
+#[derive(Debug, Clone)]
+pub struct Model {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl Model {
+    pub fn new(initial: Snapshot) -> Self {
+        Model {
+            tx: Arc::new(watch::Sender::new(Arc::new(initial))),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Applies `f` to a copy of the snapshot and publishes it if it changed.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.tx.send_if_modified(|cur| {
+            let mut next = Snapshot::clone(cur);
+            f(&mut next);
+            if next == **cur {
+                false
+            } else {
+                *cur = Arc::new(next);
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(on_expiry: OnExpiry) -> ServiceExport {
+        ServiceExport {
+            namespace: "shop".into(),
+            name: "payment".into(),
+            on_expiry: on_expiry as i32,
+            ..Default::default()
+        }
+    }
+
+    fn peer(id: &str, lease: LeaseState) -> PeerCluster {
+        PeerCluster {
+            facts: Some(ClusterFacts {
+                cluster_id: id.into(),
+                network: format!("{id}-net"),
+                ..Default::default()
+            }),
+            lease: lease as i32,
+            last_heartbeat_age_ms: 5,
+            connected: true,
+        }
+    }
+
+    #[test]
+    fn stale_peers_are_ranked_or_withdrawn_per_policy() {
+        let mut s = Snapshot::default();
+        s.imports.insert(("east".into(), "shop/payment".into()), export(OnExpiry::Deprioritize));
+        s.imports.insert(("west".into(), "shop/payment".into()), export(OnExpiry::Withdraw));
+        s.peers.insert("east".into(), peer("east", LeaseState::Stale));
+        s.peers.insert("west".into(), peer("west", LeaseState::Fresh));
+        let svc = &s.services()["shop/payment"];
+        assert_eq!(svc.len(), 2);
+        assert!(!svc.iter().find(|i| i.cluster == "east").unwrap().fresh);
+        assert_eq!(svc.iter().find(|i| i.cluster == "west").unwrap().network, "west-net");
+        s.peers.insert("west".into(), peer("west", LeaseState::Stale));
+        let svc = &s.services()["shop/payment"];
+        assert_eq!(svc.len(), 1, "withdraw drops the stale instance");
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_changes_and_not_no_ops() {
+        let m = Model::new(Snapshot::default());
+        let mut rx = m.subscribe();
+        m.update(|s| s.applied_revision = 3);
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().applied_revision, 3);
+        m.update(|s| s.applied_revision = 3);
+        assert!(!rx.has_changed().unwrap());
+    }
+}

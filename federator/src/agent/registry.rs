@@ -1,0 +1,341 @@
+//! The file registry source: a YAML file listing the cluster's services, their endpoints, and
+//! which are exported. Errors name `file:line:column`. A broken file never replaces the last
+//! good registry.
+//!
+//! ```yaml
+//! services:
+//!   - namespace: shop
+//!     name: payment
+//!     ports:
+//!       - {name: http, port: 8080, protocol: TCP, appProtocol: http}
+//!     exportTo: [west]          # or `export: true` for the whole federation
+//!     staleness: {onExpiry: withdraw}
+//!     endpoints:
+//!       - {address: 10.1.0.5, locality: us-east1/us-east1-b, labels: {version: v1}, weight: 1, healthy: true, serviceAccount: payment}
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use proto::{Endpoint, Locality, OnExpiry, Port, ServiceExport};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::types;
+
+/// A source of the cluster's services (the file source now; Kubernetes later).
+pub trait RegistrySource: Send + Sync {
+    /// Reads the whole registry, or says precisely why it cannot.
+    fn load(&self) -> Result<Registry, String>;
+    /// A cheap token that changes when the source may have changed.
+    fn version(&self) -> Option<String>;
+}
+
+/// A DNS label that reports a located error when invalid.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Label(pub String);
+
+impl<'de> Deserialize<'de> for Label {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        types::check_label("value", &s).map_err(de::Error::custom)?;
+        Ok(Label(s))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortNumber(pub u32);
+
+impl<'de> Deserialize<'de> for PortNumber {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n == 0 || n > 65535 {
+            return Err(de::Error::custom(format!("port {n} is not in 1-65535")));
+        }
+        Ok(PortNumber(n as u32))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSpec {
+    #[serde(default)]
+    pub name: Option<Label>,
+    pub port: PortNumber,
+    #[serde(default = "tcp")]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Address(pub String);
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = s.parse::<std::net::IpAddr>().is_ok()
+            || (!s.is_empty() && s.len() <= 253 && s.split('.').all(types::is_dns_label));
+        if !ok {
+            return Err(de::Error::custom(format!("{s:?} is neither an IP address nor a host name")));
+        }
+        Ok(Address(s))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalityStr(pub Locality);
+
+impl<'de> Deserialize<'de> for LocalityStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        types::parse_locality(&s).map(LocalityStr).map_err(de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EndpointSpec {
+    pub address: Address,
+    #[serde(default)]
+    pub locality: Option<LocalityStr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default = "yes")]
+    pub healthy: bool,
+    #[serde(default)]
+    pub service_account: Option<Label>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnExpirySpec {
+    Deprioritize,
+    Withdraw,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StalenessSpec {
+    pub on_expiry: OnExpirySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub namespace: Label,
+    pub name: Label,
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub export: bool,
+    #[serde(default)]
+    pub export_to: Option<Vec<Label>>,
+    #[serde(default)]
+    pub staleness: Option<StalenessSpec>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+impl ServiceSpec {
+    pub fn exported(&self) -> bool {
+        self.export || self.export_to.is_some()
+    }
+
+    /// The service as exported to the federation.
+    pub fn to_export(&self, default_locality: &Locality) -> ServiceExport {
+        ServiceExport {
+            namespace: self.namespace.0.clone(),
+            name: self.name.0.clone(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| Port {
+                    name: p.name.as_ref().map(|n| n.0.clone()).unwrap_or_default(),
+                    port: p.port.0,
+                    protocol: match p.protocol {
+                        Protocol::Tcp => "TCP",
+                        Protocol::Udp => "UDP",
+                        Protocol::Sctp => "SCTP",
+                    }
+                    .to_string(),
+                    app_protocol: p.app_protocol.clone().unwrap_or_default(),
+                })
+                .collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    address: e.address.0.clone(),
+                    locality: Some(e.locality.as_ref().map(|l| l.0.clone()).unwrap_or_else(|| default_locality.clone())),
+                    labels: e.labels.clone().into_iter().collect(),
+                    weight: e.weight.max(1),
+                    healthy: e.healthy,
+                    service_account: e.service_account.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+                })
+                .collect(),
+            export_to: self.export_to.clone().unwrap_or_default().into_iter().map(|l| l.0).collect(),
+            on_expiry: match self.staleness.as_ref().map(|s| &s.on_expiry) {
+                Some(OnExpirySpec::Withdraw) => OnExpiry::Withdraw,
+                _ => OnExpiry::Deprioritize,
+            } as i32,
+            labels: self.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+impl Registry {
+    /// Parses registry YAML; errors carry `what:line:column`.
+    pub fn parse(text: &str, what: &str) -> Result<Registry, String> {
+        let reg: Registry = serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
+            Some(l) => format!("{what}:{}:{}: {}", l.line(), l.column(), strip_location(&e.to_string())),
+            None => format!("{what}: {e}"),
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in reg.services.iter().enumerate() {
+            let key = types::service_key(&s.namespace.0, &s.name.0);
+            if !seen.insert(key.clone()) {
+                return Err(format!("{what}: services[{i}]: service {key} is listed twice"));
+            }
+            let e = s.to_export(&Locality::default());
+            types::check_export(&e, &format!("services[{i}]")).map_err(|m| format!("{what}: {m}"))?;
+        }
+        Ok(reg)
+    }
+
+    /// The exported services, keyed by `ns/name`.
+    pub fn exports(&self, default_locality: &Locality) -> BTreeMap<String, ServiceExport> {
+        self.services
+            .iter()
+            .filter(|s| s.exported())
+            .map(|s| (types::service_key(&s.namespace.0, &s.name.0), s.to_export(default_locality)))
+            .collect()
+    }
+}
+
+/// serde_yaml appends " at line X column Y"; the location is already in front.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// The YAML file registry.
+#[derive(Debug, Clone)]
+pub struct FileRegistry {
+    pub path: std::path::PathBuf,
+}
+
+impl RegistrySource for FileRegistry {
+    fn load(&self) -> Result<Registry, String> {
+        let what = self.path.display().to_string();
+        let text = std::fs::read_to_string(&self.path).map_err(|e| format!("{what}: {e}"))?;
+        Registry::parse(&text, &what)
+    }
+
+    fn version(&self) -> Option<String> {
+        let m = std::fs::metadata(&self.path).ok()?;
+        Some(format!("{:?}:{}", m.modified().ok()?, m.len()))
+    }
+}
+
+/// Loads a registry file once (for commands that only validate).
+pub fn load_file(path: &Path) -> Result<Registry, String> {
+    FileRegistry { path: path.to_path_buf() }.load()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+services:
+  - namespace: shop
+    name: payment
+    ports:
+      - {name: http, port: 8080, appProtocol: http}
+    exportTo: [west]
+    staleness: {onExpiry: withdraw}
+    endpoints:
+      - {address: 10.1.0.5, locality: us-east1/us-east1-b, labels: {version: v1}}
+      - {address: 10.1.0.6, healthy: false, weight: 3}
+  - namespace: shop
+    name: internal
+    ports: [{port: 9000}]
+"#;
+
+    #[test]
+    fn parses_and_exports() {
+        let r = Registry::parse(GOOD, "reg.yaml").unwrap();
+        let def = Locality {
+            region: "us-east1".into(),
+            zone: "us-east1-a".into(),
+            subzone: String::new(),
+        };
+        let ex = r.exports(&def);
+        assert_eq!(ex.len(), 1, "only exported services");
+        let p = &ex["shop/payment"];
+        assert_eq!(p.export_to, vec!["west".to_string()]);
+        assert_eq!(p.on_expiry, OnExpiry::Withdraw as i32);
+        assert_eq!(p.ports[0].protocol, "TCP");
+        assert_eq!(p.endpoints[1].locality.as_ref().unwrap().zone, "us-east1-a");
+        assert_eq!(p.endpoints[0].locality.as_ref().unwrap().zone, "us-east1-b");
+        assert!(!p.endpoints[1].healthy);
+        assert_eq!(p.endpoints[1].weight, 3);
+    }
+
+    fn err(yaml: &str) -> String {
+        Registry::parse(yaml, "reg.yaml").unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let e = err("services:\n  - namespace: shop\n    name: Payment\n    ports: [{port: 80}]\n");
+        assert!(e.starts_with("reg.yaml:3:11:"), "{e}");
+        assert!(e.contains("\"Payment\" is not a DNS label"), "{e}");
+        let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 70000}]\n");
+        assert!(e.starts_with("reg.yaml:4:") && e.contains("70000"), "{e}");
+        let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80, protocol: HTTP}]\n");
+        assert!(e.starts_with("reg.yaml:4:") && e.contains("HTTP"), "{e}");
+        let e = err("services:\n  - namespace: shop\n    name: p\n    prots: []\n");
+        assert!(e.starts_with("reg.yaml:4:") && e.contains("prots"), "{e}");
+        let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80}]\n    endpoints: [{address: \"not an ip\"}]\n");
+        assert!(e.starts_with("reg.yaml:5:") && e.contains("not an ip"), "{e}");
+        let e = err("services: [\n");
+        assert!(e.starts_with("reg.yaml:"), "{e}");
+        let e = err("services:\n  - {namespace: a, name: b, ports: [{port: 1}]}\n  - {namespace: a, name: b, ports: [{port: 2}]}\n");
+        assert!(e.contains("a/b is listed twice"), "{e}");
+    }
+}

@@ -1,0 +1,166 @@
+//! `meshfed federator` and `meshfed federator token create|list|revoke`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use trust::TrustDomain;
+
+use super::args;
+use crate::federation::identity::FederationCa;
+use crate::federation::server::ENDPOINTS_FILE;
+use crate::federation::token::TokenStore;
+use crate::federation::{Federator, FederatorConfig};
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct FederatorArgs {
+    #[command(subcommand)]
+    token: Option<TokenCommand>,
+    /// State directory (federation CA, store, tokens).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// gRPC listen address (Join, Sync, Leave, Status; mTLS).
+    #[arg(long, default_value = "0.0.0.0:15100")]
+    listen: String,
+    /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
+    #[arg(long, default_value = "127.0.0.1:15101")]
+    admin: String,
+    /// Address clusters use to reach this federator (repeatable; default: the listen address).
+    #[arg(long)]
+    advertise: Vec<String>,
+    /// Trust domain of the federation CA (first start only).
+    #[arg(long, value_parser = args::trust_domain)]
+    trust_domain: Option<TrustDomain>,
+    /// Lease TTL: a cluster silent for longer is stale.
+    #[arg(long, default_value = "30s", value_parser = args::std_duration)]
+    lease_ttl: std::time::Duration,
+    /// Messages per second a cluster may send on its stream.
+    #[arg(long, default_value_t = 200)]
+    rate_limit: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(Token),
+}
+
+#[derive(Debug, Subcommand)]
+enum Token {
+    /// Create a single-use join token bound to one cluster name.
+    Create {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long, value_parser = args::label)]
+        cluster: String,
+        #[arg(long, default_value = "15m", value_parser = args::duration)]
+        ttl: time::Duration,
+        /// Federator address(es) the joiner dials (default: what the federator advertises).
+        #[arg(long)]
+        federator: Vec<String>,
+    },
+    /// List join tokens and their state.
+    List {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Revoke a join token.
+    Revoke {
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Token id (from `token list`).
+        id: String,
+    },
+}
+
+pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
+    if let Some(TokenCommand::Token(t)) = a.token {
+        return token(t);
+    }
+    let state_dir = a.state_dir.context("--state-dir is required")?;
+    for (i, adv) in a.advertise.iter().enumerate() {
+        crate::types::check_host_port(&format!("--advertise #{}", i + 1), adv).map_err(anyhow::Error::msg)?;
+    }
+    let mut cfg = FederatorConfig::new(state_dir, a.listen);
+    cfg.admin = Some(a.admin);
+    cfg.advertise = a.advertise;
+    cfg.trust_domain = a.trust_domain;
+    cfg.lease_ttl = a.lease_ttl;
+    cfg.rate_limit = a.rate_limit;
+    let f = Federator::start(cfg).await?;
+    println!("federator serving on {} (admin {})", f.grpc_addr, f.admin_addr.map(|a| a.to_string()).unwrap_or_default());
+    super::shutdown_signal().await;
+    f.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn token(t: Token) -> anyhow::Result<ExitCode> {
+    match t {
+        Token::Create {
+            state_dir,
+            cluster,
+            ttl,
+            federator,
+        } => {
+            let ca = FederationCa::open_or_create(&state_dir, None)?;
+            let federators = if federator.is_empty() {
+                let p = state_dir.join(ENDPOINTS_FILE);
+                let raw = std::fs::read(&p).with_context(|| {
+                    format!("{} not found: start the federator once or pass --federator HOST:PORT", p.display())
+                })?;
+                serde_json::from_slice(&raw).with_context(|| format!("{} is malformed", p.display()))?
+            } else {
+                for (i, f) in federator.iter().enumerate() {
+                    crate::types::check_host_port(&format!("--federator #{}", i + 1), f).map_err(anyhow::Error::msg)?;
+                }
+                federator
+            };
+            let store = TokenStore::new(&state_dir);
+            let (rec, tok) = store.create(
+                &cluster,
+                ttl.whole_seconds(),
+                federators,
+                ca.root_fingerprint(),
+                ca.trust_domain.to_string(),
+                now(),
+            )?;
+            eprintln!("token {} for cluster {cluster}, single use, expires {}", rec.id, args::rfc3339_unix(rec.expires));
+            println!("{tok}");
+        }
+        Token::List { state_dir } => {
+            let now = now();
+            println!("{:<18} {:<16} {:<9} {:<22} USED BY", "ID", "CLUSTER", "STATE", "EXPIRES");
+            for r in TokenStore::new(&state_dir).list()? {
+                let state = if r.revoked {
+                    "revoked"
+                } else if r.used_by.is_some() {
+                    "used"
+                } else if now >= r.expires {
+                    "expired"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "{:<18} {:<16} {:<9} {:<22} {}",
+                    r.id,
+                    r.cluster,
+                    state,
+                    args::rfc3339_unix(r.expires),
+                    r.used_by.unwrap_or_default()
+                );
+            }
+        }
+        Token::Revoke { state_dir, id } => {
+            let r = TokenStore::new(&state_dir).revoke(&id)?;
+            println!("revoked token {} (cluster {})", r.id, r.cluster);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,114 @@
+//! `meshfed status`: the measured state of a federator or an agent, from its admin endpoint.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use super::EXIT_CHECK_FAILED;
+use crate::agent::AgentReport;
+use crate::federation::status::FederationReport;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Admin address of a federator (default 127.0.0.1:15101) or an agent (127.0.0.1:15014).
+    #[arg(long, default_value = "127.0.0.1:15101")]
+    admin: String,
+    #[arg(long, short, value_enum, default_value = "text")]
+    output: Output,
+}
+
+fn age(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+        None => "-".into(),
+    }
+}
+
+pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let v = crate::admin::fetch_status(&a.admin).await?;
+    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    let problems = match kind.as_str() {
+        "federator" => {
+            let r: FederationReport = serde_json::from_value(v.clone()).context("unexpected federator status")?;
+            if let Output::Text = a.output {
+                println!(
+                    "federation {} (CA expires {}), head revision {}, lease TTL {}",
+                    r.federation_trust_domain,
+                    r.federation_ca_not_after,
+                    r.head_revision,
+                    age(Some(r.lease_ttl_ms))
+                );
+                println!(
+                    "{:<12} {:<10} {:<9} {:<7} {:>9} {:>7} {:>7} {:>9} {:>5} {:>6}  {}",
+                    "CLUSTER", "NETWORK", "CONNECTED", "LEASE", "HEARTBEAT", "EXPORTS", "IMPORTS", "ACKED", "LAG", "BUNDLE", "TRUST DOMAIN"
+                );
+                for c in &r.clusters {
+                    println!(
+                        "{:<12} {:<10} {:<9} {:<7} {:>9} {:>7} {:>7} {:>9} {:>5} {:>6}  {}",
+                        c.cluster,
+                        c.network,
+                        if c.connected { "yes" } else { "no" },
+                        c.lease,
+                        age(c.last_heartbeat_age_ms),
+                        c.exports,
+                        c.imports,
+                        format!("v{}/r{}", c.exports_acked_version, c.imports_acked_revision),
+                        c.import_lag,
+                        c.bundle_sequence,
+                        c.trust_domain
+                    );
+                }
+            }
+            r.problems()
+        }
+        "agent" => {
+            let r: AgentReport = serde_json::from_value(v.clone()).context("unexpected agent status")?;
+            if let Output::Text = a.output {
+                println!(
+                    "cluster {} ({}, network {}, {}), federator {}: {}",
+                    r.cluster,
+                    r.trust_domain,
+                    r.network,
+                    r.locality,
+                    r.federators.join(","),
+                    if r.connected { "connected" } else { "NOT connected" }
+                );
+                println!(
+                    "exports: {} (acknowledged version {}), imports applied up to revision {}",
+                    r.exports, r.exports_acked_version, r.imports_applied_revision
+                );
+                println!("{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>6}", "PEER", "NETWORK", "CONNECTED", "LEASE", "HEARTBEAT", "IMPORTS", "BUNDLE");
+                for p in &r.peers {
+                    println!(
+                        "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>6}",
+                        p.cluster,
+                        p.network,
+                        if p.connected { "yes" } else { "no" },
+                        p.lease,
+                        age(Some(p.last_heartbeat_age_ms)),
+                        r.imports.get(&p.cluster).copied().unwrap_or(0),
+                        if p.bundle { "yes" } else { "no" }
+                    );
+                }
+            }
+            r.problems()
+        }
+        other => anyhow::bail!("{} answered an unknown status kind {other:?}", a.admin),
+    };
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Output::Text => {
+            for p in &problems {
+                println!("problem: {p}");
+            }
+        }
+    }
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_CHECK_FAILED) })
+}

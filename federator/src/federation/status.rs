@@ -1,0 +1,65 @@
+//! The status report `meshfed status` prints, as JSON for the admin API. Every figure is
+//! measured (heartbeat ages, acknowledged versions, lag), never assumed.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterReport {
+    pub cluster: String,
+    pub network: String,
+    pub trust_domain: String,
+    pub locality: String,
+    pub gateways: Vec<String>,
+    pub connected: bool,
+    /// `fresh`, `stale` or `left`.
+    pub lease: String,
+    /// Milliseconds since the last heartbeat; absent when none was seen since the federator started.
+    pub last_heartbeat_age_ms: Option<u64>,
+    pub exports: u64,
+    pub imports: u64,
+    pub exports_acked_version: u64,
+    pub imports_acked_revision: u64,
+    pub import_lag: u64,
+    pub bundle_sequence: u64,
+    /// RFC 3339 expiry of the cluster's newest bundle root, when known.
+    pub bundle_not_after: Option<String>,
+    pub conflicts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FederationReport {
+    pub kind: String,
+    pub federation_trust_domain: String,
+    pub federation_ca_not_after: String,
+    pub head_revision: u64,
+    pub lease_ttl_ms: u64,
+    pub clusters: Vec<ClusterReport>,
+}
+
+impl FederationReport {
+    /// Problems that make `meshfed status` exit non-zero.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.clusters {
+            if c.lease == "left" {
+                continue;
+            }
+            if !c.connected {
+                out.push(format!("cluster {} is not connected", c.cluster));
+            }
+            if c.lease == "stale" {
+                out.push(format!(
+                    "cluster {} is stale (last heartbeat {} ago)",
+                    c.cluster,
+                    c.last_heartbeat_age_ms
+                        .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+                        .unwrap_or_else(|| "never seen".into())
+                ));
+            }
+            for x in &c.conflicts {
+                out.push(format!("cluster {}: conflict: {x}", c.cluster));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,252 @@
+//! Join tokens: single-use, expiring, bound to one cluster name, carrying the federator
+//! addresses and the federation CA fingerprint the joiner pins.
+//!
+//! The token string is `mft1.<base64url(JSON claims)>`. The federator keeps only a SHA-256 of
+//! each token's secret, one file per token under `<state-dir>/tokens/` (mode 0600), written
+//! atomically: creating, using and revoking a token never needs the running federator.
+
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const PREFIX: &str = "mft1.";
+
+/// What a token says. The secret authenticates it; everything else is for the joiner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    pub id: String,
+    pub secret: String,
+    pub cluster: String,
+    pub federators: Vec<String>,
+    /// SHA-256 (hex) of the federation root certificate.
+    pub ca_sha256: String,
+    pub federation_trust_domain: String,
+    /// Unix seconds.
+    pub expires: i64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error("the join token is malformed: {0}")]
+    Malformed(String),
+    #[error("the join token is not known to this federator (forged, or from another federation)")]
+    Unknown,
+    #[error("the join token's secret does not match (forged)")]
+    Forged,
+    #[error("the join token was issued for cluster {bound:?}, not {asked:?}")]
+    WrongCluster { bound: String, asked: String },
+    #[error("the join token expired {0} seconds ago; create a new one with `meshfed federator token create`")]
+    Expired(i64),
+    #[error("the join token was already used (by cluster {0}); tokens are single-use")]
+    Used(String),
+    #[error("the join token was revoked")]
+    Revoked,
+    #[error("token store: {0}")]
+    Store(String),
+}
+
+impl Claims {
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+    }
+
+    pub fn decode(token: &str) -> Result<Self, TokenError> {
+        let body = token
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| TokenError::Malformed(format!("it does not start with {PREFIX:?}")))?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
+        serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))
+    }
+}
+
+/// A token as the federator stores it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub id: String,
+    pub cluster: String,
+    pub secret_sha256: String,
+    pub created: i64,
+    pub expires: i64,
+    pub used_at: Option<i64>,
+    pub used_by: Option<String>,
+    pub revoked: bool,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let v: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(v)
+}
+
+/// The directory of token records.
+#[derive(Debug, Clone)]
+pub struct TokenStore {
+    dir: PathBuf,
+}
+
+impl TokenStore {
+    pub fn new(state_dir: &Path) -> Self {
+        TokenStore {
+            dir: state_dir.join("tokens"),
+        }
+    }
+
+    fn path(&self, id: &str) -> Result<PathBuf, TokenError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(TokenError::Malformed(format!("token id {id:?} is not hexadecimal")));
+        }
+        Ok(self.dir.join(format!("{id}.json")))
+    }
+
+    fn write(&self, rec: &Record) -> Result<(), TokenError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| TokenError::Store(format!("{}: {e}", self.dir.display())))?;
+        let json = serde_json::to_vec_pretty(rec).unwrap_or_default();
+        trust::files::write_atomic(&self.path(&rec.id)?, &json, trust::files::PRIVATE_MODE)
+            .map_err(|e| TokenError::Store(e.to_string()))
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Record>, TokenError> {
+        let p = self.path(id)?;
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| TokenError::Store(format!("{}: {e}", p.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(TokenError::Store(format!("{}: {e}", p.display()))),
+        }
+    }
+
+    /// Creates a token for `cluster`, valid `ttl` seconds.
+    pub fn create(
+        &self,
+        cluster: &str,
+        ttl_secs: i64,
+        federators: Vec<String>,
+        ca_sha256: String,
+        federation_trust_domain: String,
+        now: i64,
+    ) -> Result<(Record, String), TokenError> {
+        let claims = Claims {
+            id: random_hex(8),
+            secret: random_hex(24),
+            cluster: cluster.to_string(),
+            federators,
+            ca_sha256,
+            federation_trust_domain,
+            expires: now + ttl_secs,
+        };
+        let rec = Record {
+            id: claims.id.clone(),
+            cluster: cluster.to_string(),
+            secret_sha256: sha256_hex(&claims.secret),
+            created: now,
+            expires: claims.expires,
+            used_at: None,
+            used_by: None,
+            revoked: false,
+        };
+        self.write(&rec)?;
+        Ok((rec, claims.encode()))
+    }
+
+    pub fn list(&self) -> Result<Vec<Record>, TokenError> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(TokenError::Store(format!("{}: {e}", self.dir.display()))),
+        };
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".json") {
+                if let Some(r) = self.get(id)? {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by_key(|r| r.created);
+        Ok(out)
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<Record, TokenError> {
+        let mut rec = self.get(id)?.ok_or(TokenError::Unknown)?;
+        rec.revoked = true;
+        self.write(&rec)?;
+        Ok(rec)
+    }
+
+    /// Checks a presented token without using it up.
+    pub fn check(&self, claims: &Claims, cluster: &str, now: i64) -> Result<Record, TokenError> {
+        let rec = self.get(&claims.id)?.ok_or(TokenError::Unknown)?;
+        if rec.secret_sha256 != sha256_hex(&claims.secret) {
+            return Err(TokenError::Forged);
+        }
+        if rec.revoked {
+            return Err(TokenError::Revoked);
+        }
+        if let Some(by) = &rec.used_by {
+            return Err(TokenError::Used(by.clone()));
+        }
+        if rec.cluster != cluster {
+            return Err(TokenError::WrongCluster {
+                bound: rec.cluster,
+                asked: cluster.to_string(),
+            });
+        }
+        if now >= rec.expires {
+            return Err(TokenError::Expired(now - rec.expires));
+        }
+        Ok(rec)
+    }
+
+    /// Marks a checked token used, durably. The caller serializes check + consume.
+    pub fn consume(&self, mut rec: Record, cluster: &str, now: i64) -> Result<(), TokenError> {
+        rec.used_at = Some(now);
+        rec.used_by = Some(cluster.to_string());
+        self.write(&rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle() {
+        let d = tempfile::tempdir().unwrap();
+        let s = TokenStore::new(d.path());
+        let (rec, tok) = s.create("east", 900, vec!["127.0.0.1:15100".into()], "ab".into(), "fed.mesh".into(), 1000).unwrap();
+        let claims = Claims::decode(&tok).unwrap();
+        assert_eq!(claims.cluster, "east");
+        assert_eq!(s.check(&claims, "west", 1001).unwrap_err(), TokenError::WrongCluster { bound: "east".into(), asked: "west".into() });
+        assert!(matches!(s.check(&claims, "east", 1900), Err(TokenError::Expired(0))));
+        let mut forged = claims.clone();
+        forged.secret = "00".into();
+        assert_eq!(s.check(&forged, "east", 1001).unwrap_err(), TokenError::Forged);
+        let mut unknown = claims.clone();
+        unknown.id = "ffff".into();
+        assert_eq!(s.check(&unknown, "east", 1001).unwrap_err(), TokenError::Unknown);
+        let r = s.check(&claims, "east", 1001).unwrap();
+        s.consume(r, "east", 1001).unwrap();
+        assert_eq!(s.check(&claims, "east", 1002).unwrap_err(), TokenError::Used("east".into()));
+        let (rec2, tok2) = s.create("west", 900, vec![], "ab".into(), "fed.mesh".into(), 1000).unwrap();
+        s.revoke(&rec2.id).unwrap();
+        assert_eq!(s.check(&Claims::decode(&tok2).unwrap(), "west", 1001).unwrap_err(), TokenError::Revoked);
+        assert_eq!(s.list().unwrap().len(), 2);
+        assert_eq!(s.list().unwrap()[0].id, rec.id.clone());
+        assert!(matches!(Claims::decode("abc"), Err(TokenError::Malformed(_))));
+        assert!(matches!(Claims::decode("mft1.!!"), Err(TokenError::Malformed(_))));
+        assert!(matches!(s.get("../x"), Err(TokenError::Malformed(_))));
+    }
+}

@@ -1,0 +1,10 @@
+//! meshfed's control plane: the federation service, the per-cluster agent, and the `meshfed`
+//! command line that runs them.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod federation;
+pub mod metrics;
+pub mod net;
+pub mod types;

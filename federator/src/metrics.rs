@@ -1,0 +1,147 @@
+//! Prometheus metrics. Every path uses the same label names (`cluster`, `source_cluster`,
+//! `destination_cluster`, `reason`, `kind`) so series can be joined.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct FederationMetrics {
+    pub registry: Registry,
+    pub messages: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub export_apply_seconds: Histogram,
+    pub import_deltas: IntCounterVec,
+    pub import_nacks: IntCounterVec,
+    pub clusters: IntGaugeVec,
+    pub head_revision: IntGauge,
+    pub joins: IntCounterVec,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        // Metric definitions are static; a failure here is a programming error caught by tests.
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+impl FederationMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = FederationMetrics {
+            messages: must(IntCounterVec::new(
+                Opts::new("meshfed_federation_messages_total", "Messages received on Sync streams"),
+                &["cluster", "kind"],
+            )),
+            refused: must(IntCounterVec::new(
+                Opts::new("meshfed_federation_refused_total", "Requests or messages refused"),
+                &["cluster", "reason"],
+            )),
+            export_apply_seconds: must(Histogram::with_opts(HistogramOpts::new(
+                "meshfed_federation_export_apply_seconds",
+                "Time to validate and durably store one export delta",
+            ))),
+            import_deltas: must(IntCounterVec::new(
+                Opts::new("meshfed_federation_import_deltas_total", "Import deltas sent"),
+                &["destination_cluster"],
+            )),
+            import_nacks: must(IntCounterVec::new(
+                Opts::new("meshfed_federation_import_nacks_total", "Import deltas refused by the importer"),
+                &["destination_cluster"],
+            )),
+            clusters: must(IntGaugeVec::new(
+                Opts::new("meshfed_federation_clusters", "Member clusters by state"),
+                &["state"],
+            )),
+            head_revision: must(IntGauge::new("meshfed_federation_head_revision", "Head revision of the federation store")),
+            joins: must(IntCounterVec::new(
+                Opts::new("meshfed_federation_joins_total", "Join attempts by outcome"),
+                &["reason"],
+            )),
+            registry,
+        };
+        for c in [
+            Box::new(m.messages.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.refused.clone()),
+            Box::new(m.export_apply_seconds.clone()),
+            Box::new(m.import_deltas.clone()),
+            Box::new(m.import_nacks.clone()),
+            Box::new(m.clusters.clone()),
+            Box::new(m.head_revision.clone()),
+            Box::new(m.joins.clone()),
+        ] {
+            must(m.registry.register(c));
+        }
+        m
+    }
+}
+
+impl Default for FederationMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    pub registry: Registry,
+    pub connected: IntGauge,
+    pub imports: IntGaugeVec,
+    pub export_version_acked: IntGauge,
+    pub import_revision: IntGauge,
+    pub sync_errors: IntCounterVec,
+    pub registry_reloads: IntCounterVec,
+    pub import_apply_seconds: HistogramVec,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = AgentMetrics {
+            connected: must(IntGauge::new("meshfed_agent_federator_connected", "1 while the Sync stream is up")),
+            imports: must(IntGaugeVec::new(
+                Opts::new("meshfed_agent_imported_services", "Imported services by source cluster"),
+                &["source_cluster"],
+            )),
+            export_version_acked: must(IntGauge::new("meshfed_agent_exports_acked_version", "Last export version the federator acknowledged")),
+            import_revision: must(IntGauge::new("meshfed_agent_imports_applied_revision", "Last import revision applied and stored")),
+            sync_errors: must(IntCounterVec::new(
+                Opts::new("meshfed_agent_sync_errors_total", "Sync stream failures"),
+                &["reason"],
+            )),
+            registry_reloads: must(IntCounterVec::new(
+                Opts::new("meshfed_agent_registry_reloads_total", "Registry file reloads by outcome"),
+                &["reason"],
+            )),
+            import_apply_seconds: must(HistogramVec::new(
+                HistogramOpts::new("meshfed_agent_import_apply_seconds", "Time to apply and store an import delta"),
+                &["kind"],
+            )),
+            registry,
+        };
+        for c in [
+            Box::new(m.connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.imports.clone()),
+            Box::new(m.export_version_acked.clone()),
+            Box::new(m.import_revision.clone()),
+            Box::new(m.sync_errors.clone()),
+            Box::new(m.registry_reloads.clone()),
+            Box::new(m.import_apply_seconds.clone()),
+        ] {
+            must(m.registry.register(c));
+        }
+        m
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The text exposition of a registry.
+pub fn render(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
