@@ -50,7 +50,11 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
 }
 
 /// Binds `addr` and serves the admin endpoints. Returns the bound address and the task.
-pub async fn serve(addr: &str, registry: RegistryFn, status_fn: StatusFn) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: &str,
+    registry: RegistryFn,
+    status_fn: StatusFn,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (admin)"))?;
@@ -76,7 +80,8 @@ pub async fn serve(addr: &str, registry: RegistryFn, status_fn: StatusFn) -> any
 pub async fn fetch_status(addr: &str) -> anyhow::Result<serde_json::Value> {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let uri: hyper::Uri = format!("http://{addr}/status")
         .parse()
         .with_context(|| format!("{addr:?} is not host:port"))?;
@@ -86,6 +91,10 @@ pub async fn fetch_status(addr: &str) -> anyhow::Result<serde_json::Value> {
         .with_context(|| format!("cannot reach the admin endpoint {addr}"))?;
     let code = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(code.is_success(), "{addr}/status answered {code}: {}", String::from_utf8_lossy(&body).trim());
+    anyhow::ensure!(
+        code.is_success(),
+        "{addr}/status answered {code}: {}",
+        String::from_utf8_lossy(&body).trim()
+    );
     serde_json::from_slice(&body).with_context(|| format!("{addr}/status did not return JSON"))
 }

@@ -1,7 +1,10 @@
 //! Prometheus metrics. Every path uses the same label names (`cluster`, `source_cluster`,
 //! `destination_cluster`, `reason`, `kind`) so series can be joined.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 #[derive(Debug, Clone)]
 pub struct FederationMetrics {
@@ -29,11 +32,17 @@ impl FederationMetrics {
         let registry = Registry::new();
         let m = FederationMetrics {
             messages: must(IntCounterVec::new(
-                Opts::new("meshfed_federation_messages_total", "Messages received on Sync streams"),
+                Opts::new(
+                    "meshfed_federation_messages_total",
+                    "Messages received on Sync streams",
+                ),
                 &["cluster", "kind"],
             )),
             refused: must(IntCounterVec::new(
-                Opts::new("meshfed_federation_refused_total", "Requests or messages refused"),
+                Opts::new(
+                    "meshfed_federation_refused_total",
+                    "Requests or messages refused",
+                ),
                 &["cluster", "reason"],
             )),
             export_apply_seconds: must(Histogram::with_opts(HistogramOpts::new(
@@ -41,18 +50,27 @@ impl FederationMetrics {
                 "Time to validate and durably store one export delta",
             ))),
             import_deltas: must(IntCounterVec::new(
-                Opts::new("meshfed_federation_import_deltas_total", "Import deltas sent"),
+                Opts::new(
+                    "meshfed_federation_import_deltas_total",
+                    "Import deltas sent",
+                ),
                 &["destination_cluster"],
             )),
             import_nacks: must(IntCounterVec::new(
-                Opts::new("meshfed_federation_import_nacks_total", "Import deltas refused by the importer"),
+                Opts::new(
+                    "meshfed_federation_import_nacks_total",
+                    "Import deltas refused by the importer",
+                ),
                 &["destination_cluster"],
             )),
             clusters: must(IntGaugeVec::new(
                 Opts::new("meshfed_federation_clusters", "Member clusters by state"),
                 &["state"],
             )),
-            head_revision: must(IntGauge::new("meshfed_federation_head_revision", "Head revision of the federation store")),
+            head_revision: must(IntGauge::new(
+                "meshfed_federation_head_revision",
+                "Head revision of the federation store",
+            )),
             joins: must(IntCounterVec::new(
                 Opts::new("meshfed_federation_joins_total", "Join attempts by outcome"),
                 &["reason"],
@@ -91,35 +109,62 @@ pub struct AgentMetrics {
     pub sync_errors: IntCounterVec,
     pub registry_reloads: IntCounterVec,
     pub import_apply_seconds: HistogramVec,
+    pub export_deltas: IntCounterVec,
 }
 
 impl AgentMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = AgentMetrics {
-            connected: must(IntGauge::new("meshfed_agent_federator_connected", "1 while the Sync stream is up")),
+            connected: must(IntGauge::new(
+                "meshfed_agent_federator_connected",
+                "1 while the Sync stream is up",
+            )),
             imports: must(IntGaugeVec::new(
-                Opts::new("meshfed_agent_imported_services", "Imported services by source cluster"),
+                Opts::new(
+                    "meshfed_agent_imported_services",
+                    "Imported services by source cluster",
+                ),
                 &["source_cluster"],
             )),
-            export_version_acked: must(IntGauge::new("meshfed_agent_exports_acked_version", "Last export version the federator acknowledged")),
-            import_revision: must(IntGauge::new("meshfed_agent_imports_applied_revision", "Last import revision applied and stored")),
+            export_version_acked: must(IntGauge::new(
+                "meshfed_agent_exports_acked_version",
+                "Last export version the federator acknowledged",
+            )),
+            import_revision: must(IntGauge::new(
+                "meshfed_agent_imports_applied_revision",
+                "Last import revision applied and stored",
+            )),
             sync_errors: must(IntCounterVec::new(
                 Opts::new("meshfed_agent_sync_errors_total", "Sync stream failures"),
                 &["reason"],
             )),
             registry_reloads: must(IntCounterVec::new(
-                Opts::new("meshfed_agent_registry_reloads_total", "Registry file reloads by outcome"),
+                Opts::new(
+                    "meshfed_agent_registry_reloads_total",
+                    "Registry file reloads by outcome",
+                ),
                 &["reason"],
             )),
             import_apply_seconds: must(HistogramVec::new(
-                HistogramOpts::new("meshfed_agent_import_apply_seconds", "Time to apply and store an import delta"),
+                HistogramOpts::new(
+                    "meshfed_agent_import_apply_seconds",
+                    "Time to apply and store an import delta",
+                ),
+                &["kind"],
+            )),
+            export_deltas: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_agent_export_deltas_sent_total",
+                    "Export deltas sent, by kind (full or delta)",
+                ),
                 &["kind"],
             )),
             registry,
         };
         for c in [
-            Box::new(m.connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.export_deltas.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.connected.clone()),
             Box::new(m.imports.clone()),
             Box::new(m.export_version_acked.clone()),
             Box::new(m.import_revision.clone()),

@@ -49,13 +49,21 @@ impl tonic::transport::server::Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -79,7 +87,10 @@ impl AsyncWrite for TlsConn {
 /// Accepts TCP connections and completes TLS handshakes concurrently, yielding established
 /// streams for `tonic::transport::Server::serve_with_incoming`. A failed handshake is logged and
 /// dropped; it never stops the loop.
-pub fn tls_incoming(listener: TcpListener, mut config: rustls::ServerConfig) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+pub fn tls_incoming(
+    listener: TcpListener,
+    mut config: rustls::ServerConfig,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -114,7 +125,11 @@ pub fn tls_incoming(listener: TcpListener, mut config: rustls::ServerConfig) -> 
 }
 
 /// A lazily connecting gRPC channel to the first reachable of `addrs`, over `config`.
-pub fn channel(addrs: Vec<String>, mut config: rustls::ClientConfig, server_name: &str) -> anyhow::Result<Channel> {
+pub fn channel(
+    addrs: Vec<String>,
+    mut config: rustls::ClientConfig,
+    server_name: &str,
+) -> anyhow::Result<Channel> {
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     let connector = TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from(server_name.to_string()).context("invalid server name")?;

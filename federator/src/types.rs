@@ -14,7 +14,8 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -37,7 +38,7 @@ pub fn service_key(namespace: &str, name: &str) -> String {
 /// Parses `region/zone/subzone` (trailing parts optional).
 pub fn parse_locality(s: &str) -> Result<Locality, String> {
     let parts: Vec<&str> = s.split('/').collect();
-    if parts.len() > 3 || parts.iter().any(|p| p.is_empty()) && !s.is_empty() {
+    if parts.len() > 3 || (parts.iter().any(|p| p.is_empty()) && !s.is_empty()) {
         return Err(format!("locality {s:?} is not region/zone/subzone"));
     }
     let get = |i: usize| parts.get(i).map(|p| p.to_string()).unwrap_or_default();
@@ -92,10 +93,11 @@ fn check_endpoint(e: &Endpoint, at: &str) -> Result<(), String> {
     if e.address.is_empty() || e.address.len() > 253 {
         return Err(format!("{at}.address: must be an IP address or host name"));
     }
-    if e.address.parse::<std::net::IpAddr>().is_err()
-        && !e.address.split('.').all(|l| is_dns_label(l))
-    {
-        return Err(format!("{at}.address: {:?} is neither an IP address nor a host name", e.address));
+    if e.address.parse::<std::net::IpAddr>().is_err() && !e.address.split('.').all(is_dns_label) {
+        return Err(format!(
+            "{at}.address: {:?} is neither an IP address nor a host name",
+            e.address
+        ));
     }
     if e.weight > 1_000_000 {
         return Err(format!("{at}.weight: {} is above 1000000", e.weight));
@@ -116,20 +118,32 @@ pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
     for (i, p) in e.ports.iter().enumerate() {
         if p.port == 0 || p.port > 65535 {
-            return Err(format!("{at}.ports[{i}].port: {} is not in 1-65535", p.port));
+            return Err(format!(
+                "{at}.ports[{i}].port: {} is not in 1-65535",
+                p.port
+            ));
         }
         if !matches!(p.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
-            return Err(format!("{at}.ports[{i}].protocol: {:?} is not TCP, UDP or SCTP", p.protocol));
+            return Err(format!(
+                "{at}.ports[{i}].protocol: {:?} is not TCP, UDP or SCTP",
+                p.protocol
+            ));
         }
         if !p.name.is_empty() {
             check_label(&format!("{at}.ports[{i}].name"), &p.name)?;
         }
         if !seen.insert((p.port, p.protocol.clone())) {
-            return Err(format!("{at}.ports[{i}]: port {}/{} is listed twice", p.port, p.protocol));
+            return Err(format!(
+                "{at}.ports[{i}]: port {}/{} is listed twice",
+                p.port, p.protocol
+            ));
         }
     }
     if e.endpoints.len() > MAX_ENDPOINTS_PER_SERVICE {
-        return Err(format!("{at}.endpoints: {} endpoints, at most {MAX_ENDPOINTS_PER_SERVICE}", e.endpoints.len()));
+        return Err(format!(
+            "{at}.endpoints: {} endpoints, at most {MAX_ENDPOINTS_PER_SERVICE}",
+            e.endpoints.len()
+        ));
     }
     for (i, ep) in e.endpoints.iter().enumerate() {
         check_endpoint(ep, &format!("{at}.endpoints[{i}]"))?;
@@ -150,9 +164,15 @@ pub fn port_conflict(older: &ServiceExport, newer: &ServiceExport) -> Option<Str
     for n in &newer.ports {
         for o in &older.ports {
             if n.port == o.port && n.protocol != o.protocol {
-                return Some(format!("port {} is {} here but {} in the older export", n.port, n.protocol, o.protocol));
+                return Some(format!(
+                    "port {} is {} here but {} in the older export",
+                    n.port, n.protocol, o.protocol
+                ));
             }
-            if !n.name.is_empty() && n.name == o.name && (n.port != o.port || n.protocol != o.protocol) {
+            if !n.name.is_empty()
+                && n.name == o.name
+                && (n.port != o.port || n.protocol != o.protocol)
+            {
                 return Some(format!(
                     "port {:?} is {}/{} here but {}/{} in the older export",
                     n.name, n.port, n.protocol, o.port, o.protocol
@@ -216,7 +236,10 @@ mod tests {
     #[test]
     fn localities() {
         let l = parse_locality("us-east1/us-east1-b").unwrap();
-        assert_eq!((l.region.as_str(), l.zone.as_str(), l.subzone.as_str()), ("us-east1", "us-east1-b", ""));
+        assert_eq!(
+            (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
+            ("us-east1", "us-east1-b", "")
+        );
         assert_eq!(locality_string(&Some(l)), "us-east1/us-east1-b");
         assert!(parse_locality("a//b").is_err());
         assert!(parse_locality("a/b/c/d").is_err());

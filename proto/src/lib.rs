@@ -2,7 +2,12 @@
 //! `proto/meshfed/federation/v1/federation.proto`. The protocol is described in
 //! `docs/federation-protocol.md`.
 
-#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+#[allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
 pub mod federation {
     tonic::include_proto!("meshfed.federation.v1");
 }

@@ -163,6 +163,30 @@ pub fn key_matches_cert(key: &rcgen::KeyPair, cert: &CertificateDer<'_>) -> bool
     }
 }
 
+/// A new ECDSA P-256 key and a CSR (DER) whose single URI SAN is `id`. The key stays with the
+/// caller; only the CSR travels.
+pub fn key_and_csr(
+    id: &crate::spiffe_id::SpiffeId,
+) -> Result<(PrivatePkcs8KeyDer<'static>, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names =
+        vec![rcgen::SanType::URI(id.as_str().try_into().map_err(
+            |_| TrustError::Csr(format!("{id} is not a valid URI")),
+        )?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((
+        PrivatePkcs8KeyDer::from(key.serialize_der()),
+        csr.der().to_vec(),
+    ))
+}
+
+/// SHA-256 of a DER certificate, lowercase hex (how meshfed pins a CA).
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,24 +225,4 @@ mod tests {
             .to_string();
         assert!(e.contains("c.pem") && e.contains("#1"), "{e}");
     }
-}
-
-/// A new ECDSA P-256 key and a CSR (DER) whose single URI SAN is `id`. The key stays with the
-/// caller; only the CSR travels.
-pub fn key_and_csr(id: &crate::spiffe_id::SpiffeId) -> Result<(PrivatePkcs8KeyDer<'static>, Vec<u8>)> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        id.as_str()
-            .try_into()
-            .map_err(|_| TrustError::Csr(format!("{id} is not a valid URI")))?,
-    )];
-    let csr = params.serialize_request(&key)?;
-    Ok((PrivatePkcs8KeyDer::from(key.serialize_der()), csr.der().to_vec()))
-}
-
-/// SHA-256 of a DER certificate, lowercase hex (how meshfed pins a CA).
-pub fn fingerprint(der: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(der))
 }

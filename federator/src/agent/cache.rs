@@ -22,12 +22,15 @@ pub struct Cache {
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache").field("applied_revision", &self.applied_revision()).finish()
+        f.debug_struct("Cache")
+            .field("applied_revision", &self.applied_revision())
+            .finish()
     }
 }
 
 fn u64_of(v: Option<sled::IVec>) -> u64 {
-    v.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0)
+    v.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0)
 }
 
 fn import_key(source: &str, ns: &str, name: &str) -> Vec<u8> {
@@ -49,7 +52,10 @@ pub type Imported = (String, ServiceExport);
 
 impl Cache {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| anyhow::anyhow!("cannot open the cache in {}: {e}", dir.display()))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| anyhow::anyhow!("cannot open the cache in {}: {e}", dir.display()))?;
         Ok(Cache {
             meta: db.open_tree("meta")?,
             acked: db.open_tree("acked_exports")?,
@@ -72,15 +78,26 @@ impl Cache {
         let mut out = BTreeMap::new();
         for kv in self.acked.iter() {
             let (k, v) = kv?;
-            out.insert(String::from_utf8_lossy(&k).into_owned(), ServiceExport::decode(v.as_ref())?);
+            out.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                ServiceExport::decode(v.as_ref())?,
+            );
         }
         Ok(out)
     }
 
     /// Records that the federator durably holds `snapshot` as export version `version`.
-    pub fn set_acked(&self, version: u64, snapshot: &BTreeMap<String, ServiceExport>) -> anyhow::Result<()> {
+    pub fn set_acked(
+        &self,
+        version: u64,
+        snapshot: &BTreeMap<String, ServiceExport>,
+    ) -> anyhow::Result<()> {
         let current = self.acked_exports()?;
-        let stale: Vec<String> = current.keys().filter(|k| !snapshot.contains_key(*k)).cloned().collect();
+        let stale: Vec<String> = current
+            .keys()
+            .filter(|k| !snapshot.contains_key(*k))
+            .cloned()
+            .collect();
         let changed: Vec<(String, Vec<u8>)> = snapshot
             .iter()
             .filter(|(k, v)| current.get(*k) != Some(v))
@@ -112,40 +129,61 @@ impl Cache {
         };
         let mut puts = Vec::with_capacity(d.upserts.len());
         for (i, u) in d.upserts.iter().enumerate() {
-            let e = u.export.as_ref().ok_or_else(|| anyhow::anyhow!("imports.upserts[{i}].export is missing"))?;
-            crate::types::check_export(e, &format!("imports.upserts[{i}].export")).map_err(anyhow::Error::msg)?;
-            crate::types::check_label(&format!("imports.upserts[{i}].source_cluster"), &u.source_cluster).map_err(anyhow::Error::msg)?;
-            puts.push((import_key(&u.source_cluster, &e.namespace, &e.name), e.encode_to_vec()));
+            let e = u
+                .export
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("imports.upserts[{i}].export is missing"))?;
+            crate::types::check_export(e, &format!("imports.upserts[{i}].export"))
+                .map_err(anyhow::Error::msg)?;
+            crate::types::check_label(
+                &format!("imports.upserts[{i}].source_cluster"),
+                &u.source_cluster,
+            )
+            .map_err(anyhow::Error::msg)?;
+            puts.push((
+                import_key(&u.source_cluster, &e.namespace, &e.name),
+                e.encode_to_vec(),
+            ));
         }
-        let dels: Vec<Vec<u8>> = d.removals.iter().map(|r| import_key(&r.source_cluster, &r.namespace, &r.name)).collect();
+        let dels: Vec<Vec<u8>> = d
+            .removals
+            .iter()
+            .map(|r| import_key(&r.source_cluster, &r.namespace, &r.name))
+            .collect();
         let mut bundle_puts = Vec::new();
         for (i, b) in d.bundles.iter().enumerate() {
-            let td = trust::TrustDomain::new(&b.trust_domain).map_err(|e| anyhow::anyhow!("imports.bundles[{i}].trust_domain: {e}"))?;
+            let td = trust::TrustDomain::new(&b.trust_domain)
+                .map_err(|e| anyhow::anyhow!("imports.bundles[{i}].trust_domain: {e}"))?;
             trust::TrustBundle::from_json(td, &b.bundle_json, &format!("imports.bundles[{i}]"))?;
-            bundle_puts.push((b.trust_domain.clone(), serde_json::to_vec(&(b.source_cluster.as_str(), b.bundle_json.as_str()))?));
+            bundle_puts.push((
+                b.trust_domain.clone(),
+                serde_json::to_vec(&(b.source_cluster.as_str(), b.bundle_json.as_str()))?,
+            ));
         }
-        txn((&self.meta, &self.imports, &self.bundles).transaction(|(meta, imports, bundles)| {
-            for k in &clear_imports {
-                imports.remove(k)?;
-            }
-            for k in &clear_bundles {
-                bundles.remove(k)?;
-            }
-            for k in &dels {
-                imports.remove(k.as_slice())?;
-            }
-            for (k, v) in &puts {
-                imports.insert(k.as_slice(), v.as_slice())?;
-            }
-            for td in &d.bundle_removals {
-                bundles.remove(td.as_bytes())?;
-            }
-            for (td, v) in &bundle_puts {
-                bundles.insert(td.as_bytes(), v.as_slice())?;
-            }
-            meta.insert("applied_revision", &d.revision.to_be_bytes())?;
-            Ok::<_, ConflictableTransactionError<String>>(())
-        }))?;
+        txn(
+            (&self.meta, &self.imports, &self.bundles).transaction(|(meta, imports, bundles)| {
+                for k in &clear_imports {
+                    imports.remove(k)?;
+                }
+                for k in &clear_bundles {
+                    bundles.remove(k)?;
+                }
+                for k in &dels {
+                    imports.remove(k.as_slice())?;
+                }
+                for (k, v) in &puts {
+                    imports.insert(k.as_slice(), v.as_slice())?;
+                }
+                for td in &d.bundle_removals {
+                    bundles.remove(td.as_bytes())?;
+                }
+                for (td, v) in &bundle_puts {
+                    bundles.insert(td.as_bytes(), v.as_slice())?;
+                }
+                meta.insert("applied_revision", &d.revision.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<String>>(())
+            }),
+        )?;
         self.db.flush()?;
         Ok(())
     }
@@ -156,7 +194,8 @@ impl Cache {
         }
         for peer in &p.peers {
             if let Some(f) = &peer.facts {
-                self.peers.insert(f.cluster_id.as_bytes(), peer.encode_to_vec())?;
+                self.peers
+                    .insert(f.cluster_id.as_bytes(), peer.encode_to_vec())?;
             }
         }
         Ok(())
@@ -167,7 +206,10 @@ impl Cache {
         for kv in self.imports.iter() {
             let (k, v) = kv?;
             let source = k.split(|b| *b == 0).next().unwrap_or_default();
-            out.push((String::from_utf8_lossy(source).into_owned(), ServiceExport::decode(v.as_ref())?));
+            out.push((
+                String::from_utf8_lossy(source).into_owned(),
+                ServiceExport::decode(v.as_ref())?,
+            ));
         }
         Ok(out)
     }
@@ -194,7 +236,13 @@ impl Cache {
 
     /// Forgets everything (after leaving the federation).
     pub fn clear(&self) -> anyhow::Result<()> {
-        for t in [&self.meta, &self.acked, &self.imports, &self.peers, &self.bundles] {
+        for t in [
+            &self.meta,
+            &self.acked,
+            &self.imports,
+            &self.peers,
+            &self.bundles,
+        ] {
             t.clear()?;
         }
         self.db.flush()?;

@@ -16,7 +16,9 @@ use proto::{ClusterFacts, JoinRequest, Locality};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 use trust::tls::{Authorizer, PinnedRootVerifier, SpiffeVerifier, SvidResolver};
-use trust::{BundleSet, CaOptions, CertificateAuthority, Svid, TrustBundle, TrustDomain, TrustStore};
+use trust::{
+    BundleSet, CaOptions, CertificateAuthority, Svid, TrustBundle, TrustDomain, TrustStore,
+};
 
 use crate::federation::identity::{cluster_spiffe_id, federator_spiffe_id};
 use crate::federation::token::Claims;
@@ -69,13 +71,19 @@ impl ClusterIdentity {
         let dir = identity_dir(state_dir);
         let path = dir.join("identity.json");
         let raw = std::fs::read(&path).with_context(|| {
-            format!("{} not found: this cluster has not joined a federation (run `meshfed join`)", path.display())
+            format!(
+                "{} not found: this cluster has not joined a federation (run `meshfed join`)",
+                path.display()
+            )
         })?;
-        let file: IdentityFile = serde_json::from_slice(&raw).with_context(|| format!("{} is malformed", path.display()))?;
-        let (svid, _) = Svid::load(&dir).with_context(|| format!("cannot load the cluster certificate in {}", dir.display()))?;
+        let file: IdentityFile = serde_json::from_slice(&raw)
+            .with_context(|| format!("{} is malformed", path.display()))?;
+        let (svid, _) = Svid::load(&dir)
+            .with_context(|| format!("cannot load the cluster certificate in {}", dir.display()))?;
         let td = TrustDomain::new(&file.federation_trust_domain)?;
         let bpath = dir.join("federation-bundle.json");
-        let text = std::fs::read_to_string(&bpath).with_context(|| format!("cannot read {}", bpath.display()))?;
+        let text = std::fs::read_to_string(&bpath)
+            .with_context(|| format!("cannot read {}", bpath.display()))?;
         let federation_bundle = TrustBundle::from_json(td, &text, &bpath.display().to_string())?;
         Ok(ClusterIdentity {
             file,
@@ -98,8 +106,14 @@ impl ClusterIdentity {
         let mut set = BundleSet::new();
         set.insert(self.federation_bundle.clone())?;
         let td = TrustDomain::new(&self.file.federation_trust_domain)?;
-        let verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(federator_spiffe_id(&td)?));
-        Ok((trust::tls::client_config(resolver.clone(), verifier)?, resolver))
+        let verifier = SpiffeVerifier::new(
+            TrustStore::new(set),
+            Authorizer::id(federator_spiffe_id(&td)?),
+        );
+        Ok((
+            trust::tls::client_config(resolver.clone(), verifier)?,
+            resolver,
+        ))
     }
 }
 
@@ -118,20 +132,33 @@ pub struct JoinParams {
 }
 
 /// Opens the cluster CA in the state directory, importing or creating it the first time.
-pub fn open_cluster_ca(state_dir: &Path, td: &TrustDomain, import: Option<&Path>) -> anyhow::Result<CertificateAuthority> {
+pub fn open_cluster_ca(
+    state_dir: &Path,
+    td: &TrustDomain,
+    import: Option<&Path>,
+) -> anyhow::Result<CertificateAuthority> {
     let dir = ca_dir(state_dir);
     if CertificateAuthority::exists_in(&dir) {
         let ca = CertificateAuthority::load(&dir)?;
         if ca.trust_domain() != td {
-            bail!("{} holds the CA of trust domain {}, not {td}", dir.display(), ca.trust_domain());
+            bail!(
+                "{} holds the CA of trust domain {}, not {td}",
+                dir.display(),
+                ca.trust_domain()
+            );
         }
         return Ok(ca);
     }
     let ca = match import {
         Some(src) => {
-            let ca = CertificateAuthority::load(src).with_context(|| format!("cannot load the CA in {}", src.display()))?;
+            let ca = CertificateAuthority::load(src)
+                .with_context(|| format!("cannot load the CA in {}", src.display()))?;
             if ca.trust_domain() != td {
-                bail!("{} holds the CA of trust domain {}, not {td}", src.display(), ca.trust_domain());
+                bail!(
+                    "{} holds the CA of trust domain {}, not {td}",
+                    src.display(),
+                    ca.trust_domain()
+                );
             }
             ca
         }
@@ -145,7 +172,11 @@ pub fn open_cluster_ca(state_dir: &Path, td: &TrustDomain, import: Option<&Path>
 pub async fn join(p: JoinParams) -> anyhow::Result<ClusterIdentity> {
     let claims = Claims::decode(&p.token)?;
     if claims.cluster != p.cluster {
-        bail!("this join token is for cluster {:?}, not {:?}", claims.cluster, p.cluster);
+        bail!(
+            "this join token is for cluster {:?}, not {:?}",
+            claims.cluster,
+            p.cluster
+        );
     }
     let idir = identity_dir(&p.state_dir);
     if idir.join("identity.json").exists() {
@@ -155,11 +186,16 @@ pub async fn join(p: JoinParams) -> anyhow::Result<ClusterIdentity> {
             p.state_dir.display()
         );
     }
-    let fed_td = TrustDomain::new(&claims.federation_trust_domain).context("the token's federation trust domain")?;
+    let fed_td = TrustDomain::new(&claims.federation_trust_domain)
+        .context("the token's federation trust domain")?;
     let ca = open_cluster_ca(&p.state_dir, &p.trust_domain, p.ca.as_deref())?;
     let id = cluster_spiffe_id(&fed_td, &p.cluster)?;
     let (key, csr) = trust::keys::key_and_csr(&id)?;
-    let verifier = PinnedRootVerifier::new(&claims.ca_sha256, fed_td.clone(), Authorizer::id(federator_spiffe_id(&fed_td)?));
+    let verifier = PinnedRootVerifier::new(
+        &claims.ca_sha256,
+        fed_td.clone(),
+        Authorizer::id(federator_spiffe_id(&fed_td)?),
+    );
     let cfg = trust::tls::client_config_with(SvidResolver::new(), Arc::new(verifier))?;
     let channel = crate::net::channel(claims.federators.clone(), cfg, "federator")?;
     let mut client = FederationClient::new(channel);
@@ -180,13 +216,31 @@ pub async fn join(p: JoinParams) -> anyhow::Result<ClusterIdentity> {
         .await
         .map_err(|s| describe_status("the federator refused the join", &s))?
         .into_inner();
-    let chain: Vec<CertificateDer<'static>> = resp.cert_chain_der.into_iter().map(CertificateDer::from).collect();
-    let svid = Svid::new(chain, PrivatePkcs8KeyDer::from(key.secret_pkcs8_der().to_vec()))
-        .context("the federator returned an unusable cluster certificate")?;
-    anyhow::ensure!(svid.id == id, "the federator issued {} instead of {id}", svid.id);
-    let bundle = TrustBundle::from_json(fed_td.clone(), &resp.federation_bundle_json, "federation bundle")?;
+    let chain: Vec<CertificateDer<'static>> = resp
+        .cert_chain_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let svid = Svid::new(
+        chain,
+        PrivatePkcs8KeyDer::from(key.secret_pkcs8_der().to_vec()),
+    )
+    .context("the federator returned an unusable cluster certificate")?;
     anyhow::ensure!(
-        bundle.x509_authorities.iter().any(|r| trust::keys::fingerprint(r) == claims.ca_sha256),
+        svid.id == id,
+        "the federator issued {} instead of {id}",
+        svid.id
+    );
+    let bundle = TrustBundle::from_json(
+        fed_td.clone(),
+        &resp.federation_bundle_json,
+        "federation bundle",
+    )?;
+    anyhow::ensure!(
+        bundle
+            .x509_authorities
+            .iter()
+            .any(|r| trust::keys::fingerprint(r) == claims.ca_sha256),
         "the federation bundle does not contain the pinned CA"
     );
     let file = IdentityFile {
@@ -196,13 +250,25 @@ pub async fn join(p: JoinParams) -> anyhow::Result<ClusterIdentity> {
         locality: crate::types::locality_string(&Some(p.locality.clone())),
         gateways: p.gateways.clone(),
         federation_trust_domain: resp.federation_trust_domain,
-        federators: if resp.federator_endpoints.is_empty() { claims.federators } else { resp.federator_endpoints },
+        federators: if resp.federator_endpoints.is_empty() {
+            claims.federators
+        } else {
+            resp.federator_endpoints
+        },
     };
     std::fs::create_dir_all(&idir)?;
     svid.write_files(&idir, &bundle.x509_authorities)?;
-    trust::files::write_atomic(&idir.join("federation-bundle.json"), bundle.to_json()?.as_bytes(), trust::files::PUBLIC_MODE)?;
+    trust::files::write_atomic(
+        &idir.join("federation-bundle.json"),
+        bundle.to_json()?.as_bytes(),
+        trust::files::PUBLIC_MODE,
+    )?;
     // identity.json last: its presence means the join completed.
-    trust::files::write_atomic(&idir.join("identity.json"), &serde_json::to_vec_pretty(&file)?, trust::files::PUBLIC_MODE)?;
+    trust::files::write_atomic(
+        &idir.join("identity.json"),
+        &serde_json::to_vec_pretty(&file)?,
+        trust::files::PUBLIC_MODE,
+    )?;
     Ok(ClusterIdentity {
         file,
         svid,

@@ -112,7 +112,11 @@ impl Inner {
                         network: f.network.clone(),
                         trust_domain: f.trust_domain.clone(),
                         connected: p.connected,
-                        lease: if p.lease == proto::LeaseState::Stale as i32 { "stale".into() } else { "fresh".into() },
+                        lease: if p.lease == proto::LeaseState::Stale as i32 {
+                            "stale".into()
+                        } else {
+                            "fresh".into()
+                        },
                         last_heartbeat_age_ms: p.last_heartbeat_age_ms,
                         bundle: snap.bundles.contains_key(&f.trust_domain),
                     })
@@ -164,7 +168,10 @@ impl AgentReport {
         } else if !self.connected {
             out.push(format!(
                 "not connected to the federator{}",
-                self.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                self.last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
             ));
         }
         if let Some(e) = &self.registry_error {
@@ -172,7 +179,11 @@ impl AgentReport {
         }
         for p in &self.peers {
             if p.lease == "stale" {
-                out.push(format!("peer {} is stale (last heartbeat {:.1}s ago)", p.cluster, p.last_heartbeat_age_ms as f64 / 1000.0));
+                out.push(format!(
+                    "peer {} is stale (last heartbeat {:.1}s ago)",
+                    p.cluster,
+                    p.last_heartbeat_age_ms as f64 / 1000.0
+                ));
             }
         }
         for c in &self.conflicts {
@@ -191,7 +202,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("admin_addr", &self.admin_addr).finish()
+        f.debug_struct("Agent")
+            .field("admin_addr", &self.admin_addr)
+            .finish()
     }
 }
 
@@ -211,7 +224,8 @@ impl Agent {
             ..Default::default()
         };
         for (src, e) in cache.imports()? {
-            snap.imports.insert((src, crate::types::service_key(&e.namespace, &e.name)), e);
+            snap.imports
+                .insert((src, crate::types::service_key(&e.namespace, &e.name)), e);
         }
         for p in cache.peers()? {
             if let Some(f) = &p.facts {
@@ -221,15 +235,25 @@ impl Agent {
         for (td, (_, json)) in cache.bundles()? {
             snap.bundles.insert(td, json);
         }
-        tracing::info!(imports = snap.imports.len(), peers = snap.peers.len(), revision = snap.applied_revision, "serving the last known imports from the cache");
+        tracing::info!(
+            imports = snap.imports.len(),
+            peers = snap.peers.len(),
+            revision = snap.applied_revision,
+            "serving the last known imports from the cache"
+        );
 
-        let source = FileRegistry { path: cfg.registry.clone() };
+        let source = FileRegistry {
+            path: cfg.registry.clone(),
+        };
         let default_locality = identity.locality();
         let mut registry_error = None;
         let initial_exports = match source.load() {
             Ok(reg) => {
                 for s in &reg.services {
-                    snap.local.insert(crate::types::service_key(&s.namespace.0, &s.name.0), s.to_export(&default_locality));
+                    snap.local.insert(
+                        crate::types::service_key(&s.namespace.0, &s.name.0),
+                        s.to_export(&default_locality),
+                    );
                 }
                 reg.exports(&default_locality)
             }
@@ -244,7 +268,10 @@ impl Agent {
         let mut set = BundleSet::new();
         set.insert(identity.federation_bundle.clone())?;
         let fed_td = TrustDomain::new(&identity.file.federation_trust_domain)?;
-        let federator_verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(federator_spiffe_id(&fed_td)?));
+        let federator_verifier = SpiffeVerifier::new(
+            TrustStore::new(set),
+            Authorizer::id(federator_spiffe_id(&fed_td)?),
+        );
         let resolver = SvidResolver::with(&identity.svid)?;
         let inner = Arc::new(Inner {
             identity: Mutex::new(identity),
@@ -262,7 +289,12 @@ impl Agent {
         });
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(sync::run(inner.clone())));
-        tasks.push(tokio::spawn(watch_registry(inner.clone(), source, default_locality, cfg.registry_poll)));
+        tasks.push(tokio::spawn(watch_registry(
+            inner.clone(),
+            source,
+            default_locality,
+            cfg.registry_poll,
+        )));
         tasks.push(tokio::spawn(renew_cluster_cert(inner.clone())));
         let admin_addr = match &cfg.admin {
             Some(a) => {
@@ -278,7 +310,11 @@ impl Agent {
             }
             None => None,
         };
-        Ok(Agent { inner, admin_addr, tasks })
+        Ok(Agent {
+            inner,
+            admin_addr,
+            tasks,
+        })
     }
 
     pub fn model(&self) -> &model::Model {
@@ -292,7 +328,12 @@ impl Agent {
     }
 }
 
-async fn watch_registry(inner: Arc<Inner>, source: FileRegistry, default_locality: proto::Locality, poll: Duration) {
+async fn watch_registry(
+    inner: Arc<Inner>,
+    source: FileRegistry,
+    default_locality: proto::Locality,
+    poll: Duration,
+) {
     let mut seen = source.version();
     let mut t = tokio::time::interval(poll);
     loop {
@@ -304,14 +345,27 @@ async fn watch_registry(inner: Arc<Inner>, source: FileRegistry, default_localit
         seen = v;
         match source.load() {
             Ok(reg) => {
-                inner.metrics.registry_reloads.with_label_values(&["ok"]).inc();
+                inner
+                    .metrics
+                    .registry_reloads
+                    .with_label_values(&["ok"])
+                    .inc();
                 let local: BTreeMap<String, ServiceExport> = reg
                     .services
                     .iter()
-                    .map(|s| (crate::types::service_key(&s.namespace.0, &s.name.0), s.to_export(&default_locality)))
+                    .map(|s| {
+                        (
+                            crate::types::service_key(&s.namespace.0, &s.name.0),
+                            s.to_export(&default_locality),
+                        )
+                    })
                     .collect();
                 let exports = reg.exports(&default_locality);
-                tracing::info!(services = local.len(), exports = exports.len(), "registry reloaded");
+                tracing::info!(
+                    services = local.len(),
+                    exports = exports.len(),
+                    "registry reloaded"
+                );
                 inner.status().registry_error = None;
                 inner.model.update(|s| s.local = local);
                 inner.exports.send_if_modified(|cur| {
@@ -324,7 +378,11 @@ async fn watch_registry(inner: Arc<Inner>, source: FileRegistry, default_localit
                 });
             }
             Err(e) => {
-                inner.metrics.registry_reloads.with_label_values(&["invalid"]).inc();
+                inner
+                    .metrics
+                    .registry_reloads
+                    .with_label_values(&["invalid"])
+                    .inc();
                 tracing::error!(error = %e, "registry is invalid; keeping the last good one");
                 inner.status().registry_error = Some(e);
             }
@@ -337,7 +395,9 @@ async fn watch_registry(inner: Arc<Inner>, source: FileRegistry, default_localit
 async fn renew_cluster_cert(inner: Arc<Inner>) {
     loop {
         let at = inner.identity().svid.renew_at();
-        let wait = (at - time::OffsetDateTime::now_utc()).whole_milliseconds().max(1000) as u64;
+        let wait = (at - time::OffsetDateTime::now_utc())
+            .whole_milliseconds()
+            .max(1000) as u64;
         tokio::time::sleep(Duration::from_millis(wait)).await;
         match renew_once(&inner).await {
             Ok(()) => tracing::info!("renewed the cluster certificate"),
@@ -356,13 +416,21 @@ async fn renew_once(inner: &Arc<Inner>) -> anyhow::Result<()> {
     };
     let (key, csr) = trust::keys::key_and_csr(&id)?;
     let cfg = trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone())?;
-    let mut client = proto::federation_client::FederationClient::new(crate::net::channel(federators, cfg, "federator")?);
+    let mut client = proto::federation_client::FederationClient::new(crate::net::channel(
+        federators,
+        cfg,
+        "federator",
+    )?);
     let resp = client
         .renew(proto::RenewRequest { csr_der: csr })
         .await
         .map_err(|s| identity::describe_status("renewal refused", &s))?
         .into_inner();
-    let chain = resp.cert_chain_der.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+    let chain = resp
+        .cert_chain_der
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
     let svid = trust::Svid::new(chain, key).context("the renewed certificate is unusable")?;
     inner.identity().store_svid(svid.clone())?;
     inner.resolver.install(&svid)?;

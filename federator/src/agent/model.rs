@@ -138,15 +138,27 @@ mod tests {
     #[test]
     fn stale_peers_are_ranked_or_withdrawn_per_policy() {
         let mut s = Snapshot::default();
-        s.imports.insert(("east".into(), "shop/payment".into()), export(OnExpiry::Deprioritize));
-        s.imports.insert(("west".into(), "shop/payment".into()), export(OnExpiry::Withdraw));
-        s.peers.insert("east".into(), peer("east", LeaseState::Stale));
-        s.peers.insert("west".into(), peer("west", LeaseState::Fresh));
+        s.imports.insert(
+            ("east".into(), "shop/payment".into()),
+            export(OnExpiry::Deprioritize),
+        );
+        s.imports.insert(
+            ("west".into(), "shop/payment".into()),
+            export(OnExpiry::Withdraw),
+        );
+        s.peers
+            .insert("east".into(), peer("east", LeaseState::Stale));
+        s.peers
+            .insert("west".into(), peer("west", LeaseState::Fresh));
         let svc = &s.services()["shop/payment"];
         assert_eq!(svc.len(), 2);
         assert!(!svc.iter().find(|i| i.cluster == "east").unwrap().fresh);
-        assert_eq!(svc.iter().find(|i| i.cluster == "west").unwrap().network, "west-net");
-        s.peers.insert("west".into(), peer("west", LeaseState::Stale));
+        assert_eq!(
+            svc.iter().find(|i| i.cluster == "west").unwrap().network,
+            "west-net"
+        );
+        s.peers
+            .insert("west".into(), peer("west", LeaseState::Stale));
         let svc = &s.services()["shop/payment"];
         assert_eq!(svc.len(), 1, "withdraw drops the stale instance");
     }

@@ -91,7 +91,9 @@ impl<'de> Deserialize<'de> for Address {
         let ok = s.parse::<std::net::IpAddr>().is_ok()
             || (!s.is_empty() && s.len() <= 253 && s.split('.').all(types::is_dns_label));
         if !ok {
-            return Err(de::Error::custom(format!("{s:?} is neither an IP address nor a host name")));
+            return Err(de::Error::custom(format!(
+                "{s:?} is neither an IP address nor a host name"
+            )));
         }
         Ok(Address(s))
     }
@@ -103,7 +105,9 @@ pub struct LocalityStr(pub Locality);
 impl<'de> Deserialize<'de> for LocalityStr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        types::parse_locality(&s).map(LocalityStr).map_err(de::Error::custom)
+        types::parse_locality(&s)
+            .map(LocalityStr)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -198,14 +202,29 @@ impl ServiceSpec {
                 .iter()
                 .map(|e| Endpoint {
                     address: e.address.0.clone(),
-                    locality: Some(e.locality.as_ref().map(|l| l.0.clone()).unwrap_or_else(|| default_locality.clone())),
+                    locality: Some(
+                        e.locality
+                            .as_ref()
+                            .map(|l| l.0.clone())
+                            .unwrap_or_else(|| default_locality.clone()),
+                    ),
                     labels: e.labels.clone().into_iter().collect(),
                     weight: e.weight.max(1),
                     healthy: e.healthy,
-                    service_account: e.service_account.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+                    service_account: e
+                        .service_account
+                        .as_ref()
+                        .map(|s| s.0.clone())
+                        .unwrap_or_default(),
                 })
                 .collect(),
-            export_to: self.export_to.clone().unwrap_or_default().into_iter().map(|l| l.0).collect(),
+            export_to: self
+                .export_to
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|l| l.0)
+                .collect(),
             on_expiry: match self.staleness.as_ref().map(|s| &s.on_expiry) {
                 Some(OnExpirySpec::Withdraw) => OnExpiry::Withdraw,
                 _ => OnExpiry::Deprioritize,
@@ -219,17 +238,25 @@ impl Registry {
     /// Parses registry YAML; errors carry `what:line:column`.
     pub fn parse(text: &str, what: &str) -> Result<Registry, String> {
         let reg: Registry = serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
-            Some(l) => format!("{what}:{}:{}: {}", l.line(), l.column(), strip_location(&e.to_string())),
+            Some(l) => format!(
+                "{what}:{}:{}: {}",
+                l.line(),
+                l.column(),
+                strip_location(&e.to_string())
+            ),
             None => format!("{what}: {e}"),
         })?;
         let mut seen = std::collections::HashSet::new();
         for (i, s) in reg.services.iter().enumerate() {
             let key = types::service_key(&s.namespace.0, &s.name.0);
             if !seen.insert(key.clone()) {
-                return Err(format!("{what}: services[{i}]: service {key} is listed twice"));
+                return Err(format!(
+                    "{what}: services[{i}]: service {key} is listed twice"
+                ));
             }
             let e = s.to_export(&Locality::default());
-            types::check_export(&e, &format!("services[{i}]")).map_err(|m| format!("{what}: {m}"))?;
+            types::check_export(&e, &format!("services[{i}]"))
+                .map_err(|m| format!("{what}: {m}"))?;
         }
         Ok(reg)
     }
@@ -239,7 +266,12 @@ impl Registry {
         self.services
             .iter()
             .filter(|s| s.exported())
-            .map(|s| (types::service_key(&s.namespace.0, &s.name.0), s.to_export(default_locality)))
+            .map(|s| {
+                (
+                    types::service_key(&s.namespace.0, &s.name.0),
+                    s.to_export(default_locality),
+                )
+            })
             .collect()
     }
 }
@@ -273,7 +305,10 @@ impl RegistrySource for FileRegistry {
 
 /// Loads a registry file once (for commands that only validate).
 pub fn load_file(path: &Path) -> Result<Registry, String> {
-    FileRegistry { path: path.to_path_buf() }.load()
+    FileRegistry {
+        path: path.to_path_buf(),
+    }
+    .load()
 }
 
 #[cfg(test)]
@@ -332,7 +367,10 @@ services:
         let e = err("services:\n  - namespace: shop\n    name: p\n    prots: []\n");
         assert!(e.starts_with("reg.yaml:4:") && e.contains("prots"), "{e}");
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80}]\n    endpoints: [{address: \"not an ip\"}]\n");
-        assert!(e.starts_with("reg.yaml:5:") && e.contains("not an ip"), "{e}");
+        assert!(
+            e.starts_with("reg.yaml:5:") && e.contains("not an ip"),
+            "{e}"
+        );
         let e = err("services: [\n");
         assert!(e.starts_with("reg.yaml:"), "{e}");
         let e = err("services:\n  - {namespace: a, name: b, ports: [{port: 1}]}\n  - {namespace: a, name: b, ports: [{port: 2}]}\n");

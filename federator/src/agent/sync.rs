@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use proto::cluster_message::Kind as Out;
 use proto::federation_client::FederationClient;
 use proto::federator_message::Kind as In;
-use proto::{BundleUpdate, ClusterMessage, ExportDelta, Heartbeat, Hello, ImportAck, ImportDelta, ServiceExport, ServiceKey};
+use proto::{
+    BundleUpdate, ClusterMessage, ExportDelta, Heartbeat, Hello, ImportAck, ImportDelta,
+    ServiceExport, ServiceKey,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -68,7 +71,11 @@ pub async fn run(inner: Arc<Inner>) {
             End::Failed(e) => {
                 let msg = format!("{e:#}");
                 tracing::warn!(error = %msg, "sync session failed");
-                inner.metrics.sync_errors.with_label_values(&["session"]).inc();
+                inner
+                    .metrics
+                    .sync_errors
+                    .with_label_values(&["session"])
+                    .inc();
                 inner.status().last_error = Some(msg);
             }
         }
@@ -80,6 +87,23 @@ pub async fn run(inner: Arc<Inner>) {
         tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+async fn send_exports(
+    inner: &Inner,
+    tx: &mpsc::Sender<ClusterMessage>,
+    d: ExportDelta,
+) -> Result<(), End> {
+    let kind = if d.full { "full" } else { "delta" };
+    inner.metrics.export_deltas.with_label_values(&[kind]).inc();
+    tracing::debug!(
+        version = d.version,
+        kind,
+        upserts = d.upserts.len(),
+        removals = d.removals.len(),
+        "sending exports"
+    );
+    send(tx, Out::Exports(d)).await
 }
 
 async fn send(tx: &mpsc::Sender<ClusterMessage>, kind: Out) -> Result<(), End> {
@@ -148,19 +172,28 @@ fn apply_to_model(inner: &Inner, d: &ImportDelta) {
             s.bundles.clear();
         }
         for r in &d.removals {
-            s.imports.remove(&(r.source_cluster.clone(), crate::types::service_key(&r.namespace, &r.name)));
+            s.imports.remove(&(
+                r.source_cluster.clone(),
+                crate::types::service_key(&r.namespace, &r.name),
+            ));
         }
         for u in &d.upserts {
             if let Some(e) = &u.export {
-                s.imports
-                    .insert((u.source_cluster.clone(), crate::types::service_key(&e.namespace, &e.name)), e.clone());
+                s.imports.insert(
+                    (
+                        u.source_cluster.clone(),
+                        crate::types::service_key(&e.namespace, &e.name),
+                    ),
+                    e.clone(),
+                );
             }
         }
         for td in &d.bundle_removals {
             s.bundles.remove(td);
         }
         for b in &d.bundles {
-            s.bundles.insert(b.trust_domain.clone(), b.bundle_json.clone());
+            s.bundles
+                .insert(b.trust_domain.clone(), b.bundle_json.clone());
         }
         s.applied_revision = d.revision;
     });
@@ -186,7 +219,9 @@ async fn session(inner: &Arc<Inner>) -> End {
 async fn session_inner(inner: &Arc<Inner>) -> Result<(), End> {
     let (cfg, facts, federators) = {
         let id = inner.identity();
-        let cfg = trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone()).map_err(anyhow::Error::from)?;
+        let cfg =
+            trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone())
+                .map_err(anyhow::Error::from)?;
         (cfg, id.facts(), id.file.federators.clone())
     };
     let channel = crate::net::channel(federators, cfg, "federator")?;
@@ -202,7 +237,11 @@ async fn session_inner(inner: &Arc<Inner>) -> Result<(), End> {
         }),
     )
     .await?;
-    let mut inbound = client.sync(ReceiverStream::new(rx)).await.map_err(status_end)?.into_inner();
+    let mut inbound = client
+        .sync(ReceiverStream::new(rx))
+        .await
+        .map_err(status_end)?
+        .into_inner();
     let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
         .await
         .map_err(|_| End::Failed(anyhow::anyhow!("no welcome from the federator within 10 s")))?
@@ -210,7 +249,11 @@ async fn session_inner(inner: &Arc<Inner>) -> Result<(), End> {
     let welcome = match first.and_then(|m| m.kind) {
         Some(In::Welcome(w)) => w,
         None => return Ok(()),
-        Some(_) => return Err(End::Failed(anyhow::anyhow!("the federator did not start with welcome"))),
+        Some(_) => {
+            return Err(End::Failed(anyhow::anyhow!(
+                "the federator did not start with welcome"
+            )))
+        }
     };
     inner.set_connected(true);
     {
@@ -218,7 +261,10 @@ async fn session_inner(inner: &Arc<Inner>) -> Result<(), End> {
         st.last_error = None;
         st.lease_ttl_ms = welcome.lease_ttl_ms;
     }
-    tracing::info!(federator_acked = welcome.exports_acked_version, "connected to the federator");
+    tracing::info!(
+        federator_acked = welcome.exports_acked_version,
+        "connected to the federator"
+    );
     let mut bundle_rx = inner.bundle.subscribe();
     let bundle_json = bundle_rx.borrow_and_update().clone();
     send(&tx, Out::Bundle(BundleUpdate { bundle_json })).await?;
@@ -232,12 +278,16 @@ async fn session_inner(inner: &Arc<Inner>) -> Result<(), End> {
         federator_version: welcome.exports_acked_version,
     };
     if ex.need_full {
-        tracing::info!(federator = welcome.exports_acked_version, local = acked_version, "export versions differ: sending the full set");
+        tracing::info!(
+            federator = welcome.exports_acked_version,
+            local = acked_version,
+            "export versions differ: sending the full set"
+        );
     }
     let mut exports_rx = inner.exports.subscribe();
     let desired = exports_rx.borrow_and_update().clone();
     if let Some(d) = ex.next(&desired) {
-        send(&tx, Out::Exports(d)).await?;
+        send_exports(inner, &tx, d).await?;
     }
     let every = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -271,7 +321,7 @@ async fn session_inner(inner: &Arc<Inner>) -> Result<(), End> {
                         }
                         let desired = exports_rx.borrow_and_update().clone();
                         if let Some(d) = ex.next(&desired) {
-                            send(&tx, Out::Exports(d)).await?;
+                            send_exports(inner, &tx, d).await?;
                         }
                     }
                     Some(In::Imports(d)) => {
@@ -310,7 +360,7 @@ async fn session_inner(inner: &Arc<Inner>) -> Result<(), End> {
                 if r.is_err() { return Ok(()); }
                 let desired = exports_rx.borrow_and_update().clone();
                 if let Some(d) = ex.next(&desired) {
-                    send(&tx, Out::Exports(d)).await?;
+                    send_exports(inner, &tx, d).await?;
                 }
             }
             r = bundle_rx.changed() => {
@@ -356,8 +406,13 @@ mod tests {
             need_full: false,
             federator_version: 4,
         };
-        assert!(ex.next(&acked).is_none(), "nothing is sent when nothing changed");
-        let desired: BTreeMap<_, _> = [svc("a", 1), svc("b", 3), svc("c", 4)].into_iter().collect();
+        assert!(
+            ex.next(&acked).is_none(),
+            "nothing is sent when nothing changed"
+        );
+        let desired: BTreeMap<_, _> = [svc("a", 1), svc("b", 3), svc("c", 4)]
+            .into_iter()
+            .collect();
         let d = ex.next(&desired).unwrap();
         assert_eq!(d.version, 5);
         assert!(!d.full);

@@ -70,7 +70,10 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
         ca: a.ca,
     })
     .await?;
-    println!("joined as {} (federation {})", id.svid.id, id.file.federation_trust_domain);
+    println!(
+        "joined as {} (federation {})",
+        id.svid.id, id.file.federation_trust_domain
+    );
     println!("federator: {}", id.file.federators.join(", "));
     println!("identity written to {}", id.dir.display());
     Ok(ExitCode::SUCCESS)
@@ -97,7 +100,11 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
 pub async fn leave(a: LeaveArgs) -> anyhow::Result<ExitCode> {
     let id = ClusterIdentity::load(&a.state_dir)?;
     let (cfg, _) = id.client_config()?;
-    let mut client = proto::federation_client::FederationClient::new(crate::net::channel(id.file.federators.clone(), cfg, "federator")?);
+    let mut client = proto::federation_client::FederationClient::new(crate::net::channel(
+        id.file.federators.clone(),
+        cfg,
+        "federator",
+    )?);
     let resp = client
         .leave(proto::LeaveRequest {})
         .await
@@ -105,8 +112,15 @@ pub async fn leave(a: LeaveArgs) -> anyhow::Result<ExitCode> {
         .into_inner();
     // The identity is kept aside (not deleted) for the record; a new join needs a new token.
     let dir = identity::identity_dir(&a.state_dir);
-    let aside = a.state_dir.join(format!("identity.left-{}", time::OffsetDateTime::now_utc().unix_timestamp()));
-    std::fs::rename(&dir, &aside).with_context(|| format!("cannot move {} aside", dir.display()))?;
-    println!("cluster {} left the federation at revision {}", id.file.cluster, resp.revision);
+    let aside = a.state_dir.join(format!(
+        "identity.left-{}",
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    ));
+    std::fs::rename(&dir, &aside)
+        .with_context(|| format!("cannot move {} aside", dir.display()))?;
+    println!(
+        "cluster {} left the federation at revision {}",
+        id.file.cluster, resp.revision
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -82,7 +82,8 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
     }
     let state_dir = a.state_dir.context("--state-dir is required")?;
     for (i, adv) in a.advertise.iter().enumerate() {
-        crate::types::check_host_port(&format!("--advertise #{}", i + 1), adv).map_err(anyhow::Error::msg)?;
+        crate::types::check_host_port(&format!("--advertise #{}", i + 1), adv)
+            .map_err(anyhow::Error::msg)?;
     }
     let mut cfg = FederatorConfig::new(state_dir, a.listen);
     cfg.admin = Some(a.admin);
@@ -91,7 +92,11 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
     cfg.lease_ttl = a.lease_ttl;
     cfg.rate_limit = a.rate_limit;
     let f = Federator::start(cfg).await?;
-    println!("federator serving on {} (admin {})", f.grpc_addr, f.admin_addr.map(|a| a.to_string()).unwrap_or_default());
+    println!(
+        "federator serving on {} (admin {})",
+        f.grpc_addr,
+        f.admin_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
     super::shutdown_signal().await;
     f.stop().await;
     Ok(ExitCode::SUCCESS)
@@ -113,12 +118,17 @@ fn token(t: Token) -> anyhow::Result<ExitCode> {
             let federators = if federator.is_empty() {
                 let p = state_dir.join(ENDPOINTS_FILE);
                 let raw = std::fs::read(&p).with_context(|| {
-                    format!("{} not found: start the federator once or pass --federator HOST:PORT", p.display())
+                    format!(
+                        "{} not found: start the federator once or pass --federator HOST:PORT",
+                        p.display()
+                    )
                 })?;
-                serde_json::from_slice(&raw).with_context(|| format!("{} is malformed", p.display()))?
+                serde_json::from_slice(&raw)
+                    .with_context(|| format!("{} is malformed", p.display()))?
             } else {
                 for (i, f) in federator.iter().enumerate() {
-                    crate::types::check_host_port(&format!("--federator #{}", i + 1), f).map_err(anyhow::Error::msg)?;
+                    crate::types::check_host_port(&format!("--federator #{}", i + 1), f)
+                        .map_err(anyhow::Error::msg)?;
                 }
                 federator
             };
@@ -131,12 +141,19 @@ fn token(t: Token) -> anyhow::Result<ExitCode> {
                 ca.trust_domain.to_string(),
                 now(),
             )?;
-            eprintln!("token {} for cluster {cluster}, single use, expires {}", rec.id, args::rfc3339_unix(rec.expires));
+            eprintln!(
+                "token {} for cluster {cluster}, single use, expires {}",
+                rec.id,
+                args::rfc3339_unix(rec.expires)
+            );
             println!("{tok}");
         }
         Token::List { state_dir } => {
             let now = now();
-            println!("{:<18} {:<16} {:<9} {:<22} USED BY", "ID", "CLUSTER", "STATE", "EXPIRES");
+            println!(
+                "{:<18} {:<16} {:<9} {:<22} USED BY",
+                "ID", "CLUSTER", "STATE", "EXPIRES"
+            );
             for r in TokenStore::new(&state_dir).list()? {
                 let state = if r.revoked {
                     "revoked"

@@ -33,10 +33,15 @@ fn age(ms: Option<u64>) -> String {
 
 pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let v = crate::admin::fetch_status(&a.admin).await?;
-    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    let kind = v
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
     let problems = match kind.as_str() {
         "federator" => {
-            let r: FederationReport = serde_json::from_value(v.clone()).context("unexpected federator status")?;
+            let r: FederationReport =
+                serde_json::from_value(v.clone()).context("unexpected federator status")?;
             if let Output::Text = a.output {
                 println!(
                     "federation {} (CA expires {}), head revision {}, lease TTL {}",
@@ -46,8 +51,17 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                     age(Some(r.lease_ttl_ms))
                 );
                 println!(
-                    "{:<12} {:<10} {:<9} {:<7} {:>9} {:>7} {:>7} {:>9} {:>5} {:>6}  {}",
-                    "CLUSTER", "NETWORK", "CONNECTED", "LEASE", "HEARTBEAT", "EXPORTS", "IMPORTS", "ACKED", "LAG", "BUNDLE", "TRUST DOMAIN"
+                    "{:<12} {:<10} {:<9} {:<7} {:>9} {:>7} {:>7} {:>9} {:>5} {:>6}  TRUST DOMAIN",
+                    "CLUSTER",
+                    "NETWORK",
+                    "CONNECTED",
+                    "LEASE",
+                    "HEARTBEAT",
+                    "EXPORTS",
+                    "IMPORTS",
+                    "ACKED",
+                    "LAG",
+                    "BUNDLE",
                 );
                 for c in &r.clusters {
                     println!(
@@ -69,7 +83,8 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
             r.problems()
         }
         "agent" => {
-            let r: AgentReport = serde_json::from_value(v.clone()).context("unexpected agent status")?;
+            let r: AgentReport =
+                serde_json::from_value(v.clone()).context("unexpected agent status")?;
             if let Output::Text = a.output {
                 println!(
                     "cluster {} ({}, network {}, {}), federator {}: {}",
@@ -78,13 +93,20 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                     r.network,
                     r.locality,
                     r.federators.join(","),
-                    if r.connected { "connected" } else { "NOT connected" }
+                    if r.connected {
+                        "connected"
+                    } else {
+                        "NOT connected"
+                    }
                 );
                 println!(
                     "exports: {} (acknowledged version {}), imports applied up to revision {}",
                     r.exports, r.exports_acked_version, r.imports_applied_revision
                 );
-                println!("{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>6}", "PEER", "NETWORK", "CONNECTED", "LEASE", "HEARTBEAT", "IMPORTS", "BUNDLE");
+                println!(
+                    "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>6}",
+                    "PEER", "NETWORK", "CONNECTED", "LEASE", "HEARTBEAT", "IMPORTS", "BUNDLE"
+                );
                 for p in &r.peers {
                     println!(
                         "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>6}",
@@ -110,5 +132,9 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_CHECK_FAILED) })
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CHECK_FAILED)
+    })
 }

@@ -41,7 +41,9 @@ pub struct FederationCa {
 
 impl std::fmt::Debug for FederationCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FederationCa").field("trust_domain", &self.trust_domain).finish()
+        f.debug_struct("FederationCa")
+            .field("trust_domain", &self.trust_domain)
+            .finish()
     }
 }
 
@@ -66,7 +68,8 @@ impl FederationCa {
                 None => TrustDomain::new(DEFAULT_TRUST_DOMAIN)?,
             };
             let ca = CertificateAuthority::create(td, CaOptions::default())?;
-            ca.save(&dir).with_context(|| format!("cannot write the federation CA to {}", dir.display()))?;
+            ca.save(&dir)
+                .with_context(|| format!("cannot write the federation CA to {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), trust_domain = %ca.trust_domain(), "created the federation CA");
             ca
         };
@@ -129,6 +132,9 @@ mod tests {
         assert_eq!(cluster_of(&id, &td).as_deref(), Some("east"));
         assert_eq!(cluster_of(&federator_spiffe_id(&td).unwrap(), &td), None);
         let other = TrustDomain::new("east.mesh").unwrap();
-        assert_eq!(cluster_of(&cluster_spiffe_id(&other, "east").unwrap(), &td), None);
+        assert_eq!(
+            cluster_of(&cluster_spiffe_id(&other, "east").unwrap(), &td),
+            None
+        );
     }
 }

@@ -12,9 +12,9 @@ use proto::cluster_message::Kind as In;
 use proto::federation_server::{Federation, FederationServer};
 use proto::federator_message::Kind as Out;
 use proto::{
-    ClusterMessage, ClusterStatus, FederatorMessage, ImportDelta, ImportKey, ImportedService, JoinRequest,
-    JoinResponse, LeaveRequest, LeaveResponse, PeerBundle, PeerCluster, PeerStates, RenewRequest, RenewResponse,
-    StatusRequest, StatusResponse, Welcome,
+    ClusterMessage, ClusterStatus, FederatorMessage, ImportDelta, ImportKey, ImportedService,
+    JoinRequest, JoinResponse, LeaveRequest, LeaveResponse, PeerBundle, PeerCluster, PeerStates,
+    RenewRequest, RenewResponse, StatusRequest, StatusResponse, Welcome,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -91,8 +91,12 @@ fn now_unix() -> i64 {
 
 fn store_status(e: StoreError) -> Status {
     match e {
-        StoreError::UnknownCluster(c) => Status::permission_denied(format!("cluster {c} is not a member of this federation")),
-        StoreError::Left(c) => Status::permission_denied(format!("cluster {c} has left the federation; join again with a new token")),
+        StoreError::UnknownCluster(c) => {
+            Status::permission_denied(format!("cluster {c} is not a member of this federation"))
+        }
+        StoreError::Left(c) => Status::permission_denied(format!(
+            "cluster {c} has left the federation; join again with a new token"
+        )),
         other => {
             tracing::error!(error = %other, "state store failure");
             Status::internal(other.to_string())
@@ -120,11 +124,17 @@ impl Hub {
             .extensions()
             .get::<crate::net::PeerInfo>()
             .and_then(|i| i.certs.clone())
-            .ok_or_else(|| Status::unauthenticated("this call needs a cluster certificate (mTLS); join first"))?;
-        let id = trust::tls::peer_id(Some(certs.as_slice()))
-            .ok_or_else(|| Status::unauthenticated("the client certificate carries no SPIFFE ID"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("this call needs a cluster certificate (mTLS); join first")
+            })?;
+        let id = trust::tls::peer_id(Some(certs.as_slice())).ok_or_else(|| {
+            Status::unauthenticated("the client certificate carries no SPIFFE ID")
+        })?;
         let cluster = cluster_of(&id, &self.ca.trust_domain).ok_or_else(|| {
-            self.metrics.refused.with_label_values(&["", "permission_denied"]).inc();
+            self.metrics
+                .refused
+                .with_label_values(&["", "permission_denied"])
+                .inc();
             Status::permission_denied(format!("{id} is not a cluster identity of this federation"))
         })?;
         match self.store.cluster(&cluster).map_err(store_status)? {
@@ -163,8 +173,13 @@ impl Hub {
             let (connected, age, stale) = self.lease_of(&r.id, &live);
             out.peers.push(PeerCluster {
                 facts: Some(r.facts()),
-                lease: if stale { proto::LeaseState::Stale } else { proto::LeaseState::Fresh } as i32,
-                last_heartbeat_age_ms: age.unwrap_or_else(|| self.started.elapsed().as_millis() as u64),
+                lease: if stale {
+                    proto::LeaseState::Stale
+                } else {
+                    proto::LeaseState::Fresh
+                } as i32,
+                last_heartbeat_age_ms: age
+                    .unwrap_or_else(|| self.started.elapsed().as_millis() as u64),
                 connected,
             });
         }
@@ -244,9 +259,18 @@ impl Hub {
                 }
             }
         }
-        self.metrics.clusters.with_label_values(&["connected"]).set(connected);
-        self.metrics.clusters.with_label_values(&["stale"]).set(stale);
-        self.metrics.clusters.with_label_values(&["fresh"]).set(fresh);
+        self.metrics
+            .clusters
+            .with_label_values(&["connected"])
+            .set(connected);
+        self.metrics
+            .clusters
+            .with_label_values(&["stale"])
+            .set(stale);
+        self.metrics
+            .clusters
+            .with_label_values(&["fresh"])
+            .set(fresh);
         if changed {
             self.bump_peers();
         }
@@ -259,7 +283,11 @@ impl Hub {
         let mut clusters = Vec::new();
         for r in &records {
             let (connected, age, stale) = self.lease_of(&r.id, &live);
-            let acked = live.get(&r.id).map(|l| l.acked).unwrap_or(0).max(r.imports_acked_revision);
+            let acked = live
+                .get(&r.id)
+                .map(|l| l.acked)
+                .unwrap_or(0)
+                .max(r.imports_acked_revision);
             let exports = self.store.exports_of(&r.id).map_err(store_status)?.len() as u64;
             let bundle_not_after = TrustBundle::from_json(
                 TrustDomain::new(&r.trust_domain).map_err(|e| Status::internal(e.to_string()))?,
@@ -273,7 +301,10 @@ impl Hub {
                     .filter_map(|c| trust::svid::validity(c).ok().map(|v| v.1))
                     .max()
             })
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            });
             clusters.push(ClusterReport {
                 cluster: r.id.clone(),
                 network: r.network.clone(),
@@ -325,7 +356,10 @@ pub struct Federator {
 
 impl std::fmt::Debug for Federator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Federator").field("grpc_addr", &self.grpc_addr).field("admin_addr", &self.admin_addr).finish()
+        f.debug_struct("Federator")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
     }
 }
 
@@ -335,15 +369,21 @@ pub const ENDPOINTS_FILE: &str = "endpoints.json";
 impl Federator {
     /// Opens the state, binds the listeners and starts serving.
     pub async fn start(cfg: FederatorConfig) -> anyhow::Result<Federator> {
-        std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
         let ca = FederationCa::open_or_create(&cfg.state_dir, cfg.trust_domain.as_ref())?;
-        let store = Store::open(&cfg.state_dir.join("store"))
-            .with_context(|| format!("cannot open the state store in {}", cfg.state_dir.display()))?;
+        let store = Store::open(&cfg.state_dir.join("store")).with_context(|| {
+            format!("cannot open the state store in {}", cfg.state_dir.display())
+        })?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let grpc_addr = listener.local_addr()?;
-        let advertise = if cfg.advertise.is_empty() { vec![grpc_addr.to_string()] } else { cfg.advertise.clone() };
+        let advertise = if cfg.advertise.is_empty() {
+            vec![grpc_addr.to_string()]
+        } else {
+            cfg.advertise.clone()
+        };
         trust::files::write_atomic(
             &cfg.state_dir.join(ENDPOINTS_FILE),
             &serde_json::to_vec(&advertise)?,
@@ -370,7 +410,10 @@ impl Federator {
         let resolver = SvidResolver::with(&hub.ca.server_svid()?)?;
         let mut fed_set = BundleSet::new();
         fed_set.insert(hub.ca.bundle())?;
-        let verifier = SpiffeVerifier::new(TrustStore::new(fed_set), Authorizer::trust_domain(hub.ca.trust_domain.clone()));
+        let verifier = SpiffeVerifier::new(
+            TrustStore::new(fed_set),
+            Authorizer::trust_domain(hub.ca.trust_domain.clone()),
+        );
         let tls = trust::tls::server_config_optional_client(resolver.clone(), verifier)?;
         let incoming = crate::net::tls_incoming(listener, tls);
 
@@ -392,7 +435,8 @@ impl Federator {
         }));
         let ticker_hub = hub.clone();
         tasks.push(tokio::spawn(async move {
-            let every = (ticker_hub.cfg.lease_ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
+            let every = (ticker_hub.cfg.lease_ttl / 10)
+                .clamp(Duration::from_millis(50), Duration::from_millis(500));
             let mut t = tokio::time::interval(every);
             loop {
                 t.tick().await;
@@ -449,7 +493,9 @@ impl Federator {
     }
 
     pub fn report(&self) -> anyhow::Result<FederationReport> {
-        self.hub.report().map_err(|s| anyhow::anyhow!(s.message().to_string()))
+        self.hub
+            .report()
+            .map_err(|s| anyhow::anyhow!(s.message().to_string()))
     }
 
     pub fn advertise(&self) -> &[String] {
@@ -492,7 +538,8 @@ impl Bucket {
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -527,7 +574,11 @@ struct Session {
 
 impl Session {
     fn refuse(&self, reason: &str, status: Status) -> Status {
-        self.hub.metrics.refused.with_label_values(&[&self.cluster, reason]).inc();
+        self.hub
+            .metrics
+            .refused
+            .with_label_values(&[&self.cluster, reason])
+            .inc();
         tracing::warn!(cluster = %self.cluster, reason, message = %status.message(), "refused");
         status
     }
@@ -535,8 +586,12 @@ impl Session {
     /// Sends every change after `self.sent`, in chunks cut at revision boundaries.
     async fn push_imports(&mut self) -> Result<(), Status> {
         loop {
-            let (changes, upto) = tokio::task::block_in_place(|| self.hub.store.changes_since(&self.cluster, self.sent, IMPORT_CHUNK))
-                .map_err(store_status)?;
+            let (changes, upto) = tokio::task::block_in_place(|| {
+                self.hub
+                    .store
+                    .changes_since(&self.cluster, self.sent, IMPORT_CHUNK)
+            })
+            .map_err(store_status)?;
             if upto <= self.sent && changes.is_empty() {
                 return Ok(());
             }
@@ -546,7 +601,10 @@ impl Session {
                 ..Default::default()
             };
             let mut peers_changed = false;
-            for r in records.iter().filter(|r| r.id != self.cluster && r.revision > self.sent && r.revision <= upto) {
+            for r in records
+                .iter()
+                .filter(|r| r.id != self.cluster && r.revision > self.sent && r.revision <= upto)
+            {
                 peers_changed = true;
                 if r.left || r.bundle_json.is_empty() {
                     delta.bundle_removals.push(r.trust_domain.clone());
@@ -564,14 +622,21 @@ impl Session {
                         source_cluster: r.cluster,
                         export: Some(r.export),
                     }),
-                    Change::Remove { cluster, namespace, name } => delta.removals.push(ImportKey {
+                    Change::Remove {
+                        cluster,
+                        namespace,
+                        name,
+                    } => delta.removals.push(ImportKey {
                         source_cluster: cluster,
                         namespace,
                         name,
                     }),
                 }
             }
-            let empty = delta.upserts.is_empty() && delta.removals.is_empty() && delta.bundles.is_empty() && delta.bundle_removals.is_empty();
+            let empty = delta.upserts.is_empty()
+                && delta.removals.is_empty()
+                && delta.bundles.is_empty()
+                && delta.bundle_removals.is_empty();
             if empty {
                 // Only this cluster's own changes happened: no push. If nothing is outstanding,
                 // the cluster is simply up to date.
@@ -580,7 +645,11 @@ impl Session {
                     self.note_acked(upto);
                 }
             } else {
-                self.hub.metrics.import_deltas.with_label_values(&[&self.cluster]).inc();
+                self.hub
+                    .metrics
+                    .import_deltas
+                    .with_label_values(&[&self.cluster])
+                    .inc();
                 self.last_delta = upto;
                 send(&self.tx, Out::Imports(delta)).await?;
             }
@@ -612,7 +681,12 @@ impl Session {
             ));
         }
         self.hub.heartbeat(&self.cluster);
-        let kind = msg.kind.ok_or_else(|| self.refuse("invalid_argument", Status::invalid_argument("message has no kind")))?;
+        let kind = msg.kind.ok_or_else(|| {
+            self.refuse(
+                "invalid_argument",
+                Status::invalid_argument("message has no kind"),
+            )
+        })?;
         let label = match &kind {
             In::Hello(_) => "hello",
             In::Exports(_) => "exports",
@@ -620,29 +694,52 @@ impl Session {
             In::Heartbeat(_) => "heartbeat",
             In::ImportAck(_) => "import_ack",
         };
-        self.hub.metrics.messages.with_label_values(&[&self.cluster, label]).inc();
+        self.hub
+            .metrics
+            .messages
+            .with_label_values(&[&self.cluster, label])
+            .inc();
         match kind {
-            In::Hello(_) => Err(self.refuse("invalid_argument", Status::invalid_argument("hello may only be the first message of a stream"))),
+            In::Hello(_) => Err(self.refuse(
+                "invalid_argument",
+                Status::invalid_argument("hello may only be the first message of a stream"),
+            )),
             In::Heartbeat(_) => Ok(()),
             In::ImportAck(a) => {
                 if !a.error.is_empty() {
-                    self.hub.metrics.import_nacks.with_label_values(&[&self.cluster]).inc();
+                    self.hub
+                        .metrics
+                        .import_nacks
+                        .with_label_values(&[&self.cluster])
+                        .inc();
                     tracing::warn!(cluster = %self.cluster, revision = a.revision, error = %a.error, "cluster refused an import delta (NACK)");
                 } else if a.revision <= self.sent && a.revision > self.acked {
                     // Acknowledging the last delta sent also covers the revisions after it
                     // that carried nothing for this cluster.
-                    let upto = if a.revision == self.last_delta { self.sent } else { a.revision };
+                    let upto = if a.revision == self.last_delta {
+                        self.sent
+                    } else {
+                        a.revision
+                    };
                     self.acked = upto;
                     self.note_acked(upto);
                 }
                 Ok(())
             }
             In::Bundle(b) => {
-                let td = TrustDomain::new(&self.trust_domain).map_err(|e| Status::internal(e.to_string()))?;
+                let td = TrustDomain::new(&self.trust_domain)
+                    .map_err(|e| Status::internal(e.to_string()))?;
                 let bundle = TrustBundle::from_json(td, &b.bundle_json, "bundle.bundle_json")
-                    .map_err(|e| self.refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
+                    .map_err(|e| {
+                        self.refuse("invalid_argument", Status::invalid_argument(e.to_string()))
+                    })?;
                 if bundle.x509_authorities.is_empty() {
-                    return Err(self.refuse("invalid_argument", Status::invalid_argument("bundle.bundle_json: holds no x509-svid authority")));
+                    return Err(self.refuse(
+                        "invalid_argument",
+                        Status::invalid_argument(
+                            "bundle.bundle_json: holds no x509-svid authority",
+                        ),
+                    ));
                 }
                 if let Some(rev) = self
                     .hub
@@ -656,24 +753,38 @@ impl Session {
                 Ok(())
             }
             In::Exports(delta) => {
-                if delta.upserts.len() > MAX_SERVICES_PER_DELTA || delta.removals.len() > MAX_SERVICES_PER_DELTA {
+                if delta.upserts.len() > MAX_SERVICES_PER_DELTA
+                    || delta.removals.len() > MAX_SERVICES_PER_DELTA
+                {
                     return Err(self.refuse(
                         "invalid_argument",
-                        Status::invalid_argument(format!("exports: more than {MAX_SERVICES_PER_DELTA} services in one delta")),
+                        Status::invalid_argument(format!(
+                            "exports: more than {MAX_SERVICES_PER_DELTA} services in one delta"
+                        )),
                     ));
                 }
                 for (i, e) in delta.upserts.iter().enumerate() {
-                    types::check_export(e, &format!("exports.upserts[{i}]"))
-                        .map_err(|m| self.refuse("invalid_argument", Status::invalid_argument(m)))?;
+                    types::check_export(e, &format!("exports.upserts[{i}]")).map_err(|m| {
+                        self.refuse("invalid_argument", Status::invalid_argument(m))
+                    })?;
                 }
                 for (i, k) in delta.removals.iter().enumerate() {
                     types::check_label(&format!("exports.removals[{i}].namespace"), &k.namespace)
-                        .and_then(|_| types::check_label(&format!("exports.removals[{i}].name"), &k.name))
-                        .map_err(|m| self.refuse("invalid_argument", Status::invalid_argument(m)))?;
+                        .and_then(|_| {
+                            types::check_label(&format!("exports.removals[{i}].name"), &k.name)
+                        })
+                        .map_err(|m| {
+                            self.refuse("invalid_argument", Status::invalid_argument(m))
+                        })?;
                 }
                 let started = Instant::now();
-                let result = tokio::task::block_in_place(|| self.hub.store.apply_exports(&self.cluster, &delta));
-                self.hub.metrics.export_apply_seconds.observe(started.elapsed().as_secs_f64());
+                let result = tokio::task::block_in_place(|| {
+                    self.hub.store.apply_exports(&self.cluster, &delta)
+                });
+                self.hub
+                    .metrics
+                    .export_apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(applied) => {
                         send(
@@ -711,17 +822,31 @@ impl Session {
 type SyncStream = ReceiverStream<Result<FederatorMessage, Status>>;
 
 impl Service {
-    async fn run_session(hub: Arc<Hub>, cluster: String, mut inbound: Streaming<ClusterMessage>, tx: Tx) -> Result<(), Status> {
+    async fn run_session(
+        hub: Arc<Hub>,
+        cluster: String,
+        mut inbound: Streaming<ClusterMessage>,
+        tx: Tx,
+    ) -> Result<(), Status> {
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
         let hello = match first.and_then(|m| m.kind) {
             Some(In::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message of a Sync stream must be hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a Sync stream must be hello",
+                ))
+            }
         };
-        let facts = hello.facts.ok_or_else(|| Status::invalid_argument("hello.facts is missing"))?;
+        let facts = hello
+            .facts
+            .ok_or_else(|| Status::invalid_argument("hello.facts is missing"))?;
         if facts.cluster_id != cluster {
-            hub.metrics.refused.with_label_values(&[&cluster, "permission_denied"]).inc();
+            hub.metrics
+                .refused
+                .with_label_values(&[&cluster, "permission_denied"])
+                .inc();
             tracing::warn!(%cluster, claimed = %facts.cluster_id, "cluster tried to speak for another cluster");
             return Err(Status::permission_denied(format!(
                 "this stream is authenticated as cluster {cluster}; it may not speak for cluster {}",
@@ -735,13 +860,18 @@ impl Service {
             .map_err(store_status)?
             .ok_or_else(|| store_status(StoreError::UnknownCluster(cluster.clone())))?;
         if rec.trust_domain != facts.trust_domain {
-            hub.metrics.refused.with_label_values(&[&cluster, "permission_denied"]).inc();
+            hub.metrics
+                .refused
+                .with_label_values(&[&cluster, "permission_denied"])
+                .inc();
             return Err(Status::permission_denied(format!(
                 "cluster {cluster} joined with trust domain {}; it may not claim {}",
                 rec.trust_domain, facts.trust_domain
             )));
         }
-        if let Some(rev) = tokio::task::block_in_place(|| hub.store.update_facts(&cluster, &facts)).map_err(store_status)? {
+        if let Some(rev) = tokio::task::block_in_place(|| hub.store.update_facts(&cluster, &facts))
+            .map_err(store_status)?
+        {
             hub.bump_head(rev);
         }
         let generation = hub.connect(&cluster);
@@ -768,7 +898,15 @@ impl Service {
         };
         if s.sent > hub.store.head() {
             tracing::warn!(%cluster, applied = s.sent, head = hub.store.head(), "cluster is ahead of this federator's store; resyncing it from scratch");
-            send(&tx, Out::Imports(ImportDelta { revision: 0, full: true, ..Default::default() })).await?;
+            send(
+                &tx,
+                Out::Imports(ImportDelta {
+                    revision: 0,
+                    full: true,
+                    ..Default::default()
+                }),
+            )
+            .await?;
             s.sent = 0;
             s.acked = 0;
         }
@@ -811,38 +949,69 @@ impl Federation for Service {
             tracing::warn!(reason, message = %s.message(), "join refused");
             s
         };
-        let claims = Claims::decode(&r.token).map_err(|e| refuse("malformed_token", Status::unauthenticated(e.to_string())))?;
-        let facts = r.facts.ok_or_else(|| refuse("invalid_argument", Status::invalid_argument("facts is missing")))?;
-        types::check_facts(&facts, "facts").map_err(|m| refuse("invalid_argument", Status::invalid_argument(m)))?;
-        let td = TrustDomain::new(&facts.trust_domain).map_err(|e| refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
+        let claims = Claims::decode(&r.token)
+            .map_err(|e| refuse("malformed_token", Status::unauthenticated(e.to_string())))?;
+        let facts = r.facts.ok_or_else(|| {
+            refuse(
+                "invalid_argument",
+                Status::invalid_argument("facts is missing"),
+            )
+        })?;
+        types::check_facts(&facts, "facts")
+            .map_err(|m| refuse("invalid_argument", Status::invalid_argument(m)))?;
+        let td = TrustDomain::new(&facts.trust_domain)
+            .map_err(|e| refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
         let bundle = TrustBundle::from_json(td.clone(), &r.trust_bundle_json, "trust_bundle_json")
             .map_err(|e| refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
         if bundle.x509_authorities.is_empty() {
-            return Err(refuse("invalid_argument", Status::invalid_argument("trust_bundle_json: holds no x509-svid authority")));
+            return Err(refuse(
+                "invalid_argument",
+                Status::invalid_argument("trust_bundle_json: holds no x509-svid authority"),
+            ));
         }
         if td == hub.ca.trust_domain {
-            return Err(refuse("invalid_argument", Status::invalid_argument("facts.trust_domain: a cluster may not use the federation's own trust domain")));
+            return Err(refuse(
+                "invalid_argument",
+                Status::invalid_argument(
+                    "facts.trust_domain: a cluster may not use the federation's own trust domain",
+                ),
+            ));
         }
         let _guard = hub.join_lock.lock().await;
         for other in hub.store.clusters().map_err(store_status)? {
-            if !other.left && other.id != facts.cluster_id && other.trust_domain == facts.trust_domain {
+            if !other.left
+                && other.id != facts.cluster_id
+                && other.trust_domain == facts.trust_domain
+            {
                 return Err(refuse(
                     "trust_domain_taken",
-                    Status::already_exists(format!("trust domain {} already belongs to cluster {}", other.trust_domain, other.id)),
+                    Status::already_exists(format!(
+                        "trust domain {} already belongs to cluster {}",
+                        other.trust_domain, other.id
+                    )),
                 ));
             }
         }
         let now = now_unix();
-        let token = hub.tokens.check(&claims, &facts.cluster_id, now).map_err(|e| {
-            let status = match &e {
-                TokenError::Store(_) => Status::internal(e.to_string()),
-                TokenError::Malformed(_) => Status::unauthenticated(e.to_string()),
-                _ => Status::permission_denied(e.to_string()),
-            };
-            refuse("token", status)
-        })?;
-        let issued = tokio::task::block_in_place(|| hub.ca.sign_cluster(&r.csr_der, &facts.cluster_id))
-            .map_err(|e| refuse("invalid_argument", Status::invalid_argument(format!("csr_der: {e:#}"))))?;
+        let token = hub
+            .tokens
+            .check(&claims, &facts.cluster_id, now)
+            .map_err(|e| {
+                let status = match &e {
+                    TokenError::Store(_) => Status::internal(e.to_string()),
+                    TokenError::Malformed(_) => Status::unauthenticated(e.to_string()),
+                    _ => Status::permission_denied(e.to_string()),
+                };
+                refuse("token", status)
+            })?;
+        let issued =
+            tokio::task::block_in_place(|| hub.ca.sign_cluster(&r.csr_der, &facts.cluster_id))
+                .map_err(|e| {
+                    refuse(
+                        "invalid_argument",
+                        Status::invalid_argument(format!("csr_der: {e:#}")),
+                    )
+                })?;
         hub.tokens
             .consume(token, &facts.cluster_id, now)
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -871,7 +1040,11 @@ impl Federation for Service {
         tracing::info!(cluster = %facts.cluster_id, trust_domain = %facts.trust_domain, network = %facts.network, "cluster joined");
         Ok(Response::new(JoinResponse {
             cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
-            federation_bundle_json: hub.ca.bundle().to_json().map_err(|e| Status::internal(e.to_string()))?,
+            federation_bundle_json: hub
+                .ca
+                .bundle()
+                .to_json()
+                .map_err(|e| Status::internal(e.to_string()))?,
             federation_trust_domain: hub.ca.trust_domain.to_string(),
             federator_endpoints: hub.advertise.clone(),
         }))
@@ -879,14 +1052,18 @@ impl Federation for Service {
 
     type SyncStream = SyncStream;
 
-    async fn sync(&self, req: Request<Streaming<ClusterMessage>>) -> Result<Response<Self::SyncStream>, Status> {
+    async fn sync(
+        &self,
+        req: Request<Streaming<ClusterMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
         let cluster = self.hub.authenticate(&req)?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let hub = self.hub.clone();
         tokio::spawn(async move {
             let generation_before = hub.generation(&cluster);
-            let result = Service::run_session(hub.clone(), cluster.clone(), inbound, tx.clone()).await;
+            let result =
+                Service::run_session(hub.clone(), cluster.clone(), inbound, tx.clone()).await;
             if let Err(status) = result {
                 if status.code() != tonic::Code::Cancelled {
                     tracing::info!(%cluster, code = ?status.code(), message = %status.message(), "sync stream ended");
@@ -900,7 +1077,8 @@ impl Federation for Service {
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
         let cluster = self.hub.authenticate(&req)?;
-        let rev = tokio::task::block_in_place(|| self.hub.store.leave(&cluster)).map_err(store_status)?;
+        let rev =
+            tokio::task::block_in_place(|| self.hub.store.leave(&cluster)).map_err(store_status)?;
         self.hub.bump_head(rev);
         if let Some(l) = self.hub.live().get_mut(&cluster) {
             l.connected = false;
@@ -922,14 +1100,23 @@ impl Federation for Service {
         }))
     }
 
-    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         self.hub.authenticate(&req)?;
         let rep = self.hub.report()?;
         let clusters = rep
             .clusters
             .iter()
             .map(|c| ClusterStatus {
-                facts: self.hub.store.cluster(&c.cluster).ok().flatten().map(|r| r.facts()),
+                facts: self
+                    .hub
+                    .store
+                    .cluster(&c.cluster)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.facts()),
                 connected: c.connected,
                 lease: match c.lease.as_str() {
                     "stale" => proto::LeaseState::Stale,

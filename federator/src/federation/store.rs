@@ -128,7 +128,8 @@ impl ExportRecord {
         if v.len() < 19 + clen {
             return Err(corrupt("conflict text truncated"));
         }
-        let conflict = std::str::from_utf8(&v[19..19 + clen]).map_err(|_| corrupt("conflict text"))?;
+        let conflict =
+            std::str::from_utf8(&v[19..19 + clen]).map_err(|_| corrupt("conflict text"))?;
         let export = ServiceExport::decode(&v[19 + clen..]).map_err(|e| corrupt(&e.to_string()))?;
         let cluster = key.split(|b| *b == 0).next().unwrap_or_default();
         Ok(ExportRecord {
@@ -176,7 +177,11 @@ pub struct Applied {
 #[derive(Debug, Clone)]
 pub enum Change {
     Upsert(ExportRecord),
-    Remove { cluster: String, namespace: String, name: String },
+    Remove {
+        cluster: String,
+        namespace: String,
+        name: String,
+    },
 }
 
 pub struct Store {
@@ -205,7 +210,10 @@ fn txn_err(e: TransactionError<StoreError>) -> StoreError {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema")? {
             None => {
@@ -255,10 +263,12 @@ impl Store {
     pub fn cluster(&self, id: &str) -> Result<Option<ClusterRecord>> {
         match self.clusters.get(id)? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| StoreError::Corrupt {
-                key: id.to_string(),
-                reason: e.to_string(),
-            }),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    key: id.to_string(),
+                    reason: e.to_string(),
+                }),
         }
     }
 
@@ -329,7 +339,9 @@ impl Store {
     }
 
     fn member(&self, id: &str) -> Result<ClusterRecord> {
-        let rec = self.cluster(id)?.ok_or_else(|| StoreError::UnknownCluster(id.to_string()))?;
+        let rec = self
+            .cluster(id)?
+            .ok_or_else(|| StoreError::UnknownCluster(id.to_string()))?;
         if rec.left {
             return Err(StoreError::Left(id.to_string()));
         }
@@ -399,7 +411,10 @@ impl Store {
         let mut next: BTreeMap<String, ServiceExport> = if delta.full {
             BTreeMap::new()
         } else {
-            current.iter().map(|(k, r)| (k.clone(), r.export.clone())).collect()
+            current
+                .iter()
+                .map(|(k, r)| (k.clone(), r.export.clone()))
+                .collect()
         };
         for k in &delta.removals {
             next.remove(&service_key(&k.namespace, &k.name));
@@ -416,7 +431,14 @@ impl Store {
                 Some(old) if old.export == *e => {}
                 Some(old) => {
                     old_revs.push((old.modified, export_key(cluster, k)));
-                    writes.insert(k.clone(), ExportRecord { modified: rev, export: e.clone(), ..old.clone() });
+                    writes.insert(
+                        k.clone(),
+                        ExportRecord {
+                            modified: rev,
+                            export: e.clone(),
+                            ..old.clone()
+                        },
+                    );
                     touched.insert(k.clone());
                 }
                 None => {
@@ -444,7 +466,15 @@ impl Store {
         for (k, old) in &current {
             if !next.contains_key(k) {
                 old_revs.push((old.modified, export_key(cluster, k)));
-                writes.insert(k.clone(), ExportRecord { modified: rev, deleted: true, conflict: None, ..old.clone() });
+                writes.insert(
+                    k.clone(),
+                    ExportRecord {
+                        modified: rev,
+                        deleted: true,
+                        conflict: None,
+                        ..old.clone()
+                    },
+                );
                 touched.insert(k.clone());
             }
         }
@@ -466,8 +496,12 @@ impl Store {
             if let Some((oldest, rest)) = live.split_first() {
                 flags.push((oldest.cluster.clone(), None));
                 for r in rest {
-                    let c = port_conflict(&oldest.export, &r.export)
-                        .map(|why| format!("{skey}: {why} (cluster {} exported it first)", oldest.cluster));
+                    let c = port_conflict(&oldest.export, &r.export).map(|why| {
+                        format!(
+                            "{skey}: {why} (cluster {} exported it first)",
+                            oldest.cluster
+                        )
+                    });
                     flags.push((r.cluster.clone(), c));
                 }
             }
@@ -505,7 +539,13 @@ impl Store {
                 (export_key(&r.cluster, &skey), r.encode(), skey, r.deleted)
             })
             .collect();
-        (&self.meta, &self.clusters, &self.exports, &self.by_rev, &self.by_service)
+        (
+            &self.meta,
+            &self.clusters,
+            &self.exports,
+            &self.by_rev,
+            &self.by_service,
+        )
             .transaction(|(meta, clusters, exports, by_rev, by_service)| {
                 if changed {
                     meta.insert("revision", &rev.to_be_bytes())?;
@@ -553,7 +593,12 @@ impl Store {
     /// Export changes after revision `since`, oldest first, cut at a revision boundary once
     /// `limit` changes are collected. Returns the changes and the revision they bring the
     /// reader to. The importer's own exports are skipped.
-    pub fn changes_since(&self, importer: &str, since: u64, limit: usize) -> Result<(Vec<Change>, u64)> {
+    pub fn changes_since(
+        &self,
+        importer: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<Change>, u64)> {
         let head = self.head();
         let mut out = Vec::new();
         let mut upto = since;
@@ -574,12 +619,15 @@ impl Store {
             }
             upto = rev;
             let ekey = &k[8..];
-            let Some(v) = self.exports.get(ekey)? else { continue };
+            let Some(v) = self.exports.get(ekey)? else {
+                continue;
+            };
             let r = ExportRecord::decode(ekey, &v)?;
             if r.cluster == importer {
                 continue;
             }
-            let visible = !r.deleted && r.conflict.is_none() && crate::types::visible_to(&r.export, importer);
+            let visible =
+                !r.deleted && r.conflict.is_none() && crate::types::visible_to(&r.export, importer);
             if visible {
                 out.push(Change::Upsert(r));
             } else {
@@ -603,7 +651,11 @@ impl Store {
         for kv in self.exports.iter() {
             let (k, v) = kv?;
             let r = ExportRecord::decode(&k, &v)?;
-            if r.cluster != importer && !r.deleted && r.conflict.is_none() && crate::types::visible_to(&r.export, importer) {
+            if r.cluster != importer
+                && !r.deleted
+                && r.conflict.is_none()
+                && crate::types::visible_to(&r.export, importer)
+            {
                 n += 1;
             }
         }
@@ -612,6 +664,10 @@ impl Store {
 
     /// Conflicts standing against `cluster`'s exports.
     pub fn conflicts_of(&self, cluster: &str) -> Result<Vec<String>> {
-        Ok(self.exports_of(cluster)?.into_values().filter_map(|r| r.conflict).collect())
+        Ok(self
+            .exports_of(cluster)?
+            .into_values()
+            .filter_map(|r| r.conflict)
+            .collect())
     }
 }

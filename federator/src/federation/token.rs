@@ -104,13 +104,16 @@ impl TokenStore {
 
     fn path(&self, id: &str) -> Result<PathBuf, TokenError> {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TokenError::Malformed(format!("token id {id:?} is not hexadecimal")));
+            return Err(TokenError::Malformed(format!(
+                "token id {id:?} is not hexadecimal"
+            )));
         }
         Ok(self.dir.join(format!("{id}.json")))
     }
 
     fn write(&self, rec: &Record) -> Result<(), TokenError> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| TokenError::Store(format!("{}: {e}", self.dir.display())))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| TokenError::Store(format!("{}: {e}", self.dir.display())))?;
         let json = serde_json::to_vec_pretty(rec).unwrap_or_default();
         trust::files::write_atomic(&self.path(&rec.id)?, &json, trust::files::PRIVATE_MODE)
             .map_err(|e| TokenError::Store(e.to_string()))
@@ -226,27 +229,66 @@ mod tests {
     fn lifecycle() {
         let d = tempfile::tempdir().unwrap();
         let s = TokenStore::new(d.path());
-        let (rec, tok) = s.create("east", 900, vec!["127.0.0.1:15100".into()], "ab".into(), "fed.mesh".into(), 1000).unwrap();
+        let (rec, tok) = s
+            .create(
+                "east",
+                900,
+                vec!["127.0.0.1:15100".into()],
+                "ab".into(),
+                "fed.mesh".into(),
+                1000,
+            )
+            .unwrap();
         let claims = Claims::decode(&tok).unwrap();
         assert_eq!(claims.cluster, "east");
-        assert_eq!(s.check(&claims, "west", 1001).unwrap_err(), TokenError::WrongCluster { bound: "east".into(), asked: "west".into() });
-        assert!(matches!(s.check(&claims, "east", 1900), Err(TokenError::Expired(0))));
+        assert_eq!(
+            s.check(&claims, "west", 1001).unwrap_err(),
+            TokenError::WrongCluster {
+                bound: "east".into(),
+                asked: "west".into()
+            }
+        );
+        assert!(matches!(
+            s.check(&claims, "east", 1900),
+            Err(TokenError::Expired(0))
+        ));
         let mut forged = claims.clone();
         forged.secret = "00".into();
-        assert_eq!(s.check(&forged, "east", 1001).unwrap_err(), TokenError::Forged);
+        assert_eq!(
+            s.check(&forged, "east", 1001).unwrap_err(),
+            TokenError::Forged
+        );
         let mut unknown = claims.clone();
         unknown.id = "ffff".into();
-        assert_eq!(s.check(&unknown, "east", 1001).unwrap_err(), TokenError::Unknown);
+        assert_eq!(
+            s.check(&unknown, "east", 1001).unwrap_err(),
+            TokenError::Unknown
+        );
         let r = s.check(&claims, "east", 1001).unwrap();
         s.consume(r, "east", 1001).unwrap();
-        assert_eq!(s.check(&claims, "east", 1002).unwrap_err(), TokenError::Used("east".into()));
-        let (rec2, tok2) = s.create("west", 900, vec![], "ab".into(), "fed.mesh".into(), 1000).unwrap();
+        assert_eq!(
+            s.check(&claims, "east", 1002).unwrap_err(),
+            TokenError::Used("east".into())
+        );
+        let (rec2, tok2) = s
+            .create("west", 900, vec![], "ab".into(), "fed.mesh".into(), 1000)
+            .unwrap();
         s.revoke(&rec2.id).unwrap();
-        assert_eq!(s.check(&Claims::decode(&tok2).unwrap(), "west", 1001).unwrap_err(), TokenError::Revoked);
+        assert_eq!(
+            s.check(&Claims::decode(&tok2).unwrap(), "west", 1001)
+                .unwrap_err(),
+            TokenError::Revoked
+        );
         assert_eq!(s.list().unwrap().len(), 2);
         assert_eq!(s.list().unwrap()[0].id, rec.id.clone());
-        assert!(matches!(Claims::decode("abc"), Err(TokenError::Malformed(_))));
-        assert!(matches!(Claims::decode("mft1.!!"), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            Claims::decode("abc"),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            Claims::decode("mft1.!!"),
+            Err(TokenError::Malformed(_))
+        ));
         assert!(matches!(s.get("../x"), Err(TokenError::Malformed(_))));
     }
 }

@@ -44,7 +44,10 @@ pub fn server_config(
 /// no peer identity and must refuse what needs one. A certificate that is presented is still
 /// fully verified. (The federator's `Join` is the one call made before a cluster has an
 /// identity.)
-pub fn server_config_optional_client(resolver: Arc<SvidResolver>, verifier: SpiffeVerifier) -> Result<ServerConfig> {
+pub fn server_config_optional_client(
+    resolver: Arc<SvidResolver>,
+    verifier: SpiffeVerifier,
+) -> Result<ServerConfig> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?

@@ -302,7 +302,11 @@ pub struct PinnedRootVerifier {
 }
 
 impl PinnedRootVerifier {
-    pub fn new(pin: &str, trust_domain: crate::spiffe_id::TrustDomain, authorizer: Authorizer) -> Self {
+    pub fn new(
+        pin: &str,
+        trust_domain: crate::spiffe_id::TrustDomain,
+        authorizer: Authorizer,
+    ) -> Self {
         PinnedRootVerifier {
             pin: pin.to_ascii_lowercase(),
             trust_domain,
@@ -338,7 +342,11 @@ impl ServerCertVerifier for PinnedRootVerifier {
             vec![root.clone().into_owned()],
         ))
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let rest: Vec<CertificateDer<'_>> = intermediates.iter().filter(|c| *c != root).cloned().collect();
+        let rest: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .filter(|c| *c != root)
+            .cloned()
+            .collect();
         SpiffeVerifier::new(TrustStore::new(set), self.authorizer.clone())
             .verify(end_entity, &rest, now, PeerRole::Server)
             .map(|_| ServerCertVerified::assertion())

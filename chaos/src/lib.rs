@@ -1,0 +1,369 @@
+//! A harness that runs real `meshfed` processes (federator, agents) on this machine, injects
+//! faults (kill -9, SIGSTOP/SIGCONT, restarts) and reads their measured state back through
+//! `meshfed status --output json`, as an operator would.
+//!
+//! The binary is found through `MESHFED_BIN`, or next to the test executable
+//! (`target/<profile>/meshfed`), which `cargo nextest run --workspace` builds.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The meshfed binary under test.
+pub fn meshfed_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("MESHFED_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/meshfed
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot locate the target directory")?;
+    let bin = dir.join("meshfed");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it first (cargo build -p meshfed-federator) or set MESHFED_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Runs `meshfed ARGS` to completion; returns (exit code, stdout, stderr).
+pub fn meshfed(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(meshfed_bin()?).args(args).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Like [`meshfed`], failing unless it exits 0; returns stdout.
+pub fn meshfed_ok(args: &[&str]) -> Result<String> {
+    let (code, out, err) = meshfed(args)?;
+    if code != 0 {
+        bail!("meshfed {args:?} exited {code}: {err}{out}");
+    }
+    Ok(out)
+}
+
+/// A long-running meshfed process whose output goes to a log file. Killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[String], log_dir: &Path) -> Result<Proc> {
+        let mut p = Proc {
+            name: name.to_string(),
+            args: args.to_vec(),
+            log: log_dir.join(format!("{name}.log")),
+            child: None,
+        };
+        p.start()?;
+        Ok(p)
+    }
+
+    /// (Re)starts the process with its original arguments, appending to its log.
+    pub fn start(&mut self) -> Result<()> {
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let child = Command::new(meshfed_bin()?)
+            .args(&self.args)
+            .env("MESHFED_LOG", "info,meshfed::agent::sync=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.pid().context("not running")?;
+        let st = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
+    }
+
+    pub fn stop(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    pub fn cont(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.cont();
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with the last reason.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}{}",
+                if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last error: {last})")
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `meshfed status --output json` against an admin address: (exit code, JSON).
+pub fn status(admin: &str) -> Result<(i32, serde_json::Value)> {
+    let (code, out, err) = meshfed(&["status", "--admin", admin, "--output", "json"])?;
+    if code != 0 && code != 1 {
+        bail!("meshfed status exited {code}: {err}");
+    }
+    let v = serde_json::from_str(&out)
+        .with_context(|| format!("status output is not JSON: {out}{err}"))?;
+    Ok((code, v))
+}
+
+/// One cluster: its state directory, registry file and agent.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub dir: PathBuf,
+    pub registry: PathBuf,
+    pub admin: String,
+    pub agent: Option<Proc>,
+}
+
+impl Cluster {
+    pub fn write_registry(&self, yaml: &str) -> Result<()> {
+        let tmp = self.registry.with_extension("tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.registry)?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        Ok(status(&self.admin)?.1)
+    }
+
+    pub fn agent(&mut self) -> Result<&mut Proc> {
+        self.agent.as_mut().context("the agent was never started")
+    }
+}
+
+/// A federator plus clusters, all in one temporary directory.
+#[derive(Debug)]
+pub struct Federation {
+    pub root: tempfile::TempDir,
+    pub grpc: String,
+    pub admin: String,
+    pub federator: Proc,
+    lease_ttl: String,
+}
+
+impl Federation {
+    pub fn start(lease_ttl: &str) -> Result<Federation> {
+        let root = tempfile::tempdir()?;
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let state = root.path().join("federator");
+        let args: Vec<String> = [
+            "federator",
+            "--state-dir",
+            state.to_str().unwrap_or_default(),
+            "--listen",
+            &grpc,
+            "--admin",
+            &admin,
+            "--lease-ttl",
+            lease_ttl,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let federator = Proc::spawn("federator", &args, root.path())?;
+        let f = Federation {
+            root,
+            grpc,
+            admin,
+            federator,
+            lease_ttl: lease_ttl.to_string(),
+        };
+        wait_for(Duration::from_secs(20), "the federator to serve", || {
+            Ok(status(&f.admin).ok().map(|_| ()))
+        })?;
+        Ok(f)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.path().join("federator")
+    }
+
+    pub fn lease_ttl(&self) -> &str {
+        &self.lease_ttl
+    }
+
+    pub fn token(&self, cluster: &str) -> Result<String> {
+        Ok(meshfed_ok(&[
+            "federator",
+            "token",
+            "create",
+            "--state-dir",
+            self.state_dir().to_str().unwrap_or_default(),
+            "--cluster",
+            cluster,
+        ])?
+        .trim()
+        .to_string())
+    }
+
+    /// Joins a cluster and starts its agent with `registry` as its registry file.
+    pub fn add_cluster(
+        &self,
+        name: &str,
+        network: &str,
+        locality: &str,
+        registry: &str,
+    ) -> Result<Cluster> {
+        let dir = self.root.path().join(name);
+        let token = self.token(name)?;
+        let td = format!("{name}.mesh");
+        meshfed_ok(&[
+            "join",
+            "--token",
+            &token,
+            "--state-dir",
+            dir.to_str().unwrap_or_default(),
+            "--cluster",
+            name,
+            "--network",
+            network,
+            "--trust-domain",
+            &td,
+            "--locality",
+            locality,
+            "--gateway",
+            &format!("127.0.0.1:{}", free_port()),
+        ])?;
+        let mut c = Cluster {
+            name: name.to_string(),
+            registry: self.root.path().join(format!("{name}.yaml")),
+            admin: format!("127.0.0.1:{}", free_port()),
+            dir,
+            agent: None,
+        };
+        c.write_registry(registry)?;
+        self.start_agent(&mut c)?;
+        Ok(c)
+    }
+
+    pub fn start_agent(&self, c: &mut Cluster) -> Result<()> {
+        let args: Vec<String> = [
+            "agent",
+            "--state-dir",
+            c.dir.to_str().unwrap_or_default(),
+            "--registry",
+            c.registry.to_str().unwrap_or_default(),
+            "--admin",
+            &c.admin,
+            "--registry-poll",
+            "100ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        c.agent = Some(Proc::spawn(
+            &format!("agent-{}", c.name),
+            &args,
+            self.root.path(),
+        )?);
+        let admin = c.admin.clone();
+        wait_for(Duration::from_secs(20), "the agent to serve", || {
+            Ok(status(&admin).ok().map(|_| ()))
+        })?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<(i32, serde_json::Value)> {
+        status(&self.admin)
+    }
+
+    /// The federator's view of one cluster.
+    pub fn cluster_status(&self, name: &str) -> Result<serde_json::Value> {
+        let (_, v) = self.status()?;
+        v["clusters"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["cluster"] == name).cloned())
+            .with_context(|| format!("cluster {name} not in the federator's status"))
+    }
+}
+
+/// A registry YAML with `n` exported services named `<prefix>-<i>` in namespace `shop`.
+pub fn registry_yaml(prefix: &str, n: usize, port: u16, extra: &str) -> String {
+    let mut s = String::from("services:\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "  - {{namespace: shop, name: {prefix}-{i}, ports: [{{name: http, port: {port}}}], export: true, endpoints: [{{address: 10.0.{}.{}}}]}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    s.push_str(extra);
+    s
+}

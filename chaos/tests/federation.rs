@@ -1,0 +1,275 @@
+//! Multi-process federation scenarios: real `meshfed federator` and `meshfed agent` processes on
+//! loopback, observed through `meshfed status`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use chaos::*;
+
+const SHOP: &str = r#"
+services:
+  - namespace: shop
+    name: payment
+    ports: [{name: http, port: 8080}]
+    export: true
+    endpoints: [{address: 10.1.0.5, labels: {version: v1}}]
+  - namespace: shop
+    name: ledger
+    ports: [{name: grpc, port: 9090}]
+    exportTo: [eu]
+    endpoints: [{address: 10.1.0.6}]
+  - namespace: shop
+    name: internal
+    ports: [{port: 7000}]
+"#;
+
+fn imports_from(agent_status: &serde_json::Value, source: &str) -> u64 {
+    agent_status["imports"][source].as_u64().unwrap_or(0)
+}
+
+fn peer<'a>(agent_status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    agent_status["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["cluster"] == name)
+}
+
+#[test]
+fn three_clusters_exchange_exports_and_bundles_then_leave() {
+    let f = Federation::start("3s").unwrap();
+    let east = f
+        .add_cluster("east", "net-east", "us-east1/us-east1-b", SHOP)
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    let eu = f
+        .add_cluster(
+            "eu",
+            "net-eu",
+            "europe-west1/europe-west1-b",
+            "services: []\n",
+        )
+        .unwrap();
+
+    // east's exports reach west and eu; `exportTo: [eu]` keeps ledger from west; `internal` is
+    // not exported at all.
+    wait_for(Duration::from_secs(15), "imports at west and eu", || {
+        let w = west.status()?;
+        let e = eu.status()?;
+        Ok((imports_from(&w, "east") == 1 && imports_from(&e, "east") == 2).then_some(()))
+    })
+    .unwrap();
+    // Bundles: every agent holds the others' trust bundles.
+    for c in [&east, &west, &eu] {
+        let s = c.status().unwrap();
+        for p in s["peers"].as_array().unwrap() {
+            assert_eq!(
+                p["bundle"], true,
+                "{} lacks the bundle of {}",
+                c.name, p["cluster"]
+            );
+        }
+        assert_eq!(s["peers"].as_array().unwrap().len(), 2);
+    }
+    let fs = f.cluster_status("east").unwrap();
+    assert_eq!(fs["exports"], 2);
+    assert_eq!(fs["bundle_sequence"], 1);
+    let (code, _) = f.status().unwrap();
+    assert_eq!(code, 0, "healthy federation exits 0");
+
+    // east leaves: its exports and bundle disappear everywhere.
+    meshfed_ok(&["leave", "--state-dir", east.dir.to_str().unwrap()]).unwrap();
+    wait_for(Duration::from_secs(15), "east's removal everywhere", || {
+        let w = west.status()?;
+        let e = eu.status()?;
+        Ok((imports_from(&w, "east") == 0
+            && imports_from(&e, "east") == 0
+            && peer(&w, "east").is_none()
+            && peer(&e, "east").is_none())
+        .then_some(()))
+    })
+    .unwrap();
+    assert_eq!(f.cluster_status("east").unwrap()["lease"], "left");
+    // The departed cluster's agent sees that it left.
+    wait_for(Duration::from_secs(15), "east's agent to notice", || {
+        Ok((east.status()?["left"] == true).then_some(()))
+    })
+    .unwrap();
+}
+
+#[test]
+fn silent_cluster_turns_stale_within_the_lease_ttl() {
+    let f = Federation::start("2s").unwrap();
+    let mut east = f
+        .add_cluster("east", "net-east", "us-east1/us-east1-b", SHOP)
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(Duration::from_secs(15), "west imports east", || {
+        Ok((imports_from(&west.status()?, "east") == 1).then_some(()))
+    })
+    .unwrap();
+
+    // Freeze east's agent: no heartbeats, but its TCP connection stays open.
+    east.agent().unwrap().stop().unwrap();
+    let frozen = Instant::now();
+    let stale_after = wait_for(Duration::from_secs(10), "east stale at west", || {
+        let w = west.status()?;
+        Ok(peer(&w, "east")
+            .filter(|p| p["lease"] == "stale")
+            .map(|_| frozen.elapsed()))
+    })
+    .unwrap();
+    println!(
+        "east turned stale at west {:.2}s after it went silent (TTL 2s)",
+        stale_after.as_secs_f64()
+    );
+    assert!(
+        stale_after <= Duration::from_secs(3),
+        "stale only after {stale_after:?}; TTL + 1 s allowed"
+    );
+    // Both status views say so and exit non-zero.
+    let (code, w) = status(&west.admin).unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        peer(&w, "east").unwrap()["last_heartbeat_age_ms"]
+            .as_u64()
+            .unwrap()
+            >= 2000
+    );
+    let (code, fs) = f.status().unwrap();
+    assert_eq!(code, 1);
+    let e = fs["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cluster"] == "east")
+        .unwrap()
+        .clone();
+    assert_eq!(e["lease"], "stale");
+    // The stale peer's service is kept (default policy: deprioritize), not dropped.
+    assert_eq!(imports_from(&w, "east"), 1);
+
+    east.agent().unwrap().cont().unwrap();
+    wait_for(Duration::from_secs(10), "east fresh again", || {
+        Ok(peer(&west.status()?, "east")
+            .filter(|p| p["lease"] == "fresh")
+            .map(|_| ()))
+    })
+    .unwrap();
+}
+
+#[test]
+fn federator_kill9_during_an_export_storm_loses_nothing_acknowledged() {
+    let f = Federation::start("5s").unwrap();
+    let mut f = f;
+    let mut east = f
+        .add_cluster(
+            "east",
+            "net-east",
+            "us-east1/us-east1-b",
+            &registry_yaml("svc", 10, 8080, ""),
+        )
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(Duration::from_secs(15), "initial import", || {
+        Ok((imports_from(&west.status()?, "east") == 10).then_some(()))
+    })
+    .unwrap();
+
+    // A storm of registry changes; the federator is killed with -9 in the middle of it.
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for round in 0..60u16 {
+                let n = 10 + usize::from(round % 7);
+                east.write_registry(&registry_yaml("svc", n, 8000 + round, ""))
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(900));
+        f.federator.kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        f.federator.start().unwrap();
+        writer.join().unwrap();
+    });
+    // The last round wrote 10 + 59 % 7 services.
+    let want_n = 10 + 59 % 7;
+
+    // Everything converges to the last registry at west.
+    wait_for(
+        Duration::from_secs(30),
+        "west to import the final set",
+        || {
+            let w = west.status()?;
+            Ok((imports_from(&w, "east") == want_n as u64).then_some(()))
+        },
+    )
+    .unwrap();
+    let fs = wait_for(
+        Duration::from_secs(30),
+        "federator caught up with east",
+        || {
+            let c = f.cluster_status("east")?;
+            Ok((c["exports"] == want_n as u64 && c["connected"] == true).then_some(c))
+        },
+    )
+    .unwrap();
+    println!(
+        "after the storm: east acked export version {}",
+        fs["exports_acked_version"]
+    );
+    // Resume without a full resend: the federator's stored version always matched what east
+    // had acknowledged, so east never had to fall back to a full set after reconnecting.
+    let log = east.agent().unwrap().log();
+    assert!(
+        !log.contains("export versions differ"),
+        "east had to resend everything: the federator lost an acknowledged export\n{log}"
+    );
+    let reconnects = log.matches("connected to the federator").count();
+    assert!(
+        reconnects >= 2,
+        "east should have reconnected after the kill:\n{log}"
+    );
+}
+
+#[test]
+fn agent_restarted_while_the_federator_is_down_serves_its_last_imports() {
+    let mut f = Federation::start("5s").unwrap();
+    let _east = f
+        .add_cluster("east", "net-east", "us-east1/us-east1-b", SHOP)
+        .unwrap();
+    let mut west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(Duration::from_secs(15), "west imports east", || {
+        Ok((imports_from(&west.status()?, "east") == 1).then_some(()))
+    })
+    .unwrap();
+
+    f.federator.kill9();
+    west.agent().unwrap().kill9();
+    f.start_agent(&mut west).unwrap();
+    // At once, with no federator: the imports come from west's cache.
+    let s = west.status().unwrap();
+    assert_eq!(s["connected"], false);
+    assert_eq!(
+        imports_from(&s, "east"),
+        1,
+        "static stability: last-known imports served at once"
+    );
+    assert!(peer(&s, "east").is_some());
+    let (code, _) = status(&west.admin).unwrap();
+    assert_eq!(code, 1, "not connected is a problem that status reports");
+
+    f.federator.start().unwrap();
+    wait_for(Duration::from_secs(30), "west reconnects", || {
+        Ok((west.status()?["connected"] == true).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(imports_from(&west.status().unwrap(), "east"), 1);
+}
