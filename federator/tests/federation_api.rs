@@ -1,0 +1,385 @@
+//! The federation API against bad input: tokens, CA pins, clusters speaking for others,
+//! malformed and oversized messages, missing client certificates. A real federator runs
+//! in-process on loopback; clients are real gRPC clients over mTLS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use meshfed::agent::identity::{self, ClusterIdentity, JoinParams};
+use meshfed::federation::token::{Claims, TokenStore};
+use meshfed::federation::{Federator, FederatorConfig};
+use proto::cluster_message::Kind;
+use proto::federation_client::FederationClient;
+use proto::{ClusterMessage, ExportDelta, Hello, Port, ServiceExport};
+use tokio_stream::wrappers::ReceiverStream;
+use trust::TrustDomain;
+
+async fn federator(dir: &Path) -> Federator {
+    let mut cfg = FederatorConfig::new(dir.join("fed"), "127.0.0.1:0".into());
+    cfg.lease_ttl = Duration::from_secs(5);
+    Federator::start(cfg).await.unwrap()
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn token(f: &Federator, dir: &Path, cluster: &str, ttl: i64, created: i64) -> String {
+    TokenStore::new(&dir.join("fed"))
+        .create(
+            cluster,
+            ttl,
+            f.advertise().to_vec(),
+            f.ca_fingerprint(),
+            f.trust_domain().to_string(),
+            created,
+        )
+        .unwrap()
+        .1
+}
+
+fn params(dir: &Path, token: String, cluster: &str) -> JoinParams {
+    JoinParams {
+        token,
+        state_dir: dir.join(cluster),
+        cluster: cluster.into(),
+        network: format!("net-{cluster}"),
+        trust_domain: TrustDomain::new(&format!("{cluster}.mesh")).unwrap(),
+        locality: meshfed::types::parse_locality("us-east1/us-east1-b").unwrap(),
+        gateways: vec!["127.0.0.1:15443".into()],
+        ca: None,
+    }
+}
+
+async fn join_err(p: JoinParams) -> String {
+    let dir = p.state_dir.clone();
+    let e = format!("{:#}", identity::join(p).await.unwrap_err());
+    assert!(
+        !dir.join("identity").join("identity.json").exists(),
+        "nothing is stored on a refused join"
+    );
+    e
+}
+
+fn members(f: &Federator) -> usize {
+    f.report().unwrap().clusters.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_and_nothing_is_stored() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+
+    let expired = token(&f, d.path(), "east", 60, now() - 3600);
+    let e = join_err(params(d.path(), expired, "east")).await;
+    assert!(e.contains("the join token expired"), "{e}");
+
+    let good = token(&f, d.path(), "east", 900, now());
+    let mut claims = Claims::decode(&good).unwrap();
+    claims.secret = "00".repeat(24);
+    let e = join_err(params(d.path(), claims.encode(), "east")).await;
+    assert!(e.contains("secret does not match (forged)"), "{e}");
+
+    let e = join_err(params(d.path(), "mft1.garbage!".into(), "east")).await;
+    assert!(e.contains("malformed"), "{e}");
+
+    let revoked = token(&f, d.path(), "east", 900, now());
+    let id = Claims::decode(&revoked).unwrap().id;
+    TokenStore::new(&d.path().join("fed")).revoke(&id).unwrap();
+    let e = join_err(params(d.path(), revoked, "east")).await;
+    assert!(e.contains("revoked"), "{e}");
+
+    // A token bound to east cannot join west (checked locally and by the federator).
+    let e = join_err(params(d.path(), good.clone(), "west")).await;
+    assert!(e.contains("for cluster \"east\""), "{e}");
+    assert_eq!(members(&f), 0);
+
+    // The good token works once, then never again.
+    identity::join(params(d.path(), good.clone(), "east"))
+        .await
+        .unwrap();
+    assert_eq!(members(&f), 1);
+    let mut p = params(d.path(), good, "east");
+    p.state_dir = d.path().join("east-again");
+    let e = join_err(p).await;
+    assert!(e.contains("already used"), "{e}");
+    assert!(f
+        .metrics_text()
+        .contains("meshfed_federation_joins_total{reason=\"token\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federator_whose_ca_does_not_match_the_pin_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let good = token(&f, d.path(), "east", 900, now());
+    let mut claims = Claims::decode(&good).unwrap();
+    claims.ca_sha256 = "ab".repeat(32);
+    let e = join_err(params(d.path(), claims.encode(), "east")).await;
+    assert!(e.contains("does not match the pinned fingerprint"), "{e}");
+    assert_eq!(members(&f), 0, "the federator never saw a join");
+}
+
+async fn joined(f: &Federator, dir: &Path, cluster: &str) -> ClusterIdentity {
+    identity::join(params(dir, token(f, dir, cluster, 900, now()), cluster))
+        .await
+        .unwrap()
+}
+
+async fn client(id: &ClusterIdentity) -> FederationClient<tonic::transport::Channel> {
+    let (cfg, _) = id.client_config().unwrap();
+    FederationClient::new(
+        meshfed::net::channel(id.file.federators.clone(), cfg, "federator").unwrap(),
+    )
+}
+
+/// Opens a Sync stream and sends `msgs`; returns the status the stream ended with.
+async fn sync_until_error(id: &ClusterIdentity, msgs: Vec<ClusterMessage>) -> tonic::Status {
+    let mut c = client(id).await.max_encoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for m in msgs {
+        tx.send(m).await.unwrap();
+    }
+    let mut inbound = match c.sync(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return s,
+    };
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("stream should end with an error")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without an error"),
+            Err(s) => return s,
+        }
+    }
+}
+
+fn hello(id: &ClusterIdentity) -> ClusterMessage {
+    ClusterMessage {
+        kind: Some(Kind::Hello(Hello {
+            facts: Some(id.facts()),
+            imports_applied_revision: 0,
+        })),
+    }
+}
+
+fn export(name: &str, port: u32) -> ServiceExport {
+    ServiceExport {
+        namespace: "shop".into(),
+        name: name.into(),
+        ports: vec![Port {
+            name: "http".into(),
+            port,
+            protocol: "TCP".into(),
+            app_protocol: String::new(),
+        }],
+        ..Default::default()
+    }
+}
+
+fn exports(version: u64, e: Vec<ServiceExport>) -> ClusterMessage {
+    ClusterMessage {
+        kind: Some(Kind::Exports(ExportDelta {
+            version,
+            full: false,
+            upserts: e,
+            removals: vec![],
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_may_only_speak_for_itself() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let _west = joined(&f, d.path(), "west").await;
+    let mut forged = east.facts();
+    forged.cluster_id = "west".into();
+    let s = sync_until_error(
+        &east,
+        vec![ClusterMessage {
+            kind: Some(Kind::Hello(Hello {
+                facts: Some(forged),
+                imports_applied_revision: 0,
+            })),
+        }],
+    )
+    .await;
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    assert!(
+        s.message()
+            .contains("authenticated as cluster east; it may not speak for cluster west"),
+        "{}",
+        s.message()
+    );
+    // A trust domain other than the one it joined with is refused as well.
+    let mut other_td = east.facts();
+    other_td.trust_domain = "west.mesh".into();
+    let s = sync_until_error(
+        &east,
+        vec![ClusterMessage {
+            kind: Some(Kind::Hello(Hello {
+                facts: Some(other_td),
+                imports_applied_revision: 0,
+            })),
+        }],
+    )
+    .await;
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    assert!(
+        f.metrics_text().contains(
+            "meshfed_federation_refused_total{cluster=\"east\",reason=\"permission_denied\"} 2"
+        ),
+        "{}",
+        f.metrics_text()
+    );
+    assert_eq!(
+        f.report()
+            .unwrap()
+            .clusters
+            .iter()
+            .find(|c| c.cluster == "west")
+            .unwrap()
+            .exports,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_messages_are_refused_naming_the_field_without_hurting_others() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let west = joined(&f, d.path(), "west").await;
+
+    // west keeps a healthy stream open throughout.
+    let mut wc = client(&west).await;
+    let (wtx, wrx) = tokio::sync::mpsc::channel(16);
+    wtx.send(hello(&west)).await.unwrap();
+    let mut w_in = wc
+        .sync(ReceiverStream::new(wrx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let s = sync_until_error(
+        &east,
+        vec![hello(&east), exports(1, vec![export("payment", 0)])],
+    )
+    .await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        s.message(),
+        "exports.upserts[0].ports[0].port: 0 is not in 1-65535"
+    );
+
+    let mut bad_name = export("Payment", 80);
+    bad_name.namespace = "shop".into();
+    let s = sync_until_error(&east, vec![hello(&east), exports(1, vec![bad_name])]).await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(
+        s.message().starts_with("exports.upserts[0].name:"),
+        "{}",
+        s.message()
+    );
+
+    let s = sync_until_error(&east, vec![ClusterMessage { kind: None }]).await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+
+    let s = sync_until_error(&east, vec![exports(1, vec![export("payment", 80)])]).await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(s.message().contains("must be hello"), "{}", s.message());
+
+    let mut huge = export("payment", 80);
+    huge.labels.insert("blob".into(), "x".repeat(17 << 20));
+    let s = sync_until_error(&east, vec![hello(&east), exports(1, vec![huge])]).await;
+    assert!(
+        matches!(
+            s.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+        ),
+        "{s:?}"
+    );
+
+    let bad_bundle = ClusterMessage {
+        kind: Some(Kind::Bundle(proto::BundleUpdate {
+            bundle_json: "{\"keys\": [{\"use\": \"x509-svid\", \"kty\": \"EC\", \"x5c\": []}]}"
+                .into(),
+        })),
+    };
+    let s = sync_until_error(&east, vec![hello(&east), bad_bundle]).await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(s.message().contains("keys[0].x5c"), "{}", s.message());
+
+    // west's stream is unaffected: a valid export from east still reaches it.
+    let mut ec = client(&east).await;
+    let (etx, erx) = tokio::sync::mpsc::channel(16);
+    etx.send(hello(&east)).await.unwrap();
+    etx.send(exports(1, vec![export("payment", 80)]))
+        .await
+        .unwrap();
+    let _e_in = ec
+        .sync(ReceiverStream::new(erx))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = w_in.message().await.unwrap().unwrap();
+            if let Some(proto::federator_message::Kind::Imports(d)) = m.kind {
+                if d.upserts.iter().any(|u| u.source_cluster == "east") {
+                    return d;
+                }
+            }
+        }
+    })
+    .await
+    .expect("west receives east's export");
+    assert_eq!(got.upserts[0].export.as_ref().unwrap().name, "payment");
+    assert!(f.metrics_text().contains("reason=\"invalid_argument\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_a_cluster_certificate_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let claims = Claims {
+        id: "00".into(),
+        secret: String::new(),
+        cluster: "east".into(),
+        federators: f.advertise().to_vec(),
+        ca_sha256: f.ca_fingerprint(),
+        federation_trust_domain: f.trust_domain().to_string(),
+        expires: 0,
+    };
+    let verifier = trust::tls::PinnedRootVerifier::new(
+        &claims.ca_sha256,
+        f.trust_domain().clone(),
+        trust::tls::Authorizer::Any,
+    );
+    let cfg = trust::tls::client_config_with(
+        trust::tls::SvidResolver::new(),
+        std::sync::Arc::new(verifier),
+    )
+    .unwrap();
+    let mut c = FederationClient::new(
+        meshfed::net::channel(claims.federators.clone(), cfg, "federator").unwrap(),
+    );
+    let s = c.leave(proto::LeaveRequest {}).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    let s = c.status(proto::StatusRequest {}).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unauthenticated);
+    // With its certificate, east may read the status.
+    let st = client(&east)
+        .await
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.clusters.len(), 1);
+}
