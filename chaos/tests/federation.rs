@@ -273,3 +273,48 @@ fn agent_restarted_while_the_federator_is_down_serves_its_last_imports() {
     .unwrap();
     assert_eq!(imports_from(&west.status().unwrap(), "east"), 1);
 }
+
+#[test]
+fn a_broken_registry_is_reported_with_its_location_and_the_last_good_one_kept() {
+    let f = Federation::start("5s").unwrap();
+    let east = f
+        .add_cluster("east", "net-east", "us-east1/us-east1-b", SHOP)
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(Duration::from_secs(15), "west imports east", || {
+        Ok((imports_from(&west.status()?, "east") == 1).then_some(()))
+    })
+    .unwrap();
+
+    east.write_registry(
+        "services:\n  - namespace: shop\n    name: payment\n    ports: [{port: 99999}]\n",
+    )
+    .unwrap();
+    let err = wait_for(Duration::from_secs(10), "the registry error", || {
+        Ok(east.status()?["registry_error"]
+            .as_str()
+            .map(str::to_string))
+    })
+    .unwrap();
+    let file = east.registry.display().to_string();
+    assert!(err.starts_with(&format!("{file}:4:")), "{err}");
+    assert!(err.contains("99999"), "{err}");
+    let (code, _) = status(&east.admin).unwrap();
+    assert_eq!(code, 1, "a broken registry is a problem");
+    // The last good registry is still exported.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(imports_from(&west.status().unwrap(), "east"), 1);
+    assert_eq!(f.cluster_status("east").unwrap()["exports"], 2);
+
+    // Fixing the file clears the error and the change flows.
+    east.write_registry(&registry_yaml("svc", 3, 8080, ""))
+        .unwrap();
+    wait_for(Duration::from_secs(10), "the fixed registry", || {
+        let e = east.status()?;
+        let w = west.status()?;
+        Ok((e["registry_error"].is_null() && imports_from(&w, "east") == 3).then_some(()))
+    })
+    .unwrap();
+}

@@ -4,12 +4,22 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// mimalloc returns freed memory to the system promptly; with glibc's allocator the federator's
+// resident size kept every transient import delta it ever built (see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = meshfed::cli::Cli::parse();
+    // Servers log what they do; the demo's own output is the story, so it only shows warnings.
+    let default = match args.command {
+        meshfed::cli::Command::Demo(_) => "warn,meshfed::federation::server=error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESHFED_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

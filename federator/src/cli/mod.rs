@@ -48,6 +48,18 @@ pub enum Command {
     Leave(agent::LeaveArgs),
     /// Show the measured state of a federator or an agent (exit 1 when unhealthy).
     Status(status::StatusArgs),
+    /// Run a whole federation on this machine and show it working (--check: assert and exit).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Keep the demo's state here (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    state_dir: Option<std::path::PathBuf>,
+    /// Assert every expected outcome, print one line per assertion, exit 0 only if all hold.
+    #[arg(long)]
+    check: bool,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -65,6 +77,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(a) => runtime()?.block_on(agent::run(a)),
         Command::Leave(a) => runtime()?.block_on(agent::leave(a)),
         Command::Status(a) => runtime()?.block_on(status::run(a)),
+        Command::Demo(a) => {
+            crate::demo::preflight()?;
+            let opts = crate::demo::DemoOptions {
+                state_dir: a.state_dir,
+                check: a.check,
+            };
+            let ok = runtime()?.block_on(async {
+                tokio::select! {
+                    r = crate::demo::run(opts) => r,
+                    _ = shutdown_signal() => {
+                        println!("interrupted; cleaning up");
+                        Ok(false)
+                    }
+                }
+            })?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_CHECK_FAILED)
+            })
+        }
     }
 }
 

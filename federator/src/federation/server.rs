@@ -24,13 +24,14 @@ use trust::{BundleSet, TrustBundle, TrustDomain, TrustStore};
 
 use super::identity::{cluster_of, FederationCa};
 use super::status::{ClusterReport, FederationReport};
-use super::store::{Change, ClusterRecord, Store, StoreError};
+use super::store::{Change, ClusterRecord, Cursor, Store, StoreError};
 use super::token::{Claims, TokenError, TokenStore};
 use crate::metrics::FederationMetrics;
 use crate::types::{self, MAX_MESSAGE_BYTES, MAX_SERVICES_PER_DELTA};
 
-/// How many export changes one import delta carries at most (cut at a revision boundary).
-const IMPORT_CHUNK: usize = 2000;
+/// How many export changes one import delta carries at most. Small chunks bound the memory a
+/// full resync of many importers takes at once.
+const IMPORT_CHUNK: usize = 500;
 /// The first message of a Sync stream must arrive within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -577,8 +578,10 @@ struct Session {
     cluster: String,
     trust_domain: String,
     tx: Tx,
-    /// Import revision the stream has been brought to (sent, not necessarily acknowledged).
+    /// Last import revision completely sent (not necessarily acknowledged).
     sent: u64,
+    /// Where reading the change index continues.
+    cursor: Cursor,
     /// Highest revision the cluster has acknowledged.
     acked: u64,
     /// Revision of the last delta actually sent (later revisions touched only this cluster).
@@ -597,28 +600,27 @@ impl Session {
         status
     }
 
-    /// Sends every change after `self.sent`, in chunks cut at revision boundaries.
+    /// Sends every change after the cursor, in chunks of at most [`IMPORT_CHUNK`] services.
     async fn push_imports(&mut self) -> Result<(), Status> {
         loop {
-            let (changes, upto) = tokio::task::block_in_place(|| {
-                self.hub
-                    .store
-                    .changes_since(&self.cluster, self.sent, IMPORT_CHUNK)
-            })
-            .map_err(store_status)?;
-            if upto <= self.sent && changes.is_empty() {
+            let (changes, next, complete) = self
+                .hub
+                .store
+                .changes_since(&self.cluster, &self.cursor, IMPORT_CHUNK)
+                .map_err(store_status)?;
+            let moved = next != self.cursor;
+            if !moved && changes.is_empty() {
                 return Ok(());
             }
             let records = self.hub.store.clusters().map_err(store_status)?;
             let mut delta = ImportDelta {
-                revision: upto,
+                revision: complete,
                 ..Default::default()
             };
             let mut peers_changed = false;
-            for r in records
-                .iter()
-                .filter(|r| r.id != self.cluster && r.revision > self.sent && r.revision <= upto)
-            {
+            for r in records.iter().filter(|r| {
+                r.id != self.cluster && r.revision > self.sent && r.revision <= complete
+            }) {
                 peers_changed = true;
                 if r.left || r.bundle_json.is_empty() {
                     delta.bundle_removals.push(r.trust_domain.clone());
@@ -654,9 +656,9 @@ impl Session {
             if empty {
                 // Only this cluster's own changes happened: no push. If nothing is outstanding,
                 // the cluster is simply up to date.
-                if self.acked == self.sent {
-                    self.acked = upto;
-                    self.note_acked(upto);
+                if self.acked == self.sent && complete > self.acked {
+                    self.acked = complete;
+                    self.note_acked(complete);
                 }
             } else {
                 self.hub
@@ -664,10 +666,11 @@ impl Session {
                     .import_deltas
                     .with_label_values(&[&self.cluster])
                     .inc();
-                self.last_delta = upto;
+                self.last_delta = complete;
                 send(&self.tx, Out::Imports(delta)).await?;
             }
-            self.sent = upto;
+            self.sent = self.sent.max(complete);
+            self.cursor = next;
             if peers_changed {
                 let p = self.hub.peer_states(&self.cluster)?;
                 send(&self.tx, Out::Peers(p)).await?;
@@ -906,6 +909,7 @@ impl Service {
             cluster: cluster.clone(),
             tx: tx.clone(),
             sent: hello.imports_applied_revision,
+            cursor: Cursor::AfterRevision(hello.imports_applied_revision),
             acked: hello.imports_applied_revision,
             last_delta: hello.imports_applied_revision,
             bucket: Bucket::new(hub.cfg.rate_limit),
@@ -923,6 +927,7 @@ impl Service {
             .await?;
             s.sent = 0;
             s.acked = 0;
+            s.cursor = Cursor::AfterRevision(0);
         }
         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
         s.push_imports().await?;
@@ -1072,7 +1077,7 @@ impl Federation for Service {
     ) -> Result<Response<Self::SyncStream>, Status> {
         let cluster = self.hub.authenticate(&req)?;
         let inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
         tokio::spawn(async move {
             let generation_before = hub.generation(&cluster);

@@ -1,17 +1,17 @@
-//! The federator's durable state in sled: cluster records, exports (with tombstones) and one
-//! global revision counter. Every mutation runs in one sled transaction across trees and is
-//! flushed to disk before the caller acknowledges anything.
+//! The federator's state: durable in sled, served from memory. Every mutation runs in one sled
+//! transaction across trees and is flushed to disk before the caller acknowledges anything;
+//! then the in-memory view (with its revision and per-service indexes) is updated. Reads never
+//! touch sled, so many importers reading at once cost no disk and no sled page churn; memory
+//! is the size of the data.
 //!
 //! Trees:
 //! - `meta`: `schema` (u32), `revision` (u64, the head revision)
 //! - `clusters`: cluster id -> [`ClusterRecord`] (JSON)
 //! - `exports`: `<cluster>\0<ns>/<name>` -> [`ExportRecord`] (binary, see `encode`)
-//! - `by_rev`: `<mod revision, 8 bytes BE><cluster>\0<ns>/<name>` -> empty (changes index)
-//! - `by_service`: `<ns>/<name>\0<cluster>` -> empty (who exports a service, for conflicts)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message;
 use proto::{ClusterFacts, ExportDelta, ServiceExport};
@@ -151,19 +151,6 @@ fn export_key(cluster: &str, skey: &str) -> Vec<u8> {
     k
 }
 
-fn rev_key(rev: u64, ekey: &[u8]) -> Vec<u8> {
-    let mut k = rev.to_be_bytes().to_vec();
-    k.extend_from_slice(ekey);
-    k
-}
-
-fn service_index_key(skey: &str, cluster: &str) -> Vec<u8> {
-    let mut k = skey.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(cluster.as_bytes());
-    k
-}
-
 /// The result of storing an export delta.
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
@@ -184,14 +171,100 @@ pub enum Change {
     },
 }
 
+/// An export as kept in memory: encoded once, shared by every importer's read.
+struct Stored {
+    cluster: String,
+    created: u64,
+    modified: u64,
+    deleted: bool,
+    conflict: Option<String>,
+    export_to: Vec<String>,
+    namespace: String,
+    name: String,
+    encoded: Vec<u8>,
+}
+
+impl Stored {
+    fn record(&self) -> ExportRecord {
+        ExportRecord {
+            cluster: self.cluster.clone(),
+            created: self.created,
+            modified: self.modified,
+            deleted: self.deleted,
+            conflict: self.conflict.clone(),
+            export: ServiceExport::decode(self.encoded.as_slice()).unwrap_or_default(),
+        }
+    }
+
+    fn visible_to(&self, importer: &str) -> bool {
+        !self.deleted
+            && self.conflict.is_none()
+            && (self.export_to.is_empty() || self.export_to.iter().any(|c| c == importer))
+    }
+}
+
+/// Where an importer's reading stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    /// Every change up to and including this revision has been read.
+    AfterRevision(u64),
+    /// Reading stopped inside a revision, after this (revision, cluster, `ns/name`) entry.
+    AfterKey(u64, String, String),
+}
+
+/// The in-memory view of the store.
+#[derive(Default)]
+struct Mem {
+    head: u64,
+    clusters: BTreeMap<String, ClusterRecord>,
+    /// (cluster, `ns/name`) -> record, tombstones included.
+    exports: BTreeMap<(String, String), Arc<Stored>>,
+    /// (modified revision, cluster, `ns/name`): the change index importers read.
+    by_rev: BTreeSet<(u64, String, String)>,
+    /// `ns/name` -> clusters with a live export of it (for conflicts).
+    by_service: HashMap<String, BTreeSet<String>>,
+}
+
+impl Mem {
+    fn put_export(&mut self, r: ExportRecord) {
+        let skey = service_key(&r.export.namespace, &r.export.name);
+        let k = (r.cluster.clone(), skey.clone());
+        if let Some(old) = self.exports.get(&k) {
+            self.by_rev
+                .remove(&(old.modified, k.0.clone(), k.1.clone()));
+        }
+        self.by_rev.insert((r.modified, k.0.clone(), k.1.clone()));
+        let owners = self.by_service.entry(skey.clone()).or_default();
+        if r.deleted {
+            owners.remove(&r.cluster);
+            if owners.is_empty() {
+                self.by_service.remove(&skey);
+            }
+        } else {
+            owners.insert(r.cluster.clone());
+        }
+        let stored = Stored {
+            encoded: r.export.encode_to_vec(),
+            export_to: r.export.export_to.clone(),
+            namespace: r.export.namespace.clone(),
+            name: r.export.name.clone(),
+            cluster: r.cluster,
+            created: r.created,
+            modified: r.modified,
+            deleted: r.deleted,
+            conflict: r.conflict,
+        };
+        self.exports.insert(k, Arc::new(stored));
+    }
+}
+
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
     clusters: sled::Tree,
     exports: sled::Tree,
-    by_rev: sled::Tree,
-    by_service: sled::Tree,
-    /// One writer at a time: reads that a transaction depends on happen under this lock.
+    mem: RwLock<Mem>,
+    /// One writer at a time: what a transaction is computed from cannot change under it.
     write: Mutex<()>,
 }
 
@@ -210,9 +283,10 @@ fn txn_err(e: TransactionError<StoreError>) -> StoreError {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
+        // sled caches up to 1 GiB by default; reads are served from memory here.
         let db = sled::Config::new()
             .path(dir)
-            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(16 << 20)
             .open()?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema")? {
@@ -230,13 +304,34 @@ impl Store {
                 }
             }
         }
+        let clusters = db.open_tree("clusters")?;
+        let exports = db.open_tree("exports")?;
+        let mut mem = Mem {
+            head: meta
+                .get("revision")?
+                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(0),
+            ..Default::default()
+        };
+        for kv in clusters.iter() {
+            let (k, v) = kv?;
+            let rec: ClusterRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: e.to_string(),
+                })?;
+            mem.clusters.insert(rec.id.clone(), rec);
+        }
+        for kv in exports.iter() {
+            let (k, v) = kv?;
+            mem.put_export(ExportRecord::decode(&k, &v)?);
+        }
         Ok(Store {
-            clusters: db.open_tree("clusters")?,
-            exports: db.open_tree("exports")?,
-            by_rev: db.open_tree("by_rev")?,
-            by_service: db.open_tree("by_service")?,
-            meta,
             db,
+            meta,
+            clusters,
+            exports,
+            mem: RwLock::new(mem),
             write: Mutex::new(()),
         })
     }
@@ -245,43 +340,25 @@ impl Store {
         self.write.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The head revision: every change has a revision at or below it.
-    pub fn head(&self) -> u64 {
-        self.meta
-            .get("revision")
-            .ok()
-            .flatten()
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Mem> {
+        self.mem.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+    fn mem_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mem> {
+        self.mem.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The head revision: every change has a revision at or below it.
+    pub fn head(&self) -> u64 {
+        self.read().head
     }
 
     pub fn cluster(&self, id: &str) -> Result<Option<ClusterRecord>> {
-        match self.clusters.get(id)? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    key: id.to_string(),
-                    reason: e.to_string(),
-                }),
-        }
+        Ok(self.read().clusters.get(id).cloned())
     }
 
     pub fn clusters(&self) -> Result<Vec<ClusterRecord>> {
-        let mut out = Vec::new();
-        for kv in self.clusters.iter() {
-            let (k, v) = kv?;
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: e.to_string(),
-            })?);
-        }
-        Ok(out)
+        Ok(self.read().clusters.values().cloned().collect())
     }
 
     /// Writes a cluster record at a new revision (join, facts or bundle change, leave).
@@ -299,17 +376,18 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
             .map_err(txn_err)?;
-        self.flush()?;
+        self.db.flush()?;
+        let mut m = self.mem_mut();
+        m.head = rev;
+        m.clusters.insert(rec.id.clone(), rec);
         Ok(rev)
     }
 
     /// Records a newly joined cluster (a re-join after leaving replaces the old record).
     pub fn join(&self, rec: ClusterRecord) -> Result<u64> {
         let _g = self.lock();
-        if let Some(old) = self.cluster(&rec.id)? {
-            if !old.left {
-                tracing::info!(cluster = %rec.id, "cluster joined again; its previous record is replaced");
-            }
+        if self.cluster(&rec.id)?.is_some_and(|old| !old.left) {
+            tracing::info!(cluster = %rec.id, "cluster joined again; its previous record is replaced");
         }
         self.put_cluster_at_new_revision(rec)
     }
@@ -352,47 +430,28 @@ impl Store {
     /// only costs a resend).
     pub fn set_imports_acked(&self, id: &str, revision: u64) -> Result<()> {
         let _g = self.lock();
-        if let Some(mut rec) = self.cluster(id)? {
-            if rec.imports_acked_revision != revision {
-                rec.imports_acked_revision = revision;
-                let json = serde_json::to_vec(&rec).unwrap_or_default();
-                self.clusters.insert(id.as_bytes(), json)?;
-            }
+        let Some(mut rec) = self.cluster(id)? else {
+            return Ok(());
+        };
+        if rec.imports_acked_revision == revision {
+            return Ok(());
         }
+        rec.imports_acked_revision = revision;
+        let json = serde_json::to_vec(&rec).unwrap_or_default();
+        self.clusters.insert(id.as_bytes(), json)?;
+        self.mem_mut().clusters.insert(id.to_string(), rec);
         Ok(())
     }
 
     /// The live (non-deleted) exports of `cluster`, keyed by `ns/name`.
     pub fn exports_of(&self, cluster: &str) -> Result<BTreeMap<String, ExportRecord>> {
-        let mut prefix = cluster.as_bytes().to_vec();
-        prefix.push(0);
-        let mut out = BTreeMap::new();
-        for kv in self.exports.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            let rec = ExportRecord::decode(&k, &v)?;
-            if !rec.deleted {
-                out.insert(service_key(&rec.export.namespace, &rec.export.name), rec);
-            }
-        }
-        Ok(out)
-    }
-
-    fn exporters_of(&self, skey: &str) -> Result<Vec<ExportRecord>> {
-        let mut prefix = skey.as_bytes().to_vec();
-        prefix.push(0);
-        let mut out = Vec::new();
-        for kv in self.by_service.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            let cluster = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let ekey = export_key(&cluster, skey);
-            if let Some(v) = self.exports.get(&ekey)? {
-                let rec = ExportRecord::decode(&ekey, &v)?;
-                if !rec.deleted {
-                    out.push(rec);
-                }
-            }
-        }
-        Ok(out)
+        let m = self.read();
+        Ok(m.exports
+            .range((cluster.to_string(), String::new())..)
+            .take_while(|((c, _), _)| c == cluster)
+            .filter(|(_, r)| !r.deleted)
+            .map(|((_, k), r)| (k.clone(), r.record()))
+            .collect())
     }
 
     /// Stores an export delta from `cluster`: durable before this returns.
@@ -422,79 +481,81 @@ impl Store {
         for e in &delta.upserts {
             next.insert(service_key(&e.namespace, &e.name), e.clone());
         }
-        // Records to write: changed or new exports, and tombstones.
-        let mut writes: BTreeMap<String, ExportRecord> = BTreeMap::new();
-        let mut old_revs: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Records to write, keyed by (cluster, ns/name): changed or new exports, tombstones,
+        // and other clusters' exports whose conflict flag changes.
+        let mut writes: BTreeMap<(String, String), ExportRecord> = BTreeMap::new();
         let mut touched: BTreeSet<String> = BTreeSet::new();
-        for (k, e) in &next {
-            match current.get(k) {
-                Some(old) if old.export == *e => {}
-                Some(old) => {
-                    old_revs.push((old.modified, export_key(cluster, k)));
+        {
+            let m = self.read();
+            for (k, e) in &next {
+                match current.get(k) {
+                    Some(old) if old.export == *e => {}
+                    Some(old) => {
+                        writes.insert(
+                            (cluster.to_string(), k.clone()),
+                            ExportRecord {
+                                modified: rev,
+                                export: e.clone(),
+                                ..old.clone()
+                            },
+                        );
+                        touched.insert(k.clone());
+                    }
+                    None => {
+                        writes.insert(
+                            (cluster.to_string(), k.clone()),
+                            ExportRecord {
+                                cluster: cluster.to_string(),
+                                created: rev,
+                                modified: rev,
+                                deleted: false,
+                                conflict: None,
+                                export: e.clone(),
+                            },
+                        );
+                        touched.insert(k.clone());
+                    }
+                }
+            }
+            for (k, old) in &current {
+                if !next.contains_key(k) {
                     writes.insert(
-                        k.clone(),
+                        (cluster.to_string(), k.clone()),
                         ExportRecord {
                             modified: rev,
-                            export: e.clone(),
+                            deleted: true,
+                            conflict: None,
                             ..old.clone()
                         },
                     );
                     touched.insert(k.clone());
                 }
-                None => {
-                    // A tombstone may exist under the key; its index entry goes too.
-                    let ekey = export_key(cluster, k);
-                    if let Some(v) = self.exports.get(&ekey)? {
-                        let t = ExportRecord::decode(&ekey, &v)?;
-                        old_revs.push((t.modified, ekey));
+            }
+            // Conflicts: for every touched service the oldest live export wins; newer ones
+            // that disagree on ports are excluded. A flag that changes bumps that export.
+            for skey in &touched {
+                let mut live: Vec<ExportRecord> = m
+                    .by_service
+                    .get(skey)
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c.as_str() != cluster)
+                    .filter_map(|c| {
+                        m.exports
+                            .get(&(c.clone(), skey.clone()))
+                            .map(|r| r.record())
+                    })
+                    .collect();
+                if let Some(w) = writes.get(&(cluster.to_string(), skey.clone())) {
+                    if !w.deleted {
+                        live.push(w.clone());
                     }
-                    writes.insert(
-                        k.clone(),
-                        ExportRecord {
-                            cluster: cluster.to_string(),
-                            created: rev,
-                            modified: rev,
-                            deleted: false,
-                            conflict: None,
-                            export: e.clone(),
-                        },
-                    );
-                    touched.insert(k.clone());
                 }
-            }
-        }
-        for (k, old) in &current {
-            if !next.contains_key(k) {
-                old_revs.push((old.modified, export_key(cluster, k)));
-                writes.insert(
-                    k.clone(),
-                    ExportRecord {
-                        modified: rev,
-                        deleted: true,
-                        conflict: None,
-                        ..old.clone()
-                    },
-                );
-                touched.insert(k.clone());
-            }
-        }
-        // Conflicts: for every touched service, the oldest live export wins; newer ones that
-        // disagree on ports are excluded. A flag that changes bumps that export's revision.
-        let mut conflicts = Vec::new();
-        for skey in &touched {
-            let mut all: BTreeMap<String, ExportRecord> = self
-                .exporters_of(skey)?
-                .into_iter()
-                .map(|r| (r.cluster.clone(), r))
-                .collect();
-            if let Some(w) = writes.get(skey) {
-                all.insert(cluster.to_string(), w.clone());
-            }
-            let mut live: Vec<&ExportRecord> = all.values().filter(|r| !r.deleted).collect();
-            live.sort_by_key(|r| (r.created, r.cluster.clone()));
-            let mut flags: Vec<(String, Option<String>)> = Vec::new();
-            if let Some((oldest, rest)) = live.split_first() {
-                flags.push((oldest.cluster.clone(), None));
+                live.sort_by(|a, b| (a.created, &a.cluster).cmp(&(b.created, &b.cluster)));
+                let Some((oldest, rest)) = live.split_first() else {
+                    continue;
+                };
+                let mut flags = vec![(oldest.clone(), None)];
                 for r in rest {
                     let c = port_conflict(&oldest.export, &r.export).map(|why| {
                         format!(
@@ -502,73 +563,54 @@ impl Store {
                             oldest.cluster
                         )
                     });
-                    flags.push((r.cluster.clone(), c));
+                    flags.push((r.clone(), c));
                 }
-            }
-            for (c, flag) in flags {
-                let mut r = match writes.get(skey).filter(|_| c == cluster) {
-                    Some(w) => w.clone(),
-                    None => all[&c].clone(),
-                };
-                if c == cluster {
-                    if let Some(f) = &flag {
-                        conflicts.push(f.clone());
-                    }
-                }
-                if r.conflict != flag {
-                    if c != cluster || !writes.contains_key(skey) {
-                        old_revs.push((r.modified, export_key(&c, skey)));
-                    }
-                    r.conflict = flag;
-                    r.modified = rev;
-                    if c == cluster {
-                        writes.insert(skey.clone(), r);
-                    } else {
-                        writes.insert(format!("\u{1}{c}\u{1}{skey}"), r);
+                for (mut r, flag) in flags {
+                    if r.conflict != flag {
+                        r.conflict = flag;
+                        r.modified = rev;
+                        writes.insert((r.cluster.clone(), skey.clone()), r);
                     }
                 }
             }
         }
+        let conflicts: Vec<String> = next
+            .keys()
+            .filter_map(|k| {
+                writes
+                    .get(&(cluster.to_string(), k.clone()))
+                    .map(|w| w.conflict.clone())
+                    .unwrap_or_else(|| current.get(k).and_then(|c| c.conflict.clone()))
+            })
+            .collect();
         rec.exports_acked_version = delta.version;
         let rec_json = serde_json::to_vec(&rec).unwrap_or_default();
         let changed = !writes.is_empty();
-        let encoded: Vec<(Vec<u8>, Vec<u8>, String, bool)> = writes
-            .values()
-            .map(|r| {
-                let skey = service_key(&r.export.namespace, &r.export.name);
-                (export_key(&r.cluster, &skey), r.encode(), skey, r.deleted)
-            })
+        let encoded: Vec<(Vec<u8>, Vec<u8>)> = writes
+            .iter()
+            .map(|((c, k), r)| (export_key(c, k), r.encode()))
             .collect();
-        (
-            &self.meta,
-            &self.clusters,
-            &self.exports,
-            &self.by_rev,
-            &self.by_service,
-        )
-            .transaction(|(meta, clusters, exports, by_rev, by_service)| {
+        (&self.meta, &self.clusters, &self.exports)
+            .transaction(|(meta, clusters, exports)| {
                 if changed {
                     meta.insert("revision", &rev.to_be_bytes())?;
                 }
                 clusters.insert(cluster.as_bytes(), rec_json.as_slice())?;
-                for (r, k) in &old_revs {
-                    by_rev.remove(rev_key(*r, k))?;
-                }
-                for (ekey, val, skey, deleted) in &encoded {
-                    exports.insert(ekey.as_slice(), val.as_slice())?;
-                    by_rev.insert(rev_key(rev, ekey), &[])?;
-                    let owner = ekey.split(|b| *b == 0).next().unwrap_or_default();
-                    let sk = service_index_key(skey, &String::from_utf8_lossy(owner));
-                    if *deleted {
-                        by_service.remove(sk)?;
-                    } else {
-                        by_service.insert(sk, &[])?;
-                    }
+                for (k, v) in &encoded {
+                    exports.insert(k.as_slice(), v.as_slice())?;
                 }
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
             .map_err(txn_err)?;
-        self.flush()?;
+        self.db.flush()?;
+        let mut m = self.mem_mut();
+        if changed {
+            m.head = rev;
+        }
+        m.clusters.insert(cluster.to_string(), rec);
+        for (_, r) in writes {
+            m.put_export(r);
+        }
         Ok(Applied {
             revision: changed.then_some(rev),
             conflicts,
@@ -590,76 +632,77 @@ impl Store {
         self.put_cluster_at_new_revision(rec)
     }
 
-    /// Export changes after revision `since`, oldest first, cut at a revision boundary once
-    /// `limit` changes are collected. Returns the changes and the revision they bring the
-    /// reader to. The importer's own exports are skipped.
+    /// Export changes after `cursor`, oldest first, at most `limit` of them (a chunk may end
+    /// inside a revision). Returns the changes, where to continue, and the last revision that
+    /// is now completely read (what the reader may acknowledge). The importer's own exports are
+    /// skipped.
     pub fn changes_since(
         &self,
         importer: &str,
-        since: u64,
+        cursor: &Cursor,
         limit: usize,
-    ) -> Result<(Vec<Change>, u64)> {
-        let head = self.head();
+    ) -> Result<(Vec<Change>, Cursor, u64)> {
+        use std::ops::Bound;
+        let m = self.read();
+        let head = m.head;
+        let start = match cursor {
+            Cursor::AfterRevision(r) => Bound::Included((r + 1, String::new(), String::new())),
+            Cursor::AfterKey(r, c, k) => Bound::Excluded((*r, c.clone(), k.clone())),
+        };
         let mut out = Vec::new();
-        let mut upto = since;
-        let mut truncated = false;
-        let start = (since + 1).to_be_bytes();
-        for kv in self.by_rev.range(start.as_slice()..) {
-            let (k, _) = kv?;
-            if k.len() < 8 {
+        let mut last: Option<&(u64, String, String)> = None;
+        for key in m.by_rev.range((start, Bound::Unbounded)) {
+            let (rev, cluster, skey) = key;
+            if *rev > head {
+                break;
+            }
+            if out.len() >= limit {
+                // Stopped at `key`: the last revision read is complete only if `key` starts a new one.
+                let prev = last.map(|l| l.0).unwrap_or(0);
+                let complete = if prev == *rev {
+                    prev.saturating_sub(1)
+                } else {
+                    prev
+                };
+                let (r, c, k) = last.cloned().unwrap_or_default();
+                let floor = match cursor {
+                    Cursor::AfterRevision(r) => *r,
+                    Cursor::AfterKey(r, ..) => r.saturating_sub(1),
+                };
+                return Ok((out, Cursor::AfterKey(r, c, k), complete.max(floor)));
+            }
+            last = Some(key);
+            if cluster == importer {
                 continue;
             }
-            let rev = u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8]));
-            if rev > head {
-                break;
-            }
-            if rev != upto && out.len() >= limit {
-                truncated = true;
-                break;
-            }
-            upto = rev;
-            let ekey = &k[8..];
-            let Some(v) = self.exports.get(ekey)? else {
+            let Some(r) = m.exports.get(&(cluster.clone(), skey.clone())) else {
                 continue;
             };
-            let r = ExportRecord::decode(ekey, &v)?;
-            if r.cluster == importer {
-                continue;
-            }
-            let visible =
-                !r.deleted && r.conflict.is_none() && crate::types::visible_to(&r.export, importer);
-            if visible {
-                out.push(Change::Upsert(r));
+            if r.visible_to(importer) {
+                out.push(Change::Upsert(r.record()));
             } else {
                 out.push(Change::Remove {
-                    cluster: r.cluster,
-                    namespace: r.export.namespace,
-                    name: r.export.name,
+                    cluster: r.cluster.clone(),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
                 });
             }
         }
-        if !truncated {
-            // Everything up to the head has been read (some revisions touch only clusters).
-            upto = head.max(since);
-        }
-        Ok((out, upto))
+        let floor = match cursor {
+            Cursor::AfterRevision(r) => *r,
+            Cursor::AfterKey(r, ..) => r.saturating_sub(1),
+        };
+        let complete = head.max(floor);
+        Ok((out, Cursor::AfterRevision(complete), complete))
     }
 
     /// Number of live exports visible to `importer` (for status).
     pub fn import_count(&self, importer: &str) -> Result<u64> {
-        let mut n = 0;
-        for kv in self.exports.iter() {
-            let (k, v) = kv?;
-            let r = ExportRecord::decode(&k, &v)?;
-            if r.cluster != importer
-                && !r.deleted
-                && r.conflict.is_none()
-                && crate::types::visible_to(&r.export, importer)
-            {
-                n += 1;
-            }
-        }
-        Ok(n)
+        let m = self.read();
+        Ok(m.exports
+            .values()
+            .filter(|r| r.cluster != importer && r.visible_to(importer))
+            .count() as u64)
     }
 
     /// Conflicts standing against `cluster`'s exports.

@@ -178,7 +178,7 @@ impl TokenStore {
                 }
             }
         }
-        out.sort_by_key(|r| r.created);
+        out.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         Ok(out)
     }
 
@@ -280,7 +280,11 @@ mod tests {
             TokenError::Revoked
         );
         assert_eq!(s.list().unwrap().len(), 2);
-        assert_eq!(s.list().unwrap()[0].id, rec.id.clone());
+        assert!(s
+            .list()
+            .unwrap()
+            .iter()
+            .any(|r| r.id == rec.id && r.used_by.as_deref() == Some("east")));
         assert!(matches!(
             Claims::decode("abc"),
             Err(TokenError::Malformed(_))

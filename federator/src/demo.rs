@@ -1,0 +1,639 @@
+//! `meshfed demo`: a whole federation on this machine, on embedded defaults.
+//!
+//! A federator and three clusters - east (us-east1), west (us-west1), eu (europe-west1) - each
+//! with its own CA and trust domain, its agent, and small coffee-shop workloads. `payment` runs
+//! in east and west and is exported; `order` in eu calls it over mTLS, finding the endpoints
+//! and the peers' trust bundles only through the federation. The script then takes west down
+//! (its payment server and its agent): west's lease expires, eu stops choosing it, and calls
+//! continue on east; west comes back and is used again.
+//!
+//! Everything runs in this process on loopback addresses (each cluster's workloads on their own
+//! 127.0.x.1 address). Later issues add east-west gateways, network namespaces and VMs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use trust::ca::policy::AnyWorkload;
+use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+use trust::{BundleSet, CertificateAuthority, SpiffeId, TrustBundle, TrustDomain, TrustStore};
+
+use crate::agent::identity::{self, JoinParams};
+use crate::agent::{Agent, AgentConfig};
+use crate::federation::token::TokenStore;
+use crate::federation::{Federator, FederatorConfig};
+
+const LEASE_TTL: Duration = Duration::from_secs(3);
+const PAYMENT_PORT: u16 = 18080;
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub state_dir: Option<PathBuf>,
+    /// Assert each expected outcome and exit non-zero if one fails.
+    pub check: bool,
+}
+
+struct ClusterSpec {
+    name: &'static str,
+    region: &'static str,
+    /// Loopback address of this cluster's workloads.
+    addr: &'static str,
+    runs_payment: bool,
+}
+
+const CLUSTERS: [ClusterSpec; 3] = [
+    ClusterSpec {
+        name: "east",
+        region: "us-east1",
+        addr: "127.0.1.1",
+        runs_payment: true,
+    },
+    ClusterSpec {
+        name: "west",
+        region: "us-west1",
+        addr: "127.0.2.1",
+        runs_payment: true,
+    },
+    ClusterSpec {
+        name: "eu",
+        region: "europe-west1",
+        addr: "127.0.3.1",
+        runs_payment: false,
+    },
+];
+
+fn registry(c: &ClusterSpec) -> String {
+    let mut y = String::from("services:\n");
+    if c.runs_payment {
+        y.push_str(&format!(
+            "  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PAYMENT_PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {}, serviceAccount: payment, labels: {{version: v1}}}}]\n",
+            c.addr
+        ));
+        y.push_str(&format!(
+            "  - namespace: shop\n    name: inventory\n    ports: [{{name: http, port: 8081}}]\n    exportTo: [{}]\n    endpoints: [{{address: {}}}]\n",
+            if c.name == "east" { "west" } else { "east" },
+            c.addr
+        ));
+    } else {
+        y.push_str(&format!(
+            "  - namespace: shop\n    name: order\n    ports: [{{name: http, port: 8082}}]\n    endpoints: [{{address: {}, serviceAccount: order}}]\n",
+            c.addr
+        ));
+    }
+    y
+}
+
+/// One line of the scripted run, and whether it held (in --check mode).
+struct Checks {
+    check: bool,
+    passed: u32,
+    failed: u32,
+}
+
+impl Checks {
+    fn assert(&mut self, ok: bool, what: &str, detail: String) {
+        let mark = if ok { "PASS" } else { "FAIL" };
+        if self.check {
+            println!("[{mark}] {what}: {detail}");
+        } else {
+            println!("  {} {what}: {detail}", if ok { "ok " } else { "!! " });
+        }
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+/// A payment server: mTLS with the cluster's SVID, accepting only order from eu.
+async fn payment_server(
+    cluster: &str,
+    addr: &str,
+    ca: &CertificateAuthority,
+    store: TrustStore,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let id = SpiffeId::istio_workload(ca.trust_domain(), "shop", "payment")?;
+    let svid = ca.issue_svid(&id, &AnyWorkload, time::Duration::hours(1))?;
+    let allowed = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
+    let cfg = trust::tls::server_config(
+        SvidResolver::with(&svid)?,
+        SpiffeVerifier::new(store, Authorizer::id(allowed)),
+    )?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind((addr, PAYMENT_PORT))
+        .await
+        .with_context(|| {
+            format!("cannot listen on {addr}:{PAYMENT_PORT} for {cluster}'s payment")
+        })?;
+    let cluster = cluster.to_string();
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let acceptor = acceptor.clone();
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 64];
+                if let Ok(n) = tls.read(&mut buf).await {
+                    let reply = format!(
+                        "paid by {cluster} for {}",
+                        String::from_utf8_lossy(&buf[..n]).trim()
+                    );
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    }))
+}
+
+#[derive(Default)]
+struct Counters {
+    by_cluster: Mutex<BTreeMap<String, u64>>,
+    failed: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn snapshot(&self) -> (BTreeMap<String, u64>, u64) {
+        (
+            self.by_cluster
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    b.iter()
+        .map(|(k, v)| (k.clone(), v - a.get(k).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// order in eu: calls payment every 20 ms, choosing among the instances eu's agent knows,
+/// fresh clusters first, and verifying each server against the bundle of its own trust domain
+/// as received through the federation.
+fn load_generator(
+    agent: Arc<crate::agent::Inner>,
+    client_svid: trust::Svid,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let resolver = match SvidResolver::with(&client_svid) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            n += 1;
+            let snap = agent.model.current();
+            let services = snap.services();
+            let Some(instances) = services.get("shop/payment") else {
+                continue;
+            };
+            let fresh: Vec<_> = instances.iter().filter(|i| i.fresh).collect();
+            let pool = if fresh.is_empty() {
+                instances.iter().collect::<Vec<_>>()
+            } else {
+                fresh
+            };
+            let inst = pool[(n as usize) % pool.len()];
+            let Some(ep) = inst.export.endpoints.first() else {
+                continue;
+            };
+            let Some(peer_td) = snap
+                .peers
+                .get(&inst.cluster)
+                .and_then(|p| p.facts.as_ref())
+                .map(|f| f.trust_domain.clone())
+            else {
+                continue;
+            };
+            let mut set = BundleSet::new();
+            for (td, json) in &snap.bundles {
+                if let Ok(t) = TrustDomain::new(td) {
+                    if let Ok(b) = TrustBundle::from_json(t, json, "peer bundle") {
+                        let _ = set.insert(b);
+                    }
+                }
+            }
+            let expect = TrustDomain::new(&peer_td)
+                .and_then(|td| SpiffeId::istio_workload(&td, "shop", "payment"));
+            let Ok(expect) = expect else { continue };
+            let result = async {
+                let cfg = trust::tls::client_config(
+                    resolver.clone(),
+                    SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(expect)),
+                )?;
+                let port = inst
+                    .export
+                    .ports
+                    .first()
+                    .map(|p| p.port as u16)
+                    .unwrap_or(PAYMENT_PORT);
+                let tcp = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    TcpStream::connect((ep.address.as_str(), port)),
+                )
+                .await??;
+                let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                    .connect(ServerName::try_from("payment.shop")?, tcp)
+                    .await?;
+                tls.write_all(format!("order-{n}").as_bytes()).await?;
+                let mut reply = String::new();
+                tokio::time::timeout(Duration::from_millis(500), tls.read_to_string(&mut reply))
+                    .await??;
+                anyhow::ensure!(
+                    reply.starts_with(&format!("paid by {}", inst.cluster)),
+                    "unexpected reply {reply:?}"
+                );
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    if let Ok(mut m) = counters.by_cluster.lock() {
+                        *m.entry(inst.cluster.clone()).or_default() += 1;
+                    }
+                }
+                Err(e) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut l) = counters.last_error.lock() {
+                        *l = Some(format!("{}: {e:#}", inst.cluster));
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+fn fmt_counts(m: &BTreeMap<String, u64>, failed: u64) -> String {
+    let mut parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    parts.push(format!("failed={failed}"));
+    parts.join(" ")
+}
+
+pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
+    let tmp;
+    let root: PathBuf = match &opts.state_dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
+                bail!(
+                    "{} is not empty; give the demo an empty or new directory",
+                    d.display()
+                );
+            }
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    println!(
+        "meshfed demo: a federation of three clusters on this machine (state in {})",
+        root.display()
+    );
+    println!("mode: loopback (each cluster's workloads on their own 127.0.x.1 address; network namespaces come with the chaos harness)\n");
+    let mut checks = Checks {
+        check: opts.check,
+        passed: 0,
+        failed: 0,
+    };
+
+    let mut cfg = FederatorConfig::new(root.join("federator"), "127.0.0.1:0".into());
+    cfg.admin = Some("127.0.0.1:0".into());
+    cfg.lease_ttl = LEASE_TTL;
+    let fed = Federator::start(cfg).await?;
+    println!(
+        "federator   gRPC {}  admin http://{}/status  trust domain {}",
+        fed.grpc_addr,
+        fed.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+        fed.trust_domain()
+    );
+
+    let tokens = TokenStore::new(&root.join("federator"));
+    let mut agents: BTreeMap<&str, Agent> = BTreeMap::new();
+    let mut cas: BTreeMap<&str, CertificateAuthority> = BTreeMap::new();
+    for c in &CLUSTERS {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (_, tok) = tokens.create(
+            c.name,
+            900,
+            fed.advertise().to_vec(),
+            fed.ca_fingerprint(),
+            fed.trust_domain().to_string(),
+            now,
+        )?;
+        let dir = root.join(c.name);
+        let id = identity::join(JoinParams {
+            token: tok,
+            state_dir: dir.clone(),
+            cluster: c.name.into(),
+            network: format!("net-{}", c.name),
+            trust_domain: TrustDomain::new(&format!("{}.mesh", c.name))?,
+            locality: crate::types::parse_locality(&format!("{}/{}-b", c.region, c.region))
+                .map_err(anyhow::Error::msg)?,
+            gateways: vec![format!("{}:15443", c.addr)],
+            ca: None,
+        })
+        .await?;
+        let reg = dir.join("registry.yaml");
+        std::fs::write(&reg, registry(c))?;
+        let agent = Agent::start(AgentConfig {
+            state_dir: dir.clone(),
+            registry: reg,
+            admin: Some("127.0.0.1:0".into()),
+            registry_poll: Duration::from_millis(200),
+        })
+        .await?;
+        println!(
+            "cluster {:<5} trust domain {:<10} region {:<13} workloads on {}  agent admin http://{}/status",
+            c.name,
+            id.file.trust_domain,
+            c.region,
+            c.addr,
+            agent.admin_addr.map(|a| a.to_string()).unwrap_or_default()
+        );
+        cas.insert(c.name, CertificateAuthority::load(&dir.join("ca"))?);
+        agents.insert(c.name, agent);
+    }
+    checks.assert(
+        fed.report()?.clusters.len() == 3,
+        "joins",
+        "east, west and eu joined with one-time tokens".into(),
+    );
+
+    // Imports and bundles reach eu through the federation.
+    let eu = agents.get("eu").context("eu agent")?.inner.clone();
+    let got = wait_until(Duration::from_secs(15), || {
+        let s = eu.model.current();
+        s.services().get("shop/payment").map(|v| v.len()) == Some(2)
+            && s.bundles.contains_key("east.mesh")
+            && s.bundles.contains_key("west.mesh")
+    })
+    .await;
+    let s = eu.model.current();
+    let sources: Vec<String> = s
+        .services()
+        .get("shop/payment")
+        .map(|v| v.iter().map(|i| i.cluster.clone()).collect())
+        .unwrap_or_default();
+    checks.assert(
+        got,
+        "imports",
+        format!("eu imports shop/payment from [{}]", sources.join(", ")),
+    );
+    checks.assert(
+        got,
+        "bundles",
+        format!(
+            "eu holds the trust bundles of [{}] (never merged)",
+            s.bundles.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    );
+    let inv_at_eu = s.services().contains_key("shop/inventory");
+    let west_inv = wait_until(Duration::from_secs(10), || {
+        agents
+            .get("west")
+            .map(|a| {
+                a.model()
+                    .current()
+                    .imports
+                    .keys()
+                    .any(|(c, k)| c == "east" && k == "shop/inventory")
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    checks.assert(
+        west_inv && !inv_at_eu,
+        "exportTo",
+        "east's inventory (exportTo: [west]) reaches west and not eu".into(),
+    );
+
+    // Workloads: payment in east and west, order in eu.
+    let stop_all = Arc::new(AtomicBool::new(false));
+    let mut servers = BTreeMap::new();
+    for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
+        let ca = cas.get(c.name).context("ca")?;
+        let mut set = BundleSet::new();
+        set.insert(cas.get("eu").context("eu ca")?.bundle())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        servers.insert(
+            c.name,
+            (
+                payment_server(c.name, c.addr, ca, TrustStore::new(set), stop.clone()).await?,
+                stop,
+            ),
+        );
+    }
+    let order_id = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
+    let order_svid = cas.get("eu").context("eu ca")?.issue_svid(
+        &order_id,
+        &AnyWorkload,
+        time::Duration::hours(1),
+    )?;
+    let counters = Arc::new(Counters::default());
+    let lg = load_generator(eu.clone(), order_svid, counters.clone(), stop_all.clone());
+    println!("\nworkloads: payment in east and west (spiffe://<cluster>.mesh/ns/shop/sa/payment), order in eu calling it every 20 ms over mTLS\n");
+
+    let phase = |name: &str, secs: u64| {
+        let name = name.to_string();
+        let counters = counters.clone();
+        async move {
+            let (before, f0) = counters.snapshot();
+            for _ in 0..secs {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (now, f) = counters.snapshot();
+                println!(
+                    "  [{name}] calls since phase start: {}",
+                    fmt_counts(&diff(&before, &now), f - f0)
+                );
+            }
+            let (after, f1) = counters.snapshot();
+            (diff(&before, &after), f1 - f0)
+        }
+    };
+
+    println!("phase 1: both payment clusters healthy");
+    let (p1, f1) = phase("steady", 3).await;
+    checks.assert(
+        p1.get("east").copied().unwrap_or(0) > 10
+            && p1.get("west").copied().unwrap_or(0) > 10
+            && f1 == 0,
+        "cross-trust-domain mTLS",
+        format!(
+            "order (eu.mesh) called payment in east.mesh and west.mesh: {}",
+            fmt_counts(&p1, f1)
+        ),
+    );
+
+    println!("\nphase 2: west goes down (its payment server and its agent stop)");
+    if let Some((task, stop)) = servers.remove("west") {
+        stop.store(true, Ordering::Relaxed);
+        task.abort();
+    }
+    if let Some(a) = agents.remove("west") {
+        a.stop();
+    }
+    let t0 = Instant::now();
+    let stale = wait_until(LEASE_TTL + Duration::from_secs(3), || {
+        eu.model
+            .current()
+            .peers
+            .get("west")
+            .is_some_and(|p| p.lease == proto::LeaseState::Stale as i32)
+    })
+    .await;
+    let stale_after = t0.elapsed();
+    checks.assert(
+        stale && stale_after <= LEASE_TTL + Duration::from_secs(1),
+        "lease",
+        format!(
+            "eu saw west turn stale {:.1}s after it went silent (TTL {}s)",
+            stale_after.as_secs_f64(),
+            LEASE_TTL.as_secs()
+        ),
+    );
+    let (p2, f2) = phase("west down", 2).await;
+    checks.assert(
+        p2.get("west").copied().unwrap_or(0) == 0 && p2.get("east").copied().unwrap_or(0) > 10,
+        "failover",
+        format!(
+            "calls moved to east once west was stale: {}",
+            fmt_counts(&p2, f2)
+        ),
+    );
+    let fs = fed.report()?;
+    let west_lease = fs
+        .clusters
+        .iter()
+        .find(|c| c.cluster == "west")
+        .map(|c| c.lease.clone())
+        .unwrap_or_default();
+    checks.assert(
+        west_lease == "stale" && !fs.problems().is_empty(),
+        "status",
+        format!(
+            "the federator reports west {west_lease}; `meshfed status` exits 1 with: {}",
+            fs.problems().join("; ")
+        ),
+    );
+
+    println!("\nphase 3: west comes back");
+    let wspec = CLUSTERS.iter().find(|c| c.name == "west").context("west")?;
+    let mut set = BundleSet::new();
+    set.insert(cas.get("eu").context("eu ca")?.bundle())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    servers.insert(
+        "west",
+        (
+            payment_server(
+                "west",
+                wspec.addr,
+                cas.get("west").context("west ca")?,
+                TrustStore::new(set),
+                stop.clone(),
+            )
+            .await?,
+            stop,
+        ),
+    );
+    let wdir = root.join("west");
+    agents.insert(
+        "west",
+        Agent::start(AgentConfig {
+            state_dir: wdir.clone(),
+            registry: wdir.join("registry.yaml"),
+            admin: Some("127.0.0.1:0".into()),
+            registry_poll: Duration::from_millis(200),
+        })
+        .await?,
+    );
+    let fresh = wait_until(Duration::from_secs(10), || {
+        eu.model
+            .current()
+            .peers
+            .get("west")
+            .is_some_and(|p| p.lease == proto::LeaseState::Fresh as i32)
+    })
+    .await;
+    checks.assert(
+        fresh,
+        "recovery",
+        "west reconnected (resuming from its cached versions) and is fresh again".into(),
+    );
+    let (p3, f3) = phase("recovered", 2).await;
+    checks.assert(
+        p3.get("west").copied().unwrap_or(0) > 10
+            && p3.get("east").copied().unwrap_or(0) > 10
+            && f3 == 0,
+        "recovery traffic",
+        format!("calls use both clusters again: {}", fmt_counts(&p3, f3)),
+    );
+
+    stop_all.store(true, Ordering::Relaxed);
+    let _ = lg.await;
+    let (total, failed) = counters.snapshot();
+    let calls: u64 = total.values().sum();
+    println!(
+        "\ntotal: {} successful calls ({}), {failed} failed while west was down and not yet stale",
+        calls,
+        fmt_counts(&total, failed)
+    );
+    if let Ok(Some(e)) = counters.last_error.lock().map(|e| e.clone()) {
+        println!("last failure: {e}");
+    }
+    checks.assert(failed <= (LEASE_TTL.as_millis() as u64 / 20) + 10, "errors", format!("{failed} failed calls, all in the window between west going down and its lease expiring"));
+    for (_, a) in agents {
+        a.stop();
+    }
+    fed.stop().await;
+    println!("\n{} passed, {} failed", checks.passed, checks.failed);
+    Ok(checks.failed == 0)
+}
+
+/// Whether the demo can use its loopback addresses here.
+pub fn preflight() -> anyhow::Result<()> {
+    for c in &CLUSTERS {
+        std::net::TcpListener::bind((c.addr, 0)).with_context(|| {
+            format!(
+                "cannot bind {} (the demo needs the 127.0.0.0/8 loopback range)",
+                c.addr
+            )
+        })?;
+    }
+    let _ = Path::new(".");
+    Ok(())
+}
