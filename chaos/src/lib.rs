@@ -180,6 +180,26 @@ pub fn status(admin: &str) -> Result<(i32, serde_json::Value)> {
     Ok((code, v))
 }
 
+/// The value of one Prometheus sample (`name{labels}` exactly as exposed) from `GET /metrics`.
+pub fn metric(admin: &str, series: &str) -> Result<Option<f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok()))
+}
+
 /// One cluster: its state directory, registry file and agent.
 #[derive(Debug)]
 pub struct Cluster {

@@ -714,3 +714,188 @@ impl Store {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::Port;
+
+    fn record(id: &str) -> ClusterRecord {
+        ClusterRecord {
+            id: id.into(),
+            network: format!("net-{id}"),
+            trust_domain: format!("{id}.mesh"),
+            region: String::new(),
+            zone: String::new(),
+            subzone: String::new(),
+            gateways: vec![],
+            joined_at: 0,
+            cert_fingerprint: String::new(),
+            bundle_json: String::new(),
+            bundle_sequence: 0,
+            revision: 0,
+            exports_acked_version: 0,
+            imports_acked_revision: 0,
+            left: false,
+        }
+    }
+
+    fn export(name: &str, port: u32, protocol: &str) -> ServiceExport {
+        ServiceExport {
+            namespace: "shop".into(),
+            name: name.into(),
+            ports: vec![Port {
+                name: "http".into(),
+                port,
+                protocol: protocol.into(),
+                app_protocol: String::new(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn delta(version: u64, upserts: Vec<ServiceExport>, removals: Vec<&str>) -> ExportDelta {
+        ExportDelta {
+            version,
+            full: false,
+            upserts,
+            removals: removals
+                .into_iter()
+                .map(|n| proto::ServiceKey {
+                    namespace: "shop".into(),
+                    name: n.into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn upserted(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Upsert(r) => Some(format!("{}:{}", r.cluster, r.export.name)),
+                Change::Remove { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn oldest_export_wins_a_conflict_and_the_newer_appears_when_it_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        for c in ["c1", "c2", "c3"] {
+            s.join(record(c)).unwrap();
+        }
+        s.apply_exports(
+            "c1",
+            &delta(1, vec![export("payment", 8080, "TCP")], vec![]),
+        )
+        .unwrap();
+        let a = s
+            .apply_exports(
+                "c2",
+                &delta(1, vec![export("payment", 8080, "UDP")], vec![]),
+            )
+            .unwrap();
+        assert_eq!(a.conflicts.len(), 1, "{:?}", a.conflicts);
+        assert!(
+            a.conflicts[0].contains("cluster c1 exported it first"),
+            "{:?}",
+            a.conflicts
+        );
+        let (ch, cursor, _) = s
+            .changes_since("c3", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        assert_eq!(
+            upserted(&ch),
+            vec!["c1:payment"],
+            "the conflicting export is not imported"
+        );
+        assert_eq!(s.conflicts_of("c2").unwrap().len(), 1);
+        assert_eq!(s.import_count("c3").unwrap(), 1);
+
+        // The older export goes away: the newer one is published, the old one removed.
+        s.apply_exports("c1", &delta(2, vec![], vec!["payment"]))
+            .unwrap();
+        let (ch, _, _) = s.changes_since("c3", &cursor, 100).unwrap();
+        assert_eq!(upserted(&ch), vec!["c2:payment"]);
+        assert!(ch
+            .iter()
+            .any(|c| matches!(c, Change::Remove { cluster, .. } if cluster == "c1")));
+        assert!(s.conflicts_of("c2").unwrap().is_empty());
+
+        // A version gap is refused; a full set is always accepted.
+        assert!(matches!(
+            s.apply_exports("c2", &delta(5, vec![], vec![])),
+            Err(StoreError::VersionGap { got: 5, stored: 1 })
+        ));
+        let mut full = delta(9, vec![export("ledger", 9090, "TCP")], vec![]);
+        full.full = true;
+        s.apply_exports("c2", &full).unwrap();
+        assert_eq!(
+            s.exports_of("c2")
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>(),
+            vec!["shop/ledger"]
+        );
+    }
+
+    #[test]
+    fn chunks_never_claim_a_revision_they_did_not_finish() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.join(record("c1")).unwrap();
+        s.join(record("c2")).unwrap();
+        let many: Vec<_> = (0..1200)
+            .map(|i| export(&format!("s{i}"), 80, "TCP"))
+            .collect();
+        let rev = s
+            .apply_exports("c1", &delta(1, many, vec![]))
+            .unwrap()
+            .revision
+            .unwrap();
+        let (a, cur, complete) = s
+            .changes_since("c2", &Cursor::AfterRevision(0), 500)
+            .unwrap();
+        assert_eq!(a.len(), 500);
+        assert_eq!(complete, rev - 1, "revision {rev} is only partly read");
+        let (b, cur, complete) = s.changes_since("c2", &cur, 500).unwrap();
+        assert_eq!(b.len(), 500);
+        assert_eq!(complete, rev - 1);
+        let (c, cur, complete) = s.changes_since("c2", &cur, 500).unwrap();
+        assert_eq!(c.len(), 200);
+        assert_eq!(complete, rev);
+        assert_eq!(cur, Cursor::AfterRevision(rev));
+        let (none, _, _) = s.changes_since("c2", &cur, 500).unwrap();
+        assert!(none.is_empty());
+        // The exporter itself never reads its own exports back.
+        let (own, _, complete) = s
+            .changes_since("c1", &Cursor::AfterRevision(0), 500)
+            .unwrap();
+        assert!(own.is_empty());
+        assert_eq!(complete, s.head());
+    }
+
+    #[test]
+    fn everything_survives_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(d.path()).unwrap();
+            s.join(record("c1")).unwrap();
+            s.apply_exports(
+                "c1",
+                &delta(1, vec![export("payment", 8080, "TCP")], vec![]),
+            )
+            .unwrap();
+            s.set_bundle("c1", "{\"keys\": []}", 3).unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        let c1 = s.cluster("c1").unwrap().unwrap();
+        assert_eq!(c1.exports_acked_version, 1);
+        assert_eq!(c1.bundle_sequence, 3);
+        assert_eq!(s.exports_of("c1").unwrap().len(), 1);
+        assert_eq!(s.head(), c1.revision);
+    }
+}
