@@ -231,6 +231,24 @@ fn federator_kill9_during_an_export_storm_loses_nothing_acknowledged() {
         "east had to resend everything: the federator lost an acknowledged export\n{log}"
     );
     let reconnects = log.matches("connected to the federator").count();
+    // On the counters: the first export is a delta from the empty set, and no full set was
+    // ever needed afterwards.
+    let full = metric(
+        &east.admin,
+        "meshfed_agent_export_deltas_sent_total{kind=\"full\"}",
+    )
+    .unwrap();
+    let deltas = metric(
+        &east.admin,
+        "meshfed_agent_export_deltas_sent_total{kind=\"delta\"}",
+    )
+    .unwrap();
+    println!("east sent {full:?} full exports and {deltas:?} deltas across the kill");
+    assert_eq!(full.unwrap_or(0.0), 0.0, "east resent its full export set");
+    assert!(
+        deltas.unwrap_or(0.0) >= 5.0,
+        "the storm produced deltas: {deltas:?}"
+    );
     assert!(
         reconnects >= 2,
         "east should have reconnected after the kill:\n{log}"
