@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use meshfed::agent::identity::{self, ClusterIdentity, JoinParams};
 use meshfed::federation::token::TokenStore;
+use prost::Message;
 use proto::cluster_message::Kind as Out;
 use proto::federation_client::FederationClient;
 use proto::federator_message::Kind as In;
@@ -356,8 +357,167 @@ async fn main() {
         rss_loaded as f64 / 1024.0
     );
     // SIGTERM lets a wrapping profiler write its report.
+    let ours_p50 = percentile(&mut all_acked_ms.clone(), 0.5);
+    let ours_p99 = percentile(&mut all_acked_ms.clone(), 0.99);
     let _ = Command::new("kill").arg(pid.to_string()).status();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = fed.kill();
     let _ = fed.wait();
+
+    // Same-run peer: etcd (Debian's etcd-server) fanning one ~1.2 KB value change out to the
+    // same number of watchers, through its HTTP/JSON gateway.
+    match etcd_peer(
+        clusters - 1,
+        changes,
+        service(0, 0, endpoints, None).encoded_len(),
+    )
+    .await
+    {
+        Ok((p50, p99)) => {
+            println!("peer etcd: put -> every watcher received: p50 {p50:.1} ms, p99 {p99:.1} ms ({} watchers)", clusters - 1);
+            println!(
+                "ratio meshfed/etcd: p50 {:.2}, p99 {:.2}",
+                ours_p50 / p50,
+                ours_p99 / p99
+            );
+        }
+        Err(e) => println!("peer etcd skipped: {e:#}"),
+    }
+}
+
+/// etcd watch fan-out: `watchers` HTTP watch streams on one key, `changes` puts of `size` bytes;
+/// returns p50/p99 of put -> every watcher received.
+async fn etcd_peer(watchers: usize, changes: usize, size: usize) -> anyhow::Result<(f64, f64)> {
+    use base64::Engine;
+    use http_body_util::BodyExt;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let etcd = which("etcd")
+        .ok_or_else(|| anyhow::anyhow!("etcd not installed (apt-get install etcd-server)"))?;
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let peer = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(etcd)
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap_or_default(),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("default=http://127.0.0.1:{peer}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let post = |path: &str, body: String| {
+        let req = hyper::Request::post(format!("{url}{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)));
+        let client = client.clone();
+        async move { Ok::<_, anyhow::Error>(client.request(req?).await?) }
+    };
+    let key = b64.encode("bench/payment");
+    let t = Instant::now();
+    while post(
+        "/v3/kv/put",
+        format!("{{\"key\":\"{key}\",\"value\":\"\"}}"),
+    )
+    .await
+    .is_err()
+    {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    for _ in 0..watchers {
+        let resp = post(
+            "/v3/watch",
+            format!("{{\"create_request\":{{\"key\":\"{key}\"}}}}"),
+        )
+        .await?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut buf = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                buf.extend_from_slice(data);
+                while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    let at = Instant::now();
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    for ev in v["result"]["events"].as_array().into_iter().flatten() {
+                        let val = ev["kv"]["value"]
+                            .as_str()
+                            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok());
+                        if let Some(m) = val.and_then(|v| {
+                            String::from_utf8_lossy(&v)
+                                .split(';')
+                                .next()
+                                .and_then(|m| m.parse().ok())
+                        }) {
+                            let _ = tx.send((m, at));
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut all = Vec::new();
+    for k in 0..changes {
+        let value = format!("{k};{}", "x".repeat(size.saturating_sub(8)));
+        let t0 = Instant::now();
+        post(
+            "/v3/kv/put",
+            format!("{{\"key\":\"{key}\",\"value\":\"{}\"}}", b64.encode(value)),
+        )
+        .await?;
+        let (mut seen, mut last) = (0, t0);
+        while seen < watchers {
+            let (m, at) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("watchers gone"))?;
+            if m == k {
+                seen += 1;
+                last = last.max(at);
+            }
+        }
+        all.push(last.duration_since(t0).as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((
+        percentile(&mut all.clone(), 0.5),
+        percentile(&mut all, 0.99),
+    ))
+}
+
+fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(bin))
+        .find(|p| p.is_file())
 }

@@ -465,67 +465,67 @@ impl Store {
             });
         }
         let rev = self.head() + 1;
-        let current = self.exports_of(cluster)?;
-        // Desired end state of this cluster's exports after the delta.
-        let mut next: BTreeMap<String, ServiceExport> = if delta.full {
-            BTreeMap::new()
-        } else {
-            current
-                .iter()
-                .map(|(k, r)| (k.clone(), r.export.clone()))
+        // This cluster's live exports, still encoded: only what changes is decoded.
+        let current: BTreeMap<String, Arc<Stored>> = {
+            let m = self.read();
+            m.exports
+                .range((cluster.to_string(), String::new())..)
+                .take_while(|((c, _), _)| c == cluster)
+                .filter(|(_, r)| !r.deleted)
+                .map(|((_, k), r)| (k.clone(), r.clone()))
                 .collect()
         };
-        for k in &delta.removals {
-            next.remove(&service_key(&k.namespace, &k.name));
-        }
+        let mut upserts: BTreeMap<String, &ServiceExport> = BTreeMap::new();
         for e in &delta.upserts {
-            next.insert(service_key(&e.namespace, &e.name), e.clone());
+            upserts.insert(service_key(&e.namespace, &e.name), e);
         }
+        let removed: Vec<String> = if delta.full {
+            current
+                .keys()
+                .filter(|k| !upserts.contains_key(*k))
+                .cloned()
+                .collect()
+        } else {
+            delta
+                .removals
+                .iter()
+                .map(|k| service_key(&k.namespace, &k.name))
+                .filter(|k| current.contains_key(k) && !upserts.contains_key(k))
+                .collect()
+        };
         // Records to write, keyed by (cluster, ns/name): changed or new exports, tombstones,
         // and other clusters' exports whose conflict flag changes.
         let mut writes: BTreeMap<(String, String), ExportRecord> = BTreeMap::new();
         let mut touched: BTreeSet<String> = BTreeSet::new();
         {
             let m = self.read();
-            for (k, e) in &next {
-                match current.get(k) {
-                    Some(old) if old.export == *e => {}
-                    Some(old) => {
-                        writes.insert(
-                            (cluster.to_string(), k.clone()),
-                            ExportRecord {
-                                modified: rev,
-                                export: e.clone(),
-                                ..old.clone()
-                            },
-                        );
-                        touched.insert(k.clone());
-                    }
-                    None => {
-                        writes.insert(
-                            (cluster.to_string(), k.clone()),
-                            ExportRecord {
-                                cluster: cluster.to_string(),
-                                created: rev,
-                                modified: rev,
-                                deleted: false,
-                                conflict: None,
-                                export: e.clone(),
-                            },
-                        );
-                        touched.insert(k.clone());
-                    }
+            for (k, e) in &upserts {
+                let old = current.get(k);
+                if old.is_some_and(|o| o.encoded == e.encode_to_vec()) {
+                    continue;
                 }
+                writes.insert(
+                    (cluster.to_string(), k.clone()),
+                    ExportRecord {
+                        cluster: cluster.to_string(),
+                        created: old.map(|o| o.created).unwrap_or(rev),
+                        modified: rev,
+                        deleted: false,
+                        conflict: old.and_then(|o| o.conflict.clone()),
+                        export: (*e).clone(),
+                    },
+                );
+                touched.insert(k.clone());
             }
-            for (k, old) in &current {
-                if !next.contains_key(k) {
+            for k in &removed {
+                if let Some(old) = current.get(k) {
                     writes.insert(
                         (cluster.to_string(), k.clone()),
                         ExportRecord {
                             modified: rev,
                             deleted: true,
                             conflict: None,
-                            ..old.clone()
+                            ..old.record()
                         },
                     );
                     touched.insert(k.clone());
@@ -574,8 +574,12 @@ impl Store {
                 }
             }
         }
-        let conflicts: Vec<String> = next
+        let conflicts: Vec<String> = current
             .keys()
+            .chain(upserts.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| !removed.contains(*k))
             .filter_map(|k| {
                 writes
                     .get(&(cluster.to_string(), k.clone()))
