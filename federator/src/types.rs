@@ -151,6 +151,13 @@ pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), String> {
     for (i, c) in e.export_to.iter().enumerate() {
         check_label(&format!("{at}.export_to[{i}]"), c)?;
     }
+    let size = prost::Message::encoded_len(e);
+    if size > crate::federation::store::MAX_CHUNK_BYTES {
+        return Err(format!(
+            "{at}: the export encodes to {size} bytes; at most {} are allowed per service",
+            crate::federation::store::MAX_CHUNK_BYTES
+        ));
+    }
     Ok(())
 }
 

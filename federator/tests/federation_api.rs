@@ -383,3 +383,49 @@ async fn calls_without_a_cluster_certificate_are_refused() {
         .into_inner();
     assert_eq!(st.clusters.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_an_earlier_membership_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let old = joined(&f, d.path(), "east").await;
+    assert!(client(&old)
+        .await
+        .status(proto::StatusRequest {})
+        .await
+        .is_ok());
+    // east loses its state and joins again (a second later) with a new token.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut p = params(d.path(), token(&f, d.path(), "east", 900, now()), "east");
+    p.state_dir = d.path().join("east-new");
+    let new = identity::join(p).await.unwrap();
+    let s = client(&old)
+        .await
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    assert!(
+        s.message().contains("predates its current membership"),
+        "{}",
+        s.message()
+    );
+    assert!(client(&new)
+        .await
+        .status(proto::StatusRequest {})
+        .await
+        .is_ok());
+    // And after leaving, no certificate of east works.
+    client(&new)
+        .await
+        .leave(proto::LeaveRequest {})
+        .await
+        .unwrap();
+    let s = client(&new)
+        .await
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    assert!(s.message().contains("has left"), "{}", s.message());
+}

@@ -127,7 +127,10 @@ impl Exports {
             return None;
         }
         if self.need_full {
-            let version = self.acked_version.max(self.federator_version) + 1;
+            let version = self
+                .acked_version
+                .max(self.federator_version)
+                .saturating_add(1);
             self.need_full = false;
             self.in_flight = Some((version, desired.clone()));
             return Some(ExportDelta {
@@ -154,7 +157,7 @@ impl Exports {
                 name: v.name.clone(),
             })
             .collect();
-        let version = self.acked_version + 1;
+        let version = self.acked_version.saturating_add(1);
         self.in_flight = Some((version, desired.clone()));
         Some(ExportDelta {
             version,

@@ -141,7 +141,23 @@ impl Hub {
         match self.store.cluster(&cluster).map_err(store_status)? {
             None => Err(store_status(StoreError::UnknownCluster(cluster))),
             Some(r) if r.left => Err(store_status(StoreError::Left(cluster))),
-            Some(_) => Ok(cluster),
+            Some(r) => {
+                // A certificate issued before the current membership began (an earlier join)
+                // is refused; issued certificates are back-dated by `BACKDATE`.
+                let issued = trust::svid::validity(&certs[0])
+                    .map(|(nb, _)| nb + trust::ca::BACKDATE)
+                    .map_err(|e| Status::unauthenticated(e.to_string()))?;
+                if issued.unix_timestamp() < r.joined_at {
+                    self.metrics
+                        .refused
+                        .with_label_values(&[&cluster, "stale_certificate"])
+                        .inc();
+                    return Err(Status::permission_denied(format!(
+                        "this certificate of cluster {cluster} predates its current membership; use the identity of the latest join"
+                    )));
+                }
+                Ok(cluster)
+            }
         }
     }
 
@@ -682,7 +698,9 @@ impl Session {
         if let Some(l) = self.hub.live().get_mut(&self.cluster) {
             l.acked = l.acked.max(rev);
         }
-        if let Err(e) = self.hub.store.set_imports_acked(&self.cluster, rev) {
+        if let Err(e) =
+            tokio::task::block_in_place(|| self.hub.store.set_imports_acked(&self.cluster, rev))
+        {
             tracing::warn!(error = %e, "cannot record acknowledged import revision");
         }
     }
@@ -730,6 +748,12 @@ impl Session {
                         .with_label_values(&[&self.cluster])
                         .inc();
                     tracing::warn!(cluster = %self.cluster, revision = a.revision, error = %a.error, "cluster refused an import delta (NACK)");
+                    // Later deltas build on the refused one: end the stream; the cluster
+                    // resumes from the revision it stored when it reconnects.
+                    return Err(Status::aborted(format!(
+                        "import delta {} was refused ({}); reconnect to resume from the last stored revision",
+                        a.revision, a.error
+                    )));
                 } else if a.revision <= self.sent && a.revision > self.acked {
                     // Acknowledging the last delta sent also covers the revisions after it
                     // that carried nothing for this cluster.
@@ -758,11 +782,14 @@ impl Session {
                         ),
                     ));
                 }
-                if let Some(rev) = self
-                    .hub
-                    .store
-                    .set_bundle(&self.cluster, &b.bundle_json, bundle.sequence.unwrap_or(0))
-                    .map_err(store_status)?
+                if let Some(rev) = tokio::task::block_in_place(|| {
+                    self.hub.store.set_bundle(
+                        &self.cluster,
+                        &b.bundle_json,
+                        bundle.sequence.unwrap_or(0),
+                    )
+                })
+                .map_err(store_status)?
                 {
                     tracing::info!(cluster = %self.cluster, sequence = ?bundle.sequence, "trust bundle updated");
                     self.hub.bump_head(rev);
@@ -844,6 +871,7 @@ impl Service {
         cluster: String,
         mut inbound: Streaming<ClusterMessage>,
         tx: Tx,
+        connected_as: &mut Option<u64>,
     ) -> Result<(), Status> {
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -892,6 +920,7 @@ impl Service {
             hub.bump_head(rev);
         }
         let generation = hub.connect(&cluster);
+        *connected_as = Some(generation);
         let mut head_rx = hub.head.subscribe();
         let mut peers_rx = hub.peers.subscribe();
         send(
@@ -997,6 +1026,18 @@ impl Federation for Service {
             ));
         }
         let _guard = hub.join_lock.lock().await;
+        let now = now_unix();
+        let token = hub
+            .tokens
+            .check(&claims, &facts.cluster_id, now)
+            .map_err(|e| {
+                let status = match &e {
+                    TokenError::Store(_) => Status::internal(e.to_string()),
+                    TokenError::Malformed(_) => Status::unauthenticated(e.to_string()),
+                    _ => Status::permission_denied(e.to_string()),
+                };
+                refuse("token", status)
+            })?;
         for other in hub.store.clusters().map_err(store_status)? {
             if !other.left
                 && other.id != facts.cluster_id
@@ -1011,18 +1052,6 @@ impl Federation for Service {
                 ));
             }
         }
-        let now = now_unix();
-        let token = hub
-            .tokens
-            .check(&claims, &facts.cluster_id, now)
-            .map_err(|e| {
-                let status = match &e {
-                    TokenError::Store(_) => Status::internal(e.to_string()),
-                    TokenError::Malformed(_) => Status::unauthenticated(e.to_string()),
-                    _ => Status::permission_denied(e.to_string()),
-                };
-                refuse("token", status)
-            })?;
         let issued =
             tokio::task::block_in_place(|| hub.ca.sign_cluster(&r.csr_der, &facts.cluster_id))
                 .map_err(|e| {
@@ -1053,7 +1082,13 @@ impl Federation for Service {
         };
         rec.set_facts(&facts);
         let rev = tokio::task::block_in_place(|| hub.store.join(rec)).map_err(store_status)?;
-        hub.live().remove(&facts.cluster_id);
+        if let Some(l) = hub.live().get_mut(&facts.cluster_id) {
+            // Streams of an earlier membership are superseded; generations only grow.
+            l.generation += 1;
+            l.connected = false;
+            l.acked = 0;
+        }
+        hub.bump_peers();
         hub.bump_head(rev);
         hub.metrics.joins.with_label_values(&["ok"]).inc();
         tracing::info!(cluster = %facts.cluster_id, trust_domain = %facts.trust_domain, network = %facts.network, "cluster joined");
@@ -1080,16 +1115,25 @@ impl Federation for Service {
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
         tokio::spawn(async move {
-            let generation_before = hub.generation(&cluster);
-            let result =
-                Service::run_session(hub.clone(), cluster.clone(), inbound, tx.clone()).await;
+            let mut connected_as = None;
+            let result = Service::run_session(
+                hub.clone(),
+                cluster.clone(),
+                inbound,
+                tx.clone(),
+                &mut connected_as,
+            )
+            .await;
             if let Err(status) = result {
                 if status.code() != tonic::Code::Cancelled {
                     tracing::info!(%cluster, code = ?status.code(), message = %status.message(), "sync stream ended");
                 }
                 let _ = tx.send(Err(status)).await;
             }
-            hub.disconnect(&cluster, generation_before + 1);
+            // Only the stream that connected as this generation may mark the cluster gone.
+            if let Some(g) = connected_as {
+                hub.disconnect(&cluster, g);
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

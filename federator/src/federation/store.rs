@@ -21,6 +21,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use crate::types::{port_conflict, service_key};
 
 pub const SCHEMA_VERSION: u32 = 1;
+/// An import chunk is cut once it holds this many encoded bytes (or the caller's count limit),
+/// so it always fits a gRPC message. A single export is limited to this size too.
+pub const MAX_CHUNK_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -387,7 +390,20 @@ impl Store {
     pub fn join(&self, rec: ClusterRecord) -> Result<u64> {
         let _g = self.lock();
         if self.cluster(&rec.id)?.is_some_and(|old| !old.left) {
-            tracing::info!(cluster = %rec.id, "cluster joined again; its previous record is replaced");
+            // A member joining again (e.g. after losing its state): its old exports go, in the
+            // same transaction that writes the new record.
+            tracing::info!(cluster = %rec.id, "cluster joined again; its previous exports are withdrawn");
+            let id = rec.id.clone();
+            let applied = self.apply_exports_locked(
+                &id,
+                &ExportDelta {
+                    version: 0,
+                    full: true,
+                    ..Default::default()
+                },
+                Some(rec),
+            )?;
+            return Ok(applied.revision.unwrap_or_else(|| self.head()));
         }
         self.put_cluster_at_new_revision(rec)
     }
@@ -457,8 +473,22 @@ impl Store {
     /// Stores an export delta from `cluster`: durable before this returns.
     pub fn apply_exports(&self, cluster: &str, delta: &ExportDelta) -> Result<Applied> {
         let _g = self.lock();
+        self.apply_exports_locked(cluster, delta, None)
+    }
+
+    /// [`apply_exports`](Self::apply_exports) under the write lock. With `replace`, the
+    /// cluster record is replaced by it (leave, re-join) in the same transaction.
+    fn apply_exports_locked(
+        &self,
+        cluster: &str,
+        delta: &ExportDelta,
+        replace: Option<ClusterRecord>,
+    ) -> Result<Applied> {
         let mut rec = self.member(cluster)?;
-        if !delta.full && delta.version != rec.exports_acked_version + 1 {
+        if replace.is_none()
+            && !delta.full
+            && rec.exports_acked_version.checked_add(1) != Some(delta.version)
+        {
             return Err(StoreError::VersionGap {
                 got: delta.version,
                 stored: rec.exports_acked_version,
@@ -587,9 +617,15 @@ impl Store {
                     .unwrap_or_else(|| current.get(k).and_then(|c| c.conflict.clone()))
             })
             .collect();
-        rec.exports_acked_version = delta.version;
+        let changed = !writes.is_empty() || replace.is_some();
+        match replace {
+            Some(mut r) => {
+                r.revision = rev;
+                rec = r;
+            }
+            None => rec.exports_acked_version = delta.version,
+        }
         let rec_json = serde_json::to_vec(&rec).unwrap_or_default();
-        let changed = !writes.is_empty();
         let encoded: Vec<(Vec<u8>, Vec<u8>)> = writes
             .iter()
             .map(|((c, k), r)| (export_key(c, k), r.encode()))
@@ -623,17 +659,18 @@ impl Store {
 
     /// The cluster leaves: its exports become tombstones and its record is marked left.
     pub fn leave(&self, cluster: &str) -> Result<u64> {
+        let _g = self.lock();
+        let mut rec = self.member(cluster)?;
+        rec.left = true;
+        rec.bundle_json.clear();
+        // Tombstones and the left record in one transaction: no export can slip in between.
         let delta = ExportDelta {
             version: 0,
             full: true,
             ..Default::default()
         };
-        self.apply_exports(cluster, &delta)?;
-        let _g = self.lock();
-        let mut rec = self.member(cluster)?;
-        rec.left = true;
-        rec.bundle_json.clear();
-        self.put_cluster_at_new_revision(rec)
+        let applied = self.apply_exports_locked(cluster, &delta, Some(rec))?;
+        Ok(applied.revision.unwrap_or_else(|| self.head()))
     }
 
     /// Export changes after `cursor`, oldest first, at most `limit` of them (a chunk may end
@@ -654,13 +691,14 @@ impl Store {
             Cursor::AfterKey(r, c, k) => Bound::Excluded((*r, c.clone(), k.clone())),
         };
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let mut last: Option<&(u64, String, String)> = None;
         for key in m.by_rev.range((start, Bound::Unbounded)) {
             let (rev, cluster, skey) = key;
             if *rev > head {
                 break;
             }
-            if out.len() >= limit {
+            if out.len() >= limit || bytes >= MAX_CHUNK_BYTES {
                 // Stopped at `key`: the last revision read is complete only if `key` starts a new one.
                 let prev = last.map(|l| l.0).unwrap_or(0);
                 let complete = if prev == *rev {
@@ -683,6 +721,7 @@ impl Store {
                 continue;
             };
             if r.visible_to(importer) {
+                bytes += r.encoded.len();
                 out.push(Change::Upsert(r.record()));
             } else {
                 out.push(Change::Remove {
@@ -880,6 +919,52 @@ mod tests {
             .unwrap();
         assert!(own.is_empty());
         assert_eq!(complete, s.head());
+    }
+
+    #[test]
+    fn joining_again_withdraws_the_old_exports_and_leave_is_one_step() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.join(record("c1")).unwrap();
+        s.join(record("c2")).unwrap();
+        s.apply_exports(
+            "c1",
+            &delta(1, vec![export("payment", 8080, "TCP")], vec![]),
+        )
+        .unwrap();
+        let (_, cursor, _) = s
+            .changes_since("c2", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        // c1 lost its state and joins again: its old export is withdrawn everywhere.
+        s.join(record("c1")).unwrap();
+        assert!(s.exports_of("c1").unwrap().is_empty());
+        assert_eq!(s.cluster("c1").unwrap().unwrap().exports_acked_version, 0);
+        let (ch, cursor, _) = s.changes_since("c2", &cursor, 100).unwrap();
+        assert!(
+            matches!(&ch[..], [Change::Remove { cluster, name, .. }] if cluster == "c1" && name == "payment")
+        );
+        // Leave: tombstones and the left record at one revision.
+        s.apply_exports("c1", &delta(1, vec![export("ledger", 9090, "TCP")], vec![]))
+            .unwrap();
+        let rev = s.leave("c1").unwrap();
+        assert_eq!(s.head(), rev);
+        let c1 = s.cluster("c1").unwrap().unwrap();
+        assert!(c1.left && c1.revision == rev);
+        assert!(matches!(
+            s.apply_exports("c1", &delta(2, vec![], vec![])),
+            Err(StoreError::Left(_))
+        ));
+        let (ch, _, _) = s.changes_since("c2", &cursor, 100).unwrap();
+        assert!(ch.iter().all(|c| matches!(c, Change::Remove { .. })));
+        // A version that would overflow is a gap, not a panic.
+        s.join(record("c3")).unwrap();
+        let mut full = delta(u64::MAX, vec![], vec![]);
+        full.full = true;
+        s.apply_exports("c3", &full).unwrap();
+        assert!(matches!(
+            s.apply_exports("c3", &delta(0, vec![], vec![])),
+            Err(StoreError::VersionGap { .. })
+        ));
     }
 
     #[test]

@@ -213,8 +213,16 @@ impl TokenStore {
         Ok(rec)
     }
 
-    /// Marks a checked token used, durably. The caller serializes check + consume.
-    pub fn consume(&self, mut rec: Record, cluster: &str, now: i64) -> Result<(), TokenError> {
+    /// Marks a checked token used, durably. The caller serializes check + consume. The record
+    /// is read again first, so a revoke made meanwhile (by the CLI) is not overwritten.
+    pub fn consume(&self, rec: Record, cluster: &str, now: i64) -> Result<(), TokenError> {
+        let mut rec = self.get(&rec.id)?.ok_or(TokenError::Unknown)?;
+        if rec.revoked {
+            return Err(TokenError::Revoked);
+        }
+        if let Some(by) = &rec.used_by {
+            return Err(TokenError::Used(by.clone()));
+        }
         rec.used_at = Some(now);
         rec.used_by = Some(cluster.to_string());
         self.write(&rec)
