@@ -5,8 +5,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={file}");
     let fds = protox::compile([file], ["proto"])?;
     tonic_prost_build::configure()
-        // Maps as BTreeMap: deterministic encoding, so equal messages encode to equal bytes.
-        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

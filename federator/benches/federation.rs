@@ -8,7 +8,7 @@
 //!   MESHFED_BENCH_CLUSTERS=20 cargo bench -p meshfed-federator --bench federation   # smaller
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn service(cluster: usize, i: usize, endpoints: usize, marker: Option<usize>) -> ServiceExport {
-    let mut labels = BTreeMap::new();
+    let mut labels = HashMap::new();
     if let Some(m) = marker {
         labels.insert("bench-marker".to_string(), m.to_string());
     }
@@ -70,7 +70,7 @@ fn service(cluster: usize, i: usize, endpoints: usize, marker: Option<usize>) ->
                     zone: format!("zone-{}", e % 3),
                     subzone: String::new(),
                 }),
-                labels: BTreeMap::from([("version".to_string(), "v1".to_string())]),
+                labels: HashMap::from([("version".to_string(), "v1".to_string())]),
                 weight: 1,
                 healthy: true,
                 service_account: "bench".into(),
