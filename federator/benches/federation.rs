@@ -343,6 +343,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let per_cluster_mib = (rss_loaded.saturating_sub(rss_idle)) as f64 / 1024.0 / clusters as f64;
+    // Steady state: the same federator after the change phase, transient buffers released.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_steady = rss_kib(pid);
+    let steady_mib = (rss_steady.saturating_sub(rss_idle)) as f64 / 1024.0 / clusters as f64;
     println!("--- results ---");
     println!("export change -> every importer ACKed: p50 {:.1} ms, p99 {:.1} ms ({changes} changes, {} importers each)", percentile(&mut all_acked_ms.clone(), 0.5), percentile(&mut all_acked_ms, 0.99), clusters - 1);
     println!(
@@ -352,9 +356,10 @@ async fn main() {
     );
     println!("initial full sync of {clusters} clusters: {sync_s:.1} s");
     println!(
-        "federator RSS: idle {:.1} MiB, loaded {:.1} MiB, {per_cluster_mib:.2} MiB per cluster",
+        "federator RSS: idle {:.1} MiB, right after the full sync {:.1} MiB ({per_cluster_mib:.2} MiB per cluster), steady {:.1} MiB ({steady_mib:.2} MiB per cluster)",
         rss_idle as f64 / 1024.0,
-        rss_loaded as f64 / 1024.0
+        rss_loaded as f64 / 1024.0,
+        rss_steady as f64 / 1024.0
     );
     // SIGTERM lets a wrapping profiler write its report.
     let ours_p50 = percentile(&mut all_acked_ms.clone(), 0.5);

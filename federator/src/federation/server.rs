@@ -31,7 +31,7 @@ use crate::types::{self, MAX_MESSAGE_BYTES, MAX_SERVICES_PER_DELTA};
 
 /// How many export changes one import delta carries at most. Small chunks bound the memory a
 /// full resync of many importers takes at once.
-const IMPORT_CHUNK: usize = 500;
+const IMPORT_CHUNK: usize = 200;
 /// The first message of a Sync stream must arrive within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 

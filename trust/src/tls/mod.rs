@@ -30,10 +30,17 @@ pub fn server_config(
     resolver: Arc<SvidResolver>,
     verifier: SpiffeVerifier,
 ) -> Result<ServerConfig> {
+    server_config_with(resolver, Arc::new(verifier))
+}
+
+fn server_config_with(
+    resolver: Arc<SvidResolver>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<ServerConfig> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
@@ -48,14 +55,7 @@ pub fn server_config_optional_client(
     resolver: Arc<SvidResolver>,
     verifier: SpiffeVerifier,
 ) -> Result<ServerConfig> {
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
-        .with_client_cert_verifier(Arc::new(verifier::Optional(verifier)))
-        .with_cert_resolver(resolver);
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
-    Ok(cfg)
+    server_config_with(resolver, Arc::new(verifier::Optional(verifier)))
 }
 
 /// A client configuration that presents the resolver's SVID and accepts a server SVID that
@@ -64,14 +64,7 @@ pub fn client_config(
     resolver: Arc<SvidResolver>,
     verifier: SpiffeVerifier,
 ) -> Result<ClientConfig> {
-    let mut cfg = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(resolver);
-    cfg.resumption = rustls::client::Resumption::disabled();
-    Ok(cfg)
+    client_config_with(resolver, Arc::new(verifier))
 }
 
 /// A client configuration that presents the resolver's SVID (if any) and checks the server with
