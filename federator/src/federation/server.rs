@@ -694,14 +694,12 @@ impl Session {
         }
     }
 
+    /// Records an acknowledged import revision in memory; it is written to the store when the
+    /// stream ends (it only feeds status: losing it costs nothing, and a write per ACK made
+    /// sled's memory grow with every acknowledgement).
     fn note_acked(&self, rev: u64) {
         if let Some(l) = self.hub.live().get_mut(&self.cluster) {
             l.acked = l.acked.max(rev);
-        }
-        if let Err(e) =
-            tokio::task::block_in_place(|| self.hub.store.set_imports_acked(&self.cluster, rev))
-        {
-            tracing::warn!(error = %e, "cannot record acknowledged import revision");
         }
     }
 
@@ -1132,6 +1130,14 @@ impl Federation for Service {
             }
             // Only the stream that connected as this generation may mark the cluster gone.
             if let Some(g) = connected_as {
+                let acked = hub.live().get(&cluster).map(|l| l.acked).unwrap_or(0);
+                if acked > 0 {
+                    if let Err(e) =
+                        tokio::task::block_in_place(|| hub.store.set_imports_acked(&cluster, acked))
+                    {
+                        tracing::warn!(error = %e, "cannot record the acknowledged import revision");
+                    }
+                }
                 hub.disconnect(&cluster, g);
             }
         });
