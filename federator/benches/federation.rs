@@ -6,6 +6,8 @@
 //!
 //!   cargo bench -p meshfed-federator --bench federation
 //!   MESHFED_BENCH_CLUSTERS=20 cargo bench -p meshfed-federator --bench federation   # smaller
+//!
+//! The same-run peer is etcd (`apt-get install etcd-server`); without it that part is skipped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
