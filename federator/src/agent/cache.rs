@@ -52,9 +52,7 @@ pub type Imported = (String, ServiceExport);
 
 impl Cache {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
+        let db = crate::federation::store::open_sled(sled::Config::new().path(dir), dir)
             .map_err(|e| anyhow::anyhow!("cannot open the cache in {}: {e}", dir.display()))?;
         Ok(Cache {
             meta: db.open_tree("meta")?,

@@ -284,13 +284,32 @@ fn txn_err(e: TransactionError<StoreError>) -> StoreError {
     }
 }
 
+/// Opens a sled database, waiting up to 5 s for a lock that a just-closed handle in this process
+/// is still releasing (sled's background threads hold it briefly); a lock held by another
+/// process is reported as such.
+pub fn open_sled(config: sled::Config, dir: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(format!(
+                        "{} is in use by another process (is another meshfed running with this state directory?)",
+                        dir.display()
+                    )))));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         // sled caches up to 1 GiB by default; reads are served from memory here.
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(16 << 20)
-            .open()?;
+        let db = open_sled(sled::Config::new().path(dir).cache_capacity(16 << 20), dir)?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema")? {
             None => {
@@ -1009,6 +1028,7 @@ mod tests {
             .unwrap();
             s.set_bundle("c1", "{\"keys\": []}", 3).unwrap();
         }
+        // `open_sled` waits for sled's threads to release the lock of the dropped handle.
         let s = Store::open(d.path()).unwrap();
         let c1 = s.cluster("c1").unwrap().unwrap();
         assert_eq!(c1.exports_acked_version, 1);
