@@ -80,6 +80,34 @@ fn describe_webpki(e: &webpki::Error) -> String {
     }
 }
 
+/// The three signature-checking methods every verifier here shares: handshake signatures are
+/// checked with the provider's algorithms (`self.algs()`), whatever the certificate policy.
+macro_rules! signature_methods {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, self.algs())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, self.algs())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs().supported_schemes()
+        }
+    };
+}
+
 /// Verifies SPIFFE peers against a live [`TrustStore`].
 #[derive(Debug, Clone)]
 pub struct SpiffeVerifier {
@@ -89,6 +117,10 @@ pub struct SpiffeVerifier {
 }
 
 impl SpiffeVerifier {
+    fn algs(&self) -> &WebPkiSupportedAlgorithms {
+        &self.algorithms
+    }
+
     pub fn new(store: TrustStore, authorizer: Authorizer) -> Self {
         SpiffeVerifier {
             store,
@@ -180,27 +212,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             .map_err(Self::rustls_error)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    signature_methods!();
 }
 
 impl ClientCertVerifier for SpiffeVerifier {
@@ -220,33 +232,19 @@ impl ClientCertVerifier for SpiffeVerifier {
             .map_err(Self::rustls_error)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    signature_methods!();
 }
 
 /// A client verifier that lets clients without a certificate through (see
 /// `server_config_optional_client`), and fully verifies those that present one.
 #[derive(Debug)]
 pub(crate) struct Optional(pub(crate) SpiffeVerifier);
+
+impl Optional {
+    fn algs(&self) -> &WebPkiSupportedAlgorithms {
+        &self.0.algorithms
+    }
+}
 
 impl ClientCertVerifier for Optional {
     fn client_auth_mandatory(&self) -> bool {
@@ -266,27 +264,7 @@ impl ClientCertVerifier for Optional {
         ClientCertVerifier::verify_client_cert(&self.0, end_entity, intermediates, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ClientCertVerifier::verify_tls12_signature(&self.0, message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ClientCertVerifier::verify_tls13_signature(&self.0, message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        ClientCertVerifier::supported_verify_schemes(&self.0)
-    }
+    signature_methods!();
 }
 
 /// Verifies a server before any bundle is known, by a pinned root: the server must send a
@@ -302,6 +280,10 @@ pub struct PinnedRootVerifier {
 }
 
 impl PinnedRootVerifier {
+    fn algs(&self) -> &WebPkiSupportedAlgorithms {
+        &self.algorithms
+    }
+
     pub fn new(
         pin: &str,
         trust_domain: crate::spiffe_id::TrustDomain,
@@ -353,25 +335,5 @@ impl ServerCertVerifier for PinnedRootVerifier {
             .map_err(SpiffeVerifier::rustls_error)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    signature_methods!();
 }
