@@ -139,6 +139,7 @@ async fn payment_server(
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            let _ = tcp.set_nodelay(true);
             if stop.load(Ordering::Relaxed) {
                 return;
             }
@@ -255,6 +256,7 @@ fn load_generator(
                     TcpStream::connect((ep.address.as_str(), port)),
                 )
                 .await??;
+                tcp.set_nodelay(true)?;
                 let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
                     .connect(ServerName::try_from("payment.shop")?, tcp)
                     .await?;
