@@ -100,18 +100,38 @@ pub struct ExportRecord {
     pub deleted: bool,
     /// Why this export is excluded (a conflict with an older export), if it is.
     pub conflict: Option<String>,
+    /// Every cluster that could ever have imported this service under this key (`*` for all):
+    /// only they are told when it changes out of their view.
+    pub audience: BTreeSet<String>,
     pub export: ServiceExport,
+}
+
+/// Adds who may see `e` to an audience.
+fn widen(audience: &mut BTreeSet<String>, e: &ServiceExport) {
+    if e.export_to.is_empty() {
+        audience.insert("*".to_string());
+    } else {
+        audience.extend(e.export_to.iter().cloned());
+    }
+}
+
+fn could_have_seen(audience: &BTreeSet<String>, importer: &str) -> bool {
+    audience.contains("*") || audience.contains(importer)
 }
 
 impl ExportRecord {
     fn encode(&self) -> Vec<u8> {
         let conflict = self.conflict.as_deref().unwrap_or("");
-        let mut v = Vec::with_capacity(19 + conflict.len() + self.export.encoded_len());
+        let audience = self.audience.iter().cloned().collect::<Vec<_>>().join(",");
+        let mut v =
+            Vec::with_capacity(21 + conflict.len() + audience.len() + self.export.encoded_len());
         v.extend_from_slice(&self.created.to_be_bytes());
         v.extend_from_slice(&self.modified.to_be_bytes());
         v.push(u8::from(self.deleted));
         v.extend_from_slice(&(conflict.len() as u16).to_be_bytes());
         v.extend_from_slice(conflict.as_bytes());
+        v.extend_from_slice(&(audience.len() as u32).to_be_bytes());
+        v.extend_from_slice(audience.as_bytes());
         self.export.encode(&mut v).unwrap_or_default();
         v
     }
@@ -133,7 +153,23 @@ impl ExportRecord {
         }
         let conflict =
             std::str::from_utf8(&v[19..19 + clen]).map_err(|_| corrupt("conflict text"))?;
-        let export = ServiceExport::decode(&v[19 + clen..]).map_err(|e| corrupt(&e.to_string()))?;
+        let at = 19 + clen;
+        let alen_bytes: [u8; 4] = v
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| corrupt("audience length"))?;
+        let alen = u32::from_be_bytes(alen_bytes) as usize;
+        let audience_text = v
+            .get(at + 4..at + 4 + alen)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| corrupt("audience"))?;
+        let audience = audience_text
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        let export =
+            ServiceExport::decode(&v[at + 4 + alen..]).map_err(|e| corrupt(&e.to_string()))?;
         let cluster = key.split(|b| *b == 0).next().unwrap_or_default();
         Ok(ExportRecord {
             cluster: String::from_utf8_lossy(cluster).into_owned(),
@@ -141,6 +177,7 @@ impl ExportRecord {
             modified,
             deleted,
             conflict: (!conflict.is_empty()).then(|| conflict.to_string()),
+            audience,
             export,
         })
     }
@@ -181,6 +218,7 @@ struct Stored {
     modified: u64,
     deleted: bool,
     conflict: Option<String>,
+    audience: BTreeSet<String>,
     export_to: Vec<String>,
     namespace: String,
     name: String,
@@ -195,6 +233,7 @@ impl Stored {
             modified: self.modified,
             deleted: self.deleted,
             conflict: self.conflict.clone(),
+            audience: self.audience.clone(),
             export: ServiceExport::decode(self.encoded.as_slice()).unwrap_or_default(),
         }
     }
@@ -256,6 +295,7 @@ impl Mem {
             modified: r.modified,
             deleted: r.deleted,
             conflict: r.conflict,
+            audience: r.audience,
         };
         self.exports.insert(k, Arc::new(stored));
     }
@@ -557,6 +597,14 @@ impl Store {
                 {
                     continue;
                 }
+                // The audience outlives tombstones: whoever saw an earlier incarnation of
+                // this key must hear about its later changes.
+                let mut audience = m
+                    .exports
+                    .get(&(cluster.to_string(), k.clone()))
+                    .map(|o| o.audience.clone())
+                    .unwrap_or_default();
+                widen(&mut audience, e);
                 writes.insert(
                     (cluster.to_string(), k.clone()),
                     ExportRecord {
@@ -565,6 +613,7 @@ impl Store {
                         modified: rev,
                         deleted: false,
                         conflict: old.and_then(|o| o.conflict.clone()),
+                        audience,
                         export: (*e).clone(),
                     },
                 );
@@ -746,7 +795,7 @@ impl Store {
             if r.visible_to(importer) {
                 bytes += r.encoded.len();
                 out.push(Change::Upsert(r.record()));
-            } else {
+            } else if could_have_seen(&r.audience, importer) {
                 out.push(Change::Remove {
                     cluster: r.cluster.clone(),
                     namespace: r.namespace.clone(),
@@ -1013,6 +1062,50 @@ mod tests {
             assert_eq!(a.revision, None, "an unchanged export was stored again");
         }
         assert_eq!(s.head(), head);
+    }
+
+    #[test]
+    fn restricted_exports_are_never_named_to_clusters_that_could_not_see_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        for c in ["c1", "c2", "c3"] {
+            s.join(record(c)).unwrap();
+        }
+        let mut secret = export("secret", 9000, "TCP");
+        secret.export_to = vec!["c2".into()];
+        s.apply_exports("c1", &delta(1, vec![secret.clone()], vec![]))
+            .unwrap();
+        let (c2, c2_cur, _) = s
+            .changes_since("c2", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        assert_eq!(upserted(&c2), vec!["c1:secret"]);
+        let (c3, c3_cur, _) = s
+            .changes_since("c3", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        assert!(c3.is_empty(), "c3 must not even learn the name");
+        s.apply_exports("c1", &delta(2, vec![], vec!["secret"]))
+            .unwrap();
+        let (c3, _, _) = s.changes_since("c3", &c3_cur, 100).unwrap();
+        assert!(c3.is_empty(), "nor on removal");
+        let (c2, _, _) = s.changes_since("c2", &c2_cur, 100).unwrap();
+        assert!(matches!(&c2[..], [Change::Remove { name, .. }] if name == "secret"));
+
+        // Public, then restricted: everyone who could see it is told it went out of view,
+        // even across a restart.
+        let public = export("menu", 80, "TCP");
+        s.apply_exports("c1", &delta(3, vec![public], vec![]))
+            .unwrap();
+        let (_, c3_cur, _) = s
+            .changes_since("c3", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        let mut narrowed = export("menu", 80, "TCP");
+        narrowed.export_to = vec!["c2".into()];
+        s.apply_exports("c1", &delta(4, vec![narrowed], vec![]))
+            .unwrap();
+        drop(s);
+        let s = Store::open(d.path()).unwrap();
+        let (c3, _, _) = s.changes_since("c3", &c3_cur, 100).unwrap();
+        assert!(matches!(&c3[..], [Change::Remove { name, .. }] if name == "menu"));
     }
 
     #[test]
