@@ -11,7 +11,7 @@
 //! 127.0.x.1 address). Later issues add east-west gateways, network namespaces and VMs.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -636,6 +636,5 @@ pub fn preflight() -> anyhow::Result<()> {
             )
         })?;
     }
-    let _ = Path::new(".");
     Ok(())
 }

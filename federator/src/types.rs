@@ -162,8 +162,8 @@ pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), String> {
 }
 
 /// Whether `importer` may see an export (MCS default: the whole federation).
-pub fn visible_to(e: &ServiceExport, importer: &str) -> bool {
-    e.export_to.is_empty() || e.export_to.iter().any(|c| c == importer)
+pub fn visible_to(export_to: &[String], importer: &str) -> bool {
+    export_to.is_empty() || export_to.iter().any(|c| c == importer)
 }
 
 /// Describes a port/protocol conflict between an older export and a newer one, if any.
@@ -235,9 +235,9 @@ mod tests {
         assert!(port_conflict(&a, &export(&[("http", 9090, "TCP")])).is_some());
         assert!(port_conflict(&a, &export(&[("grpc", 9090, "TCP")])).is_none());
         let mut e = a.clone();
-        assert!(visible_to(&e, "west"));
+        assert!(visible_to(&e.export_to, "west"));
         e.export_to = vec!["eu".into()];
-        assert!(!visible_to(&e, "west") && visible_to(&e, "eu"));
+        assert!(!visible_to(&e.export_to, "west") && visible_to(&e.export_to, "eu"));
     }
 
     #[test]

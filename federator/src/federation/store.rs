@@ -241,7 +241,7 @@ impl Stored {
     fn visible_to(&self, importer: &str) -> bool {
         !self.deleted
             && self.conflict.is_none()
-            && (self.export_to.is_empty() || self.export_to.iter().any(|c| c == importer))
+            && crate::types::visible_to(&self.export_to, importer)
     }
 }
 
