@@ -8,4 +8,5 @@ pub mod demo;
 pub mod federation;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod types;
