@@ -55,6 +55,16 @@ pub async fn serve(
     registry: RegistryFn,
     status_fn: StatusFn,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, registry, status_fn, None).await
+}
+
+/// Like [`serve`], with more routes (the agent's `/debug/...` xDS endpoints).
+pub async fn serve_with(
+    addr: &str,
+    registry: RegistryFn,
+    status_fn: StatusFn,
+    extra: Option<Router>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (admin)"))?;
@@ -68,6 +78,10 @@ pub async fn serve(
             registry,
             status: status_fn,
         });
+    let app = match extra {
+        Some(r) => app.merge(r),
+        None => app,
+    };
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin server failed");
@@ -78,11 +92,16 @@ pub async fn serve(
 
 /// Fetches `/status` from an admin address (used by `meshfed status`).
 pub async fn fetch_status(addr: &str) -> anyhow::Result<serde_json::Value> {
+    fetch_json(addr, "/status").await
+}
+
+/// Fetches a JSON document from an admin address.
+pub async fn fetch_json(addr: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let uri: hyper::Uri = format!("http://{addr}/status")
+    let uri: hyper::Uri = format!("http://{addr}{path}")
         .parse()
         .with_context(|| format!("{addr:?} is not host:port"))?;
     let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
@@ -93,8 +112,8 @@ pub async fn fetch_status(addr: &str) -> anyhow::Result<serde_json::Value> {
     let body = resp.into_body().collect().await?.to_bytes();
     anyhow::ensure!(
         code.is_success(),
-        "{addr}/status answered {code}: {}",
+        "{addr}{path} answered {code}: {}",
         String::from_utf8_lossy(&body).trim()
     );
-    serde_json::from_slice(&body).with_context(|| format!("{addr}/status did not return JSON"))
+    serde_json::from_slice(&body).with_context(|| format!("{addr}{path} did not return JSON"))
 }

@@ -377,6 +377,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             registry: reg,
             admin: Some("127.0.0.1:0".into()),
             registry_poll: Duration::from_millis(200),
+            policies: Vec::new(),
+            xds: None,
         })
         .await?;
         println!(
@@ -580,6 +582,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             registry: wdir.join("registry.yaml"),
             admin: Some("127.0.0.1:0".into()),
             registry_poll: Duration::from_millis(200),
+            policies: Vec::new(),
+            xds: None,
         })
         .await?,
     );

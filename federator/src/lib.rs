@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod types;
+pub mod xds;

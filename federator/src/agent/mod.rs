@@ -23,6 +23,7 @@ use trust::{BundleSet, TrustDomain, TrustStore};
 
 use crate::federation::identity::federator_spiffe_id;
 use crate::metrics::AgentMetrics;
+use crate::policy::PolicySet;
 use identity::ClusterIdentity;
 use registry::{FileRegistry, RegistrySource};
 
@@ -31,8 +32,12 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub registry: PathBuf,
     pub admin: Option<String>,
-    /// How often the registry file is checked for changes.
+    /// How often the registry and policy files are checked for changes.
     pub registry_poll: Duration,
+    /// Failover policy files or directories (`*.yaml`).
+    pub policies: Vec<PathBuf>,
+    /// The xDS server; `None` runs the agent without one.
+    pub xds: Option<crate::xds::XdsConfig>,
 }
 
 /// What the sync loop reports about itself.
@@ -45,6 +50,7 @@ pub struct SyncStatus {
     pub conflicts: Vec<String>,
     pub lease_ttl_ms: u64,
     pub registry_error: Option<String>,
+    pub policy_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -60,6 +66,9 @@ pub struct Inner {
     pub federator_verifier: SpiffeVerifier,
     pub metrics: AgentMetrics,
     status: Mutex<SyncStatus>,
+    /// The failover policies from files, last good set.
+    pub policies: watch::Sender<Arc<PolicySet>>,
+    pub xds: std::sync::OnceLock<Arc<crate::xds::server::XdsState>>,
 }
 
 impl Inner {
@@ -97,6 +106,29 @@ impl Inner {
             left: st.left,
             last_error: st.last_error,
             registry_error: st.registry_error,
+            policy_error: st.policy_error,
+            policies: self
+                .policies
+                .borrow()
+                .by_host
+                .values()
+                .map(|p| format!("{} ({}/{} at {})", p.host, p.namespace, p.name, p.origin))
+                .collect(),
+            xds: self.xds.get().map(|x| {
+                let proxies = x.proxies.report();
+                XdsReport {
+                    generation: x.current().version,
+                    proxies: proxies.len() as u64,
+                    nacks: proxies
+                        .iter()
+                        .flat_map(|p| {
+                            p.types.iter().filter_map(move |(k, t)| {
+                                t.error.as_ref().map(|e| format!("{} {k}: {e}", p.proxy))
+                            })
+                        })
+                        .collect(),
+                }
+            }),
             exports: self.exports.borrow().len() as u64,
             exports_acked_version: st.exports_acked_version,
             imports_applied_revision: snap.applied_revision,
@@ -151,6 +183,13 @@ pub struct AgentReport {
     pub left: bool,
     pub last_error: Option<String>,
     pub registry_error: Option<String>,
+    #[serde(default)]
+    pub policy_error: Option<String>,
+    /// Policies in effect from files: `host (ns/name at file:line:column)`.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    #[serde(default)]
+    pub xds: Option<XdsReport>,
     pub exports: u64,
     pub exports_acked_version: u64,
     pub imports_applied_revision: u64,
@@ -158,6 +197,14 @@ pub struct AgentReport {
     pub imports: BTreeMap<String, u64>,
     pub conflicts: Vec<String>,
     pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct XdsReport {
+    pub generation: u64,
+    pub proxies: u64,
+    /// `proxy type: error` for every proxy whose last response of a type was rejected.
+    pub nacks: Vec<String>,
 }
 
 impl AgentReport {
@@ -176,6 +223,12 @@ impl AgentReport {
         }
         if let Some(e) = &self.registry_error {
             out.push(format!("registry: {e}"));
+        }
+        if let Some(e) = &self.policy_error {
+            out.push(format!("policies: {e}"));
+        }
+        for n in self.xds.iter().flat_map(|x| x.nacks.iter()) {
+            out.push(format!("xDS NACK: {n}"));
         }
         for p in &self.peers {
             if p.lease == "stale" {
@@ -197,6 +250,8 @@ impl AgentReport {
 pub struct Agent {
     pub inner: Arc<Inner>,
     pub admin_addr: Option<SocketAddr>,
+    pub xds_plaintext: Option<SocketAddr>,
+    pub xds_mtls: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -273,6 +328,19 @@ impl Agent {
             Authorizer::id(federator_spiffe_id(&fed_td)?),
         );
         let resolver = SvidResolver::with(&identity.svid)?;
+        let (policy_set, policy_error) = match PolicySet::load_paths(&cfg.policies) {
+            Ok(p) => (p, None),
+            Err(e) => {
+                tracing::error!(error = %e, "failover policies are invalid; serving without them until fixed");
+                (PolicySet::default(), Some(e))
+            }
+        };
+        let local = crate::xds::node::LocalFacts {
+            cluster: identity.file.cluster.clone(),
+            network: identity.file.network.clone(),
+            locality: crate::policy::table::Loc::parse(&identity.file.locality).unwrap_or_default(),
+            trust_domain: identity.file.trust_domain.clone(),
+        };
         let inner = Arc::new(Inner {
             identity: Mutex::new(identity),
             cache,
@@ -284,8 +352,11 @@ impl Agent {
             metrics,
             status: Mutex::new(SyncStatus {
                 registry_error,
+                policy_error,
                 ..Default::default()
             }),
+            policies: watch::Sender::new(Arc::new(policy_set)),
+            xds: std::sync::OnceLock::new(),
         });
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(sync::run(inner.clone())));
@@ -296,13 +367,45 @@ impl Agent {
             cfg.registry_poll,
         )));
         tasks.push(tokio::spawn(renew_cluster_cert(inner.clone())));
+        tasks.push(tokio::spawn(watch_policies(
+            inner.clone(),
+            cfg.policies.clone(),
+            cfg.registry_poll,
+        )));
+        let (mut xds_plaintext, mut xds_mtls) = (None, None);
+        if let Some(xcfg) = &cfg.xds {
+            let state = crate::xds::server::XdsState::new(local, &inner.metrics.registry);
+            let _ = inner.xds.set(state.clone());
+            let (tls, xds_resolver) = xds_tls(&ca, &td)?;
+            let served = crate::xds::serve::start(
+                xcfg,
+                state,
+                inner.model.clone(),
+                inner.policies.subscribe(),
+                Some(tls),
+            )
+            .await?;
+            tasks.push(tokio::spawn(renew_xds_cert(ca, xds_resolver)));
+            xds_plaintext = served.plaintext;
+            xds_mtls = served.mtls;
+            tasks.extend(served.tasks);
+            tasks.push(tokio::spawn(crate::xds::serve::write_trust_roots(
+                cfg.state_dir.join("xds").join("trust-roots.pem"),
+                inner.bundle.subscribe(),
+                inner.model.clone(),
+            )));
+        }
         let admin_addr = match &cfg.admin {
             Some(a) => {
                 let (ri, si) = (inner.clone(), inner.clone());
-                let (addr, task) = crate::admin::serve(
+                let (addr, task) = crate::admin::serve_with(
                     a,
                     Arc::new(move || ri.metrics.registry.clone()),
                     Arc::new(move || serde_json::to_value(si.report()).map_err(|e| e.to_string())),
+                    inner
+                        .xds
+                        .get()
+                        .map(|x| crate::xds::debug::router(x.clone())),
                 )
                 .await?;
                 tasks.push(task);
@@ -313,6 +416,8 @@ impl Agent {
         Ok(Agent {
             inner,
             admin_addr,
+            xds_plaintext,
+            xds_mtls,
             tasks,
         })
     }
@@ -385,6 +490,84 @@ async fn watch_registry(
                     .inc();
                 tracing::error!(error = %e, "registry is invalid; keeping the last good one");
                 inner.status().registry_error = Some(e);
+            }
+        }
+    }
+}
+
+/// The xDS mTLS port's TLS: the agent's own SVID from the cluster CA, clients verified against
+/// the cluster's bundle and required to belong to its trust domain.
+fn xds_tls(
+    ca: &trust::CertificateAuthority,
+    td: &TrustDomain,
+) -> anyhow::Result<(rustls::ServerConfig, Arc<SvidResolver>)> {
+    let id = trust::SpiffeId::istio_workload(td, "meshfed-system", "meshfed-agent")?;
+    let svid = ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, XDS_CERT_TTL)?;
+    let resolver = SvidResolver::with(&svid)?;
+    let mut set = BundleSet::new();
+    set.insert(ca.bundle())?;
+    let verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::trust_domain(td.clone()));
+    let mut tls = trust::tls::server_config(resolver.clone(), verifier)?;
+    tls.alpn_protocols = vec![crate::net::ALPN_H2.to_vec()];
+    Ok((tls, resolver))
+}
+
+const XDS_CERT_TTL: time::Duration = time::Duration::hours(24);
+
+/// Re-issues the xDS serving certificate at 50-80 % of its lifetime.
+async fn renew_xds_cert(ca: trust::CertificateAuthority, resolver: Arc<SvidResolver>) {
+    loop {
+        let wait = XDS_CERT_TTL.whole_milliseconds() as u64 * rand::random_range(50..80) / 100;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let id = match trust::SpiffeId::istio_workload(
+            ca.trust_domain(),
+            "meshfed-system",
+            "meshfed-agent",
+        ) {
+            Ok(id) => id,
+            Err(_) => return,
+        };
+        match ca
+            .issue_svid(&id, &trust::ca::policy::AnyWorkload, XDS_CERT_TTL)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| resolver.install(&s).map_err(anyhow::Error::from))
+        {
+            Ok(()) => tracing::info!("renewed the xDS serving certificate"),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the xDS serving certificate"),
+        }
+    }
+}
+
+/// Reloads the policy files when they change; a broken file never replaces the last good set.
+async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) {
+    if paths.is_empty() {
+        return;
+    }
+    let mut seen = crate::policy::paths_version(&paths);
+    let mut t = tokio::time::interval(poll);
+    loop {
+        t.tick().await;
+        let v = crate::policy::paths_version(&paths);
+        if v == seen {
+            continue;
+        }
+        seen = v;
+        match PolicySet::load_paths(&paths) {
+            Ok(set) => {
+                tracing::info!(policies = set.by_host.len(), "failover policies reloaded");
+                inner.status().policy_error = None;
+                inner.policies.send_if_modified(|cur| {
+                    if **cur == set {
+                        false
+                    } else {
+                        *cur = Arc::new(set);
+                        true
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "failover policies are invalid; keeping the last good ones");
+                inner.status().policy_error = Some(e);
             }
         }
     }

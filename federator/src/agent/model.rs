@@ -40,6 +40,17 @@ impl Snapshot {
     /// stale cluster whose service says `withdraw` are left out; `deprioritize` keeps them,
     /// marked not fresh, for the failover tables to rank last.
     pub fn services(&self) -> BTreeMap<String, Vec<Instance>> {
+        let mut all = self.instances();
+        for v in all.values_mut() {
+            v.retain(|i| i.fresh || i.export.on_expiry != OnExpiry::Withdraw as i32);
+        }
+        all.retain(|_, v| !v.is_empty());
+        all
+    }
+
+    /// Every instance, stale ones included whatever their staleness setting (a failover policy
+    /// may override it).
+    pub fn instances(&self) -> BTreeMap<String, Vec<Instance>> {
         let mut out: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for (k, e) in &self.local {
             out.entry(k.clone()).or_default().push(Instance {
@@ -55,9 +66,6 @@ impl Snapshot {
         for ((cluster, k), e) in &self.imports {
             let peer = self.peers.get(cluster);
             let fresh = peer.is_some_and(|p| p.lease == LeaseState::Fresh as i32);
-            if !fresh && e.on_expiry == OnExpiry::Withdraw as i32 {
-                continue;
-            }
             let facts = peer.and_then(|p| p.facts.clone()).unwrap_or_default();
             out.entry(k.clone()).or_default().push(Instance {
                 cluster: cluster.clone(),

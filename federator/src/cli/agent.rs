@@ -50,6 +50,19 @@ pub struct AgentArgs {
     /// How often the registry file is checked for changes.
     #[arg(long, default_value = "500ms", value_parser = args::std_duration)]
     registry_poll: Duration,
+    /// Failover policy file or directory of `*.yaml` (FailoverPolicy or Istio DestinationRule);
+    /// repeatable. Watched for changes.
+    #[arg(long = "policy")]
+    policies: Vec<PathBuf>,
+    /// Plaintext xDS (ADS) address for the local cluster's proxies; `off` disables it.
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    xds_plaintext: String,
+    /// mTLS xDS (ADS) address; clients present an SVID of this cluster; `off` disables it.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    xds_mtls: String,
+    /// Changes within this window are pushed to proxies together (at most 1s).
+    #[arg(long, default_value = "100ms", value_parser = args::std_duration)]
+    xds_debounce: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -85,12 +98,25 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         registry: a.registry,
         admin: Some(a.admin),
         registry_poll: a.registry_poll,
+        policies: a.policies,
+        xds: Some(crate::xds::XdsConfig {
+            plaintext: Some(a.xds_plaintext).filter(|s| s != "off"),
+            mtls: Some(a.xds_mtls).filter(|s| s != "off"),
+            debounce: a.xds_debounce,
+        }),
     })
     .await?;
+    if a.xds_debounce > Duration::from_secs(1) {
+        anyhow::bail!("--xds-debounce {:?} is more than 1s", a.xds_debounce);
+    }
+    let show =
+        |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     println!(
-        "agent for cluster {} running (admin {})",
+        "agent for cluster {} running (admin {}, xDS {} plaintext, {} mTLS)",
         agent.inner.identity().file.cluster,
-        agent.admin_addr.map(|a| a.to_string()).unwrap_or_default()
+        show(agent.admin_addr),
+        show(agent.xds_plaintext),
+        show(agent.xds_mtls),
     );
     super::shutdown_signal().await;
     agent.stop();
