@@ -5,6 +5,8 @@ mod args;
 mod bundle;
 mod ca;
 mod federator;
+mod policy;
+mod proxy;
 mod status;
 
 use std::process::ExitCode;
@@ -48,6 +50,13 @@ pub enum Command {
     Leave(agent::LeaveArgs),
     /// Show the measured state of a federator or an agent (exit 1 when unhealthy).
     Status(status::StatusArgs),
+    /// Check failover policies against endpoints: the effective priority table.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Per connected proxy and xDS type: SYNCED, STALE or NACK, with versions (exit 1 on NACK).
+    ProxyStatus(proxy::ProxyStatusArgs),
+    /// What the agent sent to one proxy, as Envoy JSON.
+    ProxyConfig(proxy::ProxyConfigArgs),
     /// Run a whole federation on this machine and show it working (--check: assert and exit).
     Demo(DemoArgs),
 }
@@ -77,6 +86,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(a) => runtime()?.block_on(agent::run(a)),
         Command::Leave(a) => runtime()?.block_on(agent::leave(a)),
         Command::Status(a) => runtime()?.block_on(status::run(a)),
+        Command::Policy(c) => policy::run(c),
+        Command::ProxyStatus(a) => runtime()?.block_on(proxy::status(a)),
+        Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
         Command::Demo(a) => {
             crate::demo::preflight()?;
             let opts = crate::demo::DemoOptions {

@@ -305,6 +305,11 @@ fn options() -> serde_saphyr::Options {
     }
 }
 
+/// Parses one YAML document of any type with located errors (`what:line:column: path: msg`).
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, String> {
+    serde_saphyr::from_str_with_options(text, options()).map_err(|e| saphyr_error(what, text, &e))
+}
+
 /// Splits a multi-document stream into (first line number, text) per document, so that each
 /// document can be typed by its own `kind` and errors keep file line numbers.
 fn documents(text: &str) -> Vec<(u64, String)> {
