@@ -65,16 +65,34 @@ pub fn meshfed_ok(args: &[&str]) -> Result<String> {
 #[derive(Debug)]
 pub struct Proc {
     pub name: String,
+    program: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
 }
 
 impl Proc {
     pub fn spawn(name: &str, args: &[String], log_dir: &Path) -> Result<Proc> {
+        Proc::spawn_program(name, &meshfed_bin()?, args, &[], log_dir)
+    }
+
+    /// Any program (a third-party peer such as a grpcio client), same log handling.
+    pub fn spawn_program(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Result<Proc> {
         let mut p = Proc {
             name: name.to_string(),
+            program: program.to_path_buf(),
             args: args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: log_dir.join(format!("{name}.log")),
             child: None,
         };
@@ -85,8 +103,9 @@ impl Proc {
     /// (Re)starts the process with its original arguments, appending to its log.
     pub fn start(&mut self) -> Result<()> {
         let log = File::options().create(true).append(true).open(&self.log)?;
-        let child = Command::new(meshfed_bin()?)
+        let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("MESHFED_LOG", "info,meshfed::agent::sync=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -139,6 +158,24 @@ impl Drop for Proc {
         let _ = self.cont();
         self.kill9();
     }
+}
+
+/// The Python with grpcio that scripts/test installs (`MESHFED_PYTHON`, else `.venv` at the
+/// workspace root).
+pub fn python() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MESHFED_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    if p.exists() {
+        return Ok(p);
+    }
+    bail!("no Python with grpcio: run scripts/test (it creates .venv) or set MESHFED_PYTHON")
+}
+
+/// A file under `chaos/py/`.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` with the last reason.
@@ -207,6 +244,11 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub registry: PathBuf,
     pub admin: String,
+    /// Plaintext and mTLS xDS addresses of the agent.
+    pub xds: String,
+    pub xds_mtls: String,
+    /// The agent watches this directory for failover policies (`*.yaml`).
+    pub policy_dir: PathBuf,
     pub agent: Option<Proc>,
 }
 
@@ -220,6 +262,14 @@ impl Cluster {
 
     pub fn status(&self) -> Result<serde_json::Value> {
         Ok(status(&self.admin)?.1)
+    }
+
+    /// Writes (atomically) a policy file into the watched directory.
+    pub fn write_policy(&self, name: &str, yaml: &str) -> Result<()> {
+        let tmp = self.policy_dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.policy_dir.join(name))?;
+        Ok(())
     }
 
     pub fn agent(&mut self) -> Result<&mut Proc> {
@@ -321,10 +371,15 @@ impl Federation {
             "--gateway",
             &format!("127.0.0.1:{}", free_port()),
         ])?;
+        let policy_dir = self.root.path().join(format!("{name}-policies"));
+        std::fs::create_dir_all(&policy_dir)?;
         let mut c = Cluster {
             name: name.to_string(),
             registry: self.root.path().join(format!("{name}.yaml")),
             admin: format!("127.0.0.1:{}", free_port()),
+            xds: format!("127.0.0.1:{}", free_port()),
+            xds_mtls: format!("127.0.0.1:{}", free_port()),
+            policy_dir,
             dir,
             agent: None,
         };
@@ -344,6 +399,12 @@ impl Federation {
             &c.admin,
             "--registry-poll",
             "100ms",
+            "--policy",
+            c.policy_dir.to_str().unwrap_or_default(),
+            "--xds-plaintext",
+            &c.xds,
+            "--xds-mtls",
+            &c.xds_mtls,
         ]
         .iter()
         .map(|s| s.to_string())

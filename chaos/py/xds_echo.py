@@ -1,0 +1,88 @@
+"""A real proxyless gRPC peer for meshfed's xDS tests (grpcio from PyPI).
+
+server: answers /meshfed.test.Echo/Who with its name, plaintext or mTLS.
+client: calls an xds:/// target every --interval and prints one line per call:
+        "ok <server name>" or "err <CODE> <details>". GRPC_XDS_BOOTSTRAP names the bootstrap.
+"""
+import argparse
+import sys
+import time
+from concurrent import futures
+
+import grpc
+import grpc.experimental
+
+
+def serve(a):
+    name = a.name
+
+    def who(_req, _ctx):
+        return name.encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "meshfed.test.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    for addr in a.addr:
+        if a.cert:
+            with open(a.key, "rb") as f:
+                key = f.read()
+            with open(a.cert, "rb") as f:
+                chain = f.read()
+            with open(a.roots, "rb") as f:
+                roots = f.read()
+            creds = grpc.ssl_server_credentials(
+                [(key, chain)], root_certificates=roots, require_client_auth=True
+            )
+            server.add_secure_port(addr, creds)
+        else:
+            server.add_insecure_port(addr)
+    server.start()
+    print("serving", name, " ".join(a.addr), flush=True)
+    server.wait_for_termination()
+
+
+def client(a):
+    if a.secure:
+        creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+        channel = grpc.secure_channel(a.target, creds)
+    else:
+        channel = grpc.insecure_channel(a.target)
+    who = channel.unary_unary("/meshfed.test.Echo/Who")
+    n = 0
+    while a.calls == 0 or n < a.calls:
+        n += 1
+        try:
+            r = who(b"", timeout=a.timeout)
+            print("ok", r.decode(), flush=True)
+        except grpc.RpcError as e:
+            details = (e.details() or "").replace("\n", " ")[:300]
+            print("err", e.code().name, details, flush=True)
+        time.sleep(a.interval)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("server")
+    s.add_argument("--name", required=True)
+    s.add_argument("--addr", action="append", required=True)
+    s.add_argument("--cert")
+    s.add_argument("--key")
+    s.add_argument("--roots")
+    c = sub.add_parser("client")
+    c.add_argument("--target", required=True)
+    c.add_argument("--secure", action="store_true")
+    c.add_argument("--calls", type=int, default=0)
+    c.add_argument("--interval", type=float, default=0.05)
+    c.add_argument("--timeout", type=float, default=3.0)
+    a = p.parse_args()
+    if a.cmd == "server":
+        serve(a)
+    else:
+        client(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
