@@ -358,20 +358,21 @@ impl Agent {
             policies: watch::Sender::new(Arc::new(policy_set)),
             xds: std::sync::OnceLock::new(),
         });
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(sync::run(inner.clone())));
-        tasks.push(tokio::spawn(watch_registry(
-            inner.clone(),
-            source,
-            default_locality,
-            cfg.registry_poll,
-        )));
-        tasks.push(tokio::spawn(renew_cluster_cert(inner.clone())));
-        tasks.push(tokio::spawn(watch_policies(
-            inner.clone(),
-            cfg.policies.clone(),
-            cfg.registry_poll,
-        )));
+        let mut tasks = vec![
+            tokio::spawn(sync::run(inner.clone())),
+            tokio::spawn(watch_registry(
+                inner.clone(),
+                source,
+                default_locality,
+                cfg.registry_poll,
+            )),
+            tokio::spawn(renew_cluster_cert(inner.clone())),
+            tokio::spawn(watch_policies(
+                inner.clone(),
+                cfg.policies.clone(),
+                cfg.registry_poll,
+            )),
+        ];
         let (mut xds_plaintext, mut xds_mtls) = (None, None);
         if let Some(xcfg) = &cfg.xds {
             let state = crate::xds::server::XdsState::new(local, &inner.metrics.registry);
