@@ -320,6 +320,39 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
     .map(|l| assert!(l.iter().all(|x| x.starts_with("err")), "{l:?}"))
     .unwrap();
 
+    // west publishes a policy with its `secure` export; east's proxies get it.
+    west.write_policy(
+        "secure.yaml",
+        "apiVersion: meshfed.io/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: secure, namespace: shop}\nspec:\n  host: secure.shop.svc.cluster.local\n  publish: true\n  outlierDetection: {consecutive5xxErrors: 7, interval: 2s}\n",
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "west's published policy at east's proxies",
+        || {
+            let d = meshfed_ok(&[
+                "proxy-config",
+                "sidecar~127.0.0.1~client.shop",
+                "cluster",
+                "--admin",
+                &east.admin,
+            ])?;
+            let v: serde_json::Value = serde_json::from_str(&d)?;
+            let secure = v["cluster"].as_array().and_then(|cs| {
+                cs.iter()
+                    .find(|c| {
+                        c["name"] == format!("outbound|{sport}||secure.shop.svc.cluster.local")
+                    })
+                    .cloned()
+            });
+            Ok(secure
+                .filter(|c| c["outlierDetection"]["consecutive5xx"] == 7)
+                .map(|_| ()))
+        },
+    )
+    .unwrap();
+    println!("(c) a policy published by west with its export is applied by east");
+
     // (e) every response was ACKed.
     let (code, out, err) = meshfed(&["proxy-status", "--admin", &east.admin]).unwrap();
     println!("{out}");

@@ -81,6 +81,7 @@ fn service(cluster: usize, i: usize, endpoints: usize, marker: Option<usize>) ->
         export_to: vec![],
         on_expiry: 0,
         labels,
+        failover_policy: String::new(),
     }
 }
 

@@ -151,6 +151,9 @@ pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), String> {
     for (i, c) in e.export_to.iter().enumerate() {
         check_label(&format!("{at}.export_to[{i}]"), c)?;
     }
+    if !e.failover_policy.is_empty() {
+        check_published_policy(e, &format!("{at}.failover_policy"))?;
+    }
     let size = prost::Message::encoded_len(e);
     if size > crate::federation::store::MAX_CHUNK_BYTES {
         return Err(format!(
@@ -159,6 +162,39 @@ pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Largest published policy.
+pub const MAX_PUBLISHED_POLICY_BYTES: usize = 64 * 1024;
+
+/// A published policy must be one valid policy for the exported service's own host: a cluster
+/// may set policy only for what it exports.
+pub fn check_published_policy(
+    e: &ServiceExport,
+    at: &str,
+) -> Result<crate::policy::Policy, String> {
+    if e.failover_policy.len() > MAX_PUBLISHED_POLICY_BYTES {
+        return Err(format!(
+            "{at}: {} bytes, at most {MAX_PUBLISHED_POLICY_BYTES}",
+            e.failover_policy.len()
+        ));
+    }
+    let mut ps = crate::policy::spec::parse(&e.failover_policy, at)?;
+    if ps.len() != 1 {
+        return Err(format!(
+            "{at}: holds {} policies; exactly one is allowed",
+            ps.len()
+        ));
+    }
+    let (p, _) = ps.remove(0);
+    let host = format!("{}.{}.svc.cluster.local", e.name, e.namespace);
+    if p.host != host {
+        return Err(format!(
+            "{at}: the policy is for {}, but this export is {host}",
+            p.host
+        ));
+    }
+    Ok(p)
 }
 
 /// Whether `importer` may see an export (MCS default: the whole federation).
@@ -250,5 +286,62 @@ mod tests {
         assert_eq!(locality_string(&Some(l)), "us-east1/us-east1-b");
         assert!(parse_locality("a//b").is_err());
         assert!(parse_locality("a/b/c/d").is_err());
+    }
+}
+
+#[cfg(test)]
+mod published_policy_tests {
+    use super::*;
+
+    fn export(policy: &str) -> ServiceExport {
+        ServiceExport {
+            namespace: "shop".into(),
+            name: "payment".into(),
+            failover_policy: policy.into(),
+            ..Default::default()
+        }
+    }
+
+    const P: &str = "apiVersion: meshfed.io/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  host: HOST\n  outlierDetection: {consecutive5xxErrors: 2}\n";
+
+    #[test]
+    fn a_cluster_publishes_policy_only_for_its_own_service() {
+        let ok = export(&P.replace("HOST", "payment.shop.svc.cluster.local"));
+        assert!(check_published_policy(&ok, "x").is_ok());
+        let other = export(&P.replace("HOST", "ledger.shop.svc.cluster.local"));
+        let e = check_published_policy(&other, "upserts[0].failover_policy").unwrap_err();
+        assert!(
+            e.contains("the policy is for ledger.shop.svc.cluster.local"),
+            "{e}"
+        );
+        let two = export(&format!(
+            "{}---\n{}",
+            ok.failover_policy, ok.failover_policy
+        ));
+        assert!(check_published_policy(&two, "x")
+            .unwrap_err()
+            .contains("exactly one"));
+        let bad = export("kind: [");
+        assert!(check_published_policy(&bad, "upserts[0].failover_policy")
+            .unwrap_err()
+            .starts_with("upserts[0].failover_policy:"));
+    }
+
+    #[test]
+    fn published_yaml_round_trips() {
+        let set = crate::policy::PolicySet::from_sources(&[(
+            "f.yaml".into(),
+            std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../docs/examples/payment-failover.yaml"
+            ))
+            .unwrap(),
+        )])
+        .unwrap();
+        let p = set.by_host.values().next().unwrap();
+        let again = crate::policy::spec::parse(&p.to_yaml(), "again").unwrap();
+        let mut q = again[0].0.clone();
+        q.origin = p.origin.clone();
+        assert_eq!(&q, p);
     }
 }

@@ -60,6 +60,8 @@ pub struct Inner {
     pub model: model::Model,
     /// The exports the registry currently asks for.
     pub exports: watch::Sender<BTreeMap<String, ServiceExport>>,
+    /// The exports as the registry states them, before published policies are attached.
+    registry_exports: Mutex<BTreeMap<String, ServiceExport>>,
     /// The cluster CA's bundle JSON.
     pub bundle: watch::Sender<String>,
     pub resolver: Arc<SvidResolver>,
@@ -78,6 +80,31 @@ impl Inner {
 
     pub fn status(&self) -> MutexGuard<'_, SyncStatus> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the registry's exports with the policies marked `publish: true` attached to
+    /// the services they are for.
+    pub fn publish_exports(&self) {
+        let mut exports = self
+            .registry_exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let policies = self.policies.borrow().clone();
+        for e in exports.values_mut() {
+            let host = format!("{}.{}.svc.cluster.local", e.name, e.namespace);
+            if let Some(p) = policies.by_host.get(&host).filter(|p| p.publish) {
+                e.failover_policy = p.to_yaml();
+            }
+        }
+        self.exports.send_if_modified(|cur| {
+            if *cur == exports {
+                false
+            } else {
+                *cur = exports;
+                true
+            }
+        });
     }
 
     pub fn set_connected(&self, up: bool) {
@@ -345,7 +372,8 @@ impl Agent {
             identity: Mutex::new(identity),
             cache,
             model,
-            exports: watch::Sender::new(initial_exports),
+            exports: watch::Sender::new(BTreeMap::new()),
+            registry_exports: Mutex::new(initial_exports),
             bundle: watch::Sender::new(ca.bundle().to_json()?),
             resolver,
             federator_verifier,
@@ -358,6 +386,7 @@ impl Agent {
             policies: watch::Sender::new(Arc::new(policy_set)),
             xds: std::sync::OnceLock::new(),
         });
+        inner.publish_exports();
         let mut tasks = vec![
             tokio::spawn(sync::run(inner.clone())),
             tokio::spawn(watch_registry(
@@ -474,14 +503,11 @@ async fn watch_registry(
                 );
                 inner.status().registry_error = None;
                 inner.model.update(|s| s.local = local);
-                inner.exports.send_if_modified(|cur| {
-                    if *cur == exports {
-                        false
-                    } else {
-                        *cur = exports;
-                        true
-                    }
-                });
+                *inner
+                    .registry_exports
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = exports;
+                inner.publish_exports();
             }
             Err(e) => {
                 inner
@@ -565,6 +591,7 @@ async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) 
                         true
                     }
                 });
+                inner.publish_exports();
             }
             Err(e) => {
                 tracing::error!(error = %e, "failover policies are invalid; keeping the last good ones");

@@ -234,6 +234,7 @@ impl ServiceSpec {
                 _ => OnExpiry::Deprioritize,
             } as i32,
             labels: self.labels.clone().into_iter().collect(),
+            failover_policy: String::new(),
         }
     }
 }

@@ -87,6 +87,80 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// The policy as one canonical `FailoverPolicy` document (what is published with an
+    /// export; a DestinationRule is converted).
+    pub fn to_yaml(&self) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let mut y = format!(
+            "apiVersion: meshfed.io/v1alpha1\nkind: FailoverPolicy\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  host: {}\n",
+            q(&self.name),
+            q(&self.namespace),
+            q(&self.host)
+        );
+        // A disabled rule publishes as a policy without locality settings (all priority 0).
+        let on = self.enabled;
+        if on && !self.failover_priority.is_empty() {
+            y.push_str("  failoverPriority:\n");
+            for p in &self.failover_priority {
+                let e = match &p.value {
+                    Some(v) => format!("{}={v}", p.key),
+                    None => p.key.clone(),
+                };
+                y.push_str(&format!("    - {}\n", q(&e)));
+            }
+        }
+        if on && !self.failover.is_empty() {
+            y.push_str("  failover:\n");
+            for f in &self.failover {
+                y.push_str(&format!(
+                    "    - {{from: {}, to: {}}}\n",
+                    q(&f.from),
+                    q(&f.to)
+                ));
+            }
+        }
+        if on && !self.distribute.is_empty() {
+            y.push_str("  distribute:\n");
+            for d in &self.distribute {
+                y.push_str(&format!("    - from: {}\n      to:\n", q(&d.from)));
+                for (pat, w) in &d.to {
+                    y.push_str(&format!("        {}: {w}\n", q(pat)));
+                }
+            }
+        }
+        if let Some(o) = self.outlier.as_ref().filter(|_| on) {
+            y.push_str("  outlierDetection:\n");
+            if let Some(v) = o.consecutive_5xx_errors {
+                y.push_str(&format!("    consecutive5xxErrors: {v}\n"));
+            }
+            if let Some(v) = o.consecutive_gateway_errors {
+                y.push_str(&format!("    consecutiveGatewayErrors: {v}\n"));
+            }
+            if let Some(v) = o.interval_ms {
+                y.push_str(&format!("    interval: {v}ms\n"));
+            }
+            if let Some(v) = o.base_ejection_time_ms {
+                y.push_str(&format!("    baseEjectionTime: {v}ms\n"));
+            }
+            if let Some(v) = o.max_ejection_percent {
+                y.push_str(&format!("    maxEjectionPercent: {v}\n"));
+            }
+        }
+        if let Some(e) = self.on_expiry {
+            let v = match e {
+                OnExpiryPolicy::Deprioritize => "deprioritize",
+                OnExpiryPolicy::Withdraw => "withdraw",
+            };
+            y.push_str(&format!("  staleness: {{onExpiry: {v}}}\n"));
+        }
+        if self.allow_without_health_signal {
+            y.push_str("  allowWithoutHealthSignal: true\n");
+        }
+        y
+    }
+}
+
 /// Policies by host, from files and from the federation.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicySet {

@@ -60,6 +60,28 @@ fn addr(ip: &str, port: u32) -> String {
     }
 }
 
+/// The policy published with the service by its exporters: the local cluster's first, then the
+/// lowest cluster id's. An invalid one is ignored (the federator refuses them at export time).
+fn published_policy(instances: &[crate::agent::model::Instance]) -> Option<Policy> {
+    let mut sorted: Vec<&crate::agent::model::Instance> = instances.iter().collect();
+    sorted.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(&b.cluster)));
+    sorted
+        .into_iter()
+        .filter(|i| !i.export.failover_policy.is_empty())
+        .find_map(|i| {
+            match crate::types::check_published_policy(&i.export, &format!("policy published by cluster {}", i.cluster)) {
+                Ok(mut p) => {
+                    p.origin = format!("published by cluster {}", i.cluster);
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %i.cluster, error = %e, "ignoring an invalid published policy");
+                    None
+                }
+            }
+        })
+}
+
 impl Generation {
     pub fn empty(local: &LocalFacts) -> Generation {
         Generation {
@@ -92,7 +114,12 @@ impl Generation {
             };
             let (ns, name) = (first.export.namespace.clone(), first.export.name.clone());
             let host = host_of(&ns, &name);
-            let policy = policies.by_host.get(&host).cloned().map(Arc::new);
+            let policy = policies
+                .by_host
+                .get(&host)
+                .cloned()
+                .or_else(|| published_policy(&instances))
+                .map(Arc::new);
             if let Some(p) = &policy {
                 g.policies.insert(host.clone(), p.clone());
             }
