@@ -2,6 +2,7 @@
 //! State-of-the-World and Delta. Resources come from the agent's service model and the failover
 //! policies; see docs/architecture.md ("xDS push") for the data flow.
 
+pub mod client;
 pub mod debug;
 pub mod generation;
 pub mod json;
