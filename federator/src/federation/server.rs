@@ -650,10 +650,13 @@ impl Session {
             }
             for c in changes {
                 match c {
-                    Change::Upsert(r) => delta.upserts.push(ImportedService {
-                        source_cluster: r.cluster,
-                        export: Some(r.export),
-                    }),
+                    Change::Upsert(r) => {
+                        let r = *r;
+                        delta.upserts.push(ImportedService {
+                            source_cluster: r.cluster,
+                            export: Some(r.export),
+                        })
+                    }
                     Change::Remove {
                         cluster,
                         namespace,

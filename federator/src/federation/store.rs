@@ -203,7 +203,7 @@ pub struct Applied {
 /// A change an importer must apply.
 #[derive(Debug, Clone)]
 pub enum Change {
-    Upsert(ExportRecord),
+    Upsert(Box<ExportRecord>),
     Remove {
         cluster: String,
         namespace: String,
@@ -794,7 +794,7 @@ impl Store {
             };
             if r.visible_to(importer) {
                 bytes += r.encoded.len();
-                out.push(Change::Upsert(r.record()));
+                out.push(Change::Upsert(Box::new(r.record())));
             } else if could_have_seen(&r.audience, importer) {
                 out.push(Change::Remove {
                     cluster: r.cluster.clone(),
