@@ -11,6 +11,7 @@ pub mod resources;
 pub mod serve;
 pub mod server;
 pub mod status;
+pub mod transport;
 
 use std::time::Duration;
 

@@ -142,7 +142,16 @@ pub struct Ads {
 }
 
 impl Ads {
-    pub fn server(state: Arc<XdsState>, mtls: bool) -> AggregatedDiscoveryServiceServer<Ads> {
+    /// The service to add to a tonic server (small per-stream buffers, see `transport`).
+    pub fn server(state: Arc<XdsState>, mtls: bool) -> super::transport::AdsService {
+        super::transport::AdsService::new(Ads { state, mtls })
+    }
+
+    /// The same with envoy-types' generated glue and tonic's default buffers.
+    pub fn generated_server(
+        state: Arc<XdsState>,
+        mtls: bool,
+    ) -> AggregatedDiscoveryServiceServer<Ads> {
         AggregatedDiscoveryServiceServer::new(Ads { state, mtls })
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(256 * 1024 * 1024)
@@ -325,7 +334,7 @@ fn sotw_response(
     p: &ProxyNode,
     force: bool,
     nonce: &mut u64,
-) -> Option<DiscoveryResponse> {
+) -> Vec<DiscoveryResponse> {
     let want = wanted(gen, kind, st, p);
     let send: Vec<SharedRes> = if kind.wildcard_capable() {
         // State of the world: the whole set, when any member or the membership changed.
@@ -334,7 +343,7 @@ fn sotw_response(
                 .iter()
                 .all(|r| st.sent.get(&r.name).is_some_and(|s| s.hash == r.hash));
         if same && !force {
-            return None;
+            return Vec::new();
         }
         st.sent = want.iter().map(|r| (r.name.clone(), r.clone())).collect();
         want
@@ -347,25 +356,54 @@ fn sotw_response(
             .filter(|r| st.sent.get(&r.name).is_none_or(|s| s.hash != r.hash))
             .collect();
         if changed.is_empty() {
-            return None;
+            return Vec::new();
         }
         for r in &changed {
             st.sent.insert(r.name.clone(), r.clone());
         }
         changed
     };
-    *nonce += 1;
     st.version = gen.version.to_string();
-    st.nonce = nonce.to_string();
     st.sent_at = Some(Instant::now());
-    Some(DiscoveryResponse {
-        version_info: st.version.clone(),
-        resources: send.iter().map(|r| r.any.clone()).collect(),
-        type_url: kind.url().to_string(),
-        nonce: st.nonce.clone(),
-        ..Default::default()
-    })
+    // Routes and endpoints go in responses of at most CHUNK_BYTES (omitting one does not
+    // delete it), which keeps each stream's encode buffer small; listeners and clusters are
+    // state of the world and go in one.
+    let chunks: Vec<Vec<SharedRes>> = if kind.wildcard_capable() {
+        vec![send]
+    } else {
+        let mut chunks = vec![Vec::new()];
+        let mut size = 0;
+        for r in send {
+            let len = r.any.value.len();
+            if size + len > CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(c) = chunks.last_mut() {
+                c.push(r);
+            }
+        }
+        chunks
+    };
+    chunks
+        .into_iter()
+        .map(|c| {
+            *nonce += 1;
+            st.nonce = nonce.to_string();
+            DiscoveryResponse {
+                version_info: st.version.clone(),
+                resources: c.iter().map(|r| r.any.clone()).collect(),
+                type_url: kind.url().to_string(),
+                nonce: st.nonce.clone(),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
+
+/// Target size of one RDS/EDS response.
+pub const CHUNK_BYTES: usize = 4 * 1024;
 
 fn count(state: &XdsState, kind: Kind, n: usize) {
     state
@@ -484,7 +522,7 @@ async fn sotw(
                 st.names = names;
                 st.wildcard = wildcard;
                 if changed {
-                    if let Some(r) = sotw_response(&gen, kind, st, &conn.node, force, &mut nonce) {
+                    for r in sotw_response(&gen, kind, st, &conn.node, force, &mut nonce) {
                         out.push((kind, r));
                     }
                 }
@@ -493,9 +531,7 @@ async fn sotw(
                 let mut types = conn.types();
                 for kind in Kind::ALL {
                     if let Some(st) = types.get_mut(&kind).filter(|s| s.subscribed) {
-                        if let Some(r) =
-                            sotw_response(&gen, kind, st, &conn.node, false, &mut nonce)
-                        {
+                        for r in sotw_response(&gen, kind, st, &conn.node, false, &mut nonce) {
                             out.push((kind, r));
                         }
                     }
