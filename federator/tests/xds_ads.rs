@@ -532,6 +532,55 @@ async fn bad_nodes_are_refused_with_the_reason() {
         assert!(e.message().contains(want), "{}", e.message());
     }
     assert_eq!(state.proxies.len(), 0);
+
+    // A resource name of 2000 bytes ends the stream with a named reason.
+    let mut s = Sotw::open(&url).await;
+    s.send(DiscoveryRequest {
+        node: Some(node(
+            "sidecar~1~x.shop~shop.svc.cluster.local",
+            "us-east1-b",
+            true,
+        )),
+        type_url: ENDPOINT_TYPE.into(),
+        resource_names: vec!["n".repeat(2000)],
+        ..Default::default()
+    })
+    .await;
+    let e = tokio::time::timeout(Duration::from_secs(5), s.rx.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("2000 bytes"), "{}", e.message());
+    // Garbage bytes on the wire are a transport error for that connection, not a crash.
+    let addr = url.trim_start_matches("http://");
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"\x16\x03\x01garbage-not-http2\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read(&mut raw, &mut buf),
+    )
+    .await;
+    let mut s = Sotw::open(&url).await;
+    s.send(DiscoveryRequest {
+        node: Some(node(
+            "sidecar~2~y.shop~shop.svc.cluster.local",
+            "us-east1-b",
+            true,
+        )),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        s.recv().await.type_url,
+        CLUSTER_TYPE,
+        "the server still serves"
+    );
 }
 
 /// Generated Envoy resources, decoded again by envoy-types and rendered as Envoy JSON, must

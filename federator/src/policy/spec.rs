@@ -984,3 +984,43 @@ fn paths_follow_block_structure() {
     assert_eq!(path_at(d, 3), "spec.failover[0].from");
     assert_eq!(path_at(d, 7), "spec.host");
 }
+
+#[cfg(test)]
+#[test]
+fn mutated_policies_never_panic() {
+    // Deterministic mutations of a valid file: byte flips, truncations, duplications. Every
+    // outcome must be a policy or a located error.
+    let base = tests::GOOD.as_bytes();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..3000 {
+        let mut b = base.to_vec();
+        for _ in 0..(next() % 4 + 1) {
+            let i = (next() as usize) % b.len();
+            match next() % 4 {
+                0 => b[i] = (next() % 128) as u8,
+                1 => b.truncate(i.max(1)),
+                2 => {
+                    let j = (next() as usize) % b.len();
+                    let chunk: Vec<u8> = b[i.min(j)..i.max(j)].to_vec();
+                    b.splice(i..i, chunk);
+                }
+                _ => {
+                    b.remove(i);
+                }
+            }
+            if b.is_empty() {
+                b.push(b'a');
+            }
+        }
+        let text = String::from_utf8_lossy(&b);
+        if let Err(e) = parse(&text, "m.yaml") {
+            assert!(e.starts_with("m.yaml"), "{e}");
+        }
+    }
+}
