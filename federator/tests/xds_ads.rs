@@ -672,3 +672,123 @@ fn generated_resources_match_golden_envoy_json() {
         assert_eq!(json, want, "{name} differs from {}", path.display());
     }
 }
+
+/// The mTLS port: clients present an SVID of the cluster's trust domain and speak only for
+/// their own namespace; other trust domains and clients without a certificate are refused.
+#[tokio::test]
+async fn mtls_port_requires_an_svid_of_the_cluster_and_its_own_namespace() {
+    use trust::ca::policy::AnyWorkload;
+    use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+    use trust::{BundleSet, CaOptions, CertificateAuthority, SpiffeId, TrustDomain, TrustStore};
+
+    let east_td = TrustDomain::new("east.mesh").unwrap();
+    let east = CertificateAuthority::create(east_td.clone(), CaOptions::default()).unwrap();
+    let west =
+        CertificateAuthority::create(TrustDomain::new("west.mesh").unwrap(), CaOptions::default())
+            .unwrap();
+    let agent_id = SpiffeId::istio_workload(&east_td, "meshfed-system", "meshfed-agent").unwrap();
+    let store = || {
+        let mut set = BundleSet::new();
+        set.insert(east.bundle()).unwrap();
+        TrustStore::new(set)
+    };
+    let server_svid = east
+        .issue_svid(&agent_id, &AnyWorkload, time::Duration::hours(1))
+        .unwrap();
+    let tls = trust::tls::server_config(
+        SvidResolver::with(&server_svid).unwrap(),
+        SpiffeVerifier::new(store(), Authorizer::trust_domain(east_td.clone())),
+    )
+    .unwrap();
+    let state = XdsState::new(local(), &prometheus::Registry::new());
+    publish(&state, 1, &snapshot(1));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Ads::server(state.clone(), true))
+            .serve_with_incoming(meshfed::net::tls_incoming(l, tls)),
+    );
+    let client = |resolver: Arc<SvidResolver>| {
+        let cfg = trust::tls::client_config(
+            resolver,
+            SpiffeVerifier::new(store(), Authorizer::id(agent_id.clone())),
+        )
+        .unwrap();
+        AggregatedDiscoveryServiceClient::new(
+            meshfed::net::channel(vec![addr.clone()], cfg, "meshfed-agent").unwrap(),
+        )
+    };
+    let open = |mut c: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+                ns: &'static str| async move {
+        let (tx, rx) = mpsc::channel(4);
+        let mut n = node(
+            "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
+            "us-east1-b",
+            true,
+        );
+        let mut md = envoy_types::pb::google::protobuf::Struct::default();
+        md.fields.insert(
+            "NAMESPACE".into(),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                    ns.into(),
+                )),
+            },
+        );
+        n.metadata = Some(md);
+        tx.send(DiscoveryRequest {
+            node: Some(n),
+            type_url: CLUSTER_TYPE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let r = match c.stream_aggregated_resources(ReceiverStream::new(rx)).await {
+            Ok(s) => tokio::time::timeout(Duration::from_secs(5), s.into_inner().next())
+                .await
+                .unwrap()
+                .unwrap(),
+            Err(e) => Err(e),
+        };
+        drop(tx);
+        r
+    };
+    let shop = SpiffeId::istio_workload(&east_td, "shop", "client").unwrap();
+    let shop_svid = east
+        .issue_svid(&shop, &AnyWorkload, time::Duration::hours(1))
+        .unwrap();
+    let ok = open(client(SvidResolver::with(&shop_svid).unwrap()), "shop")
+        .await
+        .unwrap();
+    assert_eq!(ok.type_url, CLUSTER_TYPE);
+    assert_eq!(
+        state
+            .proxies
+            .report()
+            .first()
+            .and_then(|p| p.identity.clone())
+            .as_deref(),
+        Some("spiffe://east.mesh/ns/shop/sa/client")
+    );
+    // The same certificate claiming another namespace.
+    let e = open(client(SvidResolver::with(&shop_svid).unwrap()), "payments")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("namespace \"shop\""),
+        "{}",
+        e.message()
+    );
+    // Another trust domain's workload, and no certificate at all: no TLS session.
+    let w = SpiffeId::istio_workload(&TrustDomain::new("west.mesh").unwrap(), "shop", "client")
+        .unwrap();
+    let w_svid = west
+        .issue_svid(&w, &AnyWorkload, time::Duration::hours(1))
+        .unwrap();
+    assert!(open(client(SvidResolver::with(&w_svid).unwrap()), "shop")
+        .await
+        .is_err());
+    assert!(open(client(SvidResolver::new()), "shop").await.is_err());
+}
