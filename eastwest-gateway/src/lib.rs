@@ -7,4 +7,6 @@
 //!   `outbound|<port>|<subset>|<host>`.
 
 pub mod hello;
+pub mod proxy;
+pub mod routes;
 pub mod sni;

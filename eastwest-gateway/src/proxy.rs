@@ -1,0 +1,439 @@
+//! The data path: accept, read the ClientHello (never terminating TLS), route on its SNI,
+//! connect to a local endpoint (trying the next before any byte is forwarded), forward the
+//! buffered bytes, then copy both ways until both sides are done. Idle connections hold no
+//! buffer: one is taken from the allocator only while bytes are moving.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::hello::{self, alert, HelloError, Progress};
+use crate::routes::{NoRoute, Routes};
+
+/// Istio's mTLS ALPN values; by default a connection must offer one, as Istio's gateway requires.
+pub const ISTIO_ALPN: &[&str] = &[
+    "istio",
+    "istio-peer-exchange",
+    "istio-http/1.0",
+    "istio-http/1.1",
+    "istio-h2",
+];
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// A client must complete its ClientHello within this time (slowloris protection).
+    pub hello_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    /// Connections still sending their ClientHello.
+    pub max_pending_hellos: usize,
+    pub max_per_source: u32,
+    /// `None` accepts any ALPN (or none).
+    pub require_alpn: Option<Vec<String>>,
+    /// On shutdown, open connections get this long to finish.
+    pub drain_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            hello_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(3600),
+            max_connections: 100_000,
+            max_pending_hellos: 10_000,
+            max_per_source: 10_000,
+            require_alpn: Some(ISTIO_ALPN.iter().map(|s| s.to_string()).collect()),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Metrics, with the label names the rest of meshfed uses.
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    pub active: IntGaugeVec,
+    pub connections: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub connect_seconds: Histogram,
+    pub pending_hellos: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+impl GatewayMetrics {
+    pub fn new(reg: &Registry) -> GatewayMetrics {
+        let m = GatewayMetrics {
+            active: must(IntGaugeVec::new(
+                Opts::new(
+                    "meshfed_gateway_active_connections",
+                    "Open forwarded connections",
+                ),
+                &["destination_service"],
+            )),
+            connections: must(IntCounterVec::new(
+                Opts::new("meshfed_gateway_connections_total", "Forwarded connections"),
+                &["destination_service"],
+            )),
+            bytes: must(IntCounterVec::new(
+                Opts::new("meshfed_gateway_bytes_total", "Bytes forwarded"),
+                &["destination_service", "direction"],
+            )),
+            refused: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_gateway_refused_total",
+                    "Connections refused, by reason",
+                ),
+                &["reason"],
+            )),
+            connect_seconds: must(Histogram::with_opts(
+                HistogramOpts::new(
+                    "meshfed_gateway_upstream_connect_seconds",
+                    "Time to connect to the chosen endpoint",
+                )
+                .buckets(vec![
+                    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0,
+                ]),
+            )),
+            pending_hellos: must(IntGauge::new(
+                "meshfed_gateway_pending_hellos",
+                "Connections still sending their ClientHello",
+            )),
+        };
+        for c in [
+            Box::new(m.active.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.connections.clone()),
+            Box::new(m.bytes.clone()),
+            Box::new(m.refused.clone()),
+            Box::new(m.connect_seconds.clone()),
+            Box::new(m.pending_hellos.clone()),
+        ] {
+            let _ = reg.register(c);
+        }
+        m
+    }
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    cfg: GatewayConfig,
+    routes: watch::Receiver<Arc<Routes>>,
+    pub metrics: GatewayMetrics,
+    next: AtomicUsize,
+    connections: Arc<Semaphore>,
+    pending: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, u32>>,
+    open: AtomicU64,
+}
+
+/// Releases a per-source slot when the connection ends.
+struct SourceSlot<'a> {
+    gw: &'a Gateway,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.gw.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: GatewayConfig,
+        routes: watch::Receiver<Arc<Routes>>,
+        reg: &Registry,
+    ) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            pending: Arc::new(Semaphore::new(cfg.max_pending_hellos)),
+            cfg,
+            routes,
+            metrics: GatewayMetrics::new(reg),
+            next: AtomicUsize::new(0),
+            per_source: Mutex::new(HashMap::new()),
+            open: AtomicU64::new(0),
+        })
+    }
+
+    /// Open connections (forwarding or still reading their ClientHello).
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    fn refuse(&self, reason: &str) {
+        self.metrics.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Serves until `shutdown` turns true, then stops accepting and lets open connections
+    /// finish for up to the drain timeout.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        let gw = self.clone();
+                        tokio::spawn(async move { gw.handle(tcp, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(listener);
+        let deadline = Instant::now() + self.cfg.drain_timeout;
+        tracing::info!(open = self.open_connections(), "draining");
+        while self.open_connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let Ok(_conn) = self.connections.clone().try_acquire_owned() else {
+            self.refuse("max_connections");
+            return;
+        };
+        let _slot = {
+            let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+            let n = m.entry(peer.ip()).or_default();
+            if *n >= self.cfg.max_per_source {
+                drop(m);
+                self.refuse("per_source_limit");
+                return;
+            }
+            *n += 1;
+            SourceSlot {
+                gw: &self,
+                ip: peer.ip(),
+            }
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        let _ = client.set_nodelay(true);
+        let r = self.forward(client).await;
+        if let Err(reason) = r {
+            tracing::debug!(%peer, reason, "connection refused");
+        }
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Reads the ClientHello; on refusal sends the alert and returns the reason.
+    async fn read_hello(
+        &self,
+        client: &mut TcpStream,
+    ) -> Result<(hello::ClientHello, Vec<u8>), &'static str> {
+        let Ok(_p) = self.pending.clone().try_acquire_owned() else {
+            self.refuse("max_pending_hellos");
+            return Err("max_pending_hellos");
+        };
+        self.metrics.pending_hellos.inc();
+        let r = tokio::time::timeout(self.cfg.hello_timeout, async {
+            let mut buf: Vec<u8> = Vec::with_capacity(1024);
+            loop {
+                match hello::parse(&buf) {
+                    Ok(Progress::Done(h)) => return Ok((h, buf)),
+                    Ok(Progress::NeedMore(n)) => {
+                        buf.reserve(n.max(512));
+                        let read = client.read_buf(&mut buf).await.map_err(|_| None)?;
+                        if read == 0 {
+                            return Err(None);
+                        }
+                    }
+                    Err(e) => return Err(Some(e)),
+                }
+            }
+        })
+        .await;
+        self.metrics.pending_hellos.dec();
+        match r {
+            Ok(Ok(x)) => Ok(x),
+            Ok(Err(None)) => {
+                self.refuse("closed_before_hello");
+                Err("closed_before_hello")
+            }
+            Ok(Err(Some(e))) => {
+                self.refuse(e.reason());
+                if let Some(a) = e.alert() {
+                    let _ = client.write_all(&hello::alert_record(a)).await;
+                }
+                Err(match e {
+                    HelloError::NotTls(_) | HelloError::BadVersion(_) => "not_tls",
+                    _ => "bad_hello",
+                })
+            }
+            Err(_) => {
+                self.refuse("hello_timeout");
+                Err("hello_timeout")
+            }
+        }
+    }
+
+    async fn forward(&self, mut client: TcpStream) -> Result<(), &'static str> {
+        let (h, buf) = self.read_hello(&mut client).await?;
+        let refuse = |gw: &Gateway, reason: &'static str, a: u8| {
+            gw.refuse(reason);
+            (reason, a)
+        };
+        let decision = (|| {
+            let Some(sni) = h.sni.as_deref() else {
+                return Err(refuse(self, "no_sni", alert::UNRECOGNIZED_NAME));
+            };
+            if let Some(want) = &self.cfg.require_alpn {
+                if !h.alpn.iter().any(|a| want.contains(a)) {
+                    return Err(refuse(self, "alpn", alert::NO_APPLICATION_PROTOCOL));
+                }
+            }
+            let target = crate::sni::parse(sni)
+                .map_err(|_| refuse(self, "bad_sni", alert::UNRECOGNIZED_NAME))?;
+            let routes = self.routes.borrow().clone();
+            match routes.lookup(sni, &target) {
+                Ok(eps) => Ok((
+                    eps.to_vec(),
+                    match target.port {
+                        Some(p) => format!("{}:{p}", target.host),
+                        None => target.host.clone(),
+                    },
+                )),
+                Err(NoRoute::NoHealthyEndpoint(_)) => {
+                    Err(refuse(self, "no_endpoint", alert::UNRECOGNIZED_NAME))
+                }
+                Err(_) => Err(refuse(self, "unknown_sni", alert::UNRECOGNIZED_NAME)),
+            }
+        })();
+        let (eps, service) = match decision {
+            Ok(x) => x,
+            Err((reason, a)) => {
+                let _ = client.write_all(&hello::alert_record(a)).await;
+                return Err(reason);
+            }
+        };
+        // Round robin start; on a connect failure try the next endpoint, before any byte moved.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut upstream = None;
+        for i in 0..eps.len() {
+            let ep = eps[(start + i) % eps.len()];
+            let t = Instant::now();
+            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(ep)).await {
+                Ok(Ok(s)) => {
+                    self.metrics
+                        .connect_seconds
+                        .observe(t.elapsed().as_secs_f64());
+                    upstream = Some(s);
+                    break;
+                }
+                _ => tracing::debug!(%ep, "connect failed; trying the next endpoint"),
+            }
+        }
+        let Some(mut up) = upstream else {
+            self.refuse("upstream_unreachable");
+            let _ = client
+                .write_all(&hello::alert_record(alert::HANDSHAKE_FAILURE))
+                .await;
+            return Err("upstream_unreachable");
+        };
+        let _ = up.set_nodelay(true);
+        if up.write_all(&buf).await.is_err() {
+            self.refuse("upstream_write");
+            return Err("upstream_write");
+        }
+        drop(buf);
+        let labels = [service.as_str()];
+        self.metrics.connections.with_label_values(&labels).inc();
+        let active = self.metrics.active.with_label_values(&labels);
+        active.inc();
+        let (cr, cw) = client.into_split();
+        let (ur, uw) = up.into_split();
+        let last = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let up_bytes = self
+            .metrics
+            .bytes
+            .with_label_values(&[service.as_str(), "upstream"]);
+        let down_bytes = self
+            .metrics
+            .bytes
+            .with_label_values(&[service.as_str(), "downstream"]);
+        let a = pump(cr, uw, last.clone(), t0, up_bytes);
+        let b = pump(ur, cw, last.clone(), t0, down_bytes);
+        let idle = self.cfg.idle_timeout;
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(idle / 4 + Duration::from_millis(1)).await;
+                let since = t0
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if since >= idle {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(a, b) } => {}
+            _ = watchdog => { self.refuse("idle_timeout"); }
+        }
+        active.dec();
+        Ok(())
+    }
+}
+
+/// Copies one direction until EOF, then half-closes the other side. Holds a buffer only while
+/// bytes are in flight.
+async fn pump(
+    from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    last: Arc<AtomicU64>,
+    t0: Instant,
+    bytes: prometheus::IntCounter,
+) {
+    loop {
+        if from.readable().await.is_err() {
+            break;
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        match from.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                bytes.inc_by(n as u64);
+                last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown().await;
+}

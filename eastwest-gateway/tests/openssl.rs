@@ -1,0 +1,259 @@
+//! The gateway between real TLS peers: `openssl s_client` through the gateway to
+//! `openssl s_server`, by SNI, without the gateway holding any key; and every refusal.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eastwest_gateway::proxy::{Gateway, GatewayConfig};
+use eastwest_gateway::routes::Routes;
+use tokio::sync::watch;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cert(dir: &Path) {
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=reviews-backend",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn s_server(dir: &Path, port: u16) -> Server {
+    let c = Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-alpn",
+            "istio",
+            "-www",
+            "-naccept",
+            "100",
+        ])
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server(c)
+}
+
+/// openssl s_client through the gateway; returns (success, output).
+fn s_client(gw: SocketAddr, sni: &str, alpn: &str) -> (bool, String) {
+    let mut c = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &gw.to_string(),
+            "-servername",
+            sni,
+            "-alpn",
+            alpn,
+            "-ign_eof",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text.contains("s_server -accept"), text)
+}
+
+async fn gateway(
+    routes: Routes,
+    cfg: GatewayConfig,
+) -> (
+    SocketAddr,
+    Arc<Gateway>,
+    watch::Sender<Arc<Routes>>,
+    watch::Sender<bool>,
+    prometheus::Registry,
+) {
+    let (tx, rx) = watch::channel(Arc::new(routes));
+    let reg = prometheus::Registry::new();
+    let gw = Gateway::new(cfg, rx, &reg);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(gw.clone().serve(l, stop_rx));
+    (addr, gw, tx, stop_tx, reg)
+}
+
+fn refused(reg: &prometheus::Registry, reason: &str) -> u64 {
+    reg.gather()
+        .iter()
+        .filter(|f| f.name() == "meshfed_gateway_refused_total")
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == reason))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+const HOST: &str = "reviews.shop.svc.cluster.local";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_through_the_gateway_and_every_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    cert(dir.path());
+    let (p1, p2) = (free_port(), free_port());
+    let _s1 = s_server(dir.path(), p1);
+    let port = 9080u16;
+    let backend: SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
+    // A dead endpoint first: the gateway must try the next before forwarding anything.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let routes = Routes::from_clusters([(
+        format!("outbound|{port}||{HOST}").as_str(),
+        vec![dead, backend],
+    )]);
+    let cfg = GatewayConfig {
+        hello_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (gw, g, routes_tx, stop, reg) = gateway(routes, cfg).await;
+    let sni = format!("outbound_.{port}_._.{HOST}");
+
+    for _ in 0..2 {
+        let (ok, out) = tokio::task::spawn_blocking({
+            let sni = sni.clone();
+            move || s_client(gw, &sni, "istio")
+        })
+        .await
+        .unwrap();
+        assert!(ok, "{out}");
+        assert!(out.contains("ALPN protocol: istio"), "{out}");
+        assert!(
+            out.contains("CN=reviews-backend") || out.contains("CN = reviews-backend"),
+            "the backend's own certificate: {out}"
+        );
+    }
+
+    // Unknown SNI, no Istio ALPN, no SNI: TLS alerts, counted by reason.
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        s_client(gw, "outbound_.1_._.nope.shop.svc.cluster.local", "istio")
+    })
+    .await
+    .unwrap();
+    assert!(
+        !ok && out.to_lowercase().contains("unrecognized name"),
+        "{out}"
+    );
+    let (ok, out) = tokio::task::spawn_blocking({
+        let sni = sni.clone();
+        move || s_client(gw, &sni, "h2")
+    })
+    .await
+    .unwrap();
+    assert!(
+        !ok && out.to_lowercase().contains("no application protocol"),
+        "{out}"
+    );
+    assert_eq!(refused(&reg, "unknown_sni"), 1);
+    assert_eq!(refused(&reg, "alpn"), 1);
+
+    // Garbage: closed, no alert.
+    let mut s = std::net::TcpStream::connect(gw).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut b = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.read_to_end(&mut b);
+    assert!(b.is_empty(), "no bytes for a non-TLS client: {b:?}");
+    assert_eq!(refused(&reg, "not_tls"), 1);
+
+    // Slowloris: three bytes and then nothing; cut off at the hello timeout.
+    let mut s = std::net::TcpStream::connect(gw).unwrap();
+    s.write_all(&[22, 3, 1]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = std::time::Instant::now();
+    let _ = s.read_to_end(&mut Vec::new());
+    assert!(t.elapsed() < Duration::from_secs(4));
+    assert_eq!(refused(&reg, "hello_timeout"), 1);
+
+    // An endpoint added and the old one removed, live: new connections follow.
+    let _s2 = s_server(dir.path(), p2);
+    let b2: SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+    routes_tx.send_replace(Arc::new(Routes::from_clusters([(
+        format!("outbound|{port}||{HOST}").as_str(),
+        vec![b2],
+    )])));
+    drop(_s1);
+    let (ok, out) = tokio::task::spawn_blocking({
+        let sni = sni.clone();
+        move || s_client(gw, &sni, "istio")
+    })
+    .await
+    .unwrap();
+    assert!(ok, "the new endpoint serves: {out}");
+
+    // Drain on shutdown: an open connection may finish; new ones are refused.
+    let mut open = tokio::net::TcpStream::connect(gw).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        std::net::TcpStream::connect(gw).is_err(),
+        "no new connections while draining"
+    );
+    assert_eq!(g.open_connections(), 1);
+    drop(open.shutdown().await);
+}
+
+use tokio::io::AsyncWriteExt;
