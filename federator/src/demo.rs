@@ -10,8 +10,8 @@
 //! back and is preferred again.
 //!
 //! Everything runs in this process on loopback addresses (each cluster's workloads on their own
-//! 127.0.x.1 address). The tables name each network's east-west gateway; until the gateway
-//! exists (issue 5) `order` dials the workload behind the chosen gateway directly.
+//! 127.0.x.1 address). The tables name each network's east-west gateway, and every call crosses
+//! one: the gateway routes on the SNI without terminating TLS.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -259,13 +259,6 @@ fn load_generator(
                 continue;
             };
             let cluster = peer.cluster_id.clone();
-            let Some(ep) = snap
-                .imports
-                .get(&(cluster.clone(), "shop/payment".to_string()))
-                .and_then(|e| e.endpoints.first().cloned())
-            else {
-                continue;
-            };
             let mut set = BundleSet::new();
             for (td, json) in &snap.bundles {
                 if let Ok(t) = TrustDomain::new(td) {
@@ -278,18 +271,22 @@ fn load_generator(
                 .and_then(|td| SpiffeId::istio_workload(&td, "shop", "payment"));
             let Ok(expect) = expect else { continue };
             let result = async {
-                let cfg = trust::tls::client_config(
+                let mut cfg = trust::tls::client_config(
                     resolver.clone(),
                     SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(expect)),
                 )?;
+                cfg.alpn_protocols = vec![b"istio".to_vec()];
+                // Through the destination network's east-west gateway, which routes on the SNI
+                // and never sees inside the TLS session.
                 let tcp = tokio::time::timeout(
                     Duration::from_millis(500),
-                    TcpStream::connect((ep.address.as_str(), PAYMENT_PORT)),
+                    TcpStream::connect(target.as_str()),
                 )
                 .await??;
                 tcp.set_nodelay(true)?;
+                let sni = format!("outbound_.{PAYMENT_PORT}_._.payment.shop.svc.cluster.local");
                 let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-                    .connect(ServerName::try_from("payment.shop")?, tcp)
+                    .connect(ServerName::try_from(sni)?, tcp)
                     .await?;
                 tls.write_all(format!("order-{n}").as_bytes()).await?;
                 let mut reply = String::new();
@@ -481,6 +478,36 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         cas.insert(c.name, CertificateAuthority::load(&dir.join("ca"))?);
         agents.insert(c.name, agent);
     }
+    // East-west gateways of the payment clusters, fed by their agents over xDS.
+    let mut gateways = Vec::new();
+    for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
+        let xds = xds_addrs
+            .get(c.name)
+            .copied()
+            .flatten()
+            .context("xDS address")?;
+        let g = crate::gateway::start(
+            crate::gateway::GatewayOptions {
+                listen: format!("{}:15443", c.addr),
+                xds: xds.to_string(),
+                admin: None,
+                expose: BTreeMap::new(),
+                node_id: format!(
+                    "router~{}~eastwest-gateway~meshfed-system.svc.cluster.local",
+                    c.addr
+                ),
+                network: None,
+                config: eastwest_gateway::proxy::GatewayConfig::default(),
+            },
+            prometheus::Registry::new(),
+        )
+        .await?;
+        println!(
+            "gateway {:<5} {} (SNI passthrough, routes from its agent over xDS)",
+            c.name, g.addr
+        );
+        gateways.push(g);
+    }
     checks.assert(
         fed.report()?.clusters.len() == 3,
         "joins",
@@ -600,7 +627,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         stop_all.clone(),
     );
     println!("\nworkloads: payment in east and west (spiffe://<cluster>.mesh/ns/shop/sa/payment), order in eu calling it every 20 ms over mTLS");
-    println!("(until the east-west gateway lands, order dials the workload behind the chosen gateway directly)\n");
+    println!("(each call goes to the east-west gateway its table names, with SNI outbound_.{PAYMENT_PORT}_._.payment.shop.svc.cluster.local; mTLS stays end to end)\n");
 
     let phase = |name: &str, secs: u64| {
         let name = name.to_string();
@@ -788,6 +815,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "errors",
         format!("{failed} failed calls: three per second of outlier ejection while west was down and not yet stale"),
     );
+    let forwarded: u64 = gateways
+        .iter()
+        .map(|g| {
+            g.gateway
+                .metrics
+                .connections
+                .with_label_values(&[&format!("payment.shop.svc.cluster.local:{PAYMENT_PORT}")])
+                .get()
+        })
+        .sum();
+    checks.assert(
+        forwarded >= calls,
+        "gateways",
+        format!("the east and west gateways forwarded {forwarded} connections by SNI without terminating TLS (every successful call crossed one)"),
+    );
+    for g in gateways {
+        g.abort();
+    }
     for (_, a) in agents {
         a.stop();
     }
@@ -804,8 +849,9 @@ fn agent_config(c: &ClusterSpec, dir: &std::path::Path, policies: Vec<PathBuf>) 
         registry_poll: Duration::from_millis(200),
         policies,
         xds: Some(crate::xds::XdsConfig {
-            plaintext: Some(format!("{}:0", c.addr)),
-            mtls: Some(format!("{}:0", c.addr)),
+            // Fixed ports: the cluster's gateway follows its agent across a restart.
+            plaintext: Some(format!("{}:15010", c.addr)),
+            mtls: Some(format!("{}:15012", c.addr)),
             debounce: Duration::from_millis(100),
         }),
     }

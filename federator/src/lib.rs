@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cli;
 pub mod demo;
 pub mod federation;
+pub mod gateway;
 pub mod metrics;
 pub mod net;
 pub mod policy;

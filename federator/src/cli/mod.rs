@@ -5,6 +5,7 @@ mod args;
 mod bundle;
 mod ca;
 mod federator;
+mod gateway;
 mod policy;
 mod proxy;
 mod status;
@@ -50,6 +51,8 @@ pub enum Command {
     Leave(agent::LeaveArgs),
     /// Show the measured state of a federator or an agent (exit 1 when unhealthy).
     Status(status::StatusArgs),
+    /// Run the east-west gateway: SNI passthrough on 15443, routes from the local agent's xDS.
+    Gateway(gateway::GatewayArgs),
     /// Check failover policies against endpoints: the effective priority table.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -87,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Leave(a) => runtime()?.block_on(agent::leave(a)),
         Command::Status(a) => runtime()?.block_on(status::run(a)),
         Command::Policy(c) => policy::run(c),
+        Command::Gateway(a) => runtime()?.block_on(gateway::run(a)),
         Command::ProxyStatus(a) => runtime()?.block_on(proxy::status(a)),
         Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
         Command::Demo(a) => {

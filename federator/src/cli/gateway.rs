@@ -1,0 +1,110 @@
+//! `meshfed gateway`: run the east-west gateway for this cluster's network.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use eastwest_gateway::proxy::GatewayConfig;
+
+use super::args;
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Where cross-network TLS arrives (Istio AUTO_PASSTHROUGH port).
+    #[arg(long, default_value = "0.0.0.0:15443")]
+    listen: String,
+    /// The local agent's plaintext xDS address.
+    #[arg(long, default_value = "127.0.0.1:15010", value_parser = args::host_port)]
+    xds: String,
+    /// Admin HTTP address (/metrics, /healthz, /readyz once routes arrived, /status).
+    #[arg(long, default_value = "127.0.0.1:15021")]
+    admin: String,
+    /// Forward connections with this SNI to fixed addresses, e.g. the agent's mTLS xDS port
+    /// for VMs and other networks: `--expose meshfed-agent.meshfed-system.svc=10.0.0.2:15012`.
+    #[arg(long, value_parser = parse_expose)]
+    expose: Vec<(String, SocketAddr)>,
+    /// The network this gateway serves (default: the agent's).
+    #[arg(long)]
+    network: Option<String>,
+    /// Accept any ALPN instead of requiring one of Istio's mTLS values.
+    #[arg(long)]
+    any_alpn: bool,
+    /// A client must finish its ClientHello within this time.
+    #[arg(long, default_value = "10s", value_parser = args::std_duration)]
+    hello_timeout: Duration,
+    /// Connections idle this long are closed.
+    #[arg(long, default_value = "1h", value_parser = args::std_duration)]
+    idle_timeout: Duration,
+    /// On SIGTERM, open connections get this long to finish.
+    #[arg(long, default_value = "30s", value_parser = args::std_duration)]
+    drain_timeout: Duration,
+    #[arg(long, default_value_t = 100_000)]
+    max_connections: usize,
+    #[arg(long, default_value_t = 10_000)]
+    max_per_source: u32,
+}
+
+fn parse_expose(s: &str) -> Result<(String, SocketAddr), String> {
+    let (sni, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not SNI=IP:PORT"))?;
+    if sni.is_empty() {
+        return Err(format!("{s:?}: empty SNI"));
+    }
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{s:?}: {addr:?} is not IP:PORT"))?;
+    Ok((sni.to_ascii_lowercase(), addr))
+}
+
+pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let mut expose: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+    for (sni, addr) in a.expose {
+        expose.entry(sni).or_default().push(addr);
+    }
+    let g = crate::gateway::start(
+        crate::gateway::GatewayOptions {
+            listen: a.listen,
+            xds: a.xds,
+            admin: Some(a.admin),
+            expose,
+            node_id: format!(
+                "router~{}~eastwest-gateway~meshfed-system.svc.cluster.local",
+                hostname()
+            ),
+            network: a.network,
+            config: GatewayConfig {
+                hello_timeout: a.hello_timeout,
+                idle_timeout: a.idle_timeout,
+                drain_timeout: a.drain_timeout,
+                max_connections: a.max_connections,
+                max_per_source: a.max_per_source,
+                require_alpn: if a.any_alpn {
+                    None
+                } else {
+                    GatewayConfig::default().require_alpn
+                },
+                ..Default::default()
+            },
+        },
+        prometheus::Registry::new(),
+    )
+    .await?;
+    println!(
+        "east-west gateway on {} (admin {})",
+        g.addr,
+        g.admin.map(|a| a.to_string()).unwrap_or_default()
+    );
+    super::shutdown_signal().await;
+    println!("draining");
+    g.drain().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "gateway".into())
+}

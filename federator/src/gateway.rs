@@ -1,0 +1,167 @@
+//! `meshfed gateway`: the east-west gateway fed by the local agent over xDS. It connects as a
+//! `router~` node, so the agent sends only this network's endpoints; every EDS change replaces
+//! the routing table, and if the agent goes away the last table stays in use.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use eastwest_gateway::proxy::{Gateway, GatewayConfig};
+use eastwest_gateway::routes::Routes;
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+use tokio::sync::watch;
+
+use crate::xds::client::{endpoints, AdsClient, Tables};
+
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    pub listen: String,
+    /// The agent's plaintext xDS address, `host:port`.
+    pub xds: String,
+    pub admin: Option<String>,
+    /// SNI names forwarded to fixed addresses (e.g. the agent's mTLS port).
+    pub expose: BTreeMap<String, Vec<SocketAddr>>,
+    pub node_id: String,
+    pub network: Option<String>,
+    pub config: GatewayConfig,
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    pub routes: watch::Receiver<Arc<Routes>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _ads: Arc<AdsClient>,
+}
+
+impl RunningGateway {
+    /// Stops accepting and waits for open connections up to the drain timeout.
+    pub async fn drain(mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.tasks.first_mut() {
+            let _ = t.await;
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    pub fn abort(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Healthy endpoints of every cluster, best priority first.
+pub fn routes_from(tables: &Tables, expose: &BTreeMap<String, Vec<SocketAddr>>) -> Routes {
+    let mut r = Routes::from_clusters(tables.iter().map(|(name, cla)| {
+        let eps: Vec<SocketAddr> = endpoints(cla)
+            .into_iter()
+            .filter(|e| e.2)
+            .filter_map(|e| e.1.parse().ok())
+            .collect();
+        (name.as_str(), eps)
+    }));
+    r.fixed = expose.clone();
+    r
+}
+
+pub async fn start(
+    o: GatewayOptions,
+    registry: prometheus::Registry,
+) -> anyhow::Result<RunningGateway> {
+    let mut md = envoy_types::pb::google::protobuf::Struct::default();
+    if let Some(n) = &o.network {
+        md.fields.insert(
+            "NETWORK".into(),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                    n.clone(),
+                )),
+            },
+        );
+    }
+    let ads = Arc::new(AdsClient::start(
+        format!("http://{}", o.xds),
+        Node {
+            id: o.node_id.clone(),
+            user_agent_name: "meshfed-gateway".into(),
+            locality: Some(Locality::default()),
+            metadata: Some(md),
+            ..Default::default()
+        },
+    ));
+    let (routes_tx, routes_rx) =
+        watch::channel(Arc::new(routes_from(&Tables::default(), &o.expose)));
+    let mut tables = ads.tables.clone();
+    let expose = o.expose.clone();
+    let follow = tokio::spawn(async move {
+        loop {
+            let t = tables.borrow_and_update().clone();
+            let r = routes_from(&t, &expose);
+            routes_tx.send_if_modified(|cur| {
+                if **cur == r {
+                    false
+                } else {
+                    tracing::info!(services = r.services.len(), "gateway routes updated");
+                    *cur = Arc::new(r);
+                    true
+                }
+            });
+            if tables.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let gateway = Gateway::new(o.config.clone(), routes_rx.clone(), &registry);
+    let listener = tokio::net::TcpListener::bind(&o.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (gateway)", o.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let serve = tokio::spawn(gateway.clone().serve(listener, stop_rx));
+    let mut tasks = vec![serve, follow];
+    let mut admin = None;
+    if let Some(a) = &o.admin {
+        let (g, r, up, reg) = (
+            gateway.clone(),
+            routes_rx.clone(),
+            ads.connected.clone(),
+            registry.clone(),
+        );
+        let (bound, task) = crate::admin::serve(
+            a,
+            Arc::new(move || reg.clone()),
+            Arc::new(move || {
+                let routes = r.borrow().clone();
+                if routes.services.is_empty() && routes.fixed.is_empty() {
+                    return Err("no routes yet".into());
+                }
+                Ok(serde_json::json!({
+                    "kind": "gateway",
+                    "services": routes.services.keys().map(|(h, p, s)| if s.is_empty() { format!("{h}:{p}") } else { format!("{h}:{p} ({s})") }).collect::<Vec<_>>(),
+                    "open_connections": g.open_connections(),
+                    "xds_connected": *up.borrow(),
+                }))
+            }),
+        )
+        .await?;
+        tasks.push(task);
+        admin = Some(bound);
+    }
+    Ok(RunningGateway {
+        addr,
+        admin,
+        gateway,
+        routes: routes_rx,
+        stop,
+        tasks,
+        _ads: ads,
+    })
+}
