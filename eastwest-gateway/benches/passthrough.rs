@@ -30,11 +30,13 @@ const SNI: &str = "outbound_.9080_._.reviews.shop.svc.cluster.local";
 const BULK: usize = 256 * 1024 * 1024;
 
 fn hello() -> Vec<u8> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
     cfg.alpn_protocols = vec![b"istio".to_vec()];
     let mut c = rustls::ClientConnection::new(
         Arc::new(cfg),
@@ -49,7 +51,11 @@ fn hello() -> Vec<u8> {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Backend: reads the hello, answers one byte, then sinks everything.
@@ -103,12 +109,23 @@ impl Proxy {
         let Some(c) = &self.child else { return 0 };
         // Sum over the process and its children (nginx workers, haproxy is one process).
         let mut pids = vec![c.id()];
-        if let Ok(out) = Command::new("pgrep").args(["-P", &c.id().to_string()]).output() {
-            pids.extend(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        if let Ok(out) = Command::new("pgrep")
+            .args(["-P", &c.id().to_string()])
+            .output()
+        {
+            pids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok()),
+            );
         }
         pids.iter()
             .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-            .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .filter_map(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
             .sum()
     }
 }
@@ -127,14 +144,19 @@ fn meshfed_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MESHFED_BIN") {
         return p.into();
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     target.join("release/meshfed")
 }
 
 fn start_meshfed(be: SocketAddr, dir: &Path) -> Option<Proxy> {
     let bin = meshfed_bin();
     if !bin.exists() {
-        println!("meshfed: skipped ({} missing; cargo build --release --bin meshfed)", bin.display());
+        println!(
+            "meshfed: skipped ({} missing; cargo build --release --bin meshfed)",
+            bin.display()
+        );
         return None;
     }
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -155,7 +177,11 @@ fn start_meshfed(be: SocketAddr, dir: &Path) -> Option<Proxy> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    wait_port(addr).then_some(Proxy { name: "meshfed", addr, child: Some(child) })
+    wait_port(addr).then_some(Proxy {
+        name: "meshfed",
+        addr,
+        child: Some(child),
+    })
 }
 
 fn start_haproxy(be: SocketAddr, dir: &Path) -> Option<Proxy> {
@@ -165,8 +191,19 @@ fn start_haproxy(be: SocketAddr, dir: &Path) -> Option<Proxy> {
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, cfg).unwrap();
-    let child = Command::new("haproxy").arg("-f").arg(&path).arg("-db").stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
-    wait_port(addr).then_some(Proxy { name: "haproxy", addr, child: Some(child) })
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&path)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_port(addr).then_some(Proxy {
+        name: "haproxy",
+        addr,
+        child: Some(child),
+    })
 }
 
 fn start_nginx(be: SocketAddr, dir: &Path) -> Option<Proxy> {
@@ -183,8 +220,20 @@ fn start_nginx(be: SocketAddr, dir: &Path) -> Option<Proxy> {
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, cfg).unwrap();
-    let child = Command::new("nginx").arg("-c").arg(&path).arg("-g").arg("daemon off;").stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
-    wait_port(addr).then_some(Proxy { name: "nginx", addr, child: Some(child) })
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-g")
+        .arg("daemon off;")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_port(addr).then_some(Proxy {
+        name: "nginx",
+        addr,
+        child: Some(child),
+    })
 }
 
 /// Connects, sends the hello, waits for the backend's byte; returns the time from send to reply.
@@ -246,7 +295,9 @@ fn conns_per_sec(addr: SocketAddr, hello: &[u8]) -> f64 {
 }
 
 fn latency(addr: SocketAddr, hello: &[u8]) -> Vec<f64> {
-    let mut v: Vec<f64> = (0..2000).filter_map(|_| handshake(addr, hello).map(|(_, d)| d.as_secs_f64() * 1e6)).collect();
+    let mut v: Vec<f64> = (0..2000)
+        .filter_map(|_| handshake(addr, hello).map(|(_, d)| d.as_secs_f64() * 1e6))
+        .collect();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v
 }
@@ -279,8 +330,15 @@ fn main() {
     let hello = hello();
     let be = backend(hello.len());
     let dir = tempfile::tempdir().unwrap();
-    let idle_n: usize = std::env::var("MESHFED_BENCH_IDLE").ok().and_then(|v| v.parse().ok()).unwrap_or(7000);
-    let mut proxies = vec![Proxy { name: "direct", addr: be, child: None }];
+    let idle_n: usize = std::env::var("MESHFED_BENCH_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7000);
+    let mut proxies = vec![Proxy {
+        name: "direct",
+        addr: be,
+        child: None,
+    }];
     proxies.extend(start_meshfed(be, dir.path()));
     match start_haproxy(be, dir.path()) {
         Some(p) => proxies.push(p),
@@ -290,15 +348,28 @@ fn main() {
     let direct_lat = latency(be, &hello);
     println!(
         "{:<8} {:>12} {:>12} {:>10} {:>16} {:>16} {:>14}",
-        "proxy", "1 stream", "8 streams", "conn/s", "added p50 (us)", "added p99 (us)", "B/idle conn"
+        "proxy",
+        "1 stream",
+        "8 streams",
+        "conn/s",
+        "added p50 (us)",
+        "added p99 (us)",
+        "B/idle conn"
     );
     for p in &proxies {
         let t1 = throughput(p.addr, &hello, 1);
         let t8 = throughput(p.addr, &hello, 8);
         let cps = conns_per_sec(p.addr, &hello);
         let lat = latency(p.addr, &hello);
-        let (a50, a99) = (pct(&lat, 0.5) - pct(&direct_lat, 0.5), pct(&lat, 0.99) - pct(&direct_lat, 0.99));
-        let mem = if p.child.is_some() { format!("{:.0}", idle_memory(p, &hello, idle_n)) } else { "-".into() };
+        let (a50, a99) = (
+            pct(&lat, 0.5) - pct(&direct_lat, 0.5),
+            pct(&lat, 0.99) - pct(&direct_lat, 0.99),
+        );
+        let mem = if p.child.is_some() {
+            format!("{:.0}", idle_memory(p, &hello, idle_n))
+        } else {
+            "-".into()
+        };
         println!(
             "{:<8} {:>9.2} Gb/s {:>7.2} Gb/s {:>10.0} {:>16.1} {:>16.1} {:>14}",
             p.name, t1, t8, cps, a50, a99, mem

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -364,6 +363,7 @@ impl Gateway {
             return Err("upstream_unreachable");
         };
         let _ = up.set_nodelay(true);
+        let sent_first = buf.len();
         if up.write_all(&buf).await.is_err() {
             self.refuse("upstream_write");
             return Err("upstream_write");
@@ -373,8 +373,6 @@ impl Gateway {
         self.metrics.connections.with_label_values(&labels).inc();
         let active = self.metrics.active.with_label_values(&labels);
         active.inc();
-        let (cr, cw) = client.into_split();
-        let (ur, uw) = up.into_split();
         let last = Arc::new(AtomicU64::new(0));
         let t0 = Instant::now();
         let up_bytes = self
@@ -385,8 +383,11 @@ impl Gateway {
             .metrics
             .bytes
             .with_label_values(&[service.as_str(), "downstream"]);
-        let a = pump(cr, uw, last.clone(), t0, up_bytes);
-        let b = pump(ur, cw, last.clone(), t0, down_bytes);
+        // The ClientHello (and whatever came with it) was forwarded already.
+        up_bytes.inc_by(sent_first as u64);
+        let (client, up) = (Arc::new(client), Arc::new(up));
+        let a = copy_one_way(client.clone(), up.clone(), last.clone(), t0, up_bytes);
+        let b = copy_one_way(up, client, last.clone(), t0, down_bytes);
         let idle = self.cfg.idle_timeout;
         let watchdog = async {
             loop {
@@ -408,32 +409,100 @@ impl Gateway {
     }
 }
 
-/// Copies one direction until EOF, then half-closes the other side. Holds a buffer only while
-/// bytes are in flight.
-async fn pump(
-    from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+/// Copies one direction until EOF, then half-closes the other side: with splice(2) on Linux
+/// (bytes go socket -> pipe -> socket inside the kernel), a userspace copy elsewhere. Idle
+/// connections hold neither a buffer nor a pipe: both exist only while bytes are moving.
+async fn copy_one_way(
+    from: Arc<TcpStream>,
+    to: Arc<TcpStream>,
     last: Arc<AtomicU64>,
     t0: Instant,
     bytes: prometheus::IntCounter,
 ) {
+    #[cfg(target_os = "linux")]
+    let _ = splice_loop(&from, &to, &last, t0, &bytes).await;
+    #[cfg(not(target_os = "linux"))]
+    let _ = copy_loop(&from, &to, &last, t0, &bytes).await;
+    let _ = socket2::SockRef::from(&*to).shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(target_os = "linux")]
+async fn splice_loop(
+    from: &TcpStream,
+    to: &TcpStream,
+    last: &AtomicU64,
+    t0: Instant,
+    bytes: &prometheus::IntCounter,
+) -> std::io::Result<()> {
+    use nix::fcntl::{splice, OFlag, SpliceFFlags};
+    use tokio::io::Interest;
+    const CHUNK: usize = 1 << 20;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
-        if from.readable().await.is_err() {
-            break;
-        }
-        let mut buf = vec![0u8; 16 * 1024];
-        match from.try_read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).await.is_err() {
+        from.readable().await?;
+        let (pr, pw) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let mut eof = false;
+        loop {
+            // The pipe is empty here, so EAGAIN can only mean the socket has nothing more.
+            let n = match from.try_io(Interest::READABLE, || {
+                splice(from, None, &pw, None, CHUNK, flags).map_err(std::io::Error::from)
+            }) {
+                Ok(0) => {
+                    eof = true;
                     break;
                 }
-                bytes.inc_by(n as u64);
-                last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            let mut left = n;
+            while left > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(&pr, None, to, None, left, flags).map_err(std::io::Error::from)
+                }) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => break,
+            bytes.inc_by(n as u64);
+            last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        if eof {
+            return Ok(());
         }
     }
-    let _ = to.shutdown().await;
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn copy_loop(
+    from: &TcpStream,
+    to: &TcpStream,
+    last: &AtomicU64,
+    t0: Instant,
+    bytes: &prometheus::IntCounter,
+) -> std::io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut buf = vec![0u8; 16 * 1024];
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            to.writable().await?;
+            match to.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bytes.inc_by(n as u64);
+        last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
