@@ -139,7 +139,14 @@ pub struct Gateway {
     pending: Arc<Semaphore>,
     per_source: Mutex<HashMap<IpAddr, u32>>,
     open: AtomicU64,
+    /// Passive outlier detection: consecutive connect failures and ejection deadlines.
+    outliers: Mutex<HashMap<SocketAddr, (u32, Option<Instant>)>>,
 }
+
+/// Consecutive connect failures that eject an endpoint.
+pub const EJECT_AFTER: u32 = 3;
+/// First ejection; doubles with each further ejection of the same endpoint, up to 5 minutes.
+pub const BASE_EJECTION: Duration = Duration::from_secs(10);
 
 /// Releases a per-source slot when the connection ends.
 struct SourceSlot<'a> {
@@ -174,6 +181,7 @@ impl Gateway {
             next: AtomicUsize::new(0),
             per_source: Mutex::new(HashMap::new()),
             open: AtomicU64::new(0),
+            outliers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -246,6 +254,52 @@ impl Gateway {
             tracing::debug!(%peer, reason, "connection refused");
         }
         self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Endpoints in the order to try: healthy ones round robin from `start`, ejected ones last.
+    fn order(&self, eps: &[SocketAddr], start: usize) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let o = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+        let ejected =
+            |ep: &SocketAddr| o.get(ep).and_then(|x| x.1).is_some_and(|until| until > now);
+        let n = eps.len();
+        let rotated = (0..n).map(|i| eps[(start + i) % n]);
+        let (mut ok, bad): (Vec<SocketAddr>, Vec<SocketAddr>) = rotated.partition(|e| !ejected(e));
+        ok.extend(bad);
+        ok
+    }
+
+    fn outcome(&self, ep: SocketAddr, success: bool) {
+        let mut o = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+        if success {
+            o.remove(&ep);
+            return;
+        }
+        let e = o.entry(ep).or_insert((0, None));
+        e.0 += 1;
+        if e.0 >= EJECT_AFTER {
+            let times = (e.0 / EJECT_AFTER).min(5);
+            let wait = (BASE_EJECTION * 2u32.pow(times - 1)).min(Duration::from_secs(300));
+            e.1 = Some(Instant::now() + wait);
+            self.metrics
+                .refused
+                .with_label_values(&["endpoint_ejected"])
+                .inc();
+            tracing::info!(%ep, secs = wait.as_secs(), "endpoint ejected after consecutive connect failures");
+        }
+        // Bounded: forget the oldest records if endpoints churn.
+        if o.len() > 10_000 {
+            let now = Instant::now();
+            o.retain(|_, (_, until)| until.is_some_and(|u| u > now));
+        }
+    }
+
+    /// Whether an endpoint is currently ejected.
+    pub fn is_ejected(&self, ep: &SocketAddr) -> bool {
+        let o = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+        o.get(ep)
+            .and_then(|x| x.1)
+            .is_some_and(|u| u > Instant::now())
     }
 
     /// Reads the ClientHello; on refusal sends the alert and returns the reason.
@@ -338,21 +392,25 @@ impl Gateway {
                 return Err(reason);
             }
         };
-        // Round robin start; on a connect failure try the next endpoint, before any byte moved.
+        // Round robin over endpoints that are not ejected (all of them if every one is); on a
+        // connect failure try the next, before any byte moved.
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut upstream = None;
-        for i in 0..eps.len() {
-            let ep = eps[(start + i) % eps.len()];
+        for ep in self.order(&eps, start) {
             let t = Instant::now();
             match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(ep)).await {
                 Ok(Ok(s)) => {
                     self.metrics
                         .connect_seconds
                         .observe(t.elapsed().as_secs_f64());
+                    self.outcome(ep, true);
                     upstream = Some(s);
                     break;
                 }
-                _ => tracing::debug!(%ep, "connect failed; trying the next endpoint"),
+                _ => {
+                    self.outcome(ep, false);
+                    tracing::debug!(%ep, "connect failed; trying the next endpoint");
+                }
             }
         }
         let Some(mut up) = upstream else {

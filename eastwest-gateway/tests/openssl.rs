@@ -186,6 +186,24 @@ async fn openssl_through_the_gateway_and_every_refusal() {
         );
     }
 
+    // The dead endpoint was tried first at least once; after three failures it is ejected.
+    for _ in 0..4 {
+        let (ok, out) = tokio::task::spawn_blocking({
+            let sni = sni.clone();
+            move || s_client(gw, &sni, "istio")
+        })
+        .await
+        .unwrap();
+        assert!(ok, "{out}");
+    }
+    assert!(
+        g.is_ejected(&dead),
+        "three connect failures eject the endpoint (ejections: {}, connects: {})",
+        refused(&reg, "endpoint_ejected"),
+        g.metrics.connect_seconds.get_sample_count()
+    );
+    assert!(!g.is_ejected(&backend));
+
     // Unknown SNI, no Istio ALPN, no SNI: TLS alerts, counted by reason.
     let (ok, out) = tokio::task::spawn_blocking(move || {
         s_client(gw, "outbound_.1_._.nope.shop.svc.cluster.local", "istio")
