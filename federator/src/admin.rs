@@ -18,6 +18,8 @@ pub type StatusFn = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + S
 struct Admin {
     registry: RegistryFn,
     status: StatusFn,
+    /// Readiness, when it differs from "the status can be computed".
+    ready: Option<StatusFn>,
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
@@ -32,7 +34,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
-    let status = a.status.clone();
+    let status = a.ready.clone().unwrap_or_else(|| a.status.clone());
     match tokio::task::spawn_blocking(move || status()).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_string()),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
@@ -55,7 +57,7 @@ pub async fn serve(
     registry: RegistryFn,
     status_fn: StatusFn,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    serve_with(addr, registry, status_fn, None).await
+    serve_with(addr, registry, status_fn, None, None).await
 }
 
 /// Like [`serve`], with more routes (the agent's `/debug/...` xDS endpoints).
@@ -64,6 +66,7 @@ pub async fn serve_with(
     registry: RegistryFn,
     status_fn: StatusFn,
     extra: Option<Router>,
+    ready: Option<StatusFn>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -77,6 +80,7 @@ pub async fn serve_with(
         .with_state(Admin {
             registry,
             status: status_fn,
+            ready,
         });
     let app = match extra {
         Some(r) => app.merge(r),

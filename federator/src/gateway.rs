@@ -135,14 +135,12 @@ pub async fn start(
             ads.connected.clone(),
             registry.clone(),
         );
-        let (bound, task) = crate::admin::serve(
+        let r2 = routes_rx.clone();
+        let (bound, task) = crate::admin::serve_with(
             a,
             Arc::new(move || reg.clone()),
             Arc::new(move || {
                 let routes = r.borrow().clone();
-                if routes.services.is_empty() && routes.fixed.is_empty() {
-                    return Err("no routes yet".into());
-                }
                 Ok(serde_json::json!({
                     "kind": "gateway",
                     "services": routes.services.keys().map(|(h, p, s)| if s.is_empty() { format!("{h}:{p}") } else { format!("{h}:{p} ({s})") }).collect::<Vec<_>>(),
@@ -150,6 +148,16 @@ pub async fn start(
                     "xds_connected": *up.borrow(),
                 }))
             }),
+            None,
+            // Ready once it has routes.
+            Some(Arc::new(move || {
+                let routes = r2.borrow().clone();
+                if routes.services.is_empty() && routes.fixed.is_empty() {
+                    Err("no routes yet".into())
+                } else {
+                    Ok(serde_json::Value::Null)
+                }
+            })),
         )
         .await?;
         tasks.push(task);

@@ -436,6 +436,7 @@ impl Agent {
                         .xds
                         .get()
                         .map(|x| crate::xds::debug::router(x.clone())),
+                    None,
                 )
                 .await?;
                 tasks.push(task);

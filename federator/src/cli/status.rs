@@ -122,6 +122,37 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
             }
             r.problems()
         }
+        "gateway" => {
+            let services: Vec<String> = v["services"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let xds = v["xds_connected"].as_bool().unwrap_or(false);
+            if let Output::Text = a.output {
+                println!(
+                    "east-west gateway: {} routed services, {} open connections, xDS {}",
+                    services.len(),
+                    v["open_connections"].as_u64().unwrap_or(0),
+                    if xds {
+                        "connected"
+                    } else {
+                        "disconnected (serving the last routes)"
+                    }
+                );
+                for s in &services {
+                    println!("  {s}");
+                }
+            }
+            let mut p = Vec::new();
+            if !xds {
+                p.push("not connected to the agent's xDS (serving the last routes)".to_string());
+            }
+            p
+        }
         other => anyhow::bail!("{} answered an unknown status kind {other:?}", a.admin),
     };
     match a.output {

@@ -1,0 +1,171 @@
+//! `meshfed gateway` fed by a real agent over xDS: routes follow registry changes live, and
+//! openssl s_client reaches openssl s_server through it by SNI.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chaos::*;
+
+fn cert(dir: &Path, cn: &str) {
+    assert!(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={cn}")
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{cn}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{cn}.pem")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn s_server(dir: &Path, cn: &str, addr: &str) -> std::process::Child {
+    let c = Command::new("openssl")
+        .args(["s_server", "-accept", addr, "-alpn", "istio", "-www"])
+        .arg("-cert")
+        .arg(dir.join(format!("{cn}.pem")))
+        .arg("-key")
+        .arg(dir.join(format!("{cn}.key")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(10), "s_server", || {
+        Ok(std::net::TcpStream::connect(addr).ok().map(|_| ()))
+    })
+    .unwrap();
+    c
+}
+
+fn s_client(gw: &str, sni: &str) -> String {
+    let mut c = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            gw,
+            "-servername",
+            sni,
+            "-alpn",
+            "istio",
+            "-ign_eof",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let o = c.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn registry(port: u16, ips: &[&str]) -> String {
+    let eps: Vec<String> = ips.iter().map(|ip| format!("{{address: {ip}}}")).collect();
+    format!("services:\n  - namespace: shop\n    name: reviews\n    ports: [{{name: tls, port: {port}}}]\n    endpoints: [{}]\n", eps.join(", "))
+}
+
+#[test]
+fn gateway_routes_follow_the_agent_over_xds() {
+    let f = Federation::start("5s").unwrap();
+    let dir = f.root.path().to_path_buf();
+    cert(&dir, "backend-a");
+    cert(&dir, "backend-b");
+    let port = free_port();
+    let east = f
+        .add_cluster(
+            "east",
+            "net1",
+            "us-east1/us-east1-b",
+            &registry(port, &["127.0.0.41"]),
+        )
+        .unwrap();
+    let mut a = s_server(&dir, "backend-a", &format!("127.0.0.41:{port}"));
+    let mut b = s_server(&dir, "backend-b", &format!("127.0.0.42:{port}"));
+    let gw = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _g = Proc::spawn(
+        "gateway",
+        &[
+            "gateway", "--listen", &gw, "--xds", &east.xds, "--admin", &admin,
+        ]
+        .map(String::from),
+        &dir,
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the gateway to be ready (routes from xDS)",
+        || {
+            Ok(status(&admin)
+                .ok()
+                .filter(|(_, v)| v["services"].as_array().is_some_and(|s| !s.is_empty()))
+                .map(|_| ()))
+        },
+    )
+    .unwrap();
+    let sni = format!("outbound_.{port}_._.reviews.shop.svc.cluster.local");
+    let out = s_client(&gw, &sni);
+    assert!(
+        out.contains("backend-a") && out.contains("ALPN protocol: istio"),
+        "{out}"
+    );
+
+    // The endpoint moves: the gateway follows without a restart.
+    east.write_registry(&registry(port, &["127.0.0.42"]))
+        .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "traffic at the new endpoint",
+        || Ok(s_client(&gw, &sni).contains("backend-b").then_some(())),
+    )
+    .unwrap();
+    // No endpoints: the gateway refuses with a TLS alert.
+    east.write_registry(&registry(port, &[])).unwrap();
+    wait_for(Duration::from_secs(20), "the route to be withdrawn", || {
+        let out = s_client(&gw, &sni).to_lowercase();
+        Ok(out.contains("unrecognized name").then_some(()))
+    })
+    .unwrap();
+    let refused = metric(
+        &admin,
+        "meshfed_gateway_refused_total{reason=\"no_endpoint\"}",
+    )
+    .unwrap()
+    .unwrap_or(0.0)
+        + metric(
+            &admin,
+            "meshfed_gateway_refused_total{reason=\"unknown_sni\"}",
+        )
+        .unwrap()
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0);
+    let _ = a.kill();
+    let _ = b.kill();
+    let _ = a.wait();
+    let _ = b.wait();
+}
