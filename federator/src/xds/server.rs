@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -193,7 +194,7 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (peer_id, remote) = self.peer(&req)?;
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(sotw(
+        tokio::spawn(drive::<SotwAds>(
             self.state.clone(),
             req.into_inner(),
             tx,
@@ -209,7 +210,7 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (peer_id, remote) = self.peer(&req)?;
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(delta(
+        tokio::spawn(drive::<DeltaAds>(
             self.state.clone(),
             req.into_inner(),
             tx,
@@ -442,10 +443,38 @@ fn record_ack(
     }
 }
 
-async fn sotw(
+/// One ADS variant (SotW or Delta): how a request changes a proxy's subscriptions and what is
+/// sent, for the one stream driver below.
+trait Variant {
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    const DELTA: bool;
+    fn node(r: &Self::Req) -> Option<&Node>;
+    /// Applies a request; an error ends the stream with that status.
+    fn request(
+        state: &XdsState,
+        conn: &Conn,
+        gen: &Generation,
+        req: Self::Req,
+        nonce: &mut u64,
+    ) -> Result<Vec<(Kind, Self::Resp)>, Status>;
+    /// What one subscribed type needs after a new generation.
+    fn push(
+        gen: &Generation,
+        kind: Kind,
+        st: &mut TypeState,
+        p: &ProxyNode,
+        nonce: &mut u64,
+    ) -> Vec<Self::Resp>;
+    fn resources(r: &Self::Resp) -> usize;
+}
+
+/// Runs one ADS stream: the first request names the node; then requests and new generations
+/// are handled in turn, and the responses they produce are sent in order.
+async fn drive<V: Variant>(
     state: Arc<XdsState>,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    mut inbound: Streaming<V::Req>,
+    tx: mpsc::Sender<Result<V::Resp, Status>>,
     peer_id: Option<String>,
     remote: Option<std::net::SocketAddr>,
 ) {
@@ -453,7 +482,7 @@ async fn sotw(
         Ok(Some(m)) => m,
         _ => return,
     };
-    let reg = match register(&state, first.node.as_ref(), peer_id, remote, false) {
+    let reg = match register(&state, V::node(&first), peer_id, remote, V::DELTA) {
         Ok(r) => r,
         Err(s) => {
             let _ = tx.send(Err(s)).await;
@@ -466,7 +495,6 @@ async fn sotw(
     let mut nonce = 0u64;
     let mut pending = Some(first);
     loop {
-        let mut out: Vec<(Kind, DiscoveryResponse)> = Vec::new();
         let req = match pending.take() {
             Some(r) => Some(r),
             None => tokio::select! {
@@ -487,65 +515,210 @@ async fn sotw(
                 }
             },
         };
-        match req {
-            Some(req) => {
-                let Some(kind) = Kind::from_url(&req.type_url) else {
-                    tracing::debug!(proxy = %conn.node.id, type_url = %req.type_url, "ignoring a request for a type meshfed does not serve");
-                    continue;
-                };
-                if let Err(s) = check_names(&req.resource_names) {
+        let out = match req {
+            Some(req) => match V::request(&state, &conn, &gen, req, &mut nonce) {
+                Ok(out) => out,
+                Err(s) => {
                     let _ = tx.send(Err(s)).await;
                     break;
                 }
-                let mut types = conn.types();
-                let st = types.entry(kind).or_default();
-                if !req.response_nonce.is_empty() {
-                    if req.response_nonce != st.nonce {
-                        // An answer to an older response; a newer one is on its way.
-                        continue;
-                    }
-                    record_ack(
-                        &state,
-                        &conn,
-                        kind,
-                        st,
-                        &req.response_nonce,
-                        &req.version_info,
-                        req.error_detail.map(|e| e.message),
-                    );
-                }
-                let names: BTreeSet<String> = req.resource_names.into_iter().collect();
-                let wildcard = kind.wildcard_capable() && (names.is_empty() || names.contains("*"));
-                let force = !st.subscribed || req.response_nonce.is_empty();
-                let changed = force || names != st.names || wildcard != st.wildcard;
-                st.subscribed = true;
-                st.names = names;
-                st.wildcard = wildcard;
-                if changed {
-                    for r in sotw_response(&gen, kind, st, &conn.node, force, &mut nonce) {
-                        out.push((kind, r));
-                    }
-                }
-            }
+            },
             None => {
                 let mut types = conn.types();
+                let mut out = Vec::new();
                 for kind in Kind::ALL {
                     if let Some(st) = types.get_mut(&kind).filter(|s| s.subscribed) {
-                        for r in sotw_response(&gen, kind, st, &conn.node, false, &mut nonce) {
+                        for r in V::push(&gen, kind, st, &conn.node, &mut nonce) {
                             out.push((kind, r));
                         }
                     }
                 }
+                out
             }
-        }
+        };
         for (kind, r) in out {
-            count(&state, kind, r.resources.len());
+            count(&state, kind, V::resources(&r));
             if tx.send(Ok(r)).await.is_err() {
                 return;
             }
         }
     }
     drop(reg);
+}
+
+fn served_kind(conn: &Conn, type_url: &str) -> Option<Kind> {
+    let k = Kind::from_url(type_url);
+    if k.is_none() {
+        tracing::debug!(proxy = %conn.node.id, type_url, "ignoring a request for a type meshfed does not serve");
+    }
+    k
+}
+
+struct SotwAds;
+
+impl Variant for SotwAds {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const DELTA: bool = false;
+
+    fn node(r: &DiscoveryRequest) -> Option<&Node> {
+        r.node.as_ref()
+    }
+
+    fn request(
+        state: &XdsState,
+        conn: &Conn,
+        gen: &Generation,
+        req: DiscoveryRequest,
+        nonce: &mut u64,
+    ) -> Result<Vec<(Kind, DiscoveryResponse)>, Status> {
+        let Some(kind) = served_kind(conn, &req.type_url) else {
+            return Ok(Vec::new());
+        };
+        check_names(&req.resource_names)?;
+        let mut types = conn.types();
+        let st = types.entry(kind).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != st.nonce {
+                // An answer to an older response; a newer one is on its way.
+                return Ok(Vec::new());
+            }
+            record_ack(
+                state,
+                conn,
+                kind,
+                st,
+                &req.response_nonce,
+                &req.version_info,
+                req.error_detail.map(|e| e.message),
+            );
+        }
+        let names: BTreeSet<String> = req.resource_names.into_iter().collect();
+        let wildcard = kind.wildcard_capable() && (names.is_empty() || names.contains("*"));
+        let force = !st.subscribed || req.response_nonce.is_empty();
+        let changed = force || names != st.names || wildcard != st.wildcard;
+        st.subscribed = true;
+        st.names = names;
+        st.wildcard = wildcard;
+        if !changed {
+            return Ok(Vec::new());
+        }
+        Ok(sotw_response(gen, kind, st, &conn.node, force, nonce)
+            .into_iter()
+            .map(|r| (kind, r))
+            .collect())
+    }
+
+    fn push(
+        gen: &Generation,
+        kind: Kind,
+        st: &mut TypeState,
+        p: &ProxyNode,
+        nonce: &mut u64,
+    ) -> Vec<DiscoveryResponse> {
+        sotw_response(gen, kind, st, p, false, nonce)
+    }
+
+    fn resources(r: &DiscoveryResponse) -> usize {
+        r.resources.len()
+    }
+}
+
+struct DeltaAds;
+
+impl Variant for DeltaAds {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const DELTA: bool = true;
+
+    fn node(r: &DeltaDiscoveryRequest) -> Option<&Node> {
+        r.node.as_ref()
+    }
+
+    fn request(
+        state: &XdsState,
+        conn: &Conn,
+        gen: &Generation,
+        req: DeltaDiscoveryRequest,
+        nonce: &mut u64,
+    ) -> Result<Vec<(Kind, DeltaDiscoveryResponse)>, Status> {
+        let Some(kind) = served_kind(conn, &req.type_url) else {
+            return Ok(Vec::new());
+        };
+        check_names(&req.resource_names_subscribe)?;
+        check_names(&req.resource_names_unsubscribe)?;
+        let mut types = conn.types();
+        let st = types.entry(kind).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce == st.nonce {
+            let version = st.version.clone();
+            record_ack(
+                state,
+                conn,
+                kind,
+                st,
+                &req.response_nonce,
+                &version,
+                req.error_detail.map(|e| e.message),
+            );
+        }
+        let first_for_type = !st.subscribed;
+        if first_for_type {
+            st.subscribed = true;
+            if kind.wildcard_capable() && req.resource_names_subscribe.is_empty() {
+                st.wildcard = true;
+            }
+            // The client already holds these: do not resend unchanged ones.
+            for (name, version) in &req.initial_resource_versions {
+                if let Some(r) = gen.get(kind, name, &conn.node) {
+                    if &r.version() == version {
+                        st.sent.insert(r.name.clone(), r);
+                    }
+                }
+            }
+        }
+        let mut sub_changed = first_for_type;
+        for n in req.resource_names_subscribe {
+            sub_changed = true;
+            if n == "*" {
+                st.wildcard = true;
+            } else {
+                st.names.insert(n);
+            }
+        }
+        for n in req.resource_names_unsubscribe {
+            sub_changed = true;
+            if n == "*" {
+                st.wildcard = false;
+            } else {
+                st.names.remove(&n);
+                st.sent.remove(n.as_str());
+            }
+        }
+        if !sub_changed {
+            return Ok(Vec::new());
+        }
+        let force = first_for_type && st.wildcard;
+        Ok(delta_response(gen, kind, st, &conn.node, force, nonce)
+            .into_iter()
+            .map(|r| (kind, r))
+            .collect())
+    }
+
+    fn push(
+        gen: &Generation,
+        kind: Kind,
+        st: &mut TypeState,
+        p: &ProxyNode,
+        nonce: &mut u64,
+    ) -> Vec<DeltaDiscoveryResponse> {
+        delta_response(gen, kind, st, p, false, nonce)
+            .into_iter()
+            .collect()
+    }
+
+    fn resources(r: &DeltaDiscoveryResponse) -> usize {
+        r.resources.len()
+    }
 }
 
 fn delta_response(
@@ -597,138 +770,4 @@ fn delta_response(
         nonce: st.nonce.clone(),
         ..Default::default()
     })
-}
-
-async fn delta(
-    state: Arc<XdsState>,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    peer_id: Option<String>,
-    remote: Option<std::net::SocketAddr>,
-) {
-    let first = match inbound.message().await {
-        Ok(Some(m)) => m,
-        _ => return,
-    };
-    let reg = match register(&state, first.node.as_ref(), peer_id, remote, true) {
-        Ok(r) => r,
-        Err(s) => {
-            let _ = tx.send(Err(s)).await;
-            return;
-        }
-    };
-    let conn = reg.conn.clone();
-    let mut gens = state.gens.subscribe();
-    let mut gen = gens.borrow_and_update().clone();
-    let mut nonce = 0u64;
-    let mut pending = Some(first);
-    loop {
-        let mut out: Vec<(Kind, DeltaDiscoveryResponse)> = Vec::new();
-        let req = match pending.take() {
-            Some(r) => Some(r),
-            None => tokio::select! {
-                m = inbound.message() => match m {
-                    Ok(Some(r)) => Some(r),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(proxy = %conn.node.id, error = %e, "delta ADS stream ended");
-                        break;
-                    }
-                },
-                c = gens.changed() => {
-                    if c.is_err() {
-                        break;
-                    }
-                    gen = gens.borrow_and_update().clone();
-                    None
-                }
-            },
-        };
-        match req {
-            Some(req) => {
-                let Some(kind) = Kind::from_url(&req.type_url) else {
-                    tracing::debug!(proxy = %conn.node.id, type_url = %req.type_url, "ignoring a request for a type meshfed does not serve");
-                    continue;
-                };
-                if let Err(s) = check_names(&req.resource_names_subscribe)
-                    .and_then(|_| check_names(&req.resource_names_unsubscribe))
-                {
-                    let _ = tx.send(Err(s)).await;
-                    break;
-                }
-                let mut types = conn.types();
-                let st = types.entry(kind).or_default();
-                if !req.response_nonce.is_empty() && req.response_nonce == st.nonce {
-                    let version = st.version.clone();
-                    record_ack(
-                        &state,
-                        &conn,
-                        kind,
-                        st,
-                        &req.response_nonce,
-                        &version,
-                        req.error_detail.map(|e| e.message),
-                    );
-                }
-                let first_for_type = !st.subscribed;
-                if first_for_type {
-                    st.subscribed = true;
-                    if kind.wildcard_capable() && req.resource_names_subscribe.is_empty() {
-                        st.wildcard = true;
-                    }
-                    // The client already holds these: do not resend unchanged ones.
-                    for (name, version) in &req.initial_resource_versions {
-                        if let Some(r) = gen.get(kind, name, &conn.node) {
-                            if &r.version() == version {
-                                st.sent.insert(r.name.clone(), r);
-                            }
-                        }
-                    }
-                }
-                let mut sub_changed = first_for_type;
-                for n in req.resource_names_subscribe {
-                    sub_changed = true;
-                    if n == "*" {
-                        st.wildcard = true;
-                    } else {
-                        st.names.insert(n);
-                    }
-                }
-                for n in req.resource_names_unsubscribe {
-                    sub_changed = true;
-                    if n == "*" {
-                        st.wildcard = false;
-                    } else {
-                        st.names.remove(&n);
-                        st.sent.remove(n.as_str());
-                    }
-                }
-                if sub_changed {
-                    let force = first_for_type && st.wildcard;
-                    if let Some(r) = delta_response(&gen, kind, st, &conn.node, force, &mut nonce) {
-                        out.push((kind, r));
-                    }
-                }
-            }
-            None => {
-                let mut types = conn.types();
-                for kind in Kind::ALL {
-                    if let Some(st) = types.get_mut(&kind).filter(|s| s.subscribed) {
-                        if let Some(r) =
-                            delta_response(&gen, kind, st, &conn.node, false, &mut nonce)
-                        {
-                            out.push((kind, r));
-                        }
-                    }
-                }
-            }
-        }
-        for (kind, r) in out {
-            count(&state, kind, r.resources.len());
-            if tx.send(Ok(r)).await.is_err() {
-                return;
-            }
-        }
-    }
-    drop(reg);
 }
