@@ -41,6 +41,15 @@ pub struct GatewayConfig {
     pub require_alpn: Option<Vec<String>>,
     /// On shutdown, open connections get this long to finish.
     pub drain_timeout: Duration,
+    pub balance: Balance,
+}
+
+/// How an endpoint is chosen among the healthy ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// Fewest open forwarded connections (ties broken round robin).
+    LeastConnections,
 }
 
 impl Default for GatewayConfig {
@@ -54,6 +63,7 @@ impl Default for GatewayConfig {
             max_per_source: 10_000,
             require_alpn: Some(ISTIO_ALPN.iter().map(|s| s.to_string()).collect()),
             drain_timeout: Duration::from_secs(30),
+            balance: Balance::RoundRobin,
         }
     }
 }
@@ -141,6 +151,8 @@ pub struct Gateway {
     open: AtomicU64,
     /// Passive outlier detection: consecutive connect failures and ejection deadlines.
     outliers: Mutex<HashMap<SocketAddr, (u32, Option<Instant>)>>,
+    /// Open forwarded connections per endpoint (least-connections balancing).
+    per_endpoint: Mutex<HashMap<SocketAddr, u32>>,
 }
 
 /// Consecutive connect failures that eject an endpoint.
@@ -182,6 +194,7 @@ impl Gateway {
             per_source: Mutex::new(HashMap::new()),
             open: AtomicU64::new(0),
             outliers: Mutex::new(HashMap::new()),
+            per_endpoint: Mutex::new(HashMap::new()),
         })
     }
 
@@ -265,8 +278,28 @@ impl Gateway {
         let n = eps.len();
         let rotated = (0..n).map(|i| eps[(start + i) % n]);
         let (mut ok, bad): (Vec<SocketAddr>, Vec<SocketAddr>) = rotated.partition(|e| !ejected(e));
+        if self.cfg.balance == Balance::LeastConnections {
+            let open = self.per_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+            // Stable sort keeps the round-robin rotation among equals.
+            ok.sort_by_key(|e| open.get(e).copied().unwrap_or(0));
+        }
         ok.extend(bad);
         ok
+    }
+
+    /// Open forwarded connections to an endpoint.
+    pub fn open_to(&self, ep: &SocketAddr) -> u32 {
+        let m = self.per_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(ep).copied().unwrap_or(0)
+    }
+
+    fn track(&self, ep: SocketAddr, delta: i32) {
+        let mut m = self.per_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ep).or_default();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            m.remove(&ep);
+        }
     }
 
     fn outcome(&self, ep: SocketAddr, success: bool) {
@@ -404,7 +437,7 @@ impl Gateway {
                         .connect_seconds
                         .observe(t.elapsed().as_secs_f64());
                     self.outcome(ep, true);
-                    upstream = Some(s);
+                    upstream = Some((s, ep));
                     break;
                 }
                 _ => {
@@ -413,7 +446,7 @@ impl Gateway {
                 }
             }
         }
-        let Some(mut up) = upstream else {
+        let Some((mut up, chosen)) = upstream else {
             self.refuse("upstream_unreachable");
             let _ = client
                 .write_all(&hello::alert_record(alert::HANDSHAKE_FAILURE))
@@ -458,10 +491,12 @@ impl Gateway {
                 }
             }
         };
+        self.track(chosen, 1);
         tokio::select! {
             _ = async { tokio::join!(a, b) } => {}
             _ = watchdog => { self.refuse("idle_timeout"); }
         }
+        self.track(chosen, -1);
         active.dec();
         Ok(())
     }

@@ -334,3 +334,80 @@ async fn bulk_bytes_both_ways_with_half_close() {
         .sum();
     assert_eq!(fwd, 2.0 * payload.len() as f64, "bytes counted both ways");
 }
+
+fn istio_hello() -> Vec<u8> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"istio".to_vec()];
+    let mut c = rustls::ClientConnection::new(
+        Arc::new(cfg),
+        rustls_pki_types::ServerName::try_from(format!("outbound_.9080_._.{HOST}")).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// Least connections: a new connection goes to the endpoint with the fewest open ones, where
+/// round robin would have picked the busier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_picks_the_idle_endpoint() {
+    use eastwest_gateway::proxy::Balance;
+    let mut backends = Vec::new();
+    for _ in 0..2 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        backends.push(l.local_addr().unwrap());
+        // Holds each connection until the client half-closes it, then closes it too.
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+                });
+            }
+        });
+    }
+    let (a, b) = (backends[0], backends[1]);
+    let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![a, b])]);
+    let cfg = GatewayConfig {
+        balance: Balance::LeastConnections,
+        ..Default::default()
+    };
+    let (gw, g, _r, _stop, _reg) = gateway(routes, cfg).await;
+    let hello = istio_hello();
+    let open = |g: &Arc<Gateway>| (g.open_to(&a), g.open_to(&b));
+    let connect = || async {
+        let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        s
+    };
+    let wait = |want: (u32, u32)| {
+        let g = g.clone();
+        async move {
+            for _ in 0..100 {
+                if open(&g) == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("open connections {:?}, wanted {want:?}", open(&g));
+        }
+    };
+    let c1 = connect().await; // round robin start 0 -> a
+    wait((1, 0)).await;
+    let c2 = connect().await; // start 1 -> b
+    wait((1, 1)).await;
+    drop(c2);
+    wait((1, 0)).await;
+    // Round robin would start at a again (start 2); least connections picks b.
+    let _c3 = connect().await;
+    wait((1, 1)).await;
+    drop(c1);
+}

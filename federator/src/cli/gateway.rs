@@ -44,6 +44,15 @@ pub struct GatewayArgs {
     max_connections: usize,
     #[arg(long, default_value_t = 10_000)]
     max_per_source: u32,
+    /// Endpoint choice among healthy endpoints.
+    #[arg(long, value_enum, default_value = "round-robin")]
+    lb: Lb,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Lb {
+    RoundRobin,
+    LeastConn,
 }
 
 fn parse_expose(s: &str) -> Result<(String, SocketAddr), String> {
@@ -81,6 +90,10 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 drain_timeout: a.drain_timeout,
                 max_connections: a.max_connections,
                 max_per_source: a.max_per_source,
+                balance: match a.lb {
+                    Lb::RoundRobin => eastwest_gateway::proxy::Balance::RoundRobin,
+                    Lb::LeastConn => eastwest_gateway::proxy::Balance::LeastConnections,
+                },
                 require_alpn: if a.any_alpn {
                     None
                 } else {
