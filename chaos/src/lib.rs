@@ -147,6 +147,19 @@ impl Proc {
         self.signal("-CONT")
     }
 
+    /// SIGTERM (graceful shutdown).
+    pub fn term(&self) -> Result<()> {
+        self.signal("-TERM")
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) | None => true,
+            _ => false,
+        }
+    }
+
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

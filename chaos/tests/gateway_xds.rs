@@ -108,10 +108,18 @@ fn gateway_routes_follow_the_agent_over_xds() {
     let mut b = s_server(&dir, "backend-b", &format!("127.0.0.42:{port}"));
     let gw = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let _g = Proc::spawn(
+    let mut g = Proc::spawn(
         "gateway",
         &[
-            "gateway", "--listen", &gw, "--xds", &east.xds, "--admin", &admin,
+            "gateway",
+            "--listen",
+            &gw,
+            "--xds",
+            &east.xds,
+            "--admin",
+            &admin,
+            "--drain-timeout",
+            "20s",
         ]
         .map(String::from),
         &dir,
@@ -164,6 +172,52 @@ fn gateway_routes_follow_the_agent_over_xds() {
         .unwrap()
         .unwrap_or(0.0);
     assert!(refused >= 1.0);
+
+    // SIGTERM with a forwarded connection open: no new connections, the open one may finish,
+    // then the process exits.
+    east.write_registry(&registry(port, &["127.0.0.42"]))
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the route back", || {
+        Ok(s_client(&gw, &sni).contains("backend-b").then_some(()))
+    })
+    .unwrap();
+    let mut open = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &gw,
+            "-servername",
+            &sni,
+            "-alpn",
+            "istio",
+            "-ign_eof",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    g.term().unwrap();
+    wait_for(Duration::from_secs(10), "the listener to close", || {
+        Ok(std::net::TcpStream::connect(&gw).is_err().then_some(()))
+    })
+    .unwrap();
+    assert!(!g.exited(), "still draining while a connection is open");
+    let mut stdin = open.stdin.take().unwrap();
+    stdin.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    drop(stdin);
+    let out = open.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("backend-b"),
+        "the open connection finished its exchange"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the gateway to exit after draining",
+        || Ok(g.exited().then_some(())),
+    )
+    .unwrap();
     let _ = a.kill();
     let _ = b.kill();
     let _ = a.wait();

@@ -411,3 +411,40 @@ async fn least_connections_picks_the_idle_endpoint() {
     wait((1, 1)).await;
     drop(c1);
 }
+
+/// Per-source and pending-hello limits refuse the excess connections, counted by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_and_pending_hello_limits() {
+    use tokio::io::AsyncReadExt;
+    let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![])]);
+    let cfg = GatewayConfig {
+        max_per_source: 2,
+        ..Default::default()
+    };
+    let (gw, _g, _r, _stop, reg) = gateway(routes.clone(), cfg).await;
+    let _a = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let mut c = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut [0u8; 8]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the third connection from one source is closed"
+    );
+    assert_eq!(refused(&reg, "per_source_limit"), 1);
+
+    let cfg = GatewayConfig {
+        max_pending_hellos: 1,
+        ..Default::default()
+    };
+    let (gw, _g, _r, _stop, reg) = gateway(routes, cfg).await;
+    let _slow = tokio::net::TcpStream::connect(gw).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut [0u8; 8]))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert_eq!(refused(&reg, "max_pending_hellos"), 1);
+}
