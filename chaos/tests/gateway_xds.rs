@@ -181,6 +181,37 @@ fn gateway_routes_follow_the_agent_over_xds() {
         Ok(s_client(&gw, &sni).contains("backend-b").then_some(()))
     })
     .unwrap();
+    // The agent dies: the gateway keeps routing on its last table (static stability).
+    let mut east = east;
+    east.agent().unwrap().kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = s_client(&gw, &sni);
+    assert!(out.contains("backend-b"), "routes survive the agent: {out}");
+    // No SNI at all: refused with unrecognized_name.
+    let mut c = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &gw,
+            "-noservername",
+            "-alpn",
+            "istio",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = c.stdin.take();
+    let o = c.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+    .to_lowercase();
+    assert!(text.contains("unrecognized name"), "{text}");
+
     let mut open = Command::new("openssl")
         .args([
             "s_client",
