@@ -385,7 +385,11 @@ async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 fn fmt_counts(m: &BTreeMap<String, u64>, failed: u64) -> String {
-    let mut parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut parts: Vec<String> = m
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     parts.push(format!("failed={failed}"));
     parts.join(" ")
 }
@@ -647,7 +651,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         }
     };
 
-    println!("phase 1: both payment clusters healthy");
+    println!("phase 1: both payment clusters healthy (west is priority 0 for eu)");
     let (p1, f1) = phase("steady", 3).await;
     checks.assert(
         calls_to(&p1, "west") > 10 && calls_to(&p1, "east") == 0 && f1 == 0,
