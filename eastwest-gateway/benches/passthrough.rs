@@ -18,7 +18,7 @@
 //!   cargo bench -p meshfed-eastwest-gateway --bench passthrough
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -376,5 +376,4 @@ fn main() {
         );
         let _ = std::io::stdout().flush();
     }
-    let _ = BufReader::new(std::io::empty()).lines();
 }

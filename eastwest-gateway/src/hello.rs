@@ -343,8 +343,6 @@ mod tests {
         hs.extend(std::iter::repeat_n(0u8, pad));
         let body = hs.len() - 4;
         hs[1..4].copy_from_slice(&(body as u32).to_be_bytes()[1..]);
-        let mut one = vec![22, 3, 1, 0, 0];
-        one.extend_from_slice(&hs);
         // Frame as records of at most 16 KiB.
         let mut out = Vec::new();
         for chunk in hs.chunks(MAX_RECORD) {
@@ -352,7 +350,6 @@ mod tests {
             out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
             out.extend_from_slice(chunk);
         }
-        let _ = one;
         out
     }
 

@@ -280,26 +280,7 @@ use tokio::io::AsyncWriteExt;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_bytes_both_ways_with_half_close() {
     use tokio::io::AsyncReadExt;
-    let hello = {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"istio".to_vec()];
-        let mut c = rustls::ClientConnection::new(
-            Arc::new(cfg),
-            rustls_pki_types::ServerName::try_from(format!("outbound_.9080_._.{HOST}")).unwrap(),
-        )
-        .unwrap();
-        let mut out = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut out).unwrap();
-        }
-        out
-    };
+    let hello = istio_hello();
     // Echo backend: everything it receives (hello included) goes back; it closes after EOF.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let be = l.local_addr().unwrap();

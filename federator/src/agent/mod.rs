@@ -421,6 +421,7 @@ impl Agent {
             tasks.extend(served.tasks);
             tasks.push(tokio::spawn(crate::xds::serve::write_trust_roots(
                 cfg.state_dir.join("xds").join("trust-roots.pem"),
+                td.to_string(),
                 inner.bundle.subscribe(),
                 inner.model.clone(),
             )));

@@ -241,7 +241,7 @@ pub fn compute(
 
     if let Some(p) = policy.filter(|p| p.enabled) {
         if !p.distribute.is_empty() {
-            distribute(p, proxy, eps, &mut groups, &mut notes);
+            distribute(p, proxy, &mut groups, &mut notes);
         } else if p.failover_enabled() {
             let proxy_labels = augment(
                 &proxy.labels,
@@ -375,13 +375,7 @@ pub fn compute(
 /// Istio's `applyLocalityWeights`: the first entry whose `from` matches the proxy applies;
 /// a locality matched by a `to` pattern gets ceil(its weight * w / total weight of the
 /// localities that pattern matched); localities no pattern matched are emptied.
-fn distribute(
-    p: &Policy,
-    proxy: &ProxyIn,
-    eps: &[EndpointIn],
-    groups: &mut [Group],
-    notes: &mut Vec<String>,
-) {
+fn distribute(p: &Policy, proxy: &ProxyIn, groups: &mut [Group], notes: &mut Vec<String>) {
     let Some(rule) = p
         .distribute
         .iter()
@@ -427,7 +421,6 @@ fn distribute(
         }
         g.eps.clear();
     }
-    let _ = eps;
 }
 
 /// Istio's `applyFailoverPriorities`: per endpoint, the first mismatching entry j of N gives

@@ -108,7 +108,7 @@ impl Generation {
                 tds.insert(id, &f.trust_domain);
             }
         }
-        for (key, instances) in snap.instances() {
+        for instances in snap.instances().into_values() {
             let Some(first) = instances.first() else {
                 continue;
             };
@@ -123,7 +123,6 @@ impl Generation {
             if let Some(p) = &policy {
                 g.policies.insert(host.clone(), p.clone());
             }
-            let _ = key;
             let mut ports: BTreeSet<u32> = BTreeSet::new();
             let mut sans: BTreeSet<String> = BTreeSet::new();
             let mut all_tls = true;

@@ -142,44 +142,35 @@ async fn build_loop(
 
 /// Keeps `path` holding the PEM roots of every trust domain the cluster trusts: its own and
 /// each peer bundle received through the federation.
-pub async fn write_trust_roots(path: PathBuf, own_bundle: watch::Receiver<String>, model: Model) {
+pub async fn write_trust_roots(
+    path: PathBuf,
+    own_td: String,
+    own_bundle: watch::Receiver<String>,
+    model: Model,
+) {
     let mut own = own_bundle;
     let mut snaps = model.subscribe();
     let mut last = String::new();
     loop {
         let mut pem = String::new();
         let mut bundles: Vec<(String, String)> =
-            vec![("own".into(), own.borrow_and_update().clone())];
+            vec![(own_td.clone(), own.borrow_and_update().clone())];
         let snap = snaps.borrow_and_update().clone();
         bundles.extend(snap.bundles.iter().map(|(td, j)| (td.clone(), j.clone())));
         for (td, json) in bundles {
-            let v: serde_json::Value = match serde_json::from_str(&json) {
-                Ok(v) => v,
-                Err(_) => continue,
-            };
-            for key in v
-                .get("keys")
-                .and_then(|k| k.as_array())
-                .into_iter()
-                .flatten()
-            {
-                if key.get("use").and_then(|u| u.as_str()) != Some("x509-svid") {
-                    continue;
+            let parsed = trust::TrustDomain::new(&td)
+                .map_err(|e| e.to_string())
+                .and_then(|d| {
+                    trust::TrustBundle::from_json(d, &json, &format!("bundle of {td}"))
+                        .map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(b) => {
+                    pem.push_str(&format!("# {td}\n"));
+                    pem.push_str(&trust::keys::certs_to_pem(b.x509_authorities.iter()));
                 }
-                for c in key
-                    .get("x5c")
-                    .and_then(|x| x.as_array())
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(Ok(der)) = c.as_str().map(|s| {
-                        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s)
-                    }) {
-                        pem.push_str(&format!("# {td}\n"));
-                        pem.push_str(&trust::keys::certs_to_pem([
-                            &rustls_pki_types::CertificateDer::from(der),
-                        ]));
-                    }
+                Err(e) => {
+                    tracing::warn!(trust_domain = %td, error = %e, "bundle left out of the trust roots")
                 }
             }
         }
