@@ -396,14 +396,16 @@ impl Gateway {
             let Some(sni) = h.sni.as_deref() else {
                 return Err(refuse(self, "no_sni", alert::UNRECOGNIZED_NAME));
             };
+            let routes = self.routes.borrow().clone();
+            // Exposed control-plane names (xDS, the VM API) carry the control plane's own
+            // protocol (h2), not Istio's mTLS ALPN.
             if let Some(want) = &self.cfg.require_alpn {
-                if !h.alpn.iter().any(|a| want.contains(a)) {
+                if !routes.fixed.contains_key(sni) && !h.alpn.iter().any(|a| want.contains(a)) {
                     return Err(refuse(self, "alpn", alert::NO_APPLICATION_PROTOCOL));
                 }
             }
             let target = crate::sni::parse(sni)
                 .map_err(|_| refuse(self, "bad_sni", alert::UNRECOGNIZED_NAME))?;
-            let routes = self.routes.borrow().clone();
             match routes.lookup(sni, &target) {
                 Ok(eps) => Ok((
                     eps.to_vec(),

@@ -858,6 +858,14 @@ fn agent_config(c: &ClusterSpec, dir: &std::path::Path, policies: Vec<PathBuf>) 
             mtls: Some(format!("{}:15012", c.addr)),
             debounce: Duration::from_millis(100),
         }),
+        vm_api: Some(format!("{}:15018", c.addr)),
+        vm_grace: Duration::from_secs(3),
+        dns: Some(crate::dns::DnsConfig {
+            listen: format!("{}:15053", c.addr),
+            upstream: Vec::new(),
+        }),
+        vip_range_v4: crate::agent::default_vip_range_v4(),
+        vip_range_v6: None,
     }
 }
 

@@ -13,3 +13,14 @@ pub mod federation {
 }
 
 pub use federation::*;
+
+/// The VM API (`meshfed.vm.v1`), from `proto/meshfed/vm/v1/vm.proto`.
+#[allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
+pub mod vm {
+    tonic::include_proto!("meshfed.vm.v1");
+}

@@ -64,6 +64,11 @@ impl Cache {
         })
     }
 
+    /// Another tree of the same database (for state kept beside the cache).
+    pub fn tree(&self, name: &str) -> anyhow::Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     pub fn applied_revision(&self) -> u64 {
         u64_of(self.meta.get("applied_revision").ok().flatten())
     }

@@ -38,6 +38,20 @@ pub struct AgentConfig {
     pub policies: Vec<PathBuf>,
     /// The xDS server; `None` runs the agent without one.
     pub xds: Option<crate::xds::XdsConfig>,
+    /// The VM API (`meshfed vm agent` joins and registers here); `None` = off.
+    pub vm_api: Option<String>,
+    /// How long a disconnected VM's WorkloadEntry is kept before it is deleted.
+    pub vm_grace: Duration,
+    /// The mesh DNS server; `None` = off.
+    pub dns: Option<crate::dns::DnsConfig>,
+    /// Where service VIPs come from.
+    pub vip_range_v4: ipnet::Ipv4Net,
+    pub vip_range_v6: Option<ipnet::Ipv6Net>,
+}
+
+/// Istio's auto-allocation range for service entries' VIPs.
+pub fn default_vip_range_v4() -> ipnet::Ipv4Net {
+    ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(240, 240, 0, 0), 16).unwrap_or_default()
 }
 
 /// What the sync loop reports about itself.
@@ -71,6 +85,15 @@ pub struct Inner {
     /// The failover policies from files, last good set.
     pub policies: watch::Sender<Arc<PolicySet>>,
     pub xds: std::sync::OnceLock<Arc<crate::xds::server::XdsState>>,
+    /// The last good registry.
+    registry: Mutex<Option<registry::Registry>>,
+    default_locality: proto::Locality,
+    /// WorkloadEntries auto-registered by VMs.
+    pub entries: Arc<crate::vm::entries::Entries>,
+    /// Where the mesh DNS server listens, when it runs.
+    pub dns_addr: std::sync::OnceLock<SocketAddr>,
+    /// The mesh's names and VIPs (the agent's DNS and its VMs' DNS answer from this).
+    pub names: watch::Sender<Arc<crate::dns::table::NameTable>>,
 }
 
 impl Inner {
@@ -105,6 +128,29 @@ impl Inner {
                 true
             }
         });
+    }
+
+    /// The last good registry, if any.
+    pub fn registry(&self) -> Option<registry::Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Recomputes the local services and the exports from the last good registry and the
+    /// auto-registered WorkloadEntries, and publishes them.
+    pub fn apply_registry(&self) {
+        let Some(reg) = self.registry() else {
+            return;
+        };
+        let (local, exports) = reg.view(&self.default_locality, &self.entries.current());
+        self.model.update(|s| s.local = local);
+        *self
+            .registry_exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = exports;
+        self.publish_exports();
     }
 
     pub fn set_connected(&self, up: bool) {
@@ -279,6 +325,7 @@ pub struct Agent {
     pub admin_addr: Option<SocketAddr>,
     pub xds_plaintext: Option<SocketAddr>,
     pub xds_mtls: Option<SocketAddr>,
+    pub vm_api: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -329,15 +376,17 @@ impl Agent {
         };
         let default_locality = identity.locality();
         let mut registry_error = None;
+        let entries = Arc::new(crate::vm::entries::Entries::open(
+            cache.tree("workload_entries")?,
+            crate::vm::entries::now_ms(),
+        )?);
+        let mut loaded = None;
         let initial_exports = match source.load() {
             Ok(reg) => {
-                for s in &reg.services {
-                    snap.local.insert(
-                        crate::types::service_key(&s.namespace.0, &s.name.0),
-                        s.to_export(&default_locality),
-                    );
-                }
-                reg.exports(&default_locality)
+                let (local, exports) = reg.view(&default_locality, &entries.current());
+                snap.local = local;
+                loaded = Some(reg);
+                exports
             }
             Err(e) => {
                 tracing::error!(error = %e, "registry is invalid; exporting what the federator last acknowledged");
@@ -385,16 +434,17 @@ impl Agent {
             }),
             policies: watch::Sender::new(Arc::new(policy_set)),
             xds: std::sync::OnceLock::new(),
+            registry: Mutex::new(loaded),
+            default_locality: default_locality.clone(),
+            entries,
+            dns_addr: std::sync::OnceLock::new(),
+            names: watch::Sender::new(Arc::new(crate::dns::table::NameTable::default())),
         });
         inner.publish_exports();
         let mut tasks = vec![
             tokio::spawn(sync::run(inner.clone())),
-            tokio::spawn(watch_registry(
-                inner.clone(),
-                source,
-                default_locality,
-                cfg.registry_poll,
-            )),
+            tokio::spawn(watch_registry(inner.clone(), source, cfg.registry_poll)),
+            tokio::spawn(watch_entries(inner.clone(), cfg.vm_grace)),
             tokio::spawn(renew_cluster_cert(inner.clone())),
             tokio::spawn(watch_policies(
                 inner.clone(),
@@ -402,11 +452,18 @@ impl Agent {
                 cfg.registry_poll,
             )),
         ];
-        let (mut xds_plaintext, mut xds_mtls) = (None, None);
+        let ca = Arc::new(ca);
+        let (mut xds_plaintext, mut xds_mtls, mut vm_api) = (None, None, None);
+        // The agent's serving SVID (xDS mTLS port and VM API), renewed at 50-80 %.
+        let serving = serving_svid(&ca)?;
+        tasks.push(tokio::spawn(renew_serving_cert(
+            ca.clone(),
+            serving.clone(),
+        )));
         if let Some(xcfg) = &cfg.xds {
             let state = crate::xds::server::XdsState::new(local, &inner.metrics.registry);
             let _ = inner.xds.set(state.clone());
-            let (tls, xds_resolver) = xds_tls(&ca, &td)?;
+            let tls = xds_tls(&ca, &td, serving.clone())?;
             let served = crate::xds::serve::start(
                 xcfg,
                 state,
@@ -415,7 +472,6 @@ impl Agent {
                 Some(tls),
             )
             .await?;
-            tasks.push(tokio::spawn(renew_xds_cert(ca, xds_resolver)));
             xds_plaintext = served.plaintext;
             xds_mtls = served.mtls;
             tasks.extend(served.tasks);
@@ -425,6 +481,44 @@ impl Agent {
                 inner.bundle.subscribe(),
                 inner.model.clone(),
             )));
+        }
+        if let Some(addr) = &cfg.vm_api {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (VM API)"))?;
+            vm_api = Some(l.local_addr()?);
+            let mut set = BundleSet::new();
+            set.insert(ca.bundle())?;
+            let verifier =
+                SpiffeVerifier::new(TrustStore::new(set), Authorizer::trust_domain(td.clone()));
+            let tls = trust::tls::server_config_optional_client(serving.clone(), verifier)?;
+            let svc =
+                crate::vm::server::VmApi::new(inner.clone(), ca.clone(), &cfg.state_dir).server();
+            let incoming = crate::net::tls_incoming(l, tls);
+            tasks.push(tokio::spawn(async move {
+                // Keepalives find a VM that vanished without closing its stream (power loss,
+                // partition) in about 10 s, which starts its entry's grace period.
+                let r = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                    .add_service(svc)
+                    .serve_with_incoming(incoming)
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "VM API server failed");
+                }
+            }));
+        }
+        let vips = crate::dns::vips::Vips::open(
+            inner.cache.tree("service_vips")?,
+            cfg.vip_range_v4,
+            cfg.vip_range_v6,
+        )?;
+        tasks.push(tokio::spawn(crate::dns::follow_names(inner.clone(), vips)));
+        if let Some(dcfg) = &cfg.dns {
+            let served = crate::dns::serve_agent(dcfg, inner.clone(), &cfg.state_dir).await?;
+            tasks.extend(served.tasks);
+            inner.dns_addr.set(served.addr).ok();
         }
         let admin_addr = match &cfg.admin {
             Some(a) => {
@@ -450,6 +544,7 @@ impl Agent {
             admin_addr,
             xds_plaintext,
             xds_mtls,
+            vm_api,
             tasks,
         })
     }
@@ -465,12 +560,7 @@ impl Agent {
     }
 }
 
-async fn watch_registry(
-    inner: Arc<Inner>,
-    source: FileRegistry,
-    default_locality: proto::Locality,
-    poll: Duration,
-) {
+async fn watch_registry(inner: Arc<Inner>, source: FileRegistry, poll: Duration) {
     let mut seen = source.version();
     let mut t = tokio::time::interval(poll);
     loop {
@@ -487,29 +577,14 @@ async fn watch_registry(
                     .registry_reloads
                     .with_label_values(&["ok"])
                     .inc();
-                let local: BTreeMap<String, ServiceExport> = reg
-                    .services
-                    .iter()
-                    .map(|s| {
-                        (
-                            crate::types::service_key(&s.namespace.0, &s.name.0),
-                            s.to_export(&default_locality),
-                        )
-                    })
-                    .collect();
-                let exports = reg.exports(&default_locality);
                 tracing::info!(
-                    services = local.len(),
-                    exports = exports.len(),
+                    services = reg.services.len(),
+                    groups = reg.workload_groups.len(),
                     "registry reloaded"
                 );
                 inner.status().registry_error = None;
-                inner.model.update(|s| s.local = local);
-                *inner
-                    .registry_exports
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = exports;
-                inner.publish_exports();
+                *inner.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(reg);
+                inner.apply_registry();
             }
             Err(e) => {
                 inner
@@ -524,45 +599,85 @@ async fn watch_registry(
     }
 }
 
-/// The xDS mTLS port's TLS: the agent's own SVID from the cluster CA, clients verified against
-/// the cluster's bundle and required to belong to its trust domain.
+/// Follows the auto-registered WorkloadEntries into the services, and deletes those whose VM
+/// stayed away longer than `grace` or whose WorkloadGroup is gone. The sweep runs every
+/// grace/4 (at least 250 ms), so an entry goes within grace + grace/4.
+async fn watch_entries(inner: Arc<Inner>, grace: Duration) {
+    let mut rx = inner.entries.subscribe();
+    let every = (grace / 4).max(Duration::from_millis(250));
+    let mut t = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                rx.borrow_and_update();
+                inner.apply_registry();
+            }
+            _ = t.tick() => {
+                let groups = inner.registry().map(|r| {
+                    r.workload_groups.iter().map(|g| g.key()).collect::<std::collections::BTreeSet<_>>()
+                });
+                let gone = inner.entries.sweep(
+                    crate::vm::entries::now_ms(),
+                    grace.as_millis() as i64,
+                    groups.as_ref(),
+                );
+                for name in gone {
+                    tracing::info!(entry = %name, "WorkloadEntry deleted (its VM stayed away past the grace period, or its group is gone)");
+                }
+            }
+        }
+    }
+}
+
+/// The agent's serving identity `spiffe://<td>/ns/meshfed-system/sa/meshfed-agent`, issued
+/// from the cluster CA (what xDS clients and VMs check).
+fn serving_svid(ca: &trust::CertificateAuthority) -> anyhow::Result<Arc<SvidResolver>> {
+    let id = agent_spiffe_id(ca.trust_domain())?;
+    let svid = ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?;
+    Ok(SvidResolver::with(&svid)?)
+}
+
+pub fn agent_spiffe_id(td: &TrustDomain) -> anyhow::Result<trust::SpiffeId> {
+    Ok(trust::SpiffeId::istio_workload(
+        td,
+        "meshfed-system",
+        "meshfed-agent",
+    )?)
+}
+
+/// The xDS mTLS port's TLS: the agent's serving SVID, clients verified against the cluster's
+/// bundle and required to belong to its trust domain.
 fn xds_tls(
     ca: &trust::CertificateAuthority,
     td: &TrustDomain,
-) -> anyhow::Result<(rustls::ServerConfig, Arc<SvidResolver>)> {
-    let id = trust::SpiffeId::istio_workload(td, "meshfed-system", "meshfed-agent")?;
-    let svid = ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, XDS_CERT_TTL)?;
-    let resolver = SvidResolver::with(&svid)?;
+    resolver: Arc<SvidResolver>,
+) -> anyhow::Result<rustls::ServerConfig> {
     let mut set = BundleSet::new();
     set.insert(ca.bundle())?;
     let verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::trust_domain(td.clone()));
-    let mut tls = trust::tls::server_config(resolver.clone(), verifier)?;
+    let mut tls = trust::tls::server_config(resolver, verifier)?;
     tls.alpn_protocols = vec![crate::net::ALPN_H2.to_vec()];
-    Ok((tls, resolver))
+    Ok(tls)
 }
 
-const XDS_CERT_TTL: time::Duration = time::Duration::hours(24);
+const SERVING_CERT_TTL: time::Duration = time::Duration::hours(24);
 
-/// Re-issues the xDS serving certificate at 50-80 % of its lifetime.
-async fn renew_xds_cert(ca: trust::CertificateAuthority, resolver: Arc<SvidResolver>) {
+/// Re-issues the serving certificate at 50-80 % of its lifetime.
+async fn renew_serving_cert(ca: Arc<trust::CertificateAuthority>, resolver: Arc<SvidResolver>) {
     loop {
-        let wait = XDS_CERT_TTL.whole_milliseconds() as u64 * rand::random_range(50..80) / 100;
+        let wait = SERVING_CERT_TTL.whole_milliseconds() as u64 * rand::random_range(50..80) / 100;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        let id = match trust::SpiffeId::istio_workload(
-            ca.trust_domain(),
-            "meshfed-system",
-            "meshfed-agent",
-        ) {
-            Ok(id) => id,
-            Err(_) => return,
-        };
-        match ca
-            .issue_svid(&id, &trust::ca::policy::AnyWorkload, XDS_CERT_TTL)
-            .map_err(anyhow::Error::from)
-            .and_then(|s| resolver.install(&s).map_err(anyhow::Error::from))
+        match agent_spiffe_id(ca.trust_domain())
+            .and_then(|id| {
+                Ok(ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?)
+            })
+            .and_then(|s| Ok(resolver.install(&s)?))
         {
-            Ok(()) => tracing::info!("renewed the xDS serving certificate"),
-            Err(e) => tracing::warn!(error = %e, "cannot renew the xDS serving certificate"),
+            Ok(()) => tracing::info!("renewed the agent's serving certificate"),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the agent's serving certificate"),
         }
     }
 }

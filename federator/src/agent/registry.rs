@@ -22,6 +22,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::types;
+use crate::vm::entries::AutoEntry;
+use crate::vm::spec::{selects, WorkloadEntry, WorkloadGroup};
 
 /// A source of the cluster's services (the file source now; Kubernetes later).
 pub trait RegistrySource: Send + Sync {
@@ -167,13 +169,23 @@ pub struct ServiceSpec {
     pub staleness: Option<StalenessSpec>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Like a Kubernetes Service's selector: the WorkloadEntries of the service's namespace
+    /// (listed, or auto-registered by VMs) whose labels include all of these are endpoints too.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Registry {
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Istio WorkloadGroups (networking.istio.io/v1 field names): templates VMs join through.
+    #[serde(default)]
+    pub workload_groups: Vec<WorkloadGroup>,
+    /// Istio WorkloadEntries written by hand (VMs that do not run `meshfed vm agent`).
+    #[serde(default)]
+    pub workload_entries: Vec<WorkloadEntry>,
 }
 
 impl ServiceSpec {
@@ -263,7 +275,117 @@ impl Registry {
             types::check_export(&e, &format!("services[{i}]"))
                 .map_err(|m| format!("{what}: {m}"))?;
         }
+        let mut seen = std::collections::HashSet::new();
+        for (i, g) in reg.workload_groups.iter().enumerate() {
+            g.check()
+                .map_err(|m| format!("{what}: workloadGroups[{i}]: {m}"))?;
+            if !seen.insert(g.key()) {
+                return Err(format!(
+                    "{what}: workloadGroups[{i}]: WorkloadGroup {} is listed twice",
+                    g.key()
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in reg.workload_entries.iter().enumerate() {
+            e.check()
+                .map_err(|m| format!("{what}: workloadEntries[{i}]: {m}"))?;
+            let key = types::service_key(&e.metadata.namespace.0, &e.metadata.name.0);
+            if !seen.insert(key.clone()) {
+                return Err(format!(
+                    "{what}: workloadEntries[{i}]: WorkloadEntry {key} is listed twice"
+                ));
+            }
+        }
         Ok(reg)
+    }
+
+    /// The WorkloadGroup `ns/name`.
+    pub fn group(&self, namespace: &str, name: &str) -> Option<&WorkloadGroup> {
+        self.workload_groups
+            .iter()
+            .find(|g| g.metadata.namespace.0 == namespace && g.metadata.name.0 == name)
+    }
+
+    /// Every service of the cluster (`local`) and the exported ones, each with the endpoints
+    /// its selector picks from the listed and the auto-registered WorkloadEntries (an
+    /// auto-registered entry only while it passes its group's probe).
+    pub fn view(
+        &self,
+        default_locality: &Locality,
+        auto: &BTreeMap<String, AutoEntry>,
+    ) -> (
+        BTreeMap<String, ServiceExport>,
+        BTreeMap<String, ServiceExport>,
+    ) {
+        let mut local = BTreeMap::new();
+        let mut exports = BTreeMap::new();
+        for s in &self.services {
+            let mut e = s.to_export(default_locality);
+            if !s.selector.is_empty() {
+                e.endpoints.extend(self.selected(s, default_locality, auto));
+            }
+            let key = types::service_key(&s.namespace.0, &s.name.0);
+            if s.exported() {
+                exports.insert(key.clone(), e.clone());
+            }
+            local.insert(key, e);
+        }
+        (local, exports)
+    }
+
+    fn selected<'a>(
+        &'a self,
+        s: &'a ServiceSpec,
+        default_locality: &'a Locality,
+        auto: &'a BTreeMap<String, AutoEntry>,
+    ) -> impl Iterator<Item = Endpoint> + 'a {
+        let ns = &s.namespace.0;
+        let listed = self
+            .workload_entries
+            .iter()
+            .filter(move |w| &w.metadata.namespace.0 == ns && selects(&s.selector, &w.spec.labels))
+            .map(move |w| Endpoint {
+                address: w
+                    .spec
+                    .address
+                    .as_ref()
+                    .map(|a| a.0.clone())
+                    .unwrap_or_default(),
+                locality: Some(
+                    w.spec
+                        .locality
+                        .as_ref()
+                        .map(|l| l.0.clone())
+                        .unwrap_or_else(|| default_locality.clone()),
+                ),
+                labels: w.spec.labels.clone().into_iter().collect(),
+                weight: w.spec.weight.unwrap_or(1).max(1),
+                healthy: true,
+                service_account: w
+                    .spec
+                    .service_account
+                    .as_ref()
+                    .map(|a| a.0.clone())
+                    .unwrap_or_default(),
+            });
+        let registered = auto
+            .values()
+            .filter(move |a| &a.namespace == ns && a.serving() && selects(&s.selector, &a.labels))
+            .map(move |a| Endpoint {
+                address: a.address.clone(),
+                locality: Some(
+                    types::parse_locality(&a.locality)
+                        .ok()
+                        .filter(|_| !a.locality.is_empty())
+                        .unwrap_or_else(|| default_locality.clone()),
+                ),
+                labels: a.labels.clone().into_iter().collect(),
+                weight: a.weight,
+                healthy: true,
+                service_account: a.service_account.clone(),
+            });
+        listed.chain(registered)
     }
 
     /// The exported services, keyed by `ns/name`.

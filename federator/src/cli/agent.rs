@@ -63,6 +63,24 @@ pub struct AgentArgs {
     /// Changes within this window are pushed to proxies together (at most 1s).
     #[arg(long, default_value = "100ms", value_parser = args::std_duration)]
     xds_debounce: Duration,
+    /// The VM API (`meshfed vm agent` joins and registers here); `off` disables it.
+    #[arg(long, default_value = "0.0.0.0:15018")]
+    vm_api: String,
+    /// How long a disconnected VM's WorkloadEntry is kept (Istio's PILOT_WORKLOAD_ENTRY_GRACE_PERIOD).
+    #[arg(long, default_value = "10s", value_parser = args::std_duration)]
+    vm_grace: Duration,
+    /// Mesh DNS for the cluster's pods (svc.cluster.local and svc.clusterset.local); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:15053")]
+    dns: String,
+    /// Upstream resolvers for other names (IP[:PORT], repeatable; default: /etc/resolv.conf's).
+    #[arg(long)]
+    dns_upstream: Vec<String>,
+    /// IPv4 range service VIPs are allocated from (kept across restarts).
+    #[arg(long, default_value = "240.240.0.0/16", value_parser = crate::dns::vips::parse_v4)]
+    vip_range: ipnet::Ipv4Net,
+    /// IPv6 range for service VIPs (AAAA answers); `off` for IPv4 only.
+    #[arg(long, default_value = "2001:2::/48")]
+    vip_range_v6: String,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +111,12 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    let vip_range_v6 = match a.vip_range_v6.as_str() {
+        "off" => None,
+        v => Some(
+            crate::dns::vips::parse_v6(v).map_err(|e| anyhow::anyhow!("--vip-range-v6: {e}"))?,
+        ),
+    };
     let agent = Agent::start(AgentConfig {
         state_dir: a.state_dir,
         registry: a.registry,
@@ -104,6 +128,16 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             mtls: Some(a.xds_mtls).filter(|s| s != "off"),
             debounce: a.xds_debounce,
         }),
+        vm_api: Some(a.vm_api).filter(|s| s != "off"),
+        vm_grace: a.vm_grace,
+        dns: Some(a.dns)
+            .filter(|s| s != "off")
+            .map(|listen| crate::dns::DnsConfig {
+                listen,
+                upstream: a.dns_upstream,
+            }),
+        vip_range_v4: a.vip_range,
+        vip_range_v6,
     })
     .await?;
     if a.xds_debounce > Duration::from_secs(1) {
@@ -112,11 +146,13 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let show =
         |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     println!(
-        "agent for cluster {} running (admin {}, xDS {} plaintext, {} mTLS)",
+        "agent for cluster {} running (admin {}, xDS {} plaintext, {} mTLS, VM API {}, DNS {})",
         agent.inner.identity().file.cluster,
         show(agent.admin_addr),
         show(agent.xds_plaintext),
         show(agent.xds_mtls),
+        show(agent.vm_api),
+        show(agent.inner.dns_addr.get().copied()),
     );
     super::shutdown_signal().await;
     agent.stop();

@@ -9,6 +9,7 @@ mod gateway;
 mod policy;
 mod proxy;
 mod status;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -60,6 +61,9 @@ pub enum Command {
     ProxyStatus(proxy::ProxyStatusArgs),
     /// What the agent sent to one proxy, as Envoy JSON.
     ProxyConfig(proxy::ProxyConfigArgs),
+    /// VMs: bootstrap packages, the VM agent, joined VMs.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Run a whole federation on this machine and show it working (--check: assert and exit).
     Demo(DemoArgs),
 }
@@ -93,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gateway(a) => runtime()?.block_on(gateway::run(a)),
         Command::ProxyStatus(a) => runtime()?.block_on(proxy::status(a)),
         Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
+        Command::Vm(c) => runtime()?.block_on(vm::run(c)),
         Command::Demo(a) => {
             crate::demo::preflight()?;
             let opts = crate::demo::DemoOptions {

@@ -97,9 +97,65 @@ pub struct TokenStore {
 
 impl TokenStore {
     pub fn new(state_dir: &Path) -> Self {
-        TokenStore {
-            dir: state_dir.join("tokens"),
+        Self::in_dir(state_dir.join("tokens"))
+    }
+
+    /// A store of token records in `dir` (VM tokens live beside the agent's state).
+    pub fn in_dir(dir: PathBuf) -> Self {
+        TokenStore { dir }
+    }
+
+    /// Creates a record bound to `bound_to`, valid `ttl_secs`; returns it with the secret (which
+    /// is stored only as a hash).
+    pub fn create_bound(
+        &self,
+        bound_to: &str,
+        ttl_secs: i64,
+        now: i64,
+    ) -> Result<(Record, String), TokenError> {
+        let secret = random_hex(24);
+        let rec = Record {
+            id: random_hex(8),
+            cluster: bound_to.to_string(),
+            secret_sha256: sha256_hex(&secret),
+            created: now,
+            expires: now + ttl_secs,
+            used_at: None,
+            used_by: None,
+            revoked: false,
+        };
+        self.write(&rec)?;
+        Ok((rec, secret))
+    }
+
+    /// Checks a presented id and secret without using the token up.
+    pub fn check_secret(
+        &self,
+        id: &str,
+        secret: &str,
+        bound_to: &str,
+        now: i64,
+    ) -> Result<Record, TokenError> {
+        let rec = self.get(id)?.ok_or(TokenError::Unknown)?;
+        if rec.secret_sha256 != sha256_hex(secret) {
+            return Err(TokenError::Forged);
         }
+        if rec.revoked {
+            return Err(TokenError::Revoked);
+        }
+        if let Some(by) = &rec.used_by {
+            return Err(TokenError::Used(by.clone()));
+        }
+        if rec.cluster != bound_to {
+            return Err(TokenError::WrongCluster {
+                bound: rec.cluster,
+                asked: bound_to.to_string(),
+            });
+        }
+        if now >= rec.expires {
+            return Err(TokenError::Expired(now - rec.expires));
+        }
+        Ok(rec)
     }
 
     fn path(&self, id: &str) -> Result<PathBuf, TokenError> {
@@ -140,26 +196,16 @@ impl TokenStore {
         federation_trust_domain: String,
         now: i64,
     ) -> Result<(Record, String), TokenError> {
+        let (rec, secret) = self.create_bound(cluster, ttl_secs, now)?;
         let claims = Claims {
-            id: random_hex(8),
-            secret: random_hex(24),
+            id: rec.id.clone(),
+            secret,
             cluster: cluster.to_string(),
             federators,
             ca_sha256,
             federation_trust_domain,
-            expires: now + ttl_secs,
+            expires: rec.expires,
         };
-        let rec = Record {
-            id: claims.id.clone(),
-            cluster: cluster.to_string(),
-            secret_sha256: sha256_hex(&claims.secret),
-            created: now,
-            expires: claims.expires,
-            used_at: None,
-            used_by: None,
-            revoked: false,
-        };
-        self.write(&rec)?;
         Ok((rec, claims.encode()))
     }
 
@@ -191,26 +237,7 @@ impl TokenStore {
 
     /// Checks a presented token without using it up.
     pub fn check(&self, claims: &Claims, cluster: &str, now: i64) -> Result<Record, TokenError> {
-        let rec = self.get(&claims.id)?.ok_or(TokenError::Unknown)?;
-        if rec.secret_sha256 != sha256_hex(&claims.secret) {
-            return Err(TokenError::Forged);
-        }
-        if rec.revoked {
-            return Err(TokenError::Revoked);
-        }
-        if let Some(by) = &rec.used_by {
-            return Err(TokenError::Used(by.clone()));
-        }
-        if rec.cluster != cluster {
-            return Err(TokenError::WrongCluster {
-                bound: rec.cluster,
-                asked: cluster.to_string(),
-            });
-        }
-        if now >= rec.expires {
-            return Err(TokenError::Expired(now - rec.expires));
-        }
-        Ok(rec)
+        self.check_secret(&claims.id, &claims.secret, cluster, now)
     }
 
     /// Marks a checked token used, durably. The caller serializes check + consume. The record

@@ -142,6 +142,37 @@ async fn build_loop(
 
 /// Keeps `path` holding the PEM roots of every trust domain the cluster trusts: its own and
 /// each peer bundle received through the federation.
+/// The roots of the cluster's own trust domain and of every peer bundle it holds, by trust
+/// domain (own first). A bundle that does not parse is left out, with a warning.
+pub fn trust_roots(
+    own_td: &str,
+    own_json: &str,
+    snap: &Snapshot,
+) -> Vec<(String, Vec<rustls_pki_types::CertificateDer<'static>>)> {
+    let mut out = Vec::new();
+    let bundles = std::iter::once((own_td, own_json)).chain(
+        snap.bundles
+            .iter()
+            .filter(|(td, _)| td.as_str() != own_td)
+            .map(|(td, j)| (td.as_str(), j.as_str())),
+    );
+    for (td, json) in bundles {
+        let parsed = trust::TrustDomain::new(td)
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                trust::TrustBundle::from_json(d, json, &format!("bundle of {td}"))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(b) => out.push((td.to_string(), b.x509_authorities)),
+            Err(e) => {
+                tracing::warn!(trust_domain = %td, error = %e, "bundle left out of the trust roots")
+            }
+        }
+    }
+    out
+}
+
 pub async fn write_trust_roots(
     path: PathBuf,
     own_td: String,
@@ -153,26 +184,10 @@ pub async fn write_trust_roots(
     let mut last = String::new();
     loop {
         let mut pem = String::new();
-        let mut bundles: Vec<(String, String)> =
-            vec![(own_td.clone(), own.borrow_and_update().clone())];
         let snap = snaps.borrow_and_update().clone();
-        bundles.extend(snap.bundles.iter().map(|(td, j)| (td.clone(), j.clone())));
-        for (td, json) in bundles {
-            let parsed = trust::TrustDomain::new(&td)
-                .map_err(|e| e.to_string())
-                .and_then(|d| {
-                    trust::TrustBundle::from_json(d, &json, &format!("bundle of {td}"))
-                        .map_err(|e| e.to_string())
-                });
-            match parsed {
-                Ok(b) => {
-                    pem.push_str(&format!("# {td}\n"));
-                    pem.push_str(&trust::keys::certs_to_pem(b.x509_authorities.iter()));
-                }
-                Err(e) => {
-                    tracing::warn!(trust_domain = %td, error = %e, "bundle left out of the trust roots")
-                }
-            }
+        for (td, roots) in trust_roots(&own_td, &own.borrow_and_update(), &snap) {
+            pem.push_str(&format!("# {td}\n"));
+            pem.push_str(&trust::keys::certs_to_pem(roots.iter()));
         }
         if pem != last {
             if let Some(dir) = path.parent() {

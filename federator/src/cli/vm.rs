@@ -1,0 +1,169 @@
+//! `meshfed vm bootstrap | agent | list | revoke`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::args;
+use crate::vm::package::{self, Bootstrap, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Make a VM bootstrap package (one-time token bound to a WorkloadGroup) on the cluster side.
+    Bootstrap(BootstrapArgs),
+    /// Run on the VM: join (first start) or reconnect, register, probe, certificates, DNS.
+    Agent(VmAgentArgs),
+    /// The VMs that joined this cluster, and its VM tokens.
+    List(ListArgs),
+    /// Revoke a VM: its credential stops working at once (its entry goes after the grace period).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BootstrapArgs {
+    /// The cluster agent's state directory (its identity and CA).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// The agent's registry file (holds the WorkloadGroup).
+    #[arg(long)]
+    registry: PathBuf,
+    #[arg(long, value_parser = args::label)]
+    group: String,
+    #[arg(long, value_parser = args::label)]
+    namespace: String,
+    /// Output: a directory (dir), or OUT.tar.gz / OUT.deb.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "dir")]
+    format: Format,
+    /// How long the one-time token stays valid.
+    #[arg(long, default_value = "1h", value_parser = args::std_duration)]
+    token_ttl: Duration,
+    /// The VM's network, when it is not the cluster's.
+    #[arg(long, value_parser = args::label)]
+    vm_network: Option<String>,
+    /// The VM API address(es) the VM dials (default: the cluster's east-west gateways).
+    #[arg(long, value_parser = args::host_port)]
+    control_plane: Vec<String>,
+    /// The mTLS xDS address (default: the first control-plane address; a gateway tells the two
+    /// apart by SNI).
+    #[arg(long, value_parser = args::host_port)]
+    xds: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VmAgentArgs {
+    #[arg(long, default_value = "/etc/meshfed/vm.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// The VM id (`meshfed vm list`).
+    vm_id: String,
+}
+
+pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        VmCommand::Bootstrap(a) => {
+            let built = package::build(&Bootstrap {
+                agent_state_dir: a.state_dir,
+                registry: a.registry,
+                namespace: a.namespace.clone(),
+                group: a.group.clone(),
+                out: a.out,
+                format: a.format,
+                token_ttl: a.token_ttl,
+                vm_network: a.vm_network,
+                control_plane: a.control_plane,
+                xds: a.xds,
+                binary: None,
+            })?;
+            println!(
+                "VM bootstrap package for WorkloadGroup {}/{}: {}",
+                a.namespace,
+                a.group,
+                built.path.display()
+            );
+            println!(
+                "one-time token {} expires {} (keep the package secret until the VM has joined)",
+                built.token_id,
+                crate::vm::entries::rfc3339(built.expires * 1000)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Agent(a) => {
+            let cfg =
+                crate::vm::config::VmConfig::load(&a.config).map_err(|e| anyhow::anyhow!(e))?;
+            let agent = crate::vm::agent::start(cfg).await?;
+            let st = agent.status();
+            println!(
+                "VM {} of {}/{} in cluster {} running (address {}, DNS {}, xDS relay {})",
+                st.vm_id,
+                st.namespace,
+                st.group,
+                st.cluster,
+                st.address,
+                st.dns.as_deref().unwrap_or("off"),
+                st.xds_relay.as_deref().unwrap_or("off"),
+            );
+            super::shutdown_signal().await;
+            agent.stop();
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::List(a) => {
+            let vms = crate::vm::token::VmStore::new(&a.state_dir).list()?;
+            println!(
+                "{:<18} {:<28} {:<16} {:<8} LAST SEEN",
+                "VM", "GROUP", "SA", "STATE"
+            );
+            for v in vms {
+                println!(
+                    "{:<18} {:<28} {:<16} {:<8} {}",
+                    v.vm_id,
+                    format!("{}/{}", v.namespace, v.group),
+                    v.service_account,
+                    if v.revoked { "revoked" } else { "active" },
+                    crate::vm::entries::rfc3339(v.last_seen * 1000)
+                );
+            }
+            let tokens = crate::vm::token::token_store(&a.state_dir).list()?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            println!();
+            println!("{:<18} {:<48} STATE", "TOKEN", "BOUND TO");
+            for t in tokens {
+                let state = if t.revoked {
+                    "revoked".to_string()
+                } else if let Some(by) = &t.used_by {
+                    format!("used by {by}")
+                } else if now >= t.expires {
+                    "expired".to_string()
+                } else {
+                    format!("valid for {} s", t.expires - now)
+                };
+                println!("{:<18} {:<48} {state}", t.id, t.cluster);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Revoke(a) => {
+            let store = crate::vm::token::VmStore::new(&a.state_dir);
+            let mut r = store
+                .get(&a.vm_id)?
+                .ok_or_else(|| anyhow::anyhow!("no VM {} in {}", a.vm_id, a.state_dir.display()))?;
+            r.revoked = true;
+            store.put(&r)?;
+            println!("VM {} revoked", a.vm_id);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! VM join tokens and VM records, both files in the agent's state directory.
+//!
+//! A token (`mvt1.<base64url(JSON claims)>`) is single-use, expires, and is bound to one
+//! WorkloadGroup (namespace, group, service account) of one cluster. The agent keeps only the
+//! SHA-256 of its secret (`<state>/vm-tokens/<id>.json`, 0600), so `meshfed vm bootstrap` can
+//! create tokens without the running agent. A used token becomes a VM record
+//! (`<state>/vms/<id>.json`): the VM's durable identity, which its credential certificate
+//! (`spiffe://<td>/meshfed/vm/<id>`) names and `meshfed vm revoke` ends.
+
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::federation::token::{TokenError, TokenStore};
+
+const PREFIX: &str = "mvt1.";
+
+/// What a VM token says; the secret authenticates it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmClaims {
+    pub id: String,
+    pub secret: String,
+    pub cluster: String,
+    pub trust_domain: String,
+    pub namespace: String,
+    pub group: String,
+    pub service_account: String,
+    /// Unix seconds.
+    pub expires: i64,
+}
+
+impl VmClaims {
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+    }
+
+    pub fn decode(token: &str) -> Result<Self, TokenError> {
+        let body = token
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| TokenError::Malformed(format!("it does not start with {PREFIX:?}")))?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
+        serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))
+    }
+
+    /// What the token record is bound to.
+    pub fn binding(&self) -> String {
+        binding(&self.namespace, &self.group, &self.service_account)
+    }
+}
+
+pub fn binding(namespace: &str, group: &str, service_account: &str) -> String {
+    format!("workloadgroup {namespace}/{group} as {service_account}")
+}
+
+pub fn token_store(state_dir: &Path) -> TokenStore {
+    TokenStore::in_dir(state_dir.join("vm-tokens"))
+}
+
+/// A VM that joined: its durable identity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmRecord {
+    pub vm_id: String,
+    pub namespace: String,
+    pub group: String,
+    pub service_account: String,
+    /// Unix seconds.
+    pub joined: i64,
+    pub last_seen: i64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmStore {
+    dir: PathBuf,
+}
+
+impl VmStore {
+    pub fn new(state_dir: &Path) -> Self {
+        VmStore {
+            dir: state_dir.join("vms"),
+        }
+    }
+
+    fn path(&self, id: &str) -> anyhow::Result<PathBuf> {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            anyhow::bail!("VM id {id:?} is not hexadecimal");
+        }
+        Ok(self.dir.join(format!("{id}.json")))
+    }
+
+    pub fn get(&self, id: &str) -> anyhow::Result<Option<VmRecord>> {
+        let p = self.path(id)?;
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", p.display())),
+        }
+    }
+
+    pub fn put(&self, r: &VmRecord) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let json = serde_json::to_vec_pretty(r)?;
+        trust::files::write_atomic(&self.path(&r.vm_id)?, &json, trust::files::PRIVATE_MODE)?;
+        Ok(())
+    }
+
+    pub fn list(&self) -> anyhow::Result<Vec<VmRecord>> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".json") {
+                if let Some(r) = self.get(id)? {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.joined, &a.vm_id).cmp(&(b.joined, &b.vm_id)));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_round_trip_and_bad_tokens() {
+        let c = VmClaims {
+            id: "ab12".into(),
+            secret: "s".into(),
+            cluster: "east".into(),
+            trust_domain: "east.mesh".into(),
+            namespace: "shop".into(),
+            group: "payment-vm".into(),
+            service_account: "payment".into(),
+            expires: 5,
+        };
+        assert_eq!(VmClaims::decode(&c.encode()).unwrap(), c);
+        for bad in ["", "mft1.abc", "mvt1.!!", "mvt1.e30"] {
+            assert!(
+                matches!(VmClaims::decode(bad), Err(TokenError::Malformed(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn records() {
+        let d = tempfile::tempdir().unwrap();
+        let s = VmStore::new(d.path());
+        assert!(s.get("00ff").unwrap().is_none());
+        assert!(s.get("../etc").is_err());
+        let r = VmRecord {
+            vm_id: "00ff".into(),
+            namespace: "shop".into(),
+            group: "g".into(),
+            service_account: "sa".into(),
+            joined: 1,
+            last_seen: 1,
+            revoked: false,
+        };
+        s.put(&r).unwrap();
+        assert_eq!(s.get("00ff").unwrap().unwrap(), r);
+        assert_eq!(s.list().unwrap().len(), 1);
+    }
+}
