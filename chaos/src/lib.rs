@@ -43,6 +43,127 @@ pub fn free_port() -> u16 {
 }
 
 /// Runs `meshfed ARGS` to completion; returns (exit code, stdout, stderr).
+/// A UDP port free now that is also free for TCP (for DNS).
+pub fn free_udp_port() -> u16 {
+    loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A network namespace joined to the host by a veth pair (`host_ip/30` on the host side,
+/// `ns_ip/30` inside, default route via the host). Deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+    host_if: String,
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let o = Command::new(args[0]).args(&args[1..]).output()?;
+    if !o.status.success() {
+        anyhow::bail!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Netns {
+    /// `Ok(None)` when this machine cannot make namespaces (not root, no `ip`): the caller
+    /// prints a skip line.
+    pub fn create(tag: &str, subnet: u8) -> Result<Option<Netns>> {
+        let probe = Command::new("ip").args(["netns", "list"]).output();
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if !root || !probe.map(|o| o.status.success()).unwrap_or(false) {
+            return Ok(None);
+        }
+        let id = std::process::id() % 10000;
+        let name = format!("mf-{tag}-{id}");
+        let host_if = format!("mfh{subnet}x{id}");
+        let ns_if = format!("mfn{subnet}x{id}");
+        let host_ip = format!("10.213.{subnet}.1");
+        let ns_ip = format!("10.213.{subnet}.2");
+        let _ = sh(&["ip", "netns", "del", &name]);
+        let _ = sh(&["ip", "link", "del", &host_if]);
+        sh(&["ip", "netns", "add", &name])?;
+        let me = Netns {
+            name: name.clone(),
+            host_ip: host_ip.clone(),
+            ns_ip: ns_ip.clone(),
+            host_if: host_if.clone(),
+        };
+        sh(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        sh(&["ip", "link", "set", &ns_if, "netns", &name])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_if,
+        ])?;
+        sh(&["ip", "link", "set", &host_if, "up"])?;
+        let ns = |a: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &name];
+            v.extend_from_slice(a);
+            sh(&v)
+        };
+        ns(&["ip", "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if])?;
+        ns(&["ip", "link", "set", &ns_if, "up"])?;
+        ns(&["ip", "link", "set", "lo", "up"])?;
+        ns(&["ip", "route", "add", "default", "via", &host_ip])?;
+        Ok(Some(me))
+    }
+
+    /// `ip netns exec <ns> <program> <args...>` as (program, args) for [`Proc::spawn_program`].
+    pub fn wrap(&self, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+        let mut v = vec![
+            "netns".to_string(),
+            "exec".into(),
+            self.name.clone(),
+            program.display().to_string(),
+        ];
+        v.extend(args.iter().cloned());
+        (PathBuf::from("ip"), v)
+    }
+
+    /// Runs a command inside the namespace and returns (exit code, stdout + stderr).
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<(i32, String)> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()?;
+        Ok((
+            o.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+        let _ = sh(&["ip", "link", "del", &self.host_if]);
+    }
+}
+
 pub fn meshfed(args: &[&str]) -> Result<(i32, String, String)> {
     let out = Command::new(meshfed_bin()?).args(args).output()?;
     Ok((
@@ -260,6 +381,9 @@ pub struct Cluster {
     /// Plaintext and mTLS xDS addresses of the agent.
     pub xds: String,
     pub xds_mtls: String,
+    /// The agent's VM API and mesh DNS addresses.
+    pub vm_api: String,
+    pub dns: String,
     /// The agent watches this directory for failover policies (`*.yaml`).
     pub policy_dir: PathBuf,
     pub agent: Option<Proc>,
@@ -392,6 +516,8 @@ impl Federation {
             admin: format!("127.0.0.1:{}", free_port()),
             xds: format!("127.0.0.1:{}", free_port()),
             xds_mtls: format!("127.0.0.1:{}", free_port()),
+            vm_api: format!("127.0.0.1:{}", free_port()),
+            dns: format!("127.0.0.1:{}", free_udp_port()),
             policy_dir,
             dir,
             agent: None,
@@ -418,6 +544,14 @@ impl Federation {
             &c.xds,
             "--xds-mtls",
             &c.xds_mtls,
+            "--vm-api",
+            &c.vm_api,
+            "--vm-grace",
+            "2s",
+            "--dns",
+            &c.dns,
+            "--vip-range",
+            "240.240.0.0/24",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -202,6 +202,36 @@ impl Inner {
                         .collect(),
                 }
             }),
+            endpoints: snap
+                .services()
+                .into_iter()
+                .map(|(k, insts)| {
+                    let per = insts
+                        .iter()
+                        .map(|i| {
+                            let n = i.export.endpoints.iter().filter(|e| e.healthy).count() as u64;
+                            (i.cluster.clone(), n)
+                        })
+                        .collect();
+                    (k, per)
+                })
+                .collect(),
+            workload_entries: self
+                .entries
+                .current()
+                .values()
+                .map(|e| EntryReport {
+                    name: e.name.clone(),
+                    namespace: e.namespace.clone(),
+                    group: e.group.clone(),
+                    address: e.address.clone(),
+                    connected: e.connected,
+                    healthy: e.healthy,
+                    health_message: e.health_message.clone(),
+                    annotations: e.annotations.clone(),
+                })
+                .collect(),
+            dns_names: self.names.borrow().name_count() as u64,
             exports: self.exports.borrow().len() as u64,
             exports_acked_version: st.exports_acked_version,
             imports_applied_revision: snap.applied_revision,
@@ -270,6 +300,28 @@ pub struct AgentReport {
     pub imports: BTreeMap<String, u64>,
     pub conflicts: Vec<String>,
     pub peers: Vec<PeerReport>,
+    /// Serving endpoints per service and cluster (`ns/name` -> cluster -> count).
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, BTreeMap<String, u64>>,
+    /// WorkloadEntries registered by VMs.
+    #[serde(default)]
+    pub workload_entries: Vec<EntryReport>,
+    /// Names the mesh DNS answers for.
+    #[serde(default)]
+    pub dns_names: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EntryReport {
+    pub name: String,
+    pub namespace: String,
+    pub group: String,
+    pub address: String,
+    pub connected: bool,
+    /// `null` before the first report.
+    pub healthy: Option<bool>,
+    pub health_message: String,
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
