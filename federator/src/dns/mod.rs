@@ -130,3 +130,189 @@ pub async fn follow_names(inner: Arc<Inner>, mut vips: vips::Vips) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_server::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_server::proto::rr::{Name, RData, RecordType};
+    use std::str::FromStr;
+    use table::{PortName, ServiceNames};
+    use tokio::net::UdpSocket;
+
+    fn names() -> NameTable {
+        let mut t = NameTable::default();
+        t.services.insert(
+            ("shop".into(), "payment".into()),
+            ServiceNames {
+                v4: Some("240.240.0.9".parse().unwrap()),
+                v6: Some("2001:2::9".parse().unwrap()),
+                ports: vec![PortName {
+                    name: "grpc".into(),
+                    port: 8080,
+                    protocol: "tcp".into(),
+                }],
+                cluster: true,
+                clusterset: true,
+            },
+        );
+        t
+    }
+
+    async fn ask(server: SocketAddr, packet: &[u8]) -> Option<Message> {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(packet, server).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(std::time::Duration::from_millis(500), s.recv(&mut buf)).await {
+            Ok(Ok(n)) => Some(Message::from_vec(&buf[..n]).unwrap()),
+            _ => None,
+        }
+    }
+
+    fn query(id: u16, name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    /// A stand-in upstream resolver: NXDOMAIN for everything, with the query's id.
+    async fn upstream() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = s.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.metadata.response_code = ResponseCode::NXDomain;
+                r.metadata.message_type = MessageType::Response;
+                for qq in q.queries {
+                    r.add_query(qq);
+                }
+                let _ = s.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        a
+    }
+
+    #[tokio::test]
+    async fn answers_refuses_and_never_crashes_on_bad_packets() {
+        let (_tx, rx) = watch::channel(Arc::new(names()));
+        let up = upstream().await;
+        let s = serve("127.0.0.1:0", rx, vec![up], &prometheus::Registry::new())
+            .await
+            .unwrap();
+        let a = s.addr;
+        let r = ask(
+            a,
+            &query(7, "payment.shop.svc.cluster.local.", RecordType::A),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.metadata.id, 7);
+        assert!(r.metadata.authoritative);
+        assert!(matches!(r.answers[0].data, RData::A(ref x) if x.0.to_string() == "240.240.0.9"));
+        let r = ask(
+            a,
+            &query(
+                8,
+                "_grpc._tcp.payment.shop.svc.clusterset.local.",
+                RecordType::SRV,
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(r.answers[0].data, RData::SRV(ref x) if x.port == 8080));
+        assert_eq!(r.additionals.len(), 2, "the target's A and AAAA");
+        let r = ask(a, &query(9, "nope.shop.svc.cluster.local.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(r.authorities.len(), 1, "SOA with NXDOMAIN");
+        let r = ask(
+            a,
+            &query(10, "payment.shop.svc.cluster.local.", RecordType::MX),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty(), "NODATA");
+        // Forwarded: the upstream's answer, our client's id.
+        let r = ask(a, &query(11, "example.com.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(r.metadata.id, 11);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+
+        // Malformed: FORMERR (or dropped when not even a header), never a crash.
+        let mut junk = query(12, "payment.shop.svc.cluster.local.", RecordType::A);
+        junk.truncate(20);
+        let r = ask(a, &junk).await.unwrap();
+        assert_eq!(
+            (r.metadata.id, r.metadata.response_code),
+            (12, ResponseCode::FormErr)
+        );
+        let mut garbage = vec![0x00, 0x0d, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+        garbage.extend_from_slice(&[0xc0, 0xff, 0xee, 0x3f, 0x3f]);
+        let r = ask(a, &garbage).await.unwrap();
+        assert_eq!(
+            (r.metadata.id, r.metadata.response_code),
+            (13, ResponseCode::FormErr)
+        );
+        assert!(
+            ask(a, &[1, 2, 3]).await.is_none(),
+            "shorter than a header: dropped"
+        );
+        let mut none = Message::query();
+        none.metadata.id = 14;
+        let r = ask(a, &none.to_vec().unwrap()).await.unwrap();
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::FormErr,
+            "no question"
+        );
+        let mut two = Message::query();
+        two.metadata.id = 15;
+        two.add_query(Query::query(
+            Name::from_str("a.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        two.add_query(Query::query(
+            Name::from_str("b.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        let r = ask(a, &two.to_vec().unwrap()).await.unwrap();
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::FormErr,
+            "two questions"
+        );
+        let mut notify = Message::query();
+        notify.metadata.id = 16;
+        notify.metadata.op_code = OpCode::Notify;
+        notify.add_query(Query::query(
+            Name::from_str("cluster.local.").unwrap(),
+            RecordType::SOA,
+        ));
+        let r = ask(a, &notify.to_vec().unwrap()).await.unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+        // Random bytes: whatever happens, the server still answers afterwards.
+        for i in 0..2000u32 {
+            let mut b = query(17, "payment.shop.svc.cluster.local.", RecordType::A);
+            let k = (i as usize * 7) % b.len();
+            b[k] ^= (i % 251) as u8 + 1;
+            let s2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            s2.send_to(&b, a).await.unwrap();
+        }
+        let r = ask(
+            a,
+            &query(18, "payment.shop.svc.cluster.local.", RecordType::AAAA),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(r.answers[0].data, RData::AAAA(_)));
+    }
+}
