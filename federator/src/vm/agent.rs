@@ -558,7 +558,8 @@ async fn attach_once(
             crate::agent::identity::describe_status("the cluster refused the registration", &s)
         })?
         .into_inner();
-    let mut probe_task: Option<tokio::task::JoinHandle<()>> = None;
+    // Aborted when this attempt ends, however it ends (the agent's task may be aborted too).
+    let mut probe_task: Option<AbortOnDrop> = None;
     let (ready_tx, mut ready_rx) = watch::channel::<Readiness>((false, "not probed yet".into()));
     let result = async {
         loop {
@@ -582,11 +583,8 @@ async fn attach_once(
                                 let p: super::spec::Probe = serde_yaml_ng::from_str(&r.probe_yaml)
                                     .context("the group's probe from the agent")?;
                                 p.check().map_err(|e| anyhow::anyhow!(e))?;
-                                if let Some(t) = probe_task.take() {
-                                    t.abort();
-                                }
                                 let tx = ready_tx.clone();
-                                probe_task = Some(tokio::spawn(probe::run(p, tx)));
+                                probe_task = Some(AbortOnDrop(tokio::spawn(probe::run(p, tx))));
                             }
                         }
                         Some(agent_message::Kind::Roots(r)) => {
@@ -619,10 +617,16 @@ async fn attach_once(
         }
     }
     .await;
-    if let Some(t) = probe_task {
-        t.abort();
-    }
+    drop(probe_task);
     result
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn hostname() -> String {

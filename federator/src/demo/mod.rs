@@ -9,6 +9,11 @@
 //! expires, eu's agent pushes a table ranking west last, and calls continue on east; west comes
 //! back and is preferred again.
 //!
+//! A VM (127.0.4.1) joins eu through eu's east-west gateway from a `meshfed vm bootstrap`
+//! package: one-time token, durable credential, WorkloadEntry auto-registered and gated by the
+//! group's probe; order calls `stock` on it over mTLS, and the VM's mesh DNS resolves an
+//! imported service. When the VM's agent stops, its entry goes after the grace period.
+//!
 //! Everything runs in this process on loopback addresses (each cluster's workloads on their own
 //! 127.0.x.1 address). The tables name each network's east-west gateway, and every call crosses
 //! one: the gateway routes on the SNI without terminating TLS.
@@ -31,6 +36,8 @@ use crate::agent::identity::{self, JoinParams};
 use crate::agent::{Agent, AgentConfig};
 use crate::federation::token::TokenStore;
 use crate::federation::{Federator, FederatorConfig};
+
+mod vm;
 
 const LEASE_TTL: Duration = Duration::from_secs(3);
 const PAYMENT_CLUSTER: &str = "outbound|18080||payment.shop.svc.cluster.local";
@@ -101,6 +108,7 @@ fn registry(c: &ClusterSpec) -> String {
             "  - namespace: shop\n    name: order\n    ports: [{{name: http, port: 8082}}]\n    endpoints: [{{address: {}, serviceAccount: order}}]\n",
             c.addr
         ));
+        y.push_str(&vm::registry());
     }
     y
 }
@@ -482,9 +490,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         cas.insert(c.name, CertificateAuthority::load(&dir.join("ca"))?);
         agents.insert(c.name, agent);
     }
-    // East-west gateways of the payment clusters, fed by their agents over xDS.
+    // East-west gateways, fed by their agents over xDS; eu's also exposes its agent's VM API
+    // and mTLS xDS port (as Istio's expose-istiod does) for the VM.
     let mut gateways = Vec::new();
-    for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
+    for c in CLUSTERS.iter() {
+        let mut expose = BTreeMap::new();
+        if c.name == "eu" {
+            expose.insert(
+                crate::vm::config::VM_API_SNI.to_string(),
+                vec![format!("{}:15018", c.addr).parse()?],
+            );
+            expose.insert(
+                crate::vm::config::XDS_SNI.to_string(),
+                vec![format!("{}:15012", c.addr).parse()?],
+            );
+        }
         let xds = xds_addrs
             .get(c.name)
             .copied()
@@ -495,7 +515,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
                 listen: format!("{}:15443", c.addr),
                 xds: xds.to_string(),
                 admin: None,
-                expose: BTreeMap::new(),
+                expose,
                 node_id: format!(
                     "router~{}~eastwest-gateway~meshfed-system.svc.cluster.local",
                     c.addr
@@ -565,6 +585,102 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "exportTo",
         "east's inventory (exportTo: [west]) reaches west and not eu".into(),
     );
+
+    // The VM: joins eu through eu's gateway with a bootstrap package.
+    println!("\nVM: stock runs on a VM ({}) that joins eu through eu's east-west gateway with `meshfed vm bootstrap`'s package", vm::VM_ADDR);
+    let eu_dir = root.join("eu");
+    let vm_agent = vm::join(&root, &eu_dir, "127.0.3.1:15443").await?;
+    let vm_status = vm_agent.status();
+    let entry_name = format!("stock-vm-{}", vm::VM_ADDR);
+    let registered = wait_until(Duration::from_secs(10), || {
+        eu.entries
+            .current()
+            .get(&entry_name)
+            .is_some_and(|e| e.connected)
+    })
+    .await;
+    checks.assert(
+        registered,
+        "VM join",
+        format!(
+            "VM {} joined with its one-time token through eu's gateway (SNI {}), got {} and a durable credential; WorkloadEntry {entry_name} auto-registered",
+            vm_status.vm_id,
+            crate::vm::config::VM_API_SNI,
+            vm_status.svid
+        ),
+    );
+    let cert_dir = root.join("vm/etc/meshfed/certs");
+    let stock = vm::stock_server(&cert_dir).await?;
+    let probed = wait_until(Duration::from_secs(10), || {
+        eu.model
+            .current()
+            .local
+            .get("shop/stock")
+            .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm::VM_ADDR))
+    })
+    .await;
+    let east_sees_vm = wait_until(Duration::from_secs(10), || {
+        agents.get("east").is_some_and(|a| {
+            a.model()
+                .current()
+                .imports
+                .get(&("eu".to_string(), "shop/stock".to_string()))
+                .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm::VM_ADDR))
+        })
+    })
+    .await;
+    checks.assert(
+        probed && east_sees_vm,
+        "VM health",
+        "the group's probe (tcpSocket) passed: the VM became stock's endpoint in eu, and east imports it".into(),
+    );
+    let order_id_vm = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
+    let order_vm_svid = cas.get("eu").context("eu ca")?.issue_svid(
+        &order_id_vm,
+        &AnyWorkload,
+        time::Duration::hours(1),
+    )?;
+    let mut eu_set = BundleSet::new();
+    eu_set.insert(cas.get("eu").context("eu ca")?.bundle())?;
+    let reply = vm::call_stock(
+        &order_vm_svid,
+        TrustStore::new(eu_set),
+        &format!("{}:{}", vm::VM_ADDR, vm::STOCK_PORT),
+    )
+    .await;
+    checks.assert(
+        reply
+            .as_ref()
+            .is_ok_and(|r| r.contains("answered by the VM")),
+        "VM reachable",
+        format!(
+            "order called stock on the VM over mTLS (server spiffe://eu.mesh/ns/shop/sa/stock): {}",
+            match &reply {
+                Ok(r) => r.clone(),
+                Err(e) => format!("{e:#}"),
+            }
+        ),
+    );
+    let vm_dns = format!("{}:15053", vm::VM_ADDR);
+    let mut dns_ok = false;
+    let mut dns_detail = String::new();
+    for _ in 0..20 {
+        let on_vm = vm::resolve(&vm_dns, "payment.shop.svc.clusterset.local.").await;
+        let on_eu = vm::resolve("127.0.3.1:15053", "payment.shop.svc.clusterset.local.").await;
+        if let (Ok(a), Ok(b)) = (&on_vm, &on_eu) {
+            if !a.is_empty() && a == b {
+                dns_ok = true;
+                dns_detail = format!(
+                    "payment.shop.svc.clusterset.local -> {} on the VM and in eu (imported only: no placeholder Service)",
+                    a[0]
+                );
+                break;
+            }
+        }
+        dns_detail = format!("VM {on_vm:?}, eu {on_eu:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    checks.assert(dns_ok, "VM DNS", dns_detail);
 
     // Workloads: payment in east and west, order in eu.
     let stop_all = Arc::new(AtomicBool::new(false));
@@ -833,6 +949,29 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         forwarded >= calls,
         "gateways",
         format!("the east and west gateways forwarded {forwarded} connections by SNI without terminating TLS (every successful call crossed one)"),
+    );
+    println!("\nthe VM goes away (its agent stops)");
+    stock.abort();
+    vm_agent.stop();
+    let t0 = Instant::now();
+    let gone = wait_until(Duration::from_secs(15), || {
+        !eu.entries.current().contains_key(&entry_name)
+            && agents.get("east").is_some_and(|a| {
+                !a.model()
+                    .current()
+                    .imports
+                    .get(&("eu".to_string(), "shop/stock".to_string()))
+                    .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm::VM_ADDR))
+            })
+    })
+    .await;
+    checks.assert(
+        gone,
+        "VM cleanup",
+        format!(
+            "its WorkloadEntry was deleted after the 3 s grace period and the endpoint left east too ({:.1}s)",
+            t0.elapsed().as_secs_f64()
+        ),
     );
     for g in gateways {
         g.abort();
