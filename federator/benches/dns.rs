@@ -117,9 +117,10 @@ fn dnsperf(port: u16, queries: &std::path::Path, secs: u32) -> (f64, f64) {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no {key:?} in dnsperf output:\n{out}"))
     };
-    let lost = get("Queries lost");
-    let _ = lost;
-    (get("Queries per second"), get("Average Latency (s)") * 1000.0)
+    (
+        get("Queries per second"),
+        get("Average Latency (s)") * 1000.0,
+    )
 }
 
 fn main() {
@@ -199,17 +200,31 @@ fn main() {
         m.push(dnsperf(mport, &qf, secs));
         k.push(dnsperf(kport, &qf, secs));
     }
-    let best = |v: &Vec<(f64, f64)>| v.iter().cloned().fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a });
+    let best = |v: &Vec<(f64, f64)>| {
+        v.iter()
+            .cloned()
+            .fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a })
+    };
     let (mq, ml) = best(&m);
     let (kq, kl) = best(&k);
     let per_name = (after.saturating_sub(before) * 1024) as f64 / names as f64;
     println!("names: {names} ({SERVICES} services x cluster.local + clusterset.local), queries: A, 1 in 11 NXDOMAIN");
     for (i, (a, b)) in m.iter().zip(k.iter()).enumerate() {
-        println!("run {}: meshfed {:.0} qps ({:.3} ms avg), knot {:.0} qps ({:.3} ms avg)", i + 1, a.0, a.1, b.0, b.1);
+        println!(
+            "run {}: meshfed {:.0} qps ({:.3} ms avg), knot {:.0} qps ({:.3} ms avg)",
+            i + 1,
+            a.0,
+            a.1,
+            b.0,
+            b.1
+        );
     }
     println!("best of 3 x {secs}s: meshfed {mq:.0} qps ({ml:.3} ms avg), knot {kq:.0} qps ({kl:.3} ms avg), ratio {:.2}", mq / kq);
     println!("vs CoreDNS published ~17k qps/core: {:.1}x", mq / 17_000.0);
-    println!("memory: table {} KiB RSS for {names} names = {per_name:.0} B/name", after - before);
+    println!(
+        "memory: table {} KiB RSS for {names} names = {per_name:.0} B/name",
+        after - before
+    );
     drop(srv.stdin.take());
     let _ = srv.wait();
     let _ = knot.kill();

@@ -367,6 +367,14 @@ impl AgentReport {
         for c in &self.conflicts {
             out.push(format!("conflict: {c}"));
         }
+        for e in &self.workload_entries {
+            if e.healthy == Some(false) {
+                out.push(format!(
+                    "VM entry {}/{} is unhealthy: {}",
+                    e.namespace, e.name, e.health_message
+                ));
+            }
+        }
         out
     }
 }

@@ -119,6 +119,26 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                         if p.bundle { "yes" } else { "no" }
                     );
                 }
+                if !r.workload_entries.is_empty() {
+                    println!(
+                        "{:<36} {:<16} {:<9} HEALTH",
+                        "WORKLOADENTRY (VM)", "ADDRESS", "CONNECTED"
+                    );
+                    for e in &r.workload_entries {
+                        println!(
+                            "{:<36} {:<16} {:<9} {}",
+                            format!("{}/{}", e.namespace, e.name),
+                            e.address,
+                            if e.connected { "yes" } else { "no (grace)" },
+                            match e.healthy {
+                                Some(true) => "healthy".to_string(),
+                                Some(false) => format!("unhealthy: {}", e.health_message),
+                                None => "not reported yet".to_string(),
+                            }
+                        );
+                    }
+                }
+                println!("mesh DNS: {} names", r.dns_names);
             }
             r.problems()
         }
@@ -150,6 +170,50 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
             let mut p = Vec::new();
             if !xds {
                 p.push("not connected to the agent's xDS (serving the last routes)".to_string());
+            }
+            p
+        }
+        "vm" => {
+            let vm_id = v["vm_id"].as_str().unwrap_or_default();
+            let connected = v["connected"].as_bool().unwrap_or(false);
+            if let Output::Text = a.output {
+                println!(
+                    "VM {vm_id} of {}/{} in cluster {} at {}: {}",
+                    v["namespace"].as_str().unwrap_or_default(),
+                    v["group"].as_str().unwrap_or_default(),
+                    v["cluster"].as_str().unwrap_or_default(),
+                    v["address"].as_str().unwrap_or_default(),
+                    if connected {
+                        "attached"
+                    } else {
+                        "NOT attached"
+                    }
+                );
+                println!(
+                    "entry {}, identity {} (expires {}), credential expires {}, DNS {} ({} names)",
+                    v["entry"].as_str().unwrap_or("-"),
+                    v["svid"].as_str().unwrap_or_default(),
+                    v["svid_expires"].as_str().unwrap_or_default(),
+                    v["credential_expires"].as_str().unwrap_or_default(),
+                    v["dns"].as_str().unwrap_or("off"),
+                    v["names"].as_u64().unwrap_or(0)
+                );
+            }
+            let mut p = Vec::new();
+            if !connected {
+                p.push(format!(
+                    "not attached to the control plane{}",
+                    v["last_error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ));
+            }
+            if v["healthy"].as_bool() == Some(false) {
+                p.push(format!(
+                    "the readiness probe fails: {}",
+                    v["health_message"].as_str().unwrap_or_default()
+                ));
             }
             p
         }
