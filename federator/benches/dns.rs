@@ -7,6 +7,8 @@
 //!
 //! Needs `dnsperf` and `knot` (Debian packages). `cargo bench -p meshfed-federator --bench dns`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
