@@ -161,12 +161,12 @@ pub const EJECT_AFTER: u32 = 3;
 pub const BASE_EJECTION: Duration = Duration::from_secs(10);
 
 /// Releases a per-source slot when the connection ends.
-struct SourceSlot<'a> {
-    gw: &'a Gateway,
+struct SourceSlot {
+    gw: Arc<Gateway>,
     ip: IpAddr,
 }
 
-impl Drop for SourceSlot<'_> {
+impl Drop for SourceSlot {
     fn drop(&mut self) {
         let mut m = self.gw.per_source.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get_mut(&self.ip) {
@@ -218,8 +218,12 @@ impl Gateway {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((tcp, peer)) => {
-                        let gw = self.clone();
-                        tokio::spawn(async move { gw.handle(tcp, peer).await });
+                        // Limits are taken here, in accept order, so a burst from one source
+                        // cannot slip past them before earlier connections are counted.
+                        if let Some(admitted) = self.admit(peer) {
+                            let gw = self.clone();
+                            tokio::spawn(async move { gw.handle(tcp, peer, admitted).await });
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -241,25 +245,40 @@ impl Gateway {
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let Ok(_conn) = self.connections.clone().try_acquire_owned() else {
+    /// The connection permit and per-source slot of a new connection, or `None` (counted) when
+    /// a limit refuses it; dropping the socket closes it.
+    fn admit(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, SourceSlot)> {
+        let Ok(conn) = self.connections.clone().try_acquire_owned() else {
             self.refuse("max_connections");
-            return;
+            return None;
         };
-        let _slot = {
-            let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
-            let n = m.entry(peer.ip()).or_default();
-            if *n >= self.cfg.max_per_source {
-                drop(m);
-                self.refuse("per_source_limit");
-                return;
-            }
-            *n += 1;
+        let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(peer.ip()).or_default();
+        if *n >= self.cfg.max_per_source {
+            drop(m);
+            self.refuse("per_source_limit");
+            return None;
+        }
+        *n += 1;
+        Some((
+            conn,
             SourceSlot {
-                gw: &self,
+                gw: self.clone(),
                 ip: peer.ip(),
-            }
-        };
+            },
+        ))
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        admitted: (tokio::sync::OwnedSemaphorePermit, SourceSlot),
+    ) {
+        let _admitted = admitted;
         self.open.fetch_add(1, Ordering::Relaxed);
         let _ = client.set_nodelay(true);
         let r = self.forward(client).await;
