@@ -128,6 +128,17 @@ impl Netns {
         Ok(Some(me))
     }
 
+    /// Cuts (`false`) or restores (`true`) the namespace's link to the host: a partition.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        sh(&[
+            "ip",
+            "link",
+            "set",
+            &self.host_if,
+            if up { "up" } else { "down" },
+        ])
+    }
+
     /// `ip netns exec <ns> <program> <args...>` as (program, args) for [`Proc::spawn_program`].
     pub fn wrap(&self, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
         let mut v = vec![

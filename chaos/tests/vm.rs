@@ -525,6 +525,36 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     })
     .unwrap();
 
+    // The VM loses its network: keepalives notice the dead stream, the entry goes after the
+    // grace period, everywhere; the network returns: the VM re-registers by itself.
+    ns.set_link(false).unwrap();
+    let t = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "the cut-off VM's entry to be deleted",
+        || {
+            Ok(
+                (entries(&east).is_empty() && endpoints(&west, "shop/payment", "east") == 0)
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap();
+    println!(
+        "VM cut off: entry gone at east and west {:?} later (keepalive ~10 s + grace 2 s)",
+        t.elapsed()
+    );
+    ns.set_link(true).unwrap();
+    let t = Instant::now();
+    wait_for(Duration::from_secs(60), "the VM to re-register", || {
+        Ok((endpoints(&west, "shop/payment", "east") == 1).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.log()));
+    println!(
+        "VM reconnected: registered and healthy again {:?} after the link came back",
+        t.elapsed()
+    );
+
     // kill -9 of the VM agent: the entry goes after the grace period (2 s here), everywhere.
     vm.kill9();
     let t = Instant::now();
