@@ -213,6 +213,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn grpc_health() {
+        let (reporter, svc) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("shop.Payment", tonic_health::ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status("shop.Broken", tonic_health::ServingStatus::NotServing)
+            .await;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        assert!(check_once(&probe(&format!(
+            "grpc: {{port: {port}, service: shop.Payment}}"
+        )))
+        .await
+        .is_ok());
+        let e = check_once(&probe(&format!(
+            "grpc: {{port: {port}, service: shop.Broken}}"
+        )))
+        .await
+        .unwrap_err();
+        assert!(e.contains("NotServing"), "{e}");
+        let e = check_once(&probe(&format!("grpc: {{port: {port}, service: nope}}")))
+            .await
+            .unwrap_err();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[tokio::test]
     async fn http_get_status_codes() {
         let app = axum::Router::new()
             .route("/ready", axum::routing::get(|| async { "ok" }))
