@@ -302,6 +302,41 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         list.contains("-rw-r----- root/root"),
         "the token is 0640:\n{list}"
     );
+    // The tar.gz form, installed by its own install.sh into an image directory.
+    bootstrap_pkg(
+        &east,
+        "ledger-vm",
+        &dir.join("ledger-vm"),
+        "tar",
+        &["--control-plane", &gw],
+    );
+    let tgz = dir.join("ledger-vm.tar.gz");
+    let x = Command::new("tar")
+        .arg("-xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(x.status.success(), "{x:?}");
+    let img = dir.join("ledger-image");
+    let i = Command::new(dir.join("meshfed-vm/install.sh"))
+        .arg("--root")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(i.status.success(), "install.sh: {i:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(img.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("etc/meshfed/join-token"), 0o640);
+    assert_eq!(mode("var/lib/meshfed"), 0o700);
+    assert_eq!(mode("usr/bin/meshfed"), 0o755);
+    let y = std::fs::read_to_string(img.join("etc/meshfed/vm.yaml")).unwrap();
+    assert!(
+        y.contains("group: ledger-vm") && y.contains("serviceAccount: ledger"),
+        "{y}"
+    );
+
     let vmroot = dir.join("vmroot");
     std::fs::create_dir_all(vmroot.join("var/lib/dpkg/info")).unwrap();
     std::fs::create_dir_all(vmroot.join("var/lib/dpkg/updates")).unwrap();
