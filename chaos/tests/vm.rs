@@ -640,6 +640,36 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         "{}",
         vm.log()
     );
+
+    // Rebooted while its network is down: it starts on the workload certificate it has (its
+    // DNS and files keep serving) and registers when the network returns.
+    vm.kill9();
+    ns.set_link(false).unwrap();
+    vm.start().unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the VM agent to start without its control plane",
+        || {
+            Ok(vm
+                .log()
+                .contains("starting with the current workload certificate")
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.log()));
+    let (code, out) = ns.run("python3", &["-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15020/status').read().decode())"]).unwrap();
+    assert!(code == 0 && out.contains("\"connected\":false"), "{out}");
+    ns.set_link(true).unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the VM to register once its network is back",
+        || {
+            Ok((endpoints(&west, "shop/payment", "east") == 1
+                && entries(&east).iter().any(|e| e["connected"] == true))
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.log()));
     drop(server);
     east.agent().unwrap().kill9();
 }

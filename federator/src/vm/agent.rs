@@ -233,10 +233,28 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
                 cfg,
             });
             shared.status().credential_expires = cred.not_after.to_string();
-            renew(&shared, &cred).await.context(
-                "cannot renew the VM's identity with its credential (is the control plane reachable?)",
-            )?;
-            tracing::info!(vm = %shared.vm_id, "reconnected with the VM credential");
+            match renew(&shared, &cred).await {
+                Ok(()) => tracing::info!(vm = %shared.vm_id, "reconnected with the VM credential"),
+                Err(e) => {
+                    // Static stability: a VM that reboots while its control plane is away keeps
+                    // serving with the workload certificate it has, and keeps trying.
+                    let current = Svid::load(&shared.cfg.cert_dir)
+                        .ok()
+                        .map(|(s, _)| s)
+                        .filter(|s| s.not_after > now + time::Duration::minutes(1));
+                    let Some(svid) = current else {
+                        return Err(e.context(
+                            "cannot renew the VM's identity with its credential (is the control plane reachable?), and no valid workload certificate is on disk",
+                        ));
+                    };
+                    tracing::warn!(error = %format!("{e:#}"), "cannot reach the control plane; starting with the current workload certificate and retrying");
+                    shared.svid.install(&svid)?;
+                    let mut st = shared.status();
+                    st.svid = svid.id.to_string();
+                    st.svid_expires = svid.not_after.to_string();
+                    st.last_error = Some(format!("{e:#}"));
+                }
+            }
         }
         None => {
             let token_path = cfg.token_file.clone();
