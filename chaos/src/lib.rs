@@ -420,6 +420,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// Issues an X509-SVID from this cluster's CA into `out` (`meshfed ca issue`).
+    pub fn issue_svid(&self, id: &str, out: &Path) -> Result<()> {
+        meshfed_ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            self.dir.join("ca").to_str().unwrap_or_default(),
+            "--spiffe-id",
+            id,
+            "--out",
+            out.to_str().unwrap_or_default(),
+        ])?;
+        Ok(())
+    }
+
+    /// Whether this cluster's agent holds `peer`'s trust bundle.
+    pub fn has_bundle_of(&self, peer: &str) -> Result<bool> {
+        Ok(self.status()?["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["cluster"] == peer && p["bundle"] == true)
+        }))
+    }
+
     pub fn agent(&mut self) -> Result<&mut Proc> {
         self.agent.as_mut().context("the agent was never started")
     }
@@ -591,6 +614,32 @@ impl Federation {
             .and_then(|cs| cs.iter().find(|c| c["cluster"] == name).cloned())
             .with_context(|| format!("cluster {name} not in the federator's status"))
     }
+}
+
+/// Writes a gRPC xDS bootstrap for a proxyless client in namespace shop, us-east1-b, with a
+/// file_watcher certificate provider reading `certs` (cert-chain.pem, key.pem) and `roots`.
+pub fn grpc_bootstrap(
+    path: &Path,
+    xds: &str,
+    node_id: &str,
+    certs: &Path,
+    roots: &Path,
+) -> Result<PathBuf> {
+    let b = serde_json::json!({
+        "xds_servers": [{"server_uri": xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
+        "node": {
+            "id": node_id,
+            "locality": {"region": "us-east1", "zone": "us-east1-b"},
+            "metadata": {"NAMESPACE": "shop", "LABELS": {"app": "client"}}
+        },
+        "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {
+            "certificate_file": certs.join("cert-chain.pem"),
+            "private_key_file": certs.join("key.pem"),
+            "ca_certificate_file": roots,
+            "refresh_interval": "1s"}}}
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&b)?)?;
+    Ok(path.to_path_buf())
 }
 
 /// A registry YAML with `n` exported services named `<prefix>-<i>` in namespace `shop`.

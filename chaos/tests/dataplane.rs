@@ -5,7 +5,6 @@
 //! from their acknowledged versions without a full resend.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chaos::*;
@@ -24,23 +23,6 @@ fn down_for() -> Duration {
         .and_then(|v| v.trim_end_matches('s').parse::<u64>().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(60))
-}
-
-fn bootstrap(dir: &Path, xds: &str, certs: &Path, roots: &Path) -> std::path::PathBuf {
-    let b = serde_json::json!({
-        "xds_servers": [{"server_uri": xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
-        "node": {"id": "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local",
-                 "locality": {"region": "us-east1", "zone": "us-east1-b"},
-                 "metadata": {"NAMESPACE": "shop"}},
-        "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {
-            "certificate_file": certs.join("cert-chain.pem"),
-            "private_key_file": certs.join("key.pem"),
-            "ca_certificate_file": roots,
-            "refresh_interval": "1s"}}}
-    });
-    let p = dir.join("client-bootstrap.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&b).unwrap()).unwrap();
-    p
 }
 
 #[test]
@@ -62,39 +44,20 @@ fn federator_down_cross_cluster_calls_never_fail() {
         "east imports ledger and west's bundle",
         || {
             let s = east.status()?;
-            let bundle = s["peers"].as_array().is_some_and(|p| {
-                p.iter()
-                    .any(|p| p["cluster"] == "west" && p["bundle"] == true)
-            });
+            let bundle = east.has_bundle_of("west")?;
             Ok((s["imports"]["west"].as_u64() == Some(1) && bundle).then_some(()))
         },
     )
     .unwrap();
     wait_for(Duration::from_secs(20), "west holds east's bundle", || {
-        let s = west.status()?;
-        Ok(s["peers"]
-            .as_array()
-            .is_some_and(|p| {
-                p.iter()
-                    .any(|p| p["cluster"] == "east" && p["bundle"] == true)
-            })
-            .then_some(()))
+        Ok(west.has_bundle_of("east")?.then_some(()))
     })
     .unwrap();
 
     // west's server: its own SVID, trusting east's root (as received through the federation).
     let server_certs = dir.join("ledger-certs");
-    meshfed_ok(&[
-        "ca",
-        "issue",
-        "--ca",
-        west.dir.join("ca").to_str().unwrap(),
-        "--spiffe-id",
-        "spiffe://west.mesh/ns/shop/sa/ledger",
-        "--out",
-        server_certs.to_str().unwrap(),
-    ])
-    .unwrap();
+    west.issue_svid("spiffe://west.mesh/ns/shop/sa/ledger", &server_certs)
+        .unwrap();
     let py = python().unwrap();
     let srv = Proc::spawn_program(
         "ledger",
@@ -123,23 +86,16 @@ fn federator_down_cross_cluster_calls_never_fail() {
     .unwrap();
 
     let client_certs = dir.join("client-certs");
-    meshfed_ok(&[
-        "ca",
-        "issue",
-        "--ca",
-        east.dir.join("ca").to_str().unwrap(),
-        "--spiffe-id",
-        "spiffe://east.mesh/ns/shop/sa/client",
-        "--out",
-        client_certs.to_str().unwrap(),
-    ])
-    .unwrap();
-    let boot = bootstrap(
-        &dir,
+    east.issue_svid("spiffe://east.mesh/ns/shop/sa/client", &client_certs)
+        .unwrap();
+    let boot = grpc_bootstrap(
+        &dir.join("client-bootstrap.json"),
         &east.xds,
+        "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local",
         &client_certs,
         &east.dir.join("xds/trust-roots.pem"),
-    );
+    )
+    .unwrap();
     let b = boot.display().to_string();
     let client = Proc::spawn_program(
         "client",

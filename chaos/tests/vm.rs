@@ -7,7 +7,7 @@
 //! the VM comes back with its credential.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -147,23 +147,6 @@ fn endpoints(c: &Cluster, svc: &str, cluster: &str) -> u64 {
         .ok()
         .and_then(|s| s["endpoints"][svc][cluster].as_u64())
         .unwrap_or(0)
-}
-
-fn client_bootstrap(dir: &Path, xds: &str, certs: &Path) -> PathBuf {
-    let b = serde_json::json!({
-        "xds_servers": [{"server_uri": xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
-        "node": {"id": "sidecar~127.0.0.1~order.shop~shop.svc.cluster.local",
-                 "locality": {"region": "us-east1", "zone": "us-east1-b"},
-                 "metadata": {"NAMESPACE": "shop"}},
-        "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {
-            "certificate_file": certs.join("cert-chain.pem"),
-            "private_key_file": certs.join("key.pem"),
-            "ca_certificate_file": certs.join("root-cert.pem"),
-            "refresh_interval": "1s"}}}
-    });
-    let p = dir.join("order-bootstrap.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&b).unwrap()).unwrap();
-    p
 }
 
 fn bootstrap_pkg(east: &Cluster, group: &str, out: &Path, format: &str, extra: &[&str]) -> String {
@@ -444,18 +427,16 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
 
     // A client of the cluster reaches the VM over mTLS (SAN spiffe://east.mesh/ns/shop/sa/payment).
     let order = dir.join("order-certs");
-    meshfed_ok(&[
-        "ca",
-        "issue",
-        "--ca",
-        east.dir.join("ca").to_str().unwrap(),
-        "--spiffe-id",
-        "spiffe://east.mesh/ns/shop/sa/order",
-        "--out",
-        order.to_str().unwrap(),
-    ])
+    east.issue_svid("spiffe://east.mesh/ns/shop/sa/order", &order)
+        .unwrap();
+    let boot = grpc_bootstrap(
+        &dir.join("order-bootstrap.json"),
+        &east.xds,
+        "sidecar~127.0.0.1~order.shop~shop.svc.cluster.local",
+        &order,
+        &order.join("root-cert.pem"),
+    )
     .unwrap();
-    let boot = client_bootstrap(&dir, &east.xds, &order);
     let calls = py_calls(
         &format!("xds:///payment.shop.svc.cluster.local:{p_pay}"),
         true,

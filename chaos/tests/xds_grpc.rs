@@ -52,22 +52,14 @@ fn server(name: &str, addrs: &[String], tls: Option<(&Path, &Path)>, dir: &Path)
 }
 
 fn bootstrap(dir: &Path, xds: &str, certs: &Path, roots: &Path) -> PathBuf {
-    let b = serde_json::json!({
-        "xds_servers": [{"server_uri": xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
-        "node": {
-            "id": "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local",
-            "locality": {"region": "us-east1", "zone": "us-east1-b"},
-            "metadata": {"NAMESPACE": "shop", "LABELS": {"app": "client"}}
-        },
-        "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {
-            "certificate_file": certs.join("cert-chain.pem"),
-            "private_key_file": certs.join("key.pem"),
-            "ca_certificate_file": roots,
-            "refresh_interval": "1s"}}}
-    });
-    let p = dir.join("bootstrap.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&b).unwrap()).unwrap();
-    p
+    grpc_bootstrap(
+        &dir.join("bootstrap.json"),
+        xds,
+        "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local",
+        certs,
+        roots,
+    )
+    .unwrap()
 }
 
 fn client(name: &str, target: &str, secure: bool, bootstrap: &Path, dir: &Path) -> Proc {
@@ -126,20 +118,6 @@ fn wait_streak(p: &Proc, names: &[&str], n: usize, timeout: Duration, what: &str
     start.elapsed()
 }
 
-fn issue(cluster: &Cluster, id: &str, out: &Path) {
-    meshfed_ok(&[
-        "ca",
-        "issue",
-        "--ca",
-        cluster.dir.join("ca").to_str().unwrap(),
-        "--spiffe-id",
-        id,
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
-}
-
 #[test]
 fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_domains() {
     let f = Federation::start("3s").unwrap();
@@ -165,23 +143,13 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
         "east imports west's services and bundle",
         || {
             let s = east.status()?;
-            let bundle = s["peers"].as_array().is_some_and(|p| {
-                p.iter()
-                    .any(|p| p["cluster"] == "west" && p["bundle"] == true)
-            });
+            let bundle = east.has_bundle_of("west")?;
             Ok((s["imports"]["west"].as_u64() == Some(3) && bundle).then_some(()))
         },
     )
     .unwrap();
     wait_for(Duration::from_secs(20), "west holds east's bundle", || {
-        let s = west.status()?;
-        Ok(s["peers"]
-            .as_array()
-            .is_some_and(|p| {
-                p.iter()
-                    .any(|p| p["cluster"] == "east" && p["bundle"] == true)
-            })
-            .then_some(()))
+        Ok(west.has_bundle_of("east")?.then_some(()))
     })
     .unwrap();
 
@@ -192,7 +160,8 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
 
     // (a) the client's own locality first.
     let client_certs = dir.join("client-certs");
-    issue(&east, "spiffe://east.mesh/ns/shop/sa/client", &client_certs);
+    east.issue_svid("spiffe://east.mesh/ns/shop/sa/client", &client_certs)
+        .unwrap();
     let east_roots = east.dir.join("xds/trust-roots.pem");
     let boot = bootstrap(&dir, &east.xds, &client_certs, &east_roots);
     let target = format!("xds:///echo.shop.svc.cluster.local:{port}");
@@ -257,7 +226,8 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
 
     // (d) mTLS with the server of another trust domain, its bundle from the federation.
     let secure_certs = dir.join("secure-certs");
-    issue(&west, "spiffe://west.mesh/ns/shop/sa/secure", &secure_certs);
+    west.issue_svid("spiffe://west.mesh/ns/shop/sa/secure", &secure_certs)
+        .unwrap();
     let west_roots = west.dir.join("xds/trust-roots.pem");
     let _s = server(
         "secure",

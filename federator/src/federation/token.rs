@@ -49,21 +49,34 @@ pub enum TokenError {
     Store(String),
 }
 
+/// `<prefix><base64url(JSON claims)>`.
+pub fn encode_claims<T: Serialize>(prefix: &str, claims: &T) -> String {
+    let json = serde_json::to_vec(claims).unwrap_or_default();
+    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(json))
+}
+
+/// The claims of a token made by [`encode_claims`]; every failure is `Malformed` with why.
+pub fn decode_claims<T: serde::de::DeserializeOwned>(
+    prefix: &str,
+    token: &str,
+) -> Result<T, TokenError> {
+    let body = token
+        .trim()
+        .strip_prefix(prefix)
+        .ok_or_else(|| TokenError::Malformed(format!("it does not start with {prefix:?}")))?;
+    let json = URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
+    serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))
+}
+
 impl Claims {
     pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+        encode_claims(PREFIX, self)
     }
 
     pub fn decode(token: &str) -> Result<Self, TokenError> {
-        let body = token
-            .trim()
-            .strip_prefix(PREFIX)
-            .ok_or_else(|| TokenError::Malformed(format!("it does not start with {PREFIX:?}")))?;
-        let json = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
-        serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))
+        decode_claims(PREFIX, token)
     }
 }
 

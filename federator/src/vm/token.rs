@@ -9,11 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::federation::token::{TokenError, TokenStore};
+use crate::federation::token::{decode_claims, encode_claims, TokenError, TokenStore};
 
 const PREFIX: &str = "mvt1.";
 
@@ -34,19 +32,11 @@ pub struct VmClaims {
 
 impl VmClaims {
     pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+        encode_claims(PREFIX, self)
     }
 
     pub fn decode(token: &str) -> Result<Self, TokenError> {
-        let body = token
-            .trim()
-            .strip_prefix(PREFIX)
-            .ok_or_else(|| TokenError::Malformed(format!("it does not start with {PREFIX:?}")))?;
-        let json = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
-        serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))
+        decode_claims(PREFIX, token)
     }
 
     /// What the token record is bound to.
