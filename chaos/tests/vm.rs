@@ -504,22 +504,14 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     let _inv = py_server("inventory", &format!("{host}:{p_inv}"), None, None, &dir);
     let _led = py_server("ledger", &format!("{host}:{p_led}"), None, None, &dir);
     let vm_boot = certs.join("grpc-bootstrap.json");
-    let calls = py_calls(
-        &format!("xds:///inventory.shop.svc.cluster.local:{p_inv}"),
-        false,
-        &vm_boot,
-        Some(&ns),
-        3,
-    );
-    assert_eq!(calls, vec!["ok inventory"; 3], "VM -> cluster service");
-    let calls = py_calls(
-        &format!("xds:///ledger.shop.svc.cluster.local:{p_led}"),
-        false,
-        &vm_boot,
-        Some(&ns),
-        3,
-    );
-    assert_eq!(calls, vec!["ok ledger"; 3], "VM -> imported service");
+    for (svc, port, what) in [
+        ("inventory", p_inv, "VM -> cluster service"),
+        ("ledger", p_led, "VM -> imported service"),
+    ] {
+        let target = format!("xds:///{svc}.shop.svc.cluster.local:{port}");
+        let calls = py_calls(&target, false, &vm_boot, Some(&ns), 3);
+        assert_eq!(calls, vec![format!("ok {svc}"); 3], "{what}");
+    }
 
     // The probe gates health both ways.
     drop(server);

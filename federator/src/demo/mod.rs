@@ -169,22 +169,29 @@ async fn payment_server(
             }
             let acceptor = acceptor.clone();
             let cluster = cluster.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut buf = [0u8; 64];
-                if let Ok(n) = tls.read(&mut buf).await {
-                    let reply = format!(
-                        "paid by {cluster} for {}",
-                        String::from_utf8_lossy(&buf[..n]).trim()
-                    );
-                    let _ = tls.write_all(reply.as_bytes()).await;
-                    let _ = tls.shutdown().await;
-                }
-            });
+            tokio::spawn(answer(acceptor, tcp, move |req| {
+                format!("paid by {cluster} for {req}")
+            }));
         }
     }))
+}
+
+/// Reads one request over (m)TLS and answers it with `reply(request)`. A connection that does
+/// not complete the handshake (a TCP probe) is dropped.
+async fn answer(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    reply: impl FnOnce(&str) -> String,
+) {
+    let Ok(mut tls) = acceptor.accept(tcp).await else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    if let Ok(n) = tls.read(&mut buf).await {
+        let r = reply(String::from_utf8_lossy(&buf[..n]).trim());
+        let _ = tls.write_all(r.as_bytes()).await;
+        let _ = tls.shutdown().await;
+    }
 }
 
 #[derive(Default)]

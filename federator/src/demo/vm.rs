@@ -88,22 +88,10 @@ pub async fn stock_server(cert_dir: &Path) -> anyhow::Result<tokio::task::JoinHa
         .with_context(|| format!("cannot listen on {VM_ADDR}:{STOCK_PORT} (stock on the VM)"))?;
     Ok(tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                // The probe connects and closes without TLS; that is fine.
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut buf = [0u8; 64];
-                if let Ok(n) = tls.read(&mut buf).await {
-                    let reply = format!(
-                        "{} in stock (answered by the VM)",
-                        String::from_utf8_lossy(&buf[..n]).trim()
-                    );
-                    let _ = tls.write_all(reply.as_bytes()).await;
-                    let _ = tls.shutdown().await;
-                }
-            });
+            // The probe connects and closes without TLS; `answer` drops it.
+            tokio::spawn(super::answer(acceptor.clone(), tcp, |req| {
+                format!("{req} in stock (answered by the VM)")
+            }));
         }
     }))
 }
