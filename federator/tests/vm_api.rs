@@ -317,9 +317,8 @@ async fn bad_tokens_and_identities_are_refused_with_the_reason() {
     .await
     .unwrap();
     let store = VmStore::new(&w.state);
-    let mut rec = store.list().unwrap().remove(0);
-    rec.revoked = true;
-    store.put(&rec).unwrap();
+    let id = store.list().unwrap().remove(0).vm_id;
+    store.update(&id, |r| r.revoked = true).unwrap().unwrap();
     let e = vc
         .renew(RenewRequest {
             svid_csr_der: csr,

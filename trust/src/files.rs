@@ -21,8 +21,12 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| TrustError::io(path, std::io::Error::other("not a file path")))?;
+    // Unique per process and per call: two writers of one file in one process (an
+    // agent and the CLI it embeds, or two tasks) must not share a temporary file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}.{seq}",
         name.to_string_lossy(),
         std::process::id()
     ));
@@ -41,10 +45,19 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| TrustError::io(&tmp, e))?;
     }
-    f.write_all(contents).map_err(|e| TrustError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| TrustError::io(&tmp, e))?;
+    let written = f
+        .write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| TrustError::io(&tmp, e));
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| TrustError::io(path, e))?;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        TrustError::io(path, e)
+    })?;
     Ok(())
 }
 

@@ -157,11 +157,9 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
         }
         VmCommand::Revoke(a) => {
             let store = crate::vm::token::VmStore::new(&a.state_dir);
-            let mut r = store
-                .get(&a.vm_id)?
+            store
+                .update(&a.vm_id, |r| r.revoked = true)?
                 .ok_or_else(|| anyhow::anyhow!("no VM {} in {}", a.vm_id, a.state_dir.display()))?;
-            r.revoked = true;
-            store.put(&r)?;
             println!("VM {} revoked", a.vm_id);
             Ok(ExitCode::SUCCESS)
         }

@@ -255,7 +255,7 @@ impl VmRegistration for VmApi {
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
-        let mut rec = self.peer_vm(&req)?;
+        let rec = self.peer_vm(&req)?;
         let req = req.into_inner();
         // The group's service account may have changed; the VM follows it.
         let sa = self.group_sa(&rec.namespace, &rec.group)?;
@@ -280,9 +280,10 @@ impl VmRegistration for VmApi {
                 "credential",
             )?
         };
-        rec.last_seen = unix_now();
-        rec.service_account = sa;
-        let _ = self.vms.put(&rec);
+        let _ = self.vms.update(&rec.vm_id, |r| {
+            r.last_seen = unix_now();
+            r.service_account = sa;
+        });
         let roots = self.roots();
         Ok(Response::new(RenewResponse {
             certificates: Some(Certificates {
@@ -461,10 +462,7 @@ impl VmRegistration for VmApi {
                 }
             }
             inner.entries.disconnect(&name, conn, entries::now_ms());
-            if let Ok(Some(mut r)) = vms.get(&rec.vm_id) {
-                r.last_seen = unix_now();
-                let _ = vms.put(&r);
-            }
+            let _ = vms.update(&rec.vm_id, |r| r.last_seen = unix_now());
             tracing::info!(entry = %name, "VM disconnected; WorkloadEntry in its grace period");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
