@@ -10,6 +10,7 @@ pub mod federation;
 pub mod gateway;
 pub mod metrics;
 pub mod net;
+pub mod netns;
 pub mod policy;
 pub mod types;
 pub mod vm;

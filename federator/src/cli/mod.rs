@@ -76,6 +76,9 @@ pub struct DemoArgs {
     /// Assert every expected outcome, print one line per assertion, exit 0 only if all hold.
     #[arg(long)]
     check: bool,
+    /// auto: a network namespace per cluster when root with `ip`, loopback otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    network: crate::demo::NetworkMode,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -99,10 +102,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
         Command::Vm(c) => runtime()?.block_on(vm::run(c)),
         Command::Demo(a) => {
-            crate::demo::preflight()?;
             let opts = crate::demo::DemoOptions {
                 state_dir: a.state_dir,
                 check: a.check,
+                network: a.network,
             };
             let ok = runtime()?.block_on(async {
                 tokio::select! {

@@ -14,9 +14,13 @@
 //! group's probe; order calls `stock` on it over mTLS, and the VM's mesh DNS resolves an
 //! imported service. When the VM's agent stops, its entry goes after the grace period.
 //!
-//! Everything runs in this process on loopback addresses (each cluster's workloads on their own
-//! 127.0.x.1 address). The tables name each network's east-west gateway, and every call crosses
-//! one: the gateway routes on the SNI without terminating TLS.
+//! Run as root with `ip`, every cluster, the VM and the federator get their own network
+//! namespace, joined by veth pairs through a router namespace (see [`crate::netns`]); each
+//! component runs on a runtime whose threads live in its network, so its sockets are there.
+//! Otherwise everything shares loopback, each cluster on its own 127.0.x.1 address. Either
+//! way the tables name each network's east-west gateway, and every cross-cluster call crosses
+//! one: the gateway routes on the SNI without terminating TLS. Ctrl-C or SIGTERM drops the run,
+//! which deletes the namespaces (and with them the veth links and routes).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,6 +40,7 @@ use crate::agent::identity::{self, JoinParams};
 use crate::agent::{Agent, AgentConfig};
 use crate::federation::token::TokenStore;
 use crate::federation::{Federator, FederatorConfig};
+use crate::netns::{NsRuntime, Topology};
 
 mod vm;
 
@@ -60,55 +65,201 @@ pub struct DemoOptions {
     pub state_dir: Option<PathBuf>,
     /// Assert each expected outcome and exit non-zero if one fails.
     pub check: bool,
+    pub network: NetworkMode,
+}
+
+/// Where the demo's networks come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkMode {
+    /// Network namespaces when running as root with `ip`, loopback otherwise.
+    Auto,
+    /// Network namespaces, or fail.
+    Netns,
+    /// Loopback addresses (127.0.x.1) in the host's network.
+    Loopback,
 }
 
 struct ClusterSpec {
     name: &'static str,
     region: &'static str,
-    /// Loopback address of this cluster's workloads.
-    addr: &'static str,
+    /// Loopback address of this cluster's workloads (loopback mode).
+    loopback: &'static str,
+    /// Network number in namespace mode (10.215.<index>.2).
+    index: u8,
     runs_payment: bool,
+}
+
+/// One network: its address and the runtime whose sockets live there.
+struct Site {
+    addr: String,
+    rt: NsRuntime,
+}
+
+/// The demo's networks: the federator's, one per cluster, the VM's. The runtimes are
+/// shut down before the topology (and its namespaces) goes: fields drop in order.
+struct Layout {
+    fed: Site,
+    clusters: BTreeMap<&'static str, Site>,
+    vm: Site,
+    description: String,
+    topology: Option<Topology>,
+}
+
+const DEMO_NS_STEM: &str = "mfd";
+const DEMO_OCTET: u8 = 215;
+
+impl Layout {
+    fn loopback(why: Option<String>) -> anyhow::Result<Layout> {
+        for c in &CLUSTERS {
+            std::net::TcpListener::bind((c.loopback, 0)).with_context(|| {
+                format!(
+                    "cannot bind {} (loopback mode needs the 127.0.0.0/8 range)",
+                    c.loopback
+                )
+            })?;
+        }
+        let site = |a: &str| Site {
+            addr: a.into(),
+            rt: NsRuntime::current(),
+        };
+        Ok(Layout {
+            fed: site("127.0.0.1"),
+            clusters: CLUSTERS
+                .iter()
+                .map(|c| (c.name, site(c.loopback)))
+                .collect(),
+            vm: site(vm::LOOPBACK_ADDR),
+            description: format!(
+                "loopback: one network, each cluster's workloads on their own 127.0.x.1 address{}",
+                why.map(|w| format!(" (no network namespaces: {w})"))
+                    .unwrap_or_default()
+            ),
+            topology: None,
+        })
+    }
+
+    fn namespaces() -> anyhow::Result<Layout> {
+        crate::netns::remove_stale(DEMO_NS_STEM);
+        let prefix = format!("{DEMO_NS_STEM}{}", std::process::id() % 1_000_000);
+        let mut t = Topology::new(&prefix, DEMO_OCTET)?;
+        let mut site = |name: &str, index: u8| -> anyhow::Result<Site> {
+            let n = t.add(name, index)?;
+            Ok(Site {
+                rt: NsRuntime::new(&n.ns, 1)?,
+                addr: n.addr,
+            })
+        };
+        let mut clusters = BTreeMap::new();
+        for c in &CLUSTERS {
+            clusters.insert(c.name, site(c.name, c.index)?);
+        }
+        let vm = site("vm", 4)?;
+        let fed = site("fed", 5)?;
+        let description = format!(
+            "network namespaces: {} joined through router namespace {} (veth pairs; the host reaches them via 10.{DEMO_OCTET}.255.2)",
+            t.networks()
+                .iter()
+                .map(|n| format!("{} {} ({})", n.name, n.addr, n.ns))
+                .collect::<Vec<_>>()
+                .join(", "),
+            t.router()
+        );
+        Ok(Layout {
+            fed,
+            clusters,
+            vm,
+            description,
+            topology: Some(t),
+        })
+    }
+
+    fn new(mode: NetworkMode) -> anyhow::Result<Layout> {
+        match mode {
+            NetworkMode::Loopback => Layout::loopback(None),
+            NetworkMode::Netns => {
+                if let Some(why) = crate::netns::unavailable() {
+                    bail!("--network netns: cannot make network namespaces here: {why}");
+                }
+                Layout::namespaces()
+            }
+            NetworkMode::Auto => match crate::netns::unavailable() {
+                Some(why) => Layout::loopback(Some(why)),
+                None => match Layout::namespaces() {
+                    Ok(l) => Ok(l),
+                    Err(e) => Layout::loopback(Some(format!("{e:#}"))),
+                },
+            },
+        }
+    }
+
+    fn cluster(&self, name: &str) -> anyhow::Result<&Site> {
+        self.clusters
+            .get(name)
+            .with_context(|| format!("no network for {name}"))
+    }
+
+    fn addr(&self, name: &str) -> String {
+        self.clusters
+            .get(name)
+            .map(|s| s.addr.clone())
+            .unwrap_or_default()
+    }
+
+    fn netns(&self) -> bool {
+        self.topology.is_some()
+    }
+
+    /// An address to listen on for an admin endpoint: fixed in a namespace (reachable from
+    /// the host's shell), any free port on loopback.
+    fn admin(&self, site: &Site, port: u16) -> String {
+        if self.netns() {
+            format!("{}:{port}", site.addr)
+        } else {
+            "127.0.0.1:0".into()
+        }
+    }
 }
 
 const CLUSTERS: [ClusterSpec; 3] = [
     ClusterSpec {
         name: "east",
         region: "us-east1",
-        addr: "127.0.1.1",
+        loopback: "127.0.1.1",
+        index: 1,
         runs_payment: true,
     },
     ClusterSpec {
         name: "west",
         region: "us-west1",
-        addr: "127.0.2.1",
+        loopback: "127.0.2.1",
+        index: 2,
         runs_payment: true,
     },
     ClusterSpec {
         name: "eu",
         region: "europe-west1",
-        addr: "127.0.3.1",
+        loopback: "127.0.3.1",
+        index: 3,
         runs_payment: false,
     },
 ];
 
-fn registry(c: &ClusterSpec) -> String {
+fn registry(c: &ClusterSpec, addr: &str, vm_addr: &str) -> String {
     let mut y = String::from("services:\n");
     if c.runs_payment {
         y.push_str(&format!(
-            "  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PAYMENT_PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {}, serviceAccount: payment, labels: {{version: v1}}}}]\n",
-            c.addr
+            "  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PAYMENT_PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {addr}, serviceAccount: payment, labels: {{version: v1}}}}]\n"
         ));
         y.push_str(&format!(
             "  - namespace: shop\n    name: inventory\n    ports: [{{name: http, port: 8081}}]\n    exportTo: [{}]\n    endpoints: [{{address: {}}}]\n",
             if c.name == "east" { "west" } else { "east" },
-            c.addr
+            addr
         ));
     } else {
         y.push_str(&format!(
-            "  - namespace: shop\n    name: order\n    ports: [{{name: http, port: 8082}}]\n    endpoints: [{{address: {}, serviceAccount: order}}]\n",
-            c.addr
+            "  - namespace: shop\n    name: order\n    ports: [{{name: http, port: 8082}}]\n    endpoints: [{{address: {addr}, serviceAccount: order}}]\n"
         ));
-        y.push_str(&vm::registry());
+        y.push_str(&vm::registry(vm_addr));
     }
     y
 }
@@ -138,26 +289,23 @@ impl Checks {
 
 /// A payment server: mTLS with the cluster's SVID, accepting only order from eu.
 async fn payment_server(
-    cluster: &str,
-    addr: &str,
-    ca: &CertificateAuthority,
+    cluster: String,
+    addr: String,
+    svid: trust::Svid,
     store: TrustStore,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let id = SpiffeId::istio_workload(ca.trust_domain(), "shop", "payment")?;
-    let svid = ca.issue_svid(&id, &AnyWorkload, time::Duration::hours(1))?;
     let allowed = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
     let cfg = trust::tls::server_config(
         SvidResolver::with(&svid)?,
         SpiffeVerifier::new(store, Authorizer::id(allowed)),
     )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = TcpListener::bind((addr, PAYMENT_PORT))
+    let listener = TcpListener::bind((addr.as_str(), PAYMENT_PORT))
         .await
         .with_context(|| {
             format!("cannot listen on {addr}:{PAYMENT_PORT} for {cluster}'s payment")
         })?;
-    let cluster = cluster.to_string();
     Ok(tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -174,6 +322,30 @@ async fn payment_server(
             }));
         }
     }))
+}
+
+/// Starts `cluster`'s payment server in its network, with an SVID from its CA.
+async fn start_payment(
+    layout: &Layout,
+    cluster: &'static str,
+    ca: &CertificateAuthority,
+    eu_bundle: TrustBundle,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let id = SpiffeId::istio_workload(ca.trust_domain(), "shop", "payment")?;
+    let svid = ca.issue_svid(&id, &AnyWorkload, time::Duration::hours(1))?;
+    let mut set = BundleSet::new();
+    set.insert(eu_bundle)?;
+    let site = layout.cluster(cluster)?;
+    site.rt
+        .run(payment_server(
+            cluster.to_string(),
+            site.addr.clone(),
+            svid,
+            TrustStore::new(set),
+            stop,
+        ))
+        .await?
 }
 
 /// Reads one request over (m)TLS and answers it with `reply(request)`. A connection that does
@@ -430,17 +602,23 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "meshfed demo: a federation of three clusters on this machine (state in {})",
         root.display()
     );
-    println!("mode: loopback (each cluster's workloads on their own 127.0.x.1 address; network namespaces come with the chaos harness)\n");
+    let layout = Layout::new(opts.network)?;
+    println!("mode: {}\n", layout.description);
     let mut checks = Checks {
         check: opts.check,
         passed: 0,
         failed: 0,
     };
 
-    let mut cfg = FederatorConfig::new(root.join("federator"), "127.0.0.1:0".into());
-    cfg.admin = Some("127.0.0.1:0".into());
+    let listen = if layout.netns() {
+        format!("{}:15100", layout.fed.addr)
+    } else {
+        "127.0.0.1:0".into()
+    };
+    let mut cfg = FederatorConfig::new(root.join("federator"), listen);
+    cfg.admin = Some(layout.admin(&layout.fed, 15101));
     cfg.lease_ttl = LEASE_TTL;
-    let fed = Federator::start(cfg).await?;
+    let fed = layout.fed.rt.run(Federator::start(cfg)).await??;
     println!(
         "federator   gRPC {}  admin http://{}/status  trust domain {}",
         fed.grpc_addr,
@@ -463,33 +641,40 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             now,
         )?;
         let dir = root.join(c.name);
-        let id = identity::join(JoinParams {
-            token: tok,
-            state_dir: dir.clone(),
-            cluster: c.name.into(),
-            network: format!("net-{}", c.name),
-            trust_domain: TrustDomain::new(&format!("{}.mesh", c.name))?,
-            locality: crate::types::parse_locality(&format!("{}/{}-b", c.region, c.region))
-                .map_err(anyhow::Error::msg)?,
-            gateways: vec![format!("{}:15443", c.addr)],
-            ca: None,
-        })
-        .await?;
+        let site = layout.cluster(c.name)?;
+        let addr = site.addr.clone();
+        let id = site
+            .rt
+            .run(identity::join(JoinParams {
+                token: tok,
+                state_dir: dir.clone(),
+                cluster: c.name.into(),
+                network: format!("net-{}", c.name),
+                trust_domain: TrustDomain::new(&format!("{}.mesh", c.name))?,
+                locality: crate::types::parse_locality(&format!("{}/{}-b", c.region, c.region))
+                    .map_err(anyhow::Error::msg)?,
+                gateways: vec![format!("{addr}:15443")],
+                ca: None,
+            }))
+            .await??;
         let reg = dir.join("registry.yaml");
-        std::fs::write(&reg, registry(c))?;
+        std::fs::write(&reg, registry(c, &addr, &layout.vm.addr))?;
         let mut policies = Vec::new();
         if c.name == "eu" {
             let p = dir.join("policies.yaml");
             std::fs::write(&p, EU_POLICY)?;
             policies.push(p);
         }
-        let agent = Agent::start(agent_config(c, &dir, policies)).await?;
+        let agent = site
+            .rt
+            .run(Agent::start(agent_config(&layout, c, &dir, policies)))
+            .await??;
         println!(
             "cluster {:<5} trust domain {:<10} region {:<13} workloads on {}  agent admin http://{}/status  xDS {}",
             c.name,
             id.file.trust_domain,
             c.region,
-            c.addr,
+            addr,
             agent.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
             agent.xds_plaintext.map(|a| a.to_string()).unwrap_or_default()
         );
@@ -501,15 +686,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     // and mTLS xDS port (as Istio's expose-istiod does) for the VM.
     let mut gateways = Vec::new();
     for c in CLUSTERS.iter() {
+        let site = layout.cluster(c.name)?;
+        let addr = &site.addr;
         let mut expose = BTreeMap::new();
         if c.name == "eu" {
             expose.insert(
                 crate::vm::config::VM_API_SNI.to_string(),
-                vec![format!("{}:15018", c.addr).parse()?],
+                vec![format!("{addr}:15018").parse()?],
             );
             expose.insert(
                 crate::vm::config::XDS_SNI.to_string(),
-                vec![format!("{}:15012", c.addr).parse()?],
+                vec![format!("{addr}:15012").parse()?],
             );
         }
         let xds = xds_addrs
@@ -517,22 +704,23 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             .copied()
             .flatten()
             .context("xDS address")?;
-        let g = crate::gateway::start(
-            crate::gateway::GatewayOptions {
-                listen: format!("{}:15443", c.addr),
-                xds: xds.to_string(),
-                admin: None,
-                expose,
-                node_id: format!(
-                    "router~{}~eastwest-gateway~meshfed-system.svc.cluster.local",
-                    c.addr
-                ),
-                network: None,
-                config: eastwest_gateway::proxy::GatewayConfig::default(),
-            },
-            prometheus::Registry::new(),
-        )
-        .await?;
+        let g = site
+            .rt
+            .run(crate::gateway::start(
+                crate::gateway::GatewayOptions {
+                    listen: format!("{addr}:15443"),
+                    xds: xds.to_string(),
+                    admin: None,
+                    expose,
+                    node_id: format!(
+                        "router~{addr}~eastwest-gateway~meshfed-system.svc.cluster.local"
+                    ),
+                    network: None,
+                    config: eastwest_gateway::proxy::GatewayConfig::default(),
+                },
+                prometheus::Registry::new(),
+            ))
+            .await??;
         println!(
             "gateway {:<5} {} (SNI passthrough, routes from its agent over xDS)",
             c.name, g.addr
@@ -594,11 +782,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     );
 
     // The VM: joins eu through eu's gateway with a bootstrap package.
-    println!("\nVM: stock runs on a VM ({}) that joins eu through eu's east-west gateway with `meshfed vm bootstrap`'s package", vm::VM_ADDR);
-    let eu_dir = root.join("eu");
-    let vm_agent = vm::join(&root, &eu_dir, "127.0.3.1:15443").await?;
+    let vm_addr = layout.vm.addr.clone();
+    let eu_addr = layout.addr("eu");
+    println!("\nVM: stock runs on a VM ({vm_addr}) that joins eu through eu's east-west gateway with `meshfed vm bootstrap`'s package");
+    let vm_agent = layout
+        .vm
+        .rt
+        .run(vm::join(
+            root.clone(),
+            root.join("eu"),
+            format!("{eu_addr}:15443"),
+            vm_addr.clone(),
+        ))
+        .await??;
     let vm_status = vm_agent.status();
-    let entry_name = format!("stock-vm-{}", vm::VM_ADDR);
+    let entry_name = format!("stock-vm-{vm_addr}");
     let registered = wait_until(Duration::from_secs(10), || {
         eu.entries
             .current()
@@ -617,13 +815,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         ),
     );
     let cert_dir = root.join("vm/etc/meshfed/certs");
-    let stock = vm::stock_server(&cert_dir).await?;
+    let stock = layout
+        .vm
+        .rt
+        .run(vm::stock_server(cert_dir, vm_addr.clone()))
+        .await??;
     let probed = wait_until(Duration::from_secs(10), || {
         eu.model
             .current()
             .local
             .get("shop/stock")
-            .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm::VM_ADDR))
+            .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm_addr))
     })
     .await;
     let east_sees_vm = wait_until(Duration::from_secs(10), || {
@@ -632,7 +834,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
                 .current()
                 .imports
                 .get(&("eu".to_string(), "shop/stock".to_string()))
-                .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm::VM_ADDR))
+                .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm_addr))
         })
     })
     .await;
@@ -649,12 +851,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     )?;
     let mut eu_set = BundleSet::new();
     eu_set.insert(cas.get("eu").context("eu ca")?.bundle())?;
-    let reply = vm::call_stock(
-        &order_vm_svid,
-        TrustStore::new(eu_set),
-        &format!("{}:{}", vm::VM_ADDR, vm::STOCK_PORT),
-    )
-    .await;
+    let eu_rt = &layout.cluster("eu")?.rt;
+    let reply = eu_rt
+        .run(vm::call_stock(
+            order_vm_svid,
+            TrustStore::new(eu_set),
+            format!("{vm_addr}:{}", vm::STOCK_PORT),
+        ))
+        .await?;
     checks.assert(
         reply
             .as_ref()
@@ -668,12 +872,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             }
         ),
     );
-    let vm_dns = format!("{}:15053", vm::VM_ADDR);
+    let vm_dns = format!("{vm_addr}:15053");
+    let eu_dns = format!("{eu_addr}:15053");
     let mut dns_ok = false;
     let mut dns_detail = String::new();
     for _ in 0..20 {
-        let on_vm = vm::resolve(&vm_dns, "payment.shop.svc.clusterset.local.").await;
-        let on_eu = vm::resolve("127.0.3.1:15053", "payment.shop.svc.clusterset.local.").await;
+        let name = "payment.shop.svc.clusterset.local.";
+        let on_vm = eu_rt.run(vm::resolve(vm_dns.clone(), name)).await?;
+        let on_eu = eu_rt.run(vm::resolve(eu_dns.clone(), name)).await?;
         if let (Ok(a), Ok(b)) = (&on_vm, &on_eu) {
             if !a.is_empty() && a == b {
                 dns_ok = true;
@@ -692,18 +898,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     // Workloads: payment in east and west, order in eu.
     let stop_all = Arc::new(AtomicBool::new(false));
     let mut servers = BTreeMap::new();
+    let eu_bundle = cas.get("eu").context("eu ca")?.bundle();
     for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
         let ca = cas.get(c.name).context("ca")?;
-        let mut set = BundleSet::new();
-        set.insert(cas.get("eu").context("eu ca")?.bundle())?;
         let stop = Arc::new(AtomicBool::new(false));
-        servers.insert(
-            c.name,
-            (
-                payment_server(c.name, c.addr, ca, TrustStore::new(set), stop.clone()).await?,
-                stop,
-            ),
-        );
+        let task = start_payment(&layout, c.name, ca, eu_bundle.clone(), stop.clone()).await?;
+        servers.insert(c.name, (task, stop));
     }
     let order_id = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
     let order_svid = cas.get("eu").context("eu ca")?.issue_svid(
@@ -718,19 +918,19 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         .copied()
         .flatten()
         .context("eu xDS address")?;
-    let mut order_proxy = crate::xds::client::AdsClient::start(
-        format!("http://{eu_xds}"),
-        envoy_types::pb::envoy::config::core::v3::Node {
-            id: "sidecar~127.0.3.1~order.shop~shop.svc.cluster.local".into(),
-            user_agent_name: "meshfed-demo".into(),
-            locality: Some(envoy_types::pb::envoy::config::core::v3::Locality {
-                region: "europe-west1".into(),
-                zone: "europe-west1-b".into(),
-                sub_zone: String::new(),
-            }),
-            ..Default::default()
-        },
-    );
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        id: format!("sidecar~{eu_addr}~order.shop~shop.svc.cluster.local"),
+        user_agent_name: "meshfed-demo".into(),
+        locality: Some(envoy_types::pb::envoy::config::core::v3::Locality {
+            region: "europe-west1".into(),
+            zone: "europe-west1-b".into(),
+            sub_zone: String::new(),
+        }),
+        ..Default::default()
+    };
+    let mut order_proxy = eu_rt
+        .run(async move { crate::xds::client::AdsClient::start(format!("http://{eu_xds}"), node) })
+        .await?;
     let got_table = order_proxy
         .wait_for(Duration::from_secs(10), |t| {
             p0_cluster(t, &eu.model.current()).as_deref() == Some("west")
@@ -746,13 +946,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "xDS table",
         "eu's agent pushed payment's table to order: P0 west's gateway, P1 east's (per the policy, split horizon)".into(),
     );
-    let lg = load_generator(
+    let lg = eu_rt.spawn(load_generator(
         eu.clone(),
         tables.clone(),
         order_svid,
         counters.clone(),
         stop_all.clone(),
-    );
+    ));
     println!("\nworkloads: payment in east and west (spiffe://<cluster>.mesh/ns/shop/sa/payment), order in eu calling it every 20 ms over mTLS");
     println!("(each call goes to the east-west gateway its table names, with SNI outbound_.{PAYMENT_PORT}_._.payment.shop.svc.cluster.local; mTLS stays end to end)\n");
 
@@ -857,28 +1057,28 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
 
     println!("\nphase 3: west comes back");
     let wspec = CLUSTERS.iter().find(|c| c.name == "west").context("west")?;
-    let mut set = BundleSet::new();
-    set.insert(cas.get("eu").context("eu ca")?.bundle())?;
     let stop = Arc::new(AtomicBool::new(false));
-    servers.insert(
+    let task = start_payment(
+        &layout,
         "west",
-        (
-            payment_server(
-                "west",
-                wspec.addr,
-                cas.get("west").context("west ca")?,
-                TrustStore::new(set),
-                stop.clone(),
-            )
-            .await?,
-            stop,
-        ),
-    );
+        cas.get("west").context("west ca")?,
+        eu_bundle.clone(),
+        stop.clone(),
+    )
+    .await?;
+    servers.insert("west", (task, stop));
     let wdir = root.join("west");
-    agents.insert(
-        "west",
-        Agent::start(agent_config(wspec, &wdir, Vec::new())).await?,
-    );
+    let west = layout
+        .cluster("west")?
+        .rt
+        .run(Agent::start(agent_config(
+            &layout,
+            wspec,
+            &wdir,
+            Vec::new(),
+        )))
+        .await??;
+    agents.insert("west", west);
     let fresh = wait_until(Duration::from_secs(10), || {
         eu.model
             .current()
@@ -968,7 +1168,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
                     .current()
                     .imports
                     .get(&("eu".to_string(), "shop/stock".to_string()))
-                    .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm::VM_ADDR))
+                    .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm_addr))
             })
     })
     .await;
@@ -991,39 +1191,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     Ok(checks.failed == 0)
 }
 
-fn agent_config(c: &ClusterSpec, dir: &std::path::Path, policies: Vec<PathBuf>) -> AgentConfig {
+fn agent_config(
+    layout: &Layout,
+    c: &ClusterSpec,
+    dir: &std::path::Path,
+    policies: Vec<PathBuf>,
+) -> AgentConfig {
+    let addr = layout.addr(c.name);
     AgentConfig {
         state_dir: dir.to_path_buf(),
         registry: dir.join("registry.yaml"),
-        admin: Some("127.0.0.1:0".into()),
+        admin: layout.cluster(c.name).ok().map(|s| layout.admin(s, 15014)),
         registry_poll: Duration::from_millis(200),
         policies,
         xds: Some(crate::xds::XdsConfig {
             // Fixed ports: the cluster's gateway follows its agent across a restart.
-            plaintext: Some(format!("{}:15010", c.addr)),
-            mtls: Some(format!("{}:15012", c.addr)),
+            plaintext: Some(format!("{addr}:15010")),
+            mtls: Some(format!("{addr}:15012")),
             debounce: Duration::from_millis(100),
         }),
-        vm_api: Some(format!("{}:15018", c.addr)),
+        vm_api: Some(format!("{addr}:15018")),
         vm_grace: Duration::from_secs(3),
         dns: Some(crate::dns::DnsConfig {
-            listen: format!("{}:15053", c.addr),
+            listen: format!("{addr}:15053"),
             upstream: Vec::new(),
         }),
         vip_range_v4: crate::agent::default_vip_range_v4(),
         vip_range_v6: None,
     }
-}
-
-/// Whether the demo can use its loopback addresses here.
-pub fn preflight() -> anyhow::Result<()> {
-    for c in &CLUSTERS {
-        std::net::TcpListener::bind((c.addr, 0)).with_context(|| {
-            format!(
-                "cannot bind {} (the demo needs the 127.0.0.0/8 loopback range)",
-                c.addr
-            )
-        })?;
-    }
-    Ok(())
 }

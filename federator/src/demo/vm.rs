@@ -1,10 +1,10 @@
-//! The demo's VM: `stock` runs on a VM (loopback 127.0.4.1) that joins eu through eu's
+//! The demo's VM: `stock` runs on a VM (its own network namespace, or loopback 127.0.4.1) that joins eu through eu's
 //! east-west gateway with a bootstrap package, exactly as a real VM would: one-time token,
 //! durable credential, auto-registered WorkloadEntry gated by the group's probe, workload
 //! certificate files, mesh DNS on the VM.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,19 +16,25 @@ use trust::{BundleSet, SpiffeId, Svid, TrustBundle, TrustDomain, TrustStore};
 
 use crate::vm::agent::VmAgent;
 
-pub const VM_ADDR: &str = "127.0.4.1";
+/// The VM's address in loopback mode.
+pub const LOOPBACK_ADDR: &str = "127.0.4.1";
 pub const STOCK_PORT: u16 = 8090;
 
 /// eu's registry additions: the `stock` service selecting the VM group's entries.
-pub fn registry() -> String {
+pub fn registry(vm_addr: &str) -> String {
     format!(
         "  - namespace: shop\n    name: stock\n    ports: [{{name: tls, port: {STOCK_PORT}}}]\n    export: true\n    selector: {{app: stock}}\n    labels: {{security.istio.io/tlsMode: istio}}\n\
-         workloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {{name: stock-vm, namespace: shop}}\n    spec:\n      metadata: {{labels: {{app: stock}}}}\n      template: {{serviceAccount: stock}}\n      probe: {{periodSeconds: 1, tcpSocket: {{host: {VM_ADDR}, port: {STOCK_PORT}}}}}\n"
+         workloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {{name: stock-vm, namespace: shop}}\n    spec:\n      metadata: {{labels: {{app: stock}}}}\n      template: {{serviceAccount: stock}}\n      probe: {{periodSeconds: 1, tcpSocket: {{host: {vm_addr}, port: {STOCK_PORT}}}}}\n"
     )
 }
 
 /// Builds the bootstrap package (directory form) and starts the VM agent from it.
-pub async fn join(root: &Path, eu_dir: &Path, gateway: &str) -> anyhow::Result<VmAgent> {
+pub async fn join(
+    root: PathBuf,
+    eu_dir: PathBuf,
+    gateway: String,
+    vm_addr: String,
+) -> anyhow::Result<VmAgent> {
     let pkg = root.join("vm-package");
     crate::vm::package::build(&crate::vm::package::Bootstrap {
         agent_state_dir: eu_dir.to_path_buf(),
@@ -39,7 +45,7 @@ pub async fn join(root: &Path, eu_dir: &Path, gateway: &str) -> anyhow::Result<V
         format: crate::vm::package::Format::Dir,
         token_ttl: Duration::from_secs(3600),
         vm_network: None,
-        control_plane: vec![gateway.to_string()],
+        control_plane: vec![gateway],
         xds: None,
         binary: None,
     })?;
@@ -47,8 +53,8 @@ pub async fn join(root: &Path, eu_dir: &Path, gateway: &str) -> anyhow::Result<V
     let vm = root.join("vm");
     let mut yaml = std::fs::read_to_string(pkg.join("vm.yaml"))?;
     yaml.push_str(&format!(
-        "stateDir: {}\ncertDir: {}\nrootCert: {}\ntokenFile: {}\naddress: {VM_ADDR}\n\
-         dnsListen: {VM_ADDR}:15053\nxdsListen: {VM_ADDR}:15010\nadmin: {VM_ADDR}:15020\n\
+        "stateDir: {}\ncertDir: {}\nrootCert: {}\ntokenFile: {}\naddress: {vm_addr}\n\
+         dnsListen: {vm_addr}:15053\nxdsListen: {vm_addr}:15010\nadmin: {vm_addr}:15020\n\
          dnsUpstream: [\"127.0.0.1:9\"]\nlabels: {{rack: r7}}\n",
         vm.join("var/lib/meshfed").display(),
         vm.join("etc/meshfed/certs").display(),
@@ -64,8 +70,11 @@ pub async fn join(root: &Path, eu_dir: &Path, gateway: &str) -> anyhow::Result<V
 
 /// `stock` on the VM: mTLS with the VM's workload SVID (from the files its agent writes),
 /// accepting order from eu.
-pub async fn stock_server(cert_dir: &Path) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (svid, roots) = Svid::load(cert_dir)?;
+pub async fn stock_server(
+    cert_dir: PathBuf,
+    vm_addr: String,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (svid, roots) = Svid::load(&cert_dir)?;
     let eu = TrustDomain::new("eu.mesh")?;
     let mut set = BundleSet::new();
     set.insert(TrustBundle::new(
@@ -83,9 +92,9 @@ pub async fn stock_server(cert_dir: &Path) -> anyhow::Result<tokio::task::JoinHa
         ),
     )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = tokio::net::TcpListener::bind((VM_ADDR, STOCK_PORT))
+    let l = tokio::net::TcpListener::bind((vm_addr.as_str(), STOCK_PORT))
         .await
-        .with_context(|| format!("cannot listen on {VM_ADDR}:{STOCK_PORT} (stock on the VM)"))?;
+        .with_context(|| format!("cannot listen on {vm_addr}:{STOCK_PORT} (stock on the VM)"))?;
     Ok(tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             // The probe connects and closes without TLS; `answer` drops it.
@@ -98,14 +107,17 @@ pub async fn stock_server(cert_dir: &Path) -> anyhow::Result<tokio::task::JoinHa
 
 /// order (eu) calls stock at `addr` over mTLS, checking the server is
 /// spiffe://eu.mesh/ns/shop/sa/stock.
-pub async fn call_stock(order: &Svid, eu_roots: TrustStore, addr: &str) -> anyhow::Result<String> {
+pub async fn call_stock(order: Svid, eu_roots: TrustStore, addr: String) -> anyhow::Result<String> {
     let want = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "stock")?;
     let cfg = trust::tls::client_config(
-        SvidResolver::with(order)?,
+        SvidResolver::with(&order)?,
         SpiffeVerifier::new(eu_roots, Authorizer::id(want)),
     )?;
-    let tcp = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
-        .await??;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await??;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("stock.shop.svc.cluster.local")?, tcp)
         .await?;
@@ -116,7 +128,7 @@ pub async fn call_stock(order: &Svid, eu_roots: TrustStore, addr: &str) -> anyho
 }
 
 /// Asks a DNS server for `name`'s A records.
-pub async fn resolve(server: &str, name: &str) -> anyhow::Result<Vec<IpAddr>> {
+pub async fn resolve(server: String, name: &'static str) -> anyhow::Result<Vec<IpAddr>> {
     use hickory_server::proto::op::{Message, Query};
     use hickory_server::proto::rr::{Name, RData, RecordType};
     use std::str::FromStr;
@@ -124,8 +136,8 @@ pub async fn resolve(server: &str, name: &str) -> anyhow::Result<Vec<IpAddr>> {
     m.metadata.id = rand::random();
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(Name::from_str(name)?, RecordType::A));
-    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    s.send_to(&m.to_vec()?, server).await?;
+    let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    s.send_to(&m.to_vec()?, server.as_str()).await?;
     let mut buf = vec![0u8; 2048];
     let n = tokio::time::timeout(Duration::from_secs(1), s.recv(&mut buf)).await??;
     let r = Message::from_vec(&buf[..n])?;

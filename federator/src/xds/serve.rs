@@ -33,7 +33,8 @@ pub async fn start(
 ) -> anyhow::Result<Served> {
     let mut tasks = Vec::new();
     // The first generation is built before the ports open, so no proxy sees an empty world.
-    let first = build(&state, 1, model.current(), policies.borrow().clone()).await;
+    let set = policies.borrow().clone();
+    let first = build(&state, 1, model.current(), set).await;
     state.gens.send_replace(Arc::new(first));
     tasks.push(tokio::spawn(build_loop(
         state.clone(),
