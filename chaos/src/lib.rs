@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+pub use meshfed::netns::{Network, NsRuntime, Topology};
 
 /// The meshfed binary under test.
 pub fn meshfed_bin() -> Result<PathBuf> {
@@ -362,17 +363,29 @@ pub fn status(admin: &str) -> Result<(i32, serde_json::Value)> {
     Ok((code, v))
 }
 
-/// The value of one Prometheus sample (`name{labels}` exactly as exposed) from `GET /metrics`.
-pub fn metric(admin: &str, series: &str) -> Result<Option<f64>> {
+/// `GET <path>` from `addr` over HTTP/1.1: (status code, whole response).
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin)?;
+    let sa: std::net::SocketAddr = addr.parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
+    let code = body
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status from {addr}{path}"))?;
+    Ok((code, body))
+}
+
+/// The value of one Prometheus sample (`name{labels}` exactly as exposed) from `GET /metrics`.
+pub fn metric(admin: &str, series: &str) -> Result<Option<f64>> {
+    let (_, body) = http_get(admin, "/metrics")?;
     Ok(body
         .lines()
         .find_map(|l| {
@@ -398,6 +411,8 @@ pub struct Cluster {
     /// The agent watches this directory for failover policies (`*.yaml`).
     pub policy_dir: PathBuf,
     pub agent: Option<Proc>,
+    /// The network namespace the cluster's processes run in (`None`: the host's network).
+    pub netns: Option<String>,
 }
 
 impl Cluster {
@@ -446,6 +461,67 @@ impl Cluster {
     pub fn agent(&mut self) -> Result<&mut Proc> {
         self.agent.as_mut().context("the agent was never started")
     }
+
+    /// The program and arguments that run `meshfed <args>` in the cluster's namespace.
+    fn command(&self, args: &[String]) -> Result<(PathBuf, Vec<String>)> {
+        in_netns(self.netns.as_deref(), args)
+    }
+
+    /// Starts an east-west gateway process fed by this cluster's agent, listening on
+    /// `listen`, with its admin endpoint at `admin`; waits until it has routes.
+    pub fn start_gateway(
+        &self,
+        name: &str,
+        listen: &str,
+        admin: &str,
+        log_dir: &Path,
+    ) -> Result<Proc> {
+        let args: Vec<String> = [
+            "gateway",
+            "--listen",
+            listen,
+            "--xds",
+            &self.xds,
+            "--admin",
+            admin,
+            "--drain-timeout",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (program, args) = self.command(&args)?;
+        let p = Proc::spawn_program(name, &program, &args, &[], log_dir)?;
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{name} to have routes"),
+            || {
+                Ok(http_get(admin, "/readyz")
+                    .ok()
+                    .filter(|(code, _)| *code == 200)
+                    .map(|_| ()))
+            },
+        )?;
+        Ok(p)
+    }
+}
+
+/// `meshfed <args>`, wrapped in `ip netns exec <ns>` when `ns` is given.
+fn in_netns(ns: Option<&str>, args: &[String]) -> Result<(PathBuf, Vec<String>)> {
+    let bin = meshfed_bin()?;
+    Ok(match ns {
+        None => (bin, args.to_vec()),
+        Some(ns) => {
+            let mut v = vec![
+                "netns".to_string(),
+                "exec".into(),
+                ns.to_string(),
+                bin.display().to_string(),
+            ];
+            v.extend(args.iter().cloned());
+            (PathBuf::from("ip"), v)
+        }
+    })
 }
 
 /// A federator plus clusters, all in one temporary directory.
@@ -460,9 +536,20 @@ pub struct Federation {
 
 impl Federation {
     pub fn start(lease_ttl: &str) -> Result<Federation> {
+        Federation::start_in(lease_ttl, None)
+    }
+
+    /// The federator in `net`'s namespace (gRPC on :15100, admin on :15101 of its address),
+    /// or on loopback with free ports.
+    pub fn start_in(lease_ttl: &str, net: Option<&Network>) -> Result<Federation> {
         let root = tempfile::tempdir()?;
-        let grpc = format!("127.0.0.1:{}", free_port());
-        let admin = format!("127.0.0.1:{}", free_port());
+        let (grpc, admin) = match net {
+            Some(n) => (format!("{}:15100", n.addr), format!("{}:15101", n.addr)),
+            None => (
+                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        };
         let state = root.path().join("federator");
         let args: Vec<String> = [
             "federator",
@@ -478,7 +565,8 @@ impl Federation {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let federator = Proc::spawn("federator", &args, root.path())?;
+        let (program, args) = in_netns(net.map(|n| n.ns.as_str()), &args)?;
+        let federator = Proc::spawn_program("federator", &program, &args, &[], root.path())?;
         let f = Federation {
             root,
             grpc,
@@ -522,10 +610,25 @@ impl Federation {
         locality: &str,
         registry: &str,
     ) -> Result<Cluster> {
+        self.add_cluster_in(name, network, locality, registry, None, &[])
+    }
+
+    /// Joins a cluster whose processes run in `net`'s namespace (agent admin :15014, xDS
+    /// :15010/:15012, VM API :15018, DNS :15053 on its address) with east-west gateways at
+    /// `gateways` (default: one free loopback port, unused).
+    pub fn add_cluster_in(
+        &self,
+        name: &str,
+        network: &str,
+        locality: &str,
+        registry: &str,
+        net: Option<&Network>,
+        gateways: &[String],
+    ) -> Result<Cluster> {
         let dir = self.root.path().join(name);
         let token = self.token(name)?;
         let td = format!("{name}.mesh");
-        meshfed_ok(&[
+        let mut join: Vec<String> = [
             "join",
             "--token",
             &token,
@@ -539,22 +642,43 @@ impl Federation {
             &td,
             "--locality",
             locality,
-            "--gateway",
-            &format!("127.0.0.1:{}", free_port()),
-        ])?;
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if gateways.is_empty() {
+            join.extend(["--gateway".into(), format!("127.0.0.1:{}", free_port())]);
+        }
+        for g in gateways {
+            join.extend(["--gateway".into(), g.clone()]);
+        }
+        let ns = net.map(|n| n.ns.clone());
+        let (program, args) = in_netns(ns.as_deref(), &join)?;
+        let out = Command::new(&program).args(&args).output()?;
+        if !out.status.success() {
+            bail!(
+                "meshfed join failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         let policy_dir = self.root.path().join(format!("{name}-policies"));
         std::fs::create_dir_all(&policy_dir)?;
+        let at = |port: u16, free: u16| match net {
+            Some(n) => format!("{}:{port}", n.addr),
+            None => format!("127.0.0.1:{free}"),
+        };
         let mut c = Cluster {
             name: name.to_string(),
             registry: self.root.path().join(format!("{name}.yaml")),
-            admin: format!("127.0.0.1:{}", free_port()),
-            xds: format!("127.0.0.1:{}", free_port()),
-            xds_mtls: format!("127.0.0.1:{}", free_port()),
-            vm_api: format!("127.0.0.1:{}", free_port()),
-            dns: format!("127.0.0.1:{}", free_udp_port()),
+            admin: at(15014, free_port()),
+            xds: at(15010, free_port()),
+            xds_mtls: at(15012, free_port()),
+            vm_api: at(15018, free_port()),
+            dns: at(15053, free_udp_port()),
             policy_dir,
             dir,
             agent: None,
+            netns: ns,
         };
         c.write_registry(registry)?;
         self.start_agent(&mut c)?;
@@ -590,9 +714,12 @@ impl Federation {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        c.agent = Some(Proc::spawn(
+        let (program, args) = c.command(&args)?;
+        c.agent = Some(Proc::spawn_program(
             &format!("agent-{}", c.name),
+            &program,
             &args,
+            &[],
             self.root.path(),
         )?);
         let admin = c.admin.clone();

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod dns;
 pub mod federation;
 pub mod gateway;
+pub mod loadgen;
 pub mod metrics;
 pub mod net;
 pub mod netns;
