@@ -101,6 +101,17 @@ pub async fn fetch_status(addr: &str) -> anyhow::Result<serde_json::Value> {
 
 /// Fetches a JSON document from an admin address.
 pub async fn fetch_json(addr: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let body = fetch(addr, path).await?;
+    serde_json::from_slice(&body).with_context(|| format!("{addr}{path} did not return JSON"))
+}
+
+/// Fetches a text document (`/metrics`) from an admin address.
+pub async fn fetch_text(addr: &str, path: &str) -> anyhow::Result<String> {
+    let body = fetch(addr, path).await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn fetch(addr: &str, path: &str) -> anyhow::Result<bytes::Bytes> {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -119,5 +130,5 @@ pub async fn fetch_json(addr: &str, path: &str) -> anyhow::Result<serde_json::Va
         "{addr}{path} answered {code}: {}",
         String::from_utf8_lossy(&body).trim()
     );
-    serde_json::from_slice(&body).with_context(|| format!("{addr}{path} did not return JSON"))
+    Ok(body)
 }

@@ -274,7 +274,7 @@ pub struct PeerReport {
     pub bundle: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentReport {
     pub kind: String,
     pub cluster: String,

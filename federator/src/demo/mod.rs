@@ -1,29 +1,32 @@
 //! `meshfed demo`: a whole federation on this machine, on embedded defaults.
 //!
 //! A federator and three clusters - east (us-east1), west (us-west1), eu (europe-west1) - each
-//! with its own CA and trust domain, its agent, and small coffee-shop workloads. `payment` runs
-//! in east and west and is exported; `order` in eu calls it over mTLS, finding the endpoints
-//! and the peers' trust bundles only through the federation. eu has a failover policy (prefer
-//! us-west1, then the rest); its agent pushes the priority table over xDS and `order` follows
-//! it. The script then takes west down (its payment server and its agent): west's lease
-//! expires, eu's agent pushes a table ranking west last, and calls continue on east; west comes
-//! back and is preferred again.
+//! with its own CA and trust domain, its agent and its east-west gateway, all real `meshfed`
+//! processes (this binary), and small coffee-shop workloads. `payment` runs in east and west
+//! and is exported; `order` in eu calls it over mTLS, finding the endpoints and the peers'
+//! trust bundles only through the federation. eu has a failover policy (prefer us-west1, then
+//! the rest); its agent pushes the priority table over xDS and `order` follows it. The script
+//! then takes west down (its payment server stops, its agent is killed): west's lease expires,
+//! eu's agent pushes a table ranking west last, and calls continue on east; west comes back
+//! and is preferred again.
 //!
-//! A VM (127.0.4.1) joins eu through eu's east-west gateway from a `meshfed vm bootstrap`
-//! package: one-time token, durable credential, WorkloadEntry auto-registered and gated by the
-//! group's probe; order calls `stock` on it over mTLS, and the VM's mesh DNS resolves an
-//! imported service. When the VM's agent stops, its entry goes after the grace period.
+//! A VM joins eu through eu's east-west gateway from a `meshfed vm bootstrap` package: one-time
+//! token, durable credential, WorkloadEntry auto-registered and gated by the group's probe;
+//! order calls `stock` on it over mTLS, and the VM's mesh DNS resolves an imported service.
+//! When the VM's agent dies, its entry goes after the grace period.
 //!
 //! Run as root with `ip`, every cluster, the VM and the federator get their own network
-//! namespace, joined by veth pairs through a router namespace (see [`crate::netns`]); each
-//! component runs on a runtime whose threads live in its network, so its sockets are there.
-//! Otherwise everything shares loopback, each cluster on its own 127.0.x.1 address. Either
-//! way the tables name each network's east-west gateway, and every cross-cluster call crosses
-//! one: the gateway routes on the SNI without terminating TLS. Ctrl-C or SIGTERM drops the run,
-//! which deletes the namespaces (and with them the veth links and routes).
+//! namespace, joined by veth pairs through a router namespace (see [`crate::netns`]); the
+//! processes run there (`ip netns exec`) and the workloads on runtimes whose threads entered
+//! the namespace. Otherwise everything shares loopback, each cluster on its own 127.0.x.1
+//! address. Either way the tables name each network's east-west gateway, and every
+//! cross-cluster call crosses one: the gateway routes on the SNI without terminating TLS.
+//! Everything the demo checks it reads as a user would: the admin endpoints' `/status`,
+//! `/debug/syncz` and `/metrics`. Ctrl-C or SIGTERM drops the run, which kills the processes
+//! and deletes the namespaces (and with them the veth links and routes).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,13 +38,15 @@ use trust::ca::policy::AnyWorkload;
 use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
 use trust::{BundleSet, CertificateAuthority, SpiffeId, TrustBundle, TrustDomain, TrustStore};
 
-use crate::agent::identity::{self, JoinParams};
-use crate::agent::{Agent, AgentConfig};
-use crate::federation::token::TokenStore;
-use crate::federation::{Federator, FederatorConfig};
+use crate::agent::AgentReport;
+use crate::federation::status::FederationReport;
 use crate::loadgen::{Stats, Target};
-use crate::netns::{NsRuntime, Topology};
+use layout::Layout;
+pub use layout::NetworkMode;
+use procs::Proc;
 
+mod layout;
+mod procs;
 mod vm;
 
 const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -68,17 +73,6 @@ pub struct DemoOptions {
     pub network: NetworkMode,
 }
 
-/// Where the demo's networks come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum NetworkMode {
-    /// Network namespaces when running as root with `ip`, loopback otherwise.
-    Auto,
-    /// Network namespaces, or fail.
-    Netns,
-    /// Loopback addresses (127.0.x.1) in the host's network.
-    Loopback,
-}
-
 struct ClusterSpec {
     name: &'static str,
     region: &'static str,
@@ -87,137 +81,6 @@ struct ClusterSpec {
     /// Network number in namespace mode (10.215.<index>.2).
     index: u8,
     runs_payment: bool,
-}
-
-/// One network: its address and the runtime whose sockets live there.
-struct Site {
-    addr: String,
-    rt: NsRuntime,
-}
-
-/// The demo's networks: the federator's, one per cluster, the VM's. The runtimes are
-/// shut down before the topology (and its namespaces) goes: fields drop in order.
-struct Layout {
-    fed: Site,
-    clusters: BTreeMap<&'static str, Site>,
-    vm: Site,
-    description: String,
-    topology: Option<Topology>,
-}
-
-const DEMO_NS_STEM: &str = "mfd";
-const DEMO_OCTET: u8 = 215;
-
-impl Layout {
-    fn loopback(why: Option<String>) -> anyhow::Result<Layout> {
-        for c in &CLUSTERS {
-            std::net::TcpListener::bind((c.loopback, 0)).with_context(|| {
-                format!(
-                    "cannot bind {} (loopback mode needs the 127.0.0.0/8 range)",
-                    c.loopback
-                )
-            })?;
-        }
-        let site = |a: &str| Site {
-            addr: a.into(),
-            rt: NsRuntime::current(),
-        };
-        Ok(Layout {
-            fed: site("127.0.0.1"),
-            clusters: CLUSTERS
-                .iter()
-                .map(|c| (c.name, site(c.loopback)))
-                .collect(),
-            vm: site(vm::LOOPBACK_ADDR),
-            description: format!(
-                "loopback: one network, each cluster's workloads on their own 127.0.x.1 address{}",
-                why.map(|w| format!(" (no network namespaces: {w})"))
-                    .unwrap_or_default()
-            ),
-            topology: None,
-        })
-    }
-
-    fn namespaces() -> anyhow::Result<Layout> {
-        crate::netns::remove_stale(DEMO_NS_STEM);
-        let prefix = format!("{DEMO_NS_STEM}{}", std::process::id() % 1_000_000);
-        let mut t = Topology::new(&prefix, DEMO_OCTET)?;
-        let mut site = |name: &str, index: u8| -> anyhow::Result<Site> {
-            let n = t.add(name, index)?;
-            Ok(Site {
-                rt: NsRuntime::new(&n.ns, 1)?,
-                addr: n.addr,
-            })
-        };
-        let mut clusters = BTreeMap::new();
-        for c in &CLUSTERS {
-            clusters.insert(c.name, site(c.name, c.index)?);
-        }
-        let vm = site("vm", 4)?;
-        let fed = site("fed", 5)?;
-        let description = format!(
-            "network namespaces: {} joined through router namespace {} (veth pairs; the host reaches them via 10.{DEMO_OCTET}.255.2)",
-            t.networks()
-                .iter()
-                .map(|n| format!("{} {} ({})", n.name, n.addr, n.ns))
-                .collect::<Vec<_>>()
-                .join(", "),
-            t.router()
-        );
-        Ok(Layout {
-            fed,
-            clusters,
-            vm,
-            description,
-            topology: Some(t),
-        })
-    }
-
-    fn new(mode: NetworkMode) -> anyhow::Result<Layout> {
-        match mode {
-            NetworkMode::Loopback => Layout::loopback(None),
-            NetworkMode::Netns => {
-                if let Some(why) = crate::netns::unavailable() {
-                    bail!("--network netns: cannot make network namespaces here: {why}");
-                }
-                Layout::namespaces()
-            }
-            NetworkMode::Auto => match crate::netns::unavailable() {
-                Some(why) => Layout::loopback(Some(why)),
-                None => match Layout::namespaces() {
-                    Ok(l) => Ok(l),
-                    Err(e) => Layout::loopback(Some(format!("{e:#}"))),
-                },
-            },
-        }
-    }
-
-    fn cluster(&self, name: &str) -> anyhow::Result<&Site> {
-        self.clusters
-            .get(name)
-            .with_context(|| format!("no network for {name}"))
-    }
-
-    fn addr(&self, name: &str) -> String {
-        self.clusters
-            .get(name)
-            .map(|s| s.addr.clone())
-            .unwrap_or_default()
-    }
-
-    fn netns(&self) -> bool {
-        self.topology.is_some()
-    }
-
-    /// An address to listen on for an admin endpoint: fixed in a namespace (reachable from
-    /// the host's shell), any free port on loopback.
-    fn admin(&self, site: &Site, port: u16) -> String {
-        if self.netns() {
-            format!("{}:{port}", site.addr)
-        } else {
-            "127.0.0.1:0".into()
-        }
-    }
 }
 
 const CLUSTERS: [ClusterSpec; 3] = [
@@ -372,31 +235,53 @@ fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String
         .collect()
 }
 
+/// The trust roots an agent writes for its proxies (`<state>/xds/trust-roots.pem`: one
+/// `# <trust domain>` section per domain), as bundles kept apart per trust domain.
+fn roots_file(path: &Path) -> TrustStore {
+    let mut set = BundleSet::new();
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut td: Option<String> = None;
+    let mut pem = String::new();
+    let mut flush = |td: &Option<String>, pem: &mut String| {
+        if let Some(td) = td {
+            if let (Ok(t), Ok(certs)) = (
+                TrustDomain::new(td),
+                trust::keys::certs_from_pem(pem.as_bytes(), "trust roots"),
+            ) {
+                let _ = set.insert(TrustBundle::new(t, certs));
+            }
+        }
+        pem.clear();
+    };
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("# ") {
+            flush(&td, &mut pem);
+            td = Some(name.trim().to_string());
+        } else {
+            pem.push_str(line);
+            pem.push('\n');
+        }
+    }
+    flush(&td, &mut pem);
+    TrustStore::new(set)
+}
+
 /// order in eu: calls payment every 20 ms, following the priority table eu's agent pushes over
 /// xDS, through the gateways the table names, verifying each server against the bundle of its
-/// own trust domain as received through the federation.
-fn order_client(agent: Arc<crate::agent::Inner>, svid: trust::Svid) -> anyhow::Result<Target> {
+/// own trust domain as eu's agent received it through the federation.
+fn order_client(eu_state: &Path, svid: trust::Svid) -> anyhow::Result<Target> {
     let ids = ["east", "west"]
         .iter()
         .map(|c| {
             SpiffeId::istio_workload(&TrustDomain::new(&format!("{c}.mesh"))?, "shop", "payment")
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let roots = eu_state.join("xds").join("trust-roots.pem");
     Ok(Target {
         cluster: PAYMENT_CLUSTER.into(),
         sni: format!("outbound_.{PAYMENT_PORT}_._.payment.shop.svc.cluster.local"),
         svid,
-        roots: Arc::new(move || {
-            let mut set = BundleSet::new();
-            for (td, json) in &agent.model.current().bundles {
-                if let Ok(t) = TrustDomain::new(td) {
-                    if let Ok(b) = TrustBundle::from_json(t, json, "peer bundle") {
-                        let _ = set.insert(b);
-                    }
-                }
-            }
-            TrustStore::new(set)
-        }),
+        roots: Arc::new(move || roots_file(&roots)),
         expect: Authorizer::Ids(ids),
         label: Arc::new(|td: &TrustDomain| td.as_str().trim_end_matches(".mesh").to_string()),
         interval: Duration::from_millis(20),
@@ -405,22 +290,23 @@ fn order_client(agent: Arc<crate::agent::Inner>, svid: trust::Svid) -> anyhow::R
     })
 }
 
+/// Whose gateway an address is.
+fn gateway_owner(layout: &Layout, addr: &str) -> Option<&'static str> {
+    CLUSTERS
+        .iter()
+        .map(|c| c.name)
+        .find(|c| format!("{}:15443", layout.addr(c)) == addr)
+}
+
 /// The payment table as eu's agent pushed it: one line per priority.
-fn describe_table(
-    tables: &crate::xds::client::Tables,
-    snap: &crate::agent::model::Snapshot,
-) -> Vec<String> {
+fn describe_table(layout: &Layout, tables: &crate::xds::client::Tables) -> Vec<String> {
     let Some(t) = tables.get(PAYMENT_CLUSTER) else {
         return vec!["(no table yet)".into()];
     };
     let mut by_prio: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for (p, addr, healthy) in crate::xds::client::endpoints(t) {
-        let who = snap
-            .peers
-            .values()
-            .filter_map(|p| p.facts.as_ref())
-            .find(|f| f.gateways.contains(&addr))
-            .map(|f| format!("{} gateway", f.cluster_id))
+        let who = gateway_owner(layout, &addr)
+            .map(|c| format!("{c} gateway"))
             .unwrap_or_else(|| "workload".into());
         by_prio.entry(p).or_default().push(format!(
             "{addr} ({who}{})",
@@ -434,18 +320,110 @@ fn describe_table(
 }
 
 /// The cluster whose gateway is at priority 0 of the payment table.
-fn p0_cluster(
-    tables: &crate::xds::client::Tables,
-    snap: &crate::agent::model::Snapshot,
-) -> Option<String> {
+fn p0_cluster(layout: &Layout, tables: &crate::xds::client::Tables) -> Option<&'static str> {
     let t = tables.get(PAYMENT_CLUSTER)?;
     let eps = crate::xds::client::endpoints(t);
     let (_, addr, _) = eps.iter().find(|e| e.0 == 0)?;
-    snap.peers
-        .values()
-        .filter_map(|p| p.facts.as_ref())
-        .find(|f| f.gateways.contains(addr))
-        .map(|f| f.cluster_id.clone())
+    gateway_owner(layout, addr)
+}
+
+async fn agent_report(admin: &str) -> Option<AgentReport> {
+    let v = crate::admin::fetch_status(admin).await.ok()?;
+    serde_json::from_value(v).ok()
+}
+
+async fn federation_report(admin: &str) -> anyhow::Result<FederationReport> {
+    let v = crate::admin::fetch_status(admin).await?;
+    Ok(serde_json::from_value(v)?)
+}
+
+/// Polls an agent's `/status` until `f` holds; the last report seen.
+async fn wait_agent(
+    admin: &str,
+    timeout: Duration,
+    f: impl Fn(&AgentReport) -> bool,
+) -> (bool, Option<AgentReport>) {
+    let end = Instant::now() + timeout;
+    loop {
+        let r = agent_report(admin).await;
+        if r.as_ref().is_some_and(&f) {
+            return (true, r);
+        }
+        if Instant::now() > end {
+            return (false, r);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lease_of(r: &AgentReport, peer: &str) -> Option<String> {
+    r.peers
+        .iter()
+        .find(|p| p.cluster == peer)
+        .map(|p| p.lease.clone())
+}
+
+fn endpoints_of(r: &AgentReport, service: &str, cluster: &str) -> u64 {
+    r.endpoints
+        .get(service)
+        .and_then(|m| m.get(cluster))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// One Prometheus sample (`name{labels}` as exposed) from an admin endpoint's `/metrics`.
+async fn metric(admin: &str, series: &str) -> Option<f64> {
+    let text = crate::admin::fetch_text(admin, "/metrics").await.ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|r| r.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// A cluster's processes and addresses.
+struct ClusterRun {
+    admin: String,
+    agent: Proc,
+    gateway: Option<Proc>,
+}
+
+fn agent_args(dir: &Path, addr: &str, policies: bool) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "agent",
+        "--state-dir",
+        &dir.display().to_string(),
+        "--registry",
+        &dir.join("registry.yaml").display().to_string(),
+        "--admin",
+        &format!("{addr}:15014"),
+        "--registry-poll",
+        "200ms",
+        "--xds-plaintext",
+        &format!("{addr}:15010"),
+        "--xds-mtls",
+        &format!("{addr}:15012"),
+        "--vm-api",
+        &format!("{addr}:15018"),
+        "--vm-grace",
+        "3s",
+        "--dns",
+        &format!("{addr}:15053"),
+        "--dns-upstream",
+        "127.0.0.1:9",
+        "--vip-range-v6",
+        "off",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if policies {
+        v.extend([
+            "--policy".into(),
+            dir.join("policies.yaml").display().to_string(),
+        ]);
+    }
+    v
 }
 
 fn calls_to(m: &BTreeMap<String, u64>, cluster: &str) -> u64 {
@@ -453,17 +431,6 @@ fn calls_to(m: &BTreeMap<String, u64>, cluster: &str) -> u64 {
         .filter(|(k, _)| k.split(' ').next() == Some(cluster))
         .map(|(_, v)| *v)
         .sum()
-}
-
-async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    f()
 }
 
 fn fmt_counts(m: &BTreeMap<String, u64>, failed: u64) -> String {
@@ -486,6 +453,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
                     d.display()
                 );
             }
+            std::fs::create_dir_all(d)?;
             d.clone()
         }
         None => {
@@ -493,9 +461,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             tmp.path().to_path_buf()
         }
     };
+    let logs = root.join("logs");
     println!(
-        "meshfed demo: a federation of three clusters on this machine (state in {})",
-        root.display()
+        "meshfed demo: a federation of three clusters on this machine (state in {}, process logs in {})",
+        root.display(),
+        logs.display()
     );
     let layout = Layout::new(opts.network)?;
     println!("mode: {}\n", layout.description);
@@ -505,169 +475,208 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         failed: 0,
     };
 
-    let listen = if layout.netns() {
-        format!("{}:15100", layout.fed.addr)
+    // The federator.
+    let fed_dir = root.join("federator");
+    let (fed_grpc, fed_admin) = if layout.netns() {
+        (
+            format!("{}:15100", layout.fed.addr),
+            format!("{}:15101", layout.fed.addr),
+        )
     } else {
-        "127.0.0.1:0".into()
+        let free = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        (
+            format!("127.0.0.1:{}", free()?),
+            format!("127.0.0.1:{}", free()?),
+        )
     };
-    let mut cfg = FederatorConfig::new(root.join("federator"), listen);
-    cfg.admin = Some(layout.admin(&layout.fed, 15101));
-    cfg.lease_ttl = LEASE_TTL;
-    let fed = layout.fed.rt.run(Federator::start(cfg)).await??;
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut federator = Proc::spawn(
+        "federator",
+        layout.fed.ns(),
+        &s(&[
+            "federator",
+            "--state-dir",
+            &fed_dir.display().to_string(),
+            "--listen",
+            &fed_grpc,
+            "--admin",
+            &fed_admin,
+            "--lease-ttl",
+            &format!("{}s", LEASE_TTL.as_secs()),
+        ]),
+        &logs,
+    )?;
+    procs::wait_serving(&mut federator, &fed_admin, Duration::from_secs(20)).await?;
+    let fr = federation_report(&fed_admin).await?;
     println!(
-        "federator   gRPC {}  admin http://{}/status  trust domain {}",
-        fed.grpc_addr,
-        fed.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
-        fed.trust_domain()
+        "federator   pid {:<7} gRPC {fed_grpc}  admin http://{fed_admin}/status  trust domain {}",
+        federator.pid().unwrap_or_default(),
+        fr.federation_trust_domain
     );
 
-    let tokens = TokenStore::new(&root.join("federator"));
-    let mut agents: BTreeMap<&str, Agent> = BTreeMap::new();
+    // The clusters: one-time token, join, agent, gateway.
+    let mut clusters: BTreeMap<&str, ClusterRun> = BTreeMap::new();
     let mut cas: BTreeMap<&str, CertificateAuthority> = BTreeMap::new();
-    let mut xds_addrs = BTreeMap::new();
     for c in &CLUSTERS {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let (_, tok) = tokens.create(
-            c.name,
-            900,
-            fed.advertise().to_vec(),
-            fed.ca_fingerprint(),
-            fed.trust_domain().to_string(),
-            now,
-        )?;
-        let dir = root.join(c.name);
         let site = layout.cluster(c.name)?;
         let addr = site.addr.clone();
-        let id = site
-            .rt
-            .run(identity::join(JoinParams {
-                token: tok,
-                state_dir: dir.clone(),
-                cluster: c.name.into(),
-                network: format!("net-{}", c.name),
-                trust_domain: TrustDomain::new(&format!("{}.mesh", c.name))?,
-                locality: crate::types::parse_locality(&format!("{}/{}-b", c.region, c.region))
-                    .map_err(anyhow::Error::msg)?,
-                gateways: vec![format!("{addr}:15443")],
-                ca: None,
-            }))
-            .await??;
-        let reg = dir.join("registry.yaml");
-        std::fs::write(&reg, registry(c, &addr, &layout.vm.addr))?;
-        let mut policies = Vec::new();
-        if c.name == "eu" {
-            let p = dir.join("policies.yaml");
-            std::fs::write(&p, EU_POLICY)?;
-            policies.push(p);
+        let token = procs::run_once(
+            None,
+            &s(&[
+                "federator",
+                "token",
+                "create",
+                "--state-dir",
+                &fed_dir.display().to_string(),
+                "--cluster",
+                c.name,
+            ]),
+        )
+        .await?;
+        let dir = root.join(c.name);
+        procs::run_once(
+            site.ns(),
+            &s(&[
+                "join",
+                "--token",
+                token.trim(),
+                "--state-dir",
+                &dir.display().to_string(),
+                "--cluster",
+                c.name,
+                "--network",
+                &format!("net-{}", c.name),
+                "--trust-domain",
+                &format!("{}.mesh", c.name),
+                "--locality",
+                &format!("{}/{}-b", c.region, c.region),
+                "--gateway",
+                &format!("{addr}:15443"),
+            ]),
+        )
+        .await
+        .with_context(|| format!("joining {}", c.name))?;
+        std::fs::write(
+            dir.join("registry.yaml"),
+            registry(c, &addr, &layout.vm.addr),
+        )?;
+        let policies = c.name == "eu";
+        if policies {
+            std::fs::write(dir.join("policies.yaml"), EU_POLICY)?;
         }
-        let agent = site
-            .rt
-            .run(Agent::start(agent_config(&layout, c, &dir, policies)))
-            .await??;
+        let admin = format!("{addr}:15014");
+        let mut agent = Proc::spawn(
+            &format!("agent-{}", c.name),
+            site.ns(),
+            &agent_args(&dir, &addr, policies),
+            &logs,
+        )?;
+        procs::wait_serving(&mut agent, &admin, Duration::from_secs(20)).await?;
         println!(
-            "cluster {:<5} trust domain {:<10} region {:<13} workloads on {}  agent admin http://{}/status  xDS {}",
+            "cluster {:<5} pid {:<7} trust domain {:<10} region {:<13} workloads on {addr}  agent admin http://{admin}/status  xDS {addr}:15010",
             c.name,
-            id.file.trust_domain,
+            agent.pid().unwrap_or_default(),
+            format!("{}.mesh", c.name),
             c.region,
-            addr,
-            agent.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
-            agent.xds_plaintext.map(|a| a.to_string()).unwrap_or_default()
         );
-        xds_addrs.insert(c.name, agent.xds_plaintext);
         cas.insert(c.name, CertificateAuthority::load(&dir.join("ca"))?);
-        agents.insert(c.name, agent);
+        clusters.insert(
+            c.name,
+            ClusterRun {
+                admin,
+                agent,
+                gateway: None,
+            },
+        );
     }
     // East-west gateways, fed by their agents over xDS; eu's also exposes its agent's VM API
     // and mTLS xDS port (as Istio's expose-istiod does) for the VM.
-    let mut gateways = Vec::new();
-    for c in CLUSTERS.iter() {
+    for c in &CLUSTERS {
         let site = layout.cluster(c.name)?;
         let addr = &site.addr;
-        let mut expose = BTreeMap::new();
+        let mut args = s(&[
+            "gateway",
+            "--listen",
+            &format!("{addr}:15443"),
+            "--xds",
+            &format!("{addr}:15010"),
+            "--admin",
+            &format!("{addr}:15021"),
+            "--drain-timeout",
+            "1s",
+        ]);
         if c.name == "eu" {
-            expose.insert(
-                crate::vm::config::VM_API_SNI.to_string(),
-                vec![format!("{addr}:15018").parse()?],
-            );
-            expose.insert(
-                crate::vm::config::XDS_SNI.to_string(),
-                vec![format!("{addr}:15012").parse()?],
-            );
+            args.extend(s(&[
+                "--expose",
+                &format!("{}={addr}:15018", crate::vm::config::VM_API_SNI),
+                "--expose",
+                &format!("{}={addr}:15012", crate::vm::config::XDS_SNI),
+            ]));
         }
-        let xds = xds_addrs
-            .get(c.name)
-            .copied()
-            .flatten()
-            .context("xDS address")?;
-        let g = site
-            .rt
-            .run(crate::gateway::start(
-                crate::gateway::GatewayOptions {
-                    listen: format!("{addr}:15443"),
-                    xds: xds.to_string(),
-                    admin: None,
-                    expose,
-                    node_id: format!(
-                        "router~{addr}~eastwest-gateway~meshfed-system.svc.cluster.local"
-                    ),
-                    network: None,
-                    config: eastwest_gateway::proxy::GatewayConfig::default(),
-                },
-                prometheus::Registry::new(),
-            ))
-            .await??;
+        let mut g = Proc::spawn(&format!("gateway-{}", c.name), site.ns(), &args, &logs)?;
+        procs::wait_serving(&mut g, &format!("{addr}:15021"), Duration::from_secs(20)).await?;
         println!(
-            "gateway {:<5} {} (SNI passthrough, routes from its agent over xDS)",
-            c.name, g.addr
+            "gateway {:<5} pid {:<7} {addr}:15443 (SNI passthrough, routes from its agent over xDS)  admin http://{addr}:15021/metrics",
+            c.name,
+            g.pid().unwrap_or_default()
         );
-        gateways.push(g);
+        if let Some(r) = clusters.get_mut(c.name) {
+            r.gateway = Some(g);
+        }
     }
+    let admin_of = |c: &str| clusters.get(c).map(|r| r.admin.clone()).unwrap_or_default();
+    let (east_admin, west_admin, eu_admin) = (admin_of("east"), admin_of("west"), admin_of("eu"));
+    let joined = federation_report(&fed_admin)
+        .await
+        .map(|r| r.clusters.len())
+        .unwrap_or(0);
     checks.assert(
-        fed.report()?.clusters.len() == 3,
+        joined == 3,
         "joins",
-        "east, west and eu joined with one-time tokens".into(),
+        format!("{joined} clusters joined with one-time tokens (east, west, eu), each its own CA and trust domain"),
     );
 
     // Imports and bundles reach eu through the federation.
-    let eu = agents.get("eu").context("eu agent")?.inner.clone();
-    let got = wait_until(Duration::from_secs(15), || {
-        let s = eu.model.current();
-        s.services().get("shop/payment").map(|v| v.len()) == Some(2)
-            && s.bundles.contains_key("east.mesh")
-            && s.bundles.contains_key("west.mesh")
+    let (got, r) = wait_agent(&eu_admin, Duration::from_secs(20), |r| {
+        endpoints_of(r, "shop/payment", "east") > 0
+            && endpoints_of(r, "shop/payment", "west") > 0
+            && ["east", "west"]
+                .iter()
+                .all(|p| r.peers.iter().any(|x| x.cluster == *p && x.bundle))
     })
     .await;
-    let s = eu.model.current();
-    let sources: Vec<String> = s
-        .services()
-        .get("shop/payment")
-        .map(|v| v.iter().map(|i| i.cluster.clone()).collect())
-        .unwrap_or_default();
+    let r = r.unwrap_or_default();
     checks.assert(
         got,
         "imports",
-        format!("eu imports shop/payment from [{}]", sources.join(", ")),
+        format!(
+            "eu imports shop/payment from [{}]",
+            r.endpoints
+                .get("shop/payment")
+                .map(|m| m.keys().cloned().collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        ),
     );
     checks.assert(
         got,
         "bundles",
         format!(
             "eu holds the trust bundles of [{}] (never merged)",
-            s.bundles.keys().cloned().collect::<Vec<_>>().join(", ")
+            r.peers
+                .iter()
+                .filter(|p| p.bundle)
+                .map(|p| p.trust_domain.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
-    let inv_at_eu = s.services().contains_key("shop/inventory");
-    let west_inv = wait_until(Duration::from_secs(10), || {
-        agents
-            .get("west")
-            .map(|a| {
-                a.model()
-                    .current()
-                    .imports
-                    .keys()
-                    .any(|(c, k)| c == "east" && k == "shop/inventory")
-            })
-            .unwrap_or(false)
+    let inv_at_eu = r.endpoints.contains_key("shop/inventory");
+    let (west_inv, _) = wait_agent(&west_admin, Duration::from_secs(10), |r| {
+        endpoints_of(r, "shop/inventory", "east") > 0
     })
     .await;
     checks.assert(
@@ -680,33 +689,35 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let vm_addr = layout.vm.addr.clone();
     let eu_addr = layout.addr("eu");
     println!("\nVM: stock runs on a VM ({vm_addr}) that joins eu through eu's east-west gateway with `meshfed vm bootstrap`'s package");
-    let vm_agent = layout
-        .vm
-        .rt
-        .run(vm::join(
-            root.clone(),
-            root.join("eu"),
-            format!("{eu_addr}:15443"),
-            vm_addr.clone(),
-        ))
-        .await??;
-    let vm_status = vm_agent.status();
+    let eu_dir = root.join("eu");
+    let vm_config = vm::package(&root, &eu_dir, &format!("{eu_addr}:15443"), &vm_addr)?;
+    let mut vm_agent = Proc::spawn(
+        "vm-agent",
+        layout.vm.ns(),
+        &s(&["vm", "agent", "--config", &vm_config.display().to_string()]),
+        &logs,
+    )?;
+    let vm_admin = format!("{vm_addr}:15020");
+    procs::wait_serving(&mut vm_agent, &vm_admin, Duration::from_secs(20)).await?;
     let entry_name = format!("stock-vm-{vm_addr}");
-    let registered = wait_until(Duration::from_secs(10), || {
-        eu.entries
-            .current()
-            .get(&entry_name)
-            .is_some_and(|e| e.connected)
+    let (registered, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+        r.workload_entries
+            .iter()
+            .any(|e| e.name == entry_name && e.connected)
     })
     .await;
+    let vm_status = crate::admin::fetch_status(&vm_admin)
+        .await
+        .unwrap_or_default();
     checks.assert(
         registered,
         "VM join",
         format!(
-            "VM {} joined with its one-time token through eu's gateway (SNI {}), got {} and a durable credential; WorkloadEntry {entry_name} auto-registered",
-            vm_status.vm_id,
+            "VM {} (pid {}) joined with its one-time token through eu's gateway (SNI {}), got {} and a durable credential; WorkloadEntry {entry_name} auto-registered",
+            vm_status["vm_id"].as_str().unwrap_or("?"),
+            vm_agent.pid().unwrap_or_default(),
             crate::vm::config::VM_API_SNI,
-            vm_status.svid
+            vm_status["svid"].as_str().unwrap_or("?"),
         ),
     );
     let cert_dir = root.join("vm/etc/meshfed/certs");
@@ -715,22 +726,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         .rt
         .run(vm::stock_server(cert_dir, vm_addr.clone()))
         .await??;
-    let probed = wait_until(Duration::from_secs(10), || {
-        eu.model
-            .current()
-            .local
-            .get("shop/stock")
-            .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm_addr))
+    let (probed, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+        endpoints_of(r, "shop/stock", "eu") == 1
+            && r.workload_entries
+                .iter()
+                .any(|e| e.name == entry_name && e.healthy == Some(true))
     })
     .await;
-    let east_sees_vm = wait_until(Duration::from_secs(10), || {
-        agents.get("east").is_some_and(|a| {
-            a.model()
-                .current()
-                .imports
-                .get(&("eu".to_string(), "shop/stock".to_string()))
-                .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm_addr))
-        })
+    let (east_sees_vm, _) = wait_agent(&east_admin, Duration::from_secs(10), |r| {
+        endpoints_of(r, "shop/stock", "eu") == 1
     })
     .await;
     checks.assert(
@@ -738,14 +742,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "VM health",
         "the group's probe (tcpSocket) passed: the VM became stock's endpoint in eu, and east imports it".into(),
     );
-    let order_id_vm = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
-    let order_vm_svid = cas.get("eu").context("eu ca")?.issue_svid(
-        &order_id_vm,
-        &AnyWorkload,
-        time::Duration::hours(1),
-    )?;
+    let eu_ca = cas.get("eu").context("eu ca")?;
+    let order_id = SpiffeId::istio_workload(eu_ca.trust_domain(), "shop", "order")?;
+    let order_vm_svid = eu_ca.issue_svid(&order_id, &AnyWorkload, time::Duration::hours(1))?;
     let mut eu_set = BundleSet::new();
-    eu_set.insert(cas.get("eu").context("eu ca")?.bundle())?;
+    eu_set.insert(eu_ca.bundle())?;
     let eu_rt = &layout.cluster("eu")?.rt;
     let reply = eu_rt
         .run(vm::call_stock(
@@ -793,26 +794,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     // Workloads: payment in east and west, order in eu.
     let stop_all = Arc::new(AtomicBool::new(false));
     let mut servers = BTreeMap::new();
-    let eu_bundle = cas.get("eu").context("eu ca")?.bundle();
+    let eu_bundle = eu_ca.bundle();
     for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
         let ca = cas.get(c.name).context("ca")?;
         let stop = Arc::new(AtomicBool::new(false));
         let task = start_payment(&layout, c.name, ca, eu_bundle.clone(), stop.clone()).await?;
         servers.insert(c.name, (task, stop));
     }
-    let order_id = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
-    let order_svid = cas.get("eu").context("eu ca")?.issue_svid(
-        &order_id,
-        &AnyWorkload,
-        time::Duration::hours(1),
-    )?;
+    let order_svid = eu_ca.issue_svid(&order_id, &AnyWorkload, time::Duration::hours(1))?;
     let counters = Arc::new(Stats::default());
     // order's proxy: an xDS client of eu's agent, in europe-west1.
-    let eu_xds = xds_addrs
-        .get("eu")
-        .copied()
-        .flatten()
-        .context("eu xDS address")?;
     let node = envoy_types::pb::envoy::config::core::v3::Node {
         id: format!("sidecar~{eu_addr}~order.shop~shop.svc.cluster.local"),
         user_agent_name: "meshfed-demo".into(),
@@ -823,17 +814,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         }),
         ..Default::default()
     };
+    let eu_xds = format!("{eu_addr}:15010");
     let mut order_proxy = eu_rt
         .run(async move { crate::xds::client::AdsClient::start(format!("http://{eu_xds}"), node) })
         .await?;
     let got_table = order_proxy
         .wait_for(Duration::from_secs(10), |t| {
-            p0_cluster(t, &eu.model.current()).as_deref() == Some("west")
+            p0_cluster(&layout, t) == Some("west")
         })
         .await;
     let tables = order_proxy.tables.clone();
     println!("\neu's failover policy for payment: failover europe-west1 -> us-west1, outlierDetection on; table pushed to order's proxy over xDS:");
-    for l in describe_table(&tables.borrow(), &eu.model.current()) {
+    for l in describe_table(&layout, &tables.borrow()) {
         println!("  {l}");
     }
     checks.assert(
@@ -842,7 +834,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "eu's agent pushed payment's table to order: P0 west's gateway, P1 east's (per the policy, split horizon)".into(),
     );
     let lg = eu_rt.spawn(crate::loadgen::run(
-        order_client(eu.clone(), order_svid)?,
+        order_client(&eu_dir, order_svid)?,
         tables.clone(),
         counters.clone(),
         stop_all.clone(),
@@ -879,21 +871,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         ),
     );
 
-    println!("\nphase 2: west goes down (its payment server and its agent stop)");
+    println!("\nphase 2: west goes down (its payment server stops, its agent is killed)");
     if let Some((task, stop)) = servers.remove("west") {
         stop.store(true, Ordering::Relaxed);
         task.abort();
     }
-    if let Some(a) = agents.remove("west") {
-        a.stop();
+    if let Some(w) = clusters.get_mut("west") {
+        w.agent.kill();
     }
     let t0 = Instant::now();
-    let stale = wait_until(LEASE_TTL + Duration::from_secs(3), || {
-        eu.model
-            .current()
-            .peers
-            .get("west")
-            .is_some_and(|p| p.lease == proto::LeaseState::Stale as i32)
+    let (stale, _) = wait_agent(&eu_admin, LEASE_TTL + Duration::from_secs(3), |r| {
+        lease_of(r, "west").as_deref() == Some("stale")
     })
     .await;
     let stale_after = t0.elapsed();
@@ -909,18 +897,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let t1 = Instant::now();
     let pushed = order_proxy
         .wait_for(Duration::from_secs(3), |t| {
-            p0_cluster(t, &eu.model.current()).as_deref() == Some("east")
+            p0_cluster(&layout, t) == Some("east")
         })
         .await;
     println!("  table after west went stale:");
-    for l in describe_table(&tables.borrow(), &eu.model.current()) {
+    for l in describe_table(&layout, &tables.borrow()) {
         println!("    {l}");
     }
     checks.assert(
         pushed,
         "xDS push",
         format!(
-            "eu's agent pushed a new table {:.0} ms after west turned stale: east's gateway at P0, west ranked last (deprioritize)",
+            "eu's agent pushed a new table {:.0} ms after eu saw west stale: east's gateway at P0, west ranked last (deprioritize)",
             t1.elapsed().as_secs_f64() * 1000.0
         ),
     );
@@ -933,7 +921,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             fmt_counts(&p2, f2)
         ),
     );
-    let fs = fed.report()?;
+    let fs = federation_report(&fed_admin).await?;
     let west_lease = fs
         .clusters
         .iter()
@@ -944,13 +932,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         west_lease == "stale" && !fs.problems().is_empty(),
         "status",
         format!(
-            "the federator reports west {west_lease}; `meshfed status` exits 1 with: {}",
+            "the federator reports west {west_lease}; `meshfed status --admin {fed_admin}` exits 1 with: {}",
             fs.problems().join("; ")
         ),
     );
 
     println!("\nphase 3: west comes back");
-    let wspec = CLUSTERS.iter().find(|c| c.name == "west").context("west")?;
     let stop = Arc::new(AtomicBool::new(false));
     let task = start_payment(
         &layout,
@@ -961,34 +948,22 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     )
     .await?;
     servers.insert("west", (task, stop));
-    let wdir = root.join("west");
-    let west = layout
-        .cluster("west")?
-        .rt
-        .run(Agent::start(agent_config(
-            &layout,
-            wspec,
-            &wdir,
-            Vec::new(),
-        )))
-        .await??;
-    agents.insert("west", west);
-    let fresh = wait_until(Duration::from_secs(10), || {
-        eu.model
-            .current()
-            .peers
-            .get("west")
-            .is_some_and(|p| p.lease == proto::LeaseState::Fresh as i32)
+    if let Some(w) = clusters.get_mut("west") {
+        w.agent.start()?;
+        procs::wait_serving(&mut w.agent, &west_admin, Duration::from_secs(20)).await?;
+    }
+    let (fresh, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+        lease_of(r, "west").as_deref() == Some("fresh")
     })
     .await;
     checks.assert(
         fresh,
         "recovery",
-        "west reconnected (resuming from its cached versions) and is fresh again".into(),
+        "west's agent restarted, reconnected (resuming from its cached versions) and is fresh again".into(),
     );
     let back = order_proxy
         .wait_for(Duration::from_secs(5), |t| {
-            p0_cluster(t, &eu.model.current()).as_deref() == Some("west")
+            p0_cluster(&layout, t) == Some("west")
         })
         .await;
     let (p3, f3) = phase("recovered", 2).await;
@@ -1000,23 +975,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             fmt_counts(&p3, f3)
         ),
     );
-    let synced = eu
-        .xds
-        .get()
-        .map(|x| {
-            let r = x.proxies.report();
-            !r.is_empty()
-                && r.iter().all(|p| {
-                    p.types
-                        .values()
-                        .all(|t| t.state == crate::xds::status::SyncState::Synced)
-                })
-        })
-        .unwrap_or(false);
+    let syncz = crate::admin::fetch_json(&eu_admin, "/debug/syncz")
+        .await
+        .ok()
+        .and_then(|v| serde_json::from_value::<Vec<crate::xds::status::ProxyReport>>(v).ok())
+        .unwrap_or_default();
+    let synced = !syncz.is_empty()
+        && syncz.iter().all(|p| {
+            p.types
+                .values()
+                .all(|t| t.state == crate::xds::status::SyncState::Synced)
+        });
     checks.assert(
         synced,
         "proxy-status",
-        "every response eu's agent sent was ACKed (meshfed proxy-status: SYNCED, no NACK)".into(),
+        format!(
+            "every response eu's agent sent to its {} proxies was ACKed (meshfed proxy-status --admin {eu_admin}: SYNCED, no NACK)",
+            syncz.len()
+        ),
     );
 
     stop_all.store(true, Ordering::Relaxed);
@@ -1036,81 +1012,43 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "errors",
         format!("{failed} failed calls of {}: every attempt that hit west while it was down was retried on east ({retried} retries)", calls + failed),
     );
-    let forwarded: u64 = gateways
-        .iter()
-        .map(|g| {
-            g.gateway
-                .metrics
-                .connections
-                .with_label_values(&[&format!("payment.shop.svc.cluster.local:{PAYMENT_PORT}")])
-                .get()
-        })
-        .sum();
+    let mut forwarded = 0.0;
+    for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
+        forwarded += metric(
+            &format!("{}:15021", layout.addr(c.name)),
+            &format!("meshfed_gateway_connections_total{{destination_service=\"payment.shop.svc.cluster.local:{PAYMENT_PORT}\"}}"),
+        )
+        .await
+        .unwrap_or(0.0);
+    }
     checks.assert(
-        forwarded >= calls,
+        forwarded >= calls as f64,
         "gateways",
-        format!("the east and west gateways forwarded {forwarded} connections by SNI without terminating TLS (every successful call crossed one)"),
+        format!("the east and west gateways forwarded {forwarded} connections by SNI without terminating TLS (every successful call crossed one; from their /metrics)"),
     );
-    println!("\nthe VM goes away (its agent stops)");
+    println!("\nthe VM goes away (its agent is killed)");
     stock.abort();
-    vm_agent.stop();
+    vm_agent.kill();
     let t0 = Instant::now();
-    let gone = wait_until(Duration::from_secs(15), || {
-        !eu.entries.current().contains_key(&entry_name)
-            && agents.get("east").is_some_and(|a| {
-                !a.model()
-                    .current()
-                    .imports
-                    .get(&("eu".to_string(), "shop/stock".to_string()))
-                    .is_some_and(|e| e.endpoints.iter().any(|ep| ep.address == vm_addr))
-            })
+    let (gone_eu, _) = wait_agent(&eu_admin, Duration::from_secs(15), |r| {
+        !r.workload_entries.iter().any(|e| e.name == entry_name)
+    })
+    .await;
+    let (gone_east, _) = wait_agent(&east_admin, Duration::from_secs(5), |r| {
+        endpoints_of(r, "shop/stock", "eu") == 0
     })
     .await;
     checks.assert(
-        gone,
+        gone_eu && gone_east,
         "VM cleanup",
         format!(
             "its WorkloadEntry was deleted after the 3 s grace period and the endpoint left east too ({:.1}s)",
             t0.elapsed().as_secs_f64()
         ),
     );
-    for g in gateways {
-        g.abort();
-    }
-    for (_, a) in agents {
-        a.stop();
-    }
-    fed.stop().await;
+    drop(order_proxy);
+    drop(clusters);
+    drop(federator);
     println!("\n{} passed, {} failed", checks.passed, checks.failed);
     Ok(checks.failed == 0)
-}
-
-fn agent_config(
-    layout: &Layout,
-    c: &ClusterSpec,
-    dir: &std::path::Path,
-    policies: Vec<PathBuf>,
-) -> AgentConfig {
-    let addr = layout.addr(c.name);
-    AgentConfig {
-        state_dir: dir.to_path_buf(),
-        registry: dir.join("registry.yaml"),
-        admin: layout.cluster(c.name).ok().map(|s| layout.admin(s, 15014)),
-        registry_poll: Duration::from_millis(200),
-        policies,
-        xds: Some(crate::xds::XdsConfig {
-            // Fixed ports: the cluster's gateway follows its agent across a restart.
-            plaintext: Some(format!("{addr}:15010")),
-            mtls: Some(format!("{addr}:15012")),
-            debounce: Duration::from_millis(100),
-        }),
-        vm_api: Some(format!("{addr}:15018")),
-        vm_grace: Duration::from_secs(3),
-        dns: Some(crate::dns::DnsConfig {
-            listen: format!("{addr}:15053"),
-            upstream: Vec::new(),
-        }),
-        vip_range_v4: crate::agent::default_vip_range_v4(),
-        vip_range_v6: None,
-    }
 }

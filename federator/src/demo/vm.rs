@@ -4,7 +4,7 @@
 //! certificate files, mesh DNS on the VM.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +13,6 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
 use trust::{BundleSet, SpiffeId, Svid, TrustBundle, TrustDomain, TrustStore};
-
-use crate::vm::agent::VmAgent;
 
 /// The VM's address in loopback mode.
 pub const LOOPBACK_ADDR: &str = "127.0.4.1";
@@ -28,13 +26,14 @@ pub fn registry(vm_addr: &str) -> String {
     )
 }
 
-/// Builds the bootstrap package (directory form) and starts the VM agent from it.
-pub async fn join(
-    root: PathBuf,
-    eu_dir: PathBuf,
-    gateway: String,
-    vm_addr: String,
-) -> anyhow::Result<VmAgent> {
+/// Builds the bootstrap package (directory form) and the VM's `vm.yaml` from it; the path of
+/// that file, for `meshfed vm agent --config`.
+pub fn package(
+    root: &Path,
+    eu_dir: &Path,
+    gateway: &str,
+    vm_addr: &str,
+) -> anyhow::Result<PathBuf> {
     let pkg = root.join("vm-package");
     crate::vm::package::build(&crate::vm::package::Bootstrap {
         agent_state_dir: eu_dir.to_path_buf(),
@@ -45,7 +44,7 @@ pub async fn join(
         format: crate::vm::package::Format::Dir,
         token_ttl: Duration::from_secs(3600),
         vm_network: None,
-        control_plane: vec![gateway],
+        control_plane: vec![gateway.to_string()],
         xds: None,
         binary: None,
     })?;
@@ -64,8 +63,9 @@ pub async fn join(
     let cfg_path = vm.join("vm.yaml");
     std::fs::create_dir_all(&vm)?;
     std::fs::write(&cfg_path, yaml)?;
-    let cfg = crate::vm::config::VmConfig::load(&cfg_path).map_err(anyhow::Error::msg)?;
-    crate::vm::agent::start(cfg).await
+    // Checked here so a mistake names the file before the VM agent starts.
+    crate::vm::config::VmConfig::load(&cfg_path).map_err(anyhow::Error::msg)?;
+    Ok(cfg_path)
 }
 
 /// `stock` on the VM: mTLS with the VM's workload SVID (from the files its agent writes),
