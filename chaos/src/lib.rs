@@ -508,20 +508,7 @@ impl Cluster {
 
 /// `meshfed <args>`, wrapped in `ip netns exec <ns>` when `ns` is given.
 fn in_netns(ns: Option<&str>, args: &[String]) -> Result<(PathBuf, Vec<String>)> {
-    let bin = meshfed_bin()?;
-    Ok(match ns {
-        None => (bin, args.to_vec()),
-        Some(ns) => {
-            let mut v = vec![
-                "netns".to_string(),
-                "exec".into(),
-                ns.to_string(),
-                bin.display().to_string(),
-            ];
-            v.extend(args.iter().cloned());
-            (PathBuf::from("ip"), v)
-        }
-    })
+    Ok(meshfed::netns::command_in(ns, &meshfed_bin()?, args))
 }
 
 /// A federator plus clusters, all in one temporary directory.

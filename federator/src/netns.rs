@@ -52,6 +52,28 @@ fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<()> {
     sh(&v)
 }
 
+/// `program args...` as run inside namespace `ns` (`ip netns exec <ns> program args...`), or
+/// as is when `ns` is `None`: the (program, arguments) to hand to a process spawner.
+pub fn command_in(
+    ns: Option<&str>,
+    program: &std::path::Path,
+    args: &[String],
+) -> (std::path::PathBuf, Vec<String>) {
+    match ns {
+        None => (program.to_path_buf(), args.to_vec()),
+        Some(ns) => {
+            let mut v = vec![
+                "netns".to_string(),
+                "exec".into(),
+                ns.to_string(),
+                program.display().to_string(),
+            ];
+            v.extend(args.iter().cloned());
+            ("ip".into(), v)
+        }
+    }
+}
+
 /// One network of a topology.
 #[derive(Debug, Clone)]
 pub struct Network {

@@ -27,19 +27,7 @@ impl Proc {
         log_dir: &Path,
     ) -> anyhow::Result<Proc> {
         let exe = std::env::current_exe().context("cannot find the meshfed binary")?;
-        let (program, args) = match ns {
-            None => (exe, args.to_vec()),
-            Some(ns) => {
-                let mut v = vec![
-                    "netns".into(),
-                    "exec".into(),
-                    ns.into(),
-                    exe.display().to_string(),
-                ];
-                v.extend(args.iter().cloned());
-                (PathBuf::from("ip"), v)
-            }
-        };
+        let (program, args) = crate::netns::command_in(ns, &exe, args);
         std::fs::create_dir_all(log_dir)?;
         let mut p = Proc {
             name: name.into(),
@@ -128,15 +116,11 @@ pub async fn wait_serving(p: &mut Proc, addr: &str, timeout: Duration) -> anyhow
 /// Runs `meshfed <args>` to completion in namespace `ns`; its stdout.
 pub async fn run_once(ns: Option<&str>, args: &[String]) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find the meshfed binary")?;
-    let mut cmd = match ns {
-        None => tokio::process::Command::new(&exe),
-        Some(ns) => {
-            let mut c = tokio::process::Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&exe);
-            c
-        }
-    };
-    let out = cmd.args(args).output().await?;
+    let (program, args) = crate::netns::command_in(ns, &exe, args);
+    let out = tokio::process::Command::new(program)
+        .args(&args)
+        .output()
+        .await?;
     anyhow::ensure!(
         out.status.success(),
         "`meshfed {}` failed: {}",

@@ -187,21 +187,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records() {
-        let d = tempfile::tempdir().unwrap();
-        let s = VmStore::new(d.path());
-        assert!(s.get("00ff").unwrap().is_none());
-        assert!(s.get("../etc").is_err());
-        let r = VmRecord {
-            vm_id: "00ff".into(),
+    fn record(id: &str) -> VmRecord {
+        VmRecord {
+            vm_id: id.into(),
             namespace: "shop".into(),
             group: "g".into(),
             service_account: "sa".into(),
             joined: 1,
             last_seen: 1,
             revoked: false,
-        };
+        }
+    }
+
+    #[test]
+    fn records() {
+        let d = tempfile::tempdir().unwrap();
+        let s = VmStore::new(d.path());
+        assert!(s.get("00ff").unwrap().is_none());
+        assert!(s.get("../etc").is_err());
+        let r = record("00ff");
         s.put(&r).unwrap();
         assert_eq!(s.get("00ff").unwrap().unwrap(), r);
         assert_eq!(s.list().unwrap().len(), 1);
@@ -215,16 +219,7 @@ mod tests {
     fn concurrent_updates_keep_a_revocation() {
         let d = tempfile::tempdir().unwrap();
         let s = VmStore::new(d.path());
-        s.put(&VmRecord {
-            vm_id: "00ff".into(),
-            namespace: "shop".into(),
-            group: "g".into(),
-            service_account: "sa".into(),
-            joined: 1,
-            last_seen: 1,
-            revoked: false,
-        })
-        .unwrap();
+        s.put(&record("00ff")).unwrap();
         std::thread::scope(|scope| {
             for t in 0..4i64 {
                 let s = s.clone();
