@@ -105,6 +105,12 @@ fn check_endpoint(e: &Endpoint, at: &str) -> Result<(), String> {
     if !e.service_account.is_empty() {
         check_label(&format!("{at}.service_account"), &e.service_account)?;
     }
+    for (name, port) in &e.ports {
+        check_label(&format!("{at}.ports key"), name)?;
+        if *port == 0 || *port > 65535 {
+            return Err(format!("{at}.ports[{name:?}]: {port} is not in 1-65535"));
+        }
+    }
     Ok(())
 }
 

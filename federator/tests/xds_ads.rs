@@ -792,3 +792,61 @@ async fn mtls_port_requires_an_svid_of_the_cluster_and_its_own_namespace() {
         .is_err());
     assert!(open(client(SvidResolver::new()), "shop").await.is_err());
 }
+
+/// A workload that listens elsewhere for a named port (WorkloadEntry `ports`, e.g. a VM whose
+/// `http` is 9080 while the service port is 8080) gets that port in EDS; other endpoints keep
+/// the service port, and another network's endpoints stay behind its gateway (which resolves
+/// the target port in its own cluster).
+#[test]
+fn named_target_ports_of_workloads_reach_eds() {
+    let mut snap = snapshot(1);
+    let mut vm = ep("10.1.0.7", "us-east1", "us-east1-b");
+    vm.ports.insert("http".into(), 9080);
+    let mut other = ep("10.1.0.8", "us-east1", "us-east1-b");
+    other.ports.insert("grpc".into(), 7070); // names no port of this service: ignored
+    if let Some(p) = snap.local.get_mut("shop/payment") {
+        p.endpoints.push(vm);
+        p.endpoints.push(other);
+    }
+    let g = Generation::build(1, &snap, &policies(), &local());
+    let envoy = meshfed::xds::node::ProxyNode::from_node(
+        &node(
+            "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
+            "us-east1-b",
+            false,
+        ),
+        &local(),
+    )
+    .unwrap();
+    let res = g
+        .get(meshfed::xds::Kind::Endpoint, PAYMENT, &envoy)
+        .unwrap();
+    let cla = ClusterLoadAssignment::decode(res.any.value.as_slice()).unwrap();
+    let mut addrs: Vec<String> = meshfed::xds::client::endpoints(&cla)
+        .into_iter()
+        .map(|e| e.1)
+        .collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        [
+            "10.1.0.5:8080",
+            "10.1.0.6:8080",
+            "10.1.0.7:9080",
+            "10.1.0.8:8080",
+            "192.0.2.20:15443"
+        ]
+    );
+    // Federation input is checked: a port outside 1-65535 or a bad name is refused by name.
+    let mut bad = export("payment", 8080, vec![ep("10.1.0.7", "us-east1", "")], true);
+    bad.endpoints[0].ports.insert("http".into(), 70000);
+    let e = meshfed::types::check_export(&bad, "upserts[0]").unwrap_err();
+    assert_eq!(
+        e,
+        "upserts[0].endpoints[0].ports[\"http\"]: 70000 is not in 1-65535"
+    );
+    bad.endpoints[0].ports.clear();
+    bad.endpoints[0].ports.insert("Not_A_Label".into(), 80);
+    let e = meshfed::types::check_export(&bad, "upserts[0]").unwrap_err();
+    assert!(e.starts_with("upserts[0].endpoints[0].ports key"), "{e}");
+}

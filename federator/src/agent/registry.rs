@@ -131,6 +131,9 @@ pub struct EndpointSpec {
     pub healthy: bool,
     #[serde(default)]
     pub service_account: Option<Label>,
+    /// Service port name -> the port this endpoint listens on (as WorkloadEntry `ports`).
+    #[serde(default)]
+    pub ports: BTreeMap<String, PortNumber>,
 }
 
 fn one() -> u32 {
@@ -232,6 +235,7 @@ impl ServiceSpec {
                         .as_ref()
                         .map(|s| s.0.clone())
                         .unwrap_or_default(),
+                    ports: e.ports.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
                 })
                 .collect(),
             export_to: self
@@ -368,6 +372,7 @@ impl Registry {
                     .as_ref()
                     .map(|a| a.0.clone())
                     .unwrap_or_default(),
+                ports: w.spec.ports.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
             });
         let registered = auto
             .values()
@@ -384,6 +389,7 @@ impl Registry {
                 weight: a.weight,
                 healthy: true,
                 service_account: a.service_account.clone(),
+                ports: a.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             });
         listed.chain(registered)
     }
@@ -452,7 +458,7 @@ services:
     staleness: {onExpiry: withdraw}
     endpoints:
       - {address: 10.1.0.5, locality: us-east1/us-east1-b, labels: {version: v1}}
-      - {address: 10.1.0.6, healthy: false, weight: 3}
+      - {address: 10.1.0.6, healthy: false, weight: 3, ports: {http: 9080}}
   - namespace: shop
     name: internal
     ports: [{port: 9000}]
@@ -476,6 +482,8 @@ services:
         assert_eq!(p.endpoints[0].locality.as_ref().unwrap().zone, "us-east1-b");
         assert!(!p.endpoints[1].healthy);
         assert_eq!(p.endpoints[1].weight, 3);
+        assert_eq!(p.endpoints[1].ports.get("http"), Some(&9080));
+        assert!(p.endpoints[0].ports.is_empty());
     }
 
     fn err(yaml: &str) -> String {
@@ -503,6 +511,11 @@ services:
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80}]\n    endpoints: [{address: \"not an ip\"}]\n");
         assert!(
             e.starts_with("reg.yaml:5:") && e.contains("not an ip"),
+            "{e}"
+        );
+        let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{name: http, port: 80}]\n    endpoints: [{address: 10.0.0.1, ports: {http: 0}}]\n");
+        assert!(
+            e.starts_with("reg.yaml:5:") && e.contains("port 0 is not in 1-65535"),
             "{e}"
         );
         let e = err("services: [\n");

@@ -748,26 +748,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let mut eu_set = BundleSet::new();
     eu_set.insert(eu_ca.bundle())?;
     let eu_rt = &layout.cluster("eu")?.rt;
-    let reply = eu_rt
-        .run(vm::call_stock(
-            order_vm_svid,
-            TrustStore::new(eu_set),
-            format!("{vm_addr}:{}", vm::STOCK_PORT),
-        ))
-        .await?;
-    checks.assert(
-        reply
-            .as_ref()
-            .is_ok_and(|r| r.contains("answered by the VM")),
-        "VM reachable",
-        format!(
-            "order called stock on the VM over mTLS (server spiffe://eu.mesh/ns/shop/sa/stock): {}",
-            match &reply {
-                Ok(r) => r.clone(),
-                Err(e) => format!("{e:#}"),
-            }
-        ),
-    );
     let vm_dns = format!("{vm_addr}:15053");
     let eu_dns = format!("{eu_addr}:15053");
     let mut dns_ok = false;
@@ -824,6 +804,48 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         })
         .await;
     let tables = order_proxy.tables.clone();
+    // order finds stock through its xDS table: the VM's address, on the port the group's
+    // template maps the service port to.
+    let mut stock_at = String::new();
+    order_proxy
+        .wait_for(Duration::from_secs(10), |t| {
+            if let Some(c) = t.get(vm::STOCK_CLUSTER) {
+                if let Some((_, a, _)) = crate::xds::client::endpoints(c).into_iter().next() {
+                    stock_at = a;
+                }
+            }
+            !stock_at.is_empty()
+        })
+        .await;
+    let reply = if stock_at.is_empty() {
+        Err(anyhow::anyhow!(
+            "no endpoint for stock in order's xDS table"
+        ))
+    } else {
+        eu_rt
+            .run(vm::call_stock(
+                order_vm_svid,
+                TrustStore::new(eu_set),
+                stock_at.clone(),
+            ))
+            .await?
+    };
+    checks.assert(
+        reply
+            .as_ref()
+            .is_ok_and(|r| r.contains("answered by the VM"))
+            && stock_at == format!("{vm_addr}:{}", vm::STOCK_VM_PORT),
+        "VM reachable",
+        format!(
+            "order called stock at {stock_at} as its xDS table says (service port {}, the group's template maps it to {}) over mTLS (server spiffe://eu.mesh/ns/shop/sa/stock): {}",
+            vm::STOCK_PORT,
+            vm::STOCK_VM_PORT,
+            match &reply {
+                Ok(r) => r.clone(),
+                Err(e) => format!("{e:#}"),
+            }
+        ),
+    );
     println!("\neu's failover policy for payment: failover europe-west1 -> us-west1, outlierDetection on; table pushed to order's proxy over xDS:");
     for l in describe_table(&layout, &tables.borrow()) {
         println!("  {l}");

@@ -16,13 +16,17 @@ use trust::{BundleSet, SpiffeId, Svid, TrustBundle, TrustDomain, TrustStore};
 
 /// The VM's address in loopback mode.
 pub const LOOPBACK_ADDR: &str = "127.0.4.1";
+/// stock's service port, and the port stock listens on on the VM (the group's template maps
+/// the service's `tls` port to it, as WorkloadEntry `ports` does).
 pub const STOCK_PORT: u16 = 8090;
+pub const STOCK_VM_PORT: u16 = 9090;
+pub const STOCK_CLUSTER: &str = "outbound|8090||stock.shop.svc.cluster.local";
 
 /// eu's registry additions: the `stock` service selecting the VM group's entries.
 pub fn registry(vm_addr: &str) -> String {
     format!(
         "  - namespace: shop\n    name: stock\n    ports: [{{name: tls, port: {STOCK_PORT}}}]\n    export: true\n    selector: {{app: stock}}\n    labels: {{security.istio.io/tlsMode: istio}}\n\
-         workloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {{name: stock-vm, namespace: shop}}\n    spec:\n      metadata: {{labels: {{app: stock}}}}\n      template: {{serviceAccount: stock}}\n      probe: {{periodSeconds: 1, tcpSocket: {{host: {vm_addr}, port: {STOCK_PORT}}}}}\n"
+         workloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {{name: stock-vm, namespace: shop}}\n    spec:\n      metadata: {{labels: {{app: stock}}}}\n      template: {{serviceAccount: stock, ports: {{tls: {STOCK_VM_PORT}}}}}\n      probe: {{periodSeconds: 1, tcpSocket: {{host: {vm_addr}, port: {STOCK_VM_PORT}}}}}\n"
     )
 }
 
@@ -92,9 +96,9 @@ pub async fn stock_server(
         ),
     )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = tokio::net::TcpListener::bind((vm_addr.as_str(), STOCK_PORT))
+    let l = tokio::net::TcpListener::bind((vm_addr.as_str(), STOCK_VM_PORT))
         .await
-        .with_context(|| format!("cannot listen on {vm_addr}:{STOCK_PORT} (stock on the VM)"))?;
+        .with_context(|| format!("cannot listen on {vm_addr}:{STOCK_VM_PORT} (stock on the VM)"))?;
     Ok(tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             // The probe connects and closes without TLS; `answer` drops it.

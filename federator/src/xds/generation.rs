@@ -165,9 +165,9 @@ impl Generation {
                 let lname = resources::listener_name(&host, port);
                 let mut eps = Vec::new();
                 for i in &instances {
-                    if !i.export.ports.iter().any(|p| p.port == port) {
+                    let Some(sp) = i.export.ports.iter().find(|p| p.port == port) else {
                         continue;
-                    }
+                    };
                     let withdraw = match policy.as_ref().and_then(|p| p.on_expiry) {
                         Some(OnExpiryPolicy::Withdraw) => true,
                         Some(OnExpiryPolicy::Deprioritize) => false,
@@ -178,8 +178,17 @@ impl Generation {
                     }
                     for e in &i.export.endpoints {
                         let l = e.locality.clone().unwrap_or_default();
+                        // A workload may listen elsewhere for a named port (WorkloadEntry
+                        // `ports`); a cross-network endpoint is replaced by its network's
+                        // gateway later, which resolves the target port in its own cluster.
+                        let target = Some(&sp.name)
+                            .filter(|n| !n.is_empty())
+                            .and_then(|n| e.ports.get(n))
+                            .copied()
+                            .filter(|p| (1..=65535).contains(p))
+                            .unwrap_or(port);
                         eps.push(EndpointIn {
-                            address: addr(&e.address, port),
+                            address: addr(&e.address, target),
                             locality: Loc::new(&l.region, &l.zone, &l.subzone),
                             labels: e.labels.clone().into_iter().collect(),
                             weight: e.weight.max(1),
