@@ -76,6 +76,7 @@ fn service(cluster: usize, i: usize, endpoints: usize, marker: Option<usize>) ->
                 weight: 1,
                 healthy: true,
                 service_account: "bench".into(),
+                ..Default::default()
             })
             .collect(),
         export_to: vec![],
