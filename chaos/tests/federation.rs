@@ -336,3 +336,62 @@ fn a_broken_registry_is_reported_with_its_location_and_the_last_good_one_kept() 
     })
     .unwrap();
 }
+
+/// `meshfed join --if-not-joined` (the Kubernetes init container's form) is a no-op for a
+/// cluster that already joined and does not spend a token; another cluster's name is refused.
+#[test]
+fn join_if_not_joined_is_idempotent_and_spends_no_token() {
+    let f = Federation::start("30s").unwrap();
+    let east = f
+        .add_cluster("east", "net1", "us-east1/us-east1-b", "services: []\n")
+        .unwrap();
+    let token = f.token("east").unwrap();
+    let join = |cluster: &str| {
+        meshfed(&[
+            "join",
+            "--if-not-joined",
+            "--token",
+            &token,
+            "--state-dir",
+            east.dir.to_str().unwrap(),
+            "--cluster",
+            cluster,
+            "--network",
+            "net1",
+            "--trust-domain",
+            "east.mesh",
+            "--locality",
+            "us-east1/us-east1-b",
+        ])
+        .unwrap()
+    };
+    let (code, out, err) = join("east");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("already joined as spiffe://"), "{out}");
+    let (code, _, err) = join("west");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("holds the identity of cluster \"east\""),
+        "{err}"
+    );
+    // The token was never used: the federator lists it as valid (east's first token as used).
+    let list = meshfed_ok(&[
+        "federator",
+        "token",
+        "list",
+        "--state-dir",
+        f.state_dir().to_str().unwrap(),
+    ])
+    .unwrap();
+    let states: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(states.iter().filter(|s| **s == "used").count(), 1, "{list}");
+    assert_eq!(
+        states.iter().filter(|s| **s == "valid").count(),
+        1,
+        "{list}"
+    );
+}

@@ -35,6 +35,11 @@ pub struct JoinArgs {
     /// Use this existing meshfed CA directory as the cluster CA (default: create one).
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// When the state directory already holds this cluster's identity, say so and exit 0
+    /// without using the token (for init containers and configuration management). An
+    /// identity of another cluster is still an error.
+    #[arg(long)]
+    if_not_joined: bool,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +95,26 @@ pub struct LeaveArgs {
 }
 
 pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
+    if a.if_not_joined
+        && identity::identity_dir(&a.state_dir)
+            .join("identity.json")
+            .exists()
+    {
+        let id = identity::ClusterIdentity::load(&a.state_dir)?;
+        if id.file.cluster != a.cluster {
+            anyhow::bail!(
+                "{} holds the identity of cluster {:?}, not {:?}",
+                a.state_dir.display(),
+                id.file.cluster,
+                a.cluster
+            );
+        }
+        println!(
+            "already joined as {} (federation {}); the token was not used",
+            id.svid.id, id.file.federation_trust_domain
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let id = identity::join(JoinParams {
         token: a.token,
         state_dir: a.state_dir.clone(),

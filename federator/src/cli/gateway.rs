@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use eastwest_gateway::proxy::GatewayConfig;
 
@@ -22,9 +23,10 @@ pub struct GatewayArgs {
     #[arg(long, default_value = "127.0.0.1:15021")]
     admin: String,
     /// Forward connections with this SNI to fixed addresses, e.g. the agent's mTLS xDS port
-    /// for VMs and other networks: `--expose meshfed-agent.meshfed-system.svc=10.0.0.2:15012`.
+    /// for VMs and other networks: `--expose meshfed-xds.meshfed-system.svc=10.0.0.2:15012`
+    /// (a host name is resolved at start, e.g. the agent's Kubernetes Service).
     #[arg(long, value_parser = parse_expose)]
-    expose: Vec<(String, SocketAddr)>,
+    expose: Vec<(String, String)>,
     /// The network this gateway serves (default: the agent's).
     #[arg(long)]
     network: Option<String>,
@@ -55,23 +57,29 @@ enum Lb {
     LeastConn,
 }
 
-fn parse_expose(s: &str) -> Result<(String, SocketAddr), String> {
+fn parse_expose(s: &str) -> Result<(String, String), String> {
     let (sni, addr) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not SNI=IP:PORT"))?;
+        .ok_or_else(|| format!("{s:?} is not SNI=HOST:PORT"))?;
     if sni.is_empty() {
         return Err(format!("{s:?}: empty SNI"));
     }
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("{s:?}: {addr:?} is not IP:PORT"))?;
-    Ok((sni.to_ascii_lowercase(), addr))
+    crate::types::check_host_port(&format!("{s:?}"), addr)?;
+    Ok((sni.to_ascii_lowercase(), addr.to_string()))
 }
 
 pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
+    // Names (a Kubernetes Service's, say) are resolved once, at start: all their addresses.
     let mut expose: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
     for (sni, addr) in a.expose {
-        expose.entry(sni).or_default().push(addr);
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr.as_str())
+            .await
+            .with_context(|| format!("--expose {sni}={addr}: cannot resolve {addr}"))?
+            .collect();
+        if addrs.is_empty() {
+            anyhow::bail!("--expose {sni}={addr}: {addr} has no addresses");
+        }
+        expose.entry(sni).or_default().extend(addrs);
     }
     let g = crate::gateway::start(
         crate::gateway::GatewayOptions {

@@ -53,30 +53,8 @@ pub struct Built {
     pub expires: i64,
 }
 
-const UNIT: &str = "[Unit]
-Description=meshfed VM agent (joins this VM to its service mesh cluster)
-Documentation=https://example.invalid/meshfed/docs/vm.md
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-User=meshfed
-Group=meshfed
-ExecStart=/usr/bin/meshfed vm agent --config /etc/meshfed/vm.yaml
-Restart=always
-RestartSec=2
-StateDirectory=meshfed
-StateDirectoryMode=0700
-ProtectSystem=full
-ProtectHome=true
-PrivateTmp=true
-NoNewPrivileges=true
-AmbientCapabilities=
-LimitNOFILE=65536
-
-[Install]
-WantedBy=multi-user.target
-";
+/// The unit is the one under `deploy/systemd/`, so the package and the repository never differ.
+const UNIT: &str = include_str!("../../../deploy/systemd/meshfed-vm.service");
 
 const INSTALL: &str = r#"#!/bin/sh
 # Installs the meshfed VM agent from this bootstrap package.

@@ -1,0 +1,203 @@
+//! The deployment files under `deploy/` stay true to the binary: every meshfed command line in
+//! the Kubernetes manifests and systemd units parses with meshfed's own CLI (flags, values,
+//! durations, addresses), the registry and policies shipped in ConfigMaps parse with meshfed's
+//! own loaders, Services select pods that exist, probes hit declared ports, and every
+//! namespaced object is in meshfed-system. No Kubernetes API server runs here: the manifests
+//! are checked as YAML documents, not applied.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde_yaml_ng::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn files(dir: &str, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(deploy().join(dir))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().and_then(|x| x.to_str()) == Some(ext))
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no *.{ext} under deploy/{dir}");
+    v
+}
+
+/// `meshfed <args>` must parse; Kubernetes `$(VAR)` references stand for a value.
+fn parses(args: &[String], at: &str) {
+    let argv = std::iter::once("meshfed".to_string()).chain(args.iter().map(|a| {
+        if a.starts_with("$(") {
+            "from-the-environment".to_string()
+        } else {
+            a.clone()
+        }
+    }));
+    if let Err(e) = meshfed::cli::Cli::try_parse_from(argv) {
+        panic!("{at}: `meshfed {}` does not parse:\n{e}", args.join(" "));
+    }
+}
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| {
+            serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_mapping()
+        .is_some_and(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+#[test]
+fn kubernetes_manifests_match_the_binary() {
+    let mut pods: Vec<(String, Value)> = Vec::new();
+    let mut services: Vec<(String, Value)> = Vec::new();
+    let mut commands = 0;
+    for f in files("kubernetes", "yaml") {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        for d in docs(&f) {
+            let kind = d["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: a document has no kind"));
+            assert!(
+                d["apiVersion"].is_string(),
+                "{name}: {kind} has no apiVersion"
+            );
+            let obj = s(&d, &["metadata", "name"])
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("{name}: a {kind} has no name"));
+            let at = format!("{name}: {kind}/{obj}");
+            if kind != "Namespace" {
+                assert_eq!(
+                    s(&d, &["metadata", "namespace"]).and_then(Value::as_str),
+                    Some("meshfed-system"),
+                    "{at}: not in meshfed-system"
+                );
+            }
+            match kind {
+                "Service" => services.push((at.clone(), d.clone())),
+                "ConfigMap" => {
+                    for (k, v) in d["data"].as_mapping().unwrap() {
+                        let key = k.as_str().unwrap();
+                        let text = v.as_str().unwrap();
+                        if key == "registry.yaml" {
+                            meshfed::agent::registry::Registry::parse(text, &format!("{at}/{key}"))
+                                .unwrap_or_else(|e| panic!("{e}"));
+                        } else {
+                            meshfed::policy::PolicySet::from_sources(&[(
+                                format!("{at}/{key}"),
+                                text.to_string(),
+                            )])
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let Some(template) = s(&d, &["spec", "template"]) else {
+                continue;
+            };
+            assert!(
+                labels_match(
+                    &d["spec"]["selector"]["matchLabels"],
+                    &template["metadata"]["labels"]
+                ),
+                "{at}: the selector does not select its own pods"
+            );
+            pods.push((at.clone(), template["metadata"]["labels"].clone()));
+            let spec = &template["spec"];
+            for list in ["initContainers", "containers"] {
+                for c in spec[list].as_sequence().into_iter().flatten() {
+                    let cname = c["name"].as_str().unwrap_or("?");
+                    let image = c["image"].as_str().unwrap_or_default();
+                    if image.starts_with("meshfed:") {
+                        let args: Vec<String> = c["args"]
+                            .as_sequence()
+                            .unwrap_or_else(|| panic!("{at}/{cname}: no args"))
+                            .iter()
+                            .map(|a| {
+                                a.as_str().map(str::to_string).unwrap_or_else(|| {
+                                    panic!("{at}/{cname}: args must be strings (quote numbers)")
+                                })
+                            })
+                            .collect();
+                        parses(&args, &format!("{at}/{cname}"));
+                        commands += 1;
+                    }
+                    let ports: Vec<i64> = c["ports"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["containerPort"].as_i64())
+                        .collect();
+                    for probe in ["readinessProbe", "livenessProbe"] {
+                        if let Some(port) =
+                            s(c, &[probe, "httpGet", "port"]).and_then(Value::as_i64)
+                        {
+                            assert!(
+                                ports.contains(&port),
+                                "{at}/{cname}: {probe} port {port} is not a container port"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        commands >= 4,
+        "federator, join, agent and gateway command lines"
+    );
+    for (at, svc) in &services {
+        let sel = &svc["spec"]["selector"];
+        assert!(
+            pods.iter().any(|(_, labels)| labels_match(sel, labels)),
+            "{at}: selects no pods of these manifests"
+        );
+    }
+}
+
+#[test]
+fn systemd_units_match_the_binary() {
+    for f in files("systemd", "service") {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&f).unwrap();
+        for section in ["[Unit]", "[Service]", "[Install]"] {
+            assert!(text.lines().any(|l| l == section), "{name}: no {section}");
+        }
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap_or_else(|| panic!("{name}: no ExecStart"));
+        let mut argv = exec.split_whitespace();
+        assert_eq!(argv.next(), Some("/usr/bin/meshfed"), "{name}");
+        let args: Vec<String> = argv.map(str::to_string).collect();
+        parses(&args, &name);
+        assert!(
+            text.lines().any(|l| l == "User=meshfed"),
+            "{name}: runs as root"
+        );
+    }
+}
+
+/// A flag meshfed does not have is caught (the check above can fail).
+#[test]
+fn an_unknown_flag_is_caught() {
+    let r = std::panic::catch_unwind(|| {
+        parses(&["agent".into(), "--no-such-flag".into()], "test");
+    });
+    assert!(r.is_err());
+}
