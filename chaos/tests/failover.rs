@@ -10,6 +10,8 @@
 //! 2. west is partitioned (its link to the router cut): the federator stops hearing it, eu sees
 //!    it stale within TTL + 1 s and pushes a table ranking it last; calls move to east;
 //!    failed calls < 1 %.
+//!    west's `ledger`, exported with `staleness: {onExpiry: withdraw}`, leaves eu's table
+//!    within TTL + 1 s too.
 //! 3. The link returns: west is fresh again and gets the calls back.
 //! 4. Latency and loss (`tc netem`, 30 ms, 1 %) on the links to east and west: failed < 1 %.
 //!    SKIP line when this kernel has no netem.
@@ -34,6 +36,16 @@ fn payment_registry(addr: &str) -> String {
         "services:\n  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {addr}, serviceAccount: payment}}]\n"
     )
 }
+
+/// west also exports `ledger`, whose exporter asks importers to withdraw it when stale.
+fn west_registry(addr: &str) -> String {
+    format!(
+        "{}  - namespace: shop\n    name: ledger\n    ports: [{{name: grpc, port: 9090}}]\n    export: true\n    staleness: {{onExpiry: withdraw}}\n    endpoints: [{{address: {addr}, serviceAccount: ledger}}]\n",
+        payment_registry(addr)
+    )
+}
+
+const LEDGER: &str = "outbound|9090||ledger.shop.svc.cluster.local";
 
 const POLICY: &str = "apiVersion: meshfed.io/v1alpha1
 kind: FailoverPolicy
@@ -161,7 +173,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
             "west",
             "net-west",
             "us-west1/us-west1-a",
-            &payment_registry(wa),
+            &west_registry(wa),
             Some(&west_net),
             &west_gws,
         )
@@ -263,6 +275,14 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
         }))
         .unwrap();
     let tables = client.tables.clone();
+    let ledger_tables = client.tables.clone();
+    let ledger = move || -> usize {
+        ledger_tables
+            .borrow()
+            .get(LEDGER)
+            .map(|t| meshfed::xds::client::endpoints(t).len())
+            .unwrap_or(0)
+    };
     let p0 = move || -> Vec<String> {
         let t = tables.borrow().get(&target_cluster()).cloned();
         t.map(|t| {
@@ -280,7 +300,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
         || {
             let mut got = p0();
             got.sort();
-            Ok((got == west_gws.to_vec()).then_some(()))
+            Ok((got == west_gws.to_vec() && ledger() == 2).then_some(()))
         },
     )
     .unwrap();
@@ -334,6 +354,13 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     })
     .unwrap();
     let stale_after = t0.elapsed();
+    wait_for(
+        TTL + Duration::from_secs(3),
+        "eu to withdraw west's ledger",
+        || Ok((ledger() == 0).then_some(())),
+    )
+    .unwrap();
+    let withdrawn_after = t0.elapsed();
     let east_gw = format!("{ea}:15443");
     wait_for(Duration::from_secs(3), "east's gateway at P0", || {
         Ok((p0() == [east_gw.clone()]).then_some(()))
@@ -347,15 +374,20 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     );
     let (ok, failed) = diff(&before, &stats.snapshot());
     println!(
-        "west partitioned: stale at eu after {:.2} s (TTL {} s), east at P0 after {:.2} s; calls since the cut {ok:?} failed={failed} ({:.2} %)",
+        "west partitioned: stale at eu after {:.2} s (TTL {} s), ledger (onExpiry: withdraw) gone from eu's table after {:.2} s, payment (deprioritize): east at P0 after {:.2} s; calls since the cut {ok:?} failed={failed} ({:.2} %)",
         stale_after.as_secs_f64(),
         TTL.as_secs(),
+        withdrawn_after.as_secs_f64(),
         moved_after.as_secs_f64(),
         pct(failed, &ok)
     );
     assert!(
         stale_after <= TTL + Duration::from_secs(1),
         "{stale_after:?}"
+    );
+    assert!(
+        withdrawn_after <= TTL + Duration::from_secs(1),
+        "{withdrawn_after:?}"
     );
     assert!(pct(failed, &ok) < 1.0, "{:?}", stats.last_error());
 
@@ -368,7 +400,8 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
         || {
             let mut got = p0();
             got.sort();
-            Ok((lease_of(&eu, "west") == "fresh" && got == west_gws.to_vec()).then_some(()))
+            let fresh = lease_of(&eu, "west") == "fresh";
+            Ok((fresh && got == west_gws.to_vec() && ledger() == 2).then_some(()))
         },
     )
     .unwrap();
