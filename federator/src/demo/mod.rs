@@ -4,7 +4,8 @@
 //! with its own CA and trust domain, its agent and its east-west gateway, all real `meshfed`
 //! processes (this binary), and small coffee-shop workloads. `payment` runs in east and west
 //! and is exported; `order` in eu calls it over mTLS, finding the endpoints and the peers'
-//! trust bundles only through the federation. eu has a failover policy (prefer us-west1, then
+//! trust bundles only through the federation. `inventory` runs in east, exported to west only,
+//! and west's payment calls it: the other direction across the federation. eu has a failover policy (prefer us-west1, then
 //! the rest); its agent pushes the priority table over xDS and `order` follows it. The script
 //! then takes west down (its payment server stops, its agent is killed): west's lease expires,
 //! eu's agent pushes a table ranking west last, and calls continue on east; west comes back
@@ -64,6 +65,9 @@ spec:
   staleness: {onExpiry: deprioritize}
 ";
 const PAYMENT_PORT: u16 = 18080;
+/// inventory runs in east and is exported to west only; west's payment calls it.
+const INVENTORY_PORT: u16 = 18081;
+const INVENTORY_CLUSTER: &str = "outbound|18081||inventory.shop.svc.cluster.local";
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -113,11 +117,11 @@ fn registry(c: &ClusterSpec, addr: &str, vm_addr: &str) -> String {
         y.push_str(&format!(
             "  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PAYMENT_PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {addr}, serviceAccount: payment, labels: {{version: v1}}}}]\n"
         ));
-        y.push_str(&format!(
-            "  - namespace: shop\n    name: inventory\n    ports: [{{name: http, port: 8081}}]\n    exportTo: [{}]\n    endpoints: [{{address: {}}}]\n",
-            if c.name == "east" { "west" } else { "east" },
-            addr
-        ));
+        if c.name == "east" {
+            y.push_str(&format!(
+                "  - namespace: shop\n    name: inventory\n    ports: [{{name: https, port: {INVENTORY_PORT}, appProtocol: tls}}]\n    exportTo: [west]\n    endpoints: [{{address: {addr}, serviceAccount: inventory}}]\n"
+            ));
+        }
     } else {
         y.push_str(&format!(
             "  - namespace: shop\n    name: order\n    ports: [{{name: http, port: 8082}}]\n    endpoints: [{{address: {addr}, serviceAccount: order}}]\n"
@@ -150,44 +154,64 @@ impl Checks {
     }
 }
 
-/// A payment server: mTLS with the cluster's SVID, accepting only order from eu.
-async fn payment_server(
-    cluster: String,
-    addr: String,
-    svid: trust::Svid,
-    store: TrustStore,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let allowed = SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?;
-    let cfg = trust::tls::server_config(
-        SvidResolver::with(&svid)?,
-        SpiffeVerifier::new(store, Authorizer::id(allowed)),
-    )?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = TcpListener::bind((addr.as_str(), PAYMENT_PORT))
-        .await
-        .with_context(|| {
-            format!("cannot listen on {addr}:{PAYMENT_PORT} for {cluster}'s payment")
-        })?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let acceptor = acceptor.clone();
-            let cluster = cluster.clone();
-            tokio::spawn(answer(acceptor, tcp, move |req| {
-                format!("paid by {cluster} for {req}")
-            }));
-        }
-    }))
+/// A workload's server: mTLS with its SVID, accepting only `allowed`, answering one line.
+struct Server {
+    cluster: &'static str,
+    service: &'static str,
+    port: u16,
+    /// The one client identity accepted, and its trust domain's bundle.
+    allowed: SpiffeId,
+    client_bundle: TrustBundle,
 }
 
-/// Starts `cluster`'s payment server in its network, with an SVID from its CA.
+impl Server {
+    /// Starts in the cluster's network with an SVID from the cluster's CA; `stop` makes it
+    /// refuse new connections (a workload going down).
+    async fn start(
+        self,
+        layout: &Layout,
+        ca: &CertificateAuthority,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let id = SpiffeId::istio_workload(ca.trust_domain(), "shop", self.service)?;
+        let svid = ca.issue_svid(&id, &AnyWorkload, time::Duration::hours(1))?;
+        let mut set = BundleSet::new();
+        set.insert(self.client_bundle.clone())?;
+        let cfg = trust::tls::server_config(
+            SvidResolver::with(&svid)?,
+            SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(self.allowed.clone())),
+        )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let site = layout.cluster(self.cluster)?;
+        let addr = site.addr.clone();
+        let (cluster, service, port) = (self.cluster, self.service, self.port);
+        site.rt
+            .run(async move {
+                let listener = TcpListener::bind((addr.as_str(), port))
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen on {addr}:{port} for {cluster}'s {service}")
+                    })?;
+                Ok::<_, anyhow::Error>(tokio::spawn(async move {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        tokio::spawn(answer(acceptor.clone(), tcp, move |req| {
+                            format!("{service} in {cluster} answered {req}")
+                        }));
+                    }
+                }))
+            })
+            .await?
+    }
+}
+
+/// `cluster`'s payment server, accepting eu's order.
 async fn start_payment(
     layout: &Layout,
     cluster: &'static str,
@@ -195,20 +219,15 @@ async fn start_payment(
     eu_bundle: TrustBundle,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let id = SpiffeId::istio_workload(ca.trust_domain(), "shop", "payment")?;
-    let svid = ca.issue_svid(&id, &AnyWorkload, time::Duration::hours(1))?;
-    let mut set = BundleSet::new();
-    set.insert(eu_bundle)?;
-    let site = layout.cluster(cluster)?;
-    site.rt
-        .run(payment_server(
-            cluster.to_string(),
-            site.addr.clone(),
-            svid,
-            TrustStore::new(set),
-            stop,
-        ))
-        .await?
+    Server {
+        cluster,
+        service: "payment",
+        port: PAYMENT_PORT,
+        allowed: SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?,
+        client_bundle: eu_bundle,
+    }
+    .start(layout, ca, stop)
+    .await
 }
 
 /// Reads one request over (m)TLS and answers it with `reply(request)`. A connection that does
@@ -266,28 +285,57 @@ fn roots_file(path: &Path) -> TrustStore {
     TrustStore::new(set)
 }
 
-/// order in eu: calls payment every 20 ms, following the priority table eu's agent pushes over
-/// xDS, through the gateways the table names, verifying each server against the bundle of its
-/// own trust domain as eu's agent received it through the federation.
-fn order_client(eu_state: &Path, svid: trust::Svid) -> anyhow::Result<Target> {
-    let ids = ["east", "west"]
-        .iter()
-        .map(|c| {
-            SpiffeId::istio_workload(&TrustDomain::new(&format!("{c}.mesh"))?, "shop", "payment")
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let roots = eu_state.join("xds").join("trust-roots.pem");
-    Ok(Target {
-        cluster: PAYMENT_CLUSTER.into(),
-        sni: format!("outbound_.{PAYMENT_PORT}_._.payment.shop.svc.cluster.local"),
+/// A workload's client of `host:port`: every 20 ms, following the table its cluster's agent
+/// pushes over xDS, through the gateways the table names, verifying each server (one of
+/// `expect`) against the bundle of its own trust domain as the agent received it through the
+/// federation (the trust roots file the agent writes for proxies, under `state`).
+fn mesh_client(
+    host: &str,
+    port: u16,
+    state: &Path,
+    svid: trust::Svid,
+    expect: Vec<SpiffeId>,
+) -> Target {
+    let roots = state.join("xds").join("trust-roots.pem");
+    Target {
+        cluster: format!("outbound|{port}||{host}"),
+        sni: format!("outbound_.{port}_._.{host}"),
         svid,
         roots: Arc::new(move || roots_file(&roots)),
-        expect: Authorizer::Ids(ids),
+        expect: Authorizer::Ids(expect),
         label: Arc::new(|td: &TrustDomain| td.as_str().trim_end_matches(".mesh").to_string()),
         interval: Duration::from_millis(20),
         attempts: 2,
         timeout: Duration::from_millis(500),
-    })
+    }
+}
+
+/// A workload's proxy: an xDS client of its cluster's agent, started in the cluster's network.
+async fn proxy_of(
+    layout: &Layout,
+    cluster: &str,
+    workload: &str,
+    zone: &str,
+) -> anyhow::Result<crate::xds::client::AdsClient> {
+    let addr = layout.addr(cluster);
+    let region = zone.rsplit_once('-').map(|(r, _)| r).unwrap_or(zone);
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        id: format!("sidecar~{addr}~{workload}.shop~shop.svc.cluster.local"),
+        user_agent_name: "meshfed-demo".into(),
+        locality: Some(envoy_types::pb::envoy::config::core::v3::Locality {
+            region: region.into(),
+            zone: zone.into(),
+            sub_zone: String::new(),
+        }),
+        ..Default::default()
+    };
+    layout
+        .cluster(cluster)?
+        .rt
+        .run(async move {
+            crate::xds::client::AdsClient::start(format!("http://{addr}:15010"), node)
+        })
+        .await
 }
 
 /// Whose gateway an address is.
@@ -784,20 +832,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let order_svid = eu_ca.issue_svid(&order_id, &AnyWorkload, time::Duration::hours(1))?;
     let counters = Arc::new(Stats::default());
     // order's proxy: an xDS client of eu's agent, in europe-west1.
-    let node = envoy_types::pb::envoy::config::core::v3::Node {
-        id: format!("sidecar~{eu_addr}~order.shop~shop.svc.cluster.local"),
-        user_agent_name: "meshfed-demo".into(),
-        locality: Some(envoy_types::pb::envoy::config::core::v3::Locality {
-            region: "europe-west1".into(),
-            zone: "europe-west1-b".into(),
-            sub_zone: String::new(),
-        }),
-        ..Default::default()
-    };
-    let eu_xds = format!("{eu_addr}:15010");
-    let mut order_proxy = eu_rt
-        .run(async move { crate::xds::client::AdsClient::start(format!("http://{eu_xds}"), node) })
-        .await?;
+    let mut order_proxy = proxy_of(&layout, "eu", "order", "europe-west1-b").await?;
     let got_table = order_proxy
         .wait_for(Duration::from_secs(10), |t| {
             p0_cluster(&layout, t) == Some("west")
@@ -856,7 +891,22 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "eu's agent pushed payment's table to order: P0 west's gateway, P1 east's (per the policy, split horizon)".into(),
     );
     let lg = eu_rt.spawn(crate::loadgen::run(
-        order_client(&eu_dir, order_svid)?,
+        mesh_client(
+            "payment.shop.svc.cluster.local",
+            PAYMENT_PORT,
+            &eu_dir,
+            order_svid,
+            ["east", "west"]
+                .iter()
+                .map(|c| {
+                    SpiffeId::istio_workload(
+                        &TrustDomain::new(&format!("{c}.mesh"))?,
+                        "shop",
+                        "payment",
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
         tables.clone(),
         counters.clone(),
         stop_all.clone(),
@@ -882,8 +932,67 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         }
     };
 
-    println!("phase 1: both payment clusters healthy (west is priority 0 for eu)");
+    // inventory runs in east and is exported to west only: west's payment calls it, the
+    // other way across the federation, through east's gateway.
+    let east_ca = cas.get("east").context("east ca")?;
+    let west_ca = cas.get("west").context("west ca")?;
+    let west_payment = SpiffeId::istio_workload(west_ca.trust_domain(), "shop", "payment")?;
+    let inventory_stop = Arc::new(AtomicBool::new(false));
+    let inventory = Server {
+        cluster: "east",
+        service: "inventory",
+        port: INVENTORY_PORT,
+        allowed: west_payment.clone(),
+        client_bundle: west_ca.bundle(),
+    }
+    .start(&layout, east_ca, inventory_stop.clone())
+    .await?;
+    let mut west_proxy = proxy_of(&layout, "west", "payment", "us-west1-a").await?;
+    let east_gw = format!("{}:15443", layout.addr("east"));
+    let inv_table = west_proxy
+        .wait_for(Duration::from_secs(10), |t| {
+            t.get(INVENTORY_CLUSTER).is_some_and(|c| {
+                crate::xds::client::endpoints(c)
+                    .iter()
+                    .any(|e| e.1 == east_gw)
+            })
+        })
+        .await;
+    let inv_stats = Arc::new(Stats::default());
+    let inv_client_stop = Arc::new(AtomicBool::new(false));
+    let inv_lg = layout.cluster("west")?.rt.spawn(crate::loadgen::run(
+        mesh_client(
+            "inventory.shop.svc.cluster.local",
+            INVENTORY_PORT,
+            &root.join("west"),
+            west_ca.issue_svid(&west_payment, &AnyWorkload, time::Duration::hours(1))?,
+            vec![SpiffeId::istio_workload(
+                east_ca.trust_domain(),
+                "shop",
+                "inventory",
+            )?],
+        ),
+        west_proxy.tables.clone(),
+        inv_stats.clone(),
+        inv_client_stop.clone(),
+    ));
+
+    println!("phase 1: both payment clusters healthy (west is priority 0 for eu); west's payment checks stock levels with inventory in east");
     let (p1, f1) = phase("steady", 3).await;
+    inv_client_stop.store(true, Ordering::Relaxed);
+    let _ = inv_lg.await;
+    let (inv, inv_failed) = inv_stats.snapshot();
+    checks.assert(
+        inv_table && calls_to(&inv, "east") > 10 && inv_failed == 0,
+        "other direction",
+        format!(
+            "payment (west.mesh) called inventory in east.mesh (exportTo: [west]) through east's gateway {east_gw}, as west's table says: {}",
+            fmt_counts(&inv, inv_failed)
+        ),
+    );
+    inventory_stop.store(true, Ordering::Relaxed);
+    inventory.abort();
+    drop(west_proxy);
     checks.assert(
         calls_to(&p1, "west") > 10 && calls_to(&p1, "east") == 0 && f1 == 0,
         "cross-trust-domain mTLS",
