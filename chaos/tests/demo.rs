@@ -13,7 +13,7 @@ fn leftovers(pid: u32, state: &str) -> Vec<String> {
     let mut out = Vec::new();
     let ns = Command::new("ip").args(["netns", "list"]).output();
     if let Ok(o) = ns {
-        let prefix = format!("mfd{}-", pid % 1_000_000);
+        let prefix = format!("mfd{pid}-");
         out.extend(
             String::from_utf8_lossy(&o.stdout)
                 .lines()
@@ -22,7 +22,7 @@ fn leftovers(pid: u32, state: &str) -> Vec<String> {
         );
     }
     if let Ok(o) = Command::new("ip").args(["-o", "link"]).output() {
-        let name = format!("mfd{}h", pid % 1_000_000);
+        let name = format!("mfd{pid}h");
         out.extend(
             String::from_utf8_lossy(&o.stdout)
                 .lines()

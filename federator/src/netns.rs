@@ -101,8 +101,9 @@ impl Topology {
     /// (10.`octet`.255.1 on the host, .2 on the router; route to 10.`octet`.0.0/16 via it).
     /// `prefix` should be unique per run (it names namespaces and interfaces).
     pub fn new(prefix: &str, octet: u8) -> anyhow::Result<Topology> {
-        if prefix.len() > 9 {
-            bail!("namespace prefix {prefix:?} is longer than 9 characters (interface names)");
+        // Interface names (at most 15 bytes) are the prefix plus up to 4 characters.
+        if prefix.len() > 10 {
+            bail!("namespace prefix {prefix:?} is longer than 10 characters (interface names)");
         }
         let router = format!("{prefix}-router");
         let host_if = format!("{prefix}h");

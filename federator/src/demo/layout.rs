@@ -77,7 +77,8 @@ impl Layout {
 
     fn namespaces() -> anyhow::Result<Layout> {
         crate::netns::remove_stale(DEMO_NS_STEM);
-        let prefix = format!("{DEMO_NS_STEM}{}", std::process::id() % 1_000_000);
+        // The whole pid (at most 7 digits on Linux): the next run's `remove_stale` checks it.
+        let prefix = format!("{DEMO_NS_STEM}{}", std::process::id());
         let mut t = Topology::new(&prefix, DEMO_OCTET)?;
         let mut site = |name: &str, index: u8| -> anyhow::Result<Site> {
             let n = t.add(name, index)?;

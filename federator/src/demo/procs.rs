@@ -119,6 +119,7 @@ pub async fn run_once(ns: Option<&str>, args: &[String]) -> anyhow::Result<Strin
     let (program, args) = crate::netns::command_in(ns, &exe, args);
     let out = tokio::process::Command::new(program)
         .args(&args)
+        .kill_on_drop(true)
         .output()
         .await?;
     anyhow::ensure!(
