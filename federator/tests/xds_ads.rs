@@ -583,29 +583,26 @@ async fn bad_nodes_are_refused_with_the_reason() {
     );
 }
 
+/// The test sidecar in us-east1-b, as Envoy (`false`) or proxyless gRPC (`true`).
+fn sidecar(grpc: bool) -> meshfed::xds::node::ProxyNode {
+    meshfed::xds::node::ProxyNode::from_node(
+        &node(
+            "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
+            "us-east1-b",
+            grpc,
+        ),
+        &local(),
+    )
+    .unwrap()
+}
+
 /// Generated Envoy resources, decoded again by envoy-types and rendered as Envoy JSON, must
 /// match the golden files (set MESHFED_UPDATE_GOLDEN=1 to rewrite them after a deliberate change).
 #[test]
 fn generated_resources_match_golden_envoy_json() {
     let g = Generation::build(1, &snapshot(2), &policies(), &local());
-    let envoy = meshfed::xds::node::ProxyNode::from_node(
-        &node(
-            "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
-            "us-east1-b",
-            false,
-        ),
-        &local(),
-    )
-    .unwrap();
-    let grpc = meshfed::xds::node::ProxyNode::from_node(
-        &node(
-            "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
-            "us-east1-b",
-            true,
-        ),
-        &local(),
-    )
-    .unwrap();
+    let envoy = sidecar(false);
+    let grpc = sidecar(true);
     use meshfed::xds::Kind;
     let cases = [
         (
@@ -809,15 +806,7 @@ fn named_target_ports_of_workloads_reach_eds() {
         p.endpoints.push(other);
     }
     let g = Generation::build(1, &snap, &policies(), &local());
-    let envoy = meshfed::xds::node::ProxyNode::from_node(
-        &node(
-            "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
-            "us-east1-b",
-            false,
-        ),
-        &local(),
-    )
-    .unwrap();
+    let envoy = sidecar(false);
     let res = g
         .get(meshfed::xds::Kind::Endpoint, PAYMENT, &envoy)
         .unwrap();
