@@ -136,6 +136,18 @@ pub struct EndpointSpec {
     pub ports: BTreeMap<String, PortNumber>,
 }
 
+/// Target ports as exported: only names that can name a service port (DNS labels). The
+/// federator refuses an export with any other, which would hold back all of the cluster's
+/// exports; a WorkloadGroup template or entry written by hand may still carry one.
+fn port_map<'a>(
+    ports: impl Iterator<Item = (&'a String, u32)>,
+) -> std::collections::HashMap<String, u32> {
+    ports
+        .filter(|(k, _)| types::is_dns_label(k))
+        .map(|(k, v)| (k.clone(), v))
+        .collect()
+}
+
 fn one() -> u32 {
     1
 }
@@ -235,7 +247,7 @@ impl ServiceSpec {
                         .as_ref()
                         .map(|s| s.0.clone())
                         .unwrap_or_default(),
-                    ports: e.ports.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
+                    ports: port_map(e.ports.iter().map(|(k, v)| (k, v.0))),
                 })
                 .collect(),
             export_to: self
@@ -372,7 +384,7 @@ impl Registry {
                     .as_ref()
                     .map(|a| a.0.clone())
                     .unwrap_or_default(),
-                ports: w.spec.ports.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
+                ports: port_map(w.spec.ports.iter().map(|(k, v)| (k, v.0))),
             });
         let registered = auto
             .values()
@@ -389,7 +401,7 @@ impl Registry {
                 weight: a.weight,
                 healthy: true,
                 service_account: a.service_account.clone(),
-                ports: a.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                ports: port_map(a.ports.iter().map(|(k, v)| (k, *v))),
             });
         listed.chain(registered)
     }
@@ -484,6 +496,14 @@ services:
         assert_eq!(p.endpoints[1].weight, 3);
         assert_eq!(p.endpoints[1].ports.get("http"), Some(&9080));
         assert!(p.endpoints[0].ports.is_empty());
+        // A port name the federation would refuse never leaves the cluster.
+        let m = port_map(
+            [("http".to_string(), 80), ("HTTP_alt".to_string(), 81)]
+                .iter()
+                .map(|(k, v)| (k, *v)),
+        );
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.get("http"), Some(&80));
     }
 
     fn err(yaml: &str) -> String {
