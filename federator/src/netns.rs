@@ -134,7 +134,8 @@ impl Topology {
         sh(&[
             "ip",
             "route",
-            "add",
+            // replace: a run killed with SIGKILL may have left its route behind.
+            "replace",
             &format!("10.{octet}.0.0/16"),
             "via",
             &format!("10.{octet}.255.2"),
