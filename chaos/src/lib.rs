@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-pub use meshfed::netns::{Network, NsRuntime, Topology};
+pub use meshfed_harness::netns::{Network, NsRuntime, Topology};
 
 /// The meshfed binary under test.
 pub fn meshfed_bin() -> Result<PathBuf> {
@@ -28,7 +28,7 @@ pub fn meshfed_bin() -> Result<PathBuf> {
     let bin = dir.join("meshfed");
     if !bin.is_file() {
         bail!(
-            "{} not found: build it first (cargo build -p meshfed-federator) or set MESHFED_BIN",
+            "{} not found: build it first (cargo build -p meshfed) or set MESHFED_BIN",
             bin.display()
         );
     }
@@ -239,7 +239,7 @@ impl Proc {
         let child = Command::new(&self.program)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("MESHFED_LOG", "info,meshfed::agent::sync=debug")
+            .env("MESHFED_LOG", "info,meshfed_agent::sync=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -508,7 +508,11 @@ impl Cluster {
 
 /// `meshfed <args>`, wrapped in `ip netns exec <ns>` when `ns` is given.
 fn in_netns(ns: Option<&str>, args: &[String]) -> Result<(PathBuf, Vec<String>)> {
-    Ok(meshfed::netns::command_in(ns, &meshfed_bin()?, args))
+    Ok(meshfed_harness::netns::command_in(
+        ns,
+        &meshfed_bin()?,
+        args,
+    ))
 }
 
 /// A federator plus clusters, all in one temporary directory.

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chaos::*;
-use meshfed::loadgen::{Stats, Target};
+use meshfed_harness::loadgen::{Stats, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
 use trust::{BundleSet, SpiffeId, Svid, TrustBundle, TrustDomain, TrustStore};
@@ -144,7 +144,7 @@ fn gateway_connections(admin: &str) -> f64 {
 
 #[test]
 fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
-    if let Some(why) = meshfed::netns::unavailable() {
+    if let Some(why) = meshfed_harness::netns::unavailable() {
         println!("SKIP gateway_kill_partition_and_netem: needs root and `ip netns` ({why})");
         return;
     }
@@ -260,7 +260,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     let node_addr = ua.clone();
     let client = rt
         .block_on(eu_rt.run(async move {
-            meshfed::xds::client::AdsClient::start(
+            meshfed_xds::client::AdsClient::start(
                 format!("http://{xds}"),
                 envoy_types::pb::envoy::config::core::v3::Node {
                     id: format!("sidecar~{node_addr}~order.shop~shop.svc.cluster.local"),
@@ -280,13 +280,13 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
         ledger_tables
             .borrow()
             .get(LEDGER)
-            .map(|t| meshfed::xds::client::endpoints(t).len())
+            .map(|t| meshfed_xds::client::endpoints(t).len())
             .unwrap_or(0)
     };
     let p0 = move || -> Vec<String> {
         let t = tables.borrow().get(&target_cluster()).cloned();
         t.map(|t| {
-            meshfed::xds::client::endpoints(&t)
+            meshfed_xds::client::endpoints(&t)
                 .into_iter()
                 .filter(|e| e.0 == 0)
                 .map(|e| e.1)
@@ -306,7 +306,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     .unwrap();
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    eu_rt.spawn(meshfed::loadgen::run(
+    eu_rt.spawn(meshfed_harness::loadgen::run(
         target,
         client.tables.clone(),
         stats.clone(),

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshfed::dns::table::{NameTable, PortName, ServiceNames};
+use meshfed_dns::table::{NameTable, PortName, ServiceNames};
 
 const SERVICES: usize = 10_000;
 
@@ -70,7 +70,7 @@ fn serve(port: u16) {
         let t = Arc::new(table());
         let after = rss_kib();
         let (_tx, rx) = tokio::sync::watch::channel(t.clone());
-        let s = meshfed::dns::serve(
+        let s = meshfed_dns::serve(
             &format!("127.0.0.1:{port}"),
             rx,
             vec![],

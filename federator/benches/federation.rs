@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshfed::agent::identity::{self, ClusterIdentity, JoinParams};
-use meshfed::federation::token::TokenStore;
+use meshfed_identity::cluster::{self as identity, ClusterIdentity, JoinParams};
+use meshfed_identity::token::TokenStore;
 use prost::Message;
 use proto::cluster_message::Kind as Out;
 use proto::federation_client::FederationClient;
@@ -156,7 +156,7 @@ async fn main() {
         .unwrap();
     let pid = fed.id();
     let t = Instant::now();
-    while meshfed::admin::fetch_status(&admin).await.is_err() {
+    while meshfed_net::admin::fetch_status(&admin).await.is_err() {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "federator did not start"
@@ -168,7 +168,7 @@ async fn main() {
 
     // Join every cluster (what `meshfed join` does), 8 at a time.
     let (fp, td) = {
-        let ca = meshfed::federation::identity::FederationCa::open_or_create(&state, None).unwrap();
+        let ca = meshfed_federation::ca::FederationCa::open_or_create(&state, None).unwrap();
         (ca.root_fingerprint(), ca.trust_domain.to_string())
     };
     let tokens = TokenStore::new(&state);
@@ -214,7 +214,7 @@ async fn main() {
     let t_sync = Instant::now();
     for (i, id) in ids.iter().enumerate() {
         let (cfg, _) = id.client_config().unwrap();
-        let channel = meshfed::net::channel(id.file.federators.clone(), cfg, "federator").unwrap();
+        let channel = meshfed_net::channel(id.file.federators.clone(), cfg, "federator").unwrap();
         let mut client = FederationClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);

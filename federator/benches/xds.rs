@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use meshfed::agent::model::Snapshot;
-use meshfed::policy::table::{self, EndpointIn, Loc, ProxyIn};
-use meshfed::policy::PolicySet;
-use meshfed::xds::generation::Generation;
-use meshfed::xds::node::LocalFacts;
-use meshfed::xds::server::{Ads, XdsState};
-use meshfed::xds::{CLUSTER_TYPE, ENDPOINT_TYPE};
+use meshfed_failover::{self as table, EndpointIn, Loc, ProxyIn};
+use meshfed_model::policy::PolicySet;
+use meshfed_model::snapshot::Snapshot;
+use meshfed_xds::generation::Generation;
+use meshfed_xds::node::LocalFacts;
+use meshfed_xds::server::{Ads, XdsState};
+use meshfed_xds::{CLUSTER_TYPE, ENDPOINT_TYPE};
 use proto::{Endpoint, Port, ServiceExport};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -184,7 +184,7 @@ fn server() {
                             .iter()
                             .filter(|c| {
                                 c.types()
-                                    .get(&meshfed::xds::Kind::Endpoint)
+                                    .get(&meshfed_xds::Kind::Endpoint)
                                     .is_some_and(|s| s.acked_version == version.to_string())
                             })
                             .count();

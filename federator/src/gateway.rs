@@ -12,7 +12,7 @@ use eastwest_gateway::routes::Routes;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use tokio::sync::watch;
 
-use crate::xds::client::{endpoints, AdsClient, Tables};
+use meshfed_xds::client::{endpoints, AdsClient, Tables};
 
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
@@ -136,7 +136,7 @@ pub async fn start(
             registry.clone(),
         );
         let r2 = routes_rx.clone();
-        let (bound, task) = crate::admin::serve_with(
+        let (bound, task) = meshfed_net::admin::serve_with(
             a,
             Arc::new(move || reg.clone()),
             Arc::new(move || {

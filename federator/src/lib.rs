@@ -1,18 +1,6 @@
-//! meshfed's control plane: the federation service, the per-cluster agent, and the `meshfed`
-//! command line that runs them.
+//! The `meshfed` command line: one binary that runs the federator, the agent, the east-west
+//! gateway, the VM agent and the demo. Each runs from its own crate (see docs/architecture.md);
+//! this crate parses flags into their validated configs and owns signals.
 
-pub mod admin;
-pub mod agent;
 pub mod cli;
-pub mod demo;
-pub mod dns;
-pub mod federation;
 pub mod gateway;
-pub mod loadgen;
-pub mod metrics;
-pub mod net;
-pub mod netns;
-pub mod policy;
-pub mod types;
-pub mod vm;
-pub mod xds;

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     let args = meshfed::cli::Cli::parse();
     // Servers log what they do; the demo's own output is the story, so it only shows warnings.
     let default = match args.command {
-        meshfed::cli::Command::Demo(_) => "warn,meshfed::federation::server=error",
+        meshfed::cli::Command::Demo(_) => "warn,meshfed_federation::server=error",
         _ => "info",
     };
     tracing_subscriber::fmt()

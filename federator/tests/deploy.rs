@@ -94,10 +94,10 @@ fn kubernetes_manifests_match_the_binary() {
                         let key = k.as_str().unwrap();
                         let text = v.as_str().unwrap();
                         if key == "registry.yaml" {
-                            meshfed::agent::registry::Registry::parse(text, &format!("{at}/{key}"))
+                            meshfed_model::registry::Registry::parse(text, &format!("{at}/{key}"))
                                 .unwrap_or_else(|e| panic!("{e}"));
                         } else {
-                            meshfed::policy::PolicySet::from_sources(&[(
+                            meshfed_model::policy::PolicySet::from_sources(&[(
                                 format!("{at}/{key}"),
                                 text.to_string(),
                             )])

@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use meshfed::agent::identity::{self, ClusterIdentity, JoinParams};
-use meshfed::federation::token::{Claims, TokenStore};
-use meshfed::federation::{Federator, FederatorConfig};
+use meshfed_federation::{Federator, FederatorConfig};
+use meshfed_identity::cluster::{self as identity, ClusterIdentity, JoinParams};
+use meshfed_identity::token::{Claims, TokenStore};
 use proto::cluster_message::Kind;
 use proto::federation_client::FederationClient;
 use proto::{ClusterMessage, ExportDelta, Hello, Port, ServiceExport};
@@ -46,7 +46,7 @@ fn params(dir: &Path, token: String, cluster: &str) -> JoinParams {
         cluster: cluster.into(),
         network: format!("net-{cluster}"),
         trust_domain: TrustDomain::new(&format!("{cluster}.mesh")).unwrap(),
-        locality: meshfed::types::parse_locality("us-east1/us-east1-b").unwrap(),
+        locality: meshfed_model::validate::parse_locality("us-east1/us-east1-b").unwrap(),
         gateways: vec!["127.0.0.1:15443".into()],
         ca: None,
     }
@@ -130,7 +130,7 @@ async fn joined(f: &Federator, dir: &Path, cluster: &str) -> ClusterIdentity {
 async fn client(id: &ClusterIdentity) -> FederationClient<tonic::transport::Channel> {
     let (cfg, _) = id.client_config().unwrap();
     FederationClient::new(
-        meshfed::net::channel(id.file.federators.clone(), cfg, "federator").unwrap(),
+        meshfed_net::channel(id.file.federators.clone(), cfg, "federator").unwrap(),
     )
 }
 
@@ -368,7 +368,7 @@ async fn calls_without_a_cluster_certificate_are_refused() {
     )
     .unwrap();
     let mut c = FederationClient::new(
-        meshfed::net::channel(claims.federators.clone(), cfg, "federator").unwrap(),
+        meshfed_net::channel(claims.federators.clone(), cfg, "federator").unwrap(),
     );
     let s = c.leave(proto::LeaveRequest {}).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");

@@ -8,11 +8,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use meshfed::agent::identity::{self, JoinParams};
-use meshfed::agent::{Agent, AgentConfig};
-use meshfed::federation::token::TokenStore;
-use meshfed::federation::{Federator, FederatorConfig};
-use meshfed::vm::token::{self as vmtoken, VmClaims, VmStore};
+use meshfed_agent::{Agent, AgentConfig};
+use meshfed_federation::{Federator, FederatorConfig};
+use meshfed_identity::cluster::{self as identity, JoinParams};
+use meshfed_identity::token::TokenStore;
+use meshfed_vm::token::{self as vmtoken, VmClaims, VmStore};
 use proto::vm::vm_registration_client::VmRegistrationClient;
 use proto::vm::{vm_message, JoinRequest, Register, RenewRequest, VmMessage};
 use rustls_pki_types::CertificateDer;
@@ -64,7 +64,7 @@ async fn world(dir: &Path) -> World {
         cluster: "east".into(),
         network: "net1".into(),
         trust_domain: TrustDomain::new("east.mesh").unwrap(),
-        locality: meshfed::types::parse_locality("us-east1/us-east1-b").unwrap(),
+        locality: meshfed_model::validate::parse_locality("us-east1/us-east1-b").unwrap(),
         gateways: vec![],
         ca: None,
     })
@@ -81,7 +81,7 @@ async fn world(dir: &Path) -> World {
         vm_api: Some("127.0.0.1:0".into()),
         vm_grace: Duration::from_secs(1),
         dns: None,
-        vip_range_v4: meshfed::agent::default_vip_range_v4(),
+        vip_range_v4: meshfed_agent::default_vip_range_v4(),
         vip_range_v6: None,
     })
     .await
@@ -110,11 +110,11 @@ impl World {
             .unwrap();
         let v = SpiffeVerifier::new(
             TrustStore::new(set),
-            Authorizer::id(meshfed::agent::agent_spiffe_id(&self.td).unwrap()),
+            Authorizer::id(meshfed_identity::ids::agent_spiffe_id(&self.td).unwrap()),
         );
         let tls = trust::tls::client_config(resolver, v).unwrap();
         VmRegistrationClient::new(
-            meshfed::net::channel(
+            meshfed_net::channel(
                 vec![self.addr.clone()],
                 tls,
                 "meshfed-agent.meshfed-system.svc",

@@ -14,13 +14,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use meshfed::agent::model::Snapshot;
-use meshfed::policy::table::Loc;
-use meshfed::policy::PolicySet;
-use meshfed::xds::generation::Generation;
-use meshfed::xds::node::LocalFacts;
-use meshfed::xds::server::{Ads, XdsState};
-use meshfed::xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
+use meshfed_failover::Loc;
+use meshfed_model::policy::PolicySet;
+use meshfed_model::snapshot::Snapshot;
+use meshfed_xds::generation::Generation;
+use meshfed_xds::node::LocalFacts;
+use meshfed_xds::server::{Ads, XdsState};
+use meshfed_xds::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
 use prost::Message;
 use proto::{ClusterFacts, Endpoint, LeaseState, PeerCluster, Port, ServiceExport};
 use tokio::sync::mpsc;
@@ -346,16 +346,16 @@ async fn sotw_priorities_split_horizon_acks_nacks_and_no_resend() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let report = state.proxies.report();
     let t = &report[0].types["endpoint"];
-    assert_eq!(t.state, meshfed::xds::status::SyncState::Nack);
+    assert_eq!(t.state, meshfed_xds::status::SyncState::Nack);
     assert_eq!(
         t.error.as_deref(),
         Some("priority 2 >= number of localities")
     );
     assert_eq!(
         report[0].types["cluster"].state,
-        meshfed::xds::status::SyncState::Synced
+        meshfed_xds::status::SyncState::Synced
     );
-    let m = meshfed::metrics::render(&reg);
+    let m = meshfed_net::metrics::render(&reg);
     assert!(
         m.contains("meshfed_xds_nacks_total{kind=\"endpoint\"} 1"),
         "{m}"
@@ -584,8 +584,8 @@ async fn bad_nodes_are_refused_with_the_reason() {
 }
 
 /// The test sidecar in us-east1-b, as Envoy (`false`) or proxyless gRPC (`true`).
-fn sidecar(grpc: bool) -> meshfed::xds::node::ProxyNode {
-    meshfed::xds::node::ProxyNode::from_node(
+fn sidecar(grpc: bool) -> meshfed_xds::node::ProxyNode {
+    meshfed_xds::node::ProxyNode::from_node(
         &node(
             "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
             "us-east1-b",
@@ -603,7 +603,7 @@ fn generated_resources_match_golden_envoy_json() {
     let g = Generation::build(1, &snapshot(2), &policies(), &local());
     let envoy = sidecar(false);
     let grpc = sidecar(true);
-    use meshfed::xds::Kind;
+    use meshfed_xds::Kind;
     let cases = [
         (
             "cluster-envoy-mtls",
@@ -656,10 +656,9 @@ fn generated_resources_match_golden_envoy_json() {
                 .encode_to_vec(),
         };
         assert_eq!(&again, bytes, "{name} round-trips");
-        let json =
-            serde_json::to_string_pretty(&meshfed::xds::json::any_to_json(&res.any).unwrap())
-                .unwrap()
-                + "\n";
+        let json = serde_json::to_string_pretty(&meshfed_xds::json::any_to_json(&res.any).unwrap())
+            .unwrap()
+            + "\n";
         let path = dir.join(format!("{name}.json"));
         if update {
             std::fs::create_dir_all(&dir).unwrap();
@@ -704,7 +703,7 @@ async fn mtls_port_requires_an_svid_of_the_cluster_and_its_own_namespace() {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(Ads::server(state.clone(), true))
-            .serve_with_incoming(meshfed::net::tls_incoming(l, tls)),
+            .serve_with_incoming(meshfed_net::tls_incoming(l, tls)),
     );
     let client = |resolver: Arc<SvidResolver>| {
         let cfg = trust::tls::client_config(
@@ -713,7 +712,7 @@ async fn mtls_port_requires_an_svid_of_the_cluster_and_its_own_namespace() {
         )
         .unwrap();
         AggregatedDiscoveryServiceClient::new(
-            meshfed::net::channel(vec![addr.clone()], cfg, "meshfed-agent").unwrap(),
+            meshfed_net::channel(vec![addr.clone()], cfg, "meshfed-agent").unwrap(),
         )
     };
     let open = |mut c: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
@@ -807,11 +806,9 @@ fn named_target_ports_of_workloads_reach_eds() {
     }
     let g = Generation::build(1, &snap, &policies(), &local());
     let envoy = sidecar(false);
-    let res = g
-        .get(meshfed::xds::Kind::Endpoint, PAYMENT, &envoy)
-        .unwrap();
+    let res = g.get(meshfed_xds::Kind::Endpoint, PAYMENT, &envoy).unwrap();
     let cla = ClusterLoadAssignment::decode(res.any.value.as_slice()).unwrap();
-    let mut addrs: Vec<String> = meshfed::xds::client::endpoints(&cla)
+    let mut addrs: Vec<String> = meshfed_xds::client::endpoints(&cla)
         .into_iter()
         .map(|e| e.1)
         .collect();
@@ -829,13 +826,13 @@ fn named_target_ports_of_workloads_reach_eds() {
     // Federation input is checked: a port outside 1-65535 or a bad name is refused by name.
     let mut bad = export("payment", 8080, vec![ep("10.1.0.7", "us-east1", "")], true);
     bad.endpoints[0].ports.insert("http".into(), 70000);
-    let e = meshfed::types::check_export(&bad, "upserts[0]").unwrap_err();
+    let e = meshfed_model::validate::check_export(&bad, "upserts[0]").unwrap_err();
     assert_eq!(
         e,
         "upserts[0].endpoints[0].ports[\"http\"]: 70000 is not in 1-65535"
     );
     bad.endpoints[0].ports.clear();
     bad.endpoints[0].ports.insert("Not_A_Label".into(), 80);
-    let e = meshfed::types::check_export(&bad, "upserts[0]").unwrap_err();
+    let e = meshfed_model::validate::check_export(&bad, "upserts[0]").unwrap_err();
     assert!(e.starts_with("upserts[0].endpoints[0].ports key"), "{e}");
 }

@@ -24,3 +24,26 @@ pub use federation::*;
 pub mod vm {
     tonic::include_proto!("meshfed.vm.v1");
 }
+
+/// Why the federator refused a stream, as a machine-readable `meshfed-reason` metadata entry on
+/// the gRPC status (the message is for people and may change).
+pub mod reason {
+    /// The metadata key.
+    pub const KEY: &str = "meshfed-reason";
+    /// The cluster has left the federation: stop syncing, clear imports.
+    pub const LEFT: &str = "left";
+
+    /// A `PERMISSION_DENIED` status that says the cluster has left.
+    pub fn left(message: String) -> tonic::Status {
+        let mut s = tonic::Status::permission_denied(message);
+        s.metadata_mut()
+            .insert(KEY, tonic::metadata::MetadataValue::from_static(LEFT));
+        s
+    }
+
+    /// Whether `s` says the cluster has left.
+    pub fn is_left(s: &tonic::Status) -> bool {
+        s.code() == tonic::Code::PermissionDenied
+            && s.metadata().get(KEY).and_then(|v| v.to_str().ok()) == Some(LEFT)
+    }
+}

@@ -9,8 +9,8 @@ use clap::Args;
 use trust::TrustDomain;
 
 use super::args;
-use crate::agent::identity::{self, ClusterIdentity, JoinParams};
-use crate::agent::{Agent, AgentConfig};
+use meshfed_agent::{Agent, AgentConfig};
+use meshfed_identity::cluster::{self as identity, ClusterIdentity, JoinParams};
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
@@ -81,7 +81,7 @@ pub struct AgentArgs {
     #[arg(long)]
     dns_upstream: Vec<String>,
     /// IPv4 range service VIPs are allocated from (kept across restarts).
-    #[arg(long, default_value = "240.240.0.0/16", value_parser = crate::dns::vips::parse_v4)]
+    #[arg(long, default_value = "240.240.0.0/16", value_parser = meshfed_dns::vips::parse_v4)]
     vip_range: ipnet::Ipv4Net,
     /// IPv6 range for service VIPs (AAAA answers); `off` for IPv4 only.
     #[arg(long, default_value = "2001:2::/48")]
@@ -139,7 +139,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let vip_range_v6 = match a.vip_range_v6.as_str() {
         "off" => None,
         v => Some(
-            crate::dns::vips::parse_v6(v).map_err(|e| anyhow::anyhow!("--vip-range-v6: {e}"))?,
+            meshfed_dns::vips::parse_v6(v).map_err(|e| anyhow::anyhow!("--vip-range-v6: {e}"))?,
         ),
     };
     let agent = Agent::start(AgentConfig {
@@ -148,7 +148,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         admin: Some(a.admin),
         registry_poll: a.registry_poll,
         policies: a.policies,
-        xds: Some(crate::xds::XdsConfig {
+        xds: Some(meshfed_xds::XdsConfig {
             plaintext: Some(a.xds_plaintext).filter(|s| s != "off"),
             mtls: Some(a.xds_mtls).filter(|s| s != "off"),
             debounce: a.xds_debounce,
@@ -157,7 +157,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         vm_grace: a.vm_grace,
         dns: Some(a.dns)
             .filter(|s| s != "off")
-            .map(|listen| crate::dns::DnsConfig {
+            .map(|listen| meshfed_dns::DnsConfig {
                 listen,
                 upstream: a.dns_upstream,
             }),
@@ -177,7 +177,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         show(agent.xds_plaintext),
         show(agent.xds_mtls),
         show(agent.vm_api),
-        show(agent.inner.dns_addr.get().copied()),
+        show(agent.dns_addr),
     );
     super::shutdown_signal().await;
     agent.stop();
@@ -187,7 +187,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
 pub async fn leave(a: LeaveArgs) -> anyhow::Result<ExitCode> {
     let id = ClusterIdentity::load(&a.state_dir)?;
     let (cfg, _) = id.client_config()?;
-    let mut client = proto::federation_client::FederationClient::new(crate::net::channel(
+    let mut client = proto::federation_client::FederationClient::new(meshfed_net::channel(
         id.file.federators.clone(),
         cfg,
         "federator",

@@ -31,12 +31,12 @@ pub fn std_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 pub fn label(s: &str) -> Result<String, String> {
-    crate::types::check_label("value", s)?;
+    meshfed_model::validate::check_label("value", s)?;
     Ok(s.to_string())
 }
 
 pub fn locality(s: &str) -> Result<proto::Locality, String> {
-    let l = crate::types::parse_locality(s)?;
+    let l = meshfed_model::validate::parse_locality(s)?;
     if l.region.is_empty() {
         return Err(format!("locality {s:?} needs at least a region"));
     }
@@ -44,7 +44,7 @@ pub fn locality(s: &str) -> Result<proto::Locality, String> {
 }
 
 pub fn host_port(s: &str) -> Result<String, String> {
-    crate::types::check_host_port("value", s)?;
+    meshfed_model::validate::check_host_port("value", s)?;
     Ok(s.to_string())
 }
 

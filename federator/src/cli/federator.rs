@@ -8,10 +8,10 @@ use clap::{Args, Subcommand};
 use trust::TrustDomain;
 
 use super::args;
-use crate::federation::identity::FederationCa;
-use crate::federation::server::ENDPOINTS_FILE;
-use crate::federation::token::TokenStore;
-use crate::federation::{Federator, FederatorConfig};
+use meshfed_federation::ca::FederationCa;
+use meshfed_federation::server::ENDPOINTS_FILE;
+use meshfed_federation::{Federator, FederatorConfig};
+use meshfed_identity::token::TokenStore;
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -82,7 +82,7 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
     }
     let state_dir = a.state_dir.context("--state-dir is required")?;
     for (i, adv) in a.advertise.iter().enumerate() {
-        crate::types::check_host_port(&format!("--advertise #{}", i + 1), adv)
+        meshfed_model::validate::check_host_port(&format!("--advertise #{}", i + 1), adv)
             .map_err(anyhow::Error::msg)?;
     }
     let mut cfg = FederatorConfig::new(state_dir, a.listen);
@@ -127,7 +127,7 @@ fn token(t: Token) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("{} is malformed", p.display()))?
             } else {
                 for (i, f) in federator.iter().enumerate() {
-                    crate::types::check_host_port(&format!("--federator #{}", i + 1), f)
+                    meshfed_model::validate::check_host_port(&format!("--federator #{}", i + 1), f)
                         .map_err(anyhow::Error::msg)?;
                 }
                 federator

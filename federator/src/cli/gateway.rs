@@ -64,7 +64,7 @@ fn parse_expose(s: &str) -> Result<(String, String), String> {
     if sni.is_empty() {
         return Err(format!("{s:?}: empty SNI"));
     }
-    crate::types::check_host_port(&format!("{s:?}"), addr)?;
+    meshfed_model::validate::check_host_port(&format!("{s:?}"), addr)?;
     Ok((sni.to_ascii_lowercase(), addr.to_string()))
 }
 

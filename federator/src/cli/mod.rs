@@ -78,7 +78,7 @@ pub struct DemoArgs {
     check: bool,
     /// auto: a network namespace per cluster when root with `ip`, loopback otherwise.
     #[arg(long, value_enum, default_value = "auto")]
-    network: crate::demo::NetworkMode,
+    network: meshfed_demo::NetworkMode,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -102,14 +102,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
         Command::Vm(c) => runtime()?.block_on(vm::run(c)),
         Command::Demo(a) => {
-            let opts = crate::demo::DemoOptions {
+            let opts = meshfed_demo::DemoOptions {
                 state_dir: a.state_dir,
                 check: a.check,
                 network: a.network,
             };
             let ok = runtime()?.block_on(async {
                 tokio::select! {
-                    r = crate::demo::run(opts) => r,
+                    r = meshfed_demo::run(opts) => r,
                     _ = shutdown_signal() => {
                         println!("interrupted; cleaning up");
                         Ok(false)

@@ -8,8 +8,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use super::EXIT_BAD_INPUT;
-use crate::policy::table::{self, EndpointIn, Loc, ProxyIn};
-use crate::policy::PolicySet;
+use meshfed_failover::{self as table, EndpointIn, Loc, ProxyIn};
+use meshfed_model::policy::PolicySet;
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -158,7 +158,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         Ok(t) => t,
         Err(e) => return bad(format!("{what}: {e}")),
     };
-    let file: EndpointsFile = match crate::policy::spec::parse_yaml(&text, &what) {
+    let file: EndpointsFile = match meshfed_model::policy::spec::parse_yaml(&text, &what) {
         Ok(f) => f,
         Err(e) => return bad(e),
     };

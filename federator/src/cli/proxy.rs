@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 
 use super::{EXIT_BAD_INPUT, EXIT_CHECK_FAILED};
-use crate::xds::status::ProxyReport;
-use crate::xds::Kind;
+use meshfed_xds::status::ProxyReport;
+use meshfed_xds::Kind;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Output {
@@ -47,12 +47,12 @@ pub struct ProxyConfigArgs {
 
 /// Exit 1 when any proxy has a NACK.
 pub async fn status(a: ProxyStatusArgs) -> anyhow::Result<ExitCode> {
-    let v = crate::admin::fetch_json(&a.admin, "/debug/syncz").await?;
+    let v = meshfed_net::admin::fetch_json(&a.admin, "/debug/syncz").await?;
     let proxies: Vec<ProxyReport> = serde_json::from_value(v.clone())?;
     let nack = proxies.iter().any(|p| {
         p.types
             .values()
-            .any(|t| t.state == crate::xds::status::SyncState::Nack)
+            .any(|t| t.state == meshfed_xds::status::SyncState::Nack)
     });
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
@@ -96,10 +96,10 @@ pub async fn status(a: ProxyStatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn config(a: ProxyConfigArgs) -> anyhow::Result<ExitCode> {
-    if a.proxy.is_empty() || a.proxy.len() > crate::xds::node::MAX_NODE_ID {
+    if a.proxy.is_empty() || a.proxy.len() > meshfed_xds::node::MAX_NODE_ID {
         eprintln!(
             "error: PROXY must be a node id of 1-{} bytes",
-            crate::xds::node::MAX_NODE_ID
+            meshfed_xds::node::MAX_NODE_ID
         );
         return Ok(ExitCode::from(EXIT_BAD_INPUT));
     }
@@ -120,7 +120,7 @@ pub async fn config(a: ProxyConfigArgs) -> anyhow::Result<ExitCode> {
     }
     q.push_str("&type=");
     q.push_str(kind);
-    let v = crate::admin::fetch_json(&a.admin, &q).await?;
+    let v = meshfed_net::admin::fetch_json(&a.admin, &q).await?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)
 }

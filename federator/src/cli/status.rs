@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use super::EXIT_CHECK_FAILED;
-use crate::agent::AgentReport;
-use crate::federation::status::FederationReport;
+use meshfed_agent::AgentReport;
+use meshfed_federation::status::FederationReport;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Output {
@@ -32,7 +32,7 @@ fn age(ms: Option<u64>) -> String {
 }
 
 pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let v = crate::admin::fetch_status(&a.admin).await?;
+    let v = meshfed_net::admin::fetch_status(&a.admin).await?;
     let kind = v
         .get("kind")
         .and_then(|k| k.as_str())

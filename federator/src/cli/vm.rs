@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::args;
-use crate::vm::package::{self, Bootstrap, Format};
+use meshfed_vm::package::{self, Bootstrap, Format};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -98,14 +98,14 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
             println!(
                 "one-time token {} expires {} (keep the package secret until the VM has joined)",
                 built.token_id,
-                crate::vm::entries::rfc3339(built.expires * 1000)
+                meshfed_model::entry::rfc3339(built.expires * 1000)
             );
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Agent(a) => {
-            let cfg =
-                crate::vm::config::VmConfig::load(&a.config).map_err(|e| anyhow::anyhow!(e))?;
-            let agent = crate::vm::agent::start(cfg).await?;
+            let cfg = meshfed_vm_agent::config::VmConfig::load(&a.config)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let agent = meshfed_vm_agent::start(cfg).await?;
             let st = agent.status();
             println!(
                 "VM {} of {}/{} in cluster {} running (address {}, DNS {}, xDS relay {})",
@@ -122,7 +122,7 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::List(a) => {
-            let vms = crate::vm::token::VmStore::new(&a.state_dir).list()?;
+            let vms = meshfed_vm::token::VmStore::new(&a.state_dir).list()?;
             println!(
                 "{:<18} {:<28} {:<16} {:<8} LAST SEEN",
                 "VM", "GROUP", "SA", "STATE"
@@ -134,10 +134,10 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
                     format!("{}/{}", v.namespace, v.group),
                     v.service_account,
                     if v.revoked { "revoked" } else { "active" },
-                    crate::vm::entries::rfc3339(v.last_seen * 1000)
+                    meshfed_model::entry::rfc3339(v.last_seen * 1000)
                 );
             }
-            let tokens = crate::vm::token::token_store(&a.state_dir).list()?;
+            let tokens = meshfed_vm::token::token_store(&a.state_dir).list()?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             println!();
             println!("{:<18} {:<48} STATE", "TOKEN", "BOUND TO");
@@ -156,7 +156,7 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Revoke(a) => {
-            let store = crate::vm::token::VmStore::new(&a.state_dir);
+            let store = meshfed_vm::token::VmStore::new(&a.state_dir);
             store
                 .update(&a.vm_id, |r| r.revoked = true)?
                 .ok_or_else(|| anyhow::anyhow!("no VM {} in {}", a.vm_id, a.state_dir.display()))?;

@@ -1,0 +1,858 @@
+//! The per-cluster control plane (`meshfed agent`): reads the cluster's registry, publishes its
+//! exports and trust bundle to the federator over one mTLS stream, and keeps the imports in a
+//! local cache and in the in-process model ([`meshfed_model::store`]).
+
+pub mod cache;
+pub mod metrics;
+pub mod sync;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context;
+use proto::ServiceExport;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+use trust::{BundleSet, TrustDomain, TrustStore};
+
+use crate::metrics::AgentMetrics;
+use meshfed_dns::table::NameTable;
+use meshfed_identity::cluster::ClusterIdentity;
+use meshfed_identity::ids::{agent_spiffe_id, federator_spiffe_id};
+use meshfed_model::policy::PolicySet;
+use meshfed_model::registry::{FileRegistry, Registry, RegistrySource};
+use meshfed_model::store::{self as store, LocalWriter, Reader};
+use meshfed_vm::entries::Entries;
+use meshfed_xds::server::XdsState;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub registry: PathBuf,
+    pub admin: Option<String>,
+    /// How often the registry and policy files are checked for changes.
+    pub registry_poll: Duration,
+    /// Failover policy files or directories (`*.yaml`).
+    pub policies: Vec<PathBuf>,
+    /// The xDS server; `None` runs the agent without one.
+    pub xds: Option<meshfed_xds::XdsConfig>,
+    /// The VM API (`meshfed vm agent` joins and registers here); `None` = off.
+    pub vm_api: Option<String>,
+    /// How long a disconnected VM's WorkloadEntry is kept before it is deleted.
+    pub vm_grace: Duration,
+    /// The mesh DNS server; `None` = off.
+    pub dns: Option<meshfed_dns::DnsConfig>,
+    /// Where service VIPs come from.
+    pub vip_range_v4: ipnet::Ipv4Net,
+    pub vip_range_v6: Option<ipnet::Ipv6Net>,
+}
+
+/// Istio's auto-allocation range for service entries' VIPs.
+pub fn default_vip_range_v4() -> ipnet::Ipv4Net {
+    ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(240, 240, 0, 0), 16).unwrap_or_default()
+}
+
+/// What the sync loop reports about itself.
+#[derive(Debug, Default, Clone)]
+pub struct SyncStatus {
+    pub connected: bool,
+    pub left: bool,
+    pub last_error: Option<String>,
+    pub exports_acked_version: u64,
+    pub conflicts: Vec<String>,
+    pub lease_ttl_ms: u64,
+    pub registry_error: Option<String>,
+    pub policy_error: Option<String>,
+}
+
+/// The agent's shared state. Sources write the model through their own writers (held by their
+/// tasks, not here); everything else here is read through handles.
+#[derive(Debug)]
+pub struct Inner {
+    identity: Mutex<ClusterIdentity>,
+    pub cache: cache::Cache,
+    /// The service model, read-only (the local source and the sync hold the writers).
+    pub model: Reader,
+    /// The exports the registry asks for, with published policies attached.
+    pub exports: watch::Sender<BTreeMap<String, ServiceExport>>,
+    /// The cluster CA's bundle JSON.
+    pub bundle: watch::Sender<String>,
+    pub resolver: Arc<SvidResolver>,
+    pub federator_verifier: SpiffeVerifier,
+    pub metrics: AgentMetrics,
+    status: Mutex<SyncStatus>,
+    /// The failover policies from files, last good set.
+    pub policies: watch::Sender<Arc<PolicySet>>,
+    /// The xDS server's state, when it runs.
+    pub xds: Option<Arc<XdsState>>,
+    /// The last good registry.
+    pub registry: watch::Sender<Option<Arc<Registry>>>,
+    /// WorkloadEntries auto-registered by VMs.
+    pub entries: Arc<Entries>,
+    /// The mesh's names and VIPs (the agent's DNS and its VMs' DNS answer from this).
+    pub names: watch::Sender<Arc<NameTable>>,
+}
+
+impl Inner {
+    pub fn identity(&self) -> MutexGuard<'_, ClusterIdentity> {
+        self.identity.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> MutexGuard<'_, SyncStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last good registry, if any.
+    pub fn registry(&self) -> Option<Arc<Registry>> {
+        self.registry.borrow().clone()
+    }
+
+    /// The agent's status report (for `/status` and `meshfed status`).
+    pub fn report(&self) -> AgentReport {
+        let snap = self.model.current();
+        let st = self.status().clone();
+        let id = self.identity().file.clone();
+        let mut imports: BTreeMap<String, u64> = BTreeMap::new();
+        for (src, _) in snap.imports.keys() {
+            *imports.entry(src.clone()).or_default() += 1;
+        }
+        AgentReport {
+            kind: "agent".into(),
+            cluster: id.cluster,
+            network: id.network,
+            trust_domain: id.trust_domain,
+            locality: id.locality,
+            federators: id.federators,
+            connected: st.connected,
+            left: st.left,
+            last_error: st.last_error,
+            registry_error: st.registry_error,
+            policy_error: st.policy_error,
+            policies: self
+                .policies
+                .borrow()
+                .by_host
+                .values()
+                .map(|p| format!("{} ({}/{} at {})", p.host, p.namespace, p.name, p.origin))
+                .collect(),
+            xds: self.xds.as_ref().map(|x| {
+                let proxies = x.proxies.report();
+                XdsReport {
+                    generation: x.current().version,
+                    proxies: proxies.len() as u64,
+                    nacks: proxies
+                        .iter()
+                        .flat_map(|p| {
+                            p.types.iter().filter_map(move |(k, t)| {
+                                t.error.as_ref().map(|e| format!("{} {k}: {e}", p.proxy))
+                            })
+                        })
+                        .collect(),
+                }
+            }),
+            endpoints: snap
+                .services()
+                .into_iter()
+                .map(|(k, insts)| {
+                    let per = insts
+                        .iter()
+                        .map(|i| {
+                            let n = i.export.endpoints.iter().filter(|e| e.healthy).count() as u64;
+                            (i.cluster.clone(), n)
+                        })
+                        .collect();
+                    (k, per)
+                })
+                .collect(),
+            workload_entries: self
+                .entries
+                .current()
+                .values()
+                .map(|e| EntryReport {
+                    name: e.name.clone(),
+                    namespace: e.namespace.clone(),
+                    group: e.group.clone(),
+                    address: e.address.clone(),
+                    connected: e.connected,
+                    healthy: e.healthy,
+                    health_message: e.health_message.clone(),
+                    annotations: e.annotations.clone(),
+                })
+                .collect(),
+            dns_names: self.names.borrow().name_count() as u64,
+            exports: self.exports.borrow().len() as u64,
+            exports_acked_version: st.exports_acked_version,
+            imports_applied_revision: snap.applied_revision,
+            imports,
+            conflicts: st.conflicts,
+            peers: snap
+                .peers
+                .values()
+                .filter_map(|p| {
+                    let f = p.facts.as_ref()?;
+                    Some(PeerReport {
+                        cluster: f.cluster_id.clone(),
+                        network: f.network.clone(),
+                        trust_domain: f.trust_domain.clone(),
+                        connected: p.connected,
+                        lease: if p.lease == proto::LeaseState::Stale as i32 {
+                            "stale".into()
+                        } else {
+                            "fresh".into()
+                        },
+                        last_heartbeat_age_ms: p.last_heartbeat_age_ms,
+                        bundle: snap.bundles.contains_key(&f.trust_domain),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerReport {
+    pub cluster: String,
+    pub network: String,
+    pub trust_domain: String,
+    pub connected: bool,
+    pub lease: String,
+    /// As measured by the federator when it last told us.
+    pub last_heartbeat_age_ms: u64,
+    /// Whether we hold the peer's trust bundle.
+    pub bundle: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentReport {
+    pub kind: String,
+    pub cluster: String,
+    pub network: String,
+    pub trust_domain: String,
+    pub locality: String,
+    pub federators: Vec<String>,
+    pub connected: bool,
+    pub left: bool,
+    pub last_error: Option<String>,
+    pub registry_error: Option<String>,
+    #[serde(default)]
+    pub policy_error: Option<String>,
+    /// Policies in effect from files: `host (ns/name at file:line:column)`.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    #[serde(default)]
+    pub xds: Option<XdsReport>,
+    pub exports: u64,
+    pub exports_acked_version: u64,
+    pub imports_applied_revision: u64,
+    /// Imported services by source cluster.
+    pub imports: BTreeMap<String, u64>,
+    pub conflicts: Vec<String>,
+    pub peers: Vec<PeerReport>,
+    /// Serving endpoints per service and cluster (`ns/name` -> cluster -> count).
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, BTreeMap<String, u64>>,
+    /// WorkloadEntries registered by VMs.
+    #[serde(default)]
+    pub workload_entries: Vec<EntryReport>,
+    /// Names the mesh DNS answers for.
+    #[serde(default)]
+    pub dns_names: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EntryReport {
+    pub name: String,
+    pub namespace: String,
+    pub group: String,
+    pub address: String,
+    pub connected: bool,
+    /// `null` before the first report.
+    pub healthy: Option<bool>,
+    pub health_message: String,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct XdsReport {
+    pub generation: u64,
+    pub proxies: u64,
+    /// `proxy type: error` for every proxy whose last response of a type was rejected.
+    pub nacks: Vec<String>,
+}
+
+impl AgentReport {
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.left {
+            out.push("this cluster has left the federation".into());
+        } else if !self.connected {
+            out.push(format!(
+                "not connected to the federator{}",
+                self.last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some(e) = &self.registry_error {
+            out.push(format!("registry: {e}"));
+        }
+        if let Some(e) = &self.policy_error {
+            out.push(format!("policies: {e}"));
+        }
+        for n in self.xds.iter().flat_map(|x| x.nacks.iter()) {
+            out.push(format!("xDS NACK: {n}"));
+        }
+        for p in &self.peers {
+            if p.lease == "stale" {
+                out.push(format!(
+                    "peer {} is stale (last heartbeat {:.1}s ago)",
+                    p.cluster,
+                    p.last_heartbeat_age_ms as f64 / 1000.0
+                ));
+            }
+        }
+        for c in &self.conflicts {
+            out.push(format!("conflict: {c}"));
+        }
+        for e in &self.workload_entries {
+            if e.healthy == Some(false) {
+                out.push(format!(
+                    "VM entry {}/{} is unhealthy: {}",
+                    e.namespace, e.name, e.health_message
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    pub inner: Arc<Inner>,
+    pub admin_addr: Option<SocketAddr>,
+    pub xds_plaintext: Option<SocketAddr>,
+    pub xds_mtls: Option<SocketAddr>,
+    pub vm_api: Option<SocketAddr>,
+    /// Where the mesh DNS server listens, when it runs.
+    pub dns_addr: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl Agent {
+    pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        let identity = ClusterIdentity::load(&cfg.state_dir)?;
+        let td = TrustDomain::new(&identity.file.trust_domain)?;
+        let ca = meshfed_identity::cluster::open_cluster_ca(&cfg.state_dir, &td, None)?;
+        let cache_dir = cfg.state_dir.join("cache");
+        let cache = cache::Cache::open(&cache_dir)?;
+        let metrics = AgentMetrics::new();
+
+        // Static stability: serve what we last knew before the federator answers.
+        let mut snap = meshfed_model::snapshot::Snapshot {
+            facts: identity.facts(),
+            applied_revision: cache.applied_revision(),
+            ..Default::default()
+        };
+        for (src, e) in cache.imports()? {
+            snap.imports.insert(
+                (
+                    src,
+                    meshfed_model::validate::service_key(&e.namespace, &e.name),
+                ),
+                e,
+            );
+        }
+        for p in cache.peers()? {
+            if let Some(f) = &p.facts {
+                snap.peers.insert(f.cluster_id.clone(), p.clone());
+            }
+        }
+        for (td, (_, json)) in cache.bundles()? {
+            snap.bundles.insert(td, json);
+        }
+        tracing::info!(
+            imports = snap.imports.len(),
+            peers = snap.peers.len(),
+            revision = snap.applied_revision,
+            "serving the last known imports from the cache"
+        );
+
+        let source = FileRegistry {
+            path: cfg.registry.clone(),
+        };
+        let default_locality = identity.locality();
+        let mut registry_error = None;
+        let entries = Arc::new(Entries::open(
+            cache.tree("workload_entries")?,
+            meshfed_model::entry::now_ms(),
+        )?);
+        let mut loaded = None;
+        let initial_exports = match source.load() {
+            Ok(reg) => {
+                let (local, exports) = reg.view(&default_locality, &entries.current());
+                snap.local = local;
+                loaded = Some(Arc::new(reg));
+                exports
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "registry is invalid; exporting what the federator last acknowledged");
+                registry_error = Some(e);
+                cache.acked_exports()?
+            }
+        };
+        let (local_writer, federation_writer, reader) = store::new(snap);
+        // The cache restored what the federation last said: that is this source's first word.
+        federation_writer.mark_ready();
+
+        let mut set = BundleSet::new();
+        set.insert(identity.federation_bundle.clone())?;
+        let fed_td = TrustDomain::new(&identity.file.federation_trust_domain)?;
+        let federator_verifier = SpiffeVerifier::new(
+            TrustStore::new(set),
+            Authorizer::id(federator_spiffe_id(&fed_td)?),
+        );
+        let resolver = SvidResolver::with(&identity.svid)?;
+        let (policy_set, policy_error) = match PolicySet::load_paths(&cfg.policies) {
+            Ok(p) => (p, None),
+            Err(e) => {
+                tracing::error!(error = %e, "failover policies are invalid; serving without them until fixed");
+                (PolicySet::default(), Some(e))
+            }
+        };
+        let xds_state = cfg.xds.as_ref().map(|_| {
+            XdsState::new(
+                meshfed_xds::node::LocalFacts {
+                    cluster: identity.file.cluster.clone(),
+                    network: identity.file.network.clone(),
+                    locality: meshfed_failover::Loc::parse(&identity.file.locality)
+                        .unwrap_or_default(),
+                    trust_domain: identity.file.trust_domain.clone(),
+                },
+                &metrics.registry,
+            )
+        });
+        let exports = attach_published_policies(initial_exports.clone(), &policy_set);
+        let inner = Arc::new(Inner {
+            identity: Mutex::new(identity),
+            cache,
+            model: reader,
+            exports: watch::Sender::new(exports),
+            bundle: watch::Sender::new(ca.bundle().to_json()?),
+            resolver,
+            federator_verifier,
+            metrics,
+            status: Mutex::new(SyncStatus {
+                registry_error,
+                policy_error,
+                ..Default::default()
+            }),
+            policies: watch::Sender::new(Arc::new(policy_set)),
+            xds: xds_state.clone(),
+            registry: watch::Sender::new(loaded),
+            entries,
+            names: watch::Sender::new(Arc::new(NameTable::default())),
+        });
+        let mut tasks = vec![
+            tokio::spawn(sync::run(inner.clone(), federation_writer)),
+            tokio::spawn(local_source(
+                inner.clone(),
+                local_writer,
+                LocalSourceConfig {
+                    file: source,
+                    default_locality,
+                    poll: cfg.registry_poll,
+                    vm_grace: cfg.vm_grace,
+                    initial_exports,
+                },
+            )),
+            tokio::spawn(renew_cluster_cert(inner.clone())),
+            tokio::spawn(watch_policies(
+                inner.clone(),
+                cfg.policies.clone(),
+                cfg.registry_poll,
+            )),
+        ];
+        let ca = Arc::new(ca);
+        let (mut xds_plaintext, mut xds_mtls, mut vm_api, mut dns_addr) = (None, None, None, None);
+        // The agent's serving SVID (xDS mTLS port and VM API), renewed at 50-80 %.
+        let serving = serving_svid(&ca)?;
+        tasks.push(tokio::spawn(renew_serving_cert(
+            ca.clone(),
+            serving.clone(),
+        )));
+        if let (Some(xcfg), Some(state)) = (&cfg.xds, xds_state) {
+            let tls = xds_tls(&ca, &td, serving.clone())?;
+            let served = meshfed_xds::serve::start(
+                xcfg,
+                state,
+                inner.model.clone(),
+                inner.policies.subscribe(),
+                Some(tls),
+            )
+            .await?;
+            xds_plaintext = served.plaintext;
+            xds_mtls = served.mtls;
+            tasks.extend(served.tasks);
+            tasks.push(tokio::spawn(meshfed_xds::serve::write_trust_roots(
+                cfg.state_dir.join("xds").join("trust-roots.pem"),
+                td.to_string(),
+                inner.bundle.subscribe(),
+                inner.model.clone(),
+            )));
+        }
+        if let Some(addr) = &cfg.vm_api {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (VM API)"))?;
+            vm_api = Some(l.local_addr()?);
+            let mut set = BundleSet::new();
+            set.insert(ca.bundle())?;
+            let verifier =
+                SpiffeVerifier::new(TrustStore::new(set), Authorizer::trust_domain(td.clone()));
+            let tls = trust::tls::server_config_optional_client(serving.clone(), verifier)?;
+            let (cluster, trust_domain) = {
+                let id = inner.identity();
+                (id.file.cluster.clone(), id.file.trust_domain.clone())
+            };
+            let svc = meshfed_vm::server::VmApi::new(
+                meshfed_vm::server::VmApiInputs {
+                    cluster,
+                    trust_domain,
+                    model: inner.model.clone(),
+                    own_bundle: inner.bundle.subscribe(),
+                    names: inner.names.subscribe(),
+                    registry: inner.registry.subscribe(),
+                    entries: inner.entries.clone(),
+                },
+                ca.clone(),
+                &cfg.state_dir,
+            )
+            .server();
+            let incoming = meshfed_net::tls_incoming(l, tls);
+            tasks.push(tokio::spawn(async move {
+                // Keepalives find a VM that vanished without closing its stream (power loss,
+                // partition) in about 10 s, which starts its entry's grace period.
+                let r = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                    .add_service(svc)
+                    .serve_with_incoming(incoming)
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "VM API server failed");
+                }
+            }));
+        }
+        let vips = meshfed_dns::vips::Vips::open(
+            inner.cache.tree("service_vips")?,
+            cfg.vip_range_v4,
+            cfg.vip_range_v6,
+        )?;
+        tasks.push(tokio::spawn(meshfed_dns::follow_names(
+            inner.model.clone(),
+            inner.exports.subscribe(),
+            inner.names.clone(),
+            vips,
+        )));
+        if let Some(dcfg) = &cfg.dns {
+            let served = meshfed_dns::serve(
+                &dcfg.listen,
+                inner.names.subscribe(),
+                meshfed_dns::upstreams(&dcfg.upstream)?,
+                &inner.metrics.registry,
+            )
+            .await?;
+            tasks.extend(served.tasks);
+            dns_addr = Some(served.addr);
+        }
+        let admin_addr = match &cfg.admin {
+            Some(a) => {
+                let (ri, si) = (inner.clone(), inner.clone());
+                let (addr, task) = meshfed_net::admin::serve_with(
+                    a,
+                    Arc::new(move || ri.metrics.registry.clone()),
+                    Arc::new(move || serde_json::to_value(si.report()).map_err(|e| e.to_string())),
+                    inner
+                        .xds
+                        .as_ref()
+                        .map(|x| meshfed_xds::debug::router(x.clone())),
+                    None,
+                )
+                .await?;
+                tasks.push(task);
+                Some(addr)
+            }
+            None => None,
+        };
+        Ok(Agent {
+            inner,
+            admin_addr,
+            xds_plaintext,
+            xds_mtls,
+            vm_api,
+            dns_addr,
+            tasks,
+        })
+    }
+
+    pub fn model(&self) -> &Reader {
+        &self.inner.model
+    }
+
+    pub fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// The exports with the policies marked `publish: true` attached to the services they are for.
+fn attach_published_policies(
+    mut exports: BTreeMap<String, ServiceExport>,
+    policies: &PolicySet,
+) -> BTreeMap<String, ServiceExport> {
+    for e in exports.values_mut() {
+        let host = format!("{}.{}.svc.cluster.local", e.name, e.namespace);
+        if let Some(p) = policies.by_host.get(&host).filter(|p| p.publish) {
+            e.failover_policy = p.to_yaml();
+        }
+    }
+    exports
+}
+
+#[derive(Debug)]
+struct LocalSourceConfig {
+    file: FileRegistry,
+    default_locality: proto::Locality,
+    poll: Duration,
+    vm_grace: Duration,
+    /// What to export while no registry has loaded (what the federator last acknowledged).
+    initial_exports: BTreeMap<String, ServiceExport>,
+}
+
+/// The local source, the only writer of the model's local part: the registry file (reloaded
+/// when it changes; a broken file never replaces the last good one) and the auto-registered
+/// WorkloadEntries (followed as VMs come and go, and deleted when their VM stayed away longer
+/// than the grace period or their WorkloadGroup is gone). It also publishes the exports they
+/// imply, with the published failover policies attached. The sweep runs every grace/4 (at
+/// least 250 ms), so an entry goes within grace + grace/4.
+async fn local_source(inner: Arc<Inner>, writer: LocalWriter, cfg: LocalSourceConfig) {
+    let mut seen = cfg.file.version();
+    let mut poll = tokio::time::interval(cfg.poll);
+    let mut sweep = tokio::time::interval((cfg.vm_grace / 4).max(Duration::from_millis(250)));
+    let mut entries_rx = inner.entries.subscribe();
+    let mut policies_rx = inner.policies.subscribe();
+    let mut registry_exports = cfg.initial_exports;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            if let Some(reg) = inner.registry() {
+                let (local, exports) = reg.view(&cfg.default_locality, &inner.entries.current());
+                writer.set_local(local);
+                registry_exports = exports;
+            }
+            let policies = policies_rx.borrow_and_update().clone();
+            let exports = attach_published_policies(registry_exports.clone(), &policies);
+            inner.exports.send_if_modified(|cur| {
+                if *cur == exports {
+                    false
+                } else {
+                    *cur = exports;
+                    true
+                }
+            });
+            writer.mark_ready();
+            dirty = false;
+        }
+        tokio::select! {
+            _ = poll.tick() => {
+                let v = cfg.file.version();
+                if v == seen {
+                    continue;
+                }
+                seen = v;
+                match cfg.file.load() {
+                    Ok(reg) => {
+                        inner.metrics.registry_reloads.with_label_values(&["ok"]).inc();
+                        tracing::info!(
+                            services = reg.services.len(),
+                            groups = reg.workload_groups.len(),
+                            "registry reloaded"
+                        );
+                        inner.status().registry_error = None;
+                        inner.registry.send_replace(Some(Arc::new(reg)));
+                        dirty = true;
+                    }
+                    Err(e) => {
+                        inner.metrics.registry_reloads.with_label_values(&["invalid"]).inc();
+                        tracing::error!(error = %e, "registry is invalid; keeping the last good one");
+                        inner.status().registry_error = Some(e);
+                    }
+                }
+            }
+            r = entries_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                entries_rx.borrow_and_update();
+                dirty = true;
+            }
+            r = policies_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                dirty = true;
+            }
+            _ = sweep.tick() => {
+                let groups = inner.registry().map(|r| {
+                    r.workload_groups.iter().map(|g| g.key()).collect::<std::collections::BTreeSet<_>>()
+                });
+                let gone = inner.entries.sweep(
+                    meshfed_model::entry::now_ms(),
+                    cfg.vm_grace.as_millis() as i64,
+                    groups.as_ref(),
+                );
+                for name in gone {
+                    tracing::info!(entry = %name, "WorkloadEntry deleted (its VM stayed away past the grace period, or its group is gone)");
+                }
+            }
+        }
+    }
+}
+
+/// The agent's serving identity `spiffe://<td>/ns/meshfed-system/sa/meshfed-agent`, issued
+/// from the cluster CA (what xDS clients and VMs check).
+fn serving_svid(ca: &trust::CertificateAuthority) -> anyhow::Result<Arc<SvidResolver>> {
+    let id = agent_spiffe_id(ca.trust_domain())?;
+    let svid = ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?;
+    Ok(SvidResolver::with(&svid)?)
+}
+
+/// The xDS mTLS port's TLS: the agent's serving SVID, clients verified against the cluster's
+/// bundle and required to belong to its trust domain.
+fn xds_tls(
+    ca: &trust::CertificateAuthority,
+    td: &TrustDomain,
+    resolver: Arc<SvidResolver>,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let mut set = BundleSet::new();
+    set.insert(ca.bundle())?;
+    let verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::trust_domain(td.clone()));
+    let mut tls = trust::tls::server_config(resolver, verifier)?;
+    tls.alpn_protocols = vec![meshfed_net::ALPN_H2.to_vec()];
+    Ok(tls)
+}
+
+const SERVING_CERT_TTL: time::Duration = time::Duration::hours(24);
+
+/// Re-issues the serving certificate at 50-80 % of its lifetime.
+async fn renew_serving_cert(ca: Arc<trust::CertificateAuthority>, resolver: Arc<SvidResolver>) {
+    loop {
+        let wait = SERVING_CERT_TTL.whole_milliseconds() as u64 * rand::random_range(50..80) / 100;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        match agent_spiffe_id(ca.trust_domain())
+            .and_then(|id| {
+                Ok(ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?)
+            })
+            .and_then(|s| Ok(resolver.install(&s)?))
+        {
+            Ok(()) => tracing::info!("renewed the agent's serving certificate"),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the agent's serving certificate"),
+        }
+    }
+}
+
+/// Reloads the policy files when they change; a broken file never replaces the last good set.
+async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) {
+    if paths.is_empty() {
+        return;
+    }
+    let mut seen = meshfed_model::policy::paths_version(&paths);
+    let mut t = tokio::time::interval(poll);
+    loop {
+        t.tick().await;
+        let v = meshfed_model::policy::paths_version(&paths);
+        if v == seen {
+            continue;
+        }
+        seen = v;
+        match PolicySet::load_paths(&paths) {
+            Ok(set) => {
+                tracing::info!(policies = set.by_host.len(), "failover policies reloaded");
+                inner.status().policy_error = None;
+                inner.policies.send_if_modified(|cur| {
+                    if **cur == set {
+                        false
+                    } else {
+                        *cur = Arc::new(set);
+                        true
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "failover policies are invalid; keeping the last good ones");
+                inner.status().policy_error = Some(e);
+            }
+        }
+    }
+}
+
+/// Renews the cluster certificate at a jittered 50-80 % of its lifetime (make-before-break: the
+/// old certificate stays valid until it expires).
+async fn renew_cluster_cert(inner: Arc<Inner>) {
+    loop {
+        let at = inner.identity().svid.renew_at();
+        let wait = (at - time::OffsetDateTime::now_utc())
+            .whole_milliseconds()
+            .max(1000) as u64;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        match renew_once(&inner).await {
+            Ok(()) => tracing::info!("renewed the cluster certificate"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot renew the cluster certificate; retrying in 30 s");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
+async fn renew_once(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let (id, federators) = {
+        let i = inner.identity();
+        (i.svid.id.clone(), i.file.federators.clone())
+    };
+    let (key, csr) = trust::keys::key_and_csr(&id)?;
+    let cfg = trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone())?;
+    let mut client = proto::federation_client::FederationClient::new(meshfed_net::channel(
+        federators,
+        cfg,
+        "federator",
+    )?);
+    let resp = client
+        .renew(proto::RenewRequest { csr_der: csr })
+        .await
+        .map_err(|s| meshfed_identity::cluster::describe_status("renewal refused", &s))?
+        .into_inner();
+    let chain = resp
+        .cert_chain_der
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
+    let svid = trust::Svid::new(chain, key).context("the renewed certificate is unusable")?;
+    inner.identity().store_svid(svid.clone())?;
+    inner.resolver.install(&svid)?;
+    Ok(())
+}

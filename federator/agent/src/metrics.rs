@@ -1,0 +1,92 @@
+//! The agent's Prometheus metrics. Every path uses the same label names (`cluster`, `source_cluster`,
+//! `destination_cluster`, `reason`, `kind`) so series can be joined.
+
+use meshfed_net::metrics::must;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    pub registry: Registry,
+    pub connected: IntGauge,
+    pub imports: IntGaugeVec,
+    pub export_version_acked: IntGauge,
+    pub import_revision: IntGauge,
+    pub sync_errors: IntCounterVec,
+    pub registry_reloads: IntCounterVec,
+    pub import_apply_seconds: HistogramVec,
+    pub export_deltas: IntCounterVec,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = AgentMetrics {
+            connected: must(IntGauge::new(
+                "meshfed_agent_federator_connected",
+                "1 while the Sync stream is up",
+            )),
+            imports: must(IntGaugeVec::new(
+                Opts::new(
+                    "meshfed_agent_imported_services",
+                    "Imported services by source cluster",
+                ),
+                &["source_cluster"],
+            )),
+            export_version_acked: must(IntGauge::new(
+                "meshfed_agent_exports_acked_version",
+                "Last export version the federator acknowledged",
+            )),
+            import_revision: must(IntGauge::new(
+                "meshfed_agent_imports_applied_revision",
+                "Last import revision applied and stored",
+            )),
+            sync_errors: must(IntCounterVec::new(
+                Opts::new("meshfed_agent_sync_errors_total", "Sync stream failures"),
+                &["reason"],
+            )),
+            registry_reloads: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_agent_registry_reloads_total",
+                    "Registry file reloads by outcome",
+                ),
+                &["reason"],
+            )),
+            import_apply_seconds: must(HistogramVec::new(
+                HistogramOpts::new(
+                    "meshfed_agent_import_apply_seconds",
+                    "Time to apply and store an import delta",
+                ),
+                &["kind"],
+            )),
+            export_deltas: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_agent_export_deltas_sent_total",
+                    "Export deltas sent, by kind (full or delta)",
+                ),
+                &["kind"],
+            )),
+            registry,
+        };
+        for c in [
+            Box::new(m.export_deltas.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.connected.clone()),
+            Box::new(m.imports.clone()),
+            Box::new(m.export_version_acked.clone()),
+            Box::new(m.import_revision.clone()),
+            Box::new(m.sync_errors.clone()),
+            Box::new(m.registry_reloads.clone()),
+            Box::new(m.import_apply_seconds.clone()),
+        ] {
+            must(m.registry.register(c));
+        }
+        m
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

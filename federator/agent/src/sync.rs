@@ -1,0 +1,457 @@
+//! The agent's side of the federation: one Sync stream, reconnected with jittered exponential
+//! backoff. Exports are sent as versioned deltas against what the federator last acknowledged
+//! (nothing is resent when nothing changed); imports are stored before they are acknowledged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::cluster_message::Kind as Out;
+use proto::federation_client::FederationClient;
+use proto::federator_message::Kind as In;
+use proto::{
+    BundleUpdate, ClusterMessage, ExportDelta, Heartbeat, Hello, ImportAck, ImportDelta,
+    ServiceExport, ServiceKey,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::Inner;
+use meshfed_model::store::FederationWriter;
+use meshfed_model::validate::MAX_MESSAGE_BYTES;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// The federator closed the stream (e.g. shutting down).
+    Closed,
+    /// This cluster is no longer a member.
+    Left(String),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for End {
+    fn from(e: anyhow::Error) -> Self {
+        End::Failed(e)
+    }
+}
+
+fn status_end(s: tonic::Status) -> End {
+    if proto::reason::is_left(&s) {
+        return End::Left(s.message().to_string());
+    }
+    End::Failed(meshfed_identity::cluster::describe_status(
+        "sync stream",
+        &s,
+    ))
+}
+
+/// Runs Sync sessions until the cluster leaves.
+pub async fn run(inner: Arc<Inner>, fed: FederationWriter) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let end = session(&inner, &fed).await;
+        set_connected(&inner, &fed, false);
+        match end {
+            End::Closed => tracing::info!("federator closed the sync stream"),
+            End::Left(m) => {
+                tracing::warn!(message = %m, "this cluster is no longer a federation member; clearing imports and stopping sync");
+                inner.status().left = true;
+                if let Err(e) = inner.cache.clear() {
+                    tracing::error!(error = %e, "cannot clear the cache");
+                }
+                fed.update(|s| {
+                    s.imports.clear();
+                    s.peers.clear();
+                    s.bundles.clear();
+                    *s.applied_revision = 0;
+                });
+                return;
+            }
+            End::Failed(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(error = %msg, "sync session failed");
+                inner
+                    .metrics
+                    .sync_errors
+                    .with_label_values(&["session"])
+                    .inc();
+                inner.status().last_error = Some(msg);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = BACKOFF_MIN;
+        }
+        // Full jitter: a fleet that lost the federator at once does not return at once.
+        let wait = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn send_exports(
+    inner: &Inner,
+    tx: &mpsc::Sender<ClusterMessage>,
+    d: ExportDelta,
+) -> Result<(), End> {
+    let kind = if d.full { "full" } else { "delta" };
+    inner.metrics.export_deltas.with_label_values(&[kind]).inc();
+    tracing::debug!(
+        version = d.version,
+        kind,
+        upserts = d.upserts.len(),
+        removals = d.removals.len(),
+        "sending exports"
+    );
+    send(tx, Out::Exports(d)).await
+}
+
+async fn send(tx: &mpsc::Sender<ClusterMessage>, kind: Out) -> Result<(), End> {
+    tx.send(ClusterMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| End::Failed(anyhow::anyhow!("the sync stream closed")))
+}
+
+struct Exports {
+    acked_version: u64,
+    acked: BTreeMap<String, ServiceExport>,
+    in_flight: Option<(u64, BTreeMap<String, ServiceExport>)>,
+    need_full: bool,
+    federator_version: u64,
+}
+
+impl Exports {
+    /// The next delta to send, if the desired set differs from what is acknowledged.
+    fn next(&mut self, desired: &BTreeMap<String, ServiceExport>) -> Option<ExportDelta> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        if self.need_full {
+            let version = self
+                .acked_version
+                .max(self.federator_version)
+                .saturating_add(1);
+            self.need_full = false;
+            self.in_flight = Some((version, desired.clone()));
+            return Some(ExportDelta {
+                version,
+                full: true,
+                upserts: desired.values().cloned().collect(),
+                removals: Vec::new(),
+            });
+        }
+        if *desired == self.acked {
+            return None;
+        }
+        let upserts = desired
+            .iter()
+            .filter(|(k, v)| self.acked.get(*k) != Some(v))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let removals = self
+            .acked
+            .iter()
+            .filter(|(k, _)| !desired.contains_key(*k))
+            .map(|(_, v)| ServiceKey {
+                namespace: v.namespace.clone(),
+                name: v.name.clone(),
+            })
+            .collect();
+        let version = self.acked_version.saturating_add(1);
+        self.in_flight = Some((version, desired.clone()));
+        Some(ExportDelta {
+            version,
+            full: false,
+            upserts,
+            removals,
+        })
+    }
+}
+
+/// Whether the federator is connected, in the status, the metrics and the model.
+fn set_connected(inner: &Inner, fed: &FederationWriter, up: bool) {
+    inner.status().connected = up;
+    inner.metrics.connected.set(i64::from(up));
+    fed.update(|s| *s.federator_connected = up);
+}
+
+fn apply_to_model(inner: &Inner, fed: &FederationWriter, d: &ImportDelta) {
+    fed.update(|s| {
+        if d.full {
+            s.imports.clear();
+            s.bundles.clear();
+        }
+        for r in &d.removals {
+            s.imports.remove(&(
+                r.source_cluster.clone(),
+                meshfed_model::validate::service_key(&r.namespace, &r.name),
+            ));
+        }
+        for u in &d.upserts {
+            if let Some(e) = &u.export {
+                s.imports.insert(
+                    (
+                        u.source_cluster.clone(),
+                        meshfed_model::validate::service_key(&e.namespace, &e.name),
+                    ),
+                    e.clone(),
+                );
+            }
+        }
+        for td in &d.bundle_removals {
+            s.bundles.remove(td);
+        }
+        for b in &d.bundles {
+            s.bundles
+                .insert(b.trust_domain.clone(), b.bundle_json.clone());
+        }
+        *s.applied_revision = d.revision;
+    });
+    let snap = inner.model.current();
+    let mut per_source: BTreeMap<&str, i64> = BTreeMap::new();
+    for (src, _) in snap.imports.keys() {
+        *per_source.entry(src.as_str()).or_default() += 1;
+    }
+    inner.metrics.imports.reset();
+    for (src, n) in per_source {
+        inner.metrics.imports.with_label_values(&[src]).set(n);
+    }
+    inner.metrics.import_revision.set(d.revision as i64);
+}
+
+async fn session(inner: &Arc<Inner>, fed: &FederationWriter) -> End {
+    match session_inner(inner, fed).await {
+        Ok(()) => End::Closed,
+        Err(e) => e,
+    }
+}
+
+async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(), End> {
+    let (cfg, facts, federators) = {
+        let id = inner.identity();
+        let cfg =
+            trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone())
+                .map_err(anyhow::Error::from)?;
+        (cfg, id.facts(), id.file.federators.clone())
+    };
+    let channel = meshfed_net::channel(federators, cfg, "federator")?;
+    let mut client = FederationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(16);
+    send(
+        &tx,
+        Out::Hello(Hello {
+            facts: Some(facts),
+            imports_applied_revision: inner.cache.applied_revision(),
+        }),
+    )
+    .await?;
+    let mut inbound = client
+        .sync(ReceiverStream::new(rx))
+        .await
+        .map_err(status_end)?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .map_err(|_| End::Failed(anyhow::anyhow!("no welcome from the federator within 10 s")))?
+        .map_err(status_end)?;
+    let welcome = match first.and_then(|m| m.kind) {
+        Some(In::Welcome(w)) => w,
+        None => return Ok(()),
+        Some(_) => {
+            return Err(End::Failed(anyhow::anyhow!(
+                "the federator did not start with welcome"
+            )))
+        }
+    };
+    set_connected(inner, fed, true);
+    {
+        let mut st = inner.status();
+        st.last_error = None;
+        st.lease_ttl_ms = welcome.lease_ttl_ms;
+    }
+    tracing::info!(
+        federator_acked = welcome.exports_acked_version,
+        "connected to the federator"
+    );
+    let mut bundle_rx = inner.bundle.subscribe();
+    let bundle_json = bundle_rx.borrow_and_update().clone();
+    send(&tx, Out::Bundle(BundleUpdate { bundle_json })).await?;
+
+    let acked_version = inner.cache.acked_version();
+    let mut ex = Exports {
+        acked_version,
+        acked: inner.cache.acked_exports()?,
+        in_flight: None,
+        need_full: welcome.exports_acked_version != acked_version,
+        federator_version: welcome.exports_acked_version,
+    };
+    if ex.need_full {
+        tracing::info!(
+            federator = welcome.exports_acked_version,
+            local = acked_version,
+            "export versions differ: sending the full set"
+        );
+    }
+    let mut exports_rx = inner.exports.subscribe();
+    let desired = exports_rx.borrow_and_update().clone();
+    if let Some(d) = ex.next(&desired) {
+        send_exports(inner, &tx, d).await?;
+    }
+    let every = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            m = inbound.message() => {
+                let Some(msg) = m.map_err(status_end)? else { return Ok(()) };
+                match msg.kind {
+                    Some(In::ExportAck(a)) => {
+                        let Some((v, snap)) = ex.in_flight.take() else { continue };
+                        if a.version != v {
+                            ex.in_flight = Some((v, snap));
+                            continue;
+                        }
+                        if a.error.is_empty() {
+                            inner.cache.set_acked(v, &snap)?;
+                            ex.acked_version = v;
+                            ex.acked = snap;
+                            inner.metrics.export_version_acked.set(v as i64);
+                            let mut st = inner.status();
+                            st.exports_acked_version = v;
+                            st.conflicts = a.conflicts.clone();
+                            drop(st);
+                            for c in &a.conflicts {
+                                tracing::warn!(conflict = %c, "export conflict");
+                            }
+                        } else {
+                            tracing::warn!(version = v, error = %a.error, "federator refused an export delta; sending the full set");
+                            ex.need_full = true;
+                            ex.federator_version = ex.federator_version.max(ex.acked_version);
+                        }
+                        let desired = exports_rx.borrow_and_update().clone();
+                        if let Some(d) = ex.next(&desired) {
+                            send_exports(inner, &tx, d).await?;
+                        }
+                    }
+                    Some(In::Imports(d)) => {
+                        let started = Instant::now();
+                        let result = tokio::task::block_in_place(|| inner.cache.apply_imports(&d));
+                        inner.metrics.import_apply_seconds.with_label_values(&["imports"]).observe(started.elapsed().as_secs_f64());
+                        match result {
+                            Ok(()) => {
+                                apply_to_model(inner, fed, &d);
+                                send(&tx, Out::ImportAck(ImportAck { revision: d.revision, error: String::new() })).await?;
+                            }
+                            Err(e) => {
+                                let error = format!("{e:#}");
+                                tracing::warn!(revision = d.revision, %error, "refusing an import delta (NACK)");
+                                send(&tx, Out::ImportAck(ImportAck { revision: d.revision, error })).await?;
+                            }
+                        }
+                    }
+                    Some(In::Peers(p)) => {
+                        inner.cache.set_peers(&p)?;
+                        fed.update(|s| {
+                            for r in &p.removed {
+                                s.peers.remove(r);
+                            }
+                            for peer in &p.peers {
+                                if let Some(f) = &peer.facts {
+                                    s.peers.insert(f.cluster_id.clone(), peer.clone());
+                                }
+                            }
+                        });
+                    }
+                    Some(In::Welcome(_)) | None => {}
+                }
+            }
+            r = exports_rx.changed() => {
+                if r.is_err() { return Ok(()); }
+                let desired = exports_rx.borrow_and_update().clone();
+                if let Some(d) = ex.next(&desired) {
+                    send_exports(inner, &tx, d).await?;
+                }
+            }
+            r = bundle_rx.changed() => {
+                if r.is_err() { return Ok(()); }
+                let bundle_json = bundle_rx.borrow_and_update().clone();
+                send(&tx, Out::Bundle(BundleUpdate { bundle_json })).await?;
+            }
+            _ = heartbeat.tick() => {
+                send(&tx, Out::Heartbeat(Heartbeat {})).await?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, port: u32) -> (String, ServiceExport) {
+        (
+            format!("shop/{name}"),
+            ServiceExport {
+                namespace: "shop".into(),
+                name: name.into(),
+                ports: vec![proto::Port {
+                    name: "http".into(),
+                    port,
+                    protocol: "TCP".into(),
+                    app_protocol: String::new(),
+                }],
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn deltas_against_the_acknowledged_set() {
+        let acked: BTreeMap<_, _> = [svc("a", 1), svc("b", 2)].into_iter().collect();
+        let mut ex = Exports {
+            acked_version: 4,
+            acked: acked.clone(),
+            in_flight: None,
+            need_full: false,
+            federator_version: 4,
+        };
+        assert!(
+            ex.next(&acked).is_none(),
+            "nothing is sent when nothing changed"
+        );
+        let desired: BTreeMap<_, _> = [svc("a", 1), svc("b", 3), svc("c", 4)]
+            .into_iter()
+            .collect();
+        let d = ex.next(&desired).unwrap();
+        assert_eq!(d.version, 5);
+        assert!(!d.full);
+        assert_eq!(d.upserts.len(), 2);
+        assert!(ex.next(&desired).is_none(), "one delta in flight at a time");
+        let mut ex = Exports {
+            acked_version: 4,
+            acked,
+            in_flight: None,
+            need_full: false,
+            federator_version: 4,
+        };
+        let only_a: BTreeMap<_, _> = [svc("a", 1)].into_iter().collect();
+        let d = ex.next(&only_a).unwrap();
+        assert_eq!(d.removals.len(), 1);
+        assert_eq!(d.removals[0].name, "b");
+        let mut ex = Exports {
+            acked_version: 2,
+            acked: BTreeMap::new(),
+            in_flight: None,
+            need_full: true,
+            federator_version: 7,
+        };
+        let d = ex.next(&only_a).unwrap();
+        assert!(d.full);
+        assert_eq!(d.version, 8);
+    }
+}

@@ -1,0 +1,1190 @@
+//! `meshfed demo`: a whole federation on this machine, on embedded defaults.
+//!
+//! A federator and three clusters - east (us-east1), west (us-west1), eu (europe-west1) - each
+//! with its own CA and trust domain, its agent and its east-west gateway, all real `meshfed`
+//! processes (this binary), and small coffee-shop workloads. `payment` runs in east and west
+//! and is exported; `order` in eu calls it over mTLS, finding the endpoints and the peers'
+//! trust bundles only through the federation. `inventory` runs in east, exported to west only,
+//! and west's payment calls it: the other direction across the federation. eu has a failover policy (prefer us-west1, then
+//! the rest); its agent pushes the priority table over xDS and `order` follows it. The script
+//! then takes west down (its payment server stops, its agent is killed): west's lease expires,
+//! eu's agent pushes a table ranking west last, and calls continue on east; west comes back
+//! and is preferred again.
+//!
+//! A VM joins eu through eu's east-west gateway from a `meshfed vm bootstrap` package: one-time
+//! token, durable credential, WorkloadEntry auto-registered and gated by the group's probe;
+//! order calls `stock` on it over mTLS, and the VM's mesh DNS resolves an imported service.
+//! When the VM's agent dies, its entry goes after the grace period.
+//!
+//! Run as root with `ip`, every cluster, the VM and the federator get their own network
+//! namespace, joined by veth pairs through a router namespace (see [`meshfed_harness::netns`]); the
+//! processes run there (`ip netns exec`) and the workloads on runtimes whose threads entered
+//! the namespace. Otherwise everything shares loopback, each cluster on its own 127.0.x.1
+//! address. Either way the tables name each network's east-west gateway, and every
+//! cross-cluster call crosses one: the gateway routes on the SNI without terminating TLS.
+//! Everything the demo checks it reads as a user would: the admin endpoints' `/status`,
+//! `/debug/syncz` and `/metrics`. Ctrl-C or SIGTERM drops the run, which kills the processes
+//! and deletes the namespaces (and with them the veth links and routes).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use trust::ca::policy::AnyWorkload;
+use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+use trust::{BundleSet, CertificateAuthority, SpiffeId, TrustBundle, TrustDomain, TrustStore};
+
+use layout::Layout;
+pub use layout::NetworkMode;
+use meshfed_agent::AgentReport;
+use meshfed_federation::status::FederationReport;
+use meshfed_harness::loadgen::{Stats, Target};
+use procs::Proc;
+
+mod layout;
+mod procs;
+mod vm;
+
+const LEASE_TTL: Duration = Duration::from_secs(3);
+const PAYMENT_CLUSTER: &str = "outbound|18080||payment.shop.svc.cluster.local";
+
+/// eu's failover policy for payment: prefer us-west1, then anything else.
+const EU_POLICY: &str = "apiVersion: meshfed.io/v1alpha1
+kind: FailoverPolicy
+metadata: {name: payment, namespace: shop}
+spec:
+  host: payment.shop.svc.cluster.local
+  failover:
+    - {from: europe-west1, to: us-west1}
+  outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 10s, maxEjectionPercent: 100}
+  staleness: {onExpiry: deprioritize}
+";
+const PAYMENT_PORT: u16 = 18080;
+/// inventory runs in east and is exported to west only; west's payment calls it.
+const INVENTORY_PORT: u16 = 18081;
+const INVENTORY_CLUSTER: &str = "outbound|18081||inventory.shop.svc.cluster.local";
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub state_dir: Option<PathBuf>,
+    /// Assert each expected outcome and exit non-zero if one fails.
+    pub check: bool,
+    pub network: NetworkMode,
+}
+
+struct ClusterSpec {
+    name: &'static str,
+    region: &'static str,
+    /// Loopback address of this cluster's workloads (loopback mode).
+    loopback: &'static str,
+    /// Network number in namespace mode (10.215.<index>.2).
+    index: u8,
+    runs_payment: bool,
+}
+
+const CLUSTERS: [ClusterSpec; 3] = [
+    ClusterSpec {
+        name: "east",
+        region: "us-east1",
+        loopback: "127.0.1.1",
+        index: 1,
+        runs_payment: true,
+    },
+    ClusterSpec {
+        name: "west",
+        region: "us-west1",
+        loopback: "127.0.2.1",
+        index: 2,
+        runs_payment: true,
+    },
+    ClusterSpec {
+        name: "eu",
+        region: "europe-west1",
+        loopback: "127.0.3.1",
+        index: 3,
+        runs_payment: false,
+    },
+];
+
+fn registry(c: &ClusterSpec, addr: &str, vm_addr: &str) -> String {
+    let mut y = String::from("services:\n");
+    if c.runs_payment {
+        y.push_str(&format!(
+            "  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PAYMENT_PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {addr}, serviceAccount: payment, labels: {{version: v1}}}}]\n"
+        ));
+        if c.name == "east" {
+            y.push_str(&format!(
+                "  - namespace: shop\n    name: inventory\n    ports: [{{name: https, port: {INVENTORY_PORT}, appProtocol: tls}}]\n    exportTo: [west]\n    endpoints: [{{address: {addr}, serviceAccount: inventory}}]\n"
+            ));
+        }
+    } else {
+        y.push_str(&format!(
+            "  - namespace: shop\n    name: order\n    ports: [{{name: http, port: 8082}}]\n    endpoints: [{{address: {addr}, serviceAccount: order}}]\n"
+        ));
+        y.push_str(&vm::registry(vm_addr));
+    }
+    y
+}
+
+/// One line of the scripted run, and whether it held (in --check mode).
+struct Checks {
+    check: bool,
+    passed: u32,
+    failed: u32,
+}
+
+impl Checks {
+    fn assert(&mut self, ok: bool, what: &str, detail: String) {
+        let mark = if ok { "PASS" } else { "FAIL" };
+        if self.check {
+            println!("[{mark}] {what}: {detail}");
+        } else {
+            println!("  {} {what}: {detail}", if ok { "ok " } else { "!! " });
+        }
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+/// A workload's server: mTLS with its SVID, accepting only `allowed`, answering one line.
+struct Server {
+    cluster: &'static str,
+    service: &'static str,
+    port: u16,
+    /// The one client identity accepted, and its trust domain's bundle.
+    allowed: SpiffeId,
+    client_bundle: TrustBundle,
+}
+
+impl Server {
+    /// Starts in the cluster's network with an SVID from the cluster's CA; `stop` makes it
+    /// refuse new connections (a workload going down).
+    async fn start(
+        self,
+        layout: &Layout,
+        ca: &CertificateAuthority,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let id = SpiffeId::istio_workload(ca.trust_domain(), "shop", self.service)?;
+        let svid = ca.issue_svid(&id, &AnyWorkload, time::Duration::hours(1))?;
+        let mut set = BundleSet::new();
+        set.insert(self.client_bundle.clone())?;
+        let cfg = trust::tls::server_config(
+            SvidResolver::with(&svid)?,
+            SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(self.allowed.clone())),
+        )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let site = layout.cluster(self.cluster)?;
+        let addr = site.addr.clone();
+        let (cluster, service, port) = (self.cluster, self.service, self.port);
+        site.rt
+            .run(async move {
+                let listener = TcpListener::bind((addr.as_str(), port))
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen on {addr}:{port} for {cluster}'s {service}")
+                    })?;
+                Ok::<_, anyhow::Error>(tokio::spawn(async move {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        tokio::spawn(answer(acceptor.clone(), tcp, move |req| {
+                            format!("{service} in {cluster} answered {req}")
+                        }));
+                    }
+                }))
+            })
+            .await?
+    }
+}
+
+/// `cluster`'s payment server, accepting eu's order.
+async fn start_payment(
+    layout: &Layout,
+    cluster: &'static str,
+    ca: &CertificateAuthority,
+    eu_bundle: TrustBundle,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    Server {
+        cluster,
+        service: "payment",
+        port: PAYMENT_PORT,
+        allowed: SpiffeId::istio_workload(&TrustDomain::new("eu.mesh")?, "shop", "order")?,
+        client_bundle: eu_bundle,
+    }
+    .start(layout, ca, stop)
+    .await
+}
+
+/// Reads one request over (m)TLS and answers it with `reply(request)`. A connection that does
+/// not complete the handshake (a TCP probe) is dropped.
+async fn answer(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    reply: impl FnOnce(&str) -> String,
+) {
+    let Ok(mut tls) = acceptor.accept(tcp).await else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    if let Ok(n) = tls.read(&mut buf).await {
+        let r = reply(String::from_utf8_lossy(&buf[..n]).trim());
+        let _ = tls.write_all(r.as_bytes()).await;
+        let _ = tls.shutdown().await;
+    }
+}
+
+fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    b.iter()
+        .map(|(k, v)| (k.clone(), v - a.get(k).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// The trust roots an agent writes for its proxies (`<state>/xds/trust-roots.pem`: one
+/// `# <trust domain>` section per domain), as bundles kept apart per trust domain.
+fn roots_file(path: &Path) -> TrustStore {
+    let mut set = BundleSet::new();
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut td: Option<String> = None;
+    let mut pem = String::new();
+    let mut flush = |td: &Option<String>, pem: &mut String| {
+        if let Some(td) = td {
+            if let (Ok(t), Ok(certs)) = (
+                TrustDomain::new(td),
+                trust::keys::certs_from_pem(pem.as_bytes(), "trust roots"),
+            ) {
+                let _ = set.insert(TrustBundle::new(t, certs));
+            }
+        }
+        pem.clear();
+    };
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("# ") {
+            flush(&td, &mut pem);
+            td = Some(name.trim().to_string());
+        } else {
+            pem.push_str(line);
+            pem.push('\n');
+        }
+    }
+    flush(&td, &mut pem);
+    TrustStore::new(set)
+}
+
+/// A workload's client of `host:port`: every 20 ms, following the table its cluster's agent
+/// pushes over xDS, through the gateways the table names, verifying each server (one of
+/// `expect`) against the bundle of its own trust domain as the agent received it through the
+/// federation (the trust roots file the agent writes for proxies, under `state`).
+fn mesh_client(
+    host: &str,
+    port: u16,
+    state: &Path,
+    svid: trust::Svid,
+    expect: Vec<SpiffeId>,
+) -> Target {
+    let roots = state.join("xds").join("trust-roots.pem");
+    Target {
+        cluster: format!("outbound|{port}||{host}"),
+        sni: format!("outbound_.{port}_._.{host}"),
+        svid,
+        roots: Arc::new(move || roots_file(&roots)),
+        expect: Authorizer::Ids(expect),
+        label: Arc::new(|td: &TrustDomain| td.as_str().trim_end_matches(".mesh").to_string()),
+        interval: Duration::from_millis(20),
+        attempts: 2,
+        timeout: Duration::from_millis(500),
+    }
+}
+
+/// A workload's proxy: an xDS client of its cluster's agent, started in the cluster's network.
+async fn proxy_of(
+    layout: &Layout,
+    cluster: &str,
+    workload: &str,
+    zone: &str,
+) -> anyhow::Result<meshfed_xds::client::AdsClient> {
+    let addr = layout.addr(cluster);
+    let region = zone.rsplit_once('-').map(|(r, _)| r).unwrap_or(zone);
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        id: format!("sidecar~{addr}~{workload}.shop~shop.svc.cluster.local"),
+        user_agent_name: "meshfed-demo".into(),
+        locality: Some(envoy_types::pb::envoy::config::core::v3::Locality {
+            region: region.into(),
+            zone: zone.into(),
+            sub_zone: String::new(),
+        }),
+        ..Default::default()
+    };
+    layout
+        .cluster(cluster)?
+        .rt
+        .run(async move {
+            meshfed_xds::client::AdsClient::start(format!("http://{addr}:15010"), node)
+        })
+        .await
+}
+
+/// Whose gateway an address is.
+fn gateway_owner(layout: &Layout, addr: &str) -> Option<&'static str> {
+    CLUSTERS
+        .iter()
+        .map(|c| c.name)
+        .find(|c| format!("{}:15443", layout.addr(c)) == addr)
+}
+
+/// The payment table as eu's agent pushed it: one line per priority.
+fn describe_table(layout: &Layout, tables: &meshfed_xds::client::Tables) -> Vec<String> {
+    let Some(t) = tables.get(PAYMENT_CLUSTER) else {
+        return vec!["(no table yet)".into()];
+    };
+    let mut by_prio: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (p, addr, healthy) in meshfed_xds::client::endpoints(t) {
+        let who = gateway_owner(layout, &addr)
+            .map(|c| format!("{c} gateway"))
+            .unwrap_or_else(|| "workload".into());
+        by_prio.entry(p).or_default().push(format!(
+            "{addr} ({who}{})",
+            if healthy { "" } else { ", unhealthy" }
+        ));
+    }
+    by_prio
+        .into_iter()
+        .map(|(p, v)| format!("P{p}: {}", v.join(", ")))
+        .collect()
+}
+
+/// The cluster whose gateway is at priority 0 of the payment table.
+fn p0_cluster(layout: &Layout, tables: &meshfed_xds::client::Tables) -> Option<&'static str> {
+    let t = tables.get(PAYMENT_CLUSTER)?;
+    let eps = meshfed_xds::client::endpoints(t);
+    let (_, addr, _) = eps.iter().find(|e| e.0 == 0)?;
+    gateway_owner(layout, addr)
+}
+
+async fn agent_report(admin: &str) -> Option<AgentReport> {
+    let v = meshfed_net::admin::fetch_status(admin).await.ok()?;
+    serde_json::from_value(v).ok()
+}
+
+async fn federation_report(admin: &str) -> anyhow::Result<FederationReport> {
+    let v = meshfed_net::admin::fetch_status(admin).await?;
+    Ok(serde_json::from_value(v)?)
+}
+
+/// Polls an agent's `/status` until `f` holds; the last report seen.
+async fn wait_agent(
+    admin: &str,
+    timeout: Duration,
+    f: impl Fn(&AgentReport) -> bool,
+) -> (bool, Option<AgentReport>) {
+    let end = Instant::now() + timeout;
+    loop {
+        let r = agent_report(admin).await;
+        if r.as_ref().is_some_and(&f) {
+            return (true, r);
+        }
+        if Instant::now() > end {
+            return (false, r);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lease_of(r: &AgentReport, peer: &str) -> Option<String> {
+    r.peers
+        .iter()
+        .find(|p| p.cluster == peer)
+        .map(|p| p.lease.clone())
+}
+
+fn endpoints_of(r: &AgentReport, service: &str, cluster: &str) -> u64 {
+    r.endpoints
+        .get(service)
+        .and_then(|m| m.get(cluster))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// One Prometheus sample (`name{labels}` as exposed) from an admin endpoint's `/metrics`.
+async fn metric(admin: &str, series: &str) -> Option<f64> {
+    let text = meshfed_net::admin::fetch_text(admin, "/metrics")
+        .await
+        .ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|r| r.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// A cluster's processes and addresses.
+struct ClusterRun {
+    admin: String,
+    agent: Proc,
+    gateway: Option<Proc>,
+}
+
+fn agent_args(dir: &Path, addr: &str, policies: bool) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "agent",
+        "--state-dir",
+        &dir.display().to_string(),
+        "--registry",
+        &dir.join("registry.yaml").display().to_string(),
+        "--admin",
+        &format!("{addr}:15014"),
+        "--registry-poll",
+        "200ms",
+        "--xds-plaintext",
+        &format!("{addr}:15010"),
+        "--xds-mtls",
+        &format!("{addr}:15012"),
+        "--vm-api",
+        &format!("{addr}:15018"),
+        "--vm-grace",
+        "3s",
+        "--dns",
+        &format!("{addr}:15053"),
+        "--dns-upstream",
+        "127.0.0.1:9",
+        "--vip-range-v6",
+        "off",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if policies {
+        v.extend([
+            "--policy".into(),
+            dir.join("policies.yaml").display().to_string(),
+        ]);
+    }
+    v
+}
+
+fn calls_to(m: &BTreeMap<String, u64>, cluster: &str) -> u64 {
+    m.iter()
+        .filter(|(k, _)| k.split(' ').next() == Some(cluster))
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+fn fmt_counts(m: &BTreeMap<String, u64>, failed: u64) -> String {
+    let mut parts: Vec<String> = m
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    parts.push(format!("failed={failed}"));
+    parts.join(" ")
+}
+
+pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
+    let tmp;
+    let root: PathBuf = match &opts.state_dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
+                bail!(
+                    "{} is not empty; give the demo an empty or new directory",
+                    d.display()
+                );
+            }
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let logs = root.join("logs");
+    println!(
+        "meshfed demo: a federation of three clusters on this machine (state in {}, process logs in {})",
+        root.display(),
+        logs.display()
+    );
+    let layout = Layout::new(opts.network)?;
+    println!("mode: {}\n", layout.description);
+    let mut checks = Checks {
+        check: opts.check,
+        passed: 0,
+        failed: 0,
+    };
+
+    // The federator.
+    let fed_dir = root.join("federator");
+    let (fed_grpc, fed_admin) = if layout.netns() {
+        (
+            format!("{}:15100", layout.fed.addr),
+            format!("{}:15101", layout.fed.addr),
+        )
+    } else {
+        let free = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        (
+            format!("127.0.0.1:{}", free()?),
+            format!("127.0.0.1:{}", free()?),
+        )
+    };
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut federator = Proc::spawn(
+        "federator",
+        layout.fed.ns(),
+        &s(&[
+            "federator",
+            "--state-dir",
+            &fed_dir.display().to_string(),
+            "--listen",
+            &fed_grpc,
+            "--admin",
+            &fed_admin,
+            "--lease-ttl",
+            &format!("{}s", LEASE_TTL.as_secs()),
+        ]),
+        &logs,
+    )?;
+    procs::wait_serving(&mut federator, &fed_admin, Duration::from_secs(20)).await?;
+    let fr = federation_report(&fed_admin).await?;
+    println!(
+        "federator   pid {:<7} gRPC {fed_grpc}  admin http://{fed_admin}/status  trust domain {}",
+        federator.pid().unwrap_or_default(),
+        fr.federation_trust_domain
+    );
+
+    // The clusters: one-time token, join, agent, gateway.
+    let mut clusters: BTreeMap<&str, ClusterRun> = BTreeMap::new();
+    let mut cas: BTreeMap<&str, CertificateAuthority> = BTreeMap::new();
+    for c in &CLUSTERS {
+        let site = layout.cluster(c.name)?;
+        let addr = site.addr.clone();
+        let token = procs::run_once(
+            None,
+            &s(&[
+                "federator",
+                "token",
+                "create",
+                "--state-dir",
+                &fed_dir.display().to_string(),
+                "--cluster",
+                c.name,
+            ]),
+        )
+        .await?;
+        let dir = root.join(c.name);
+        procs::run_once(
+            site.ns(),
+            &s(&[
+                "join",
+                "--token",
+                token.trim(),
+                "--state-dir",
+                &dir.display().to_string(),
+                "--cluster",
+                c.name,
+                "--network",
+                &format!("net-{}", c.name),
+                "--trust-domain",
+                &format!("{}.mesh", c.name),
+                "--locality",
+                &format!("{}/{}-b", c.region, c.region),
+                "--gateway",
+                &format!("{addr}:15443"),
+            ]),
+        )
+        .await
+        .with_context(|| format!("joining {}", c.name))?;
+        std::fs::write(
+            dir.join("registry.yaml"),
+            registry(c, &addr, &layout.vm.addr),
+        )?;
+        let policies = c.name == "eu";
+        if policies {
+            std::fs::write(dir.join("policies.yaml"), EU_POLICY)?;
+        }
+        let admin = format!("{addr}:15014");
+        let mut agent = Proc::spawn(
+            &format!("agent-{}", c.name),
+            site.ns(),
+            &agent_args(&dir, &addr, policies),
+            &logs,
+        )?;
+        procs::wait_serving(&mut agent, &admin, Duration::from_secs(20)).await?;
+        println!(
+            "cluster {:<5} pid {:<7} trust domain {:<10} region {:<13} workloads on {addr}  agent admin http://{admin}/status  xDS {addr}:15010",
+            c.name,
+            agent.pid().unwrap_or_default(),
+            format!("{}.mesh", c.name),
+            c.region,
+        );
+        cas.insert(c.name, CertificateAuthority::load(&dir.join("ca"))?);
+        clusters.insert(
+            c.name,
+            ClusterRun {
+                admin,
+                agent,
+                gateway: None,
+            },
+        );
+    }
+    // East-west gateways, fed by their agents over xDS; eu's also exposes its agent's VM API
+    // and mTLS xDS port (as Istio's expose-istiod does) for the VM.
+    for c in &CLUSTERS {
+        let site = layout.cluster(c.name)?;
+        let addr = &site.addr;
+        let mut args = s(&[
+            "gateway",
+            "--listen",
+            &format!("{addr}:15443"),
+            "--xds",
+            &format!("{addr}:15010"),
+            "--admin",
+            &format!("{addr}:15021"),
+            "--drain-timeout",
+            "1s",
+        ]);
+        if c.name == "eu" {
+            args.extend(s(&[
+                "--expose",
+                &format!("{}={addr}:15018", meshfed_vm_agent::config::VM_API_SNI),
+                "--expose",
+                &format!("{}={addr}:15012", meshfed_vm_agent::config::XDS_SNI),
+            ]));
+        }
+        let mut g = Proc::spawn(&format!("gateway-{}", c.name), site.ns(), &args, &logs)?;
+        procs::wait_serving(&mut g, &format!("{addr}:15021"), Duration::from_secs(20)).await?;
+        println!(
+            "gateway {:<5} pid {:<7} {addr}:15443 (SNI passthrough, routes from its agent over xDS)  admin http://{addr}:15021/metrics",
+            c.name,
+            g.pid().unwrap_or_default()
+        );
+        if let Some(r) = clusters.get_mut(c.name) {
+            r.gateway = Some(g);
+        }
+    }
+    let admin_of = |c: &str| clusters.get(c).map(|r| r.admin.clone()).unwrap_or_default();
+    let (east_admin, west_admin, eu_admin) = (admin_of("east"), admin_of("west"), admin_of("eu"));
+    let joined = federation_report(&fed_admin)
+        .await
+        .map(|r| r.clusters.len())
+        .unwrap_or(0);
+    checks.assert(
+        joined == 3,
+        "joins",
+        format!("{joined} clusters joined with one-time tokens (east, west, eu), each its own CA and trust domain"),
+    );
+
+    // Imports and bundles reach eu through the federation.
+    let (got, r) = wait_agent(&eu_admin, Duration::from_secs(20), |r| {
+        endpoints_of(r, "shop/payment", "east") > 0
+            && endpoints_of(r, "shop/payment", "west") > 0
+            && ["east", "west"]
+                .iter()
+                .all(|p| r.peers.iter().any(|x| x.cluster == *p && x.bundle))
+    })
+    .await;
+    let r = r.unwrap_or_default();
+    checks.assert(
+        got,
+        "imports",
+        format!(
+            "eu imports shop/payment from [{}]",
+            r.endpoints
+                .get("shop/payment")
+                .map(|m| m.keys().cloned().collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        ),
+    );
+    checks.assert(
+        got,
+        "bundles",
+        format!(
+            "eu holds the trust bundles of [{}] (never merged)",
+            r.peers
+                .iter()
+                .filter(|p| p.bundle)
+                .map(|p| p.trust_domain.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let inv_at_eu = r.endpoints.contains_key("shop/inventory");
+    let (west_inv, _) = wait_agent(&west_admin, Duration::from_secs(10), |r| {
+        endpoints_of(r, "shop/inventory", "east") > 0
+    })
+    .await;
+    checks.assert(
+        west_inv && !inv_at_eu,
+        "exportTo",
+        "east's inventory (exportTo: [west]) reaches west and not eu".into(),
+    );
+
+    // The VM: joins eu through eu's gateway with a bootstrap package.
+    let vm_addr = layout.vm.addr.clone();
+    let eu_addr = layout.addr("eu");
+    println!("\nVM: stock runs on a VM ({vm_addr}) that joins eu through eu's east-west gateway with `meshfed vm bootstrap`'s package");
+    let eu_dir = root.join("eu");
+    let vm_config = vm::package(&root, &eu_dir, &format!("{eu_addr}:15443"), &vm_addr)?;
+    let mut vm_agent = Proc::spawn(
+        "vm-agent",
+        layout.vm.ns(),
+        &s(&["vm", "agent", "--config", &vm_config.display().to_string()]),
+        &logs,
+    )?;
+    let vm_admin = format!("{vm_addr}:15020");
+    procs::wait_serving(&mut vm_agent, &vm_admin, Duration::from_secs(20)).await?;
+    let entry_name = format!("stock-vm-{vm_addr}");
+    let (registered, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+        r.workload_entries
+            .iter()
+            .any(|e| e.name == entry_name && e.connected)
+    })
+    .await;
+    let vm_status = meshfed_net::admin::fetch_status(&vm_admin)
+        .await
+        .unwrap_or_default();
+    checks.assert(
+        registered,
+        "VM join",
+        format!(
+            "VM {} (pid {}) joined with its one-time token through eu's gateway (SNI {}), got {} and a durable credential; WorkloadEntry {entry_name} auto-registered",
+            vm_status["vm_id"].as_str().unwrap_or("?"),
+            vm_agent.pid().unwrap_or_default(),
+            meshfed_vm_agent::config::VM_API_SNI,
+            vm_status["svid"].as_str().unwrap_or("?"),
+        ),
+    );
+    let cert_dir = root.join("vm/etc/meshfed/certs");
+    let stock = layout
+        .vm
+        .rt
+        .run(vm::stock_server(cert_dir, vm_addr.clone()))
+        .await??;
+    let (probed, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+        endpoints_of(r, "shop/stock", "eu") == 1
+            && r.workload_entries
+                .iter()
+                .any(|e| e.name == entry_name && e.healthy == Some(true))
+    })
+    .await;
+    let (east_sees_vm, _) = wait_agent(&east_admin, Duration::from_secs(10), |r| {
+        endpoints_of(r, "shop/stock", "eu") == 1
+    })
+    .await;
+    checks.assert(
+        probed && east_sees_vm,
+        "VM health",
+        "the group's probe (tcpSocket) passed: the VM became stock's endpoint in eu, and east imports it".into(),
+    );
+    let eu_ca = cas.get("eu").context("eu ca")?;
+    let order_id = SpiffeId::istio_workload(eu_ca.trust_domain(), "shop", "order")?;
+    let order_vm_svid = eu_ca.issue_svid(&order_id, &AnyWorkload, time::Duration::hours(1))?;
+    let mut eu_set = BundleSet::new();
+    eu_set.insert(eu_ca.bundle())?;
+    let eu_rt = &layout.cluster("eu")?.rt;
+    let vm_dns = format!("{vm_addr}:15053");
+    let eu_dns = format!("{eu_addr}:15053");
+    let mut dns_ok = false;
+    let mut dns_detail = String::new();
+    for _ in 0..20 {
+        let name = "payment.shop.svc.clusterset.local.";
+        let on_vm = eu_rt.run(vm::resolve(vm_dns.clone(), name)).await?;
+        let on_eu = eu_rt.run(vm::resolve(eu_dns.clone(), name)).await?;
+        if let (Ok(a), Ok(b)) = (&on_vm, &on_eu) {
+            if !a.is_empty() && a == b {
+                dns_ok = true;
+                dns_detail = format!(
+                    "payment.shop.svc.clusterset.local -> {} on the VM and in eu (imported only: no placeholder Service)",
+                    a[0]
+                );
+                break;
+            }
+        }
+        dns_detail = format!("VM {on_vm:?}, eu {on_eu:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    checks.assert(dns_ok, "VM DNS", dns_detail);
+
+    // Workloads: payment in east and west, order in eu.
+    let stop_all = Arc::new(AtomicBool::new(false));
+    let mut servers = BTreeMap::new();
+    let eu_bundle = eu_ca.bundle();
+    for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
+        let ca = cas.get(c.name).context("ca")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = start_payment(&layout, c.name, ca, eu_bundle.clone(), stop.clone()).await?;
+        servers.insert(c.name, (task, stop));
+    }
+    let order_svid = eu_ca.issue_svid(&order_id, &AnyWorkload, time::Duration::hours(1))?;
+    let counters = Arc::new(Stats::default());
+    // order's proxy: an xDS client of eu's agent, in europe-west1.
+    let mut order_proxy = proxy_of(&layout, "eu", "order", "europe-west1-b").await?;
+    let got_table = order_proxy
+        .wait_for(Duration::from_secs(10), |t| {
+            p0_cluster(&layout, t) == Some("west")
+        })
+        .await;
+    let tables = order_proxy.tables.clone();
+    // order finds stock through its xDS table: the VM's address, on the port the group's
+    // template maps the service port to.
+    let mut stock_at = String::new();
+    order_proxy
+        .wait_for(Duration::from_secs(10), |t| {
+            if let Some(c) = t.get(vm::STOCK_CLUSTER) {
+                if let Some((_, a, _)) = meshfed_xds::client::endpoints(c).into_iter().next() {
+                    stock_at = a;
+                }
+            }
+            !stock_at.is_empty()
+        })
+        .await;
+    let reply = if stock_at.is_empty() {
+        Err(anyhow::anyhow!(
+            "no endpoint for stock in order's xDS table"
+        ))
+    } else {
+        eu_rt
+            .run(vm::call_stock(
+                order_vm_svid,
+                TrustStore::new(eu_set),
+                stock_at.clone(),
+            ))
+            .await?
+    };
+    checks.assert(
+        reply
+            .as_ref()
+            .is_ok_and(|r| r.contains("answered by the VM"))
+            && stock_at == format!("{vm_addr}:{}", vm::STOCK_VM_PORT),
+        "VM reachable",
+        format!(
+            "order called stock at {stock_at} as its xDS table says (service port {}, the group's template maps it to {}) over mTLS (server spiffe://eu.mesh/ns/shop/sa/stock): {}",
+            vm::STOCK_PORT,
+            vm::STOCK_VM_PORT,
+            match &reply {
+                Ok(r) => r.clone(),
+                Err(e) => format!("{e:#}"),
+            }
+        ),
+    );
+    println!("\neu's failover policy for payment: failover europe-west1 -> us-west1, outlierDetection on; table pushed to order's proxy over xDS:");
+    for l in describe_table(&layout, &tables.borrow()) {
+        println!("  {l}");
+    }
+    checks.assert(
+        got_table,
+        "xDS table",
+        "eu's agent pushed payment's table to order: P0 west's gateway, P1 east's (per the policy, split horizon)".into(),
+    );
+    let lg = eu_rt.spawn(meshfed_harness::loadgen::run(
+        mesh_client(
+            "payment.shop.svc.cluster.local",
+            PAYMENT_PORT,
+            &eu_dir,
+            order_svid,
+            ["east", "west"]
+                .iter()
+                .map(|c| {
+                    SpiffeId::istio_workload(
+                        &TrustDomain::new(&format!("{c}.mesh"))?,
+                        "shop",
+                        "payment",
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        tables.clone(),
+        counters.clone(),
+        stop_all.clone(),
+    ));
+    println!("\nworkloads: payment in east and west (spiffe://<cluster>.mesh/ns/shop/sa/payment), order in eu calling it every 20 ms over mTLS");
+    println!("(each call goes to the east-west gateway its table names, with SNI outbound_.{PAYMENT_PORT}_._.payment.shop.svc.cluster.local; mTLS stays end to end)\n");
+
+    let phase = |name: &str, secs: u64| {
+        let name = name.to_string();
+        let counters = counters.clone();
+        async move {
+            let (before, f0) = counters.snapshot();
+            for _ in 0..secs {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (now, f) = counters.snapshot();
+                println!(
+                    "  [{name}] calls since phase start: {}",
+                    fmt_counts(&diff(&before, &now), f - f0)
+                );
+            }
+            let (after, f1) = counters.snapshot();
+            (diff(&before, &after), f1 - f0)
+        }
+    };
+
+    // inventory runs in east and is exported to west only: west's payment calls it, the
+    // other way across the federation, through east's gateway.
+    let east_ca = cas.get("east").context("east ca")?;
+    let west_ca = cas.get("west").context("west ca")?;
+    let west_payment = SpiffeId::istio_workload(west_ca.trust_domain(), "shop", "payment")?;
+    let inventory_stop = Arc::new(AtomicBool::new(false));
+    let inventory = Server {
+        cluster: "east",
+        service: "inventory",
+        port: INVENTORY_PORT,
+        allowed: west_payment.clone(),
+        client_bundle: west_ca.bundle(),
+    }
+    .start(&layout, east_ca, inventory_stop.clone())
+    .await?;
+    let mut west_proxy = proxy_of(&layout, "west", "payment", "us-west1-a").await?;
+    let east_gw = format!("{}:15443", layout.addr("east"));
+    let inv_table = west_proxy
+        .wait_for(Duration::from_secs(10), |t| {
+            t.get(INVENTORY_CLUSTER).is_some_and(|c| {
+                meshfed_xds::client::endpoints(c)
+                    .iter()
+                    .any(|e| e.1 == east_gw)
+            })
+        })
+        .await;
+    let inv_stats = Arc::new(Stats::default());
+    let inv_client_stop = Arc::new(AtomicBool::new(false));
+    let inv_lg = layout
+        .cluster("west")?
+        .rt
+        .spawn(meshfed_harness::loadgen::run(
+            mesh_client(
+                "inventory.shop.svc.cluster.local",
+                INVENTORY_PORT,
+                &root.join("west"),
+                west_ca.issue_svid(&west_payment, &AnyWorkload, time::Duration::hours(1))?,
+                vec![SpiffeId::istio_workload(
+                    east_ca.trust_domain(),
+                    "shop",
+                    "inventory",
+                )?],
+            ),
+            west_proxy.tables.clone(),
+            inv_stats.clone(),
+            inv_client_stop.clone(),
+        ));
+
+    println!("phase 1: both payment clusters healthy (west is priority 0 for eu); west's payment checks stock levels with inventory in east");
+    let (p1, f1) = phase("steady", 3).await;
+    inv_client_stop.store(true, Ordering::Relaxed);
+    let _ = inv_lg.await;
+    let (inv, inv_failed) = inv_stats.snapshot();
+    checks.assert(
+        inv_table && calls_to(&inv, "east") > 10 && inv_failed == 0,
+        "other direction",
+        format!(
+            "payment (west.mesh) called inventory in east.mesh (exportTo: [west]) through east's gateway {east_gw}, as west's table says: {}",
+            fmt_counts(&inv, inv_failed)
+        ),
+    );
+    inventory_stop.store(true, Ordering::Relaxed);
+    inventory.abort();
+    drop(west_proxy);
+    checks.assert(
+        calls_to(&p1, "west") > 10 && calls_to(&p1, "east") == 0 && f1 == 0,
+        "cross-trust-domain mTLS",
+        format!(
+            "order (eu.mesh) called payment in west.mesh (priority 0) only: {}",
+            fmt_counts(&p1, f1)
+        ),
+    );
+
+    println!("\nphase 2: west goes down (its payment server stops, its agent is killed)");
+    if let Some((task, stop)) = servers.remove("west") {
+        stop.store(true, Ordering::Relaxed);
+        task.abort();
+    }
+    if let Some(w) = clusters.get_mut("west") {
+        w.agent.kill();
+    }
+    let t0 = Instant::now();
+    let (stale, _) = wait_agent(&eu_admin, LEASE_TTL + Duration::from_secs(3), |r| {
+        lease_of(r, "west").as_deref() == Some("stale")
+    })
+    .await;
+    let stale_after = t0.elapsed();
+    checks.assert(
+        stale && stale_after <= LEASE_TTL + Duration::from_secs(1),
+        "lease",
+        format!(
+            "eu saw west turn stale {:.1}s after it went silent (TTL {}s)",
+            stale_after.as_secs_f64(),
+            LEASE_TTL.as_secs()
+        ),
+    );
+    let t1 = Instant::now();
+    let pushed = order_proxy
+        .wait_for(Duration::from_secs(3), |t| {
+            p0_cluster(&layout, t) == Some("east")
+        })
+        .await;
+    println!("  table after west went stale:");
+    for l in describe_table(&layout, &tables.borrow()) {
+        println!("    {l}");
+    }
+    checks.assert(
+        pushed,
+        "xDS push",
+        format!(
+            "eu's agent pushed a new table {:.0} ms after eu saw west stale: east's gateway at P0, west ranked last (deprioritize)",
+            t1.elapsed().as_secs_f64() * 1000.0
+        ),
+    );
+    let (p2, f2) = phase("west down", 2).await;
+    checks.assert(
+        calls_to(&p2, "west") == 0 && calls_to(&p2, "east") > 10 && f2 == 0,
+        "failover",
+        format!(
+            "calls moved to east (east.mesh) with the table: {}",
+            fmt_counts(&p2, f2)
+        ),
+    );
+    let fs = federation_report(&fed_admin).await?;
+    let west_lease = fs
+        .clusters
+        .iter()
+        .find(|c| c.cluster == "west")
+        .map(|c| c.lease.clone())
+        .unwrap_or_default();
+    checks.assert(
+        west_lease == "stale" && !fs.problems().is_empty(),
+        "status",
+        format!(
+            "the federator reports west {west_lease}; `meshfed status --admin {fed_admin}` exits 1 with: {}",
+            fs.problems().join("; ")
+        ),
+    );
+
+    println!("\nphase 3: west comes back");
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = start_payment(
+        &layout,
+        "west",
+        cas.get("west").context("west ca")?,
+        eu_bundle.clone(),
+        stop.clone(),
+    )
+    .await?;
+    servers.insert("west", (task, stop));
+    if let Some(w) = clusters.get_mut("west") {
+        w.agent.start()?;
+        procs::wait_serving(&mut w.agent, &west_admin, Duration::from_secs(20)).await?;
+    }
+    let (fresh, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+        lease_of(r, "west").as_deref() == Some("fresh")
+    })
+    .await;
+    checks.assert(
+        fresh,
+        "recovery",
+        "west's agent restarted, reconnected (resuming from its cached versions) and is fresh again".into(),
+    );
+    let back = order_proxy
+        .wait_for(Duration::from_secs(5), |t| {
+            p0_cluster(&layout, t) == Some("west")
+        })
+        .await;
+    let (p3, f3) = phase("recovered", 2).await;
+    checks.assert(
+        back && calls_to(&p3, "west") > 10 && f3 == 0,
+        "recovery traffic",
+        format!(
+            "west is priority 0 again and gets the calls: {}",
+            fmt_counts(&p3, f3)
+        ),
+    );
+    let syncz = meshfed_net::admin::fetch_json(&eu_admin, "/debug/syncz")
+        .await
+        .ok()
+        .and_then(|v| serde_json::from_value::<Vec<meshfed_xds::status::ProxyReport>>(v).ok())
+        .unwrap_or_default();
+    let synced = !syncz.is_empty()
+        && syncz.iter().all(|p| {
+            p.types
+                .values()
+                .all(|t| t.state == meshfed_xds::status::SyncState::Synced)
+        });
+    checks.assert(
+        synced,
+        "proxy-status",
+        format!(
+            "every response eu's agent sent to its {} proxies was ACKed (meshfed proxy-status --admin {eu_admin}: SYNCED, no NACK)",
+            syncz.len()
+        ),
+    );
+
+    stop_all.store(true, Ordering::Relaxed);
+    let _ = lg.await;
+    let (total, failed) = counters.snapshot();
+    let calls: u64 = total.values().sum();
+    let retried = counters.retried();
+    println!(
+        "\ntotal: {calls} successful calls ({}); {retried} attempts went to west while it was down and not yet stale and were retried on another host (outlier ejection then moved the rest to P1)",
+        fmt_counts(&total, failed)
+    );
+    if let Some(e) = counters.last_error() {
+        println!("last failed attempt: {e}");
+    }
+    checks.assert(
+        failed == 0,
+        "errors",
+        format!("{failed} failed calls of {}: every attempt that hit west while it was down was retried on east ({retried} retries)", calls + failed),
+    );
+    let mut forwarded = 0.0;
+    for c in CLUSTERS.iter().filter(|c| c.runs_payment) {
+        forwarded += metric(
+            &format!("{}:15021", layout.addr(c.name)),
+            &format!("meshfed_gateway_connections_total{{destination_service=\"payment.shop.svc.cluster.local:{PAYMENT_PORT}\"}}"),
+        )
+        .await
+        .unwrap_or(0.0);
+    }
+    checks.assert(
+        forwarded >= calls as f64,
+        "gateways",
+        format!("the east and west gateways forwarded {forwarded} connections by SNI without terminating TLS (every successful call crossed one; from their /metrics)"),
+    );
+    println!("\nthe VM goes away (its agent is killed)");
+    stock.abort();
+    vm_agent.kill();
+    let t0 = Instant::now();
+    let (gone_eu, _) = wait_agent(&eu_admin, Duration::from_secs(15), |r| {
+        !r.workload_entries.iter().any(|e| e.name == entry_name)
+    })
+    .await;
+    let (gone_east, _) = wait_agent(&east_admin, Duration::from_secs(5), |r| {
+        endpoints_of(r, "shop/stock", "eu") == 0
+    })
+    .await;
+    checks.assert(
+        gone_eu && gone_east,
+        "VM cleanup",
+        format!(
+            "its WorkloadEntry was deleted after the 3 s grace period and the endpoint left east too ({:.1}s)",
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    drop(order_proxy);
+    drop(clusters);
+    drop(federator);
+    println!("\n{} passed, {} failed", checks.passed, checks.failed);
+    Ok(checks.failed == 0)
+}

@@ -1,0 +1,309 @@
+//! Mesh DNS (hickory-dns): authoritative for `cluster.local` and `clusterset.local` from the
+//! [`table::NameTable`], everything else relayed to upstream resolvers. The agent runs it for
+//! its cluster's pods; the VM agent runs it on the VM with the table its agent sends.
+
+pub mod server;
+pub mod table;
+pub mod vips;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use meshfed_model::store::Reader;
+use proto::ServiceExport;
+use table::NameTable;
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// UDP and TCP address.
+    pub listen: String,
+    /// `IP[:PORT]`; empty = /etc/resolv.conf's nameservers.
+    pub upstream: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Served {
+    pub addr: SocketAddr,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Parses upstream resolvers (`IP` or `IP:PORT`); none given = /etc/resolv.conf's.
+pub fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+    let parse = |s: &str| -> anyhow::Result<SocketAddr> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a);
+        }
+        let ip: std::net::IpAddr = s
+            .trim_matches(['[', ']'])
+            .parse()
+            .with_context(|| format!("DNS upstream {s:?} is not IP or IP:PORT"))?;
+        Ok(SocketAddr::new(ip, 53))
+    };
+    if !given.is_empty() {
+        return given.iter().map(|s| parse(s)).collect();
+    }
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| parse(a.trim()).ok())
+        .collect())
+}
+
+/// Serves DNS on `listen` (UDP and TCP) from `names`.
+pub async fn serve(
+    listen: &str,
+    names: watch::Receiver<Arc<NameTable>>,
+    upstream: Vec<SocketAddr>,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Served> {
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("DNS address {listen:?} is not IP:PORT"))?;
+    let udp = tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}/udp (DNS)"))?;
+    let bound = udp.local_addr()?;
+    // TCP on the same port as UDP (port 0 picks one for UDP first).
+    let tcp = tokio::net::TcpListener::bind(bound)
+        .await
+        .with_context(|| format!("cannot listen on {bound}/tcp (DNS)"))?;
+    let upstream: Vec<SocketAddr> = upstream.into_iter().filter(|u| *u != bound).collect();
+    let handler = server::MeshDns::new(names, upstream, registry)?;
+    let mut srv = hickory_server::Server::new(handler);
+    srv.register_socket(udp);
+    srv.register_listener(tcp, std::time::Duration::from_secs(10), 64);
+    let task = tokio::spawn(async move {
+        // Runs until the task is aborted (the server's sockets close with it).
+        let token = srv.shutdown_token().clone();
+        token.cancelled().await;
+        let _ = srv.shutdown_gracefully().await;
+    });
+    Ok(Served {
+        addr: bound,
+        tasks: vec![task],
+    })
+}
+
+/// Rebuilds the mesh's name table whenever the model or the set of exported services changes
+/// (VIPs from `vips`), and publishes it on `names` (the DNS servers and the VM API read it).
+pub async fn follow_names(
+    model: Reader,
+    mut exports: watch::Receiver<BTreeMap<String, ServiceExport>>,
+    names: watch::Sender<Arc<NameTable>>,
+    mut vips: vips::Vips,
+) {
+    let mut rx = model.subscribe();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        let exported: BTreeSet<String> = exports.borrow_and_update().keys().cloned().collect();
+        let live: BTreeSet<String> = snap.services().keys().cloned().collect();
+        let t = table::build(&snap, &exported, |k| {
+            let v = vips.get(k, &live);
+            (v.v4, v.v6)
+        });
+        vips.flush();
+        names.send_if_modified(|cur| {
+            if **cur == t {
+                false
+            } else {
+                *cur = Arc::new(t);
+                true
+            }
+        });
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            r = exports.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_server::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_server::proto::rr::{Name, RData, RecordType};
+    use std::str::FromStr;
+    use table::{PortName, ServiceNames};
+    use tokio::net::UdpSocket;
+
+    fn names() -> NameTable {
+        let mut t = NameTable::default();
+        t.services.insert(
+            ("shop".into(), "payment".into()),
+            ServiceNames {
+                v4: Some("240.240.0.9".parse().unwrap()),
+                v6: Some("2001:2::9".parse().unwrap()),
+                ports: vec![PortName {
+                    name: "grpc".into(),
+                    port: 8080,
+                    protocol: "tcp".into(),
+                }],
+                cluster: true,
+                clusterset: true,
+            },
+        );
+        t
+    }
+
+    async fn ask(server: SocketAddr, packet: &[u8]) -> Option<Message> {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(packet, server).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(std::time::Duration::from_millis(500), s.recv(&mut buf)).await {
+            Ok(Ok(n)) => Some(Message::from_vec(&buf[..n]).unwrap()),
+            _ => None,
+        }
+    }
+
+    fn query(id: u16, name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    /// A stand-in upstream resolver: NXDOMAIN for everything, with the query's id.
+    async fn upstream() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = s.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.metadata.response_code = ResponseCode::NXDomain;
+                r.metadata.message_type = MessageType::Response;
+                for qq in q.queries {
+                    r.add_query(qq);
+                }
+                let _ = s.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        a
+    }
+
+    #[tokio::test]
+    async fn answers_refuses_and_never_crashes_on_bad_packets() {
+        let (_tx, rx) = watch::channel(Arc::new(names()));
+        let up = upstream().await;
+        let s = serve("127.0.0.1:0", rx, vec![up], &prometheus::Registry::new())
+            .await
+            .unwrap();
+        let a = s.addr;
+        let r = ask(
+            a,
+            &query(7, "payment.shop.svc.cluster.local.", RecordType::A),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.metadata.id, 7);
+        assert!(r.metadata.authoritative);
+        assert!(matches!(r.answers[0].data, RData::A(ref x) if x.0.to_string() == "240.240.0.9"));
+        let r = ask(
+            a,
+            &query(
+                8,
+                "_grpc._tcp.payment.shop.svc.clusterset.local.",
+                RecordType::SRV,
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(r.answers[0].data, RData::SRV(ref x) if x.port == 8080));
+        assert_eq!(r.additionals.len(), 2, "the target's A and AAAA");
+        let r = ask(a, &query(9, "nope.shop.svc.cluster.local.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(r.authorities.len(), 1, "SOA with NXDOMAIN");
+        let r = ask(
+            a,
+            &query(10, "payment.shop.svc.cluster.local.", RecordType::MX),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty(), "NODATA");
+        // Forwarded: the upstream's answer, our client's id.
+        let r = ask(a, &query(11, "example.com.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(r.metadata.id, 11);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+
+        // Malformed: FORMERR (or dropped when not even a header), never a crash.
+        let mut junk = query(12, "payment.shop.svc.cluster.local.", RecordType::A);
+        junk.truncate(20);
+        let r = ask(a, &junk).await.unwrap();
+        assert_eq!(
+            (r.metadata.id, r.metadata.response_code),
+            (12, ResponseCode::FormErr)
+        );
+        let mut garbage = vec![0x00, 0x0d, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+        garbage.extend_from_slice(&[0xc0, 0xff, 0xee, 0x3f, 0x3f]);
+        let r = ask(a, &garbage).await.unwrap();
+        assert_eq!(
+            (r.metadata.id, r.metadata.response_code),
+            (13, ResponseCode::FormErr)
+        );
+        assert!(
+            ask(a, &[1, 2, 3]).await.is_none(),
+            "shorter than a header: dropped"
+        );
+        let mut none = Message::query();
+        none.metadata.id = 14;
+        let r = ask(a, &none.to_vec().unwrap()).await.unwrap();
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::FormErr,
+            "no question"
+        );
+        let mut two = Message::query();
+        two.metadata.id = 15;
+        two.add_query(Query::query(
+            Name::from_str("a.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        two.add_query(Query::query(
+            Name::from_str("b.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        let r = ask(a, &two.to_vec().unwrap()).await.unwrap();
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::FormErr,
+            "two questions"
+        );
+        let mut notify = Message::query();
+        notify.metadata.id = 16;
+        notify.metadata.op_code = OpCode::Notify;
+        notify.add_query(Query::query(
+            Name::from_str("cluster.local.").unwrap(),
+            RecordType::SOA,
+        ));
+        let r = ask(a, &notify.to_vec().unwrap()).await.unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+        // Random bytes: whatever happens, the server still answers afterwards.
+        for i in 0..2000u32 {
+            let mut b = query(17, "payment.shop.svc.cluster.local.", RecordType::A);
+            let k = (i as usize * 7) % b.len();
+            b[k] ^= (i % 251) as u8 + 1;
+            let s2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            s2.send_to(&b, a).await.unwrap();
+        }
+        let r = ask(
+            a,
+            &query(18, "payment.shop.svc.cluster.local.", RecordType::AAAA),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(r.answers[0].data, RData::AAAA(_)));
+    }
+}

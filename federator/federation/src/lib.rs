@@ -1,0 +1,9 @@
+//! The federation service (`meshfed federator`): joins, one Sync stream per cluster, leases,
+//! the federation CA, and status. Durable state is `meshfed-store`.
+
+pub mod ca;
+pub mod metrics;
+pub mod server;
+pub mod status;
+
+pub use server::{Federator, FederatorConfig};

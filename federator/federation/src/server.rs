@@ -1,0 +1,1219 @@
+//! The federator process: the gRPC service (Join, Sync, Leave, Renew, Status), lease tracking,
+//! and the admin HTTP endpoint.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use proto::cluster_message::Kind as In;
+use proto::federation_server::{Federation, FederationServer};
+use proto::federator_message::Kind as Out;
+use proto::{
+    ClusterMessage, ClusterStatus, FederatorMessage, ImportDelta, ImportKey, ImportedService,
+    JoinRequest, JoinResponse, LeaveRequest, LeaveResponse, PeerBundle, PeerCluster, PeerStates,
+    RenewRequest, RenewResponse, StatusRequest, StatusResponse, Welcome,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+use trust::{BundleSet, TrustBundle, TrustDomain, TrustStore};
+
+use super::status::{ClusterReport, FederationReport};
+use crate::ca::FederationCa;
+use crate::metrics::FederationMetrics;
+use meshfed_identity::ids::cluster_of;
+use meshfed_identity::token::{Claims, TokenError, TokenStore};
+use meshfed_model::validate::{self, MAX_MESSAGE_BYTES, MAX_SERVICES_PER_DELTA};
+use meshfed_store::{Change, ClusterRecord, Cursor, Store, StoreError};
+
+/// How many export changes one import delta carries at most. Small chunks bound the memory a
+/// full resync of many importers takes at once.
+const IMPORT_CHUNK: usize = 200;
+/// The first message of a Sync stream must arrive within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct FederatorConfig {
+    pub state_dir: PathBuf,
+    pub listen: String,
+    /// Addresses joiners and agents use to reach this federator (default: the listen address).
+    pub advertise: Vec<String>,
+    pub admin: Option<String>,
+    pub trust_domain: Option<TrustDomain>,
+    pub lease_ttl: Duration,
+    /// Messages per second a cluster may send on its stream (bursts up to 4x).
+    pub rate_limit: u32,
+}
+
+impl FederatorConfig {
+    pub fn new(state_dir: PathBuf, listen: String) -> Self {
+        FederatorConfig {
+            state_dir,
+            listen,
+            advertise: Vec::new(),
+            admin: None,
+            trust_domain: None,
+            lease_ttl: Duration::from_secs(30),
+            rate_limit: 200,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    last_heartbeat: Option<Instant>,
+    connected: bool,
+    generation: u64,
+    stale: bool,
+    /// Highest import revision the cluster acknowledged, or was brought to without a delta.
+    acked: u64,
+}
+
+struct Hub {
+    cfg: FederatorConfig,
+    advertise: Vec<String>,
+    store: Store,
+    tokens: TokenStore,
+    ca: FederationCa,
+    metrics: FederationMetrics,
+    head: watch::Sender<u64>,
+    peers: watch::Sender<u64>,
+    live: Mutex<HashMap<String, Live>>,
+    started: Instant,
+    join_lock: tokio::sync::Mutex<()>,
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::UnknownCluster(c) => {
+            Status::permission_denied(format!("cluster {c} is not a member of this federation"))
+        }
+        StoreError::Left(c) => proto::reason::left(format!(
+            "cluster {c} has left the federation; join again with a new token"
+        )),
+        other => {
+            tracing::error!(error = %other, "state store failure");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+impl Hub {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump_head(&self, rev: u64) {
+        self.metrics.head_revision.set(rev as i64);
+        self.head.send_replace(rev);
+    }
+
+    fn bump_peers(&self) {
+        self.peers.send_modify(|v| *v += 1);
+    }
+
+    /// The cluster a request's client certificate names, if it is a current member.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let certs = req
+            .extensions()
+            .get::<meshfed_net::PeerInfo>()
+            .and_then(|i| i.certs.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated("this call needs a cluster certificate (mTLS); join first")
+            })?;
+        let id = trust::tls::peer_id(Some(certs.as_slice())).ok_or_else(|| {
+            Status::unauthenticated("the client certificate carries no SPIFFE ID")
+        })?;
+        let cluster = cluster_of(&id, &self.ca.trust_domain).ok_or_else(|| {
+            self.metrics
+                .refused
+                .with_label_values(&["", "permission_denied"])
+                .inc();
+            Status::permission_denied(format!("{id} is not a cluster identity of this federation"))
+        })?;
+        match self.store.cluster(&cluster).map_err(store_status)? {
+            None => Err(store_status(StoreError::UnknownCluster(cluster))),
+            Some(r) if r.left => Err(store_status(StoreError::Left(cluster))),
+            Some(r) => {
+                // A certificate issued before the current membership began (an earlier join)
+                // is refused; issued certificates are back-dated by `BACKDATE`.
+                let issued = trust::svid::validity(&certs[0])
+                    .map(|(nb, _)| nb + trust::ca::BACKDATE)
+                    .map_err(|e| Status::unauthenticated(e.to_string()))?;
+                if issued.unix_timestamp() < r.joined_at {
+                    self.metrics
+                        .refused
+                        .with_label_values(&[&cluster, "stale_certificate"])
+                        .inc();
+                    return Err(Status::permission_denied(format!(
+                        "this certificate of cluster {cluster} predates its current membership; use the identity of the latest join"
+                    )));
+                }
+                Ok(cluster)
+            }
+        }
+    }
+
+    fn lease_of(&self, id: &str, live: &HashMap<String, Live>) -> (bool, Option<u64>, bool) {
+        let ttl = self.cfg.lease_ttl;
+        match live.get(id) {
+            Some(l) => match l.last_heartbeat {
+                Some(t) => {
+                    let age = t.elapsed();
+                    (l.connected, Some(age.as_millis() as u64), age > ttl)
+                }
+                None => (l.connected, None, self.started.elapsed() > ttl),
+            },
+            None => (false, None, self.started.elapsed() > ttl),
+        }
+    }
+
+    fn peer_states(&self, exclude: &str) -> Result<PeerStates, Status> {
+        let records = self.store.clusters().map_err(store_status)?;
+        let live = self.live();
+        let mut out = PeerStates::default();
+        for r in records {
+            if r.id == exclude {
+                continue;
+            }
+            if r.left {
+                out.removed.push(r.id.clone());
+                continue;
+            }
+            let (connected, age, stale) = self.lease_of(&r.id, &live);
+            out.peers.push(PeerCluster {
+                facts: Some(r.facts()),
+                lease: if stale {
+                    proto::LeaseState::Stale
+                } else {
+                    proto::LeaseState::Fresh
+                } as i32,
+                last_heartbeat_age_ms: age
+                    .unwrap_or_else(|| self.started.elapsed().as_millis() as u64),
+                connected,
+            });
+        }
+        Ok(out)
+    }
+
+    fn heartbeat(&self, cluster: &str) {
+        let mut live = self.live();
+        let l = live.entry(cluster.to_string()).or_default();
+        l.last_heartbeat = Some(Instant::now());
+        if l.stale {
+            l.stale = false;
+            drop(live);
+            self.bump_peers();
+        }
+    }
+
+    /// Marks a new stream for `cluster`; a previous stream of the same cluster is superseded.
+    fn connect(&self, cluster: &str) -> u64 {
+        let mut live = self.live();
+        let l = live.entry(cluster.to_string()).or_default();
+        l.generation += 1;
+        l.connected = true;
+        l.last_heartbeat = Some(Instant::now());
+        l.stale = false;
+        let g = l.generation;
+        drop(live);
+        self.bump_peers();
+        g
+    }
+
+    fn disconnect(&self, cluster: &str, generation: u64) {
+        let mut live = self.live();
+        if let Some(l) = live.get_mut(cluster) {
+            if l.generation == generation {
+                l.connected = false;
+                drop(live);
+                self.bump_peers();
+            }
+        }
+    }
+
+    fn generation(&self, cluster: &str) -> u64 {
+        self.live().get(cluster).map(|l| l.generation).unwrap_or(0)
+    }
+
+    /// Re-evaluates leases; tells every stream when one turned stale.
+    fn tick_leases(&self) {
+        let records = match self.store.clusters() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read cluster records");
+                return;
+            }
+        };
+        let mut changed = false;
+        let (mut connected, mut stale, mut fresh) = (0, 0, 0);
+        {
+            let mut live = self.live();
+            for r in records.iter().filter(|r| !r.left) {
+                let (is_connected, _, is_stale) = self.lease_of(&r.id, &live);
+                let l = live.entry(r.id.clone()).or_default();
+                if l.stale != is_stale {
+                    l.stale = is_stale;
+                    changed = true;
+                    if is_stale {
+                        tracing::warn!(cluster = %r.id, ttl_ms = self.cfg.lease_ttl.as_millis() as u64, "lease expired: cluster is stale");
+                    } else {
+                        tracing::info!(cluster = %r.id, "lease renewed: cluster is fresh");
+                    }
+                }
+                connected += i64::from(is_connected);
+                if is_stale {
+                    stale += 1;
+                } else {
+                    fresh += 1;
+                }
+            }
+        }
+        self.metrics
+            .clusters
+            .with_label_values(&["connected"])
+            .set(connected);
+        self.metrics
+            .clusters
+            .with_label_values(&["stale"])
+            .set(stale);
+        self.metrics
+            .clusters
+            .with_label_values(&["fresh"])
+            .set(fresh);
+        if changed {
+            self.bump_peers();
+        }
+    }
+
+    fn report(&self) -> Result<FederationReport, Status> {
+        let head = self.store.head();
+        let records = self.store.clusters().map_err(store_status)?;
+        let live = self.live();
+        let mut clusters = Vec::new();
+        for r in &records {
+            let (connected, age, stale) = self.lease_of(&r.id, &live);
+            let acked = live
+                .get(&r.id)
+                .map(|l| l.acked)
+                .unwrap_or(0)
+                .max(r.imports_acked_revision);
+            let exports = self.store.exports_of(&r.id).map_err(store_status)?.len() as u64;
+            let bundle_not_after = TrustBundle::from_json(
+                TrustDomain::new(&r.trust_domain).map_err(|e| Status::internal(e.to_string()))?,
+                &r.bundle_json,
+                "stored bundle",
+            )
+            .ok()
+            .and_then(|b| {
+                b.x509_authorities
+                    .iter()
+                    .filter_map(|c| trust::svid::validity(c).ok().map(|v| v.1))
+                    .max()
+            })
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            });
+            clusters.push(ClusterReport {
+                cluster: r.id.clone(),
+                network: r.network.clone(),
+                trust_domain: r.trust_domain.clone(),
+                locality: validate::locality_string(&r.facts().locality),
+                gateways: r.gateways.clone(),
+                connected: connected && !r.left,
+                lease: if r.left {
+                    "left".into()
+                } else if stale {
+                    "stale".into()
+                } else {
+                    "fresh".into()
+                },
+                last_heartbeat_age_ms: age,
+                exports,
+                imports: self.store.import_count(&r.id).map_err(store_status)?,
+                exports_acked_version: r.exports_acked_version,
+                imports_acked_revision: acked,
+                import_lag: head.saturating_sub(acked),
+                bundle_sequence: r.bundle_sequence,
+                bundle_not_after,
+                conflicts: self.store.conflicts_of(&r.id).map_err(store_status)?,
+            });
+        }
+        Ok(FederationReport {
+            kind: "federator".into(),
+            federation_trust_domain: self.ca.trust_domain.to_string(),
+            federation_ca_not_after: self
+                .ca
+                .not_after()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            head_revision: head,
+            lease_ttl_ms: self.cfg.lease_ttl.as_millis() as u64,
+            clusters,
+        })
+    }
+}
+
+/// A running federator.
+pub struct Federator {
+    hub: Arc<Hub>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Federator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federator")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+/// Where the federator tells token makers it can be reached.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
+impl Federator {
+    /// Opens the state, binds the listeners and starts serving.
+    pub async fn start(cfg: FederatorConfig) -> anyhow::Result<Federator> {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+        let ca = FederationCa::open_or_create(&cfg.state_dir, cfg.trust_domain.as_ref())?;
+        let store = Store::open(&cfg.state_dir.join("store")).with_context(|| {
+            format!("cannot open the state store in {}", cfg.state_dir.display())
+        })?;
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let grpc_addr = listener.local_addr()?;
+        let advertise = if cfg.advertise.is_empty() {
+            vec![grpc_addr.to_string()]
+        } else {
+            cfg.advertise.clone()
+        };
+        trust::files::write_atomic(
+            &cfg.state_dir.join(ENDPOINTS_FILE),
+            &serde_json::to_vec(&advertise)?,
+            trust::files::PUBLIC_MODE,
+        )?;
+        let head = store.head();
+        let hub = Arc::new(Hub {
+            advertise,
+            tokens: TokenStore::new(&cfg.state_dir),
+            metrics: FederationMetrics::new(),
+            head: watch::Sender::new(head),
+            peers: watch::Sender::new(0),
+            live: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            join_lock: tokio::sync::Mutex::new(()),
+            store,
+            ca,
+            cfg,
+        });
+        hub.metrics.head_revision.set(head as i64);
+
+        // TLS: the federator's own certificate, renewed in the background; clients verified
+        // against the federation bundle when they present a certificate (Join needs none).
+        let resolver = SvidResolver::with(&hub.ca.server_svid()?)?;
+        let mut fed_set = BundleSet::new();
+        fed_set.insert(hub.ca.bundle())?;
+        let verifier = SpiffeVerifier::new(
+            TrustStore::new(fed_set),
+            Authorizer::trust_domain(hub.ca.trust_domain.clone()),
+        );
+        let tls = trust::tls::server_config_optional_client(resolver.clone(), verifier)?;
+        let incoming = meshfed_net::tls_incoming(listener, tls);
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut tasks = Vec::new();
+        let svc = FederationServer::new(Service { hub: hub.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+        let ticker_hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            let every = (ticker_hub.cfg.lease_ttl / 10)
+                .clamp(Duration::from_millis(50), Duration::from_millis(500));
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                ticker_hub.tick_leases();
+            }
+        }));
+        let renew_hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let wait = resolver
+                    .current()
+                    .and_then(|_| renew_hub.ca.server_svid().ok())
+                    .map(|s| (s.renew_at() - time::OffsetDateTime::now_utc()).whole_seconds().max(60) as u64)
+                    .unwrap_or(60);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                match renew_hub.ca.server_svid() {
+                    Ok(s) => {
+                        if let Err(e) = resolver.install(&s) {
+                            tracing::error!(error = %e, "cannot install renewed federator certificate");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot renew the federator certificate"),
+                }
+            }
+        }));
+        let admin_addr = match hub.cfg.admin.clone() {
+            Some(a) => {
+                let report_hub = hub.clone();
+                let metrics_hub = hub.clone();
+                let (addr, task) = meshfed_net::admin::serve(
+                    &a,
+                    Arc::new(move || metrics_hub.metrics.registry.clone()),
+                    Arc::new(move || {
+                        report_hub
+                            .report()
+                            .map(|r| serde_json::to_value(r).unwrap_or_default())
+                            .map_err(|s| s.message().to_string())
+                    }),
+                )
+                .await?;
+                tasks.push(task);
+                Some(addr)
+            }
+            None => None,
+        };
+        tracing::info!(%grpc_addr, admin = ?admin_addr, trust_domain = %hub.ca.trust_domain, head, "federator serving");
+        Ok(Federator {
+            hub,
+            grpc_addr,
+            admin_addr,
+            shutdown: Some(stop_tx),
+            tasks,
+        })
+    }
+
+    pub fn report(&self) -> anyhow::Result<FederationReport> {
+        self.hub
+            .report()
+            .map_err(|s| anyhow::anyhow!(s.message().to_string()))
+    }
+
+    /// The Prometheus text of the federator's metrics.
+    pub fn metrics_text(&self) -> String {
+        meshfed_net::metrics::render(&self.hub.metrics.registry)
+    }
+
+    /// The federation CA's root fingerprint (what join tokens pin).
+    pub fn ca_fingerprint(&self) -> String {
+        self.hub.ca.root_fingerprint()
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.hub.ca.trust_domain
+    }
+
+    pub fn advertise(&self) -> &[String] {
+        &self.hub.advertise
+    }
+
+    /// Stops serving.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+struct Service {
+    hub: Arc<Hub>,
+}
+
+/// A token bucket: `rate` per second, up to `burst`.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Bucket {
+            tokens: rate * 4.0,
+            rate,
+            burst: rate * 4.0,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+type Tx = mpsc::Sender<Result<FederatorMessage, Status>>;
+
+async fn send(tx: &Tx, kind: Out) -> Result<(), Status> {
+    tx.send(Ok(FederatorMessage { kind: Some(kind) }))
+        .await
+        .map_err(|_| Status::cancelled("the cluster went away"))
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    cluster: String,
+    trust_domain: String,
+    tx: Tx,
+    /// Last import revision completely sent (not necessarily acknowledged).
+    sent: u64,
+    /// Where reading the change index continues.
+    cursor: Cursor,
+    /// Highest revision the cluster has acknowledged.
+    acked: u64,
+    /// Revision of the last delta actually sent (later revisions touched only this cluster).
+    last_delta: u64,
+    bucket: Bucket,
+}
+
+impl Session {
+    fn refuse(&self, reason: &str, status: Status) -> Status {
+        self.hub
+            .metrics
+            .refused
+            .with_label_values(&[&self.cluster, reason])
+            .inc();
+        tracing::warn!(cluster = %self.cluster, reason, message = %status.message(), "refused");
+        status
+    }
+
+    /// Sends every change after the cursor, in chunks of at most [`IMPORT_CHUNK`] services.
+    async fn push_imports(&mut self) -> Result<(), Status> {
+        loop {
+            let (changes, next, complete) = self
+                .hub
+                .store
+                .changes_since(&self.cluster, &self.cursor, IMPORT_CHUNK)
+                .map_err(store_status)?;
+            let moved = next != self.cursor;
+            if !moved && changes.is_empty() {
+                return Ok(());
+            }
+            let records = self.hub.store.clusters().map_err(store_status)?;
+            let mut delta = ImportDelta {
+                revision: complete,
+                ..Default::default()
+            };
+            let mut peers_changed = false;
+            for r in records.iter().filter(|r| {
+                r.id != self.cluster && r.revision > self.sent && r.revision <= complete
+            }) {
+                peers_changed = true;
+                if r.left || r.bundle_json.is_empty() {
+                    delta.bundle_removals.push(r.trust_domain.clone());
+                } else {
+                    delta.bundles.push(PeerBundle {
+                        trust_domain: r.trust_domain.clone(),
+                        source_cluster: r.id.clone(),
+                        bundle_json: r.bundle_json.clone(),
+                    });
+                }
+            }
+            for c in changes {
+                match c {
+                    Change::Upsert(r) => {
+                        let r = *r;
+                        delta.upserts.push(ImportedService {
+                            source_cluster: r.cluster,
+                            export: Some(r.export),
+                        })
+                    }
+                    Change::Remove {
+                        cluster,
+                        namespace,
+                        name,
+                    } => delta.removals.push(ImportKey {
+                        source_cluster: cluster,
+                        namespace,
+                        name,
+                    }),
+                }
+            }
+            let empty = delta.upserts.is_empty()
+                && delta.removals.is_empty()
+                && delta.bundles.is_empty()
+                && delta.bundle_removals.is_empty();
+            if empty {
+                // Only this cluster's own changes happened: no push. If nothing is outstanding,
+                // the cluster is simply up to date.
+                if self.acked == self.sent && complete > self.acked {
+                    self.acked = complete;
+                    self.note_acked(complete);
+                }
+            } else {
+                self.hub
+                    .metrics
+                    .import_deltas
+                    .with_label_values(&[&self.cluster])
+                    .inc();
+                self.last_delta = complete;
+                send(&self.tx, Out::Imports(delta)).await?;
+            }
+            self.sent = self.sent.max(complete);
+            self.cursor = next;
+            if peers_changed {
+                let p = self.hub.peer_states(&self.cluster)?;
+                send(&self.tx, Out::Peers(p)).await?;
+            }
+        }
+    }
+
+    /// Records an acknowledged import revision in memory; it is written to the store when the
+    /// stream ends (it only feeds status: losing it costs nothing, and a write per ACK made
+    /// sled's memory grow with every acknowledgement).
+    fn note_acked(&self, rev: u64) {
+        if let Some(l) = self.hub.live().get_mut(&self.cluster) {
+            l.acked = l.acked.max(rev);
+        }
+    }
+
+    async fn handle(&mut self, msg: ClusterMessage) -> Result<(), Status> {
+        if !self.bucket.take() {
+            return Err(self.refuse(
+                "rate_limited",
+                Status::resource_exhausted(format!(
+                    "cluster {} sent more than {} messages per second; slow down",
+                    self.cluster, self.hub.cfg.rate_limit
+                )),
+            ));
+        }
+        self.hub.heartbeat(&self.cluster);
+        let kind = msg.kind.ok_or_else(|| {
+            self.refuse(
+                "invalid_argument",
+                Status::invalid_argument("message has no kind"),
+            )
+        })?;
+        let label = match &kind {
+            In::Hello(_) => "hello",
+            In::Exports(_) => "exports",
+            In::Bundle(_) => "bundle",
+            In::Heartbeat(_) => "heartbeat",
+            In::ImportAck(_) => "import_ack",
+        };
+        self.hub
+            .metrics
+            .messages
+            .with_label_values(&[&self.cluster, label])
+            .inc();
+        match kind {
+            In::Hello(_) => Err(self.refuse(
+                "invalid_argument",
+                Status::invalid_argument("hello may only be the first message of a stream"),
+            )),
+            In::Heartbeat(_) => Ok(()),
+            In::ImportAck(a) => {
+                if !a.error.is_empty() {
+                    self.hub
+                        .metrics
+                        .import_nacks
+                        .with_label_values(&[&self.cluster])
+                        .inc();
+                    tracing::warn!(cluster = %self.cluster, revision = a.revision, error = %a.error, "cluster refused an import delta (NACK)");
+                    // Later deltas build on the refused one: end the stream; the cluster
+                    // resumes from the revision it stored when it reconnects.
+                    return Err(Status::aborted(format!(
+                        "import delta {} was refused ({}); reconnect to resume from the last stored revision",
+                        a.revision, a.error
+                    )));
+                } else if a.revision <= self.sent && a.revision > self.acked {
+                    // Acknowledging the last delta sent also covers the revisions after it
+                    // that carried nothing for this cluster.
+                    let upto = if a.revision == self.last_delta {
+                        self.sent
+                    } else {
+                        a.revision
+                    };
+                    self.acked = upto;
+                    self.note_acked(upto);
+                }
+                Ok(())
+            }
+            In::Bundle(b) => {
+                let td = TrustDomain::new(&self.trust_domain)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let bundle = TrustBundle::from_json(td, &b.bundle_json, "bundle.bundle_json")
+                    .map_err(|e| {
+                        self.refuse("invalid_argument", Status::invalid_argument(e.to_string()))
+                    })?;
+                if bundle.x509_authorities.is_empty() {
+                    return Err(self.refuse(
+                        "invalid_argument",
+                        Status::invalid_argument(
+                            "bundle.bundle_json: holds no x509-svid authority",
+                        ),
+                    ));
+                }
+                if let Some(rev) = tokio::task::block_in_place(|| {
+                    self.hub.store.set_bundle(
+                        &self.cluster,
+                        &b.bundle_json,
+                        bundle.sequence.unwrap_or(0),
+                    )
+                })
+                .map_err(store_status)?
+                {
+                    tracing::info!(cluster = %self.cluster, sequence = ?bundle.sequence, "trust bundle updated");
+                    self.hub.bump_head(rev);
+                }
+                Ok(())
+            }
+            In::Exports(delta) => {
+                if delta.upserts.len() > MAX_SERVICES_PER_DELTA
+                    || delta.removals.len() > MAX_SERVICES_PER_DELTA
+                {
+                    return Err(self.refuse(
+                        "invalid_argument",
+                        Status::invalid_argument(format!(
+                            "exports: more than {MAX_SERVICES_PER_DELTA} services in one delta"
+                        )),
+                    ));
+                }
+                for (i, e) in delta.upserts.iter().enumerate() {
+                    validate::check_export(e, &format!("exports.upserts[{i}]")).map_err(|m| {
+                        self.refuse("invalid_argument", Status::invalid_argument(m))
+                    })?;
+                }
+                for (i, k) in delta.removals.iter().enumerate() {
+                    validate::check_label(
+                        &format!("exports.removals[{i}].namespace"),
+                        &k.namespace,
+                    )
+                    .and_then(|_| {
+                        validate::check_label(&format!("exports.removals[{i}].name"), &k.name)
+                    })
+                    .map_err(|m| self.refuse("invalid_argument", Status::invalid_argument(m)))?;
+                }
+                let started = Instant::now();
+                let result = tokio::task::block_in_place(|| {
+                    self.hub.store.apply_exports(&self.cluster, &delta)
+                });
+                self.hub
+                    .metrics
+                    .export_apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(applied) => {
+                        send(
+                            &self.tx,
+                            Out::ExportAck(proto::ExportAck {
+                                version: delta.version,
+                                error: String::new(),
+                                conflicts: applied.conflicts,
+                            }),
+                        )
+                        .await?;
+                        if let Some(rev) = applied.revision {
+                            self.hub.bump_head(rev);
+                        }
+                        Ok(())
+                    }
+                    Err(e @ StoreError::VersionGap { .. }) => {
+                        send(
+                            &self.tx,
+                            Out::ExportAck(proto::ExportAck {
+                                version: delta.version,
+                                error: e.to_string(),
+                                conflicts: Vec::new(),
+                            }),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(store_status(e)),
+                }
+            }
+        }
+    }
+}
+
+type SyncStream = ReceiverStream<Result<FederatorMessage, Status>>;
+
+impl Service {
+    async fn run_session(
+        hub: Arc<Hub>,
+        cluster: String,
+        mut inbound: Streaming<ClusterMessage>,
+        tx: Tx,
+        connected_as: &mut Option<u64>,
+    ) -> Result<(), Status> {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(In::Hello(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a Sync stream must be hello",
+                ))
+            }
+        };
+        let facts = hello
+            .facts
+            .ok_or_else(|| Status::invalid_argument("hello.facts is missing"))?;
+        if facts.cluster_id != cluster {
+            hub.metrics
+                .refused
+                .with_label_values(&[&cluster, "permission_denied"])
+                .inc();
+            tracing::warn!(%cluster, claimed = %facts.cluster_id, "cluster tried to speak for another cluster");
+            return Err(Status::permission_denied(format!(
+                "this stream is authenticated as cluster {cluster}; it may not speak for cluster {}",
+                facts.cluster_id
+            )));
+        }
+        validate::check_facts(&facts, "hello.facts").map_err(Status::invalid_argument)?;
+        let rec: ClusterRecord = hub
+            .store
+            .cluster(&cluster)
+            .map_err(store_status)?
+            .ok_or_else(|| store_status(StoreError::UnknownCluster(cluster.clone())))?;
+        if rec.trust_domain != facts.trust_domain {
+            hub.metrics
+                .refused
+                .with_label_values(&[&cluster, "permission_denied"])
+                .inc();
+            return Err(Status::permission_denied(format!(
+                "cluster {cluster} joined with trust domain {}; it may not claim {}",
+                rec.trust_domain, facts.trust_domain
+            )));
+        }
+        if let Some(rev) = tokio::task::block_in_place(|| hub.store.update_facts(&cluster, &facts))
+            .map_err(store_status)?
+        {
+            hub.bump_head(rev);
+        }
+        let generation = hub.connect(&cluster);
+        *connected_as = Some(generation);
+        let mut head_rx = hub.head.subscribe();
+        let mut peers_rx = hub.peers.subscribe();
+        send(
+            &tx,
+            Out::Welcome(Welcome {
+                exports_acked_version: rec.exports_acked_version,
+                lease_ttl_ms: hub.cfg.lease_ttl.as_millis() as u64,
+                heartbeat_interval_ms: (hub.cfg.lease_ttl / 3).as_millis() as u64,
+            }),
+        )
+        .await?;
+        let mut s = Session {
+            trust_domain: rec.trust_domain.clone(),
+            hub: hub.clone(),
+            cluster: cluster.clone(),
+            tx: tx.clone(),
+            sent: hello.imports_applied_revision,
+            cursor: Cursor::AfterRevision(hello.imports_applied_revision),
+            acked: hello.imports_applied_revision,
+            last_delta: hello.imports_applied_revision,
+            bucket: Bucket::new(hub.cfg.rate_limit),
+        };
+        if s.sent > hub.store.head() {
+            tracing::warn!(%cluster, applied = s.sent, head = hub.store.head(), "cluster is ahead of this federator's store; resyncing it from scratch");
+            send(
+                &tx,
+                Out::Imports(ImportDelta {
+                    revision: 0,
+                    full: true,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+            s.sent = 0;
+            s.acked = 0;
+            s.cursor = Cursor::AfterRevision(0);
+        }
+        send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
+        s.push_imports().await?;
+        tracing::info!(%cluster, applied = hello.imports_applied_revision, "cluster connected");
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => s.handle(m).await?,
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e),
+                },
+                r = head_rx.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    s.push_imports().await?;
+                }
+                r = peers_rx.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    if hub.generation(&cluster) != generation {
+                        return Err(Status::aborted("a newer stream of this cluster replaced this one"));
+                    }
+                    if hub.store.cluster(&cluster).ok().flatten().is_none_or(|r| r.left) {
+                        return Err(proto::reason::left(format!("cluster {cluster} has left the federation")));
+                    }
+                    send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Federation for Service {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let hub = &self.hub;
+        let r = req.into_inner();
+        let refuse = |reason: &str, s: Status| {
+            hub.metrics.joins.with_label_values(&[reason]).inc();
+            tracing::warn!(reason, message = %s.message(), "join refused");
+            s
+        };
+        let claims = Claims::decode(&r.token)
+            .map_err(|e| refuse("malformed_token", Status::unauthenticated(e.to_string())))?;
+        let facts = r.facts.ok_or_else(|| {
+            refuse(
+                "invalid_argument",
+                Status::invalid_argument("facts is missing"),
+            )
+        })?;
+        validate::check_facts(&facts, "facts")
+            .map_err(|m| refuse("invalid_argument", Status::invalid_argument(m)))?;
+        let td = TrustDomain::new(&facts.trust_domain)
+            .map_err(|e| refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
+        let bundle = TrustBundle::from_json(td.clone(), &r.trust_bundle_json, "trust_bundle_json")
+            .map_err(|e| refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
+        if bundle.x509_authorities.is_empty() {
+            return Err(refuse(
+                "invalid_argument",
+                Status::invalid_argument("trust_bundle_json: holds no x509-svid authority"),
+            ));
+        }
+        if td == hub.ca.trust_domain {
+            return Err(refuse(
+                "invalid_argument",
+                Status::invalid_argument(
+                    "facts.trust_domain: a cluster may not use the federation's own trust domain",
+                ),
+            ));
+        }
+        let _guard = hub.join_lock.lock().await;
+        let now = now_unix();
+        let token = hub
+            .tokens
+            .check(&claims, &facts.cluster_id, now)
+            .map_err(|e| {
+                let status = match &e {
+                    TokenError::Store(_) => Status::internal(e.to_string()),
+                    TokenError::Malformed(_) => Status::unauthenticated(e.to_string()),
+                    _ => Status::permission_denied(e.to_string()),
+                };
+                refuse("token", status)
+            })?;
+        for other in hub.store.clusters().map_err(store_status)? {
+            if !other.left
+                && other.id != facts.cluster_id
+                && other.trust_domain == facts.trust_domain
+            {
+                return Err(refuse(
+                    "trust_domain_taken",
+                    Status::already_exists(format!(
+                        "trust domain {} already belongs to cluster {}",
+                        other.trust_domain, other.id
+                    )),
+                ));
+            }
+        }
+        let issued =
+            tokio::task::block_in_place(|| hub.ca.sign_cluster(&r.csr_der, &facts.cluster_id))
+                .map_err(|e| {
+                    refuse(
+                        "invalid_argument",
+                        Status::invalid_argument(format!("csr_der: {e:#}")),
+                    )
+                })?;
+        hub.tokens
+            .consume(token, &facts.cluster_id, now)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut rec = ClusterRecord {
+            id: facts.cluster_id.clone(),
+            network: String::new(),
+            trust_domain: String::new(),
+            region: String::new(),
+            zone: String::new(),
+            subzone: String::new(),
+            gateways: Vec::new(),
+            joined_at: now,
+            cert_fingerprint: trust::keys::fingerprint(&issued.chain[0]),
+            bundle_json: r.trust_bundle_json.clone(),
+            bundle_sequence: bundle.sequence.unwrap_or(0),
+            revision: 0,
+            exports_acked_version: 0,
+            imports_acked_revision: 0,
+            left: false,
+        };
+        rec.set_facts(&facts);
+        let rev = tokio::task::block_in_place(|| hub.store.join(rec)).map_err(store_status)?;
+        if let Some(l) = hub.live().get_mut(&facts.cluster_id) {
+            // Streams of an earlier membership are superseded; generations only grow.
+            l.generation += 1;
+            l.connected = false;
+            l.acked = 0;
+        }
+        hub.bump_peers();
+        hub.bump_head(rev);
+        hub.metrics.joins.with_label_values(&["ok"]).inc();
+        tracing::info!(cluster = %facts.cluster_id, trust_domain = %facts.trust_domain, network = %facts.network, "cluster joined");
+        Ok(Response::new(JoinResponse {
+            cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            federation_bundle_json: hub
+                .ca
+                .bundle()
+                .to_json()
+                .map_err(|e| Status::internal(e.to_string()))?,
+            federation_trust_domain: hub.ca.trust_domain.to_string(),
+            federator_endpoints: hub.advertise.clone(),
+        }))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<ClusterMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let cluster = self.hub.authenticate(&req)?;
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            let mut connected_as = None;
+            let result = Service::run_session(
+                hub.clone(),
+                cluster.clone(),
+                inbound,
+                tx.clone(),
+                &mut connected_as,
+            )
+            .await;
+            if let Err(status) = result {
+                if status.code() != tonic::Code::Cancelled {
+                    tracing::info!(%cluster, code = ?status.code(), message = %status.message(), "sync stream ended");
+                }
+                let _ = tx.send(Err(status)).await;
+            }
+            // Only the stream that connected as this generation may mark the cluster gone.
+            if let Some(g) = connected_as {
+                let acked = hub.live().get(&cluster).map(|l| l.acked).unwrap_or(0);
+                if acked > 0 {
+                    if let Err(e) =
+                        tokio::task::block_in_place(|| hub.store.set_imports_acked(&cluster, acked))
+                    {
+                        tracing::warn!(error = %e, "cannot record the acknowledged import revision");
+                    }
+                }
+                hub.disconnect(&cluster, g);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let cluster = self.hub.authenticate(&req)?;
+        let rev =
+            tokio::task::block_in_place(|| self.hub.store.leave(&cluster)).map_err(store_status)?;
+        self.hub.bump_head(rev);
+        if let Some(l) = self.hub.live().get_mut(&cluster) {
+            l.connected = false;
+            l.generation += 1;
+        }
+        self.hub.bump_peers();
+        tracing::info!(%cluster, revision = rev, "cluster left the federation");
+        Ok(Response::new(LeaveResponse { revision: rev }))
+    }
+
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        let cluster = self.hub.authenticate(&req)?;
+        let r = req.into_inner();
+        let issued = tokio::task::block_in_place(|| self.hub.ca.sign_cluster(&r.csr_der, &cluster))
+            .map_err(|e| Status::invalid_argument(format!("csr_der: {e:#}")))?;
+        tracing::info!(%cluster, "renewed cluster certificate");
+        Ok(Response::new(RenewResponse {
+            cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        self.hub.authenticate(&req)?;
+        let rep = self.hub.report()?;
+        let clusters = rep
+            .clusters
+            .iter()
+            .map(|c| ClusterStatus {
+                facts: self
+                    .hub
+                    .store
+                    .cluster(&c.cluster)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.facts()),
+                connected: c.connected,
+                lease: match c.lease.as_str() {
+                    "stale" => proto::LeaseState::Stale,
+                    "fresh" => proto::LeaseState::Fresh,
+                    _ => proto::LeaseState::Unspecified,
+                } as i32,
+                last_heartbeat_age_ms: c.last_heartbeat_age_ms.unwrap_or(0),
+                exports: c.exports,
+                imports: c.imports,
+                exports_acked_version: c.exports_acked_version,
+                imports_acked_revision: c.imports_acked_revision,
+                import_lag: c.import_lag,
+                bundle_sequence: c.bundle_sequence,
+                bundle_not_after: 0,
+                conflicts: c.conflicts.clone(),
+                left: c.lease == "left",
+            })
+            .collect();
+        Ok(Response::new(StatusResponse {
+            revision: rep.head_revision,
+            clusters,
+            federation_trust_domain: rep.federation_trust_domain,
+            federation_ca_not_after: self.hub.ca.not_after().unix_timestamp(),
+        }))
+    }
+}

@@ -1,0 +1,8 @@
+//! How meshfed's parties prove who they are: the SPIFFE IDs of the federator, clusters, agents
+//! and VMs; a cluster's identity on disk (its federation certificate, its CA) and the join that
+//! creates it; join and VM tokens (single-use, expiring, stored as hashes).
+
+pub mod cluster;
+pub mod ids;
+pub mod token;
+pub mod vm_token;

@@ -1,0 +1,166 @@
+//! A snapshot of the services a cluster can reach: its own services and the imported ones, with
+//! the source cluster's network, gateways, locality and lease state, and the peers' trust
+//! bundles. Snapshots are immutable; [`crate::store`] publishes a new one on every change.
+
+use std::collections::BTreeMap;
+
+use proto::{ClusterFacts, LeaseState, OnExpiry, PeerCluster, ServiceExport};
+
+/// One instance of a service: where it runs and what the federation says about that place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub cluster: String,
+    pub local: bool,
+    pub network: String,
+    pub gateways: Vec<String>,
+    /// False when the source cluster's lease expired.
+    pub fresh: bool,
+    pub last_heartbeat_age_ms: u64,
+    pub export: ServiceExport,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub facts: ClusterFacts,
+    /// This cluster's services (exported or not), by `ns/name`.
+    pub local: BTreeMap<String, ServiceExport>,
+    /// Imported services by (source cluster, `ns/name`).
+    pub imports: BTreeMap<(String, String), ServiceExport>,
+    pub peers: BTreeMap<String, PeerCluster>,
+    /// Peer trust bundles: trust domain -> JSON.
+    pub bundles: BTreeMap<String, String>,
+    pub federator_connected: bool,
+    pub applied_revision: u64,
+}
+
+impl Snapshot {
+    /// Every reachable service, by `ns/name`, with one instance per cluster. Instances of a
+    /// stale cluster whose service says `withdraw` are left out; `deprioritize` keeps them,
+    /// marked not fresh, for the failover tables to rank last.
+    pub fn services(&self) -> BTreeMap<String, Vec<Instance>> {
+        let mut all = self.instances();
+        for v in all.values_mut() {
+            v.retain(|i| i.fresh || i.export.on_expiry != OnExpiry::Withdraw as i32);
+        }
+        all.retain(|_, v| !v.is_empty());
+        all
+    }
+
+    /// Every instance, stale ones included whatever their staleness setting (a failover policy
+    /// may override it).
+    pub fn instances(&self) -> BTreeMap<String, Vec<Instance>> {
+        let mut out: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for (k, e) in &self.local {
+            out.entry(k.clone()).or_default().push(Instance {
+                cluster: self.facts.cluster_id.clone(),
+                local: true,
+                network: self.facts.network.clone(),
+                gateways: self.facts.gateways.clone(),
+                fresh: true,
+                last_heartbeat_age_ms: 0,
+                export: e.clone(),
+            });
+        }
+        for ((cluster, k), e) in &self.imports {
+            let peer = self.peers.get(cluster);
+            let fresh = peer.is_some_and(|p| p.lease == LeaseState::Fresh as i32);
+            let facts = peer.and_then(|p| p.facts.clone()).unwrap_or_default();
+            out.entry(k.clone()).or_default().push(Instance {
+                cluster: cluster.clone(),
+                local: false,
+                network: facts.network,
+                gateways: facts.gateways,
+                fresh,
+                last_heartbeat_age_ms: peer.map(|p| p.last_heartbeat_age_ms).unwrap_or(0),
+                export: e.clone(),
+            });
+        }
+        out
+    }
+}
+
+/// The roots of the cluster's own trust domain and of every peer bundle it holds, by trust
+/// domain (own first). A bundle that does not parse is left out, with a warning.
+pub fn trust_roots(
+    own_td: &str,
+    own_json: &str,
+    snap: &Snapshot,
+) -> Vec<(String, Vec<rustls_pki_types::CertificateDer<'static>>)> {
+    let mut out = Vec::new();
+    let bundles = std::iter::once((own_td, own_json)).chain(
+        snap.bundles
+            .iter()
+            .filter(|(td, _)| td.as_str() != own_td)
+            .map(|(td, j)| (td.as_str(), j.as_str())),
+    );
+    for (td, json) in bundles {
+        let parsed = trust::TrustDomain::new(td)
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                trust::TrustBundle::from_json(d, json, &format!("bundle of {td}"))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(b) => out.push((td.to_string(), b.x509_authorities)),
+            Err(e) => {
+                tracing::warn!(trust_domain = %td, error = %e, "bundle left out of the trust roots")
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(on_expiry: OnExpiry) -> ServiceExport {
+        ServiceExport {
+            namespace: "shop".into(),
+            name: "payment".into(),
+            on_expiry: on_expiry as i32,
+            ..Default::default()
+        }
+    }
+
+    fn peer(id: &str, lease: LeaseState) -> PeerCluster {
+        PeerCluster {
+            facts: Some(ClusterFacts {
+                cluster_id: id.into(),
+                network: format!("{id}-net"),
+                ..Default::default()
+            }),
+            lease: lease as i32,
+            last_heartbeat_age_ms: 5,
+            connected: true,
+        }
+    }
+
+    #[test]
+    fn stale_peers_are_ranked_or_withdrawn_per_policy() {
+        let mut s = Snapshot::default();
+        s.imports.insert(
+            ("east".into(), "shop/payment".into()),
+            export(OnExpiry::Deprioritize),
+        );
+        s.imports.insert(
+            ("west".into(), "shop/payment".into()),
+            export(OnExpiry::Withdraw),
+        );
+        s.peers
+            .insert("east".into(), peer("east", LeaseState::Stale));
+        s.peers
+            .insert("west".into(), peer("west", LeaseState::Fresh));
+        let svc = &s.services()["shop/payment"];
+        assert_eq!(svc.len(), 2);
+        assert!(!svc.iter().find(|i| i.cluster == "east").unwrap().fresh);
+        assert_eq!(
+            svc.iter().find(|i| i.cluster == "west").unwrap().network,
+            "west-net"
+        );
+        s.peers
+            .insert("west".into(), peer("west", LeaseState::Stale));
+        let svc = &s.services()["shop/payment"];
+        assert_eq!(svc.len(), 1, "withdraw drops the stale instance");
+    }
+}

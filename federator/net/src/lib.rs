@@ -1,0 +1,188 @@
+//! Transports shared by every meshfed server and client: gRPC over meshfed's own rustls
+//! configurations (a TLS accept loop that feeds tonic, peer certificates reaching handlers
+//! through `Request::peer_certs`, and a connector for clients), the admin HTTP endpoint, and
+//! Prometheus helpers.
+
+pub mod admin;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use anyhow::Context as _;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// HTTP/2, negotiated by ALPN.
+pub const ALPN_H2: &[u8] = b"h2";
+/// A handshake that has not finished in this time is dropped (slowloris protection).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a handler learns about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    /// The client's verified certificate chain, when it presented one.
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// A server-side TLS connection that tells tonic who the peer is (see [`PeerInfo`]).
+#[derive(Debug)]
+pub struct TlsConn(pub TlsStream<TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        let (tcp, session) = self.0.get_ref();
+        PeerInfo {
+            remote: tcp.peer_addr().ok(),
+            certs: session
+                .peer_certificates()
+                .map(|c| Arc::new(c.iter().map(|d| d.clone().into_owned()).collect())),
+        }
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, yielding established
+/// streams for `tonic::transport::Server::serve_with_incoming`. A failed handshake is logged and
+/// dropped; it never stops the loop.
+pub fn tls_incoming(
+    listener: TcpListener,
+    mut config: rustls::ServerConfig,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            // When the server stops (its stream is dropped) the listener is closed with it, so
+            // the address can be bound again at once.
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = tx.closed() => break,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                break;
+            }
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A lazily connecting gRPC channel to the first reachable of `addrs`, over `config`.
+pub fn channel(
+    addrs: Vec<String>,
+    mut config: rustls::ClientConfig,
+    server_name: &str,
+) -> anyhow::Result<Channel> {
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let connector = TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(server_name.to_string()).context("invalid server name")?;
+    let first = addrs.first().cloned().context("no federator address")?;
+    let endpoint = Endpoint::from_shared(format!("http://{first}"))
+        .context("invalid federator address")?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let addrs = Arc::new(addrs);
+    let svc = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
+        let connector = connector.clone();
+        let name = name.clone();
+        let addrs = addrs.clone();
+        async move {
+            let mut last = std::io::Error::other("no address");
+            for a in addrs.iter() {
+                let tcp = match TcpStream::connect(a.as_str()).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        last = std::io::Error::new(e.kind(), format!("{a}: {e}"));
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                match connector.connect(name.clone(), tcp).await {
+                    Ok(tls) => return Ok(hyper_util::rt::TokioIo::new(tls)),
+                    Err(e) => last = std::io::Error::new(e.kind(), format!("{a}: {e}")),
+                }
+            }
+            Err(last)
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(svc))
+}
+
+/// Resolves `host:port` to a socket address (first match).
+pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("cannot resolve {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))
+}

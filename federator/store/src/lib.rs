@@ -1,0 +1,1129 @@
+//! The federator's state: durable in sled, served from memory. Every mutation runs in one sled
+//! transaction across trees and is flushed to disk before the caller acknowledges anything;
+//! then the in-memory view (with its revision and per-service indexes) is updated. Reads never
+//! touch sled, so many importers reading at once cost no disk and no sled page churn; memory
+//! is the size of the data.
+//!
+//! Trees:
+//! - `meta`: `schema` (u32), `revision` (u64, the head revision)
+//! - `clusters`: cluster id -> [`ClusterRecord`] (JSON)
+//! - `exports`: `<cluster>\0<ns>/<name>` -> [`ExportRecord`] (binary, see `encode`)
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use prost::Message;
+use proto::{ClusterFacts, ExportDelta, ServiceExport};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use meshfed_model::validate::{port_conflict, service_key, MAX_CHUNK_BYTES};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("state store: record {key:?} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("state store in {dir} has schema version {found}; this meshfed reads version {SCHEMA_VERSION}")]
+    Schema { dir: String, found: u32 },
+    #[error("unknown cluster {0}")]
+    UnknownCluster(String),
+    #[error("cluster {0} has left the federation")]
+    Left(String),
+    #[error("export version {got} does not follow the stored version {stored}; send a full set")]
+    VersionGap { got: u64, stored: u64 },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What the federator knows about one member cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterRecord {
+    pub id: String,
+    pub network: String,
+    pub trust_domain: String,
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+    pub gateways: Vec<String>,
+    pub joined_at: i64,
+    pub cert_fingerprint: String,
+    pub bundle_json: String,
+    pub bundle_sequence: u64,
+    /// Revision at which the bundle, facts or membership last changed.
+    pub revision: u64,
+    pub exports_acked_version: u64,
+    pub imports_acked_revision: u64,
+    pub left: bool,
+}
+
+impl ClusterRecord {
+    pub fn facts(&self) -> ClusterFacts {
+        ClusterFacts {
+            cluster_id: self.id.clone(),
+            network: self.network.clone(),
+            trust_domain: self.trust_domain.clone(),
+            locality: Some(proto::Locality {
+                region: self.region.clone(),
+                zone: self.zone.clone(),
+                subzone: self.subzone.clone(),
+            }),
+            gateways: self.gateways.clone(),
+        }
+    }
+
+    pub fn set_facts(&mut self, f: &ClusterFacts) {
+        self.network = f.network.clone();
+        self.trust_domain = f.trust_domain.clone();
+        let l = f.locality.clone().unwrap_or_default();
+        self.region = l.region;
+        self.zone = l.zone;
+        self.subzone = l.subzone;
+        self.gateways = f.gateways.clone();
+    }
+}
+
+/// One cluster's export of one service, or its tombstone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportRecord {
+    pub cluster: String,
+    /// Revision of the export's creation: decides which export is the oldest in a conflict.
+    pub created: u64,
+    pub modified: u64,
+    pub deleted: bool,
+    /// Why this export is excluded (a conflict with an older export), if it is.
+    pub conflict: Option<String>,
+    /// Every cluster that could ever have imported this service under this key (`*` for all):
+    /// only they are told when it changes out of their view.
+    pub audience: BTreeSet<String>,
+    pub export: ServiceExport,
+}
+
+/// Adds who may see `e` to an audience.
+fn widen(audience: &mut BTreeSet<String>, e: &ServiceExport) {
+    if e.export_to.is_empty() {
+        audience.insert("*".to_string());
+    } else {
+        audience.extend(e.export_to.iter().cloned());
+    }
+}
+
+fn could_have_seen(audience: &BTreeSet<String>, importer: &str) -> bool {
+    audience.contains("*") || audience.contains(importer)
+}
+
+impl ExportRecord {
+    fn encode(&self) -> Vec<u8> {
+        let conflict = self.conflict.as_deref().unwrap_or("");
+        let audience = self.audience.iter().cloned().collect::<Vec<_>>().join(",");
+        let mut v =
+            Vec::with_capacity(21 + conflict.len() + audience.len() + self.export.encoded_len());
+        v.extend_from_slice(&self.created.to_be_bytes());
+        v.extend_from_slice(&self.modified.to_be_bytes());
+        v.push(u8::from(self.deleted));
+        v.extend_from_slice(&(conflict.len() as u16).to_be_bytes());
+        v.extend_from_slice(conflict.as_bytes());
+        v.extend_from_slice(&(audience.len() as u32).to_be_bytes());
+        v.extend_from_slice(audience.as_bytes());
+        self.export.encode(&mut v).unwrap_or_default();
+        v
+    }
+
+    fn decode(key: &[u8], v: &[u8]) -> Result<Self> {
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: reason.to_string(),
+        };
+        if v.len() < 19 {
+            return Err(corrupt("too short"));
+        }
+        let created = u64::from_be_bytes(v[0..8].try_into().map_err(|_| corrupt("created"))?);
+        let modified = u64::from_be_bytes(v[8..16].try_into().map_err(|_| corrupt("modified"))?);
+        let deleted = v[16] != 0;
+        let clen = u16::from_be_bytes([v[17], v[18]]) as usize;
+        if v.len() < 19 + clen {
+            return Err(corrupt("conflict text truncated"));
+        }
+        let conflict =
+            std::str::from_utf8(&v[19..19 + clen]).map_err(|_| corrupt("conflict text"))?;
+        let at = 19 + clen;
+        let alen_bytes: [u8; 4] = v
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| corrupt("audience length"))?;
+        let alen = u32::from_be_bytes(alen_bytes) as usize;
+        let audience_text = v
+            .get(at + 4..at + 4 + alen)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| corrupt("audience"))?;
+        let audience = audience_text
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        let export =
+            ServiceExport::decode(&v[at + 4 + alen..]).map_err(|e| corrupt(&e.to_string()))?;
+        let cluster = key.split(|b| *b == 0).next().unwrap_or_default();
+        Ok(ExportRecord {
+            cluster: String::from_utf8_lossy(cluster).into_owned(),
+            created,
+            modified,
+            deleted,
+            conflict: (!conflict.is_empty()).then(|| conflict.to_string()),
+            audience,
+            export,
+        })
+    }
+}
+
+fn export_key(cluster: &str, skey: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(cluster.len() + 1 + skey.len());
+    k.extend_from_slice(cluster.as_bytes());
+    k.push(0);
+    k.extend_from_slice(skey.as_bytes());
+    k
+}
+
+/// The result of storing an export delta.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// The new head revision, or `None` when nothing visible changed.
+    pub revision: Option<u64>,
+    /// Conflicts now standing against this cluster's exports.
+    pub conflicts: Vec<String>,
+}
+
+/// A change an importer must apply.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Upsert(Box<ExportRecord>),
+    Remove {
+        cluster: String,
+        namespace: String,
+        name: String,
+    },
+}
+
+/// An export as kept in memory: encoded once, shared by every importer's read.
+struct Stored {
+    cluster: String,
+    created: u64,
+    modified: u64,
+    deleted: bool,
+    conflict: Option<String>,
+    audience: BTreeSet<String>,
+    export_to: Vec<String>,
+    namespace: String,
+    name: String,
+    encoded: Vec<u8>,
+}
+
+impl Stored {
+    fn record(&self) -> ExportRecord {
+        ExportRecord {
+            cluster: self.cluster.clone(),
+            created: self.created,
+            modified: self.modified,
+            deleted: self.deleted,
+            conflict: self.conflict.clone(),
+            audience: self.audience.clone(),
+            export: ServiceExport::decode(self.encoded.as_slice()).unwrap_or_default(),
+        }
+    }
+
+    fn visible_to(&self, importer: &str) -> bool {
+        !self.deleted
+            && self.conflict.is_none()
+            && meshfed_model::validate::visible_to(&self.export_to, importer)
+    }
+}
+
+/// Where an importer's reading stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    /// Every change up to and including this revision has been read.
+    AfterRevision(u64),
+    /// Reading stopped inside a revision, after this (revision, cluster, `ns/name`) entry.
+    AfterKey(u64, String, String),
+}
+
+/// The in-memory view of the store.
+#[derive(Default)]
+struct Mem {
+    head: u64,
+    clusters: BTreeMap<String, ClusterRecord>,
+    /// (cluster, `ns/name`) -> record, tombstones included.
+    exports: BTreeMap<(String, String), Arc<Stored>>,
+    /// (modified revision, cluster, `ns/name`): the change index importers read.
+    by_rev: BTreeSet<(u64, String, String)>,
+    /// `ns/name` -> clusters with a live export of it (for conflicts).
+    by_service: HashMap<String, BTreeSet<String>>,
+}
+
+impl Mem {
+    fn put_export(&mut self, r: ExportRecord) {
+        let skey = service_key(&r.export.namespace, &r.export.name);
+        let k = (r.cluster.clone(), skey.clone());
+        if let Some(old) = self.exports.get(&k) {
+            self.by_rev
+                .remove(&(old.modified, k.0.clone(), k.1.clone()));
+        }
+        self.by_rev.insert((r.modified, k.0.clone(), k.1.clone()));
+        let owners = self.by_service.entry(skey.clone()).or_default();
+        if r.deleted {
+            owners.remove(&r.cluster);
+            if owners.is_empty() {
+                self.by_service.remove(&skey);
+            }
+        } else {
+            owners.insert(r.cluster.clone());
+        }
+        let stored = Stored {
+            encoded: r.export.encode_to_vec(),
+            export_to: r.export.export_to.clone(),
+            namespace: r.export.namespace.clone(),
+            name: r.export.name.clone(),
+            cluster: r.cluster,
+            created: r.created,
+            modified: r.modified,
+            deleted: r.deleted,
+            conflict: r.conflict,
+            audience: r.audience,
+        };
+        self.exports.insert(k, Arc::new(stored));
+    }
+}
+
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    clusters: sled::Tree,
+    exports: sled::Tree,
+    mem: RwLock<Mem>,
+    /// One writer at a time: what a transaction is computed from cannot change under it.
+    write: Mutex<()>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("head", &self.head()).finish()
+    }
+}
+
+fn txn_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+/// Opens a sled database, waiting up to 5 s for a lock that a just-closed handle in this process
+/// is still releasing (sled's background threads hold it briefly); a lock held by another
+/// process is reported as such.
+pub fn open_sled(config: sled::Config, dir: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(format!(
+                        "{} is in use by another process (is another meshfed running with this state directory?)",
+                        dir.display()
+                    )))));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        // sled caches up to 1 GiB by default; reads are served from memory here.
+        let db = open_sled(sled::Config::new().path(dir).cache_capacity(16 << 20), dir)?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema")? {
+            None => {
+                meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema {
+                        dir: dir.display().to_string(),
+                        found,
+                    });
+                }
+            }
+        }
+        let clusters = db.open_tree("clusters")?;
+        let exports = db.open_tree("exports")?;
+        let mut mem = Mem {
+            head: meta
+                .get("revision")?
+                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(0),
+            ..Default::default()
+        };
+        for kv in clusters.iter() {
+            let (k, v) = kv?;
+            let rec: ClusterRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: e.to_string(),
+                })?;
+            mem.clusters.insert(rec.id.clone(), rec);
+        }
+        for kv in exports.iter() {
+            let (k, v) = kv?;
+            mem.put_export(ExportRecord::decode(&k, &v)?);
+        }
+        Ok(Store {
+            db,
+            meta,
+            clusters,
+            exports,
+            mem: RwLock::new(mem),
+            write: Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Mem> {
+        self.mem.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mem_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mem> {
+        self.mem.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The head revision: every change has a revision at or below it.
+    pub fn head(&self) -> u64 {
+        self.read().head
+    }
+
+    pub fn cluster(&self, id: &str) -> Result<Option<ClusterRecord>> {
+        Ok(self.read().clusters.get(id).cloned())
+    }
+
+    pub fn clusters(&self) -> Result<Vec<ClusterRecord>> {
+        Ok(self.read().clusters.values().cloned().collect())
+    }
+
+    /// Writes a cluster record at a new revision (join, facts or bundle change, leave).
+    fn put_cluster_at_new_revision(&self, mut rec: ClusterRecord) -> Result<u64> {
+        let rev = self.head() + 1;
+        rec.revision = rev;
+        let json = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
+            key: rec.id.clone(),
+            reason: e.to_string(),
+        })?;
+        (&self.meta, &self.clusters)
+            .transaction(|(meta, clusters)| {
+                meta.insert("revision", &rev.to_be_bytes())?;
+                clusters.insert(rec.id.as_bytes(), json.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(txn_err)?;
+        self.db.flush()?;
+        let mut m = self.mem_mut();
+        m.head = rev;
+        m.clusters.insert(rec.id.clone(), rec);
+        Ok(rev)
+    }
+
+    /// Records a newly joined cluster (a re-join after leaving replaces the old record).
+    pub fn join(&self, rec: ClusterRecord) -> Result<u64> {
+        let _g = self.lock();
+        if self.cluster(&rec.id)?.is_some_and(|old| !old.left) {
+            // A member joining again (e.g. after losing its state): its old exports go, in the
+            // same transaction that writes the new record.
+            tracing::info!(cluster = %rec.id, "cluster joined again; its previous exports are withdrawn");
+            let id = rec.id.clone();
+            let applied = self.apply_exports_locked(
+                &id,
+                &ExportDelta {
+                    version: 0,
+                    full: true,
+                    ..Default::default()
+                },
+                Some(rec),
+            )?;
+            return Ok(applied.revision.unwrap_or_else(|| self.head()));
+        }
+        self.put_cluster_at_new_revision(rec)
+    }
+
+    /// Updates a member's facts (addresses, locality) when they changed.
+    pub fn update_facts(&self, id: &str, facts: &ClusterFacts) -> Result<Option<u64>> {
+        let _g = self.lock();
+        let mut rec = self.member(id)?;
+        let before = rec.clone();
+        rec.set_facts(facts);
+        if rec == before {
+            return Ok(None);
+        }
+        self.put_cluster_at_new_revision(rec).map(Some)
+    }
+
+    /// Stores a member's trust bundle when it changed.
+    pub fn set_bundle(&self, id: &str, json: &str, sequence: u64) -> Result<Option<u64>> {
+        let _g = self.lock();
+        let mut rec = self.member(id)?;
+        if rec.bundle_json == json {
+            return Ok(None);
+        }
+        rec.bundle_json = json.to_string();
+        rec.bundle_sequence = sequence;
+        self.put_cluster_at_new_revision(rec).map(Some)
+    }
+
+    fn member(&self, id: &str) -> Result<ClusterRecord> {
+        let rec = self
+            .cluster(id)?
+            .ok_or_else(|| StoreError::UnknownCluster(id.to_string()))?;
+        if rec.left {
+            return Err(StoreError::Left(id.to_string()));
+        }
+        Ok(rec)
+    }
+
+    /// Records the import revision a cluster has applied (not flushed on its own: losing it
+    /// only costs a resend).
+    pub fn set_imports_acked(&self, id: &str, revision: u64) -> Result<()> {
+        let _g = self.lock();
+        let Some(mut rec) = self.cluster(id)? else {
+            return Ok(());
+        };
+        if rec.imports_acked_revision == revision {
+            return Ok(());
+        }
+        rec.imports_acked_revision = revision;
+        let json = serde_json::to_vec(&rec).unwrap_or_default();
+        self.clusters.insert(id.as_bytes(), json)?;
+        self.mem_mut().clusters.insert(id.to_string(), rec);
+        Ok(())
+    }
+
+    /// The live (non-deleted) exports of `cluster`, keyed by `ns/name`.
+    pub fn exports_of(&self, cluster: &str) -> Result<BTreeMap<String, ExportRecord>> {
+        let m = self.read();
+        Ok(m.exports
+            .range((cluster.to_string(), String::new())..)
+            .take_while(|((c, _), _)| c == cluster)
+            .filter(|(_, r)| !r.deleted)
+            .map(|((_, k), r)| (k.clone(), r.record()))
+            .collect())
+    }
+
+    /// Stores an export delta from `cluster`: durable before this returns.
+    pub fn apply_exports(&self, cluster: &str, delta: &ExportDelta) -> Result<Applied> {
+        let _g = self.lock();
+        self.apply_exports_locked(cluster, delta, None)
+    }
+
+    /// [`apply_exports`](Self::apply_exports) under the write lock. With `replace`, the
+    /// cluster record is replaced by it (leave, re-join) in the same transaction.
+    fn apply_exports_locked(
+        &self,
+        cluster: &str,
+        delta: &ExportDelta,
+        replace: Option<ClusterRecord>,
+    ) -> Result<Applied> {
+        let mut rec = self.member(cluster)?;
+        if replace.is_none()
+            && !delta.full
+            && rec.exports_acked_version.checked_add(1) != Some(delta.version)
+        {
+            return Err(StoreError::VersionGap {
+                got: delta.version,
+                stored: rec.exports_acked_version,
+            });
+        }
+        let rev = self.head() + 1;
+        // This cluster's live exports, still encoded: only what changes is decoded.
+        let current: BTreeMap<String, Arc<Stored>> = {
+            let m = self.read();
+            m.exports
+                .range((cluster.to_string(), String::new())..)
+                .take_while(|((c, _), _)| c == cluster)
+                .filter(|(_, r)| !r.deleted)
+                .map(|((_, k), r)| (k.clone(), r.clone()))
+                .collect()
+        };
+        let mut upserts: BTreeMap<String, &ServiceExport> = BTreeMap::new();
+        for e in &delta.upserts {
+            upserts.insert(service_key(&e.namespace, &e.name), e);
+        }
+        let removed: Vec<String> = if delta.full {
+            current
+                .keys()
+                .filter(|k| !upserts.contains_key(*k))
+                .cloned()
+                .collect()
+        } else {
+            delta
+                .removals
+                .iter()
+                .map(|k| service_key(&k.namespace, &k.name))
+                .filter(|k| current.contains_key(k) && !upserts.contains_key(k))
+                .collect()
+        };
+        // Records to write, keyed by (cluster, ns/name): changed or new exports, tombstones,
+        // and other clusters' exports whose conflict flag changes.
+        let mut writes: BTreeMap<(String, String), ExportRecord> = BTreeMap::new();
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        {
+            let m = self.read();
+            for (k, e) in &upserts {
+                let old = current.get(k);
+                // Maps encode in no fixed order, so equal exports may differ in bytes: compare
+                // decoded, and only when the sizes match.
+                if old
+                    .is_some_and(|o| o.encoded.len() == e.encoded_len() && o.record().export == **e)
+                {
+                    continue;
+                }
+                // The audience outlives tombstones: whoever saw an earlier incarnation of
+                // this key must hear about its later changes.
+                let mut audience = m
+                    .exports
+                    .get(&(cluster.to_string(), k.clone()))
+                    .map(|o| o.audience.clone())
+                    .unwrap_or_default();
+                widen(&mut audience, e);
+                writes.insert(
+                    (cluster.to_string(), k.clone()),
+                    ExportRecord {
+                        cluster: cluster.to_string(),
+                        created: old.map(|o| o.created).unwrap_or(rev),
+                        modified: rev,
+                        deleted: false,
+                        conflict: old.and_then(|o| o.conflict.clone()),
+                        audience,
+                        export: (*e).clone(),
+                    },
+                );
+                touched.insert(k.clone());
+            }
+            for k in &removed {
+                if let Some(old) = current.get(k) {
+                    writes.insert(
+                        (cluster.to_string(), k.clone()),
+                        ExportRecord {
+                            modified: rev,
+                            deleted: true,
+                            conflict: None,
+                            ..old.record()
+                        },
+                    );
+                    touched.insert(k.clone());
+                }
+            }
+            // Conflicts: for every touched service the oldest live export wins; newer ones
+            // that disagree on ports are excluded. A flag that changes bumps that export.
+            for skey in &touched {
+                let mut live: Vec<ExportRecord> = m
+                    .by_service
+                    .get(skey)
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c.as_str() != cluster)
+                    .filter_map(|c| {
+                        m.exports
+                            .get(&(c.clone(), skey.clone()))
+                            .map(|r| r.record())
+                    })
+                    .collect();
+                if let Some(w) = writes.get(&(cluster.to_string(), skey.clone())) {
+                    if !w.deleted {
+                        live.push(w.clone());
+                    }
+                }
+                live.sort_by(|a, b| (a.created, &a.cluster).cmp(&(b.created, &b.cluster)));
+                let Some((oldest, rest)) = live.split_first() else {
+                    continue;
+                };
+                let mut flags = vec![(oldest.clone(), None)];
+                for r in rest {
+                    let c = port_conflict(&oldest.export, &r.export).map(|why| {
+                        format!(
+                            "{skey}: {why} (cluster {} exported it first)",
+                            oldest.cluster
+                        )
+                    });
+                    flags.push((r.clone(), c));
+                }
+                for (mut r, flag) in flags {
+                    if r.conflict != flag {
+                        r.conflict = flag;
+                        r.modified = rev;
+                        writes.insert((r.cluster.clone(), skey.clone()), r);
+                    }
+                }
+            }
+        }
+        let conflicts: Vec<String> = current
+            .keys()
+            .chain(upserts.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| !removed.contains(*k))
+            .filter_map(|k| {
+                writes
+                    .get(&(cluster.to_string(), k.clone()))
+                    .map(|w| w.conflict.clone())
+                    .unwrap_or_else(|| current.get(k).and_then(|c| c.conflict.clone()))
+            })
+            .collect();
+        let changed = !writes.is_empty() || replace.is_some();
+        match replace {
+            Some(mut r) => {
+                r.revision = rev;
+                rec = r;
+            }
+            None => rec.exports_acked_version = delta.version,
+        }
+        let rec_json = serde_json::to_vec(&rec).unwrap_or_default();
+        let encoded: Vec<(Vec<u8>, Vec<u8>)> = writes
+            .iter()
+            .map(|((c, k), r)| (export_key(c, k), r.encode()))
+            .collect();
+        (&self.meta, &self.clusters, &self.exports)
+            .transaction(|(meta, clusters, exports)| {
+                if changed {
+                    meta.insert("revision", &rev.to_be_bytes())?;
+                }
+                clusters.insert(cluster.as_bytes(), rec_json.as_slice())?;
+                for (k, v) in &encoded {
+                    exports.insert(k.as_slice(), v.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(txn_err)?;
+        self.db.flush()?;
+        let mut m = self.mem_mut();
+        if changed {
+            m.head = rev;
+        }
+        m.clusters.insert(cluster.to_string(), rec);
+        for (_, r) in writes {
+            m.put_export(r);
+        }
+        Ok(Applied {
+            revision: changed.then_some(rev),
+            conflicts,
+        })
+    }
+
+    /// The cluster leaves: its exports become tombstones and its record is marked left.
+    pub fn leave(&self, cluster: &str) -> Result<u64> {
+        let _g = self.lock();
+        let mut rec = self.member(cluster)?;
+        rec.left = true;
+        rec.bundle_json.clear();
+        // Tombstones and the left record in one transaction: no export can slip in between.
+        let delta = ExportDelta {
+            version: 0,
+            full: true,
+            ..Default::default()
+        };
+        let applied = self.apply_exports_locked(cluster, &delta, Some(rec))?;
+        Ok(applied.revision.unwrap_or_else(|| self.head()))
+    }
+
+    /// Export changes after `cursor`, oldest first, at most `limit` of them (a chunk may end
+    /// inside a revision). Returns the changes, where to continue, and the last revision that
+    /// is now completely read (what the reader may acknowledge). The importer's own exports are
+    /// skipped.
+    pub fn changes_since(
+        &self,
+        importer: &str,
+        cursor: &Cursor,
+        limit: usize,
+    ) -> Result<(Vec<Change>, Cursor, u64)> {
+        use std::ops::Bound;
+        let m = self.read();
+        let head = m.head;
+        let start = match cursor {
+            Cursor::AfterRevision(r) => Bound::Included((r + 1, String::new(), String::new())),
+            Cursor::AfterKey(r, c, k) => Bound::Excluded((*r, c.clone(), k.clone())),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut last: Option<&(u64, String, String)> = None;
+        for key in m.by_rev.range((start, Bound::Unbounded)) {
+            let (rev, cluster, skey) = key;
+            if *rev > head {
+                break;
+            }
+            if out.len() >= limit || bytes >= MAX_CHUNK_BYTES {
+                // Stopped at `key`: the last revision read is complete only if `key` starts a new one.
+                let prev = last.map(|l| l.0).unwrap_or(0);
+                let complete = if prev == *rev {
+                    prev.saturating_sub(1)
+                } else {
+                    prev
+                };
+                let (r, c, k) = last.cloned().unwrap_or_default();
+                let floor = match cursor {
+                    Cursor::AfterRevision(r) => *r,
+                    Cursor::AfterKey(r, ..) => r.saturating_sub(1),
+                };
+                return Ok((out, Cursor::AfterKey(r, c, k), complete.max(floor)));
+            }
+            last = Some(key);
+            if cluster == importer {
+                continue;
+            }
+            let Some(r) = m.exports.get(&(cluster.clone(), skey.clone())) else {
+                continue;
+            };
+            if r.visible_to(importer) {
+                bytes += r.encoded.len();
+                out.push(Change::Upsert(Box::new(r.record())));
+            } else if could_have_seen(&r.audience, importer) {
+                out.push(Change::Remove {
+                    cluster: r.cluster.clone(),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                });
+            }
+        }
+        let floor = match cursor {
+            Cursor::AfterRevision(r) => *r,
+            Cursor::AfterKey(r, ..) => r.saturating_sub(1),
+        };
+        let complete = head.max(floor);
+        Ok((out, Cursor::AfterRevision(complete), complete))
+    }
+
+    /// Number of live exports visible to `importer` (for status).
+    pub fn import_count(&self, importer: &str) -> Result<u64> {
+        let m = self.read();
+        Ok(m.exports
+            .values()
+            .filter(|r| r.cluster != importer && r.visible_to(importer))
+            .count() as u64)
+    }
+
+    /// Conflicts standing against `cluster`'s exports.
+    pub fn conflicts_of(&self, cluster: &str) -> Result<Vec<String>> {
+        Ok(self
+            .exports_of(cluster)?
+            .into_values()
+            .filter_map(|r| r.conflict)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::Port;
+
+    fn record(id: &str) -> ClusterRecord {
+        ClusterRecord {
+            id: id.into(),
+            network: format!("net-{id}"),
+            trust_domain: format!("{id}.mesh"),
+            region: String::new(),
+            zone: String::new(),
+            subzone: String::new(),
+            gateways: vec![],
+            joined_at: 0,
+            cert_fingerprint: String::new(),
+            bundle_json: String::new(),
+            bundle_sequence: 0,
+            revision: 0,
+            exports_acked_version: 0,
+            imports_acked_revision: 0,
+            left: false,
+        }
+    }
+
+    fn export(name: &str, port: u32, protocol: &str) -> ServiceExport {
+        ServiceExport {
+            namespace: "shop".into(),
+            name: name.into(),
+            ports: vec![Port {
+                name: "http".into(),
+                port,
+                protocol: protocol.into(),
+                app_protocol: String::new(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn delta(version: u64, upserts: Vec<ServiceExport>, removals: Vec<&str>) -> ExportDelta {
+        ExportDelta {
+            version,
+            full: false,
+            upserts,
+            removals: removals
+                .into_iter()
+                .map(|n| proto::ServiceKey {
+                    namespace: "shop".into(),
+                    name: n.into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn upserted(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Upsert(r) => Some(format!("{}:{}", r.cluster, r.export.name)),
+                Change::Remove { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn oldest_export_wins_a_conflict_and_the_newer_appears_when_it_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        for c in ["c1", "c2", "c3"] {
+            s.join(record(c)).unwrap();
+        }
+        s.apply_exports(
+            "c1",
+            &delta(1, vec![export("payment", 8080, "TCP")], vec![]),
+        )
+        .unwrap();
+        let a = s
+            .apply_exports(
+                "c2",
+                &delta(1, vec![export("payment", 8080, "UDP")], vec![]),
+            )
+            .unwrap();
+        assert_eq!(a.conflicts.len(), 1, "{:?}", a.conflicts);
+        assert!(
+            a.conflicts[0].contains("cluster c1 exported it first"),
+            "{:?}",
+            a.conflicts
+        );
+        let (ch, cursor, _) = s
+            .changes_since("c3", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        assert_eq!(
+            upserted(&ch),
+            vec!["c1:payment"],
+            "the conflicting export is not imported"
+        );
+        assert_eq!(s.conflicts_of("c2").unwrap().len(), 1);
+        assert_eq!(s.import_count("c3").unwrap(), 1);
+
+        // The older export goes away: the newer one is published, the old one removed.
+        s.apply_exports("c1", &delta(2, vec![], vec!["payment"]))
+            .unwrap();
+        let (ch, _, _) = s.changes_since("c3", &cursor, 100).unwrap();
+        assert_eq!(upserted(&ch), vec!["c2:payment"]);
+        assert!(ch
+            .iter()
+            .any(|c| matches!(c, Change::Remove { cluster, .. } if cluster == "c1")));
+        assert!(s.conflicts_of("c2").unwrap().is_empty());
+
+        // A version gap is refused; a full set is always accepted.
+        assert!(matches!(
+            s.apply_exports("c2", &delta(5, vec![], vec![])),
+            Err(StoreError::VersionGap { got: 5, stored: 1 })
+        ));
+        let mut full = delta(9, vec![export("ledger", 9090, "TCP")], vec![]);
+        full.full = true;
+        s.apply_exports("c2", &full).unwrap();
+        assert_eq!(
+            s.exports_of("c2")
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>(),
+            vec!["shop/ledger"]
+        );
+    }
+
+    #[test]
+    fn chunks_never_claim_a_revision_they_did_not_finish() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.join(record("c1")).unwrap();
+        s.join(record("c2")).unwrap();
+        let many: Vec<_> = (0..1200)
+            .map(|i| export(&format!("s{i}"), 80, "TCP"))
+            .collect();
+        let rev = s
+            .apply_exports("c1", &delta(1, many, vec![]))
+            .unwrap()
+            .revision
+            .unwrap();
+        let (a, cur, complete) = s
+            .changes_since("c2", &Cursor::AfterRevision(0), 500)
+            .unwrap();
+        assert_eq!(a.len(), 500);
+        assert_eq!(complete, rev - 1, "revision {rev} is only partly read");
+        let (b, cur, complete) = s.changes_since("c2", &cur, 500).unwrap();
+        assert_eq!(b.len(), 500);
+        assert_eq!(complete, rev - 1);
+        let (c, cur, complete) = s.changes_since("c2", &cur, 500).unwrap();
+        assert_eq!(c.len(), 200);
+        assert_eq!(complete, rev);
+        assert_eq!(cur, Cursor::AfterRevision(rev));
+        let (none, _, _) = s.changes_since("c2", &cur, 500).unwrap();
+        assert!(none.is_empty());
+        // The exporter itself never reads its own exports back.
+        let (own, _, complete) = s
+            .changes_since("c1", &Cursor::AfterRevision(0), 500)
+            .unwrap();
+        assert!(own.is_empty());
+        assert_eq!(complete, s.head());
+    }
+
+    #[test]
+    fn joining_again_withdraws_the_old_exports_and_leave_is_one_step() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.join(record("c1")).unwrap();
+        s.join(record("c2")).unwrap();
+        s.apply_exports(
+            "c1",
+            &delta(1, vec![export("payment", 8080, "TCP")], vec![]),
+        )
+        .unwrap();
+        let (_, cursor, _) = s
+            .changes_since("c2", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        // c1 lost its state and joins again: its old export is withdrawn everywhere.
+        s.join(record("c1")).unwrap();
+        assert!(s.exports_of("c1").unwrap().is_empty());
+        assert_eq!(s.cluster("c1").unwrap().unwrap().exports_acked_version, 0);
+        let (ch, cursor, _) = s.changes_since("c2", &cursor, 100).unwrap();
+        assert!(
+            matches!(&ch[..], [Change::Remove { cluster, name, .. }] if cluster == "c1" && name == "payment")
+        );
+        // Leave: tombstones and the left record at one revision.
+        s.apply_exports("c1", &delta(1, vec![export("ledger", 9090, "TCP")], vec![]))
+            .unwrap();
+        let rev = s.leave("c1").unwrap();
+        assert_eq!(s.head(), rev);
+        let c1 = s.cluster("c1").unwrap().unwrap();
+        assert!(c1.left && c1.revision == rev);
+        assert!(matches!(
+            s.apply_exports("c1", &delta(2, vec![], vec![])),
+            Err(StoreError::Left(_))
+        ));
+        let (ch, _, _) = s.changes_since("c2", &cursor, 100).unwrap();
+        assert!(ch.iter().all(|c| matches!(c, Change::Remove { .. })));
+        // A version that would overflow is a gap, not a panic.
+        s.join(record("c3")).unwrap();
+        let mut full = delta(u64::MAX, vec![], vec![]);
+        full.full = true;
+        s.apply_exports("c3", &full).unwrap();
+        assert!(matches!(
+            s.apply_exports("c3", &delta(0, vec![], vec![])),
+            Err(StoreError::VersionGap { .. })
+        ));
+    }
+
+    #[test]
+    fn resending_an_unchanged_set_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.join(record("c1")).unwrap();
+        let labelled = || {
+            let mut e = export("payment", 8080, "TCP");
+            // Many labels: a fresh map iterates (and encodes) them in another order.
+            e.labels = (0..16)
+                .map(|i| (format!("k{i}"), format!("v{i}")))
+                .collect();
+            e
+        };
+        s.apply_exports("c1", &delta(1, vec![labelled()], vec![]))
+            .unwrap();
+        let head = s.head();
+        for v in 2..8 {
+            let mut full = delta(v, vec![labelled()], vec![]);
+            full.full = true;
+            let a = s.apply_exports("c1", &full).unwrap();
+            assert_eq!(a.revision, None, "an unchanged export was stored again");
+        }
+        assert_eq!(s.head(), head);
+    }
+
+    #[test]
+    fn restricted_exports_are_never_named_to_clusters_that_could_not_see_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        for c in ["c1", "c2", "c3"] {
+            s.join(record(c)).unwrap();
+        }
+        let mut secret = export("secret", 9000, "TCP");
+        secret.export_to = vec!["c2".into()];
+        s.apply_exports("c1", &delta(1, vec![secret.clone()], vec![]))
+            .unwrap();
+        let (c2, c2_cur, _) = s
+            .changes_since("c2", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        assert_eq!(upserted(&c2), vec!["c1:secret"]);
+        let (c3, c3_cur, _) = s
+            .changes_since("c3", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        assert!(c3.is_empty(), "c3 must not even learn the name");
+        s.apply_exports("c1", &delta(2, vec![], vec!["secret"]))
+            .unwrap();
+        let (c3, _, _) = s.changes_since("c3", &c3_cur, 100).unwrap();
+        assert!(c3.is_empty(), "nor on removal");
+        let (c2, _, _) = s.changes_since("c2", &c2_cur, 100).unwrap();
+        assert!(matches!(&c2[..], [Change::Remove { name, .. }] if name == "secret"));
+
+        // Public, then restricted: everyone who could see it is told it went out of view,
+        // even across a restart.
+        let public = export("menu", 80, "TCP");
+        s.apply_exports("c1", &delta(3, vec![public], vec![]))
+            .unwrap();
+        let (_, c3_cur, _) = s
+            .changes_since("c3", &Cursor::AfterRevision(0), 100)
+            .unwrap();
+        let mut narrowed = export("menu", 80, "TCP");
+        narrowed.export_to = vec!["c2".into()];
+        s.apply_exports("c1", &delta(4, vec![narrowed], vec![]))
+            .unwrap();
+        drop(s);
+        let s = Store::open(d.path()).unwrap();
+        let (c3, _, _) = s.changes_since("c3", &c3_cur, 100).unwrap();
+        assert!(matches!(&c3[..], [Change::Remove { name, .. }] if name == "menu"));
+    }
+
+    #[test]
+    fn everything_survives_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(d.path()).unwrap();
+            s.join(record("c1")).unwrap();
+            s.apply_exports(
+                "c1",
+                &delta(1, vec![export("payment", 8080, "TCP")], vec![]),
+            )
+            .unwrap();
+            s.set_bundle("c1", "{\"keys\": []}", 3).unwrap();
+        }
+        // `open_sled` waits for sled's threads to release the lock of the dropped handle.
+        let s = Store::open(d.path()).unwrap();
+        let c1 = s.cluster("c1").unwrap().unwrap();
+        assert_eq!(c1.exports_acked_version, 1);
+        assert_eq!(c1.bundle_sequence, 3);
+        assert_eq!(s.exports_of("c1").unwrap().len(), 1);
+        assert_eq!(s.head(), c1.revision);
+    }
+}

@@ -1,0 +1,319 @@
+//! One generation of xDS state: every resource computed once from the model snapshot and the
+//! policies, shared by all proxies. EDS tables depend on the asking proxy; they are computed
+//! lazily, once per (cluster, proxy class), so cost grows with distinct classes, not proxies.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use proto::OnExpiry;
+
+use super::node::{LocalFacts, NodeKind, ProxyNode};
+use super::resources::{self, Res, SharedRes, TlsForm};
+use super::Kind;
+use meshfed_failover::{self as table, EndpointIn, Loc, ProxyIn, Table};
+use meshfed_model::policy::{OnExpiryPolicy, Policy, PolicySet};
+use meshfed_model::snapshot::Snapshot;
+
+/// The label that turns mTLS on for a service (on the service or on every endpoint), as in Istio.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// What EDS needs for one service port.
+#[derive(Debug)]
+pub struct ServicePort {
+    pub host: String,
+    pub port: u32,
+    pub cluster: Arc<str>,
+    pub policy: Option<Arc<Policy>>,
+    pub endpoints: Vec<EndpointIn>,
+}
+
+type Slot = Arc<OnceLock<(SharedRes, Arc<Table>)>>;
+
+#[derive(Debug, Default)]
+pub struct Generation {
+    pub version: u64,
+    pub local: LocalFacts,
+    pub listeners: BTreeMap<Arc<str>, SharedRes>,
+    pub routes: BTreeMap<Arc<str>, SharedRes>,
+    pub clusters_grpc: BTreeMap<Arc<str>, SharedRes>,
+    pub clusters_envoy: BTreeMap<Arc<str>, SharedRes>,
+    pub ports: HashMap<Arc<str>, Arc<ServicePort>>,
+    /// Network -> its east-west gateways (`ip:port`).
+    pub gateways: BTreeMap<String, Vec<String>>,
+    /// The policies in effect, by host.
+    pub policies: BTreeMap<String, Arc<Policy>>,
+    eds_cache: Mutex<HashMap<(Arc<str>, u64), Slot>>,
+    /// How many EDS tables were computed (not served from the class cache).
+    pub eds_computed: AtomicU64,
+}
+
+fn host_of(namespace: &str, name: &str) -> String {
+    format!("{name}.{namespace}.svc.cluster.local")
+}
+
+fn addr(ip: &str, port: u32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// The policy published with the service by its exporters: the local cluster's first, then the
+/// lowest cluster id's. An invalid one is ignored (the federator refuses them at export time).
+fn published_policy(instances: &[meshfed_model::snapshot::Instance]) -> Option<Policy> {
+    let mut sorted: Vec<&meshfed_model::snapshot::Instance> = instances.iter().collect();
+    sorted.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(&b.cluster)));
+    sorted
+        .into_iter()
+        .filter(|i| !i.export.failover_policy.is_empty())
+        .find_map(|i| {
+            match meshfed_model::validate::check_published_policy(&i.export, &format!("policy published by cluster {}", i.cluster)) {
+                Ok(mut p) => {
+                    p.origin = format!("published by cluster {}", i.cluster);
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %i.cluster, error = %e, "ignoring an invalid published policy");
+                    None
+                }
+            }
+        })
+}
+
+impl Generation {
+    pub fn empty(local: &LocalFacts) -> Generation {
+        Generation {
+            local: local.clone(),
+            ..Default::default()
+        }
+    }
+
+    pub fn build(
+        version: u64,
+        snap: &Snapshot,
+        policies: &PolicySet,
+        local: &LocalFacts,
+    ) -> Generation {
+        let mut g = Generation {
+            version,
+            local: local.clone(),
+            ..Default::default()
+        };
+        let mut tds: BTreeMap<&str, &str> = BTreeMap::new();
+        tds.insert(&local.cluster, &local.trust_domain);
+        for (id, p) in &snap.peers {
+            if let Some(f) = &p.facts {
+                tds.insert(id, &f.trust_domain);
+            }
+        }
+        for instances in snap.instances().into_values() {
+            let Some(first) = instances.first() else {
+                continue;
+            };
+            let (ns, name) = (first.export.namespace.clone(), first.export.name.clone());
+            let host = host_of(&ns, &name);
+            let policy = policies
+                .by_host
+                .get(&host)
+                .cloned()
+                .or_else(|| published_policy(&instances))
+                .map(Arc::new);
+            if let Some(p) = &policy {
+                g.policies.insert(host.clone(), p.clone());
+            }
+            let mut ports: BTreeSet<u32> = BTreeSet::new();
+            let mut sans: BTreeSet<String> = BTreeSet::new();
+            let mut all_tls = true;
+            let mut any_ep = false;
+            let mut service_tls = false;
+            for i in &instances {
+                if !i.gateways.is_empty() && !i.network.is_empty() {
+                    g.gateways
+                        .entry(i.network.clone())
+                        .or_insert_with(|| i.gateways.clone());
+                }
+                ports.extend(i.export.ports.iter().map(|p| p.port));
+                service_tls |= i
+                    .export
+                    .labels
+                    .get(TLS_MODE_LABEL)
+                    .is_some_and(|v| v == "istio");
+                let td = tds.get(i.cluster.as_str()).copied().unwrap_or("");
+                for e in &i.export.endpoints {
+                    any_ep = true;
+                    all_tls &= e.labels.get(TLS_MODE_LABEL).is_some_and(|v| v == "istio");
+                    if !td.is_empty() {
+                        let sa = if e.service_account.is_empty() {
+                            "default"
+                        } else {
+                            &e.service_account
+                        };
+                        sans.insert(format!("spiffe://{td}/ns/{ns}/sa/{sa}"));
+                    }
+                }
+            }
+            let mtls = service_tls || (any_ep && all_tls);
+            let sans: Vec<String> = if mtls {
+                sans.into_iter().collect()
+            } else {
+                Vec::new()
+            };
+            for port in ports {
+                let cname: Arc<str> = resources::cluster_name(&host, port).into();
+                let lname = resources::listener_name(&host, port);
+                let mut eps = Vec::new();
+                for i in &instances {
+                    let Some(sp) = i.export.ports.iter().find(|p| p.port == port) else {
+                        continue;
+                    };
+                    let withdraw = match policy.as_ref().and_then(|p| p.on_expiry) {
+                        Some(OnExpiryPolicy::Withdraw) => true,
+                        Some(OnExpiryPolicy::Deprioritize) => false,
+                        None => i.export.on_expiry == OnExpiry::Withdraw as i32,
+                    };
+                    if !i.fresh && withdraw {
+                        continue;
+                    }
+                    for e in &i.export.endpoints {
+                        let l = e.locality.clone().unwrap_or_default();
+                        // A workload may listen elsewhere for a named port (WorkloadEntry
+                        // `ports`); a cross-network endpoint is replaced by its network's
+                        // gateway later, which resolves the target port in its own cluster.
+                        let target = Some(&sp.name)
+                            .filter(|n| !n.is_empty())
+                            .and_then(|n| e.ports.get(n))
+                            .copied()
+                            .filter(|p| (1..=65535).contains(p))
+                            .unwrap_or(port);
+                        eps.push(EndpointIn {
+                            address: addr(&e.address, target),
+                            locality: Loc::new(&l.region, &l.zone, &l.subzone),
+                            labels: e.labels.clone().into_iter().collect(),
+                            weight: e.weight.max(1),
+                            cluster: i.cluster.clone(),
+                            network: i.network.clone(),
+                            healthy: e.healthy,
+                            stale: !i.fresh,
+                        });
+                    }
+                }
+                eps.sort_by(|a, b| a.address.cmp(&b.address).then(a.cluster.cmp(&b.cluster)));
+                g.listeners.insert(
+                    lname.clone().into(),
+                    Res::new(&lname, &resources::listener(&host, port)),
+                );
+                g.routes.insert(
+                    lname.clone().into(),
+                    Res::new(&lname, &resources::route_configuration(&host, port)),
+                );
+                let pol = policy.as_deref();
+                let grpc = Res::new(
+                    &cname,
+                    &resources::cluster(&host, port, pol, &sans, TlsForm::Grpc),
+                );
+                let envoy = if sans.is_empty() {
+                    grpc.clone()
+                } else {
+                    Res::new(
+                        &cname,
+                        &resources::cluster(&host, port, pol, &sans, TlsForm::Envoy),
+                    )
+                };
+                g.clusters_grpc.insert(cname.clone(), grpc);
+                g.clusters_envoy.insert(cname.clone(), envoy);
+                g.ports.insert(
+                    cname.clone(),
+                    Arc::new(ServicePort {
+                        host: host.clone(),
+                        port,
+                        cluster: cname,
+                        policy: policy.clone(),
+                        endpoints: eps,
+                    }),
+                );
+            }
+        }
+        g
+    }
+
+    fn clusters(&self, p: &ProxyNode) -> &BTreeMap<Arc<str>, SharedRes> {
+        match p.flavor {
+            super::node::Flavor::Grpc => &self.clusters_grpc,
+            super::node::Flavor::Envoy => &self.clusters_envoy,
+        }
+    }
+
+    /// Every resource of a wildcard-capable type this proxy should have.
+    pub fn all(&self, kind: Kind, p: &ProxyNode) -> Vec<SharedRes> {
+        match kind {
+            Kind::Cluster => self.clusters(p).values().cloned().collect(),
+            Kind::Listener if p.flavor == super::node::Flavor::Grpc => {
+                self.listeners.values().cloned().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// One named resource for this proxy, if it exists.
+    pub fn get(&self, kind: Kind, name: &str, p: &ProxyNode) -> Option<SharedRes> {
+        match kind {
+            Kind::Listener => self.listeners.get(name).cloned(),
+            Kind::Route => self.routes.get(name).cloned(),
+            Kind::Cluster => self.clusters(p).get(name).cloned(),
+            Kind::Endpoint => self.endpoints(name, p).map(|(r, _)| r),
+        }
+    }
+
+    /// The EDS resource and its table for a proxy, from the class cache when possible.
+    pub fn endpoints(&self, cluster: &str, p: &ProxyNode) -> Option<(SharedRes, Arc<Table>)> {
+        let sp = self.ports.get(cluster)?;
+        let keys = sp
+            .policy
+            .as_deref()
+            .into_iter()
+            .flat_map(|pol| pol.label_keys());
+        let class = p.class_for(keys);
+        let slot = {
+            let mut cache = self.eds_cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .entry((sp.cluster.clone(), class))
+                .or_default()
+                .clone()
+        };
+        let v = slot.get_or_init(|| {
+            self.eds_computed.fetch_add(1, Ordering::Relaxed);
+            let t = Arc::new(self.table(sp, p));
+            (
+                Res::new(cluster, &resources::load_assignment(cluster, &t)),
+                t,
+            )
+        });
+        Some(v.clone())
+    }
+
+    fn table(&self, sp: &ServicePort, p: &ProxyNode) -> Table {
+        match p.kind {
+            // A gateway forwards only into its own network, to any healthy endpoint there.
+            NodeKind::Router => {
+                let eps: Vec<EndpointIn> = sp
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.network == p.network || e.network.is_empty())
+                    .cloned()
+                    .collect();
+                table::compute(None, &ProxyIn::default(), &eps, &self.gateways)
+            }
+            NodeKind::Sidecar => {
+                let proxy = ProxyIn {
+                    locality: p.locality.clone(),
+                    labels: p.labels.clone(),
+                    cluster: p.cluster.clone(),
+                    network: Some(p.network.clone()),
+                };
+                table::compute(sp.policy.as_deref(), &proxy, &sp.endpoints, &self.gateways)
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Envoy v3 resources for one service port: an `api_listener` Listener and a
+//! RouteConfiguration for proxyless gRPC, an EDS Cluster (plain, or with mTLS in the gRPC A29
+//! or Istio SDS form) and the ClusterLoadAssignment built from a priority table.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
+use prost::{Message, Name};
+
+use meshfed_failover::Table;
+use meshfed_model::policy::Policy;
+
+/// One encoded resource, shared by every proxy it is sent to.
+#[derive(Debug, PartialEq)]
+pub struct Res {
+    pub name: Arc<str>,
+    pub any: Any,
+    /// Content hash: a proxy is sent a resource only when this differs from what it has.
+    pub hash: u64,
+}
+
+pub type SharedRes = Arc<Res>;
+
+impl Res {
+    pub fn new<M: Message + Name>(name: &str, m: &M) -> SharedRes {
+        let value = m.encode_to_vec();
+        let mut h = std::hash::DefaultHasher::new();
+        value.hash(&mut h);
+        Arc::new(Res {
+            name: name.into(),
+            any: Any {
+                type_url: M::type_url(),
+                value,
+            },
+            hash: h.finish(),
+        })
+    }
+
+    /// The per-resource version used by Delta xDS.
+    pub fn version(&self) -> String {
+        format!("{:016x}", self.hash)
+    }
+}
+
+pub fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn ads() -> core::ConfigSource {
+    core::ConfigSource {
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        resource_api_version: core::ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+/// `outbound|<port>|<subset>|<host>`, Istio's cluster name.
+pub fn cluster_name(host: &str, port: u32) -> String {
+    format!("outbound|{port}||{host}")
+}
+
+/// `outbound_.<port>_.<subset>_.<host>`, the SNI Istio's east-west gateways route on.
+pub fn sni(host: &str, port: u32) -> String {
+    format!("outbound_.{port}_._.{host}")
+}
+
+/// The listener (and route configuration) name a proxyless gRPC client asks for: `host:port`.
+pub fn listener_name(host: &str, port: u32) -> String {
+    format!("{host}:{port}")
+}
+
+pub fn listener(host: &str, port: u32) -> listener::Listener {
+    let name = listener_name(host, port);
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: name.clone(),
+        codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: Some(ads()),
+                route_config_name: name.clone(),
+            },
+        )),
+        http_filters: vec![hcm::HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    listener::Listener {
+        name,
+        api_listener: Some(listener::ApiListener {
+            api_listener: Some(any(&manager)),
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn route_configuration(host: &str, port: u32) -> route::RouteConfiguration {
+    let name = listener_name(host, port);
+    route::RouteConfiguration {
+        name: name.clone(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: name.clone(),
+            domains: vec![host.to_string(), name],
+            routes: vec![route::Route {
+                r#match: Some(route::RouteMatch {
+                    path_specifier: Some(route::route_match::PathSpecifier::Prefix(String::new())),
+                    ..Default::default()
+                }),
+                action: Some(route::route::Action::Route(route::RouteAction {
+                    cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                        cluster_name(host, port),
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Which TLS form a cluster carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsForm {
+    /// gRPC A29: certificate provider instances named in the client's bootstrap.
+    Grpc,
+    /// Istio's Envoy form: SDS secrets `default` and `ROOTCA`, SNI, ALPN `istio`.
+    Envoy,
+}
+
+/// The certificate provider instance proxyless clients must define in their bootstrap.
+pub const GRPC_CERT_PROVIDER: &str = "default";
+
+fn duration_ms(ms: u64) -> Duration {
+    Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn sds(name: &str) -> tls::SdsSecretConfig {
+    tls::SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(core::ConfigSource {
+            config_source_specifier: Some(
+                core::config_source::ConfigSourceSpecifier::ApiConfigSource(
+                    core::ApiConfigSource {
+                        api_type: core::api_config_source::ApiType::Grpc as i32,
+                        set_node_on_first_message_only: true,
+                        transport_api_version: core::ApiVersion::V3 as i32,
+                        grpc_services: vec![core::GrpcService {
+                            target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
+                                core::grpc_service::EnvoyGrpc {
+                                    cluster_name: "sds-grpc".into(),
+                                    ..Default::default()
+                                },
+                            )),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    },
+                ),
+            ),
+            initial_fetch_timeout: Some(Duration::default()),
+            resource_api_version: core::ApiVersion::V3 as i32,
+            ..Default::default()
+        }),
+    }
+}
+
+#[allow(deprecated)]
+fn upstream_tls(host: &str, port: u32, sans: &[String], form: TlsForm) -> tls::UpstreamTlsContext {
+    let matchers: Vec<matcher::StringMatcher> = sans
+        .iter()
+        .map(|s| matcher::StringMatcher {
+            match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(s.clone())),
+            ..Default::default()
+        })
+        .collect();
+    let common = match form {
+        TlsForm::Grpc => tls::CommonTlsContext {
+            tls_certificate_provider_instance: Some(tls::CertificateProviderPluginInstance {
+                instance_name: GRPC_CERT_PROVIDER.into(),
+                certificate_name: String::new(),
+            }),
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            ca_certificate_provider_instance: Some(
+                                tls::CertificateProviderPluginInstance {
+                                    instance_name: GRPC_CERT_PROVIDER.into(),
+                                    certificate_name: String::new(),
+                                },
+                            ),
+                            match_subject_alt_names: matchers,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        },
+        TlsForm::Envoy => tls::CommonTlsContext {
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            tls_certificate_sds_secret_configs: vec![sds("default")],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            match_subject_alt_names: matchers,
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        },
+    };
+    tls::UpstreamTlsContext {
+        common_tls_context: Some(common),
+        sni: match form {
+            TlsForm::Grpc => String::new(),
+            TlsForm::Envoy => sni(host, port),
+        },
+        ..Default::default()
+    }
+}
+
+/// An EDS cluster. `sans` non-empty turns mTLS on, accepting exactly those SPIFFE IDs.
+pub fn cluster(
+    host: &str,
+    port: u32,
+    policy: Option<&Policy>,
+    sans: &[String],
+    form: TlsForm,
+) -> cluster::Cluster {
+    let name = cluster_name(host, port);
+    let outlier = policy
+        .and_then(|p| p.outlier.as_ref())
+        .map(|o| cluster::OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx_errors.map(|value| UInt32Value { value }),
+            consecutive_gateway_failure: o
+                .consecutive_gateway_errors
+                .map(|value| UInt32Value { value }),
+            enforcing_consecutive_gateway_failure: o
+                .consecutive_gateway_errors
+                .map(|_| UInt32Value { value: 100 }),
+            interval: o.interval_ms.map(duration_ms),
+            base_ejection_time: o.base_ejection_time_ms.map(duration_ms),
+            max_ejection_percent: o.max_ejection_percent.map(|value| UInt32Value { value }),
+            ..Default::default()
+        });
+    cluster::Cluster {
+        name: name.clone(),
+        alt_stat_name: name,
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(duration_ms(10_000)),
+        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        // EDS always carries locality weights; Envoy honours them only with this set.
+        common_lb_config: Some(cluster::cluster::CommonLbConfig {
+            locality_config_specifier: Some(
+                cluster::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                    cluster::cluster::common_lb_config::LocalityWeightedLbConfig {},
+                ),
+            ),
+            ..Default::default()
+        }),
+        outlier_detection: outlier,
+        transport_socket: if sans.is_empty() {
+            None
+        } else {
+            Some(core::TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
+                    &upstream_tls(host, port, sans, form),
+                ))),
+            })
+        },
+        ..Default::default()
+    }
+}
+
+fn socket_address(addr: &str) -> core::Address {
+    let (ip, port) = match addr.rsplit_once(':') {
+        Some((h, p)) => (
+            h.trim_start_matches('[').trim_end_matches(']'),
+            p.parse().unwrap_or(0),
+        ),
+        None => (addr, 0),
+    };
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The ClusterLoadAssignment for a table: one LocalityLbEndpoints per row.
+pub fn load_assignment(name: &str, table: &Table) -> endpoint::ClusterLoadAssignment {
+    endpoint::ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: table
+            .rows
+            .iter()
+            .map(|r| endpoint::LocalityLbEndpoints {
+                locality: Some(core::Locality {
+                    region: r.locality.region.clone(),
+                    zone: r.locality.zone.clone(),
+                    sub_zone: r.locality.subzone.clone(),
+                }),
+                lb_endpoints: r
+                    .endpoints
+                    .iter()
+                    .map(|e| endpoint::LbEndpoint {
+                        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                            endpoint::Endpoint {
+                                address: Some(socket_address(&e.address)),
+                                ..Default::default()
+                            },
+                        )),
+                        health_status: if e.healthy {
+                            core::HealthStatus::Healthy as i32
+                        } else {
+                            core::HealthStatus::Unhealthy as i32
+                        },
+                        load_balancing_weight: Some(UInt32Value {
+                            value: e.weight.max(1),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                load_balancing_weight: Some(UInt32Value {
+                    value: r.weight.max(1),
+                }),
+                priority: r.priority,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,772 @@
+//! The ADS service: one task per stream (SotW or Delta), woken by requests and by new
+//! generations. A resource is sent only when its content hash differs from what the proxy last
+//! received; ACKs and NACKs are recorded per proxy and type.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::generation::Generation;
+use super::node::{LocalFacts, ProxyNode};
+use super::resources::SharedRes;
+use super::status::{Conn, Registry, TypeState};
+use super::Kind;
+
+pub use super::transport::MAX_REQUEST_BYTES;
+/// Largest number of names one request may subscribe to.
+pub const MAX_NAMES: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct XdsMetrics {
+    pub proxies: IntGauge,
+    pub pushes: IntCounterVec,
+    pub resources_sent: IntCounterVec,
+    pub nacks: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub build_seconds: HistogramVec,
+    pub generation: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+impl XdsMetrics {
+    pub fn new(reg: &prometheus::Registry) -> XdsMetrics {
+        let m = XdsMetrics {
+            proxies: must(IntGauge::new(
+                "meshfed_xds_connected_proxies",
+                "ADS streams currently open",
+            )),
+            pushes: must(IntCounterVec::new(
+                Opts::new("meshfed_xds_pushes_total", "xDS responses sent, by type"),
+                &["kind"],
+            )),
+            resources_sent: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_xds_resources_sent_total",
+                    "Resources carried by xDS responses, by type",
+                ),
+                &["kind"],
+            )),
+            nacks: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_xds_nacks_total",
+                    "xDS responses a proxy rejected, by type",
+                ),
+                &["kind"],
+            )),
+            refused: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_xds_refused_total",
+                    "ADS streams refused, by reason",
+                ),
+                &["reason"],
+            )),
+            build_seconds: must(HistogramVec::new(
+                HistogramOpts::new(
+                    "meshfed_xds_generation_build_seconds",
+                    "Time to compute a generation of xDS resources",
+                )
+                .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                &["kind"],
+            )),
+            generation: must(IntGauge::new(
+                "meshfed_xds_generation",
+                "The xDS generation being served",
+            )),
+        };
+        for c in [
+            Box::new(m.proxies.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.pushes.clone()),
+            Box::new(m.resources_sent.clone()),
+            Box::new(m.nacks.clone()),
+            Box::new(m.refused.clone()),
+            Box::new(m.build_seconds.clone()),
+            Box::new(m.generation.clone()),
+        ] {
+            // Registering twice (several agents in one process share nothing, so this cannot
+            // collide) would be a programming error.
+            let _ = reg.register(c);
+        }
+        m
+    }
+}
+
+/// Shared by every stream.
+#[derive(Debug)]
+pub struct XdsState {
+    pub gens: watch::Sender<Arc<Generation>>,
+    pub proxies: Registry,
+    pub local: LocalFacts,
+    pub metrics: XdsMetrics,
+}
+
+impl XdsState {
+    pub fn new(local: LocalFacts, reg: &prometheus::Registry) -> Arc<XdsState> {
+        Arc::new(XdsState {
+            gens: watch::Sender::new(Arc::new(Generation::empty(&local))),
+            proxies: Registry::default(),
+            local,
+            metrics: XdsMetrics::new(reg),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        self.gens.borrow().clone()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Ads {
+    state: Arc<XdsState>,
+    /// Clients must present an SVID (the mTLS port).
+    mtls: bool,
+}
+
+impl Ads {
+    /// The service to add to a tonic server (small per-stream buffers, see `transport`).
+    pub fn server(state: Arc<XdsState>, mtls: bool) -> super::transport::AdsService<Ads> {
+        super::transport::AdsService::new(Ads { state, mtls })
+    }
+
+    /// The same with envoy-types' generated glue and tonic's default buffers.
+    pub fn generated_server(
+        state: Arc<XdsState>,
+        mtls: bool,
+    ) -> AggregatedDiscoveryServiceServer<Ads> {
+        AggregatedDiscoveryServiceServer::new(Ads { state, mtls })
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(256 * 1024 * 1024)
+    }
+
+    fn peer<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(Option<String>, Option<std::net::SocketAddr>), Status> {
+        let info = req.extensions().get::<meshfed_net::PeerInfo>();
+        let remote = info.and_then(|i| i.remote).or_else(|| req.remote_addr());
+        if !self.mtls {
+            return Ok((None, remote));
+        }
+        let id = info
+            .and_then(|i| trust::tls::peer_id(i.certs.as_deref().map(|c| c.as_slice())))
+            .ok_or_else(|| {
+                self.state
+                    .metrics
+                    .refused
+                    .with_label_values(&["no_identity"])
+                    .inc();
+                Status::unauthenticated("this port serves only clients that present an SVID")
+            })?;
+        Ok((Some(id.to_string()), remote))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (peer_id, remote) = self.peer(&req)?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(drive::<SotwAds>(
+            self.state.clone(),
+            req.into_inner(),
+            tx,
+            peer_id,
+            remote,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (peer_id, remote) = self.peer(&req)?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(drive::<DeltaAds>(
+            self.state.clone(),
+            req.into_inner(),
+            tx,
+            peer_id,
+            remote,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A client on the mTLS port may only speak for its own namespace.
+fn check_identity(
+    node: &ProxyNode,
+    peer_id: Option<&str>,
+    local: &LocalFacts,
+) -> Result<(), String> {
+    let Some(id) = peer_id else { return Ok(()) };
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| format!("{id} is not a SPIFFE ID"))?;
+    let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if td != local.trust_domain {
+        return Err(format!(
+            "{id} belongs to trust domain {td}; this agent serves {}",
+            local.trust_domain
+        ));
+    }
+    let ns = path.strip_prefix("ns/").and_then(|p| p.split('/').next());
+    if let (Some(ns), false) = (ns, node.namespace.is_empty()) {
+        if ns != node.namespace {
+            return Err(format!(
+                "node.metadata.NAMESPACE is {:?} but the client certificate {id} is for namespace {ns:?}",
+                node.namespace
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes the stream from the registry however the task ends.
+struct Registered {
+    state: Arc<XdsState>,
+    conn: Arc<Conn>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.state.proxies.remove(self.conn.conn_id);
+        self.state.metrics.proxies.dec();
+        tracing::debug!(proxy = %self.conn.node.id, "ADS stream closed");
+    }
+}
+
+fn register(
+    state: &Arc<XdsState>,
+    node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    peer_id: Option<String>,
+    remote: Option<std::net::SocketAddr>,
+    delta: bool,
+) -> Result<Registered, Status> {
+    let node = node.ok_or_else(|| {
+        state.metrics.refused.with_label_values(&["no_node"]).inc();
+        Status::invalid_argument("the first request of an ADS stream must carry the node")
+    })?;
+    let node = ProxyNode::from_node(node, &state.local).map_err(|e| {
+        state.metrics.refused.with_label_values(&["bad_node"]).inc();
+        Status::invalid_argument(e)
+    })?;
+    check_identity(&node, peer_id.as_deref(), &state.local).map_err(|e| {
+        state.metrics.refused.with_label_values(&["identity"]).inc();
+        Status::permission_denied(e)
+    })?;
+    tracing::info!(proxy = %node.id, flavor = ?node.flavor, locality = %node.locality, network = %node.network, delta, "ADS stream opened");
+    let conn = state.proxies.add(node, peer_id, remote, delta);
+    state.metrics.proxies.inc();
+    Ok(Registered {
+        state: state.clone(),
+        conn,
+    })
+}
+
+/// What a proxy should hold of one type now.
+fn wanted(gen: &Generation, kind: Kind, st: &TypeState, p: &ProxyNode) -> Vec<SharedRes> {
+    let mut out = if st.wildcard {
+        gen.all(kind, p)
+    } else {
+        Vec::new()
+    };
+    for n in &st.names {
+        if n == "*" || (st.wildcard && out.iter().any(|r| &*r.name == n)) {
+            continue;
+        }
+        if let Some(r) = gen.get(kind, n, p) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn check_names(names: &[String]) -> Result<(), Status> {
+    if names.len() > MAX_NAMES {
+        return Err(Status::invalid_argument(format!(
+            "{} resource names in one request; at most {MAX_NAMES}",
+            names.len()
+        )));
+    }
+    if let Some(n) = names.iter().find(|n| n.len() > 1024) {
+        return Err(Status::invalid_argument(format!(
+            "a resource name of {} bytes; at most 1024",
+            n.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Builds the SotW response for one type, if one is due. `force`: the client (re)subscribed
+/// and must get a response even if nothing changed.
+fn sotw_response(
+    gen: &Generation,
+    kind: Kind,
+    st: &mut TypeState,
+    p: &ProxyNode,
+    force: bool,
+    nonce: &mut u64,
+) -> Vec<DiscoveryResponse> {
+    let want = wanted(gen, kind, st, p);
+    let send: Vec<SharedRes> = if kind.wildcard_capable() {
+        // State of the world: the whole set, when any member or the membership changed.
+        let same = want.len() == st.sent.len()
+            && want
+                .iter()
+                .all(|r| st.sent.get(&r.name).is_some_and(|s| s.hash == r.hash));
+        if same && !force {
+            return Vec::new();
+        }
+        st.sent = want.iter().map(|r| (r.name.clone(), r.clone())).collect();
+        want
+    } else {
+        let names: BTreeSet<&str> = want.iter().map(|r| &*r.name).collect();
+        st.sent
+            .retain(|k, _| names.contains(&**k) || st.names.contains(&**k));
+        let changed: Vec<SharedRes> = want
+            .into_iter()
+            .filter(|r| st.sent.get(&r.name).is_none_or(|s| s.hash != r.hash))
+            .collect();
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        for r in &changed {
+            st.sent.insert(r.name.clone(), r.clone());
+        }
+        changed
+    };
+    st.version = gen.version.to_string();
+    st.sent_at = Some(Instant::now());
+    // Routes and endpoints go in responses of at most CHUNK_BYTES (omitting one does not
+    // delete it), which keeps each stream's encode buffer small; listeners and clusters are
+    // state of the world and go in one.
+    let chunks: Vec<Vec<SharedRes>> = if kind.wildcard_capable() {
+        vec![send]
+    } else {
+        let mut chunks = vec![Vec::new()];
+        let mut size = 0;
+        for r in send {
+            let len = r.any.value.len();
+            if size + len > CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(c) = chunks.last_mut() {
+                c.push(r);
+            }
+        }
+        chunks
+    };
+    chunks
+        .into_iter()
+        .map(|c| {
+            *nonce += 1;
+            st.nonce = nonce.to_string();
+            DiscoveryResponse {
+                version_info: st.version.clone(),
+                resources: c.iter().map(|r| r.any.clone()).collect(),
+                type_url: kind.url().to_string(),
+                nonce: st.nonce.clone(),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+/// Target size of one RDS/EDS response.
+pub const CHUNK_BYTES: usize = 4 * 1024;
+
+fn count(state: &XdsState, kind: Kind, n: usize) {
+    state
+        .metrics
+        .pushes
+        .with_label_values(&[kind.short()])
+        .inc();
+    state
+        .metrics
+        .resources_sent
+        .with_label_values(&[kind.short()])
+        .inc_by(n as u64);
+}
+
+fn record_ack(
+    state: &XdsState,
+    conn: &Conn,
+    kind: Kind,
+    st: &mut TypeState,
+    nonce: &str,
+    version: &str,
+    error: Option<String>,
+) {
+    match error {
+        Some(e) => {
+            state.metrics.nacks.with_label_values(&[kind.short()]).inc();
+            tracing::warn!(proxy = %conn.node.id, kind = kind.short(), nonce, error = %e, "proxy rejected a response (NACK)");
+            st.nack = Some(e);
+            st.nacks += 1;
+        }
+        None => {
+            st.acked_version = version.to_string();
+            st.acked_nonce = nonce.to_string();
+            st.nack = None;
+        }
+    }
+}
+
+/// One ADS variant (SotW or Delta): how a request changes a proxy's subscriptions and what is
+/// sent, for the one stream driver below.
+trait Variant {
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    const DELTA: bool;
+    fn node(r: &Self::Req) -> Option<&Node>;
+    /// Applies a request; an error ends the stream with that status.
+    fn request(
+        state: &XdsState,
+        conn: &Conn,
+        gen: &Generation,
+        req: Self::Req,
+        nonce: &mut u64,
+    ) -> Result<Vec<(Kind, Self::Resp)>, Status>;
+    /// What one subscribed type needs after a new generation.
+    fn push(
+        gen: &Generation,
+        kind: Kind,
+        st: &mut TypeState,
+        p: &ProxyNode,
+        nonce: &mut u64,
+    ) -> Vec<Self::Resp>;
+    fn resources(r: &Self::Resp) -> usize;
+}
+
+/// Runs one ADS stream: the first request names the node; then requests and new generations
+/// are handled in turn, and the responses they produce are sent in order.
+async fn drive<V: Variant>(
+    state: Arc<XdsState>,
+    mut inbound: Streaming<V::Req>,
+    tx: mpsc::Sender<Result<V::Resp, Status>>,
+    peer_id: Option<String>,
+    remote: Option<std::net::SocketAddr>,
+) {
+    let first = match inbound.message().await {
+        Ok(Some(m)) => m,
+        _ => return,
+    };
+    let reg = match register(&state, V::node(&first), peer_id, remote, V::DELTA) {
+        Ok(r) => r,
+        Err(s) => {
+            let _ = tx.send(Err(s)).await;
+            return;
+        }
+    };
+    let conn = reg.conn.clone();
+    let mut gens = state.gens.subscribe();
+    let mut gen = gens.borrow_and_update().clone();
+    let mut nonce = 0u64;
+    let mut pending = Some(first);
+    loop {
+        let req = match pending.take() {
+            Some(r) => Some(r),
+            None => tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(r)) => Some(r),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(proxy = %conn.node.id, error = %e, "ADS stream ended");
+                        break;
+                    }
+                },
+                c = gens.changed() => {
+                    if c.is_err() {
+                        break;
+                    }
+                    gen = gens.borrow_and_update().clone();
+                    None
+                }
+            },
+        };
+        let out = match req {
+            Some(req) => match V::request(&state, &conn, &gen, req, &mut nonce) {
+                Ok(out) => out,
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    break;
+                }
+            },
+            None => {
+                let mut types = conn.types();
+                let mut out = Vec::new();
+                for kind in Kind::ALL {
+                    if let Some(st) = types.get_mut(&kind).filter(|s| s.subscribed) {
+                        for r in V::push(&gen, kind, st, &conn.node, &mut nonce) {
+                            out.push((kind, r));
+                        }
+                    }
+                }
+                out
+            }
+        };
+        for (kind, r) in out {
+            count(&state, kind, V::resources(&r));
+            if tx.send(Ok(r)).await.is_err() {
+                return;
+            }
+        }
+    }
+    drop(reg);
+}
+
+fn served_kind(conn: &Conn, type_url: &str) -> Option<Kind> {
+    let k = Kind::from_url(type_url);
+    if k.is_none() {
+        tracing::debug!(proxy = %conn.node.id, type_url, "ignoring a request for a type meshfed does not serve");
+    }
+    k
+}
+
+struct SotwAds;
+
+impl Variant for SotwAds {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const DELTA: bool = false;
+
+    fn node(r: &DiscoveryRequest) -> Option<&Node> {
+        r.node.as_ref()
+    }
+
+    fn request(
+        state: &XdsState,
+        conn: &Conn,
+        gen: &Generation,
+        req: DiscoveryRequest,
+        nonce: &mut u64,
+    ) -> Result<Vec<(Kind, DiscoveryResponse)>, Status> {
+        let Some(kind) = served_kind(conn, &req.type_url) else {
+            return Ok(Vec::new());
+        };
+        check_names(&req.resource_names)?;
+        let mut types = conn.types();
+        let st = types.entry(kind).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != st.nonce {
+                // An answer to an older response; a newer one is on its way.
+                return Ok(Vec::new());
+            }
+            record_ack(
+                state,
+                conn,
+                kind,
+                st,
+                &req.response_nonce,
+                &req.version_info,
+                req.error_detail.map(|e| e.message),
+            );
+        }
+        let names: BTreeSet<String> = req.resource_names.into_iter().collect();
+        let wildcard = kind.wildcard_capable() && (names.is_empty() || names.contains("*"));
+        let force = !st.subscribed || req.response_nonce.is_empty();
+        let changed = force || names != st.names || wildcard != st.wildcard;
+        st.subscribed = true;
+        st.names = names;
+        st.wildcard = wildcard;
+        if !changed {
+            return Ok(Vec::new());
+        }
+        Ok(sotw_response(gen, kind, st, &conn.node, force, nonce)
+            .into_iter()
+            .map(|r| (kind, r))
+            .collect())
+    }
+
+    fn push(
+        gen: &Generation,
+        kind: Kind,
+        st: &mut TypeState,
+        p: &ProxyNode,
+        nonce: &mut u64,
+    ) -> Vec<DiscoveryResponse> {
+        sotw_response(gen, kind, st, p, false, nonce)
+    }
+
+    fn resources(r: &DiscoveryResponse) -> usize {
+        r.resources.len()
+    }
+}
+
+struct DeltaAds;
+
+impl Variant for DeltaAds {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const DELTA: bool = true;
+
+    fn node(r: &DeltaDiscoveryRequest) -> Option<&Node> {
+        r.node.as_ref()
+    }
+
+    fn request(
+        state: &XdsState,
+        conn: &Conn,
+        gen: &Generation,
+        req: DeltaDiscoveryRequest,
+        nonce: &mut u64,
+    ) -> Result<Vec<(Kind, DeltaDiscoveryResponse)>, Status> {
+        let Some(kind) = served_kind(conn, &req.type_url) else {
+            return Ok(Vec::new());
+        };
+        check_names(&req.resource_names_subscribe)?;
+        check_names(&req.resource_names_unsubscribe)?;
+        let mut types = conn.types();
+        let st = types.entry(kind).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce == st.nonce {
+            let version = st.version.clone();
+            record_ack(
+                state,
+                conn,
+                kind,
+                st,
+                &req.response_nonce,
+                &version,
+                req.error_detail.map(|e| e.message),
+            );
+        }
+        let first_for_type = !st.subscribed;
+        if first_for_type {
+            st.subscribed = true;
+            if kind.wildcard_capable() && req.resource_names_subscribe.is_empty() {
+                st.wildcard = true;
+            }
+            // The client already holds these: do not resend unchanged ones.
+            for (name, version) in &req.initial_resource_versions {
+                if let Some(r) = gen.get(kind, name, &conn.node) {
+                    if &r.version() == version {
+                        st.sent.insert(r.name.clone(), r);
+                    }
+                }
+            }
+        }
+        let mut sub_changed = first_for_type;
+        for n in req.resource_names_subscribe {
+            sub_changed = true;
+            if n == "*" {
+                st.wildcard = true;
+            } else {
+                st.names.insert(n);
+            }
+        }
+        for n in req.resource_names_unsubscribe {
+            sub_changed = true;
+            if n == "*" {
+                st.wildcard = false;
+            } else {
+                st.names.remove(&n);
+                st.sent.remove(n.as_str());
+            }
+        }
+        if !sub_changed {
+            return Ok(Vec::new());
+        }
+        let force = first_for_type && st.wildcard;
+        Ok(delta_response(gen, kind, st, &conn.node, force, nonce)
+            .into_iter()
+            .map(|r| (kind, r))
+            .collect())
+    }
+
+    fn push(
+        gen: &Generation,
+        kind: Kind,
+        st: &mut TypeState,
+        p: &ProxyNode,
+        nonce: &mut u64,
+    ) -> Vec<DeltaDiscoveryResponse> {
+        delta_response(gen, kind, st, p, false, nonce)
+            .into_iter()
+            .collect()
+    }
+
+    fn resources(r: &DeltaDiscoveryResponse) -> usize {
+        r.resources.len()
+    }
+}
+
+fn delta_response(
+    gen: &Generation,
+    kind: Kind,
+    st: &mut TypeState,
+    p: &ProxyNode,
+    force: bool,
+    nonce: &mut u64,
+) -> Option<DeltaDiscoveryResponse> {
+    let want = wanted(gen, kind, st, p);
+    let names: BTreeSet<&str> = want.iter().map(|r| &*r.name).collect();
+    let removed: Vec<String> = st
+        .sent
+        .keys()
+        .filter(|k| !names.contains(&***k))
+        .map(|k| k.to_string())
+        .collect();
+    for k in &removed {
+        st.sent.remove(k.as_str());
+    }
+    let changed: Vec<SharedRes> = want
+        .into_iter()
+        .filter(|r| st.sent.get(&r.name).is_none_or(|s| s.hash != r.hash))
+        .collect();
+    if changed.is_empty() && removed.is_empty() && !force {
+        return None;
+    }
+    for r in &changed {
+        st.sent.insert(r.name.clone(), r.clone());
+    }
+    *nonce += 1;
+    st.version = gen.version.to_string();
+    st.nonce = nonce.to_string();
+    st.sent_at = Some(Instant::now());
+    Some(DeltaDiscoveryResponse {
+        system_version_info: st.version.clone(),
+        resources: changed
+            .iter()
+            .map(|r| Resource {
+                name: r.name.to_string(),
+                version: r.version(),
+                resource: Some(r.any.clone()),
+                ..Default::default()
+            })
+            .collect(),
+        type_url: kind.url().to_string(),
+        removed_resources: removed,
+        nonce: st.nonce.clone(),
+        ..Default::default()
+    })
+}
