@@ -493,6 +493,20 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         nx.contains("status: NXDOMAIN") && nx.contains(" aa"),
         "{nx}"
     );
+    // The VM agent serves the metrics of the DNS it runs (NXDOMAIN answers counted).
+    let (code, metrics) = ns
+        .run(
+            "python3",
+            &["-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15020/metrics').read().decode())"],
+        )
+        .unwrap();
+    assert!(
+        code == 0
+            && metrics
+                .lines()
+                .any(|l| l.starts_with("meshfed_dns_queries_total{result=\"nxdomain\"}")),
+        "{metrics}"
+    );
     let v = dig(
         None,
         &east.dns,

@@ -71,7 +71,7 @@ fn serve(port: u16) {
         let after = rss_kib();
         let (_tx, rx) = tokio::sync::watch::channel(t.clone());
         let s = meshfed_dns::serve(
-            &format!("127.0.0.1:{port}"),
+            format!("127.0.0.1:{port}").parse().unwrap(),
             rx,
             vec![],
             &prometheus::Registry::new(),

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use serde_yaml_ng::Value;
+use serde_json::Value;
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -43,11 +43,10 @@ fn parses(args: &[String], at: &str) {
 
 fn docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| {
-            serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        })
-        .filter(|v: &Value| !v.is_null())
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .filter(|v| !v.is_null())
         .collect()
 }
 
@@ -57,8 +56,8 @@ fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {
     selector
-        .as_mapping()
-        .is_some_and(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        .as_object()
+        .is_some_and(|m| m.iter().all(|(k, v)| labels.get(k.as_str()) == Some(v)))
 }
 
 #[test]
@@ -90,8 +89,8 @@ fn kubernetes_manifests_match_the_binary() {
             match kind {
                 "Service" => services.push((at.clone(), d.clone())),
                 "ConfigMap" => {
-                    for (k, v) in d["data"].as_mapping().unwrap() {
-                        let key = k.as_str().unwrap();
+                    for (k, v) in d["data"].as_object().unwrap() {
+                        let key = k.as_str();
                         let text = v.as_str().unwrap();
                         if key == "registry.yaml" {
                             meshfed_model::registry::Registry::parse(text, &format!("{at}/{key}"))
@@ -120,12 +119,12 @@ fn kubernetes_manifests_match_the_binary() {
             pods.push((at.clone(), template["metadata"]["labels"].clone()));
             let spec = &template["spec"];
             for list in ["initContainers", "containers"] {
-                for c in spec[list].as_sequence().into_iter().flatten() {
+                for c in spec[list].as_array().into_iter().flatten() {
                     let cname = c["name"].as_str().unwrap_or("?");
                     let image = c["image"].as_str().unwrap_or_default();
                     if image.starts_with("meshfed:") {
                         let args: Vec<String> = c["args"]
-                            .as_sequence()
+                            .as_array()
                             .unwrap_or_else(|| panic!("{at}/{cname}: no args"))
                             .iter()
                             .map(|a| {
@@ -138,7 +137,7 @@ fn kubernetes_manifests_match_the_binary() {
                         commands += 1;
                     }
                     let ports: Vec<i64> = c["ports"]
-                        .as_sequence()
+                        .as_array()
                         .into_iter()
                         .flatten()
                         .filter_map(|p| p["containerPort"].as_i64())

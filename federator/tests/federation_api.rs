@@ -394,8 +394,7 @@ async fn certificates_of_an_earlier_membership_are_refused() {
         .status(proto::StatusRequest {})
         .await
         .is_ok());
-    // east loses its state and joins again (a second later) with a new token.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // east loses its state and joins again at once (within the same second) with a new token.
     let mut p = params(d.path(), token(&f, d.path(), "east", 900, now()), "east");
     p.state_dir = d.path().join("east-new");
     let new = identity::join(p).await.unwrap();
@@ -415,6 +414,30 @@ async fn certificates_of_an_earlier_membership_are_refused() {
         .status(proto::StatusRequest {})
         .await
         .is_ok());
+    // A renewal adds its certificate to the membership, and the renewed one works until it
+    // expires.
+    let (key, csr) = trust::keys::key_and_csr(&new.svid.id).unwrap();
+    let chain = client(&new)
+        .await
+        .renew(proto::RenewRequest { csr_der: csr })
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain_der
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
+    let mut renewed = ClusterIdentity::load(&d.path().join("east-new")).unwrap();
+    renewed
+        .store_svid(trust::Svid::new(chain, key).unwrap())
+        .unwrap();
+    for id in [&renewed, &new] {
+        assert!(client(id)
+            .await
+            .status(proto::StatusRequest {})
+            .await
+            .is_ok());
+    }
     // And after leaving, no certificate of east works.
     client(&new)
         .await
@@ -428,4 +451,34 @@ async fn certificates_of_an_earlier_membership_are_refused() {
         .unwrap_err();
     assert_eq!(s.code(), tonic::Code::PermissionDenied);
     assert!(s.message().contains("has left"), "{}", s.message());
+    assert!(
+        proto::reason::is_left(&s),
+        "the refusal says so in meshfed-reason"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_rpc_reports_what_the_http_status_reports() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let rpc = client(&east)
+        .await
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let http = f.report().unwrap();
+    let c = rpc
+        .clusters
+        .iter()
+        .find(|c| c.facts.as_ref().is_some_and(|f| f.cluster_id == "east"))
+        .expect("east in the RPC status");
+    let h = http.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    let rfc = h.bundle_not_after.as_deref().expect("HTTP has the expiry");
+    let t =
+        time::OffsetDateTime::parse(rfc, &time::format_description::well_known::Rfc3339).unwrap();
+    assert!(c.bundle_not_after > now(), "{}", c.bundle_not_after);
+    assert_eq!(c.bundle_not_after, t.unix_timestamp());
+    assert_eq!(c.bundle_sequence, h.bundle_sequence);
 }

@@ -78,7 +78,7 @@ async fn world(dir: &Path) -> World {
         registry_poll: Duration::from_millis(100),
         policies: vec![],
         xds: None,
-        vm_api: Some("127.0.0.1:0".into()),
+        vm_api: Some("127.0.0.1:0".parse().unwrap()),
         vm_grace: Duration::from_secs(1),
         dns: None,
         vip_range_v4: meshfed_agent::default_vip_range_v4(),

@@ -343,7 +343,10 @@ async fn sotw_priorities_split_horizon_acks_nacks_and_no_resend() {
         ..Default::default()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the NACK is recorded", || {
+        state.proxies.report()[0].types["endpoint"].state == meshfed_xds::status::SyncState::Nack
+    })
+    .await;
     let report = state.proxies.report();
     let t = &report[0].types["endpoint"];
     assert_eq!(t.state, meshfed_xds::status::SyncState::Nack);
@@ -403,8 +406,7 @@ async fn proxies_of_one_class_share_one_table() {
     );
     assert_eq!(state.proxies.len(), 40);
     drop(streams);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(state.proxies.len(), 0, "closed streams are forgotten");
+    eventually("closed streams are forgotten", || state.proxies.is_empty()).await;
 }
 
 #[tokio::test]
@@ -835,4 +837,16 @@ fn named_target_ports_of_workloads_reach_eds() {
     bad.endpoints[0].ports.insert("Not_A_Label".into(), 80);
     let e = meshfed_model::validate::check_export(&bad, "upserts[0]").unwrap_err();
     assert!(e.starts_with("upserts[0].endpoints[0].ports key"), "{e}");
+}
+
+/// Waits (polling every 5 ms, for at most 10 s) until `cond` holds: a condition, not a time.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -21,6 +21,7 @@ use trust::{BundleSet, TrustDomain, TrustStore};
 
 use crate::metrics::AgentMetrics;
 use meshfed_dns::table::NameTable;
+use meshfed_identity::certs::{issue_fn, Backoff, Managed};
 use meshfed_identity::cluster::ClusterIdentity;
 use meshfed_identity::ids::{agent_spiffe_id, federator_spiffe_id};
 use meshfed_model::policy::PolicySet;
@@ -33,7 +34,7 @@ use meshfed_xds::server::XdsState;
 pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub registry: PathBuf,
-    pub admin: Option<String>,
+    pub admin: Option<SocketAddr>,
     /// How often the registry and policy files are checked for changes.
     pub registry_poll: Duration,
     /// Failover policy files or directories (`*.yaml`).
@@ -41,7 +42,7 @@ pub struct AgentConfig {
     /// The xDS server; `None` runs the agent without one.
     pub xds: Option<meshfed_xds::XdsConfig>,
     /// The VM API (`meshfed vm agent` joins and registers here); `None` = off.
-    pub vm_api: Option<String>,
+    pub vm_api: Option<SocketAddr>,
     /// How long a disconnected VM's WorkloadEntry is kept before it is deleted.
     pub vm_grace: Duration,
     /// The mesh DNS server; `None` = off.
@@ -81,7 +82,8 @@ pub struct Inner {
     pub exports: watch::Sender<BTreeMap<String, ServiceExport>>,
     /// The cluster CA's bundle JSON.
     pub bundle: watch::Sender<String>,
-    pub resolver: Arc<SvidResolver>,
+    /// The cluster certificate the federation issued (authenticates the Sync stream).
+    pub cluster_cert: Arc<Managed>,
     pub federator_verifier: SpiffeVerifier,
     pub metrics: AgentMetrics,
     status: Mutex<SyncStatus>,
@@ -424,7 +426,7 @@ impl Agent {
             TrustStore::new(set),
             Authorizer::id(federator_spiffe_id(&fed_td)?),
         );
-        let resolver = SvidResolver::with(&identity.svid)?;
+        let cluster_cert = Managed::new("cluster", Some(identity.svid.clone()))?;
         let (policy_set, policy_error) = match PolicySet::load_paths(&cfg.policies) {
             Ok(p) => (p, None),
             Err(e) => {
@@ -451,7 +453,7 @@ impl Agent {
             model: reader,
             exports: watch::Sender::new(exports),
             bundle: watch::Sender::new(ca.bundle().to_json()?),
-            resolver,
+            cluster_cert,
             federator_verifier,
             metrics,
             status: Mutex::new(SyncStatus {
@@ -478,7 +480,13 @@ impl Agent {
                     initial_exports,
                 },
             )),
-            tokio::spawn(renew_cluster_cert(inner.clone())),
+            tokio::spawn(inner.cluster_cert.clone().run(
+                {
+                    let inner = inner.clone();
+                    issue_fn(move || renew_cluster_cert(inner.clone()))
+                },
+                Backoff::default(),
+            )),
             tokio::spawn(watch_policies(
                 inner.clone(),
                 cfg.policies.clone(),
@@ -487,11 +495,18 @@ impl Agent {
         ];
         let ca = Arc::new(ca);
         let (mut xds_plaintext, mut xds_mtls, mut vm_api, mut dns_addr) = (None, None, None, None);
-        // The agent's serving SVID (xDS mTLS port and VM API), renewed at 50-80 %.
-        let serving = serving_svid(&ca)?;
-        tasks.push(tokio::spawn(renew_serving_cert(
-            ca.clone(),
-            serving.clone(),
+        // The agent's serving SVID (xDS mTLS port and VM API), issued by the cluster CA.
+        let serving_cert = Managed::new("agent serving", Some(serving_svid(&ca)?))?;
+        let serving = serving_cert.resolver();
+        tasks.push(tokio::spawn(serving_cert.run(
+            {
+                let ca = ca.clone();
+                issue_fn(move || {
+                    let ca = ca.clone();
+                    async move { serving_svid(&ca) }
+                })
+            },
+            Backoff::default(),
         )));
         if let (Some(xcfg), Some(state)) = (&cfg.xds, xds_state) {
             let tls = xds_tls(&ca, &td, serving.clone())?;
@@ -569,9 +584,9 @@ impl Agent {
         )));
         if let Some(dcfg) = &cfg.dns {
             let served = meshfed_dns::serve(
-                &dcfg.listen,
+                dcfg.listen,
                 inner.names.subscribe(),
-                meshfed_dns::upstreams(&dcfg.upstream)?,
+                dcfg.upstream.clone(),
                 &inner.metrics.registry,
             )
             .await?;
@@ -582,7 +597,7 @@ impl Agent {
             Some(a) => {
                 let (ri, si) = (inner.clone(), inner.clone());
                 let (addr, task) = meshfed_net::admin::serve_with(
-                    a,
+                    &a.to_string(),
                     Arc::new(move || ri.metrics.registry.clone()),
                     Arc::new(move || serde_json::to_value(si.report()).map_err(|e| e.to_string())),
                     inner
@@ -735,10 +750,9 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, cfg: LocalSourceCo
 
 /// The agent's serving identity `spiffe://<td>/ns/meshfed-system/sa/meshfed-agent`, issued
 /// from the cluster CA (what xDS clients and VMs check).
-fn serving_svid(ca: &trust::CertificateAuthority) -> anyhow::Result<Arc<SvidResolver>> {
+fn serving_svid(ca: &trust::CertificateAuthority) -> anyhow::Result<trust::Svid> {
     let id = agent_spiffe_id(ca.trust_domain())?;
-    let svid = ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?;
-    Ok(SvidResolver::with(&svid)?)
+    Ok(ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?)
 }
 
 /// The xDS mTLS port's TLS: the agent's serving SVID, clients verified against the cluster's
@@ -757,23 +771,6 @@ fn xds_tls(
 }
 
 const SERVING_CERT_TTL: time::Duration = time::Duration::hours(24);
-
-/// Re-issues the serving certificate at 50-80 % of its lifetime.
-async fn renew_serving_cert(ca: Arc<trust::CertificateAuthority>, resolver: Arc<SvidResolver>) {
-    loop {
-        let wait = SERVING_CERT_TTL.whole_milliseconds() as u64 * rand::random_range(50..80) / 100;
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        match agent_spiffe_id(ca.trust_domain())
-            .and_then(|id| {
-                Ok(ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?)
-            })
-            .and_then(|s| Ok(resolver.install(&s)?))
-        {
-            Ok(()) => tracing::info!("renewed the agent's serving certificate"),
-            Err(e) => tracing::warn!(error = %e, "cannot renew the agent's serving certificate"),
-        }
-    }
-}
 
 /// Reloads the policy files when they change; a broken file never replaces the last good set.
 async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) {
@@ -810,32 +807,18 @@ async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) 
     }
 }
 
-/// Renews the cluster certificate at a jittered 50-80 % of its lifetime (make-before-break: the
-/// old certificate stays valid until it expires).
-async fn renew_cluster_cert(inner: Arc<Inner>) {
-    loop {
-        let at = inner.identity().svid.renew_at();
-        let wait = (at - time::OffsetDateTime::now_utc())
-            .whole_milliseconds()
-            .max(1000) as u64;
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        match renew_once(&inner).await {
-            Ok(()) => tracing::info!("renewed the cluster certificate"),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot renew the cluster certificate; retrying in 30 s");
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            }
-        }
-    }
-}
-
-async fn renew_once(inner: &Arc<Inner>) -> anyhow::Result<()> {
+/// Renews the cluster certificate with the federator (make-before-break: the old certificate
+/// stays valid until it expires) and stores it in the identity directory.
+async fn renew_cluster_cert(inner: Arc<Inner>) -> anyhow::Result<trust::Svid> {
     let (id, federators) = {
         let i = inner.identity();
         (i.svid.id.clone(), i.file.federators.clone())
     };
     let (key, csr) = trust::keys::key_and_csr(&id)?;
-    let cfg = trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone())?;
+    let cfg = trust::tls::client_config(
+        inner.cluster_cert.resolver(),
+        inner.federator_verifier.clone(),
+    )?;
     let mut client = proto::federation_client::FederationClient::new(meshfed_net::channel(
         federators,
         cfg,
@@ -853,6 +836,5 @@ async fn renew_once(inner: &Arc<Inner>) -> anyhow::Result<()> {
         .collect();
     let svid = trust::Svid::new(chain, key).context("the renewed certificate is unusable")?;
     inner.identity().store_svid(svid.clone())?;
-    inner.resolver.install(&svid)?;
-    Ok(())
+    Ok(svid)
 }

@@ -233,9 +233,11 @@ async fn session(inner: &Arc<Inner>, fed: &FederationWriter) -> End {
 async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(), End> {
     let (cfg, facts, federators) = {
         let id = inner.identity();
-        let cfg =
-            trust::tls::client_config(inner.resolver.clone(), inner.federator_verifier.clone())
-                .map_err(anyhow::Error::from)?;
+        let cfg = trust::tls::client_config(
+            inner.cluster_cert.resolver(),
+            inner.federator_verifier.clone(),
+        )
+        .map_err(anyhow::Error::from)?;
         (cfg, id.facts(), id.file.federators.clone())
     };
     let channel = meshfed_net::channel(federators, cfg, "federator")?;

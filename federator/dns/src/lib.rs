@@ -20,9 +20,9 @@ use table::NameTable;
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
     /// UDP and TCP address.
-    pub listen: String,
-    /// `IP[:PORT]`; empty = /etc/resolv.conf's nameservers.
-    pub upstream: Vec<String>,
+    pub listen: SocketAddr,
+    /// Upstream resolvers for names the mesh does not own.
+    pub upstream: Vec<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -56,14 +56,11 @@ pub fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 
 /// Serves DNS on `listen` (UDP and TCP) from `names`.
 pub async fn serve(
-    listen: &str,
+    addr: SocketAddr,
     names: watch::Receiver<Arc<NameTable>>,
     upstream: Vec<SocketAddr>,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<Served> {
-    let addr: SocketAddr = listen
-        .parse()
-        .with_context(|| format!("DNS address {listen:?} is not IP:PORT"))?;
     let udp = tokio::net::UdpSocket::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}/udp (DNS)"))?;
@@ -193,9 +190,14 @@ mod tests {
     async fn answers_refuses_and_never_crashes_on_bad_packets() {
         let (_tx, rx) = watch::channel(Arc::new(names()));
         let up = upstream().await;
-        let s = serve("127.0.0.1:0", rx, vec![up], &prometheus::Registry::new())
-            .await
-            .unwrap();
+        let s = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            rx,
+            vec![up],
+            &prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
         let a = s.addr;
         let r = ask(
             a,

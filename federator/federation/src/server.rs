@@ -19,16 +19,17 @@ use proto::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+use trust::tls::{Authorizer, SpiffeVerifier};
 use trust::{BundleSet, TrustBundle, TrustDomain, TrustStore};
 
 use super::status::{ClusterReport, FederationReport};
 use crate::ca::FederationCa;
 use crate::metrics::FederationMetrics;
+use meshfed_identity::certs::{issue_fn, Backoff, Managed};
 use meshfed_identity::ids::cluster_of;
 use meshfed_identity::token::{Claims, TokenError, TokenStore};
 use meshfed_model::validate::{self, MAX_MESSAGE_BYTES, MAX_SERVICES_PER_DELTA};
-use meshfed_store::{Change, ClusterRecord, Cursor, Store, StoreError};
+use meshfed_store::{Change, ClusterRecord, Cursor, MemberCert, Store, StoreError};
 
 /// How many export changes one import delta carries at most. Small chunks bound the memory a
 /// full resync of many importers takes at once.
@@ -91,6 +92,17 @@ fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// When the newest root of a member's stored bundle expires, if the bundle parses.
+fn bundle_not_after(r: &ClusterRecord) -> Option<time::OffsetDateTime> {
+    let td = TrustDomain::new(&r.trust_domain).ok()?;
+    TrustBundle::from_json(td, &r.bundle_json, "stored bundle")
+        .ok()?
+        .x509_authorities
+        .iter()
+        .filter_map(|c| trust::svid::validity(c).ok().map(|v| v.1))
+        .max()
+}
+
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownCluster(c) => {
@@ -143,12 +155,20 @@ impl Hub {
             None => Err(store_status(StoreError::UnknownCluster(cluster))),
             Some(r) if r.left => Err(store_status(StoreError::Left(cluster))),
             Some(r) => {
-                // A certificate issued before the current membership began (an earlier join)
-                // is refused; issued certificates are back-dated by `BACKDATE`.
-                let issued = trust::svid::validity(&certs[0])
-                    .map(|(nb, _)| nb + trust::ca::BACKDATE)
-                    .map_err(|e| Status::unauthenticated(e.to_string()))?;
-                if issued.unix_timestamp() < r.joined_at {
+                // Only the certificates issued in the current membership authenticate it: one
+                // of an earlier join is refused, however soon the re-join came. (A record from
+                // before certificates were listed falls back to comparing issue times, which
+                // X.509 keeps to the second; issued certificates are back-dated by `BACKDATE`.)
+                let stale = if r.certs.is_empty() {
+                    let issued = trust::svid::validity(&certs[0])
+                        .map(|(nb, _)| nb + trust::ca::BACKDATE)
+                        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+                    issued.unix_timestamp() < r.joined_at
+                } else {
+                    let fp = trust::keys::fingerprint(&certs[0]);
+                    !r.certs.iter().any(|c| c.fingerprint == fp)
+                };
+                if stale {
                     self.metrics
                         .refused
                         .with_label_values(&[&cluster, "stale_certificate"])
@@ -307,19 +327,7 @@ impl Hub {
                 .unwrap_or(0)
                 .max(r.imports_acked_revision);
             let exports = self.store.exports_of(&r.id).map_err(store_status)?.len() as u64;
-            let bundle_not_after = TrustBundle::from_json(
-                TrustDomain::new(&r.trust_domain).map_err(|e| Status::internal(e.to_string()))?,
-                &r.bundle_json,
-                "stored bundle",
-            )
-            .ok()
-            .and_then(|b| {
-                b.x509_authorities
-                    .iter()
-                    .filter_map(|c| trust::svid::validity(c).ok().map(|v| v.1))
-                    .max()
-            })
-            .and_then(|t| {
+            let bundle_not_after = bundle_not_after(r).and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
                     .ok()
             });
@@ -425,7 +433,8 @@ impl Federator {
 
         // TLS: the federator's own certificate, renewed in the background; clients verified
         // against the federation bundle when they present a certificate (Join needs none).
-        let resolver = SvidResolver::with(&hub.ca.server_svid()?)?;
+        let serving = Managed::new("federator serving", Some(hub.ca.server_svid()?))?;
+        let resolver = serving.resolver();
         let mut fed_set = BundleSet::new();
         fed_set.insert(hub.ca.bundle())?;
         let verifier = SpiffeVerifier::new(
@@ -462,24 +471,13 @@ impl Federator {
             }
         }));
         let renew_hub = hub.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let wait = resolver
-                    .current()
-                    .and_then(|_| renew_hub.ca.server_svid().ok())
-                    .map(|s| (s.renew_at() - time::OffsetDateTime::now_utc()).whole_seconds().max(60) as u64)
-                    .unwrap_or(60);
-                tokio::time::sleep(Duration::from_secs(wait)).await;
-                match renew_hub.ca.server_svid() {
-                    Ok(s) => {
-                        if let Err(e) = resolver.install(&s) {
-                            tracing::error!(error = %e, "cannot install renewed federator certificate");
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot renew the federator certificate"),
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(serving.run(
+            issue_fn(move || {
+                let hub = renew_hub.clone();
+                async move { hub.ca.server_svid() }
+            }),
+            Backoff::default(),
+        )));
         let admin_addr = match hub.cfg.admin.clone() {
             Some(a) => {
                 let report_hub = hub.clone();
@@ -1082,6 +1080,10 @@ impl Federation for Service {
             exports_acked_version: 0,
             imports_acked_revision: 0,
             left: false,
+            certs: vec![MemberCert {
+                fingerprint: trust::keys::fingerprint(&issued.chain[0]),
+                not_after: issued.not_after.unix_timestamp(),
+            }],
         };
         rec.set_facts(&facts);
         let rev = tokio::task::block_in_place(|| hub.store.join(rec)).map_err(store_status)?;
@@ -1168,6 +1170,12 @@ impl Federation for Service {
         let r = req.into_inner();
         let issued = tokio::task::block_in_place(|| self.hub.ca.sign_cluster(&r.csr_der, &cluster))
             .map_err(|e| Status::invalid_argument(format!("csr_der: {e:#}")))?;
+        let cert = MemberCert {
+            fingerprint: trust::keys::fingerprint(&issued.chain[0]),
+            not_after: issued.not_after.unix_timestamp(),
+        };
+        tokio::task::block_in_place(|| self.hub.store.add_cert(&cluster, cert, now_unix()))
+            .map_err(store_status)?;
         tracing::info!(%cluster, "renewed cluster certificate");
         Ok(Response::new(RenewResponse {
             cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
@@ -1183,30 +1191,31 @@ impl Federation for Service {
         let clusters = rep
             .clusters
             .iter()
-            .map(|c| ClusterStatus {
-                facts: self
-                    .hub
-                    .store
-                    .cluster(&c.cluster)
-                    .ok()
-                    .flatten()
-                    .map(|r| r.facts()),
-                connected: c.connected,
-                lease: match c.lease.as_str() {
-                    "stale" => proto::LeaseState::Stale,
-                    "fresh" => proto::LeaseState::Fresh,
-                    _ => proto::LeaseState::Unspecified,
-                } as i32,
-                last_heartbeat_age_ms: c.last_heartbeat_age_ms.unwrap_or(0),
-                exports: c.exports,
-                imports: c.imports,
-                exports_acked_version: c.exports_acked_version,
-                imports_acked_revision: c.imports_acked_revision,
-                import_lag: c.import_lag,
-                bundle_sequence: c.bundle_sequence,
-                bundle_not_after: 0,
-                conflicts: c.conflicts.clone(),
-                left: c.lease == "left",
+            .map(|c| {
+                let rec = self.hub.store.cluster(&c.cluster).ok().flatten();
+                ClusterStatus {
+                    facts: rec.as_ref().map(|r| r.facts()),
+                    connected: c.connected,
+                    lease: match c.lease.as_str() {
+                        "stale" => proto::LeaseState::Stale,
+                        "fresh" => proto::LeaseState::Fresh,
+                        _ => proto::LeaseState::Unspecified,
+                    } as i32,
+                    last_heartbeat_age_ms: c.last_heartbeat_age_ms.unwrap_or(0),
+                    exports: c.exports,
+                    imports: c.imports,
+                    exports_acked_version: c.exports_acked_version,
+                    imports_acked_revision: c.imports_acked_revision,
+                    import_lag: c.import_lag,
+                    bundle_sequence: c.bundle_sequence,
+                    bundle_not_after: rec
+                        .as_ref()
+                        .and_then(bundle_not_after)
+                        .map(|t| t.unix_timestamp())
+                        .unwrap_or(0),
+                    conflicts: c.conflicts.clone(),
+                    left: c.lease == "left",
+                }
             })
             .collect();
         Ok(Response::new(StatusResponse {

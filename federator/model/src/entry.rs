@@ -178,7 +178,7 @@ spec:
                 ""
             }
         );
-        serde_yaml_ng::from_str(&yaml).unwrap()
+        crate::policy::spec::parse_yaml(&yaml, "test").unwrap()
     }
 
     fn facts(addr: &str, net: &str) -> VmFacts {

@@ -270,15 +270,7 @@ impl ServiceSpec {
 impl Registry {
     /// Parses registry YAML; errors carry `what:line:column`.
     pub fn parse(text: &str, what: &str) -> Result<Registry, String> {
-        let reg: Registry = serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
-            Some(l) => format!(
-                "{what}:{}:{}: {}",
-                l.line(),
-                l.column(),
-                strip_location(&e.to_string())
-            ),
-            None => format!("{what}: {e}"),
-        })?;
+        let reg: Registry = crate::policy::spec::parse_yaml(text, what)?;
         let mut seen = std::collections::HashSet::new();
         for (i, s) in reg.services.iter().enumerate() {
             let key = validate::service_key(&s.namespace.0, &s.name.0);
@@ -422,13 +414,6 @@ impl Registry {
 }
 
 /// serde_yaml appends " at line X column Y"; the location is already in front.
-fn strip_location(msg: &str) -> String {
-    match msg.find(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
-}
-
 /// The YAML file registry.
 #[derive(Debug, Clone)]
 pub struct FileRegistry {
@@ -513,33 +498,36 @@ services:
     #[test]
     fn errors_name_file_line_and_column() {
         let e = err("services:\n  - namespace: shop\n    name: Payment\n    ports: [{port: 80}]\n");
-        // serde reports a custom error at the mapping that holds the value, with its path.
-        assert!(e.starts_with("reg.yaml:2:5: services[0]:"), "{e}");
+        // The error is located at the value itself, with its path.
+        assert!(e.starts_with("reg.yaml:3:11: services[0].name:"), "{e}");
         assert!(e.contains("\"Payment\" is not a DNS label"), "{e}");
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 70000}]\n");
         assert!(
-            e.starts_with("reg.yaml:4:13: services[0].ports[0]:") && e.contains("70000"),
+            e.starts_with("reg.yaml:4:20: services[0].ports:") && e.contains("70000"),
             "{e}"
         );
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80, protocol: HTTP}]\n");
         assert!(
-            e.starts_with("reg.yaml:4:34: services[0].ports[0].protocol:") && e.contains("HTTP"),
+            e.starts_with("reg.yaml:4:34: services[0].ports:") && e.contains("HTTP"),
             "{e}"
         );
         let e = err("services:\n  - namespace: shop\n    name: p\n    prots: []\n");
-        assert!(e.starts_with("reg.yaml:4:") && e.contains("prots"), "{e}");
+        assert!(
+            e.starts_with("reg.yaml:4:5: services[0].prots:") && e.contains("prots"),
+            "{e}"
+        );
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 80}]\n    endpoints: [{address: \"not an ip\"}]\n");
         assert!(
-            e.starts_with("reg.yaml:5:") && e.contains("not an ip"),
+            e.starts_with("reg.yaml:5:27:") && e.contains("not an ip"),
             "{e}"
         );
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{name: http, port: 80}]\n    endpoints: [{address: 10.0.0.1, ports: {http: 0}}]\n");
         assert!(
-            e.starts_with("reg.yaml:5:") && e.contains("port 0 is not in 1-65535"),
+            e.starts_with("reg.yaml:5:51:") && e.contains("port 0 is not in 1-65535"),
             "{e}"
         );
         let e = err("services: [\n");
-        assert!(e.starts_with("reg.yaml:"), "{e}");
+        assert!(e.starts_with("reg.yaml:1:11:"), "{e}");
         let e = err("services:\n  - {namespace: a, name: b, ports: [{port: 1}]}\n  - {namespace: a, name: b, ports: [{port: 2}]}\n");
         assert!(e.contains("a/b is listed twice"), "{e}");
     }

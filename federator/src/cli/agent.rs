@@ -50,8 +50,8 @@ pub struct AgentArgs {
     #[arg(long)]
     registry: PathBuf,
     /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
-    #[arg(long, default_value = "127.0.0.1:15014")]
-    admin: String,
+    #[arg(long, default_value = "127.0.0.1:15014", value_parser = args::socket_addr)]
+    admin: std::net::SocketAddr,
     /// How often the registry file is checked for changes.
     #[arg(long, default_value = "500ms", value_parser = args::std_duration)]
     registry_poll: Duration,
@@ -60,32 +60,32 @@ pub struct AgentArgs {
     #[arg(long = "policy")]
     policies: Vec<PathBuf>,
     /// Plaintext xDS (ADS) address for the local cluster's proxies; `off` disables it.
-    #[arg(long, default_value = "0.0.0.0:15010")]
-    xds_plaintext: String,
+    #[arg(long, default_value = "0.0.0.0:15010", value_parser = args::listen)]
+    xds_plaintext: args::Listen,
     /// mTLS xDS (ADS) address; clients present an SVID of this cluster; `off` disables it.
-    #[arg(long, default_value = "0.0.0.0:15012")]
-    xds_mtls: String,
+    #[arg(long, default_value = "0.0.0.0:15012", value_parser = args::listen)]
+    xds_mtls: args::Listen,
     /// Changes within this window are pushed to proxies together (at most 1s).
-    #[arg(long, default_value = "100ms", value_parser = args::std_duration)]
+    #[arg(long, default_value = "100ms", value_parser = args::debounce)]
     xds_debounce: Duration,
     /// The VM API (`meshfed vm agent` joins and registers here); `off` disables it.
-    #[arg(long, default_value = "0.0.0.0:15018")]
-    vm_api: String,
+    #[arg(long, default_value = "0.0.0.0:15018", value_parser = args::listen)]
+    vm_api: args::Listen,
     /// How long a disconnected VM's WorkloadEntry is kept (Istio's PILOT_WORKLOAD_ENTRY_GRACE_PERIOD).
     #[arg(long, default_value = "10s", value_parser = args::std_duration)]
     vm_grace: Duration,
     /// Mesh DNS for the cluster's pods (svc.cluster.local and svc.clusterset.local); `off` disables it.
-    #[arg(long, default_value = "127.0.0.1:15053")]
-    dns: String,
+    #[arg(long, default_value = "127.0.0.1:15053", value_parser = args::listen)]
+    dns: args::Listen,
     /// Upstream resolvers for other names (IP[:PORT], repeatable; default: /etc/resolv.conf's).
-    #[arg(long)]
-    dns_upstream: Vec<String>,
+    #[arg(long, value_parser = args::dns_upstream)]
+    dns_upstream: Vec<std::net::SocketAddr>,
     /// IPv4 range service VIPs are allocated from (kept across restarts).
     #[arg(long, default_value = "240.240.0.0/16", value_parser = meshfed_dns::vips::parse_v4)]
     vip_range: ipnet::Ipv4Net,
     /// IPv6 range for service VIPs (AAAA answers); `off` for IPv4 only.
-    #[arg(long, default_value = "2001:2::/48")]
-    vip_range_v6: String,
+    #[arg(long, default_value = "2001:2::/48", value_parser = args::v6_range)]
+    vip_range_v6: args::V6Range,
 }
 
 #[derive(Debug, Args)]
@@ -136,11 +136,11 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
-    let vip_range_v6 = match a.vip_range_v6.as_str() {
-        "off" => None,
-        v => Some(
-            meshfed_dns::vips::parse_v6(v).map_err(|e| anyhow::anyhow!("--vip-range-v6: {e}"))?,
-        ),
+    // Every flag was parsed and checked by clap (exit 2 naming the flag) before this point.
+    let dns_upstream = if a.dns_upstream.is_empty() {
+        meshfed_dns::upstreams(&[])?
+    } else {
+        a.dns_upstream
     };
     let agent = Agent::start(AgentConfig {
         state_dir: a.state_dir,
@@ -149,25 +149,20 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         registry_poll: a.registry_poll,
         policies: a.policies,
         xds: Some(meshfed_xds::XdsConfig {
-            plaintext: Some(a.xds_plaintext).filter(|s| s != "off"),
-            mtls: Some(a.xds_mtls).filter(|s| s != "off"),
+            plaintext: a.xds_plaintext.0,
+            mtls: a.xds_mtls.0,
             debounce: a.xds_debounce,
         }),
-        vm_api: Some(a.vm_api).filter(|s| s != "off"),
+        vm_api: a.vm_api.0,
         vm_grace: a.vm_grace,
-        dns: Some(a.dns)
-            .filter(|s| s != "off")
-            .map(|listen| meshfed_dns::DnsConfig {
-                listen,
-                upstream: a.dns_upstream,
-            }),
+        dns: a.dns.0.map(|listen| meshfed_dns::DnsConfig {
+            listen,
+            upstream: dns_upstream,
+        }),
         vip_range_v4: a.vip_range,
-        vip_range_v6,
+        vip_range_v6: a.vip_range_v6.0,
     })
     .await?;
-    if a.xds_debounce > Duration::from_secs(1) {
-        anyhow::bail!("--xds-debounce {:?} is more than 1s", a.xds_debounce);
-    }
     let show =
         |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     println!(

@@ -59,6 +59,20 @@ pub struct ClusterRecord {
     pub exports_acked_version: u64,
     pub imports_acked_revision: u64,
     pub left: bool,
+    /// The certificates issued in the current membership (at the join and at each renewal)
+    /// that have not expired. Only these authenticate the cluster; a re-join starts a new list,
+    /// so a certificate of an earlier membership is refused however soon the re-join came.
+    #[serde(default)]
+    pub certs: Vec<MemberCert>,
+}
+
+/// A certificate the federation issued to a member.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberCert {
+    /// SHA-256 (hex) of the leaf certificate's DER.
+    pub fingerprint: String,
+    /// Unix seconds.
+    pub not_after: i64,
 }
 
 impl ClusterRecord {
@@ -498,6 +512,20 @@ impl Store {
         Ok(rec)
     }
 
+    /// Adds a renewed certificate to a member's current membership (dropping the expired ones);
+    /// durable before this returns, so a certificate handed out is always accepted.
+    pub fn add_cert(&self, id: &str, cert: MemberCert, now: i64) -> Result<()> {
+        let _g = self.lock();
+        let mut rec = self.member(id)?;
+        rec.certs.retain(|c| c.not_after > now);
+        rec.certs.push(cert);
+        let json = serde_json::to_vec(&rec).unwrap_or_default();
+        self.clusters.insert(id.as_bytes(), json)?;
+        self.db.flush()?;
+        self.mem_mut().clusters.insert(id.to_string(), rec);
+        Ok(())
+    }
+
     /// Records the import revision a cluster has applied (not flushed on its own: losing it
     /// only costs a resend).
     pub fn set_imports_acked(&self, id: &str, revision: u64) -> Result<()> {
@@ -849,6 +877,7 @@ mod tests {
             exports_acked_version: 0,
             imports_acked_revision: 0,
             left: false,
+            certs: Vec::new(),
         }
     }
 

@@ -301,17 +301,18 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
     shared.status().address = address.to_string();
 
     let mut tasks = Vec::new();
+    // One registry for everything this process measures; the admin server serves it.
+    let registry = prometheus::Registry::new();
     let (names_tx, names_rx) = watch::channel(Arc::new(NameTable::default()));
     let mut dns = None;
     if shared.cfg.dns_listen != "off" {
         let upstream = meshfed_dns::upstreams(&shared.cfg.dns_upstream)?;
-        let served = meshfed_dns::serve(
-            &shared.cfg.dns_listen,
-            names_rx.clone(),
-            upstream,
-            &prometheus::Registry::new(),
-        )
-        .await?;
+        let listen: SocketAddr = shared
+            .cfg
+            .dns_listen
+            .parse()
+            .with_context(|| format!("dnsListen {:?} is not IP:PORT", shared.cfg.dns_listen))?;
+        let served = meshfed_dns::serve(listen, names_rx.clone(), upstream, &registry).await?;
         dns = Some(served.addr);
         tasks.extend(served.tasks);
         shared.status().dns = Some(served.addr.to_string());
@@ -327,11 +328,25 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
         tasks.push(tokio::spawn(relay_xds(shared.clone(), l)));
     }
     tasks.push(tokio::spawn(attach_loop(shared.clone(), address, names_tx)));
-    tasks.push(tokio::spawn(renew_loop(shared.clone())));
+    let workload = meshfed_identity::certs::Managed::with_resolver(
+        "workload",
+        Svid::load(&shared.cfg.cert_dir).ok().map(|(s, _)| s),
+        shared.svid.clone(),
+    )?;
+    tasks.push(tokio::spawn(workload.run(
+        {
+            let shared = shared.clone();
+            meshfed_identity::certs::issue_fn(move || renew_workload(shared.clone()))
+        },
+        meshfed_identity::certs::Backoff {
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        },
+    )));
     let st = shared.status.clone();
     let (admin_addr, task) = meshfed_net::admin::serve_with(
         &shared.cfg.admin,
-        Arc::new(prometheus::Registry::new),
+        Arc::new(move || registry.clone()),
         Arc::new(move || {
             serde_json::to_value(st.lock().unwrap_or_else(|p| p.into_inner()).clone())
                 .map_err(|e| e.to_string())
@@ -489,34 +504,19 @@ async fn renew(shared: &Arc<Shared>, cred: &Svid) -> anyhow::Result<()> {
     install_svid(shared, &certs, svid_key)
 }
 
-/// Renews the workload SVID at 50-80 % of its life (and the credential with it when due).
-async fn renew_loop(shared: Arc<Shared>) {
-    loop {
-        let at = match Svid::load(&shared.cfg.cert_dir) {
-            Ok((s, _)) => s.renew_at(),
-            Err(_) => time::OffsetDateTime::now_utc(),
-        };
-        let wait = (at - time::OffsetDateTime::now_utc())
-            .whole_milliseconds()
-            .max(1000) as u64;
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        let cred = match Svid::load(&credential_dir(&shared.cfg)) {
-            Ok((c, _)) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "the VM credential cannot be read");
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                continue;
-            }
-        };
-        match renew(&shared, &cred).await {
-            Ok(()) => tracing::info!("renewed the workload certificate"),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot renew the workload certificate; retrying in 10 s");
-                shared.status().last_error = Some(format!("{e:#}"));
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        }
+/// Renews the workload SVID with the VM credential (and the credential with it when due); the
+/// certificate manager decides when (50-80 % of its life) and retries with backoff.
+async fn renew_workload(shared: Arc<Shared>) -> anyhow::Result<Svid> {
+    let (cred, _) = Svid::load(&credential_dir(&shared.cfg))
+        .map_err(|e| anyhow::anyhow!("the VM credential cannot be read: {e}"))?;
+    let r = renew(&shared, &cred).await;
+    if let Err(e) = &r {
+        shared.status().last_error = Some(format!("{e:#}"));
     }
+    r?;
+    let (svid, _) = Svid::load(&shared.cfg.cert_dir)
+        .map_err(|e| anyhow::anyhow!("the renewed workload certificate cannot be read: {e}"))?;
+    Ok(svid)
 }
 
 /// Keeps the Attach stream up (jittered backoff from 200 ms to 10 s), registering the VM and
@@ -603,8 +603,9 @@ async fn attach_once(
                             if r.probe_yaml.is_empty() {
                                 ready_tx.send_replace((true, String::new()));
                             } else {
-                                let p: meshfed_model::workload::Probe = serde_yaml_ng::from_str(&r.probe_yaml)
-                                    .context("the group's probe from the agent")?;
+                                let p: meshfed_model::workload::Probe =
+                                    meshfed_model::policy::spec::parse_yaml(&r.probe_yaml, "the group's probe from the agent")
+                                        .map_err(|e| anyhow::anyhow!(e))?;
                                 p.check().map_err(|e| anyhow::anyhow!(e))?;
                                 let tx = ready_tx.clone();
                                 probe_task = Some(AbortOnDrop(tokio::spawn(probe::run(p, tx))));

@@ -178,7 +178,7 @@ mod tests {
     use super::*;
 
     fn probe(yaml: &str) -> Probe {
-        let p: Probe = serde_yaml_ng::from_str(yaml).unwrap();
+        let p: Probe = meshfed_model::policy::spec::parse_yaml(yaml, "test").unwrap();
         p.check().unwrap();
         p
     }

@@ -219,7 +219,7 @@ spec:
                 ""
             }
         );
-        serde_yaml_ng::from_str(&yaml).unwrap()
+        meshfed_model::policy::spec::parse_yaml(&yaml, "test").unwrap()
     }
 
     fn facts(addr: &str, net: &str) -> VmFacts {

@@ -399,7 +399,8 @@ impl VmRegistration for VmApi {
             .spec
             .probe
             .as_ref()
-            .map(|p| serde_yaml_ng::to_string(p).unwrap_or_default())
+            // JSON is YAML: the VM agent reads it with the one YAML parser.
+            .map(|p| serde_json::to_string(p).unwrap_or_default())
             .unwrap_or_default();
         let name = entry.name.clone();
         let conn = self

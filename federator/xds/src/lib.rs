@@ -77,9 +77,9 @@ impl Kind {
 #[derive(Debug, Clone)]
 pub struct XdsConfig {
     /// Plaintext ADS for the local cluster (default 0.0.0.0:15010); `None` turns it off.
-    pub plaintext: Option<String>,
+    pub plaintext: Option<std::net::SocketAddr>,
     /// ADS over mTLS; clients present an SVID of the cluster's trust domain (default 0.0.0.0:15012).
-    pub mtls: Option<String>,
+    pub mtls: Option<std::net::SocketAddr>,
     /// Changes within this window after the first one are pushed together.
     pub debounce: Duration,
 }
@@ -87,8 +87,8 @@ pub struct XdsConfig {
 impl Default for XdsConfig {
     fn default() -> Self {
         XdsConfig {
-            plaintext: Some("0.0.0.0:15010".into()),
-            mtls: Some("0.0.0.0:15012".into()),
+            plaintext: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 15010))),
+            mtls: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 15012))),
             debounce: Duration::from_millis(100),
         }
     }

@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -38,15 +38,11 @@ pub struct XdsMetrics {
     pub nacks: IntCounterVec,
     pub refused: IntCounterVec,
     pub build_seconds: HistogramVec,
+    pub build_failures: IntCounter,
     pub generation: IntGauge,
 }
 
-fn must<T>(r: prometheus::Result<T>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("invalid metric definition: {e}"),
-    }
-}
+use meshfed_net::metrics::must;
 
 impl XdsMetrics {
     pub fn new(reg: &prometheus::Registry) -> XdsMetrics {
@@ -88,6 +84,10 @@ impl XdsMetrics {
                 .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
                 &["kind"],
             )),
+            build_failures: must(IntCounter::new(
+                "meshfed_xds_generation_build_failures_total",
+                "Generations whose build failed; the last good generation stayed in service",
+            )),
             generation: must(IntGauge::new(
                 "meshfed_xds_generation",
                 "The xDS generation being served",
@@ -100,6 +100,7 @@ impl XdsMetrics {
             Box::new(m.nacks.clone()),
             Box::new(m.refused.clone()),
             Box::new(m.build_seconds.clone()),
+            Box::new(m.build_failures.clone()),
             Box::new(m.generation.clone()),
         ] {
             // Registering twice (several agents in one process share nothing, so this cannot
