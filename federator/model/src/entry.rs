@@ -159,11 +159,13 @@ pub fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-#[cfg(test)]
-mod tests {
+/// Fixtures for tests of this crate and of the crates that store entries (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+#[allow(clippy::unwrap_used)]
+pub mod testing {
     use super::*;
 
-    fn group(probe: bool) -> WorkloadGroup {
+    pub fn group(probe: bool) -> WorkloadGroup {
         let yaml = format!(
             r#"
 metadata: {{name: payment-vm, namespace: shop}}
@@ -181,7 +183,7 @@ spec:
         crate::policy::spec::parse_yaml(&yaml, "test").unwrap()
     }
 
-    fn facts(addr: &str, net: &str) -> VmFacts {
+    pub fn facts(addr: &str, net: &str) -> VmFacts {
         VmFacts {
             vm_id: "vm1".into(),
             address: addr.parse().unwrap(),
@@ -190,6 +192,12 @@ spec:
             labels: [("tier".to_string(), "vm-own".to_string())].into(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{facts, group};
+    use super::*;
 
     #[test]
     fn names_are_valid_for_ipv4_and_ipv6() {

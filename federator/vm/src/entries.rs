@@ -201,36 +201,8 @@ impl Entries {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshfed_model::entry::{build, VmFacts};
-    use meshfed_model::workload::WorkloadGroup;
-
-    fn group(probe: bool) -> WorkloadGroup {
-        let yaml = format!(
-            r#"
-metadata: {{name: payment-vm, namespace: shop}}
-spec:
-  metadata: {{labels: {{app: payment, tier: vm}}, annotations: {{team: pay}}}}
-  template: {{serviceAccount: payment, labels: {{version: v1, tier: template}}, ports: {{http: 8080}}}}
-  {}
-"#,
-            if probe {
-                "probe: {tcpSocket: {port: 8080}}"
-            } else {
-                ""
-            }
-        );
-        meshfed_model::policy::spec::parse_yaml(&yaml, "test").unwrap()
-    }
-
-    fn facts(addr: &str, net: &str) -> VmFacts {
-        VmFacts {
-            vm_id: "vm1".into(),
-            address: addr.parse().unwrap(),
-            network: net.into(),
-            locality: String::new(),
-            labels: [("tier".to_string(), "vm-own".to_string())].into(),
-        }
-    }
+    use meshfed_model::entry::build;
+    use meshfed_model::entry::testing::{facts, group};
 
     #[test]
     fn lifecycle_with_grace_and_restart() {
