@@ -343,7 +343,7 @@ async fn sotw_priorities_split_horizon_acks_nacks_and_no_resend() {
         ..Default::default()
     })
     .await;
-    eventually("the NACK is recorded", || {
+    eventually(&state, "the NACK is recorded", || {
         state.proxies.report()[0].types["endpoint"].state == meshfed_xds::status::SyncState::Nack
     })
     .await;
@@ -406,7 +406,10 @@ async fn proxies_of_one_class_share_one_table() {
     );
     assert_eq!(state.proxies.len(), 40);
     drop(streams);
-    eventually("closed streams are forgotten", || state.proxies.is_empty()).await;
+    eventually(&state, "closed streams are forgotten", || {
+        state.proxies.is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -839,14 +842,20 @@ fn named_target_ports_of_workloads_reach_eds() {
     assert!(e.starts_with("upserts[0].endpoints[0].ports key"), "{e}");
 }
 
-/// Waits (polling every 5 ms, for at most 10 s) until `cond` holds: a condition, not a time.
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits until `cond` holds, re-checking on every change of the proxy registry (connect, leave,
+/// ACK, NACK); fails after 10 s.
+async fn eventually(state: &XdsState, what: &str, cond: impl Fn() -> bool) {
+    let mut changes = state.proxies.subscribe();
+    let wait = async {
+        loop {
+            changes.borrow_and_update();
+            if cond() {
+                return;
+            }
+            changes.changed().await.expect("the registry lives");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting: {what}"));
 }

@@ -441,6 +441,7 @@ fn record_ack(
             st.nack = None;
         }
     }
+    state.proxies.notify();
 }
 
 /// One ADS variant (SotW or Delta): how a request changes a proxy's subscriptions and what is

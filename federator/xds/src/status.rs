@@ -109,14 +109,36 @@ pub struct ProxyReport {
     pub types: BTreeMap<String, TypeReport>,
 }
 
-/// Every connected proxy.
-#[derive(Debug, Default)]
+/// Every connected proxy. Subscribers are told of every change: a proxy connected or left, an
+/// ACK or NACK recorded (what `/debug/syncz` and `proxy-status` show).
+#[derive(Debug)]
 pub struct Registry {
     next: AtomicU64,
     conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            next: AtomicU64::new(0),
+            conns: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Registry {
+    /// A receiver notified after every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Tells subscribers that something they can observe changed.
+    pub fn notify(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
     fn conns(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Conn>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -139,11 +161,13 @@ impl Registry {
             types: Mutex::new(BTreeMap::new()),
         });
         self.conns().insert(conn_id, c.clone());
+        self.notify();
         c
     }
 
     pub fn remove(&self, conn_id: u64) {
         self.conns().remove(&conn_id);
+        self.notify();
     }
 
     pub fn len(&self) -> usize {
