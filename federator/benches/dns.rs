@@ -70,7 +70,9 @@ fn serve(port: u16) {
         let t = Arc::new(table());
         let after = rss_kib();
         let (_tx, rx) = tokio::sync::watch::channel(t.clone());
+        let tasks = meshfed_net::drain::Tasks::new();
         let s = meshfed_dns::serve(
+            &tasks,
             format!("127.0.0.1:{port}").parse().unwrap(),
             rx,
             vec![],
@@ -87,7 +89,8 @@ fn serve(port: u16) {
         })
         .await
         .unwrap();
-        drop(s);
+        let _ = s.addr;
+        tasks.drain(std::time::Duration::from_secs(1)).await;
     });
 }
 

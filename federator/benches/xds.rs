@@ -152,7 +152,7 @@ fn server() {
             .send_replace(Arc::new(Generation::build(1, &snapshot(0), &pol, &local())));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("port {}", l.local_addr().unwrap().port());
-        let svc = Ads::server(state.clone(), false);
+        let svc = Ads::server(state.clone(), false, meshfed_net::drain::Signal::never());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)

@@ -12,14 +12,16 @@ use eastwest_gateway::routes::Routes;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use tokio::sync::watch;
 
+use meshfed_net::admin::AdminConfig;
+use meshfed_net::drain::{DrainReport, Tasks};
 use meshfed_xds::client::{endpoints, AdsClient, Tables};
 
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
-    pub listen: String,
+    pub listen: SocketAddr,
     /// The agent's plaintext xDS address, `host:port`.
     pub xds: String,
-    pub admin: Option<String>,
+    pub admin: Option<SocketAddr>,
     /// SNI names forwarded to fixed addresses (e.g. the agent's mTLS port).
     pub expose: BTreeMap<String, Vec<SocketAddr>>,
     pub node_id: String,
@@ -34,27 +36,23 @@ pub struct RunningGateway {
     pub admin: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     pub routes: watch::Receiver<Arc<Routes>>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
     _ads: Arc<AdsClient>,
 }
 
 impl RunningGateway {
-    /// Stops accepting and waits for open connections up to the drain timeout.
-    pub async fn drain(mut self) {
-        self.stop.send_replace(true);
-        if let Some(t) = self.tasks.first_mut() {
-            let _ = t.await;
-        }
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
-    pub fn abort(mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+    /// Stops accepting and waits for open connections up to the gateway's drain timeout
+    /// (`deadline` bounds the whole drain; give it a little more).
+    pub async fn drain(self, deadline: std::time::Duration) -> DrainReport {
+        self.tasks.drain(deadline).await
+    }
+
+    pub fn abort(self) {
+        self.tasks.abort_all();
     }
 }
 
@@ -101,7 +99,8 @@ pub async fn start(
         watch::channel(Arc::new(routes_from(&Tables::default(), &o.expose)));
     let mut tables = ads.tables.clone();
     let expose = o.expose.clone();
-    let follow = tokio::spawn(async move {
+    let tasks = Tasks::new();
+    tasks.spawn("routes from xDS", async move {
         loop {
             let t = tables.borrow_and_update().clone();
             let r = routes_from(&t, &expose);
@@ -120,55 +119,70 @@ pub async fn start(
         }
     });
     let gateway = Gateway::new(o.config.clone(), routes_rx.clone(), &registry);
-    let listener = tokio::net::TcpListener::bind(&o.listen)
+    let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("cannot listen on {} (gateway)", o.listen))?;
     let addr = listener.local_addr()?;
-    let (stop, stop_rx) = watch::channel(false);
-    let serve = tokio::spawn(gateway.clone().serve(listener, stop_rx));
-    let mut tasks = vec![serve, follow];
+    let gw = gateway.clone();
+    tasks.spawn_server("gateway listener", |drain| async move {
+        let (stop, stop_rx) = watch::channel(false);
+        let serve = gw.serve(listener, stop_rx);
+        tokio::pin!(serve);
+        tokio::select! {
+            _ = &mut serve => return,
+            _ = drain.drained() => {}
+        }
+        // Stop accepting; open connections get the gateway's drain timeout.
+        stop.send_replace(true);
+        serve.await;
+    });
+    // Ready once it has routes.
+    let r2 = routes_rx.clone();
+    tasks.readiness_check(
+        "routes",
+        Arc::new(move || {
+            let routes = r2.borrow().clone();
+            if routes.services.is_empty() && routes.fixed.is_empty() {
+                Err("no routes yet".into())
+            } else {
+                Ok(())
+            }
+        }),
+    );
     let mut admin = None;
-    if let Some(a) = &o.admin {
+    if let Some(a) = o.admin {
         let (g, r, up, reg) = (
             gateway.clone(),
             routes_rx.clone(),
             ads.connected.clone(),
             registry.clone(),
         );
-        let r2 = routes_rx.clone();
-        let (bound, task) = meshfed_net::admin::serve_with(
-            a,
-            Arc::new(move || reg.clone()),
-            Arc::new(move || {
-                let routes = r.borrow().clone();
-                Ok(serde_json::json!({
-                    "kind": "gateway",
-                    "services": routes.services.keys().map(|(h, p, s)| if s.is_empty() { format!("{h}:{p}") } else { format!("{h}:{p} ({s})") }).collect::<Vec<_>>(),
-                    "open_connections": g.open_connections(),
-                    "xds_connected": *up.borrow(),
-                }))
-            }),
-            None,
-            // Ready once it has routes.
-            Some(Arc::new(move || {
-                let routes = r2.borrow().clone();
-                if routes.services.is_empty() && routes.fixed.is_empty() {
-                    Err("no routes yet".into())
-                } else {
-                    Ok(serde_json::Value::Null)
-                }
-            })),
-        )
-        .await?;
-        tasks.push(task);
-        admin = Some(bound);
+        admin = Some(
+            meshfed_net::admin::serve(
+                &tasks,
+                AdminConfig {
+                    addr: a,
+                    registry: Arc::new(move || reg.clone()),
+                    status: Arc::new(move || {
+                        let routes = r.borrow().clone();
+                        Ok(serde_json::json!({
+                            "kind": "gateway",
+                            "services": routes.services.keys().map(|(h, p, s)| if s.is_empty() { format!("{h}:{p}") } else { format!("{h}:{p} ({s})") }).collect::<Vec<_>>(),
+                            "open_connections": g.open_connections(),
+                            "xds_connected": *up.borrow(),
+                        }))
+                    }),
+                    extra: None,
+                },
+            )
+            .await?,
+        );
     }
     Ok(RunningGateway {
         addr,
         admin,
         gateway,
         routes: routes_rx,
-        stop,
         tasks,
         _ads: ads,
     })

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use trust::TrustDomain;
 
 async fn federator(dir: &Path) -> Federator {
-    let mut cfg = FederatorConfig::new(dir.join("fed"), "127.0.0.1:0".into());
+    let mut cfg = FederatorConfig::new(dir.join("fed"), "127.0.0.1:0".parse().unwrap());
     cfg.lease_ttl = Duration::from_secs(5);
     Federator::start(cfg).await.unwrap()
 }
@@ -481,4 +481,52 @@ async fn the_status_rpc_reports_what_the_http_status_reports() {
     assert!(c.bundle_not_after > now(), "{}", c.bundle_not_after);
     assert_eq!(c.bundle_not_after, t.unix_timestamp());
     assert_eq!(c.bundle_sequence, h.bundle_sequence);
+}
+
+/// The federator's drain ends every Sync stream with UNAVAILABLE (agents reconnect, to
+/// another replica where there is one) and stops within the deadline; what it acknowledged
+/// is there when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_sync_streams_with_unavailable_and_keeps_what_was_acknowledged() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let mut c = client(&east).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(hello(&east)).await.unwrap();
+    tx.send(exports(1, vec![export("payment", 8080)]))
+        .await
+        .unwrap();
+    let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // Until the export is acknowledged.
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("an acknowledgement")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
+            assert_eq!((a.version, a.error.as_str()), (1, ""));
+            break;
+        }
+    }
+    let report = f.drain(Duration::from_secs(10)).await;
+    assert!(report.aborted.is_empty(), "{report}");
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), inbound.message())
+            .await
+            .expect("the stream ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert_eq!(end.message(), "the federator is shutting down");
+    drop(tx);
+    let f = federator(d.path()).await;
+    let r = f.report().unwrap();
+    let east = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    assert_eq!((east.exports, east.exports_acked_version), (1, 1));
 }

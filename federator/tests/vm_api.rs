@@ -43,7 +43,7 @@ struct World {
 }
 
 async fn world(dir: &Path) -> World {
-    let mut cfg = FederatorConfig::new(dir.join("fed"), "127.0.0.1:0".into());
+    let mut cfg = FederatorConfig::new(dir.join("fed"), "127.0.0.1:0".parse().unwrap());
     cfg.lease_ttl = Duration::from_secs(5);
     let fed = Federator::start(cfg).await.unwrap();
     let token = TokenStore::new(&dir.join("fed"))

@@ -17,6 +17,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use meshfed_failover::Loc;
 use meshfed_model::policy::PolicySet;
 use meshfed_model::snapshot::Snapshot;
+use meshfed_net::drain::{Signal, Tasks};
 use meshfed_xds::generation::Generation;
 use meshfed_xds::node::LocalFacts;
 use meshfed_xds::server::{Ads, XdsState};
@@ -155,7 +156,7 @@ async fn serve(state: Arc<XdsState>) -> String {
     let addr = l.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(Ads::server(state, false))
+            .add_service(Ads::server(state, false, Signal::never()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
     );
     format!("http://{addr}")
@@ -505,6 +506,58 @@ async fn delta_sends_changes_and_removals_only() {
     );
 }
 
+/// The process's drain ends every ADS stream with UNAVAILABLE (the proxy reconnects and keeps
+/// its configuration meanwhile), and the server stops within the deadline.
+#[tokio::test]
+async fn a_drain_ends_ads_streams_with_unavailable_and_stops_the_port() {
+    let state = XdsState::new(local(), &prometheus::Registry::new());
+    publish(&state, 1, &snapshot(2));
+    let tasks = Tasks::new();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let svc = Ads::server(state.clone(), false, tasks.signal());
+    tasks.spawn_server("xDS", |drain| async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(l),
+                drain.drained_owned(),
+            )
+            .await
+            .unwrap();
+    });
+    let mut client = AggregatedDiscoveryServiceClient::connect(url.clone())
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let mut rx = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node("router~10.1.0.2~gw~east", "us-east1-b", false)),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(next(&mut rx).await.resources.len(), 2);
+    let report = tasks.drain(Duration::from_secs(10)).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), rx.next())
+        .await
+        .expect("the stream ends");
+    let status = end.expect("an error, not a clean end").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "the agent is shutting down");
+    assert!(report.aborted.is_empty(), "{report}");
+    assert!(tasks.running().is_empty());
+    assert!(AggregatedDiscoveryServiceClient::connect(url)
+        .await
+        .is_err());
+    drop(tx);
+}
+
 #[tokio::test]
 async fn bad_nodes_are_refused_with_the_reason() {
     let state = XdsState::new(local(), &prometheus::Registry::new());
@@ -707,7 +760,7 @@ async fn mtls_port_requires_an_svid_of_the_cluster_and_its_own_namespace() {
     let addr = l.local_addr().unwrap().to_string();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(Ads::server(state.clone(), true))
+            .add_service(Ads::server(state.clone(), true, Signal::never()))
             .serve_with_incoming(meshfed_net::tls_incoming(l, tls)),
     );
     let client = |resolver: Arc<SvidResolver>| {

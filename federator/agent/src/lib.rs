@@ -27,6 +27,8 @@ use meshfed_identity::ids::{agent_spiffe_id, federator_spiffe_id};
 use meshfed_model::policy::PolicySet;
 use meshfed_model::registry::{FileRegistry, Registry, RegistrySource};
 use meshfed_model::store::{self as store, LocalWriter, Reader};
+use meshfed_net::admin::AdminConfig;
+use meshfed_net::drain::{DrainReport, Tasks};
 use meshfed_vm::entries::Entries;
 use meshfed_xds::server::XdsState;
 
@@ -342,7 +344,7 @@ pub struct Agent {
     pub vm_api: Option<SocketAddr>,
     /// Where the mesh DNS server listens, when it runs.
     pub dns_addr: Option<SocketAddr>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Agent {
@@ -467,9 +469,22 @@ impl Agent {
             entries,
             names: watch::Sender::new(Arc::new(NameTable::default())),
         });
-        let mut tasks = vec![
-            tokio::spawn(sync::run(inner.clone(), federation_writer)),
-            tokio::spawn(local_source(
+        let tasks = Tasks::new();
+        // Ready once the model is: the local source loaded (or fell back to what the
+        // federator acknowledged) and the federation part restored from the cache.
+        let model_ready = tasks.readiness("model");
+        let model = inner.model.clone();
+        tasks.track(async move {
+            model.wait_until_ready().await;
+            model_ready.set_ready();
+        });
+        tasks.spawn(
+            "federation sync",
+            sync::run(inner.clone(), federation_writer),
+        );
+        tasks.spawn(
+            "local source",
+            local_source(
                 inner.clone(),
                 local_writer,
                 LocalSourceConfig {
@@ -479,38 +494,44 @@ impl Agent {
                     vm_grace: cfg.vm_grace,
                     initial_exports,
                 },
-            )),
-            tokio::spawn(inner.cluster_cert.clone().run(
+            ),
+        );
+        tasks.spawn(
+            "cluster certificate",
+            inner.cluster_cert.clone().run(
                 {
                     let inner = inner.clone();
                     issue_fn(move || renew_cluster_cert(inner.clone()))
                 },
                 Backoff::default(),
-            )),
-            tokio::spawn(watch_policies(
-                inner.clone(),
-                cfg.policies.clone(),
-                cfg.registry_poll,
-            )),
-        ];
+            ),
+        );
+        tasks.spawn(
+            "policy watcher",
+            watch_policies(inner.clone(), cfg.policies.clone(), cfg.registry_poll),
+        );
         let ca = Arc::new(ca);
         let (mut xds_plaintext, mut xds_mtls, mut vm_api, mut dns_addr) = (None, None, None, None);
         // The agent's serving SVID (xDS mTLS port and VM API), issued by the cluster CA.
         let serving_cert = Managed::new("agent serving", Some(serving_svid(&ca)?))?;
         let serving = serving_cert.resolver();
-        tasks.push(tokio::spawn(serving_cert.run(
-            {
-                let ca = ca.clone();
-                issue_fn(move || {
+        tasks.spawn(
+            "agent serving certificate",
+            serving_cert.run(
+                {
                     let ca = ca.clone();
-                    async move { serving_svid(&ca) }
-                })
-            },
-            Backoff::default(),
-        )));
+                    issue_fn(move || {
+                        let ca = ca.clone();
+                        async move { serving_svid(&ca) }
+                    })
+                },
+                Backoff::default(),
+            ),
+        );
         if let (Some(xcfg), Some(state)) = (&cfg.xds, xds_state) {
             let tls = xds_tls(&ca, &td, serving.clone())?;
             let served = meshfed_xds::serve::start(
+                &tasks,
                 xcfg,
                 state,
                 inner.model.clone(),
@@ -520,13 +541,15 @@ impl Agent {
             .await?;
             xds_plaintext = served.plaintext;
             xds_mtls = served.mtls;
-            tasks.extend(served.tasks);
-            tasks.push(tokio::spawn(meshfed_xds::serve::write_trust_roots(
-                cfg.state_dir.join("xds").join("trust-roots.pem"),
-                td.to_string(),
-                inner.bundle.subscribe(),
-                inner.model.clone(),
-            )));
+            tasks.spawn(
+                "trust roots file",
+                meshfed_xds::serve::write_trust_roots(
+                    cfg.state_dir.join("xds").join("trust-roots.pem"),
+                    td.to_string(),
+                    inner.bundle.subscribe(),
+                    inner.model.clone(),
+                ),
+            );
         }
         if let Some(addr) = &cfg.vm_api {
             let l = tokio::net::TcpListener::bind(addr)
@@ -551,64 +574,72 @@ impl Agent {
                     names: inner.names.subscribe(),
                     registry: inner.registry.subscribe(),
                     entries: inner.entries.clone(),
+                    drain: tasks.signal(),
                 },
                 ca.clone(),
                 &cfg.state_dir,
             )
             .server();
             let incoming = meshfed_net::tls_incoming(l, tls);
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn_server("VM API server", |drain| async move {
                 // Keepalives find a VM that vanished without closing its stream (power loss,
                 // partition) in about 10 s, which starts its entry's grace period.
                 let r = tonic::transport::Server::builder()
                     .http2_keepalive_interval(Some(Duration::from_secs(5)))
                     .http2_keepalive_timeout(Some(Duration::from_secs(5)))
                     .add_service(svc)
-                    .serve_with_incoming(incoming)
+                    .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                     .await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "VM API server failed");
                 }
-            }));
+            });
         }
         let vips = meshfed_dns::vips::Vips::open(
             inner.cache.tree("service_vips")?,
             cfg.vip_range_v4,
             cfg.vip_range_v6,
         )?;
-        tasks.push(tokio::spawn(meshfed_dns::follow_names(
-            inner.model.clone(),
-            inner.exports.subscribe(),
-            inner.names.clone(),
-            vips,
-        )));
+        tasks.spawn(
+            "name table",
+            meshfed_dns::follow_names(
+                inner.model.clone(),
+                inner.exports.subscribe(),
+                inner.names.clone(),
+                vips,
+            ),
+        );
         if let Some(dcfg) = &cfg.dns {
             let served = meshfed_dns::serve(
+                &tasks,
                 dcfg.listen,
                 inner.names.subscribe(),
                 dcfg.upstream.clone(),
                 &inner.metrics.registry,
             )
             .await?;
-            tasks.extend(served.tasks);
             dns_addr = Some(served.addr);
         }
-        let admin_addr = match &cfg.admin {
-            Some(a) => {
+        let admin_addr = match cfg.admin {
+            Some(addr) => {
                 let (ri, si) = (inner.clone(), inner.clone());
-                let (addr, task) = meshfed_net::admin::serve_with(
-                    &a.to_string(),
-                    Arc::new(move || ri.metrics.registry.clone()),
-                    Arc::new(move || serde_json::to_value(si.report()).map_err(|e| e.to_string())),
-                    inner
-                        .xds
-                        .as_ref()
-                        .map(|x| meshfed_xds::debug::router(x.clone())),
-                    None,
+                Some(
+                    meshfed_net::admin::serve(
+                        &tasks,
+                        AdminConfig {
+                            addr,
+                            registry: Arc::new(move || ri.metrics.registry.clone()),
+                            status: Arc::new(move || {
+                                serde_json::to_value(si.report()).map_err(|e| e.to_string())
+                            }),
+                            extra: inner
+                                .xds
+                                .as_ref()
+                                .map(|x| meshfed_xds::debug::router(x.clone())),
+                        },
+                    )
+                    .await?,
                 )
-                .await?;
-                tasks.push(task);
-                Some(addr)
             }
             None => None,
         };
@@ -627,10 +658,21 @@ impl Agent {
         &self.inner.model
     }
 
-    pub fn stop(mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+    /// The agent's tasks (health, readiness, drain).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// Drains: the ports stop accepting, ADS and VM streams end with UNAVAILABLE (proxies
+    /// and VMs reconnect and keep their configuration meanwhile), the loops stop; up to
+    /// `deadline`.
+    pub async fn drain(self, deadline: Duration) -> DrainReport {
+        self.tasks.drain(deadline).await
+    }
+
+    /// Stops at once, as a crash would (tests of static stability).
+    pub fn stop(self) {
+        self.tasks.abort_all();
     }
 }
 

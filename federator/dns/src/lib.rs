@@ -14,6 +14,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use meshfed_model::store::Reader;
+use meshfed_net::drain::Tasks;
 use proto::ServiceExport;
 use table::NameTable;
 
@@ -28,7 +29,6 @@ pub struct DnsConfig {
 #[derive(Debug)]
 pub struct Served {
     pub addr: SocketAddr,
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Parses upstream resolvers (`IP` or `IP:PORT`); none given = /etc/resolv.conf's.
@@ -54,8 +54,10 @@ pub fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
         .collect())
 }
 
-/// Serves DNS on `listen` (UDP and TCP) from `names`.
+/// Serves DNS on `listen` (UDP and TCP) from `names`, as a server of `tasks` (it stops at the
+/// drain, answering the queries in flight).
 pub async fn serve(
+    tasks: &Tasks,
     addr: SocketAddr,
     names: watch::Receiver<Arc<NameTable>>,
     upstream: Vec<SocketAddr>,
@@ -74,16 +76,13 @@ pub async fn serve(
     let mut srv = hickory_server::Server::new(handler);
     srv.register_socket(udp);
     srv.register_listener(tcp, std::time::Duration::from_secs(10), 64);
-    let task = tokio::spawn(async move {
-        // Runs until the task is aborted (the server's sockets close with it).
-        let token = srv.shutdown_token().clone();
-        token.cancelled().await;
-        let _ = srv.shutdown_gracefully().await;
+    tasks.spawn_server("DNS server", |drain| async move {
+        drain.drained().await;
+        if let Err(e) = srv.shutdown_gracefully().await {
+            tracing::warn!(error = %e, "DNS server did not stop cleanly");
+        }
     });
-    Ok(Served {
-        addr: bound,
-        tasks: vec![task],
-    })
+    Ok(Served { addr: bound })
 }
 
 /// Rebuilds the mesh's name table whenever the model or the set of exported services changes
@@ -191,6 +190,7 @@ mod tests {
         let (_tx, rx) = watch::channel(Arc::new(names()));
         let up = upstream().await;
         let s = serve(
+            &Tasks::new(),
             "127.0.0.1:0".parse().unwrap(),
             rx,
             vec![up],

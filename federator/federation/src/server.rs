@@ -29,6 +29,8 @@ use meshfed_identity::certs::{issue_fn, Backoff, Managed};
 use meshfed_identity::ids::cluster_of;
 use meshfed_identity::token::{Claims, TokenError, TokenStore};
 use meshfed_model::validate::{self, MAX_MESSAGE_BYTES, MAX_SERVICES_PER_DELTA};
+use meshfed_net::admin::AdminConfig;
+use meshfed_net::drain::{DrainReport, Tasks};
 use meshfed_store::{Change, ClusterRecord, Cursor, MemberCert, Store, StoreError};
 
 /// How many export changes one import delta carries at most. Small chunks bound the memory a
@@ -40,10 +42,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct FederatorConfig {
     pub state_dir: PathBuf,
-    pub listen: String,
+    pub listen: SocketAddr,
     /// Addresses joiners and agents use to reach this federator (default: the listen address).
     pub advertise: Vec<String>,
-    pub admin: Option<String>,
+    pub admin: Option<SocketAddr>,
     pub trust_domain: Option<TrustDomain>,
     pub lease_ttl: Duration,
     /// Messages per second a cluster may send on its stream (bursts up to 4x).
@@ -51,7 +53,7 @@ pub struct FederatorConfig {
 }
 
 impl FederatorConfig {
-    pub fn new(state_dir: PathBuf, listen: String) -> Self {
+    pub fn new(state_dir: PathBuf, listen: SocketAddr) -> Self {
         FederatorConfig {
             state_dir,
             listen,
@@ -86,6 +88,8 @@ struct Hub {
     live: Mutex<HashMap<String, Live>>,
     started: Instant,
     join_lock: tokio::sync::Mutex<()>,
+    /// The process's tasks: Sync streams end at its drain signal.
+    tasks: Tasks,
 }
 
 fn now_unix() -> i64 {
@@ -376,8 +380,7 @@ pub struct Federator {
     hub: Arc<Hub>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Federator {
@@ -401,7 +404,7 @@ impl Federator {
         let store = Store::open(&cfg.state_dir.join("store")).with_context(|| {
             format!("cannot open the state store in {}", cfg.state_dir.display())
         })?;
-        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let grpc_addr = listener.local_addr()?;
@@ -425,6 +428,7 @@ impl Federator {
             live: Mutex::new(HashMap::new()),
             started: Instant::now(),
             join_lock: tokio::sync::Mutex::new(()),
+            tasks: Tasks::new(),
             store,
             ca,
             cfg,
@@ -444,24 +448,21 @@ impl Federator {
         let tls = trust::tls::server_config_optional_client(resolver.clone(), verifier)?;
         let incoming = meshfed_net::tls_incoming(listener, tls);
 
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut tasks = Vec::new();
+        let tasks = hub.tasks.clone();
         let svc = FederationServer::new(Service { hub: hub.clone() })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn_server("federation gRPC server", |drain| async move {
             let r = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stop_rx.await;
-                })
+                .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "gRPC server failed");
             }
-        }));
+        });
         let ticker_hub = hub.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn("lease ticker", async move {
             let every = (ticker_hub.cfg.lease_ttl / 10)
                 .clamp(Duration::from_millis(50), Duration::from_millis(500));
             let mut t = tokio::time::interval(every);
@@ -469,32 +470,39 @@ impl Federator {
                 t.tick().await;
                 ticker_hub.tick_leases();
             }
-        }));
+        });
         let renew_hub = hub.clone();
-        tasks.push(tokio::spawn(serving.run(
-            issue_fn(move || {
-                let hub = renew_hub.clone();
-                async move { hub.ca.server_svid() }
-            }),
-            Backoff::default(),
-        )));
-        let admin_addr = match hub.cfg.admin.clone() {
-            Some(a) => {
+        tasks.spawn(
+            "federator certificate",
+            serving.run(
+                issue_fn(move || {
+                    let hub = renew_hub.clone();
+                    async move { hub.ca.server_svid() }
+                }),
+                Backoff::default(),
+            ),
+        );
+        let admin_addr = match hub.cfg.admin {
+            Some(addr) => {
                 let report_hub = hub.clone();
                 let metrics_hub = hub.clone();
-                let (addr, task) = meshfed_net::admin::serve(
-                    &a,
-                    Arc::new(move || metrics_hub.metrics.registry.clone()),
-                    Arc::new(move || {
-                        report_hub
-                            .report()
-                            .map(|r| serde_json::to_value(r).unwrap_or_default())
-                            .map_err(|s| s.message().to_string())
-                    }),
+                Some(
+                    meshfed_net::admin::serve(
+                        &tasks,
+                        AdminConfig {
+                            addr,
+                            registry: Arc::new(move || metrics_hub.metrics.registry.clone()),
+                            status: Arc::new(move || {
+                                report_hub
+                                    .report()
+                                    .map(|r| serde_json::to_value(r).unwrap_or_default())
+                                    .map_err(|s| s.message().to_string())
+                            }),
+                            extra: None,
+                        },
+                    )
+                    .await?,
                 )
-                .await?;
-                tasks.push(task);
-                Some(addr)
             }
             None => None,
         };
@@ -503,7 +511,6 @@ impl Federator {
             hub,
             grpc_addr,
             admin_addr,
-            shutdown: Some(stop_tx),
             tasks,
         })
     }
@@ -532,14 +539,21 @@ impl Federator {
         &self.hub.advertise
     }
 
-    /// Stops serving.
-    pub async fn stop(mut self) {
-        if let Some(s) = self.shutdown.take() {
-            let _ = s.send(());
-        }
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+    /// The federator's tasks (health, readiness, drain).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// Drains: stops accepting, ends every Sync stream with UNAVAILABLE (agents reconnect,
+    /// to another replica where there is one), records what each cluster acknowledged, and
+    /// waits up to `deadline` for it all.
+    pub async fn drain(self, deadline: Duration) -> DrainReport {
+        self.tasks.drain(deadline).await
+    }
+
+    /// Stops serving (a drain with a short deadline).
+    pub async fn stop(self) {
+        self.drain(Duration::from_secs(2)).await;
     }
 }
 
@@ -962,8 +976,12 @@ impl Service {
         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
         s.push_imports().await?;
         tracing::info!(%cluster, applied = hello.imports_applied_revision, "cluster connected");
+        let drain = hub.tasks.signal();
         loop {
             tokio::select! {
+                _ = drain.drained() => {
+                    return Err(Status::unavailable("the federator is shutting down"));
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => s.handle(m).await?,
                     Ok(None) => return Ok(()),
@@ -1119,7 +1137,8 @@ impl Federation for Service {
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
-        tokio::spawn(async move {
+        // Tracked, so the drain waits for the acknowledged revision to be recorded.
+        self.hub.tasks.track(async move {
             let mut connected_as = None;
             let result = Service::run_session(
                 hub.clone(),

@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint shared by the federator and the agent: `/metrics` (Prometheus text),
-//! `/healthz` (the process serves), `/readyz` (the status can be computed) and `/status` (JSON).
+//! `/healthz` (every task of the process runs), `/readyz` (every readiness condition holds and
+//! the process is not draining) and `/status` (JSON).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use crate::drain::Tasks;
+
 pub type RegistryFn = Arc<dyn Fn() -> prometheus::Registry + Send + Sync>;
 pub type StatusFn = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
 
@@ -18,8 +21,7 @@ pub type StatusFn = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + S
 struct Admin {
     registry: RegistryFn,
     status: StatusFn,
-    /// Readiness, when it differs from "the status can be computed".
-    ready: Option<StatusFn>,
+    tasks: Tasks,
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
@@ -29,15 +31,18 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 while every task of the process runs; 503 naming each task that ended early.
+async fn healthz(State(a): State<Admin>) -> impl IntoResponse {
+    match a.tasks.health() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {e}\n")),
+    }
 }
 
+/// 200 when every readiness condition holds and the process is not draining.
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
-    let status = a.ready.clone().unwrap_or_else(|| a.status.clone());
-    match tokio::task::spawn_blocking(move || status()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_string()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    match a.tasks.readiness_report() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
 }
@@ -51,26 +56,31 @@ async fn status(State(a): State<Admin>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves the admin endpoints. Returns the bound address and the task.
-pub async fn serve(
-    addr: &str,
-    registry: RegistryFn,
-    status_fn: StatusFn,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    serve_with(addr, registry, status_fn, None, None).await
+/// What an admin server shows.
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub registry: RegistryFn,
+    pub status: StatusFn,
+    /// More routes (the agent's `/debug/...` xDS endpoints).
+    pub extra: Option<Router>,
 }
 
-/// Like [`serve`], with more routes (the agent's `/debug/...` xDS endpoints).
-pub async fn serve_with(
-    addr: &str,
-    registry: RegistryFn,
-    status_fn: StatusFn,
-    extra: Option<Router>,
-    ready: Option<StatusFn>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds the admin address and serves `/metrics`, `/healthz` and `/readyz` (from `tasks`),
+/// `/status` and the extra routes, as the process's admin task: it keeps answering during
+/// the drain and stops after everything else. Returns the bound address.
+pub async fn serve(tasks: &Tasks, cfg: AdminConfig) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
-        .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+        .with_context(|| format!("cannot listen on {} (admin)", cfg.addr))?;
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -78,20 +88,23 @@ pub async fn serve_with(
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .with_state(Admin {
-            registry,
-            status: status_fn,
-            ready,
+            registry: cfg.registry,
+            status: cfg.status,
+            tasks: tasks.clone(),
         });
-    let app = match extra {
+    let app = match cfg.extra {
         Some(r) => app.merge(r),
         None => app,
     };
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    tasks.spawn_admin("admin server", move |stop| async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.drained_owned())
+            .await
+        {
             tracing::error!(error = %e, "admin server failed");
         }
     });
-    Ok((bound, task))
+    Ok(bound)
 }
 
 /// Fetches `/status` from an admin address (used by `meshfed status`).

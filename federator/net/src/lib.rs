@@ -4,6 +4,7 @@
 //! Prometheus helpers.
 
 pub mod admin;
+pub mod drain;
 pub mod metrics;
 
 use std::net::SocketAddr;

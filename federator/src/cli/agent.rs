@@ -86,6 +86,9 @@ pub struct AgentArgs {
     /// IPv6 range for service VIPs (AAAA answers); `off` for IPv4 only.
     #[arg(long, default_value = "2001:2::/48", value_parser = args::v6_range)]
     vip_range_v6: args::V6Range,
+    /// On SIGTERM, streams get this long to finish before they are cut.
+    #[arg(long, default_value = "5s", value_parser = args::std_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -174,9 +177,8 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         show(agent.vm_api),
         show(agent.dns_addr),
     );
-    super::shutdown_signal().await;
-    agent.stop();
-    Ok(ExitCode::SUCCESS)
+    let tasks = agent.tasks().clone();
+    Ok(super::serve_until_signal(&tasks, a.drain_timeout, agent.drain(a.drain_timeout)).await)
 }
 
 pub async fn leave(a: LeaveArgs) -> anyhow::Result<ExitCode> {

@@ -22,13 +22,14 @@ pub struct FederatorArgs {
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// gRPC listen address (Join, Sync, Leave, Status; mTLS).
-    #[arg(long, default_value = "0.0.0.0:15100")]
-    listen: String,
-    /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
-    #[arg(long, default_value = "127.0.0.1:15101")]
-    admin: String,
-    /// Address clusters use to reach this federator (repeatable; default: the listen address).
-    #[arg(long)]
+    #[arg(long, default_value = "0.0.0.0:15100", value_parser = args::socket_addr)]
+    listen: std::net::SocketAddr,
+    /// Admin HTTP address (/metrics, /healthz, /readyz, /status); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:15101", value_parser = args::listen)]
+    admin: args::Listen,
+    /// Address clusters use to reach this federator, HOST:PORT (repeatable; default: the
+    /// listen address).
+    #[arg(long, value_parser = args::host_port)]
     advertise: Vec<String>,
     /// Trust domain of the federation CA (first start only).
     #[arg(long, value_parser = args::trust_domain)]
@@ -37,8 +38,11 @@ pub struct FederatorArgs {
     #[arg(long, default_value = "30s", value_parser = args::std_duration)]
     lease_ttl: std::time::Duration,
     /// Messages per second a cluster may send on its stream.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     rate_limit: u32,
+    /// On SIGTERM, streams and requests get this long to finish before they are cut.
+    #[arg(long, default_value = "5s", value_parser = args::std_duration)]
+    drain_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,12 +85,8 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
         return token(t);
     }
     let state_dir = a.state_dir.context("--state-dir is required")?;
-    for (i, adv) in a.advertise.iter().enumerate() {
-        meshfed_model::validate::check_host_port(&format!("--advertise #{}", i + 1), adv)
-            .map_err(anyhow::Error::msg)?;
-    }
     let mut cfg = FederatorConfig::new(state_dir, a.listen);
-    cfg.admin = Some(a.admin);
+    cfg.admin = a.admin.0;
     cfg.advertise = a.advertise;
     cfg.trust_domain = a.trust_domain;
     cfg.lease_ttl = a.lease_ttl;
@@ -97,9 +97,8 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
         f.grpc_addr,
         f.admin_addr.map(|a| a.to_string()).unwrap_or_default()
     );
-    super::shutdown_signal().await;
-    f.stop().await;
-    Ok(ExitCode::SUCCESS)
+    let tasks = f.tasks().clone();
+    Ok(super::serve_until_signal(&tasks, a.drain_timeout, f.drain(a.drain_timeout)).await)
 }
 
 fn now() -> i64 {

@@ -14,14 +14,15 @@ use super::args;
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
     /// Where cross-network TLS arrives (Istio AUTO_PASSTHROUGH port).
-    #[arg(long, default_value = "0.0.0.0:15443")]
-    listen: String,
+    #[arg(long, default_value = "0.0.0.0:15443", value_parser = args::socket_addr)]
+    listen: SocketAddr,
     /// The local agent's plaintext xDS address.
     #[arg(long, default_value = "127.0.0.1:15010", value_parser = args::host_port)]
     xds: String,
-    /// Admin HTTP address (/metrics, /healthz, /readyz once routes arrived, /status).
-    #[arg(long, default_value = "127.0.0.1:15021")]
-    admin: String,
+    /// Admin HTTP address (/metrics, /healthz, /readyz once routes arrived, /status); `off`
+    /// disables it.
+    #[arg(long, default_value = "127.0.0.1:15021", value_parser = args::listen)]
+    admin: args::Listen,
     /// Forward connections with this SNI to fixed addresses, e.g. the agent's mTLS xDS port
     /// for VMs and other networks: `--expose meshfed-xds.meshfed-system.svc=10.0.0.2:15012`
     /// (a host name is resolved at start, e.g. the agent's Kubernetes Service).
@@ -42,9 +43,9 @@ pub struct GatewayArgs {
     /// On SIGTERM, open connections get this long to finish.
     #[arg(long, default_value = "30s", value_parser = args::std_duration)]
     drain_timeout: Duration,
-    #[arg(long, default_value_t = 100_000)]
-    max_connections: usize,
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_per_source: u32,
     /// Endpoint choice among healthy endpoints.
     #[arg(long, value_enum, default_value = "round-robin")]
@@ -85,7 +86,7 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         crate::gateway::GatewayOptions {
             listen: a.listen,
             xds: a.xds,
-            admin: Some(a.admin),
+            admin: a.admin.0,
             expose,
             node_id: format!(
                 "router~{}~eastwest-gateway~meshfed-system.svc.cluster.local",
@@ -96,7 +97,7 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                 hello_timeout: a.hello_timeout,
                 idle_timeout: a.idle_timeout,
                 drain_timeout: a.drain_timeout,
-                max_connections: a.max_connections,
+                max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
                 max_per_source: a.max_per_source,
                 balance: match a.lb {
                     Lb::RoundRobin => eastwest_gateway::proxy::Balance::RoundRobin,
@@ -118,10 +119,10 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         g.addr,
         g.admin.map(|a| a.to_string()).unwrap_or_default()
     );
-    super::shutdown_signal().await;
-    println!("draining");
-    g.drain().await;
-    Ok(ExitCode::SUCCESS)
+    // The whole drain is bounded by the connections' drain timeout, plus a moment for the rest.
+    let deadline = a.drain_timeout + Duration::from_secs(1);
+    let tasks = g.tasks().clone();
+    Ok(super::serve_until_signal(&tasks, deadline, g.drain(deadline)).await)
 }
 
 fn hostname() -> String {

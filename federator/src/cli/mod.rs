@@ -125,6 +125,31 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Serves until SIGTERM or Ctrl-C, then runs `drain` (which has `deadline`). A second signal
+/// during the drain cuts it short (exit 1).
+pub(crate) async fn serve_until_signal(
+    tasks: &meshfed_net::drain::Tasks,
+    deadline: std::time::Duration,
+    drain: impl std::future::Future<Output = meshfed_net::drain::DrainReport>,
+) -> ExitCode {
+    shutdown_signal().await;
+    println!(
+        "draining (deadline {})",
+        humantime::format_duration(deadline)
+    );
+    tokio::select! {
+        r = drain => {
+            println!("{r}");
+            ExitCode::SUCCESS
+        }
+        _ = shutdown_signal() => {
+            tasks.abort_all();
+            println!("second signal: stopped without finishing the drain");
+            ExitCode::from(EXIT_CHECK_FAILED)
+        }
+    }
+}
+
 /// Waits for Ctrl-C or SIGTERM.
 pub(crate) async fn shutdown_signal() {
     let term = async {

@@ -105,6 +105,7 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Agent(a) => {
             let cfg = meshfed_vm_agent::config::VmConfig::load(&a.config)
                 .map_err(|e| anyhow::anyhow!(e))?;
+            let deadline = cfg.drain_timeout;
             let agent = meshfed_vm_agent::start(cfg).await?;
             let st = agent.status();
             println!(
@@ -117,9 +118,8 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
                 st.dns.as_deref().unwrap_or("off"),
                 st.xds_relay.as_deref().unwrap_or("off"),
             );
-            super::shutdown_signal().await;
-            agent.stop();
-            Ok(ExitCode::SUCCESS)
+            let tasks = agent.tasks().clone();
+            Ok(super::serve_until_signal(&tasks, deadline, agent.drain(deadline)).await)
         }
         VmCommand::List(a) => {
             let vms = meshfed_vm::token::VmStore::new(&a.state_dir).list()?;

@@ -61,7 +61,7 @@ pub struct VmConfig {
     /// The VM's address as workloads reach it; default: the local address of the route to the
     /// control plane.
     #[serde(default)]
-    pub address: Option<String>,
+    pub address: Option<std::net::IpAddr>,
     /// The VM's network when it is not the cluster's.
     #[serde(default)]
     pub vm_network: Option<Label>,
@@ -71,16 +71,72 @@ pub struct VmConfig {
     pub labels: BTreeMap<String, String>,
     /// Plaintext xDS relay for local proxies (`off` disables it).
     #[serde(default = "xds_listen")]
-    pub xds_listen: String,
+    pub xds_listen: Listen,
     /// Mesh DNS (`off` disables it).
     #[serde(default = "dns_listen")]
-    pub dns_listen: String,
-    /// Upstream resolvers for names outside the mesh; default: /etc/resolv.conf's.
+    pub dns_listen: Listen,
+    /// Upstream resolvers for names outside the mesh (IP or IP:PORT); default:
+    /// /etc/resolv.conf's.
     #[serde(default)]
-    pub dns_upstream: Vec<String>,
-    /// Admin HTTP: /healthz, /readyz, /status, /metrics.
+    pub dns_upstream: Vec<Upstream>,
+    /// Admin HTTP: /healthz, /readyz, /status, /metrics (`off` disables it).
     #[serde(default = "admin")]
-    pub admin: String,
+    pub admin: Listen,
+    /// On SIGTERM, the Attach stream and the relay get this long to finish (humantime, e.g. 5s).
+    #[serde(default = "drain_timeout", with = "humantime_serde_str")]
+    pub drain_timeout: std::time::Duration,
+}
+
+/// A listen address: `IP:PORT`, or `off` (absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<std::net::SocketAddr>);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "off" {
+            return Ok(Listen(None));
+        }
+        s.parse()
+            .map(|a| Listen(Some(a)))
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not IP:PORT or off")))
+    }
+}
+
+/// A DNS upstream: `IP` (port 53) or `IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream(pub std::net::SocketAddr);
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(a) = s.parse() {
+            return Ok(Upstream(a));
+        }
+        s.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .map(|ip| Upstream(std::net::SocketAddr::new(ip, 53)))
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not IP or IP:PORT")))
+    }
+}
+
+mod humantime_serde_str {
+    use serde::Deserialize;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        match humantime::parse_duration(&s) {
+            Ok(v) if !v.is_zero() => Ok(v),
+            Ok(_) => Err(serde::de::Error::custom(format!(
+                "{s:?}: the duration must be positive"
+            ))),
+            Err(e) => Err(serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); use e.g. 5s"
+            ))),
+        }
+    }
 }
 
 fn vm_api_sni() -> String {
@@ -101,14 +157,17 @@ fn state_dir() -> PathBuf {
 fn cert_dir() -> PathBuf {
     "/etc/meshfed/certs".into()
 }
-fn xds_listen() -> String {
-    "127.0.0.1:15010".into()
+fn xds_listen() -> Listen {
+    Listen(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 15010))))
 }
-fn dns_listen() -> String {
-    "127.0.0.1:15053".into()
+fn dns_listen() -> Listen {
+    Listen(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 15053))))
 }
-fn admin() -> String {
-    "127.0.0.1:15020".into()
+fn admin() -> Listen {
+    Listen(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 15020))))
+}
+fn drain_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
 }
 
 impl VmConfig {
@@ -124,15 +183,6 @@ impl VmConfig {
         for (i, a) in c.control_plane.iter().chain(c.xds.iter()).enumerate() {
             meshfed_model::validate::check_host_port(&format!("controlPlane[{i}]"), a)
                 .map_err(|e| format!("{what}: {e}"))?;
-        }
-        if let Some(a) = &c.address {
-            a.parse::<std::net::IpAddr>()
-                .map_err(|_| format!("{what}: address: {a:?} is not an IP address"))?;
-        }
-        for (name, v) in [("xdsListen", &c.xds_listen), ("dnsListen", &c.dns_listen)] {
-            if v != "off" && v.parse::<std::net::SocketAddr>().is_err() {
-                return Err(format!("{what}: {name}: {v:?} is not IP:PORT or off"));
-            }
         }
         Ok(c)
     }
@@ -165,7 +215,23 @@ controlPlane: [\"10.0.0.1:15443\"]
     fn parses_with_defaults() {
         let c = VmConfig::parse(GOOD, "vm.yaml").unwrap();
         assert_eq!(c.cert_dir, PathBuf::from("/etc/meshfed/certs"));
-        assert_eq!(c.dns_listen, "127.0.0.1:15053");
+        assert_eq!(
+            c.dns_listen,
+            Listen(Some("127.0.0.1:15053".parse().unwrap()))
+        );
+        assert_eq!(c.drain_timeout, std::time::Duration::from_secs(5));
+        let c = VmConfig::parse(
+            &format!("{GOOD}dnsListen: off\nadmin: \"[::1]:9\"\ndnsUpstream: [10.0.0.2]\ndrainTimeout: 2s\n"),
+            "vm.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.dns_listen, Listen(None));
+        assert_eq!(c.admin.0.unwrap().port(), 9);
+        assert_eq!(
+            c.dns_upstream,
+            vec![Upstream("10.0.0.2:53".parse().unwrap())]
+        );
+        assert_eq!(c.drain_timeout, std::time::Duration::from_secs(2));
         assert_eq!(c.xds_address(), "10.0.0.1:15443");
     }
 
@@ -184,6 +250,18 @@ controlPlane: [\"10.0.0.1:15443\"]
         assert!(e.contains("controlPlane[0]"), "{e}");
         let e = VmConfig::parse(&format!("{GOOD}address: 10.0.0.300\n"), "vm.yaml").unwrap_err();
         assert!(e.contains("address"), "{e}");
+        for (line, what) in [
+            ("xdsListen: localhost:15010", "is not IP:PORT or off"),
+            ("dnsUpstream: [resolver]", "is not IP or IP:PORT"),
+            ("drainTimeout: soon", "is not a duration"),
+            ("drainTimeout: 0s", "must be positive"),
+        ] {
+            let e = VmConfig::parse(&format!("{GOOD}{line}\n"), "vm.yaml").unwrap_err();
+            assert!(
+                e.starts_with("vm.yaml:8:") && e.contains(what),
+                "{line}: {e}"
+            );
+        }
         let e = VmConfig::parse("cluster: [", "vm.yaml").unwrap_err();
         assert!(e.starts_with("vm.yaml:"), "{e}");
     }

@@ -31,6 +31,8 @@ use crate::config::VmConfig;
 use crate::probe::Readiness;
 use meshfed_dns::table::NameTable;
 use meshfed_identity::vm_token::VmClaims;
+use meshfed_net::admin::AdminConfig;
+use meshfed_net::drain::{DrainReport, Tasks};
 
 /// What `/status` shows.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -61,14 +63,24 @@ pub struct VmAgent {
     pub dns: Option<SocketAddr>,
     pub xds_relay: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl VmAgent {
-    pub fn stop(mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+    /// Stops at once, as a crash would.
+    pub fn stop(self) {
+        self.tasks.abort_all();
+    }
+
+    /// The VM agent's tasks (health, readiness, drain).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// Drains: the Attach stream and the relay end, DNS answers what is in flight; up to
+    /// `deadline`. The WorkloadEntry then waits out its grace period at the agent.
+    pub async fn drain(self, deadline: Duration) -> DrainReport {
+        self.tasks.drain(deadline).await
     }
 
     pub fn status(&self) -> VmStatus {
@@ -295,90 +307,107 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
     }
     shared.status().vm_id = shared.vm_id.clone();
     let address = match &shared.cfg.address {
-        Some(a) => a.parse::<IpAddr>()?,
+        Some(a) => *a,
         None => local_address(&shared.cfg.control_plane[0]).await?,
     };
     shared.status().address = address.to_string();
 
-    let mut tasks = Vec::new();
+    let tasks = Tasks::new();
     // One registry for everything this process measures; the admin server serves it.
     let registry = prometheus::Registry::new();
     let (names_tx, names_rx) = watch::channel(Arc::new(NameTable::default()));
     let mut dns = None;
-    if shared.cfg.dns_listen != "off" {
-        let upstream = meshfed_dns::upstreams(&shared.cfg.dns_upstream)?;
-        let listen: SocketAddr = shared
-            .cfg
-            .dns_listen
-            .parse()
-            .with_context(|| format!("dnsListen {:?} is not IP:PORT", shared.cfg.dns_listen))?;
-        let served = meshfed_dns::serve(listen, names_rx.clone(), upstream, &registry).await?;
+    if let Some(listen) = shared.cfg.dns_listen.0 {
+        let upstream = if shared.cfg.dns_upstream.is_empty() {
+            meshfed_dns::upstreams(&[])?
+        } else {
+            shared.cfg.dns_upstream.iter().map(|u| u.0).collect()
+        };
+        let served =
+            meshfed_dns::serve(&tasks, listen, names_rx.clone(), upstream, &registry).await?;
         dns = Some(served.addr);
-        tasks.extend(served.tasks);
         shared.status().dns = Some(served.addr.to_string());
     }
     let mut xds_relay = None;
-    if shared.cfg.xds_listen != "off" {
-        let l = tokio::net::TcpListener::bind(&shared.cfg.xds_listen)
+    if let Some(listen) = shared.cfg.xds_listen.0 {
+        let l = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("cannot listen on {} (xDS relay)", shared.cfg.xds_listen))?;
+            .with_context(|| format!("cannot listen on {listen} (xDS relay)"))?;
         xds_relay = Some(l.local_addr()?);
         shared.status().xds_relay = Some(l.local_addr()?.to_string());
         write_grpc_bootstrap(&shared.cfg, address, l.local_addr()?)?;
-        tasks.push(tokio::spawn(relay_xds(shared.clone(), l)));
+        let relay = shared.clone();
+        tasks.spawn_server("xDS relay", |drain| async move {
+            tokio::select! {
+                _ = relay_xds(relay, l) => {}
+                _ = drain.drained() => {}
+            }
+        });
     }
-    tasks.push(tokio::spawn(attach_loop(shared.clone(), address, names_tx)));
+    tasks.spawn("attach", attach_loop(shared.clone(), address, names_tx));
     let workload = meshfed_identity::certs::Managed::with_resolver(
         "workload",
         Svid::load(&shared.cfg.cert_dir).ok().map(|(s, _)| s),
         shared.svid.clone(),
     )?;
-    tasks.push(tokio::spawn(workload.run(
-        {
-            let shared = shared.clone();
-            meshfed_identity::certs::issue_fn(move || renew_workload(shared.clone()))
-        },
-        meshfed_identity::certs::Backoff {
-            min: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-        },
-    )));
+    tasks.spawn(
+        "workload certificate",
+        workload.run(
+            {
+                let shared = shared.clone();
+                meshfed_identity::certs::issue_fn(move || renew_workload(shared.clone()))
+            },
+            meshfed_identity::certs::Backoff {
+                min: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+        ),
+    );
+    // Ready while attached to the control plane and the group's probe passes.
     let st = shared.status.clone();
-    let (admin_addr, task) = meshfed_net::admin::serve_with(
-        &shared.cfg.admin,
-        Arc::new(move || registry.clone()),
+    tasks.readiness_check(
+        "control plane",
         Arc::new(move || {
-            serde_json::to_value(st.lock().unwrap_or_else(|p| p.into_inner()).clone())
-                .map_err(|e| e.to_string())
+            let s = st.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.connected {
+                Err(format!(
+                    "not attached{}",
+                    s.last_error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ))
+            } else if s.healthy == Some(false) {
+                Err(format!("the readiness probe fails: {}", s.health_message))
+            } else {
+                Ok(())
+            }
         }),
-        None,
-        Some({
-            let st = shared.status.clone();
-            Arc::new(move || {
-                let s = st.lock().unwrap_or_else(|p| p.into_inner());
-                if !s.connected {
-                    Err(format!(
-                        "not attached to the control plane{}",
-                        s.last_error
-                            .as_ref()
-                            .map(|e| format!(": {e}"))
-                            .unwrap_or_default()
-                    ))
-                } else if s.healthy == Some(false) {
-                    Err(format!("the readiness probe fails: {}", s.health_message))
-                } else {
-                    Ok(serde_json::Value::Null)
-                }
-            })
-        }),
-    )
-    .await?;
-    tasks.push(task);
+    );
+    let mut admin_addr = None;
+    if let Some(addr) = shared.cfg.admin.0 {
+        let st = shared.status.clone();
+        admin_addr = Some(
+            meshfed_net::admin::serve(
+                &tasks,
+                AdminConfig {
+                    addr,
+                    registry: Arc::new(move || registry.clone()),
+                    status: Arc::new(move || {
+                        serde_json::to_value(st.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                            .map_err(|e| e.to_string())
+                    }),
+                    extra: None,
+                },
+            )
+            .await?,
+        );
+    }
     Ok(VmAgent {
         status,
         dns,
         xds_relay,
-        admin: Some(admin_addr),
+        admin: admin_addr,
         tasks,
     })
 }

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshfed_net::drain::Signal;
 use proto::vm::vm_registration_server::{VmRegistration, VmRegistrationServer};
 use proto::vm::{
     agent_message, vm_message, AgentMessage, Certificates, JoinRequest, JoinResponse, Registered,
@@ -75,6 +76,9 @@ pub struct VmApiInputs {
     pub registry: watch::Receiver<Option<Arc<Registry>>>,
     /// Where auto-registered WorkloadEntries are kept (the VM registration source).
     pub entries: Arc<entries::Entries>,
+    /// Register streams end with UNAVAILABLE when the agent drains (the VM reconnects within
+    /// its entry's grace period).
+    pub drain: Signal,
 }
 
 #[derive(Debug)]
@@ -456,6 +460,10 @@ impl VmRegistration for VmApi {
                     sent_roots = roots;
                 }
                 tokio::select! {
+                    _ = inputs.drain.drained() => {
+                        let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                        break;
+                    }
                     m = inbound.message() => match m {
                         Ok(Some(VmMessage { kind: Some(vm_message::Kind::Health(h)) })) => {
                             if !inputs.entries.health(&name, conn, h.healthy, &h.message) {

@@ -16,24 +16,26 @@ use super::XdsConfig;
 use meshfed_model::policy::PolicySet;
 use meshfed_model::snapshot::Snapshot;
 use meshfed_model::store::Reader;
+use meshfed_net::drain::Tasks;
 
 #[derive(Debug)]
 pub struct Served {
     pub state: Arc<XdsState>,
     pub plaintext: Option<SocketAddr>,
     pub mtls: Option<SocketAddr>,
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts the builder and the listeners. `tls` is the server configuration of the mTLS port.
+/// Starts the builder and the listeners as tasks of `tasks` (the ports stop at its drain and
+/// every ADS stream ends with UNAVAILABLE). `tls` is the server configuration of the mTLS
+/// port.
 pub async fn start(
+    tasks: &Tasks,
     cfg: &XdsConfig,
     state: Arc<XdsState>,
     model: Reader,
     policies: watch::Receiver<Arc<PolicySet>>,
     tls: Option<rustls::ServerConfig>,
 ) -> anyhow::Result<Served> {
-    let mut tasks = Vec::new();
     // The first generation is built before the ports open, so no proxy sees an empty world; an
     // agent that cannot build one does not serve (proxies keep what they last had).
     // The receivers are taken before the first build, so a change that lands between it and
@@ -47,31 +49,28 @@ pub async fn start(
         .await
         .ok_or_else(|| anyhow::anyhow!("building the first xDS generation failed (see the log)"))?;
     state.gens.send_replace(Arc::new(first));
-    tasks.push(tokio::spawn(build_loop(
-        state.clone(),
-        snaps,
-        policies,
-        cfg.debounce,
-        builder,
-    )));
+    tasks.spawn(
+        "xDS builder",
+        build_loop(state.clone(), snaps, policies, cfg.debounce, builder),
+    );
     let mut plaintext = None;
     if let Some(addr) = &cfg.plaintext {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (xDS plaintext)"))?;
         plaintext = Some(l.local_addr()?);
-        let svc = Ads::server(state.clone(), false);
+        let svc = Ads::server(state.clone(), false, tasks.signal());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn_server("xDS plaintext server", |drain| async move {
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(svc)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "xDS plaintext server failed");
             }
-        }));
+        });
     }
     let mut mtls = None;
     if let (Some(addr), Some(tls)) = (&cfg.mtls, tls) {
@@ -79,24 +78,23 @@ pub async fn start(
             .await
             .with_context(|| format!("cannot listen on {addr} (xDS mTLS)"))?;
         mtls = Some(l.local_addr()?);
-        let svc = Ads::server(state.clone(), true);
+        let svc = Ads::server(state.clone(), true, tasks.signal());
         let incoming = meshfed_net::tls_incoming(l, tls);
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn_server("xDS mTLS server", |drain| async move {
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(svc)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "xDS mTLS server failed");
             }
-        }));
+        });
     }
     Ok(Served {
         state,
         plaintext,
         mtls,
-        tasks,
     })
 }
 

@@ -2,6 +2,7 @@
 //! generations. A resource is sent only when its content hash differs from what the proxy last
 //! received; ACKs and NACKs are recorded per proxy and type.
 
+use meshfed_net::drain::Signal;
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -140,20 +141,27 @@ pub struct Ads {
     state: Arc<XdsState>,
     /// Clients must present an SVID (the mTLS port).
     mtls: bool,
+    /// Streams end with UNAVAILABLE when the process drains.
+    drain: Signal,
 }
 
 impl Ads {
     /// The service to add to a tonic server (small per-stream buffers, see `transport`).
-    pub fn server(state: Arc<XdsState>, mtls: bool) -> super::transport::AdsService<Ads> {
-        super::transport::AdsService::new(Ads { state, mtls })
+    pub fn server(
+        state: Arc<XdsState>,
+        mtls: bool,
+        drain: Signal,
+    ) -> super::transport::AdsService<Ads> {
+        super::transport::AdsService::new(Ads { state, mtls, drain })
     }
 
     /// The same with envoy-types' generated glue and tonic's default buffers.
     pub fn generated_server(
         state: Arc<XdsState>,
         mtls: bool,
+        drain: Signal,
     ) -> AggregatedDiscoveryServiceServer<Ads> {
-        AggregatedDiscoveryServiceServer::new(Ads { state, mtls })
+        AggregatedDiscoveryServiceServer::new(Ads { state, mtls, drain })
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(256 * 1024 * 1024)
     }
@@ -200,6 +208,7 @@ impl AggregatedDiscoveryService for Ads {
             tx,
             peer_id,
             remote,
+            self.drain.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -216,6 +225,7 @@ impl AggregatedDiscoveryService for Ads {
             tx,
             peer_id,
             remote,
+            self.drain.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -478,6 +488,7 @@ async fn drive<V: Variant>(
     tx: mpsc::Sender<Result<V::Resp, Status>>,
     peer_id: Option<String>,
     remote: Option<std::net::SocketAddr>,
+    drain: Signal,
 ) {
     let first = match inbound.message().await {
         Ok(Some(m)) => m,
@@ -499,6 +510,10 @@ async fn drive<V: Variant>(
         let req = match pending.take() {
             Some(r) => Some(r),
             None => tokio::select! {
+                _ = drain.drained() => {
+                    let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                    break;
+                }
                 m = inbound.message() => match m {
                     Ok(Some(r)) => Some(r),
                     Ok(None) => break,
