@@ -312,16 +312,21 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
         stats.clone(),
         stop.clone(),
     ));
-    let window = |secs: f64| {
+    // A window of the next `calls` calls (successful or failed).
+    let window = |calls: u64| {
         let a = stats.snapshot();
-        std::thread::sleep(Duration::from_secs_f64(secs));
+        let total = |s: &(BTreeMap<String, u64>, u64)| s.0.values().sum::<u64>() + s.1;
+        wait_for(Duration::from_secs(60), "a window of calls", || {
+            Ok((total(&stats.snapshot()) >= total(&a) + calls).then_some(()))
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", stats.last_error()));
         diff(&a, &stats.snapshot())
     };
 
     // Steady: both of west's gateways carry the calls.
     let (g1, g2) = (format!("{wa}:15021"), format!("{wa}:15022"));
     let (c1, c2) = (gateway_connections(&g1), gateway_connections(&g2));
-    let (ok, failed) = window(2.0);
+    let (ok, failed) = window(100);
     let (d1, d2) = (gateway_connections(&g1) - c1, gateway_connections(&g2) - c2);
     println!("steady: {ok:?} failed={failed}; west gateway 1 +{d1}, gateway 2 +{d2}");
     assert!(calls_to(&ok, "west") > 40 && calls_to(&ok, "east") == 0 && failed == 0);
@@ -333,7 +338,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     // 1. One of west's gateways dies.
     west_gw1.kill9();
     let c2 = gateway_connections(&g2);
-    let (ok, failed) = window(3.0);
+    let (ok, failed) = window(150);
     let d2 = gateway_connections(&g2) - c2;
     println!(
         "west gateway 1 killed: {ok:?} failed={failed} ({:.2} %), gateway 2 +{d2}, {} retries so far",
@@ -367,7 +372,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     })
     .unwrap();
     let moved_after = t0.elapsed();
-    let (after, _) = window(2.0);
+    let (after, _) = window(100);
     assert!(
         calls_to(&after, "east") > 40 && calls_to(&after, "west") == 0,
         "{after:?}"
@@ -406,7 +411,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     )
     .unwrap();
     let back_after = t1.elapsed();
-    let (ok, failed) = window(2.0);
+    let (ok, failed) = window(100);
     println!(
         "link back: west fresh and at P0 after {:.1} s; {ok:?} failed={failed}",
         back_after.as_secs_f64()
@@ -420,7 +425,7 @@ fn gateway_kill_partition_and_netem_fail_over_with_under_one_percent_failed() {
     {
         Err(e) => println!("SKIP netem phase: this kernel cannot shape traffic here ({e:#})"),
         Ok(()) => {
-            let (ok, failed) = window(4.0);
+            let (ok, failed) = window(200);
             println!(
                 "30 ms + 1 % loss towards east and west: {ok:?} failed={failed} ({:.2} %), {} retries in all",
                 pct(failed, &ok),

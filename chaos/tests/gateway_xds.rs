@@ -184,7 +184,17 @@ fn gateway_routes_follow_the_agent_over_xds() {
     // The agent dies: the gateway keeps routing on its last table (static stability).
     let mut east = east;
     east.agent().unwrap().kill9();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        Duration::from_secs(20),
+        "the gateway to see its xDS stream gone",
+        || {
+            Ok(status(&admin)
+                .ok()
+                .filter(|(_, v)| v["xds_connected"] == false)
+                .map(|_| ()))
+        },
+    )
+    .unwrap();
     let out = s_client(&gw, &sni);
     assert!(out.contains("backend-b"), "routes survive the agent: {out}");
     // No SNI at all: refused with unrecognized_name.
@@ -228,13 +238,31 @@ fn gateway_routes_follow_the_agent_over_xds() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        Duration::from_secs(20),
+        "the gateway to hold the open connection",
+        || {
+            Ok(status(&admin)
+                .ok()
+                .filter(|(_, v)| v["open_connections"] == 1)
+                .map(|_| ()))
+        },
+    )
+    .unwrap();
     g.term().unwrap();
     wait_for(Duration::from_secs(10), "the listener to close", || {
         Ok(std::net::TcpStream::connect(&gw).is_err().then_some(()))
     })
     .unwrap();
     assert!(!g.exited(), "still draining while a connection is open");
+    // The admin server answers during the drain: not ready, still healthy.
+    let (code, body) = http_get(&admin, "/readyz").unwrap();
+    assert!(
+        code == 503 && body.contains("not ready: draining"),
+        "{body}"
+    );
+    let (code, body) = http_get(&admin, "/healthz").unwrap();
+    assert!(code == 200 && body.ends_with("ok\n"), "{body}");
     let mut stdin = open.stdin.take().unwrap();
     stdin.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     drop(stdin);
@@ -249,6 +277,7 @@ fn gateway_routes_follow_the_agent_over_xds() {
         || Ok(g.exited().then_some(())),
     )
     .unwrap();
+    assert!(g.log().contains("drained in"), "{}", g.log());
     let _ = a.kill();
     let _ = b.kill();
     let _ = a.wait();

@@ -390,7 +390,18 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         "true"
     );
     assert!(e["annotations"]["istio.io/connectedAt"].is_string());
-    std::thread::sleep(Duration::from_secs(2));
+    // The VM reports its probe failing (nothing listens yet): still no endpoint.
+    wait_for(
+        Duration::from_secs(20),
+        "the VM's first failing probe",
+        || {
+            Ok(entries(&east)
+                .iter()
+                .any(|e| e["name"] == name.as_str() && e["healthy"] == false)
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.log()));
     assert_eq!(
         endpoints(&east, "shop/payment", "east"),
         0,
@@ -609,7 +620,18 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         "dir",
         &["--control-plane", &gw, "--token-ttl", "1s"],
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // A token with a 1 s lifetime (whole Unix seconds): wait until the clock is past it.
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    };
+    let expires = unix() + 1;
+    wait_for(Duration::from_secs(10), "the 1 s token to expire", || {
+        Ok((unix() > expires).then_some(()))
+    })
+    .unwrap();
     std::fs::copy(
         expired.join("join-token"),
         vmroot.join("etc/meshfed/join-token"),

@@ -125,7 +125,10 @@ fn sigterm_drains_the_federator_and_it_exits_0() {
     let h = get("/healthz");
     assert!(h.starts_with("HTTP/1.1 200") && h.ends_with("ok\n"), "{h}");
     let r = get("/readyz");
-    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ready\n"), "{r}");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("ready\n"),
+        "{r}"
+    );
     let pid = child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -1052,7 +1052,7 @@ impl Federation for Service {
             .map_err(|e| {
                 let status = match &e {
                     TokenError::Store(_) => Status::internal(e.to_string()),
-                    TokenError::Malformed(_) => Status::unauthenticated(e.to_string()),
+                    TokenError::Malformed(..) => Status::unauthenticated(e.to_string()),
                     _ => Status::permission_denied(e.to_string()),
                 };
                 refuse("token", status)

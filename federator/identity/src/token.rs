@@ -29,22 +29,53 @@ pub struct Claims {
     pub expires: i64,
 }
 
+/// Which kind of one-time token an error is about (the messages name it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A cluster's join token (`meshfed federator token create`).
+    Join,
+    /// A VM's token (`meshfed vm bootstrap`).
+    Vm,
+}
+
+impl TokenKind {
+    fn renew(&self) -> &'static str {
+        match self {
+            TokenKind::Join => "create a new one with `meshfed federator token create`",
+            TokenKind::Vm => "create a new package with `meshfed vm bootstrap` (a VM that joined once reconnects with its credential and needs no token)",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenKind::Join => "join token",
+            TokenKind::Vm => "VM token",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TokenError {
-    #[error("the join token is malformed: {0}")]
-    Malformed(String),
-    #[error("the join token is not known to this federator (forged, or from another federation)")]
-    Unknown,
-    #[error("the join token's secret does not match (forged)")]
-    Forged,
-    #[error("the join token was issued for cluster {bound:?}, not {asked:?}")]
-    WrongCluster { bound: String, asked: String },
-    #[error("the join token expired {0} seconds ago; create a new one with `meshfed federator token create`")]
-    Expired(i64),
-    #[error("the join token was already used (by cluster {0}); tokens are single-use")]
-    Used(String),
-    #[error("the join token was revoked")]
-    Revoked,
+    #[error("the {0} is malformed: {1}")]
+    Malformed(TokenKind, String),
+    #[error("the {0} is not known here (forged, or from another federation or cluster)")]
+    Unknown(TokenKind),
+    #[error("the {0}'s secret does not match (forged)")]
+    Forged(TokenKind),
+    #[error("the {kind} was issued for {bound}, not {asked}")]
+    WrongBinding {
+        kind: TokenKind,
+        bound: String,
+        asked: String,
+    },
+    #[error("the {0} expired {1} seconds ago; {hint}", hint = .0.renew())]
+    Expired(TokenKind, i64),
+    #[error("the {0} was already used (by {1}); tokens are single-use")]
+    Used(TokenKind, String),
+    #[error("the {0} was revoked")]
+    Revoked(TokenKind),
     #[error("token store: {0}")]
     Store(String),
 }
@@ -57,17 +88,18 @@ pub fn encode_claims<T: Serialize>(prefix: &str, claims: &T) -> String {
 
 /// The claims of a token made by [`encode_claims`]; every failure is `Malformed` with why.
 pub fn decode_claims<T: serde::de::DeserializeOwned>(
+    kind: TokenKind,
     prefix: &str,
     token: &str,
 ) -> Result<T, TokenError> {
     let body = token
         .trim()
         .strip_prefix(prefix)
-        .ok_or_else(|| TokenError::Malformed(format!("it does not start with {prefix:?}")))?;
+        .ok_or_else(|| TokenError::Malformed(kind, format!("it does not start with {prefix:?}")))?;
     let json = URL_SAFE_NO_PAD
         .decode(body)
-        .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
-    serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))
+        .map_err(|e| TokenError::Malformed(kind, format!("not base64url: {e}")))?;
+    serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(kind, e.to_string()))
 }
 
 impl Claims {
@@ -76,7 +108,7 @@ impl Claims {
     }
 
     pub fn decode(token: &str) -> Result<Self, TokenError> {
-        decode_claims(PREFIX, token)
+        decode_claims(TokenKind::Join, PREFIX, token)
     }
 }
 
@@ -106,16 +138,17 @@ fn random_hex(bytes: usize) -> String {
 #[derive(Debug, Clone)]
 pub struct TokenStore {
     dir: PathBuf,
+    kind: TokenKind,
 }
 
 impl TokenStore {
     pub fn new(state_dir: &Path) -> Self {
-        Self::in_dir(state_dir.join("tokens"))
+        Self::in_dir(state_dir.join("tokens"), TokenKind::Join)
     }
 
-    /// A store of token records in `dir` (VM tokens live beside the agent's state).
-    pub fn in_dir(dir: PathBuf) -> Self {
-        TokenStore { dir }
+    /// A store of `kind` token records in `dir` (VM tokens live beside the agent's state).
+    pub fn in_dir(dir: PathBuf, kind: TokenKind) -> Self {
+        TokenStore { dir, kind }
     }
 
     /// Creates a record bound to `bound_to`, valid `ttl_secs`; returns it with the secret (which
@@ -149,33 +182,35 @@ impl TokenStore {
         bound_to: &str,
         now: i64,
     ) -> Result<Record, TokenError> {
-        let rec = self.get(id)?.ok_or(TokenError::Unknown)?;
+        let rec = self.get(id)?.ok_or(TokenError::Unknown(self.kind))?;
         if rec.secret_sha256 != sha256_hex(secret) {
-            return Err(TokenError::Forged);
+            return Err(TokenError::Forged(self.kind));
         }
         if rec.revoked {
-            return Err(TokenError::Revoked);
+            return Err(TokenError::Revoked(self.kind));
         }
         if let Some(by) = &rec.used_by {
-            return Err(TokenError::Used(by.clone()));
+            return Err(TokenError::Used(self.kind, by.clone()));
         }
         if rec.cluster != bound_to {
-            return Err(TokenError::WrongCluster {
+            return Err(TokenError::WrongBinding {
+                kind: self.kind,
                 bound: rec.cluster,
                 asked: bound_to.to_string(),
             });
         }
         if now >= rec.expires {
-            return Err(TokenError::Expired(now - rec.expires));
+            return Err(TokenError::Expired(self.kind, now - rec.expires));
         }
         Ok(rec)
     }
 
     fn path(&self, id: &str) -> Result<PathBuf, TokenError> {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TokenError::Malformed(format!(
-                "token id {id:?} is not hexadecimal"
-            )));
+            return Err(TokenError::Malformed(
+                self.kind,
+                format!("token id {id:?} is not hexadecimal"),
+            ));
         }
         Ok(self.dir.join(format!("{id}.json")))
     }
@@ -242,7 +277,7 @@ impl TokenStore {
     }
 
     pub fn revoke(&self, id: &str) -> Result<Record, TokenError> {
-        let mut rec = self.get(id)?.ok_or(TokenError::Unknown)?;
+        let mut rec = self.get(id)?.ok_or(TokenError::Unknown(self.kind))?;
         rec.revoked = true;
         self.write(&rec)?;
         Ok(rec)
@@ -256,12 +291,12 @@ impl TokenStore {
     /// Marks a checked token used, durably. The caller serializes check + consume. The record
     /// is read again first, so a revoke made meanwhile (by the CLI) is not overwritten.
     pub fn consume(&self, rec: Record, cluster: &str, now: i64) -> Result<(), TokenError> {
-        let mut rec = self.get(&rec.id)?.ok_or(TokenError::Unknown)?;
+        let mut rec = self.get(&rec.id)?.ok_or(TokenError::Unknown(self.kind))?;
         if rec.revoked {
-            return Err(TokenError::Revoked);
+            return Err(TokenError::Revoked(self.kind));
         }
         if let Some(by) = &rec.used_by {
-            return Err(TokenError::Used(by.clone()));
+            return Err(TokenError::Used(self.kind, by.clone()));
         }
         rec.used_at = Some(now);
         rec.used_by = Some(cluster.to_string());
@@ -291,32 +326,33 @@ mod tests {
         assert_eq!(claims.cluster, "east");
         assert_eq!(
             s.check(&claims, "west", 1001).unwrap_err(),
-            TokenError::WrongCluster {
+            TokenError::WrongBinding {
+                kind: TokenKind::Join,
                 bound: "east".into(),
                 asked: "west".into()
             }
         );
         assert!(matches!(
             s.check(&claims, "east", 1900),
-            Err(TokenError::Expired(0))
+            Err(TokenError::Expired(TokenKind::Join, 0))
         ));
         let mut forged = claims.clone();
         forged.secret = "00".into();
         assert_eq!(
             s.check(&forged, "east", 1001).unwrap_err(),
-            TokenError::Forged
+            TokenError::Forged(TokenKind::Join)
         );
         let mut unknown = claims.clone();
         unknown.id = "ffff".into();
         assert_eq!(
             s.check(&unknown, "east", 1001).unwrap_err(),
-            TokenError::Unknown
+            TokenError::Unknown(TokenKind::Join)
         );
         let r = s.check(&claims, "east", 1001).unwrap();
         s.consume(r, "east", 1001).unwrap();
         assert_eq!(
             s.check(&claims, "east", 1002).unwrap_err(),
-            TokenError::Used("east".into())
+            TokenError::Used(TokenKind::Join, "east".into())
         );
         let (rec2, tok2) = s
             .create("west", 900, vec![], "ab".into(), "fed.mesh".into(), 1000)
@@ -325,7 +361,7 @@ mod tests {
         assert_eq!(
             s.check(&Claims::decode(&tok2).unwrap(), "west", 1001)
                 .unwrap_err(),
-            TokenError::Revoked
+            TokenError::Revoked(TokenKind::Join)
         );
         assert_eq!(s.list().unwrap().len(), 2);
         assert!(s
@@ -335,12 +371,12 @@ mod tests {
             .any(|r| r.id == rec.id && r.used_by.as_deref() == Some("east")));
         assert!(matches!(
             Claims::decode("abc"),
-            Err(TokenError::Malformed(_))
+            Err(TokenError::Malformed(..))
         ));
         assert!(matches!(
             Claims::decode("mft1.!!"),
-            Err(TokenError::Malformed(_))
+            Err(TokenError::Malformed(..))
         ));
-        assert!(matches!(s.get("../x"), Err(TokenError::Malformed(_))));
+        assert!(matches!(s.get("../x"), Err(TokenError::Malformed(..))));
     }
 }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::token::{decode_claims, encode_claims, TokenError};
+use crate::token::{decode_claims, encode_claims, TokenError, TokenKind};
 
 const PREFIX: &str = "mvt1.";
 
@@ -29,7 +29,7 @@ impl VmClaims {
     }
 
     pub fn decode(token: &str) -> Result<Self, TokenError> {
-        decode_claims(PREFIX, token)
+        decode_claims(TokenKind::Vm, PREFIX, token)
     }
 
     /// What the token record is bound to.

@@ -558,6 +558,10 @@ mod tests {
                 "stuck stream".to_string()
             ]
         );
-        assert!(r.to_string().contains("aborted: open streams/requests: 1, stuck stream"), "{r}");
+        assert!(
+            r.to_string()
+                .contains("aborted: open streams/requests: 1, stuck stream"),
+            "{r}"
+        );
     }
 }

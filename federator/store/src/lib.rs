@@ -20,7 +20,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use meshfed_model::validate::{port_conflict, service_key, MAX_CHUNK_BYTES};
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: export records are protobuf (prost); 1: a hand-written layout, migrated on open.
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -130,28 +131,68 @@ fn could_have_seen(audience: &BTreeSet<String>, importer: &str) -> bool {
     audience.contains("*") || audience.contains(importer)
 }
 
+/// How an export record is stored (schema 2): a protobuf message, encoded and decoded by
+/// prost. The cluster is the first part of the key.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredExport {
+    #[prost(uint64, tag = "1")]
+    created: u64,
+    #[prost(uint64, tag = "2")]
+    modified: u64,
+    #[prost(bool, tag = "3")]
+    deleted: bool,
+    /// Empty when there is no conflict.
+    #[prost(string, tag = "4")]
+    conflict: String,
+    #[prost(string, repeated, tag = "5")]
+    audience: Vec<String>,
+    #[prost(message, optional, tag = "6")]
+    export: Option<ServiceExport>,
+}
+
+fn corrupt(key: &[u8], reason: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: reason.to_string(),
+    }
+}
+
 impl ExportRecord {
     fn encode(&self) -> Vec<u8> {
-        let conflict = self.conflict.as_deref().unwrap_or("");
-        let audience = self.audience.iter().cloned().collect::<Vec<_>>().join(",");
-        let mut v =
-            Vec::with_capacity(21 + conflict.len() + audience.len() + self.export.encoded_len());
-        v.extend_from_slice(&self.created.to_be_bytes());
-        v.extend_from_slice(&self.modified.to_be_bytes());
-        v.push(u8::from(self.deleted));
-        v.extend_from_slice(&(conflict.len() as u16).to_be_bytes());
-        v.extend_from_slice(conflict.as_bytes());
-        v.extend_from_slice(&(audience.len() as u32).to_be_bytes());
-        v.extend_from_slice(audience.as_bytes());
-        self.export.encode(&mut v).unwrap_or_default();
-        v
+        StoredExport {
+            created: self.created,
+            modified: self.modified,
+            deleted: self.deleted,
+            conflict: self.conflict.clone().unwrap_or_default(),
+            audience: self.audience.iter().cloned().collect(),
+            export: Some(self.export.clone()),
+        }
+        .encode_to_vec()
     }
 
     fn decode(key: &[u8], v: &[u8]) -> Result<Self> {
-        let corrupt = |reason: &str| StoreError::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-            reason: reason.to_string(),
-        };
+        let r = StoredExport::decode(v).map_err(|e| corrupt(key, &e.to_string()))?;
+        let cluster = key.split(|b| *b == 0).next().unwrap_or_default();
+        Ok(ExportRecord {
+            cluster: String::from_utf8_lossy(cluster).into_owned(),
+            created: r.created,
+            modified: r.modified,
+            deleted: r.deleted,
+            conflict: (!r.conflict.is_empty()).then_some(r.conflict),
+            audience: r.audience.into_iter().collect(),
+            export: r.export.ok_or_else(|| corrupt(key, "no export"))?,
+        })
+    }
+}
+
+/// Schema 1 stored export records in a hand-written binary layout; a store of that schema is
+/// rewritten to schema 2 when it is opened, in one transaction. This is the only reader left.
+mod schema1 {
+    use super::{corrupt, ExportRecord, Result, ServiceExport};
+    use prost::Message;
+
+    pub(super) fn decode(key: &[u8], v: &[u8]) -> Result<ExportRecord> {
+        let corrupt = |reason: &str| corrupt(key, reason);
         if v.len() < 19 {
             return Err(corrupt("too short"));
         }
@@ -159,11 +200,10 @@ impl ExportRecord {
         let modified = u64::from_be_bytes(v[8..16].try_into().map_err(|_| corrupt("modified"))?);
         let deleted = v[16] != 0;
         let clen = u16::from_be_bytes([v[17], v[18]]) as usize;
-        if v.len() < 19 + clen {
-            return Err(corrupt("conflict text truncated"));
-        }
-        let conflict =
-            std::str::from_utf8(&v[19..19 + clen]).map_err(|_| corrupt("conflict text"))?;
+        let conflict = v
+            .get(19..19 + clen)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| corrupt("conflict text"))?;
         let at = 19 + clen;
         let alen_bytes: [u8; 4] = v
             .get(at..at + 4)
@@ -174,11 +214,6 @@ impl ExportRecord {
             .get(at + 4..at + 4 + alen)
             .and_then(|b| std::str::from_utf8(b).ok())
             .ok_or_else(|| corrupt("audience"))?;
-        let audience = audience_text
-            .split(',')
-            .filter(|a| !a.is_empty())
-            .map(str::to_string)
-            .collect();
         let export =
             ServiceExport::decode(&v[at + 4 + alen..]).map_err(|e| corrupt(&e.to_string()))?;
         let cluster = key.split(|b| *b == 0).next().unwrap_or_default();
@@ -188,9 +223,30 @@ impl ExportRecord {
             modified,
             deleted,
             conflict: (!conflict.is_empty()).then(|| conflict.to_string()),
-            audience,
+            audience: audience_text
+                .split(',')
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect(),
             export,
         })
+    }
+
+    /// The schema 1 layout (tests write legacy stores with it).
+    #[cfg(test)]
+    pub(super) fn encode(r: &ExportRecord) -> Vec<u8> {
+        let conflict = r.conflict.as_deref().unwrap_or("");
+        let audience = r.audience.iter().cloned().collect::<Vec<_>>().join(",");
+        let mut v = Vec::new();
+        v.extend_from_slice(&r.created.to_be_bytes());
+        v.extend_from_slice(&r.modified.to_be_bytes());
+        v.push(u8::from(r.deleted));
+        v.extend_from_slice(&(conflict.len() as u16).to_be_bytes());
+        v.extend_from_slice(conflict.as_bytes());
+        v.extend_from_slice(&(audience.len() as u32).to_be_bytes());
+        v.extend_from_slice(audience.as_bytes());
+        r.export.encode(&mut v).unwrap_or_default();
+        v
     }
 }
 
@@ -357,6 +413,32 @@ pub fn open_sled(config: sled::Config, dir: &Path) -> Result<sled::Db> {
     }
 }
 
+/// Rewrites every export record of a schema 1 store in the schema 2 encoding and records
+/// the new schema, in one transaction (a crash leaves the store as it was).
+fn migrate_from_schema1(db: &sled::Db, meta: &sled::Tree) -> Result<()> {
+    let exports = db.open_tree("exports")?;
+    let mut rewritten = Vec::new();
+    for kv in exports.iter() {
+        let (k, v) = kv?;
+        rewritten.push((k.to_vec(), schema1::decode(&k, &v)?.encode()));
+    }
+    (meta, &exports)
+        .transaction(|(meta, exports)| {
+            for (k, v) in &rewritten {
+                exports.insert(k.as_slice(), v.as_slice())?;
+            }
+            meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })
+        .map_err(txn_err)?;
+    db.flush()?;
+    tracing::info!(
+        records = rewritten.len(),
+        "state store migrated from schema 1 to {SCHEMA_VERSION}"
+    );
+    Ok(())
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         // sled caches up to 1 GiB by default; reads are served from memory here.
@@ -369,7 +451,9 @@ impl Store {
             }
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
-                if found != SCHEMA_VERSION {
+                if found == 1 {
+                    migrate_from_schema1(&db, &meta)?;
+                } else if found != SCHEMA_VERSION {
                     return Err(StoreError::Schema {
                         dir: dir.display().to_string(),
                         found,
@@ -1132,6 +1216,86 @@ mod tests {
         let s = Store::open(d.path()).unwrap();
         let (c3, _, _) = s.changes_since("c3", &c3_cur, 100).unwrap();
         assert!(matches!(&c3[..], [Change::Remove { name, .. }] if name == "menu"));
+    }
+
+    /// Every export record and tombstone, as loaded.
+    fn all_records(s: &Store) -> Vec<((String, String), ExportRecord)> {
+        s.read()
+            .exports
+            .iter()
+            .map(|(k, r)| (k.clone(), r.record()))
+            .collect()
+    }
+
+    #[test]
+    fn a_schema1_store_is_migrated_to_prost_records_and_loses_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let before = {
+            let s = Store::open(d.path()).unwrap();
+            s.join(record("c1")).unwrap();
+            s.join(record("c2")).unwrap();
+            let mut restricted = export("ledger", 9090, "TCP");
+            restricted.export_to = vec!["c2".into()];
+            s.apply_exports(
+                "c1",
+                &delta(1, vec![export("payment", 8080, "TCP"), restricted], vec![]),
+            )
+            .unwrap();
+            // A conflict (same port, other protocol) and a tombstone.
+            s.apply_exports(
+                "c2",
+                &delta(1, vec![export("payment", 8080, "UDP")], vec![]),
+            )
+            .unwrap();
+            s.apply_exports("c1", &delta(2, vec![], vec!["ledger"]))
+                .unwrap();
+            all_records(&s)
+        };
+        assert!(before.iter().any(|r| r.1.conflict.is_some()), "{before:?}");
+        assert!(before.iter().any(|r| r.1.deleted), "{before:?}");
+        // Rewrite the store as schema 1 wrote it.
+        {
+            let db = sled::open(d.path()).unwrap();
+            let exports = db.open_tree("exports").unwrap();
+            let mut n = 0;
+            for kv in exports.iter() {
+                let (k, v) = kv.unwrap();
+                let r = ExportRecord::decode(&k, &v).unwrap();
+                exports.insert(k, schema1::encode(&r)).unwrap();
+                n += 1;
+            }
+            assert!(n >= 3, "{n} records");
+            db.open_tree("meta")
+                .unwrap()
+                .insert("schema", &1u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(all_records(&s), before);
+        let schema = s.meta.get("schema").unwrap().unwrap();
+        assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
+        drop(s);
+        // And it opens again as schema 2.
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(all_records(&s), before);
+        // A future schema is refused with the directory named.
+        s.meta.insert("schema", &9u32.to_be_bytes()).unwrap();
+        s.db.flush().unwrap();
+        drop(s);
+        let e = Store::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("schema version 9"), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_record_is_named() {
+        let e = ExportRecord::decode(b"c1\0shop/payment", b"\xff\xff").unwrap_err();
+        assert!(
+            e.to_string().contains("\"c1\\0shop/payment\" is corrupt"),
+            "{e}"
+        );
+        let e = schema1::decode(b"c1\0shop/payment", b"short").unwrap_err();
+        assert!(e.to_string().contains("too short"), "{e}");
     }
 
     #[test]

@@ -184,18 +184,11 @@ impl VmApi {
     }
 }
 
-fn token_status(e: TokenError, claims: &VmClaims) -> Status {
+fn token_status(e: TokenError) -> Status {
     match e {
-        TokenError::WrongCluster { bound, .. } => Status::permission_denied(format!(
-            "the token was issued for {bound}, not {}",
-            claims.binding()
-        )),
-        TokenError::Expired(s) => Status::unauthenticated(format!(
-            "the VM token expired {s} seconds ago; create a new package with `meshfed vm bootstrap` (a VM that joined once reconnects with its credential and needs no token)"
-        )),
-        TokenError::Used(by) => Status::permission_denied(format!(
-            "the VM token was already used (by {by}); tokens are single-use"
-        )),
+        TokenError::WrongBinding { .. } | TokenError::Used(..) | TokenError::Revoked(_) => {
+            Status::permission_denied(e.to_string())
+        }
         TokenError::Store(m) => Status::internal(m),
         other => Status::unauthenticated(other.to_string()),
     }
@@ -229,7 +222,7 @@ impl VmRegistration for VmApi {
         let rec = self
             .tokens
             .check_secret(&claims.id, &claims.secret, &claims.binding(), now)
-            .map_err(|e| token_status(e, &claims))?;
+            .map_err(token_status)?;
         let tdomain = self.ca.trust_domain().clone();
         let cred_id = credential_id(&tdomain, &claims.id).map_err(Status::invalid_argument)?;
         let credential = self.sign(
@@ -249,7 +242,7 @@ impl VmRegistration for VmApi {
         )?;
         self.tokens
             .consume(rec, &format!("VM {}", claims.id), now)
-            .map_err(|e| token_status(e, &claims))?;
+            .map_err(token_status)?;
         self.vms
             .put(&VmRecord {
                 vm_id: claims.id.clone(),

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use meshfed_identity::token::TokenStore;
+use meshfed_identity::token::{TokenKind, TokenStore};
 pub use meshfed_identity::vm_token::{binding, VmClaims};
 
 pub fn token_store(state_dir: &Path) -> TokenStore {
-    TokenStore::in_dir(state_dir.join("vm-tokens"))
+    TokenStore::in_dir(state_dir.join("vm-tokens"), TokenKind::Vm)
 }
 
 /// A VM that joined: its durable identity.
@@ -147,7 +147,7 @@ mod tests {
         assert_eq!(VmClaims::decode(&c.encode()).unwrap(), c);
         for bad in ["", "mft1.abc", "mvt1.!!", "mvt1.e30"] {
             assert!(
-                matches!(VmClaims::decode(bad), Err(TokenError::Malformed(_))),
+                matches!(VmClaims::decode(bad), Err(TokenError::Malformed(..))),
                 "{bad}"
             );
         }

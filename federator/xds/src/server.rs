@@ -169,7 +169,7 @@ impl Ads {
     fn peer<T>(
         &self,
         req: &Request<T>,
-    ) -> Result<(Option<String>, Option<std::net::SocketAddr>), Status> {
+    ) -> Result<(Option<trust::SpiffeId>, Option<std::net::SocketAddr>), Status> {
         let info = req.extensions().get::<meshfed_net::PeerInfo>();
         let remote = info.and_then(|i| i.remote).or_else(|| req.remote_addr());
         if !self.mtls {
@@ -185,7 +185,7 @@ impl Ads {
                     .inc();
                 Status::unauthenticated("this port serves only clients that present an SVID")
             })?;
-        Ok((Some(id.to_string()), remote))
+        Ok((Some(id), remote))
     }
 }
 
@@ -231,30 +231,48 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
-/// A client on the mTLS port may only speak for its own namespace.
+/// Why a client on the mTLS port may not speak for the node it names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{id} belongs to trust domain {td}; this agent serves {serves}")]
+    OtherTrustDomain {
+        id: String,
+        td: String,
+        serves: String,
+    },
+    #[error("node.metadata.NAMESPACE is {node:?} but the client certificate {id} is for namespace {cert:?}")]
+    OtherNamespace {
+        id: String,
+        node: String,
+        cert: String,
+    },
+}
+
+/// A client on the mTLS port may only speak for its own trust domain and namespace.
 fn check_identity(
     node: &ProxyNode,
-    peer_id: Option<&str>,
+    peer_id: Option<&trust::SpiffeId>,
     local: &LocalFacts,
-) -> Result<(), String> {
+) -> Result<(), IdentityError> {
     let Some(id) = peer_id else { return Ok(()) };
-    let rest = id
-        .strip_prefix("spiffe://")
-        .ok_or_else(|| format!("{id} is not a SPIFFE ID"))?;
-    let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if td != local.trust_domain {
-        return Err(format!(
-            "{id} belongs to trust domain {td}; this agent serves {}",
-            local.trust_domain
-        ));
+    if id.trust_domain_str() != local.trust_domain {
+        return Err(IdentityError::OtherTrustDomain {
+            id: id.to_string(),
+            td: id.trust_domain_str().to_string(),
+            serves: local.trust_domain.clone(),
+        });
     }
-    let ns = path.strip_prefix("ns/").and_then(|p| p.split('/').next());
+    let ns = id
+        .path()
+        .strip_prefix("/ns/")
+        .and_then(|p| p.split('/').next());
     if let (Some(ns), false) = (ns, node.namespace.is_empty()) {
         if ns != node.namespace {
-            return Err(format!(
-                "node.metadata.NAMESPACE is {:?} but the client certificate {id} is for namespace {ns:?}",
-                node.namespace
-            ));
+            return Err(IdentityError::OtherNamespace {
+                id: id.to_string(),
+                node: node.namespace.clone(),
+                cert: ns.to_string(),
+            });
         }
     }
     Ok(())
@@ -277,7 +295,7 @@ impl Drop for Registered {
 fn register(
     state: &Arc<XdsState>,
     node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
-    peer_id: Option<String>,
+    peer_id: Option<trust::SpiffeId>,
     remote: Option<std::net::SocketAddr>,
     delta: bool,
 ) -> Result<Registered, Status> {
@@ -289,12 +307,14 @@ fn register(
         state.metrics.refused.with_label_values(&["bad_node"]).inc();
         Status::invalid_argument(e)
     })?;
-    check_identity(&node, peer_id.as_deref(), &state.local).map_err(|e| {
+    check_identity(&node, peer_id.as_ref(), &state.local).map_err(|e| {
         state.metrics.refused.with_label_values(&["identity"]).inc();
-        Status::permission_denied(e)
+        Status::permission_denied(e.to_string())
     })?;
     tracing::info!(proxy = %node.id, flavor = ?node.flavor, locality = %node.locality, network = %node.network, delta, "ADS stream opened");
-    let conn = state.proxies.add(node, peer_id, remote, delta);
+    let conn = state
+        .proxies
+        .add(node, peer_id.map(|i| i.to_string()), remote, delta);
     state.metrics.proxies.inc();
     Ok(Registered {
         state: state.clone(),
@@ -486,7 +506,7 @@ async fn drive<V: Variant>(
     state: Arc<XdsState>,
     mut inbound: Streaming<V::Req>,
     tx: mpsc::Sender<Result<V::Resp, Status>>,
-    peer_id: Option<String>,
+    peer_id: Option<trust::SpiffeId>,
     remote: Option<std::net::SocketAddr>,
     drain: Signal,
 ) {
