@@ -225,7 +225,7 @@ async fn bad_tokens_and_identities_are_refused_with_the_reason() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(
         e.message()
-            .contains("issued for workloadgroup shop/ledger-vm")
+            .contains("the VM token was issued for workloadgroup shop/ledger-vm")
             && e.message().contains("shop/payment-vm"),
         "{e}"
     );
@@ -240,7 +240,12 @@ async fn bad_tokens_and_identities_are_refused_with_the_reason() {
     let old = w.token("payment-vm", "payment", -5);
     let e = w.join(&old, "shop", "payment").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    assert!(e.message().contains("expired"), "{e}");
+    assert!(
+        e.message().contains("the VM token expired")
+            && e.message().contains("meshfed vm bootstrap")
+            && !e.message().contains("join token"),
+        "{e}"
+    );
 
     // A CSR for another namespace's identity: refused, and the token is not used up.
     let good = w.token("payment-vm", "payment", 600);
@@ -254,7 +259,7 @@ async fn bad_tokens_and_identities_are_refused_with_the_reason() {
     assert_eq!(w.joined(), 1);
     // Single use.
     let e = w.join(&good, "shop", "payment").await.unwrap_err();
-    assert!(e.message().contains("already used"), "{e}");
+    assert!(e.message().contains("the VM token was already used"), "{e}");
 
     // Attach: the credential is required; a workload SVID or nothing is refused.
     let e = attach(

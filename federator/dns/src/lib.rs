@@ -147,10 +147,18 @@ mod tests {
     }
 
     async fn ask(server: SocketAddr, packet: &[u8]) -> Option<Message> {
+        ask_within(server, packet, std::time::Duration::from_millis(500)).await
+    }
+
+    async fn ask_within(
+        server: SocketAddr,
+        packet: &[u8],
+        within: std::time::Duration,
+    ) -> Option<Message> {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         s.send_to(packet, server).await.unwrap();
         let mut buf = vec![0u8; 4096];
-        match tokio::time::timeout(std::time::Duration::from_millis(500), s.recv(&mut buf)).await {
+        match tokio::time::timeout(within, s.recv(&mut buf)).await {
             Ok(Ok(n)) => Some(Message::from_vec(&buf[..n]).unwrap()),
             _ => None,
         }
@@ -183,6 +191,108 @@ mod tests {
             }
         });
         a
+    }
+
+    /// A stand-in upstream that answers `A 192.0.2.7` (TTL 300) and counts what it is asked.
+    async fn answering_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use hickory_server::proto::rr::rdata::A;
+        use hickory_server::proto::rr::Record;
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = s.local_addr().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((len, from)) = s.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..len]) else {
+                    continue;
+                };
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.metadata.message_type = MessageType::Response;
+                r.metadata.recursion_available = true;
+                for qq in q.queries {
+                    r.add_answer(Record::from_rdata(
+                        qq.name().clone(),
+                        300,
+                        RData::A(A("192.0.2.7".parse().unwrap())),
+                    ));
+                    r.add_query(qq);
+                }
+                let _ = s.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        (a, asked)
+    }
+
+    /// Names outside the mesh go to the upstreams through hickory's resolver: its answer with
+    /// our client's id, a repeat served from its cache, SERVFAIL when no upstream answers,
+    /// REFUSED when there is none.
+    #[tokio::test]
+    async fn foreign_names_are_forwarded_cached_and_fail_cleanly() {
+        let (_tx, rx) = watch::channel(Arc::new(names()));
+        let (up, asked) = answering_upstream().await;
+        let tasks = Tasks::new();
+        let reg = prometheus::Registry::new();
+        let s = serve(
+            &tasks,
+            "127.0.0.1:0".parse().unwrap(),
+            rx.clone(),
+            vec![up],
+            &reg,
+        )
+        .await
+        .unwrap();
+        for id in [21, 22] {
+            let r = ask(s.addr, &query(id, "www.example.org.", RecordType::A))
+                .await
+                .unwrap();
+            assert_eq!(
+                (r.metadata.id, r.metadata.response_code),
+                (id, ResponseCode::NoError)
+            );
+            assert!(matches!(r.answers[0].data, RData::A(ref x) if x.0.to_string() == "192.0.2.7"));
+        }
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the repeat came from the cache"
+        );
+        // An upstream that does not answer: SERVFAIL.
+        let dead = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let s2 = serve(
+            &tasks,
+            "127.0.0.1:0".parse().unwrap(),
+            rx.clone(),
+            vec![dead.local_addr().unwrap()],
+            &prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
+        // The resolver's timeouts and retries run their course before it gives up.
+        let r = ask_within(
+            s2.addr,
+            &query(23, "www.example.org.", RecordType::A),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        // No upstream at all: REFUSED.
+        let s3 = serve(
+            &tasks,
+            "127.0.0.1:0".parse().unwrap(),
+            rx,
+            vec![],
+            &prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
+        let r = ask(s3.addr, &query(24, "www.example.org.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        tasks.drain(std::time::Duration::from_secs(5)).await;
     }
 
     #[tokio::test]

@@ -1,4 +1,6 @@
-//! The DNS request handler: answers for the mesh zones from the name table, relays the rest.
+//! The DNS request handler: answers for the mesh zones from the name table, forwards the rest
+//! to the upstream resolvers through hickory's resolver (UDP, TCP on truncation, a response
+//! cache, retries across upstreams).
 //!
 //! hickory-server itself answers FORMERR to a message whose header reads but whose body does
 //! not, and drops packets shorter than a header and responses (QR=1). Here: FORMERR for anything
@@ -10,8 +12,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::{Resolver, TokioResolver};
 use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Edns, Header, Message, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::op::{Edns, Header, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -28,6 +34,8 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct MeshDns {
     names: watch::Receiver<Arc<NameTable>>,
     upstream: Vec<SocketAddr>,
+    /// `None` when there is no upstream (foreign names are refused).
+    resolver: Option<TokioResolver>,
     soa: [Record; 2],
     queries: IntCounterVec,
 }
@@ -72,8 +80,14 @@ impl MeshDns {
         )?;
         // Several servers may share a registry in tests; the first registration wins.
         let _ = registry.register(Box::new(queries.clone()));
+        let resolver = if upstream.is_empty() {
+            None
+        } else {
+            Some(forwarder(&upstream)?)
+        };
         Ok(MeshDns {
             names,
+            resolver,
             upstream,
             soa: [soa(table::CLUSTER_ZONE)?, soa(table::CLUSTERSET_ZONE)?],
             queries,
@@ -263,32 +277,80 @@ impl RequestHandler for MeshDns {
     }
 }
 
+/// A resolver that forwards to `upstream` only: no search domains, no hosts file, every name
+/// taken as absolute.
+fn forwarder(upstream: &[SocketAddr]) -> anyhow::Result<TokioResolver> {
+    let servers = upstream
+        .iter()
+        .map(|a| {
+            let mut ns = NameServerConfig::udp_and_tcp(a.ip());
+            for c in &mut ns.connections {
+                c.port = a.port();
+            }
+            ns
+        })
+        .collect();
+    let mut opts = ResolverOpts::default();
+    opts.timeout = UPSTREAM_TIMEOUT;
+    opts.attempts = 1;
+    opts.ndots = 0;
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.preserve_intermediates = true;
+    Ok(Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(servers),
+        TokioRuntimeProvider::default(),
+    )
+    .with_options(opts)
+    .build()?)
+}
+
 impl MeshDns {
-    /// Relays a query for a name outside the mesh to the first upstream that answers.
+    /// Answers a query for a name outside the mesh from the upstream resolvers.
     async fn forward<R: ResponseHandler>(&self, request: &Request, mut rh: R) -> ResponseInfo {
-        if self.upstream.is_empty() {
+        let Some(resolver) = &self.resolver else {
+            self.queries.with_label_values(&["refused"]).inc();
+            return send_rcode(request, ResponseCode::Refused, rh).await;
+        };
+        let Ok(info) = request.request_info() else {
+            self.queries.with_label_values(&["formerr"]).inc();
+            return send_rcode(request, ResponseCode::FormErr, rh).await;
+        };
+        if info.query.query_class() != DNSClass::IN {
             self.queries.with_label_values(&["refused"]).inc();
             return send_rcode(request, ResponseCode::Refused, rh).await;
         }
-        let mut raw = request.as_slice().to_vec();
-        let mut got = None;
-        for up in &self.upstream {
-            match exchange(*up, &mut raw).await {
-                Ok(m) => {
-                    got = Some(m);
-                    break;
+        let name: Name = info.query.name().into();
+        let (rcode, answers, authorities, additionals) =
+            match resolver.lookup(name, info.query.query_type()).await {
+                Ok(l) => (
+                    ResponseCode::NoError,
+                    l.answers().to_vec(),
+                    l.authorities().to_vec(),
+                    l.additionals().to_vec(),
+                ),
+                Err(NetError::Dns(DnsError::NoRecordsFound(nr))) => {
+                    let mut auth: Vec<Record> =
+                        nr.authorities.map(|a| a.to_vec()).unwrap_or_default();
+                    if auth.is_empty() {
+                        if let Some(soa) = nr.soa {
+                            auth.push(soa.into_record_of_rdata());
+                        }
+                    }
+                    (nr.response_code, Vec::new(), auth, Vec::new())
                 }
-                Err(e) => tracing::debug!(upstream = %up, error = %e, "DNS upstream failed"),
-            }
-        }
-        let Some(up) = got else {
-            self.queries.with_label_values(&["servfail"]).inc();
-            return send_rcode(request, ResponseCode::ServFail, rh).await;
-        };
+                Err(NetError::Dns(DnsError::ResponseCode(c))) => {
+                    (c, Vec::new(), Vec::new(), Vec::new())
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "DNS upstreams failed");
+                    self.queries.with_label_values(&["servfail"]).inc();
+                    return send_rcode(request, ResponseCode::ServFail, rh).await;
+                }
+            };
         self.queries.with_label_values(&["forwarded"]).inc();
-        let mut meta = up.metadata;
-        meta.id = request.metadata.id;
-        meta.truncation = false;
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        meta.recursion_available = true;
+        meta.response_code = rcode;
         let mut b = MessageResponseBuilder::from_message_request(request);
         let edns = response_edns(request);
         if let Some(e) = &edns {
@@ -296,52 +358,14 @@ impl MeshDns {
         }
         let resp = b.build(
             meta,
-            up.answers.iter(),
-            up.authorities.iter(),
+            answers.iter(),
+            authorities.iter(),
             [],
-            up.additionals.iter(),
+            additionals.iter(),
         );
         match rh.send_response(resp).await {
             Ok(i) => i,
             Err(_) => fallback(request, ResponseCode::ServFail),
         }
     }
-}
-
-/// One query to one upstream: UDP from a fresh port with a fresh id, TCP when truncated.
-async fn exchange(up: SocketAddr, raw: &mut [u8]) -> anyhow::Result<Message> {
-    let id: u16 = rand::random();
-    raw[..2].copy_from_slice(&id.to_be_bytes());
-    let bind: SocketAddr = if up.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let sock = tokio::net::UdpSocket::bind(bind).await?;
-    sock.connect(up).await?;
-    sock.send(raw).await?;
-    let mut buf = vec![0u8; 4096];
-    let msg = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-        loop {
-            let n = sock.recv(&mut buf).await?;
-            if n >= 2 && buf[..2] == id.to_be_bytes() {
-                return anyhow::Ok(Message::from_vec(&buf[..n])?);
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no answer within {UPSTREAM_TIMEOUT:?}"))??;
-    if !msg.metadata.truncation {
-        return Ok(msg);
-    }
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp =
-        tokio::time::timeout(UPSTREAM_TIMEOUT, tokio::net::TcpStream::connect(up)).await??;
-    let len = u16::try_from(raw.len())?;
-    tcp.write_all(&len.to_be_bytes()).await?;
-    tcp.write_all(raw).await?;
-    let n = tokio::time::timeout(UPSTREAM_TIMEOUT, tcp.read_u16()).await?? as usize;
-    let mut body = vec![0u8; n];
-    tokio::time::timeout(UPSTREAM_TIMEOUT, tcp.read_exact(&mut body)).await??;
-    Ok(Message::from_vec(&body)?)
 }
