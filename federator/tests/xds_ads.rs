@@ -886,13 +886,20 @@ fn named_target_ports_of_workloads_reach_eds() {
     bad.endpoints[0].ports.insert("http".into(), 70000);
     let e = meshfed_model::validate::check_export(&bad, "upserts[0]").unwrap_err();
     assert_eq!(
-        e,
+        (e.field.as_str(), e.reason.as_str()),
+        (
+            "upserts[0].endpoints[0].ports[\"http\"]",
+            "70000 is not in 1-65535"
+        )
+    );
+    assert_eq!(
+        e.to_string(),
         "upserts[0].endpoints[0].ports[\"http\"]: 70000 is not in 1-65535"
     );
     bad.endpoints[0].ports.clear();
     bad.endpoints[0].ports.insert("Not_A_Label".into(), 80);
     let e = meshfed_model::validate::check_export(&bad, "upserts[0]").unwrap_err();
-    assert!(e.starts_with("upserts[0].endpoints[0].ports key"), "{e}");
+    assert_eq!(e.field, "upserts[0].endpoints[0].ports key", "{e}");
 }
 
 /// Waits until `cond` holds, re-checking on every change of the proxy registry (connect, leave,

@@ -3,6 +3,41 @@
 
 use proto::{ClusterFacts, Endpoint, Locality, ServiceExport};
 
+/// A value that failed a check: the field's path in its message or file (`upserts[3].ports[0]`,
+/// `--advertise #1`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An error whose message already starts with `field` (a YAML parser's located message).
+    fn located(field: &str, message: String) -> Self {
+        let reason = message
+            .strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|r| r.trim_start().to_string())
+            .unwrap_or(message);
+        FieldError::new(field, reason)
+    }
+}
+
+/// Servers and command lines carry the message on (gRPC statuses, `Result<_, String>`).
+impl From<FieldError> for String {
+    fn from(e: FieldError) -> String {
+        e.to_string()
+    }
+}
+
 /// Largest number of services in one export delta.
 pub const MAX_SERVICES_PER_DELTA: usize = 10_000;
 /// Largest number of endpoints of one service.
@@ -23,13 +58,12 @@ pub fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-pub fn check_label(what: &str, s: &str) -> Result<(), String> {
+pub fn check_label(what: &str, s: &str) -> Result<(), FieldError> {
     if is_dns_label(s) {
         Ok(())
     } else {
-        Err(format!(
-            "{what}: {s:?} is not a DNS label (1-63 lowercase letters, digits or '-', starting and ending with a letter or digit)"
-        ))
+        Err(FieldError::new(what, format!("{s:?} is not a DNS label (1-63 lowercase letters, digits or '-', starting and ending with a letter or digit)"
+        )))
     }
 }
 
@@ -39,10 +73,13 @@ pub fn service_key(namespace: &str, name: &str) -> String {
 }
 
 /// Parses `region/zone/subzone` (trailing parts optional).
-pub fn parse_locality(s: &str) -> Result<Locality, String> {
+pub fn parse_locality(s: &str) -> Result<Locality, FieldError> {
     let parts: Vec<&str> = s.split('/').collect();
     if parts.len() > 3 || (parts.iter().any(|p| p.is_empty()) && !s.is_empty()) {
-        return Err(format!("locality {s:?} is not region/zone/subzone"));
+        return Err(FieldError::new(
+            "locality",
+            format!("{s:?} is not region/zone/subzone"),
+        ));
     }
     let get = |i: usize| parts.get(i).map(|p| p.to_string()).unwrap_or_default();
     Ok(Locality {
@@ -69,41 +106,51 @@ pub fn locality_string(l: &Option<Locality>) -> String {
 }
 
 /// `host:port` with a port in 1..=65535.
-pub fn check_host_port(what: &str, s: &str) -> Result<(), String> {
+pub fn check_host_port(what: &str, s: &str) -> Result<(), FieldError> {
     let Some((host, port)) = s.rsplit_once(':') else {
-        return Err(format!("{what}: {s:?} is not host:port"));
+        return Err(FieldError::new(what, format!("{s:?} is not host:port")));
     };
     if host.is_empty() {
-        return Err(format!("{what}: {s:?} has no host"));
+        return Err(FieldError::new(what, format!("{s:?} has no host")));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!("{what}: {s:?} has no valid port (1-65535)")),
+        _ => Err(FieldError::new(
+            what,
+            format!("{s:?} has no valid port (1-65535)"),
+        )),
     }
 }
 
-pub fn check_facts(f: &ClusterFacts, at: &str) -> Result<(), String> {
+pub fn check_facts(f: &ClusterFacts, at: &str) -> Result<(), FieldError> {
     check_label(&format!("{at}.cluster_id"), &f.cluster_id)?;
     check_label(&format!("{at}.network"), &f.network)?;
-    trust::TrustDomain::new(&f.trust_domain).map_err(|e| format!("{at}.trust_domain: {e}"))?;
+    trust::TrustDomain::new(&f.trust_domain)
+        .map_err(|e| FieldError::new(format!("{at}.trust_domain"), e.to_string()))?;
     for (i, g) in f.gateways.iter().enumerate() {
         check_host_port(&format!("{at}.gateways[{i}]"), g)?;
     }
     Ok(())
 }
 
-fn check_endpoint(e: &Endpoint, at: &str) -> Result<(), String> {
+fn check_endpoint(e: &Endpoint, at: &str) -> Result<(), FieldError> {
     if e.address.is_empty() || e.address.len() > 253 {
-        return Err(format!("{at}.address: must be an IP address or host name"));
+        return Err(FieldError::new(
+            format!("{at}.address"),
+            "must be an IP address or host name",
+        ));
     }
     if e.address.parse::<std::net::IpAddr>().is_err() && !e.address.split('.').all(is_dns_label) {
-        return Err(format!(
-            "{at}.address: {:?} is neither an IP address nor a host name",
-            e.address
+        return Err(FieldError::new(
+            format!("{at}.address"),
+            format!("{:?} is neither an IP address nor a host name", e.address),
         ));
     }
     if e.weight > 1_000_000 {
-        return Err(format!("{at}.weight: {} is above 1000000", e.weight));
+        return Err(FieldError::new(
+            format!("{at}.weight"),
+            format!("{} is above 1000000", e.weight),
+        ));
     }
     if !e.service_account.is_empty() {
         check_label(&format!("{at}.service_account"), &e.service_account)?;
@@ -111,47 +158,56 @@ fn check_endpoint(e: &Endpoint, at: &str) -> Result<(), String> {
     for (name, port) in &e.ports {
         check_label(&format!("{at}.ports key"), name)?;
         if *port == 0 || *port > 65535 {
-            return Err(format!("{at}.ports[{name:?}]: {port} is not in 1-65535"));
+            return Err(FieldError::new(
+                format!("{at}.ports[{name:?}]"),
+                format!("{port} is not in 1-65535"),
+            ));
         }
     }
     Ok(())
 }
 
 /// Checks one exported service; `at` is its location in the message (e.g. `upserts[3]`).
-pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), String> {
+pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), FieldError> {
     check_label(&format!("{at}.namespace"), &e.namespace)?;
     check_label(&format!("{at}.name"), &e.name)?;
     if e.ports.is_empty() {
-        return Err(format!("{at}.ports: a service needs at least one port"));
+        return Err(FieldError::new(
+            format!("{at}.ports"),
+            "a service needs at least one port",
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for (i, p) in e.ports.iter().enumerate() {
         if p.port == 0 || p.port > 65535 {
-            return Err(format!(
-                "{at}.ports[{i}].port: {} is not in 1-65535",
-                p.port
+            return Err(FieldError::new(
+                format!("{at}.ports[{i}].port"),
+                format!("{} is not in 1-65535", p.port),
             ));
         }
         if !matches!(p.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
-            return Err(format!(
-                "{at}.ports[{i}].protocol: {:?} is not TCP, UDP or SCTP",
-                p.protocol
+            return Err(FieldError::new(
+                format!("{at}.ports[{i}].protocol"),
+                format!("{:?} is not TCP, UDP or SCTP", p.protocol),
             ));
         }
         if !p.name.is_empty() {
             check_label(&format!("{at}.ports[{i}].name"), &p.name)?;
         }
         if !seen.insert((p.port, p.protocol.clone())) {
-            return Err(format!(
-                "{at}.ports[{i}]: port {}/{} is listed twice",
-                p.port, p.protocol
+            return Err(FieldError::new(
+                format!("{at}.ports[{i}]"),
+                format!("port {}/{} is listed twice", p.port, p.protocol),
             ));
         }
     }
     if e.endpoints.len() > MAX_ENDPOINTS_PER_SERVICE {
-        return Err(format!(
-            "{at}.endpoints: {} endpoints, at most {MAX_ENDPOINTS_PER_SERVICE}",
-            e.endpoints.len()
+        return Err(FieldError::new(
+            format!("{at}.endpoints"),
+            format!(
+                "{} endpoints, at most {MAX_ENDPOINTS_PER_SERVICE}",
+                e.endpoints.len()
+            ),
         ));
     }
     for (i, ep) in e.endpoints.iter().enumerate() {
@@ -165,9 +221,12 @@ pub fn check_export(e: &ServiceExport, at: &str) -> Result<(), String> {
     }
     let size = prost::Message::encoded_len(e);
     if size > MAX_CHUNK_BYTES {
-        return Err(format!(
-            "{at}: the export encodes to {size} bytes; at most {} are allowed per service",
-            MAX_CHUNK_BYTES
+        return Err(FieldError::new(
+            at,
+            format!(
+                "the export encodes to {size} bytes; at most {} are allowed per service",
+                MAX_CHUNK_BYTES
+            ),
         ));
     }
     Ok(())
@@ -181,26 +240,30 @@ pub const MAX_PUBLISHED_POLICY_BYTES: usize = 64 * 1024;
 pub fn check_published_policy(
     e: &ServiceExport,
     at: &str,
-) -> Result<crate::policy::Policy, String> {
+) -> Result<crate::policy::Policy, FieldError> {
     if e.failover_policy.len() > MAX_PUBLISHED_POLICY_BYTES {
-        return Err(format!(
-            "{at}: {} bytes, at most {MAX_PUBLISHED_POLICY_BYTES}",
-            e.failover_policy.len()
+        return Err(FieldError::new(
+            at,
+            format!(
+                "{} bytes, at most {MAX_PUBLISHED_POLICY_BYTES}",
+                e.failover_policy.len()
+            ),
         ));
     }
-    let mut ps = crate::policy::spec::parse(&e.failover_policy, at)?;
+    let mut ps = crate::policy::spec::parse(&e.failover_policy, at)
+        .map_err(|m| FieldError::located(at, m))?;
     if ps.len() != 1 {
-        return Err(format!(
-            "{at}: holds {} policies; exactly one is allowed",
-            ps.len()
+        return Err(FieldError::new(
+            at,
+            format!("holds {} policies; exactly one is allowed", ps.len()),
         ));
     }
     let (p, _) = ps.remove(0);
     let host = format!("{}.{}.svc.cluster.local", e.name, e.namespace);
     if p.host != host {
-        return Err(format!(
-            "{at}: the policy is for {}, but this export is {host}",
-            p.host
+        return Err(FieldError::new(
+            at,
+            format!("the policy is for {}, but this export is {host}", p.host),
         ));
     }
     Ok(p)
@@ -265,11 +328,21 @@ mod tests {
         assert!(!is_dns_label(&"a".repeat(64)));
         assert!(check_export(&export(&[("http", 8080, "TCP")]), "u[0]").is_ok());
         let e = check_export(&export(&[("http", 0, "TCP")]), "upserts[2]").unwrap_err();
-        assert_eq!(e, "upserts[2].ports[0].port: 0 is not in 1-65535");
+        assert_eq!(
+            e,
+            FieldError::new("upserts[2].ports[0].port", "0 is not in 1-65535")
+        );
+        assert_eq!(
+            e.to_string(),
+            "upserts[2].ports[0].port: 0 is not in 1-65535"
+        );
         let e = check_export(&export(&[("http", 80, "HTTP")]), "u").unwrap_err();
-        assert!(e.starts_with("u.ports[0].protocol"), "{e}");
+        assert_eq!(e.field, "u.ports[0].protocol", "{e}");
         let e = check_export(&export(&[]), "u").unwrap_err();
-        assert!(e.contains("at least one port"));
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("u.ports", "a service needs at least one port")
+        );
     }
 
     #[test]
@@ -319,8 +392,10 @@ mod published_policy_tests {
         assert!(check_published_policy(&ok, "x").is_ok());
         let other = export(&P.replace("HOST", "ledger.shop.svc.cluster.local"));
         let e = check_published_policy(&other, "upserts[0].failover_policy").unwrap_err();
+        assert_eq!(e.field, "upserts[0].failover_policy");
         assert!(
-            e.contains("the policy is for ledger.shop.svc.cluster.local"),
+            e.reason
+                .starts_with("the policy is for ledger.shop.svc.cluster.local"),
             "{e}"
         );
         let two = export(&format!(
@@ -329,11 +404,15 @@ mod published_policy_tests {
         ));
         assert!(check_published_policy(&two, "x")
             .unwrap_err()
+            .reason
             .contains("exactly one"));
         let bad = export("kind: [");
-        assert!(check_published_policy(&bad, "upserts[0].failover_policy")
-            .unwrap_err()
-            .starts_with("upserts[0].failover_policy:"));
+        let e = check_published_policy(&bad, "upserts[0].failover_policy").unwrap_err();
+        assert_eq!(e.field, "upserts[0].failover_policy");
+        assert!(
+            e.to_string().starts_with("upserts[0].failover_policy:") && !e.reason.is_empty(),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1255,7 +1255,8 @@ mod tests {
         assert!(before.iter().any(|r| r.1.deleted), "{before:?}");
         // Rewrite the store as schema 1 wrote it.
         {
-            let db = sled::open(d.path()).unwrap();
+            // `open_sled` waits for the dropped store's threads to release the lock.
+            let db = open_sled(sled::Config::new().path(d.path()), d.path()).unwrap();
             let exports = db.open_tree("exports").unwrap();
             let mut n = 0;
             for kv in exports.iter() {
