@@ -734,15 +734,23 @@ impl Federation {
     }
 }
 
+/// The variable that makes gRPC C-core (grpcio) read the SPIFFE bundle map of a file_watcher
+/// certificate provider (gRFC A87); without it, C-core falls back to `ca_certificate_file`.
+pub const GRPC_SPIFFE_ENV: (&str, &str) = ("GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE", "true");
+
 /// Writes a gRPC xDS bootstrap for a proxyless client in namespace shop, us-east1-b, with a
-/// file_watcher certificate provider reading `certs` (cert-chain.pem, key.pem) and `roots`.
+/// file_watcher certificate provider reading `certs` (cert-chain.pem, key.pem) and the trust
+/// files an agent keeps in `trust` (its `<state>/xds`): the SPIFFE bundle map under both field
+/// names (C-core reads `spiffe_bundle_map_file`, A87 documents `spiffe_trust_bundle_map_file`)
+/// and, for a client without SPIFFE support, the agent's own trust domain's roots only.
 pub fn grpc_bootstrap(
     path: &Path,
     xds: &str,
     node_id: &str,
     certs: &Path,
-    roots: &Path,
+    trust: &Path,
 ) -> Result<PathBuf> {
+    let map = trust.join("spiffe-bundle-map.json");
     let b = serde_json::json!({
         "xds_servers": [{"server_uri": xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
         "node": {
@@ -753,7 +761,9 @@ pub fn grpc_bootstrap(
         "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {
             "certificate_file": certs.join("cert-chain.pem"),
             "private_key_file": certs.join("key.pem"),
-            "ca_certificate_file": roots,
+            "ca_certificate_file": trust.join("trust-roots.pem"),
+            "spiffe_bundle_map_file": map,
+            "spiffe_trust_bundle_map_file": map,
             "refresh_interval": "1s"}}}
     });
     std::fs::write(path, serde_json::to_vec_pretty(&b)?)?;

@@ -73,8 +73,13 @@ fn federator_down_cross_cluster_calls_never_fail() {
             server_certs.join("cert-chain.pem").display().to_string(),
             "--key".into(),
             server_certs.join("key.pem").display().to_string(),
+            // The server takes clients of east.mesh only: east's roots, as west's agent wrote
+            // them from the bundle it received.
             "--roots".into(),
-            west.dir.join("xds/trust-roots.pem").display().to_string(),
+            west.dir
+                .join("xds/roots/east.mesh.pem")
+                .display()
+                .to_string(),
         ],
         &[],
         &dir,
@@ -93,7 +98,7 @@ fn federator_down_cross_cluster_calls_never_fail() {
         &east.xds,
         "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local",
         &client_certs,
-        &east.dir.join("xds/trust-roots.pem"),
+        &east.dir.join("xds"),
     )
     .unwrap();
     let b = boot.display().to_string();
@@ -107,7 +112,7 @@ fn federator_down_cross_cluster_calls_never_fail() {
             format!("xds:///ledger.shop.svc.cluster.local:{port}"),
             "--secure".into(),
         ],
-        &[("GRPC_XDS_BOOTSTRAP", b.as_str())],
+        &[("GRPC_XDS_BOOTSTRAP", b.as_str()), GRPC_SPIFFE_ENV],
         &dir,
     )
     .unwrap();

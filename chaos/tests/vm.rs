@@ -106,6 +106,7 @@ fn py_calls(
     let o = Command::new(prog)
         .args(args)
         .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+        .env(GRPC_SPIFFE_ENV.0, GRPC_SPIFFE_ENV.1)
         .output()
         .unwrap();
     String::from_utf8_lossy(&o.stdout)
@@ -416,6 +417,26 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     ] {
         assert!(certs.join(f).exists(), "{f} written");
     }
+    // One bundle per trust domain for the VM's clients; root-cert.pem holds east's roots only.
+    wait_for(
+        Duration::from_secs(20),
+        "the VM's bundle map with east and west",
+        || {
+            let text = std::fs::read_to_string(certs.join("spiffe-bundle-map.json"))?;
+            let m: serde_json::Value = serde_json::from_str(&text)?;
+            Ok((m["trust_domains"]["east.mesh"]["keys"].is_array()
+                && m["trust_domains"]["west.mesh"]["keys"].is_array())
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.log()));
+    let vm_roots = std::fs::read_to_string(certs.join("root-cert.pem")).unwrap();
+    let east_own = std::fs::read_to_string(east.dir.join("xds/trust-roots.pem")).unwrap();
+    assert_eq!(
+        vm_roots.trim(),
+        east_own.trim(),
+        "the VM's root-cert.pem is east's roots only"
+    );
     let server = py_server(
         "vm-payment",
         &format!("0.0.0.0:{p_pay}"),
@@ -445,7 +466,7 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         &east.xds,
         "sidecar~127.0.0.1~order.shop~shop.svc.cluster.local",
         &order,
-        &order.join("root-cert.pem"),
+        &east.dir.join("xds"),
     )
     .unwrap();
     let calls = py_calls(

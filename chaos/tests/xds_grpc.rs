@@ -47,17 +47,76 @@ fn server(name: &str, addrs: &[String], tls: Option<(&Path, &Path)>, dir: &Path)
     wait_for(Duration::from_secs(20), &format!("server {name}"), || {
         Ok(p.log().contains("serving").then_some(()))
     })
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
     p
 }
 
-fn bootstrap(dir: &Path, xds: &str, certs: &Path, roots: &Path) -> PathBuf {
+/// With openssl and a CA's signing key (Istio cacerts layout: ca-cert.pem, ca-key.pem,
+/// cert-chain.pem), mints a leaf for `id` into `out` (cert-chain.pem, key.pem), as someone
+/// holding that CA's key could: no meshfed code is involved.
+fn forge(ca: &Path, id: &str, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl {args:?}: {o:?}");
+    };
+    std::fs::write(
+        out.join("ext.cnf"),
+        format!("subjectAltName=critical,URI:{id}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"),
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-subj",
+        "/O=rogue",
+        "-out",
+        "leaf.csr",
+    ]);
+    let (cert, key) = (ca.join("ca-cert.pem"), ca.join("ca-key.pem"));
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        cert.to_str().unwrap(),
+        "-CAkey",
+        key.to_str().unwrap(),
+        "-set_serial",
+        "4242",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "leaf.pem",
+    ]);
+    let chain = std::fs::read_to_string(ca.join("cert-chain.pem"))
+        .or_else(|_| std::fs::read_to_string(&cert))
+        .unwrap();
+    let leaf = std::fs::read_to_string(out.join("leaf.pem")).unwrap();
+    std::fs::write(out.join("cert-chain.pem"), leaf + &chain).unwrap();
+}
+
+fn bootstrap(dir: &Path, xds: &str, certs: &Path, trust: &Path) -> PathBuf {
     grpc_bootstrap(
         &dir.join("bootstrap.json"),
         xds,
         "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local",
         certs,
-        roots,
+        trust,
     )
     .unwrap()
 }
@@ -77,7 +136,7 @@ fn client(name: &str, target: &str, secure: bool, bootstrap: &Path, dir: &Path) 
         name,
         &python().unwrap(),
         &args,
-        &[("GRPC_XDS_BOOTSTRAP", b.as_str())],
+        &[("GRPC_XDS_BOOTSTRAP", b.as_str()), GRPC_SPIFFE_ENV],
         dir,
     )
     .unwrap()
@@ -123,9 +182,9 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
     let f = Federation::start("3s").unwrap();
     let dir = f.root.path().to_path_buf();
     let port = free_port();
-    let (sport, iport) = (free_port(), free_port());
+    let (sport, iport, fport) = (free_port(), free_port(), free_port());
     let east_reg = format!(
-        "services:\n  - namespace: shop\n    name: echo\n    ports: [{{name: grpc, port: {port}}}]\n    export: true\n    endpoints:\n      - {{address: 127.0.0.11, locality: us-east1/us-east1-b}}\n      - {{address: 127.0.0.12, locality: us-east1/us-east1-b}}\n"
+        "services:\n  - namespace: shop\n    name: echo\n    ports: [{{name: grpc, port: {port}}}]\n    export: true\n    endpoints:\n      - {{address: 127.0.0.11, locality: us-east1/us-east1-b}}\n      - {{address: 127.0.0.12, locality: us-east1/us-east1-b}}\n  - namespace: shop\n    name: forged\n    ports: [{{name: grpc, port: {fport}}}]\n    labels: {{security.istio.io/tlsMode: istio}}\n    endpoints: [{{address: 127.0.0.32, locality: us-east1/us-east1-b, serviceAccount: forged}}]\n"
     );
     let west_reg = format!(
         "services:\n  - namespace: shop\n    name: echo\n    ports: [{{name: grpc, port: {port}}}]\n    export: true\n    endpoints:\n      - {{address: 127.0.0.21, locality: us-west1/us-west1-a}}\n  - namespace: shop\n    name: secure\n    ports: [{{name: grpc, port: {sport}}}]\n    export: true\n    labels: {{security.istio.io/tlsMode: istio}}\n    endpoints: [{{address: 127.0.0.31, locality: us-west1/us-west1-a, serviceAccount: secure}}]\n  - namespace: shop\n    name: impostor\n    ports: [{{name: grpc, port: {iport}}}]\n    export: true\n    labels: {{security.istio.io/tlsMode: istio}}\n    endpoints: [{{address: 127.0.0.31, locality: us-west1/us-west1-a, serviceAccount: payment}}]\n"
@@ -162,8 +221,7 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
     let client_certs = dir.join("client-certs");
     east.issue_svid("spiffe://east.mesh/ns/shop/sa/client", &client_certs)
         .unwrap();
-    let east_roots = east.dir.join("xds/trust-roots.pem");
-    let boot = bootstrap(&dir, &east.xds, &client_certs, &east_roots);
+    let boot = bootstrap(&dir, &east.xds, &client_certs, &east.dir.join("xds"));
     let target = format!("xds:///echo.shop.svc.cluster.local:{port}");
     let c = client("client-echo", &target, false, &boot, &dir);
     wait_streak(
@@ -232,17 +290,30 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
     let secure_certs = dir.join("secure-certs");
     west.issue_svid("spiffe://west.mesh/ns/shop/sa/secure", &secure_certs)
         .unwrap();
-    let west_roots = west.dir.join("xds/trust-roots.pem");
+    // west's server takes clients of east.mesh: east's roots as west's agent received them.
+    let east_at_west = west.dir.join("xds/roots/east.mesh.pem");
     let _s = server(
         "secure",
         &[format!("127.0.0.31:{sport}"), format!("127.0.0.31:{iport}")],
-        Some((&secure_certs, &west_roots)),
+        Some((&secure_certs, &east_at_west)),
         &dir,
     );
-    let roots = std::fs::read_to_string(&east_roots).unwrap();
+    // east's agent keeps a SPIFFE bundle map with west's bundle under west.mesh, and its
+    // fallback roots file holds east's roots only.
+    let map: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(east.dir.join("xds/spiffe-bundle-map.json")).unwrap(),
+    )
+    .unwrap();
     assert!(
-        roots.contains("# west.mesh"),
-        "east's trust roots carry west's bundle: {roots}"
+        map["trust_domains"]["west.mesh"]["keys"].is_array()
+            && map["trust_domains"]["east.mesh"]["keys"].is_array(),
+        "{map}"
+    );
+    let own = std::fs::read_to_string(east.dir.join("xds/trust-roots.pem")).unwrap();
+    let west_pem = std::fs::read_to_string(east.dir.join("xds/roots/west.mesh.pem")).unwrap();
+    assert!(
+        !own.is_empty() && !own.contains(west_pem.trim()),
+        "not a pool"
     );
     let sc = client(
         "client-secure",
@@ -326,6 +397,96 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
     )
     .unwrap();
     println!("(c) a policy published by west with its export is applied by east");
+
+    // (f) A compromised CA of one cluster cannot speak for another: west's CA (its key, used
+    // by openssl as an attacker would) signs spiffe://east.mesh/ns/shop/sa/forged, and a
+    // server presenting it as the endpoint of east's own `forged` service (the right SAN) is
+    // refused by east's client, because an east.mesh identity is verified against east's
+    // bundle only. With a pooled roots file (own and peer roots together) it was accepted.
+    let rogue = dir.join("rogue-certs");
+    forge(
+        &west.dir.join("ca"),
+        "spiffe://east.mesh/ns/shop/sa/forged",
+        &rogue,
+    );
+    let _r = server(
+        "forged",
+        &[format!("127.0.0.32:{fport}")],
+        Some((&rogue, &east.dir.join("xds/trust-roots.pem"))),
+        &dir,
+    );
+    // Its own node id, so `proxy-config` below still names the first client.
+    let rogue_boot = grpc_bootstrap(
+        &dir.join("forged-bootstrap.json"),
+        &east.xds,
+        "sidecar~127.0.0.1~forged-client.shop~shop.svc.cluster.local",
+        &client_certs,
+        &east.dir.join("xds"),
+    )
+    .unwrap();
+    let rc = client(
+        "client-forged",
+        &format!("xds:///forged.shop.svc.cluster.local:{fport}"),
+        true,
+        &rogue_boot,
+        &dir,
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the forged certificate's fate",
+        || {
+            let l = lines(&rc, 0);
+            Ok((l.len() >= 5).then_some(l))
+        },
+    )
+    .map(|l| {
+        assert!(
+            l.iter().all(|x| x.starts_with("err")),
+            "an east.mesh SVID minted by west's CA must be refused: {l:?}"
+        );
+        println!(
+            "(f) east.mesh identity signed by west's CA refused: {}",
+            l[l.len() - 1]
+        );
+    })
+    .unwrap();
+    // A client that does not read the bundle map (no GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE) falls
+    // back to `ca_certificate_file`, east's own roots only: it fails closed on west's genuine
+    // server rather than trusting a pool.
+    let b = boot.display().to_string();
+    let nc = Proc::spawn_program(
+        "client-no-spiffe",
+        &python().unwrap(),
+        &[
+            py_script("xds_echo.py").display().to_string(),
+            "client".into(),
+            "--target".into(),
+            format!("xds:///secure.shop.svc.cluster.local:{sport}"),
+            "--secure".into(),
+        ],
+        &[("GRPC_XDS_BOOTSTRAP", b.as_str())],
+        &dir,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the fallback's verdict", || {
+        let l = lines(&nc, 0);
+        Ok((l.len() >= 3).then_some(l))
+    })
+    .map(|l| {
+        assert!(
+            l.iter().all(|x| x.starts_with("err")),
+            "without the bundle map only east's roots are trusted: {l:?}"
+        );
+    })
+    .unwrap();
+    // The genuine west server still works for a client that reads the map.
+    wait_streak(
+        &sc,
+        &["secure"],
+        5,
+        Duration::from_secs(30),
+        "the genuine west server still answering",
+    );
 
     // (e) every response was ACKed.
     let (code, out, err) = meshfed(&["proxy-status", "--admin", &east.admin]).unwrap();

@@ -542,9 +542,9 @@ impl Agent {
             xds_plaintext = served.plaintext;
             xds_mtls = served.mtls;
             tasks.spawn(
-                "trust roots file",
-                meshfed_xds::serve::write_trust_roots(
-                    cfg.state_dir.join("xds").join("trust-roots.pem"),
+                "trust files",
+                meshfed_xds::serve::write_trust_files(
+                    cfg.state_dir.join("xds"),
                     td.to_string(),
                     inner.bundle.subscribe(),
                     inner.model.clone(),

@@ -254,41 +254,29 @@ fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String
         .collect()
 }
 
-/// The trust roots an agent writes for its proxies (`<state>/xds/trust-roots.pem`: one
-/// `# <trust domain>` section per domain), as bundles kept apart per trust domain.
-fn roots_file(path: &Path) -> TrustStore {
+/// The SPIFFE bundle map an agent writes for its proxies (`<state>/xds/spiffe-bundle-map.json`),
+/// as bundles kept apart per trust domain: a server is verified against the bundle of its own
+/// trust domain only.
+fn bundle_map_file(path: &Path) -> TrustStore {
     let mut set = BundleSet::new();
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut td: Option<String> = None;
-    let mut pem = String::new();
-    let mut flush = |td: &Option<String>, pem: &mut String| {
-        if let Some(td) = td {
-            if let (Ok(t), Ok(certs)) = (
-                TrustDomain::new(td),
-                trust::keys::certs_from_pem(pem.as_bytes(), "trust roots"),
-            ) {
-                let _ = set.insert(TrustBundle::new(t, certs));
+    let map: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    if let Some(domains) = map["trust_domains"].as_object() {
+        for (td, bundle) in domains {
+            if let Ok(t) = TrustDomain::new(td) {
+                if let Ok(b) = TrustBundle::from_json(t, &bundle.to_string(), td) {
+                    let _ = set.insert(b);
+                }
             }
         }
-        pem.clear();
-    };
-    for line in text.lines() {
-        if let Some(name) = line.strip_prefix("# ") {
-            flush(&td, &mut pem);
-            td = Some(name.trim().to_string());
-        } else {
-            pem.push_str(line);
-            pem.push('\n');
-        }
     }
-    flush(&td, &mut pem);
     TrustStore::new(set)
 }
 
 /// A workload's client of `host:port`: every 20 ms, following the table its cluster's agent
 /// pushes over xDS, through the gateways the table names, verifying each server (one of
 /// `expect`) against the bundle of its own trust domain as the agent received it through the
-/// federation (the trust roots file the agent writes for proxies, under `state`).
+/// federation (the bundle map the agent writes for proxies, under `state`).
 fn mesh_client(
     host: &str,
     port: u16,
@@ -296,12 +284,12 @@ fn mesh_client(
     svid: trust::Svid,
     expect: Vec<SpiffeId>,
 ) -> Target {
-    let roots = state.join("xds").join("trust-roots.pem");
+    let roots = state.join("xds").join("spiffe-bundle-map.json");
     Target {
         cluster: format!("outbound|{port}||{host}"),
         sni: format!("outbound_.{port}_._.{host}"),
         svid,
-        roots: Arc::new(move || roots_file(&roots)),
+        roots: Arc::new(move || bundle_map_file(&roots)),
         expect: Authorizer::Ids(expect),
         label: Arc::new(|td: &TrustDomain| td.as_str().trim_end_matches(".mesh").to_string()),
         interval: Duration::from_millis(20),

@@ -79,6 +79,35 @@ impl Snapshot {
     }
 }
 
+/// The bundle JSON of the cluster's own trust domain and of every peer bundle it holds, by
+/// trust domain: the entries of a SPIFFE bundle map. A bundle that does not parse as a SPIFFE
+/// bundle of its own trust domain is left out, with a warning.
+pub fn bundle_map_entries(
+    own_td: &str,
+    own_json: &str,
+    snap: &Snapshot,
+) -> std::collections::BTreeMap<String, String> {
+    let all = std::iter::once((own_td, own_json)).chain(
+        snap.bundles
+            .iter()
+            .filter(|(td, _)| td.as_str() != own_td)
+            .map(|(td, j)| (td.as_str(), j.as_str())),
+    );
+    let mut out = std::collections::BTreeMap::new();
+    for (td, json) in all {
+        let ok = trust::TrustDomain::new(td)
+            .ok()
+            .and_then(|d| trust::TrustBundle::from_json(d, json, td).ok())
+            .is_some();
+        if ok {
+            out.insert(td.to_string(), json.to_string());
+        } else {
+            tracing::warn!(trust_domain = %td, "bundle left out of the bundle map");
+        }
+    }
+    out
+}
+
 /// The roots of the cluster's own trust domain and of every peer bundle it holds, by trust
 /// domain (own first). A bundle that does not parse is left out, with a warning.
 pub fn trust_roots(

@@ -8,7 +8,8 @@
 //!
 //! State (`stateDir`, 0700): `credential/{cert-chain,key,root-cert}.pem`, `vm-id`, `roots.pem`
 //! (the cluster's roots as last received). Workload files (`certDir`): `cert-chain.pem`,
-//! `key.pem`, `root-cert.pem` (all trusted roots); `grpc-bootstrap.json` beside them.
+//! `key.pem`, `root-cert.pem` (the cluster's roots), `spiffe-bundle-map.json` (one SPIFFE bundle
+//! per trust domain: the cluster's and every peer's); `grpc-bootstrap.json` beside them.
 
 pub mod config;
 pub mod probe;
@@ -33,6 +34,9 @@ use meshfed_dns::table::NameTable;
 use meshfed_identity::vm_token::VmClaims;
 use meshfed_net::admin::AdminConfig;
 use meshfed_net::drain::{DrainReport, Tasks};
+
+/// The SPIFFE bundle map beside the workload files (`certDir`).
+pub const BUNDLE_MAP_FILE: &str = "spiffe-bundle-map.json";
 
 /// What `/status` shows.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -99,7 +103,6 @@ struct Shared {
     own_roots: TrustStore,
     credential: Arc<SvidResolver>,
     svid: Arc<SvidResolver>,
-    federated_roots: Mutex<Vec<CertificateDer<'static>>>,
     status: Arc<Mutex<VmStatus>>,
 }
 
@@ -124,26 +127,47 @@ impl Shared {
         )
     }
 
-    fn all_roots(&self) -> Vec<CertificateDer<'static>> {
-        let mut r: Vec<_> = self
-            .own_roots
+    /// The cluster's own roots: the workload's `root-cert.pem` (peers of other trust domains
+    /// are verified against their own bundles, from `spiffe-bundle-map.json`).
+    fn own_root_certs(&self) -> Vec<CertificateDer<'static>> {
+        self.own_roots
             .load()
             .get(self.td.as_str())
             .map(|b| b.x509_authorities.clone())
-            .unwrap_or_default();
-        r.extend(
-            self.federated_roots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .cloned(),
-        );
-        r
+            .unwrap_or_default()
     }
 
-    /// Installs new roots: the cluster's (kept in the state dir, used to check the agent) and
-    /// the federated ones (for workloads); rewrites the workload root file.
-    fn set_roots(&self, own: &[Vec<u8>], federated: &[Vec<u8>]) -> anyhow::Result<()> {
+    /// Writes the SPIFFE bundle map (the cluster's and every peer's bundle, one per trust
+    /// domain) beside the workload files. A bundle that does not parse as one of its own trust
+    /// domain is left out.
+    fn set_bundles(
+        &self,
+        bundles: &std::collections::HashMap<String, String>,
+    ) -> anyhow::Result<()> {
+        let mut domains = serde_json::Map::new();
+        for (td, json) in bundles {
+            let parsed = TrustDomain::new(td)
+                .ok()
+                .and_then(|d| TrustBundle::from_json(d, json, td).ok());
+            match (parsed, serde_json::from_str::<serde_json::Value>(json)) {
+                (Some(_), Ok(v)) => {
+                    domains.insert(td.clone(), v);
+                }
+                _ => tracing::warn!(trust_domain = %td, "a bundle from the agent was left out"),
+            }
+        }
+        let doc = serde_json::json!({ "trust_domains": domains });
+        trust::files::write_atomic(
+            &self.cfg.cert_dir.join(BUNDLE_MAP_FILE),
+            serde_json::to_string_pretty(&doc)?.as_bytes(),
+            trust::files::PUBLIC_MODE,
+        )?;
+        Ok(())
+    }
+
+    /// Installs the cluster's new roots (kept in the state dir, used to check the agent) and
+    /// rewrites the workload root file with them.
+    fn set_roots(&self, own: &[Vec<u8>]) -> anyhow::Result<()> {
         if !own.is_empty() {
             let own: Vec<CertificateDer<'static>> = own
                 .iter()
@@ -162,14 +186,7 @@ impl Shared {
                 trust::files::PUBLIC_MODE,
             )?;
         }
-        *self
-            .federated_roots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = federated
-            .iter()
-            .map(|d| CertificateDer::from(d.clone()))
-            .collect();
-        let roots = self.all_roots();
+        let roots = self.own_root_certs();
         trust::files::write_atomic(
             &self.cfg.cert_dir.join("root-cert.pem"),
             trust::keys::certs_to_pem(roots.iter()).as_bytes(),
@@ -243,7 +260,6 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
                 own_roots,
                 credential: SvidResolver::with(&cred)?,
                 svid: SvidResolver::new(),
-                federated_roots: Mutex::new(Vec::new()),
                 status: status.clone(),
                 cfg,
             });
@@ -297,7 +313,6 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
                 own_roots,
                 credential: SvidResolver::new(),
                 svid: SvidResolver::new(),
-                federated_roots: Mutex::new(Vec::new()),
                 status: status.clone(),
                 cfg,
             });
@@ -466,8 +481,8 @@ async fn join(shared: &Arc<Shared>, token: &str) -> anyhow::Result<()> {
         .context("the join response has no certificates")?;
     let cred = Svid::new(chain(&certs.credential_chain_der), cred_key)
         .context("the VM credential from the agent is unusable")?;
-    shared.set_roots(&certs.roots_der, &certs.federated_roots_der)?;
-    cred.write_files(&credential_dir(&shared.cfg), &shared.all_roots())?;
+    shared.set_roots(&certs.roots_der)?;
+    cred.write_files(&credential_dir(&shared.cfg), &shared.own_root_certs())?;
     trust::files::write_atomic(
         &shared.cfg.state_dir.join("vm-id"),
         shared.vm_id.as_bytes(),
@@ -489,8 +504,8 @@ fn install_svid(
     if svid.id != want {
         tracing::warn!(got = %svid.id, configured = %want, "the group's service account differs from vm.yaml's; using the agent's");
     }
-    shared.set_roots(&certs.roots_der, &certs.federated_roots_der)?;
-    svid.write_files(&shared.cfg.cert_dir, &shared.all_roots())?;
+    shared.set_roots(&certs.roots_der)?;
+    svid.write_files(&shared.cfg.cert_dir, &shared.own_root_certs())?;
     shared.svid.install(&svid)?;
     let mut st = shared.status();
     st.svid = svid.id.to_string();
@@ -524,8 +539,8 @@ async fn renew(shared: &Arc<Shared>, cred: &Svid) -> anyhow::Result<()> {
     if let Some((key, _)) = new_cred {
         let c = Svid::new(chain(&certs.credential_chain_der), key)
             .context("the renewed VM credential is unusable")?;
-        shared.set_roots(&certs.roots_der, &certs.federated_roots_der)?;
-        c.write_files(&credential_dir(&shared.cfg), &shared.all_roots())?;
+        shared.set_roots(&certs.roots_der)?;
+        c.write_files(&credential_dir(&shared.cfg), &shared.own_root_certs())?;
         shared.credential.install(&c)?;
         shared.status().credential_expires = c.not_after.to_string();
         tracing::info!("renewed the VM credential");
@@ -641,7 +656,8 @@ async fn attach_once(
                             }
                         }
                         Some(agent_message::Kind::Roots(r)) => {
-                            shared.set_roots(&r.roots_der, &r.federated_roots_der)?;
+                            shared.set_roots(&r.roots_der)?;
+                            shared.set_bundles(&r.bundles)?;
                         }
                         Some(agent_message::Kind::Names(n)) => {
                             let (t, bad) = NameTable::from_proto(&n);
@@ -750,7 +766,11 @@ fn write_grpc_bootstrap(cfg: &VmConfig, address: IpAddr, relay: SocketAddr) -> a
                 "config": {
                     "certificate_file": dir.join("cert-chain.pem"),
                     "private_key_file": dir.join("key.pem"),
+                    // The cluster's roots only: a client that does not read the bundle map
+                    // (GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true) fails closed on other domains.
                     "ca_certificate_file": dir.join("root-cert.pem"),
+                    "spiffe_bundle_map_file": dir.join(BUNDLE_MAP_FILE),
+                    "spiffe_trust_bundle_map_file": dir.join(BUNDLE_MAP_FILE),
                     "refresh_interval": "60s",
                 },
             },

@@ -424,12 +424,12 @@ impl VmRegistration for VmApi {
             let mut names = inputs.names.clone();
             let mut sent_names = Arc::new(NameTable::default());
             let mut sent_roots = (Vec::new(), Vec::new());
+            let mut sent_bundles = std::collections::BTreeMap::new();
             loop {
-                let roots = split_roots(
-                    &td,
-                    &own.borrow_and_update().clone(),
-                    &snaps.borrow_and_update().clone(),
-                );
+                let own_json = own.borrow_and_update().clone();
+                let snap = snaps.borrow_and_update().clone();
+                let roots = split_roots(&td, &own_json, &snap);
+                let bundles = meshfed_model::snapshot::bundle_map_entries(&td, &own_json, &snap);
                 let table = names.borrow_and_update().clone();
                 if !Arc::ptr_eq(&table, &sent_names) {
                     let msg = AgentMessage {
@@ -440,17 +440,19 @@ impl VmRegistration for VmApi {
                     }
                     sent_names = table;
                 }
-                if roots != sent_roots {
+                if roots != sent_roots || bundles != sent_bundles {
                     let msg = AgentMessage {
                         kind: Some(agent_message::Kind::Roots(Roots {
                             roots_der: roots.0.clone(),
                             federated_roots_der: roots.1.clone(),
+                            bundles: bundles.clone().into_iter().collect(),
                         })),
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         break;
                     }
                     sent_roots = roots;
+                    sent_bundles = bundles;
                 }
                 tokio::select! {
                     _ = inputs.drain.drained() => {

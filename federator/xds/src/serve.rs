@@ -1,5 +1,6 @@
 //! Running the xDS server: the generation builder (debounced), the plaintext and mTLS ports,
-//! and the trust-roots file for file_watcher certificate providers.
+//! and the trust files for file_watcher certificate providers (a SPIFFE bundle map, the own
+//! domain's roots, one roots file per trust domain).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -157,34 +158,55 @@ async fn build_loop(
     }
 }
 
-/// Keeps `path` holding the PEM roots of every trust domain the cluster trusts: its own and
-/// each peer bundle received through the federation.
-pub async fn write_trust_roots(
-    path: PathBuf,
+/// What the agent writes for its proxies' certificate providers, under `<state>/xds/`.
+pub const BUNDLE_MAP_FILE: &str = "spiffe-bundle-map.json";
+/// The PEM roots of the cluster's own trust domain only: the `ca_certificate_file` a gRPC
+/// client falls back to when it does not read the bundle map, so that a client without SPIFFE
+/// support fails closed on other trust domains instead of trusting a pool.
+pub const OWN_ROOTS_FILE: &str = "trust-roots.pem";
+/// One PEM file per trust domain (`roots/<trust domain>.pem`), for tools that take one CA file
+/// per peer.
+pub const ROOTS_DIR: &str = "roots";
+
+/// The SPIFFE bundle map (gRFC A87) of the cluster's own trust domain and every peer bundle:
+/// `{"trust_domains": {"<td>": <SPIFFE bundle>}}`. A client that reads it verifies a peer only
+/// against the bundle of the peer SVID's own trust domain.
+pub fn bundle_map(own_td: &str, own_json: &str, snap: &Snapshot) -> serde_json::Value {
+    let domains: serde_json::Map<String, serde_json::Value> =
+        meshfed_model::snapshot::bundle_map_entries(own_td, own_json, snap)
+            .into_iter()
+            .filter_map(|(td, json)| Some((td, serde_json::from_str(&json).ok()?)))
+            .collect();
+    serde_json::json!({ "trust_domains": domains })
+}
+
+/// Keeps the trust files of `dir` current: the bundle map, the own-domain roots and one roots
+/// file per trust domain. Every write is atomic; nothing is written when nothing changed.
+pub async fn write_trust_files(
+    dir: PathBuf,
     own_td: String,
     own_bundle: watch::Receiver<String>,
     model: Reader,
 ) {
     let mut own = own_bundle;
     let mut snaps = model.subscribe();
-    let mut last = String::new();
+    let mut last: Option<(String, Vec<(String, String)>)> = None;
     loop {
-        let mut pem = String::new();
         let snap = snaps.borrow_and_update().clone();
-        for (td, roots) in
-            meshfed_model::snapshot::trust_roots(&own_td, &own.borrow_and_update(), &snap)
-        {
-            pem.push_str(&format!("# {td}\n"));
-            pem.push_str(&trust::keys::certs_to_pem(roots.iter()));
-        }
-        if pem != last {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            match trust::files::write_atomic(&path, pem.as_bytes(), 0o644) {
-                Ok(()) => last = pem,
+        let own_json = own.borrow_and_update().clone();
+        let map = serde_json::to_string_pretty(&bundle_map(&own_td, &own_json, &snap))
+            .unwrap_or_default();
+        let per_td: Vec<(String, String)> =
+            meshfed_model::snapshot::trust_roots(&own_td, &own_json, &snap)
+                .into_iter()
+                .map(|(td, roots)| (td, trust::keys::certs_to_pem(roots.iter())))
+                .collect();
+        let now = (map, per_td);
+        if last.as_ref() != Some(&now) {
+            match write_trust(&dir, &own_td, &now.0, &now.1) {
+                Ok(()) => last = Some(now),
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot write the trust roots")
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot write the trust files")
                 }
             }
         }
@@ -195,9 +217,100 @@ pub async fn write_trust_roots(
     }
 }
 
+fn write_trust(
+    dir: &std::path::Path,
+    own_td: &str,
+    map: &str,
+    per_td: &[(String, String)],
+) -> anyhow::Result<()> {
+    let roots = dir.join(ROOTS_DIR);
+    std::fs::create_dir_all(&roots)
+        .with_context(|| format!("cannot create {}", roots.display()))?;
+    for (td, pem) in per_td {
+        trust::files::write_atomic(&roots.join(format!("{td}.pem")), pem.as_bytes(), 0o644)?;
+    }
+    // Domains no longer trusted lose their file.
+    for e in std::fs::read_dir(&roots)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(td) = name.strip_suffix(".pem") {
+            if !per_td.iter().any(|(t, _)| t == td) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let own = per_td
+        .iter()
+        .find(|(t, _)| t == own_td)
+        .map(|(_, p)| p.as_str())
+        .unwrap_or_default();
+    trust::files::write_atomic(&dir.join(OWN_ROOTS_FILE), own.as_bytes(), 0o644)?;
+    // The map last: a client that sees it finds the roots files in place too.
+    trust::files::write_atomic(&dir.join(BUNDLE_MAP_FILE), map.as_bytes(), 0o644)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bundle_json(td: &str) -> String {
+        let ca = trust::CertificateAuthority::create(
+            trust::TrustDomain::new(td).unwrap(),
+            trust::ca::CaOptions::default(),
+        )
+        .unwrap();
+        ca.bundle().to_json().unwrap()
+    }
+
+    /// The trust files: a bundle map with one entry per trust domain (a bundle that does not
+    /// parse is left out), the own domain's roots alone in the fallback file, one roots file
+    /// per domain, and a domain no longer trusted loses its file.
+    #[tokio::test]
+    async fn trust_files_keep_trust_domains_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let (east, west) = (bundle_json("east.mesh"), bundle_json("west.mesh"));
+        let mut snap = Snapshot::default();
+        snap.bundles.insert("west.mesh".into(), west.clone());
+        snap.bundles
+            .insert("bad.mesh".into(), "{\"keys\": 3}".into());
+        let (_l, fed, reader) = meshfed_model::store::new(snap);
+        let (_own_tx, own_rx) = watch::channel(east.clone());
+        tokio::spawn(write_trust_files(
+            d.path().to_path_buf(),
+            "east.mesh".into(),
+            own_rx,
+            reader,
+        ));
+        let map_path = d.path().join(BUNDLE_MAP_FILE);
+        let read_map = || -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(&map_path).unwrap_or_default())
+                .unwrap_or_default()
+        };
+        while read_map()["trust_domains"].as_object().is_none() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let map = read_map();
+        let domains = map["trust_domains"].as_object().unwrap();
+        assert_eq!(
+            domains.keys().collect::<Vec<_>>(),
+            vec!["east.mesh", "west.mesh"]
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&west).unwrap();
+        assert_eq!(domains["west.mesh"], parsed);
+        let own = std::fs::read_to_string(d.path().join(OWN_ROOTS_FILE)).unwrap();
+        let east_pem = std::fs::read_to_string(d.path().join("roots/east.mesh.pem")).unwrap();
+        let west_pem = std::fs::read_to_string(d.path().join("roots/west.mesh.pem")).unwrap();
+        assert_eq!(own, east_pem);
+        assert!(!own.contains(west_pem.trim()) && !west_pem.is_empty());
+        // west leaves: its roots file goes, the map follows.
+        fed.update(|i| i.bundles.clear());
+        while d.path().join("roots/west.mesh.pem").exists() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(read_map()["trust_domains"].as_object().unwrap().len(), 1);
+    }
 
     /// A build that panics (a bug in a generator, an input nobody foresaw) leaves the last good
     /// generation in service: no proxy is ever sent an empty configuration because of it.
