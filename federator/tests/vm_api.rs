@@ -321,9 +321,43 @@ async fn bad_tokens_and_identities_are_refused_with_the_reason() {
     })
     .await
     .unwrap();
+    // An attached VM: its stream stays open until the revocation.
+    let (keep_tx, keep_rx) = tokio::sync::mpsc::channel(8);
+    keep_tx
+        .send(register("payment-vm", "10.9.0.3"))
+        .await
+        .unwrap();
+    let mut stream = vc
+        .attach(tokio_stream::wrappers::ReceiverStream::new(keep_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            first.kind,
+            Some(proto::vm::agent_message::Kind::Registered(_))
+        ),
+        "{first:?}"
+    );
     let store = VmStore::new(&w.state);
     let id = store.list().unwrap().remove(0).vm_id;
     store.update(&id, |r| r.revoked = true).unwrap().unwrap();
+    // The revocation ends the attached stream too (checked every 2 s), not only new calls.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(s) => return s,
+            }
+        }
+    })
+    .await
+    .expect("the revoked VM's stream ends");
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message().contains("was revoked"), "{ended:?}");
+    drop(keep_tx);
     let e = vc
         .renew(RenewRequest {
             svid_csr_der: csr,

@@ -54,6 +54,34 @@ pub fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
         .collect())
 }
 
+/// UDP and TCP sockets on the same port. With port 0 the UDP socket picks the port, and when
+/// that port is taken for TCP another one is tried.
+async fn bind_udp_and_tcp(
+    addr: SocketAddr,
+) -> anyhow::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    let mut attempt = 0;
+    loop {
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}/udp (DNS)"))?;
+        let bound = udp.local_addr()?;
+        match tokio::net::TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e)
+                if addr.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt < 16 =>
+            {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("cannot listen on {bound}/tcp (DNS)"))
+            }
+        }
+    }
+}
+
 /// Serves DNS on `listen` (UDP and TCP) from `names`, as a server of `tasks` (it stops at the
 /// drain, answering the queries in flight).
 pub async fn serve(
@@ -63,14 +91,8 @@ pub async fn serve(
     upstream: Vec<SocketAddr>,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<Served> {
-    let udp = tokio::net::UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}/udp (DNS)"))?;
+    let (udp, tcp) = bind_udp_and_tcp(addr).await?;
     let bound = udp.local_addr()?;
-    // TCP on the same port as UDP (port 0 picks one for UDP first).
-    let tcp = tokio::net::TcpListener::bind(bound)
-        .await
-        .with_context(|| format!("cannot listen on {bound}/tcp (DNS)"))?;
     let upstream: Vec<SocketAddr> = upstream.into_iter().filter(|u| *u != bound).collect();
     let handler = server::MeshDns::new(names, upstream, registry)?;
     let mut srv = hickory_server::Server::new(handler);

@@ -56,6 +56,9 @@ fn split_roots(
     (own, peers)
 }
 
+/// How often an attached VM's record is read for a revocation.
+const REVOCATION_CHECK: Duration = Duration::from_secs(2);
+
 fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -425,6 +428,10 @@ impl VmRegistration for VmApi {
             let mut sent_names = Arc::new(NameTable::default());
             let mut sent_roots = (Vec::new(), Vec::new());
             let mut sent_bundles = std::collections::BTreeMap::new();
+            // `meshfed vm revoke` writes the VM's record; an attached VM is cut off within one
+            // check interval, as its credential is refused for every new call at once.
+            let mut revocation = tokio::time::interval(REVOCATION_CHECK);
+            revocation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let own_json = own.borrow_and_update().clone();
                 let snap = snaps.borrow_and_update().clone();
@@ -455,6 +462,18 @@ impl VmRegistration for VmApi {
                     sent_bundles = bundles;
                 }
                 tokio::select! {
+                    _ = revocation.tick() => {
+                        if vms.get(&rec.vm_id).ok().flatten().is_none_or(|r| r.revoked) {
+                            tracing::info!(vm = %rec.vm_id, entry = %name, "VM revoked; ending its stream");
+                            let _ = tx
+                                .send(Err(Status::permission_denied(format!(
+                                    "VM {} was revoked; bootstrap it again with a new token",
+                                    rec.vm_id
+                                ))))
+                                .await;
+                            break;
+                        }
+                    }
                     _ = inputs.drain.drained() => {
                         let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
                         break;
