@@ -147,3 +147,40 @@ fn sigterm_drains_the_federator_and_it_exits_0() {
         .unwrap_or_else(|| panic!("{rest}"));
     assert!(drained.ends_with(" ms"), "{rest}");
 }
+
+/// The default binds docs/architecture.md lists per port: only what must be reached from other
+/// hosts listens on every address; plaintext and unauthenticated ports are local.
+#[test]
+fn default_binds_are_what_the_ports_table_says() {
+    let help = |cmd: &[&str]| run(meshfed().args(cmd).arg("--help")).stdout;
+    let agent = help(&["agent"]);
+    let federator = help(&["federator"]);
+    let gateway = help(&["gateway"]);
+    let flag_default = |text: &str, flag: &str| -> String {
+        // clap prints `--flag <FLAG>` then the help, with `[default: X]` before the next flag.
+        let at = text
+            .find(&format!("{flag} <"))
+            .unwrap_or_else(|| panic!("{flag} in {text}"));
+        let rest = &text[at..];
+        let end = rest[2..].find("\n  -").map(|e| e + 2).unwrap_or(rest.len());
+        let part = &rest[..end];
+        part.split("[default: ")
+            .nth(1)
+            .and_then(|d| d.split(']').next())
+            .unwrap_or_else(|| panic!("no default for {flag}: {part}"))
+            .to_string()
+    };
+    for (text, flag, want) in [
+        (&agent, "--xds-plaintext", "127.0.0.1:15010"),
+        (&agent, "--xds-mtls", "0.0.0.0:15012"),
+        (&agent, "--vm-api", "0.0.0.0:15018"),
+        (&agent, "--admin", "127.0.0.1:15014"),
+        (&agent, "--dns", "127.0.0.1:15053"),
+        (&federator, "--listen", "0.0.0.0:15100"),
+        (&federator, "--admin", "127.0.0.1:15101"),
+        (&gateway, "--listen", "0.0.0.0:15443"),
+        (&gateway, "--admin", "127.0.0.1:15021"),
+    ] {
+        assert_eq!(flag_default(text, flag), want, "{flag}");
+    }
+}

@@ -59,8 +59,9 @@ pub struct AgentArgs {
     /// repeatable. Watched for changes.
     #[arg(long = "policy")]
     policies: Vec<PathBuf>,
-    /// Plaintext xDS (ADS) address for the local cluster's proxies; `off` disables it.
-    #[arg(long, default_value = "0.0.0.0:15010", value_parser = args::listen)]
+    /// Plaintext xDS (ADS) address for proxies on this host; `off` disables it. It checks no
+    /// identity: bind it wider only where every client that can reach it is trusted.
+    #[arg(long, default_value = "127.0.0.1:15010", value_parser = args::listen)]
     xds_plaintext: args::Listen,
     /// mTLS xDS (ADS) address; clients present an SVID of this cluster; `off` disables it.
     #[arg(long, default_value = "0.0.0.0:15012", value_parser = args::listen)]

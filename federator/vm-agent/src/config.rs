@@ -219,6 +219,11 @@ controlPlane: [\"10.0.0.1:15443\"]
             c.dns_listen,
             Listen(Some("127.0.0.1:15053".parse().unwrap()))
         );
+        assert_eq!(
+            c.xds_listen,
+            Listen(Some("127.0.0.1:15010".parse().unwrap()))
+        );
+        assert_eq!(c.admin, Listen(Some("127.0.0.1:15020".parse().unwrap())));
         assert_eq!(c.drain_timeout, std::time::Duration::from_secs(5));
         let c = VmConfig::parse(
             &format!("{GOOD}dnsListen: off\nadmin: \"[::1]:9\"\ndnsUpstream: [10.0.0.2]\ndrainTimeout: 2s\n"),
