@@ -530,3 +530,36 @@ async fn a_drain_ends_sync_streams_with_unavailable_and_keeps_what_was_acknowled
     let east = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
     assert_eq!((east.exports, east.exports_acked_version), (1, 1));
 }
+
+/// A cluster's bundle sequence never goes back: an older bundle after a newer one ends the
+/// stream with FAILED_PRECONDITION naming both numbers, is counted, and the newer one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_sequence_regression_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let td = TrustDomain::new("east.mesh").unwrap();
+    let ca = identity::open_cluster_ca(&d.path().join("east"), &td, None).unwrap();
+    let bundle = |seq: u64| {
+        let mut b = ca.bundle();
+        b.sequence = Some(seq);
+        ClusterMessage {
+            kind: Some(Kind::Bundle(proto::BundleUpdate {
+                bundle_json: b.to_json().unwrap(),
+            })),
+        }
+    };
+    let e = sync_until_error(&east, vec![hello(&east), bundle(5), bundle(4)]).await;
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .contains("4 is lower than the stored bundle's 5"),
+        "{e:?}"
+    );
+    assert!(f.metrics_text().contains(
+        "meshfed_federation_refused_total{cluster=\"east\",reason=\"bundle_sequence_regression\"} 1"
+    ), "{}", f.metrics_text());
+    let r = f.report().unwrap();
+    let c = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    assert_eq!(c.bundle_sequence, 5);
+}

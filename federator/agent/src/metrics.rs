@@ -14,6 +14,7 @@ pub struct AgentMetrics {
     pub export_version_acked: IntGauge,
     pub import_revision: IntGauge,
     pub sync_errors: IntCounterVec,
+    pub bundle_regressions: IntCounterVec,
     pub registry_reloads: IntCounterVec,
     pub import_apply_seconds: HistogramVec,
     pub export_deltas: IntCounterVec,
@@ -46,6 +47,13 @@ impl AgentMetrics {
                 Opts::new("meshfed_agent_sync_errors_total", "Sync stream failures"),
                 &["reason"],
             )),
+            bundle_regressions: must(IntCounterVec::new(
+                Opts::new(
+                    "meshfed_agent_bundle_regressions_total",
+                    "Peer bundles refused because their sequence was lower than the one held",
+                ),
+                &["trust_domain"],
+            )),
             registry_reloads: must(IntCounterVec::new(
                 Opts::new(
                     "meshfed_agent_registry_reloads_total",
@@ -76,6 +84,7 @@ impl AgentMetrics {
             Box::new(m.export_version_acked.clone()),
             Box::new(m.import_revision.clone()),
             Box::new(m.sync_errors.clone()),
+            Box::new(m.bundle_regressions.clone()),
             Box::new(m.registry_reloads.clone()),
             Box::new(m.import_apply_seconds.clone()),
         ] {

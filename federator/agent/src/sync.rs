@@ -179,6 +179,36 @@ fn set_connected(inner: &Inner, fed: &FederationWriter, up: bool) {
     fed.update(|s| *s.federator_connected = up);
 }
 
+fn sequence_of(td: &str, json: &str) -> Option<u64> {
+    let d = trust::TrustDomain::new(td).ok()?;
+    trust::TrustBundle::from_json(d, json, td).ok()?.sequence
+}
+
+/// A peer bundle whose sequence is lower than the one held for its trust domain is not
+/// installed: the held one stays (it replaces the regressed one in `d`, so a full resync keeps
+/// it too). Returns (trust domain, received sequence, held sequence) of each one refused.
+fn keep_newer_bundles(
+    held: &BTreeMap<String, String>,
+    d: &mut ImportDelta,
+) -> Vec<(String, u64, u64)> {
+    let mut refused = Vec::new();
+    for b in &mut d.bundles {
+        let Some(old) = held.get(&b.trust_domain) else {
+            continue;
+        };
+        if let (Some(h), Some(g)) = (
+            sequence_of(&b.trust_domain, old),
+            sequence_of(&b.trust_domain, &b.bundle_json),
+        ) {
+            if g < h {
+                refused.push((b.trust_domain.clone(), g, h));
+                b.bundle_json = old.clone();
+            }
+        }
+    }
+    refused
+}
+
 fn apply_to_model(inner: &Inner, fed: &FederationWriter, d: &ImportDelta) {
     fed.update(|s| {
         if d.full {
@@ -340,7 +370,11 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                             send_exports(inner, &tx, d).await?;
                         }
                     }
-                    Some(In::Imports(d)) => {
+                    Some(In::Imports(mut d)) => {
+                        for (td, got, held) in keep_newer_bundles(&inner.model.current().bundles, &mut d) {
+                            inner.metrics.bundle_regressions.with_label_values(&[&td]).inc();
+                            tracing::warn!(trust_domain = %td, got, held, "refused a peer bundle whose sequence goes back; keeping the one held");
+                        }
                         let started = Instant::now();
                         let result = tokio::task::block_in_place(|| inner.cache.apply_imports(&d));
                         inner.metrics.import_apply_seconds.with_label_values(&["imports"]).observe(started.elapsed().as_secs_f64());
@@ -394,6 +428,51 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bundle(ca: &trust::CertificateAuthority, seq: u64) -> String {
+        let mut b = ca.bundle();
+        b.sequence = Some(seq);
+        b.to_json().unwrap()
+    }
+
+    #[test]
+    fn a_peer_bundle_whose_sequence_goes_back_is_not_installed() {
+        let td = trust::TrustDomain::new("west.mesh").unwrap();
+        let ca = trust::CertificateAuthority::create(td, trust::ca::CaOptions::default()).unwrap();
+        let held: BTreeMap<String, String> = [("west.mesh".to_string(), bundle(&ca, 5))].into();
+        let mut d = ImportDelta {
+            bundles: vec![proto::PeerBundle {
+                trust_domain: "west.mesh".into(),
+                bundle_json: bundle(&ca, 4),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            keep_newer_bundles(&held, &mut d),
+            vec![("west.mesh".to_string(), 4, 5)]
+        );
+        assert_eq!(d.bundles[0].bundle_json, held["west.mesh"]);
+        // A newer one, or one for a domain not held yet, goes in.
+        let newer = bundle(&ca, 6);
+        let mut d = ImportDelta {
+            bundles: vec![
+                proto::PeerBundle {
+                    trust_domain: "west.mesh".into(),
+                    bundle_json: newer.clone(),
+                    ..Default::default()
+                },
+                proto::PeerBundle {
+                    trust_domain: "eu.mesh".into(),
+                    bundle_json: "{}".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert!(keep_newer_bundles(&held, &mut d).is_empty());
+        assert_eq!(d.bundles[0].bundle_json, newer);
+    }
 
     fn svc(name: &str, port: u32) -> (String, ServiceExport) {
         (

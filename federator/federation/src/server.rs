@@ -803,8 +803,13 @@ impl Session {
                         bundle.sequence.unwrap_or(0),
                     )
                 })
-                .map_err(store_status)?
-                {
+                .map_err(|e| match e {
+                    StoreError::SequenceRegression { .. } => self.refuse(
+                        "bundle_sequence_regression",
+                        Status::failed_precondition(e.to_string()),
+                    ),
+                    other => store_status(other),
+                })? {
                     tracing::info!(cluster = %self.cluster, sequence = ?bundle.sequence, "trust bundle updated");
                     self.hub.bump_head(rev);
                 }

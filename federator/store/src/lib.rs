@@ -35,6 +35,8 @@ pub enum StoreError {
     UnknownCluster(String),
     #[error("cluster {0} has left the federation")]
     Left(String),
+    #[error("bundle.sequence: {got} is lower than the stored bundle's {stored}; a trust bundle's sequence never goes back")]
+    SequenceRegression { got: u64, stored: u64 },
     #[error("export version {got} does not follow the stored version {stored}; send a full set")]
     VersionGap { got: u64, stored: u64 },
 }
@@ -580,6 +582,12 @@ impl Store {
         let mut rec = self.member(id)?;
         if rec.bundle_json == json {
             return Ok(None);
+        }
+        if !rec.bundle_json.is_empty() && sequence < rec.bundle_sequence {
+            return Err(StoreError::SequenceRegression {
+                got: sequence,
+                stored: rec.bundle_sequence,
+            });
         }
         rec.bundle_json = json.to_string();
         rec.bundle_sequence = sequence;
@@ -1297,6 +1305,23 @@ mod tests {
         );
         let e = schema1::decode(b"c1\0shop/payment", b"short").unwrap_err();
         assert!(e.to_string().contains("too short"), "{e}");
+    }
+
+    #[test]
+    fn a_bundle_sequence_never_goes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.join(record("c1")).unwrap();
+        assert!(s.set_bundle("c1", "{\"v\": 5}", 5).unwrap().is_some());
+        let e = s.set_bundle("c1", "{\"v\": 4}", 4).unwrap_err();
+        assert!(
+            matches!(e, StoreError::SequenceRegression { got: 4, stored: 5 }),
+            "{e}"
+        );
+        assert_eq!(s.cluster("c1").unwrap().unwrap().bundle_sequence, 5);
+        // The same bundle again is no change; a newer one is stored.
+        assert!(s.set_bundle("c1", "{\"v\": 5}", 5).unwrap().is_none());
+        assert!(s.set_bundle("c1", "{\"v\": 6}", 6).unwrap().is_some());
     }
 
     #[test]
