@@ -408,6 +408,8 @@ pub struct Cluster {
     /// The agent's VM API and mesh DNS addresses.
     pub vm_api: String,
     pub dns: String,
+    /// The agent's SPIFFE bundle endpoint (`host:port`; `https://` + this is its URL).
+    pub bundle_endpoint: String,
     /// The agent watches this directory for failover policies (`*.yaml`).
     pub policy_dir: PathBuf,
     pub agent: Option<Proc>,
@@ -666,6 +668,7 @@ impl Federation {
             xds_mtls: at(15012, free_port()),
             vm_api: at(15018, free_port()),
             dns: at(15053, free_udp_port()),
+            bundle_endpoint: at(15019, free_port()),
             policy_dir,
             dir,
             agent: None,
@@ -699,6 +702,8 @@ impl Federation {
             "2s",
             "--dns",
             &c.dns,
+            "--bundle-endpoint",
+            &c.bundle_endpoint,
             "--vip-range",
             "240.240.0.0/24",
         ]

@@ -75,6 +75,26 @@ fn three_clusters_exchange_exports_and_bundles_then_leave() {
     let fs = f.cluster_status("east").unwrap();
     assert_eq!(fs["exports"], 2);
     assert_eq!(fs["bundle_sequence"], 1);
+    // east's SPIFFE bundle endpoint, read by west's operator with the east bundle west's agent
+    // already holds (from its bundle map): the same bundle, authenticated by the agent's ID.
+    let map: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(west.dir.join("xds/spiffe-bundle-map.json")).unwrap(),
+    )
+    .unwrap();
+    let held = f.root.path().join("east-held.json");
+    std::fs::write(&held, map["trust_domains"]["east.mesh"].to_string()).unwrap();
+    let fetched = meshfed_ok(&[
+        "bundle",
+        "fetch",
+        &format!("https://{}/", east.bundle_endpoint),
+        "--endpoint-spiffe-id",
+        "spiffe://east.mesh/ns/meshfed-system/sa/meshfed-agent",
+        "--trust-bundle",
+        held.to_str().unwrap(),
+    ])
+    .unwrap();
+    let fetched: serde_json::Value = serde_json::from_str(&fetched).unwrap();
+    assert_eq!(fetched["keys"], map["trust_domains"]["east.mesh"]["keys"]);
     let (code, _) = f.status().unwrap();
     assert_eq!(code, 0, "healthy federation exits 0");
 

@@ -83,6 +83,7 @@ async fn world(dir: &Path) -> World {
         dns: None,
         vip_range_v4: meshfed_agent::default_vip_range_v4(),
         vip_range_v6: None,
+        bundle_endpoint: None,
     })
     .await
     .unwrap();

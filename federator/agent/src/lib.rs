@@ -52,6 +52,8 @@ pub struct AgentConfig {
     /// Where service VIPs come from.
     pub vip_range_v4: ipnet::Ipv4Net,
     pub vip_range_v6: Option<ipnet::Ipv6Net>,
+    /// The SPIFFE bundle endpoint (`https_spiffe`, the agent's serving SVID); `None` = off.
+    pub bundle_endpoint: Option<SocketAddr>,
 }
 
 /// Istio's auto-allocation range for service entries' VIPs.
@@ -344,6 +346,8 @@ pub struct Agent {
     pub vm_api: Option<SocketAddr>,
     /// Where the mesh DNS server listens, when it runs.
     pub dns_addr: Option<SocketAddr>,
+    /// Where the SPIFFE bundle endpoint listens, when it runs.
+    pub bundle_endpoint: Option<SocketAddr>,
     tasks: Tasks,
 }
 
@@ -595,6 +599,18 @@ impl Agent {
                 }
             });
         }
+        let bundle_endpoint = match cfg.bundle_endpoint {
+            Some(addr) => Some(
+                meshfed_net::bundle_endpoint::serve(
+                    &tasks,
+                    addr,
+                    trust::tls::server_config_no_client(serving.clone())?,
+                    inner.bundle.subscribe(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let vips = meshfed_dns::vips::Vips::open(
             inner.cache.tree("service_vips")?,
             cfg.vip_range_v4,
@@ -650,6 +666,7 @@ impl Agent {
             xds_mtls,
             vm_api,
             dns_addr,
+            bundle_endpoint,
             tasks,
         })
     }

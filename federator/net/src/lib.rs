@@ -4,6 +4,7 @@
 //! Prometheus helpers.
 
 pub mod admin;
+pub mod bundle_endpoint;
 pub mod drain;
 pub mod metrics;
 
@@ -98,6 +99,14 @@ pub fn tls_incoming(
     mut config: rustls::ServerConfig,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    tls_incoming_with(listener, config)
+}
+
+/// [`tls_incoming`] with the ALPN protocols `config` names (HTTP/1.1 servers).
+pub fn tls_incoming_with(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {

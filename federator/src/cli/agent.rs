@@ -87,6 +87,11 @@ pub struct AgentArgs {
     /// IPv6 range for service VIPs (AAAA answers); `off` for IPv4 only.
     #[arg(long, default_value = "2001:2::/48", value_parser = args::v6_range)]
     vip_range_v6: args::V6Range,
+    /// SPIFFE bundle endpoint (https_spiffe profile: `GET /` returns this cluster's bundle,
+    /// served with the agent's SVID `spiffe://<td>/ns/meshfed-system/sa/meshfed-agent`); `off`
+    /// disables it.
+    #[arg(long, default_value = "off", value_parser = args::listen)]
+    bundle_endpoint: args::Listen,
     /// On SIGTERM, streams get this long to finish before they are cut.
     #[arg(long, default_value = "5s", value_parser = args::std_duration)]
     drain_timeout: Duration,
@@ -165,18 +170,20 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         }),
         vip_range_v4: a.vip_range,
         vip_range_v6: a.vip_range_v6.0,
+        bundle_endpoint: a.bundle_endpoint.0,
     })
     .await?;
     let show =
         |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     println!(
-        "agent for cluster {} running (admin {}, xDS {} plaintext, {} mTLS, VM API {}, DNS {})",
+        "agent for cluster {} running (admin {}, xDS {} plaintext, {} mTLS, VM API {}, DNS {}, bundle endpoint {})",
         agent.inner.identity().file.cluster,
         show(agent.admin_addr),
         show(agent.xds_plaintext),
         show(agent.xds_mtls),
         show(agent.vm_api),
         show(agent.dns_addr),
+        show(agent.bundle_endpoint),
     );
     let tasks = agent.tasks().clone();
     Ok(super::serve_until_signal(&tasks, a.drain_timeout, agent.drain(a.drain_timeout)).await)

@@ -1,4 +1,4 @@
-//! `meshfed bundle show` and `meshfed bundle verify`.
+//! `meshfed bundle show`, `meshfed bundle verify` and `meshfed bundle fetch`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +18,28 @@ pub enum BundleCommand {
     Show(ShowArgs),
     /// Check a certificate chain against the bundle of its own trust domain.
     Verify(VerifyArgs),
+    /// Read a bundle from a SPIFFE bundle endpoint (https_spiffe profile), authenticating the
+    /// endpoint by its SPIFFE ID against a bundle already held; prints the bundle.
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// The endpoint, https://host[:port][/path].
+    url: String,
+    /// The SPIFFE ID the endpoint's certificate must carry.
+    #[arg(long, value_parser = args::spiffe_id)]
+    endpoint_spiffe_id: trust::SpiffeId,
+    /// A bundle (or bundle map) to authenticate the endpoint with: the bundle of the endpoint
+    /// ID's trust domain, as last obtained.
+    #[arg(long)]
+    trust_bundle: PathBuf,
+    /// The trust domain of the bundle served (default: the endpoint ID's).
+    #[arg(long, value_parser = args::trust_domain)]
+    trust_domain: Option<TrustDomain>,
+    /// Write the bundle here (atomically) instead of printing it.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -48,7 +70,55 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BundleCommand::Verify(a) => verify(a),
+        BundleCommand::Fetch(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(fetch(a)),
     }
+}
+
+/// Reads a bundle or bundle map file into a set (a single bundle for `td`).
+fn read_bundles(path: &std::path::Path, td: &TrustDomain) -> anyhow::Result<BundleSet> {
+    let what = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {what}"))?;
+    let mut set = BundleSet::new();
+    if is_bundle_map(&text) {
+        for b in parse_bundle_map(&text, &what)? {
+            set.insert(b)?;
+        }
+    } else {
+        set.insert(TrustBundle::from_json(td.clone(), &text, &what)?)?;
+    }
+    Ok(set)
+}
+
+async fn fetch(a: FetchArgs) -> anyhow::Result<ExitCode> {
+    let endpoint_td = a.endpoint_spiffe_id.trust_domain();
+    let set = read_bundles(&a.trust_bundle, &endpoint_td)?;
+    let verifier = SpiffeVerifier::new(
+        TrustStore::new(set),
+        Authorizer::id(a.endpoint_spiffe_id.clone()),
+    );
+    let tls = trust::tls::client_config(trust::tls::SvidResolver::new(), verifier)?;
+    let body = meshfed_net::bundle_endpoint::fetch(&a.url, tls).await?;
+    let td = a.trust_domain.unwrap_or(endpoint_td);
+    let bundle = TrustBundle::from_json(td.clone(), &body, &a.url)?;
+    eprintln!(
+        "bundle of {td} from {} ({}): {} root(s), sequence {}",
+        a.url,
+        a.endpoint_spiffe_id,
+        bundle.x509_authorities.len(),
+        bundle
+            .sequence
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    let json = bundle.to_json()?;
+    match &a.out {
+        Some(p) => trust::files::write_atomic(p, json.as_bytes(), trust::files::PUBLIC_MODE)?,
+        None => println!("{json}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The trust domain named by the roots of a bundle (meshfed roots carry `spiffe://<td>`).

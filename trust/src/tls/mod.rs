@@ -47,6 +47,20 @@ fn server_config_with(
     Ok(cfg)
 }
 
+/// A server that presents the resolver's SVID and asks no client certificate (a SPIFFE bundle
+/// endpoint, `https_spiffe` profile: anyone may read a bundle; the client authenticates the
+/// server against the bundle it already holds).
+pub fn server_config_no_client(resolver: Arc<SvidResolver>) -> Result<ServerConfig> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError::Ca(format!("TLS configuration: {e}")))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
+}
+
 /// Like [`server_config`], but a client may connect without a certificate: handlers then see
 /// no peer identity and must refuse what needs one. A certificate that is presented is still
 /// fully verified. (The federator's `Join` is the one call made before a cluster has an
