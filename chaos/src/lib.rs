@@ -680,6 +680,30 @@ impl Federation {
     }
 
     pub fn start_agent(&self, c: &mut Cluster) -> Result<()> {
+        // Ports come from `free_port`, which another test may take before the agent binds
+        // them: an agent that exits because a port is taken is started again on fresh ports.
+        for attempt in 0.. {
+            match self.try_start_agent(c)? {
+                true => return Ok(()),
+                false if attempt < 3 && c.netns.is_none() => {
+                    c.admin = format!("127.0.0.1:{}", free_port());
+                    c.xds = format!("127.0.0.1:{}", free_port());
+                    c.xds_mtls = format!("127.0.0.1:{}", free_port());
+                    c.vm_api = format!("127.0.0.1:{}", free_port());
+                    c.dns = format!("127.0.0.1:{}", free_udp_port());
+                    c.bundle_endpoint = format!("127.0.0.1:{}", free_port());
+                }
+                false => {
+                    let log = c.agent.as_ref().map(|a| a.log()).unwrap_or_default();
+                    bail!("the agent of {} could not bind its ports:\n{log}", c.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the agent; `false` when it exited because one of its ports was taken.
+    fn try_start_agent(&self, c: &mut Cluster) -> Result<bool> {
         let args: Vec<String> = [
             "agent",
             "--state-dir",
@@ -719,10 +743,17 @@ impl Federation {
             self.root.path(),
         )?);
         let admin = c.admin.clone();
+        let agent = c.agent.as_mut();
+        let agent = agent.context("agent just started")?;
         wait_for(Duration::from_secs(20), "the agent to serve", || {
-            Ok(status(&admin).ok().map(|_| ()))
-        })?;
-        Ok(())
+            if status(&admin).is_ok() {
+                return Ok(Some(true));
+            }
+            if agent.exited() && agent.log().contains("cannot listen on") {
+                return Ok(Some(false));
+            }
+            Ok(None)
+        })
     }
 
     pub fn status(&self) -> Result<(i32, serde_json::Value)> {
