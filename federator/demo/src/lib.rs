@@ -451,6 +451,8 @@ fn agent_args(dir: &Path, addr: &str, policies: bool) -> Vec<String> {
         "127.0.0.1:9",
         "--vip-range-v6",
         "off",
+        "--bundle-endpoint",
+        &format!("{addr}:15019"),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -462,6 +464,33 @@ fn agent_args(dir: &Path, addr: &str, policies: bool) -> Vec<String> {
         ]);
     }
     v
+}
+
+/// `td`'s bundle as the agent under `dir` holds it (its bundle map) and as the bundle endpoint
+/// at `addr:15019` serves it (authenticated with the held one): their `keys`, and the URL.
+async fn fetch_peer_bundle(
+    dir: &Path,
+    td: &str,
+    addr: &str,
+) -> anyhow::Result<(serde_json::Value, serde_json::Value, String)> {
+    let map: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.join("xds").join("spiffe-bundle-map.json"),
+    )?)?;
+    let held = map["trust_domains"][td].clone();
+    let domain = TrustDomain::new(td)?;
+    let bundle = TrustBundle::from_json(domain.clone(), &held.to_string(), "the held bundle")?;
+    let mut set = BundleSet::new();
+    set.insert(bundle)?;
+    let endpoint = SpiffeId::new(&format!("spiffe://{td}/ns/meshfed-system/sa/meshfed-agent"))?;
+    let tls = trust::tls::client_config(
+        trust::tls::SvidResolver::new(),
+        trust::tls::SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(endpoint)),
+    )?;
+    let url = format!("https://{addr}:15019/");
+    let body = meshfed_net::bundle_endpoint::fetch(&url, tls).await?;
+    let fetched = TrustBundle::from_json(domain, &body, &url)?;
+    let fetched: serde_json::Value = serde_json::from_str(&fetched.to_json()?)?;
+    Ok((held["keys"].clone(), fetched["keys"].clone(), url))
 }
 
 fn calls_to(m: &BTreeMap<String, u64>, cluster: &str) -> u64 {
@@ -994,6 +1023,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             fmt_counts(&p1, f1)
         ),
     );
+
+    // SPIFFE federation without the federator: eu reads east's bundle from east's bundle
+    // endpoint, authenticating it with the east bundle eu's agent already holds.
+    let (ok, detail) = match fetch_peer_bundle(&eu_dir, "east.mesh", &layout.addr("east")).await {
+        Ok((held, fetched, url)) => (
+            held == fetched,
+            format!(
+                "eu fetched east.mesh's bundle from {url} (https_spiffe, endpoint spiffe://east.mesh/ns/meshfed-system/sa/meshfed-agent): {} root(s), the same as the bundle eu received through the federation",
+                fetched.as_array().map(|k| k.len()).unwrap_or(0)
+            ),
+        ),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    checks.assert(ok, "bundle endpoint", detail);
 
     println!("\nphase 2: west goes down (its payment server stops, its agent is killed)");
     if let Some((task, stop)) = servers.remove("west") {
