@@ -260,15 +260,10 @@ fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String
 fn bundle_map_file(path: &Path) -> TrustStore {
     let mut set = BundleSet::new();
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let map: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    if let Some(domains) = map["trust_domains"].as_object() {
-        for (td, bundle) in domains {
-            if let Ok(t) = TrustDomain::new(td) {
-                if let Ok(b) = TrustBundle::from_json(t, &bundle.to_string(), td) {
-                    let _ = set.insert(b);
-                }
-            }
-        }
+    // Before the agent wrote its first map the store is empty: every server is refused.
+    for b in trust::bundle::parse_bundle_map(&text, &path.display().to_string()).unwrap_or_default()
+    {
+        let _ = set.insert(b);
     }
     TrustStore::new(set)
 }
@@ -473,14 +468,18 @@ async fn fetch_peer_bundle(
     td: &str,
     addr: &str,
 ) -> anyhow::Result<(serde_json::Value, serde_json::Value, String)> {
-    let map: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        dir.join("xds").join("spiffe-bundle-map.json"),
-    )?)?;
-    let held = map["trust_domains"][td].clone();
+    let path = dir.join("xds").join("spiffe-bundle-map.json");
     let domain = TrustDomain::new(td)?;
-    let bundle = TrustBundle::from_json(domain.clone(), &held.to_string(), "the held bundle")?;
+    let held = trust::bundle::parse_bundle_map(
+        &std::fs::read_to_string(&path)?,
+        &path.display().to_string(),
+    )?
+    .into_iter()
+    .find(|b| b.trust_domain == domain)
+    .with_context(|| format!("{}: no bundle of {td}", path.display()))?;
+    let held_keys: serde_json::Value = serde_json::from_str(&held.to_json()?)?;
     let mut set = BundleSet::new();
-    set.insert(bundle)?;
+    set.insert(held)?;
     let endpoint = SpiffeId::new(&format!("spiffe://{td}/ns/meshfed-system/sa/meshfed-agent"))?;
     let tls = trust::tls::client_config(
         trust::tls::SvidResolver::new(),
@@ -490,7 +489,7 @@ async fn fetch_peer_bundle(
     let body = meshfed_net::bundle_endpoint::fetch(&url, tls).await?;
     let fetched = TrustBundle::from_json(domain, &body, &url)?;
     let fetched: serde_json::Value = serde_json::from_str(&fetched.to_json()?)?;
-    Ok((held["keys"].clone(), fetched["keys"].clone(), url))
+    Ok((held_keys["keys"].clone(), fetched["keys"].clone(), url))
 }
 
 fn calls_to(m: &BTreeMap<String, u64>, cluster: &str) -> u64 {

@@ -31,27 +31,15 @@ pub struct Served {
     pub addr: SocketAddr,
 }
 
-/// Parses upstream resolvers (`IP` or `IP:PORT`); none given = /etc/resolv.conf's.
-pub fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
-    let parse = |s: &str| -> anyhow::Result<SocketAddr> {
-        if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(a);
-        }
-        let ip: std::net::IpAddr = s
-            .trim_matches(['[', ']'])
-            .parse()
-            .with_context(|| format!("DNS upstream {s:?} is not IP or IP:PORT"))?;
-        Ok(SocketAddr::new(ip, 53))
-    };
-    if !given.is_empty() {
-        return given.iter().map(|s| parse(s)).collect();
-    }
+/// The system's resolvers, from /etc/resolv.conf (`nameserver` lines, port 53); what the
+/// agent and the VM agent forward to when no upstream is configured.
+pub fn system_upstreams() -> Vec<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    Ok(text
-        .lines()
+    text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| parse(a.trim()).ok())
-        .collect())
+        .filter_map(|a| a.trim().trim_matches(['[', ']']).parse().ok())
+        .map(|ip: std::net::IpAddr| SocketAddr::new(ip, 53))
+        .collect()
 }
 
 /// UDP and TCP sockets on the same port. With port 0 the UDP socket picks the port, and when

@@ -80,32 +80,41 @@ impl Snapshot {
 }
 
 /// The bundle JSON of the cluster's own trust domain and of every peer bundle it holds, by
-/// trust domain: the entries of a SPIFFE bundle map. A bundle that does not parse as a SPIFFE
-/// bundle of its own trust domain is left out, with a warning.
-pub fn bundle_map_entries(
+/// trust domain (unchecked: [`bundle_map_document`] keeps only those that parse).
+pub fn bundles_by_trust_domain(
     own_td: &str,
     own_json: &str,
     snap: &Snapshot,
 ) -> std::collections::BTreeMap<String, String> {
-    let all = std::iter::once((own_td, own_json)).chain(
-        snap.bundles
-            .iter()
-            .filter(|(td, _)| td.as_str() != own_td)
-            .map(|(td, j)| (td.as_str(), j.as_str())),
-    );
-    let mut out = std::collections::BTreeMap::new();
-    for (td, json) in all {
+    let mut out: std::collections::BTreeMap<String, String> = snap
+        .bundles
+        .iter()
+        .map(|(td, j)| (td.clone(), j.clone()))
+        .collect();
+    out.insert(own_td.to_string(), own_json.to_string());
+    out
+}
+
+/// A SPIFFE bundle map (gRFC A87) `{"trust_domains": {"<td>": <bundle>}}` of `bundles`
+/// (trust domain -> bundle JSON). A bundle that does not parse as a SPIFFE bundle of its own
+/// trust domain is left out, with a warning.
+pub fn bundle_map_document<'a>(
+    bundles: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> serde_json::Value {
+    let mut domains = serde_json::Map::new();
+    for (td, json) in bundles {
         let ok = trust::TrustDomain::new(td)
             .ok()
             .and_then(|d| trust::TrustBundle::from_json(d, json, td).ok())
             .is_some();
-        if ok {
-            out.insert(td.to_string(), json.to_string());
-        } else {
-            tracing::warn!(trust_domain = %td, "bundle left out of the bundle map");
+        match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(v) if ok => {
+                domains.insert(td.clone(), v);
+            }
+            _ => tracing::warn!(trust_domain = %td, "bundle left out of the bundle map"),
         }
     }
-    out
+    serde_json::json!({ "trust_domains": domains })
 }
 
 /// The roots of the cluster's own trust domain and of every peer bundle it holds, by trust

@@ -52,13 +52,6 @@ impl Signal {
     pub fn never() -> Signal {
         Signal(CancellationToken::new())
     }
-
-    /// A signal that never fires until `trigger` is called (for tests and embedded servers).
-    pub fn manual() -> (Signal, impl Fn()) {
-        let t = CancellationToken::new();
-        let c = t.clone();
-        (Signal(t), move || c.cancel())
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

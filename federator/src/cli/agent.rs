@@ -147,7 +147,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
 pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     // Every flag was parsed and checked by clap (exit 2 naming the flag) before this point.
     let dns_upstream = if a.dns_upstream.is_empty() {
-        meshfed_dns::upstreams(&[])?
+        meshfed_dns::system_upstreams()
     } else {
         a.dns_upstream
     };

@@ -144,19 +144,7 @@ impl Shared {
         &self,
         bundles: &std::collections::HashMap<String, String>,
     ) -> anyhow::Result<()> {
-        let mut domains = serde_json::Map::new();
-        for (td, json) in bundles {
-            let parsed = TrustDomain::new(td)
-                .ok()
-                .and_then(|d| TrustBundle::from_json(d, json, td).ok());
-            match (parsed, serde_json::from_str::<serde_json::Value>(json)) {
-                (Some(_), Ok(v)) => {
-                    domains.insert(td.clone(), v);
-                }
-                _ => tracing::warn!(trust_domain = %td, "a bundle from the agent was left out"),
-            }
-        }
-        let doc = serde_json::json!({ "trust_domains": domains });
+        let doc = meshfed_model::snapshot::bundle_map_document(bundles);
         trust::files::write_atomic(
             &self.cfg.cert_dir.join(BUNDLE_MAP_FILE),
             serde_json::to_string_pretty(&doc)?.as_bytes(),
@@ -334,7 +322,7 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
     let mut dns = None;
     if let Some(listen) = shared.cfg.dns_listen.0 {
         let upstream = if shared.cfg.dns_upstream.is_empty() {
-            meshfed_dns::upstreams(&[])?
+            meshfed_dns::system_upstreams()
         } else {
             shared.cfg.dns_upstream.iter().map(|u| u.0).collect()
         };

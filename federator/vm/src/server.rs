@@ -436,7 +436,8 @@ impl VmRegistration for VmApi {
                 let own_json = own.borrow_and_update().clone();
                 let snap = snaps.borrow_and_update().clone();
                 let roots = split_roots(&td, &own_json, &snap);
-                let bundles = meshfed_model::snapshot::bundle_map_entries(&td, &own_json, &snap);
+                let bundles =
+                    meshfed_model::snapshot::bundles_by_trust_domain(&td, &own_json, &snap);
                 let table = names.borrow_and_update().clone();
                 if !Arc::ptr_eq(&table, &sent_names) {
                     let msg = AgentMessage {

@@ -172,12 +172,9 @@ pub const ROOTS_DIR: &str = "roots";
 /// `{"trust_domains": {"<td>": <SPIFFE bundle>}}`. A client that reads it verifies a peer only
 /// against the bundle of the peer SVID's own trust domain.
 pub fn bundle_map(own_td: &str, own_json: &str, snap: &Snapshot) -> serde_json::Value {
-    let domains: serde_json::Map<String, serde_json::Value> =
-        meshfed_model::snapshot::bundle_map_entries(own_td, own_json, snap)
-            .into_iter()
-            .filter_map(|(td, json)| Some((td, serde_json::from_str(&json).ok()?)))
-            .collect();
-    serde_json::json!({ "trust_domains": domains })
+    meshfed_model::snapshot::bundle_map_document(&meshfed_model::snapshot::bundles_by_trust_domain(
+        own_td, own_json, snap,
+    ))
 }
 
 /// Keeps the trust files of `dir` current: the bundle map, the own-domain roots and one roots
