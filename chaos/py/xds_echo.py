@@ -1,10 +1,13 @@
 """A real proxyless gRPC peer for meshfed's xDS tests (grpcio from PyPI).
 
-server: answers /meshfed.test.Echo/Who with its name, plaintext or mTLS.
+server: answers /meshfed.test.Echo/Who with its name, plaintext or mTLS. With --watch DIR
+        the certificate is DIR/cert-chain.pem + DIR/key.pem, re-read for new handshakes
+        whenever DIR (a symlink swapped atomically) points somewhere new.
 client: calls an xds:/// target every --interval and prints one line per call:
         "ok <server name>" or "err <CODE> <details>". GRPC_XDS_BOOTSTRAP names the bootstrap.
 """
 import argparse
+import os
 import sys
 import time
 from concurrent import futures
@@ -25,7 +28,9 @@ def serve(a):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
     for addr in a.addr:
-        if a.cert:
+        if a.watch:
+            server.add_secure_port(addr, watched_credentials(a.watch, a.roots))
+        elif a.cert:
             with open(a.key, "rb") as f:
                 key = f.read()
             with open(a.cert, "rb") as f:
@@ -41,6 +46,39 @@ def serve(a):
     server.start()
     print("serving", name, " ".join(a.addr), flush=True)
     server.wait_for_termination()
+
+
+def read_watched(path):
+    """(target, key, chain) of one consistent generation of the symlinked directory."""
+    while True:
+        target = os.path.realpath(path)
+        with open(os.path.join(target, "key.pem"), "rb") as f:
+            key = f.read()
+        with open(os.path.join(target, "cert-chain.pem"), "rb") as f:
+            chain = f.read()
+        if os.path.realpath(path) == target:
+            return target, key, chain
+
+
+def watched_credentials(path, roots_path):
+    with open(roots_path, "rb") as f:
+        roots = f.read()
+    target, key, chain = read_watched(path)
+    state = {"target": target}
+
+    def config(key, chain):
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=roots)
+
+    def fetch():
+        if os.path.realpath(path) == state["target"]:
+            return None
+        target, key, chain = read_watched(path)
+        state["target"] = target
+        return config(key, chain)
+
+    return grpc.dynamic_ssl_server_credentials(
+        config(key, chain), fetch, require_client_authentication=True
+    )
 
 
 def client(a):
@@ -71,6 +109,7 @@ def main():
     s.add_argument("--cert")
     s.add_argument("--key")
     s.add_argument("--roots")
+    s.add_argument("--watch")
     c = sub.add_parser("client")
     c.add_argument("--target", required=True)
     c.add_argument("--secure", action="store_true")

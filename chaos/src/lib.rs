@@ -415,6 +415,8 @@ pub struct Cluster {
     pub agent: Option<Proc>,
     /// The network namespace the cluster's processes run in (`None`: the host's network).
     pub netns: Option<String>,
+    /// Flags added to every start of the agent.
+    pub agent_args: Vec<String>,
 }
 
 impl Cluster {
@@ -618,6 +620,21 @@ impl Federation {
         net: Option<&Network>,
         gateways: &[String],
     ) -> Result<Cluster> {
+        self.add_cluster_with(name, network, locality, registry, net, gateways, &[])
+    }
+
+    /// [`add_cluster_in`](Self::add_cluster_in), with extra flags for the agent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_cluster_with(
+        &self,
+        name: &str,
+        network: &str,
+        locality: &str,
+        registry: &str,
+        net: Option<&Network>,
+        gateways: &[String],
+        agent_args: &[&str],
+    ) -> Result<Cluster> {
         let dir = self.root.path().join(name);
         let token = self.token(name)?;
         let td = format!("{name}.mesh");
@@ -673,6 +690,7 @@ impl Federation {
             dir,
             agent: None,
             netns: ns,
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
         };
         c.write_registry(registry)?;
         self.start_agent(&mut c)?;
@@ -733,6 +751,7 @@ impl Federation {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(c.agent_args.iter().cloned())
         .collect();
         let (program, args) = c.command(&args)?;
         c.agent = Some(Proc::spawn_program(
@@ -745,7 +764,7 @@ impl Federation {
         let admin = c.admin.clone();
         let agent = c.agent.as_mut();
         let agent = agent.context("agent just started")?;
-        wait_for(Duration::from_secs(20), "the agent to serve", || {
+        let r = wait_for(Duration::from_secs(20), "the agent to serve", || {
             if status(&admin).is_ok() {
                 return Ok(Some(true));
             }
@@ -753,7 +772,8 @@ impl Federation {
                 return Ok(Some(false));
             }
             Ok(None)
-        })
+        });
+        r.with_context(|| format!("the agent's log:\n{}", agent.log()))
     }
 
     pub fn status(&self) -> Result<(i32, serde_json::Value)> {

@@ -84,6 +84,11 @@ async fn world(dir: &Path) -> World {
         vip_range_v4: meshfed_agent::default_vip_range_v4(),
         vip_range_v6: None,
         bundle_endpoint: None,
+        ca_rotation: meshfed_identity::live_ca::RotationPolicy {
+            period: None,
+            publish_lead: time::Duration::minutes(20),
+        },
+        serving_cert_ttl: meshfed_agent::SERVING_CERT_TTL,
     })
     .await
     .unwrap();

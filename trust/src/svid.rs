@@ -312,12 +312,19 @@ impl Svid {
 }
 
 /// The renewal point for a certificate valid from `not_before` to `not_after`, given a
-/// jitter `u` in [0, 1): `not_before + lifetime * (0.5 + 0.3 u)`.
+/// jitter `u` in [0, 1): `start + lifetime * (0.5 + 0.3 u)`, where the lifetime counts from
+/// the issuance (`not_before` plus the CA's back-dating, [`crate::ca::BACKDATE`]), so that a
+/// short-lived certificate is not renewed the moment it arrives.
 pub fn renewal_time(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     u: f64,
 ) -> OffsetDateTime {
+    let not_before = if not_after - not_before > crate::ca::BACKDATE {
+        not_before + crate::ca::BACKDATE
+    } else {
+        not_before
+    };
     let life = not_after - not_before;
     let frac = 0.5 + 0.3 * u.clamp(0.0, 1.0);
     not_before + life * frac
@@ -330,15 +337,32 @@ mod tests {
 
     #[test]
     fn renewal_is_between_half_and_eighty_percent() {
+        // Issued at `nb` (valid from a minute before) for 24 hours.
         let nb = OffsetDateTime::UNIX_EPOCH;
         let na = nb + Duration::hours(24);
-        assert_eq!(renewal_time(nb, na, 0.0), nb + Duration::hours(12));
-        let hi = renewal_time(nb, na, 0.999_999);
+        let nb_dated = nb - crate::ca::BACKDATE;
+        assert_eq!(renewal_time(nb_dated, na, 0.0), nb + Duration::hours(12));
+        let hi = renewal_time(nb_dated, na, 0.999_999);
         assert!(hi < nb + Duration::minutes(1152) + Duration::seconds(1));
         assert!(hi > nb + Duration::minutes(1151));
         for _ in 0..1000 {
-            let t = renewal_time(nb, na, rand::random());
+            let t = renewal_time(nb_dated, na, rand::random());
             assert!(t >= nb + Duration::hours(12) && t <= nb + Duration::minutes(1152));
         }
+    }
+
+    /// A certificate back-dated by a minute and valid for 4 s after its issuance renews 2 to
+    /// 3.2 s after the issuance, not at once.
+    #[test]
+    fn short_lived_certificates_count_their_life_from_the_issuance() {
+        let issued = OffsetDateTime::UNIX_EPOCH + Duration::hours(1);
+        let nb = issued - crate::ca::BACKDATE;
+        let na = issued + Duration::seconds(4);
+        assert_eq!(renewal_time(nb, na, 0.0), issued + Duration::seconds(2));
+        let hi = renewal_time(nb, na, 0.999_999);
+        assert!(
+            hi > issued + Duration::milliseconds(3199)
+                && hi <= issued + Duration::milliseconds(3200)
+        );
     }
 }

@@ -24,6 +24,7 @@ use meshfed_dns::table::NameTable;
 use meshfed_identity::certs::{issue_fn, Backoff, Managed};
 use meshfed_identity::cluster::ClusterIdentity;
 use meshfed_identity::ids::{agent_spiffe_id, federator_spiffe_id};
+use meshfed_identity::live_ca::{CaReport, LiveCa, RotationPolicy};
 use meshfed_model::policy::PolicySet;
 use meshfed_model::registry::{FileRegistry, Registry, RegistrySource};
 use meshfed_model::store::{self as store, LocalWriter, Reader};
@@ -54,6 +55,12 @@ pub struct AgentConfig {
     pub vip_range_v6: Option<ipnet::Ipv6Net>,
     /// The SPIFFE bundle endpoint (`https_spiffe`, the agent's serving SVID); `None` = off.
     pub bundle_endpoint: Option<SocketAddr>,
+    /// When the cluster CA rotates by itself, and how long a new root is published before it
+    /// signs (checked every `registry_poll`).
+    pub ca_rotation: RotationPolicy,
+    /// Lifetime of the agent's own serving certificate (renewed at 50-80 % of it, and at once
+    /// when a new root signs). A retiring root stays published until the last one expires.
+    pub serving_cert_ttl: time::Duration,
 }
 
 /// Istio's auto-allocation range for service entries' VIPs.
@@ -101,6 +108,8 @@ pub struct Inner {
     pub entries: Arc<Entries>,
     /// The mesh's names and VIPs (the agent's DNS and its VMs' DNS answer from this).
     pub names: watch::Sender<Arc<NameTable>>,
+    /// The cluster CA (signs, rotates, publishes the bundle).
+    pub ca: Arc<LiveCa>,
 }
 
 impl Inner {
@@ -190,6 +199,7 @@ impl Inner {
                 })
                 .collect(),
             dns_names: self.names.borrow().name_count() as u64,
+            ca: Some(self.ca.report(time::OffsetDateTime::now_utc())),
             exports: self.exports.borrow().len() as u64,
             exports_acked_version: st.exports_acked_version,
             imports_applied_revision: snap.applied_revision,
@@ -212,6 +222,16 @@ impl Inner {
                         },
                         last_heartbeat_age_ms: p.last_heartbeat_age_ms,
                         bundle: snap.bundles.contains_key(&f.trust_domain),
+                        bundle_sequence: bundle_facts(
+                            &f.trust_domain,
+                            snap.bundles.get(&f.trust_domain),
+                        )
+                        .0,
+                        bundle_days_left: bundle_facts(
+                            &f.trust_domain,
+                            snap.bundles.get(&f.trust_domain),
+                        )
+                        .1,
                     })
                 })
                 .collect(),
@@ -230,7 +250,32 @@ pub struct PeerReport {
     pub last_heartbeat_age_ms: u64,
     /// Whether we hold the peer's trust bundle.
     pub bundle: bool,
+    /// The held bundle's sequence.
+    #[serde(default)]
+    pub bundle_sequence: Option<u64>,
+    /// Whole days until the first root in the held bundle expires.
+    #[serde(default)]
+    pub bundle_days_left: Option<i64>,
 }
+
+/// Sequence and days until the first root expires, of a held bundle.
+fn bundle_facts(td: &str, json: Option<&String>) -> (Option<u64>, Option<i64>) {
+    let Some(b) = json.and_then(|j| {
+        trust::TrustBundle::from_json(TrustDomain::new(td).ok()?, j, "held bundle").ok()
+    }) else {
+        return (None, None);
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let first = b
+        .x509_authorities
+        .iter()
+        .filter_map(|c| trust::svid::validity(c).ok().map(|v| v.1))
+        .min();
+    (b.sequence, first.map(|t| (t - now).whole_days()))
+}
+
+/// Certificates and bundles closer than this to expiry are warned about.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentReport {
@@ -267,6 +312,9 @@ pub struct AgentReport {
     /// Names the mesh DNS answers for.
     #[serde(default)]
     pub dns_names: u64,
+    /// The cluster CA: generations, rotation, expiry.
+    #[serde(default)]
+    pub ca: Option<CaReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -291,6 +339,30 @@ pub struct XdsReport {
 }
 
 impl AgentReport {
+    /// What will break if nobody acts: certificates and bundles within
+    /// [`EXPIRY_WARNING_DAYS`] of expiry (reported, not failures).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(ca) = &self.ca {
+            if ca.signer_days_left < EXPIRY_WARNING_DAYS {
+                out.push(format!(
+                    "the cluster CA's signing certificate expires in {} days ({}); rotate it: meshfed ca rotate start",
+                    ca.signer_days_left, ca.signer_not_after
+                ));
+            }
+        }
+        for p in &self.peers {
+            if let Some(d) = p.bundle_days_left.filter(|d| *d < EXPIRY_WARNING_DAYS) {
+                out.push(format!(
+                    "peer {}'s trust bundle (sequence {}) has a root that expires in {d} days",
+                    p.cluster,
+                    p.bundle_sequence.unwrap_or(0)
+                ));
+            }
+        }
+        out
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.left {
@@ -363,7 +435,11 @@ impl Agent {
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
         let identity = ClusterIdentity::load(&cfg.state_dir)?;
         let td = TrustDomain::new(&identity.file.trust_domain)?;
-        let ca = meshfed_identity::cluster::open_cluster_ca(&cfg.state_dir, &td, None)?;
+        // Creates the CA the first time; from then on the live CA follows its directory.
+        meshfed_identity::cluster::open_cluster_ca(&cfg.state_dir, &td, None)?;
+        let ca = Arc::new(LiveCa::open(meshfed_identity::cluster::ca_dir(
+            &cfg.state_dir,
+        ))?);
         let cache_dir = cfg.state_dir.join("cache");
         let cache = cache::Cache::open(&cache_dir)?;
         let metrics = AgentMetrics::new();
@@ -459,6 +535,7 @@ impl Agent {
             model: reader,
             exports: watch::Sender::new(exports),
             bundle: watch::Sender::new(ca.bundle().to_json()?),
+            ca: ca.clone(),
             cluster_cert,
             federator_verifier,
             metrics,
@@ -514,26 +591,43 @@ impl Agent {
             "policy watcher",
             watch_policies(inner.clone(), cfg.policies.clone(), cfg.registry_poll),
         );
-        let ca = Arc::new(ca);
+        tasks.spawn(
+            "cluster CA",
+            run_ca(inner.clone(), cfg.ca_rotation, cfg.registry_poll),
+        );
+        // Every TLS verifier of this cluster's own peers follows the live bundle.
+        let own_trust = TrustStore::new({
+            let mut set = BundleSet::new();
+            set.insert(ca.bundle())?;
+            set
+        });
         let (mut xds_plaintext, mut xds_mtls, mut vm_api, mut dns_addr) = (None, None, None, None);
         // The agent's serving SVID (xDS mTLS port and VM API), issued by the cluster CA.
-        let serving_cert = Managed::new("agent serving", Some(serving_svid(&ca)?))?;
+        let serving_cert = Managed::new(
+            "agent serving",
+            Some(serving_svid(&ca, cfg.serving_cert_ttl)?),
+        )?;
         let serving = serving_cert.resolver();
+        tasks.spawn(
+            "own bundle",
+            follow_own_bundle(inner.clone(), own_trust.clone(), serving_cert.clone()),
+        );
         tasks.spawn(
             "agent serving certificate",
             serving_cert.run(
                 {
                     let ca = ca.clone();
+                    let ttl = cfg.serving_cert_ttl;
                     issue_fn(move || {
                         let ca = ca.clone();
-                        async move { serving_svid(&ca) }
+                        async move { serving_svid(&ca, ttl) }
                     })
                 },
                 Backoff::default(),
             ),
         );
         if let (Some(xcfg), Some(state)) = (&cfg.xds, xds_state) {
-            let tls = xds_tls(&ca, &td, serving.clone())?;
+            let tls = xds_tls(own_trust.clone(), &td, serving.clone())?;
             let served = meshfed_xds::serve::start(
                 &tasks,
                 xcfg,
@@ -560,10 +654,8 @@ impl Agent {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (VM API)"))?;
             vm_api = Some(l.local_addr()?);
-            let mut set = BundleSet::new();
-            set.insert(ca.bundle())?;
             let verifier =
-                SpiffeVerifier::new(TrustStore::new(set), Authorizer::trust_domain(td.clone()));
+                SpiffeVerifier::new(own_trust.clone(), Authorizer::trust_domain(td.clone()));
             let tls = trust::tls::server_config_optional_client(serving.clone(), verifier)?;
             let (cluster, trust_domain) = {
                 let id = inner.identity();
@@ -809,27 +901,125 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, cfg: LocalSourceCo
 
 /// The agent's serving identity `spiffe://<td>/ns/meshfed-system/sa/meshfed-agent`, issued
 /// from the cluster CA (what xDS clients and VMs check).
-fn serving_svid(ca: &trust::CertificateAuthority) -> anyhow::Result<trust::Svid> {
-    let id = agent_spiffe_id(ca.trust_domain())?;
-    Ok(ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, SERVING_CERT_TTL)?)
+fn serving_svid(ca: &LiveCa, ttl: time::Duration) -> anyhow::Result<trust::Svid> {
+    let id = agent_spiffe_id(&ca.trust_domain())?;
+    ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, ttl)
+}
+
+/// Drives the cluster CA: reloads it when `meshfed ca rotate` changed it, starts rotations on
+/// the policy's schedule, and lets a pending root sign only once the federator says every
+/// member holds the bundle that carries it.
+async fn run_ca(inner: Arc<Inner>, policy: RotationPolicy, every: Duration) {
+    let mut t = tokio::time::interval(every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        t.tick().await;
+        let now = time::OffsetDateTime::now_utc();
+        let may_activate = match inner.ca.activation_due(now) {
+            None => false,
+            Some(sequence) => match bundle_distribution(&inner).await {
+                Ok(d) if d.stored_sequence >= sequence && d.pending.is_empty() => {
+                    inner.ca.set_waiting_for(Vec::new());
+                    true
+                }
+                Ok(d) => {
+                    let mut waiting = d.pending;
+                    if d.stored_sequence < sequence {
+                        waiting.insert(0, "federator".into());
+                    }
+                    inner.ca.set_waiting_for(waiting);
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot ask the federator whether the new root has been distributed; it does not sign yet");
+                    inner.ca.set_waiting_for(vec!["federator".into()]);
+                    false
+                }
+            },
+        };
+        let ca = inner.ca.clone();
+        match tokio::task::spawn_blocking(move || ca.step(now, &policy, may_activate)).await {
+            Ok(Ok(s)) => {
+                if s.signer_changed {
+                    inner.metrics.ca_rotations.inc();
+                }
+                let seq = inner.ca.bundle().sequence.unwrap_or(0);
+                inner.metrics.ca_bundle_sequence.set(seq as i64);
+            }
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cluster CA step failed"),
+            Err(e) => tracing::error!(error = %e, "cluster CA step panicked"),
+        }
+    }
+}
+
+/// Asks the federator which members hold this cluster's bundle.
+async fn bundle_distribution(inner: &Inner) -> anyhow::Result<proto::BundleDistributionResponse> {
+    let federators = inner.identity().file.federators.clone();
+    let cfg = trust::tls::client_config(
+        inner.cluster_cert.resolver(),
+        inner.federator_verifier.clone(),
+    )?;
+    let mut client = proto::federation_client::FederationClient::new(meshfed_net::channel(
+        federators,
+        cfg,
+        "federator",
+    )?);
+    Ok(client
+        .bundle_distribution(proto::BundleDistributionRequest {})
+        .await
+        .map_err(|s| meshfed_identity::cluster::describe_status("bundle distribution", &s))?
+        .into_inner())
+}
+
+/// Puts the CA's bundle everywhere this cluster's own peers are verified and published (the
+/// federator, the proxies' trust files, the bundle endpoint, VMs), and renews the serving
+/// certificate as soon as a new root signs.
+async fn follow_own_bundle(inner: Arc<Inner>, own: TrustStore, serving: Arc<Managed>) {
+    let mut bundles = inner.ca.subscribe_bundle();
+    let mut signer = inner.ca.subscribe_signer();
+    loop {
+        tokio::select! {
+            r = bundles.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let b = bundles.borrow_and_update().clone();
+                if let Err(e) = own.update(b.clone()) {
+                    tracing::error!(error = %e, "cannot install the cluster's new bundle in its verifiers");
+                }
+                match b.to_json() {
+                    Ok(json) => {
+                        inner.bundle.send_replace(json);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot encode the cluster's bundle"),
+                }
+            }
+            r = signer.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                signer.borrow_and_update();
+                serving.renew_soon();
+            }
+        }
+    }
 }
 
 /// The xDS mTLS port's TLS: the agent's serving SVID, clients verified against the cluster's
-/// bundle and required to belong to its trust domain.
+/// bundle (live) and required to belong to its trust domain.
 fn xds_tls(
-    ca: &trust::CertificateAuthority,
+    own: TrustStore,
     td: &TrustDomain,
     resolver: Arc<SvidResolver>,
 ) -> anyhow::Result<rustls::ServerConfig> {
-    let mut set = BundleSet::new();
-    set.insert(ca.bundle())?;
-    let verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::trust_domain(td.clone()));
+    let verifier = SpiffeVerifier::new(own, Authorizer::trust_domain(td.clone()));
     let mut tls = trust::tls::server_config(resolver, verifier)?;
     tls.alpn_protocols = vec![meshfed_net::ALPN_H2.to_vec()];
     Ok(tls)
 }
 
-const SERVING_CERT_TTL: time::Duration = time::Duration::hours(24);
+/// The default lifetime of the agent's serving certificate.
+pub const SERVING_CERT_TTL: time::Duration = time::Duration::hours(24);
 
 /// Reloads the policy files when they change; a broken file never replaces the last good set.
 async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) {

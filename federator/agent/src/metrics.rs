@@ -3,7 +3,7 @@
 
 use meshfed_net::metrics::must;
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Debug, Clone)]
@@ -18,6 +18,8 @@ pub struct AgentMetrics {
     pub registry_reloads: IntCounterVec,
     pub import_apply_seconds: HistogramVec,
     pub export_deltas: IntCounterVec,
+    pub ca_rotations: IntCounter,
+    pub ca_bundle_sequence: IntGauge,
 }
 
 impl AgentMetrics {
@@ -75,6 +77,14 @@ impl AgentMetrics {
                 ),
                 &["kind"],
             )),
+            ca_rotations: must(IntCounter::new(
+                "meshfed_agent_ca_rotations_total",
+                "Times a new root of the cluster CA began signing",
+            )),
+            ca_bundle_sequence: must(IntGauge::new(
+                "meshfed_agent_ca_bundle_sequence",
+                "Sequence of the cluster CA's published trust bundle",
+            )),
             registry,
         };
         for c in [
@@ -87,6 +97,8 @@ impl AgentMetrics {
             Box::new(m.bundle_regressions.clone()),
             Box::new(m.registry_reloads.clone()),
             Box::new(m.import_apply_seconds.clone()),
+            Box::new(m.ca_rotations.clone()),
+            Box::new(m.ca_bundle_sequence.clone()),
         ] {
             must(m.registry.register(c));
         }

@@ -318,6 +318,37 @@ impl Hub {
         }
     }
 
+    /// Which members hold `cluster`'s stored bundle: those whose acknowledged import revision
+    /// reached the revision at which the bundle (or the record carrying it) last changed.
+    fn bundle_distribution(
+        &self,
+        cluster: &str,
+    ) -> Result<proto::BundleDistributionResponse, Status> {
+        let records = self.store.clusters().map_err(store_status)?;
+        let me = records
+            .iter()
+            .find(|r| r.id == cluster)
+            .ok_or_else(|| store_status(StoreError::UnknownCluster(cluster.to_string())))?;
+        let live = self.live();
+        let mut out = proto::BundleDistributionResponse {
+            stored_sequence: me.bundle_sequence,
+            ..Default::default()
+        };
+        for r in records.iter().filter(|r| r.id != cluster && !r.left) {
+            let acked = live
+                .get(&r.id)
+                .map(|l| l.acked)
+                .unwrap_or(0)
+                .max(r.imports_acked_revision);
+            if acked >= me.revision {
+                out.holders.push(r.id.clone());
+            } else {
+                out.pending.push(r.id.clone());
+            }
+        }
+        Ok(out)
+    }
+
     fn report(&self) -> Result<FederationReport, Status> {
         let head = self.store.head();
         let records = self.store.clusters().map_err(store_status)?;
@@ -1204,6 +1235,15 @@ impl Federation for Service {
         Ok(Response::new(RenewResponse {
             cert_chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
         }))
+    }
+
+    async fn bundle_distribution(
+        &self,
+        req: Request<proto::BundleDistributionRequest>,
+    ) -> Result<Response<proto::BundleDistributionResponse>, Status> {
+        let cluster = self.hub.authenticate(&req)?;
+        let out = tokio::task::block_in_place(|| self.hub.bundle_distribution(&cluster))?;
+        Ok(Response::new(out))
     }
 
     async fn status(

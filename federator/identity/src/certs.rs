@@ -50,6 +50,7 @@ pub struct Managed {
     name: String,
     resolver: Arc<SvidResolver>,
     tx: watch::Sender<Option<Arc<Svid>>>,
+    renew: tokio::sync::Notify,
 }
 
 impl Managed {
@@ -71,6 +72,7 @@ impl Managed {
             name: name.to_string(),
             resolver,
             tx: watch::Sender::new(initial.map(Arc::new)),
+            renew: tokio::sync::Notify::new(),
         }))
     }
 
@@ -94,6 +96,11 @@ impl Managed {
         Ok(())
     }
 
+    /// Renews now instead of at the scheduled time (a new CA root signs).
+    pub fn renew_soon(&self) {
+        self.renew.notify_one();
+    }
+
     /// Renews for as long as the task runs.
     pub async fn run(self: Arc<Self>, issue: IssueFn, backoff: Backoff) {
         let mut retry = backoff.min;
@@ -102,7 +109,10 @@ impl Managed {
                 Some(s) => until(s.renew_at()),
                 None => Duration::ZERO,
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.renew.notified() => {}
+            }
             match issue().await.and_then(|s| self.install(s)) {
                 Ok(()) => {
                     retry = backoff.min;

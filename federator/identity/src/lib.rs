@@ -5,5 +5,6 @@
 pub mod certs;
 pub mod cluster;
 pub mod ids;
+pub mod live_ca;
 pub mod token;
 pub mod vm_token;

@@ -95,6 +95,18 @@ pub struct AgentArgs {
     /// On SIGTERM, streams get this long to finish before they are cut.
     #[arg(long, default_value = "5s", value_parser = args::std_duration)]
     drain_timeout: Duration,
+    /// Rotate the cluster CA's root when it is this old (e.g. 90d); `off`: only when
+    /// `meshfed ca rotate start` asks.
+    #[arg(long, default_value = "off", value_parser = args::duration_or_off)]
+    ca_rotation_period: args::MaybeDuration,
+    /// How long a new root is published in the bundle before it signs (it also waits until
+    /// every member holds that bundle).
+    #[arg(long, default_value = "20m", value_parser = args::duration)]
+    ca_publish_lead: time::Duration,
+    /// Lifetime of the agent's own serving certificate (xDS mTLS, VM API, bundle endpoint);
+    /// a retiring root stays in the bundle until the last one it signed has expired.
+    #[arg(long, default_value = "24h", value_parser = args::duration)]
+    serving_cert_ttl: time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +183,11 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         vip_range_v4: a.vip_range,
         vip_range_v6: a.vip_range_v6.0,
         bundle_endpoint: a.bundle_endpoint.0,
+        ca_rotation: meshfed_identity::live_ca::RotationPolicy {
+            period: a.ca_rotation_period.0,
+            publish_lead: a.ca_publish_lead,
+        },
+        serving_cert_ttl: a.serving_cert_ttl,
     })
     .await?;
     let show =

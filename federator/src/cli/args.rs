@@ -12,6 +12,17 @@ pub fn duration(s: &str) -> Result<time::Duration, String> {
     time::Duration::try_from(d).map_err(|_| format!("{s:?} is too long"))
 }
 
+/// A duration, or `off` for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaybeDuration(pub Option<time::Duration>);
+
+pub fn duration_or_off(s: &str) -> Result<MaybeDuration, String> {
+    if s == "off" {
+        return Ok(MaybeDuration(None));
+    }
+    duration(s).map(|d| MaybeDuration(Some(d)))
+}
+
 pub fn trust_domain(s: &str) -> Result<TrustDomain, String> {
     TrustDomain::new(s).map_err(|e| e.to_string())
 }

@@ -165,3 +165,57 @@ pub(crate) async fn shutdown_signal() {
         _ = term => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Every flag's value parser agrees with the field it fills: clap checks that only when
+    /// the parsed command is built, so each command is parsed here with its defaults.
+    #[test]
+    fn commands_parse_with_their_defaults() {
+        for argv in [
+            &["meshfed", "agent", "--state-dir", "s", "--registry", "r"][..],
+            &[
+                "meshfed",
+                "agent",
+                "--state-dir",
+                "s",
+                "--registry",
+                "r",
+                "--ca-rotation-period",
+                "90d",
+            ],
+            &["meshfed", "federator", "--state-dir", "s"],
+            &["meshfed", "gateway", "--xds", "127.0.0.1:15010"],
+            &["meshfed", "ca", "rotate", "start", "--state-dir", "s"],
+            &["meshfed", "ca", "rotate", "status", "--ca", "c"],
+            &[
+                "meshfed",
+                "ca",
+                "rotate",
+                "activate",
+                "--state-dir",
+                "s",
+                "--force",
+            ],
+        ] {
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{argv:?}: {e}");
+            }
+        }
+        // One CA location, not both.
+        assert!(Cli::try_parse_from([
+            "meshfed",
+            "ca",
+            "rotate",
+            "start",
+            "--state-dir",
+            "s",
+            "--ca",
+            "c"
+        ])
+        .is_err());
+    }
+}

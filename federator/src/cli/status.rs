@@ -104,20 +104,40 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                     r.exports, r.exports_acked_version, r.imports_applied_revision
                 );
                 println!(
-                    "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>6}",
-                    "PEER", "NETWORK", "CONNECTED", "LEASE", "HEARTBEAT", "IMPORTS", "BUNDLE"
+                    "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>10} {:>12}",
+                    "PEER",
+                    "NETWORK",
+                    "CONNECTED",
+                    "LEASE",
+                    "HEARTBEAT",
+                    "IMPORTS",
+                    "BUNDLE SEQ",
+                    "ROOT EXPIRY"
                 );
                 for p in &r.peers {
                     println!(
-                        "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>6}",
+                        "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>10} {:>12}",
                         p.cluster,
                         p.network,
                         if p.connected { "yes" } else { "no" },
                         p.lease,
                         age(Some(p.last_heartbeat_age_ms)),
                         r.imports.get(&p.cluster).copied().unwrap_or(0),
-                        if p.bundle { "yes" } else { "no" }
+                        match (p.bundle, p.bundle_sequence) {
+                            (false, _) => "none".to_string(),
+                            (true, Some(s)) => s.to_string(),
+                            (true, None) => "yes".to_string(),
+                        },
+                        p.bundle_days_left
+                            .map(|d| format!("{d} days"))
+                            .unwrap_or_else(|| "-".into())
                     );
+                }
+                if let Some(ca) = &r.ca {
+                    print!("{}", super::ca::render_report(ca));
+                }
+                for w in r.warnings() {
+                    println!("warning: {w}");
                 }
                 if !r.workload_entries.is_empty() {
                     println!(

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshfed_identity::live_ca::LiveCa;
 use meshfed_net::drain::Signal;
 use proto::vm::vm_registration_server::{VmRegistration, VmRegistrationServer};
 use proto::vm::{
@@ -21,7 +22,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trust::ca::policy::{ExactIds, IstioIdentity};
-use trust::CertificateAuthority;
 
 use crate::entries;
 use crate::token::{self, VmClaims, VmRecord, VmStore};
@@ -87,7 +87,7 @@ pub struct VmApiInputs {
 #[derive(Debug)]
 pub struct VmApi {
     inputs: VmApiInputs,
-    ca: Arc<CertificateAuthority>,
+    ca: Arc<LiveCa>,
     tokens: TokenStore,
     vms: VmStore,
     join_lock: tokio::sync::Mutex<()>,
@@ -95,11 +95,7 @@ pub struct VmApi {
 }
 
 impl VmApi {
-    pub fn new(
-        inputs: VmApiInputs,
-        ca: Arc<CertificateAuthority>,
-        state_dir: &std::path::Path,
-    ) -> Self {
+    pub fn new(inputs: VmApiInputs, ca: Arc<LiveCa>, state_dir: &std::path::Path) -> Self {
         let controller = format!("meshfed-agent-{}", inputs.cluster);
         VmApi {
             inputs,
@@ -134,7 +130,7 @@ impl VmApi {
         self.ca
             .sign_csr(csr, policy, ttl)
             .map(|c| c.chain.into_iter().map(|d| d.to_vec()).collect())
-            .map_err(|e| Status::permission_denied(format!("the {what} CSR was refused: {e}")))
+            .map_err(|e| Status::permission_denied(format!("the {what} CSR was refused: {e:#}")))
     }
 
     fn group_sa(&self, namespace: &str, group: &str) -> Result<String, Status> {
@@ -287,7 +283,7 @@ impl VmRegistration for VmApi {
         let credential = if req.credential_csr_der.is_empty() {
             Vec::new()
         } else {
-            let id = credential_id(self.ca.trust_domain(), &rec.vm_id)
+            let id = credential_id(&self.ca.trust_domain(), &rec.vm_id)
                 .map_err(Status::invalid_argument)?;
             self.sign(
                 &req.credential_csr_der,

@@ -35,21 +35,24 @@ const SCHEMA_VERSION: u32 = 1;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Metadata {
-    schema_version: u32,
-    trust_domain: String,
-    bundle_sequence: u64,
-    refresh_hint_secs: i64,
-    generations: Vec<GenerationMeta>,
+pub(crate) struct Metadata {
+    pub(crate) schema_version: u32,
+    pub(crate) trust_domain: String,
+    pub(crate) bundle_sequence: u64,
+    pub(crate) refresh_hint_secs: i64,
+    pub(crate) generations: Vec<GenerationMeta>,
 }
 
 // No deny_unknown_fields here: serde does not support it together with `flatten`.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct GenerationMeta {
-    dir: String,
+pub(crate) struct GenerationMeta {
+    pub(crate) dir: String,
     #[serde(flatten)]
-    state: GenerationState,
-    last_issued_expiry: i64,
+    pub(crate) state: GenerationState,
+    pub(crate) last_issued_expiry: i64,
+    /// SHA-256 of the root (absent in files written before rotation ran in the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) root_fingerprint: Option<String>,
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
@@ -249,6 +252,7 @@ impl CertificateAuthority {
                 last_issued_expiry: g
                     .last_issued_expiry
                     .load(std::sync::atomic::Ordering::Acquire),
+                root_fingerprint: Some(keys::fingerprint(&g.root)),
             });
         }
         let active = self.active();

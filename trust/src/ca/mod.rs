@@ -5,6 +5,7 @@
 pub mod cacerts;
 pub mod policy;
 pub mod rotation;
+pub mod store;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -22,6 +23,7 @@ use crate::svid::Svid;
 
 pub use policy::IssuancePolicy;
 pub use rotation::GenerationState;
+pub use store::CaDir;
 
 /// Workload certificates live 24 hours unless asked otherwise.
 pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::hours(24);
@@ -169,6 +171,26 @@ impl Generation {
 
     pub fn state(&self) -> &GenerationState {
         &self.state
+    }
+
+    /// When this generation's signing certificate became valid (its `notBefore` without the
+    /// back-dating): the start of the generation's life, which rotation periods count from.
+    pub fn created_at(&self) -> OffsetDateTime {
+        crate::svid::validity(self.signer.cert())
+            .map(|(nb, _)| nb + BACKDATE)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// When the root expires.
+    pub fn root_not_after(&self) -> OffsetDateTime {
+        crate::svid::validity(&self.root)
+            .map(|(_, na)| na)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// When the signing certificate expires.
+    pub fn signer_not_after(&self) -> OffsetDateTime {
+        self.signer.not_after
     }
 
     pub fn last_issued_expiry(&self) -> Option<OffsetDateTime> {

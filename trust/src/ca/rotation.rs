@@ -101,11 +101,40 @@ impl CertificateAuthority {
     /// Moves the rotation forward to `now`: activates a pending root whose time has come and
     /// drops retiring roots whose last certificate has expired.
     pub fn advance(&mut self, now: OffsetDateTime) -> RotationChange {
-        let mut change = RotationChange::default();
+        self.advance_gated(now, true)
+    }
+
+    /// [`advance`](Self::advance), activating a pending root only when `may_activate` also
+    /// holds (the agent passes "every importer holds the new bundle").
+    pub fn advance_gated(&mut self, now: OffsetDateTime, may_activate: bool) -> RotationChange {
         let due = self.generations.iter().position(
             |g| matches!(g.state, GenerationState::Pending { activate_at } if activate_at <= now),
         );
-        if let Some(new) = due {
+        self.step(now, due.filter(|_| may_activate))
+    }
+
+    /// Activates the pending root now, before its publish lead has passed (`meshfed ca rotate
+    /// activate`, once every importer holds it). Refused when no rotation is pending.
+    pub fn activate_now(&mut self, now: OffsetDateTime) -> Result<RotationChange> {
+        let pending = self
+            .generations
+            .iter()
+            .position(|g| matches!(g.state, GenerationState::Pending { .. }))
+            .ok_or_else(|| TrustError::Ca("no rotation is pending".into()))?;
+        Ok(self.step(now, Some(pending)))
+    }
+
+    /// The pending generation's activation time, when a rotation is pending.
+    pub fn pending_activation(&self) -> Option<OffsetDateTime> {
+        self.generations.iter().find_map(|g| match g.state {
+            GenerationState::Pending { activate_at } => Some(activate_at),
+            _ => None,
+        })
+    }
+
+    fn step(&mut self, now: OffsetDateTime, activate: Option<usize>) -> RotationChange {
+        let mut change = RotationChange::default();
+        if let Some(new) = activate {
             for g in &mut self.generations {
                 if g.state == GenerationState::Active {
                     let remove_after = g.last_issued_expiry().unwrap_or(now).max(now);
