@@ -563,3 +563,100 @@ async fn a_bundle_sequence_regression_is_refused() {
     let c = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
     assert_eq!(c.bundle_sequence, 5);
 }
+
+/// Opens a Sync stream that stays open; returns its sender and the federator's messages.
+async fn open_sync(
+    id: &ClusterIdentity,
+) -> (
+    tokio::sync::mpsc::Sender<ClusterMessage>,
+    tonic::Streaming<proto::FederatorMessage>,
+) {
+    let mut c = client(id).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(hello(id)).await.unwrap();
+    let inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    (tx, inbound)
+}
+
+/// BundleDistribution names the members that do not hold the caller's stored bundle yet: a
+/// member holds it once it acknowledged an import revision carrying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_distribution_names_who_does_not_hold_the_bundle_yet() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let west = joined(&f, d.path(), "west").await;
+    let td = TrustDomain::new("east.mesh").unwrap();
+    let ca = identity::open_cluster_ca(&d.path().join("east"), &td, None).unwrap();
+    let mut b = ca.bundle();
+    b.sequence = Some(5);
+    let (etx, mut ein) = open_sync(&east).await;
+    etx.send(ClusterMessage {
+        kind: Some(Kind::Bundle(proto::BundleUpdate {
+            bundle_json: b.to_json().unwrap(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut ec = client(&east).await;
+    // The bundle is stored when the federator has processed it (the stream is in order:
+    // wait for an answer to a later message).
+    etx.send(exports(1, vec![])).await.unwrap();
+    loop {
+        let m = ein.message().await.unwrap().unwrap();
+        if let Some(proto::federator_message::Kind::ExportAck(_)) = m.kind {
+            break;
+        }
+    }
+    let got = ec
+        .bundle_distribution(proto::BundleDistributionRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stored_sequence, 5);
+    assert_eq!(got.pending, vec!["west".to_string()]);
+    assert!(got.holders.is_empty());
+
+    // west connects and acknowledges what it was sent: now it holds east's bundle.
+    let (wtx, mut win) = open_sync(&west).await;
+    loop {
+        let m = win.message().await.unwrap().unwrap();
+        if let Some(proto::federator_message::Kind::Imports(delta)) = m.kind {
+            if delta.bundles.iter().any(|b| b.trust_domain == "east.mesh") {
+                wtx.send(ClusterMessage {
+                    kind: Some(Kind::ImportAck(proto::ImportAck {
+                        revision: delta.revision,
+                        error: String::new(),
+                    })),
+                })
+                .await
+                .unwrap();
+                break;
+            }
+        }
+    }
+    let mut waited = 0;
+    loop {
+        let got = ec
+            .bundle_distribution(proto::BundleDistributionRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if got.holders == vec!["west".to_string()] && got.pending.is_empty() {
+            break;
+        }
+        // The acknowledgement is processed by west's session concurrently: ask again when
+        // west's stream has delivered more (a heartbeat round trip), at most 100 times.
+        wtx.send(ClusterMessage {
+            kind: Some(Kind::Heartbeat(proto::Heartbeat {})),
+        })
+        .await
+        .unwrap();
+        tokio::task::yield_now().await;
+        waited += 1;
+        assert!(
+            waited < 100,
+            "west never counted as holding the bundle: {got:?}"
+        );
+    }
+}

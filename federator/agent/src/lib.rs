@@ -1087,3 +1087,57 @@ async fn renew_cluster_cert(inner: Arc<Inner>) -> anyhow::Result<trust::Svid> {
     inner.identity().store_svid(svid.clone())?;
     Ok(svid)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA signer or a peer's root inside the warning window is warned about, with the days
+    /// left; one outside it is not.
+    #[test]
+    fn expiry_within_thirty_days_is_warned_about() {
+        let peer = |cluster: &str, days: Option<i64>| PeerReport {
+            cluster: cluster.into(),
+            network: "n".into(),
+            trust_domain: format!("{cluster}.mesh"),
+            connected: true,
+            lease: "fresh".into(),
+            last_heartbeat_age_ms: 0,
+            bundle: days.is_some(),
+            bundle_sequence: days.map(|_| 3),
+            bundle_days_left: days,
+        };
+        let mut r = AgentReport {
+            ca: Some(CaReport {
+                signer_days_left: 365,
+                ..Default::default()
+            }),
+            peers: vec![
+                peer("east", Some(400)),
+                peer("west", Some(12)),
+                peer("eu", None),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            r.warnings(),
+            vec![
+                "peer west's trust bundle (sequence 3) has a root that expires in 12 days"
+                    .to_string()
+            ]
+        );
+        r.ca = Some(CaReport {
+            signer_days_left: 29,
+            signer_not_after: "2027-01-01T00:00:00Z".into(),
+            ..Default::default()
+        });
+        let w = r.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("expires in 29 days") && w[0].contains("meshfed ca rotate start"),
+            "{w:?}"
+        );
+        // Warnings are not problems: status exits 0 for them.
+        assert!(r.problems().iter().all(|p| !p.contains("expires")));
+    }
+}

@@ -172,20 +172,22 @@ impl Server {
         layout: &Layout,
         ca: &CertificateAuthority,
         stop: Arc<AtomicBool>,
-    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    ) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<SvidResolver>)> {
         let id = SpiffeId::istio_workload(ca.trust_domain(), "shop", self.service)?;
         let svid = ca.issue_svid(&id, &AnyWorkload, time::Duration::hours(1))?;
         let mut set = BundleSet::new();
         set.insert(self.client_bundle.clone())?;
+        let resolver = SvidResolver::with(&svid)?;
         let cfg = trust::tls::server_config(
-            SvidResolver::with(&svid)?,
+            resolver.clone(),
             SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(self.allowed.clone())),
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let site = layout.cluster(self.cluster)?;
         let addr = site.addr.clone();
         let (cluster, service, port) = (self.cluster, self.service, self.port);
-        site.rt
+        let task = site
+            .rt
             .run(async move {
                 let listener = TcpListener::bind((addr.as_str(), port))
                     .await
@@ -207,7 +209,8 @@ impl Server {
                     }
                 }))
             })
-            .await?
+            .await??;
+        Ok((task, resolver))
     }
 }
 
@@ -219,7 +222,7 @@ async fn start_payment(
     eu_bundle: TrustBundle,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    Server {
+    let (task, _) = Server {
         cluster,
         service: "payment",
         port: PAYMENT_PORT,
@@ -227,7 +230,8 @@ async fn start_payment(
         client_bundle: eu_bundle,
     }
     .start(layout, ca, stop)
-    .await
+    .await?;
+    Ok(task)
 }
 
 /// Reads one request over (m)TLS and answers it with `reply(request)`. A connection that does
@@ -956,7 +960,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let west_ca = cas.get("west").context("west ca")?;
     let west_payment = SpiffeId::istio_workload(west_ca.trust_domain(), "shop", "payment")?;
     let inventory_stop = Arc::new(AtomicBool::new(false));
-    let inventory = Server {
+    let (inventory, inventory_cert) = Server {
         cluster: "east",
         service: "inventory",
         port: INVENTORY_PORT,
@@ -999,10 +1003,90 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         ));
 
     println!("phase 1: both payment clusters healthy (west is priority 0 for eu); west's payment checks stock levels with inventory in east");
+    // Meanwhile east's root rotates, make-before-break, while west calls east's inventory.
+    let east_dir = root.join("east");
+    let rot_t0 = Instant::now();
+    let rotate = procs::run_once(
+        None,
+        &s(&[
+            "ca",
+            "rotate",
+            "start",
+            "--state-dir",
+            &east_dir.display().to_string(),
+            "--publish-lead",
+            "1s",
+        ]),
+    )
+    .await?;
+    println!(
+        "  meshfed ca rotate start (east): {}",
+        rotate.lines().next().unwrap_or_default()
+    );
     let (p1, f1) = phase("steady", 3).await;
+    let east_seq = |r: &AgentReport| {
+        r.peers
+            .iter()
+            .find(|p| p.cluster == "east")
+            .and_then(|p| p.bundle_sequence)
+    };
+    let (held_eu, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+        east_seq(r) == Some(2)
+    })
+    .await;
+    let west_admin = format!("{}:15014", layout.addr("west"));
+    let (held_west, _) = wait_agent(&west_admin, Duration::from_secs(10), |r| {
+        east_seq(r) == Some(2)
+    })
+    .await;
+    let east_admin = format!("{}:15014", layout.addr("east"));
+    let (signing, east_report) = wait_agent(&east_admin, Duration::from_secs(10), |r| {
+        r.ca.as_ref().is_some_and(|c| {
+            c.generations.iter().any(|g| g.state == "retiring")
+                && c.generations.iter().any(|g| g.state == "active")
+        })
+    })
+    .await;
+    let signed_after = rot_t0.elapsed();
+    // inventory renews onto the new root (recorded in east's CA directory, as `meshfed ca
+    // issue` does), and west's calls keep succeeding with the new certificate.
+    let new_cert = trust::ca::CaDir::new(east_dir.join("ca")).issue_svid(
+        &SpiffeId::istio_workload(east_ca.trust_domain(), "shop", "inventory")?,
+        &AnyWorkload,
+        time::Duration::hours(1),
+    );
+    let renewed = match new_cert {
+        Ok((svid, _)) => inventory_cert.install(&svid).is_ok(),
+        Err(_) => false,
+    };
+    let before_renewal = inv_stats.snapshot();
+    let more = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = inv_stats.snapshot();
+            let n = |s: &(BTreeMap<String, u64>, u64)| s.0.values().sum::<u64>() + s.1;
+            if n(&now) >= n(&before_renewal) + 20 {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     inv_client_stop.store(true, Ordering::Relaxed);
     let _ = inv_lg.await;
     let (inv, inv_failed) = inv_stats.snapshot();
+    checks.assert(
+        held_eu && held_west && signing && renewed && more && inv_failed == 0,
+        "CA rotation",
+        format!(
+            "east published a second root (bundle sequence 2, held by eu and west), and found it signing {:.1}s after `meshfed ca rotate start` (it may sign once the 1 s publish lead has passed and every member holds it); inventory renewed onto it and west's calls to it went on: {} ok, {inv_failed} failed; {} generations at east (the old root stays until the last certificate it signed expires)",
+            signed_after.as_secs_f64(),
+            inv.values().sum::<u64>(),
+            east_report.as_ref().and_then(|r| r.ca.as_ref()).map(|c| c.generations.len()).unwrap_or(0)
+        ),
+    );
     checks.assert(
         inv_table && calls_to(&inv, "east") > 10 && inv_failed == 0,
         "other direction",
