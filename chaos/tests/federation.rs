@@ -27,6 +27,49 @@ fn imports_from(agent_status: &serde_json::Value, source: &str) -> u64 {
     agent_status["imports"][source].as_u64().unwrap_or(0)
 }
 
+/// The trust domains (and their roots PEM) in the SPIFFE validator of the agent's SDS
+/// `ROOTCA`, read over SDS from its plaintext xDS port as an Envoy's `sds-grpc` cluster would.
+fn sds_root_domains(xds: &str) -> Vec<(String, String)> {
+    use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, Node};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    use prost::Message;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let r = rt
+        .block_on(async {
+            let mut c = SecretDiscoveryServiceClient::connect(format!("http://{xds}")).await?;
+            c.fetch_secrets(DiscoveryRequest {
+                node: Some(Node {
+                    id: "sidecar~10.0.0.1~probe.shop~shop.svc.cluster.local".into(),
+                    ..Default::default()
+                }),
+                type_url: meshfed_xds::SECRET_TYPE.into(),
+                resource_names: vec!["ROOTCA".into()],
+                ..Default::default()
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        })
+        .unwrap()
+        .into_inner();
+    let secret = tls::Secret::decode(r.resources[0].value.as_slice()).unwrap();
+    let Some(tls::secret::Type::ValidationContext(vc)) = secret.r#type else {
+        panic!("ROOTCA is not a validation context")
+    };
+    let cfg = vc.custom_validator_config.unwrap();
+    assert_eq!(cfg.name, "envoy.tls.cert_validator.spiffe");
+    tls::SpiffeCertValidatorConfig::decode(cfg.typed_config.unwrap().value.as_slice())
+        .unwrap()
+        .trust_domains
+        .into_iter()
+        .map(|t| match t.trust_bundle.and_then(|b| b.specifier) {
+            Some(Specifier::InlineString(p)) => (t.name, p),
+            other => panic!("{}: {other:?}", t.name),
+        })
+        .collect()
+}
+
 fn peer<'a>(agent_status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     agent_status["peers"]
         .as_array()?
@@ -72,6 +115,17 @@ fn three_clusters_exchange_exports_and_bundles_then_leave() {
         }
         assert_eq!(s["peers"].as_array().unwrap().len(), 2);
     }
+    // Envoy proxies of west validate each peer with that peer's roots only (SDS ROOTCA, one
+    // SPIFFE validator entry per trust domain), the same roots as west's trust files.
+    let domains = sds_root_domains(&west.xds);
+    assert_eq!(
+        domains.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["east.mesh", "eu.mesh", "west.mesh"]
+    );
+    for (td, pem) in &domains {
+        let file = std::fs::read_to_string(west.dir.join(format!("xds/roots/{td}.pem"))).unwrap();
+        assert_eq!(pem, &file, "{td}");
+    }
     let fs = f.cluster_status("east").unwrap();
     assert_eq!(fs["exports"], 2);
     assert_eq!(fs["bundle_sequence"], 1);
@@ -111,6 +165,18 @@ fn three_clusters_exchange_exports_and_bundles_then_leave() {
     })
     .unwrap();
     assert_eq!(f.cluster_status("east").unwrap()["lease"], "left");
+    // ... and from west's SDS ROOTCA.
+    wait_for(
+        Duration::from_secs(15),
+        "east.mesh out of west's ROOTCA",
+        || {
+            Ok((!sds_root_domains(&west.xds)
+                .iter()
+                .any(|d| d.0 == "east.mesh"))
+            .then_some(()))
+        },
+    )
+    .unwrap();
     // The departed cluster's agent sees that it left.
     wait_for(Duration::from_secs(15), "east's agent to notice", || {
         Ok((east.status()?["left"] == true).then_some(()))

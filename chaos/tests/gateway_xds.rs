@@ -84,9 +84,10 @@ fn s_client(gw: &str, sni: &str) -> String {
     )
 }
 
+/// reviews (exported) at `ips`, and internal (not exported) at backend-a's address.
 fn registry(port: u16, ips: &[&str]) -> String {
     let eps: Vec<String> = ips.iter().map(|ip| format!("{{address: {ip}}}")).collect();
-    format!("services:\n  - namespace: shop\n    name: reviews\n    ports: [{{name: tls, port: {port}}}]\n    endpoints: [{}]\n", eps.join(", "))
+    format!("services:\n  - namespace: shop\n    name: reviews\n    export: true\n    ports: [{{name: tls, port: {port}}}]\n    endpoints: [{}]\n  - namespace: shop\n    name: internal\n    ports: [{{name: tls, port: {port}}}]\n    endpoints: [{{address: 127.0.0.41}}]\n", eps.join(", "))
 }
 
 #[test]
@@ -108,6 +109,7 @@ fn gateway_routes_follow_the_agent_over_xds() {
     let mut b = s_server(&dir, "backend-b", &format!("127.0.0.42:{port}"));
     let gw = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
+    let probe = format!("127.0.0.1:{}", free_port());
     let mut g = Proc::spawn(
         "gateway",
         &[
@@ -118,6 +120,8 @@ fn gateway_routes_follow_the_agent_over_xds() {
             &east.xds,
             "--admin",
             &admin,
+            "--probe",
+            &probe,
             "--drain-timeout",
             "20s",
         ]
@@ -142,6 +146,31 @@ fn gateway_routes_follow_the_agent_over_xds() {
         out.contains("backend-a") && out.contains("ALPN protocol: istio"),
         "{out}"
     );
+    // east does not export internal: the gateway has no route to it, though it runs in east
+    // (at the very address that just answered for reviews).
+    let (_, st) = status(&admin).unwrap();
+    assert_eq!(
+        st["services"],
+        serde_json::json!([format!("reviews.shop.svc.cluster.local:{port}")])
+    );
+    let out = s_client(
+        &gw,
+        &format!("outbound_.{port}_._.internal.shop.svc.cluster.local"),
+    )
+    .to_lowercase();
+    assert!(
+        out.contains("unrecognized name") && !out.contains("backend-a"),
+        "{out}"
+    );
+    // The probe listener answers kubelet's questions, and nothing an operator's admin address
+    // has.
+    assert_eq!(http_get(&probe, "/healthz").unwrap().0, 200);
+    let (code, metrics) = http_get(&probe, "/metrics").unwrap();
+    assert!(
+        code == 200 && metrics.contains("meshfed_gateway_refused_total"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(&probe, "/status").unwrap().0, 404);
 
     // The endpoint moves: the gateway follows without a restart.
     east.write_registry(&registry(port, &["127.0.0.42"]))

@@ -22,6 +22,8 @@ pub struct GatewayOptions {
     /// The agent's plaintext xDS address, `host:port`.
     pub xds: String,
     pub admin: Option<SocketAddr>,
+    /// The probe listener (`/healthz`, `/readyz`, `/metrics` only).
+    pub probe: Option<SocketAddr>,
     /// SNI names forwarded to fixed addresses (e.g. the agent's mTLS port).
     pub expose: BTreeMap<String, Vec<SocketAddr>>,
     pub node_id: String,
@@ -173,9 +175,11 @@ pub async fn start(
                         }))
                     }),
                     extra: None,
+                    probe: o.probe,
                 },
             )
-            .await?,
+            .await?
+            .admin,
         );
     }
     Ok(RunningGateway {

@@ -135,6 +135,47 @@ fn kubernetes_manifests_match_the_binary() {
                             .collect();
                         parses(&args, &format!("{at}/{cname}"));
                         commands += 1;
+                        // Admin endpoints (/status, /debug/config_dump) stay on loopback; probes
+                        // reach the probe listener, which serves health and metrics only.
+                        let flag = |name: &str| {
+                            args.iter()
+                                .position(|a| a == name)
+                                .and_then(|i| args.get(i + 1))
+                                .map(|v| v.parse::<std::net::SocketAddr>().unwrap())
+                        };
+                        if let Some(admin) = flag("--admin") {
+                            assert!(
+                                admin.ip().is_loopback(),
+                                "{at}/{cname}: --admin {admin} must be bound on loopback"
+                            );
+                        }
+                        for probe in ["readinessProbe", "livenessProbe"] {
+                            if let Some(port) =
+                                s(c, &[probe, "httpGet", "port"]).and_then(Value::as_i64)
+                            {
+                                let p = flag("--probe").unwrap_or_else(|| {
+                                    panic!("{at}/{cname}: {probe} needs a --probe listener")
+                                });
+                                assert_eq!(
+                                    i64::from(p.port()),
+                                    port,
+                                    "{at}/{cname}: {probe} must hit the --probe listener"
+                                );
+                            }
+                        }
+                        let scraped = s(
+                            &template["metadata"],
+                            &["annotations", "prometheus.io/port"],
+                        )
+                        .and_then(Value::as_str)
+                        .filter(|_| list == "containers");
+                        if let Some(port) = scraped {
+                            assert_eq!(
+                                flag("--probe").map(|p| p.port().to_string()).as_deref(),
+                                Some(port),
+                                "{at}/{cname}: Prometheus scrapes the --probe listener"
+                            );
+                        }
                     }
                     let ports: Vec<i64> = c["ports"]
                         .as_array()

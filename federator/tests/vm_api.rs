@@ -75,6 +75,7 @@ async fn world(dir: &Path) -> World {
         state_dir: state.clone(),
         registry: dir.join("registry.yaml"),
         admin: None,
+        probe: None,
         registry_poll: Duration::from_millis(100),
         policies: vec![],
         xds: None,

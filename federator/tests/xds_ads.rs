@@ -413,10 +413,30 @@ async fn proxies_of_one_class_share_one_table() {
     .await;
 }
 
+/// east's view with payment and ledger as east's own services, exported or not as given.
+fn gateway_snapshot(exported: &[&str]) -> Snapshot {
+    let mut s = snapshot(2);
+    s.local.insert(
+        "shop/ledger".into(),
+        export(
+            "ledger",
+            9090,
+            vec![ep("10.1.1.5", "us-east1", "us-east1-b")],
+            false,
+        ),
+    );
+    s.exported = exported.iter().map(|k| k.to_string()).collect();
+    s
+}
+
 #[tokio::test]
 async fn delta_sends_changes_and_removals_only() {
     let state = XdsState::new(local(), &prometheus::Registry::new());
-    publish(&state, 1, &snapshot(2));
+    publish(
+        &state,
+        1,
+        &gateway_snapshot(&["shop/payment", "shop/ledger"]),
+    );
     let url = serve(state.clone()).await;
     let mut client = AggregatedDiscoveryServiceClient::connect(url.clone())
         .await
@@ -435,7 +455,17 @@ async fn delta_sends_changes_and_removals_only() {
     .await
     .unwrap();
     let r = next(&mut rx).await;
-    assert_eq!(r.resources.len(), 2);
+    // A gateway is sent the clusters of east's exported services only (west's imports are not
+    // east's to route).
+    let mut names: Vec<&str> = r.resources.iter().map(|x| x.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "outbound|8080||payment.shop.svc.cluster.local",
+            "outbound|9090||ledger.shop.svc.cluster.local"
+        ]
+    );
     let versions: std::collections::HashMap<String, String> = r
         .resources
         .iter()
@@ -464,11 +494,9 @@ async fn delta_sends_changes_and_removals_only() {
     assert_eq!(n, 2);
     assert!(c.endpoints.iter().all(|l| l.priority == 0));
 
-    // ledger disappears: CDS says so in removed_resources, nothing else is resent.
-    let mut snap = snapshot(2);
-    snap.imports
-        .remove(&("west".to_string(), "shop/ledger".to_string()));
-    publish(&state, 2, &snap);
+    // ledger is no longer exported (it still runs in east): CDS says so in removed_resources,
+    // nothing else is resent.
+    publish(&state, 2, &gateway_snapshot(&["shop/payment"]));
     let r = next(&mut rx).await;
     assert_eq!(r.type_url, CLUSTER_TYPE);
     assert!(r.resources.is_empty());
@@ -506,6 +534,37 @@ async fn delta_sends_changes_and_removals_only() {
     );
 }
 
+/// A gateway asking by name for a service east does not export gets nothing: not its cluster,
+/// not its endpoints; a sidecar of east still gets both.
+#[test]
+fn gateways_get_only_exported_services() {
+    use meshfed_xds::Kind;
+    let g = Generation::build(
+        1,
+        &gateway_snapshot(&["shop/payment"]),
+        &policies(),
+        &local(),
+    );
+    let router = meshfed_xds::node::ProxyNode::from_node(
+        &node("router~10.1.0.2~gw~east", "us-east1-b", false),
+        &local(),
+    )
+    .unwrap();
+    const LEDGER: &str = "outbound|9090||ledger.shop.svc.cluster.local";
+    assert!(g.get(Kind::Cluster, LEDGER, &router).is_none());
+    assert!(g.get(Kind::Endpoint, LEDGER, &router).is_none());
+    assert!(g.get(Kind::Cluster, PAYMENT, &router).is_some());
+    let names: Vec<String> = g
+        .all(Kind::Cluster, &router)
+        .iter()
+        .map(|r| r.name.to_string())
+        .collect();
+    assert_eq!(names, [PAYMENT]);
+    let side = sidecar(false);
+    assert!(g.get(Kind::Cluster, LEDGER, &side).is_some());
+    assert!(g.get(Kind::Endpoint, LEDGER, &side).is_some());
+}
+
 /// The process's drain ends every ADS stream with UNAVAILABLE (the proxy reconnects and keeps
 /// its configuration meanwhile), and the server stops within the deadline.
 #[tokio::test]
@@ -536,7 +595,11 @@ async fn a_drain_ends_ads_streams_with_unavailable_and_stops_the_port() {
         .unwrap()
         .into_inner();
     tx.send(DeltaDiscoveryRequest {
-        node: Some(node("router~10.1.0.2~gw~east", "us-east1-b", false)),
+        node: Some(node(
+            "sidecar~10.1.0.9~c.shop~shop.svc.cluster.local",
+            "us-east1-b",
+            false,
+        )),
         type_url: CLUSTER_TYPE.into(),
         ..Default::default()
     })

@@ -14,6 +14,7 @@ const ROOTS: &[&str] = &[
     "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
     "envoy/extensions/filters/http/router/v3/router.proto",
     "envoy/extensions/transport_sockets/tls/v3/tls.proto",
+    "envoy/extensions/transport_sockets/tls/v3/tls_spiffe_validator_config.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub registry: PathBuf,
     pub admin: Option<SocketAddr>,
+    /// The probe listener (`/healthz`, `/readyz`, `/metrics` only).
+    pub probe: Option<SocketAddr>,
     /// How often the registry and policy files are checked for changes.
     pub registry_poll: Duration,
     /// Failover policy files or directories (`*.yaml`).
@@ -488,6 +490,7 @@ impl Agent {
             Ok(reg) => {
                 let (local, exports) = reg.view(&default_locality, &entries.current());
                 snap.local = local;
+                snap.exported = exports.keys().cloned().collect();
                 loaded = Some(Arc::new(reg));
                 exports
             }
@@ -610,7 +613,12 @@ impl Agent {
         let serving = serving_cert.resolver();
         tasks.spawn(
             "own bundle",
-            follow_own_bundle(inner.clone(), own_trust.clone(), serving_cert.clone()),
+            follow_own_bundle(
+                inner.clone(),
+                own_trust.clone(),
+                serving_cert.clone(),
+                xds_state.clone(),
+            ),
         );
         tasks.spawn(
             "agent serving certificate",
@@ -628,6 +636,26 @@ impl Agent {
         );
         if let (Some(xcfg), Some(state)) = (&cfg.xds, xds_state) {
             let tls = xds_tls(own_trust.clone(), &td, serving.clone())?;
+            // SDS: a proxy on the mTLS port gets a certificate for exactly the identity it
+            // authenticated with (the port admits only this trust domain's SVIDs).
+            {
+                let ca = ca.clone();
+                let ttl = xcfg.workload_cert_ttl;
+                state
+                    .secrets
+                    .set_issuer(Arc::new(move |id: &trust::SpiffeId| {
+                        ca.issue_svid(id, &trust::ca::policy::ExactIds(vec![id.clone()]), ttl)
+                    }));
+            }
+            tasks.spawn(
+                "SDS root secret",
+                meshfed_xds::secrets::follow_roots(
+                    state.clone(),
+                    td.to_string(),
+                    inner.bundle.subscribe(),
+                    inner.model.clone(),
+                ),
+            );
             let served = meshfed_xds::serve::start(
                 &tasks,
                 xcfg,
@@ -744,9 +772,11 @@ impl Agent {
                                 .xds
                                 .as_ref()
                                 .map(|x| meshfed_xds::debug::router(x.clone())),
+                            probe: cfg.probe,
                         },
                     )
-                    .await?,
+                    .await?
+                    .admin,
                 )
             }
             None => None,
@@ -827,7 +857,7 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, cfg: LocalSourceCo
         if dirty {
             if let Some(reg) = inner.registry() {
                 let (local, exports) = reg.view(&cfg.default_locality, &inner.entries.current());
-                writer.set_local(local);
+                writer.set_local(local, exports.keys().cloned().collect());
                 registry_exports = exports;
             }
             let policies = policies_rx.borrow_and_update().clone();
@@ -974,7 +1004,12 @@ async fn bundle_distribution(inner: &Inner) -> anyhow::Result<proto::BundleDistr
 /// Puts the CA's bundle everywhere this cluster's own peers are verified and published (the
 /// federator, the proxies' trust files, the bundle endpoint, VMs), and renews the serving
 /// certificate as soon as a new root signs.
-async fn follow_own_bundle(inner: Arc<Inner>, own: TrustStore, serving: Arc<Managed>) {
+async fn follow_own_bundle(
+    inner: Arc<Inner>,
+    own: TrustStore,
+    serving: Arc<Managed>,
+    xds: Option<Arc<XdsState>>,
+) {
     let mut bundles = inner.ca.subscribe_bundle();
     let mut signer = inner.ca.subscribe_signer();
     loop {
@@ -1000,6 +1035,10 @@ async fn follow_own_bundle(inner: Arc<Inner>, own: TrustStore, serving: Arc<Mana
                 }
                 signer.borrow_and_update();
                 serving.renew_soon();
+                // Proxies' SDS certificates move onto the new signer too.
+                if let Some(x) = &xds {
+                    x.secrets.reissue_all();
+                }
             }
         }
     }

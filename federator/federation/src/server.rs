@@ -46,6 +46,8 @@ pub struct FederatorConfig {
     /// Addresses joiners and agents use to reach this federator (default: the listen address).
     pub advertise: Vec<String>,
     pub admin: Option<SocketAddr>,
+    /// The probe listener (`/healthz`, `/readyz`, `/metrics` only).
+    pub probe: Option<SocketAddr>,
     pub trust_domain: Option<TrustDomain>,
     pub lease_ttl: Duration,
     /// Messages per second a cluster may send on its stream (bursts up to 4x).
@@ -59,6 +61,7 @@ impl FederatorConfig {
             listen,
             advertise: Vec::new(),
             admin: None,
+            probe: None,
             trust_domain: None,
             lease_ttl: Duration::from_secs(30),
             rate_limit: 200,
@@ -530,9 +533,11 @@ impl Federator {
                                     .map_err(|s| s.message().to_string())
                             }),
                             extra: None,
+                            probe: hub.cfg.probe,
                         },
                     )
-                    .await?,
+                    .await?
+                    .admin,
                 )
             }
             None => None,

@@ -2,7 +2,7 @@
 //! the source cluster's network, gateways, locality and lease state, and the peers' trust
 //! bundles. Snapshots are immutable; [`crate::store`] publishes a new one on every change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proto::{ClusterFacts, LeaseState, OnExpiry, PeerCluster, ServiceExport};
 
@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub facts: ClusterFacts,
     /// This cluster's services (exported or not), by `ns/name`.
     pub local: BTreeMap<String, ServiceExport>,
+    /// Which of `local` the cluster exports (`export: true` or `exportTo`), by `ns/name`: the
+    /// only ones its east-west gateways route to.
+    pub exported: BTreeSet<String>,
     /// Imported services by (source cluster, `ns/name`).
     pub imports: BTreeMap<(String, String), ServiceExport>,
     pub peers: BTreeMap<String, PeerCluster>,

@@ -13,7 +13,7 @@
 //! Each writer marks itself ready once its source has said what it knows (a first registry load,
 //! the imports restored from the cache). [`Reader::wait_until_ready`] returns once both have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use proto::{PeerCluster, ServiceExport};
@@ -98,9 +98,17 @@ pub struct LocalWriter {
 }
 
 impl LocalWriter {
-    /// Replaces the cluster's own services (by `ns/name`). Returns whether anything changed.
-    pub fn set_local(&self, local: BTreeMap<String, ServiceExport>) -> bool {
-        self.shared.update(|s| s.local = local)
+    /// Replaces the cluster's own services (by `ns/name`) and which of them are exported.
+    /// Returns whether anything changed.
+    pub fn set_local(
+        &self,
+        local: BTreeMap<String, ServiceExport>,
+        exported: BTreeSet<String>,
+    ) -> bool {
+        self.shared.update(|s| {
+            s.local = local;
+            s.exported = exported;
+        })
     }
 
     pub fn mark_ready(&self) {
@@ -185,7 +193,10 @@ mod tests {
             name: "payment".into(),
             ..Default::default()
         };
-        local.set_local([("shop/payment".to_string(), svc.clone())].into());
+        local.set_local(
+            [("shop/payment".to_string(), svc.clone())].into(),
+            BTreeSet::new(),
+        );
         fed.update(|i| {
             i.imports
                 .insert(("east".into(), "shop/payment".into()), svc.clone());
@@ -194,7 +205,7 @@ mod tests {
         assert_eq!(s.local.len(), 1);
         assert_eq!(s.imports.len(), 1);
         // A new local view leaves the imports alone, and the other way round.
-        local.set_local(BTreeMap::new());
+        local.set_local(BTreeMap::new(), BTreeSet::new());
         let s = reader.current();
         assert!(s.local.is_empty());
         assert_eq!(s.imports.len(), 1);

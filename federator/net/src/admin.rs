@@ -1,6 +1,10 @@
 //! The admin HTTP endpoint shared by the federator and the agent: `/metrics` (Prometheus text),
 //! `/healthz` (every task of the process runs), `/readyz` (every readiness condition holds and
-//! the process is not draining) and `/status` (JSON).
+//! the process is not draining) and `/status` (JSON), plus the agent's `/debug/...`.
+//!
+//! The admin address is for operators (loopback by default). An optional probe listener
+//! (`--probe`) serves only `/healthz`, `/readyz` and `/metrics`: what kubelet probes and a
+//! Prometheus scrape need on the pod IP, without `/status` or `/debug/config_dump`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +68,15 @@ pub struct AdminConfig {
     pub status: StatusFn,
     /// More routes (the agent's `/debug/...` xDS endpoints).
     pub extra: Option<Router>,
+    /// A second listener with `/healthz`, `/readyz` and `/metrics` only.
+    pub probe: Option<SocketAddr>,
+}
+
+/// Where the admin server (and its probe listener) listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminAddrs {
+    pub admin: SocketAddr,
+    pub probe: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for AdminConfig {
@@ -76,22 +89,40 @@ impl std::fmt::Debug for AdminConfig {
 
 /// Binds the admin address and serves `/metrics`, `/healthz` and `/readyz` (from `tasks`),
 /// `/status` and the extra routes, as the process's admin task: it keeps answering during
-/// the drain and stops after everything else. Returns the bound address.
-pub async fn serve(tasks: &Tasks, cfg: AdminConfig) -> anyhow::Result<SocketAddr> {
+/// the drain and stops after everything else. The probe listener, if any, serves the first
+/// three only. Returns the bound addresses.
+pub async fn serve(tasks: &Tasks, cfg: AdminConfig) -> anyhow::Result<AdminAddrs> {
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", cfg.addr))?;
-    let bound = listener.local_addr()?;
-    let app = Router::new()
+    let probe_listener = match cfg.probe {
+        Some(p) => Some(
+            tokio::net::TcpListener::bind(p)
+                .await
+                .with_context(|| format!("cannot listen on {p} (probe)"))?,
+        ),
+        None => None,
+    };
+    let bound = AdminAddrs {
+        admin: listener.local_addr()?,
+        probe: match &probe_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        },
+    };
+    let state = Admin {
+        registry: cfg.registry,
+        status: cfg.status,
+        tasks: tasks.clone(),
+    };
+    let probes = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    let app = probes
+        .clone()
         .route("/status", get(status))
-        .with_state(Admin {
-            registry: cfg.registry,
-            status: cfg.status,
-            tasks: tasks.clone(),
-        });
+        .with_state(state.clone());
     let app = match cfg.extra {
         Some(r) => app.merge(r),
         None => app,
@@ -104,6 +135,17 @@ pub async fn serve(tasks: &Tasks, cfg: AdminConfig) -> anyhow::Result<SocketAddr
             tracing::error!(error = %e, "admin server failed");
         }
     });
+    if let Some(l) = probe_listener {
+        let app = probes.with_state(state);
+        tasks.spawn_admin("probe server", move |stop| async move {
+            if let Err(e) = axum::serve(l, app)
+                .with_graceful_shutdown(stop.drained_owned())
+                .await
+            {
+                tracing::error!(error = %e, "probe server failed");
+            }
+        });
+    }
     Ok(bound)
 }
 
@@ -144,4 +186,48 @@ async fn fetch(addr: &str, path: &str) -> anyhow::Result<bytes::Bytes> {
         String::from_utf8_lossy(&body).trim()
     );
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The probe listener answers health, readiness and metrics, and nothing an operator's
+    /// admin address has (`/status`, extra `/debug/...` routes); the admin address has all.
+    #[tokio::test]
+    async fn the_probe_listener_serves_probes_and_metrics_only() {
+        let tasks = Tasks::new();
+        let reg = prometheus::Registry::new();
+        let c = prometheus::IntCounter::new("meshfed_test_total", "a test counter").unwrap();
+        reg.register(Box::new(c.clone())).unwrap();
+        c.inc();
+        let addrs = serve(
+            &tasks,
+            AdminConfig {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                registry: Arc::new(move || reg.clone()),
+                status: Arc::new(|| Ok(serde_json::json!({"kind": "test"}))),
+                extra: Some(Router::new().route("/debug/config_dump", get(|| async { "dump" }))),
+                probe: Some("127.0.0.1:0".parse().unwrap()),
+            },
+        )
+        .await
+        .unwrap();
+        let (admin, probe) = (addrs.admin.to_string(), addrs.probe.unwrap().to_string());
+        assert_ne!(admin, probe);
+        for path in ["/healthz", "/readyz"] {
+            assert!(fetch_text(&probe, path).await.is_ok(), "{path}");
+            assert!(fetch_text(&admin, path).await.is_ok(), "{path}");
+        }
+        assert!(fetch_text(&probe, "/metrics")
+            .await
+            .unwrap()
+            .contains("meshfed_test_total 1"));
+        for path in ["/status", "/debug/config_dump"] {
+            let e = fetch_text(&probe, path).await.unwrap_err().to_string();
+            assert!(e.contains("404"), "{path}: {e}");
+            assert!(fetch_text(&admin, path).await.is_ok(), "{path}");
+        }
+    }
 }

@@ -52,6 +52,10 @@ pub struct AgentArgs {
     /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
     #[arg(long, default_value = "127.0.0.1:15014", value_parser = args::socket_addr)]
     admin: std::net::SocketAddr,
+    /// A second HTTP listener with /healthz, /readyz and /metrics only (kubelet probes and
+    /// Prometheus on the pod IP, without /status or /debug); `off` by default.
+    #[arg(long, default_value = "off", value_parser = args::listen)]
+    probe: args::Listen,
     /// How often the registry file is checked for changes.
     #[arg(long, default_value = "500ms", value_parser = args::std_duration)]
     registry_poll: Duration,
@@ -107,6 +111,10 @@ pub struct AgentArgs {
     /// a retiring root stays in the bundle until the last one it signed has expired.
     #[arg(long, default_value = "24h", value_parser = args::duration)]
     serving_cert_ttl: time::Duration,
+    /// Lifetime of the workload certificates proxies get over SDS (secret `default`, issued
+    /// for the SPIFFE ID a proxy authenticated with on the mTLS xDS port).
+    #[arg(long, default_value = "24h", value_parser = args::duration)]
+    sds_cert_ttl: time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -167,12 +175,14 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         state_dir: a.state_dir,
         registry: a.registry,
         admin: Some(a.admin),
+        probe: a.probe.0,
         registry_poll: a.registry_poll,
         policies: a.policies,
         xds: Some(meshfed_xds::XdsConfig {
             plaintext: a.xds_plaintext.0,
             mtls: a.xds_mtls.0,
             debounce: a.xds_debounce,
+            workload_cert_ttl: a.sds_cert_ttl,
         }),
         vm_api: a.vm_api.0,
         vm_grace: a.vm_grace,

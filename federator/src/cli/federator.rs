@@ -27,6 +27,10 @@ pub struct FederatorArgs {
     /// Admin HTTP address (/metrics, /healthz, /readyz, /status); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:15101", value_parser = args::listen)]
     admin: args::Listen,
+    /// A second HTTP listener with /healthz, /readyz and /metrics only (kubelet probes and
+    /// Prometheus on the pod IP, without /status or /debug); `off` by default.
+    #[arg(long, default_value = "off", value_parser = args::listen)]
+    probe: args::Listen,
     /// Address clusters use to reach this federator, HOST:PORT (repeatable; default: the
     /// listen address).
     #[arg(long, value_parser = args::host_port)]
@@ -87,6 +91,7 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
     let state_dir = a.state_dir.context("--state-dir is required")?;
     let mut cfg = FederatorConfig::new(state_dir, a.listen);
     cfg.admin = a.admin.0;
+    cfg.probe = a.probe.0;
     cfg.advertise = a.advertise;
     cfg.trust_domain = a.trust_domain;
     cfg.lease_ttl = a.lease_ttl;

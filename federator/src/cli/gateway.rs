@@ -23,6 +23,10 @@ pub struct GatewayArgs {
     /// disables it.
     #[arg(long, default_value = "127.0.0.1:15021", value_parser = args::listen)]
     admin: args::Listen,
+    /// A second HTTP listener with /healthz, /readyz and /metrics only (kubelet probes and
+    /// Prometheus on the pod IP, without /status or /debug); `off` by default.
+    #[arg(long, default_value = "off", value_parser = args::listen)]
+    probe: args::Listen,
     /// Forward connections with this SNI to fixed addresses, e.g. the agent's mTLS xDS port
     /// for VMs and other networks: `--expose meshfed-xds.meshfed-system.svc=10.0.0.2:15012`
     /// (a host name is resolved at start, e.g. the agent's Kubernetes Service).
@@ -87,6 +91,7 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
             listen: a.listen,
             xds: a.xds,
             admin: a.admin.0,
+            probe: a.probe.0,
             expose,
             node_id: format!(
                 "router~{}~eastwest-gateway~meshfed-system.svc.cluster.local",

@@ -401,9 +401,12 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
                             .map_err(|e| e.to_string())
                     }),
                     extra: None,
+                    // A VM's health is read on the VM itself (systemd, the admin address).
+                    probe: None,
                 },
             )
-            .await?,
+            .await?
+            .admin,
         );
     }
     Ok(VmAgent {

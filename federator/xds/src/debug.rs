@@ -1,6 +1,7 @@
 //! The agent's xDS debug endpoints (what `meshfed proxy-status` and `proxy-config` read):
 //! `/debug/syncz` (per proxy and type: SYNCED, STALE or NACK, with versions) and
-//! `/debug/config_dump?proxy=ID[&type=listener|route|cluster|endpoint]`.
+//! `/debug/config_dump?proxy=ID[&type=listener|route|cluster|endpoint|secret]` (private keys
+//! redacted).
 
 use std::sync::Arc;
 
@@ -35,7 +36,7 @@ async fn config_dump(
             None => {
                 return (
                     StatusCode::BAD_REQUEST,
-                    format!("type {k:?} is not one of listener, route, cluster, endpoint"),
+                    format!("type {k:?} is not one of listener, route, cluster, endpoint, secret"),
                 )
                     .into_response()
             }

@@ -38,6 +38,9 @@ pub struct Generation {
     pub routes: BTreeMap<Arc<str>, SharedRes>,
     pub clusters_grpc: BTreeMap<Arc<str>, SharedRes>,
     pub clusters_envoy: BTreeMap<Arc<str>, SharedRes>,
+    /// What east-west gateways (`router~` nodes) are sent: the clusters of the services this
+    /// cluster exports, and nothing else, so a gateway cannot route to a service that is not.
+    pub clusters_router: BTreeMap<Arc<str>, SharedRes>,
     pub ports: HashMap<Arc<str>, Arc<ServicePort>>,
     /// Network -> its east-west gateways (`ip:port`).
     pub gateways: BTreeMap<String, Vec<String>>,
@@ -108,10 +111,11 @@ impl Generation {
                 tds.insert(id, &f.trust_domain);
             }
         }
-        for instances in snap.instances().into_values() {
+        for (key, instances) in snap.instances() {
             let Some(first) = instances.first() else {
                 continue;
             };
+            let exported_here = snap.exported.contains(&key) && instances.iter().any(|i| i.local);
             let (ns, name) = (first.export.namespace.clone(), first.export.name.clone());
             let host = host_of(&ns, &name);
             let policy = policies
@@ -221,6 +225,9 @@ impl Generation {
                         &resources::cluster(&host, port, pol, &sans, TlsForm::Envoy),
                     )
                 };
+                if exported_here {
+                    g.clusters_router.insert(cname.clone(), envoy.clone());
+                }
                 g.clusters_grpc.insert(cname.clone(), grpc);
                 g.clusters_envoy.insert(cname.clone(), envoy);
                 g.ports.insert(
@@ -239,9 +246,10 @@ impl Generation {
     }
 
     fn clusters(&self, p: &ProxyNode) -> &BTreeMap<Arc<str>, SharedRes> {
-        match p.flavor {
-            super::node::Flavor::Grpc => &self.clusters_grpc,
-            super::node::Flavor::Envoy => &self.clusters_envoy,
+        match (p.kind, p.flavor) {
+            (NodeKind::Router, _) => &self.clusters_router,
+            (_, super::node::Flavor::Grpc) => &self.clusters_grpc,
+            (_, super::node::Flavor::Envoy) => &self.clusters_envoy,
         }
     }
 
@@ -263,11 +271,16 @@ impl Generation {
             Kind::Route => self.routes.get(name).cloned(),
             Kind::Cluster => self.clusters(p).get(name).cloned(),
             Kind::Endpoint => self.endpoints(name, p).map(|(r, _)| r),
+            // Secrets depend on the asking proxy's identity: see `server::World`.
+            Kind::Secret => None,
         }
     }
 
     /// The EDS resource and its table for a proxy, from the class cache when possible.
     pub fn endpoints(&self, cluster: &str, p: &ProxyNode) -> Option<(SharedRes, Arc<Table>)> {
+        if p.kind == NodeKind::Router && !self.clusters_router.contains_key(cluster) {
+            return None;
+        }
         let sp = self.ports.get(cluster)?;
         let keys = sp
             .policy

@@ -8,6 +8,7 @@ pub mod generation;
 pub mod json;
 pub mod node;
 pub mod resources;
+pub mod secrets;
 pub mod serve;
 pub mod server;
 pub mod status;
@@ -20,19 +21,30 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
-/// The four resource types meshfed serves.
+/// The resource types meshfed serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Cluster,
     Endpoint,
     Listener,
     Route,
+    /// SDS: the workload certificate (`default`) and the per-trust-domain validation context
+    /// (`ROOTCA`), see [`secrets`].
+    Secret,
 }
 
 impl Kind {
     /// Push order: clusters before the endpoints and listeners that refer to them.
-    pub const ALL: [Kind; 4] = [Kind::Cluster, Kind::Endpoint, Kind::Listener, Kind::Route];
+    pub const ALL: [Kind; 5] = [
+        Kind::Cluster,
+        Kind::Endpoint,
+        Kind::Listener,
+        Kind::Route,
+        Kind::Secret,
+    ];
 
     pub fn from_url(url: &str) -> Option<Kind> {
         match url {
@@ -40,6 +52,7 @@ impl Kind {
             ROUTE_TYPE => Some(Kind::Route),
             CLUSTER_TYPE => Some(Kind::Cluster),
             ENDPOINT_TYPE => Some(Kind::Endpoint),
+            SECRET_TYPE => Some(Kind::Secret),
             _ => None,
         }
     }
@@ -50,6 +63,7 @@ impl Kind {
             Kind::Route => ROUTE_TYPE,
             Kind::Cluster => CLUSTER_TYPE,
             Kind::Endpoint => ENDPOINT_TYPE,
+            Kind::Secret => SECRET_TYPE,
         }
     }
 
@@ -60,6 +74,7 @@ impl Kind {
             Kind::Route => "route",
             Kind::Cluster => "cluster",
             Kind::Endpoint => "endpoint",
+            Kind::Secret => "secret",
         }
     }
 
@@ -82,6 +97,8 @@ pub struct XdsConfig {
     pub mtls: Option<std::net::SocketAddr>,
     /// Changes within this window after the first one are pushed together.
     pub debounce: Duration,
+    /// Lifetime of the workload certificates served over SDS (`default`).
+    pub workload_cert_ttl: time::Duration,
 }
 
 impl Default for XdsConfig {
@@ -90,6 +107,7 @@ impl Default for XdsConfig {
             plaintext: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 15010))),
             mtls: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 15012))),
             debounce: Duration::from_millis(100),
+            workload_cert_ttl: time::Duration::hours(24),
         }
     }
 }

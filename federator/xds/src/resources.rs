@@ -222,17 +222,29 @@ fn upstream_tls(host: &str, port: u32, sans: &[String], form: TlsForm) -> tls::U
             ),
             ..Default::default()
         },
+        // The SDS secret `ROOTCA` brings Envoy's SPIFFE validator (one bundle per trust
+        // domain, `secrets::root_secret`); Envoy merges it into this default context, whose
+        // typed URI matchers the validator applies after verifying the chain.
         TlsForm::Envoy => tls::CommonTlsContext {
             alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
-            tls_certificate_sds_secret_configs: vec![sds("default")],
+            tls_certificate_sds_secret_configs: vec![sds(super::secrets::CERT_SECRET)],
             validation_context_type: Some(
                 tls::common_tls_context::ValidationContextType::CombinedValidationContext(
                     tls::common_tls_context::CombinedCertificateValidationContext {
                         default_validation_context: Some(tls::CertificateValidationContext {
-                            match_subject_alt_names: matchers,
+                            match_typed_subject_alt_names: matchers
+                                .into_iter()
+                                .map(|m| tls::SubjectAltNameMatcher {
+                                    san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                                    matcher: Some(m),
+                                    ..Default::default()
+                                })
+                                .collect(),
                             ..Default::default()
                         }),
-                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        validation_context_sds_secret_config: Some(sds(
+                            super::secrets::ROOT_SECRET,
+                        )),
                         ..Default::default()
                     },
                 ),

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::generation::Generation;
 use super::node::LocalFacts;
-use super::server::{Ads, XdsState};
+use super::server::{Ads, Sds, XdsState};
 use super::XdsConfig;
 use meshfed_model::policy::PolicySet;
 use meshfed_model::snapshot::Snapshot;
@@ -61,11 +61,13 @@ pub async fn start(
             .with_context(|| format!("cannot listen on {addr} (xDS plaintext)"))?;
         plaintext = Some(l.local_addr()?);
         let svc = Ads::server(state.clone(), false, tasks.signal());
+        let sds = Sds::server(state.clone(), false, tasks.signal());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
         tasks.spawn_server("xDS plaintext server", |drain| async move {
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(svc)
+                .add_service(sds)
                 .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                 .await;
             if let Err(e) = r {
@@ -80,11 +82,13 @@ pub async fn start(
             .with_context(|| format!("cannot listen on {addr} (xDS mTLS)"))?;
         mtls = Some(l.local_addr()?);
         let svc = Ads::server(state.clone(), true, tasks.signal());
+        let sds = Sds::server(state.clone(), true, tasks.signal());
         let incoming = meshfed_net::tls_incoming(l, tls);
         tasks.spawn_server("xDS mTLS server", |drain| async move {
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(svc)
+                .add_service(sds)
                 .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                 .await;
             if let Err(e) = r {
@@ -329,7 +333,7 @@ mod tests {
             });
             [("shop/payment".to_string(), e)].into()
         };
-        local.set_local(svc(8080));
+        local.set_local(svc(8080), Default::default());
         let builder: BuildFn = Arc::new(|v, snap: &Snapshot, pol: &PolicySet, l: &LocalFacts| {
             if snap
                 .local
@@ -359,7 +363,7 @@ mod tests {
             builder,
         ));
         // The panicking input: no new generation is published, and the failure is counted.
-        local.set_local(svc(6666));
+        local.set_local(svc(6666), Default::default());
         let mut failures = 0;
         while failures == 0 {
             tokio::task::yield_now().await;
@@ -369,7 +373,7 @@ mod tests {
         assert_eq!(state.current().version, 1);
         assert!(!state.current().clusters_grpc.is_empty());
         // A good input again: generation 3 is served.
-        local.set_local(svc(9090));
+        local.set_local(svc(9090), Default::default());
         gens.changed().await.unwrap();
         assert_eq!(state.current().version, 3);
     }

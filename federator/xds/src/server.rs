@@ -15,6 +15,9 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::generation::Generation;
 use super::node::{LocalFacts, ProxyNode};
 use super::resources::SharedRes;
+use super::secrets::{Issued, Secrets, CERT_SECRET, ROOT_SECRET};
 use super::status::{Conn, Registry, TypeState};
 use super::Kind;
 
@@ -119,6 +123,8 @@ pub struct XdsState {
     pub proxies: Registry,
     pub local: LocalFacts,
     pub metrics: XdsMetrics,
+    /// SDS: `ROOTCA` and the workload certificates.
+    pub secrets: Secrets,
 }
 
 impl XdsState {
@@ -128,6 +134,7 @@ impl XdsState {
             proxies: Registry::default(),
             local,
             metrics: XdsMetrics::new(reg),
+            secrets: Secrets::default(),
         })
     }
 
@@ -209,6 +216,7 @@ impl AggregatedDiscoveryService for Ads {
             peer_id,
             remote,
             self.drain.clone(),
+            None,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -226,8 +234,127 @@ impl AggregatedDiscoveryService for Ads {
             peer_id,
             remote,
             self.drain.clone(),
+            None,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The Secret Discovery Service (`envoy.service.secret.v3.SecretDiscoveryService`): what an
+/// Envoy's `sds-grpc` cluster talks to when it points at the agent. The streams are ADS streams
+/// restricted to secrets (the same subscriptions, ACKs, NACKs and renewals).
+#[derive(Debug, Clone)]
+pub struct Sds {
+    ads: Ads,
+}
+
+impl Sds {
+    pub fn server(
+        state: Arc<XdsState>,
+        mtls: bool,
+        drain: Signal,
+    ) -> SecretDiscoveryServiceServer<Sds> {
+        SecretDiscoveryServiceServer::new(Sds {
+            ads: Ads { state, mtls, drain },
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
+    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (peer_id, remote) = self.ads.peer(&req)?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(drive::<SotwAds>(
+            self.ads.state.clone(),
+            req.into_inner(),
+            tx,
+            peer_id,
+            remote,
+            self.ads.drain.clone(),
+            Some(Kind::Secret),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_secrets(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (peer_id, remote) = self.ads.peer(&req)?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(drive::<DeltaAds>(
+            self.ads.state.clone(),
+            req.into_inner(),
+            tx,
+            peer_id,
+            remote,
+            self.ads.drain.clone(),
+            Some(Kind::Secret),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// One-shot fetch: the named secrets as they are now (same identity rules as the streams).
+    async fn fetch_secrets(
+        &self,
+        req: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let (peer_id, _) = self.ads.peer(&req)?;
+        let state = &self.ads.state;
+        let r = req.into_inner();
+        if r.type_url != Kind::Secret.url() {
+            return Err(Status::invalid_argument(format!(
+                "FetchSecrets serves {}, not {:?}",
+                Kind::Secret.url(),
+                r.type_url
+            )));
+        }
+        check_names(&r.resource_names)?;
+        let node = r.node.as_ref().ok_or_else(|| {
+            Status::invalid_argument("a FetchSecrets request must carry the node")
+        })?;
+        let node = ProxyNode::from_node(node, &state.local).map_err(Status::invalid_argument)?;
+        check_identity(&node, peer_id.as_ref(), &state.local)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let root = state.secrets.root().borrow().clone();
+        let mut cert = None;
+        if r.resource_names.iter().any(|n| n == CERT_SECRET) {
+            let id = peer_id.as_ref().ok_or_else(|| {
+                Status::permission_denied(
+                    "this port checks no identity and serves no workload certificate; use the mTLS port",
+                )
+            })?;
+            cert = Some(
+                state
+                    .secrets
+                    .cert_for(id)
+                    .map_err(Status::failed_precondition)?,
+            );
+        }
+        let world = World {
+            gen: &state.current(),
+            root: root.as_ref(),
+            cert: cert.as_ref().map(|c| &c.res),
+        };
+        let found: Vec<SharedRes> = r
+            .resource_names
+            .iter()
+            .filter_map(|n| world.get(Kind::Secret, n, &node))
+            .collect();
+        Ok(Response::new(DiscoveryResponse {
+            version_info: world.version(Kind::Secret, &found.iter().collect::<Vec<_>>()),
+            resources: found.iter().map(|r| r.any.clone()).collect(),
+            type_url: Kind::Secret.url().to_string(),
+            ..Default::default()
+        }))
     }
 }
 
@@ -322,8 +449,48 @@ fn register(
     })
 }
 
+/// What one stream can be sent now: the generation every proxy shares, and the secrets of
+/// this stream's identity (`ROOTCA` for everyone, `default` only for an authenticated proxy).
+#[derive(Debug)]
+pub struct World<'a> {
+    pub gen: &'a Generation,
+    pub root: Option<&'a SharedRes>,
+    pub cert: Option<&'a SharedRes>,
+}
+
+impl World<'_> {
+    fn get(&self, kind: Kind, name: &str, p: &ProxyNode) -> Option<SharedRes> {
+        match kind {
+            Kind::Secret => match name {
+                ROOT_SECRET => self.root.cloned(),
+                CERT_SECRET => self.cert.cloned(),
+                _ => None,
+            },
+            _ => self.gen.get(kind, name, p),
+        }
+    }
+
+    fn all(&self, kind: Kind, p: &ProxyNode) -> Vec<SharedRes> {
+        self.gen.all(kind, p)
+    }
+
+    /// The version sent for a type: the generation's, or for secrets (which change between
+    /// generations) a digest of what is sent.
+    fn version(&self, kind: Kind, sent: &[&SharedRes]) -> String {
+        if kind == Kind::Secret {
+            let mut h = 0u64;
+            for r in sent {
+                h = h.rotate_left(7) ^ r.hash;
+            }
+            format!("{h:016x}")
+        } else {
+            self.gen.version.to_string()
+        }
+    }
+}
+
 /// What a proxy should hold of one type now.
-fn wanted(gen: &Generation, kind: Kind, st: &TypeState, p: &ProxyNode) -> Vec<SharedRes> {
+fn wanted(gen: &World, kind: Kind, st: &TypeState, p: &ProxyNode) -> Vec<SharedRes> {
     let mut out = if st.wildcard {
         gen.all(kind, p)
     } else {
@@ -359,7 +526,7 @@ fn check_names(names: &[String]) -> Result<(), Status> {
 /// Builds the SotW response for one type, if one is due. `force`: the client (re)subscribed
 /// and must get a response even if nothing changed.
 fn sotw_response(
-    gen: &Generation,
+    gen: &World,
     kind: Kind,
     st: &mut TypeState,
     p: &ProxyNode,
@@ -394,7 +561,7 @@ fn sotw_response(
         }
         changed
     };
-    st.version = gen.version.to_string();
+    st.version = gen.version(kind, &st.sent.values().collect::<Vec<_>>());
     st.sent_at = Some(Instant::now());
     // Routes and endpoints go in responses of at most CHUNK_BYTES (omitting one does not
     // delete it), which keeps each stream's encode buffer small; listeners and clusters are
@@ -485,23 +652,88 @@ trait Variant {
     fn request(
         state: &XdsState,
         conn: &Conn,
-        gen: &Generation,
+        gen: &World,
         req: Self::Req,
         nonce: &mut u64,
     ) -> Result<Vec<(Kind, Self::Resp)>, Status>;
     /// What one subscribed type needs after a new generation.
     fn push(
-        gen: &Generation,
+        gen: &World,
         kind: Kind,
         st: &mut TypeState,
         p: &ProxyNode,
         nonce: &mut u64,
     ) -> Vec<Self::Resp>;
     fn resources(r: &Self::Resp) -> usize;
+    fn type_url(r: &Self::Req) -> &str;
+    /// Whether the request subscribes to `name`.
+    fn names(r: &Self::Req, name: &str) -> bool;
 }
 
-/// Runs one ADS stream: the first request names the node; then requests and new generations
-/// are handled in turn, and the responses they produce are sent in order.
+/// A stream's own secrets: `ROOTCA` as last published, and its workload certificate once
+/// it asked for one.
+struct StreamSecrets {
+    root_rx: watch::Receiver<Option<SharedRes>>,
+    root: Option<SharedRes>,
+    epoch: watch::Receiver<u64>,
+    cert: Option<Issued>,
+    /// Set once the stream asked for `default` (and renewals follow).
+    wants_cert: bool,
+    refused: bool,
+}
+
+impl StreamSecrets {
+    fn new(s: &Secrets) -> StreamSecrets {
+        let mut root_rx = s.root();
+        let root = root_rx.borrow_and_update().clone();
+        let mut epoch = s.epoch();
+        epoch.borrow_and_update();
+        StreamSecrets {
+            root_rx,
+            root,
+            epoch,
+            cert: None,
+            wants_cert: false,
+            refused: false,
+        }
+    }
+
+    /// Issues (or takes the shared) certificate for the stream's identity. The plaintext port
+    /// has none, so it is never sent a certificate.
+    fn ensure_cert(&mut self, state: &XdsState, conn: &Conn, peer: Option<&trust::SpiffeId>) {
+        self.wants_cert = true;
+        let Some(id) = peer else {
+            if !std::mem::replace(&mut self.refused, true) {
+                state
+                    .metrics
+                    .refused
+                    .with_label_values(&["secret_without_identity"])
+                    .inc();
+                tracing::warn!(proxy = %conn.node.id, "a proxy asked for its certificate (SDS {CERT_SECRET:?}) on the plaintext port, which checks no identity; connect to the mTLS port");
+            }
+            return;
+        };
+        match state.secrets.cert_for(id) {
+            Ok(c) => self.cert = Some(c),
+            Err(e) => {
+                self.cert = None;
+                tracing::warn!(proxy = %conn.node.id, error = %e, "no workload certificate for this proxy");
+            }
+        }
+    }
+
+    /// When the held certificate is due for renewal.
+    fn renew_at(&self) -> Option<tokio::time::Instant> {
+        let c = self.cert.as_ref()?;
+        let left = c.renew_at - time::OffsetDateTime::now_utc();
+        let left = std::time::Duration::try_from(left).unwrap_or_default();
+        Some(tokio::time::Instant::now() + left)
+    }
+}
+
+/// Runs one ADS (or SDS) stream: the first request names the node; then requests, new
+/// generations and new secrets are handled in turn, and the responses they produce are sent in
+/// order. `only` restricts the stream to one type (SDS streams: secrets).
 async fn drive<V: Variant>(
     state: Arc<XdsState>,
     mut inbound: Streaming<V::Req>,
@@ -509,12 +741,13 @@ async fn drive<V: Variant>(
     peer_id: Option<trust::SpiffeId>,
     remote: Option<std::net::SocketAddr>,
     drain: Signal,
+    only: Option<Kind>,
 ) {
     let first = match inbound.message().await {
         Ok(Some(m)) => m,
         _ => return,
     };
-    let reg = match register(&state, V::node(&first), peer_id, remote, V::DELTA) {
+    let reg = match register(&state, V::node(&first), peer_id.clone(), remote, V::DELTA) {
         Ok(r) => r,
         Err(s) => {
             let _ = tx.send(Err(s)).await;
@@ -524,9 +757,11 @@ async fn drive<V: Variant>(
     let conn = reg.conn.clone();
     let mut gens = state.gens.subscribe();
     let mut gen = gens.borrow_and_update().clone();
+    let mut sec = StreamSecrets::new(&state.secrets);
     let mut nonce = 0u64;
     let mut pending = Some(first);
     loop {
+        let renew = sec.renew_at();
         let req = match pending.take() {
             Some(r) => Some(r),
             None => tokio::select! {
@@ -549,22 +784,61 @@ async fn drive<V: Variant>(
                     gen = gens.borrow_and_update().clone();
                     None
                 }
+                c = sec.root_rx.changed() => {
+                    if c.is_err() {
+                        break;
+                    }
+                    sec.root = sec.root_rx.borrow_and_update().clone();
+                    None
+                }
+                c = sec.epoch.changed(), if sec.wants_cert => {
+                    if c.is_err() {
+                        break;
+                    }
+                    sec.epoch.borrow_and_update();
+                    sec.ensure_cert(&state, &conn, peer_id.as_ref());
+                    None
+                }
+                _ = tokio::time::sleep_until(renew.unwrap_or_else(tokio::time::Instant::now)), if renew.is_some() => {
+                    sec.ensure_cert(&state, &conn, peer_id.as_ref());
+                    None
+                }
             },
         };
         let out = match req {
-            Some(req) => match V::request(&state, &conn, &gen, req, &mut nonce) {
-                Ok(out) => out,
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    break;
+            Some(req) => {
+                let url = V::type_url(&req);
+                if only.is_some_and(|k| k.url() != url) {
+                    tracing::debug!(proxy = %conn.node.id, type_url = url, "ignoring a request for another type on an SDS stream");
+                    continue;
                 }
-            },
+                if url == Kind::Secret.url() && V::names(&req, CERT_SECRET) && sec.cert.is_none() {
+                    sec.ensure_cert(&state, &conn, peer_id.as_ref());
+                }
+                let world = World {
+                    gen: &gen,
+                    root: sec.root.as_ref(),
+                    cert: sec.cert.as_ref().map(|c| &c.res),
+                };
+                match V::request(&state, &conn, &world, req, &mut nonce) {
+                    Ok(out) => out,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                }
+            }
             None => {
+                let world = World {
+                    gen: &gen,
+                    root: sec.root.as_ref(),
+                    cert: sec.cert.as_ref().map(|c| &c.res),
+                };
                 let mut types = conn.types();
                 let mut out = Vec::new();
                 for kind in Kind::ALL {
                     if let Some(st) = types.get_mut(&kind).filter(|s| s.subscribed) {
-                        for r in V::push(&gen, kind, st, &conn.node, &mut nonce) {
+                        for r in V::push(&world, kind, st, &conn.node, &mut nonce) {
                             out.push((kind, r));
                         }
                     }
@@ -604,7 +878,7 @@ impl Variant for SotwAds {
     fn request(
         state: &XdsState,
         conn: &Conn,
-        gen: &Generation,
+        gen: &World,
         req: DiscoveryRequest,
         nonce: &mut u64,
     ) -> Result<Vec<(Kind, DiscoveryResponse)>, Status> {
@@ -646,7 +920,7 @@ impl Variant for SotwAds {
     }
 
     fn push(
-        gen: &Generation,
+        gen: &World,
         kind: Kind,
         st: &mut TypeState,
         p: &ProxyNode,
@@ -657,6 +931,14 @@ impl Variant for SotwAds {
 
     fn resources(r: &DiscoveryResponse) -> usize {
         r.resources.len()
+    }
+
+    fn type_url(r: &DiscoveryRequest) -> &str {
+        &r.type_url
+    }
+
+    fn names(r: &DiscoveryRequest, name: &str) -> bool {
+        r.resource_names.iter().any(|n| n == name)
     }
 }
 
@@ -674,7 +956,7 @@ impl Variant for DeltaAds {
     fn request(
         state: &XdsState,
         conn: &Conn,
-        gen: &Generation,
+        gen: &World,
         req: DeltaDiscoveryRequest,
         nonce: &mut u64,
     ) -> Result<Vec<(Kind, DeltaDiscoveryResponse)>, Status> {
@@ -741,7 +1023,7 @@ impl Variant for DeltaAds {
     }
 
     fn push(
-        gen: &Generation,
+        gen: &World,
         kind: Kind,
         st: &mut TypeState,
         p: &ProxyNode,
@@ -755,10 +1037,18 @@ impl Variant for DeltaAds {
     fn resources(r: &DeltaDiscoveryResponse) -> usize {
         r.resources.len()
     }
+
+    fn type_url(r: &DeltaDiscoveryRequest) -> &str {
+        &r.type_url
+    }
+
+    fn names(r: &DeltaDiscoveryRequest, name: &str) -> bool {
+        r.resource_names_subscribe.iter().any(|n| n == name)
+    }
 }
 
 fn delta_response(
-    gen: &Generation,
+    gen: &World,
     kind: Kind,
     st: &mut TypeState,
     p: &ProxyNode,
@@ -787,7 +1077,7 @@ fn delta_response(
         st.sent.insert(r.name.clone(), r.clone());
     }
     *nonce += 1;
-    st.version = gen.version.to_string();
+    st.version = gen.version(kind, &st.sent.values().collect::<Vec<_>>());
     st.nonce = nonce.to_string();
     st.sent_at = Some(Instant::now());
     Some(DeltaDiscoveryResponse {

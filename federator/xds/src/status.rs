@@ -235,41 +235,43 @@ impl Registry {
         } else {
             exact
         };
-        let c = match hits.as_slice() {
+        let conns: Vec<&Arc<Conn>> = match hits.as_slice() {
             [] => return Err(format!("no connected proxy is named {proxy:?}")),
-            [one] => *one,
+            // Several streams of one proxy (ADS and SDS, or a reconnect): each type from the
+            // newest stream that carries it.
+            many if many.iter().all(|c| c.node.id == many[0].node.id) => many.to_vec(),
             many => {
-                // Several streams of one proxy: the newest.
-                if many.iter().all(|c| c.node.id == many[0].node.id) {
-                    many[many.len() - 1]
-                } else {
-                    return Err(format!(
-                        "{proxy:?} names {} proxies: {}",
-                        many.len(),
-                        many.iter()
-                            .map(|c| c.node.id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                }
+                return Err(format!(
+                    "{proxy:?} names {} proxies: {}",
+                    many.len(),
+                    many.iter()
+                        .map(|c| c.node.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
             }
         };
-        let types = c.types();
         let mut out = serde_json::Map::new();
-        out.insert("proxy".into(), c.node.id.clone().into());
-        for (k, t) in types.iter() {
-            if kind.is_some_and(|want| want != *k) {
-                continue;
+        out.insert("proxy".into(), conns[0].node.id.clone().into());
+        for c in conns {
+            let types = c.types();
+            for (k, t) in types.iter() {
+                if kind.is_some_and(|want| want != *k) || !t.subscribed {
+                    continue;
+                }
+                let list: Vec<serde_json::Value> = t
+                    .sent
+                    .values()
+                    .map(|r| {
+                        let mut v = super::json::any_to_json(&r.any)
+                            .unwrap_or_else(|e| serde_json::json!({"error": e}));
+                        // Like Envoy's own config dump: never a private key.
+                        super::secrets::redact(&mut v);
+                        v
+                    })
+                    .collect();
+                out.insert(k.short().into(), serde_json::Value::Array(list));
             }
-            let list: Vec<serde_json::Value> = t
-                .sent
-                .values()
-                .map(|r| {
-                    super::json::any_to_json(&r.any)
-                        .unwrap_or_else(|e| serde_json::json!({"error": e}))
-                })
-                .collect();
-            out.insert(k.short().into(), serde_json::Value::Array(list));
         }
         Ok(serde_json::Value::Object(out))
     }
