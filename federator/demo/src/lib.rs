@@ -496,6 +496,99 @@ async fn fetch_peer_bundle(
     Ok((held_keys["keys"].clone(), fetched["keys"].clone(), url))
 }
 
+/// eu's SDS `ROOTCA` (what its Envoy proxies validate peers with), read over SDS from the
+/// agent's xDS port as an Envoy `sds-grpc` cluster does: per trust domain, whether its roots
+/// are exactly the ones the agent holds for that domain (`<state>/xds/roots/<td>.pem`).
+async fn sds_root_domains(dir: &Path, addr: &str) -> anyhow::Result<Vec<(String, bool)>> {
+    use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, Node};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    use prost::Message;
+    let mut c = SecretDiscoveryServiceClient::connect(format!("http://{addr}:15010")).await?;
+    let r = c
+        .fetch_secrets(DiscoveryRequest {
+            node: Some(Node {
+                id: "sidecar~10.0.0.1~demo.shop~shop.svc.cluster.local".into(),
+                ..Default::default()
+            }),
+            type_url: meshfed_xds::SECRET_TYPE.into(),
+            resource_names: vec![meshfed_xds::secrets::ROOT_SECRET.into()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let any = r.resources.first().context("no ROOTCA secret")?;
+    let secret = tls::Secret::decode(any.value.as_slice())?;
+    let Some(tls::secret::Type::ValidationContext(vc)) = secret.r#type else {
+        anyhow::bail!("ROOTCA is not a validation context");
+    };
+    let cfg = vc.custom_validator_config.context("no custom validator")?;
+    anyhow::ensure!(
+        cfg.name == meshfed_xds::secrets::SPIFFE_VALIDATOR,
+        "validator {}",
+        cfg.name
+    );
+    let v = tls::SpiffeCertValidatorConfig::decode(
+        cfg.typed_config
+            .context("no typed config")?
+            .value
+            .as_slice(),
+    )?;
+    let mut out = Vec::new();
+    for t in v.trust_domains {
+        let pem = match t.trust_bundle.and_then(|b| b.specifier) {
+            Some(Specifier::InlineString(p)) => p,
+            _ => String::new(),
+        };
+        let held = std::fs::read_to_string(
+            dir.join("xds")
+                .join("roots")
+                .join(format!("{}.pem", t.name)),
+        )
+        .unwrap_or_default();
+        out.push((t.name, !pem.is_empty() && pem == held));
+    }
+    Ok(out)
+}
+
+/// Opens a TLS connection to a gateway with `sni` and returns how the handshake ended.
+async fn gateway_answer(gateway: &str, sni: &str) -> String {
+    let cfg = match trust::tls::client_config(
+        trust::tls::SvidResolver::new(),
+        trust::tls::SpiffeVerifier::new(
+            TrustStore::new(BundleSet::new()),
+            Authorizer::trust_domain(
+                TrustDomain::new("eu.mesh").unwrap_or_else(|_| unreachable!()),
+            ),
+        ),
+    ) {
+        Ok(mut c) => {
+            // Istio's mTLS ALPN, as a sidecar sends it (the gateway requires it).
+            c.alpn_protocols = vec![b"istio".to_vec()];
+            c
+        }
+        Err(e) => return format!("no client config: {e}"),
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(sni.to_string()) else {
+        return format!("{sni} is not a server name");
+    };
+    let tcp = match tokio::net::TcpStream::connect(gateway).await {
+        Ok(t) => t,
+        Err(e) => return format!("connect: {e}"),
+    };
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    {
+        Ok(Ok(_)) => "handshake completed".into(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer in 5 s".into(),
+    }
+}
+
 fn calls_to(m: &BTreeMap<String, u64>, cluster: &str) -> u64 {
     m.iter()
         .filter(|(k, _)| k.split(' ').next() == Some(cluster))
@@ -1120,6 +1213,33 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         Err(e) => (false, format!("{e:#}")),
     };
     checks.assert(ok, "bundle endpoint", detail);
+
+    // Envoy proxies: eu's agent serves SDS; its ROOTCA is Envoy's SPIFFE validator with each
+    // trust domain's own roots (never a pool).
+    let (ok, detail) = match sds_root_domains(&eu_dir, &layout.addr("eu")).await {
+        Ok(d) => (
+            d.len() == 3 && d.iter().all(|(_, same)| *same),
+            format!(
+                "eu's SDS secret ROOTCA (envoy.tls.cert_validator.spiffe) has {} trust domains, each with only its own roots: {}",
+                d.len(),
+                d.iter()
+                    .map(|(td, same)| format!("{td}{}", if *same { "" } else { " (roots differ!)" }))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    checks.assert(ok, "Envoy SDS per trust domain", detail);
+
+    // A gateway routes only what its cluster exports: eu runs order but does not export it.
+    let eu_gw = format!("{}:15443", layout.addr("eu"));
+    let answer = gateway_answer(&eu_gw, "outbound_.8082_._.order.shop.svc.cluster.local").await;
+    checks.assert(
+        answer.contains("UnrecognisedName"),
+        "gateway exports only",
+        format!("eu's gateway {eu_gw} refused SNI outbound_.8082_._.order.shop.svc.cluster.local (order runs in eu, not exported): {answer}"),
+    );
 
     println!("\nphase 2: west goes down (its payment server stops, its agent is killed)");
     if let Some((task, stop)) = servers.remove("west") {

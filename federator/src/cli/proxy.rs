@@ -31,6 +31,8 @@ enum ConfigType {
     Route,
     Cluster,
     Endpoint,
+    /// SDS secrets (private keys redacted).
+    Secret,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +111,7 @@ pub async fn config(a: ProxyConfigArgs) -> anyhow::Result<ExitCode> {
         ConfigType::Route => "route",
         ConfigType::Cluster => "cluster",
         ConfigType::Endpoint => "endpoint",
+        ConfigType::Secret => "secret",
     };
     let mut q = String::from("/debug/config_dump?proxy=");
     for b in a.proxy.bytes() {
