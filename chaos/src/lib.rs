@@ -537,6 +537,15 @@ impl Federation {
     /// The federator in `net`'s namespace (gRPC on :15100, admin on :15101 of its address),
     /// or on loopback with free ports.
     pub fn start_in(lease_ttl: &str, net: Option<&Network>) -> Result<Federation> {
+        Federation::start_with(lease_ttl, net, &[])
+    }
+
+    /// The same with more `meshfed federator` flags.
+    pub fn start_with(
+        lease_ttl: &str,
+        net: Option<&Network>,
+        extra: &[&str],
+    ) -> Result<Federation> {
         let root = tempfile::tempdir()?;
         let (grpc, admin) = match net {
             Some(n) => (format!("{}:15100", n.addr), format!("{}:15101", n.addr)),
@@ -558,6 +567,7 @@ impl Federation {
             lease_ttl,
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         let (program, args) = in_netns(net.map(|n| n.ns.as_str()), &args)?;

@@ -195,6 +195,7 @@ async fn main() {
                 },
                 gateways: vec![format!("10.255.0.{}:15443", i % 250 + 1)],
                 ca: None,
+                rejoin: false,
             };
             set.spawn(async move { (i, identity::join(p).await.unwrap()) });
         }
@@ -223,6 +224,7 @@ async fn main() {
             kind: Some(Out::Hello(Hello {
                 facts: Some(id.facts()),
                 imports_applied_revision: 0,
+                federation_bundle_sequence: 0,
             })),
         })
         .await

@@ -49,6 +49,7 @@ fn params(dir: &Path, token: String, cluster: &str) -> JoinParams {
         locality: meshfed_model::validate::parse_locality("us-east1/us-east1-b").unwrap(),
         gateways: vec!["127.0.0.1:15443".into()],
         ca: None,
+        rejoin: false,
     }
 }
 
@@ -162,6 +163,7 @@ fn hello(id: &ClusterIdentity) -> ClusterMessage {
         kind: Some(Kind::Hello(Hello {
             facts: Some(id.facts()),
             imports_applied_revision: 0,
+            federation_bundle_sequence: 0,
         })),
     }
 }
@@ -205,6 +207,7 @@ async fn a_cluster_may_only_speak_for_itself() {
             kind: Some(Kind::Hello(Hello {
                 facts: Some(forged),
                 imports_applied_revision: 0,
+                federation_bundle_sequence: 0,
             })),
         }],
     )
@@ -225,6 +228,7 @@ async fn a_cluster_may_only_speak_for_itself() {
             kind: Some(Kind::Hello(Hello {
                 facts: Some(other_td),
                 imports_applied_revision: 0,
+                federation_bundle_sequence: 0,
             })),
         }],
     )

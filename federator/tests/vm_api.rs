@@ -67,6 +67,7 @@ async fn world(dir: &Path) -> World {
         locality: meshfed_model::validate::parse_locality("us-east1/us-east1-b").unwrap(),
         gateways: vec![],
         ca: None,
+        rejoin: false,
     })
     .await
     .unwrap();
@@ -85,6 +86,7 @@ async fn world(dir: &Path) -> World {
         vip_range_v4: meshfed_agent::default_vip_range_v4(),
         vip_range_v6: None,
         bundle_endpoint: None,
+        bundle_endpoint_web: None,
         ca_rotation: meshfed_identity::live_ca::RotationPolicy {
             period: None,
             publish_lead: time::Duration::minutes(20),

@@ -57,6 +57,9 @@ pub struct AgentConfig {
     pub vip_range_v6: Option<ipnet::Ipv6Net>,
     /// The SPIFFE bundle endpoint (`https_spiffe`, the agent's serving SVID); `None` = off.
     pub bundle_endpoint: Option<SocketAddr>,
+    /// `https_web` profile: the Web PKI certificate the bundle endpoint presents instead of the
+    /// agent's SVID.
+    pub bundle_endpoint_web: Option<Arc<meshfed_net::bundle_endpoint::WebCert>>,
     /// When the cluster CA rotates by itself, and how long a new root is published before it
     /// signs (checked every `registry_poll`).
     pub ca_rotation: RotationPolicy,
@@ -202,6 +205,15 @@ impl Inner {
                 .collect(),
             dns_names: self.names.borrow().name_count() as u64,
             ca: Some(self.ca.report(time::OffsetDateTime::now_utc())),
+            cluster_cert_not_after: self.cluster_cert.current().map(|c| {
+                c.not_after
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            }),
+            cluster_cert_expired: self
+                .cluster_cert
+                .current()
+                .is_some_and(|c| c.not_after <= time::OffsetDateTime::now_utc()),
             exports: self.exports.borrow().len() as u64,
             exports_acked_version: st.exports_acked_version,
             imports_applied_revision: snap.applied_revision,
@@ -317,6 +329,12 @@ pub struct AgentReport {
     /// The cluster CA: generations, rotation, expiry.
     #[serde(default)]
     pub ca: Option<CaReport>,
+    /// When the cluster certificate (the federation identity) expires, RFC 3339.
+    #[serde(default)]
+    pub cluster_cert_not_after: Option<String>,
+    /// It has expired: the cluster cannot reach the federator until it joins again.
+    #[serde(default)]
+    pub cluster_cert_expired: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -376,6 +394,14 @@ impl AgentReport {
                     .as_ref()
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
+            ));
+        }
+        if self.cluster_cert_expired {
+            out.push(format!(
+                "the cluster certificate expired at {}: the federator no longer accepts it and it cannot be renewed; get a new join token for cluster {} (meshfed federator token create --cluster {}) and run `meshfed join --rejoin --token ...` with this state directory, then restart the agent (the cluster keeps its CA, trust domain and cache)",
+                self.cluster_cert_not_after.as_deref().unwrap_or("?"),
+                self.cluster,
+                self.cluster
             ));
         }
         if let Some(e) = &self.registry_error {
@@ -724,7 +750,13 @@ impl Agent {
                 meshfed_net::bundle_endpoint::serve(
                     &tasks,
                     addr,
-                    trust::tls::server_config_no_client(serving.clone())?,
+                    match &cfg.bundle_endpoint_web {
+                        Some(web) => {
+                            web.watch(&tasks, Duration::from_secs(5));
+                            web.server_config()?
+                        }
+                        None => trust::tls::server_config_no_client(serving.clone())?,
+                    },
                     inner.bundle.subscribe(),
                 )
                 .await?,

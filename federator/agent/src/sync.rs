@@ -253,6 +253,103 @@ fn apply_to_model(inner: &Inner, fed: &FederationWriter, d: &ImportDelta) {
     inner.metrics.import_revision.set(d.revision as i64);
 }
 
+/// Installs the federation bundle the federator sent (a federation root rotation): the file
+/// `identity/federation-bundle.json` (what `meshfed status` and renewals read) and the live
+/// verifier of the federator, so a new root is trusted before it signs. A lower sequence than
+/// the one held is refused. When the root that signs now is not the one this cluster's
+/// certificate chains to, the certificate is renewed at once (onto the new root).
+fn install_federation_bundle(
+    inner: &Arc<Inner>,
+    b: &proto::FederationBundle,
+) -> proto::FederationBundleAck {
+    let refuse = |sequence: u64, error: String| {
+        tracing::warn!(%error, "refused the federation bundle");
+        proto::FederationBundleAck { sequence, error }
+    };
+    let mut id = inner.identity();
+    let td = match trust::TrustDomain::new(&id.file.federation_trust_domain) {
+        Ok(td) => td,
+        Err(e) => return refuse(0, e.to_string()),
+    };
+    let bundle =
+        match trust::TrustBundle::from_json(td.clone(), &b.bundle_json, "federation bundle") {
+            Ok(b) if !b.x509_authorities.is_empty() => b,
+            Ok(_) => return refuse(0, "the federation bundle holds no root".into()),
+            Err(e) => return refuse(0, e.to_string()),
+        };
+    let (got, held) = (
+        bundle.sequence.unwrap_or(0),
+        id.federation_bundle.sequence.unwrap_or(0),
+    );
+    if got < held {
+        inner
+            .metrics
+            .bundle_regressions
+            .with_label_values(&[td.as_str()])
+            .inc();
+        return refuse(
+            got,
+            format!("federation bundle sequence {got} is lower than the held {held}"),
+        );
+    }
+    if bundle != id.federation_bundle {
+        let path = id.dir.join("federation-bundle.json");
+        let written = bundle.to_json().map_err(anyhow::Error::from).and_then(|j| {
+            trust::files::write_atomic(&path, j.as_bytes(), trust::files::PUBLIC_MODE)
+                .map_err(anyhow::Error::from)
+        });
+        if let Err(e) = written {
+            return refuse(got, format!("cannot store the federation bundle: {e:#}"));
+        }
+        if let Err(e) = inner.federator_verifier.store().update(bundle.clone()) {
+            return refuse(got, format!("cannot install the federation bundle: {e}"));
+        }
+        tracing::info!(
+            sequence = got,
+            roots = bundle.x509_authorities.len(),
+            "installed a new federation bundle"
+        );
+        id.federation_bundle = bundle.clone();
+    }
+    drop(id);
+    // Renew onto the signing root when the cluster certificate chains elsewhere.
+    let signer = bundle
+        .x509_authorities
+        .iter()
+        .find(|r| trust::keys::fingerprint(r) == b.signer_root_sha256);
+    if let (Some(root), Some(cert)) = (signer, inner.cluster_cert.current()) {
+        let mut only = trust::BundleSet::new();
+        let one = trust::TrustBundle {
+            x509_authorities: vec![root.clone()],
+            ..bundle.clone()
+        };
+        if only.insert(one).is_ok() {
+            let v = trust::tls::SpiffeVerifier::new(
+                trust::TrustStore::new(only),
+                trust::tls::Authorizer::id(cert.id.clone()),
+            );
+            let chains = v
+                .verify(
+                    &cert.chain[0],
+                    &cert.chain[1..],
+                    rustls_pki_types::UnixTime::now(),
+                    trust::tls::PeerRole::Client,
+                )
+                .is_ok();
+            if !chains {
+                tracing::info!(
+                    "a new federation root signs: renewing the cluster certificate onto it"
+                );
+                inner.cluster_cert.renew_soon();
+            }
+        }
+    }
+    proto::FederationBundleAck {
+        sequence: got,
+        error: String::new(),
+    }
+}
+
 async fn session(inner: &Arc<Inner>, fed: &FederationWriter) -> End {
     match session_inner(inner, fed).await {
         Ok(()) => End::Closed,
@@ -261,14 +358,19 @@ async fn session(inner: &Arc<Inner>, fed: &FederationWriter) -> End {
 }
 
 async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(), End> {
-    let (cfg, facts, federators) = {
+    let (cfg, facts, federators, fed_seq) = {
         let id = inner.identity();
         let cfg = trust::tls::client_config(
             inner.cluster_cert.resolver(),
             inner.federator_verifier.clone(),
         )
         .map_err(anyhow::Error::from)?;
-        (cfg, id.facts(), id.file.federators.clone())
+        (
+            cfg,
+            id.facts(),
+            id.file.federators.clone(),
+            id.federation_bundle.sequence.unwrap_or(0),
+        )
     };
     let channel = meshfed_net::channel(federators, cfg, "federator")?;
     let mut client = FederationClient::new(channel)
@@ -280,6 +382,7 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
         Out::Hello(Hello {
             facts: Some(facts),
             imports_applied_revision: inner.cache.applied_revision(),
+            federation_bundle_sequence: fed_seq,
         }),
     )
     .await?;
@@ -402,6 +505,10 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                                 }
                             }
                         });
+                    }
+                    Some(In::FederationBundle(b)) => {
+                        let ack = tokio::task::block_in_place(|| install_federation_bundle(inner, &b));
+                        send(&tx, Out::FederationBundleAck(ack)).await?;
                     }
                     Some(In::Welcome(_)) | None => {}
                 }

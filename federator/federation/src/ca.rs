@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use meshfed_identity::ids::{cluster_spiffe_id, federator_spiffe_id};
+use meshfed_identity::live_ca::LiveCa;
 use rustls_pki_types::CertificateDer;
 use time::Duration;
 use trust::ca::policy::ExactIds;
@@ -19,8 +20,12 @@ pub const SERVER_CERT_TTL: Duration = Duration::hours(24);
 
 pub struct FederationCa {
     pub trust_domain: TrustDomain,
-    ca: std::sync::Mutex<CertificateAuthority>,
-    dir: std::path::PathBuf,
+    /// The CA as `meshfed ca rotate --ca <state-dir>/ca` sees it: one directory, one lock.
+    pub live: LiveCa,
+    /// Lifetime of cluster certificates.
+    pub cluster_ttl: Duration,
+    /// Lifetime of the federator's serving certificate.
+    pub server_ttl: Duration,
 }
 
 impl std::fmt::Debug for FederationCa {
@@ -35,7 +40,7 @@ impl FederationCa {
     /// Loads `<state_dir>/ca`, creating it for `td` the first time.
     pub fn open_or_create(state_dir: &Path, td: Option<&TrustDomain>) -> anyhow::Result<Self> {
         let dir = state_dir.join("ca");
-        let ca = if CertificateAuthority::exists_in(&dir) {
+        if CertificateAuthority::exists_in(&dir) {
             let ca = CertificateAuthority::load(&dir)?;
             if let Some(td) = td {
                 anyhow::ensure!(
@@ -45,7 +50,6 @@ impl FederationCa {
                     ca.trust_domain()
                 );
             }
-            ca
         } else {
             let td = match td {
                 Some(t) => t.clone(),
@@ -55,51 +59,55 @@ impl FederationCa {
             ca.save(&dir)
                 .with_context(|| format!("cannot write the federation CA to {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), trust_domain = %ca.trust_domain(), "created the federation CA");
-            ca
-        };
+        }
+        let live = LiveCa::open(dir)?;
         Ok(FederationCa {
-            trust_domain: ca.trust_domain().clone(),
-            ca: std::sync::Mutex::new(ca),
-            dir,
+            trust_domain: live.trust_domain(),
+            live,
+            cluster_ttl: CLUSTER_CERT_TTL,
+            server_ttl: SERVER_CERT_TTL,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, CertificateAuthority> {
-        self.ca.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The root certificate joiners pin.
-    pub fn root(&self) -> CertificateDer<'static> {
-        self.lock().roots()[0].clone()
+    /// The root joiners pin: the one that signs now (a CA always has one active generation;
+    /// the first published root stands in should it not).
+    pub fn root(&self) -> Option<CertificateDer<'static>> {
+        self.live
+            .signing_root()
+            .or_else(|| self.live.roots().into_iter().next())
     }
 
     pub fn root_fingerprint(&self) -> String {
-        trust::keys::fingerprint(&self.root())
+        self.root()
+            .map(|r| trust::keys::fingerprint(&r))
+            .unwrap_or_default()
     }
 
     pub fn bundle(&self) -> trust::TrustBundle {
-        self.lock().bundle()
+        self.live.bundle()
     }
 
     pub fn not_after(&self) -> time::OffsetDateTime {
-        self.lock().expires_at()
+        self.live.signer_not_after()
     }
 
     /// Signs a cluster's CSR; its URI SAN must be exactly that cluster's federation identity.
+    /// The issuance is recorded, so a retiring root stays published while this certificate
+    /// is valid.
     pub fn sign_cluster(&self, csr_der: &[u8], cluster: &str) -> anyhow::Result<IssuedCert> {
         let id = cluster_spiffe_id(&self.trust_domain, cluster)?;
-        let ca = self.lock();
-        let issued = ca.sign_csr(csr_der, &ExactIds(vec![id]), CLUSTER_CERT_TTL)?;
-        ca.save(&self.dir)?;
-        Ok(issued)
+        self.live
+            .sign_csr(csr_der, &ExactIds(vec![id]), self.cluster_ttl)
     }
 
-    /// The federator's serving certificate; its chain ends with the root so a joiner can pin it.
+    /// The federator's serving certificate; its chain ends with every published root so a
+    /// joiner can pin the one its token names.
     pub fn server_svid(&self) -> anyhow::Result<Svid> {
         let id = federator_spiffe_id(&self.trust_domain)?;
-        let ca = self.lock();
-        let mut svid = ca.issue_svid(&id, &ExactIds(vec![id.clone()]), SERVER_CERT_TTL)?;
-        svid.chain.extend(ca.roots());
+        let mut svid = self
+            .live
+            .issue_svid(&id, &ExactIds(vec![id.clone()]), self.server_ttl)?;
+        svid.chain.extend(self.live.roots());
         Ok(svid)
     }
 }

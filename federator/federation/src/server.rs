@@ -52,6 +52,13 @@ pub struct FederatorConfig {
     pub lease_ttl: Duration,
     /// Messages per second a cluster may send on its stream (bursts up to 4x).
     pub rate_limit: u32,
+    /// Federation root rotation: started by `meshfed ca rotate start --ca <state-dir>/ca` or,
+    /// with a period, by the federator itself; a new root signs only after the lead and once
+    /// every member holds the bundle carrying it.
+    pub ca_rotation: meshfed_identity::live_ca::RotationPolicy,
+    /// Lifetime of cluster certificates (and of the federator's own is `server_cert_ttl`).
+    pub cluster_cert_ttl: time::Duration,
+    pub server_cert_ttl: time::Duration,
 }
 
 impl FederatorConfig {
@@ -65,6 +72,12 @@ impl FederatorConfig {
             trust_domain: None,
             lease_ttl: Duration::from_secs(30),
             rate_limit: 200,
+            ca_rotation: meshfed_identity::live_ca::RotationPolicy {
+                period: None,
+                publish_lead: time::Duration::minutes(20),
+            },
+            cluster_cert_ttl: crate::ca::CLUSTER_CERT_TTL,
+            server_cert_ttl: crate::ca::SERVER_CERT_TTL,
         }
     }
 }
@@ -77,6 +90,8 @@ struct Live {
     stale: bool,
     /// Highest import revision the cluster acknowledged, or was brought to without a delta.
     acked: u64,
+    /// The federation bundle sequence the cluster says it holds.
+    federation_sequence: u64,
 }
 
 struct Hub {
@@ -93,6 +108,16 @@ struct Hub {
     join_lock: tokio::sync::Mutex<()>,
     /// The process's tasks: Sync streams end at its drain signal.
     tasks: Tasks,
+    /// The federation bundle as members are sent it (changes with a federation root rotation).
+    fed_bundle: watch::Sender<proto::FederationBundle>,
+}
+
+/// The message that carries the federation CA's bundle and its signing root.
+fn federation_bundle_message(ca: &FederationCa) -> anyhow::Result<proto::FederationBundle> {
+    Ok(proto::FederationBundle {
+        bundle_json: ca.bundle().to_json()?,
+        signer_root_sha256: ca.root_fingerprint(),
+    })
 }
 
 fn now_unix() -> i64 {
@@ -323,6 +348,27 @@ impl Hub {
 
     /// Which members hold `cluster`'s stored bundle: those whose acknowledged import revision
     /// reached the revision at which the bundle (or the record carrying it) last changed.
+    /// Members (not left) that have not acknowledged federation bundle `sequence`.
+    fn federation_bundle_pending(&self, sequence: u64) -> Result<Vec<String>, StoreError> {
+        let records = self.store.clusters()?;
+        let live = self.live();
+        Ok(records
+            .iter()
+            .filter(|r| !r.left)
+            .filter(|r| {
+                live.get(&r.id)
+                    .is_none_or(|l| l.federation_sequence < sequence)
+            })
+            .map(|r| r.id.clone())
+            .collect())
+    }
+
+    fn note_federation_sequence(&self, cluster: &str, sequence: u64) {
+        if let Some(l) = self.live().get_mut(cluster) {
+            l.federation_sequence = l.federation_sequence.max(sequence);
+        }
+    }
+
     fn bundle_distribution(
         &self,
         cluster: &str,
@@ -402,6 +448,7 @@ impl Hub {
                 .not_after()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
+            federation_ca: self.ca.live.report(time::OffsetDateTime::now_utc()),
             head_revision: head,
             lease_ttl_ms: self.cfg.lease_ttl.as_millis() as u64,
             clusters,
@@ -434,7 +481,10 @@ impl Federator {
     pub async fn start(cfg: FederatorConfig) -> anyhow::Result<Federator> {
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
-        let ca = FederationCa::open_or_create(&cfg.state_dir, cfg.trust_domain.as_ref())?;
+        let mut ca = FederationCa::open_or_create(&cfg.state_dir, cfg.trust_domain.as_ref())?;
+        ca.cluster_ttl = cfg.cluster_cert_ttl;
+        ca.server_ttl = cfg.server_cert_ttl;
+        let fed_bundle = watch::Sender::new(federation_bundle_message(&ca)?);
         let store = Store::open(&cfg.state_dir.join("store")).with_context(|| {
             format!("cannot open the state store in {}", cfg.state_dir.display())
         })?;
@@ -463,6 +513,7 @@ impl Federator {
             started: Instant::now(),
             join_lock: tokio::sync::Mutex::new(()),
             tasks: Tasks::new(),
+            fed_bundle,
             store,
             ca,
             cfg,
@@ -475,8 +526,9 @@ impl Federator {
         let resolver = serving.resolver();
         let mut fed_set = BundleSet::new();
         fed_set.insert(hub.ca.bundle())?;
+        let fed_trust = TrustStore::new(fed_set);
         let verifier = SpiffeVerifier::new(
-            TrustStore::new(fed_set),
+            fed_trust.clone(),
             Authorizer::trust_domain(hub.ca.trust_domain.clone()),
         );
         let tls = trust::tls::server_config_optional_client(resolver.clone(), verifier)?;
@@ -505,6 +557,10 @@ impl Federator {
                 ticker_hub.tick_leases();
             }
         });
+        tasks.spawn(
+            "federation CA",
+            federation_ca(hub.clone(), fed_trust, serving.clone()),
+        );
         let renew_hub = hub.clone();
         tasks.spawn(
             "federator certificate",
@@ -590,6 +646,61 @@ impl Federator {
     /// Stops serving (a drain with a short deadline).
     pub async fn stop(self) {
         self.drain(Duration::from_secs(2)).await;
+    }
+}
+
+/// Steps the federation CA (every 500 ms): picks up a rotation begun by
+/// `meshfed ca rotate start --ca <state-dir>/ca` (or starts one on the period), lets a pending
+/// root sign only once its lead has passed and every member acknowledged the bundle carrying
+/// it, and drops a retiring root after the last certificate it signed expired. A new bundle
+/// goes to the TLS verifier of member certificates and to every member's stream; a new signer
+/// renews the federator's own certificate at once.
+async fn federation_ca(hub: Arc<Hub>, fed_trust: TrustStore, serving: Arc<Managed>) {
+    let mut t = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        t.tick().await;
+        let now = time::OffsetDateTime::now_utc();
+        let hub2 = hub.clone();
+        let stepped = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let due = hub2.ca.live.activation_due(now);
+            let pending = match due {
+                Some(seq) => hub2.federation_bundle_pending(seq)?,
+                None => Vec::new(),
+            };
+            hub2.ca.live.set_waiting_for(pending.clone());
+            let may = due.is_some() && pending.is_empty();
+            hub2.ca.live.step(now, &hub2.cfg.ca_rotation, may)
+        })
+        .await;
+        let stepped = match stepped {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "federation CA step failed");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "federation CA step panicked");
+                continue;
+            }
+        };
+        if stepped.bundle_changed {
+            if let Err(e) = fed_trust.update(hub.ca.bundle()) {
+                tracing::error!(error = %e, "cannot install the new federation bundle in the member verifier");
+            }
+            tracing::info!(sequence = ?hub.ca.bundle().sequence, roots = hub.ca.bundle().x509_authorities.len(), "federation bundle changed; sending it to every member");
+        }
+        if stepped.signer_changed {
+            tracing::info!(root = %hub.ca.root_fingerprint(), "a new federation root signs; members renew onto it");
+            serving.renew_soon();
+        }
+        if stepped.bundle_changed || stepped.signer_changed {
+            match federation_bundle_message(&hub.ca) {
+                Ok(m) => {
+                    hub.fed_bundle.send_replace(m);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode the federation bundle"),
+            }
+        }
     }
 }
 
@@ -778,6 +889,7 @@ impl Session {
             In::Bundle(_) => "bundle",
             In::Heartbeat(_) => "heartbeat",
             In::ImportAck(_) => "import_ack",
+            In::FederationBundleAck(_) => "federation_bundle_ack",
         };
         self.hub
             .metrics
@@ -790,6 +902,14 @@ impl Session {
                 Status::invalid_argument("hello may only be the first message of a stream"),
             )),
             In::Heartbeat(_) => Ok(()),
+            In::FederationBundleAck(a) => {
+                if a.error.is_empty() {
+                    self.hub.note_federation_sequence(&self.cluster, a.sequence);
+                } else {
+                    tracing::warn!(cluster = %self.cluster, sequence = a.sequence, error = %a.error, "cluster refused the federation bundle");
+                }
+                Ok(())
+            }
             In::ImportAck(a) => {
                 if !a.error.is_empty() {
                     self.hub
@@ -976,9 +1096,11 @@ impl Service {
             hub.bump_head(rev);
         }
         let generation = hub.connect(&cluster);
+        hub.note_federation_sequence(&cluster, hello.federation_bundle_sequence);
         *connected_as = Some(generation);
         let mut head_rx = hub.head.subscribe();
         let mut peers_rx = hub.peers.subscribe();
+        let mut fed_rx = hub.fed_bundle.subscribe();
         send(
             &tx,
             Out::Welcome(Welcome {
@@ -1014,6 +1136,8 @@ impl Service {
             s.acked = 0;
             s.cursor = Cursor::AfterRevision(0);
         }
+        let fed = fed_rx.borrow_and_update().clone();
+        send(&tx, Out::FederationBundle(fed)).await?;
         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
         s.push_imports().await?;
         tracing::info!(%cluster, applied = hello.imports_applied_revision, "cluster connected");
@@ -1031,6 +1155,11 @@ impl Service {
                 r = head_rx.changed() => {
                     if r.is_err() { return Ok(()); }
                     s.push_imports().await?;
+                }
+                r = fed_rx.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    let fed = fed_rx.borrow_and_update().clone();
+                    send(&tx, Out::FederationBundle(fed)).await?;
                 }
                 r = peers_rx.changed() => {
                     if r.is_err() { return Ok(()); }
@@ -1292,6 +1421,7 @@ impl Federation for Service {
             clusters,
             federation_trust_domain: rep.federation_trust_domain,
             federation_ca_not_after: self.hub.ca.not_after().unix_timestamp(),
+            federation_bundle_sequence: self.hub.ca.bundle().sequence.unwrap_or(0),
         }))
     }
 }

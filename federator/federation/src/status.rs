@@ -31,6 +31,9 @@ pub struct FederationReport {
     pub kind: String,
     pub federation_trust_domain: String,
     pub federation_ca_not_after: String,
+    /// The federation CA's generations (rotation) and who a pending root waits on.
+    #[serde(default)]
+    pub federation_ca: meshfed_identity::live_ca::CaReport,
     pub head_revision: u64,
     pub lease_ttl_ms: u64,
     pub clusters: Vec<ClusterReport>,

@@ -127,6 +127,8 @@ pub struct JoinParams {
     pub trust_domain: TrustDomain,
     pub locality: Locality,
     pub gateways: Vec<String>,
+    /// Replace an existing identity of the same cluster (see `meshfed join --rejoin`).
+    pub rejoin: bool,
     /// An existing meshfed CA directory to use as the cluster CA (default: create one).
     pub ca: Option<PathBuf>,
 }
@@ -179,12 +181,29 @@ pub async fn join(p: JoinParams) -> anyhow::Result<ClusterIdentity> {
         );
     }
     let idir = identity_dir(&p.state_dir);
-    if idir.join("identity.json").exists() {
-        bail!(
-            "{} already holds a cluster identity; run `meshfed leave --state-dir {}` first",
-            idir.display(),
-            p.state_dir.display()
-        );
+    let existing = idir.join("identity.json");
+    if existing.exists() {
+        if !p.rejoin {
+            bail!(
+                "{} already holds a cluster identity; run `meshfed leave --state-dir {}` first (or, to join again as the same cluster with a new token, add --rejoin)",
+                idir.display(),
+                p.state_dir.display()
+            );
+        }
+        let raw = std::fs::read(&existing)
+            .with_context(|| format!("cannot read {}", existing.display()))?;
+        let old: IdentityFile = serde_json::from_slice(&raw)
+            .with_context(|| format!("{} is malformed", existing.display()))?;
+        if old.cluster != p.cluster || old.trust_domain != p.trust_domain.as_str() {
+            bail!(
+                "--rejoin: {} holds the identity of cluster {:?} (trust domain {}), not {:?} ({})",
+                existing.display(),
+                old.cluster,
+                old.trust_domain,
+                p.cluster,
+                p.trust_domain
+            );
+        }
     }
     let fed_td = TrustDomain::new(&claims.federation_trust_domain)
         .context("the token's federation trust domain")?;

@@ -92,7 +92,7 @@ impl LiveCa {
         let lock = dir.lock()?;
         let ca = dir
             .load(&lock)
-            .with_context(|| format!("cannot load the cluster CA in {}", dir.path().display()))?;
+            .with_context(|| format!("cannot load the CA in {}", dir.path().display()))?;
         let seen = dir.metadata(&lock)?;
         drop(lock);
         Ok(LiveCa {
@@ -127,6 +127,25 @@ impl LiveCa {
     /// Changes whenever a different generation signs (leaves should renew).
     pub fn subscribe_signer(&self) -> watch::Receiver<u64> {
         self.signer.subscribe()
+    }
+
+    /// The root of the generation that signs now.
+    pub fn signing_root(&self) -> Option<rustls_pki_types::CertificateDer<'static>> {
+        self.read()
+            .generations()
+            .iter()
+            .find(|g| *g.state() == GenerationState::Active)
+            .map(|g| g.root().clone())
+    }
+
+    /// Every root in the published bundle.
+    pub fn roots(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        self.read().roots()
+    }
+
+    /// When the signing certificate expires.
+    pub fn signer_not_after(&self) -> OffsetDateTime {
+        self.read().signer_not_after()
     }
 
     /// Issues an SVID with a key made here and records the issuance in the CA directory.
@@ -199,10 +218,7 @@ impl LiveCa {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             if meta != *seen || self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
                 *ca = self.dir.load(&lock).with_context(|| {
-                    format!(
-                        "cannot reload the cluster CA in {}",
-                        self.dir.path().display()
-                    )
+                    format!("cannot reload the CA in {}", self.dir.path().display())
                 })?;
                 *seen = meta;
                 out.reloaded = true;

@@ -1,7 +1,10 @@
-//! A SPIFFE bundle endpoint (SPIFFE Trust Domain and Bundle specification, `https_spiffe`
-//! profile): `GET /` over HTTPS returns the trust domain's bundle as JSON. The server presents
-//! an SVID of the trust domain and asks no client certificate; a client authenticates it with
-//! the bundle it already holds and the endpoint's SPIFFE ID. Also the client side: [`fetch`].
+//! A SPIFFE bundle endpoint (SPIFFE Trust Domain and Bundle specification): `GET /` over HTTPS
+//! returns the trust domain's bundle as JSON, and asks no client certificate. Two profiles:
+//! `https_spiffe`, where the server presents an SVID of the trust domain and a client
+//! authenticates it with the bundle it already holds and the endpoint's SPIFFE ID; and
+//! `https_web`, where the server presents a Web PKI certificate ([`WebCert`], reloaded when its
+//! files change) and a client checks it as any HTTPS client does (trusted roots, host name).
+//! Also the client side: [`fetch`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,6 +95,158 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+/// The `https_web` profile's certificate: a PEM chain and key (PKCS#8, SEC1 or PKCS#1), as a
+/// Web PKI issuer (an ACME client, cert-manager) writes them. [`WebCert::watch`] reloads both
+/// when either file changes, so a renewed certificate is served without a restart; a pair that
+/// does not load keeps the previous one in service (and says why).
+#[derive(Debug)]
+pub struct WebCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+fn load_web_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("cannot read {}", cert.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{}: not a PEM certificate chain", cert.display()))?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "{}: holds no certificate",
+        cert.display()
+    );
+    let der = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("{}: not a PEM private key", key.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .with_context(|| format!("{}: unusable private key", key.display()))?;
+    let ck = rustls::sign::CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+    Ok(ck)
+}
+
+impl WebCert {
+    /// Loads the pair; an error names the file and what is wrong.
+    pub fn load(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<WebCert>> {
+        let ck = load_web_cert(cert, key)?;
+        Ok(Arc::new(WebCert {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: std::sync::RwLock::new(Arc::new(ck)),
+        }))
+    }
+
+    fn stamp(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((m(&self.cert)?, m(&self.key)?))
+    }
+
+    /// Reloads the pair whenever either file's modification time changes (checked every
+    /// `every`), until the drain.
+    pub fn watch(self: &Arc<Self>, tasks: &Tasks, every: std::time::Duration) {
+        let me = self.clone();
+        tasks.spawn("bundle endpoint certificate", async move {
+            let mut seen = me.stamp();
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                let now = me.stamp();
+                if now == seen {
+                    continue;
+                }
+                match load_web_cert(&me.cert, &me.key) {
+                    Ok(ck) => {
+                        *me.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+                        seen = now;
+                        tracing::info!(cert = %me.cert.display(), "bundle endpoint certificate reloaded");
+                    }
+                    // Half-written pairs are common while an issuer renews: try again next tick.
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "bundle endpoint certificate not reloaded; serving the previous one")
+                    }
+                }
+            }
+        });
+    }
+
+    /// A server configuration presenting this certificate, without client authentication.
+    pub fn server_config(self: &Arc<Self>) -> anyhow::Result<rustls::ServerConfig> {
+        Ok(rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(self.clone()))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for WebCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// A client configuration for the `https_web` profile: Web PKI verification (host name,
+/// chain to a trusted root) against the roots in `ca_file` (PEM), or the system's roots.
+pub fn web_client_config(
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(f) => {
+            for c in rustls_pki_types::CertificateDer::pem_file_iter(f)
+                .with_context(|| format!("cannot read {}", f.display()))?
+            {
+                let c = c.with_context(|| format!("{}: not a PEM certificate", f.display()))?;
+                roots
+                    .add(c)
+                    .with_context(|| format!("{}: not a usable root", f.display()))?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "{}: holds no certificate", f.display());
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "no system root certificates found ({}); give --ca-file",
+                found
+                    .errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// Largest bundle document [`fetch`] reads.

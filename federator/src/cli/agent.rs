@@ -40,6 +40,12 @@ pub struct JoinArgs {
     /// identity of another cluster is still an error.
     #[arg(long)]
     if_not_joined: bool,
+    /// Join again as the same cluster when this state directory already holds its identity
+    /// (the way back after the cluster certificate expired during a long outage, or after a
+    /// federation root rotation it missed): keeps the cluster CA, trust domain and cache, and
+    /// replaces the cluster certificate; the token must be a new one for this cluster.
+    #[arg(long)]
+    rejoin: bool,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +102,14 @@ pub struct AgentArgs {
     /// disables it.
     #[arg(long, default_value = "off", value_parser = args::listen)]
     bundle_endpoint: args::Listen,
+    /// Serve the bundle endpoint with the `https_web` profile instead: this Web PKI certificate
+    /// chain (PEM; reloaded when it changes), for readers that check it as any HTTPS server
+    /// (Istio's caCertificates, SPIRE's https_web federation).
+    #[arg(long, requires_all = ["bundle_endpoint_key", "bundle_endpoint"])]
+    bundle_endpoint_cert: Option<PathBuf>,
+    /// The key of --bundle-endpoint-cert (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, requires = "bundle_endpoint_cert")]
+    bundle_endpoint_key: Option<PathBuf>,
     /// On SIGTERM, streams get this long to finish before they are cut.
     #[arg(long, default_value = "5s", value_parser = args::std_duration)]
     drain_timeout: Duration,
@@ -138,12 +152,27 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
                 a.cluster
             );
         }
+        if id.svid.not_after <= time::OffsetDateTime::now_utc() {
+            // An expired cluster certificate cannot authenticate (nor renew): join again with
+            // the token given, which must be a new one.
+            eprintln!(
+                "the cluster certificate of {} expired at {}; joining again with the token",
+                id.file.cluster,
+                args::rfc3339(id.svid.not_after)
+            );
+            return finish_join(a, true).await;
+        }
         println!(
             "already joined as {} (federation {}); the token was not used",
             id.svid.id, id.file.federation_trust_domain
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let rejoin = a.rejoin;
+    finish_join(a, rejoin).await
+}
+
+async fn finish_join(a: JoinArgs, rejoin: bool) -> anyhow::Result<ExitCode> {
     let id = identity::join(JoinParams {
         token: a.token,
         state_dir: a.state_dir.clone(),
@@ -153,6 +182,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
         locality: a.locality,
         gateways: a.gateway,
         ca: a.ca,
+        rejoin,
     })
     .await?;
     println!(
@@ -193,6 +223,14 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         vip_range_v4: a.vip_range,
         vip_range_v6: a.vip_range_v6.0,
         bundle_endpoint: a.bundle_endpoint.0,
+        // Loaded (and checked: chain, key, that they match) before anything binds.
+        bundle_endpoint_web: match (&a.bundle_endpoint_cert, &a.bundle_endpoint_key) {
+            (Some(c), Some(k)) => Some(
+                meshfed_net::bundle_endpoint::WebCert::load(c, k)
+                    .map_err(|e| anyhow::anyhow!("--bundle-endpoint-cert: {e:#}"))?,
+            ),
+            _ => None,
+        },
         ca_rotation: meshfed_identity::live_ca::RotationPolicy {
             period: a.ca_rotation_period.0,
             publish_lead: a.ca_publish_lead,

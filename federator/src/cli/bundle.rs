@@ -27,15 +27,21 @@ pub enum BundleCommand {
 pub struct FetchArgs {
     /// The endpoint, https://host[:port][/path].
     url: String,
-    /// The SPIFFE ID the endpoint's certificate must carry.
-    #[arg(long, value_parser = args::spiffe_id)]
-    endpoint_spiffe_id: trust::SpiffeId,
+    /// `https_spiffe` profile: the SPIFFE ID the endpoint's certificate must carry (with
+    /// --trust-bundle). Without it, the `https_web` profile: the endpoint is checked as any
+    /// HTTPS server (host name, chain to a trusted root; see --ca-file).
+    #[arg(long, value_parser = args::spiffe_id, requires = "trust_bundle")]
+    endpoint_spiffe_id: Option<trust::SpiffeId>,
     /// A bundle (or bundle map) to authenticate the endpoint with: the bundle of the endpoint
-    /// ID's trust domain, as last obtained.
-    #[arg(long)]
-    trust_bundle: PathBuf,
-    /// The trust domain of the bundle served (default: the endpoint ID's).
-    #[arg(long, value_parser = args::trust_domain)]
+    /// ID's trust domain, as last obtained (`https_spiffe`).
+    #[arg(long, requires = "endpoint_spiffe_id")]
+    trust_bundle: Option<PathBuf>,
+    /// `https_web`: the PEM roots to trust instead of the system's.
+    #[arg(long, conflicts_with = "endpoint_spiffe_id")]
+    ca_file: Option<PathBuf>,
+    /// The trust domain of the bundle served (default: the endpoint ID's; required with
+    /// `https_web`).
+    #[arg(long, value_parser = args::trust_domain, required_unless_present = "endpoint_spiffe_id")]
     trust_domain: Option<TrustDomain>,
     /// Write the bundle here (atomically) instead of printing it.
     #[arg(long)]
@@ -93,20 +99,31 @@ fn read_bundles(path: &std::path::Path, td: &TrustDomain) -> anyhow::Result<Bund
 }
 
 async fn fetch(a: FetchArgs) -> anyhow::Result<ExitCode> {
-    let endpoint_td = a.endpoint_spiffe_id.trust_domain();
-    let set = read_bundles(&a.trust_bundle, &endpoint_td)?;
-    let verifier = SpiffeVerifier::new(
-        TrustStore::new(set),
-        Authorizer::id(a.endpoint_spiffe_id.clone()),
-    );
-    let tls = trust::tls::client_config(trust::tls::SvidResolver::new(), verifier)?;
+    let (tls, td, profile) = match (&a.endpoint_spiffe_id, &a.trust_bundle) {
+        (Some(id), Some(held)) => {
+            let endpoint_td = id.trust_domain();
+            let set = read_bundles(held, &endpoint_td)?;
+            let verifier = SpiffeVerifier::new(TrustStore::new(set), Authorizer::id(id.clone()));
+            (
+                trust::tls::client_config(trust::tls::SvidResolver::new(), verifier)?,
+                a.trust_domain.clone().unwrap_or(endpoint_td),
+                format!("https_spiffe, {id}"),
+            )
+        }
+        _ => (
+            meshfed_net::bundle_endpoint::web_client_config(a.ca_file.as_deref())?,
+            a.trust_domain
+                .clone()
+                .context("--trust-domain is required with the https_web profile")?,
+            "https_web".to_string(),
+        ),
+    };
     let body = meshfed_net::bundle_endpoint::fetch(&a.url, tls).await?;
-    let td = a.trust_domain.unwrap_or(endpoint_td);
     let bundle = TrustBundle::from_json(td.clone(), &body, &a.url)?;
     eprintln!(
         "bundle of {td} from {} ({}): {} root(s), sequence {}",
         a.url,
-        a.endpoint_spiffe_id,
+        profile,
         bundle.x509_authorities.len(),
         bundle
             .sequence

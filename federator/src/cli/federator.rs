@@ -47,6 +47,20 @@ pub struct FederatorArgs {
     /// On SIGTERM, streams and requests get this long to finish before they are cut.
     #[arg(long, default_value = "5s", value_parser = args::std_duration)]
     drain_timeout: std::time::Duration,
+    /// Start a federation root rotation when the active root is this old (`off`: only
+    /// `meshfed ca rotate start --ca <state-dir>/ca`).
+    #[arg(long, default_value = "off", value_parser = args::duration_or_off)]
+    ca_rotation_period: args::MaybeDuration,
+    /// How long a new federation root is published before it signs (it also waits until
+    /// every member acknowledged the bundle carrying it).
+    #[arg(long, default_value = "20m", value_parser = args::duration)]
+    ca_publish_lead: time::Duration,
+    /// Lifetime of cluster certificates (members renew at 50-80 % of it).
+    #[arg(long, default_value = "7d", value_parser = args::duration)]
+    cluster_cert_ttl: time::Duration,
+    /// Lifetime of the federator's own serving certificate.
+    #[arg(long, default_value = "24h", value_parser = args::duration)]
+    serving_cert_ttl: time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +110,12 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
     cfg.trust_domain = a.trust_domain;
     cfg.lease_ttl = a.lease_ttl;
     cfg.rate_limit = a.rate_limit;
+    cfg.ca_rotation = meshfed_identity::live_ca::RotationPolicy {
+        period: a.ca_rotation_period.0,
+        publish_lead: a.ca_publish_lead,
+    };
+    cfg.cluster_cert_ttl = a.cluster_cert_ttl;
+    cfg.server_cert_ttl = a.serving_cert_ttl;
     let f = Federator::start(cfg).await?;
     println!(
         "federator serving on {} (admin {})",
