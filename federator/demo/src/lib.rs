@@ -589,6 +589,37 @@ async fn gateway_answer(gateway: &str, sni: &str) -> String {
     }
 }
 
+/// The federation bundle a joined cluster holds (`identity/federation-bundle.json`) and
+/// whether its cluster certificate chains to `root` alone.
+fn federation_view(
+    cluster_dir: &Path,
+    root: Option<&rustls_pki_types::CertificateDer<'static>>,
+) -> anyhow::Result<(TrustBundle, bool)> {
+    let id = meshfed_identity::cluster::ClusterIdentity::load(cluster_dir)?;
+    let b = id.federation_bundle.clone();
+    let chains = match root {
+        Some(r) => {
+            let mut one = b.clone();
+            one.x509_authorities = vec![r.clone()];
+            let mut set = BundleSet::new();
+            set.insert(one)?;
+            trust::tls::SpiffeVerifier::new(
+                TrustStore::new(set),
+                Authorizer::id(id.svid.id.clone()),
+            )
+            .verify(
+                &id.svid.chain[0],
+                &id.svid.chain[1..],
+                rustls_pki_types::UnixTime::now(),
+                trust::tls::PeerRole::Client,
+            )
+            .is_ok()
+        }
+        None => false,
+    };
+    Ok((b, chains))
+}
+
 fn calls_to(m: &BTreeMap<String, u64>, cluster: &str) -> u64 {
     m.iter()
         .filter(|(k, _)| k.split(' ').next() == Some(cluster))
@@ -1213,6 +1244,68 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         Err(e) => (false, format!("{e:#}")),
     };
     checks.assert(ok, "bundle endpoint", detail);
+
+    // The federation's own root rotates too: every member receives the new root before it
+    // signs, then renews its cluster certificate onto it, without joining again.
+    println!(
+        "\nfederation root rotation: meshfed ca rotate start --ca <federator>/ca --publish-lead 1s"
+    );
+    let names = ["east", "west", "eu"];
+    let before = federation_view(&root.join("eu"), None)?.0;
+    let fed_t0 = Instant::now();
+    procs::run_once(
+        None,
+        &s(&[
+            "ca",
+            "rotate",
+            "start",
+            "--ca",
+            &fed_dir.join("ca").display().to_string(),
+            "--publish-lead",
+            "1s",
+        ]),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut new_root = None;
+    let mut moved = false;
+    while Instant::now() < deadline {
+        let views: Vec<(TrustBundle, bool)> = names
+            .iter()
+            .filter_map(|n| federation_view(&root.join(n), new_root.as_ref()).ok())
+            .collect();
+        if new_root.is_none() {
+            new_root = views.first().and_then(|(b, _)| {
+                b.x509_authorities
+                    .iter()
+                    .find(|r| !before.x509_authorities.contains(r))
+                    .cloned()
+            });
+        }
+        moved = views.len() == names.len()
+            && views
+                .iter()
+                .all(|(b, chains)| b.sequence == Some(2) && *chains);
+        if moved {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fed_ca = meshfed_net::admin::fetch_status(&fed_admin)
+        .await
+        .map(|v| v["federation_ca"]["generations"].clone())
+        .unwrap_or_default();
+    let active_new = fed_ca.as_array().is_some_and(|g| {
+        g.iter().any(|x| x["state"] == "active") && g.iter().any(|x| x["state"] == "retiring")
+    });
+    checks.assert(
+        moved && active_new,
+        "federation root rotation",
+        format!(
+            "east, west and eu hold federation bundle 2 (both roots) and their cluster certificates chain to the new root, {:.1}s after `meshfed ca rotate start --ca <federator>/ca`, without joining again (the old root stays until what it signed expires)",
+            fed_t0.elapsed().as_secs_f64()
+        ),
+    );
 
     // Envoy proxies: eu's agent serves SDS; its ROOTCA is Envoy's SPIFFE validator with each
     // trust domain's own roots (never a pool).
