@@ -257,8 +257,9 @@ fn rotating_a_root_under_load_fails_no_call() {
 
     // The grpcio client in eu: xDS from eu's agent, eu's bundle map (re-read every second).
     // Its node says it sits on west's network, so its table names west's endpoint itself:
-    // through the gateway, grpcio's handshake was refused with unrecognized_name (the SNI it
-    // sends is not one the gateway routes), which is a gateway matter, not a trust one.
+    // grpcio 1.85.1 sends no SNI with xDS credentials (tried with the cluster's `sni` set and
+    // GRPC_EXPERIMENTAL_XDS_SNI=true, gRFC A101: the gateway counted `no_sni` and answered
+    // unrecognized_name), so it cannot cross an SNI-routing gateway.
     let map = eu.dir.join("xds/spiffe-bundle-map.json");
     let boot = serde_json::json!({
         "xds_servers": [{"server_uri": eu.xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],

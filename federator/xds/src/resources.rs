@@ -254,10 +254,10 @@ fn upstream_tls(host: &str, port: u32, sans: &[String], form: TlsForm) -> tls::U
     };
     tls::UpstreamTlsContext {
         common_tls_context: Some(common),
-        sni: match form {
-            TlsForm::Grpc => String::new(),
-            TlsForm::Envoy => sni(host, port),
-        },
+        // Both forms name the SNI east-west gateways route on: Envoy sends it; gRPC clients
+        // send it under gRFC A101 (GRPC_EXPERIMENTAL_XDS_SNI=true) and ignore it otherwise
+        // (A29).
+        sni: sni(host, port),
         ..Default::default()
     }
 }
