@@ -177,6 +177,42 @@ fn wait_streak(p: &Proc, names: &[&str], n: usize, timeout: Duration, what: &str
     start.elapsed()
 }
 
+/// meshfed's Rust client as a proxy would use it: east's client SVID, the servers verified
+/// against east's bundle map (one bundle per trust domain), the expected SPIFFE ID required.
+/// How the TLS handshake with `addr` ended.
+fn rust_handshake(certs: &Path, map: &Path, addr: &str, expect: &str) -> Result<(), String> {
+    let (svid, _) = trust::Svid::load(certs).unwrap();
+    let mut set = trust::BundleSet::new();
+    let text = std::fs::read_to_string(map).unwrap();
+    for b in trust::bundle::parse_bundle_map(&text, "bundle map").unwrap() {
+        set.insert(b).unwrap();
+    }
+    let mut cfg = trust::tls::client_config(
+        trust::tls::SvidResolver::with(&svid).unwrap(),
+        trust::tls::SpiffeVerifier::new(
+            trust::TrustStore::new(set),
+            trust::tls::Authorizer::id(trust::SpiffeId::new(expect).unwrap()),
+        ),
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from("outbound.mesh").unwrap();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
 #[test]
 fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_domains() {
     let f = Federation::start("3s").unwrap();
@@ -450,6 +486,30 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
         );
     })
     .unwrap();
+    // The same with meshfed's Rust client and east's bundle map: the forged server is
+    // refused (naming east's bundle), west's genuine one accepted.
+    let map = east.dir.join("xds/spiffe-bundle-map.json");
+    let forged = rust_handshake(
+        &client_certs,
+        &map,
+        &format!("127.0.0.32:{fport}"),
+        "spiffe://east.mesh/ns/shop/sa/forged",
+    );
+    assert!(
+        forged.as_ref().is_err_and(|e| e.contains("east.mesh")),
+        "{forged:?}"
+    );
+    let genuine = rust_handshake(
+        &client_certs,
+        &map,
+        &format!("127.0.0.31:{sport}"),
+        "spiffe://west.mesh/ns/shop/sa/secure",
+    );
+    assert!(genuine.is_ok(), "{genuine:?}");
+    println!(
+        "(f) meshfed's Rust client: forged refused ({}), genuine accepted",
+        forged.unwrap_err()
+    );
     // A client that does not read the bundle map (no GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE) falls
     // back to `ca_certificate_file`, east's own roots only: it fails closed on west's genuine
     // server rather than trusting a pool.
