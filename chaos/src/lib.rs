@@ -5,6 +5,7 @@
 //! The binary is found through `MESHFED_BIN`, or next to the test executable
 //! (`target/<profile>/meshfed`), which `cargo nextest run --workspace` builds.
 
+pub mod apiserver;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -39,6 +39,38 @@ fn a_bad_agent_flag_exits_2_naming_it_before_anything_starts() {
     }
 }
 
+/// The source: `--source file` needs `--registry`; a kubeconfig that cannot be read stops the
+/// agent before anything is bound or written, naming the file.
+#[test]
+fn the_agent_source_flags_are_checked_before_anything_starts() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("never-created");
+    let r = run(meshfed().args(["agent", "--state-dir", state.to_str().unwrap()]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--registry"), "{}", r.stderr);
+    let r = run(meshfed().args([
+        "agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--source",
+        "kubernetes",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+    ]));
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("/nonexistent/kubeconfig"), "{}", r.stderr);
+    let r = run(meshfed().args([
+        "agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--source",
+        "etcd",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--source"), "{}", r.stderr);
+    assert!(!state.exists(), "nothing was written");
+}
+
 #[test]
 fn bad_federator_and_gateway_flags_exit_2_naming_them_before_anything_starts() {
     let d = tempfile::tempdir().unwrap();

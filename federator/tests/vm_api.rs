@@ -74,7 +74,8 @@ async fn world(dir: &Path) -> World {
     std::fs::write(dir.join("registry.yaml"), REGISTRY).unwrap();
     let agent = Agent::start(AgentConfig {
         state_dir: state.clone(),
-        registry: dir.join("registry.yaml"),
+        registry: Some(dir.join("registry.yaml")),
+        kubernetes: None,
         admin: None,
         probe: None,
         registry_poll: Duration::from_millis(100),

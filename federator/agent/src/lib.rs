@@ -36,7 +36,11 @@ use meshfed_xds::server::XdsState;
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub state_dir: PathBuf,
-    pub registry: PathBuf,
+    /// The registry file (services, WorkloadGroups, WorkloadEntries); optional with the
+    /// Kubernetes source.
+    pub registry: Option<PathBuf>,
+    /// The Kubernetes source (`--source kubernetes`): its client.
+    pub kubernetes: Option<meshfed_kube::source::KubeClient>,
     pub admin: Option<SocketAddr>,
     /// The probe listener (`/healthz`, `/readyz`, `/metrics` only).
     pub probe: Option<SocketAddr>,
@@ -84,6 +88,8 @@ pub struct SyncStatus {
     pub lease_ttl_ms: u64,
     pub registry_error: Option<String>,
     pub policy_error: Option<String>,
+    /// Kubernetes objects the source cannot use (`kind ns/name: reason`).
+    pub kubernetes_problems: Vec<String>,
 }
 
 /// The agent's shared state. Sources write the model through their own writers (held by their
@@ -109,6 +115,9 @@ pub struct Inner {
     pub xds: Option<Arc<XdsState>>,
     /// The last good registry.
     pub registry: watch::Sender<Option<Arc<Registry>>>,
+    /// The Kubernetes watches' health (with the Kubernetes source).
+    pub kube_health:
+        std::sync::OnceLock<watch::Receiver<BTreeMap<String, meshfed_kube::source::WatchHealth>>>,
     /// WorkloadEntries auto-registered by VMs.
     pub entries: Arc<Entries>,
     /// The mesh's names and VIPs (the agent's DNS and its VMs' DNS answer from this).
@@ -152,6 +161,12 @@ impl Inner {
             last_error: st.last_error,
             registry_error: st.registry_error,
             policy_error: st.policy_error,
+            kubernetes_problems: st.kubernetes_problems,
+            kubernetes_watches: self
+                .kube_health
+                .get()
+                .map(|h| h.borrow().clone())
+                .unwrap_or_default(),
             policies: self
                 .policies
                 .borrow()
@@ -329,6 +344,12 @@ pub struct AgentReport {
     /// The cluster CA: generations, rotation, expiry.
     #[serde(default)]
     pub ca: Option<CaReport>,
+    /// Kubernetes objects the source cannot use (`kind ns/name: reason`; warnings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kubernetes_problems: Vec<String>,
+    /// The Kubernetes watches, by kind (with the Kubernetes source).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kubernetes_watches: BTreeMap<String, meshfed_kube::source::WatchHealth>,
     /// When the cluster certificate (the federation identity) expires, RFC 3339.
     #[serde(default)]
     pub cluster_cert_not_after: Option<String>,
@@ -362,7 +383,11 @@ impl AgentReport {
     /// What will break if nobody acts: certificates and bundles within
     /// [`EXPIRY_WARNING_DAYS`] of expiry (reported, not failures).
     pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out: Vec<String> = self
+            .kubernetes_problems
+            .iter()
+            .map(|p| format!("Kubernetes: {p}"))
+            .collect();
         if let Some(ca) = &self.ca {
             if ca.signer_days_left < EXPIRY_WARNING_DAYS {
                 out.push(format!(
@@ -395,6 +420,16 @@ impl AgentReport {
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
             ));
+        }
+        for (kind, w) in &self.kubernetes_watches {
+            if let Some(e) = &w.error {
+                out.push(format!(
+                    "the Kubernetes {kind} watch fails since {} (serving what it last listed): {e}",
+                    w.failing_since.as_deref().unwrap_or("?")
+                ));
+            } else if !w.synced {
+                out.push(format!("the Kubernetes {kind} watch has not listed yet"));
+            }
         }
         if self.cluster_cert_expired {
             out.push(format!(
@@ -502,9 +537,7 @@ impl Agent {
             "serving the last known imports from the cache"
         );
 
-        let source = FileRegistry {
-            path: cfg.registry.clone(),
-        };
+        let source = cfg.registry.clone().map(|path| FileRegistry { path });
         let default_locality = identity.locality();
         let mut registry_error = None;
         let entries = Arc::new(Entries::open(
@@ -512,7 +545,16 @@ impl Agent {
             meshfed_model::entry::now_ms(),
         )?);
         let mut loaded = None;
-        let initial_exports = match source.load() {
+        let loaded_registry = match &source {
+            Some(f) => f.load(),
+            None => Ok(Registry::default()),
+        };
+        let initial_exports = match loaded_registry {
+            Ok(reg) if cfg.kubernetes.is_some() => {
+                // Until the watches have listed, export what the federator last acknowledged.
+                loaded = Some(Arc::new(reg));
+                cache.acked_exports()?
+            }
             Ok(reg) => {
                 let (local, exports) = reg.view(&default_locality, &entries.current());
                 snap.local = local;
@@ -576,6 +618,7 @@ impl Agent {
             policies: watch::Sender::new(Arc::new(policy_set)),
             xds: xds_state.clone(),
             registry: watch::Sender::new(loaded),
+            kube_health: std::sync::OnceLock::new(),
             entries,
             names: watch::Sender::new(Arc::new(NameTable::default())),
         });
@@ -592,12 +635,26 @@ impl Agent {
             "federation sync",
             sync::run(inner.clone(), federation_writer),
         );
+        let kube = match cfg.kubernetes.clone() {
+            Some(client) => {
+                let (src, run) = meshfed_kube::source::start(
+                    client.0,
+                    default_locality.clone(),
+                    Duration::from_millis(100),
+                );
+                tasks.spawn("Kubernetes source", run);
+                let _ = inner.kube_health.set(src.health.clone());
+                Some(src)
+            }
+            None => None,
+        };
         tasks.spawn(
             "local source",
             local_source(
                 inner.clone(),
                 local_writer,
                 LocalSourceConfig {
+                    kube,
                     file: source,
                     default_locality,
                     poll: cfg.registry_poll,
@@ -863,7 +920,9 @@ fn attach_published_policies(
 
 #[derive(Debug)]
 struct LocalSourceConfig {
-    file: FileRegistry,
+    /// The Kubernetes source, when the agent runs with one: its services join the registry's.
+    kube: Option<meshfed_kube::source::KubeSource>,
+    file: Option<FileRegistry>,
     default_locality: proto::Locality,
     poll: Duration,
     vm_grace: Duration,
@@ -877,8 +936,16 @@ struct LocalSourceConfig {
 /// than the grace period or their WorkloadGroup is gone). It also publishes the exports they
 /// imply, with the published failover policies attached. The sweep runs every grace/4 (at
 /// least 250 ms), so an entry goes within grace + grace/4.
-async fn local_source(inner: Arc<Inner>, writer: LocalWriter, cfg: LocalSourceConfig) {
-    let mut seen = cfg.file.version();
+async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSourceConfig) {
+    let mut seen = cfg.file.as_ref().map(|f| f.version());
+    // A receiver that never changes stands in when there is no Kubernetes source.
+    let (_no_kube, mut kube_rx) = match &cfg.kube {
+        Some(k) => (None, k.view.clone()),
+        None => {
+            let (tx, rx) = watch::channel(None);
+            (Some(tx), rx)
+        }
+    };
     let mut poll = tokio::time::interval(cfg.poll);
     let mut sweep = tokio::time::interval((cfg.vm_grace / 4).max(Duration::from_millis(250)));
     let mut entries_rx = inner.entries.subscribe();
@@ -887,8 +954,30 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, cfg: LocalSourceCo
     let mut dirty = true;
     loop {
         if dirty {
-            if let Some(reg) = inner.registry() {
-                let (local, exports) = reg.view(&cfg.default_locality, &inner.entries.current());
+            let kube_view = kube_rx.borrow_and_update().clone();
+            // With a Kubernetes source, nothing is written before its watches have listed.
+            let kube_ready = cfg.kube.is_none() || kube_view.is_some();
+            if let (Some(reg), true) = (inner.registry(), kube_ready) {
+                let (mut local, mut exports) =
+                    reg.view(&cfg.default_locality, &inner.entries.current());
+                if let Some(v) = &kube_view {
+                    let mut problems: Vec<String> =
+                        v.problems.iter().map(|p| p.to_string()).collect();
+                    for (k, e) in &v.local {
+                        if local.contains_key(k) {
+                            problems.push(format!(
+                                "Service {k}: also listed in the registry file, which wins"
+                            ));
+                            continue;
+                        }
+                        local.insert(k.clone(), e.clone());
+                        if let Some(x) = v.exports.get(k) {
+                            exports.insert(k.clone(), x.clone());
+                        }
+                    }
+                    inner.metrics.kubernetes_problems.set(problems.len() as i64);
+                    inner.status().kubernetes_problems = problems;
+                }
                 writer.set_local(local, exports.keys().cloned().collect());
                 registry_exports = exports;
             }
@@ -902,17 +991,26 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, cfg: LocalSourceCo
                     true
                 }
             });
-            writer.mark_ready();
+            if kube_ready {
+                writer.mark_ready();
+            }
             dirty = false;
         }
         tokio::select! {
+            r = kube_rx.changed(), if cfg.kube.is_some() => {
+                if r.is_err() {
+                    cfg.kube = None;
+                }
+                dirty = true;
+            }
             _ = poll.tick() => {
-                let v = cfg.file.version();
+                let Some(file) = &cfg.file else { continue };
+                let v = Some(file.version());
                 if v == seen {
                     continue;
                 }
                 seen = v;
-                match cfg.file.load() {
+                match file.load() {
                     Ok(reg) => {
                         inner.metrics.registry_reloads.with_label_values(&["ok"]).inc();
                         tracing::info!(

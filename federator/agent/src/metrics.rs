@@ -16,6 +16,7 @@ pub struct AgentMetrics {
     pub sync_errors: IntCounterVec,
     pub bundle_regressions: IntCounterVec,
     pub registry_reloads: IntCounterVec,
+    pub kubernetes_problems: IntGauge,
     pub import_apply_seconds: HistogramVec,
     pub export_deltas: IntCounterVec,
     pub ca_rotations: IntCounter,
@@ -63,6 +64,10 @@ impl AgentMetrics {
                 ),
                 &["reason"],
             )),
+            kubernetes_problems: must(IntGauge::new(
+                "meshfed_agent_kubernetes_problems",
+                "Kubernetes objects the agent cannot use (see meshfed status)",
+            )),
             import_apply_seconds: must(HistogramVec::new(
                 HistogramOpts::new(
                     "meshfed_agent_import_apply_seconds",
@@ -96,6 +101,7 @@ impl AgentMetrics {
             Box::new(m.sync_errors.clone()),
             Box::new(m.bundle_regressions.clone()),
             Box::new(m.registry_reloads.clone()),
+            Box::new(m.kubernetes_problems.clone()),
             Box::new(m.import_apply_seconds.clone()),
             Box::new(m.ca_rotations.clone()),
             Box::new(m.ca_bundle_sequence.clone()),

@@ -156,7 +156,10 @@ fn check_endpoint(e: &Endpoint, at: &str) -> Result<(), FieldError> {
         check_label(&format!("{at}.service_account"), &e.service_account)?;
     }
     for (name, port) in &e.ports {
-        check_label(&format!("{at}.ports key"), name)?;
+        // The empty key names the service's unnamed port (a Kubernetes Service with one port).
+        if !name.is_empty() {
+            check_label(&format!("{at}.ports key"), name)?;
+        }
         if *port == 0 || *port > 65535 {
             return Err(FieldError::new(
                 format!("{at}.ports[{name:?}]"),

@@ -52,9 +52,18 @@ pub struct JoinArgs {
 pub struct AgentArgs {
     #[arg(long)]
     state_dir: PathBuf,
-    /// The registry file (YAML) listing the cluster's services and exports.
+    /// Where the cluster's services come from: `file` (the --registry YAML) or `kubernetes`
+    /// (Services, EndpointSlices, Nodes, Pods and MCS ServiceExports from the API server).
+    #[arg(long, value_enum, default_value = "file")]
+    source: Source,
+    /// The registry file (YAML): services and exports (`--source file`), WorkloadGroups and
+    /// WorkloadEntries (both sources; optional with `--source kubernetes`).
     #[arg(long)]
-    registry: PathBuf,
+    registry: Option<PathBuf>,
+    /// `--source kubernetes`: the kubeconfig to use (default: the in-cluster configuration of
+    /// the pod's service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
     #[arg(long, default_value = "127.0.0.1:15014", value_parser = args::socket_addr)]
     admin: std::net::SocketAddr,
@@ -194,6 +203,12 @@ async fn finish_join(a: JoinArgs, rejoin: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    File,
+    Kubernetes,
+}
+
 pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     // Every flag was parsed and checked by clap (exit 2 naming the flag) before this point.
     let dns_upstream = if a.dns_upstream.is_empty() {
@@ -201,9 +216,23 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     } else {
         a.dns_upstream
     };
+    if a.kubeconfig.is_some() && a.source != Source::Kubernetes {
+        anyhow::bail!("--kubeconfig is for --source kubernetes");
+    }
+    if a.registry.is_none() && a.source == Source::File {
+        anyhow::bail!("--registry FILE is required with --source file (the default)");
+    }
+    // The client is built (its kubeconfig read and checked) before anything binds.
+    let kubernetes = match a.source {
+        Source::Kubernetes => Some(meshfed_kube::source::KubeClient(
+            meshfed_kube::source::client(a.kubeconfig.as_deref()).await?,
+        )),
+        Source::File => None,
+    };
     let agent = Agent::start(AgentConfig {
         state_dir: a.state_dir,
         registry: a.registry,
+        kubernetes,
         admin: Some(a.admin),
         probe: a.probe.0,
         registry_poll: a.registry_poll,

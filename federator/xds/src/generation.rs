@@ -185,9 +185,9 @@ impl Generation {
                         // A workload may listen elsewhere for a named port (WorkloadEntry
                         // `ports`); a cross-network endpoint is replaced by its network's
                         // gateway later, which resolves the target port in its own cluster.
-                        let target = Some(&sp.name)
-                            .filter(|n| !n.is_empty())
-                            .and_then(|n| e.ports.get(n))
+                        let target = e
+                            .ports
+                            .get(&sp.name)
                             .copied()
                             .filter(|p| (1..=65535).contains(p))
                             .unwrap_or(port);

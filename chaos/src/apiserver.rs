@@ -1,0 +1,435 @@
+//! An API-server double for process-level tests: no kube-apiserver can run on these machines.
+//! It serves, over HTTP on loopback, what meshfed's Kubernetes source uses and nothing more:
+//! list and watch (with `resourceVersion`, `ADDED`/`MODIFIED`/`DELETED` events, and a
+//! `410 Gone` ERROR event for a version older than the last compaction, as a real API server
+//! sends it: HTTP 200, then the event) for Services, EndpointSlices, Nodes, Pods and MCS
+//! ServiceExports, cluster-wide and per namespace. Tests change objects through
+//! [`ApiServer::apply`] and [`ApiServer::delete`]; every object is checked against
+//! k8s-openapi's type for its kind (or meshfed's ServiceExport) so fixtures follow the API's
+//! JSON. [`ApiServer::compact`] expires every version seen so far (watchers must relist);
+//! [`ApiServer::set_down`] answers 503 and ends open watches (an unreachable API server).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// The kinds served: (group/version prefix, plural, kind, namespaced).
+const KINDS: &[(&str, &str, &str, bool)] = &[
+    ("api/v1", "services", "Service", true),
+    ("api/v1", "nodes", "Node", false),
+    ("api/v1", "pods", "Pod", true),
+    ("api/v1", "namespaces", "Namespace", false),
+    (
+        "apis/discovery.k8s.io/v1",
+        "endpointslices",
+        "EndpointSlice",
+        true,
+    ),
+    (
+        "apis/multicluster.x-k8s.io/v1alpha1",
+        "serviceexports",
+        "ServiceExport",
+        true,
+    ),
+];
+
+fn api_version(prefix: &str) -> String {
+    prefix
+        .strip_prefix("apis/")
+        .or_else(|| prefix.strip_prefix("api/"))
+        .unwrap_or(prefix)
+        .to_string()
+}
+
+/// Checks an object against its kind's Rust type (the API's JSON, exactly).
+fn check(kind: &str, v: &Value) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let r = match kind {
+        "Service" => serde_json::from_value::<Service>(v.clone()).map(|_| ()),
+        "Node" => serde_json::from_value::<Node>(v.clone()).map(|_| ()),
+        "Pod" => serde_json::from_value::<Pod>(v.clone()).map(|_| ()),
+        "Namespace" => serde_json::from_value::<Namespace>(v.clone()).map(|_| ()),
+        "EndpointSlice" => serde_json::from_value::<EndpointSlice>(v.clone()).map(|_| ()),
+        "ServiceExport" => {
+            serde_json::from_value::<meshfed_kube::types::ServiceExport>(v.clone()).map(|_| ())
+        }
+        other => bail!("the double does not serve {other}"),
+    };
+    r.with_context(|| format!("{kind} fixture does not follow the API: {v}"))
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    rv: u64,
+    kind: &'static str,
+    namespace: String,
+    kind_of_event: &'static str,
+    object: Value,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    rv: u64,
+    /// (kind, namespace, name) -> object
+    objects: BTreeMap<(String, String, String), Value>,
+    /// Every change, for watches that resume from a version.
+    log: Vec<Event>,
+    /// Versions below this are expired (410 Gone).
+    compacted: u64,
+    down: bool,
+    /// Requests served, as `LIST path`, `WATCH path` or `METHOD path`, for the tests.
+    requests: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Shared {
+    store: Arc<Mutex<Store>>,
+    events: broadcast::Sender<Event>,
+    /// Bumped to end every open watch (compaction, going down).
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running double.
+#[derive(Debug)]
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    shared: Shared,
+    rt: tokio::runtime::Runtime,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn answer(code: StatusCode, body: Value) -> Response {
+    (
+        code,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        // Newline-terminated, as the API server writes JSON: a watch client reads the body
+        // line by line and drops an unterminated last line.
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+/// `(kind index, namespace filter)` for a collection path.
+fn route(path: &str) -> Option<(usize, Option<String>)> {
+    let p = path.trim_start_matches('/');
+    for (i, (prefix, plural, _, namespaced)) in KINDS.iter().enumerate() {
+        let Some(rest) = p.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+            continue;
+        };
+        if rest == *plural {
+            return Some((i, None));
+        }
+        if *namespaced {
+            if let Some(ns_rest) = rest.strip_prefix("namespaces/") {
+                if let Some((ns, pl)) = ns_rest.split_once('/') {
+                    if pl == *plural {
+                        return Some((i, Some(ns.to_string())));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn query(req: &Request) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+async fn handle(State(sh): State<Shared>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let q = query(&req);
+    {
+        let mut st = sh.lock();
+        let verb = match (req.method().as_str(), q.get("watch").map(String::as_str)) {
+            ("GET", Some("true")) => "WATCH",
+            ("GET", _) => "LIST",
+            (m, _) => m,
+        };
+        st.requests.push(format!("{verb} {path}"));
+        if st.down {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable", "the API server double is down"),
+            );
+        }
+    }
+    let Some((i, ns)) = route(&path) else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            status(
+                404,
+                "NotFound",
+                &format!("{path}: not served by the double"),
+            ),
+        );
+    };
+    let (prefix, _, kind, _) = KINDS[i];
+    if req.method() != axum::http::Method::GET {
+        return answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(
+                405,
+                "MethodNotAllowed",
+                "the double serves list and watch only",
+            ),
+        );
+    }
+    let matches = move |e_ns: &str| ns.as_deref().is_none_or(|n| n == e_ns);
+    if q.get("watch").map(String::as_str) != Some("true") {
+        let st = sh.lock();
+        let items: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((k, n, _), _)| k == kind && matches(n))
+            .map(|(_, v)| v.clone())
+            .collect();
+        return answer(
+            StatusCode::OK,
+            json!({"apiVersion": api_version(prefix), "kind": format!("{kind}List"),
+                   "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+        );
+    }
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+    let mut live = sh.events.subscribe();
+    let mut cut = sh.cut.subscribe();
+    cut.borrow_and_update();
+    let (backlog, expired) = {
+        let st = sh.lock();
+        let expired = from < st.compacted;
+        let backlog: Vec<Event> = st
+            .log
+            .iter()
+            .filter(|e| e.rv > from && e.kind == kind && matches(&e.namespace))
+            .cloned()
+            .collect();
+        (backlog, expired)
+    };
+    let line = |e: &Event| format!("{}\n", json!({"type": e.kind_of_event, "object": e.object}));
+    tokio::spawn(async move {
+        if expired {
+            let e = status(410, "Expired", &format!("too old resource version: {from}"));
+            let _ = tx
+                .send(Ok(format!("{}\n", json!({"type": "ERROR", "object": e}))))
+                .await;
+            return;
+        }
+        let mut last = from;
+        for e in &backlog {
+            last = e.rv;
+            if tx.send(Ok(line(e))).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = cut.changed() => return,
+                r = live.recv() => match r {
+                    Ok(e) if e.rv > last && e.kind == kind && matches(&e.namespace) => {
+                        last = e.rv;
+                        if tx.send(Ok(line(&e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Fell behind: end the watch; the client resumes from its last version.
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap_or_else(|e| answer(StatusCode::INTERNAL_SERVER_ERROR, json!(e.to_string())))
+}
+
+impl ApiServer {
+    /// Starts the double on a free loopback port, on its own runtime.
+    pub fn start() -> Result<ApiServer> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let shared = Shared {
+            store: Arc::new(Mutex::new(Store::default())),
+            events: broadcast::channel(4096).0,
+            cut: tokio::sync::watch::Sender::new(0),
+        };
+        let sh = shared.clone();
+        let addr = rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let app = axum::Router::new().fallback(handle).with_state(sh);
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            });
+            Ok::<_, anyhow::Error>(addr)
+        })?;
+        Ok(ApiServer { addr, shared, rt })
+    }
+
+    /// A kubeconfig naming this double, written to `path`.
+    pub fn kubeconfig(&self, path: &Path) -> Result<PathBuf> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://{}\ncontexts:\n- name: double\n  context:\n    cluster: double\n    user: double\nusers:\n- name: double\n  user: {{}}\ncurrent-context: double\n",
+            self.addr
+        );
+        std::fs::write(path, text)?;
+        Ok(path.to_path_buf())
+    }
+
+    fn kind_of(v: &Value) -> Result<&'static str> {
+        let k = v["kind"].as_str().context("the object has no kind")?;
+        KINDS
+            .iter()
+            .find(|x| x.2 == k)
+            .map(|x| x.2)
+            .with_context(|| format!("the double does not serve {k}"))
+    }
+
+    fn record(&self, kind: &'static str, ev: &'static str, ns: String, object: Value) {
+        let e = {
+            let mut st = self.shared.lock();
+            let e = Event {
+                rv: st.rv,
+                kind,
+                namespace: ns,
+                kind_of_event: ev,
+                object,
+            };
+            st.log.push(e.clone());
+            e
+        };
+        let _ = self.shared.events.send(e);
+    }
+
+    /// Creates or replaces an object (its JSON must follow the API); returns its version.
+    pub fn apply(&self, mut v: Value) -> Result<u64> {
+        let kind = Self::kind_of(&v)?;
+        check(kind, &v)?;
+        let ns = v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = v["metadata"]["name"]
+            .as_str()
+            .context("the object has no metadata.name")?
+            .to_string();
+        let (rv, existed) = {
+            let mut st = self.shared.lock();
+            st.rv += 1;
+            let rv = st.rv;
+            v["metadata"]["resourceVersion"] = json!(rv.to_string());
+            if v["metadata"]["uid"].is_null() {
+                v["metadata"]["uid"] = json!(format!("uid-{kind}-{ns}-{name}"));
+            }
+            let existed = st
+                .objects
+                .insert((kind.to_string(), ns.clone(), name), v.clone())
+                .is_some();
+            (rv, existed)
+        };
+        self.record(kind, if existed { "MODIFIED" } else { "ADDED" }, ns, v);
+        Ok(rv)
+    }
+
+    /// Deletes an object; `false` if there was none.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<bool> {
+        let kind = KINDS
+            .iter()
+            .find(|x| x.2 == kind)
+            .map(|x| x.2)
+            .with_context(|| format!("the double does not serve {kind}"))?;
+        let gone = {
+            let mut st = self.shared.lock();
+            let gone =
+                st.objects
+                    .remove(&(kind.to_string(), namespace.to_string(), name.to_string()));
+            if gone.is_some() {
+                st.rv += 1;
+            }
+            gone.map(|mut v| {
+                v["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                v
+            })
+        };
+        match gone {
+            Some(v) => {
+                self.record(kind, "DELETED", namespace.to_string(), v);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Expires every version so far and ends open watches: they resume with a version that
+    /// is now too old, get `410 Gone`, and must list again.
+    pub fn compact(&self) {
+        {
+            let mut st = self.shared.lock();
+            st.compacted = st.rv;
+            st.log.clear();
+        }
+        self.shared.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Down: every request is answered 503 and open watches end. Up again: serves as before.
+    pub fn set_down(&self, down: bool) {
+        self.shared.lock().down = down;
+        if down {
+            self.shared.cut.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// How many requests matched `LIST|WATCH|METHOD path-prefix` so far.
+    pub fn requests(&self, prefix: &str) -> usize {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.starts_with(prefix))
+            .count()
+    }
+
+    /// The runtime the double runs on (to run async checks beside it).
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+}

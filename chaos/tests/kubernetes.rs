@@ -1,0 +1,242 @@
+//! `meshfed agent --source kubernetes` as a real process against the API-server double (no
+//! kube-apiserver runs here; `chaos/src/apiserver.rs`): east's services come from Services,
+//! EndpointSlices, Nodes, Pods and MCS ServiceExports; west, on the file registry, imports
+//! what east exports. Endpoint changes flow through, a deleted ServiceExport withdraws the
+//! export, a compaction (`410 Gone`) makes east relist without dropping what it serves, an
+//! unreachable API server leaves the last state in service (and `meshfed status` says since
+//! when), and an object meshfed cannot use is reported by namespace/name.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chaos::apiserver::ApiServer;
+use chaos::*;
+use serde_json::{json, Value};
+
+fn service() -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "payment", "namespace": "shop", "labels": {"app": "payment"}},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+                 "selector": {"app": "payment"}}})
+}
+
+fn slice(ips: &[&str]) -> Value {
+    let eps: Vec<Value> = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-b",
+                   "targetRef": {"kind": "Pod", "name": format!("payment-{i}"), "namespace": "shop"}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "payment-x1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "payment"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps})
+}
+
+fn export(name: &str) -> Value {
+    json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": {"name": name, "namespace": "shop"}})
+}
+
+/// West's view of east's payment: how many endpoints it imported.
+fn west_endpoints(west: &Cluster) -> anyhow::Result<u64> {
+    Ok(west.status()?["endpoints"]["shop/payment"]["east"]
+        .as_u64()
+        .unwrap_or(0))
+}
+
+#[test]
+fn services_and_exports_come_from_the_kubernetes_api() {
+    let api = ApiServer::start().unwrap();
+    let f = Federation::start("5s").unwrap();
+    let kubeconfig = api.kubeconfig(&f.root.path().join("kubeconfig")).unwrap();
+    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b",
+        "labels": {"topology.kubernetes.io/region": "us-east1", "topology.kubernetes.io/zone": "us-east1-b"}}}))
+        .unwrap();
+    for i in 0..3 {
+        api.apply(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("payment-{i}"), "namespace": "shop", "labels": {"app": "payment"}},
+            "spec": {"serviceAccountName": "payment", "containers": [{"name": "app", "image": "payment"}]}}))
+            .unwrap();
+    }
+    api.apply(service()).unwrap();
+    api.apply(slice(&["10.1.0.5"])).unwrap();
+    api.apply(export("payment")).unwrap();
+    let east = f
+        .add_cluster_with(
+            "east",
+            "net-e",
+            "us-east1/us-east1-b",
+            "services: []\n",
+            None,
+            &[],
+            &[
+                "--source",
+                "kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-w", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "west imports east's payment",
+        || Ok((west_endpoints(&west)? == 1).then_some(())),
+    )
+    .unwrap();
+    let s = east.status().unwrap();
+    for kind in ["Service", "EndpointSlice", "Node", "Pod", "ServiceExport"] {
+        assert_eq!(s["kubernetes_watches"][kind]["synced"], true, "{kind}: {s}");
+    }
+
+    // An endpoint is added: it reaches west.
+    api.apply(slice(&["10.1.0.5", "10.1.0.6"])).unwrap();
+    wait_for(Duration::from_secs(20), "two endpoints at west", || {
+        Ok((west_endpoints(&west)? == 2).then_some(()))
+    })
+    .unwrap();
+
+    // The ServiceExport goes: the export is withdrawn; the Service stays east's own.
+    api.delete("ServiceExport", "shop", "payment").unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the export withdrawn at west",
+        || Ok((west.status()?["imports"]["east"].as_u64().unwrap_or(0) == 0).then_some(())),
+    )
+    .unwrap();
+    assert_eq!(
+        east.status().unwrap()["endpoints"]["shop/payment"]["east"],
+        2
+    );
+    api.apply(export("payment")).unwrap();
+    wait_for(Duration::from_secs(20), "exported again", || {
+        Ok((west_endpoints(&west)? == 2).then_some(()))
+    })
+    .unwrap();
+
+    // A compaction: east's watches get 410 Gone and list again; what changed meanwhile
+    // arrives, and nothing was withdrawn in between.
+    let lists = api.requests("LIST /api/v1/services");
+    api.apply(slice(&["10.1.0.5", "10.1.0.6", "10.1.0.7"]))
+        .unwrap();
+    api.compact();
+    api.apply(
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-c",
+        "labels": {"topology.kubernetes.io/region": "us-east1"}}}),
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "three endpoints at west, the Service watch listed again after 410 Gone",
+        || {
+            Ok(
+                (west_endpoints(&west)? == 3 && api.requests("LIST /api/v1/services") > lists)
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap();
+
+    // An object meshfed cannot use is named in east's status; the rest goes on.
+    api.apply(export("ghost")).unwrap();
+    wait_for(Duration::from_secs(20), "the ghost export reported", || {
+        let s = east.status()?;
+        Ok(s["kubernetes_problems"]
+            .as_array()
+            .is_some_and(|p| {
+                p.iter().any(|x| {
+                    x.as_str() == Some("ServiceExport shop/ghost: no Service shop/ghost to export")
+                })
+            })
+            .then_some(()))
+    })
+    .unwrap();
+    let (_, out, _) = meshfed(&["status", "--admin", &east.admin]).unwrap();
+    assert!(out.contains("ServiceExport shop/ghost"), "{out}");
+
+    // The API server goes away: east keeps serving and exporting what it last listed, and
+    // says which watches fail since when.
+    api.set_down(true);
+    wait_for(
+        Duration::from_secs(30),
+        "east to report failing watches",
+        || {
+            let s = east.status()?;
+            Ok(s["kubernetes_watches"]["Service"]["failing_since"]
+                .is_string()
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            east.status()
+                .map(|s| s["kubernetes_watches"].clone())
+                .unwrap_or_default()
+        )
+    });
+    assert_eq!(west_endpoints(&west).unwrap(), 3);
+    assert_eq!(
+        east.status().unwrap()["endpoints"]["shop/payment"]["east"],
+        3
+    );
+    api.set_down(false);
+    api.apply(slice(&["10.1.0.5"])).unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "east follows the API again",
+        || Ok((west_endpoints(&west)? == 1).then_some(())),
+    )
+    .unwrap();
+}
+
+/// The source in-process against the double: an unreachable API server shows as failing
+/// watches (with since when) while the last view stays published; back up, they recover.
+#[test]
+fn the_source_reports_an_unreachable_api_server_and_keeps_its_view() {
+    let api = ApiServer::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(&d.path().join("kubeconfig")).unwrap();
+    api.apply(service()).unwrap();
+    api.apply(slice(&["10.1.0.5"])).unwrap();
+    api.apply(export("payment")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = meshfed_kube::source::client(Some(&kubeconfig))
+            .await
+            .unwrap();
+        let (src, run) =
+            meshfed_kube::source::start(client, Default::default(), Duration::from_millis(10));
+        tokio::spawn(run);
+        let mut view = src.view.clone();
+        view.wait_for(|v| v.as_ref().is_some_and(|v| v.exports.len() == 1))
+            .await
+            .unwrap();
+        api.set_down(true);
+        let mut health = src.health.clone();
+        let h = tokio::time::timeout(
+            Duration::from_secs(30),
+            health.wait_for(|h| h.values().all(|w| w.failing_since.is_some())),
+        )
+        .await
+        .map(|h| h.unwrap().clone());
+        let h = h.unwrap_or_else(|_| panic!("{:?}", src.health.borrow()));
+        assert!(h["Service"].error.is_some(), "{h:?}");
+        assert_eq!(src.view.borrow().as_ref().unwrap().exports.len(), 1);
+        api.set_down(false);
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            health.wait_for(|h| h.values().all(|w| w.error.is_none())),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{:?}", src.health.borrow()))
+        .unwrap();
+    });
+}

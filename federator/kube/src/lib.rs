@@ -1,0 +1,12 @@
+//! The Kubernetes source of the agent (`meshfed agent --source kubernetes`): it watches
+//! Services, EndpointSlices, Nodes, Pods and MCS ServiceExports through kube-runtime and
+//! publishes the cluster's services as the model wants them ([`view::View`]); the agent's local
+//! source writes them into the model, as it does the registry file's.
+//!
+//! - [`types`]: the MCS ServiceExport and meshfed's annotations on it.
+//! - [`view`]: objects -> model, a pure function (problems name `kind namespace/name`).
+//! - [`source`]: the client, the watches and reflector stores, the view builder.
+
+pub mod source;
+pub mod types;
+pub mod view;

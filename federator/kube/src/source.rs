@@ -1,0 +1,263 @@
+//! The watches: one kube-runtime watcher (list, then watch from the list's resourceVersion,
+//! relisting on `410 Gone`, with backoff) and reflector store per type, and one task that
+//! rebuilds the [`View`] from the stores after changes (coalesced) and publishes it when it
+//! differs. Nothing is polled. While the API server is unreachable the stores keep the last
+//! state, so the view (and everything served from it) stays; [`WatchHealth`] says since when a
+//! watch fails.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::sync::{watch, Notify};
+
+use crate::types::ServiceExport;
+use crate::view::{build, Objects, View};
+
+/// A Kubernetes client, for configurations that are `Debug`.
+#[derive(Clone)]
+pub struct KubeClient(pub Client);
+
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeClient")
+    }
+}
+
+/// A client from a kubeconfig file, or the in-cluster configuration (service account token)
+/// when none is given.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let mut cfg = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("--kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", p.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "no --kubeconfig and not running in a pod (in-cluster configuration unavailable)",
+        )?,
+    };
+    // The watchers back off and retry by themselves (and report each failure); the client's
+    // own retry layer would hide an unreachable API server for minutes.
+    cfg.default_retry = false;
+    Client::try_from(cfg).context("cannot build the Kubernetes client")
+}
+
+/// One watch's state, for `meshfed status`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WatchHealth {
+    /// The first full list arrived.
+    pub synced: bool,
+    /// The last error, while the watch fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Since when it fails (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+}
+
+/// What the running source publishes.
+#[derive(Debug, Clone)]
+pub struct KubeSource {
+    /// `None` until every watch has listed once.
+    pub view: watch::Receiver<Option<Arc<View>>>,
+    /// Per watched kind.
+    pub health: watch::Receiver<BTreeMap<String, WatchHealth>>,
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn follow<K>(
+    client: &Client,
+    kind: &'static str,
+    changed: Arc<Notify>,
+    health: watch::Sender<BTreeMap<String, WatchHealth>>,
+) -> (Store<K>, futures::future::BoxFuture<'static, ()>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    let fut = async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(ev) => {
+                    health.send_if_modified(|h| {
+                        let e = h.entry(kind.to_string()).or_default();
+                        let was = e.clone();
+                        if matches!(ev, watcher::Event::InitDone) {
+                            e.synced = true;
+                        }
+                        e.error = None;
+                        e.failing_since = None;
+                        *e != was
+                    });
+                    if matches!(
+                        ev,
+                        watcher::Event::InitDone
+                            | watcher::Event::Apply(_)
+                            | watcher::Event::Delete(_)
+                    ) {
+                        changed.notify_one();
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(kind, error = %err, "Kubernetes watch failing; serving what it last listed");
+                    health.send_modify(|h| {
+                        let e = h.entry(kind.to_string()).or_default();
+                        e.error = Some(err.to_string());
+                        if e.failing_since.is_none() {
+                            e.failing_since = Some(now_rfc3339());
+                        }
+                    });
+                }
+            }
+        }
+    };
+    (reader, Box::pin(fut))
+}
+
+/// Starts watching; the returned future runs the watches and the view builder (spawn it).
+/// `debounce` coalesces bursts of changes into one rebuild.
+pub fn start(
+    client: Client,
+    default_locality: proto::Locality,
+    debounce: Duration,
+) -> (
+    KubeSource,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let changed = Arc::new(Notify::new());
+    let health = watch::Sender::new(BTreeMap::new());
+    let (services, f1) = follow::<Service>(&client, "Service", changed.clone(), health.clone());
+    let (slices, f2) =
+        follow::<EndpointSlice>(&client, "EndpointSlice", changed.clone(), health.clone());
+    let (nodes, f3) = follow::<Node>(&client, "Node", changed.clone(), health.clone());
+    let (pods, f4) = follow::<Pod>(&client, "Pod", changed.clone(), health.clone());
+    let (exports, f5) =
+        follow::<ServiceExport>(&client, "ServiceExport", changed.clone(), health.clone());
+    // A watch that resumed after a failure says nothing until its next event; while any kind
+    // reports an error, a one-item list of that kind every 5 s tells whether the API server
+    // answers again (nothing is listed while all is well).
+    let probe = {
+        let health = health.clone();
+        let client = client.clone();
+        async move {
+            let mut t = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                t.tick().await;
+                let failing: Vec<String> = health
+                    .borrow()
+                    .iter()
+                    .filter(|(_, h)| h.error.is_some())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for kind in failing {
+                    let lp = kube::api::ListParams::default().limit(1);
+                    let ok = match kind.as_str() {
+                        "Service" => Api::<Service>::all(client.clone()).list(&lp).await.is_ok(),
+                        "EndpointSlice" => Api::<EndpointSlice>::all(client.clone())
+                            .list(&lp)
+                            .await
+                            .is_ok(),
+                        "Node" => Api::<Node>::all(client.clone()).list(&lp).await.is_ok(),
+                        "Pod" => Api::<Pod>::all(client.clone()).list(&lp).await.is_ok(),
+                        "ServiceExport" => Api::<ServiceExport>::all(client.clone())
+                            .list(&lp)
+                            .await
+                            .is_ok(),
+                        _ => false,
+                    };
+                    if ok {
+                        tracing::info!(kind, "the Kubernetes API answers again");
+                        health.send_modify(|h| {
+                            if let Some(e) = h.get_mut(&kind) {
+                                e.error = None;
+                                e.failing_since = None;
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    };
+    let view = watch::Sender::new(None);
+    let src = KubeSource {
+        view: view.subscribe(),
+        health: health.subscribe(),
+    };
+    let builder = async move {
+        // Nothing is published before every kind has listed once: an empty view would
+        // withdraw every export.
+        for r in [
+            services.wait_until_ready().await,
+            slices.wait_until_ready().await,
+            nodes.wait_until_ready().await,
+            pods.wait_until_ready().await,
+            exports.wait_until_ready().await,
+        ] {
+            if r.is_err() {
+                return;
+            }
+        }
+        tracing::info!("Kubernetes watches synced");
+        loop {
+            let objects = Objects {
+                services: services.state(),
+                slices: slices.state(),
+                nodes: nodes.state(),
+                pods: pods.state(),
+                exports: exports.state(),
+            };
+            let v = build(&objects, &default_locality);
+            for p in &v.problems {
+                tracing::debug!(problem = %p, "Kubernetes object not used");
+            }
+            view.send_if_modified(|cur| {
+                if cur.as_deref() == Some(&v) {
+                    false
+                } else {
+                    tracing::info!(
+                        services = v.local.len(),
+                        exported = v.exports.len(),
+                        problems = v.problems.len(),
+                        "Kubernetes view updated"
+                    );
+                    *cur = Some(Arc::new(v));
+                    true
+                }
+            });
+            changed.notified().await;
+            tokio::time::sleep(debounce).await;
+        }
+    };
+    let all = async move {
+        futures::future::join3(
+            futures::future::join_all([f1, f2, f3, f4, f5]),
+            builder,
+            probe,
+        )
+        .await;
+    };
+    (src, all)
+}

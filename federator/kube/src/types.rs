@@ -1,0 +1,73 @@
+//! The Kubernetes types meshfed reads that k8s-openapi does not carry: the MCS `ServiceExport`
+//! (multicluster.x-k8s.io/v1alpha1, KEP-1645), written by hand because upstream objects have
+//! no `spec`, and meshfed's options on it, as annotations.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use serde::{Deserialize, Serialize};
+
+/// `exportTo`: cluster ids that may import the service, comma-separated (default: all).
+pub const EXPORT_TO: &str = "meshfed.io/export-to";
+/// `withdraw` or `deprioritize` (default): what importers do with this cluster's endpoints
+/// when its lease expires.
+pub const ON_EXPIRY: &str = "meshfed.io/on-expiry";
+
+/// The label a Service's EndpointSlices carry.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+
+/// An MCS ServiceExport: its existence exports the Service of the same namespace and name.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceExport {
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ServiceExportStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceExportStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+impl k8s_openapi::Resource for ServiceExport {
+    const API_VERSION: &'static str = "multicluster.x-k8s.io/v1alpha1";
+    const GROUP: &'static str = "multicluster.x-k8s.io";
+    const KIND: &'static str = "ServiceExport";
+    const VERSION: &'static str = "v1alpha1";
+    const URL_PATH_SEGMENT: &'static str = "serviceexports";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for ServiceExport {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream ServiceExport as the API serves it (no spec) parses, annotations included.
+    #[test]
+    fn upstream_json_parses() {
+        let v: ServiceExport = serde_json::from_str(
+            r#"{"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "metadata": {"name": "payment", "namespace": "shop", "resourceVersion": "7",
+                             "annotations": {"meshfed.io/export-to": "west"}},
+                "status": {"conditions": [{"type": "Valid", "status": "True", "reason": "Valid",
+                   "message": "", "lastTransitionTime": "2026-12-04T10:00:00Z"}]}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(v.metadata.name.as_deref(), Some("payment"));
+        assert_eq!(v.status.map(|s| s.conditions.len()), Some(1));
+    }
+}

@@ -1,0 +1,465 @@
+//! From Kubernetes objects to the model: a pure function of what the watches hold, so it is
+//! tested without any API server. A Service becomes one `ServiceExport` of the model with its
+//! ports and the endpoints of its EndpointSlices (locality from the endpoint's Node, labels
+//! and service account from its Pod, target ports from the slice's named ports); it is
+//! exported when a ServiceExport of the same namespace and name exists (MCS). Objects that
+//! cannot be used are reported as problems naming `kind namespace/name` and the reason; the
+//! others are unaffected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use meshfed_model::validate;
+use proto::{Endpoint, Locality, OnExpiry, Port, ServiceExport as Export};
+
+use crate::types::{
+    ServiceExport, EXPORT_TO, ON_EXPIRY, REGION_LABEL, SERVICE_NAME_LABEL, SUBZONE_LABEL,
+    ZONE_LABEL,
+};
+
+/// What the watches hold.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub exports: Vec<Arc<ServiceExport>>,
+}
+
+/// An object meshfed could not use, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}/{}: {}",
+            self.kind, self.namespace, self.name, self.reason
+        )
+    }
+}
+
+/// The cluster's services as the model wants them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct View {
+    /// Every usable Service, by `ns/name`.
+    pub local: BTreeMap<String, Export>,
+    /// The exported ones (a ServiceExport exists and is valid), by `ns/name`.
+    pub exports: BTreeMap<String, Export>,
+    pub problems: Vec<Problem>,
+}
+
+fn name_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A Node's locality from its topology labels; `None` without a region.
+fn node_locality(n: &Node) -> Option<Locality> {
+    let labels = n.metadata.labels.as_ref()?;
+    let region = labels.get(REGION_LABEL)?.clone();
+    Some(Locality {
+        region,
+        zone: labels.get(ZONE_LABEL).cloned().unwrap_or_default(),
+        subzone: labels.get(SUBZONE_LABEL).cloned().unwrap_or_default(),
+    })
+}
+
+struct ExportOptions {
+    export_to: Vec<String>,
+    on_expiry: OnExpiry,
+}
+
+fn export_options(se: &ServiceExport) -> Result<ExportOptions, String> {
+    let ann = se.metadata.annotations.clone().unwrap_or_default();
+    let export_to = match ann.get(EXPORT_TO) {
+        None => Vec::new(),
+        Some(v) => {
+            let ids: Vec<String> = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            for id in &ids {
+                validate::check_label(&format!("annotation {EXPORT_TO}"), id)
+                    .map_err(|e| e.to_string())?;
+            }
+            if ids.is_empty() {
+                return Err(format!(
+                    "annotation {EXPORT_TO}: {v:?} names no cluster (remove it to export to all)"
+                ));
+            }
+            ids
+        }
+    };
+    let on_expiry = match ann.get(ON_EXPIRY).map(|s| s.trim()) {
+        None | Some("deprioritize") => OnExpiry::Deprioritize,
+        Some("withdraw") => OnExpiry::Withdraw,
+        Some(other) => {
+            return Err(format!(
+                "annotation {ON_EXPIRY}: {other:?} is not withdraw or deprioritize"
+            ))
+        }
+    };
+    Ok(ExportOptions {
+        export_to,
+        on_expiry,
+    })
+}
+
+/// Builds the view; `default_locality` stands in for endpoints whose Node is unknown or has
+/// no region label.
+pub fn build(o: &Objects, default_locality: &Locality) -> View {
+    let mut view = View::default();
+    let nodes: HashMap<String, Locality> = o
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.clone()?, node_locality(n)?)))
+        .collect();
+    let pods: HashMap<(String, String), &Pod> = o
+        .pods
+        .iter()
+        .map(|p| (name_of(&p.metadata), &**p))
+        .collect();
+    let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for s in &o.slices {
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        if let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices.entry((ns, svc.clone())).or_default().push(s);
+        }
+    }
+    let mut wanted: BTreeMap<(String, String), Result<ExportOptions, String>> = o
+        .exports
+        .iter()
+        .map(|se| (name_of(&se.metadata), export_options(se)))
+        .collect();
+    for svc in &o.services {
+        let (ns, name) = name_of(&svc.metadata);
+        if name.is_empty() {
+            continue;
+        }
+        let want = wanted.remove(&(ns.clone(), name.clone()));
+        let problem = |reason: String| Problem {
+            kind: "Service",
+            namespace: ns.clone(),
+            name: name.clone(),
+            reason,
+        };
+        let spec = svc.spec.clone().unwrap_or_default();
+        if spec.type_.as_deref() == Some("ExternalName") {
+            if want.is_some() {
+                view.problems.push(problem(
+                    "an ExternalName Service has no endpoints to export".into(),
+                ));
+            }
+            continue;
+        }
+        let mut ports = Vec::new();
+        let mut bad = None;
+        for (i, p) in spec.ports.clone().unwrap_or_default().iter().enumerate() {
+            match u32::try_from(p.port)
+                .ok()
+                .filter(|n| (1..=65535).contains(n))
+            {
+                Some(port) => ports.push(Port {
+                    name: p.name.clone().unwrap_or_default(),
+                    port,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    app_protocol: p.app_protocol.clone().unwrap_or_default(),
+                }),
+                None => {
+                    bad = Some(format!(
+                        "spec.ports[{i}].port: {} is not in 1-65535",
+                        p.port
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(b) = bad {
+            view.problems.push(problem(b));
+            continue;
+        }
+        let mut endpoints = Vec::new();
+        for s in slices
+            .get(&(ns.clone(), name.clone()))
+            .into_iter()
+            .flatten()
+        {
+            if s.address_type == "FQDN" {
+                continue;
+            }
+            let slice_ports: HashMap<String, u32> = s
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((
+                        p.name.clone().unwrap_or_default(),
+                        u32::try_from(p.port?).ok()?,
+                    ))
+                })
+                .collect();
+            for e in &s.endpoints {
+                let Some(address) = e.addresses.first() else {
+                    continue;
+                };
+                let c = e.conditions.clone().unwrap_or_default();
+                // `ready` unset means ready (API conventions); a terminating endpoint takes no
+                // new connections.
+                let healthy = c.ready.unwrap_or(true) && !c.terminating.unwrap_or(false);
+                let locality = e
+                    .node_name
+                    .as_ref()
+                    .and_then(|n| nodes.get(n).cloned())
+                    .unwrap_or_else(|| Locality {
+                        zone: e
+                            .zone
+                            .clone()
+                            .unwrap_or_else(|| default_locality.zone.clone()),
+                        ..default_locality.clone()
+                    });
+                let pod = e
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| {
+                        pods.get(&(
+                            r.namespace.clone().unwrap_or_else(|| ns.clone()),
+                            r.name.clone().unwrap_or_default(),
+                        ))
+                    });
+                let mut target = BTreeMap::new();
+                for p in &ports {
+                    if let Some(tp) = slice_ports.get(&p.name) {
+                        if *tp != p.port {
+                            target.insert(p.name.clone(), *tp);
+                        }
+                    }
+                }
+                endpoints.push(Endpoint {
+                    address: address.clone(),
+                    locality: Some(locality),
+                    labels: pod
+                        .and_then(|p| p.metadata.labels.clone())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .collect(),
+                    weight: 1,
+                    healthy,
+                    service_account: pod
+                        .and_then(|p| p.spec.as_ref())
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_default(),
+                    ports: target.into_iter().collect(),
+                });
+            }
+        }
+        endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+        endpoints.dedup_by(|a, b| a.address == b.address);
+        let opts = match want {
+            Some(Ok(o)) => Some(o),
+            Some(Err(e)) => {
+                view.problems.push(Problem {
+                    kind: "ServiceExport",
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    reason: e,
+                });
+                None
+            }
+            None => None,
+        };
+        let e = Export {
+            namespace: ns.clone(),
+            name: name.clone(),
+            ports,
+            endpoints,
+            export_to: opts
+                .as_ref()
+                .map(|o| o.export_to.clone())
+                .unwrap_or_default(),
+            on_expiry: opts
+                .as_ref()
+                .map(|o| o.on_expiry)
+                .unwrap_or(OnExpiry::Deprioritize) as i32,
+            labels: svc
+                .metadata
+                .labels
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            failover_policy: String::new(),
+        };
+        if let Err(err) = validate::check_export(&e, "service") {
+            view.problems.push(problem(err.to_string()));
+            continue;
+        }
+        let key = validate::service_key(&ns, &name);
+        if opts.is_some() {
+            view.exports.insert(key.clone(), e.clone());
+        }
+        view.local.insert(key, e);
+    }
+    // ServiceExports whose Service does not exist (MCS condition Valid=False, NoService).
+    for ((ns, name), _) in wanted {
+        view.problems.push(Problem {
+            kind: "ServiceExport",
+            namespace: ns.clone(),
+            name: name.clone(),
+            reason: format!("no Service {ns}/{name} to export"),
+        });
+    }
+    view.problems.sort();
+    view
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    fn objects() -> Objects {
+        Objects {
+            services: vec![
+                obj(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "payment", "namespace": "shop", "labels": {"app": "payment"}},
+                    "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                                       {"name": "grpc", "port": 9090, "appProtocol": "grpc"}],
+                             "selector": {"app": "payment"}}})),
+                obj(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "internal", "namespace": "shop"},
+                    "spec": {"ports": [{"port": 7000}]}})),
+                obj(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "dns", "namespace": "shop"},
+                    "spec": {"type": "ExternalName", "externalName": "example.com"}})),
+            ],
+            slices: vec![obj(
+                serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "payment-abc", "namespace": "shop",
+                             "labels": {"kubernetes.io/service-name": "payment"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                          {"name": "grpc", "port": 9090, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["10.1.0.5"], "conditions": {"ready": true}, "nodeName": "node-b",
+                     "zone": "us-east1-b", "targetRef": {"kind": "Pod", "name": "payment-1", "namespace": "shop"}},
+                    {"addresses": ["10.1.0.6"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                     "nodeName": "node-unknown", "zone": "us-east1-c"}
+                ]}),
+            )],
+            nodes: vec![obj(serde_json::json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "node-b", "labels": {"topology.kubernetes.io/region": "us-east1",
+                    "topology.kubernetes.io/zone": "us-east1-b", "topology.istio.io/subzone": "rack7"}}}))],
+            pods: vec![obj(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "payment-1", "namespace": "shop", "labels": {"app": "payment", "version": "v2"}},
+                "spec": {"serviceAccountName": "payment", "containers": [{"name": "app"}]}}))],
+            exports: vec![obj(
+                serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "metadata": {"name": "payment", "namespace": "shop",
+                             "annotations": {"meshfed.io/export-to": "west, eu", "meshfed.io/on-expiry": "withdraw"}}}),
+            )],
+        }
+    }
+
+    fn default_loc() -> Locality {
+        Locality {
+            region: "us-east1".into(),
+            zone: "us-east1-a".into(),
+            subzone: String::new(),
+        }
+    }
+
+    #[test]
+    fn services_slices_nodes_pods_and_exports_become_the_model() {
+        let v = build(&objects(), &default_loc());
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!(
+            v.local.keys().collect::<Vec<_>>(),
+            ["shop/internal", "shop/payment"]
+        );
+        assert_eq!(v.exports.keys().collect::<Vec<_>>(), ["shop/payment"]);
+        let p = &v.exports["shop/payment"];
+        assert_eq!(p.export_to, ["west", "eu"]);
+        assert_eq!(p.on_expiry, OnExpiry::Withdraw as i32);
+        assert_eq!(p.ports[0].name, "http");
+        assert_eq!(p.ports[1].app_protocol, "grpc");
+        let e = &p.endpoints[0];
+        assert_eq!(e.address, "10.1.0.5");
+        assert!(e.healthy);
+        assert_eq!(e.service_account, "payment");
+        assert_eq!(e.labels.get("version").map(String::as_str), Some("v2"));
+        let l = e.locality.clone().unwrap();
+        assert_eq!(
+            (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
+            ("us-east1", "us-east1-b", "rack7")
+        );
+        // http's target port differs (80 -> 8080); grpc's does not.
+        assert_eq!(e.ports.get("http"), Some(&8080));
+        assert_eq!(e.ports.get("grpc"), None);
+        // The terminating endpoint is unhealthy; its unknown node gives the default region
+        // and the slice's zone.
+        let t = &p.endpoints[1];
+        assert!(!t.healthy);
+        assert_eq!(t.locality.clone().unwrap().zone, "us-east1-c");
+        assert!(t.service_account.is_empty());
+    }
+
+    #[test]
+    fn bad_objects_are_problems_naming_them_and_the_rest_goes_on() {
+        let mut o = objects();
+        o.services.push(obj(
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "broken", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 70000}]}}),
+        ));
+        o.exports.push(obj(
+            serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceExport", "metadata": {"name": "ghost", "namespace": "shop"}}),
+        ));
+        o.exports.push(obj(
+            serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceExport", "metadata": {"name": "internal", "namespace": "shop",
+            "annotations": {"meshfed.io/on-expiry": "sometimes"}}}),
+        ));
+        o.exports.push(obj(
+            serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceExport", "metadata": {"name": "dns", "namespace": "shop"}}),
+        ));
+        let v = build(&o, &default_loc());
+        let text: Vec<String> = v.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "Service shop/broken: spec.ports[0].port: 70000 is not in 1-65535",
+                "Service shop/dns: an ExternalName Service has no endpoints to export",
+                "ServiceExport shop/ghost: no Service shop/ghost to export",
+                "ServiceExport shop/internal: annotation meshfed.io/on-expiry: \"sometimes\" is not withdraw or deprioritize",
+            ]
+        );
+        // payment is still exported; internal runs but is not exported.
+        assert_eq!(v.exports.keys().collect::<Vec<_>>(), ["shop/payment"]);
+        assert!(v.local.contains_key("shop/internal"));
+    }
+}
