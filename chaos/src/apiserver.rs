@@ -40,6 +40,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "ServiceExport",
         true,
     ),
+    (
+        "apis/multicluster.x-k8s.io/v1alpha1",
+        "serviceimports",
+        "ServiceImport",
+        true,
+    ),
 ];
 
 fn api_version(prefix: &str) -> String {
@@ -62,6 +68,9 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         "EndpointSlice" => serde_json::from_value::<EndpointSlice>(v.clone()).map(|_| ()),
         "ServiceExport" => {
             serde_json::from_value::<meshfed_kube::types::ServiceExport>(v.clone()).map(|_| ())
+        }
+        "ServiceImport" => {
+            serde_json::from_value::<meshfed_kube::types::ServiceImport>(v.clone()).map(|_| ())
         }
         other => bail!("the double does not serve {other}"),
     };
@@ -129,27 +138,53 @@ fn answer(code: StatusCode, body: Value) -> Response {
         .into_response()
 }
 
-/// `(kind index, namespace filter)` for a collection path.
-fn route(path: &str) -> Option<(usize, Option<String>)> {
+/// A parsed path: the kind, the namespace (if any), the object's name and whether it names the
+/// status subresource.
+struct Route {
+    kind: usize,
+    ns: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+fn route(path: &str) -> Option<Route> {
     let p = path.trim_start_matches('/');
     for (i, (prefix, plural, _, namespaced)) in KINDS.iter().enumerate() {
         let Some(rest) = p.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
             continue;
         };
-        if rest == *plural {
-            return Some((i, None));
+        let (ns, rest) = match rest.strip_prefix("namespaces/") {
+            Some(nr) if *namespaced => match nr.split_once('/') {
+                Some((ns, r)) => (Some(ns.to_string()), r),
+                None => continue,
+            },
+            _ => (None, rest),
+        };
+        let mut parts = rest.split('/');
+        if parts.next() != Some(*plural) {
+            continue;
         }
-        if *namespaced {
-            if let Some(ns_rest) = rest.strip_prefix("namespaces/") {
-                if let Some((ns, pl)) = ns_rest.split_once('/') {
-                    if pl == *plural {
-                        return Some((i, Some(ns.to_string())));
-                    }
-                }
-            }
-        }
+        let name = parts.next().map(str::to_string);
+        let status = match parts.next() {
+            None => false,
+            Some("status") => true,
+            Some(_) => return None,
+        };
+        return Some(Route {
+            kind: i,
+            ns,
+            name,
+            status,
+        });
     }
     None
+}
+
+fn decode(s: &str) -> String {
+    s.replace("%3D", "=")
+        .replace("%3d", "=")
+        .replace("%2F", "/")
+        .replace("%2f", "/")
 }
 
 fn query(req: &Request) -> BTreeMap<String, String> {
@@ -163,6 +198,140 @@ fn query(req: &Request) -> BTreeMap<String, String> {
             (k.to_string(), v.to_string())
         })
         .collect()
+}
+
+/// One object: GET, server-side apply (PATCH, `application/apply-patch+yaml` with a JSON body;
+/// the double keeps the applied fields as sent, without tracking field ownership), `/status`
+/// apply, DELETE.
+async fn item(
+    sh: &Shared,
+    req: Request,
+    kind: &'static str,
+    ns: String,
+    name: String,
+    status_sub: bool,
+) -> Response {
+    let key = (kind.to_string(), ns.clone(), name.clone());
+    let not_found = || {
+        answer(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", &format!("{kind} {ns}/{name} not found")),
+        )
+    };
+    match req.method().as_str() {
+        "GET" => match sh.lock().objects.get(&key) {
+            Some(v) => answer(StatusCode::OK, v.clone()),
+            None => not_found(),
+        },
+        "DELETE" => {
+            let gone = {
+                let mut st = sh.lock();
+                let gone = st.objects.remove(&key);
+                if gone.is_some() {
+                    st.rv += 1;
+                }
+                gone.map(|mut v| {
+                    v["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                    (st.rv, v)
+                })
+            };
+            match gone {
+                Some((rv, v)) => {
+                    record(sh, rv, kind, "DELETED", ns.clone(), v);
+                    answer(
+                        StatusCode::OK,
+                        json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}),
+                    )
+                }
+                None => not_found(),
+            }
+        }
+        "PATCH" => {
+            let ct = req
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            if ct != "application/apply-patch+yaml" {
+                return answer(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    status(
+                        415,
+                        "UnsupportedMediaType",
+                        &format!("{ct}: server-side apply only"),
+                    ),
+                );
+            }
+            let bad = |e: String| answer(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e));
+            let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
+                Ok(b) => b,
+                Err(e) => return bad(e.to_string()),
+            };
+            let applied: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return bad(e.to_string()),
+            };
+            let (rv, ev, obj) = {
+                let mut st = sh.lock();
+                let existing = st.objects.get(&key).cloned();
+                let mut obj = match (status_sub, existing) {
+                    (true, None) => return not_found(),
+                    (true, Some(mut cur)) => {
+                        cur["status"] = applied["status"].clone();
+                        cur
+                    }
+                    (false, cur) => {
+                        let mut v = applied.clone();
+                        v["metadata"]["namespace"] = json!(ns);
+                        v["metadata"]["name"] = json!(name);
+                        if let Some(c) = &cur {
+                            if !c["status"].is_null() {
+                                v["status"] = c["status"].clone();
+                            }
+                        }
+                        v
+                    }
+                };
+                if let Err(e) = check(kind, &obj) {
+                    return answer(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        status(422, "Invalid", &format!("{e:#}")),
+                    );
+                }
+                st.rv += 1;
+                obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                let ev = if st.objects.insert(key.clone(), obj.clone()).is_some() {
+                    "MODIFIED"
+                } else {
+                    "ADDED"
+                };
+                (st.rv, ev, obj)
+            };
+            record(sh, rv, kind, ev, ns.clone(), obj.clone());
+            answer(StatusCode::OK, obj)
+        }
+        m => answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(
+                405,
+                "MethodNotAllowed",
+                &format!("{m} is not served for objects"),
+            ),
+        ),
+    }
+}
+
+fn record(sh: &Shared, rv: u64, kind: &'static str, ev: &'static str, ns: String, object: Value) {
+    let e = Event {
+        rv,
+        kind,
+        namespace: ns,
+        kind_of_event: ev,
+        object,
+    };
+    sh.lock().log.push(e.clone());
+    let _ = sh.events.send(e);
 }
 
 async fn handle(State(sh): State<Shared>, req: Request) -> Response {
@@ -183,7 +352,7 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
             );
         }
     }
-    let Some((i, ns)) = route(&path) else {
+    let Some(r) = route(&path) else {
         return answer(
             StatusCode::NOT_FOUND,
             status(
@@ -193,24 +362,40 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
             ),
         );
     };
-    let (prefix, _, kind, _) = KINDS[i];
+    let (prefix, _, kind, _) = KINDS[r.kind];
+    if let Some(name) = r.name.clone() {
+        return item(&sh, req, kind, r.ns.unwrap_or_default(), name, r.status).await;
+    }
+    let ns = r.ns;
     if req.method() != axum::http::Method::GET {
         return answer(
             StatusCode::METHOD_NOT_ALLOWED,
-            status(
-                405,
-                "MethodNotAllowed",
-                "the double serves list and watch only",
-            ),
+            status(405, "MethodNotAllowed", "collections: list and watch only"),
         );
     }
     let matches = move |e_ns: &str| ns.as_deref().is_none_or(|n| n == e_ns);
+    // Equality label selectors (`k=v`, comma-separated), as meshfed sends them.
+    let selector: Vec<(String, String)> = q
+        .get("labelSelector")
+        .map(|s| decode(s))
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    let selected = move |v: &Value| {
+        selector
+            .iter()
+            .all(|(k, want)| v["metadata"]["labels"][k].as_str() == Some(want.as_str()))
+    };
     if q.get("watch").map(String::as_str) != Some("true") {
         let st = sh.lock();
         let items: Vec<Value> = st
             .objects
             .iter()
-            .filter(|((k, n, _), _)| k == kind && matches(n))
+            .filter(|((k, n, _), v)| k == kind && matches(n) && selected(v))
             .map(|(_, v)| v.clone())
             .collect();
         return answer(
@@ -416,6 +601,15 @@ impl ApiServer {
         if down {
             self.shared.cut.send_modify(|n| *n += 1);
         }
+    }
+
+    /// The object `kind namespace/name`, if it exists.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .lock()
+            .objects
+            .get(&(kind.to_string(), namespace.to_string(), name.to_string()))
+            .cloned()
     }
 
     /// How many requests matched `LIST|WATCH|METHOD path-prefix` so far.

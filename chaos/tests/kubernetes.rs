@@ -82,8 +82,34 @@ fn services_and_exports_come_from_the_kubernetes_api() {
             ],
         )
         .unwrap();
+    // west runs on Kubernetes too (its own API server): it writes what it imports as MCS
+    // ServiceImports, and never touches one a user made.
+    let west_api = ApiServer::start().unwrap();
+    let west_kubeconfig = west_api
+        .kubeconfig(&f.root.path().join("west-kubeconfig"))
+        .unwrap();
+    west_api
+        .apply(
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "metadata": {"name": "user-made", "namespace": "shop"},
+            "spec": {"type": "ClusterSetIP", "ports": [{"port": 80, "protocol": "TCP"}]}}),
+        )
+        .unwrap();
     let west = f
-        .add_cluster("west", "net-w", "us-west1/us-west1-a", "services: []\n")
+        .add_cluster_with(
+            "west",
+            "net-w",
+            "us-west1/us-west1-a",
+            "services: []\n",
+            None,
+            &[],
+            &[
+                "--source",
+                "kubernetes",
+                "--kubeconfig",
+                west_kubeconfig.to_str().unwrap(),
+            ],
+        )
         .unwrap();
     wait_for(
         Duration::from_secs(20),
@@ -91,6 +117,33 @@ fn services_and_exports_come_from_the_kubernetes_api() {
         || Ok((west_endpoints(&west)? == 1).then_some(())),
     )
     .unwrap();
+    let si = wait_for(
+        Duration::from_secs(20),
+        "west's ServiceImport shop/payment",
+        || {
+            Ok(west_api
+                .get("ServiceImport", "shop", "payment")
+                .filter(|v| v["status"]["clusters"] == json!([{"cluster": "east"}])))
+        },
+    )
+    .unwrap();
+    assert_eq!(si["spec"]["type"], "ClusterSetIP", "{si}");
+    assert_eq!(
+        si["spec"]["ports"],
+        json!([{"name": "http", "port": 80, "protocol": "TCP"}]),
+        "{si}"
+    );
+    // The VIPs west's mesh DNS answers for payment (IPv4 from --vip-range, and IPv6).
+    assert!(
+        si["spec"]["ips"][0]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("240.240.0.")),
+        "{si}"
+    );
+    assert_eq!(
+        si["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "meshfed"
+    );
     let s = east.status().unwrap();
     for kind in ["Service", "EndpointSlice", "Node", "Pod", "ServiceExport"] {
         assert_eq!(s["kubernetes_watches"][kind]["synced"], true, "{kind}: {s}");
@@ -115,9 +168,22 @@ fn services_and_exports_come_from_the_kubernetes_api() {
         east.status().unwrap()["endpoints"]["shop/payment"]["east"],
         2
     );
+    wait_for(Duration::from_secs(20), "west's ServiceImport gone", || {
+        Ok(west_api
+            .get("ServiceImport", "shop", "payment")
+            .is_none()
+            .then_some(()))
+    })
+    .unwrap();
+    assert!(
+        west_api.get("ServiceImport", "shop", "user-made").is_some(),
+        "a ServiceImport meshfed did not write is never deleted"
+    );
     api.apply(export("payment")).unwrap();
     wait_for(Duration::from_secs(20), "exported again", || {
-        Ok((west_endpoints(&west)? == 2).then_some(()))
+        Ok((west_endpoints(&west)? == 2
+            && west_api.get("ServiceImport", "shop", "payment").is_some())
+        .then_some(()))
     })
     .unwrap();
 
@@ -239,4 +305,35 @@ fn the_source_reports_an_unreachable_api_server_and_keeps_its_view() {
         .unwrap_or_else(|_| panic!("{:?}", src.health.borrow()))
         .unwrap();
     });
+}
+
+/// After a restart the writer finds the ServiceImports it wrote before by their label and
+/// deletes those no longer imported; one a user made is left alone.
+#[test]
+fn the_import_writer_cleans_up_its_own_after_a_restart_and_nothing_else() {
+    let api = ApiServer::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(&d.path().join("kubeconfig")).unwrap();
+    let si = |name: &str, ours: bool| {
+        let mut v = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"type": "ClusterSetIP", "ports": [{"port": 80, "protocol": "TCP"}]}});
+        if ours {
+            v["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "meshfed"});
+        }
+        v
+    };
+    api.apply(si("stale", true)).unwrap();
+    api.apply(si("user-made", false)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let done = rt.block_on(async {
+        let client = meshfed_kube::source::client(Some(&kubeconfig))
+            .await
+            .unwrap();
+        let mut w = meshfed_kube::sink::ImportWriter::default();
+        w.sync(&client, &Default::default()).await.unwrap()
+    });
+    assert_eq!(done.deleted, 1);
+    assert!(api.get("ServiceImport", "shop", "stale").is_none());
+    assert!(api.get("ServiceImport", "shop", "user-made").is_some());
 }

@@ -90,6 +90,8 @@ pub struct SyncStatus {
     pub policy_error: Option<String>,
     /// Kubernetes objects the source cannot use (`kind ns/name: reason`).
     pub kubernetes_problems: Vec<String>,
+    /// The last failed write to the Kubernetes API, until a write succeeds.
+    pub kubernetes_write_error: Option<String>,
 }
 
 /// The agent's shared state. Sources write the model through their own writers (held by their
@@ -162,6 +164,7 @@ impl Inner {
             registry_error: st.registry_error,
             policy_error: st.policy_error,
             kubernetes_problems: st.kubernetes_problems,
+            kubernetes_write_error: st.kubernetes_write_error,
             kubernetes_watches: self
                 .kube_health
                 .get()
@@ -347,6 +350,9 @@ pub struct AgentReport {
     /// Kubernetes objects the source cannot use (`kind ns/name: reason`; warnings).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kubernetes_problems: Vec<String>,
+    /// The last failed write to the Kubernetes API (ServiceImports), until one succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_write_error: Option<String>,
     /// The Kubernetes watches, by kind (with the Kubernetes source).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub kubernetes_watches: BTreeMap<String, meshfed_kube::source::WatchHealth>,
@@ -420,6 +426,9 @@ impl AgentReport {
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
             ));
+        }
+        if let Some(e) = &self.kubernetes_write_error {
+            out.push(e.clone());
         }
         for (kind, w) in &self.kubernetes_watches {
             if let Some(e) = &w.error {
@@ -638,11 +647,15 @@ impl Agent {
         let kube = match cfg.kubernetes.clone() {
             Some(client) => {
                 let (src, run) = meshfed_kube::source::start(
-                    client.0,
+                    client.0.clone(),
                     default_locality.clone(),
                     Duration::from_millis(100),
                 );
                 tasks.spawn("Kubernetes source", run);
+                tasks.spawn(
+                    "ServiceImport writer",
+                    write_service_imports(inner.clone(), client.0.clone()),
+                );
                 let _ = inner.kube_health.set(src.health.clone());
                 Some(src)
             }
@@ -1056,6 +1069,59 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
                 }
             }
         }
+    }
+}
+
+/// Keeps one MCS ServiceImport per imported service in the cluster (`meshfed_kube::sink`),
+/// after every change of the model or of the VIPs; a failed write is retried after 5 s and
+/// reported in `meshfed status` until it succeeds.
+async fn write_service_imports(inner: Arc<Inner>, client: kube::Client) {
+    inner.model.wait_until_ready().await;
+    let mut snaps = inner.model.subscribe();
+    let mut names = inner.names.subscribe();
+    let mut writer = meshfed_kube::sink::ImportWriter::default();
+    loop {
+        let snap = snaps.borrow_and_update().clone();
+        let table = names.borrow_and_update().clone();
+        let retry;
+        let desired = meshfed_kube::sink::desired_imports(&snap, |ns, name| {
+            table
+                .services
+                .get(&(ns.to_string(), name.to_string()))
+                .map(|s| {
+                    s.v4.map(std::net::IpAddr::V4)
+                        .into_iter()
+                        .chain(s.v6.map(std::net::IpAddr::V6))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        match writer.sync(&client, &desired).await {
+            Ok(done) => {
+                if done.applied + done.deleted > 0 {
+                    tracing::info!(
+                        applied = done.applied,
+                        deleted = done.deleted,
+                        "ServiceImports written"
+                    );
+                }
+                inner.status().kubernetes_write_error = None;
+                retry = None;
+            }
+            Err(e) => {
+                let e = format!("writing ServiceImports: {e:#}");
+                tracing::warn!(error = %e, "retrying in 5 s");
+                inner.status().kubernetes_write_error = Some(e);
+                retry = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            r = snaps.changed() => if r.is_err() { return },
+            r = names.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {}
+        }
+        // Coalesce a burst of changes into one pass.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

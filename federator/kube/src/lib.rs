@@ -6,7 +6,9 @@
 //! - [`types`]: the MCS ServiceExport and meshfed's annotations on it.
 //! - [`view`]: objects -> model, a pure function (problems name `kind namespace/name`).
 //! - [`source`]: the client, the watches and reflector stores, the view builder.
+//! - [`sink`]: what the agent writes: MCS ServiceImports for what the cluster imports.
 
+pub mod sink;
 pub mod source;
 pub mod types;
 pub mod view;

@@ -71,3 +71,76 @@ mod tests {
         assert_eq!(v.status.map(|s| s.conditions.len()), Some(1));
     }
 }
+
+/// The label on every object meshfed writes; meshfed deletes only objects that carry it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "meshfed";
+/// The field manager of meshfed's server-side applies.
+pub const FIELD_MANAGER: &str = "meshfed";
+
+/// An MCS ServiceImport (multicluster.x-k8s.io/v1alpha1): what the cluster can reach of a
+/// service exported elsewhere.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceImport {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceImportSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ServiceImportStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceImportSpec {
+    /// `ClusterSetIP` or `Headless`.
+    #[serde(rename = "type", default)]
+    pub type_: String,
+    #[serde(default)]
+    pub ports: Vec<ServiceImportPort>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceImportPort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub port: i32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub app_protocol: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceImportStatus {
+    #[serde(default)]
+    pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster: String,
+}
+
+impl k8s_openapi::Resource for ServiceImport {
+    const API_VERSION: &'static str = "multicluster.x-k8s.io/v1alpha1";
+    const GROUP: &'static str = "multicluster.x-k8s.io";
+    const KIND: &'static str = "ServiceImport";
+    const VERSION: &'static str = "v1alpha1";
+    const URL_PATH_SEGMENT: &'static str = "serviceimports";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for ServiceImport {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
