@@ -227,6 +227,70 @@ fn services_and_exports_come_from_the_kubernetes_api() {
     let (_, out, _) = meshfed(&["status", "--admin", &east.admin]).unwrap();
     assert!(out.contains("ServiceExport shop/ghost"), "{out}");
 
+    // MCS conditions on the ServiceExports (status subresource).
+    let conds = |api: &ApiServer, name: &str| -> Vec<(String, String, String)> {
+        api.get("ServiceExport", "shop", name)
+            .and_then(|v| v["status"]["conditions"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                (
+                    c["type"].as_str().unwrap_or_default().to_string(),
+                    c["status"].as_str().unwrap_or_default().to_string(),
+                    c["reason"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    let row = |t: &str, s: &str, r: &str| (t.to_string(), s.to_string(), r.to_string());
+    wait_for(
+        Duration::from_secs(20),
+        "east's ServiceExport conditions",
+        || {
+            Ok((conds(&api, "payment")
+                == [
+                    row("Valid", "True", "Valid"),
+                    row("Conflict", "False", "NoConflicts"),
+                    row("Ready", "True", "Exported"),
+                ]
+                && conds(&api, "ghost")
+                    == [
+                        row("Valid", "False", "NoService"),
+                        row("Conflict", "False", "NoConflicts"),
+                        row("Ready", "False", "NoService"),
+                    ])
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?} {:?}",
+            conds(&api, "payment"),
+            conds(&api, "ghost")
+        )
+    });
+    // west exports its own payment with port 80 over UDP: the federator finds it at odds with
+    // east's older export, and west's ServiceExport says so.
+    west_api
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "payment", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "UDP"}]}}))
+        .unwrap();
+    west_api.apply(export("payment")).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "west's ServiceExport in conflict",
+        || {
+            Ok(conds(&west_api, "payment")
+                .iter()
+                .any(|c| *c == row("Conflict", "True", "PortConflict"))
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", conds(&west_api, "payment")));
+    west_api.delete("ServiceExport", "shop", "payment").unwrap();
+    west_api.delete("Service", "shop", "payment").unwrap();
+
     // The API server goes away: east keeps serving and exporting what it last listed, and
     // says which watches fail since when.
     api.set_down(true);

@@ -117,6 +117,8 @@ pub struct Inner {
     pub xds: Option<Arc<XdsState>>,
     /// The last good registry.
     pub registry: watch::Sender<Option<Arc<Registry>>>,
+    /// The export version the federator last acknowledged (for ServiceExport conditions).
+    pub exports_acked: watch::Sender<u64>,
     /// The Kubernetes watches' health (with the Kubernetes source).
     pub kube_health:
         std::sync::OnceLock<watch::Receiver<BTreeMap<String, meshfed_kube::source::WatchHealth>>>,
@@ -628,6 +630,7 @@ impl Agent {
             xds: xds_state.clone(),
             registry: watch::Sender::new(loaded),
             kube_health: std::sync::OnceLock::new(),
+            exports_acked: watch::Sender::new(0),
             entries,
             names: watch::Sender::new(Arc::new(NameTable::default())),
         });
@@ -653,8 +656,8 @@ impl Agent {
                 );
                 tasks.spawn("Kubernetes source", run);
                 tasks.spawn(
-                    "ServiceImport writer",
-                    write_service_imports(inner.clone(), client.0.clone()),
+                    "Kubernetes writer",
+                    write_kubernetes(inner.clone(), client.0.clone(), src.view.clone()),
                 );
                 let _ = inner.kube_health.set(src.health.clone());
                 Some(src)
@@ -1072,14 +1075,21 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
     }
 }
 
-/// Keeps one MCS ServiceImport per imported service in the cluster (`meshfed_kube::sink`),
-/// after every change of the model or of the VIPs; a failed write is retried after 5 s and
-/// reported in `meshfed status` until it succeeds.
-async fn write_service_imports(inner: Arc<Inner>, client: kube::Client) {
+/// Keeps one MCS ServiceImport per imported service in the cluster and the conditions of every
+/// ServiceExport current (`meshfed_kube::sink`), after every change of the model, the VIPs,
+/// the Kubernetes view or what the federator acknowledged; a failed write is retried after 5 s
+/// and reported in `meshfed status` until one succeeds.
+async fn write_kubernetes(
+    inner: Arc<Inner>,
+    client: kube::Client,
+    mut view: watch::Receiver<Option<Arc<meshfed_kube::view::View>>>,
+) {
     inner.model.wait_until_ready().await;
     let mut snaps = inner.model.subscribe();
     let mut names = inner.names.subscribe();
+    let mut acks = inner.exports_acked.subscribe();
     let mut writer = meshfed_kube::sink::ImportWriter::default();
+    let mut statuses = meshfed_kube::sink::ExportStatusWriter::default();
     loop {
         let snap = snaps.borrow_and_update().clone();
         let table = names.borrow_and_update().clone();
@@ -1096,20 +1106,40 @@ async fn write_service_imports(inner: Arc<Inner>, client: kube::Client) {
                 })
                 .unwrap_or_default()
         });
-        match writer.sync(&client, &desired).await {
-            Ok(done) => {
-                if done.applied + done.deleted > 0 {
+        acks.borrow_and_update();
+        let conditions = match view.borrow_and_update().clone() {
+            Some(v) => {
+                let conflicts = inner.status().conflicts.clone();
+                let stored: std::collections::BTreeSet<String> = inner
+                    .cache
+                    .acked_exports()
+                    .map(|m| m.into_keys().collect())
+                    .unwrap_or_default();
+                meshfed_kube::sink::export_conditions(&v, &conflicts, &stored)
+            }
+            None => Default::default(),
+        };
+        let result = async {
+            let done = writer.sync(&client, &desired).await?;
+            let statuses_written = statuses.sync(&client, &conditions).await?;
+            anyhow::Ok((done, statuses_written))
+        }
+        .await;
+        match result {
+            Ok((done, statuses_written)) => {
+                if done.applied + done.deleted + statuses_written > 0 {
                     tracing::info!(
                         applied = done.applied,
                         deleted = done.deleted,
-                        "ServiceImports written"
+                        statuses = statuses_written,
+                        "Kubernetes objects written"
                     );
                 }
                 inner.status().kubernetes_write_error = None;
                 retry = None;
             }
             Err(e) => {
-                let e = format!("writing ServiceImports: {e:#}");
+                let e = format!("writing to the Kubernetes API: {e:#}");
                 tracing::warn!(error = %e, "retrying in 5 s");
                 inner.status().kubernetes_write_error = Some(e);
                 retry = Some(tokio::time::Instant::now() + Duration::from_secs(5));
@@ -1118,6 +1148,8 @@ async fn write_service_imports(inner: Arc<Inner>, client: kube::Client) {
         tokio::select! {
             r = snaps.changed() => if r.is_err() { return },
             r = names.changed() => if r.is_err() { return },
+            r = view.changed() => if r.is_err() { return },
+            r = acks.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {}
         }
         // Coalesce a burst of changes into one pass.

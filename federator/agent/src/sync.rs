@@ -458,6 +458,7 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                             inner.metrics.export_version_acked.set(v as i64);
                             let mut st = inner.status();
                             st.exports_acked_version = v;
+                            inner.exports_acked.send_replace(v);
                             st.conflicts = a.conflicts.clone();
                             drop(st);
                             for c in &a.conflicts {

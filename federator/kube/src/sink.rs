@@ -152,6 +152,51 @@ mod tests {
     use proto::{ClusterFacts, LeaseState, PeerCluster, Port, ServiceExport};
 
     #[test]
+    fn export_conditions_follow_validity_conflicts_and_the_federator() {
+        let mut v = crate::view::View::default();
+        let k = |n: &str| ("shop".to_string(), n.to_string());
+        v.service_exports.insert(k("payment"), Ok(()));
+        v.service_exports.insert(k("ledger"), Ok(()));
+        v.service_exports.insert(
+            k("ghost"),
+            Err(("NoService".into(), "no Service shop/ghost to export".into())),
+        );
+        let conflicts = ["shop/ledger: port 80 is UDP here but TCP in the older export (cluster east exported it first)".to_string()];
+        let stored: BTreeSet<String> = ["shop/payment".to_string()].into();
+        let c = export_conditions(&v, &conflicts, &stored);
+        let row = |n: &str| {
+            c[&k(n)]
+                .iter()
+                .map(|x| (x.type_, x.status, x.reason.as_str()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row("payment"),
+            [
+                ("Valid", true, "Valid"),
+                ("Conflict", false, "NoConflicts"),
+                ("Ready", true, "Exported")
+            ]
+        );
+        assert_eq!(
+            row("ledger"),
+            [
+                ("Valid", true, "Valid"),
+                ("Conflict", true, "PortConflict"),
+                ("Ready", false, "Pending")
+            ]
+        );
+        assert_eq!(
+            row("ghost"),
+            [
+                ("Valid", false, "NoService"),
+                ("Conflict", false, "NoConflicts"),
+                ("Ready", false, "NoService")
+            ]
+        );
+    }
+
+    #[test]
     fn one_import_per_service_imported_from_elsewhere() {
         let mut s = Snapshot {
             facts: ClusterFacts {
@@ -223,5 +268,128 @@ mod tests {
             json!([{"cluster": "east"}, {"cluster": "eu"}])
         );
         assert_eq!(si.metadata.labels.unwrap()[MANAGED_BY_LABEL], MANAGED_BY);
+    }
+}
+
+/// One MCS condition of a ServiceExport, as meshfed computes it (without its time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+fn cond(type_: &'static str, status: bool, reason: &str, message: String) -> Cond {
+    Cond {
+        type_,
+        status,
+        reason: reason.into(),
+        message,
+    }
+}
+
+/// The conditions of every ServiceExport the source saw (KEP-1645): `Valid` (its Service
+/// exists and can be exported; reasons NoService, InvalidServiceType, InvalidService,
+/// InvalidAnnotation), `Conflict` (the federator found this export's ports at odds with an
+/// older export of the same service elsewhere: PortConflict) and `Ready` (the federator stored
+/// it: Exported; Pending until then).
+pub fn export_conditions(
+    view: &crate::view::View,
+    conflicts: &[String],
+    stored: &BTreeSet<String>,
+) -> BTreeMap<(String, String), Vec<Cond>> {
+    let mut out = BTreeMap::new();
+    for ((ns, name), state) in &view.service_exports {
+        let key = format!("{ns}/{name}");
+        let mut c = Vec::new();
+        match state {
+            Ok(()) => c.push(cond(
+                "Valid",
+                true,
+                "Valid",
+                "the Service can be exported".into(),
+            )),
+            Err((reason, message)) => c.push(cond("Valid", false, reason, message.clone())),
+        }
+        match conflicts.iter().find(|x| x.starts_with(&format!("{key}:"))) {
+            Some(m) => c.push(cond("Conflict", true, "PortConflict", m.clone())),
+            None => c.push(cond("Conflict", false, "NoConflicts", String::new())),
+        }
+        c.push(match state {
+            Err((reason, _)) => cond("Ready", false, reason, "not exported".into()),
+            Ok(()) if stored.contains(&key) => cond(
+                "Ready",
+                true,
+                "Exported",
+                "the federator stored this export".into(),
+            ),
+            Ok(()) => cond(
+                "Ready",
+                false,
+                "Pending",
+                "waiting for the federator to store it".into(),
+            ),
+        });
+        out.insert((ns.clone(), name.clone()), c);
+    }
+    out
+}
+
+/// Writes ServiceExport conditions (server-side apply on the status subresource) when they
+/// change; a condition keeps its `lastTransitionTime` while its status stays the same.
+#[derive(Debug, Default)]
+pub struct ExportStatusWriter {
+    written: BTreeMap<(String, String), Vec<(Cond, String)>>,
+}
+
+impl ExportStatusWriter {
+    /// Returns how many ServiceExports were written.
+    pub async fn sync(
+        &mut self,
+        client: &Client,
+        desired: &BTreeMap<(String, String), Vec<Cond>>,
+    ) -> anyhow::Result<usize> {
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let mut n = 0;
+        for (key, conds) in desired {
+            let before = self.written.get(key);
+            if before.is_some_and(|b| b.iter().map(|(c, _)| c).eq(conds.iter())) {
+                continue;
+            }
+            let timed: Vec<(Cond, String)> = conds
+                .iter()
+                .map(|c| {
+                    let kept = before.and_then(|b| {
+                        b.iter()
+                            .find(|(o, _)| o.type_ == c.type_ && o.status == c.status)
+                            .map(|(_, t)| t.clone())
+                    });
+                    (c.clone(), kept.unwrap_or_else(|| now.clone()))
+                })
+                .collect();
+            let body = json!({
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport",
+                "status": {"conditions": timed.iter().map(|(c, t)| json!({
+                    "type": c.type_,
+                    "status": if c.status { "True" } else { "False" },
+                    "reason": c.reason,
+                    "message": c.message,
+                    "lastTransitionTime": t,
+                })).collect::<Vec<_>>()},
+            });
+            let api: Api<crate::types::ServiceExport> = Api::namespaced(client.clone(), &key.0);
+            api.patch_status(&key.1, &pp, &Patch::Apply(&body)).await?;
+            self.written.insert(key.clone(), timed);
+            n += 1;
+        }
+        self.written.retain(|k, _| desired.contains_key(k));
+        Ok(n)
     }
 }

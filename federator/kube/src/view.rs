@@ -56,6 +56,9 @@ pub struct View {
     /// The exported ones (a ServiceExport exists and is valid), by `ns/name`.
     pub exports: BTreeMap<String, Export>,
     pub problems: Vec<Problem>,
+    /// Every ServiceExport seen, by (namespace, name): valid, or why not (an MCS condition
+    /// reason and a message).
+    pub service_exports: BTreeMap<(String, String), Result<(), (String, String)>>,
 }
 
 fn name_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -155,6 +158,15 @@ pub fn build(o: &Objects, default_locality: &Locality) -> View {
             continue;
         }
         let want = wanted.remove(&(ns.clone(), name.clone()));
+        let has_export = want.is_some();
+        let mut invalid = |reason: &str, message: String| {
+            if has_export {
+                view.service_exports.insert(
+                    (ns.clone(), name.clone()),
+                    Err((reason.to_string(), message)),
+                );
+            }
+        };
         let problem = |reason: String| Problem {
             kind: "Service",
             namespace: ns.clone(),
@@ -164,9 +176,9 @@ pub fn build(o: &Objects, default_locality: &Locality) -> View {
         let spec = svc.spec.clone().unwrap_or_default();
         if spec.type_.as_deref() == Some("ExternalName") {
             if want.is_some() {
-                view.problems.push(problem(
-                    "an ExternalName Service has no endpoints to export".into(),
-                ));
+                let m = "an ExternalName Service has no endpoints to export".to_string();
+                invalid("InvalidServiceType", m.clone());
+                view.problems.push(problem(m));
             }
             continue;
         }
@@ -193,6 +205,7 @@ pub fn build(o: &Objects, default_locality: &Locality) -> View {
             }
         }
         if let Some(b) = bad {
+            invalid("InvalidService", b.clone());
             view.problems.push(problem(b));
             continue;
         }
@@ -276,6 +289,7 @@ pub fn build(o: &Objects, default_locality: &Locality) -> View {
         let opts = match want {
             Some(Ok(o)) => Some(o),
             Some(Err(e)) => {
+                invalid("InvalidAnnotation", e.clone());
                 view.problems.push(Problem {
                     kind: "ServiceExport",
                     namespace: ns.clone(),
@@ -309,17 +323,27 @@ pub fn build(o: &Objects, default_locality: &Locality) -> View {
             failover_policy: String::new(),
         };
         if let Err(err) = validate::check_export(&e, "service") {
+            invalid("InvalidService", err.to_string());
             view.problems.push(problem(err.to_string()));
             continue;
         }
         let key = validate::service_key(&ns, &name);
         if opts.is_some() {
+            view.service_exports
+                .insert((ns.clone(), name.clone()), Ok(()));
             view.exports.insert(key.clone(), e.clone());
         }
         view.local.insert(key, e);
     }
     // ServiceExports whose Service does not exist (MCS condition Valid=False, NoService).
     for ((ns, name), _) in wanted {
+        view.service_exports.insert(
+            (ns.clone(), name.clone()),
+            Err((
+                "NoService".into(),
+                format!("no Service {ns}/{name} to export"),
+            )),
+        );
         view.problems.push(Problem {
             kind: "ServiceExport",
             namespace: ns.clone(),
@@ -458,6 +482,11 @@ mod tests {
                 "ServiceExport shop/internal: annotation meshfed.io/on-expiry: \"sometimes\" is not withdraw or deprioritize",
             ]
         );
+        let state = |n: &str| v.service_exports[&("shop".to_string(), n.to_string())].clone();
+        assert_eq!(state("payment"), Ok(()));
+        assert_eq!(state("ghost").unwrap_err().0, "NoService");
+        assert_eq!(state("internal").unwrap_err().0, "InvalidAnnotation");
+        assert_eq!(state("dns").unwrap_err().0, "InvalidServiceType");
         // payment is still exported; internal runs but is not exported.
         assert_eq!(v.exports.keys().collect::<Vec<_>>(), ["shop/payment"]);
         assert!(v.local.contains_key("shop/internal"));
