@@ -144,6 +144,32 @@ fn services_and_exports_come_from_the_kubernetes_api() {
         si["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "meshfed"
     );
+    // And its EndpointSlice: east is on another network, so its gateway, every port mapped
+    // to the gateway's port (split horizon).
+    let gw = east.status().unwrap()["federators"].clone();
+    let west_slice = wait_for(
+        Duration::from_secs(20),
+        "west's EndpointSlice payment-east",
+        || Ok(west_api.get("EndpointSlice", "shop", "payment-east")),
+    )
+    .unwrap();
+    assert_eq!(
+        west_slice["metadata"]["labels"]["multicluster.kubernetes.io/service-name"],
+        "payment"
+    );
+    assert_eq!(
+        west_slice["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"],
+        "east"
+    );
+    assert_eq!(west_slice["addressType"], "IPv4", "{west_slice} {gw}");
+    assert_eq!(
+        west_slice["endpoints"][0]["addresses"][0], "127.0.0.1",
+        "{west_slice}"
+    );
+    assert_ne!(
+        west_slice["ports"][0]["port"], 80,
+        "the gateway's port, not the service's: {west_slice}"
+    );
     let s = east.status().unwrap();
     for kind in ["Service", "EndpointSlice", "Node", "Pod", "ServiceExport"] {
         assert_eq!(s["kubernetes_watches"][kind]["synced"], true, "{kind}: {s}");
@@ -169,10 +195,11 @@ fn services_and_exports_come_from_the_kubernetes_api() {
         2
     );
     wait_for(Duration::from_secs(20), "west's ServiceImport gone", || {
-        Ok(west_api
-            .get("ServiceImport", "shop", "payment")
-            .is_none()
-            .then_some(()))
+        Ok((west_api.get("ServiceImport", "shop", "payment").is_none()
+            && west_api
+                .get("EndpointSlice", "shop", "payment-east")
+                .is_none())
+        .then_some(()))
     })
     .unwrap();
     assert!(

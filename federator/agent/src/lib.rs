@@ -1075,7 +1075,8 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
     }
 }
 
-/// Keeps one MCS ServiceImport per imported service in the cluster and the conditions of every
+/// Keeps one MCS ServiceImport and its EndpointSlices per imported service in the cluster and
+/// the conditions of every
 /// ServiceExport current (`meshfed_kube::sink`), after every change of the model, the VIPs,
 /// the Kubernetes view or what the federator acknowledged; a failed write is retried after 5 s
 /// and reported in `meshfed status` until one succeeds.
@@ -1090,6 +1091,7 @@ async fn write_kubernetes(
     let mut acks = inner.exports_acked.subscribe();
     let mut writer = meshfed_kube::sink::ImportWriter::default();
     let mut statuses = meshfed_kube::sink::ExportStatusWriter::default();
+    let mut slices = meshfed_kube::sink::SliceWriter::default();
     loop {
         let snap = snaps.borrow_and_update().clone();
         let table = names.borrow_and_update().clone();
@@ -1120,7 +1122,12 @@ async fn write_kubernetes(
             None => Default::default(),
         };
         let result = async {
-            let done = writer.sync(&client, &desired).await?;
+            let mut done = writer.sync(&client, &desired).await?;
+            let s = slices
+                .sync(&client, &meshfed_kube::sink::desired_slices(&snap))
+                .await?;
+            done.applied += s.applied;
+            done.deleted += s.deleted;
             let statuses_written = statuses.sync(&client, &conditions).await?;
             anyhow::Ok((done, statuses_written))
         }

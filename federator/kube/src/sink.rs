@@ -66,23 +66,48 @@ pub fn desired_imports(
     out
 }
 
-/// Applies the desired ServiceImports; remembers what it wrote so that unchanged objects are
-/// not written again.
-#[derive(Debug, Default)]
-pub struct ImportWriter {
+/// Applies desired objects of one kind (`(namespace, name) -> (object, status or null)`) with
+/// server-side apply; remembers what it wrote so that unchanged objects are not written again,
+/// and deletes what it no longer wants only while the object still carries meshfed's
+/// `app.kubernetes.io/managed-by` label.
+#[derive(Debug)]
+pub struct ManagedWriter<K> {
     written: BTreeMap<(String, String), (Value, Value)>,
     /// Whether the ones meshfed wrote earlier (another process, a restart) were listed.
     listed: bool,
+    kind: std::marker::PhantomData<K>,
 }
 
-/// What one [`ImportWriter::sync`] did.
+impl<K> Default for ManagedWriter<K> {
+    fn default() -> Self {
+        ManagedWriter {
+            written: BTreeMap::new(),
+            listed: false,
+            kind: std::marker::PhantomData,
+        }
+    }
+}
+
+/// The ServiceImport writer.
+pub type ImportWriter = ManagedWriter<ServiceImport>;
+/// The writer of EndpointSlices for imported services.
+pub type SliceWriter = ManagedWriter<k8s_openapi::api::discovery::v1::EndpointSlice>;
+
+/// What one [`ManagedWriter::sync`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Synced {
     pub applied: usize,
     pub deleted: usize,
 }
 
-impl ImportWriter {
+impl<K> ManagedWriter<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     pub async fn sync(
         &mut self,
         client: &Client,
@@ -91,15 +116,16 @@ impl ImportWriter {
         let mut out = Synced::default();
         if !self.listed {
             // Ours from before (a restart): known by the label, so they are cleaned up too.
-            let all: Api<ServiceImport> = Api::all(client.clone());
+            let all: Api<K> = Api::all(client.clone());
             let lp = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-            for si in all.list(&lp).await?.items {
-                let (ns, name) = (
-                    si.metadata.namespace.clone().unwrap_or_default(),
-                    si.metadata.name.clone().unwrap_or_default(),
+            for o in all.list(&lp).await?.items {
+                let m = k8s_openapi::Metadata::metadata(&o);
+                let key = (
+                    m.namespace.clone().unwrap_or_default(),
+                    m.name.clone().unwrap_or_default(),
                 );
                 self.written
-                    .entry((ns, name))
+                    .entry(key)
                     .or_insert((Value::Null, Value::Null));
             }
             self.listed = true;
@@ -109,9 +135,11 @@ impl ImportWriter {
             if self.written.get(key) == Some(&(obj.clone(), status.clone())) {
                 continue;
             }
-            let api: Api<ServiceImport> = Api::namespaced(client.clone(), &key.0);
+            let api: Api<K> = Api::namespaced(client.clone(), &key.0);
             api.patch(&key.1, &pp, &Patch::Apply(obj)).await?;
-            api.patch_status(&key.1, &pp, &Patch::Apply(status)).await?;
+            if !status.is_null() {
+                api.patch_status(&key.1, &pp, &Patch::Apply(status)).await?;
+            }
             self.written
                 .insert(key.clone(), (obj.clone(), status.clone()));
             out.applied += 1;
@@ -123,21 +151,18 @@ impl ImportWriter {
             .cloned()
             .collect();
         for key in gone {
-            let api: Api<ServiceImport> = Api::namespaced(client.clone(), &key.0);
-            // Only a ServiceImport that still says meshfed manages it.
-            match api.get_opt(&key.1).await? {
-                Some(si)
-                    if si
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(MANAGED_BY_LABEL))
-                        .is_some_and(|v| v == MANAGED_BY) =>
-                {
+            let api: Api<K> = Api::namespaced(client.clone(), &key.0);
+            // Only an object that still says meshfed manages it.
+            if let Some(o) = api.get_opt(&key.1).await? {
+                let ours = k8s_openapi::Metadata::metadata(&o)
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(MANAGED_BY_LABEL))
+                    .is_some_and(|v| v == MANAGED_BY);
+                if ours {
                     api.delete(&key.1, &DeleteParams::default()).await?;
                     out.deleted += 1;
                 }
-                _ => {}
             }
             self.written.remove(&key);
         }
@@ -145,130 +170,137 @@ impl ImportWriter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use proto::{ClusterFacts, LeaseState, PeerCluster, Port, ServiceExport};
+/// The label MCS consumers find an imported service's slices by.
+pub const MCS_SERVICE_NAME_LABEL: &str = "multicluster.kubernetes.io/service-name";
+pub const MCS_SOURCE_CLUSTER_LABEL: &str = "multicluster.kubernetes.io/source-cluster";
+/// Tells the built-in EndpointSlice controller to leave these slices alone.
+pub const SLICE_MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+pub const SLICE_MANAGED_BY: &str = "meshfed.io";
 
-    #[test]
-    fn export_conditions_follow_validity_conflicts_and_the_federator() {
-        let mut v = crate::view::View::default();
-        let k = |n: &str| ("shop".to_string(), n.to_string());
-        v.service_exports.insert(k("payment"), Ok(()));
-        v.service_exports.insert(k("ledger"), Ok(()));
-        v.service_exports.insert(
-            k("ghost"),
-            Err(("NoService".into(), "no Service shop/ghost to export".into())),
-        );
-        let conflicts = ["shop/ledger: port 80 is UDP here but TCP in the older export (cluster east exported it first)".to_string()];
-        let stored: BTreeSet<String> = ["shop/payment".to_string()].into();
-        let c = export_conditions(&v, &conflicts, &stored);
-        let row = |n: &str| {
-            c[&k(n)]
-                .iter()
-                .map(|x| (x.type_, x.status, x.reason.as_str()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            row("payment"),
-            [
-                ("Valid", true, "Valid"),
-                ("Conflict", false, "NoConflicts"),
-                ("Ready", true, "Exported")
-            ]
-        );
-        assert_eq!(
-            row("ledger"),
-            [
-                ("Valid", true, "Valid"),
-                ("Conflict", true, "PortConflict"),
-                ("Ready", false, "Pending")
-            ]
-        );
-        assert_eq!(
-            row("ghost"),
-            [
-                ("Valid", false, "NoService"),
-                ("Conflict", false, "NoConflicts"),
-                ("Ready", false, "NoService")
-            ]
-        );
+fn addr_type(a: &str) -> &'static str {
+    match a.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => "IPv4",
+        Ok(IpAddr::V6(_)) => "IPv6",
+        Err(_) => "FQDN",
     }
+}
 
-    #[test]
-    fn one_import_per_service_imported_from_elsewhere() {
-        let mut s = Snapshot {
-            facts: ClusterFacts {
-                cluster_id: "west".into(),
-                ..Default::default()
-            },
-            ..Default::default()
+/// One EndpointSlice per imported service and source cluster (`<service>-<cluster>`), for MCS
+/// consumers: on the importer's own network the workloads' addresses (ready = healthy, zone
+/// from the locality); from another network the source network's east-west gateways (split
+/// horizon), every service port mapped to the gateway's port. IPv6 addresses and gateway host
+/// names go in their own slices (`<service>-<cluster>-v6`, `-fqdn`), as do endpoints whose
+/// target ports differ (a further `-<n>`): a slice has one address type and one port list.
+pub fn desired_slices(snap: &Snapshot) -> BTreeMap<(String, String), (Value, Value)> {
+    let own_network = snap.facts.network.clone();
+    let mut out = BTreeMap::new();
+    for (key, insts) in snap.services() {
+        let Some((ns, name)) = key.split_once('/') else {
+            continue;
         };
-        let svc = |ports: Vec<Port>| ServiceExport {
-            namespace: "shop".into(),
-            name: "payment".into(),
-            ports,
-            ..Default::default()
-        };
-        let http = Port {
-            name: "http".into(),
-            port: 80,
-            protocol: "TCP".into(),
-            app_protocol: "http".into(),
-        };
-        let grpc = Port {
-            name: "grpc".into(),
-            port: 9090,
-            protocol: "TCP".into(),
-            ..Default::default()
-        };
-        s.local
-            .insert("shop/payment".into(), svc(vec![http.clone()]));
-        s.local.insert(
-            "shop/local-only".into(),
-            ServiceExport {
-                namespace: "shop".into(),
-                name: "local-only".into(),
-                ..Default::default()
-            },
-        );
-        s.imports.insert(
-            ("east".into(), "shop/payment".into()),
-            svc(vec![http.clone(), grpc]),
-        );
-        s.imports
-            .insert(("eu".into(), "shop/payment".into()), svc(vec![http]));
-        for c in ["east", "eu"] {
-            s.peers.insert(
-                c.into(),
-                PeerCluster {
-                    lease: LeaseState::Fresh as i32,
-                    ..Default::default()
-                },
-            );
+        for i in insts.iter().filter(|i| !i.local) {
+            // (address, ready, zone, port by name)
+            let mut eps: Vec<(String, bool, String, BTreeMap<String, u32>)> = Vec::new();
+            if i.network.is_empty() || i.network == own_network {
+                for e in &i.export.endpoints {
+                    let ports = i
+                        .export
+                        .ports
+                        .iter()
+                        .map(|p| {
+                            (
+                                p.name.clone(),
+                                e.ports.get(&p.name).copied().unwrap_or(p.port),
+                            )
+                        })
+                        .collect();
+                    let zone = e
+                        .locality
+                        .as_ref()
+                        .map(|l| l.zone.clone())
+                        .unwrap_or_default();
+                    eps.push((e.address.clone(), e.healthy, zone, ports));
+                }
+            } else {
+                for g in &i.gateways {
+                    let Some((host, port)) = g.rsplit_once(':') else {
+                        continue;
+                    };
+                    let Ok(port) = port.parse::<u32>() else {
+                        continue;
+                    };
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let ports = i
+                        .export
+                        .ports
+                        .iter()
+                        .map(|p| (p.name.clone(), port))
+                        .collect();
+                    eps.push((host.to_string(), true, String::new(), ports));
+                }
+            }
+            // One slice per address type and port mapping (a slice has one ports list).
+            let mut groups: BTreeMap<(&'static str, Vec<(String, u32)>), Vec<Value>> =
+                BTreeMap::new();
+            for (addr, ready, zone, ports) in &eps {
+                let mut e = json!({"addresses": [addr], "conditions": {"ready": ready}});
+                if !zone.is_empty() {
+                    e["zone"] = json!(zone);
+                }
+                groups
+                    .entry((addr_type(addr), ports.clone().into_iter().collect()))
+                    .or_default()
+                    .push(e);
+            }
+            let mut per_type: BTreeMap<&'static str, usize> = BTreeMap::new();
+            for ((at, ports), endpoints) in groups {
+                let n = per_type.entry(at).or_default();
+                let suffix = match at {
+                    "IPv6" => "-v6",
+                    "FQDN" => "-fqdn",
+                    _ => "",
+                };
+                let slice_name = if *n == 0 {
+                    format!("{name}-{}{suffix}", i.cluster)
+                } else {
+                    format!("{name}-{}{suffix}-{n}", i.cluster)
+                };
+                *n += 1;
+                let ports: Vec<Value> = ports
+                    .iter()
+                    .map(|(pn, port)| {
+                        let proto = i
+                            .export
+                            .ports
+                            .iter()
+                            .find(|p| &p.name == pn)
+                            .map(|p| p.protocol.clone())
+                            .unwrap_or_else(|| "TCP".into());
+                        let mut v = json!({"port": port, "protocol": proto});
+                        if !pn.is_empty() {
+                            v["name"] = json!(pn);
+                        }
+                        v
+                    })
+                    .collect();
+                let obj = json!({
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {"name": slice_name, "namespace": ns, "labels": {
+                        MCS_SERVICE_NAME_LABEL: name,
+                        MCS_SOURCE_CLUSTER_LABEL: i.cluster,
+                        SLICE_MANAGED_BY_LABEL: SLICE_MANAGED_BY,
+                        MANAGED_BY_LABEL: MANAGED_BY,
+                    }},
+                    "addressType": at,
+                    "ports": ports,
+                    "endpoints": endpoints,
+                });
+                out.insert((ns.to_string(), slice_name), (obj, Value::Null));
+            }
         }
-        let d = desired_imports(&s, |_, _| vec!["240.240.0.3".parse().unwrap()]);
-        assert_eq!(d.len(), 1, "local-only services get no ServiceImport");
-        let (obj, status) = &d[&("shop".to_string(), "payment".to_string())];
-        // Checked against the ServiceImport type (the MCS API's JSON).
-        let si: ServiceImport = serde_json::from_value(obj.clone()).unwrap();
-        assert_eq!(si.spec.type_, "ClusterSetIP");
-        assert_eq!(si.spec.ips, ["240.240.0.3"]);
-        assert_eq!(
-            si.spec
-                .ports
-                .iter()
-                .map(|p| (p.name.as_str(), p.port))
-                .collect::<Vec<_>>(),
-            [("http", 80), ("grpc", 9090)]
-        );
-        assert_eq!(
-            status["status"]["clusters"],
-            json!([{"cluster": "east"}, {"cluster": "eu"}])
-        );
-        assert_eq!(si.metadata.labels.unwrap()[MANAGED_BY_LABEL], MANAGED_BY);
     }
+    out
 }
 
 /// One MCS condition of a ServiceExport, as meshfed computes it (without its time).
@@ -391,5 +423,241 @@ impl ExportStatusWriter {
         }
         self.written.retain(|k, _| desired.contains_key(k));
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proto::{ClusterFacts, LeaseState, PeerCluster, Port, ServiceExport};
+
+    #[test]
+    fn export_conditions_follow_validity_conflicts_and_the_federator() {
+        let mut v = crate::view::View::default();
+        let k = |n: &str| ("shop".to_string(), n.to_string());
+        v.service_exports.insert(k("payment"), Ok(()));
+        v.service_exports.insert(k("ledger"), Ok(()));
+        v.service_exports.insert(
+            k("ghost"),
+            Err(("NoService".into(), "no Service shop/ghost to export".into())),
+        );
+        let conflicts = ["shop/ledger: port 80 is UDP here but TCP in the older export (cluster east exported it first)".to_string()];
+        let stored: BTreeSet<String> = ["shop/payment".to_string()].into();
+        let c = export_conditions(&v, &conflicts, &stored);
+        let row = |n: &str| {
+            c[&k(n)]
+                .iter()
+                .map(|x| (x.type_, x.status, x.reason.as_str()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row("payment"),
+            [
+                ("Valid", true, "Valid"),
+                ("Conflict", false, "NoConflicts"),
+                ("Ready", true, "Exported")
+            ]
+        );
+        assert_eq!(
+            row("ledger"),
+            [
+                ("Valid", true, "Valid"),
+                ("Conflict", true, "PortConflict"),
+                ("Ready", false, "Pending")
+            ]
+        );
+        assert_eq!(
+            row("ghost"),
+            [
+                ("Valid", false, "NoService"),
+                ("Conflict", false, "NoConflicts"),
+                ("Ready", false, "NoService")
+            ]
+        );
+    }
+
+    #[test]
+    fn slices_hold_workloads_on_the_same_network_and_gateways_from_another() {
+        use proto::{Endpoint, Locality};
+        let mut s = Snapshot {
+            facts: ClusterFacts {
+                cluster_id: "west".into(),
+                network: "net-w".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let export = |eps: Vec<Endpoint>| ServiceExport {
+            namespace: "shop".into(),
+            name: "payment".into(),
+            ports: vec![Port {
+                name: "http".into(),
+                port: 80,
+                protocol: "TCP".into(),
+                ..Default::default()
+            }],
+            endpoints: eps,
+            ..Default::default()
+        };
+        let ep = |a: &str, healthy: bool| Endpoint {
+            address: a.into(),
+            healthy,
+            locality: Some(Locality {
+                region: "r".into(),
+                zone: "r-b".into(),
+                subzone: String::new(),
+            }),
+            ports: [("http".to_string(), 8080)].into(),
+            ..Default::default()
+        };
+        s.imports.insert(
+            ("near".into(), "shop/payment".into()),
+            export(vec![ep("10.2.0.5", true), ep("10.2.0.6", false)]),
+        );
+        s.imports.insert(
+            ("far".into(), "shop/payment".into()),
+            export(vec![ep("10.9.0.5", true)]),
+        );
+        for (c, net, gw) in [
+            ("near", "net-w", vec![]),
+            (
+                "far",
+                "net-f",
+                vec![
+                    "192.0.2.7:15443".to_string(),
+                    "gw.far.example:15443".to_string(),
+                ],
+            ),
+        ] {
+            s.peers.insert(
+                c.into(),
+                PeerCluster {
+                    facts: Some(ClusterFacts {
+                        cluster_id: c.into(),
+                        network: net.into(),
+                        gateways: gw,
+                        ..Default::default()
+                    }),
+                    lease: LeaseState::Fresh as i32,
+                    ..Default::default()
+                },
+            );
+        }
+        let d = desired_slices(&s);
+        let slice = |n: &str| {
+            let (v, _) = &d[&("shop".to_string(), n.to_string())];
+            serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(v.clone())
+                .unwrap()
+        };
+        let near = slice("payment-near");
+        assert_eq!(near.address_type, "IPv4");
+        let labels = near.metadata.labels.clone().unwrap();
+        assert_eq!(labels[MCS_SERVICE_NAME_LABEL], "payment");
+        assert_eq!(labels[MCS_SOURCE_CLUSTER_LABEL], "near");
+        assert_eq!(labels[SLICE_MANAGED_BY_LABEL], SLICE_MANAGED_BY);
+        assert!(!labels.contains_key("kubernetes.io/service-name"));
+        assert_eq!(near.ports.as_ref().unwrap()[0].port, Some(8080));
+        let ready: Vec<(String, Option<bool>, Option<String>)> = near
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.addresses[0].clone(),
+                    e.conditions.as_ref().and_then(|c| c.ready),
+                    e.zone.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ready,
+            [
+                ("10.2.0.5".to_string(), Some(true), Some("r-b".to_string())),
+                ("10.2.0.6".to_string(), Some(false), Some("r-b".to_string()))
+            ]
+        );
+        // Another network: its gateways, the service port mapped to the gateway's.
+        let far = slice("payment-far");
+        assert_eq!(far.address_type, "IPv4");
+        assert_eq!(far.endpoints[0].addresses, ["192.0.2.7"]);
+        assert_eq!(far.ports.as_ref().unwrap()[0].port, Some(15443));
+        let fqdn = slice("payment-far-fqdn");
+        assert_eq!(fqdn.address_type, "FQDN");
+        assert_eq!(fqdn.endpoints[0].addresses, ["gw.far.example"]);
+        assert_eq!(d.len(), 3);
+    }
+
+    #[test]
+    fn one_import_per_service_imported_from_elsewhere() {
+        let mut s = Snapshot {
+            facts: ClusterFacts {
+                cluster_id: "west".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let svc = |ports: Vec<Port>| ServiceExport {
+            namespace: "shop".into(),
+            name: "payment".into(),
+            ports,
+            ..Default::default()
+        };
+        let http = Port {
+            name: "http".into(),
+            port: 80,
+            protocol: "TCP".into(),
+            app_protocol: "http".into(),
+        };
+        let grpc = Port {
+            name: "grpc".into(),
+            port: 9090,
+            protocol: "TCP".into(),
+            ..Default::default()
+        };
+        s.local
+            .insert("shop/payment".into(), svc(vec![http.clone()]));
+        s.local.insert(
+            "shop/local-only".into(),
+            ServiceExport {
+                namespace: "shop".into(),
+                name: "local-only".into(),
+                ..Default::default()
+            },
+        );
+        s.imports.insert(
+            ("east".into(), "shop/payment".into()),
+            svc(vec![http.clone(), grpc]),
+        );
+        s.imports
+            .insert(("eu".into(), "shop/payment".into()), svc(vec![http]));
+        for c in ["east", "eu"] {
+            s.peers.insert(
+                c.into(),
+                PeerCluster {
+                    lease: LeaseState::Fresh as i32,
+                    ..Default::default()
+                },
+            );
+        }
+        let d = desired_imports(&s, |_, _| vec!["240.240.0.3".parse().unwrap()]);
+        assert_eq!(d.len(), 1, "local-only services get no ServiceImport");
+        let (obj, status) = &d[&("shop".to_string(), "payment".to_string())];
+        // Checked against the ServiceImport type (the MCS API's JSON).
+        let si: ServiceImport = serde_json::from_value(obj.clone()).unwrap();
+        assert_eq!(si.spec.type_, "ClusterSetIP");
+        assert_eq!(si.spec.ips, ["240.240.0.3"]);
+        assert_eq!(
+            si.spec
+                .ports
+                .iter()
+                .map(|p| (p.name.as_str(), p.port))
+                .collect::<Vec<_>>(),
+            [("http", 80), ("grpc", 9090)]
+        );
+        assert_eq!(
+            status["status"]["clusters"],
+            json!([{"cluster": "east"}, {"cluster": "eu"}])
+        );
+        assert_eq!(si.metadata.labels.unwrap()[MANAGED_BY_LABEL], MANAGED_BY);
     }
 }
