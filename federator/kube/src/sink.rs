@@ -177,6 +177,9 @@ pub const MCS_SOURCE_CLUSTER_LABEL: &str = "multicluster.kubernetes.io/source-cl
 pub const SLICE_MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const SLICE_MANAGED_BY: &str = "meshfed.io";
 
+/// A slice's address type and port list (`name -> port`): what all its endpoints share.
+type SliceShape = (&'static str, Vec<(String, u32)>);
+
 fn addr_type(a: &str) -> &'static str {
     match a.parse::<IpAddr>() {
         Ok(IpAddr::V4(_)) => "IPv4",
@@ -240,8 +243,7 @@ pub fn desired_slices(snap: &Snapshot) -> BTreeMap<(String, String), (Value, Val
                 }
             }
             // One slice per address type and port mapping (a slice has one ports list).
-            let mut groups: BTreeMap<(&'static str, Vec<(String, u32)>), Vec<Value>> =
-                BTreeMap::new();
+            let mut groups: BTreeMap<SliceShape, Vec<Value>> = BTreeMap::new();
             for (addr, ready, zone, ports) in &eps {
                 let mut e = json!({"addresses": [addr], "conditions": {"ready": ready}});
                 if !zone.is_empty() {
