@@ -1,0 +1,29 @@
+//! The API access the agent's Kubernetes source and sink use: exactly these verbs on these
+//! resources. The ClusterRole in `deploy/kubernetes/agent.yaml` must grant exactly this
+//! (`federator/tests/deploy.rs` compares them).
+
+/// `(API group, resource, verbs)`.
+pub const RULES: &[(&str, &str, &[&str])] = &[
+    // The source's watchers (list, then watch).
+    ("", "services", &["list", "watch"]),
+    ("", "nodes", &["list", "watch"]),
+    ("", "pods", &["list", "watch"]),
+    // Watched as the cluster's own; the slices of imported services are written.
+    (
+        "discovery.k8s.io",
+        "endpointslices",
+        &["delete", "get", "list", "patch", "watch"],
+    ),
+    (
+        "multicluster.x-k8s.io",
+        "serviceexports",
+        &["list", "watch"],
+    ),
+    ("multicluster.x-k8s.io", "serviceexports/status", &["patch"]),
+    (
+        "multicluster.x-k8s.io",
+        "serviceimports",
+        &["delete", "get", "list", "patch"],
+    ),
+    ("multicluster.x-k8s.io", "serviceimports/status", &["patch"]),
+];
