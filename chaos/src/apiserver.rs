@@ -46,6 +46,7 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "ServiceImport",
         true,
     ),
+    ("apis/events.k8s.io/v1", "events", "Event", true),
 ];
 
 fn api_version(prefix: &str) -> String {
@@ -71,6 +72,9 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         }
         "ServiceImport" => {
             serde_json::from_value::<meshfed_kube::types::ServiceImport>(v.clone()).map(|_| ())
+        }
+        "Event" => {
+            serde_json::from_value::<k8s_openapi::api::events::v1::Event>(v.clone()).map(|_| ())
         }
         other => bail!("the double does not serve {other}"),
     };
@@ -322,6 +326,64 @@ async fn item(
     }
 }
 
+/// POST on a collection: creates the object (409 if it exists).
+async fn create(sh: &Shared, req: Request, kind: &'static str, ns: String) -> Response {
+    let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            )
+        }
+    };
+    let mut obj: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            )
+        }
+    };
+    if let Err(e) = check(kind, &obj) {
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            status(422, "Invalid", &format!("{e:#}")),
+        );
+    }
+    obj["metadata"]["namespace"] = json!(ns);
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (rv, obj) = {
+        let mut st = sh.lock();
+        let key = (kind.to_string(), ns.clone(), name.clone());
+        if name.is_empty() || st.objects.contains_key(&key) {
+            return answer(
+                StatusCode::CONFLICT,
+                status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{kind} {ns}/{name} exists or has no name"),
+                ),
+            );
+        }
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(key, obj.clone());
+        (st.rv, obj)
+    };
+    record(sh, rv, kind, "ADDED", ns, obj.clone());
+    (
+        StatusCode::CREATED,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        format!("{obj}\n"),
+    )
+        .into_response()
+}
+
 fn record(sh: &Shared, rv: u64, kind: &'static str, ev: &'static str, ns: String, object: Value) {
     let e = Event {
         rv,
@@ -367,10 +429,17 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
         return item(&sh, req, kind, r.ns.unwrap_or_default(), name, r.status).await;
     }
     let ns = r.ns;
+    if req.method() == axum::http::Method::POST {
+        return create(&sh, req, kind, ns.unwrap_or_default()).await;
+    }
     if req.method() != axum::http::Method::GET {
         return answer(
             StatusCode::METHOD_NOT_ALLOWED,
-            status(405, "MethodNotAllowed", "collections: list and watch only"),
+            status(
+                405,
+                "MethodNotAllowed",
+                "collections: list, watch and create only",
+            ),
         );
     }
     let matches = move |e_ns: &str| ns.as_deref().is_none_or(|n| n == e_ns);
@@ -610,6 +679,17 @@ impl ApiServer {
             .objects
             .get(&(kind.to_string(), namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Every object of `kind`.
+    pub fn list(&self, kind: &str) -> Vec<Value> {
+        self.shared
+            .lock()
+            .objects
+            .iter()
+            .filter(|((k, _, _), _)| k == kind)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// How many requests matched `LIST|WATCH|METHOD path-prefix` so far.

@@ -253,6 +253,26 @@ fn services_and_exports_come_from_the_kubernetes_api() {
     .unwrap();
     let (_, out, _) = meshfed(&["status", "--admin", &east.admin]).unwrap();
     assert!(out.contains("ServiceExport shop/ghost"), "{out}");
+    // ... and as a Warning Event on that ServiceExport.
+    let ev = wait_for(
+        Duration::from_secs(20),
+        "an Event on the ghost export",
+        || {
+            Ok(api.list("Event").into_iter().find(|e| {
+                e["regarding"]["kind"] == "ServiceExport" && e["regarding"]["name"] == "ghost"
+            }))
+        },
+    )
+    .unwrap();
+    assert_eq!(ev["type"], "Warning", "{ev}");
+    assert_eq!(ev["reason"], "Refused", "{ev}");
+    assert_eq!(ev["reportingController"], "meshfed-agent", "{ev}");
+    assert!(
+        ev["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no Service shop/ghost")),
+        "{ev}"
+    );
 
     // MCS conditions on the ServiceExports (status subresource).
     let conds = |api: &ApiServer, name: &str| -> Vec<(String, String, String)> {

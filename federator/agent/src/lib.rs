@@ -1092,6 +1092,10 @@ async fn write_kubernetes(
     let mut writer = meshfed_kube::sink::ImportWriter::default();
     let mut statuses = meshfed_kube::sink::ExportStatusWriter::default();
     let mut slices = meshfed_kube::sink::SliceWriter::default();
+    // The pod's name (the downward API's POD_NAME, when the manifest sets it) tells replicas'
+    // Events apart.
+    let mut events =
+        meshfed_kube::sink::ProblemEvents::new(client.clone(), std::env::var("POD_NAME").ok());
     loop {
         let snap = snaps.borrow_and_update().clone();
         let table = names.borrow_and_update().clone();
@@ -1109,7 +1113,8 @@ async fn write_kubernetes(
                 .unwrap_or_default()
         });
         acks.borrow_and_update();
-        let conditions = match view.borrow_and_update().clone() {
+        let current_view = view.borrow_and_update().clone();
+        let conditions = match current_view.clone() {
             Some(v) => {
                 let conflicts = inner.status().conflicts.clone();
                 let stored: std::collections::BTreeSet<String> = inner
@@ -1129,6 +1134,9 @@ async fn write_kubernetes(
             done.applied += s.applied;
             done.deleted += s.deleted;
             let statuses_written = statuses.sync(&client, &conditions).await?;
+            if let Some(v) = &current_view {
+                events.sync(&v.problems).await?;
+            }
             anyhow::Ok((done, statuses_written))
         }
         .await;

@@ -26,4 +26,7 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
         &["delete", "get", "list", "patch"],
     ),
     ("multicluster.x-k8s.io", "serviceimports/status", &["patch"]),
+    // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
+    // a series).
+    ("events.k8s.io", "events", &["create", "patch"]),
 ];

@@ -428,6 +428,76 @@ impl ExportStatusWriter {
     }
 }
 
+/// Kubernetes Events (events.k8s.io/v1, type Warning, reason `Refused`) for every object the
+/// source cannot use, on that object, once per problem: a problem that goes away and comes back
+/// is reported again. Written by kube-runtime's event recorder as reporting controller
+/// `meshfed-agent`.
+pub struct ProblemEvents {
+    recorder: kube::runtime::events::Recorder,
+    published: BTreeSet<crate::view::Problem>,
+}
+
+impl std::fmt::Debug for ProblemEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProblemEvents")
+            .field("published", &self.published.len())
+            .finish()
+    }
+}
+
+impl ProblemEvents {
+    /// `instance`: this agent's pod name, when known.
+    pub fn new(client: Client, instance: Option<String>) -> ProblemEvents {
+        ProblemEvents {
+            recorder: kube::runtime::events::Recorder::new(
+                client,
+                kube::runtime::events::Reporter {
+                    controller: "meshfed-agent".into(),
+                    instance,
+                },
+            ),
+            published: BTreeSet::new(),
+        }
+    }
+
+    /// Publishes the problems not published yet; returns how many.
+    pub async fn sync(&mut self, problems: &[crate::view::Problem]) -> anyhow::Result<usize> {
+        let now: BTreeSet<crate::view::Problem> = problems.iter().cloned().collect();
+        self.published.retain(|p| now.contains(p));
+        let mut n = 0;
+        for p in now.difference(&self.published.clone()) {
+            let api_version = match p.kind {
+                "ServiceExport" => "multicluster.x-k8s.io/v1alpha1",
+                _ => "v1",
+            };
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some(api_version.into()),
+                kind: Some(p.kind.into()),
+                name: Some(p.name.clone()),
+                namespace: Some(p.namespace.clone()),
+                ..Default::default()
+            };
+            let mut note = p.reason.clone();
+            note.truncate(1000);
+            self.recorder
+                .publish(
+                    &kube::runtime::events::Event {
+                        type_: kube::runtime::events::EventType::Warning,
+                        reason: "Refused".into(),
+                        note: Some(note),
+                        action: "Federate".into(),
+                        secondary: None,
+                    },
+                    &reference,
+                )
+                .await?;
+            self.published.insert(p.clone());
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
