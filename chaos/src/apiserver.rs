@@ -47,6 +47,18 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("apis/events.k8s.io/v1", "events", "Event", true),
+    (
+        "apis/meshfed.io/v1alpha1",
+        "failoverpolicies",
+        "FailoverPolicy",
+        true,
+    ),
+    (
+        "apis/networking.istio.io/v1",
+        "destinationrules",
+        "DestinationRule",
+        true,
+    ),
 ];
 
 fn api_version(prefix: &str) -> String {
@@ -75,6 +87,14 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         }
         "Event" => {
             serde_json::from_value::<k8s_openapi::api::events::v1::Event>(v.clone()).map(|_| ())
+        }
+        // Custom resources without a Rust type here: the object shape the API server enforces.
+        "FailoverPolicy" | "DestinationRule" => {
+            if v["metadata"]["name"].is_string() && v["spec"].is_object() {
+                Ok(())
+            } else {
+                bail!("{kind} needs metadata.name and a spec object: {v}")
+            }
         }
         other => bail!("the double does not serve {other}"),
     };
@@ -487,7 +507,9 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
         let backlog: Vec<Event> = st
             .log
             .iter()
-            .filter(|e| e.rv > from && e.kind == kind && matches(&e.namespace))
+            .filter(|e| {
+                e.rv > from && e.kind == kind && matches(&e.namespace) && selected(&e.object)
+            })
             .cloned()
             .collect();
         (backlog, expired)
@@ -512,7 +534,7 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
             tokio::select! {
                 _ = cut.changed() => return,
                 r = live.recv() => match r {
-                    Ok(e) if e.rv > last && e.kind == kind && matches(&e.namespace) => {
+                    Ok(e) if e.rv > last && e.kind == kind && matches(&e.namespace) && selected(&e.object) => {
                         last = e.rv;
                         if tx.send(Ok(line(&e))).await.is_err() {
                             return;

@@ -338,6 +338,66 @@ fn services_and_exports_come_from_the_kubernetes_api() {
     west_api.delete("ServiceExport", "shop", "payment").unwrap();
     west_api.delete("Service", "shop", "payment").unwrap();
 
+    // Failover policies as objects: a FailoverPolicy applies; a bad one, and an opted-in
+    // DestinationRule for a host that already has a policy, are refused by name (status and an
+    // Event); a DestinationRule without the opt-in label is not read at all.
+    api.apply(
+        json!({"apiVersion": "meshfed.io/v1alpha1", "kind": "FailoverPolicy",
+        "metadata": {"name": "payment", "namespace": "shop"},
+        "spec": {"host": "payment.shop.svc.cluster.local",
+                 "outlierDetection": {"consecutive5xxErrors": 3, "interval": "1s"}}}),
+    )
+    .unwrap();
+    api.apply(
+        json!({"apiVersion": "meshfed.io/v1alpha1", "kind": "FailoverPolicy",
+        "metadata": {"name": "ledger", "namespace": "shop"},
+        "spec": {"host": "ledger.shop.svc.cluster.local", "bogus": 1}}),
+    )
+    .unwrap();
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "payment-dr", "namespace": "shop", "labels": {"meshfed.io/failover": "true"}},
+        "spec": {"host": "payment.shop.svc.cluster.local"}}))
+        .unwrap();
+    api.apply(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "istio-only", "namespace": "shop"},
+        "spec": {"host": "other.shop.svc.cluster.local", "whatever": {}}}),
+    )
+    .unwrap();
+    let s = wait_for(Duration::from_secs(20), "policies from the Kubernetes API", || {
+        let s = east.status()?;
+        let problems = s["kubernetes_problems"].to_string();
+        Ok((s["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x.as_str() == Some("payment.shop.svc.cluster.local (shop/payment at FailoverPolicy shop/payment)")))
+            && problems.contains("FailoverPolicy shop/ledger:")
+            && problems.contains("DestinationRule shop/payment-dr: spec.host"))
+        .then_some(s))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", east.status().unwrap_or_default()));
+    assert!(
+        s["kubernetes_problems"].to_string().contains("bogus"),
+        "{s}"
+    );
+    assert!(
+        !s["kubernetes_problems"].to_string().contains("istio-only"),
+        "{s}"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "an Event on the bad FailoverPolicy",
+        || {
+            Ok(api
+                .list("Event")
+                .into_iter()
+                .any(|e| {
+                    e["regarding"]["kind"] == "FailoverPolicy" && e["regarding"]["name"] == "ledger"
+                })
+                .then_some(()))
+        },
+    )
+    .unwrap();
+
     // The API server goes away: east keeps serving and exporting what it last listed, and
     // says which watches fail since when.
     api.set_down(true);

@@ -113,6 +113,10 @@ pub struct Inner {
     status: Mutex<SyncStatus>,
     /// The failover policies from files, last good set.
     pub policies: watch::Sender<Arc<PolicySet>>,
+    /// The policies of the files alone (the Kubernetes objects' are merged into `policies`).
+    pub file_policies: watch::Sender<Arc<PolicySet>>,
+    /// Policy objects from the Kubernetes API that could not be used.
+    pub policy_problems: watch::Sender<Vec<meshfed_kube::view::Problem>>,
     /// The xDS server's state, when it runs.
     pub xds: Option<Arc<XdsState>>,
     /// The last good registry.
@@ -165,7 +169,11 @@ impl Inner {
             last_error: st.last_error,
             registry_error: st.registry_error,
             policy_error: st.policy_error,
-            kubernetes_problems: st.kubernetes_problems,
+            kubernetes_problems: st
+                .kubernetes_problems
+                .into_iter()
+                .chain(self.policy_problems.borrow().iter().map(|p| p.to_string()))
+                .collect(),
             kubernetes_write_error: st.kubernetes_write_error,
             kubernetes_watches: self
                 .kube_health
@@ -626,6 +634,8 @@ impl Agent {
                 policy_error,
                 ..Default::default()
             }),
+            file_policies: watch::Sender::new(Arc::new(policy_set.clone())),
+            policy_problems: watch::Sender::new(Vec::new()),
             policies: watch::Sender::new(Arc::new(policy_set)),
             xds: xds_state.clone(),
             registry: watch::Sender::new(loaded),
@@ -692,6 +702,19 @@ impl Agent {
         tasks.spawn(
             "policy watcher",
             watch_policies(inner.clone(), cfg.policies.clone(), cfg.registry_poll),
+        );
+        let kube_policies = match &cfg.kubernetes {
+            Some(client) => {
+                let (docs, run) =
+                    meshfed_kube::policies::start(client.0.clone(), Duration::from_millis(100));
+                tasks.spawn("Kubernetes policies", run);
+                Some(docs)
+            }
+            None => None,
+        };
+        tasks.spawn(
+            "policy merger",
+            merge_policies(inner.clone(), kube_policies),
         );
         tasks.spawn(
             "cluster CA",
@@ -1089,6 +1112,7 @@ async fn write_kubernetes(
     let mut snaps = inner.model.subscribe();
     let mut names = inner.names.subscribe();
     let mut acks = inner.exports_acked.subscribe();
+    let mut policy_problems = inner.policy_problems.subscribe();
     let mut writer = meshfed_kube::sink::ImportWriter::default();
     let mut statuses = meshfed_kube::sink::ExportStatusWriter::default();
     let mut slices = meshfed_kube::sink::SliceWriter::default();
@@ -1134,9 +1158,12 @@ async fn write_kubernetes(
             done.applied += s.applied;
             done.deleted += s.deleted;
             let statuses_written = statuses.sync(&client, &conditions).await?;
-            if let Some(v) = &current_view {
-                events.sync(&v.problems).await?;
-            }
+            let mut all: Vec<meshfed_kube::view::Problem> = current_view
+                .as_ref()
+                .map(|v| v.problems.clone())
+                .unwrap_or_default();
+            all.extend(policy_problems.borrow_and_update().iter().cloned());
+            events.sync(&all).await?;
             anyhow::Ok((done, statuses_written))
         }
         .await;
@@ -1165,6 +1192,7 @@ async fn write_kubernetes(
             r = names.changed() => if r.is_err() { return },
             r = view.changed() => if r.is_err() { return },
             r = acks.changed() => if r.is_err() { return },
+            r = policy_problems.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {}
         }
         // Coalesce a burst of changes into one pass.
@@ -1304,6 +1332,50 @@ fn xds_tls(
 pub const SERVING_CERT_TTL: time::Duration = time::Duration::hours(24);
 
 /// Reloads the policy files when they change; a broken file never replaces the last good set.
+/// The policies in effect: the files', and the Kubernetes objects' (FailoverPolicy, opted-in
+/// DestinationRules) where no file has one for the host; objects that cannot be used are
+/// problems (status, Events).
+async fn merge_policies(
+    inner: Arc<Inner>,
+    mut kube: Option<watch::Receiver<Arc<meshfed_kube::policies::PolicyDocs>>>,
+) {
+    let mut files = inner.file_policies.subscribe();
+    loop {
+        let f = files.borrow_and_update().clone();
+        let (set, problems) = match &mut kube {
+            Some(k) => meshfed_kube::policies::merge(&f, &k.borrow_and_update()),
+            None => ((*f).clone(), Vec::new()),
+        };
+        inner.policy_problems.send_if_modified(|cur| {
+            if *cur == problems {
+                false
+            } else {
+                *cur = problems;
+                true
+            }
+        });
+        inner.policies.send_if_modified(|cur| {
+            if **cur == set {
+                false
+            } else {
+                tracing::info!(policies = set.by_host.len(), "failover policies in effect");
+                *cur = Arc::new(set);
+                true
+            }
+        });
+        let kube_changed = async {
+            match &mut kube {
+                Some(k) => k.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = files.changed() => if r.is_err() { return },
+            ok = kube_changed => if !ok { kube = None },
+        }
+    }
+}
+
 async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) {
     if paths.is_empty() {
         return;
@@ -1321,7 +1393,7 @@ async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) 
             Ok(set) => {
                 tracing::info!(policies = set.by_host.len(), "failover policies reloaded");
                 inner.status().policy_error = None;
-                inner.policies.send_if_modified(|cur| {
+                inner.file_policies.send_if_modified(|cur| {
                     if **cur == set {
                         false
                     } else {

@@ -7,8 +7,10 @@
 //! - [`view`]: objects -> model, a pure function (problems name `kind namespace/name`).
 //! - [`source`]: the client, the watches and reflector stores, the view builder.
 //! - [`sink`]: what the agent writes: MCS ServiceImports for what the cluster imports.
+//! - [`policies`]: FailoverPolicy objects and opted-in DestinationRules for the policy compiler.
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
+pub mod policies;
 pub mod rbac;
 pub mod sink;
 pub mod source;

@@ -26,6 +26,13 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
         &["delete", "get", "list", "patch"],
     ),
     ("multicluster.x-k8s.io", "serviceimports/status", &["patch"]),
+    // Failover policies: meshfed's FailoverPolicy and opted-in Istio DestinationRules.
+    ("meshfed.io", "failoverpolicies", &["list", "watch"]),
+    (
+        "networking.istio.io",
+        "destinationrules",
+        &["list", "watch"],
+    ),
     // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),

@@ -468,6 +468,8 @@ impl ProblemEvents {
         for p in now.difference(&self.published.clone()) {
             let api_version = match p.kind {
                 "ServiceExport" => "multicluster.x-k8s.io/v1alpha1",
+                "FailoverPolicy" => "meshfed.io/v1alpha1",
+                "DestinationRule" => "networking.istio.io/v1",
                 _ => "v1",
             };
             let reference = k8s_openapi::api::core::v1::ObjectReference {
