@@ -154,7 +154,15 @@ fn main() {
                 .to_string();
             let t = Instant::now();
             api.apply(s).unwrap();
-            assert!(e.wait_for(Duration::from_secs(60), |x| has(x, &addr)).await);
+            if !e.wait_for(Duration::from_secs(60), |x| has(x, &addr)).await {
+                let log = std::fs::read_to_string(f.root.path().join("agent-east.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                panic!(
+                    "change {gen} did not reach east's xDS in 60 s; east's log (newest first):\n{}",
+                    tail.join("\n")
+                );
+            }
             east_push.push(t.elapsed().as_secs_f64() * 1000.0);
             assert!(w.wait_for(Duration::from_secs(60), |x| has(x, &addr)).await);
             west_push.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -758,7 +758,7 @@ impl Federation {
             "--bundle-endpoint",
             &c.bundle_endpoint,
             "--vip-range",
-            "240.240.0.0/24",
+            "240.240.0.0/16",
         ]
         .iter()
         .map(|s| s.to_string())
