@@ -198,6 +198,32 @@ impl Ads {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+impl Ads {
+    /// Opens one stream (ADS, or SDS with `only` = secrets): the peer is checked, the stream
+    /// runs in its own task.
+    fn open<V: Variant + 'static>(
+        &self,
+        req: Request<Streaming<V::Req>>,
+        only: Option<Kind>,
+    ) -> Result<Response<BoxStream<V::Resp>>, Status>
+    where
+        V::Req: prost::Message + Default,
+    {
+        let (peer_id, remote) = self.peer(&req)?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(drive::<V>(
+            self.state.clone(),
+            req.into_inner(),
+            tx,
+            peer_id,
+            remote,
+            self.drain.clone(),
+            only,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Ads {
     type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
@@ -207,36 +233,14 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let (peer_id, remote) = self.peer(&req)?;
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(drive::<SotwAds>(
-            self.state.clone(),
-            req.into_inner(),
-            tx,
-            peer_id,
-            remote,
-            self.drain.clone(),
-            None,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open::<SotwAds>(req, None)
     }
 
     async fn delta_aggregated_resources(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (peer_id, remote) = self.peer(&req)?;
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(drive::<DeltaAds>(
-            self.state.clone(),
-            req.into_inner(),
-            tx,
-            peer_id,
-            remote,
-            self.drain.clone(),
-            None,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open::<DeltaAds>(req, None)
     }
 }
 
@@ -270,36 +274,14 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (peer_id, remote) = self.ads.peer(&req)?;
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(drive::<SotwAds>(
-            self.ads.state.clone(),
-            req.into_inner(),
-            tx,
-            peer_id,
-            remote,
-            self.ads.drain.clone(),
-            Some(Kind::Secret),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.ads.open::<SotwAds>(req, Some(Kind::Secret))
     }
 
     async fn delta_secrets(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let (peer_id, remote) = self.ads.peer(&req)?;
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(drive::<DeltaAds>(
-            self.ads.state.clone(),
-            req.into_inner(),
-            tx,
-            peer_id,
-            remote,
-            self.ads.drain.clone(),
-            Some(Kind::Secret),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.ads.open::<DeltaAds>(req, Some(Kind::Secret))
     }
 
     /// One-shot fetch: the named secrets as they are now (same identity rules as the streams).
