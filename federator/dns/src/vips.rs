@@ -22,6 +22,9 @@ pub struct Vips {
     v6: Option<Ipv6Net>,
     by_name: BTreeMap<String, Vip>,
     used: HashSet<IpAddr>,
+    /// A range is exhausted (said once, until an address is allocated again).
+    exhausted_v4: bool,
+    exhausted_v6: bool,
 }
 
 /// Parses `--vip-range` values.
@@ -55,6 +58,8 @@ impl Vips {
             v6,
             by_name: BTreeMap::new(),
             used: HashSet::new(),
+            exhausted_v4: false,
+            exhausted_v6: false,
         };
         for kv in me.tree.iter() {
             let (k, v) = kv?;
@@ -117,11 +122,14 @@ impl Vips {
                 .find(|a| !self.used.contains(&IpAddr::V4(*a)));
             if let Some(a) = found {
                 self.used.insert(a.into());
+                self.exhausted_v4 = false;
                 return Some(a);
             }
             self.reclaim(live);
         }
-        tracing::warn!(range = %self.v4, "the IPv4 VIP range is exhausted");
+        if !std::mem::replace(&mut self.exhausted_v4, true) {
+            tracing::warn!(range = %self.v4, "the IPv4 VIP range is exhausted; services without an address get none until one is freed");
+        }
         None
     }
 
@@ -136,11 +144,14 @@ impl Vips {
                 .find(|a| !self.used.contains(&IpAddr::V6(*a)));
             if let Some(a) = found {
                 self.used.insert(a.into());
+                self.exhausted_v6 = false;
                 return Some(a);
             }
             self.reclaim(live);
         }
-        tracing::warn!(range = %net, "the IPv6 VIP range is exhausted");
+        if !std::mem::replace(&mut self.exhausted_v6, true) {
+            tracing::warn!(range = %net, "the IPv6 VIP range is exhausted; services without an address get none until one is freed");
+        }
         None
     }
 
@@ -169,6 +180,31 @@ impl Vips {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Exhaustion is said once (not once per service on every rebuild), and forgotten once an
+    /// address is allocated again.
+    #[test]
+    fn exhaustion_is_reported_once_until_an_address_is_free_again() {
+        let d = tempfile::tempdir().unwrap();
+        let db = sled::open(d.path()).unwrap();
+        let mut v = Vips::open(
+            db.open_tree("v").unwrap(),
+            parse_v4("10.0.0.0/30").unwrap(),
+            None,
+        )
+        .unwrap();
+        let live: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert!(v.get("a", &live).v4.is_some());
+        assert!(v.get("b", &live).v4.is_some());
+        assert!(!v.exhausted_v4);
+        assert!(v.get("c", &live).v4.is_none());
+        assert!(v.exhausted_v4);
+        assert!(v.get("c", &live).v4.is_none());
+        // b is gone: its address goes to c, and the range is no longer exhausted.
+        let live: BTreeSet<String> = ["a", "c"].iter().map(|s| s.to_string()).collect();
+        assert!(v.get("c", &live).v4.is_some());
+        assert!(!v.exhausted_v4);
+    }
 
     #[test]
     fn stable_across_restarts_and_reclaimed_when_exhausted() {
