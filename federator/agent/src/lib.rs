@@ -1113,6 +1113,7 @@ async fn write_kubernetes(
     let mut names = inner.names.subscribe();
     let mut acks = inner.exports_acked.subscribe();
     let mut policy_problems = inner.policy_problems.subscribe();
+    let mut stored: Option<std::collections::BTreeSet<String>> = None;
     let mut writer = meshfed_kube::sink::ImportWriter::default();
     let mut statuses = meshfed_kube::sink::ExportStatusWriter::default();
     let mut slices = meshfed_kube::sink::SliceWriter::default();
@@ -1124,7 +1125,9 @@ async fn write_kubernetes(
         let snap = snaps.borrow_and_update().clone();
         let table = names.borrow_and_update().clone();
         let retry;
-        let desired = meshfed_kube::sink::desired_imports(&snap, |ns, name| {
+        // The model's services, computed once for both writers.
+        let services = snap.services();
+        let desired = meshfed_kube::sink::desired_imports(&services, |ns, name| {
             table
                 .services
                 .get(&(ns.to_string(), name.to_string()))
@@ -1136,24 +1139,36 @@ async fn write_kubernetes(
                 })
                 .unwrap_or_default()
         });
-        acks.borrow_and_update();
+        // What the federator stored: read from the cache only when it acknowledged something.
+        if acks.has_changed().unwrap_or(false) || stored.is_none() {
+            acks.borrow_and_update();
+            stored = Some(
+                inner
+                    .cache
+                    .acked_exports()
+                    .map(|m| m.into_keys().collect())
+                    .unwrap_or_default(),
+            );
+        }
         let current_view = view.borrow_and_update().clone();
         let conditions = match current_view.clone() {
             Some(v) => {
                 let conflicts = inner.status().conflicts.clone();
-                let stored: std::collections::BTreeSet<String> = inner
-                    .cache
-                    .acked_exports()
-                    .map(|m| m.into_keys().collect())
-                    .unwrap_or_default();
-                meshfed_kube::sink::export_conditions(&v, &conflicts, &stored)
+                meshfed_kube::sink::export_conditions(
+                    &v,
+                    &conflicts,
+                    stored.as_ref().unwrap_or(&Default::default()),
+                )
             }
             None => Default::default(),
         };
         let result = async {
             let mut done = writer.sync(&client, &desired).await?;
             let s = slices
-                .sync(&client, &meshfed_kube::sink::desired_slices(&snap))
+                .sync(
+                    &client,
+                    &meshfed_kube::sink::desired_slices(&snap.facts.network, &services),
+                )
                 .await?;
             done.applied += s.applied;
             done.deleted += s.deleted;

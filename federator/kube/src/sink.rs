@@ -10,18 +10,19 @@ use std::net::IpAddr;
 
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::Client;
-use meshfed_model::snapshot::Snapshot;
+use meshfed_model::snapshot::Instance;
 use serde_json::{json, Value};
 
 use crate::types::{ServiceImport, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL};
 
 /// The ServiceImports the cluster should hold: `(namespace, name) -> (object, status)`.
+/// `services` is [`meshfed_model::snapshot::Snapshot::services`] (computed once by the caller for both writers).
 pub fn desired_imports(
-    snap: &Snapshot,
+    services: &BTreeMap<String, Vec<Instance>>,
     vips: impl Fn(&str, &str) -> Vec<IpAddr>,
 ) -> BTreeMap<(String, String), (Value, Value)> {
     let mut out = BTreeMap::new();
-    for (key, insts) in snap.services() {
+    for (key, insts) in services {
         let remote: BTreeSet<&str> = insts
             .iter()
             .filter(|i| !i.local)
@@ -194,10 +195,12 @@ fn addr_type(a: &str) -> &'static str {
 /// horizon), every service port mapped to the gateway's port. IPv6 addresses and gateway host
 /// names go in their own slices (`<service>-<cluster>-v6`, `-fqdn`), as do endpoints whose
 /// target ports differ (a further `-<n>`): a slice has one address type and one port list.
-pub fn desired_slices(snap: &Snapshot) -> BTreeMap<(String, String), (Value, Value)> {
-    let own_network = snap.facts.network.clone();
+pub fn desired_slices(
+    own_network: &str,
+    services: &BTreeMap<String, Vec<Instance>>,
+) -> BTreeMap<(String, String), (Value, Value)> {
     let mut out = BTreeMap::new();
-    for (key, insts) in snap.services() {
+    for (key, insts) in services {
         let Some((ns, name)) = key.split_once('/') else {
             continue;
         };
@@ -504,6 +507,7 @@ impl ProblemEvents {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use meshfed_model::snapshot::Snapshot;
     use proto::{ClusterFacts, LeaseState, PeerCluster, Port, ServiceExport};
 
     #[test]
@@ -618,7 +622,7 @@ mod tests {
                 },
             );
         }
-        let d = desired_slices(&s);
+        let d = desired_slices(&s.facts.network, &s.services());
         let slice = |n: &str| {
             let (v, _) = &d[&("shop".to_string(), n.to_string())];
             serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(v.clone())
@@ -713,7 +717,7 @@ mod tests {
                 },
             );
         }
-        let d = desired_imports(&s, |_, _| vec!["240.240.0.3".parse().unwrap()]);
+        let d = desired_imports(&s.services(), |_, _| vec!["240.240.0.3".parse().unwrap()]);
         assert_eq!(d.len(), 1, "local-only services get no ServiceImport");
         let (obj, status) = &d[&("shop".to_string(), "payment".to_string())];
         // Checked against the ServiceImport type (the MCS API's JSON).
