@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Eq lets the model share services behind Arc and compare unchanged ones by pointer.
+        .type_attribute(".meshfed.federation.v1.ServiceExport", "#[derive(Eq)]")
+        .type_attribute(".meshfed.federation.v1.Endpoint", "#[derive(Eq)]")
         .compile_fds(fds)?;
     Ok(())
 }

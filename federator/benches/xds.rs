@@ -111,7 +111,8 @@ fn snapshot(bump: u64) -> Snapshot {
                 }],
                 endpoints: eps,
                 ..Default::default()
-            },
+            }
+            .into(),
         );
     }
     s

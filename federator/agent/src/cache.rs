@@ -77,25 +77,27 @@ impl Cache {
         u64_of(self.meta.get("acked_version").ok().flatten())
     }
 
-    pub fn acked_exports(&self) -> anyhow::Result<BTreeMap<String, ServiceExport>> {
+    pub fn acked_exports(&self) -> anyhow::Result<meshfed_model::snapshot::Services> {
         let mut out = BTreeMap::new();
         for kv in self.acked.iter() {
             let (k, v) = kv?;
             out.insert(
                 String::from_utf8_lossy(&k).into_owned(),
-                ServiceExport::decode(v.as_ref())?,
+                std::sync::Arc::new(ServiceExport::decode(v.as_ref())?),
             );
         }
         Ok(out)
     }
 
-    /// Records that the federator durably holds `snapshot` as export version `version`.
+    /// Records that the federator durably holds `snapshot` as export version `version`;
+    /// `current` is what the cache holds now (the last acknowledged set), so only the
+    /// difference is written.
     pub fn set_acked(
         &self,
         version: u64,
-        snapshot: &BTreeMap<String, ServiceExport>,
+        current: &meshfed_model::snapshot::Services,
+        snapshot: &meshfed_model::snapshot::Services,
     ) -> anyhow::Result<()> {
-        let current = self.acked_exports()?;
         let stale: Vec<String> = current
             .keys()
             .filter(|k| !snapshot.contains_key(*k))

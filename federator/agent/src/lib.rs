@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
-use proto::ServiceExport;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
@@ -103,7 +102,8 @@ pub struct Inner {
     /// The service model, read-only (the local source and the sync hold the writers).
     pub model: Reader,
     /// The exports the registry asks for, with published policies attached.
-    pub exports: watch::Sender<BTreeMap<String, ServiceExport>>,
+    /// What the cluster exports (shared: the sync, the name table and the status read it).
+    pub exports: watch::Sender<Arc<meshfed_model::snapshot::Services>>,
     /// The cluster CA's bundle JSON.
     pub bundle: watch::Sender<String>,
     /// The cluster certificate the federation issued (authenticates the Sync stream).
@@ -210,7 +210,7 @@ impl Inner {
                         .iter()
                         .map(|i| {
                             let n = i.export.endpoints.iter().filter(|e| e.healthy).count() as u64;
-                            (i.cluster.clone(), n)
+                            (i.cluster.to_string(), n)
                         })
                         .collect();
                     (k, per)
@@ -538,7 +538,7 @@ impl Agent {
                     src,
                     meshfed_model::validate::service_key(&e.namespace, &e.name),
                 ),
-                e,
+                Arc::new(e),
             );
         }
         for p in cache.peers()? {
@@ -623,7 +623,7 @@ impl Agent {
             identity: Mutex::new(identity),
             cache,
             model: reader,
-            exports: watch::Sender::new(exports),
+            exports: watch::Sender::new(Arc::new(exports)),
             bundle: watch::Sender::new(ca.bundle().to_json()?),
             ca: ca.clone(),
             cluster_cert,
@@ -945,13 +945,16 @@ impl Agent {
 
 /// The exports with the policies marked `publish: true` attached to the services they are for.
 fn attach_published_policies(
-    mut exports: BTreeMap<String, ServiceExport>,
+    mut exports: meshfed_model::snapshot::Services,
     policies: &PolicySet,
-) -> BTreeMap<String, ServiceExport> {
+) -> meshfed_model::snapshot::Services {
     for e in exports.values_mut() {
         let host = format!("{}.{}.svc.cluster.local", e.name, e.namespace);
         if let Some(p) = policies.by_host.get(&host).filter(|p| p.publish) {
-            e.failover_policy = p.to_yaml();
+            let yaml = p.to_yaml();
+            if e.failover_policy != yaml {
+                Arc::make_mut(e).failover_policy = yaml;
+            }
         }
     }
     exports
@@ -966,7 +969,7 @@ struct LocalSourceConfig {
     poll: Duration,
     vm_grace: Duration,
     /// What to export while no registry has loaded (what the federator last acknowledged).
-    initial_exports: BTreeMap<String, ServiceExport>,
+    initial_exports: meshfed_model::snapshot::Services,
 }
 
 /// The local source, the only writer of the model's local part: the registry file (reloaded
@@ -1023,10 +1026,10 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
             let policies = policies_rx.borrow_and_update().clone();
             let exports = attach_published_policies(registry_exports.clone(), &policies);
             inner.exports.send_if_modified(|cur| {
-                if *cur == exports {
+                if **cur == exports {
                     false
                 } else {
-                    *cur = exports;
+                    *cur = Arc::new(exports);
                     true
                 }
             });

@@ -118,15 +118,15 @@ async fn send(tx: &mpsc::Sender<ClusterMessage>, kind: Out) -> Result<(), End> {
 
 struct Exports {
     acked_version: u64,
-    acked: BTreeMap<String, ServiceExport>,
-    in_flight: Option<(u64, BTreeMap<String, ServiceExport>)>,
+    acked: Arc<meshfed_model::snapshot::Services>,
+    in_flight: Option<(u64, Arc<meshfed_model::snapshot::Services>)>,
     need_full: bool,
     federator_version: u64,
 }
 
 impl Exports {
     /// The next delta to send, if the desired set differs from what is acknowledged.
-    fn next(&mut self, desired: &BTreeMap<String, ServiceExport>) -> Option<ExportDelta> {
+    fn next(&mut self, desired: &Arc<meshfed_model::snapshot::Services>) -> Option<ExportDelta> {
         if self.in_flight.is_some() {
             return None;
         }
@@ -140,17 +140,17 @@ impl Exports {
             return Some(ExportDelta {
                 version,
                 full: true,
-                upserts: desired.values().cloned().collect(),
+                upserts: desired.values().map(|v| ServiceExport::clone(v)).collect(),
                 removals: Vec::new(),
             });
         }
-        if *desired == self.acked {
+        if Arc::ptr_eq(desired, &self.acked) || **desired == *self.acked {
             return None;
         }
         let upserts = desired
             .iter()
             .filter(|(k, v)| self.acked.get(*k) != Some(v))
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| ServiceExport::clone(v))
             .collect();
         let removals = self
             .acked
@@ -228,7 +228,7 @@ fn apply_to_model(inner: &Inner, fed: &FederationWriter, d: &ImportDelta) {
                         u.source_cluster.clone(),
                         meshfed_model::validate::service_key(&e.namespace, &e.name),
                     ),
-                    e.clone(),
+                    Arc::new(e.clone()),
                 );
             }
         }
@@ -421,7 +421,7 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
     let acked_version = inner.cache.acked_version();
     let mut ex = Exports {
         acked_version,
-        acked: inner.cache.acked_exports()?,
+        acked: Arc::new(inner.cache.acked_exports()?),
         in_flight: None,
         need_full: welcome.exports_acked_version != acked_version,
         federator_version: welcome.exports_acked_version,
@@ -452,7 +452,7 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                             continue;
                         }
                         if a.error.is_empty() {
-                            inner.cache.set_acked(v, &snap)?;
+                            inner.cache.set_acked(v, &ex.acked, &snap)?;
                             ex.acked_version = v;
                             ex.acked = snap;
                             inner.metrics.export_version_acked.set(v as i64);
@@ -582,10 +582,10 @@ mod tests {
         assert_eq!(d.bundles[0].bundle_json, newer);
     }
 
-    fn svc(name: &str, port: u32) -> (String, ServiceExport) {
+    fn svc(name: &str, port: u32) -> (String, Arc<ServiceExport>) {
         (
             format!("shop/{name}"),
-            ServiceExport {
+            Arc::new(ServiceExport {
                 namespace: "shop".into(),
                 name: name.into(),
                 ports: vec![proto::Port {
@@ -595,13 +595,13 @@ mod tests {
                     app_protocol: String::new(),
                 }],
                 ..Default::default()
-            },
+            }),
         )
     }
 
     #[test]
     fn deltas_against_the_acknowledged_set() {
-        let acked: BTreeMap<_, _> = [svc("a", 1), svc("b", 2)].into_iter().collect();
+        let acked: Arc<BTreeMap<_, _>> = Arc::new([svc("a", 1), svc("b", 2)].into_iter().collect());
         let mut ex = Exports {
             acked_version: 4,
             acked: acked.clone(),
@@ -613,9 +613,11 @@ mod tests {
             ex.next(&acked).is_none(),
             "nothing is sent when nothing changed"
         );
-        let desired: BTreeMap<_, _> = [svc("a", 1), svc("b", 3), svc("c", 4)]
-            .into_iter()
-            .collect();
+        let desired: Arc<BTreeMap<_, _>> = Arc::new(
+            [svc("a", 1), svc("b", 3), svc("c", 4)]
+                .into_iter()
+                .collect(),
+        );
         let d = ex.next(&desired).unwrap();
         assert_eq!(d.version, 5);
         assert!(!d.full);
@@ -628,13 +630,13 @@ mod tests {
             need_full: false,
             federator_version: 4,
         };
-        let only_a: BTreeMap<_, _> = [svc("a", 1)].into_iter().collect();
+        let only_a: Arc<BTreeMap<_, _>> = Arc::new([svc("a", 1)].into_iter().collect());
         let d = ex.next(&only_a).unwrap();
         assert_eq!(d.removals.len(), 1);
         assert_eq!(d.removals[0].name, "b");
         let mut ex = Exports {
             acked_version: 2,
-            acked: BTreeMap::new(),
+            acked: Default::default(),
             in_flight: None,
             need_full: true,
             federator_version: 7,

@@ -6,7 +6,7 @@ pub mod server;
 pub mod table;
 pub mod vips;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -15,7 +15,6 @@ use tokio::sync::watch;
 
 use meshfed_model::store::Reader;
 use meshfed_net::drain::Tasks;
-use proto::ServiceExport;
 use table::NameTable;
 
 #[derive(Debug, Clone)]
@@ -99,7 +98,7 @@ pub async fn serve(
 /// (VIPs from `vips`), and publishes it on `names` (the DNS servers and the VM API read it).
 pub async fn follow_names(
     model: Reader,
-    mut exports: watch::Receiver<BTreeMap<String, ServiceExport>>,
+    mut exports: watch::Receiver<std::sync::Arc<meshfed_model::snapshot::Services>>,
     names: watch::Sender<Arc<NameTable>>,
     mut vips: vips::Vips,
 ) {

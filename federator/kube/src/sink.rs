@@ -26,7 +26,7 @@ pub fn desired_imports(
         let remote: BTreeSet<&str> = insts
             .iter()
             .filter(|i| !i.local)
-            .map(|i| i.cluster.as_str())
+            .map(|i| i.cluster)
             .collect();
         if remote.is_empty() {
             continue;
@@ -228,7 +228,7 @@ pub fn desired_slices(
                     eps.push((e.address.clone(), e.healthy, zone, ports));
                 }
             } else {
-                for g in &i.gateways {
+                for g in i.gateways {
                     let Some((host, port)) = g.rsplit_once(':') else {
                         continue;
                     };
@@ -591,11 +591,11 @@ mod tests {
         };
         s.imports.insert(
             ("near".into(), "shop/payment".into()),
-            export(vec![ep("10.2.0.5", true), ep("10.2.0.6", false)]),
+            export(vec![ep("10.2.0.5", true), ep("10.2.0.6", false)]).into(),
         );
         s.imports.insert(
             ("far".into(), "shop/payment".into()),
-            export(vec![ep("10.9.0.5", true)]),
+            export(vec![ep("10.9.0.5", true)]).into(),
         );
         for (c, net, gw) in [
             ("near", "net-w", vec![]),
@@ -693,21 +693,22 @@ mod tests {
             ..Default::default()
         };
         s.local
-            .insert("shop/payment".into(), svc(vec![http.clone()]));
+            .insert("shop/payment".into(), svc(vec![http.clone()]).into());
         s.local.insert(
             "shop/local-only".into(),
             ServiceExport {
                 namespace: "shop".into(),
                 name: "local-only".into(),
                 ..Default::default()
-            },
+            }
+            .into(),
         );
         s.imports.insert(
             ("east".into(), "shop/payment".into()),
-            svc(vec![http.clone(), grpc]),
+            svc(vec![http.clone(), grpc]).into(),
         );
         s.imports
-            .insert(("eu".into(), "shop/payment".into()), svc(vec![http]));
+            .insert(("eu".into(), "shop/payment".into()), svc(vec![http]).into());
         for c in ["east", "eu"] {
             s.peers.insert(
                 c.into(),

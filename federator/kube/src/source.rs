@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 
 use crate::types::ServiceExport;
-use crate::view::{build, Objects, View};
+use crate::view::{Builder, Objects, View};
 
 /// A Kubernetes client, for configurations that are `Debug`.
 #[derive(Clone)]
@@ -221,6 +221,7 @@ pub fn start(
             }
         }
         tracing::info!("Kubernetes watches synced");
+        let mut builder = Builder::default();
         loop {
             let objects = Objects {
                 services: services.state(),
@@ -229,7 +230,7 @@ pub fn start(
                 pods: pods.state(),
                 exports: exports.state(),
             };
-            let v = build(&objects, &default_locality);
+            let v = builder.build(&objects, &default_locality);
             for p in &v.problems {
                 tracing::debug!(problem = %p, "Kubernetes object not used");
             }

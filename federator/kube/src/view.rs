@@ -52,9 +52,9 @@ impl std::fmt::Display for Problem {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct View {
     /// Every usable Service, by `ns/name`.
-    pub local: BTreeMap<String, Export>,
+    pub local: meshfed_model::snapshot::Services,
     /// The exported ones (a ServiceExport exists and is valid), by `ns/name`.
-    pub exports: BTreeMap<String, Export>,
+    pub exports: meshfed_model::snapshot::Services,
     pub problems: Vec<Problem>,
     /// Every ServiceExport seen, by (namespace, name): valid, or why not (an MCS condition
     /// reason and a message).
@@ -122,236 +122,399 @@ fn export_options(se: &ServiceExport) -> Result<ExportOptions, String> {
 }
 
 /// Builds the view; `default_locality` stands in for endpoints whose Node is unknown or has
-/// no region label.
+/// no region label. (Every Service computed anew: [`Builder`] keeps the unchanged ones.)
 pub fn build(o: &Objects, default_locality: &Locality) -> View {
-    let mut view = View::default();
-    let nodes: HashMap<String, Locality> = o
-        .nodes
-        .iter()
-        .filter_map(|n| Some((n.metadata.name.clone()?, node_locality(n)?)))
-        .collect();
-    let pods: HashMap<(String, String), &Pod> = o
-        .pods
-        .iter()
-        .map(|p| (name_of(&p.metadata), &**p))
-        .collect();
-    let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-    for s in &o.slices {
-        let ns = s.metadata.namespace.clone().unwrap_or_default();
-        if let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            slices.entry((ns, svc.clone())).or_default().push(s);
-        }
+    Builder::default().build(o, default_locality)
+}
+
+type Pods<'a> = HashMap<(&'a str, &'a str), &'a Arc<Pod>>;
+type Nodes<'a> = HashMap<&'a str, (&'a Arc<Node>, Option<Locality>)>;
+
+/// What one Service's part of the view was computed from: the objects themselves, held so
+/// that an unchanged object (the watch cache keeps the same `Arc` until the object changes)
+/// is recognised by its pointer, which cannot be reused while it is held here.
+#[derive(Debug)]
+struct Inputs {
+    svc: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    export: Option<Arc<ServiceExport>>,
+    pods: Vec<Arc<Pod>>,
+    nodes: Vec<Arc<Node>>,
+}
+
+fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+}
+
+impl PartialEq for Inputs {
+    fn eq(&self, o: &Inputs) -> bool {
+        Arc::ptr_eq(&self.svc, &o.svc)
+            && same(&self.slices, &o.slices)
+            && match (&self.export, &o.export) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+            && same(&self.pods, &o.pods)
+            && same(&self.nodes, &o.nodes)
     }
-    let mut wanted: BTreeMap<(String, String), Result<ExportOptions, String>> = o
-        .exports
-        .iter()
-        .map(|se| (name_of(&se.metadata), export_options(se)))
-        .collect();
-    for svc in &o.services {
-        let (ns, name) = name_of(&svc.metadata);
-        if name.is_empty() {
-            continue;
-        }
-        let want = wanted.remove(&(ns.clone(), name.clone()));
-        let has_export = want.is_some();
-        let mut invalid = |reason: &str, message: String| {
-            if has_export {
-                view.service_exports.insert(
-                    (ns.clone(), name.clone()),
-                    Err((reason.to_string(), message)),
-                );
-            }
-        };
-        let problem = |reason: String| Problem {
-            kind: "Service",
-            namespace: ns.clone(),
-            name: name.clone(),
-            reason,
-        };
-        let spec = svc.spec.clone().unwrap_or_default();
-        if spec.type_.as_deref() == Some("ExternalName") {
-            if want.is_some() {
-                let m = "an ExternalName Service has no endpoints to export".to_string();
-                invalid("InvalidServiceType", m.clone());
-                view.problems.push(problem(m));
-            }
-            continue;
-        }
-        let mut ports = Vec::new();
-        let mut bad = None;
-        for (i, p) in spec.ports.clone().unwrap_or_default().iter().enumerate() {
-            match u32::try_from(p.port)
-                .ok()
-                .filter(|n| (1..=65535).contains(n))
-            {
-                Some(port) => ports.push(Port {
-                    name: p.name.clone().unwrap_or_default(),
-                    port,
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    app_protocol: p.app_protocol.clone().unwrap_or_default(),
-                }),
-                None => {
-                    bad = Some(format!(
-                        "spec.ports[{i}].port: {} is not in 1-65535",
-                        p.port
-                    ));
-                    break;
-                }
-            }
-        }
-        if let Some(b) = bad {
-            invalid("InvalidService", b.clone());
-            view.problems.push(problem(b));
-            continue;
-        }
-        let mut endpoints = Vec::new();
-        for s in slices
-            .get(&(ns.clone(), name.clone()))
-            .into_iter()
-            .flatten()
-        {
-            if s.address_type == "FQDN" {
-                continue;
-            }
-            let slice_ports: HashMap<String, u32> = s
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| {
-                    Some((
-                        p.name.clone().unwrap_or_default(),
-                        u32::try_from(p.port?).ok()?,
-                    ))
-                })
-                .collect();
+}
+
+impl Inputs {
+    /// The Service, its slices, its ServiceExport, and the Pods and Nodes its endpoints name.
+    fn of(
+        svc: &Arc<Service>,
+        slices: &[&Arc<EndpointSlice>],
+        export: Option<&Arc<ServiceExport>>,
+        ns: &str,
+        pods: &Pods<'_>,
+        nodes: &Nodes<'_>,
+    ) -> Inputs {
+        let mut used_pods = Vec::new();
+        let mut used_nodes = Vec::new();
+        for s in slices {
             for e in &s.endpoints {
-                let Some(address) = e.addresses.first() else {
-                    continue;
-                };
-                let c = e.conditions.clone().unwrap_or_default();
-                // `ready` unset means ready (API conventions); a terminating endpoint takes no
-                // new connections.
-                let healthy = c.ready.unwrap_or(true) && !c.terminating.unwrap_or(false);
-                let locality = e
-                    .node_name
-                    .as_ref()
-                    .and_then(|n| nodes.get(n).cloned())
-                    .unwrap_or_else(|| Locality {
-                        zone: e
-                            .zone
-                            .clone()
-                            .unwrap_or_else(|| default_locality.zone.clone()),
-                        ..default_locality.clone()
-                    });
+                if let Some((n, _)) = e.node_name.as_deref().and_then(|n| nodes.get(n)) {
+                    used_nodes.push(Arc::clone(n));
+                }
                 let pod = e
                     .target_ref
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
                     .and_then(|r| {
                         pods.get(&(
-                            r.namespace.clone().unwrap_or_else(|| ns.clone()),
-                            r.name.clone().unwrap_or_default(),
+                            r.namespace.as_deref().unwrap_or(ns),
+                            r.name.as_deref().unwrap_or_default(),
                         ))
                     });
-                let mut target = BTreeMap::new();
-                for p in &ports {
-                    if let Some(tp) = slice_ports.get(&p.name) {
-                        if *tp != p.port {
-                            target.insert(p.name.clone(), *tp);
-                        }
-                    }
+                if let Some(p) = pod {
+                    used_pods.push(Arc::clone(p));
                 }
-                endpoints.push(Endpoint {
-                    address: address.clone(),
-                    locality: Some(locality),
-                    labels: pod
-                        .and_then(|p| p.metadata.labels.clone())
-                        .unwrap_or_default()
-                        .into_iter()
-                        .collect(),
-                    weight: 1,
-                    healthy,
-                    service_account: pod
-                        .and_then(|p| p.spec.as_ref())
-                        .and_then(|s| s.service_account_name.clone())
-                        .unwrap_or_default(),
-                    ports: target.into_iter().collect(),
-                });
             }
         }
-        endpoints.sort_by(|a, b| a.address.cmp(&b.address));
-        endpoints.dedup_by(|a, b| a.address == b.address);
-        let opts = match want {
-            Some(Ok(o)) => Some(o),
-            Some(Err(e)) => {
-                invalid("InvalidAnnotation", e.clone());
-                view.problems.push(Problem {
-                    kind: "ServiceExport",
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    reason: e,
-                });
-                None
-            }
-            None => None,
-        };
-        let e = Export {
-            namespace: ns.clone(),
-            name: name.clone(),
-            ports,
-            endpoints,
-            export_to: opts
-                .as_ref()
-                .map(|o| o.export_to.clone())
-                .unwrap_or_default(),
-            on_expiry: opts
-                .as_ref()
-                .map(|o| o.on_expiry)
-                .unwrap_or(OnExpiry::Deprioritize) as i32,
-            labels: svc
+        Inputs {
+            svc: svc.clone(),
+            slices: slices.iter().map(|s| Arc::clone(s)).collect(),
+            export: export.cloned(),
+            pods: used_pods,
+            nodes: used_nodes,
+        }
+    }
+}
+
+/// Builds views one after another, computing again only the Services whose objects changed
+/// (its Service, slices, ServiceExport, or the Pods and Nodes of its endpoints); the others
+/// keep their part of the previous view, shared.
+#[derive(Debug, Default)]
+pub struct Builder {
+    cache: HashMap<(String, String), (Inputs, View)>,
+    /// How many Services' parts were reused (not computed) so far.
+    pub reused: usize,
+}
+
+impl Builder {
+    pub fn build(&mut self, o: &Objects, default_locality: &Locality) -> View {
+        let mut view = View::default();
+        let nodes: Nodes<'_> = o
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.as_deref()?, (n, node_locality(n)))))
+            .collect();
+        let pods: Pods<'_> = o
+            .pods
+            .iter()
+            .map(|p| {
+                (
+                    (
+                        p.metadata.namespace.as_deref().unwrap_or_default(),
+                        p.metadata.name.as_deref().unwrap_or_default(),
+                    ),
+                    p,
+                )
+            })
+            .collect();
+        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for s in &o.slices {
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            if let Some(svc) = s
                 .metadata
                 .labels
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
-            failover_policy: String::new(),
-        };
-        if let Err(err) = validate::check_export(&e, "service") {
-            invalid("InvalidService", err.to_string());
-            view.problems.push(problem(err.to_string()));
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            {
+                slices.entry((ns, svc.as_str())).or_default().push(s);
+            }
+        }
+        for v in slices.values_mut() {
+            v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        }
+        let mut exports: HashMap<(&str, &str), &Arc<ServiceExport>> = o
+            .exports
+            .iter()
+            .map(|se| {
+                (
+                    (
+                        se.metadata.namespace.as_deref().unwrap_or_default(),
+                        se.metadata.name.as_deref().unwrap_or_default(),
+                    ),
+                    se,
+                )
+            })
+            .collect();
+        let mut cache = HashMap::with_capacity(o.services.len());
+        for svc in &o.services {
+            let (ns, name) = name_of(&svc.metadata);
+            if name.is_empty() {
+                continue;
+            }
+            let here = (
+                svc.metadata.namespace.as_deref().unwrap_or_default(),
+                svc.metadata.name.as_deref().unwrap_or_default(),
+            );
+            let key = (ns, name);
+            let svc_slices: &[&Arc<EndpointSlice>] =
+                slices.get(&here).map(|v| v.as_slice()).unwrap_or_default();
+            let export = exports.remove(&here);
+            let inputs = Inputs::of(svc, svc_slices, export, &key.0, &pods, &nodes);
+            let one = match self.cache.remove(&key) {
+                Some((was, one)) if was == inputs => {
+                    self.reused += 1;
+                    one
+                }
+                _ => one_service(
+                    svc,
+                    svc_slices,
+                    export.map(|se| export_options(se)),
+                    &pods,
+                    &nodes,
+                    default_locality,
+                ),
+            };
+            view.local
+                .extend(one.local.iter().map(|(k, v)| (k.clone(), v.clone())));
+            view.exports
+                .extend(one.exports.iter().map(|(k, v)| (k.clone(), v.clone())));
+            view.problems.extend(one.problems.iter().cloned());
+            view.service_exports.extend(
+                one.service_exports
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            cache.insert(key, (inputs, one));
+        }
+        self.cache = cache;
+        // ServiceExports whose Service does not exist (MCS condition Valid=False, NoService).
+        let mut orphans: Vec<(String, String)> = exports
+            .into_keys()
+            .map(|(ns, name)| (ns.to_string(), name.to_string()))
+            .collect();
+        orphans.sort();
+        for (ns, name) in orphans {
+            view.service_exports.insert(
+                (ns.clone(), name.clone()),
+                Err((
+                    "NoService".into(),
+                    format!("no Service {ns}/{name} to export"),
+                )),
+            );
+            view.problems.push(Problem {
+                kind: "ServiceExport",
+                namespace: ns.clone(),
+                name: name.clone(),
+                reason: format!("no Service {ns}/{name} to export"),
+            });
+        }
+        view.problems.sort();
+        view
+    }
+}
+
+/// One Service's part of the view (its export, problems and ServiceExport validity), from the
+/// Service, its slices (sorted by name), its ServiceExport's options, and the Pods and Nodes.
+fn one_service(
+    svc: &Service,
+    slices: &[&Arc<EndpointSlice>],
+    want: Option<Result<ExportOptions, String>>,
+    pods: &Pods<'_>,
+    nodes: &Nodes<'_>,
+    default_locality: &Locality,
+) -> View {
+    let mut view = View::default();
+    let (ns, name) = name_of(&svc.metadata);
+    let has_export = want.is_some();
+    let mut invalid = |reason: &str, message: String| {
+        if has_export {
+            view.service_exports.insert(
+                (ns.clone(), name.clone()),
+                Err((reason.to_string(), message)),
+            );
+        }
+    };
+    let problem = |reason: String| Problem {
+        kind: "Service",
+        namespace: ns.clone(),
+        name: name.clone(),
+        reason,
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        if want.is_some() {
+            let m = "an ExternalName Service has no endpoints to export".to_string();
+            invalid("InvalidServiceType", m.clone());
+            view.problems.push(problem(m));
+        }
+        return view;
+    }
+    let mut ports = Vec::new();
+    let mut bad = None;
+    for (i, p) in spec.ports.clone().unwrap_or_default().iter().enumerate() {
+        match u32::try_from(p.port)
+            .ok()
+            .filter(|n| (1..=65535).contains(n))
+        {
+            Some(port) => ports.push(Port {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                app_protocol: p.app_protocol.clone().unwrap_or_default(),
+            }),
+            None => {
+                bad = Some(format!(
+                    "spec.ports[{i}].port: {} is not in 1-65535",
+                    p.port
+                ));
+                break;
+            }
+        }
+    }
+    if let Some(b) = bad {
+        invalid("InvalidService", b.clone());
+        view.problems.push(problem(b));
+        return view;
+    }
+    let mut endpoints = Vec::new();
+    for s in slices {
+        if s.address_type == "FQDN" {
             continue;
         }
-        let key = validate::service_key(&ns, &name);
-        if opts.is_some() {
-            view.service_exports
-                .insert((ns.clone(), name.clone()), Ok(()));
-            view.exports.insert(key.clone(), e.clone());
+        let slice_ports: HashMap<String, u32> = s
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u32::try_from(p.port?).ok()?,
+                ))
+            })
+            .collect();
+        for e in &s.endpoints {
+            let Some(address) = e.addresses.first() else {
+                continue;
+            };
+            let c = e.conditions.clone().unwrap_or_default();
+            // `ready` unset means ready (API conventions); a terminating endpoint takes no
+            // new connections.
+            let healthy = c.ready.unwrap_or(true) && !c.terminating.unwrap_or(false);
+            let locality = e
+                .node_name
+                .as_ref()
+                .and_then(|n| nodes.get(n.as_str()).and_then(|(_, l)| l.clone()))
+                .unwrap_or_else(|| Locality {
+                    zone: e
+                        .zone
+                        .clone()
+                        .unwrap_or_else(|| default_locality.zone.clone()),
+                    ..default_locality.clone()
+                });
+            let pod = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    pods.get(&(
+                        r.namespace.as_deref().unwrap_or(ns.as_str()),
+                        r.name.as_deref().unwrap_or_default(),
+                    ))
+                })
+                .map(|p| &***p);
+            let mut target = BTreeMap::new();
+            for p in &ports {
+                if let Some(tp) = slice_ports.get(&p.name) {
+                    if *tp != p.port {
+                        target.insert(p.name.clone(), *tp);
+                    }
+                }
+            }
+            endpoints.push(Endpoint {
+                address: address.clone(),
+                locality: Some(locality),
+                labels: pod
+                    .and_then(|p| p.metadata.labels.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+                weight: 1,
+                healthy,
+                service_account: pod
+                    .and_then(|p| p.spec.as_ref())
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_default(),
+                ports: target.into_iter().collect(),
+            });
         }
-        view.local.insert(key, e);
     }
-    // ServiceExports whose Service does not exist (MCS condition Valid=False, NoService).
-    for ((ns, name), _) in wanted {
-        view.service_exports.insert(
-            (ns.clone(), name.clone()),
-            Err((
-                "NoService".into(),
-                format!("no Service {ns}/{name} to export"),
-            )),
-        );
-        view.problems.push(Problem {
-            kind: "ServiceExport",
-            namespace: ns.clone(),
-            name: name.clone(),
-            reason: format!("no Service {ns}/{name} to export"),
-        });
+    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    endpoints.dedup_by(|a, b| a.address == b.address);
+    let opts = match want {
+        Some(Ok(o)) => Some(o),
+        Some(Err(e)) => {
+            invalid("InvalidAnnotation", e.clone());
+            view.problems.push(Problem {
+                kind: "ServiceExport",
+                namespace: ns.clone(),
+                name: name.clone(),
+                reason: e,
+            });
+            None
+        }
+        None => None,
+    };
+    let e = Export {
+        namespace: ns.clone(),
+        name: name.clone(),
+        ports,
+        endpoints,
+        export_to: opts
+            .as_ref()
+            .map(|o| o.export_to.clone())
+            .unwrap_or_default(),
+        on_expiry: opts
+            .as_ref()
+            .map(|o| o.on_expiry)
+            .unwrap_or(OnExpiry::Deprioritize) as i32,
+        labels: svc
+            .metadata
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        failover_policy: String::new(),
+    };
+    if let Err(err) = validate::check_export(&e, "service") {
+        invalid("InvalidService", err.to_string());
+        view.problems.push(problem(err.to_string()));
+        return view;
     }
-    view.problems.sort();
+    let key = validate::service_key(&ns, &name);
+    let e = Arc::new(e);
+    if opts.is_some() {
+        view.service_exports
+            .insert((ns.clone(), name.clone()), Ok(()));
+        view.exports.insert(key.clone(), e.clone());
+    }
+    view.local.insert(key, e);
     view
 }
 
@@ -448,6 +611,57 @@ mod tests {
         assert!(!t.healthy);
         assert_eq!(t.locality.clone().unwrap().zone, "us-east1-c");
         assert!(t.service_account.is_empty());
+    }
+
+    /// A builder computes again only the Services whose objects changed, and its view is the
+    /// one built from scratch.
+    #[test]
+    fn the_builder_recomputes_only_what_changed() {
+        let mut o = objects();
+        let mut b = Builder::default();
+        let first = b.build(&o, &default_loc());
+        assert_eq!(first, build(&o, &default_loc()));
+        assert_eq!(b.reused, 0);
+        // The same objects: every Service reused (payment, internal and the ExternalName one).
+        let again = b.build(&o, &default_loc());
+        assert_eq!(again, first);
+        assert_eq!(b.reused, 3);
+        assert!(Arc::ptr_eq(
+            &again.local["shop/payment"],
+            &first.local["shop/payment"]
+        ));
+        // The Pod behind payment's endpoint changes its labels: payment is computed again.
+        o.pods = vec![obj(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "payment-1", "namespace": "shop", "labels": {"app": "payment", "version": "v3"}},
+            "spec": {"serviceAccountName": "payment", "containers": [{"name": "app"}]}}))];
+        let v = b.build(&o, &default_loc());
+        assert_eq!(b.reused, 5, "internal and dns reused, payment not");
+        assert_eq!(v, build(&o, &default_loc()));
+        assert_eq!(
+            v.local["shop/payment"].endpoints[0]
+                .labels
+                .get("version")
+                .map(String::as_str),
+            Some("v3")
+        );
+        // The Node's zone changes: payment again.
+        o.nodes = vec![obj(serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-b", "labels": {"topology.kubernetes.io/region": "us-east1",
+                "topology.kubernetes.io/zone": "us-east1-d"}}}))];
+        let v = b.build(&o, &default_loc());
+        assert_eq!(b.reused, 7);
+        assert_eq!(v, build(&o, &default_loc()));
+        // The ServiceExport goes: payment is no longer exported.
+        o.exports.clear();
+        let v = b.build(&o, &default_loc());
+        assert!(v.exports.is_empty());
+        assert_eq!(v, build(&o, &default_loc()));
+        // A Service goes: its part goes with it.
+        o.services
+            .retain(|s| s.metadata.name.as_deref() != Some("internal"));
+        let v = b.build(&o, &default_loc());
+        assert!(!v.local.contains_key("shop/internal"));
+        assert_eq!(v, build(&o, &default_loc()));
     }
 
     #[test]

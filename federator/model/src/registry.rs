@@ -322,10 +322,7 @@ impl Registry {
         &self,
         default_locality: &Locality,
         auto: &BTreeMap<String, AutoEntry>,
-    ) -> (
-        BTreeMap<String, ServiceExport>,
-        BTreeMap<String, ServiceExport>,
-    ) {
+    ) -> (crate::snapshot::Services, crate::snapshot::Services) {
         let mut local = BTreeMap::new();
         let mut exports = BTreeMap::new();
         for s in &self.services {
@@ -334,6 +331,7 @@ impl Registry {
                 e.endpoints.extend(self.selected(s, default_locality, auto));
             }
             let key = validate::service_key(&s.namespace.0, &s.name.0);
+            let e = std::sync::Arc::new(e);
             if s.exported() {
                 exports.insert(key.clone(), e.clone());
             }

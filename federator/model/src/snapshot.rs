@@ -3,32 +3,38 @@
 //! bundles. Snapshots are immutable; [`crate::store`] publishes a new one on every change.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use proto::{ClusterFacts, LeaseState, OnExpiry, PeerCluster, ServiceExport};
 
+/// Services by `ns/name`, shared: a snapshot, a view or a set of exports that keeps a service
+/// unchanged shares it with the one before, so copying and comparing them costs little.
+pub type Services = BTreeMap<String, Arc<ServiceExport>>;
+
 /// One instance of a service: where it runs and what the federation says about that place.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Instance {
-    pub cluster: String,
+/// It borrows from the snapshot, so listing every instance of a large mesh copies nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Instance<'a> {
+    pub cluster: &'a str,
     pub local: bool,
-    pub network: String,
-    pub gateways: Vec<String>,
+    pub network: &'a str,
+    pub gateways: &'a [String],
     /// False when the source cluster's lease expired.
     pub fresh: bool,
     pub last_heartbeat_age_ms: u64,
-    pub export: ServiceExport,
+    pub export: &'a ServiceExport,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub facts: ClusterFacts,
     /// This cluster's services (exported or not), by `ns/name`.
-    pub local: BTreeMap<String, ServiceExport>,
+    pub local: Services,
     /// Which of `local` the cluster exports (`export: true` or `exportTo`), by `ns/name`: the
     /// only ones its east-west gateways route to.
     pub exported: BTreeSet<String>,
     /// Imported services by (source cluster, `ns/name`).
-    pub imports: BTreeMap<(String, String), ServiceExport>,
+    pub imports: BTreeMap<(String, String), Arc<ServiceExport>>,
     pub peers: BTreeMap<String, PeerCluster>,
     /// Peer trust bundles: trust domain -> JSON.
     pub bundles: BTreeMap<String, String>,
@@ -40,7 +46,7 @@ impl Snapshot {
     /// Every reachable service, by `ns/name`, with one instance per cluster. Instances of a
     /// stale cluster whose service says `withdraw` are left out; `deprioritize` keeps them,
     /// marked not fresh, for the failover tables to rank last.
-    pub fn services(&self) -> BTreeMap<String, Vec<Instance>> {
+    pub fn services(&self) -> BTreeMap<String, Vec<Instance<'_>>> {
         let mut all = self.instances();
         for v in all.values_mut() {
             v.retain(|i| i.fresh || i.export.on_expiry != OnExpiry::Withdraw as i32);
@@ -51,31 +57,31 @@ impl Snapshot {
 
     /// Every instance, stale ones included whatever their staleness setting (a failover policy
     /// may override it).
-    pub fn instances(&self) -> BTreeMap<String, Vec<Instance>> {
-        let mut out: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+    pub fn instances(&self) -> BTreeMap<String, Vec<Instance<'_>>> {
+        let mut out: BTreeMap<String, Vec<Instance<'_>>> = BTreeMap::new();
         for (k, e) in &self.local {
             out.entry(k.clone()).or_default().push(Instance {
-                cluster: self.facts.cluster_id.clone(),
+                cluster: &self.facts.cluster_id,
                 local: true,
-                network: self.facts.network.clone(),
-                gateways: self.facts.gateways.clone(),
+                network: &self.facts.network,
+                gateways: &self.facts.gateways,
                 fresh: true,
                 last_heartbeat_age_ms: 0,
-                export: e.clone(),
+                export: e,
             });
         }
         for ((cluster, k), e) in &self.imports {
             let peer = self.peers.get(cluster);
             let fresh = peer.is_some_and(|p| p.lease == LeaseState::Fresh as i32);
-            let facts = peer.and_then(|p| p.facts.clone()).unwrap_or_default();
+            let facts = peer.and_then(|p| p.facts.as_ref());
             out.entry(k.clone()).or_default().push(Instance {
-                cluster: cluster.clone(),
+                cluster,
                 local: false,
-                network: facts.network,
-                gateways: facts.gateways,
+                network: facts.map(|f| f.network.as_str()).unwrap_or_default(),
+                gateways: facts.map(|f| f.gateways.as_slice()).unwrap_or_default(),
                 fresh,
                 last_heartbeat_age_ms: peer.map(|p| p.last_heartbeat_age_ms).unwrap_or(0),
-                export: e.clone(),
+                export: e,
             });
         }
         out
@@ -182,11 +188,11 @@ mod tests {
         let mut s = Snapshot::default();
         s.imports.insert(
             ("east".into(), "shop/payment".into()),
-            export(OnExpiry::Deprioritize),
+            Arc::new(export(OnExpiry::Deprioritize)),
         );
         s.imports.insert(
             ("west".into(), "shop/payment".into()),
-            export(OnExpiry::Withdraw),
+            Arc::new(export(OnExpiry::Withdraw)),
         );
         s.peers
             .insert("east".into(), peer("east", LeaseState::Stale));

@@ -100,11 +100,7 @@ pub struct LocalWriter {
 impl LocalWriter {
     /// Replaces the cluster's own services (by `ns/name`) and which of them are exported.
     /// Returns whether anything changed.
-    pub fn set_local(
-        &self,
-        local: BTreeMap<String, ServiceExport>,
-        exported: BTreeSet<String>,
-    ) -> bool {
+    pub fn set_local(&self, local: crate::snapshot::Services, exported: BTreeSet<String>) -> bool {
         self.shared.update(|s| {
             s.local = local;
             s.exported = exported;
@@ -128,7 +124,7 @@ impl LocalWriter {
 #[derive(Debug)]
 pub struct Imported<'a> {
     /// Imported services by (source cluster, `ns/name`).
-    pub imports: &'a mut BTreeMap<(String, String), ServiceExport>,
+    pub imports: &'a mut BTreeMap<(String, String), Arc<ServiceExport>>,
     pub peers: &'a mut BTreeMap<String, PeerCluster>,
     /// Peer trust bundles: trust domain -> JSON.
     pub bundles: &'a mut BTreeMap<String, String>,
@@ -194,12 +190,14 @@ mod tests {
             ..Default::default()
         };
         local.set_local(
-            [("shop/payment".to_string(), svc.clone())].into(),
+            [("shop/payment".to_string(), Arc::new(svc.clone()))].into(),
             BTreeSet::new(),
         );
         fed.update(|i| {
-            i.imports
-                .insert(("east".into(), "shop/payment".into()), svc.clone());
+            i.imports.insert(
+                ("east".into(), "shop/payment".into()),
+                Arc::new(svc.clone()),
+            );
         });
         let s = reader.current();
         assert_eq!(s.local.len(), 1);

@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::{CLUSTER_TYPE, ENDPOINT_TYPE};
@@ -113,15 +113,17 @@ async fn run_once(
     up: &watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let mut client = AggregatedDiscoveryServiceClient::connect(server.to_string()).await?;
-    let (tx, rx) = mpsc::channel(8);
+    // Unbounded: an ACK never waits for the send window, so this loop always reads the next
+    // response (a client that stops reading while its requests wait can deadlock a server
+    // that is busy writing).
+    let (tx, rx) = mpsc::unbounded_channel();
     tx.send(DiscoveryRequest {
         node: Some(node.clone()),
         type_url: CLUSTER_TYPE.into(),
         ..Default::default()
-    })
-    .await?;
+    })?;
     let mut inbound = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
         .await?
         .into_inner();
     up.send_replace(true);
@@ -141,7 +143,7 @@ async fn run_once(
                         let mut new: Vec<String> = cs.into_iter().map(|c| c.name).collect();
                         new.sort();
                         cds_ok = r.version_info.clone();
-                        tx.send(ack(&r, vec![], None, &cds_ok)).await?;
+                        tx.send(ack(&r, vec![], None, &cds_ok))?;
                         // Forget tables of clusters that are gone (SotW CDS removes them).
                         tables_tx.send_if_modified(|t| {
                             let before = t.len();
@@ -161,14 +163,10 @@ async fn run_once(
                                 resource_names: names.clone(),
                                 version_info: eds_ok.clone(),
                                 ..Default::default()
-                            })
-                            .await?;
+                            })?;
                         }
                     }
-                    Err(e) => {
-                        tx.send(ack(&r, vec![], Some(e.to_string()), &cds_ok))
-                            .await?
-                    }
+                    Err(e) => tx.send(ack(&r, vec![], Some(e.to_string()), &cds_ok))?,
                 }
             }
             ENDPOINT_TYPE => {
@@ -180,7 +178,7 @@ async fn run_once(
                 match decoded {
                     Ok(cs) => {
                         eds_ok = r.version_info.clone();
-                        tx.send(ack(&r, names.clone(), None, &eds_ok)).await?;
+                        tx.send(ack(&r, names.clone(), None, &eds_ok))?;
                         tables_tx.send_modify(|t| {
                             let mut m = BTreeMap::clone(t);
                             for c in cs {
@@ -189,10 +187,7 @@ async fn run_once(
                             *t = Arc::new(m);
                         });
                     }
-                    Err(e) => {
-                        tx.send(ack(&r, names.clone(), Some(e.to_string()), &eds_ok))
-                            .await?
-                    }
+                    Err(e) => tx.send(ack(&r, names.clone(), Some(e.to_string()), &eds_ok))?,
                 }
             }
             _ => {}

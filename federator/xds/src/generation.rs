@@ -67,12 +67,12 @@ fn addr(ip: &str, port: u32) -> String {
 /// lowest cluster id's. An invalid one is ignored (the federator refuses them at export time).
 fn published_policy(instances: &[meshfed_model::snapshot::Instance]) -> Option<Policy> {
     let mut sorted: Vec<&meshfed_model::snapshot::Instance> = instances.iter().collect();
-    sorted.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(&b.cluster)));
+    sorted.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(b.cluster)));
     sorted
         .into_iter()
         .filter(|i| !i.export.failover_policy.is_empty())
         .find_map(|i| {
-            match meshfed_model::validate::check_published_policy(&i.export, &format!("policy published by cluster {}", i.cluster)) {
+            match meshfed_model::validate::check_published_policy(i.export, &format!("policy published by cluster {}", i.cluster)) {
                 Ok(mut p) => {
                     p.origin = format!("published by cluster {}", i.cluster);
                     Some(p)
@@ -135,8 +135,8 @@ impl Generation {
             for i in &instances {
                 if !i.gateways.is_empty() && !i.network.is_empty() {
                     g.gateways
-                        .entry(i.network.clone())
-                        .or_insert_with(|| i.gateways.clone());
+                        .entry(i.network.to_string())
+                        .or_insert_with(|| i.gateways.to_vec());
                 }
                 ports.extend(i.export.ports.iter().map(|p| p.port));
                 service_tls |= i
@@ -144,7 +144,7 @@ impl Generation {
                     .labels
                     .get(TLS_MODE_LABEL)
                     .is_some_and(|v| v == "istio");
-                let td = tds.get(i.cluster.as_str()).copied().unwrap_or("");
+                let td = tds.get(i.cluster).copied().unwrap_or("");
                 for e in &i.export.endpoints {
                     any_ep = true;
                     all_tls &= e.labels.get(TLS_MODE_LABEL).is_some_and(|v| v == "istio");
@@ -196,8 +196,8 @@ impl Generation {
                             locality: Loc::new(&l.region, &l.zone, &l.subzone),
                             labels: e.labels.clone().into_iter().collect(),
                             weight: e.weight.max(1),
-                            cluster: i.cluster.clone(),
-                            network: i.network.clone(),
+                            cluster: i.cluster.to_string(),
+                            network: i.network.to_string(),
                             healthy: e.healthy,
                             stale: !i.fresh,
                         });

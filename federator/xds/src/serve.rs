@@ -331,7 +331,7 @@ mod tests {
                 protocol: "TCP".into(),
                 ..Default::default()
             });
-            [("shop/payment".to_string(), e)].into()
+            [("shop/payment".to_string(), Arc::new(e))].into()
         };
         local.set_local(svc(8080), Default::default());
         let builder: BuildFn = Arc::new(|v, snap: &Snapshot, pol: &PolicySet, l: &LocalFacts| {

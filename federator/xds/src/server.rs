@@ -3,7 +3,7 @@
 //! received; ACKs and NACKs are recorded per proxy and type.
 
 use meshfed_net::drain::Signal;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +34,9 @@ use super::Kind;
 pub use super::transport::MAX_REQUEST_BYTES;
 /// Largest number of names one request may subscribe to.
 pub const MAX_NAMES: usize = 100_000;
+/// Most bytes of responses one stream may have waiting for its client: several full pushes
+/// of a 10,000-service mesh.
+pub const MAX_QUEUED_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Clone)]
 pub struct XdsMetrics {
@@ -545,17 +548,24 @@ fn sotw_response(
     };
     st.version = gen.version(kind, &st.sent.values().collect::<Vec<_>>());
     st.sent_at = Some(Instant::now());
-    // Routes and endpoints go in responses of at most CHUNK_BYTES (omitting one does not
-    // delete it), which keeps each stream's encode buffer small; listeners and clusters are
-    // state of the world and go in one.
+    // Routes and endpoints go in several responses (omitting one does not delete it): of
+    // CHUNK_BYTES, which keeps each stream's encode buffer small, or, for a push larger than
+    // MAX_CHUNKS of those, in MAX_CHUNKS responses, so that a proxy does not answer a big push
+    // with thousands of ACKs that each repeat every name it subscribes to. Listeners and
+    // clusters are state of the world and go in one.
     let chunks: Vec<Vec<SharedRes>> = if kind.wildcard_capable() {
         vec![send]
     } else {
+        let total: usize = send.iter().map(|r| r.any.value.len()).sum();
+        let limit = CHUNK_BYTES.max(total.div_ceil(MAX_CHUNKS));
         let mut chunks = vec![Vec::new()];
         let mut size = 0;
         for r in send {
             let len = r.any.value.len();
-            if size + len > CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
+            if size + len > limit
+                && chunks.len() < MAX_CHUNKS
+                && chunks.last().is_some_and(|c| !c.is_empty())
+            {
                 chunks.push(Vec::new());
                 size = 0;
             }
@@ -584,6 +594,8 @@ fn sotw_response(
 
 /// Target size of one RDS/EDS response.
 pub const CHUNK_BYTES: usize = 4 * 1024;
+/// Most RDS/EDS responses one push is cut into (each then larger than CHUNK_BYTES).
+pub const MAX_CHUNKS: usize = 16;
 
 fn count(state: &XdsState, kind: Kind, n: usize) {
     state
@@ -627,7 +639,7 @@ fn record_ack(
 /// sent, for the one stream driver below.
 trait Variant {
     type Req: Send + 'static;
-    type Resp: Send + 'static;
+    type Resp: prost::Message + Send + 'static;
     const DELTA: bool;
     fn node(r: &Self::Req) -> Option<&Node>;
     /// Applies a request; an error ends the stream with that status.
@@ -742,11 +754,27 @@ async fn drive<V: Variant>(
     let mut sec = StreamSecrets::new(&state.secrets);
     let mut nonce = 0u64;
     let mut pending = Some(first);
+    // Responses waiting for the client to take them. Requests are read while they wait (a
+    // client that ACKs every response and blocks when its send window is full would
+    // otherwise deadlock with a server that only writes); new generations and secrets wait
+    // until the queue is empty, so it holds at most one push plus the answers to requests.
+    let mut queue: VecDeque<(Kind, V::Resp)> = VecDeque::new();
+    let mut queued_bytes = 0usize;
     loop {
         let renew = sec.renew_at();
+        let idle = queue.is_empty();
         let req = match pending.take() {
             Some(r) => Some(r),
             None => tokio::select! {
+                permit = tx.reserve(), if !idle => {
+                    let Ok(permit) = permit else { return };
+                    if let Some((kind, r)) = queue.pop_front() {
+                        queued_bytes = queued_bytes.saturating_sub(prost::Message::encoded_len(&r));
+                        count(&state, kind, V::resources(&r));
+                        permit.send(Ok(r));
+                    }
+                    continue;
+                }
                 _ = drain.drained() => {
                     let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
                     break;
@@ -759,21 +787,21 @@ async fn drive<V: Variant>(
                         break;
                     }
                 },
-                c = gens.changed() => {
+                c = gens.changed(), if idle => {
                     if c.is_err() {
                         break;
                     }
                     gen = gens.borrow_and_update().clone();
                     None
                 }
-                c = sec.root_rx.changed() => {
+                c = sec.root_rx.changed(), if idle => {
                     if c.is_err() {
                         break;
                     }
                     sec.root = sec.root_rx.borrow_and_update().clone();
                     None
                 }
-                c = sec.epoch.changed(), if sec.wants_cert => {
+                c = sec.epoch.changed(), if idle && sec.wants_cert => {
                     if c.is_err() {
                         break;
                     }
@@ -781,7 +809,7 @@ async fn drive<V: Variant>(
                     sec.ensure_cert(&state, &conn, peer_id.as_ref());
                     None
                 }
-                _ = tokio::time::sleep_until(renew.unwrap_or_else(tokio::time::Instant::now)), if renew.is_some() => {
+                _ = tokio::time::sleep_until(renew.unwrap_or_else(tokio::time::Instant::now)), if idle && renew.is_some() => {
                     sec.ensure_cert(&state, &conn, peer_id.as_ref());
                     None
                 }
@@ -829,10 +857,21 @@ async fn drive<V: Variant>(
             }
         };
         for (kind, r) in out {
-            count(&state, kind, V::resources(&r));
-            if tx.send(Ok(r)).await.is_err() {
-                return;
-            }
+            queued_bytes += prost::Message::encoded_len(&r);
+            queue.push_back((kind, r));
+        }
+        if queued_bytes > MAX_QUEUED_BYTES {
+            // Only a client that keeps changing its subscriptions without reading gets here.
+            state
+                .metrics
+                .refused
+                .with_label_values(&["send_queue_full"])
+                .inc();
+            tracing::warn!(proxy = %conn.node.id, queued_bytes, "ending an ADS stream whose client does not read its responses");
+            let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                "more than {MAX_QUEUED_BYTES} bytes of responses wait for this stream's client to read them"
+            ))));
+            break;
         }
     }
     drop(reg);

@@ -2,7 +2,8 @@
 //! stream with 8 KiB encode and decode buffers and lets the encode buffer grow to its 32 KiB
 //! yield threshold, and each buffer keeps its largest size for the stream's life; with one
 //! long-lived stream per proxy that dominated the agent's memory per proxy. This service is
-//! the same routing as envoy-types' generated server, with 2 KiB/8 KiB buffer settings; RDS/EDS responses are also cut at 4 KiB (server.rs).
+//! the same routing as envoy-types' generated server, with 2 KiB/8 KiB buffer settings; RDS/EDS responses are also cut at 4 KiB
+//! (or in 16 responses for a larger push, server.rs).
 
 use std::marker::PhantomData;
 use std::sync::Arc;
