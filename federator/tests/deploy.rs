@@ -16,15 +16,189 @@ fn deploy() -> PathBuf {
 }
 
 fn files(dir: &str, ext: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(deploy().join(dir))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().and_then(|x| x.to_str()) == Some(ext))
-        .collect();
+    fn walk(d: &Path, ext: &str, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, ext, out);
+            } else if p.extension().and_then(|x| x.to_str()) == Some(ext) {
+                out.push(p);
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(&deploy().join(dir), ext, &mut v);
     v.sort();
     assert!(!v.is_empty(), "no *.{ext} under deploy/{dir}");
     v
+}
+
+/// The documents of the component manifests under deploy/kubernetes (not the kustomizations,
+/// the generated CRDs or the overlays), named by file.
+fn component_docs() -> Vec<(String, Value)> {
+    let root = deploy().join("kubernetes");
+    files("kubernetes", "yaml")
+        .into_iter()
+        .filter(|f| {
+            let rel = f.strip_prefix(&root).unwrap();
+            !rel.starts_with("overlays")
+                && !rel.starts_with("crds")
+                && f.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .flat_map(|f| {
+            let name = f.strip_prefix(&root).unwrap().display().to_string();
+            docs(&f).into_iter().map(move |d| (name.clone(), d))
+        })
+        .collect()
+}
+
+/// `kubectl kustomize deploy/<dir>`, its documents.
+fn kustomize(dir: &str) -> Vec<Value> {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy().join(dir))
+        .output()
+        .expect("kubectl is required (scripts/test installs kubernetes-client when missing)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_saphyr::from_multiple::<Value>(&String::from_utf8_lossy(&out.stdout))
+        .unwrap()
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind_names(docs: &[Value]) -> std::collections::BTreeSet<String> {
+    docs.iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap_or(""),
+                d["metadata"]["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn kubernetes_manifests_match_the_binary() {
+    check_manifests(component_docs(), 4);
+}
+
+/// The overlays render with kubectl: the federation's cluster gets the federator alone with
+/// its advertised name; a member cluster gets the CRD, its agent with its own join facts and
+/// its gateway labelled with its network, and no federator. Both pass the manifest checks.
+#[test]
+fn overlays_render_each_clusters_part_with_its_facts() {
+    let fed = kustomize("kubernetes/overlays/federation");
+    let kinds = kind_names(&fed);
+    assert!(kinds.contains("StatefulSet/meshfed-federator"), "{kinds:?}");
+    assert!(kinds.contains("Namespace/meshfed-system"), "{kinds:?}");
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| k.contains("agent") || k.contains("eastwest")),
+        "{kinds:?}"
+    );
+    let args = fed
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .map(|d| d["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .unwrap();
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let at = args.iter().position(|a| *a == "--advertise").unwrap();
+    assert_eq!(args[at + 1], "federation.mesh.example.org:15100");
+    check_manifests(
+        fed.into_iter()
+            .map(|d| ("overlays/federation".into(), d))
+            .collect(),
+        1,
+    );
+
+    let west = kustomize("kubernetes/overlays/cluster-west");
+    let kinds = kind_names(&west);
+    for want in [
+        "Namespace/meshfed-system",
+        "CustomResourceDefinition/failoverpolicies.meshfed.io",
+        "StatefulSet/meshfed-agent",
+        "ClusterRole/meshfed-agent",
+        "Deployment/eastwest-gateway",
+    ] {
+        assert!(kinds.contains(want), "{want} not in {kinds:?}");
+    }
+    assert!(!kinds.iter().any(|k| k.contains("federator")), "{kinds:?}");
+    let agent = west.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let join: Vec<&str> = agent["spec"]["template"]["spec"]["initContainers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for (flag, value) in [
+        ("--cluster", "west"),
+        ("--network", "net-west"),
+        ("--trust-domain", "west.mesh"),
+        ("--locality", "us-west1/us-west1-a"),
+        ("--gateway", "eastwest.west.example.com:15443"),
+    ] {
+        let i = join.iter().position(|a| *a == flag).unwrap();
+        assert_eq!(join[i + 1], value, "{flag}");
+    }
+    for d in west
+        .iter()
+        .filter(|d| d["metadata"]["name"] == "eastwest-gateway")
+    {
+        for labels in [
+            &d["metadata"]["labels"],
+            &d["spec"]["template"]["metadata"]["labels"],
+        ] {
+            if let Some(n) = labels.get("topology.istio.io/network") {
+                assert_eq!(n, "net-west", "{}", d["kind"]);
+            }
+        }
+    }
+    check_manifests(
+        west.into_iter()
+            .map(|d| ("overlays/cluster-west".into(), d))
+            .collect(),
+        3,
+    );
+}
+
+/// The CRD files are what `meshfed crds` prints now (regenerate them with it when a type
+/// changes).
+#[test]
+fn crd_files_match_the_types() {
+    let strip = |text: &str| -> String {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let fp = std::fs::read_to_string(deploy().join("kubernetes/crds/failoverpolicy.yaml")).unwrap();
+    assert_eq!(
+        strip(&fp),
+        meshfed::cli::crds_yaml(false).unwrap(),
+        "deploy/kubernetes/crds/failoverpolicy.yaml drifted: regenerate it with `meshfed crds`"
+    );
+    let mcs = std::fs::read_to_string(deploy().join("kubernetes/crds/mcs.yaml")).unwrap();
+    let all = meshfed::cli::crds_yaml(true).unwrap();
+    let without_fp = all
+        .strip_prefix(&meshfed::cli::crds_yaml(false).unwrap())
+        .unwrap();
+    assert_eq!(
+        strip(&mcs),
+        without_fp,
+        "deploy/kubernetes/crds/mcs.yaml drifted: regenerate it with `meshfed crds --mcs`"
+    );
 }
 
 /// `meshfed <args>` must parse; Kubernetes `$(VAR)` references stand for a value.
@@ -60,151 +234,149 @@ fn labels_match(selector: &Value, labels: &Value) -> bool {
         .is_some_and(|m| m.iter().all(|(k, v)| labels.get(k.as_str()) == Some(v)))
 }
 
-#[test]
-fn kubernetes_manifests_match_the_binary() {
+/// Checks manifest documents `(source, document)`: every meshfed command line parses, admin
+/// stays on loopback, probes and scrapes hit the probe listener, selectors select, ConfigMaps
+/// parse with meshfed's loaders; at least `min_commands` meshfed command lines.
+fn check_manifests(manifests: Vec<(String, Value)>, min_commands: usize) {
     let mut pods: Vec<(String, Value)> = Vec::new();
     let mut services: Vec<(String, Value)> = Vec::new();
     let mut commands = 0;
-    for f in files("kubernetes", "yaml") {
-        let name = f.file_name().unwrap().to_string_lossy().into_owned();
-        if name == "kustomization.yaml" {
-            continue;
-        }
-        for d in docs(&f) {
-            let kind = d["kind"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{name}: a document has no kind"));
-            assert!(
-                d["apiVersion"].is_string(),
-                "{name}: {kind} has no apiVersion"
+    for (name, d) in manifests {
+        let kind = d["kind"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: a document has no kind"));
+        assert!(
+            d["apiVersion"].is_string(),
+            "{name}: {kind} has no apiVersion"
+        );
+        let obj = s(&d, &["metadata", "name"])
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{name}: a {kind} has no name"));
+        let at = format!("{name}: {kind}/{obj}");
+        // Cluster-scoped kinds have no namespace.
+        if ![
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+        ]
+        .contains(&kind)
+        {
+            assert_eq!(
+                s(&d, &["metadata", "namespace"]).and_then(Value::as_str),
+                Some("meshfed-system"),
+                "{at}: not in meshfed-system"
             );
-            let obj = s(&d, &["metadata", "name"])
-                .and_then(Value::as_str)
-                .unwrap_or_else(|| panic!("{name}: a {kind} has no name"));
-            let at = format!("{name}: {kind}/{obj}");
-            // Cluster-scoped kinds have no namespace.
-            if !["Namespace", "ClusterRole", "ClusterRoleBinding"].contains(&kind) {
-                assert_eq!(
-                    s(&d, &["metadata", "namespace"]).and_then(Value::as_str),
-                    Some("meshfed-system"),
-                    "{at}: not in meshfed-system"
-                );
-            }
-            match kind {
-                "Service" => services.push((at.clone(), d.clone())),
-                "ConfigMap" => {
-                    for (k, v) in d["data"].as_object().unwrap() {
-                        let key = k.as_str();
-                        let text = v.as_str().unwrap();
-                        if key == "registry.yaml" {
-                            meshfed_model::registry::Registry::parse(text, &format!("{at}/{key}"))
-                                .unwrap_or_else(|e| panic!("{e}"));
-                        } else {
-                            meshfed_model::policy::PolicySet::from_sources(&[(
-                                format!("{at}/{key}"),
-                                text.to_string(),
-                            )])
+        }
+        match kind {
+            "Service" => services.push((at.clone(), d.clone())),
+            "ConfigMap" => {
+                for (k, v) in d["data"].as_object().unwrap() {
+                    let key = k.as_str();
+                    let text = v.as_str().unwrap();
+                    if key == "registry.yaml" {
+                        meshfed_model::registry::Registry::parse(text, &format!("{at}/{key}"))
                             .unwrap_or_else(|e| panic!("{e}"));
-                        }
+                    } else {
+                        meshfed_model::policy::PolicySet::from_sources(&[(
+                            format!("{at}/{key}"),
+                            text.to_string(),
+                        )])
+                        .unwrap_or_else(|e| panic!("{e}"));
                     }
                 }
-                _ => {}
             }
-            let Some(template) = s(&d, &["spec", "template"]) else {
-                continue;
-            };
-            assert!(
-                labels_match(
-                    &d["spec"]["selector"]["matchLabels"],
-                    &template["metadata"]["labels"]
-                ),
-                "{at}: the selector does not select its own pods"
-            );
-            pods.push((at.clone(), template["metadata"]["labels"].clone()));
-            let spec = &template["spec"];
-            for list in ["initContainers", "containers"] {
-                for c in spec[list].as_array().into_iter().flatten() {
-                    let cname = c["name"].as_str().unwrap_or("?");
-                    let image = c["image"].as_str().unwrap_or_default();
-                    if image.starts_with("meshfed:") {
-                        let args: Vec<String> = c["args"]
-                            .as_array()
-                            .unwrap_or_else(|| panic!("{at}/{cname}: no args"))
-                            .iter()
-                            .map(|a| {
-                                a.as_str().map(str::to_string).unwrap_or_else(|| {
-                                    panic!("{at}/{cname}: args must be strings (quote numbers)")
-                                })
-                            })
-                            .collect();
-                        parses(&args, &format!("{at}/{cname}"));
-                        commands += 1;
-                        // Admin endpoints (/status, /debug/config_dump) stay on loopback; probes
-                        // reach the probe listener, which serves health and metrics only.
-                        let flag = |name: &str| {
-                            args.iter()
-                                .position(|a| a == name)
-                                .and_then(|i| args.get(i + 1))
-                                .map(|v| v.parse::<std::net::SocketAddr>().unwrap())
-                        };
-                        if let Some(admin) = flag("--admin") {
-                            assert!(
-                                admin.ip().is_loopback(),
-                                "{at}/{cname}: --admin {admin} must be bound on loopback"
-                            );
-                        }
-                        for probe in ["readinessProbe", "livenessProbe"] {
-                            if let Some(port) =
-                                s(c, &[probe, "httpGet", "port"]).and_then(Value::as_i64)
-                            {
-                                let p = flag("--probe").unwrap_or_else(|| {
-                                    panic!("{at}/{cname}: {probe} needs a --probe listener")
-                                });
-                                assert_eq!(
-                                    i64::from(p.port()),
-                                    port,
-                                    "{at}/{cname}: {probe} must hit the --probe listener"
-                                );
-                            }
-                        }
-                        let scraped = s(
-                            &template["metadata"],
-                            &["annotations", "prometheus.io/port"],
-                        )
-                        .and_then(Value::as_str)
-                        .filter(|_| list == "containers");
-                        if let Some(port) = scraped {
-                            assert_eq!(
-                                flag("--probe").map(|p| p.port().to_string()).as_deref(),
-                                Some(port),
-                                "{at}/{cname}: Prometheus scrapes the --probe listener"
-                            );
-                        }
-                    }
-                    let ports: Vec<i64> = c["ports"]
+            _ => {}
+        }
+        let Some(template) = s(&d, &["spec", "template"]) else {
+            continue;
+        };
+        assert!(
+            labels_match(
+                &d["spec"]["selector"]["matchLabels"],
+                &template["metadata"]["labels"]
+            ),
+            "{at}: the selector does not select its own pods"
+        );
+        pods.push((at.clone(), template["metadata"]["labels"].clone()));
+        let spec = &template["spec"];
+        for list in ["initContainers", "containers"] {
+            for c in spec[list].as_array().into_iter().flatten() {
+                let cname = c["name"].as_str().unwrap_or("?");
+                let image = c["image"].as_str().unwrap_or_default();
+                if image.starts_with("meshfed:") {
+                    let args: Vec<String> = c["args"]
                         .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|p| p["containerPort"].as_i64())
+                        .unwrap_or_else(|| panic!("{at}/{cname}: no args"))
+                        .iter()
+                        .map(|a| {
+                            a.as_str().map(str::to_string).unwrap_or_else(|| {
+                                panic!("{at}/{cname}: args must be strings (quote numbers)")
+                            })
+                        })
                         .collect();
+                    parses(&args, &format!("{at}/{cname}"));
+                    commands += 1;
+                    // Admin endpoints (/status, /debug/config_dump) stay on loopback; probes
+                    // reach the probe listener, which serves health and metrics only.
+                    let flag = |name: &str| {
+                        args.iter()
+                            .position(|a| a == name)
+                            .and_then(|i| args.get(i + 1))
+                            .map(|v| v.parse::<std::net::SocketAddr>().unwrap())
+                    };
+                    if let Some(admin) = flag("--admin") {
+                        assert!(
+                            admin.ip().is_loopback(),
+                            "{at}/{cname}: --admin {admin} must be bound on loopback"
+                        );
+                    }
                     for probe in ["readinessProbe", "livenessProbe"] {
                         if let Some(port) =
                             s(c, &[probe, "httpGet", "port"]).and_then(Value::as_i64)
                         {
-                            assert!(
-                                ports.contains(&port),
-                                "{at}/{cname}: {probe} port {port} is not a container port"
+                            let p = flag("--probe").unwrap_or_else(|| {
+                                panic!("{at}/{cname}: {probe} needs a --probe listener")
+                            });
+                            assert_eq!(
+                                i64::from(p.port()),
+                                port,
+                                "{at}/{cname}: {probe} must hit the --probe listener"
                             );
                         }
+                    }
+                    let scraped = s(
+                        &template["metadata"],
+                        &["annotations", "prometheus.io/port"],
+                    )
+                    .and_then(Value::as_str)
+                    .filter(|_| list == "containers");
+                    if let Some(port) = scraped {
+                        assert_eq!(
+                            flag("--probe").map(|p| p.port().to_string()).as_deref(),
+                            Some(port),
+                            "{at}/{cname}: Prometheus scrapes the --probe listener"
+                        );
+                    }
+                }
+                let ports: Vec<i64> = c["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["containerPort"].as_i64())
+                    .collect();
+                for probe in ["readinessProbe", "livenessProbe"] {
+                    if let Some(port) = s(c, &[probe, "httpGet", "port"]).and_then(Value::as_i64) {
+                        assert!(
+                            ports.contains(&port),
+                            "{at}/{cname}: {probe} port {port} is not a container port"
+                        );
                     }
                 }
             }
         }
     }
-    assert!(
-        commands >= 4,
-        "federator, join, agent and gateway command lines"
-    );
+    assert!(commands >= min_commands, "{commands} meshfed command lines");
     for (at, svc) in &services {
         let sel = &svc["spec"]["selector"];
         assert!(
@@ -251,7 +423,7 @@ fn an_unknown_flag_is_caught() {
 #[test]
 fn the_agent_cluster_role_grants_exactly_what_the_code_uses() {
     use std::collections::BTreeSet;
-    let role = docs(&deploy().join("kubernetes/agent.yaml"))
+    let role = docs(&deploy().join("kubernetes/agent/agent.yaml"))
         .into_iter()
         .find(|d| d["kind"] == "ClusterRole")
         .expect("agent.yaml has a ClusterRole");
@@ -278,7 +450,7 @@ fn the_agent_cluster_role_grants_exactly_what_the_code_uses() {
         .collect();
     assert_eq!(granted, used);
     // The agent's pod runs with that account and its token (the in-cluster configuration).
-    let sa = docs(&deploy().join("kubernetes/agent.yaml"))
+    let sa = docs(&deploy().join("kubernetes/agent/agent.yaml"))
         .into_iter()
         .find(|d| d["kind"] == "ServiceAccount")
         .unwrap();
@@ -286,36 +458,14 @@ fn the_agent_cluster_role_grants_exactly_what_the_code_uses() {
 }
 
 /// `kubectl kustomize` (the kubectl on the machines; scripts/test installs one when missing)
-/// renders the base with every object of the three manifests.
+/// renders the base with every object of the component manifests and the FailoverPolicy CRD.
 #[test]
 fn kubectl_kustomize_renders_the_base() {
-    let out = std::process::Command::new("kubectl")
-        .arg("kustomize")
-        .arg(deploy().join("kubernetes"))
-        .output()
-        .expect("kubectl is required (scripts/test installs kubernetes-client when missing)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rendered: Vec<Value> =
-        serde_saphyr::from_multiple::<Value>(&String::from_utf8_lossy(&out.stdout))
-            .unwrap()
-            .into_iter()
-            .filter(|v| !v.is_null())
-            .collect();
-    let kinds: std::collections::BTreeSet<String> = rendered
-        .iter()
-        .map(|d| {
-            format!(
-                "{}/{}",
-                d["kind"].as_str().unwrap_or(""),
-                d["metadata"]["name"].as_str().unwrap_or("")
-            )
-        })
-        .collect();
+    let rendered = kustomize("kubernetes");
+    let kinds = kind_names(&rendered);
     for want in [
+        "Namespace/meshfed-system",
+        "CustomResourceDefinition/failoverpolicies.meshfed.io",
         "StatefulSet/meshfed-federator",
         "StatefulSet/meshfed-agent",
         "Deployment/eastwest-gateway",
@@ -324,13 +474,9 @@ fn kubectl_kustomize_renders_the_base() {
     ] {
         assert!(kinds.contains(want), "{want} not in {kinds:?}");
     }
-    let inputs: usize = ["federator.yaml", "agent.yaml", "eastwest-gateway.yaml"]
-        .iter()
-        .map(|f| docs(&deploy().join("kubernetes").join(f)).len())
-        .sum();
     assert_eq!(
         rendered.len(),
-        inputs,
-        "every object of the three manifests is rendered"
+        component_docs().len() + 1,
+        "every object of the component manifests, and the CRD, is rendered"
     );
 }

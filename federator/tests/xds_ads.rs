@@ -1104,3 +1104,52 @@ async fn a_large_push_reaches_a_client_that_acks_every_response_with_every_name(
         "{responses} EDS responses for one push"
     );
 }
+
+/// A new generation takes over the EDS tables of the service ports that did not change and
+/// computes the changed one again; a change of gateways takes over nothing.
+#[test]
+fn unchanged_services_keep_their_tables_across_generations() {
+    const LEDGER: &str = "outbound|9090||ledger.shop.svc.cluster.local";
+    let p = sidecar(false);
+    let snap = snapshot(2);
+    let g1 = Generation::build(1, &snap, &policies(), &local());
+    let pay1 = g1.get(meshfed_xds::Kind::Endpoint, PAYMENT, &p).unwrap();
+    g1.get(meshfed_xds::Kind::Endpoint, LEDGER, &p).unwrap();
+    assert_eq!(g1.eds_computed.load(Ordering::Relaxed), 2);
+
+    // ledger gains an endpoint; payment does not change.
+    let mut snap2 = snap.clone();
+    let ledger = snap2
+        .imports
+        .get_mut(&("west".to_string(), "shop/ledger".to_string()))
+        .map(Arc::make_mut)
+        .unwrap();
+    ledger
+        .endpoints
+        .push(ep("10.2.1.6", "us-west1", "us-west1-a"));
+    let g2 = Generation::build(2, &snap2, &policies(), &local());
+    assert_eq!(g2.reuse_tables(&g1), 1);
+    let pay2 = g2.get(meshfed_xds::Kind::Endpoint, PAYMENT, &p).unwrap();
+    assert!(Arc::ptr_eq(&pay1, &pay2), "payment's table is taken over");
+    assert_eq!(g2.eds_computed.load(Ordering::Relaxed), 0);
+    let led2 = g2.get(meshfed_xds::Kind::Endpoint, LEDGER, &p).unwrap();
+    assert_eq!(
+        g2.eds_computed.load(Ordering::Relaxed),
+        1,
+        "ledger's is computed again"
+    );
+    let cla = ClusterLoadAssignment::decode(led2.any.value.as_slice()).unwrap();
+    let n: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+    assert_eq!(
+        n, 1,
+        "west is another network: one gateway endpoint stands for both"
+    );
+
+    // Another gateway address for west: every table depends on it.
+    let mut snap3 = snap2.clone();
+    if let Some(f) = snap3.peers.get_mut("west").and_then(|p| p.facts.as_mut()) {
+        f.gateways = vec!["192.0.2.21:15443".into()];
+    }
+    let g3 = Generation::build(3, &snap3, &policies(), &local());
+    assert_eq!(g3.reuse_tables(&g2), 0);
+}

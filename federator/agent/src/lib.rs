@@ -121,8 +121,9 @@ pub struct Inner {
     pub xds: Option<Arc<XdsState>>,
     /// The last good registry.
     pub registry: watch::Sender<Option<Arc<Registry>>>,
-    /// The export version the federator last acknowledged (for ServiceExport conditions).
-    pub exports_acked: watch::Sender<u64>,
+    /// What the federator last acknowledged in this process (for ServiceExport conditions;
+    /// before the first acknowledgement the cache says what it acknowledged before).
+    pub exports_acked: watch::Sender<Option<Arc<meshfed_model::snapshot::Services>>>,
     /// The Kubernetes watches' health (with the Kubernetes source).
     pub kube_health:
         std::sync::OnceLock<watch::Receiver<BTreeMap<String, meshfed_kube::source::WatchHealth>>>,
@@ -640,7 +641,7 @@ impl Agent {
             xds: xds_state.clone(),
             registry: watch::Sender::new(loaded),
             kube_health: std::sync::OnceLock::new(),
-            exports_acked: watch::Sender::new(0),
+            exports_acked: watch::Sender::new(None),
             entries,
             names: watch::Sender::new(Arc::new(NameTable::default())),
         });
@@ -1144,14 +1145,15 @@ async fn write_kubernetes(
         });
         // What the federator stored: read from the cache only when it acknowledged something.
         if acks.has_changed().unwrap_or(false) || stored.is_none() {
-            acks.borrow_and_update();
-            stored = Some(
-                inner
+            let acked = acks.borrow_and_update().clone();
+            stored = Some(match acked {
+                Some(m) => m.keys().cloned().collect(),
+                None => inner
                     .cache
                     .acked_exports()
                     .map(|m| m.into_keys().collect())
                     .unwrap_or_default(),
-            );
+            });
         }
         let current_view = view.borrow_and_update().clone();
         let conditions = match current_view.clone() {

@@ -454,11 +454,11 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                         if a.error.is_empty() {
                             inner.cache.set_acked(v, &ex.acked, &snap)?;
                             ex.acked_version = v;
-                            ex.acked = snap;
+                            ex.acked = snap.clone();
                             inner.metrics.export_version_acked.set(v as i64);
                             let mut st = inner.status();
                             st.exports_acked_version = v;
-                            inner.exports_acked.send_replace(v);
+                            inner.exports_acked.send_replace(Some(snap));
                             st.conflicts = a.conflicts.clone();
                             drop(st);
                             for c in &a.conflicts {

@@ -8,8 +8,10 @@
 //! - [`source`]: the client, the watches and reflector stores, the view builder.
 //! - [`sink`]: what the agent writes: MCS ServiceImports for what the cluster imports.
 //! - [`policies`]: FailoverPolicy objects and opted-in DestinationRules for the policy compiler.
+//! - [`crds`]: the CRDs of FailoverPolicy and the MCS types, generated from these types.
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
+pub mod crds;
 pub mod policies;
 pub mod rbac;
 pub mod sink;

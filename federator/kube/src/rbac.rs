@@ -1,5 +1,5 @@
 //! The API access the agent's Kubernetes source and sink use: exactly these verbs on these
-//! resources. The ClusterRole in `deploy/kubernetes/agent.yaml` must grant exactly this
+//! resources. The ClusterRole in `deploy/kubernetes/agent/agent.yaml` must grant exactly this
 //! (`federator/tests/deploy.rs` compares them).
 
 /// `(API group, resource, verbs)`.

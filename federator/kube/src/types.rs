@@ -25,8 +25,9 @@ pub struct ServiceExport {
     pub status: Option<ServiceExportStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ServiceExportStatus {
+    /// `Valid`, `Conflict` and `Ready` (KEP-1645), set by meshfed's agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -89,7 +90,7 @@ pub struct ServiceImport {
     pub status: Option<ServiceImportStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceImportSpec {
     /// `ClusterSetIP` or `Headless`.
@@ -97,11 +98,18 @@ pub struct ServiceImportSpec {
     pub type_: String,
     #[serde(default)]
     pub ports: Vec<ServiceImportPort>,
+    /// The clusterset IPs (meshfed's DNS VIPs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<String>,
+    /// `None` or `ClientIP`, as a Service's (meshfed does not set it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<String>,
+    /// As a Service's (meshfed does not set it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<k8s_openapi::api::core::v1::SessionAffinityConfig>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceImportPort {
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -113,13 +121,14 @@ pub struct ServiceImportPort {
     pub app_protocol: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ServiceImportStatus {
+    /// The clusters the service is imported from.
     #[serde(default)]
     pub clusters: Vec<ClusterStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ClusterStatus {
     pub cluster: String,
 }

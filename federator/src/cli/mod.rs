@@ -66,6 +66,26 @@ pub enum Command {
     Vm(vm::VmCommand),
     /// Run a whole federation on this machine and show it working (--check: assert and exit).
     Demo(DemoArgs),
+    /// Print the CustomResourceDefinitions meshfed reads (FailoverPolicy; with --mcs also the
+    /// MCS ServiceExport and ServiceImport) as YAML for `kubectl apply -f -`.
+    Crds(CrdsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CrdsArgs {
+    /// Also the MCS CRDs (multicluster.x-k8s.io/v1alpha1), for a cluster that does not have
+    /// them from kubernetes-sigs/mcs-api.
+    #[arg(long)]
+    mcs: bool,
+}
+
+/// The CRDs `meshfed crds` prints, as YAML.
+pub fn crds_yaml(mcs: bool) -> anyhow::Result<String> {
+    let mut all = vec![meshfed_kube::crds::failover_policy()?];
+    if mcs {
+        all.extend(meshfed_kube::crds::mcs()?);
+    }
+    meshfed_kube::crds::to_yaml(&all)
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +121,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProxyStatus(a) => runtime()?.block_on(proxy::status(a)),
         Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
         Command::Vm(c) => runtime()?.block_on(vm::run(c)),
+        Command::Crds(a) => {
+            print!("{}", crds_yaml(a.mcs)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(a) => {
             let opts = meshfed_demo::DemoOptions {
                 state_dir: a.state_dir,

@@ -19,7 +19,7 @@ use meshfed_model::snapshot::Snapshot;
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 /// What EDS needs for one service port.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct ServicePort {
     pub host: String,
     pub port: u32,
@@ -243,6 +243,36 @@ impl Generation {
             }
         }
         g
+    }
+
+    /// Takes over from `prev` the EDS tables already computed for every service port that did
+    /// not change (the same endpoints and policy, and the same gateways everywhere), so that a
+    /// change to one service computes that service's tables again, not every table. Returns
+    /// how many tables were taken over.
+    pub fn reuse_tables(&self, prev: &Generation) -> usize {
+        if self.gateways != prev.gateways {
+            return 0;
+        }
+        let old = prev.eds_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mine = self.eds_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut same: HashMap<&str, bool> = HashMap::new();
+        let mut n = 0;
+        for ((cluster, class), slot) in old.iter() {
+            if slot.get().is_none() {
+                continue;
+            }
+            let unchanged = *same.entry(cluster).or_insert_with(|| {
+                match (self.ports.get(cluster), prev.ports.get(cluster)) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                    _ => false,
+                }
+            });
+            if unchanged {
+                mine.insert((cluster.clone(), *class), slot.clone());
+                n += 1;
+            }
+        }
+        n
     }
 
     fn clusters(&self, p: &ProxyNode) -> &BTreeMap<Arc<str>, SharedRes> {

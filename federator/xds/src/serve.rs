@@ -117,8 +117,18 @@ async fn build(
 ) -> Option<Generation> {
     let local = state.local.clone();
     let f = builder.clone();
+    let prev = state.current();
     let t = Instant::now();
-    let g = match tokio::task::spawn_blocking(move || f(version, &snap, &pol, &local)).await {
+    let g = match tokio::task::spawn_blocking(move || {
+        let g = f(version, &snap, &pol, &local);
+        g.reuse_tables(&prev);
+        // The previous generation is dropped here, off the async workers, unless a stream
+        // still holds it.
+        drop(prev);
+        g
+    })
+    .await
+    {
         Ok(g) => g,
         Err(e) => {
             state.metrics.build_failures.inc();

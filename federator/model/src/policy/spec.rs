@@ -56,20 +56,38 @@ struct FailoverPolicyDoc {
     spec: FailoverPolicySpec,
 }
 
-#[derive(Debug, Deserialize)]
+/// The spec of a meshfed `FailoverPolicy` (meshfed.io/v1alpha1): how proxies of this
+/// cluster order and weigh the endpoints of one host across localities, networks and
+/// clusters. Its JSON schema is the CRD's (`meshfed crds`).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct FailoverPolicySpec {
+pub struct FailoverPolicySpec {
+    /// The service's host, `<name>.<namespace>.svc.cluster.local` (a short name is completed
+    /// with the namespace).
+    #[schemars(with = "String")]
     host: Spanned<String>,
+    /// Istio's `failoverPriority`: labels, or `label=value`, in order.
     #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
     failover_priority: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Region pairs, as Istio's `localityLbSetting.failover`.
     #[serde(default)]
+    #[schemars(with = "Option<Vec<FailoverSpec>>")]
     failover: Option<Spanned<Vec<Spanned<FailoverSpec>>>>,
+    /// Weighted traffic from a locality to localities, as Istio's
+    /// `localityLbSetting.distribute`.
     #[serde(default)]
+    #[schemars(with = "Option<Vec<DistributeSpec>>")]
     distribute: Option<Spanned<Vec<Spanned<DistributeSpec>>>>,
+    /// The health signal, as Istio's `outlierDetection` (required with failover).
     #[serde(default)]
+    #[schemars(with = "Option<OutlierSpec>")]
     outlier_detection: Option<Spanned<OutlierSpec>>,
+    /// What proxies do with the endpoints of a cluster whose lease expired; overrides the
+    /// exporter's setting.
     #[serde(default)]
     staleness: Option<StalenessSpec>,
+    /// Accept failover without `outlierDetection`.
     #[serde(default)]
     allow_without_health_signal: bool,
     /// Attach the policy to this cluster's export of `host`, so every importer applies it.
@@ -77,45 +95,59 @@ struct FailoverPolicySpec {
     publish: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct StalenessSpec {
+    /// `deprioritize` (rank last) or `withdraw` (leave out).
     on_expiry: OnExpirySpec,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 enum OnExpirySpec {
     Deprioritize,
     Withdraw,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct FailoverSpec {
+    /// A region.
+    #[schemars(with = "String")]
     from: Spanned<String>,
+    /// The region to fail over to.
+    #[schemars(with = "String")]
     to: Spanned<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct DistributeSpec {
+    /// A locality, `region/zone/subzone`, `*` as a wildcard.
+    #[schemars(with = "String")]
     from: Spanned<String>,
+    /// Localities and their weights.
+    #[schemars(with = "BTreeMap<String, u32>")]
     to: Spanned<BTreeMap<String, Spanned<u32>>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct OutlierSpec {
     #[serde(default)]
     consecutive_5xx_errors: Option<u32>,
     #[serde(default)]
     consecutive_gateway_errors: Option<u32>,
+    /// A duration (`10s`, `1m`).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     interval: Option<Spanned<String>>,
+    /// A duration (`30s`).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     base_ejection_time: Option<Spanned<String>>,
     #[serde(default)]
+    #[schemars(with = "Option<u32>")]
     max_ejection_percent: Option<Spanned<u32>>,
 }
 
