@@ -508,3 +508,107 @@ fn the_import_writer_cleans_up_its_own_after_a_restart_and_nothing_else() {
     assert!(api.get("ServiceImport", "shop", "stale").is_none());
     assert!(api.get("ServiceImport", "shop", "user-made").is_some());
 }
+
+/// `dig +short` against a cluster's mesh DNS.
+fn dig(c: &Cluster, name: &str, qtype: &str) -> anyhow::Result<Vec<String>> {
+    let (host, port) = c.dns.rsplit_once(':').unwrap();
+    let out = std::process::Command::new("dig")
+        .args([
+            &format!("@{host}"),
+            "-p",
+            port,
+            name,
+            qtype,
+            "+short",
+            "+tries=1",
+            "+time=2",
+        ])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "dig failed: {:?}", out);
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// A headless Service (a StatefulSet's: `clusterIP: None`, slices with hostnames) exported by
+/// east reaches west, on the same network, as MCS DNS names answered by west's mesh DNS (dig):
+/// every endpoint under the service's name, one under `<hostname>.east.<svc>...`; an endpoint
+/// that stops being ready leaves both. The export is headless at the federator too.
+#[test]
+fn a_headless_service_resolves_by_hostname_in_a_cluster_of_its_network() {
+    let api = ApiServer::start().unwrap();
+    let f = Federation::start("5s").unwrap();
+    let kubeconfig = api.kubeconfig(&f.root.path().join("kubeconfig")).unwrap();
+    let db_slice = |ready1: bool| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "db-x1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.1.0.20"], "hostname": "db-0", "conditions": {"ready": true}},
+                {"addresses": ["10.1.0.21"], "hostname": "db-1", "conditions": {"ready": ready1}}]})
+    };
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"clusterIP": "None", "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]}}))
+        .unwrap();
+    api.apply(db_slice(true)).unwrap();
+    api.apply(export("db")).unwrap();
+    let args = [
+        "--source",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ];
+    let _east = f
+        .add_cluster_with(
+            "east",
+            "net-a",
+            "us-east1/us-east1-b",
+            "services: []\n",
+            None,
+            &[],
+            &args,
+        )
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-a", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    let all = wait_for(
+        Duration::from_secs(60),
+        "west's DNS answers db with east's endpoints",
+        || {
+            let v = dig(&west, "db.shop.svc.clusterset.local", "A")?;
+            Ok((v.len() == 2).then_some(v))
+        },
+    )
+    .unwrap();
+    assert_eq!(all, ["10.1.0.20", "10.1.0.21"]);
+    assert_eq!(
+        dig(&west, "db-1.east.db.shop.svc.clusterset.local", "A").unwrap(),
+        ["10.1.0.21"]
+    );
+    let srv = dig(&west, "_pg._tcp.db.shop.svc.clusterset.local", "SRV").unwrap();
+    assert_eq!(
+        srv,
+        [
+            "0 100 5432 db-0.east.db.shop.svc.clusterset.local.",
+            "0 100 5432 db-1.east.db.shop.svc.clusterset.local."
+        ]
+    );
+    // db-1 is no longer ready: it leaves the service's answer and its own name.
+    api.apply(db_slice(false)).unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "db-1 leaves west's answers",
+        || Ok((dig(&west, "db.shop.svc.clusterset.local", "A")? == ["10.1.0.20"]).then_some(())),
+    )
+    .unwrap();
+    assert!(dig(&west, "db-1.east.db.shop.svc.clusterset.local", "A")
+        .unwrap()
+        .is_empty());
+}

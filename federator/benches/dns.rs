@@ -44,6 +44,8 @@ fn table() -> NameTable {
         t.services.insert(
             name(i),
             ServiceNames {
+                endpoints: Vec::new(),
+                headless: false,
                 v4: Some(vip(i)),
                 v6: None,
                 ports: vec![PortName {

@@ -51,6 +51,7 @@ fn service(cluster: usize, i: usize, endpoints: usize, marker: Option<usize>) ->
         labels.insert("bench-marker".to_string(), m.to_string());
     }
     ServiceExport {
+        headless: false,
         namespace: "bench".into(),
         name: format!("svc-{i}"),
         ports: vec![Port {

@@ -141,6 +141,8 @@ mod tests {
         t.services.insert(
             ("shop".into(), "payment".into()),
             ServiceNames {
+                endpoints: Vec::new(),
+                headless: false,
                 v4: Some("240.240.0.9".parse().unwrap()),
                 v6: Some("2001:2::9".parse().unwrap()),
                 ports: vec![PortName {
@@ -426,5 +428,209 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(r.answers[0].data, RData::AAAA(_)));
+    }
+}
+
+#[cfg(test)]
+mod headless_tests {
+    use super::*;
+    use hickory_server::proto::op::{Message, Query, ResponseCode};
+    use hickory_server::proto::rr::{Name, RData, RecordType};
+    use std::str::FromStr;
+    use table::{HeadlessEndpoint, PortName, ServiceNames};
+    use tokio::net::UdpSocket;
+
+    async fn ask(server: SocketAddr, name: &str, t: RecordType) -> Message {
+        let mut m = Message::query();
+        m.metadata.id = 42;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), t));
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(&m.to_vec().unwrap(), server).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        // A bound on failure only: the answer ends the wait.
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        Message::from_vec(&buf[..n]).unwrap()
+    }
+
+    fn ep(a: &str, host: &str, cluster: &str) -> HeadlessEndpoint {
+        HeadlessEndpoint {
+            address: a.parse().unwrap(),
+            hostname: host.into(),
+            cluster: cluster.into(),
+        }
+    }
+
+    fn headless(endpoints: Vec<HeadlessEndpoint>) -> ServiceNames {
+        ServiceNames {
+            v4: None,
+            v6: None,
+            ports: vec![PortName {
+                name: "pg".into(),
+                port: 5432,
+                protocol: "tcp".into(),
+            }],
+            cluster: true,
+            clusterset: true,
+            headless: true,
+            endpoints,
+        }
+    }
+
+    /// MCS DNS for headless services: the service name answers with every endpoint (by
+    /// family), `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local` with one, SRV with one
+    /// record per endpoint with a hostname; a headless service without endpoints does not exist.
+    #[tokio::test]
+    async fn headless_services_answer_with_their_endpoints_and_hostnames() {
+        let mut t = NameTable::default();
+        t.services.insert(
+            ("shop".into(), "db".into()),
+            headless(vec![
+                ep("10.2.0.5", "db-0", "east"),
+                ep("10.2.0.6", "db-1", "east"),
+                ep("2001:db8::7", "db-0", "west"),
+                ep("10.3.0.5", "", "west"),
+            ]),
+        );
+        t.services
+            .insert(("shop".into(), "gone".into()), headless(Vec::new()));
+        let (_tx, rx) = watch::channel(Arc::new(t));
+        let s = serve(
+            &Tasks::new(),
+            "127.0.0.1:0".parse().unwrap(),
+            rx,
+            Vec::new(),
+            &prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
+        let addrs = |m: &Message| -> Vec<String> {
+            m.answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(a.0.to_string()),
+                    RData::AAAA(a) => Some(a.0.to_string()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let r = ask(s.addr, "db.shop.svc.clusterset.local.", RecordType::A).await;
+        assert_eq!(addrs(&r), ["10.2.0.5", "10.2.0.6", "10.3.0.5"]);
+        let r = ask(s.addr, "db.shop.svc.cluster.local.", RecordType::AAAA).await;
+        assert_eq!(addrs(&r), ["2001:db8::7"]);
+        let r = ask(
+            s.addr,
+            "db-1.east.db.shop.svc.clusterset.local.",
+            RecordType::A,
+        )
+        .await;
+        assert_eq!(addrs(&r), ["10.2.0.6"]);
+        let r = ask(
+            s.addr,
+            "db-0.west.db.shop.svc.clusterset.local.",
+            RecordType::AAAA,
+        )
+        .await;
+        assert_eq!(addrs(&r), ["2001:db8::7"]);
+        let r = ask(
+            s.addr,
+            "db-2.east.db.shop.svc.clusterset.local.",
+            RecordType::A,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        let r = ask(s.addr, "east.db.shop.svc.clusterset.local.", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+        let r = ask(
+            s.addr,
+            "_pg._tcp.db.shop.svc.clusterset.local.",
+            RecordType::SRV,
+        )
+        .await;
+        let targets: Vec<String> = r
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(x) => Some(format!("{} {}", x.target, x.port)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                "db-0.east.db.shop.svc.clusterset.local. 5432",
+                "db-1.east.db.shop.svc.clusterset.local. 5432",
+                "db-0.west.db.shop.svc.clusterset.local. 5432",
+            ]
+        );
+        assert_eq!(r.additionals.len(), 3, "each target's address");
+        let r = ask(s.addr, "gone.shop.svc.clusterset.local.", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    /// The table of a headless service: no VIP asked for; the healthy endpoints of the cluster's
+    /// own network with their hostnames; another network's endpoints left out.
+    #[test]
+    fn the_table_lists_reachable_healthy_endpoints_of_headless_services() {
+        use meshfed_model::snapshot::Snapshot;
+        use proto::{ClusterFacts, Endpoint, LeaseState, PeerCluster, ServiceExport};
+        let mut s = Snapshot {
+            facts: ClusterFacts {
+                cluster_id: "west".into(),
+                network: "net-a".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let db = |eps: Vec<(&str, &str, bool)>| ServiceExport {
+            namespace: "shop".into(),
+            name: "db".into(),
+            headless: true,
+            endpoints: eps
+                .into_iter()
+                .map(|(a, h, healthy)| Endpoint {
+                    address: a.into(),
+                    hostname: h.into(),
+                    healthy,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for (c, net, eps) in [
+            (
+                "east",
+                "net-a",
+                vec![("10.2.0.5", "db-0", true), ("10.2.0.6", "db-1", false)],
+            ),
+            ("far", "net-b", vec![("10.9.0.5", "db-0", true)]),
+        ] {
+            s.imports
+                .insert((c.into(), "shop/db".into()), Arc::new(db(eps)));
+            s.peers.insert(
+                c.into(),
+                PeerCluster {
+                    facts: Some(ClusterFacts {
+                        cluster_id: c.into(),
+                        network: net.into(),
+                        ..Default::default()
+                    }),
+                    lease: LeaseState::Fresh as i32,
+                    ..Default::default()
+                },
+            );
+        }
+        let t = table::build(&s, &BTreeSet::new(), |k| panic!("no VIP for headless {k}"));
+        let db = &t.services[&("shop".to_string(), "db".to_string())];
+        assert!(db.headless);
+        assert_eq!((db.v4, db.v6), (None, None));
+        assert_eq!(db.endpoints, [ep("10.2.0.5", "db-0", "east")]);
+        // What a VM receives says the same.
+        let (back, bad) = NameTable::from_proto(&t.to_proto());
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(back, t);
     }
 }

@@ -192,6 +192,56 @@ impl RequestHandler for MeshDns {
         let mut additionals = Vec::new();
         let mut zone = Self::zone_of(&text);
         match &found {
+            Lookup::Service { zone: z, svc, .. } if svc.headless => {
+                zone = z;
+                // A headless service answers with its endpoints; with none, the name does not
+                // exist (MCS DNS specification).
+                if svc.endpoints.is_empty() {
+                    meta.response_code = ResponseCode::NXDomain;
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                for e in &svc.endpoints {
+                    if seen.insert(e.address) {
+                        if let Some(r) = address_record(&qname, qtype, e.address) {
+                            answers.push(r);
+                        }
+                    }
+                }
+            }
+            Lookup::Endpoint { zone: z, address } => {
+                zone = z;
+                if let Some(r) = address_record(&qname, qtype, *address) {
+                    answers.push(r);
+                }
+            }
+            Lookup::Port {
+                zone: z,
+                svc,
+                namespace,
+                name,
+                port,
+            } if svc.headless && svc.endpoints.iter().any(|e| !e.hostname.is_empty()) => {
+                // One SRV per endpoint with a hostname, pointing at its own name.
+                zone = z;
+                if matches!(qtype, RecordType::SRV | RecordType::ANY) {
+                    for e in svc.endpoints.iter().filter(|e| !e.hostname.is_empty()) {
+                        let Ok(target) = Name::from_str(&format!(
+                            "{}.{}.{name}.{namespace}.svc.{z}.",
+                            e.hostname, e.cluster
+                        )) else {
+                            continue;
+                        };
+                        answers.push(Record::from_rdata(
+                            qname.clone(),
+                            TTL,
+                            RData::SRV(SRV::new(0, 100, port.port, target.clone())),
+                        ));
+                        if let Some(r) = address_record(&target, RecordType::ANY, e.address) {
+                            additionals.push(r);
+                        }
+                    }
+                }
+            }
             Lookup::Service { zone: z, svc, .. } => {
                 zone = z;
                 if matches!(qtype, RecordType::A | RecordType::ANY) {
@@ -367,5 +417,18 @@ impl MeshDns {
             Ok(i) => i,
             Err(_) => fallback(request, ResponseCode::ServFail),
         }
+    }
+}
+
+/// The A or AAAA record of `address` for `name`, if the query asks for that family.
+fn address_record(name: &Name, qtype: RecordType, address: std::net::IpAddr) -> Option<Record> {
+    match address {
+        std::net::IpAddr::V4(a) if matches!(qtype, RecordType::A | RecordType::ANY) => {
+            Some(Record::from_rdata(name.clone(), TTL, RData::A(A(a))))
+        }
+        std::net::IpAddr::V6(a) if matches!(qtype, RecordType::AAAA | RecordType::ANY) => {
+            Some(Record::from_rdata(name.clone(), TTL, RData::AAAA(AAAA(a))))
+        }
+        _ => None,
     }
 }

@@ -10,9 +10,15 @@
 //!   -> A/AAAA = the same VIP (ClusterSetIP);
 //! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV -> `<svc>.<ns>.svc.<zone>` (named ports only);
 //! - `dns-version.clusterset.local` TXT "1.0.0".
+//!
+//! A headless service (`clusterIP: None`, MCS type Headless) has no VIP: its name answers with
+//! the addresses of its healthy endpoints that this cluster reaches directly (its own and those
+//! of clusters on its network; an endpoint behind another network's gateway has no routable
+//! address here and is left out), and `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local`
+//! with one endpoint's address, for endpoints with a hostname (a StatefulSet's pods).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +43,20 @@ pub struct ServiceNames {
     pub cluster: bool,
     /// Answers under `clusterset.local`.
     pub clusterset: bool,
+    /// Headless: no VIPs; the name answers with `endpoints`.
+    #[serde(default)]
+    pub headless: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<HeadlessEndpoint>,
+}
+
+/// One endpoint of a headless service that this cluster reaches directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadlessEndpoint {
+    pub address: IpAddr,
+    /// Its own name `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local` (when not empty).
+    pub hostname: String,
+    pub cluster: String,
 }
 
 /// Keyed by (namespace, name).
@@ -69,6 +89,8 @@ pub enum Lookup<'a> {
         name: String,
         port: &'a PortName,
     },
+    /// One endpoint of a headless service, by hostname and cluster.
+    Endpoint { zone: &'static str, address: IpAddr },
     /// A name that exists only as a parent of others (e.g. `shop.svc.cluster.local`): NOERROR
     /// with no records.
     Empty,
@@ -128,6 +150,37 @@ impl NameTable {
                         if s.ports
                             .iter()
                             .any(|p| proto[1..] == *p.protocol && !p.name.is_empty()) =>
+                    {
+                        Lookup::Empty
+                    }
+                    _ => Lookup::NxDomain,
+                }
+            }
+            [host, cluster, svc, ns, "svc"]
+                if zone == CLUSTERSET_ZONE && !host.starts_with('_') =>
+            {
+                match self.get(ns, svc).filter(|s| s.headless && in_zone(s)) {
+                    Some(s) => match s
+                        .endpoints
+                        .iter()
+                        .find(|e| e.hostname == *host && e.cluster == *cluster)
+                    {
+                        Some(e) => Lookup::Endpoint {
+                            zone,
+                            address: e.address,
+                        },
+                        None => Lookup::NxDomain,
+                    },
+                    None => Lookup::NxDomain,
+                }
+            }
+            [cluster, svc, ns, "svc"] if zone == CLUSTERSET_ZONE && !cluster.starts_with('_') => {
+                // The parent of a headless service's endpoint names.
+                match self.get(ns, svc).filter(|s| s.headless && in_zone(s)) {
+                    Some(s)
+                        if s.endpoints
+                            .iter()
+                            .any(|e| e.cluster == *cluster && !e.hostname.is_empty()) =>
                     {
                         Lookup::Empty
                     }
@@ -206,7 +259,27 @@ pub fn build(
                 }
             }
         }
-        let (v4, v6) = vip(&key);
+        // Headless when every exporter says so (clusters that disagree get a VIP).
+        let headless = insts.iter().all(|i| i.export.headless);
+        let (v4, v6) = if headless { (None, None) } else { vip(&key) };
+        let mut endpoints = Vec::new();
+        if headless {
+            for i in insts
+                .iter()
+                .filter(|i| i.local || i.network == snap.facts.network)
+            {
+                for e in i.export.endpoints.iter().filter(|e| e.healthy) {
+                    if let Ok(address) = e.address.parse::<IpAddr>() {
+                        endpoints.push(HeadlessEndpoint {
+                            address,
+                            hostname: e.hostname.clone(),
+                            cluster: i.cluster.to_string(),
+                        });
+                    }
+                }
+            }
+            endpoints.sort_by(|a, b| (&a.cluster, a.address).cmp(&(&b.cluster, b.address)));
+        }
         t.services.insert(
             (ns.to_string(), name.to_string()),
             ServiceNames {
@@ -215,6 +288,8 @@ pub fn build(
                 ports,
                 cluster: local || imported,
                 clusterset,
+                headless,
+                endpoints,
             },
         );
     }
@@ -243,6 +318,16 @@ impl NameTable {
                         .collect(),
                     cluster: s.cluster,
                     clusterset: s.clusterset,
+                    headless: s.headless,
+                    endpoints: s
+                        .endpoints
+                        .iter()
+                        .map(|e| proto::vm::HeadlessEndpoint {
+                            address: e.address.to_string(),
+                            hostname: e.hostname.clone(),
+                            cluster: e.cluster.clone(),
+                        })
+                        .collect(),
                 })
                 .collect(),
         }
@@ -280,6 +365,25 @@ impl NameTable {
                     }
                 },
             };
+            let mut endpoints = Vec::new();
+            for e in &s.endpoints {
+                let (Ok(address), true, true) = (
+                    e.address.parse::<IpAddr>(),
+                    e.hostname.is_empty() || meshfed_model::validate::is_dns_label(&e.hostname),
+                    meshfed_model::validate::is_dns_label(&e.cluster),
+                ) else {
+                    bad.push(format!(
+                        "{key}: endpoint {:?} (hostname {:?}, cluster {:?})",
+                        e.address, e.hostname, e.cluster
+                    ));
+                    continue;
+                };
+                endpoints.push(HeadlessEndpoint {
+                    address,
+                    hostname: e.hostname.clone(),
+                    cluster: e.cluster.clone(),
+                });
+            }
             t.services.insert(
                 (s.namespace.clone(), s.name.clone()),
                 ServiceNames {
@@ -297,6 +401,8 @@ impl NameTable {
                         .collect(),
                     cluster: s.cluster,
                     clusterset: s.clusterset,
+                    headless: s.headless,
+                    endpoints,
                 },
             );
         }
@@ -313,6 +419,8 @@ mod tests {
         t.services.insert(
             ("shop".into(), "payment".into()),
             ServiceNames {
+                endpoints: Vec::new(),
+                headless: false,
                 v4: Some(Ipv4Addr::new(240, 240, 0, 1)),
                 v6: None,
                 ports: vec![
@@ -334,6 +442,8 @@ mod tests {
         t.services.insert(
             ("shop".into(), "internal".into()),
             ServiceNames {
+                endpoints: Vec::new(),
+                headless: false,
                 v4: Some(Ipv4Addr::new(240, 240, 0, 2)),
                 v6: None,
                 ports: vec![],

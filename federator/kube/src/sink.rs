@@ -1,7 +1,8 @@
-//! The sink: what the agent writes to the Kubernetes API. For now, one MCS `ServiceImport` per
-//! service the cluster imports from another cluster (type `ClusterSetIP`, the union of the
-//! exporters' ports, `ips` = the service's meshfed VIP, `status.clusters` = the exporting
-//! clusters), written with server-side apply under one field manager, only when it changed, and
+//! The sink: what the agent writes to the Kubernetes API. One MCS `ServiceImport` per service
+//! the cluster imports from another cluster (type `ClusterSetIP` with `ips` = the service's
+//! meshfed VIPs, or `Headless` without when every exporter's Service is headless; the union of
+//! the exporters' ports, `status.clusters` = the exporting clusters), its EndpointSlices, and
+//! the ServiceExports' conditions, written with server-side apply under one field manager, only when it changed, and
 //! labelled `app.kubernetes.io/managed-by: meshfed`. A ServiceImport is deleted only when it
 //! carries that label and the service is no longer imported: nothing a user wrote is deleted.
 
@@ -50,12 +51,19 @@ pub fn desired_imports(
                 }
             }
         }
-        let ips: Vec<String> = vips(ns, name).iter().map(|ip| ip.to_string()).collect();
+        // Headless when every exporter says so (as the name table: no VIP then).
+        let headless = insts.iter().all(|i| i.export.headless);
+        let spec = if headless {
+            json!({"type": "Headless", "ports": ports})
+        } else {
+            let ips: Vec<String> = vips(ns, name).iter().map(|ip| ip.to_string()).collect();
+            json!({"type": "ClusterSetIP", "ports": ports, "ips": ips})
+        };
         let obj = json!({
             "apiVersion": "multicluster.x-k8s.io/v1alpha1",
             "kind": "ServiceImport",
             "metadata": {"name": name, "namespace": ns, "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
-            "spec": {"type": "ClusterSetIP", "ports": ports, "ips": ips},
+            "spec": spec,
         });
         let status = json!({
             "apiVersion": "multicluster.x-k8s.io/v1alpha1",
@@ -195,6 +203,17 @@ fn addr_type(a: &str) -> &'static str {
 /// horizon), every service port mapped to the gateway's port. IPv6 addresses and gateway host
 /// names go in their own slices (`<service>-<cluster>-v6`, `-fqdn`), as do endpoints whose
 /// target ports differ (a further `-<n>`): a slice has one address type and one port list.
+/// One endpoint of an EndpointSlice meshfed writes.
+struct SliceEndpoint {
+    address: String,
+    ready: bool,
+    zone: String,
+    /// A headless service's endpoint hostname (empty for none).
+    hostname: String,
+    /// The port of every service port, by name.
+    ports: BTreeMap<String, u32>,
+}
+
 pub fn desired_slices(
     own_network: &str,
     services: &BTreeMap<String, Vec<Instance>>,
@@ -205,8 +224,7 @@ pub fn desired_slices(
             continue;
         };
         for i in insts.iter().filter(|i| !i.local) {
-            // (address, ready, zone, port by name)
-            let mut eps: Vec<(String, bool, String, BTreeMap<String, u32>)> = Vec::new();
+            let mut eps: Vec<SliceEndpoint> = Vec::new();
             if i.network.is_empty() || i.network == own_network {
                 for e in &i.export.endpoints {
                     let ports = i
@@ -225,7 +243,13 @@ pub fn desired_slices(
                         .as_ref()
                         .map(|l| l.zone.clone())
                         .unwrap_or_default();
-                    eps.push((e.address.clone(), e.healthy, zone, ports));
+                    eps.push(SliceEndpoint {
+                        address: e.address.clone(),
+                        ready: e.healthy,
+                        zone,
+                        hostname: e.hostname.clone(),
+                        ports,
+                    });
                 }
             } else {
                 for g in i.gateways {
@@ -242,15 +266,31 @@ pub fn desired_slices(
                         .iter()
                         .map(|p| (p.name.clone(), port))
                         .collect();
-                    eps.push((host.to_string(), true, String::new(), ports));
+                    eps.push(SliceEndpoint {
+                        address: host.to_string(),
+                        ready: true,
+                        zone: String::new(),
+                        hostname: String::new(),
+                        ports,
+                    });
                 }
             }
             // One slice per address type and port mapping (a slice has one ports list).
             let mut groups: BTreeMap<SliceShape, Vec<Value>> = BTreeMap::new();
-            for (addr, ready, zone, ports) in &eps {
+            for SliceEndpoint {
+                address: addr,
+                ready,
+                zone,
+                hostname,
+                ports,
+            } in &eps
+            {
                 let mut e = json!({"addresses": [addr], "conditions": {"ready": ready}});
                 if !zone.is_empty() {
                     e["zone"] = json!(zone);
+                }
+                if !hostname.is_empty() {
+                    e["hostname"] = json!(hostname);
                 }
                 groups
                     .entry((addr_type(addr), ports.clone().into_iter().collect()))
@@ -329,7 +369,8 @@ fn cond(type_: &'static str, status: bool, reason: &str, message: String) -> Con
 /// The conditions of every ServiceExport the source saw (KEP-1645): `Valid` (its Service
 /// exists and can be exported; reasons NoService, InvalidServiceType, InvalidService,
 /// InvalidAnnotation), `Conflict` (the federator found this export's ports at odds with an
-/// older export of the same service elsewhere: PortConflict) and `Ready` (the federator stored
+/// older export of the same service elsewhere: PortConflict, or TypeConflict when one is
+/// headless and the other not) and `Ready` (the federator stored
 /// it: Exported; Pending until then).
 pub fn export_conditions(
     view: &crate::view::View,
@@ -350,7 +391,17 @@ pub fn export_conditions(
             Err((reason, message)) => c.push(cond("Valid", false, reason, message.clone())),
         }
         match conflicts.iter().find(|x| x.starts_with(&format!("{key}:"))) {
-            Some(m) => c.push(cond("Conflict", true, "PortConflict", m.clone())),
+            Some(m) => {
+                let type_conflict = m[key.len() + 1..]
+                    .trim_start()
+                    .starts_with(meshfed_model::validate::TYPE_CONFLICT);
+                let reason = if type_conflict {
+                    "TypeConflict"
+                } else {
+                    "PortConflict"
+                };
+                c.push(cond("Conflict", true, reason, m.clone()))
+            }
             None => c.push(cond("Conflict", false, "NoConflicts", String::new())),
         }
         c.push(match state {
@@ -516,11 +567,23 @@ mod tests {
         let k = |n: &str| ("shop".to_string(), n.to_string());
         v.service_exports.insert(k("payment"), Ok(()));
         v.service_exports.insert(k("ledger"), Ok(()));
+        v.service_exports.insert(k("db"), Ok(()));
         v.service_exports.insert(
             k("ghost"),
             Err(("NoService".into(), "no Service shop/ghost to export".into())),
         );
-        let conflicts = ["shop/ledger: port 80 is UDP here but TCP in the older export (cluster east exported it first)".to_string()];
+        let db = meshfed_model::validate::export_conflict(
+            &ServiceExport {
+                headless: true,
+                ..Default::default()
+            },
+            &ServiceExport::default(),
+        )
+        .unwrap();
+        let conflicts = [
+            "shop/ledger: port 80 is UDP here but TCP in the older export (cluster east exported it first)".to_string(),
+            format!("shop/db: {db} (cluster east exported it first)"),
+        ];
         let stored: BTreeSet<String> = ["shop/payment".to_string()].into();
         let c = export_conditions(&v, &conflicts, &stored);
         let row = |n: &str| {
@@ -545,6 +608,10 @@ mod tests {
                 ("Ready", false, "Pending")
             ]
         );
+        assert_eq!(row("db")[1], ("Conflict", true, "TypeConflict"));
+        assert!(c[&k("db")][1]
+            .message
+            .contains("ClusterSetIP here but Headless"));
         assert_eq!(
             row("ghost"),
             [
@@ -663,6 +730,70 @@ mod tests {
         assert_eq!(fqdn.address_type, "FQDN");
         assert_eq!(fqdn.endpoints[0].addresses, ["gw.far.example"]);
         assert_eq!(d.len(), 3);
+    }
+
+    /// A headless service imported from a cluster on the same network: a `Headless`
+    /// ServiceImport without ips, and an EndpointSlice whose endpoints keep their hostnames.
+    #[test]
+    fn a_headless_import_has_no_ips_and_its_endpoints_keep_their_hostnames() {
+        use proto::Endpoint;
+        let mut s = Snapshot {
+            facts: ClusterFacts {
+                cluster_id: "west".into(),
+                network: "net".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let db = ServiceExport {
+            namespace: "shop".into(),
+            name: "db".into(),
+            headless: true,
+            ports: vec![Port {
+                name: "pg".into(),
+                port: 5432,
+                protocol: "TCP".into(),
+                ..Default::default()
+            }],
+            endpoints: (0..2)
+                .map(|i| Endpoint {
+                    address: format!("10.2.0.{}", 5 + i),
+                    hostname: format!("db-{i}"),
+                    healthy: true,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        s.imports
+            .insert(("east".into(), "shop/db".into()), db.into());
+        s.peers.insert(
+            "east".into(),
+            PeerCluster {
+                facts: Some(ClusterFacts {
+                    cluster_id: "east".into(),
+                    network: "net".into(),
+                    ..Default::default()
+                }),
+                lease: LeaseState::Fresh as i32,
+                ..Default::default()
+            },
+        );
+        let services = s.services();
+        let d = desired_imports(&services, |_, _| {
+            panic!("a headless import asks for no VIP")
+        });
+        let si: ServiceImport =
+            serde_json::from_value(d[&("shop".to_string(), "db".to_string())].0.clone()).unwrap();
+        assert_eq!(si.spec.type_, "Headless");
+        assert!(si.spec.ips.is_empty());
+        let slices = desired_slices("net", &services);
+        let (obj, _) = &slices[&("shop".to_string(), "db-east".to_string())];
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_json::from_value(obj.clone()).unwrap();
+        let hosts: Vec<Option<String>> =
+            slice.endpoints.iter().map(|e| e.hostname.clone()).collect();
+        assert_eq!(hosts, [Some("db-0".into()), Some("db-1".into())]);
     }
 
     #[test]

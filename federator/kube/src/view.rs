@@ -447,6 +447,7 @@ fn one_service(
                 }
             }
             endpoints.push(Endpoint {
+                hostname: e.hostname.clone().unwrap_or_default(),
                 address: address.clone(),
                 locality: Some(locality),
                 labels: pod
@@ -481,6 +482,7 @@ fn one_service(
         None => None,
     };
     let e = Export {
+        headless: spec.cluster_ip.as_deref() == Some("None"),
         namespace: ns.clone(),
         name: name.clone(),
         ports,
@@ -611,6 +613,37 @@ mod tests {
         assert!(!t.healthy);
         assert_eq!(t.locality.clone().unwrap().zone, "us-east1-c");
         assert!(t.service_account.is_empty());
+    }
+
+    /// A headless Service (`clusterIP: None`) is exported as headless, its endpoints with
+    /// the slice's hostnames (a StatefulSet's pods).
+    #[test]
+    fn a_headless_service_keeps_its_endpoints_hostnames() {
+        let mut o = objects();
+        o.services.push(obj(
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"clusterIP": "None", "ports": [{"name": "pg", "port": 5432}]}}),
+        ));
+        o.slices
+            .push(obj(serde_json::json!({"apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "db-x", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "pg", "port": 5432}],
+            "endpoints": [{"addresses": ["10.1.0.20"], "hostname": "db-0"},
+                          {"addresses": ["10.1.0.21"], "hostname": "db-1"}]})));
+        o.exports.push(obj(
+            serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceExport", "metadata": {"name": "db", "namespace": "shop"}}),
+        ));
+        let v = build(&o, &default_loc());
+        let db = &v.exports["shop/db"];
+        assert!(db.headless);
+        let hosts: Vec<&str> = db.endpoints.iter().map(|e| e.hostname.as_str()).collect();
+        assert_eq!(hosts, ["db-0", "db-1"]);
+        assert!(!v.exports["shop/payment"].headless);
     }
 
     /// A builder computes again only the Services whose objects changed, and its view is the

@@ -211,6 +211,7 @@ impl ServiceSpec {
     /// The service as exported to the federation.
     pub fn to_export(&self, default_locality: &Locality) -> ServiceExport {
         ServiceExport {
+            headless: false,
             namespace: self.namespace.0.clone(),
             name: self.name.0.clone(),
             ports: self
@@ -232,6 +233,7 @@ impl ServiceSpec {
                 .endpoints
                 .iter()
                 .map(|e| Endpoint {
+                    hostname: String::new(),
                     address: e.address.0.clone(),
                     locality: Some(
                         e.locality
@@ -352,6 +354,7 @@ impl Registry {
             .iter()
             .filter(move |w| &w.metadata.namespace.0 == ns && selects(&s.selector, &w.spec.labels))
             .map(move |w| Endpoint {
+                hostname: String::new(),
                 address: w
                     .spec
                     .address
@@ -380,6 +383,7 @@ impl Registry {
             .values()
             .filter(move |a| &a.namespace == ns && a.serving() && selects(&s.selector, &a.labels))
             .map(move |a| Endpoint {
+                hostname: String::new(),
                 address: a.address.clone(),
                 locality: Some(
                     validate::parse_locality(&a.locality)

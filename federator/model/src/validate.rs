@@ -155,6 +155,9 @@ fn check_endpoint(e: &Endpoint, at: &str) -> Result<(), FieldError> {
     if !e.service_account.is_empty() {
         check_label(&format!("{at}.service_account"), &e.service_account)?;
     }
+    if !e.hostname.is_empty() {
+        check_label(&format!("{at}.hostname"), &e.hostname)?;
+    }
     for (name, port) in &e.ports {
         // The empty key names the service's unnamed port (a Kubernetes Service with one port).
         if !name.is_empty() {
@@ -277,6 +280,30 @@ pub fn visible_to(export_to: &[String], importer: &str) -> bool {
     export_to.is_empty() || export_to.iter().any(|c| c == importer)
 }
 
+/// Describes a conflict between an older export of a service and a newer one (MCS: the oldest
+/// export wins), if any: `TypeConflict: ...` when one is headless and the other not, else a
+/// port conflict ([`port_conflict`]).
+pub fn export_conflict(older: &ServiceExport, newer: &ServiceExport) -> Option<String> {
+    let kind = |e: &ServiceExport| {
+        if e.headless {
+            "Headless"
+        } else {
+            "ClusterSetIP"
+        }
+    };
+    if older.headless != newer.headless {
+        return Some(format!(
+            "{TYPE_CONFLICT}: the service is {} here but {} in the older export",
+            kind(newer),
+            kind(older)
+        ));
+    }
+    port_conflict(older, newer)
+}
+
+/// The prefix of a type conflict's description (the MCS condition reason).
+pub const TYPE_CONFLICT: &str = "TypeConflict";
+
 /// Describes a port/protocol conflict between an older export and a newer one, if any.
 pub fn port_conflict(older: &ServiceExport, newer: &ServiceExport) -> Option<String> {
     for n in &newer.ports {
@@ -355,6 +382,16 @@ mod tests {
         assert!(port_conflict(&a, &export(&[("http", 8080, "UDP")])).is_some());
         assert!(port_conflict(&a, &export(&[("http", 9090, "TCP")])).is_some());
         assert!(port_conflict(&a, &export(&[("grpc", 9090, "TCP")])).is_none());
+        // A headless export against a ClusterSetIP one: a type conflict first.
+        let mut h = a.clone();
+        h.headless = true;
+        let c = export_conflict(&a, &h).unwrap();
+        assert!(
+            c.starts_with("TypeConflict: the service is Headless here but ClusterSetIP"),
+            "{c}"
+        );
+        assert!(export_conflict(&a, &a.clone()).is_none());
+        assert!(export_conflict(&a, &export(&[("http", 8080, "UDP")])).is_some());
         let mut e = a.clone();
         assert!(visible_to(&e.export_to, "west"));
         e.export_to = vec!["eu".into()];

@@ -18,7 +18,7 @@ use proto::{ClusterFacts, ExportDelta, ServiceExport};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use meshfed_model::validate::{port_conflict, service_key, MAX_CHUNK_BYTES};
+use meshfed_model::validate::{export_conflict, service_key, MAX_CHUNK_BYTES};
 
 /// 2: export records are protobuf (prost); 1: a hand-written layout, migrated on open.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -776,7 +776,7 @@ impl Store {
                 };
                 let mut flags = vec![(oldest.clone(), None)];
                 for r in rest {
-                    let c = port_conflict(&oldest.export, &r.export).map(|why| {
+                    let c = export_conflict(&oldest.export, &r.export).map(|why| {
                         format!(
                             "{skey}: {why} (cluster {} exported it first)",
                             oldest.cluster
