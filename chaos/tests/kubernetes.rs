@@ -449,8 +449,12 @@ fn the_source_reports_an_unreachable_api_server_and_keeps_its_view() {
         let client = meshfed_kube::source::client(Some(&kubeconfig))
             .await
             .unwrap();
-        let (src, run) =
-            meshfed_kube::source::start(client, Default::default(), Duration::from_millis(10));
+        let (src, run) = meshfed_kube::source::start(
+            client,
+            Default::default(),
+            Default::default(),
+            Duration::from_millis(10),
+        );
         tokio::spawn(run);
         let mut view = src.view.clone();
         view.wait_for(|v| v.as_ref().is_some_and(|v| v.exports.len() == 1))
@@ -611,4 +615,64 @@ fn a_headless_service_resolves_by_hostname_in_a_cluster_of_its_network() {
     assert!(dig(&west, "db-1.east.db.shop.svc.clusterset.local", "A")
         .unwrap()
         .is_empty());
+}
+
+/// `--namespace-selector` with the real source and the double: a namespace that is not
+/// selected is not read (its ServiceExport is a problem naming the selector); labelling the
+/// namespace (a Namespace watch event) brings its Service in.
+#[test]
+fn the_namespace_selector_follows_namespace_labels() {
+    let api = ApiServer::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(&d.path().join("kubeconfig")).unwrap();
+    let ns = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": labels}})
+    };
+    api.apply(ns(json!({}))).unwrap();
+    api.apply(service()).unwrap();
+    api.apply(slice(&["10.1.0.5"])).unwrap();
+    api.apply(export("payment")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = meshfed_kube::source::client(Some(&kubeconfig))
+            .await
+            .unwrap();
+        let scope = meshfed_kube::view::Scope {
+            selector: Some(meshfed_kube::selector::parse("meshfed.io/federate=true").unwrap()),
+            network: "net-a".into(),
+        };
+        let (src, run) = meshfed_kube::source::start(
+            client,
+            Default::default(),
+            scope,
+            Duration::from_millis(10),
+        );
+        tokio::spawn(run);
+        let mut view = src.view.clone();
+        let wait = Duration::from_secs(30);
+        let v = tokio::time::timeout(wait, view.wait_for(|v| v.is_some()))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone()
+            .unwrap();
+        assert!(v.exports.is_empty());
+        assert!(
+            v.problems[0]
+                .to_string()
+                .contains("namespace shop is not selected"),
+            "{:?}",
+            v.problems
+        );
+        api.apply(ns(json!({"meshfed.io/federate": "true"})))
+            .unwrap();
+        tokio::time::timeout(
+            wait,
+            view.wait_for(|v| v.as_ref().is_some_and(|v| v.exports.len() == 1)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{:?}", src.view.borrow()))
+        .unwrap();
+    });
 }

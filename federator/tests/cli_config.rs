@@ -68,6 +68,41 @@ fn the_agent_source_flags_are_checked_before_anything_starts() {
     ]));
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("--source"), "{}", r.stderr);
+    // A selector that does not parse names the flag and the requirement.
+    let r = run(meshfed().args([
+        "agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--source",
+        "kubernetes",
+        "--namespace-selector",
+        "env in prod",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--namespace-selector")
+            && r.stderr
+                .contains("\"env in prod\": the values must be in parentheses"),
+        "{}",
+        r.stderr
+    );
+    // And it is for the Kubernetes source only.
+    let r = run(meshfed().args([
+        "agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--registry",
+        "/nonexistent/registry.yaml",
+        "--namespace-selector",
+        "team=pay",
+    ]));
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("--namespace-selector is for --source kubernetes"),
+        "{}",
+        r.stderr
+    );
     assert!(!state.exists(), "nothing was written");
 }
 

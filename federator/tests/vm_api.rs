@@ -76,6 +76,7 @@ async fn world(dir: &Path) -> World {
         state_dir: state.clone(),
         registry: Some(dir.join("registry.yaml")),
         kubernetes: None,
+        namespace_selector: None,
         admin: None,
         probe: None,
         registry_poll: Duration::from_millis(100),

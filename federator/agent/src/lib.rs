@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub registry: Option<PathBuf>,
     /// The Kubernetes source (`--source kubernetes`): its client.
     pub kubernetes: Option<meshfed_kube::source::KubeClient>,
+    /// With the Kubernetes source: only these namespaces.
+    pub namespace_selector: Option<meshfed_kube::selector::NamespaceSelector>,
     pub admin: Option<SocketAddr>,
     /// The probe listener (`/healthz`, `/readyz`, `/metrics` only).
     pub probe: Option<SocketAddr>,
@@ -607,6 +609,7 @@ impl Agent {
                 (PolicySet::default(), Some(e))
             }
         };
+        let identity_network = identity.file.network.clone();
         let xds_state = cfg.xds.as_ref().map(|_| {
             XdsState::new(
                 meshfed_xds::node::LocalFacts {
@@ -663,6 +666,10 @@ impl Agent {
                 let (src, run) = meshfed_kube::source::start(
                     client.0.clone(),
                     default_locality.clone(),
+                    meshfed_kube::view::Scope {
+                        selector: cfg.namespace_selector.clone(),
+                        network: identity_network.clone(),
+                    },
                     Duration::from_millis(100),
                 );
                 tasks.spawn("Kubernetes source", run);

@@ -9,11 +9,13 @@
 //! - [`sink`]: what the agent writes: MCS ServiceImports for what the cluster imports.
 //! - [`policies`]: FailoverPolicy objects and opted-in DestinationRules for the policy compiler.
 //! - [`crds`]: the CRDs of FailoverPolicy and the MCS types, generated from these types.
+//! - [`selector`]: `--namespace-selector`, a label selector in kubectl's string form.
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
 pub mod crds;
 pub mod policies;
 pub mod rbac;
+pub mod selector;
 pub mod sink;
 pub mod source;
 pub mod types;

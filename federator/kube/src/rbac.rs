@@ -8,6 +8,8 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
     ("", "services", &["list", "watch"]),
     ("", "nodes", &["list", "watch"]),
     ("", "pods", &["list", "watch"]),
+    // Their labels: --namespace-selector and topology.istio.io/network.
+    ("", "namespaces", &["list", "watch"]),
     // Watched as the cluster's own; the slices of imported services are written.
     (
         "discovery.k8s.io",

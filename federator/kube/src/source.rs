@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 
 use crate::types::ServiceExport;
-use crate::view::{Builder, Objects, View};
+use crate::view::{Builder, Objects, Scope, View};
 
 /// A Kubernetes client, for configurations that are `Debug`.
 #[derive(Clone)]
@@ -142,6 +142,7 @@ where
 pub fn start(
     client: Client,
     default_locality: proto::Locality,
+    scope: Scope,
     debounce: Duration,
 ) -> (
     KubeSource,
@@ -154,6 +155,8 @@ pub fn start(
         follow::<EndpointSlice>(&client, "EndpointSlice", changed.clone(), health.clone());
     let (nodes, f3) = follow::<Node>(&client, "Node", changed.clone(), health.clone());
     let (pods, f4) = follow::<Pod>(&client, "Pod", changed.clone(), health.clone());
+    let (namespaces, f6) =
+        follow::<Namespace>(&client, "Namespace", changed.clone(), health.clone());
     let (exports, f5) =
         follow::<ServiceExport>(&client, "ServiceExport", changed.clone(), health.clone());
     // A watch that resumed after a failure says nothing until its next event; while any kind
@@ -182,6 +185,10 @@ pub fn start(
                             .is_ok(),
                         "Node" => Api::<Node>::all(client.clone()).list(&lp).await.is_ok(),
                         "Pod" => Api::<Pod>::all(client.clone()).list(&lp).await.is_ok(),
+                        "Namespace" => Api::<Namespace>::all(client.clone())
+                            .list(&lp)
+                            .await
+                            .is_ok(),
                         "ServiceExport" => Api::<ServiceExport>::all(client.clone())
                             .list(&lp)
                             .await
@@ -215,15 +222,17 @@ pub fn start(
             nodes.wait_until_ready().await,
             pods.wait_until_ready().await,
             exports.wait_until_ready().await,
+            namespaces.wait_until_ready().await,
         ] {
             if r.is_err() {
                 return;
             }
         }
         tracing::info!("Kubernetes watches synced");
-        let mut builder = Builder::default();
+        let mut builder = Builder::new(scope);
         loop {
             let objects = Objects {
+                namespaces: namespaces.state(),
                 services: services.state(),
                 slices: slices.state(),
                 nodes: nodes.state(),
@@ -254,7 +263,7 @@ pub fn start(
     };
     let all = async move {
         futures::future::join3(
-            futures::future::join_all([f1, f2, f3, f4, f5]),
+            futures::future::join_all([f1, f2, f3, f4, f5, f6]),
             builder,
             probe,
         )

@@ -9,11 +9,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use meshfed_model::validate;
 use proto::{Endpoint, Locality, OnExpiry, Port, ServiceExport as Export};
 
+use crate::selector::NamespaceSelector;
 use crate::types::{
     ServiceExport, EXPORT_TO, ON_EXPIRY, REGION_LABEL, SERVICE_NAME_LABEL, SUBZONE_LABEL,
     ZONE_LABEL,
@@ -22,6 +23,7 @@ use crate::types::{
 /// What the watches hold.
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
+    pub namespaces: Vec<Arc<Namespace>>,
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
     pub nodes: Vec<Arc<Node>>,
@@ -210,11 +212,65 @@ pub struct Builder {
     cache: HashMap<(String, String), (Inputs, View)>,
     /// How many Services' parts were reused (not computed) so far.
     pub reused: usize,
+    scope: Scope,
 }
 
+/// Which namespaces the source reads.
+#[derive(Debug, Default, Clone)]
+pub struct Scope {
+    /// `--namespace-selector`: only namespaces whose labels it selects (all without one).
+    pub selector: Option<NamespaceSelector>,
+    /// The cluster's network: a namespace labelled `topology.istio.io/network` with another
+    /// network is not read (its services are reported), since meshfed places every endpoint
+    /// of a cluster on the cluster's network. Empty: not checked.
+    pub network: String,
+}
+
+/// The namespace label that places workloads on a network (as Istio reads it).
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+
 impl Builder {
+    pub fn new(scope: Scope) -> Builder {
+        Builder {
+            scope,
+            ..Default::default()
+        }
+    }
+
     pub fn build(&mut self, o: &Objects, default_locality: &Locality) -> View {
         let mut view = View::default();
+        let no_labels = BTreeMap::new();
+        let ns_labels: HashMap<&str, &BTreeMap<String, String>> = o
+            .namespaces
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n.metadata.name.as_deref()?,
+                    n.metadata.labels.as_ref().unwrap_or(&no_labels),
+                ))
+            })
+            .collect();
+        // Why a namespace is not read, if it is not.
+        let skipped = |ns: &str| -> Option<String> {
+            let labels = ns_labels.get(ns).copied().unwrap_or(&no_labels);
+            if let Some(sel) = &self.scope.selector {
+                if !sel.matches(labels) {
+                    return Some(format!(
+                        "namespace {ns} is not selected by --namespace-selector {:?}",
+                        sel.text
+                    ));
+                }
+            }
+            match labels.get(NETWORK_LABEL) {
+                Some(net) if !self.scope.network.is_empty() && *net != self.scope.network => {
+                    Some(format!(
+                        "namespace {ns} is labelled {NETWORK_LABEL}={net}, but this cluster is on network {}; meshfed places every endpoint of a cluster on its network, so its services are not read",
+                        self.scope.network
+                    ))
+                }
+                _ => None,
+            }
+        };
         let nodes: Nodes<'_> = o
             .nodes
             .iter()
@@ -271,6 +327,23 @@ impl Builder {
                 svc.metadata.namespace.as_deref().unwrap_or_default(),
                 svc.metadata.name.as_deref().unwrap_or_default(),
             );
+            if let Some(why) = skipped(&ns) {
+                // Not read; an export of it is refused with the reason (an unselected
+                // namespace's Services are simply not the mesh's).
+                if exports.remove(&here).is_some() {
+                    view.service_exports.insert(
+                        (ns.clone(), name.clone()),
+                        Err(("InvalidService".into(), why.clone())),
+                    );
+                    view.problems.push(Problem {
+                        kind: "ServiceExport",
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        reason: why,
+                    });
+                }
+                continue;
+            }
             let key = (ns, name);
             let svc_slices: &[&Arc<EndpointSlice>] =
                 slices.get(&here).map(|v| v.as_slice()).unwrap_or_default();
@@ -310,18 +383,20 @@ impl Builder {
             .collect();
         orphans.sort();
         for (ns, name) in orphans {
+            // In a namespace that is not read, that is the reason; else the Service is missing.
+            let (reason, message) = match skipped(&ns) {
+                Some(why) => ("InvalidService", why),
+                None => ("NoService", format!("no Service {ns}/{name} to export")),
+            };
             view.service_exports.insert(
                 (ns.clone(), name.clone()),
-                Err((
-                    "NoService".into(),
-                    format!("no Service {ns}/{name} to export"),
-                )),
+                Err((reason.into(), message.clone())),
             );
             view.problems.push(Problem {
                 kind: "ServiceExport",
                 namespace: ns.clone(),
                 name: name.clone(),
-                reason: format!("no Service {ns}/{name} to export"),
+                reason: message,
             });
         }
         view.problems.sort();
@@ -531,6 +606,7 @@ mod tests {
 
     fn objects() -> Objects {
         Objects {
+            namespaces: Vec::new(),
             services: vec![
                 obj(serde_json::json!({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": "payment", "namespace": "shop", "labels": {"app": "payment"}},
@@ -644,6 +720,65 @@ mod tests {
         let hosts: Vec<&str> = db.endpoints.iter().map(|e| e.hostname.as_str()).collect();
         assert_eq!(hosts, ["db-0", "db-1"]);
         assert!(!v.exports["shop/payment"].headless);
+    }
+
+    /// `--namespace-selector` reads only selected namespaces (an export elsewhere is refused
+    /// with the reason), and a namespace placed on another network is not read.
+    #[test]
+    fn the_scope_leaves_out_unselected_namespaces_and_other_networks() {
+        let mut o = objects();
+        o.namespaces = vec![obj(
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"meshfed.io/federate": "true"}}}),
+        )];
+        let scope = |sel: &str| Scope {
+            selector: Some(crate::selector::parse(sel).unwrap()),
+            network: "net-a".into(),
+        };
+        let v = Builder::new(scope("meshfed.io/federate=true")).build(&o, &default_loc());
+        assert_eq!(v.exports.keys().collect::<Vec<_>>(), ["shop/payment"]);
+        let mut with_ghost = o.clone();
+        with_ghost.exports.push(obj(
+            serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceExport", "metadata": {"name": "ghost", "namespace": "shop"}}),
+        ));
+        let v = Builder::new(scope("meshfed.io/federate=false")).build(&with_ghost, &default_loc());
+        assert!(v.local.is_empty() && v.exports.is_empty());
+        let text: Vec<String> = v.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "ServiceExport shop/ghost: namespace shop is not selected by --namespace-selector \"meshfed.io/federate=false\"",
+                "ServiceExport shop/payment: namespace shop is not selected by --namespace-selector \"meshfed.io/federate=false\""
+            ]
+        );
+        assert!(matches!(
+            &v.service_exports[&("shop".to_string(), "payment".to_string())],
+            Err((r, _)) if r == "InvalidService"
+        ));
+        // The namespace moves to another network: nothing of it is read.
+        o.namespaces = vec![obj(
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"meshfed.io/federate": "true",
+                "topology.istio.io/network": "net-b"}}}),
+        )];
+        let mut b = Builder::new(scope("meshfed.io/federate"));
+        let v = b.build(&o, &default_loc());
+        assert!(v.local.is_empty());
+        assert!(
+            v.problems[0]
+                .reason
+                .contains("topology.istio.io/network=net-b"),
+            "{:?}",
+            v.problems
+        );
+        // Back on the cluster's network: read again.
+        o.namespaces = vec![obj(
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"meshfed.io/federate": "true",
+                "topology.istio.io/network": "net-a"}}}),
+        )];
+        assert_eq!(b.build(&o, &default_loc()).exports.len(), 1);
     }
 
     /// A builder computes again only the Services whose objects changed, and its view is the

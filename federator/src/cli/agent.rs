@@ -64,6 +64,10 @@ pub struct AgentArgs {
     /// the pod's service account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// `--source kubernetes`: read only namespaces whose labels this selector selects
+    /// (kubectl's form: `meshfed.io/federate=true`, `env in (prod,staging)`, `!legacy`, ...).
+    #[arg(long, value_parser = namespace_selector)]
+    namespace_selector: Option<meshfed_kube::selector::NamespaceSelector>,
     /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
     #[arg(long, default_value = "127.0.0.1:15014", value_parser = args::socket_addr)]
     admin: std::net::SocketAddr,
@@ -219,6 +223,9 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     if a.kubeconfig.is_some() && a.source != Source::Kubernetes {
         anyhow::bail!("--kubeconfig is for --source kubernetes");
     }
+    if a.namespace_selector.is_some() && a.source != Source::Kubernetes {
+        anyhow::bail!("--namespace-selector is for --source kubernetes");
+    }
     if a.registry.is_none() && a.source == Source::File {
         anyhow::bail!("--registry FILE is required with --source file (the default)");
     }
@@ -233,6 +240,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         state_dir: a.state_dir,
         registry: a.registry,
         kubernetes,
+        namespace_selector: a.namespace_selector,
         admin: Some(a.admin),
         probe: a.probe.0,
         registry_poll: a.registry_poll,
@@ -309,4 +317,8 @@ pub async fn leave(a: LeaveArgs) -> anyhow::Result<ExitCode> {
         id.file.cluster, resp.revision
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn namespace_selector(s: &str) -> Result<meshfed_kube::selector::NamespaceSelector, String> {
+    meshfed_kube::selector::parse(s)
 }

@@ -47,7 +47,7 @@ pub enum Command {
     /// Join this cluster to a federation (creates the cluster's keys locally).
     Join(agent::JoinArgs),
     /// Run the per-cluster control plane.
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Leave the federation: this cluster's exports and bundle are removed everywhere.
     Leave(agent::LeaveArgs),
     /// Show the measured state of a federator or an agent (exit 1 when unhealthy).
@@ -113,7 +113,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bundle(c) => bundle::run(c),
         Command::Federator(a) => runtime()?.block_on(federator::run(a)),
         Command::Join(a) => runtime()?.block_on(agent::join(a)),
-        Command::Agent(a) => runtime()?.block_on(agent::run(a)),
+        Command::Agent(a) => runtime()?.block_on(agent::run(*a)),
         Command::Leave(a) => runtime()?.block_on(agent::leave(a)),
         Command::Status(a) => runtime()?.block_on(status::run(a)),
         Command::Policy(c) => policy::run(c),
