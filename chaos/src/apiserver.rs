@@ -59,6 +59,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "DestinationRule",
         true,
     ),
+    (
+        "apis/networking.istio.io/v1",
+        "workloadentries",
+        "WorkloadEntry",
+        true,
+    ),
 ];
 
 fn api_version(prefix: &str) -> String {
@@ -84,6 +90,9 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         }
         "ServiceImport" => {
             serde_json::from_value::<meshfed_kube::types::ServiceImport>(v.clone()).map(|_| ())
+        }
+        "WorkloadEntry" => {
+            serde_json::from_value::<meshfed_kube::types::WorkloadEntry>(v.clone()).map(|_| ())
         }
         "Event" => {
             serde_json::from_value::<k8s_openapi::api::events::v1::Event>(v.clone()).map(|_| ())
@@ -120,6 +129,8 @@ struct Store {
     /// Versions below this are expired (410 Gone).
     compacted: u64,
     down: bool,
+    /// Kinds answered 404 as if their CRD were not installed.
+    unserved: std::collections::BTreeSet<String>,
     /// Requests served, as `LIST path`, `WATCH path` or `METHOD path`, for the tests.
     requests: Vec<String>,
 }
@@ -445,6 +456,16 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
         );
     };
     let (prefix, _, kind, _) = KINDS[r.kind];
+    if sh.lock().unserved.contains(kind) {
+        return answer(
+            StatusCode::NOT_FOUND,
+            status(
+                404,
+                "NotFound",
+                &format!("{path}: {kind} is not served (no CRD)"),
+            ),
+        );
+    }
     if let Some(name) = r.name.clone() {
         return item(&sh, req, kind, r.ns.unwrap_or_default(), name, r.status).await;
     }
@@ -684,6 +705,16 @@ impl ApiServer {
             st.log.clear();
         }
         self.shared.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Whether `kind` is served (false: 404, as an API server without its CRD).
+    pub fn set_served(&self, kind: &str, served: bool) {
+        let mut st = self.shared.lock();
+        if served {
+            st.unserved.remove(kind);
+        } else {
+            st.unserved.insert(kind.to_string());
+        }
     }
 
     /// Down: every request is answered 503 and open watches end. Up again: serves as before.

@@ -676,3 +676,67 @@ fn the_namespace_selector_follows_namespace_labels() {
         .unwrap();
     });
 }
+
+/// Istio WorkloadEntries with the real source and the double: without Istio's CRD (the
+/// double answers 404) the source publishes its view anyway and says the kind is not served
+/// (not a failure); once served, a WorkloadEntry that payment's selector selects becomes one of
+/// payment's endpoints.
+#[test]
+fn workload_entries_are_optional_and_join_the_services_that_select_them() {
+    let api = ApiServer::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(&d.path().join("kubeconfig")).unwrap();
+    api.set_served("WorkloadEntry", false);
+    api.apply(service()).unwrap();
+    api.apply(slice(&["10.1.0.5"])).unwrap();
+    api.apply(export("payment")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = meshfed_kube::source::client(Some(&kubeconfig))
+            .await
+            .unwrap();
+        let (src, run) = meshfed_kube::source::start(
+            client,
+            Default::default(),
+            Default::default(),
+            Duration::from_millis(10),
+        );
+        tokio::spawn(run);
+        let wait = Duration::from_secs(60);
+        let mut view = src.view.clone();
+        tokio::time::timeout(
+            wait,
+            view.wait_for(|v| v.as_ref().is_some_and(|v| v.exports.len() == 1)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no view without WorkloadEntries: {:?}", src.health.borrow()))
+        .unwrap();
+        let h = src.health.borrow().clone();
+        assert!(h["WorkloadEntry"].not_served, "{h:?}");
+        assert!(h["WorkloadEntry"].error.is_none(), "{h:?}");
+        // Istio is installed and a VM joins payment.
+        api.set_served("WorkloadEntry", true);
+        api.apply(
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+            "metadata": {"name": "payment-vm-1", "namespace": "shop"},
+            "spec": {"address": "10.5.0.9", "labels": {"app": "payment"},
+                     "serviceAccount": "payment-vm", "ports": {"http": 9080}}}),
+        )
+        .unwrap();
+        tokio::time::timeout(
+            wait,
+            view.wait_for(|v| {
+                v.as_ref().is_some_and(|v| {
+                    v.exports["shop/payment"]
+                        .endpoints
+                        .iter()
+                        .any(|e| e.address == "10.5.0.9" && e.service_account == "payment-vm")
+                })
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{:?}", src.view.borrow()))
+        .unwrap();
+        assert!(!src.health.borrow()["WorkloadEntry"].not_served);
+    });
+}

@@ -449,7 +449,7 @@ impl AgentReport {
                     "the Kubernetes {kind} watch fails since {} (serving what it last listed): {e}",
                     w.failing_since.as_deref().unwrap_or("?")
                 ));
-            } else if !w.synced {
+            } else if !w.synced && !w.not_served {
                 out.push(format!("the Kubernetes {kind} watch has not listed yet"));
             }
         }

@@ -35,6 +35,8 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
         "destinationrules",
         &["list", "watch"],
     ),
+    // Istio WorkloadEntries (VMs) that Services select.
+    ("networking.istio.io", "workloadentries", &["list", "watch"]),
     // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),

@@ -21,7 +21,7 @@ use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 
-use crate::types::ServiceExport;
+use crate::types::{ServiceExport, WorkloadEntry};
 use crate::view::{Builder, Objects, Scope, View};
 
 /// A Kubernetes client, for configurations that are `Debug`.
@@ -66,6 +66,10 @@ pub struct WatchHealth {
     /// Since when it fails (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failing_since: Option<String>,
+    /// The API server does not serve this kind (an optional kind whose CRD is not
+    /// installed, e.g. Istio's WorkloadEntry without Istio): not a failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_served: bool,
 }
 
 /// What the running source publishes.
@@ -83,9 +87,21 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// Whether a watch error says the kind is not served at all (404 on the list).
+fn not_served(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
 fn follow<K>(
     client: &Client,
     kind: &'static str,
+    optional: bool,
     changed: Arc<Notify>,
     health: watch::Sender<BTreeMap<String, WatchHealth>>,
 ) -> (Store<K>, futures::future::BoxFuture<'static, ()>)
@@ -110,6 +126,7 @@ where
                         }
                         e.error = None;
                         e.failing_since = None;
+                        e.not_served = false;
                         *e != was
                     });
                     if matches!(
@@ -120,6 +137,19 @@ where
                     ) {
                         changed.notify_one();
                     }
+                }
+                Err(err) if optional && not_served(&err) => {
+                    health.send_if_modified(|h| {
+                        let e = h.entry(kind.to_string()).or_default();
+                        let was = e.clone();
+                        e.not_served = true;
+                        e.error = None;
+                        e.failing_since = None;
+                        if !was.not_served {
+                            tracing::info!(kind, "the API server does not serve this kind (its CRD is not installed); watching for it to appear");
+                        }
+                        *e != was
+                    });
                 }
                 Err(err) => {
                     tracing::warn!(kind, error = %err, "Kubernetes watch failing; serving what it last listed");
@@ -150,15 +180,34 @@ pub fn start(
 ) {
     let changed = Arc::new(Notify::new());
     let health = watch::Sender::new(BTreeMap::new());
-    let (services, f1) = follow::<Service>(&client, "Service", changed.clone(), health.clone());
-    let (slices, f2) =
-        follow::<EndpointSlice>(&client, "EndpointSlice", changed.clone(), health.clone());
-    let (nodes, f3) = follow::<Node>(&client, "Node", changed.clone(), health.clone());
-    let (pods, f4) = follow::<Pod>(&client, "Pod", changed.clone(), health.clone());
+    let (services, f1) =
+        follow::<Service>(&client, "Service", false, changed.clone(), health.clone());
+    let (slices, f2) = follow::<EndpointSlice>(
+        &client,
+        "EndpointSlice",
+        false,
+        changed.clone(),
+        health.clone(),
+    );
+    let (nodes, f3) = follow::<Node>(&client, "Node", false, changed.clone(), health.clone());
+    let (pods, f4) = follow::<Pod>(&client, "Pod", false, changed.clone(), health.clone());
     let (namespaces, f6) =
-        follow::<Namespace>(&client, "Namespace", changed.clone(), health.clone());
-    let (exports, f5) =
-        follow::<ServiceExport>(&client, "ServiceExport", changed.clone(), health.clone());
+        follow::<Namespace>(&client, "Namespace", false, changed.clone(), health.clone());
+    let (exports, f5) = follow::<ServiceExport>(
+        &client,
+        "ServiceExport",
+        false,
+        changed.clone(),
+        health.clone(),
+    );
+    // Istio's WorkloadEntries are optional: a cluster without Istio does not serve them.
+    let (entries, f7) = follow::<WorkloadEntry>(
+        &client,
+        "WorkloadEntry",
+        true,
+        changed.clone(),
+        health.clone(),
+    );
     // A watch that resumed after a failure says nothing until its next event; while any kind
     // reports an error, a one-item list of that kind every 5 s tells whether the API server
     // answers again (nothing is listed while all is well).
@@ -185,6 +234,10 @@ pub fn start(
                             .is_ok(),
                         "Node" => Api::<Node>::all(client.clone()).list(&lp).await.is_ok(),
                         "Pod" => Api::<Pod>::all(client.clone()).list(&lp).await.is_ok(),
+                        "WorkloadEntry" => Api::<WorkloadEntry>::all(client.clone())
+                            .list(&lp)
+                            .await
+                            .is_ok(),
                         "Namespace" => Api::<Namespace>::all(client.clone())
                             .list(&lp)
                             .await
@@ -228,11 +281,18 @@ pub fn start(
                 return;
             }
         }
+        // The optional kind: its list, or word that it is not served.
+        let mut h = health.subscribe();
+        tokio::select! {
+            r = entries.wait_until_ready() => if r.is_err() { return },
+            _ = h.wait_for(|m| m.get("WorkloadEntry").is_some_and(|w| w.not_served)) => {}
+        }
         tracing::info!("Kubernetes watches synced");
         let mut builder = Builder::new(scope);
         loop {
             let objects = Objects {
                 namespaces: namespaces.state(),
+                workload_entries: entries.state(),
                 services: services.state(),
                 slices: slices.state(),
                 nodes: nodes.state(),
@@ -263,7 +323,7 @@ pub fn start(
     };
     let all = async move {
         futures::future::join3(
-            futures::future::join_all([f1, f2, f3, f4, f5, f6]),
+            futures::future::join_all([f1, f2, f3, f4, f5, f6, f7]),
             builder,
             probe,
         )

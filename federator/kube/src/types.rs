@@ -153,3 +153,56 @@ impl k8s_openapi::Metadata for ServiceImport {
         &mut self.metadata
     }
 }
+
+/// An Istio `WorkloadEntry` (networking.istio.io/v1): a workload outside Kubernetes (a VM),
+/// selected by the labels of a Service's selector in its namespace, as Istio does. Only the
+/// fields meshfed reads; the API server keeps the rest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadEntry {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: WorkloadEntrySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntrySpec {
+    /// An IP address (a host name or unix socket is not an endpoint meshfed can route to).
+    #[serde(default)]
+    pub address: String,
+    /// Service port name -> the port the workload listens on.
+    #[serde(default)]
+    pub ports: std::collections::BTreeMap<String, u32>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub network: String,
+    /// `region/zone/subzone`.
+    #[serde(default)]
+    pub locality: String,
+    #[serde(default)]
+    pub weight: u32,
+    #[serde(default)]
+    pub service_account: String,
+}
+
+impl k8s_openapi::Resource for WorkloadEntry {
+    const API_VERSION: &'static str = "networking.istio.io/v1";
+    const GROUP: &'static str = "networking.istio.io";
+    const KIND: &'static str = "WorkloadEntry";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "workloadentries";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for WorkloadEntry {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}

@@ -15,6 +15,7 @@ use meshfed_model::validate;
 use proto::{Endpoint, Locality, OnExpiry, Port, ServiceExport as Export};
 
 use crate::selector::NamespaceSelector;
+use crate::types::WorkloadEntry;
 use crate::types::{
     ServiceExport, EXPORT_TO, ON_EXPIRY, REGION_LABEL, SERVICE_NAME_LABEL, SUBZONE_LABEL,
     ZONE_LABEL,
@@ -29,6 +30,8 @@ pub struct Objects {
     pub nodes: Vec<Arc<Node>>,
     pub pods: Vec<Arc<Pod>>,
     pub exports: Vec<Arc<ServiceExport>>,
+    /// Istio WorkloadEntries (VMs), selected by Services' selectors.
+    pub workload_entries: Vec<Arc<WorkloadEntry>>,
 }
 
 /// An object meshfed could not use, and why.
@@ -142,6 +145,7 @@ struct Inputs {
     export: Option<Arc<ServiceExport>>,
     pods: Vec<Arc<Pod>>,
     nodes: Vec<Arc<Node>>,
+    entries: Vec<Arc<WorkloadEntry>>,
 }
 
 fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
@@ -159,6 +163,7 @@ impl PartialEq for Inputs {
             }
             && same(&self.pods, &o.pods)
             && same(&self.nodes, &o.nodes)
+            && same(&self.entries, &o.entries)
     }
 }
 
@@ -171,6 +176,7 @@ impl Inputs {
         ns: &str,
         pods: &Pods<'_>,
         nodes: &Nodes<'_>,
+        entries: &[&Arc<WorkloadEntry>],
     ) -> Inputs {
         let mut used_pods = Vec::new();
         let mut used_nodes = Vec::new();
@@ -200,6 +206,7 @@ impl Inputs {
             export: export.cloned(),
             pods: used_pods,
             nodes: used_nodes,
+            entries: entries.iter().map(|e| Arc::clone(e)).collect(),
         }
     }
 }
@@ -317,6 +324,13 @@ impl Builder {
                 )
             })
             .collect();
+        let mut entries_by_ns: HashMap<&str, Vec<&Arc<WorkloadEntry>>> = HashMap::new();
+        for w in &o.workload_entries {
+            entries_by_ns
+                .entry(w.metadata.namespace.as_deref().unwrap_or_default())
+                .or_default()
+                .push(w);
+        }
         let mut cache = HashMap::with_capacity(o.services.len());
         for svc in &o.services {
             let (ns, name) = name_of(&svc.metadata);
@@ -348,7 +362,19 @@ impl Builder {
             let svc_slices: &[&Arc<EndpointSlice>] =
                 slices.get(&here).map(|v| v.as_slice()).unwrap_or_default();
             let export = exports.remove(&here);
-            let inputs = Inputs::of(svc, svc_slices, export, &key.0, &pods, &nodes);
+            // The WorkloadEntries of its namespace its selector selects (as Istio does).
+            let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+            let svc_entries: Vec<&Arc<WorkloadEntry>> = match selector {
+                Some(sel) if !sel.is_empty() => entries_by_ns
+                    .get(key.0.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| sel.iter().all(|(k, v)| w.spec.labels.get(k) == Some(v)))
+                    .copied()
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let inputs = Inputs::of(svc, svc_slices, export, &key.0, &pods, &nodes, &svc_entries);
             let one = match self.cache.remove(&key) {
                 Some((was, one)) if was == inputs => {
                     self.reused += 1;
@@ -357,9 +383,11 @@ impl Builder {
                 _ => one_service(
                     svc,
                     svc_slices,
+                    &svc_entries,
                     export.map(|se| export_options(se)),
                     &pods,
                     &nodes,
+                    &self.scope.network,
                     default_locality,
                 ),
             };
@@ -400,18 +428,23 @@ impl Builder {
             });
         }
         view.problems.sort();
+        // A WorkloadEntry selected by several Services is reported once.
+        view.problems.dedup();
         view
     }
 }
 
 /// One Service's part of the view (its export, problems and ServiceExport validity), from the
 /// Service, its slices (sorted by name), its ServiceExport's options, and the Pods and Nodes.
+#[allow(clippy::too_many_arguments)]
 fn one_service(
     svc: &Service,
     slices: &[&Arc<EndpointSlice>],
+    entries: &[&Arc<WorkloadEntry>],
     want: Option<Result<ExportOptions, String>>,
     pods: &Pods<'_>,
     nodes: &Nodes<'_>,
+    network: &str,
     default_locality: &Locality,
 ) -> View {
     let mut view = View::default();
@@ -540,6 +573,59 @@ fn one_service(
             });
         }
     }
+    for w in entries {
+        let (wns, wname) = name_of(&w.metadata);
+        let refuse = |reason: String| Problem {
+            kind: "WorkloadEntry",
+            namespace: wns.clone(),
+            name: wname.clone(),
+            reason,
+        };
+        let spec = &w.spec;
+        if spec.address.parse::<std::net::IpAddr>().is_err() {
+            view.problems.push(refuse(format!(
+                "spec.address: {:?} is not an IP address",
+                spec.address
+            )));
+            continue;
+        }
+        if !network.is_empty() && !spec.network.is_empty() && spec.network != network {
+            view.problems.push(refuse(format!(
+                "spec.network: {} is not this cluster's network {network}; meshfed places every endpoint of a cluster on its network",
+                spec.network
+            )));
+            continue;
+        }
+        let locality = if spec.locality.is_empty() {
+            default_locality.clone()
+        } else {
+            match validate::parse_locality(&spec.locality) {
+                Ok(l) => l,
+                Err(e) => {
+                    view.problems
+                        .push(refuse(format!("spec.locality: {}", e.reason)));
+                    continue;
+                }
+            }
+        };
+        let target: BTreeMap<String, u32> = ports
+            .iter()
+            .filter_map(|p| {
+                let t = *spec.ports.get(&p.name)?;
+                (t != p.port && (1..=65535).contains(&t)).then(|| (p.name.clone(), t))
+            })
+            .collect();
+        endpoints.push(Endpoint {
+            address: spec.address.clone(),
+            locality: Some(locality),
+            labels: spec.labels.clone().into_iter().collect(),
+            weight: spec.weight.max(1),
+            healthy: true,
+            service_account: spec.service_account.clone(),
+            ports: target.into_iter().collect(),
+            hostname: String::new(),
+        });
+    }
     endpoints.sort_by(|a, b| a.address.cmp(&b.address));
     endpoints.dedup_by(|a, b| a.address == b.address);
     let opts = match want {
@@ -607,6 +693,7 @@ mod tests {
     fn objects() -> Objects {
         Objects {
             namespaces: Vec::new(),
+            workload_entries: Vec::new(),
             services: vec![
                 obj(serde_json::json!({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": "payment", "namespace": "shop", "labels": {"app": "payment"}},
@@ -779,6 +866,93 @@ mod tests {
                 "topology.istio.io/network": "net-a"}}}),
         )];
         assert_eq!(b.build(&o, &default_loc()).exports.len(), 1);
+    }
+
+    /// Istio WorkloadEntries selected by a Service's selector in its namespace are its
+    /// endpoints (locality, labels, service account, target ports from `ports`); one that
+    /// cannot be used is a problem naming it; a change of one is seen by the builder.
+    #[test]
+    fn workload_entries_selected_by_a_service_are_its_endpoints() {
+        let we = |name: &str, ns: &str, spec: serde_json::Value| -> Arc<WorkloadEntry> {
+            obj(
+                serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                "metadata": {"name": name, "namespace": ns}, "spec": spec}),
+            )
+        };
+        let mut o = objects();
+        o.workload_entries = vec![
+            we(
+                "vm-1",
+                "shop",
+                serde_json::json!({"address": "10.5.0.9",
+                "labels": {"app": "payment", "version": "vm"}, "locality": "us-west1/us-west1-a",
+                "ports": {"http": 9080}, "serviceAccount": "payment-vm", "network": "net-a", "weight": 3}),
+            ),
+            we(
+                "vm-dns",
+                "shop",
+                serde_json::json!({"address": "vm.example.com", "labels": {"app": "payment"}}),
+            ),
+            we(
+                "vm-far",
+                "shop",
+                serde_json::json!({"address": "10.9.0.9", "labels": {"app": "payment"}, "network": "net-b"}),
+            ),
+            we(
+                "vm-other-ns",
+                "bank",
+                serde_json::json!({"address": "10.5.0.10", "labels": {"app": "payment"}}),
+            ),
+            we(
+                "vm-other-app",
+                "shop",
+                serde_json::json!({"address": "10.5.0.11", "labels": {"app": "ledger"}}),
+            ),
+        ];
+        let mut b = Builder::new(Scope {
+            selector: None,
+            network: "net-a".into(),
+        });
+        let v = b.build(&o, &default_loc());
+        let p = &v.exports["shop/payment"];
+        let addrs: Vec<&str> = p.endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(addrs, ["10.1.0.5", "10.1.0.6", "10.5.0.9"]);
+        let vm = &p.endpoints[2];
+        assert_eq!(vm.service_account, "payment-vm");
+        assert_eq!(vm.weight, 3);
+        assert_eq!(vm.ports.get("http"), Some(&9080));
+        assert_eq!(vm.labels.get("version").map(String::as_str), Some("vm"));
+        assert_eq!(vm.locality.as_ref().unwrap().region, "us-west1");
+        let text: Vec<String> = v.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text[0].starts_with("WorkloadEntry shop/vm-dns: spec.address"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].starts_with("WorkloadEntry shop/vm-far: spec.network: net-b"),
+            "{text:?}"
+        );
+        // The VM's entry changes its address: payment is computed again.
+        o.workload_entries[0] = we(
+            "vm-1",
+            "shop",
+            serde_json::json!({"address": "10.5.0.19",
+            "labels": {"app": "payment"}}),
+        );
+        let v = b.build(&o, &default_loc());
+        assert!(v.exports["shop/payment"]
+            .endpoints
+            .iter()
+            .any(|e| e.address == "10.5.0.19"));
+        assert_eq!(
+            v,
+            Builder::new(Scope {
+                selector: None,
+                network: "net-a".into()
+            })
+            .build(&o, &default_loc())
+        );
     }
 
     /// A builder computes again only the Services whose objects changed, and its view is the
