@@ -183,14 +183,35 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     let dir = f.root.path().to_path_buf();
     let host = ns.host_ip.clone();
     let (p_pay, p_inv, p_led) = (free_port(), free_port(), free_port());
+    // East also runs the Kubernetes source against the API-server double (its services and
+    // WorkloadGroups still come from the registry file): it writes its VMs' WorkloadEntries.
+    let api = chaos::apiserver::ApiServer::start().unwrap();
+    let kubeconfig = api.kubeconfig(&dir.join("kubeconfig")).unwrap();
     let mut east = f
-        .add_cluster(
+        .add_cluster_with(
             "east",
             "net1",
             "us-east1/us-east1-b",
             &east_registry(&host, p_pay, p_inv),
+            None,
+            &[],
+            &[
+                "--source",
+                "kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+            ],
         )
         .unwrap();
+    let entry_health = |name: &str| -> Option<String> {
+        let o = api.get("WorkloadEntry", "shop", name)?;
+        Some(
+            o["status"]["conditions"][0]["status"]
+                .as_str()
+                .unwrap_or("none")
+                .to_string(),
+        )
+    };
     // west shares east's network here, so the VM reaches west's ledger directly.
     let west = f
         .add_cluster(
@@ -408,6 +429,19 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         0,
         "unhealthy: no endpoint"
     );
+    // In the cluster's API: an Istio WorkloadEntry with the failing probe as Healthy=False.
+    wait_for(
+        Duration::from_secs(20),
+        "the VM's WorkloadEntry object, Healthy=False",
+        || Ok((entry_health(&name).as_deref() == Some("False")).then_some(())),
+    )
+    .unwrap();
+    let o = api.get("WorkloadEntry", "shop", &name).unwrap();
+    assert_eq!(o["spec"]["address"], ns.ns_ip.as_str());
+    assert_eq!(
+        o["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "meshfed"
+    );
     let certs = vmroot.join("etc/meshfed/certs");
     for f in [
         "cert-chain.pem",
@@ -609,6 +643,12 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         t.elapsed()
     );
 
+    wait_for(
+        Duration::from_secs(20),
+        "the WorkloadEntry object written again, Healthy=True",
+        || Ok((entry_health(&name).as_deref() == Some("True")).then_some(())),
+    )
+    .unwrap();
     // kill -9 of the VM agent: the entry goes after the grace period (2 s here), everywhere.
     vm.kill9();
     let t = Instant::now();
@@ -631,6 +671,17 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         gone_east >= Duration::from_secs(2),
         "not before the grace period"
     );
+    wait_for(
+        Duration::from_secs(20),
+        "the WorkloadEntry object to be deleted",
+        || {
+            Ok(api
+                .get("WorkloadEntry", "shop", &name)
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .unwrap();
 
     // Restart with an expired token in place: the credential brings it back.
     let expired = dir.join("expired-pkg");

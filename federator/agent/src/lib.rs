@@ -675,7 +675,12 @@ impl Agent {
                 tasks.spawn("Kubernetes source", run);
                 tasks.spawn(
                     "Kubernetes writer",
-                    write_kubernetes(inner.clone(), client.0.clone(), src.view.clone()),
+                    write_kubernetes(
+                        inner.clone(),
+                        client.0.clone(),
+                        src.view.clone(),
+                        src.health.clone(),
+                    ),
                 );
                 let _ = inner.kube_health.set(src.health.clone());
                 Some(src)
@@ -1118,6 +1123,7 @@ async fn write_kubernetes(
     inner: Arc<Inner>,
     client: kube::Client,
     mut view: watch::Receiver<Option<Arc<meshfed_kube::view::View>>>,
+    mut health: watch::Receiver<BTreeMap<String, meshfed_kube::source::WatchHealth>>,
 ) {
     inner.model.wait_until_ready().await;
     let mut snaps = inner.model.subscribe();
@@ -1128,6 +1134,9 @@ async fn write_kubernetes(
     let mut writer = meshfed_kube::sink::ImportWriter::default();
     let mut statuses = meshfed_kube::sink::ExportStatusWriter::default();
     let mut slices = meshfed_kube::sink::SliceWriter::default();
+    let mut vm_entries = meshfed_kube::sink::EntryWriter::default();
+    let mut entries_rx = inner.entries.subscribe();
+
     // The pod's name (the downward API's POD_NAME, when the manifest sets it) tells replicas'
     // Events apart.
     let mut events =
@@ -1184,6 +1193,22 @@ async fn write_kubernetes(
                 .await?;
             done.applied += s.applied;
             done.deleted += s.deleted;
+            // VMs' WorkloadEntries, where the API server serves the kind (Istio's CRD).
+            let entries = entries_rx.borrow_and_update().clone();
+            let served = health
+                .borrow_and_update()
+                .get("WorkloadEntry")
+                .is_some_and(|w| w.synced && !w.not_served);
+            if served {
+                let w = vm_entries
+                    .sync(
+                        &client,
+                        &meshfed_kube::sink::desired_workload_entries(&entries),
+                    )
+                    .await?;
+                done.applied += w.applied;
+                done.deleted += w.deleted;
+            }
             let statuses_written = statuses.sync(&client, &conditions).await?;
             let mut all: Vec<meshfed_kube::view::Problem> = current_view
                 .as_ref()
@@ -1220,6 +1245,9 @@ async fn write_kubernetes(
             r = view.changed() => if r.is_err() { return },
             r = acks.changed() => if r.is_err() { return },
             r = policy_problems.changed() => if r.is_err() { return },
+            r = entries_rx.changed() => if r.is_err() { return },
+            // The WorkloadEntry kind may become served later.
+            r = health.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {}
         }
         // Coalesce a burst of changes into one pass.

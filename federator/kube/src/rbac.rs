@@ -35,8 +35,14 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
         "destinationrules",
         &["list", "watch"],
     ),
-    // Istio WorkloadEntries (VMs) that Services select.
-    ("networking.istio.io", "workloadentries", &["list", "watch"]),
+    // Istio WorkloadEntries: read (VMs that Services select), and written for the VMs
+    // registered with this agent (with their Healthy condition).
+    (
+        "networking.istio.io",
+        "workloadentries",
+        &["delete", "get", "list", "patch", "watch"],
+    ),
+    ("networking.istio.io", "workloadentries/status", &["patch"]),
     // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),

@@ -75,6 +75,72 @@ pub fn desired_imports(
     out
 }
 
+/// The Istio WorkloadEntries of the VMs registered with this agent (as istiod writes them for
+/// auto-registration): one per entry, in its group's namespace, with the entry's address,
+/// labels, service account, locality, network, weight and ports, meshfed's `managed-by`
+/// label, the VM and group as annotations, and, for groups with a health probe, the
+/// `Healthy` condition in the status. Entries leave when the agent removes them (after the
+/// grace period), and the writer deletes their objects.
+pub fn desired_workload_entries(
+    entries: &BTreeMap<String, meshfed_model::entry::AutoEntry>,
+) -> BTreeMap<(String, String), (Value, Value)> {
+    let mut out = BTreeMap::new();
+    for e in entries.values() {
+        let mut annotations: serde_json::Map<String, Value> = e
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        annotations.insert("meshfed.io/vm-id".into(), json!(e.vm_id));
+        annotations.insert("meshfed.io/workload-group".into(), json!(e.group));
+        let mut spec = json!({"address": e.address, "labels": e.labels});
+        for (k, v) in [
+            ("serviceAccount", &e.service_account),
+            ("locality", &e.locality),
+            ("network", &e.network),
+        ] {
+            if !v.is_empty() {
+                spec[k] = json!(v);
+            }
+        }
+        if e.weight > 0 {
+            spec["weight"] = json!(e.weight);
+        }
+        if !e.ports.is_empty() {
+            spec["ports"] = json!(e.ports);
+        }
+        let obj = json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "WorkloadEntry",
+            "metadata": {"name": e.name, "namespace": e.namespace,
+                         "labels": {MANAGED_BY_LABEL: MANAGED_BY},
+                         "annotations": annotations},
+            "spec": spec,
+        });
+        let status = if e.health_checks {
+            let (st, reason) = match e.healthy {
+                Some(true) => ("True", "HealthCheckPassed"),
+                Some(false) => ("False", "HealthCheckFailed"),
+                None => ("Unknown", "NoReportYet"),
+            };
+            let mut c =
+                json!({"type": crate::types::HEALTHY_CONDITION, "status": st, "reason": reason});
+            if !e.health_message.is_empty() {
+                c["message"] = json!(e.health_message);
+            }
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                   "status": {"conditions": [c]}})
+        } else {
+            Value::Null
+        };
+        out.insert((e.namespace.clone(), e.name.clone()), (obj, status));
+    }
+    out
+}
+
+/// The writer of auto-registered VMs' WorkloadEntries.
+pub type EntryWriter = ManagedWriter<crate::types::WorkloadEntry>;
+
 /// Applies desired objects of one kind (`(namespace, name) -> (object, status or null)`) with
 /// server-side apply; remembers what it wrote so that unchanged objects are not written again,
 /// and deletes what it no longer wants only while the object still carries meshfed's
@@ -794,6 +860,53 @@ mod tests {
         let hosts: Vec<Option<String>> =
             slice.endpoints.iter().map(|e| e.hostname.clone()).collect();
         assert_eq!(hosts, [Some("db-0".into()), Some("db-1".into())]);
+    }
+
+    /// A registered VM becomes an Istio WorkloadEntry (checked against the type) with the
+    /// Healthy condition of its probe; without a probe, no status.
+    #[test]
+    fn registered_vms_become_workload_entries_with_their_health() {
+        use meshfed_model::entry::AutoEntry;
+        let mut e = AutoEntry {
+            name: "payment-vm-10.0.3.7".into(),
+            namespace: "shop".into(),
+            group: "payment-vm".into(),
+            vm_id: "vm-1".into(),
+            address: "10.0.3.7".into(),
+            locality: "us-east1/us-east1-b".into(),
+            labels: [("app".to_string(), "payment".to_string())].into(),
+            ports: [("http".to_string(), 9080)].into(),
+            weight: 2,
+            service_account: "payment-vm".into(),
+            health_checks: true,
+            healthy: Some(false),
+            health_message: "GET /healthz: 503".into(),
+            connected: true,
+            ..Default::default()
+        };
+        let d = desired_workload_entries(&[(e.name.clone(), e.clone())].into());
+        let (obj, status) = &d[&("shop".to_string(), "payment-vm-10.0.3.7".to_string())];
+        let mut we: crate::types::WorkloadEntry = serde_json::from_value(obj.clone()).unwrap();
+        assert_eq!(we.spec.address, "10.0.3.7");
+        assert_eq!(we.spec.service_account, "payment-vm");
+        assert_eq!(we.spec.ports.get("http"), Some(&9080));
+        assert_eq!(
+            we.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL],
+            MANAGED_BY
+        );
+        assert_eq!(
+            we.metadata.annotations.as_ref().unwrap()["meshfed.io/workload-group"],
+            "payment-vm"
+        );
+        we.status = serde_json::from_value(status["status"].clone()).unwrap();
+        assert!(!we.healthy(), "the failing probe reads back as unhealthy");
+        assert_eq!(
+            we.status.as_ref().unwrap().conditions[0].message,
+            "GET /healthz: 503"
+        );
+        e.health_checks = false;
+        let d = desired_workload_entries(&[(e.name.clone(), e)].into());
+        assert!(d.values().all(|(_, st)| st.is_null()));
     }
 
     #[test]

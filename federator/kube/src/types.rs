@@ -162,6 +162,44 @@ pub struct WorkloadEntry {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: WorkloadEntrySpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<WorkloadEntryStatus>,
+}
+
+/// Istio's status of a WorkloadEntry: for auto-registered VMs, the `Healthy` condition.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadEntryStatus {
+    #[serde(default)]
+    pub conditions: Vec<IstioCondition>,
+}
+
+/// Istio's condition shape (istio.io/api meta/v1alpha1 `IstioCondition`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IstioCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// The condition type istiod sets on health-checked WorkloadEntries.
+pub const HEALTHY_CONDITION: &str = "Healthy";
+
+impl WorkloadEntry {
+    /// False when its `Healthy` condition says `False` (no condition: healthy, as Istio
+    /// treats entries without health checks).
+    pub fn healthy(&self) -> bool {
+        !self.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == HEALTHY_CONDITION && c.status == "False")
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -620,7 +620,7 @@ fn one_service(
             locality: Some(locality),
             labels: spec.labels.clone().into_iter().collect(),
             weight: spec.weight.max(1),
-            healthy: true,
+            healthy: w.healthy(),
             service_account: spec.service_account.clone(),
             ports: target.into_iter().collect(),
             hostname: String::new(),

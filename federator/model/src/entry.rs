@@ -20,7 +20,7 @@ pub const DISCONNECTED_AT_ANNOTATION: &str = "istio.io/disconnectedAt";
 const MAX_NAME: usize = 253;
 
 /// One auto-registered WorkloadEntry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoEntry {
     pub name: String,
