@@ -223,6 +223,7 @@ async fn main() {
         let (tx, rx) = mpsc::channel::<ClusterMessage>(64);
         tx.send(ClusterMessage {
             kind: Some(Out::Hello(Hello {
+                observer: false,
                 facts: Some(id.facts()),
                 imports_applied_revision: 0,
                 federation_bundle_sequence: 0,

@@ -161,6 +161,7 @@ async fn sync_until_error(id: &ClusterIdentity, msgs: Vec<ClusterMessage>) -> to
 fn hello(id: &ClusterIdentity) -> ClusterMessage {
     ClusterMessage {
         kind: Some(Kind::Hello(Hello {
+            observer: false,
             facts: Some(id.facts()),
             imports_applied_revision: 0,
             federation_bundle_sequence: 0,
@@ -205,6 +206,7 @@ async fn a_cluster_may_only_speak_for_itself() {
         &east,
         vec![ClusterMessage {
             kind: Some(Kind::Hello(Hello {
+                observer: false,
                 facts: Some(forged),
                 imports_applied_revision: 0,
                 federation_bundle_sequence: 0,
@@ -226,6 +228,7 @@ async fn a_cluster_may_only_speak_for_itself() {
         &east,
         vec![ClusterMessage {
             kind: Some(Kind::Hello(Hello {
+                observer: false,
                 facts: Some(other_td),
                 imports_applied_revision: 0,
                 federation_bundle_sequence: 0,
@@ -663,4 +666,101 @@ async fn bundle_distribution_names_who_does_not_hold_the_bundle_yet() {
             "west never counted as holding the bundle: {got:?}"
         );
     }
+}
+
+/// An observer stream (a follower replica of west's agent) receives what west imports, does
+/// not replace west's primary stream (which keeps exchanging), and is refused anything but
+/// import acknowledgements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let west = joined(&f, d.path(), "west").await;
+    let (etx, mut ein) = open_sync(&east).await;
+    etx.send(exports(1, vec![export("payment", 8080)]))
+        .await
+        .unwrap();
+    loop {
+        let m = ein.message().await.unwrap().unwrap();
+        if let Some(proto::federator_message::Kind::ExportAck(_)) = m.kind {
+            break;
+        }
+    }
+    // West's primary stream, then an observer of west.
+    let (wtx, _win) = open_sync(&west).await;
+    let mut c = client(&west).await;
+    let (otx, orx) = tokio::sync::mpsc::channel(16);
+    let mut hello_observer = hello(&west);
+    if let Some(Kind::Hello(h)) = hello_observer.kind.as_mut() {
+        h.observer = true;
+    }
+    otx.send(hello_observer).await.unwrap();
+    let mut oin = c.sync(ReceiverStream::new(orx)).await.unwrap().into_inner();
+    let imported = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), oin.message())
+            .await
+            .expect("imports reach the observer")
+            .unwrap()
+            .unwrap();
+        if let Some(proto::federator_message::Kind::Imports(delta)) = m.kind {
+            if let Some(u) = delta.upserts.iter().find(|u| u.source_cluster == "east") {
+                otx.send(ClusterMessage {
+                    kind: Some(Kind::ImportAck(proto::ImportAck {
+                        revision: delta.revision,
+                        error: String::new(),
+                    })),
+                })
+                .await
+                .unwrap();
+                break u.export.clone().unwrap();
+            }
+        }
+    };
+    assert_eq!(imported.name, "payment");
+    // West's primary stream was not replaced: it still exchanges (an export is acknowledged).
+    let mut wc = client(&west).await;
+    wtx.send(exports(1, vec![export("ledger", 9090)]))
+        .await
+        .unwrap();
+    let got = loop {
+        let s = wc
+            .status(proto::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let c = s
+            .clusters
+            .iter()
+            .find(|c| c.facts.as_ref().is_some_and(|f| f.cluster_id == "west"))
+            .cloned()
+            .unwrap();
+        if c.exports_acked_version == 1 {
+            break c;
+        }
+        // Ask again once the stream delivered more: a heartbeat round trip on the primary.
+        wtx.send(ClusterMessage {
+            kind: Some(Kind::Heartbeat(proto::Heartbeat {})),
+        })
+        .await
+        .unwrap();
+        tokio::task::yield_now().await;
+    };
+    assert!(got.connected, "the primary stream is still west's");
+    // The observer may not export.
+    otx.send(exports(2, vec![export("rogue", 7070)]))
+        .await
+        .unwrap();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), oin.message())
+            .await
+            .expect("the observer's export is refused")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended without an error"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("observer"), "{status:?}");
 }

@@ -380,6 +380,7 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
     send(
         &tx,
         Out::Hello(Hello {
+            observer: false,
             facts: Some(facts),
             imports_applied_revision: inner.cache.applied_revision(),
             federation_bundle_sequence: fed_seq,

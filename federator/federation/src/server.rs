@@ -763,6 +763,8 @@ struct Session {
     /// Revision of the last delta actually sent (later revisions touched only this cluster).
     last_delta: u64,
     bucket: Bucket,
+    /// An observer stream: imports, peers and bundles only (see `Hello.observer`).
+    observer: bool,
 }
 
 impl Session {
@@ -861,6 +863,10 @@ impl Session {
     /// stream ends (it only feeds status: losing it costs nothing, and a write per ACK made
     /// sled's memory grow with every acknowledgement).
     fn note_acked(&self, rev: u64) {
+        if self.observer {
+            // The cluster's lag is its primary stream's.
+            return;
+        }
         if let Some(l) = self.hub.live().get_mut(&self.cluster) {
             l.acked = l.acked.max(rev);
         }
@@ -876,7 +882,9 @@ impl Session {
                 )),
             ));
         }
-        self.hub.heartbeat(&self.cluster);
+        if !self.observer {
+            self.hub.heartbeat(&self.cluster);
+        }
         let kind = msg.kind.ok_or_else(|| {
             self.refuse(
                 "invalid_argument",
@@ -896,6 +904,15 @@ impl Session {
             .messages
             .with_label_values(&[&self.cluster, label])
             .inc();
+        if self.observer && !matches!(kind, In::ImportAck(_) | In::Hello(_)) {
+            return Err(self.refuse(
+                "observer",
+                Status::failed_precondition(format!(
+                    "an observer stream of cluster {} may only acknowledge imports, not send {label}",
+                    self.cluster
+                )),
+            ));
+        }
         match kind {
             In::Hello(_) => Err(self.refuse(
                 "invalid_argument",
@@ -1090,14 +1107,22 @@ impl Service {
                 rec.trust_domain, facts.trust_domain
             )));
         }
-        if let Some(rev) = tokio::task::block_in_place(|| hub.store.update_facts(&cluster, &facts))
-            .map_err(store_status)?
-        {
-            hub.bump_head(rev);
-        }
-        let generation = hub.connect(&cluster);
-        hub.note_federation_sequence(&cluster, hello.federation_bundle_sequence);
-        *connected_as = Some(generation);
+        let observer = hello.observer;
+        // An observer neither changes the cluster's facts nor replaces its stream.
+        let generation = if observer {
+            None
+        } else {
+            if let Some(rev) =
+                tokio::task::block_in_place(|| hub.store.update_facts(&cluster, &facts))
+                    .map_err(store_status)?
+            {
+                hub.bump_head(rev);
+            }
+            let generation = hub.connect(&cluster);
+            hub.note_federation_sequence(&cluster, hello.federation_bundle_sequence);
+            *connected_as = Some(generation);
+            Some(generation)
+        };
         let mut head_rx = hub.head.subscribe();
         let mut peers_rx = hub.peers.subscribe();
         let mut fed_rx = hub.fed_bundle.subscribe();
@@ -1120,6 +1145,7 @@ impl Service {
             acked: hello.imports_applied_revision,
             last_delta: hello.imports_applied_revision,
             bucket: Bucket::new(hub.cfg.rate_limit),
+            observer,
         };
         if s.sent > hub.store.head() {
             tracing::warn!(%cluster, applied = s.sent, head = hub.store.head(), "cluster is ahead of this federator's store; resyncing it from scratch");
@@ -1140,7 +1166,7 @@ impl Service {
         send(&tx, Out::FederationBundle(fed)).await?;
         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
         s.push_imports().await?;
-        tracing::info!(%cluster, applied = hello.imports_applied_revision, "cluster connected");
+        tracing::info!(%cluster, applied = hello.imports_applied_revision, observer, "cluster connected");
         let drain = hub.tasks.signal();
         loop {
             tokio::select! {
@@ -1163,7 +1189,7 @@ impl Service {
                 }
                 r = peers_rx.changed() => {
                     if r.is_err() { return Ok(()); }
-                    if hub.generation(&cluster) != generation {
+                    if generation.is_some_and(|g| hub.generation(&cluster) != g) {
                         return Err(Status::aborted("a newer stream of this cluster replaced this one"));
                     }
                     if hub.store.cluster(&cluster).ok().flatten().is_none_or(|r| r.left) {
