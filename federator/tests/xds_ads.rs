@@ -1153,3 +1153,66 @@ fn unchanged_services_keep_their_tables_across_generations() {
     let g3 = Generation::build(3, &snap3, &policies(), &local());
     assert_eq!(g3.reuse_tables(&g2), 0);
 }
+
+/// A generation built after another takes over the resources of services whose inputs did
+/// not change, builds the others, and is the same as one built from scratch.
+#[test]
+fn a_new_generation_rebuilds_only_the_services_that_changed() {
+    let digest = |g: &Generation| {
+        let m = |x: &std::collections::BTreeMap<Arc<str>, meshfed_xds::resources::SharedRes>| {
+            x.iter()
+                .map(|(k, r)| (k.to_string(), r.hash))
+                .collect::<Vec<_>>()
+        };
+        (
+            m(&g.listeners),
+            m(&g.routes),
+            m(&g.clusters_grpc),
+            m(&g.clusters_envoy),
+            m(&g.clusters_router),
+            g.gateways.clone(),
+        )
+    };
+    let snap = gateway_snapshot(&["shop/payment"]);
+    let g1 = Generation::build(1, &snap, &policies(), &local());
+    // The same snapshot: every service taken over.
+    let same = Generation::build_after(Some(&g1), 2, &snap, &policies(), &local());
+    assert_eq!(same.hosts_reused, 2, "payment and ledger");
+    assert_eq!(digest(&same), digest(&g1));
+    // ledger gains an endpoint: payment is taken over, ledger built again.
+    let mut snap2 = snap.clone();
+    let ledger = snap2
+        .imports
+        .get_mut(&("west".to_string(), "shop/ledger".to_string()))
+        .map(Arc::make_mut)
+        .unwrap();
+    ledger
+        .endpoints
+        .push(ep("10.2.1.6", "us-west1", "us-west1-a"));
+    let g2 = Generation::build_after(Some(&g1), 3, &snap2, &policies(), &local());
+    assert_eq!(g2.hosts_reused, 1);
+    assert_eq!(
+        digest(&g2),
+        digest(&Generation::build(3, &snap2, &policies(), &local()))
+    );
+    // West's gateway moves: every service with an instance in west is built again.
+    let mut snap3 = snap2.clone();
+    if let Some(f) = snap3.peers.get_mut("west").and_then(|p| p.facts.as_mut()) {
+        f.gateways = vec!["192.0.2.21:15443".into()];
+    }
+    let g3 = Generation::build_after(Some(&g2), 4, &snap3, &policies(), &local());
+    assert_eq!(g3.hosts_reused, 0);
+    assert_eq!(
+        digest(&g3),
+        digest(&Generation::build(4, &snap3, &policies(), &local()))
+    );
+    // Exported here no more: payment's router cluster goes.
+    let mut snap4 = snap3.clone();
+    snap4.exported.clear();
+    let g4 = Generation::build_after(Some(&g3), 5, &snap4, &policies(), &local());
+    assert!(g4.clusters_router.is_empty());
+    assert_eq!(
+        digest(&g4),
+        digest(&Generation::build(5, &snap4, &policies(), &local()))
+    );
+}

@@ -22,7 +22,8 @@ pub struct Instance<'a> {
     /// False when the source cluster's lease expired.
     pub fresh: bool,
     pub last_heartbeat_age_ms: u64,
-    pub export: &'a ServiceExport,
+    /// Shared with the snapshot (compare by pointer to tell an unchanged service).
+    pub export: &'a Arc<ServiceExport>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -30,6 +30,41 @@ pub struct ServicePort {
 
 type Slot = Arc<OnceLock<(SharedRes, Arc<Table>)>>;
 
+/// What one service's resources are built from: when a new generation finds the same inputs
+/// as its predecessor, it takes the service's resources over instead of building them again.
+#[derive(Debug, PartialEq)]
+struct HostInputs {
+    policy: Option<Arc<Policy>>,
+    exported_here: bool,
+    instances: Vec<InstanceIn>,
+}
+
+#[derive(Debug, PartialEq)]
+struct InstanceIn {
+    cluster: String,
+    local: bool,
+    network: String,
+    gateways: Vec<String>,
+    fresh: bool,
+    trust_domain: String,
+    /// Shared with the snapshot: an unchanged service compares by pointer.
+    export: Arc<proto::ServiceExport>,
+}
+
+type Named = Vec<(Arc<str>, SharedRes)>;
+
+/// One service's resources, with what they were built from.
+#[derive(Debug)]
+struct HostPart {
+    inputs: HostInputs,
+    listeners: Named,
+    routes: Named,
+    grpc: Named,
+    envoy: Named,
+    router: Named,
+    ports: Vec<(Arc<str>, Arc<ServicePort>)>,
+}
+
 #[derive(Debug, Default)]
 pub struct Generation {
     pub version: u64,
@@ -47,6 +82,10 @@ pub struct Generation {
     /// The policies in effect, by host.
     pub policies: BTreeMap<String, Arc<Policy>>,
     eds_cache: Mutex<HashMap<(Arc<str>, u64), Slot>>,
+    /// Each service's resources and inputs, by `ns/name` (for the next generation to reuse).
+    hosts: HashMap<String, Arc<HostPart>>,
+    /// How many services' resources were taken over from the previous generation.
+    pub hosts_reused: usize,
     /// How many EDS tables were computed (not served from the class cache).
     pub eds_computed: AtomicU64,
 }
@@ -99,6 +138,21 @@ impl Generation {
         policies: &PolicySet,
         local: &LocalFacts,
     ) -> Generation {
+        Generation::build_after(None, version, snap, policies, local)
+    }
+
+    /// Builds a generation; the resources of a service whose inputs (its instances, their
+    /// places and trust domains, its policy, whether it is exported here) are those of `prev`
+    /// are taken over from `prev`, not built again.
+    pub fn build_after(
+        prev: Option<&Generation>,
+        version: u64,
+        snap: &Snapshot,
+        policies: &PolicySet,
+        local: &LocalFacts,
+    ) -> Generation {
+        // Resources depend on the cluster's own facts too: none are taken over if they changed.
+        let prev = prev.filter(|p| p.local == *local);
         let mut g = Generation {
             version,
             local: local.clone(),
@@ -127,17 +181,53 @@ impl Generation {
             if let Some(p) = &policy {
                 g.policies.insert(host.clone(), p.clone());
             }
-            let mut ports: BTreeSet<u32> = BTreeSet::new();
-            let mut sans: BTreeSet<String> = BTreeSet::new();
-            let mut all_tls = true;
-            let mut any_ep = false;
-            let mut service_tls = false;
             for i in &instances {
                 if !i.gateways.is_empty() && !i.network.is_empty() {
                     g.gateways
                         .entry(i.network.to_string())
                         .or_insert_with(|| i.gateways.to_vec());
                 }
+            }
+            let inputs = HostInputs {
+                policy: policy.clone(),
+                exported_here,
+                instances: instances
+                    .iter()
+                    .map(|i| InstanceIn {
+                        cluster: i.cluster.to_string(),
+                        local: i.local,
+                        network: i.network.to_string(),
+                        gateways: i.gateways.to_vec(),
+                        fresh: i.fresh,
+                        trust_domain: tds.get(i.cluster).copied().unwrap_or("").to_string(),
+                        export: i.export.clone(),
+                    })
+                    .collect(),
+            };
+            if let Some(part) = prev
+                .and_then(|p| p.hosts.get(&key))
+                .filter(|p| p.inputs == inputs)
+            {
+                g.take_over(part);
+                g.hosts.insert(key, part.clone());
+                g.hosts_reused += 1;
+                continue;
+            }
+            let mut part = HostPart {
+                inputs,
+                listeners: Vec::new(),
+                routes: Vec::new(),
+                grpc: Vec::new(),
+                envoy: Vec::new(),
+                router: Vec::new(),
+                ports: Vec::new(),
+            };
+            let mut ports: BTreeSet<u32> = BTreeSet::new();
+            let mut sans: BTreeSet<String> = BTreeSet::new();
+            let mut all_tls = true;
+            let mut any_ep = false;
+            let mut service_tls = false;
+            for i in &instances {
                 ports.extend(i.export.ports.iter().map(|p| p.port));
                 service_tls |= i
                     .export
@@ -204,14 +294,15 @@ impl Generation {
                     }
                 }
                 eps.sort_by(|a, b| a.address.cmp(&b.address).then(a.cluster.cmp(&b.cluster)));
-                g.listeners.insert(
-                    lname.clone().into(),
+                let lkey: Arc<str> = lname.clone().into();
+                part.listeners.push((
+                    lkey.clone(),
                     Res::new(&lname, &resources::listener(&host, port)),
-                );
-                g.routes.insert(
-                    lname.clone().into(),
+                ));
+                part.routes.push((
+                    lkey,
                     Res::new(&lname, &resources::route_configuration(&host, port)),
-                );
+                ));
                 let pol = policy.as_deref();
                 let grpc = Res::new(
                     &cname,
@@ -226,11 +317,11 @@ impl Generation {
                     )
                 };
                 if exported_here {
-                    g.clusters_router.insert(cname.clone(), envoy.clone());
+                    part.router.push((cname.clone(), envoy.clone()));
                 }
-                g.clusters_grpc.insert(cname.clone(), grpc);
-                g.clusters_envoy.insert(cname.clone(), envoy);
-                g.ports.insert(
+                part.grpc.push((cname.clone(), grpc));
+                part.envoy.push((cname.clone(), envoy));
+                part.ports.push((
                     cname.clone(),
                     Arc::new(ServicePort {
                         host: host.clone(),
@@ -239,10 +330,35 @@ impl Generation {
                         policy: policy.clone(),
                         endpoints: eps,
                     }),
-                );
+                ));
             }
+            let part = Arc::new(part);
+            g.take_over(&part);
+            g.hosts.insert(key, part);
         }
         g
+    }
+
+    /// Puts one service's resources into this generation's tables.
+    fn take_over(&mut self, part: &HostPart) {
+        for (k, r) in &part.listeners {
+            self.listeners.insert(k.clone(), r.clone());
+        }
+        for (k, r) in &part.routes {
+            self.routes.insert(k.clone(), r.clone());
+        }
+        for (k, r) in &part.grpc {
+            self.clusters_grpc.insert(k.clone(), r.clone());
+        }
+        for (k, r) in &part.envoy {
+            self.clusters_envoy.insert(k.clone(), r.clone());
+        }
+        for (k, r) in &part.router {
+            self.clusters_router.insert(k.clone(), r.clone());
+        }
+        for (k, p) in &part.ports {
+            self.ports.insert(k.clone(), p.clone());
+        }
     }
 
     /// Takes over from `prev` the EDS tables already computed for every service port that did

@@ -45,7 +45,7 @@ pub async fn start(
     let mut policies = policies;
     let snap = snaps.borrow_and_update().clone();
     let set = policies.borrow_and_update().clone();
-    let builder: BuildFn = Arc::new(Generation::build);
+    let builder: BuildFn = Arc::new(Generation::build_after);
     let first = build(&state, &builder, 1, snap, set)
         .await
         .ok_or_else(|| anyhow::anyhow!("building the first xDS generation failed (see the log)"))?;
@@ -103,8 +103,13 @@ pub async fn start(
     })
 }
 
-/// Computes a generation from a snapshot and the policies.
-type BuildFn = Arc<dyn Fn(u64, &Snapshot, &PolicySet, &LocalFacts) -> Generation + Send + Sync>;
+/// Computes a generation from a snapshot and the policies (taking over what did not change
+/// from the previous one).
+type BuildFn = Arc<
+    dyn Fn(Option<&Generation>, u64, &Snapshot, &PolicySet, &LocalFacts) -> Generation
+        + Send
+        + Sync,
+>;
 
 /// Builds generation `version` on a blocking thread. `None` when the build failed (panicked):
 /// the caller keeps the generation it serves.
@@ -120,7 +125,7 @@ async fn build(
     let prev = state.current();
     let t = Instant::now();
     let g = match tokio::task::spawn_blocking(move || {
-        let g = f(version, &snap, &pol, &local);
+        let g = f(Some(&prev), version, &snap, &pol, &local);
         g.reuse_tables(&prev);
         // The previous generation is dropped here, off the async workers, unless a stream
         // still holds it.
@@ -344,16 +349,18 @@ mod tests {
             [("shop/payment".to_string(), Arc::new(e))].into()
         };
         local.set_local(svc(8080), Default::default());
-        let builder: BuildFn = Arc::new(|v, snap: &Snapshot, pol: &PolicySet, l: &LocalFacts| {
-            if snap
-                .local
-                .values()
-                .any(|e| e.ports.iter().any(|p| p.port == 6666))
-            {
-                panic!("a generator bug");
-            }
-            Generation::build(v, snap, pol, l)
-        });
+        let builder: BuildFn = Arc::new(
+            |prev: Option<&Generation>, v, snap: &Snapshot, pol: &PolicySet, l: &LocalFacts| {
+                if snap
+                    .local
+                    .values()
+                    .any(|e| e.ports.iter().any(|p| p.port == 6666))
+                {
+                    panic!("a generator bug");
+                }
+                Generation::build_after(prev, v, snap, pol, l)
+            },
+        );
         let pols = watch::Sender::new(Arc::new(PolicySet::default()));
         let (mut snaps, mut pol_rx) = (reader.subscribe(), pols.subscribe());
         let (snap, set) = (
