@@ -763,4 +763,34 @@ async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
     };
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("observer"), "{status:?}");
+
+    // An observer of west's membership ends when west joins again.
+    let mut c = client(&west).await;
+    let (otx, orx) = tokio::sync::mpsc::channel(16);
+    let mut hello_observer = hello(&west);
+    if let Some(Kind::Hello(h)) = hello_observer.kind.as_mut() {
+        h.observer = true;
+    }
+    otx.send(hello_observer).await.unwrap();
+    let mut oin = c.sync(ReceiverStream::new(orx)).await.unwrap().into_inner();
+    // It is open (its first messages arrive), then west joins again.
+    oin.message().await.unwrap().unwrap();
+    let t = token(&f, d.path(), "west", 900, now());
+    let again = d.path().join("again");
+    identity::join(params(&again, t, "west")).await.unwrap();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), oin.message())
+            .await
+            .expect("the observer of the earlier membership ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended without an error"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("earlier membership"),
+        "{status:?}"
+    );
 }

@@ -569,6 +569,29 @@ mod headless_tests {
         assert_eq!(r.additionals.len(), 3, "each target's address");
         let r = ask(s.addr, "gone.shop.svc.clusterset.local.", RecordType::A).await;
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        // Nor do the names below it (RFC 8020).
+        let r = ask(
+            s.addr,
+            "_pg._tcp.gone.shop.svc.clusterset.local.",
+            RecordType::SRV,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        // Under cluster.local the SRV targets are the clusterset.local names (the only ones
+        // per endpoint).
+        let r = ask(
+            s.addr,
+            "_pg._tcp.db.shop.svc.cluster.local.",
+            RecordType::SRV,
+        )
+        .await;
+        assert!(
+            r.answers.iter().all(|a| matches!(&a.data,
+                RData::SRV(x) if x.target.to_string().ends_with(".svc.clusterset.local."))),
+            "{:?}",
+            r.answers
+        );
+        assert_eq!(r.answers.len(), 3);
     }
 
     /// The table of a headless service: no VIP asked for; the healthy endpoints of the cluster's
@@ -623,6 +646,16 @@ mod headless_tests {
                 },
             );
         }
+        // This cluster's own ClusterIP Service of the same name, not exported, does not make
+        // the imported headless service a ClusterSetIP one.
+        s.local.insert(
+            "shop/db".into(),
+            Arc::new(ServiceExport {
+                namespace: "shop".into(),
+                name: "db".into(),
+                ..Default::default()
+            }),
+        );
         let t = table::build(&s, &BTreeSet::new(), |k| panic!("no VIP for headless {k}"));
         let db = &t.services[&("shop".to_string(), "db".to_string())];
         assert!(db.headless);

@@ -225,9 +225,12 @@ impl RequestHandler for MeshDns {
                 zone = z;
                 if matches!(qtype, RecordType::SRV | RecordType::ANY) {
                     for e in svc.endpoints.iter().filter(|e| !e.hostname.is_empty()) {
+                        // Per-endpoint names exist under clusterset.local only.
                         let Ok(target) = Name::from_str(&format!(
-                            "{}.{}.{name}.{namespace}.svc.{z}.",
-                            e.hostname, e.cluster
+                            "{}.{}.{name}.{namespace}.svc.{}.",
+                            e.hostname,
+                            e.cluster,
+                            table::CLUSTERSET_ZONE
                         )) else {
                             continue;
                         };

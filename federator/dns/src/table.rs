@@ -115,6 +115,8 @@ impl NameTable {
         if zone == CLUSTERSET_ZONE && labels == ["dns-version"] {
             return Lookup::Version;
         }
+        // A headless service without endpoints does not exist, nor do the names below it.
+        let exists = |s: &ServiceNames| !s.headless || !s.endpoints.is_empty();
         let in_zone = |s: &ServiceNames| {
             if zone == CLUSTER_ZONE {
                 s.cluster
@@ -145,7 +147,7 @@ impl NameTable {
                 None => Lookup::NxDomain,
             },
             [proto, svc, ns, "svc"] if proto.starts_with('_') => {
-                match self.get(ns, svc).filter(|s| in_zone(s)) {
+                match self.get(ns, svc).filter(|s| in_zone(s) && exists(s)) {
                     Some(s)
                         if s.ports
                             .iter()
@@ -188,7 +190,7 @@ impl NameTable {
                 }
             }
             [port, proto, svc, ns, "svc"] if port.starts_with('_') && proto.starts_with('_') => {
-                let Some(s) = self.get(ns, svc).filter(|s| in_zone(s)) else {
+                let Some(s) = self.get(ns, svc).filter(|s| in_zone(s) && exists(s)) else {
                     return Lookup::NxDomain;
                 };
                 match s
@@ -259,14 +261,23 @@ pub fn build(
                 }
             }
         }
-        // Headless when every exporter says so (clusters that disagree get a VIP).
-        let headless = insts.iter().all(|i| i.export.headless);
+        // Headless when every instance that counts says so: the imported ones and this
+        // cluster's own when it exports it (a conflicting newer export is not imported).
+        // (A service of this cluster alone is what its own Service says.)
+        let mut counted: Vec<_> = insts
+            .iter()
+            .filter(|i| !i.local || exported.contains(&key))
+            .collect();
+        if counted.is_empty() {
+            counted = insts.iter().collect();
+        }
+        let headless = counted.iter().all(|i| i.export.headless);
         let (v4, v6) = if headless { (None, None) } else { vip(&key) };
         let mut endpoints = Vec::new();
         if headless {
             for i in insts
                 .iter()
-                .filter(|i| i.local || i.network == snap.facts.network)
+                .filter(|i| i.local || i.network.is_empty() || i.network == snap.facts.network)
             {
                 for e in i.export.endpoints.iter().filter(|e| e.healthy) {
                     if let Ok(address) = e.address.parse::<IpAddr>() {

@@ -1108,6 +1108,8 @@ impl Service {
             )));
         }
         let observer = hello.observer;
+        // The membership this stream belongs to: a join of the cluster (again) makes a new one.
+        let membership = (rec.joined_at, rec.cert_fingerprint.clone());
         // An observer neither changes the cluster's facts nor replaces its stream.
         let generation = if observer {
             None
@@ -1192,8 +1194,14 @@ impl Service {
                     if generation.is_some_and(|g| hub.generation(&cluster) != g) {
                         return Err(Status::aborted("a newer stream of this cluster replaced this one"));
                     }
-                    if hub.store.cluster(&cluster).ok().flatten().is_none_or(|r| r.left) {
+                    let now = hub.store.cluster(&cluster).ok().flatten();
+                    if now.as_ref().is_none_or(|r| r.left) {
                         return Err(proto::reason::left(format!("cluster {cluster} has left the federation")));
+                    }
+                    // An observer has no generation that a join would bump: it ends when the
+                    // cluster's membership is no longer the one it opened under.
+                    if observer && now.is_some_and(|r| (r.joined_at, r.cert_fingerprint) != membership) {
+                        return Err(Status::aborted("the cluster joined again; this observer stream belongs to its earlier membership"));
                     }
                     send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
                 }

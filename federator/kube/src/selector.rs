@@ -27,6 +27,9 @@ fn check_key(k: &str) -> Result<(), String> {
         Some((p, n)) => (Some(p), n),
         None => (None, k),
     };
+    if name.is_empty() {
+        return Err(format!("{k:?}: no name after the prefix"));
+    }
     if let Some(p) = prefix {
         if p.is_empty() || p.len() > 253 || !p.split('.').all(meshfed_model::validate::is_dns_label)
         {
@@ -95,12 +98,31 @@ fn values(list: &str, req: &str) -> Result<std::collections::BTreeSet<String>, S
         .and_then(|l| l.strip_suffix(')'))
         .ok_or_else(|| format!("{req:?}: the values must be in parentheses, as in (a,b)"))?;
     let mut out = std::collections::BTreeSet::new();
+    if inner.trim().is_empty() {
+        return Err(format!("{req:?}: an empty set of values"));
+    }
     for v in inner.split(',') {
         let v = v.trim();
         check_name(v).map_err(|e| format!("{req:?}: {e}"))?;
         out.insert(v.to_string());
     }
     Ok(out)
+}
+
+/// `key <op> (values)` with whitespace before the operator and optional whitespace after it
+/// (`env in (a,b)`, `env in(a,b)`): the key and the parenthesised list.
+fn set_op<'a>(r: &'a str, op: &str) -> Option<(&'a str, &'a str)> {
+    let Some(i) = r.find('(') else {
+        // No list at all: still this operator (the values check says what is missing).
+        let (k, rest) = r.split_once(&format!(" {op} "))?;
+        return Some((k, rest));
+    };
+    let head = r[..i].trim_end();
+    let key = head.strip_suffix(op)?;
+    if !key.ends_with(char::is_whitespace) {
+        return None;
+    }
+    Some((key, &r[i..]))
 }
 
 /// Parses a selector; the empty string selects every namespace.
@@ -122,9 +144,9 @@ pub fn parse(text: &str) -> Result<NamespaceSelector, String> {
                 Expression::Equal(nonempty_key(k, r)?, v.to_string())
             } else if let Some(k) = r.strip_prefix('!') {
                 Expression::DoesNotExist(nonempty_key(k, r)?)
-            } else if let Some((k, list)) = r.split_once(" notin ") {
+            } else if let Some((k, list)) = set_op(r, "notin") {
                 Expression::NotIn(nonempty_key(k, r)?, values(list, r)?)
-            } else if let Some((k, list)) = r.split_once(" in ") {
+            } else if let Some((k, list)) = set_op(r, "in") {
                 Expression::In(nonempty_key(k, r)?, values(list, r)?)
             } else {
                 Expression::Exists(nonempty_key(r, r)?)
@@ -169,6 +191,9 @@ mod tests {
             ("team", "pay"),
             ("legacy", "")
         ])));
+        let t = parse("env in(prod),\tteam notin (x)").unwrap();
+        assert!(t.matches(&labels(&[("env", "prod")])));
+        assert!(!t.matches(&labels(&[("env", "prod"), ("team", "x")])));
         let n = parse("env notin (dev), tier!=batch, app==web").unwrap();
         assert!(n.matches(&labels(&[("app", "web")])));
         assert!(!n.matches(&labels(&[("app", "web"), ("env", "dev")])));
@@ -186,6 +211,8 @@ mod tests {
             ("Env=Prod Ok", "not a label name"),
             ("bad prefix!/x", "prefix"),
             ("k=-x", "not a label name"),
+            ("env in ()", "empty set"),
+            ("example.com/=x", "no name after the prefix"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.contains(want), "{text}: {e}");

@@ -51,8 +51,8 @@ pub fn desired_imports(
                 }
             }
         }
-        // Headless when every exporter says so (as the name table: no VIP then).
-        let headless = insts.iter().all(|i| i.export.headless);
+        // Headless when every exporter it imports from says so (as the name table: no VIP).
+        let headless = insts.iter().filter(|i| !i.local).all(|i| i.export.headless);
         let spec = if headless {
             json!({"type": "Headless", "ports": ports})
         } else {
@@ -92,6 +92,9 @@ pub fn desired_workload_entries(
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect();
         annotations.insert("meshfed.io/vm-id".into(), json!(e.vm_id));
+        if e.health_checks {
+            annotations.insert(crate::types::HEALTH_CHECKS_ANNOTATION.into(), json!("true"));
+        }
         annotations.insert("meshfed.io/workload-group".into(), json!(e.group));
         let mut spec = json!({"address": e.address, "labels": e.labels});
         for (k, v) in [
@@ -904,6 +907,22 @@ mod tests {
             we.status.as_ref().unwrap().conditions[0].message,
             "GET /healthz: 503"
         );
+        // Health-checked: healthy only once the condition says True (not before any status,
+        // not while Unknown).
+        let read_back = |healthy: Option<bool>, with_status: bool| {
+            let mut e2 = e.clone();
+            e2.healthy = healthy;
+            let d = desired_workload_entries(&[(e2.name.clone(), e2)].into());
+            let (obj, status) = d.values().next().unwrap().clone();
+            let mut we: crate::types::WorkloadEntry = serde_json::from_value(obj).unwrap();
+            if with_status {
+                we.status = serde_json::from_value(status["status"].clone()).unwrap();
+            }
+            we.healthy()
+        };
+        assert!(!read_back(Some(true), false), "applied before its status");
+        assert!(!read_back(None, true), "Unknown");
+        assert!(read_back(Some(true), true));
         e.health_checks = false;
         let d = desired_workload_entries(&[(e.name.clone(), e)].into());
         assert!(d.values().all(|(_, st)| st.is_null()));

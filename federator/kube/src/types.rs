@@ -189,16 +189,31 @@ pub struct IstioCondition {
 
 /// The condition type istiod sets on health-checked WorkloadEntries.
 pub const HEALTHY_CONDITION: &str = "Healthy";
+/// The annotation that says a WorkloadEntry's health is checked (its VM reports it).
+pub const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
 
 impl WorkloadEntry {
-    /// False when its `Healthy` condition says `False` (no condition: healthy, as Istio
-    /// treats entries without health checks).
+    /// As Istio decides: an entry with health checks (annotation
+    /// `proxy.istio.io/health-checks-enabled: "true"`) is healthy only while its `Healthy`
+    /// condition is `True`; one without is healthy unless the condition says `False`.
     pub fn healthy(&self) -> bool {
-        !self.status.as_ref().is_some_and(|s| {
+        let condition = self.status.as_ref().and_then(|s| {
             s.conditions
                 .iter()
-                .any(|c| c.type_ == HEALTHY_CONDITION && c.status == "False")
-        })
+                .find(|c| c.type_ == HEALTHY_CONDITION)
+                .map(|c| c.status.as_str())
+        });
+        let checked = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HEALTH_CHECKS_ANNOTATION))
+            .is_some_and(|v| v == "true");
+        if checked {
+            condition == Some("True")
+        } else {
+            condition != Some("False")
+        }
     }
 }
 

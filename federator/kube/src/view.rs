@@ -590,6 +590,17 @@ fn one_service(
             continue;
         }
         if !network.is_empty() && !spec.network.is_empty() && spec.network != network {
+            // meshfed's own entry of a VM on another network: the VM is served through its
+            // registration, not as a Kubernetes endpoint; not a problem of the user's.
+            let ours = w
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::types::MANAGED_BY_LABEL))
+                .is_some_and(|v| v == crate::types::MANAGED_BY);
+            if ours {
+                continue;
+            }
             view.problems.push(refuse(format!(
                 "spec.network: {} is not this cluster's network {network}; meshfed places every endpoint of a cluster on its network",
                 spec.network

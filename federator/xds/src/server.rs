@@ -725,6 +725,12 @@ impl StreamSecrets {
     }
 }
 
+/// Ends a stream with `status`, waiting at most 5 s for room in its queue: a client that
+/// stopped reading gets its stream closed (without the status) rather than a task forever.
+async fn final_status<T>(tx: &mpsc::Sender<Result<T, Status>>, status: Status) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tx.send(Err(status))).await;
+}
+
 /// Runs one ADS (or SDS) stream: the first request names the node; then requests, new
 /// generations and new secrets are handled in turn, and the responses they produce are sent in
 /// order. `only` restricts the stream to one type (SDS streams: secrets).
@@ -776,7 +782,7 @@ async fn drive<V: Variant>(
                     continue;
                 }
                 _ = drain.drained() => {
-                    let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                    final_status(&tx, Status::unavailable("the agent is shutting down")).await;
                     break;
                 }
                 m = inbound.message() => match m {
@@ -833,7 +839,7 @@ async fn drive<V: Variant>(
                 match V::request(&state, &conn, &world, req, &mut nonce) {
                     Ok(out) => out,
                     Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                        final_status(&tx, s).await;
                         break;
                     }
                 }
@@ -868,9 +874,13 @@ async fn drive<V: Variant>(
                 .with_label_values(&["send_queue_full"])
                 .inc();
             tracing::warn!(proxy = %conn.node.id, queued_bytes, "ending an ADS stream whose client does not read its responses");
-            let _ = tx.try_send(Err(Status::resource_exhausted(format!(
-                "more than {MAX_QUEUED_BYTES} bytes of responses wait for this stream's client to read them"
-            ))));
+            final_status(
+                &tx,
+                Status::resource_exhausted(format!(
+                    "more than {MAX_QUEUED_BYTES} bytes of responses wait for this stream's client to read them"
+                )),
+            )
+            .await;
             break;
         }
     }
