@@ -158,6 +158,23 @@ async fn sync_until_error(id: &ClusterIdentity, msgs: Vec<ClusterMessage>) -> to
     }
 }
 
+/// Reads a stream to its end and returns the status it ended with (`what` names the wait).
+async fn ends_with(
+    inbound: &mut tonic::Streaming<proto::FederatorMessage>,
+    what: &str,
+) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the stream did not end"))
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("{what}: the stream ended without a status"),
+            Err(s) => return s,
+        }
+    }
+}
+
 fn hello(id: &ClusterIdentity) -> ClusterMessage {
     ClusterMessage {
         kind: Some(Kind::Hello(Hello {
@@ -519,16 +536,7 @@ async fn a_drain_ends_sync_streams_with_unavailable_and_keeps_what_was_acknowled
     }
     let report = f.drain(Duration::from_secs(10)).await;
     assert!(report.aborted.is_empty(), "{report}");
-    let end = loop {
-        match tokio::time::timeout(Duration::from_secs(5), inbound.message())
-            .await
-            .expect("the stream ends")
-        {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the stream ended without a status"),
-            Err(s) => break s,
-        }
-    };
+    let end = ends_with(&mut inbound, "the stream ends").await;
     assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
     assert_eq!(end.message(), "the federator is shutting down");
     drop(tx);
@@ -751,16 +759,7 @@ async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
     otx.send(exports(2, vec![export("rogue", 7070)]))
         .await
         .unwrap();
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(10), oin.message())
-            .await
-            .expect("the observer's export is refused")
-        {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("ended without an error"),
-            Err(s) => break s,
-        }
-    };
+    let status = ends_with(&mut oin, "the observer's export is refused").await;
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("observer"), "{status:?}");
 
@@ -778,16 +777,7 @@ async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
     let t = token(&f, d.path(), "west", 900, now());
     let again = d.path().join("again");
     identity::join(params(&again, t, "west")).await.unwrap();
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(10), oin.message())
-            .await
-            .expect("the observer of the earlier membership ends")
-        {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("ended without an error"),
-            Err(s) => break s,
-        }
-    };
+    let status = ends_with(&mut oin, "the observer of the earlier membership ends").await;
     assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
     assert!(
         status.message().contains("earlier membership"),

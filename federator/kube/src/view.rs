@@ -148,6 +148,23 @@ struct Inputs {
     entries: Vec<Arc<WorkloadEntry>>,
 }
 
+/// The Pod an endpoint's `targetRef` names (its namespace defaults to the slice's).
+fn pod_of<'a>(
+    e: &k8s_openapi::api::discovery::v1::Endpoint,
+    ns: &str,
+    pods: &Pods<'a>,
+) -> Option<&'a Arc<Pod>> {
+    let r = e
+        .target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref() == Some("Pod"))?;
+    pods.get(&(
+        r.namespace.as_deref().unwrap_or(ns),
+        r.name.as_deref().unwrap_or_default(),
+    ))
+    .copied()
+}
+
 fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
@@ -185,17 +202,7 @@ impl Inputs {
                 if let Some((n, _)) = e.node_name.as_deref().and_then(|n| nodes.get(n)) {
                     used_nodes.push(Arc::clone(n));
                 }
-                let pod = e
-                    .target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        pods.get(&(
-                            r.namespace.as_deref().unwrap_or(ns),
-                            r.name.as_deref().unwrap_or_default(),
-                        ))
-                    });
-                if let Some(p) = pod {
+                if let Some(p) = pod_of(e, ns, pods) {
                     used_pods.push(Arc::clone(p));
                 }
             }
@@ -535,17 +542,7 @@ fn one_service(
                         .unwrap_or_else(|| default_locality.zone.clone()),
                     ..default_locality.clone()
                 });
-            let pod = e
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    pods.get(&(
-                        r.namespace.as_deref().unwrap_or(ns.as_str()),
-                        r.name.as_deref().unwrap_or_default(),
-                    ))
-                })
-                .map(|p| &***p);
+            let pod = pod_of(e, &ns, pods).map(|p| &**p);
             let mut target = BTreeMap::new();
             for p in &ports {
                 if let Some(tp) = slice_ports.get(&p.name) {
