@@ -446,16 +446,7 @@ fn the_source_reports_an_unreachable_api_server_and_keeps_its_view() {
     api.apply(export("payment")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = meshfed_kube::source::client(Some(&kubeconfig))
-            .await
-            .unwrap();
-        let (src, run) = meshfed_kube::source::start(
-            client,
-            Default::default(),
-            Default::default(),
-            Duration::from_millis(10),
-        );
-        tokio::spawn(run);
+        let src = source(&kubeconfig, Default::default()).await;
         let mut view = src.view.clone();
         view.wait_for(|v| v.as_ref().is_some_and(|v| v.exports.len() == 1))
             .await
@@ -511,6 +502,20 @@ fn the_import_writer_cleans_up_its_own_after_a_restart_and_nothing_else() {
     assert_eq!(done.deleted, 1);
     assert!(api.get("ServiceImport", "shop", "stale").is_none());
     assert!(api.get("ServiceImport", "shop", "user-made").is_some());
+}
+
+/// The real Kubernetes source, in this process, against the double.
+async fn source(
+    kubeconfig: &std::path::Path,
+    scope: meshfed_kube::view::Scope,
+) -> meshfed_kube::source::KubeSource {
+    let client = meshfed_kube::source::client(Some(kubeconfig))
+        .await
+        .unwrap();
+    let (src, run) =
+        meshfed_kube::source::start(client, Default::default(), scope, Duration::from_millis(10));
+    tokio::spawn(run);
+    src
 }
 
 /// `dig +short` against a cluster's mesh DNS.
@@ -635,20 +640,11 @@ fn the_namespace_selector_follows_namespace_labels() {
     api.apply(export("payment")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = meshfed_kube::source::client(Some(&kubeconfig))
-            .await
-            .unwrap();
         let scope = meshfed_kube::view::Scope {
             selector: Some(meshfed_kube::selector::parse("meshfed.io/federate=true").unwrap()),
             network: "net-a".into(),
         };
-        let (src, run) = meshfed_kube::source::start(
-            client,
-            Default::default(),
-            scope,
-            Duration::from_millis(10),
-        );
-        tokio::spawn(run);
+        let src = source(&kubeconfig, scope).await;
         let mut view = src.view.clone();
         let wait = Duration::from_secs(30);
         let v = tokio::time::timeout(wait, view.wait_for(|v| v.is_some()))
@@ -692,16 +688,7 @@ fn workload_entries_are_optional_and_join_the_services_that_select_them() {
     api.apply(export("payment")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = meshfed_kube::source::client(Some(&kubeconfig))
-            .await
-            .unwrap();
-        let (src, run) = meshfed_kube::source::start(
-            client,
-            Default::default(),
-            Default::default(),
-            Duration::from_millis(10),
-        );
-        tokio::spawn(run);
+        let src = source(&kubeconfig, Default::default()).await;
         let wait = Duration::from_secs(60);
         let mut view = src.view.clone();
         tokio::time::timeout(
