@@ -126,6 +126,10 @@ fn registry(c: &ClusterSpec, addr: &str, vm_addr: &str) -> String {
         y.push_str(&format!(
             "  - namespace: shop\n    name: order\n    ports: [{{name: http, port: 8082}}]\n    endpoints: [{{address: {addr}, serviceAccount: order}}]\n"
         ));
+        // A headless service (a StatefulSet's, in Kubernetes): per-endpoint DNS names.
+        y.push_str(&format!(
+            "  - namespace: shop\n    name: db\n    ports: [{{name: pg, port: 5432}}]\n    headless: true\n    export: true\n    endpoints: [{{address: {addr}, hostname: db-0, serviceAccount: db}}]\n"
+        ));
         y.push_str(&vm::registry(vm_addr));
     }
     y
@@ -964,6 +968,33 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     checks.assert(dns_ok, "VM DNS", dns_detail);
+
+    // The headless db: its endpoint by hostname in eu and on eu's VM; east, on another
+    // network, cannot route to the pod address and does not answer it.
+    let db0 = "db-0.eu.db.shop.svc.clusterset.local.";
+    let east_dns = format!("{}:15053", layout.addr("east"));
+    let east_rt = &layout.cluster("east")?.rt;
+    let mut headless_ok = false;
+    let mut headless_detail = String::new();
+    for _ in 0..20 {
+        let in_eu = eu_rt.run(vm::resolve(eu_dns.clone(), db0)).await?;
+        let on_vm = eu_rt.run(vm::resolve(vm_dns.clone(), db0)).await?;
+        let in_east = east_rt.run(vm::resolve(east_dns.clone(), db0)).await?;
+        let want: Result<std::net::IpAddr, _> = eu_addr.parse();
+        if let (Ok(a), Ok(b), Ok(c), Ok(w)) = (&in_eu, &on_vm, &in_east, &want) {
+            if a == &[*w] && b == a && c.is_empty() {
+                headless_ok = true;
+                headless_detail = format!(
+                    "{} -> {w} in eu and on its VM (no VIP); east, on another network, does not answer it",
+                    db0.trim_end_matches('.')
+                );
+                break;
+            }
+        }
+        headless_detail = format!("eu {in_eu:?}, VM {on_vm:?}, east {in_east:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    checks.assert(headless_ok, "headless DNS", headless_detail);
 
     // Workloads: payment in east and west, order in eu.
     let stop_all = Arc::new(AtomicBool::new(false));

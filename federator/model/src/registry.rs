@@ -134,6 +134,9 @@ pub struct EndpointSpec {
     /// Service port name -> the port this endpoint listens on (as WorkloadEntry `ports`).
     #[serde(default)]
     pub ports: BTreeMap<String, PortNumber>,
+    /// Its DNS name within a headless service: `<hostname>.<cluster>.<name>.<namespace>.svc.clusterset.local`.
+    #[serde(default)]
+    pub hostname: Option<Label>,
 }
 
 /// Target ports as exported: only names that can name a service port (DNS labels). The
@@ -188,6 +191,10 @@ pub struct ServiceSpec {
     /// (listed, or auto-registered by VMs) whose labels include all of these are endpoints too.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// Headless (as a Kubernetes Service with `clusterIP: None`): no VIP; its name answers
+    /// with its endpoints, and endpoints with a `hostname` have their own names.
+    #[serde(default)]
+    pub headless: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -211,7 +218,7 @@ impl ServiceSpec {
     /// The service as exported to the federation.
     pub fn to_export(&self, default_locality: &Locality) -> ServiceExport {
         ServiceExport {
-            headless: false,
+            headless: self.headless,
             namespace: self.namespace.0.clone(),
             name: self.name.0.clone(),
             ports: self
@@ -233,7 +240,7 @@ impl ServiceSpec {
                 .endpoints
                 .iter()
                 .map(|e| Endpoint {
-                    hostname: String::new(),
+                    hostname: e.hostname.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
                     address: e.address.0.clone(),
                     locality: Some(
                         e.locality
@@ -461,6 +468,12 @@ services:
   - namespace: shop
     name: internal
     ports: [{port: 9000}]
+  - namespace: shop
+    name: db
+    ports: [{name: pg, port: 5432}]
+    headless: true
+    export: true
+    endpoints: [{address: 10.1.0.7, hostname: db-0}]
 "#;
 
     #[test]
@@ -472,7 +485,10 @@ services:
             subzone: String::new(),
         };
         let ex = r.exports(&def);
-        assert_eq!(ex.len(), 1, "only exported services");
+        assert_eq!(ex.len(), 2, "only exported services");
+        let db = &ex["shop/db"];
+        assert!(db.headless && !ex["shop/payment"].headless);
+        assert_eq!(db.endpoints[0].hostname, "db-0");
         let p = &ex["shop/payment"];
         assert_eq!(p.export_to, vec!["west".to_string()]);
         assert_eq!(p.on_expiry, OnExpiry::Withdraw as i32);
@@ -503,6 +519,9 @@ services:
         // The error is located at the value itself, with its path.
         assert!(e.starts_with("reg.yaml:3:11: services[0].name:"), "{e}");
         assert!(e.contains("\"Payment\" is not a DNS label"), "{e}");
+        let e = err("services:\n  - namespace: shop\n    name: db\n    ports: [{port: 80}]\n    endpoints: [{address: 10.0.0.1, hostname: DB_0}]\n");
+        assert!(e.starts_with("reg.yaml:5:"), "{e}");
+        assert!(e.contains("\"DB_0\" is not a DNS label"), "{e}");
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 70000}]\n");
         assert!(
             e.starts_with("reg.yaml:4:20: services[0].ports:") && e.contains("70000"),
