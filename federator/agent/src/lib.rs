@@ -363,7 +363,7 @@ pub struct AgentReport {
     /// Kubernetes objects the source cannot use (`kind ns/name: reason`; warnings).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kubernetes_problems: Vec<String>,
-    /// The last failed write to the Kubernetes API (ServiceImports), until one succeeds.
+    /// The last failed write to the Kubernetes API, until one succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_write_error: Option<String>,
     /// The Kubernetes watches, by kind (with the Kubernetes source).
@@ -1114,9 +1114,9 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
     }
 }
 
-/// Keeps one MCS ServiceImport and its EndpointSlices per imported service in the cluster and
-/// the conditions of every
-/// ServiceExport current (`meshfed_kube::sink`), after every change of the model, the VIPs,
+/// Keeps one MCS ServiceImport and its EndpointSlices per imported service in the cluster, the
+/// conditions of every ServiceExport, the registered VMs' WorkloadEntries and the Events of
+/// refused objects current (`meshfed_kube::sink`), after every change of the model, the VIPs,
 /// the Kubernetes view or what the federator acknowledged; a failed write is retried after 5 s
 /// and reported in `meshfed status` until one succeeds.
 async fn write_kubernetes(
@@ -1183,6 +1183,19 @@ async fn write_kubernetes(
             }
             None => Default::default(),
         };
+        // Every input is read (and marked seen) before writing, so that a failed pass waits for
+        // the retry or a new change, not for an input it did not get to.
+        let entries = entries_rx.borrow_and_update().clone();
+        // VMs' WorkloadEntries, where the API server serves the kind (Istio's CRD).
+        let entries_served = health
+            .borrow_and_update()
+            .get("WorkloadEntry")
+            .is_some_and(|w| w.synced && !w.not_served);
+        let mut problems: Vec<meshfed_kube::view::Problem> = current_view
+            .as_ref()
+            .map(|v| v.problems.clone())
+            .unwrap_or_default();
+        problems.extend(policy_problems.borrow_and_update().iter().cloned());
         let result = async {
             let mut done = writer.sync(&client, &desired).await?;
             let s = slices
@@ -1193,13 +1206,7 @@ async fn write_kubernetes(
                 .await?;
             done.applied += s.applied;
             done.deleted += s.deleted;
-            // VMs' WorkloadEntries, where the API server serves the kind (Istio's CRD).
-            let entries = entries_rx.borrow_and_update().clone();
-            let served = health
-                .borrow_and_update()
-                .get("WorkloadEntry")
-                .is_some_and(|w| w.synced && !w.not_served);
-            if served {
+            if entries_served {
                 let w = vm_entries
                     .sync(
                         &client,
@@ -1210,12 +1217,7 @@ async fn write_kubernetes(
                 done.deleted += w.deleted;
             }
             let statuses_written = statuses.sync(&client, &conditions).await?;
-            let mut all: Vec<meshfed_kube::view::Problem> = current_view
-                .as_ref()
-                .map(|v| v.problems.clone())
-                .unwrap_or_default();
-            all.extend(policy_problems.borrow_and_update().iter().cloned());
-            events.sync(&all).await?;
+            events.sync(&problems).await?;
             anyhow::Ok((done, statuses_written))
         }
         .await;

@@ -109,15 +109,43 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let api: Api<K> = Api::all(client.clone());
+    let probe_api = api.clone();
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer);
     let fut = async move {
         let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
+        // A watch that resumed after a failure says nothing until its next event: while this
+        // kind fails, a one-item list every 5 s tells whether the API server answers again
+        // (nothing is listed while all is well).
+        let mut failing = false;
+        let mut probe = tokio::time::interval(Duration::from_secs(5));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+                _ = probe.tick(), if failing => {
+                    let lp = kube::api::ListParams::default().limit(1);
+                    if probe_api.list(&lp).await.is_ok() {
+                        tracing::info!(kind, "the Kubernetes API answers again");
+                        failing = false;
+                        health.send_modify(|h| {
+                            if let Some(e) = h.get_mut(kind) {
+                                e.error = None;
+                                e.failing_since = None;
+                            }
+                        });
+                    }
+                    continue;
+                }
+            };
             match item {
                 Ok(ev) => {
+                    failing = false;
                     health.send_if_modified(|h| {
                         let e = h.entry(kind.to_string()).or_default();
                         let was = e.clone();
@@ -152,6 +180,10 @@ where
                     });
                 }
                 Err(err) => {
+                    if !failing {
+                        failing = true;
+                        probe.reset();
+                    }
                     tracing::warn!(kind, error = %err, "Kubernetes watch failing; serving what it last listed");
                     health.send_modify(|h| {
                         let e = h.entry(kind.to_string()).or_default();
@@ -208,59 +240,6 @@ pub fn start(
         changed.clone(),
         health.clone(),
     );
-    // A watch that resumed after a failure says nothing until its next event; while any kind
-    // reports an error, a one-item list of that kind every 5 s tells whether the API server
-    // answers again (nothing is listed while all is well).
-    let probe = {
-        let health = health.clone();
-        let client = client.clone();
-        async move {
-            let mut t = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                t.tick().await;
-                let failing: Vec<String> = health
-                    .borrow()
-                    .iter()
-                    .filter(|(_, h)| h.error.is_some())
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for kind in failing {
-                    let lp = kube::api::ListParams::default().limit(1);
-                    let ok = match kind.as_str() {
-                        "Service" => Api::<Service>::all(client.clone()).list(&lp).await.is_ok(),
-                        "EndpointSlice" => Api::<EndpointSlice>::all(client.clone())
-                            .list(&lp)
-                            .await
-                            .is_ok(),
-                        "Node" => Api::<Node>::all(client.clone()).list(&lp).await.is_ok(),
-                        "Pod" => Api::<Pod>::all(client.clone()).list(&lp).await.is_ok(),
-                        "WorkloadEntry" => Api::<WorkloadEntry>::all(client.clone())
-                            .list(&lp)
-                            .await
-                            .is_ok(),
-                        "Namespace" => Api::<Namespace>::all(client.clone())
-                            .list(&lp)
-                            .await
-                            .is_ok(),
-                        "ServiceExport" => Api::<ServiceExport>::all(client.clone())
-                            .list(&lp)
-                            .await
-                            .is_ok(),
-                        _ => false,
-                    };
-                    if ok {
-                        tracing::info!(kind, "the Kubernetes API answers again");
-                        health.send_modify(|h| {
-                            if let Some(e) = h.get_mut(&kind) {
-                                e.error = None;
-                                e.failing_since = None;
-                            }
-                        });
-                    }
-                }
-            }
-        }
-    };
     let view = watch::Sender::new(None);
     let src = KubeSource {
         view: view.subscribe(),
@@ -322,10 +301,9 @@ pub fn start(
         }
     };
     let all = async move {
-        futures::future::join3(
+        futures::future::join(
             futures::future::join_all([f1, f2, f3, f4, f5, f6, f7]),
             builder,
-            probe,
         )
         .await;
     };
