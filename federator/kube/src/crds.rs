@@ -33,22 +33,23 @@ fn schema_of<T: JsonSchema>() -> Value {
     v
 }
 
+/// Cleans one schema node and the schemas below it; the keys of a `properties` map are field
+/// names, not keywords, so a field named `title` stays.
 fn clean(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            if m.get("additionalProperties") == Some(&Value::Bool(false)) {
-                m.remove("additionalProperties");
-            }
-            m.remove("$schema");
-            m.remove("title");
-            m.remove("definitions");
-            m.remove("$defs");
-            for (_, x) in m.iter_mut() {
-                clean(x);
-            }
+    let Value::Object(m) = v else { return };
+    if m.get("additionalProperties") == Some(&Value::Bool(false)) {
+        m.remove("additionalProperties");
+    }
+    for k in ["$schema", "title", "definitions", "$defs"] {
+        m.remove(k);
+    }
+    for (k, x) in m.iter_mut() {
+        match (k.as_str(), x) {
+            ("properties", Value::Object(fields)) => fields.values_mut().for_each(clean),
+            (_, Value::Array(a)) => a.iter_mut().for_each(clean),
+            (_, x @ Value::Object(_)) => clean(x),
+            _ => {}
         }
-        Value::Array(a) => a.iter_mut().for_each(clean),
-        _ => {}
     }
 }
 
@@ -221,6 +222,18 @@ mod tests {
         if let Some(x @ Value::Object(_)) = m.get("additionalProperties") {
             check(x, &format!("{path}{{}}"));
         }
+    }
+
+    /// A field named like a keyword stays; the keyword goes.
+    #[test]
+    fn cleaning_removes_keywords_not_fields() {
+        let mut v = json!({"title": "T", "type": "object", "additionalProperties": false,
+            "properties": {"title": {"type": "string", "title": "x"}}});
+        clean(&mut v);
+        assert_eq!(
+            v,
+            json!({"type": "object", "properties": {"title": {"type": "string"}}})
+        );
     }
 
     #[test]
