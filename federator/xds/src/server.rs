@@ -764,7 +764,7 @@ async fn drive<V: Variant>(
     // client that ACKs every response and blocks when its send window is full would
     // otherwise deadlock with a server that only writes); new generations and secrets wait
     // until the queue is empty, so it holds at most one push plus the answers to requests.
-    let mut queue: VecDeque<(Kind, V::Resp)> = VecDeque::new();
+    let mut queue: VecDeque<(Kind, V::Resp, usize)> = VecDeque::new();
     let mut queued_bytes = 0usize;
     loop {
         let renew = sec.renew_at();
@@ -774,8 +774,8 @@ async fn drive<V: Variant>(
             None => tokio::select! {
                 permit = tx.reserve(), if !idle => {
                     let Ok(permit) = permit else { return };
-                    if let Some((kind, r)) = queue.pop_front() {
-                        queued_bytes = queued_bytes.saturating_sub(prost::Message::encoded_len(&r));
+                    if let Some((kind, r, len)) = queue.pop_front() {
+                        queued_bytes = queued_bytes.saturating_sub(len);
                         count(&state, kind, V::resources(&r));
                         permit.send(Ok(r));
                     }
@@ -863,8 +863,9 @@ async fn drive<V: Variant>(
             }
         };
         for (kind, r) in out {
-            queued_bytes += prost::Message::encoded_len(&r);
-            queue.push_back((kind, r));
+            let len = prost::Message::encoded_len(&r);
+            queued_bytes += len;
+            queue.push_back((kind, r, len));
         }
         if queued_bytes > MAX_QUEUED_BYTES {
             // Only a client that keeps changing its subscriptions without reading gets here.
