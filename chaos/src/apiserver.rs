@@ -3,7 +3,8 @@
 //! list and watch (with `resourceVersion`, `ADDED`/`MODIFIED`/`DELETED` events, and a
 //! `410 Gone` ERROR event for a version older than the last compaction, as a real API server
 //! sends it: HTTP 200, then the event) for Services, EndpointSlices, Nodes, Pods and MCS
-//! ServiceExports, cluster-wide and per namespace. Tests change objects through
+//! ServiceExports, cluster-wide and per namespace; GET, create and replace (with the
+//! `resourceVersion` precondition, 409 on a stale one) for Leases and Secrets. Tests change objects through
 //! [`ApiServer::apply`] and [`ApiServer::delete`]; every object is checked against
 //! k8s-openapi's type for its kind (or meshfed's ServiceExport) so fixtures follow the API's
 //! JSON. [`ApiServer::compact`] expires every version seen so far (watchers must relist);
@@ -65,6 +66,8 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "WorkloadEntry",
         true,
     ),
+    ("apis/coordination.k8s.io/v1", "leases", "Lease", true),
+    ("api/v1", "secrets", "Secret", true),
 ];
 
 fn api_version(prefix: &str) -> String {
@@ -97,6 +100,11 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         "Event" => {
             serde_json::from_value::<k8s_openapi::api::events::v1::Event>(v.clone()).map(|_| ())
         }
+        "Secret" => {
+            serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(v.clone()).map(|_| ())
+        }
+        "Lease" => serde_json::from_value::<k8s_openapi::api::coordination::v1::Lease>(v.clone())
+            .map(|_| ()),
         // Custom resources without a Rust type here: the object shape the API server enforces.
         "FailoverPolicy" | "DestinationRule" => {
             if v["metadata"]["name"].is_string() && v["spec"].is_object() {
@@ -203,7 +211,7 @@ fn route(path: &str) -> Option<Route> {
         let status = match parts.next() {
             None => false,
             Some("status") => true,
-            Some(_) => return None,
+            Some(_) => continue,
         };
         return Some(Route {
             kind: i,
@@ -344,6 +352,50 @@ async fn item(
                 (st.rv, ev, obj)
             };
             record(sh, rv, kind, ev, ns.clone(), obj.clone());
+            answer(StatusCode::OK, obj)
+        }
+        // Replace, with optimistic concurrency: a resourceVersion in the body must be the
+        // stored one (409 Conflict otherwise), as the API server checks it.
+        "PUT" => {
+            let bad = |e: String| answer(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e));
+            let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
+                Ok(b) => b,
+                Err(e) => return bad(e.to_string()),
+            };
+            let mut obj: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return bad(e.to_string()),
+            };
+            if let Err(e) = check(kind, &obj) {
+                return answer(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    status(422, "Invalid", &format!("{e:#}")),
+                );
+            }
+            let (rv, obj) = {
+                let mut st = sh.lock();
+                let Some(cur) = st.objects.get(&key) else {
+                    return not_found();
+                };
+                let sent = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
+                if !sent.is_empty() && Some(sent) != cur["metadata"]["resourceVersion"].as_str() {
+                    return answer(
+                        StatusCode::CONFLICT,
+                        status(
+                            409,
+                            "Conflict",
+                            &format!("Operation cannot be fulfilled on {kind} {ns}/{name}: the object has been modified; please apply your changes to the latest version and try again"),
+                        ),
+                    );
+                }
+                st.rv += 1;
+                obj["metadata"]["namespace"] = json!(ns);
+                obj["metadata"]["name"] = json!(name);
+                obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                st.objects.insert(key.clone(), obj.clone());
+                (st.rv, obj)
+            };
+            record(sh, rv, kind, "MODIFIED", ns.clone(), obj.clone());
             answer(StatusCode::OK, obj)
         }
         m => answer(

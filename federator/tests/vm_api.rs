@@ -94,6 +94,8 @@ async fn world(dir: &Path) -> World {
             publish_lead: time::Duration::minutes(20),
         },
         serving_cert_ttl: meshfed_agent::SERVING_CERT_TTL,
+        leader_election: None,
+        state_secret: None,
     })
     .await
     .unwrap();

@@ -71,6 +71,15 @@ pub struct AgentConfig {
     /// Lifetime of the agent's own serving certificate (renewed at 50-80 % of it, and at once
     /// when a new root signs). A retiring root stays published until the last one expires.
     pub serving_cert_ttl: time::Duration,
+    /// With the Kubernetes source: elect one leader among the replicas that share this
+    /// cluster's state (a Lease). Only the leader writes to the Kubernetes API, holds the
+    /// cluster's Sync stream and steps the CA; the others observe. `None`: this agent is the
+    /// only one.
+    pub leader_election: Option<meshfed_kube::leader::LeaseConfig>,
+    /// With leader election: the Secret (`namespace`, `name`) the replicas share the cluster's
+    /// identity and CA through (`meshfed join --state-secret` wrote it). The leader writes the
+    /// CA into it after every change; followers take it from there.
+    pub state_secret: Option<(String, String)>,
 }
 
 /// Istio's auto-allocation range for service entries' VIPs.
@@ -135,6 +144,10 @@ pub struct Inner {
     pub names: watch::Sender<Arc<NameTable>>,
     /// The cluster CA (signs, rotates, publishes the bundle).
     pub ca: Arc<LiveCa>,
+    /// The leader election's view; without one, always the leader.
+    pub leadership: watch::Sender<meshfed_kube::leader::Leadership>,
+    /// Whether replicas elect a leader (the report shows the election only then).
+    pub elected: bool,
 }
 
 impl Inner {
@@ -144,6 +157,11 @@ impl Inner {
 
     pub fn status(&self) -> MutexGuard<'_, SyncStatus> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this replica speaks for the cluster (always, without leader election).
+    pub fn is_leader(&self) -> bool {
+        self.leadership.borrow().leader
     }
 
     /// The last good registry, if any.
@@ -178,6 +196,7 @@ impl Inner {
                 .chain(self.policy_problems.borrow().iter().map(|p| p.to_string()))
                 .collect(),
             kubernetes_write_error: st.kubernetes_write_error,
+            leadership: self.elected.then(|| self.leadership.borrow().clone()),
             kubernetes_watches: self
                 .kube_health
                 .get()
@@ -369,6 +388,9 @@ pub struct AgentReport {
     /// The Kubernetes watches, by kind (with the Kubernetes source).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub kubernetes_watches: BTreeMap<String, meshfed_kube::source::WatchHealth>,
+    /// The leader election among replicas, when there is one.
+    #[serde(default)]
+    pub leadership: Option<meshfed_kube::leader::Leadership>,
     /// When the cluster certificate (the federation identity) expires, RFC 3339.
     #[serde(default)]
     pub cluster_cert_not_after: Option<String>,
@@ -442,6 +464,9 @@ impl AgentReport {
         }
         if let Some(e) = &self.kubernetes_write_error {
             out.push(e.clone());
+        }
+        if let Some(e) = self.leadership.as_ref().and_then(|l| l.error.as_ref()) {
+            out.push(format!("leader election: {e}"));
         }
         for (kind, w) in &self.kubernetes_watches {
             if let Some(e) = &w.error {
@@ -647,8 +672,36 @@ impl Agent {
             exports_acked: watch::Sender::new(None),
             entries,
             names: watch::Sender::new(Arc::new(NameTable::default())),
+            leadership: watch::Sender::new(meshfed_kube::leader::Leadership {
+                // Without an election this agent is the only one; with one, nobody leads
+                // until the Lease says so.
+                leader: cfg.leader_election.is_none(),
+                ..Default::default()
+            }),
+            elected: cfg.leader_election.is_some(),
         });
         let tasks = Tasks::new();
+        if let Some(lease) = cfg.leader_election.clone() {
+            let Some(client) = cfg.kubernetes.clone() else {
+                anyhow::bail!(
+                    "leader election needs the Kubernetes source (its Lease is in the API)"
+                );
+            };
+            lease.validate().map_err(anyhow::Error::msg)?;
+            let tx = inner.leadership.clone();
+            let metric = inner.metrics.leader.clone();
+            let mut rx = tx.subscribe();
+            tasks.track(async move {
+                while rx.changed().await.is_ok() {
+                    metric.set(i64::from(rx.borrow_and_update().leader));
+                }
+            });
+            // On drain the leader releases the Lease, so a follower takes over at once.
+            tasks.spawn_server("leader election", move |drain| {
+                meshfed_kube::leader::run(client.0, lease, tx, drain.drained_owned())
+            });
+        }
+        inner.metrics.leader.set(i64::from(inner.is_leader()));
         // Ready once the model is: the local source loaded (or fell back to what the
         // federator acknowledged) and the federation part restored from the cache.
         let model_ready = tasks.readiness("model");
@@ -731,7 +784,20 @@ impl Agent {
         );
         tasks.spawn(
             "cluster CA",
-            run_ca(inner.clone(), cfg.ca_rotation, cfg.registry_poll),
+            run_ca(
+                inner.clone(),
+                cfg.ca_rotation,
+                cfg.registry_poll,
+                match (&cfg.state_secret, &cfg.kubernetes) {
+                    (Some((namespace, name)), Some(client)) => Some(SharedCa {
+                        client: client.0.clone(),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        state_dir: cfg.state_dir.clone(),
+                    }),
+                    _ => None,
+                },
+            ),
         );
         // Every TLS verifier of this cluster's own peers follows the live bundle.
         let own_trust = TrustStore::new({
@@ -834,6 +900,17 @@ impl Agent {
                     registry: inner.registry.subscribe(),
                     entries: inner.entries.clone(),
                     drain: tasks.signal(),
+                    leading: {
+                        let (tx, rx) = watch::channel(inner.is_leader());
+                        let mut role = inner.leadership.subscribe();
+                        tasks.track(async move {
+                            while role.changed().await.is_ok() {
+                                let l = role.borrow_and_update().leader;
+                                tx.send_if_modified(|v| std::mem::replace(v, l) != l);
+                            }
+                        });
+                        rx
+                    },
                 },
                 ca.clone(),
                 &cfg.state_dir,
@@ -1118,8 +1195,38 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
 /// conditions of every ServiceExport, the registered VMs' WorkloadEntries and the Events of
 /// refused objects current (`meshfed_kube::sink`), after every change of the model, the VIPs,
 /// the Kubernetes view or what the federator acknowledged; a failed write is retried after 5 s
-/// and reported in `meshfed status` until one succeeds.
+/// and reported in `meshfed status` until one succeeds. With leader election, only while this
+/// replica leads.
 async fn write_kubernetes(
+    inner: Arc<Inner>,
+    client: kube::Client,
+    view: watch::Receiver<Option<Arc<meshfed_kube::view::View>>>,
+    health: watch::Receiver<BTreeMap<String, meshfed_kube::source::WatchHealth>>,
+) {
+    let mut role = inner.leadership.subscribe();
+    loop {
+        if role.wait_for(|l| l.leader).await.is_err() {
+            return;
+        }
+        if inner.elected {
+            tracing::info!("leading: writing to the Kubernetes API");
+        }
+        // A term: its writers start from what they list, so a new leader takes over the
+        // objects the previous one wrote. Losing the Lease cancels the pass in flight.
+        tokio::select! {
+            _ = write_kubernetes_while_leading(inner.clone(), client.clone(), view.clone(), health.clone()) => return,
+            r = role.wait_for(|l| !l.leader) => {
+                if r.is_err() {
+                    return;
+                }
+                tracing::info!("no longer the leader: stopped writing to the Kubernetes API");
+                inner.status().kubernetes_write_error = None;
+            }
+        }
+    }
+}
+
+async fn write_kubernetes_while_leading(
     inner: Arc<Inner>,
     client: kube::Client,
     mut view: watch::Receiver<Option<Arc<meshfed_kube::view::View>>>,
@@ -1267,13 +1374,48 @@ fn serving_svid(ca: &LiveCa, ttl: time::Duration) -> anyhow::Result<trust::Svid>
 /// Drives the cluster CA: reloads it when `meshfed ca rotate` changed it, starts rotations on
 /// the policy's schedule, and lets a pending root sign only once the federator says every
 /// member holds the bundle that carries it.
-async fn run_ca(inner: Arc<Inner>, policy: RotationPolicy, every: Duration) {
+async fn run_ca(
+    inner: Arc<Inner>,
+    policy: RotationPolicy,
+    every: Duration,
+    shared: Option<SharedCa>,
+) {
     let mut t = tokio::time::interval(every);
+    // When a follower last read the shared Secret, and whether the leader owes it a write.
+    let mut pulled: Option<tokio::time::Instant> = None;
+    let mut publish = false;
+    let mut was_leader = false;
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Replicas with a leader: only the leader starts rotations and lets a new root sign (it
+    // asks the federator, over its cluster identity, who holds the bundle); a follower's step
+    // only reloads and advances by the clock.
+    let follower_policy = RotationPolicy {
+        period: None,
+        ..policy
+    };
     loop {
         t.tick().await;
         let now = time::OffsetDateTime::now_utc();
-        let may_activate = match inner.ca.activation_due(now) {
+        let leader = inner.is_leader();
+        let policy = if leader { policy } else { follower_policy };
+        if let Some(sh) = &shared {
+            // A follower takes the leader's CA from the Secret (every 10 s); so does a new
+            // leader before its first step, in case it missed the last change.
+            let due = pulled.is_none_or(|p| p.elapsed() >= SHARED_CA_PULL);
+            if (!leader && due) || (leader && !was_leader) {
+                match sh.pull(&inner).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(files = n, secret = %sh.name, "took the cluster CA's changes from the shared Secret")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot read the shared Secret; keeping this replica's CA")
+                    }
+                }
+                pulled = Some(tokio::time::Instant::now());
+            }
+        }
+        let may_activate = match inner.ca.activation_due(now).filter(|_| leader) {
             None => false,
             Some(sequence) => match bundle_distribution(&inner).await {
                 Ok(d) if d.stored_sequence >= sequence && d.pending.is_empty() => {
@@ -1303,10 +1445,83 @@ async fn run_ca(inner: Arc<Inner>, policy: RotationPolicy, every: Duration) {
                 }
                 let seq = inner.ca.bundle().sequence.unwrap_or(0);
                 inner.metrics.ca_bundle_sequence.set(seq as i64);
+                publish |=
+                    leader && (s.began || s.bundle_changed || s.signer_changed || s.reloaded);
             }
             Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cluster CA step failed"),
             Err(e) => tracing::error!(error = %e, "cluster CA step panicked"),
         }
+        if let (Some(sh), true) = (&shared, publish && leader) {
+            match sh.push(&inner).await {
+                Ok(changed) => {
+                    publish = false;
+                    if changed {
+                        tracing::info!(secret = %sh.name, "wrote the cluster CA's change to the shared Secret");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot write the cluster CA to the shared Secret; trying again")
+                }
+            }
+        }
+        if !leader {
+            publish = false;
+        }
+        was_leader = leader;
+    }
+}
+
+/// How often a follower reads the shared Secret for the leader's CA changes (a new root is
+/// published for 20 minutes by default before it signs).
+const SHARED_CA_PULL: Duration = Duration::from_secs(10);
+
+/// The Secret replicas share the CA through.
+struct SharedCa {
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    state_dir: PathBuf,
+}
+
+impl SharedCa {
+    /// Writes the Secret's CA files into this replica's CA directory; how many differed.
+    async fn pull(&self, inner: &Inner) -> anyhow::Result<usize> {
+        let Some(state) =
+            meshfed_kube::state_secret::fetch(self.client.clone(), &self.namespace, &self.name)
+                .await?
+        else {
+            anyhow::bail!("Secret {}/{} does not exist", self.namespace, self.name);
+        };
+        let cluster = inner.identity().file.cluster.clone();
+        if state.cluster != cluster {
+            anyhow::bail!(
+                "Secret {}/{} holds the state of cluster {:?}, not {cluster:?}",
+                self.namespace,
+                self.name,
+                state.cluster
+            );
+        }
+        let ca = state.only(meshfed_kube::state_secret::CA);
+        let dir = self.state_dir.clone();
+        tokio::task::spawn_blocking(move || ca.write(&dir)).await?
+    }
+
+    /// Writes this replica's CA directory into the Secret; whether it changed.
+    async fn push(&self, inner: &Inner) -> anyhow::Result<bool> {
+        let cluster = inner.identity().file.cluster.clone();
+        let state = meshfed_kube::state_secret::SharedState::read(
+            &self.state_dir,
+            &cluster,
+            &[meshfed_kube::state_secret::CA],
+        )?;
+        meshfed_kube::state_secret::update_dir(
+            self.client.clone(),
+            &self.namespace,
+            &self.name,
+            meshfed_kube::state_secret::CA,
+            &state,
+        )
+        .await
     }
 }
 

@@ -21,6 +21,7 @@ pub struct AgentMetrics {
     pub export_deltas: IntCounterVec,
     pub ca_rotations: IntCounter,
     pub ca_bundle_sequence: IntGauge,
+    pub leader: IntGauge,
 }
 
 impl AgentMetrics {
@@ -90,6 +91,10 @@ impl AgentMetrics {
                 "meshfed_agent_ca_bundle_sequence",
                 "Sequence of the cluster CA's published trust bundle",
             )),
+            leader: must(IntGauge::new(
+                "meshfed_agent_leader",
+                "1 while this replica holds the cluster's Lease (always 1 without leader election)",
+            )),
             registry,
         };
         for c in [
@@ -105,6 +110,7 @@ impl AgentMetrics {
             Box::new(m.import_apply_seconds.clone()),
             Box::new(m.ca_rotations.clone()),
             Box::new(m.ca_bundle_sequence.clone()),
+            Box::new(m.leader.clone()),
         ] {
             must(m.registry.register(c));
         }

@@ -31,6 +31,8 @@ pub enum End {
     /// This cluster is no longer a member.
     Left(String),
     Failed(anyhow::Error),
+    /// This replica became the leader, or stopped being it: connect again in the other role.
+    RoleChanged,
 }
 
 impl From<anyhow::Error> for End {
@@ -57,6 +59,14 @@ pub async fn run(inner: Arc<Inner>, fed: FederationWriter) {
         let end = session(&inner, &fed).await;
         set_connected(&inner, &fed, false);
         match end {
+            End::RoleChanged => {
+                tracing::info!(
+                    leader = inner.is_leader(),
+                    "the replica's role changed: reconnecting as the cluster's stream or as an observer"
+                );
+                backoff = BACKOFF_MIN;
+                continue;
+            }
             End::Closed => tracing::info!("federator closed the sync stream"),
             End::Left(m) => {
                 tracing::warn!(message = %m, "this cluster is no longer a federation member; clearing imports and stopping sync");
@@ -357,7 +367,13 @@ async fn session(inner: &Arc<Inner>, fed: &FederationWriter) -> End {
     }
 }
 
+/// One Sync stream. The leader's (or the only agent's) carries the cluster's exports, bundle,
+/// heartbeats and acknowledgements of the federation bundle; a follower's is an observer stream
+/// (`Hello.observer`): it receives and stores imports, peers and bundles and acknowledges only
+/// imports. A change of role ends the stream.
 async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(), End> {
+    let mut role = inner.leadership.subscribe();
+    let observer = !role.borrow_and_update().leader;
     let (cfg, facts, federators, fed_seq) = {
         let id = inner.identity();
         let cfg = trust::tls::client_config(
@@ -380,7 +396,7 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
     send(
         &tx,
         Out::Hello(Hello {
-            observer: false,
+            observer,
             facts: Some(facts),
             imports_applied_revision: inner.cache.applied_revision(),
             federation_bundle_sequence: fed_seq,
@@ -413,11 +429,14 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
     }
     tracing::info!(
         federator_acked = welcome.exports_acked_version,
+        observer,
         "connected to the federator"
     );
     let mut bundle_rx = inner.bundle.subscribe();
     let bundle_json = bundle_rx.borrow_and_update().clone();
-    send(&tx, Out::Bundle(BundleUpdate { bundle_json })).await?;
+    if !observer {
+        send(&tx, Out::Bundle(BundleUpdate { bundle_json })).await?;
+    }
 
     let acked_version = inner.cache.acked_version();
     let mut ex = Exports {
@@ -436,8 +455,10 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
     }
     let mut exports_rx = inner.exports.subscribe();
     let desired = exports_rx.borrow_and_update().clone();
-    if let Some(d) = ex.next(&desired) {
-        send_exports(inner, &tx, d).await?;
+    if !observer {
+        if let Some(d) = ex.next(&desired) {
+            send_exports(inner, &tx, d).await?;
+        }
     }
     let every = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -510,24 +531,32 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                     }
                     Some(In::FederationBundle(b)) => {
                         let ack = tokio::task::block_in_place(|| install_federation_bundle(inner, &b));
-                        send(&tx, Out::FederationBundleAck(ack)).await?;
+                        // The leader's acknowledgement speaks for the cluster; an observer's may not.
+                        if !observer {
+                            send(&tx, Out::FederationBundleAck(ack)).await?;
+                        }
                     }
                     Some(In::Welcome(_)) | None => {}
                 }
             }
-            r = exports_rx.changed() => {
+            r = role.changed() => {
+                if r.is_err() || role.borrow_and_update().leader == observer {
+                    return Err(End::RoleChanged);
+                }
+            }
+            r = exports_rx.changed(), if !observer => {
                 if r.is_err() { return Ok(()); }
                 let desired = exports_rx.borrow_and_update().clone();
                 if let Some(d) = ex.next(&desired) {
                     send_exports(inner, &tx, d).await?;
                 }
             }
-            r = bundle_rx.changed() => {
+            r = bundle_rx.changed(), if !observer => {
                 if r.is_err() { return Ok(()); }
                 let bundle_json = bundle_rx.borrow_and_update().clone();
                 send(&tx, Out::Bundle(BundleUpdate { bundle_json })).await?;
             }
-            _ = heartbeat.tick() => {
+            _ = heartbeat.tick(), if !observer => {
                 send(&tx, Out::Heartbeat(Heartbeat {})).await?;
             }
         }

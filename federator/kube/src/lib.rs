@@ -10,13 +10,17 @@
 //! - [`policies`]: FailoverPolicy objects and opted-in DestinationRules for the policy compiler.
 //! - [`crds`]: the CRDs of FailoverPolicy and the MCS types, generated from these types.
 //! - [`selector`]: `--namespace-selector`, a label selector in kubectl's string form.
+//! - [`leader`]: leader election among the agent's replicas (a coordination.k8s.io Lease).
+//! - [`state_secret`]: the cluster identity and CA replicas share, in a Secret.
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
 pub mod crds;
+pub mod leader;
 pub mod policies;
 pub mod rbac;
 pub mod selector;
 pub mod sink;
 pub mod source;
+pub mod state_secret;
 pub mod types;
 pub mod view;

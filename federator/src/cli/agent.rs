@@ -46,6 +46,17 @@ pub struct JoinArgs {
     /// replaces the cluster certificate; the token must be a new one for this cluster.
     #[arg(long)]
     rejoin: bool,
+    /// Agent replicas: share the cluster's identity and CA through this Kubernetes Secret.
+    /// When it exists, the state directory is restored from it and the token is not used
+    /// (another replica joined); otherwise this join writes it.
+    #[arg(long, value_parser = args::label)]
+    state_secret: Option<String>,
+    /// The Secret's namespace (the pod's, from the downward API's POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "meshfed-system", value_parser = args::label)]
+    state_secret_namespace: String,
+    /// With --state-secret: the kubeconfig (default: the pod's in-cluster configuration).
+    #[arg(long, requires = "state_secret")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +79,34 @@ pub struct AgentArgs {
     /// (kubectl's form: `meshfed.io/federate=true`, `env in (prod,staging)`, `!legacy`, ...).
     #[arg(long, value_parser = namespace_selector)]
     namespace_selector: Option<meshfed_kube::selector::NamespaceSelector>,
+    /// `--source kubernetes`: several replicas share this cluster's state and elect a leader
+    /// with a coordination.k8s.io Lease; only the leader writes to the API, speaks for the
+    /// cluster to the federator and steps the CA, every replica serves xDS, DNS and the VM API.
+    #[arg(long)]
+    leader_election: bool,
+    /// The Lease's namespace (the pod's, from the downward API's POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "meshfed-system", value_parser = args::label)]
+    leader_election_namespace: String,
+    /// The Lease's name.
+    #[arg(long, default_value = "meshfed-agent", value_parser = args::label)]
+    leader_election_lease: String,
+    /// This replica's name in the Lease (the pod's, from POD_NAME).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
+    /// How long a leader's last renewal holds the Lease (whole seconds).
+    #[arg(long, default_value = "15s", value_parser = args::std_duration)]
+    lease_duration: Duration,
+    /// A leader that could not renew for this long stops leading (shorter than --lease-duration).
+    #[arg(long, default_value = "10s", value_parser = args::std_duration)]
+    lease_renew_deadline: Duration,
+    /// How often the leader renews and followers look.
+    #[arg(long, default_value = "2s", value_parser = args::std_duration)]
+    lease_retry_period: Duration,
+    /// With --leader-election: the Secret (in the Lease's namespace) the replicas share the
+    /// cluster's identity and CA through (`meshfed join --state-secret` writes it); the leader
+    /// writes the CA's changes into it, followers take them.
+    #[arg(long, requires = "leader_election", value_parser = args::label)]
+    state_secret: Option<String>,
     /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
     #[arg(long, default_value = "127.0.0.1:15014", value_parser = args::socket_addr)]
     admin: std::net::SocketAddr,
@@ -151,6 +190,91 @@ pub struct LeaveArgs {
 }
 
 pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
+    let Some(secret) = a.state_secret.clone() else {
+        return join_here(a).await;
+    };
+    let ns = a.state_secret_namespace.clone();
+    let client = meshfed_kube::source::client(a.kubeconfig.as_deref()).await?;
+    let joined = identity::identity_dir(&a.state_dir)
+        .join("identity.json")
+        .exists();
+    if !joined {
+        if let Some(state) = meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret).await?
+        {
+            return restore(&a.state_dir, &a.cluster, &ns, &secret, state);
+        }
+    }
+    let (state_dir, cluster) = (a.state_dir.clone(), a.cluster.clone());
+    match join_here(a).await {
+        Ok(code) => {
+            let state = meshfed_kube::state_secret::SharedState::read(
+                &state_dir,
+                &cluster,
+                &[
+                    meshfed_kube::state_secret::IDENTITY,
+                    meshfed_kube::state_secret::CA,
+                ],
+            )?;
+            if meshfed_kube::state_secret::create(client.clone(), &ns, &secret, &state).await? {
+                println!("the cluster's identity and CA are in Secret {ns}/{secret} for the other replicas");
+            } else if meshfed_kube::state_secret::update_dir(
+                client,
+                &ns,
+                &secret,
+                meshfed_kube::state_secret::IDENTITY,
+                &state,
+            )
+            .await?
+            {
+                println!("updated the identity in Secret {ns}/{secret}");
+            }
+            Ok(code)
+        }
+        Err(e) if !joined => {
+            // Another replica may be joining with the same (single-use) token right now.
+            eprintln!(
+                "{e:#}; waiting up to 30 s for another replica to write Secret {ns}/{secret}"
+            );
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Some(state) =
+                    meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret).await?
+                {
+                    return restore(&state_dir, &cluster, &ns, &secret, state);
+                }
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the Secret's identity and CA into the state directory (another replica joined).
+fn restore(
+    state_dir: &std::path::Path,
+    cluster: &str,
+    ns: &str,
+    secret: &str,
+    state: meshfed_kube::state_secret::SharedState,
+) -> anyhow::Result<ExitCode> {
+    if state.cluster != cluster {
+        anyhow::bail!(
+            "Secret {ns}/{secret} holds the state of cluster {:?}, not {cluster:?}",
+            state.cluster
+        );
+    }
+    let n = state.write(state_dir)?;
+    let id = identity::ClusterIdentity::load(state_dir)
+        .with_context(|| format!("the state restored from Secret {ns}/{secret}"))?;
+    println!(
+        "restored the identity of {} and its CA from Secret {ns}/{secret} ({n} files; another replica joined); the token was not used",
+        id.svid.id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn join_here(a: JoinArgs) -> anyhow::Result<ExitCode> {
     if a.if_not_joined
         && identity::identity_dir(&a.state_dir)
             .join("identity.json")
@@ -226,6 +350,25 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     if a.namespace_selector.is_some() && a.source != Source::Kubernetes {
         anyhow::bail!("--namespace-selector is for --source kubernetes");
     }
+    let leader_election = if a.leader_election {
+        if a.source != Source::Kubernetes {
+            anyhow::bail!("--leader-election is for --source kubernetes (the Lease is in the API)");
+        }
+        let lease = meshfed_kube::leader::LeaseConfig {
+            namespace: a.leader_election_namespace.clone(),
+            name: a.leader_election_lease.clone(),
+            identity: a.leader_election_identity.clone().unwrap_or_default(),
+            lease_duration: a.lease_duration,
+            renew_deadline: a.lease_renew_deadline,
+            retry_period: a.lease_retry_period,
+        };
+        lease
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--leader-election: {e}"))?;
+        Some(lease)
+    } else {
+        None
+    };
     if a.registry.is_none() && a.source == Source::File {
         anyhow::bail!("--registry FILE is required with --source file (the default)");
     }
@@ -273,6 +416,10 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             publish_lead: a.ca_publish_lead,
         },
         serving_cert_ttl: a.serving_cert_ttl,
+        state_secret: a
+            .state_secret
+            .map(|name| (a.leader_election_namespace.clone(), name)),
+        leader_election,
     })
     .await?;
     let show =

@@ -82,6 +82,24 @@ pub struct VmApiInputs {
     /// Register streams end with UNAVAILABLE when the agent drains (the VM reconnects within
     /// its entry's grace period).
     pub drain: Signal,
+    /// Whether this agent speaks for the cluster: with replicas, only the leader serves VMs
+    /// (their entries are its exports); a follower refuses them with UNAVAILABLE, so the VM
+    /// reconnects, through the Service, until it reaches the leader. Always `true` for a lone
+    /// agent.
+    pub leading: watch::Receiver<bool>,
+}
+
+/// Resolves when this agent stops leading (never, while it leads).
+async fn stops_leading(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|l| !*l).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn not_leading() -> Status {
+    Status::unavailable(
+        "this agent replica is not the cluster's leader; connect again (the Service reaches the leader)",
+    )
 }
 
 #[derive(Debug)]
@@ -196,6 +214,9 @@ fn token_status(e: TokenError) -> Status {
 #[tonic::async_trait]
 impl VmRegistration for VmApi {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        if !*self.inputs.leading.borrow() {
+            return Err(not_leading());
+        }
         let req = req.into_inner();
         let claims =
             VmClaims::decode(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -267,6 +288,9 @@ impl VmRegistration for VmApi {
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        if !*self.inputs.leading.borrow() {
+            return Err(not_leading());
+        }
         let rec = self.peer_vm(&req)?;
         let req = req.into_inner();
         // The group's service account may have changed; the VM follows it.
@@ -313,6 +337,9 @@ impl VmRegistration for VmApi {
         &self,
         req: Request<Streaming<VmMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        if !*self.inputs.leading.borrow() {
+            return Err(not_leading());
+        }
         let rec = self.peer_vm(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
@@ -414,7 +441,7 @@ impl VmRegistration for VmApi {
                 })),
             }))
             .await;
-        let inputs = self.inputs.clone();
+        let mut inputs = self.inputs.clone();
         let vms = self.vms.clone();
         let td = self.ca.trust_domain().as_str().to_string();
         tokio::spawn(async move {
@@ -473,6 +500,10 @@ impl VmRegistration for VmApi {
                     }
                     _ = inputs.drain.drained() => {
                         let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                        break;
+                    }
+                    _ = stops_leading(&mut inputs.leading) => {
+                        let _ = tx.send(Err(not_leading())).await;
                         break;
                     }
                     m = inbound.message() => match m {

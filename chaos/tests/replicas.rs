@@ -1,0 +1,326 @@
+//! Agent replicas (`meshfed agent --source kubernetes --leader-election`) as real processes
+//! against the API-server double: two replicas of east share its identity and CA through a
+//! Secret (`meshfed join --state-secret`) and elect a leader with a coordination.k8s.io Lease. The leader
+//! exports and writes to the API; the follower serves the imports it gets on an observer
+//! stream. `kill -9` of the leader: the follower takes the Lease once it has seen it
+//! unchanged for the lease duration, then exports and writes. A replica that drains releases
+//! the Lease, and the other takes it at once. A CA rotation on the leader reaches the follower
+//! through the Secret.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chaos::apiserver::ApiServer;
+use chaos::*;
+use serde_json::{json, Value};
+
+const LEASE_SECONDS: u64 = 3;
+
+fn slice(ips: &[&str]) -> Value {
+    let eps: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "payment-x1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "payment"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps})
+}
+
+fn holder(api: &ApiServer) -> Option<String> {
+    api.get("Lease", "meshfed-system", "meshfed-agent")
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+        .filter(|h| !h.is_empty())
+}
+
+fn leading(c: &Cluster) -> anyhow::Result<Option<bool>> {
+    Ok(c.status()?["leadership"]["leader"].as_bool())
+}
+
+fn west_endpoints_of_east(west: &Cluster) -> anyhow::Result<u64> {
+    Ok(west.status()?["endpoints"]["shop/payment"]["east"]
+        .as_u64()
+        .unwrap_or(0))
+}
+
+#[test]
+fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over() {
+    let api = ApiServer::start().unwrap();
+    let f = Federation::start("5s").unwrap();
+    let kubeconfig = api.kubeconfig(&f.root.path().join("kubeconfig")).unwrap();
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "payment", "namespace": "shop"},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+                 "selector": {"app": "payment"}}}))
+        .unwrap();
+    api.apply(slice(&["10.1.0.5"])).unwrap();
+    api.apply(
+        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": {"name": "payment", "namespace": "shop"}}),
+    )
+    .unwrap();
+    let lease = format!("{LEASE_SECONDS}s");
+    let replica_args = |id: &str| -> Vec<String> {
+        [
+            "--source",
+            "kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--leader-election",
+            "--leader-election-namespace",
+            "meshfed-system",
+            "--leader-election-identity",
+            id,
+            "--lease-duration",
+            &lease,
+            "--lease-renew-deadline",
+            "2s",
+            "--lease-retry-period",
+            "250ms",
+            "--state-secret",
+            "meshfed-agent-state",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args0 = replica_args("east-0");
+    let mut east0 = f
+        .add_cluster_with(
+            "east",
+            "net-e",
+            "us-east1/us-east1-b",
+            "services: []\n",
+            None,
+            &[],
+            &args0.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .unwrap();
+    wait_for(Duration::from_secs(20), "east-0 to lead", || {
+        Ok(
+            (holder(&api).as_deref() == Some("east-0") && leading(&east0)? == Some(true))
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    // east-0 joined before replicas: the same join with --state-secret (as the init container
+    // runs it) finds the identity and writes the Secret.
+    let token = f.token("east").unwrap();
+    let join = |dir: &Path| -> String {
+        meshfed_ok(&[
+            "join",
+            "--if-not-joined",
+            "--token",
+            &token,
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--cluster",
+            "east",
+            "--network",
+            "net-e",
+            "--trust-domain",
+            "east.mesh",
+            "--locality",
+            "us-east1/us-east1-b",
+            "--state-secret",
+            "meshfed-agent-state",
+            "--state-secret-namespace",
+            "meshfed-system",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ])
+        .unwrap()
+    };
+    let out = join(&east0.dir);
+    assert!(out.contains("already joined"), "{out}");
+    let secret = api
+        .get("Secret", "meshfed-system", "meshfed-agent-state")
+        .expect("the join wrote the Secret");
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "meshfed"
+    );
+    // The second replica restores the identity and CA from it; the token is not used (the
+    // federator would have refused a second use), and the cluster is not joined again.
+    let dir1 = f.root.path().join("east-1");
+    let out = join(&dir1);
+    assert!(
+        out.contains("restored the identity of spiffe://federation.meshfed/cluster/east"),
+        "{out}"
+    );
+    assert!(out.contains("the token was not used"), "{out}");
+    for f in [
+        "identity/identity.json",
+        "identity/key.pem",
+        "ca/meshfed-ca.json",
+    ] {
+        assert_eq!(
+            std::fs::read(east0.dir.join(f)).unwrap(),
+            std::fs::read(dir1.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let mut east1 = Cluster {
+        name: "east-1".into(),
+        dir: dir1,
+        registry: east0.registry.clone(),
+        admin: format!("127.0.0.1:{}", free_port()),
+        xds: format!("127.0.0.1:{}", free_port()),
+        xds_mtls: format!("127.0.0.1:{}", free_port()),
+        vm_api: format!("127.0.0.1:{}", free_port()),
+        dns: format!("127.0.0.1:{}", free_udp_port()),
+        bundle_endpoint: format!("127.0.0.1:{}", free_port()),
+        policy_dir: east0.policy_dir.clone(),
+        agent: None,
+        netns: None,
+        agent_args: replica_args("east-1"),
+    };
+    f.start_agent(&mut east1).unwrap();
+
+    let west = f
+        .add_cluster(
+            "west",
+            "net-w",
+            "us-west1/us-west1-a",
+            &registry_yaml("orders", 1, 9090, ""),
+        )
+        .unwrap();
+    // The leader exports; west imports east's payment.
+    wait_for(Duration::from_secs(20), "west imports payment", || {
+        Ok((west_endpoints_of_east(&west)? == 1).then_some(()))
+    })
+    .unwrap();
+    // Both replicas serve west's export; only the leader writes its ServiceImport.
+    for c in [&east0, &east1] {
+        wait_for(
+            Duration::from_secs(20),
+            "west's orders at both replicas",
+            || Ok((c.status()?["imports"]["west"].as_u64() == Some(1)).then_some(())),
+        )
+        .unwrap();
+    }
+    let s1 = east1.status().unwrap();
+    assert_eq!(s1["leadership"]["leader"], false, "{s1}");
+    assert_eq!(s1["leadership"]["holder"], "east-0", "{s1}");
+    assert_eq!(
+        s1["connected"], true,
+        "the follower's observer stream: {s1}"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the ServiceImport of orders",
+        || Ok(api.get("ServiceImport", "shop", "orders-0")),
+    )
+    .unwrap();
+    assert_eq!(
+        metric(&east1.admin, "meshfed_agent_leader").unwrap(),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&east0.admin, "meshfed_agent_leader").unwrap(),
+        Some(1.0)
+    );
+
+    // kill -9 of the leader: the Lease is not released; the follower waits until it has seen
+    // it unchanged for the lease duration (by its own clock), then leads.
+    let killed = Instant::now();
+    east0.agent().unwrap().kill9();
+    let last = api.get("Lease", "meshfed-system", "meshfed-agent").unwrap();
+    assert_eq!(last["spec"]["holderIdentity"], "east-0", "{last}");
+    wait_for(Duration::from_secs(30), "east-1 to lead", || {
+        Ok(
+            (holder(&api).as_deref() == Some("east-1") && leading(&east1)? == Some(true))
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    let took_over = killed.elapsed();
+    eprintln!("takeover after kill -9: {took_over:?} (lease {LEASE_SECONDS} s, retry 250 ms)");
+    let l = api.get("Lease", "meshfed-system", "meshfed-agent").unwrap();
+    let t = |v: &Value| {
+        time::OffsetDateTime::parse(
+            v.as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    // Never before the dead leader's last renewal has had its lease duration...
+    let gap = t(&l["spec"]["acquireTime"]) - t(&last["spec"]["renewTime"]);
+    assert!(
+        gap >= time::Duration::seconds(LEASE_SECONDS as i64),
+        "east-1 took the Lease {gap} after east-0's last renewal"
+    );
+    // ...and within about a retry period after it (bounded generously for a loaded machine).
+    assert!(
+        took_over <= Duration::from_secs(LEASE_SECONDS + 2),
+        "{took_over:?}"
+    );
+    assert_eq!(l["spec"]["leaseTransitions"], 1, "{l}");
+
+    // The new leader speaks for east: an endpoint change reaches west; and it writes: west's
+    // new export becomes a ServiceImport in east.
+    api.apply(slice(&["10.1.0.5", "10.1.0.6"])).unwrap();
+    wait_for(Duration::from_secs(20), "two endpoints at west", || {
+        Ok((west_endpoints_of_east(&west)? == 2).then_some(()))
+    })
+    .unwrap();
+    west.write_registry(&registry_yaml("orders", 2, 9090, ""))
+        .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the ServiceImport of west's new export, written by east-1",
+        || Ok(api.get("ServiceImport", "shop", "orders-1")),
+    )
+    .unwrap();
+    let fs = f.cluster_status("east").unwrap();
+    assert_eq!(fs["connected"], true, "{fs}");
+
+    // east-0 comes back: it follows.
+    f.start_agent(&mut east0).unwrap();
+    wait_for(Duration::from_secs(20), "east-0 to follow east-1", || {
+        let s = east0.status()?;
+        Ok(
+            (s["leadership"]["holder"] == "east-1" && s["leadership"]["leader"] == false)
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    // A rotation of the cluster CA on the leader's state reaches the follower through the
+    // Secret: both publish the new root in their bundle.
+    let out = meshfed_ok(&[
+        "ca",
+        "rotate",
+        "start",
+        "--state-dir",
+        east1.dir.to_str().unwrap(),
+        "--publish-lead",
+        "1h",
+    ])
+    .unwrap();
+    assert!(out.contains("bundle sequence 2"), "{out}");
+    for c in [&east1, &east0] {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{} to publish bundle sequence 2", c.name),
+            || Ok((c.status()?["ca"]["bundle_sequence"].as_u64() == Some(2)).then_some(())),
+        )
+        .unwrap();
+    }
+
+    // east-1 drains (SIGTERM): it releases the Lease, and east-0 takes it without waiting
+    // for it to expire.
+    east1.agent().unwrap().term().unwrap();
+    wait_for(Duration::from_secs(20), "east-0 to lead again", || {
+        Ok((holder(&api).as_deref() == Some("east-0")).then_some(()))
+    })
+    .unwrap();
+    let l = api.get("Lease", "meshfed-system", "meshfed-agent").unwrap();
+    assert_eq!(l["spec"]["leaseTransitions"], 2, "{l}");
+    wait_for(Duration::from_secs(20), "east-0 reports leading", || {
+        Ok((leading(&east0)? == Some(true)).then_some(()))
+    })
+    .unwrap();
+}
