@@ -209,6 +209,10 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
         s1["connected"], true,
         "the follower's observer stream: {s1}"
     );
+    let (code, text, _) = meshfed(&["status", "--admin", &east1.admin]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("replica: follower since"), "{text}");
+    assert!(text.contains("leader east-0"), "{text}");
     wait_for(
         Duration::from_secs(20),
         "the ServiceImport of orders",

@@ -418,16 +418,10 @@ fn an_unknown_flag_is_caught() {
     assert!(r.is_err());
 }
 
-/// The agent's ClusterRole grants exactly the verbs on the resources the code uses
-/// (`meshfed_kube::rbac::RULES`): nothing the agent would be refused, nothing more.
-#[test]
-fn the_agent_cluster_role_grants_exactly_what_the_code_uses() {
-    use std::collections::BTreeSet;
-    let role = docs(&deploy().join("kubernetes/agent/agent.yaml"))
-        .into_iter()
-        .find(|d| d["kind"] == "ClusterRole")
-        .expect("agent.yaml has a ClusterRole");
-    let mut granted = BTreeSet::new();
+type Grants = std::collections::BTreeSet<(String, String, String)>;
+
+fn granted(role: &Value) -> Grants {
+    let mut granted = Grants::new();
     for r in role["rules"].as_array().unwrap() {
         for g in r["apiGroups"].as_array().unwrap() {
             for res in r["resources"].as_array().unwrap() {
@@ -441,20 +435,90 @@ fn the_agent_cluster_role_grants_exactly_what_the_code_uses() {
             }
         }
     }
-    let used: BTreeSet<(String, String, String)> = meshfed_kube::rbac::RULES
+    granted
+}
+
+fn used(rules: &[(&str, &str, &[&str])]) -> Grants {
+    rules
         .iter()
         .flat_map(|(g, r, vs)| {
             vs.iter()
                 .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
         })
-        .collect();
-    assert_eq!(granted, used);
+        .collect()
+}
+
+/// The agent's ClusterRole and its namespaced Role grant exactly the verbs on the resources
+/// the code uses (`meshfed_kube::rbac::RULES`, `NAMESPACED_RULES`): nothing the agent would be
+/// refused, nothing more; both are bound to its ServiceAccount.
+#[test]
+fn the_agent_roles_grant_exactly_what_the_code_uses() {
+    let agent = docs(&deploy().join("kubernetes/agent/agent.yaml"));
+    let find = |kind: &str| {
+        agent
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("agent.yaml has a {kind}"))
+            .clone()
+    };
+    assert_eq!(
+        granted(&find("ClusterRole")),
+        used(meshfed_kube::rbac::RULES)
+    );
+    let role = find("Role");
+    assert_eq!(role["metadata"]["namespace"], "meshfed-system");
+    assert_eq!(granted(&role), used(meshfed_kube::rbac::NAMESPACED_RULES));
+    for binding in ["ClusterRoleBinding", "RoleBinding"] {
+        let b = find(binding);
+        assert_eq!(
+            b["subjects"],
+            serde_json::json!([{"kind": "ServiceAccount", "name": "meshfed-agent", "namespace": "meshfed-system"}]),
+            "{binding}"
+        );
+    }
     // The agent's pod runs with that account and its token (the in-cluster configuration).
-    let sa = docs(&deploy().join("kubernetes/agent/agent.yaml"))
-        .into_iter()
-        .find(|d| d["kind"] == "ServiceAccount")
-        .unwrap();
+    let sa = find("ServiceAccount");
     assert_ne!(sa["automountServiceAccountToken"], false);
+}
+
+/// The agent's StatefulSet runs replicas that share their state through the Secret the
+/// init container's join writes or restores, and elect a leader in their own namespace.
+#[test]
+fn agent_replicas_share_the_state_secret_and_elect_a_leader() {
+    let agent = docs(&deploy().join("kubernetes/agent/agent.yaml"));
+    let sts = agent.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    assert!(sts["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let pod = &sts["spec"]["template"]["spec"];
+    let args = |c: &Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let join = args(&pod["initContainers"][0]);
+    let run = args(&pod["containers"][0]);
+    let secret_of = |a: &[String]| {
+        a.iter()
+            .position(|x| x == "--state-secret")
+            .map(|i| a[i + 1].clone())
+    };
+    assert_eq!(secret_of(&join), Some("meshfed-agent-state".into()));
+    assert_eq!(secret_of(&join), secret_of(&run));
+    assert!(run.contains(&"--leader-election".to_string()));
+    for c in [&pod["initContainers"][0], &pod["containers"][0]] {
+        let ns = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "POD_NAMESPACE")
+            .expect("POD_NAMESPACE from the downward API");
+        assert_eq!(
+            ns["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.namespace"
+        );
+    }
 }
 
 /// `kubectl kustomize` (the kubectl on the machines; scripts/test installs one when missing)

@@ -47,3 +47,16 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
+
+/// In the agent's own namespace (a Role, not the ClusterRole): the leader election's Lease
+/// (read, created by the first replica, replaced to take or renew it) and the Secret the
+/// replicas share the cluster's identity and CA through (read, created by the joining replica,
+/// replaced when the leader's CA changes).
+pub const NAMESPACED_RULES: &[(&str, &str, &[&str])] = &[
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["create", "get", "update"],
+    ),
+    ("", "secrets", &["create", "get", "update"]),
+];

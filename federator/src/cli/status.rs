@@ -103,6 +103,9 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                     "exports: {} (acknowledged version {}), imports applied up to revision {}",
                     r.exports, r.exports_acked_version, r.imports_applied_revision
                 );
+                if let Some(l) = &r.leadership {
+                    println!("{}", leadership_line(l));
+                }
                 println!(
                     "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>10} {:>12}",
                     "PEER",
@@ -252,4 +255,41 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(EXIT_CHECK_FAILED)
     })
+}
+
+/// One line on an agent replica's role (leader election).
+fn leadership_line(l: &meshfed_kube::leader::Leadership) -> String {
+    let since = l.since.as_deref().unwrap_or("?");
+    if l.leader {
+        format!(
+            "replica: leader since {since} (writes to the Kubernetes API, speaks for the cluster)"
+        )
+    } else {
+        format!(
+            "replica: follower since {since}, leader {} (observes the federation, serves xDS and DNS)",
+            l.holder.as_deref().unwrap_or("none yet")
+        )
+    }
+}
+
+#[cfg(test)]
+mod leadership_tests {
+    use super::leadership_line;
+    use meshfed_kube::leader::Leadership;
+
+    #[test]
+    fn the_role_line_names_the_leader() {
+        let f = Leadership {
+            leader: false,
+            holder: Some("meshfed-agent-1".into()),
+            since: Some("2026-12-04T10:00:00Z".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            leadership_line(&f),
+            "replica: follower since 2026-12-04T10:00:00Z, leader meshfed-agent-1 (observes the federation, serves xDS and DNS)"
+        );
+        let l = Leadership { leader: true, ..f };
+        assert!(leadership_line(&l).starts_with("replica: leader since 2026-12-04T10:00:00Z"));
+    }
 }
