@@ -67,6 +67,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("apis/coordination.k8s.io/v1", "leases", "Lease", true),
+    (
+        "apis/networking.istio.io/v1",
+        "workloadgroups",
+        "WorkloadGroup",
+        true,
+    ),
     ("api/v1", "secrets", "Secret", true),
 ];
 
@@ -106,7 +112,7 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         "Lease" => serde_json::from_value::<k8s_openapi::api::coordination::v1::Lease>(v.clone())
             .map(|_| ()),
         // Custom resources without a Rust type here: the object shape the API server enforces.
-        "FailoverPolicy" | "DestinationRule" => {
+        "FailoverPolicy" | "DestinationRule" | "WorkloadGroup" => {
             if v["metadata"]["name"].is_string() && v["spec"].is_object() {
                 Ok(())
             } else {

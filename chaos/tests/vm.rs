@@ -13,7 +13,20 @@ use std::time::{Duration, Instant};
 
 use chaos::*;
 
-const GROUP_PROBE_PERIOD: &str = "periodSeconds: 1";
+/// The probe period of payment-vm's group (seconds).
+const GROUP_PROBE_PERIOD: u32 = 1;
+
+/// payment-vm's WorkloadGroup, an object in east's Kubernetes API (ledger-vm's is in the
+/// registry file: the agent reads both).
+fn payment_group(payment: u16) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
+        "metadata": {"name": "payment-vm", "namespace": "shop"},
+        "spec": {
+            "metadata": {"labels": {"app": "payment"}},
+            "template": {"serviceAccount": "payment",
+                         "labels": {"security.istio.io/tlsMode": "istio", "version": "vm"}},
+            "probe": {"periodSeconds": GROUP_PROBE_PERIOD, "tcpSocket": {"port": payment}}}})
+}
 
 fn east_registry(host_ip: &str, payment: u16, inventory: u16) -> String {
     format!(
@@ -29,13 +42,6 @@ fn east_registry(host_ip: &str, payment: u16, inventory: u16) -> String {
     ports: [{{name: grpc, port: {inventory}}}]
     endpoints: [{{address: {host_ip}}}]
 workloadGroups:
-  - apiVersion: networking.istio.io/v1
-    kind: WorkloadGroup
-    metadata: {{name: payment-vm, namespace: shop}}
-    spec:
-      metadata: {{labels: {{app: payment}}}}
-      template: {{serviceAccount: payment, labels: {{security.istio.io/tlsMode: istio, version: vm}}}}
-      probe: {{{GROUP_PROBE_PERIOD}, tcpSocket: {{port: {payment}}}}}
   - apiVersion: networking.istio.io/v1
     kind: WorkloadGroup
     metadata: {{name: ledger-vm, namespace: shop}}
@@ -150,14 +156,23 @@ fn endpoints(c: &Cluster, svc: &str, cluster: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn bootstrap_pkg(east: &Cluster, group: &str, out: &Path, format: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        "vm",
-        "bootstrap",
-        "--state-dir",
-        east.dir.to_str().unwrap(),
-        "--registry",
-        east.registry.to_str().unwrap(),
+/// `meshfed vm bootstrap`; the group from the Kubernetes API with `kubeconfig`, else from the
+/// registry file.
+fn bootstrap_pkg(
+    east: &Cluster,
+    kubeconfig: Option<&Path>,
+    group: &str,
+    out: &Path,
+    format: &str,
+    extra: &[&str],
+) -> String {
+    let source = match kubeconfig {
+        Some(k) => vec!["--kubernetes", "--kubeconfig", k.to_str().unwrap()],
+        None => vec!["--registry", east.registry.to_str().unwrap()],
+    };
+    let mut args = vec!["vm", "bootstrap", "--state-dir", east.dir.to_str().unwrap()];
+    args.extend(source);
+    args.extend([
         "--group",
         group,
         "--namespace",
@@ -166,7 +181,7 @@ fn bootstrap_pkg(east: &Cluster, group: &str, out: &Path, format: &str, extra: &
         out.to_str().unwrap(),
         "--format",
         format,
-    ];
+    ]);
     args.extend_from_slice(extra);
     meshfed_ok(&args).unwrap()
 }
@@ -183,10 +198,12 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     let dir = f.root.path().to_path_buf();
     let host = ns.host_ip.clone();
     let (p_pay, p_inv, p_led) = (free_port(), free_port(), free_port());
-    // East also runs the Kubernetes source against the API-server double (its services and
-    // WorkloadGroups still come from the registry file): it writes its VMs' WorkloadEntries.
+    // East also runs the Kubernetes source against the API-server double (its services come
+    // from the registry file, payment-vm's WorkloadGroup from the API): it writes its VMs'
+    // WorkloadEntries.
     let api = chaos::apiserver::ApiServer::start().unwrap();
     let kubeconfig = api.kubeconfig(&dir.join("kubeconfig")).unwrap();
+    api.apply(payment_group(p_pay)).unwrap();
     let mut east = f
         .add_cluster_with(
             "east",
@@ -270,7 +287,14 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
 
     // The package: a real .deb, clean for dpkg-deb, installed with dpkg.
     let pkg = dir.join("payment-vm");
-    let out = bootstrap_pkg(&east, "payment-vm", &pkg, "deb", &["--control-plane", &gw]);
+    let out = bootstrap_pkg(
+        &east,
+        Some(&kubeconfig),
+        "payment-vm",
+        &pkg,
+        "deb",
+        &["--control-plane", &gw],
+    );
     assert!(out.contains("one-time token"), "{out}");
     let deb = dir.join("payment-vm.deb");
     let info = Command::new("dpkg-deb")
@@ -310,6 +334,7 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     // The tar.gz form, installed by its own install.sh into an image directory.
     bootstrap_pkg(
         &east,
+        None,
         "ledger-vm",
         &dir.join("ledger-vm"),
         "tar",
@@ -687,6 +712,7 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     let expired = dir.join("expired-pkg");
     bootstrap_pkg(
         &east,
+        Some(&kubeconfig),
         "payment-vm",
         &expired,
         "dir",

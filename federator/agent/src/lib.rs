@@ -1083,18 +1083,53 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
     let mut entries_rx = inner.entries.subscribe();
     let mut policies_rx = inner.policies.subscribe();
     let mut registry_exports = cfg.initial_exports;
+    // The registry file as last loaded; what the VM API and the sweep read (`inner.registry`)
+    // is it with the Kubernetes API's WorkloadGroups added.
+    let mut file_registry = inner.registry();
     let mut dirty = true;
     loop {
         if dirty {
             let kube_view = kube_rx.borrow_and_update().clone();
             // With a Kubernetes source, nothing is written before its watches have listed.
             let kube_ready = cfg.kube.is_none() || kube_view.is_some();
+            let mut group_problems = Vec::new();
+            if let (Some(file), true) = (&file_registry, kube_ready) {
+                let merged = match &kube_view {
+                    Some(v) if !v.workload_groups.is_empty() => {
+                        let mut reg = Registry::clone(file);
+                        for g in &v.workload_groups {
+                            if file
+                                .group(&g.metadata.namespace.0, &g.metadata.name.0)
+                                .is_some()
+                            {
+                                group_problems.push(format!(
+                                    "WorkloadGroup {}: also listed in the registry file, which wins",
+                                    g.key()
+                                ));
+                            } else {
+                                reg.workload_groups.push(g.clone());
+                            }
+                        }
+                        Arc::new(reg)
+                    }
+                    _ => file.clone(),
+                };
+                inner.registry.send_if_modified(|cur| {
+                    if cur.as_ref() == Some(&merged) {
+                        false
+                    } else {
+                        *cur = Some(merged);
+                        true
+                    }
+                });
+            }
             if let (Some(reg), true) = (inner.registry(), kube_ready) {
                 let (mut local, mut exports) =
                     reg.view(&cfg.default_locality, &inner.entries.current());
                 if let Some(v) = &kube_view {
                     let mut problems: Vec<String> =
                         v.problems.iter().map(|p| p.to_string()).collect();
+                    problems.append(&mut group_problems);
                     for (k, e) in &v.local {
                         if local.contains_key(k) {
                             problems.push(format!(
@@ -1151,7 +1186,7 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
                             "registry reloaded"
                         );
                         inner.status().registry_error = None;
-                        inner.registry.send_replace(Some(Arc::new(reg)));
+                        file_registry = Some(Arc::new(reg));
                         dirty = true;
                     }
                     Err(e) => {
@@ -1175,6 +1210,11 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
                 dirty = true;
             }
             _ = sweep.tick() => {
+                // Before the Kubernetes watches have listed, its WorkloadGroups are unknown:
+                // an entry of one is not "of a group that is gone".
+                if cfg.kube.is_some() && kube_rx.borrow().is_none() {
+                    continue;
+                }
                 let groups = inner.registry().map(|r| {
                     r.workload_groups.iter().map(|g| g.key()).collect::<std::collections::BTreeSet<_>>()
                 });

@@ -41,7 +41,7 @@ pub fn package(
     let pkg = root.join("vm-package");
     meshfed_vm::package::build(&meshfed_vm::package::Bootstrap {
         agent_state_dir: eu_dir.to_path_buf(),
-        registry: eu_dir.join("registry.yaml"),
+        group_from: meshfed_vm::package::GroupFrom::Registry(eu_dir.join("registry.yaml")),
         namespace: "shop".into(),
         group: "stock-vm".into(),
         out: pkg.clone(),

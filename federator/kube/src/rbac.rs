@@ -43,6 +43,8 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
         &["delete", "get", "list", "patch", "watch"],
     ),
     ("networking.istio.io", "workloadentries/status", &["patch"]),
+    // Istio WorkloadGroups: the templates VMs join through (beside the registry file's).
+    ("networking.istio.io", "workloadgroups", &["list", "watch"]),
     // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),

@@ -21,7 +21,7 @@ use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 
-use crate::types::{ServiceExport, WorkloadEntry};
+use crate::types::{ServiceExport, WorkloadEntry, WorkloadGroup};
 use crate::view::{Builder, Objects, Scope, View};
 
 /// A Kubernetes client, for configurations that are `Debug`.
@@ -199,6 +199,25 @@ where
     (reader, Box::pin(fut))
 }
 
+/// One WorkloadGroup, read from the API and checked as the view checks it (for
+/// `meshfed vm bootstrap --kubernetes`).
+pub async fn workload_group(
+    client: Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<meshfed_model::workload::WorkloadGroup> {
+    let api: kube::Api<WorkloadGroup> = kube::Api::namespaced(client, namespace);
+    let obj = api
+        .get_opt(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read WorkloadGroup {namespace}/{name}: {e}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!("no WorkloadGroup {namespace}/{name} in the Kubernetes API")
+        })?;
+    crate::view::workload_group(&obj)
+        .map_err(|e| anyhow::anyhow!("WorkloadGroup {namespace}/{name}: {e}"))
+}
+
 /// Starts watching; the returned future runs the watches and the view builder (spawn it).
 /// `debounce` coalesces bursts of changes into one rebuild.
 pub fn start(
@@ -240,6 +259,13 @@ pub fn start(
         changed.clone(),
         health.clone(),
     );
+    let (groups, f8) = follow::<WorkloadGroup>(
+        &client,
+        "WorkloadGroup",
+        true,
+        changed.clone(),
+        health.clone(),
+    );
     let view = watch::Sender::new(None);
     let src = KubeSource {
         view: view.subscribe(),
@@ -260,11 +286,15 @@ pub fn start(
                 return;
             }
         }
-        // The optional kind: its list, or word that it is not served.
+        // The optional kinds (Istio's): each one's list, or word that it is not served.
         let mut h = health.subscribe();
         tokio::select! {
             r = entries.wait_until_ready() => if r.is_err() { return },
             _ = h.wait_for(|m| m.get("WorkloadEntry").is_some_and(|w| w.not_served)) => {}
+        }
+        tokio::select! {
+            r = groups.wait_until_ready() => if r.is_err() { return },
+            _ = h.wait_for(|m| m.get("WorkloadGroup").is_some_and(|w| w.not_served)) => {}
         }
         tracing::info!("Kubernetes watches synced");
         let mut builder = Builder::new(scope);
@@ -272,6 +302,7 @@ pub fn start(
             let objects = Objects {
                 namespaces: namespaces.state(),
                 workload_entries: entries.state(),
+                workload_groups: groups.state(),
                 services: services.state(),
                 slices: slices.state(),
                 nodes: nodes.state(),
@@ -302,7 +333,7 @@ pub fn start(
     };
     let all = async move {
         futures::future::join(
-            futures::future::join_all([f1, f2, f3, f4, f5, f6, f7]),
+            futures::future::join_all([f1, f2, f3, f4, f5, f6, f7, f8]),
             builder,
         )
         .await;

@@ -259,3 +259,34 @@ impl k8s_openapi::Metadata for WorkloadEntry {
         &mut self.metadata
     }
 }
+
+/// An Istio `WorkloadGroup` (networking.istio.io/v1): the template VMs join through (docs/vm.md).
+/// Its spec is kept as the API sent it; the view parses it with the registry file's own type
+/// (`meshfed_model::workload::WorkloadGroup`), so both sources accept exactly the same fields.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadGroup {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: serde_json::Value,
+}
+
+impl k8s_openapi::Resource for WorkloadGroup {
+    const API_VERSION: &'static str = "networking.istio.io/v1";
+    const GROUP: &'static str = "networking.istio.io";
+    const KIND: &'static str = "WorkloadGroup";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "workloadgroups";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for WorkloadGroup {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}

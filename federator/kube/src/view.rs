@@ -32,6 +32,8 @@ pub struct Objects {
     pub exports: Vec<Arc<ServiceExport>>,
     /// Istio WorkloadEntries (VMs), selected by Services' selectors.
     pub workload_entries: Vec<Arc<WorkloadEntry>>,
+    /// Istio WorkloadGroups (VM templates).
+    pub workload_groups: Vec<Arc<crate::types::WorkloadGroup>>,
 }
 
 /// An object meshfed could not use, and why.
@@ -64,6 +66,32 @@ pub struct View {
     /// Every ServiceExport seen, by (namespace, name): valid, or why not (an MCS condition
     /// reason and a message).
     pub service_exports: BTreeMap<(String, String), Result<(), (String, String)>>,
+    /// Usable WorkloadGroups of the read namespaces, by key.
+    pub workload_groups: Vec<meshfed_model::workload::WorkloadGroup>,
+}
+
+/// A WorkloadGroup object as the registry file's type: the same fields are accepted and
+/// checked (an unknown field, a template with an address or a bad probe is the reason it is
+/// refused).
+pub fn workload_group(
+    g: &crate::types::WorkloadGroup,
+) -> Result<meshfed_model::workload::WorkloadGroup, String> {
+    let (ns, name) = name_of(&g.metadata);
+    let doc = serde_json::json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "WorkloadGroup",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": g.metadata.labels.clone().unwrap_or_default(),
+            "annotations": g.metadata.annotations.clone().unwrap_or_default(),
+        },
+        "spec": g.spec,
+    });
+    let wg: meshfed_model::workload::WorkloadGroup =
+        serde_json::from_value(doc).map_err(|e| format!("spec: {e}"))?;
+    wg.check()?;
+    Ok(wg)
 }
 
 fn name_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -434,6 +462,23 @@ impl Builder {
                 reason: message,
             });
         }
+        // WorkloadGroups: templates for VMs, read as the registry file's are.
+        for g in &o.workload_groups {
+            let (ns, name) = name_of(&g.metadata);
+            if skipped(&ns).is_some() {
+                continue;
+            }
+            match workload_group(g) {
+                Ok(wg) => view.workload_groups.push(wg),
+                Err(reason) => view.problems.push(Problem {
+                    kind: "WorkloadGroup",
+                    namespace: ns,
+                    name,
+                    reason,
+                }),
+            }
+        }
+        view.workload_groups.sort_by_key(|g| g.key());
         view.problems.sort();
         // A WorkloadEntry selected by several Services is reported once.
         view.problems.dedup();
@@ -702,6 +747,7 @@ mod tests {
         Objects {
             namespaces: Vec::new(),
             workload_entries: Vec::new(),
+            workload_groups: Vec::new(),
             services: vec![
                 obj(serde_json::json!({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": "payment", "namespace": "shop", "labels": {"app": "payment"}},
@@ -965,6 +1011,82 @@ mod tests {
 
     /// A builder computes again only the Services whose objects changed, and its view is the
     /// one built from scratch.
+    #[test]
+    fn workload_groups_are_read_as_the_registry_files_and_bad_ones_named() {
+        let g = |name: &str,
+                 ns: &str,
+                 spec: serde_json::Value|
+         -> Arc<crate::types::WorkloadGroup> {
+            obj(
+                serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
+                "metadata": {"name": name, "namespace": ns, "uid": "u-1", "resourceVersion": "7",
+                             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+                "spec": spec}),
+            )
+        };
+        let mut o = objects();
+        o.workload_groups = vec![
+            g(
+                "payment-vm",
+                "shop",
+                serde_json::json!({"metadata": {"labels": {"app": "payment"}},
+                    "template": {"serviceAccount": "payment", "network": "vm-net"},
+                    "probe": {"periodSeconds": 5, "tcpSocket": {"port": 8443}}}),
+            ),
+            g(
+                "with-address",
+                "shop",
+                serde_json::json!({"template": {"address": "10.0.0.1"}}),
+            ),
+            g("typo", "shop", serde_json::json!({"templat": {}})),
+            g(
+                "two-checks",
+                "shop",
+                serde_json::json!({"probe": {"tcpSocket": {"port": 1}, "httpGet": {"port": 2}}}),
+            ),
+        ];
+        let v = build(&o, &default_loc());
+        assert_eq!(v.workload_groups.len(), 1);
+        let wg = &v.workload_groups[0];
+        assert_eq!(wg.key(), "shop/payment-vm");
+        assert_eq!(wg.spec.metadata.labels["app"], "payment");
+        assert_eq!(
+            wg.spec
+                .template
+                .service_account
+                .as_ref()
+                .map(|s| s.0.as_str()),
+            Some("payment")
+        );
+        assert_eq!(wg.spec.probe.as_ref().map(|p| p.period_seconds), Some(5));
+        let text: Vec<String> = v
+            .problems
+            .iter()
+            .filter(|p| p.kind == "WorkloadGroup")
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(text.len(), 3, "{text:?}");
+        assert!(
+            text[0].starts_with("WorkloadGroup shop/two-checks: spec.probe"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].starts_with("WorkloadGroup shop/typo: spec: unknown field `templat`"),
+            "{text:?}"
+        );
+        assert!(
+            text[2].starts_with("WorkloadGroup shop/with-address: spec.template.address"),
+            "{text:?}"
+        );
+        // A group in a namespace the selector leaves out is not read.
+        let v = Builder::new(Scope {
+            selector: Some(crate::selector::parse("meshfed.io/federate=true").unwrap()),
+            network: String::new(),
+        })
+        .build(&o, &default_loc());
+        assert!(v.workload_groups.is_empty());
+    }
+
     #[test]
     fn the_builder_recomputes_only_what_changed() {
         let mut o = objects();

@@ -26,9 +26,20 @@ pub struct BootstrapArgs {
     /// The cluster agent's state directory (its identity and CA).
     #[arg(long)]
     state_dir: PathBuf,
-    /// The agent's registry file (holds the WorkloadGroup).
+    /// The agent's registry file, which holds the WorkloadGroup.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    registry: Option<PathBuf>,
+    /// Read the WorkloadGroup from the Kubernetes API instead (networking.istio.io/v1, as the
+    /// agent's `--source kubernetes` does).
     #[arg(long)]
-    registry: PathBuf,
+    kubernetes: bool,
+    /// With --kubernetes: the kubeconfig (default: the in-cluster configuration).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     #[arg(long, value_parser = args::label)]
     group: String,
     #[arg(long, value_parser = args::label)]
@@ -76,9 +87,15 @@ pub struct RevokeArgs {
 pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
     match c {
         VmCommand::Bootstrap(a) => {
+            let group_from = match a.registry {
+                Some(path) => package::GroupFrom::Registry(path),
+                None => package::GroupFrom::Object(Box::new(
+                    kube_group(a.kubeconfig.as_deref(), &a.namespace, &a.group).await?,
+                )),
+            };
             let built = package::build(&Bootstrap {
                 agent_state_dir: a.state_dir,
-                registry: a.registry,
+                group_from,
                 namespace: a.namespace.clone(),
                 group: a.group.clone(),
                 out: a.out,
@@ -164,4 +181,14 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The WorkloadGroup `namespace/name` from the Kubernetes API, checked as the agent checks it.
+async fn kube_group(
+    kubeconfig: Option<&std::path::Path>,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<meshfed_model::workload::WorkloadGroup> {
+    let client = meshfed_kube::source::client(kubeconfig).await?;
+    meshfed_kube::source::workload_group(client, namespace, name).await
 }

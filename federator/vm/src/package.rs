@@ -28,10 +28,19 @@ pub enum Format {
     Deb,
 }
 
+/// Where the VM's WorkloadGroup comes from.
+#[derive(Debug, Clone)]
+pub enum GroupFrom {
+    /// The agent's registry file (`workloadGroups:`).
+    Registry(PathBuf),
+    /// A WorkloadGroup object the caller read (from the Kubernetes API) and checked.
+    Object(Box<meshfed_model::workload::WorkloadGroup>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
     pub agent_state_dir: PathBuf,
-    pub registry: PathBuf,
+    pub group_from: GroupFrom,
     pub namespace: String,
     pub group: String,
     pub out: PathBuf,
@@ -141,15 +150,32 @@ fn write(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
 /// Creates the token and writes the package.
 pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
     let id = meshfed_identity::cluster::ClusterIdentity::load(&b.agent_state_dir)?;
-    let reg = meshfed_model::registry::load_file(&b.registry).map_err(|e| anyhow::anyhow!(e))?;
-    let group = reg.group(&b.namespace, &b.group).with_context(|| {
-        format!(
-            "{}: no WorkloadGroup {}/{} (add it under workloadGroups: first)",
-            b.registry.display(),
-            b.namespace,
-            b.group
-        )
-    })?;
+    let group = match &b.group_from {
+        GroupFrom::Registry(path) => {
+            let reg = meshfed_model::registry::load_file(path).map_err(|e| anyhow::anyhow!(e))?;
+            reg.group(&b.namespace, &b.group)
+                .with_context(|| {
+                    format!(
+                        "{}: no WorkloadGroup {}/{} (add it under workloadGroups: first)",
+                        path.display(),
+                        b.namespace,
+                        b.group
+                    )
+                })?
+                .clone()
+        }
+        GroupFrom::Object(g) => {
+            if g.metadata.namespace.0 != b.namespace || g.metadata.name.0 != b.group {
+                bail!(
+                    "the WorkloadGroup given is {}, not {}/{}",
+                    g.key(),
+                    b.namespace,
+                    b.group
+                );
+            }
+            (**g).clone()
+        }
+    };
     let sa = group
         .spec
         .template
