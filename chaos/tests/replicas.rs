@@ -5,7 +5,8 @@
 //! stream. `kill -9` of the leader: the follower takes the Lease once it has seen it
 //! unchanged for the lease duration, then exports and writes. A replica that drains releases
 //! the Lease, and the other takes it at once. A CA rotation on the leader reaches the follower
-//! through the Secret.
+//! through the Secret. An API server outage stops the leader's writes but not its voice: it
+//! keeps the cluster's stream while no other replica leads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -326,5 +327,46 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
     wait_for(Duration::from_secs(20), "east-0 reports leading", || {
         Ok((leading(&east0)? == Some(true)).then_some(()))
     })
+    .unwrap();
+
+    // The API server goes away: east-0 cannot renew, so it stops leading (no writes to the
+    // API) within the renew deadline; nobody else is known to lead, so it keeps speaking for
+    // east: its heartbeats go on and east stays fresh at the federator.
+    api.set_down(true);
+    wait_for(Duration::from_secs(20), "east-0 to step down", || {
+        let s = east0.status()?;
+        Ok(
+            (s["leadership"]["leader"] == false && s["leadership"]["held_last"] == true)
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    let heartbeats = || {
+        metric(
+            &f.admin,
+            "meshfed_federation_messages_total{cluster=\"east\",kind=\"heartbeat\"}",
+        )
+        .unwrap()
+        .unwrap_or(0.0)
+    };
+    let before = heartbeats();
+    wait_for(
+        Duration::from_secs(20),
+        "two more heartbeats from east after the step-down",
+        || Ok((heartbeats() >= before + 2.0).then_some(())),
+    )
+    .unwrap();
+    let fs = f.cluster_status("east").unwrap();
+    assert_eq!(fs["connected"], true, "{fs}");
+    let (_, text, _) = meshfed(&["status", "--admin", &east0.admin]).unwrap();
+    assert!(text.contains("not leading since"), "{text}");
+    assert!(text.contains("still speaks for the cluster"), "{text}");
+    // The API server is back: east-0 holds the Lease still, and leads again.
+    api.set_down(false);
+    wait_for(
+        Duration::from_secs(20),
+        "east-0 to lead after the outage",
+        || Ok((leading(&east0)? == Some(true)).then_some(())),
+    )
     .unwrap();
 }

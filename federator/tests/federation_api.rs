@@ -695,8 +695,15 @@ async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
             break;
         }
     }
+    // A primary stream of west is replaced by a newer one: it ends with Aborted, marked as
+    // superseded (an agent replica that is not the leader then observes).
+    let (_old_tx, mut old_in) = open_sync(&west).await;
+    old_in.message().await.unwrap().unwrap();
     // West's primary stream, then an observer of west.
     let (wtx, _win) = open_sync(&west).await;
+    let status = ends_with(&mut old_in, "the replaced stream ends").await;
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(proto::reason::is_superseded(&status), "{status:?}");
     let mut c = client(&west).await;
     let (otx, orx) = tokio::sync::mpsc::channel(16);
     let mut hello_observer = hello(&west);

@@ -41,6 +41,23 @@ pub mod reason {
         s
     }
 
+    /// Another stream of the same cluster replaced this one.
+    pub const SUPERSEDED: &str = "superseded";
+
+    /// An `ABORTED` status that says a newer stream of the cluster replaced this one.
+    pub fn superseded(message: &'static str) -> tonic::Status {
+        let mut s = tonic::Status::aborted(message);
+        s.metadata_mut()
+            .insert(KEY, tonic::metadata::MetadataValue::from_static(SUPERSEDED));
+        s
+    }
+
+    /// Whether `s` says a newer stream of the cluster replaced this one.
+    pub fn is_superseded(s: &tonic::Status) -> bool {
+        s.code() == tonic::Code::Aborted
+            && s.metadata().get(KEY).and_then(|v| v.to_str().ok()) == Some(SUPERSEDED)
+    }
+
     /// Whether `s` says the cluster has left.
     pub fn is_left(s: &tonic::Status) -> bool {
         s.code() == tonic::Code::PermissionDenied

@@ -148,6 +148,9 @@ pub struct Inner {
     pub leadership: watch::Sender<meshfed_kube::leader::Leadership>,
     /// Whether replicas elect a leader (the report shows the election only then).
     pub elected: bool,
+    /// Whether this replica speaks for the cluster (its Sync stream is the cluster's, it
+    /// serves VMs): see [`sync::speaks`]. Always, for the only agent.
+    pub speaks: watch::Sender<bool>,
 }
 
 impl Inner {
@@ -679,6 +682,7 @@ impl Agent {
                 ..Default::default()
             }),
             elected: cfg.leader_election.is_some(),
+            speaks: watch::Sender::new(cfg.leader_election.is_none()),
         });
         let tasks = Tasks::new();
         if let Some(lease) = cfg.leader_election.clone() {
@@ -900,17 +904,7 @@ impl Agent {
                     registry: inner.registry.subscribe(),
                     entries: inner.entries.clone(),
                     drain: tasks.signal(),
-                    leading: {
-                        let (tx, rx) = watch::channel(inner.is_leader());
-                        let mut role = inner.leadership.subscribe();
-                        tasks.track(async move {
-                            while role.changed().await.is_ok() {
-                                let l = role.borrow_and_update().leader;
-                                tx.send_if_modified(|v| std::mem::replace(v, l) != l);
-                            }
-                        });
-                        rx
-                    },
+                    leading: inner.speaks.subscribe(),
                 },
                 ca.clone(),
                 &cfg.state_dir,

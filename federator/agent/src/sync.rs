@@ -31,8 +31,26 @@ pub enum End {
     /// This cluster is no longer a member.
     Left(String),
     Failed(anyhow::Error),
-    /// This replica became the leader, or stopped being it: connect again in the other role.
+    /// This replica's role changed (leader election): connect again in the other role.
     RoleChanged,
+    /// A newer stream of this cluster (another replica's) replaced this one.
+    Superseded,
+}
+
+/// Whether this replica speaks for the cluster: it leads, or it was the last holder of the
+/// Lease it could read and no other replica has replaced its stream since. So a leader that
+/// cannot reach the API server (and has stopped writing to it) keeps the cluster's stream,
+/// heartbeats and VMs until another replica leads, instead of leaving the cluster without a
+/// voice during an API server outage.
+pub fn speaks(l: &meshfed_kube::leader::Leadership, superseded: bool) -> bool {
+    l.leader || (l.held_last && !superseded)
+}
+
+/// What of the election decides the role (not its error or timestamps).
+type RoleKey = (bool, Option<String>, bool);
+
+fn role_key(l: &meshfed_kube::leader::Leadership) -> RoleKey {
+    (l.leader, l.holder.clone(), l.held_last)
 }
 
 impl From<anyhow::Error> for End {
@@ -45,6 +63,9 @@ fn status_end(s: tonic::Status) -> End {
     if proto::reason::is_left(&s) {
         return End::Left(s.message().to_string());
     }
+    if proto::reason::is_superseded(&s) {
+        return End::Superseded;
+    }
     End::Failed(meshfed_identity::cluster::describe_status(
         "sync stream",
         &s,
@@ -54,11 +75,25 @@ fn status_end(s: tonic::Status) -> End {
 /// Runs Sync sessions until the cluster leaves.
 pub async fn run(inner: Arc<Inner>, fed: FederationWriter) {
     let mut backoff = BACKOFF_MIN;
+    // The election's state when another replica's stream replaced this one's: until it
+    // changes, this replica observes.
+    let mut superseded: Option<RoleKey> = None;
     loop {
         let started = Instant::now();
-        let end = session(&inner, &fed).await;
+        let end = session(&inner, &fed, superseded.as_ref()).await;
         set_connected(&inner, &fed, false);
         match end {
+            End::Superseded if inner.elected && !inner.is_leader() => {
+                tracing::info!("another replica's stream replaced this one's: observing until the Lease says more");
+                superseded = Some(role_key(&inner.leadership.borrow()));
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            End::Superseded => {
+                let msg = "a newer stream of this cluster replaced this one (is another agent running with this cluster's identity?)";
+                tracing::warn!("{msg}");
+                inner.status().last_error = Some(msg.into());
+            }
             End::RoleChanged => {
                 tracing::info!(
                     leader = inner.is_leader(),
@@ -360,20 +395,31 @@ fn install_federation_bundle(
     }
 }
 
-async fn session(inner: &Arc<Inner>, fed: &FederationWriter) -> End {
-    match session_inner(inner, fed).await {
+async fn session(inner: &Arc<Inner>, fed: &FederationWriter, superseded: Option<&RoleKey>) -> End {
+    match session_inner(inner, fed, superseded).await {
         Ok(()) => End::Closed,
         Err(e) => e,
     }
 }
 
-/// One Sync stream. The leader's (or the only agent's) carries the cluster's exports, bundle,
-/// heartbeats and acknowledgements of the federation bundle; a follower's is an observer stream
+/// One Sync stream. The stream of the replica that speaks for the cluster ([`speaks`]; the
+/// only agent always does) carries the cluster's exports, bundle, heartbeats and
+/// acknowledgements of the federation bundle; another replica's is an observer stream
 /// (`Hello.observer`): it receives and stores imports, peers and bundles and acknowledges only
 /// imports. A change of role ends the stream.
-async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(), End> {
+async fn session_inner(
+    inner: &Arc<Inner>,
+    fed: &FederationWriter,
+    superseded: Option<&RoleKey>,
+) -> Result<(), End> {
     let mut role = inner.leadership.subscribe();
-    let observer = !role.borrow_and_update().leader;
+    let observer = {
+        let l = role.borrow_and_update();
+        !speaks(&l, superseded == Some(&role_key(&l)))
+    };
+    inner
+        .speaks
+        .send_if_modified(|s| std::mem::replace(s, !observer) == observer);
     let (cfg, facts, federators, fed_seq) = {
         let id = inner.identity();
         let cfg = trust::tls::client_config(
@@ -540,7 +586,11 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                 }
             }
             r = role.changed() => {
-                if r.is_err() || role.borrow_and_update().leader == observer {
+                if r.is_err() {
+                    return Err(End::RoleChanged);
+                }
+                let l = role.borrow_and_update().clone();
+                if speaks(&l, superseded == Some(&role_key(&l))) == observer {
                     return Err(End::RoleChanged);
                 }
             }
@@ -627,6 +677,33 @@ mod tests {
                 ..Default::default()
             }),
         )
+    }
+
+    #[test]
+    fn a_replica_speaks_while_it_leads_or_last_held_the_lease_and_was_not_replaced() {
+        use meshfed_kube::leader::Leadership;
+        let leader = Leadership {
+            leader: true,
+            held_last: true,
+            ..Default::default()
+        };
+        assert!(speaks(&leader, false) && speaks(&leader, true));
+        // Stepped down (the API is unreachable), nobody else known: still speaks...
+        let stepped = Leadership {
+            leader: false,
+            ..leader.clone()
+        };
+        assert!(speaks(&stepped, false));
+        // ...until another replica's stream replaced its own.
+        assert!(!speaks(&stepped, true));
+        // A follower that read another holder does not.
+        let follower = Leadership {
+            holder: Some("agent-1".into()),
+            held_last: false,
+            ..stepped
+        };
+        assert!(!speaks(&follower, false));
+        assert_ne!(role_key(&leader), role_key(&follower));
     }
 
     #[test]

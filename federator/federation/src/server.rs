@@ -1192,7 +1192,7 @@ impl Service {
                 r = peers_rx.changed() => {
                     if r.is_err() { return Ok(()); }
                     if generation.is_some_and(|g| hub.generation(&cluster) != g) {
-                        return Err(Status::aborted("a newer stream of this cluster replaced this one"));
+                        return Err(proto::reason::superseded("a newer stream of this cluster replaced this one"));
                     }
                     let now = hub.store.cluster(&cluster).ok().flatten();
                     if now.as_ref().is_none_or(|r| r.left) {

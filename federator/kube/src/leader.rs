@@ -97,6 +97,11 @@ pub struct Leadership {
     pub since: Option<String>,
     /// How many times the Lease changed hands (`leaseTransitions`).
     pub transitions: i32,
+    /// The last successful read or write of the Lease named this replica as the holder. A
+    /// leader that steps down because it cannot reach the API keeps this until it reads
+    /// another holder: nobody else is known to lead.
+    #[serde(default)]
+    pub held_last: bool,
 }
 
 /// The record as observed, and when (by this replica's clock).
@@ -200,6 +205,7 @@ async fn try_acquire_or_renew(
                     at: started,
                 });
                 state.holder = Some(cfg.identity.clone());
+                state.held_last = true;
                 state.transitions = 0;
                 Ok(true)
             }
@@ -216,6 +222,7 @@ async fn try_acquire_or_renew(
     }
     let at = observed.as_ref().map(|o| o.at).unwrap_or(now);
     state.holder = holder_of(lease.spec.as_ref()).map(str::to_string);
+    state.held_last = state.holder.as_deref() == Some(cfg.identity.as_str());
     state.transitions = lease
         .spec
         .as_ref()
@@ -231,6 +238,7 @@ async fn try_acquire_or_renew(
             match api.replace(&cfg.name, &PostParams::default(), &new).await {
                 Ok(_) => {
                     state.holder = Some(cfg.identity.clone());
+                    state.held_last = true;
                     state.transitions = spec.lease_transitions.unwrap_or(0);
                     *observed = Some(Observed {
                         record: Some(spec),
@@ -347,8 +355,9 @@ pub async fn run(
             _ = &mut stop => break,
         }
     }
-    if state.leader {
+    if state.leader || state.held_last {
         state.leader = false;
+        state.held_last = false;
         state.since = Some(rfc3339_now());
         tx.send_replace(state);
         match tokio::time::timeout(cfg.retry_period, release(&api, &cfg)).await {

@@ -120,6 +120,8 @@ async fn creates_the_lease_renews_it_with_its_version_and_steps_down_at_the_rene
             .contains("InternalError"),
         "{l:?}"
     );
+    // Nobody else is known to hold it: this replica was the last holder it saw.
+    assert!(l.held_last, "{l:?}");
     let mut h = failing.await.unwrap();
 
     // Another replica holds it now: this one stays a follower and names the holder.
@@ -127,7 +129,7 @@ async fn creates_the_lease_renews_it_with_its_version_and_steps_down_at_the_rene
     assert_eq!(r.method(), "GET");
     send.send_response(reply(200, lease("agent-1", "7", 1)));
     let l = until(&mut rx, |l| l.holder.as_deref() == Some("agent-1")).await;
-    assert!(!l.leader && l.error.is_none() && l.transitions == 1);
+    assert!(!l.leader && !l.held_last && l.error.is_none() && l.transitions == 1);
     stop_tx.send(()).unwrap();
     election.await.unwrap();
 }

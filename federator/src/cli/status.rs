@@ -264,6 +264,11 @@ fn leadership_line(l: &meshfed_kube::leader::Leadership) -> String {
         format!(
             "replica: leader since {since} (writes to the Kubernetes API, speaks for the cluster)"
         )
+    } else if l.held_last {
+        format!(
+            "replica: not leading since {since} ({}); it still speaks for the cluster to the federator until another replica leads",
+            l.error.as_deref().unwrap_or("the Lease could not be renewed")
+        )
     } else {
         format!(
             "replica: follower since {since}, leader {} (observes the federation, serves xDS and DNS)",
@@ -291,5 +296,15 @@ mod leadership_tests {
         );
         let l = Leadership { leader: true, ..f };
         assert!(leadership_line(&l).starts_with("replica: leader since 2026-12-04T10:00:00Z"));
+        let stepped_down = Leadership {
+            leader: false,
+            held_last: true,
+            error: Some("Lease meshfed-system/meshfed-agent: 503".into()),
+            ..l
+        };
+        assert_eq!(
+            leadership_line(&stepped_down),
+            "replica: not leading since 2026-12-04T10:00:00Z (Lease meshfed-system/meshfed-agent: 503); it still speaks for the cluster to the federator until another replica leads"
+        );
     }
 }

@@ -82,10 +82,10 @@ pub struct VmApiInputs {
     /// Register streams end with UNAVAILABLE when the agent drains (the VM reconnects within
     /// its entry's grace period).
     pub drain: Signal,
-    /// Whether this agent speaks for the cluster: with replicas, only the leader serves VMs
-    /// (their entries are its exports); a follower refuses them with UNAVAILABLE, so the VM
-    /// reconnects, through the Service, until it reaches the leader. Always `true` for a lone
-    /// agent.
+    /// Whether this agent speaks for the cluster: with replicas, only the one that does (the
+    /// leader, or the last one that held the Lease while nobody else leads) serves VMs, whose
+    /// entries are its exports; another refuses them with UNAVAILABLE, so the VM reconnects,
+    /// through the Service, until it reaches that one. Always `true` for a lone agent.
     pub leading: watch::Receiver<bool>,
 }
 
