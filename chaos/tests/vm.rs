@@ -340,6 +340,67 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         "tar",
         &["--control-plane", &gw],
     );
+    // A package that cannot be written leaves no valid token behind: an output that exists is
+    // refused before a token is made; one that fails while being written revokes its token.
+    let tokens = |state: &str| -> usize {
+        let out = meshfed_ok(&["vm", "list", "--state-dir", east.dir.to_str().unwrap()]).unwrap();
+        out.lines().filter(|l| l.contains(state)).count()
+    };
+    let (valid, revoked) = (tokens("valid for"), tokens("revoked"));
+    let (code, _, err) = meshfed(&[
+        "vm",
+        "bootstrap",
+        "--state-dir",
+        east.dir.to_str().unwrap(),
+        "--registry",
+        east.registry.to_str().unwrap(),
+        "--group",
+        "ledger-vm",
+        "--namespace",
+        "shop",
+        "--out",
+        dir.join("ledger-vm").to_str().unwrap(),
+        "--format",
+        "tar",
+        "--control-plane",
+        &gw,
+    ])
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("ledger-vm.tar.gz exists (it must not)"),
+        "{err}"
+    );
+    let afile = dir.join("afile");
+    std::fs::write(&afile, "a file, not a directory").unwrap();
+    let (code, _, err) = meshfed(&[
+        "vm",
+        "bootstrap",
+        "--state-dir",
+        east.dir.to_str().unwrap(),
+        "--registry",
+        east.registry.to_str().unwrap(),
+        "--group",
+        "ledger-vm",
+        "--namespace",
+        "shop",
+        "--out",
+        afile.join("pkg").to_str().unwrap(),
+        "--format",
+        "dir",
+        "--control-plane",
+        &gw,
+    ])
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("no package was written; token "), "{err}");
+    assert!(err.contains("was revoked"), "{err}");
+    assert!(
+        err.contains(&format!("cannot create {}", afile.join("pkg").display())),
+        "{err}"
+    );
+    assert_eq!(tokens("valid for"), valid, "no orphan token");
+    assert_eq!(tokens("revoked"), revoked + 1);
     let tgz = dir.join("ledger-vm.tar.gz");
     let x = Command::new("tar")
         .arg("-xzf")

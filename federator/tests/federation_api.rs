@@ -55,10 +55,18 @@ fn params(dir: &Path, token: String, cluster: &str) -> JoinParams {
 
 async fn join_err(p: JoinParams) -> String {
     let dir = p.state_dir.clone();
+    let existed = dir.exists();
     let e = format!("{:#}", identity::join(p).await.unwrap_err());
     assert!(
         !dir.join("identity").join("identity.json").exists(),
         "nothing is stored on a refused join"
+    );
+    // Not even the cluster CA: the directory is as it was, and a retry starts clean.
+    assert_eq!(
+        dir.exists(),
+        existed,
+        "{} after a refused join",
+        dir.display()
     );
     e
 }

@@ -37,6 +37,20 @@ impl std::fmt::Debug for FederationCa {
 }
 
 impl FederationCa {
+    /// Loads `<state_dir>/ca`, which must exist (commands other than the federator itself
+    /// never create a federation CA).
+    pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
+        let dir = state_dir.join("ca");
+        if !CertificateAuthority::exists_in(&dir) {
+            anyhow::bail!(
+                "{} is not a federator's state directory (it holds no federation CA); start `meshfed federator --state-dir {}` once, which creates it",
+                state_dir.display(),
+                state_dir.display()
+            );
+        }
+        Self::open_or_create(state_dir, None)
+    }
+
     /// Loads `<state_dir>/ca`, creating it for `td` the first time.
     pub fn open_or_create(state_dir: &Path, td: Option<&TrustDomain>) -> anyhow::Result<Self> {
         let dir = state_dir.join("ca");

@@ -139,6 +139,21 @@ pub fn open_cluster_ca(
     td: &TrustDomain,
     import: Option<&Path>,
 ) -> anyhow::Result<CertificateAuthority> {
+    let (ca, new) = prepare_cluster_ca(state_dir, td, import)?;
+    if new {
+        ca.save(&ca_dir(state_dir))?;
+    }
+    Ok(ca)
+}
+
+/// The cluster CA of the state directory, or a new (imported or created) one that is not
+/// saved yet (`true`): a join saves it only once the federator accepted the cluster, so a
+/// refused join leaves the directory as it was.
+fn prepare_cluster_ca(
+    state_dir: &Path,
+    td: &TrustDomain,
+    import: Option<&Path>,
+) -> anyhow::Result<(CertificateAuthority, bool)> {
     let dir = ca_dir(state_dir);
     if CertificateAuthority::exists_in(&dir) {
         let ca = CertificateAuthority::load(&dir)?;
@@ -149,7 +164,7 @@ pub fn open_cluster_ca(
                 ca.trust_domain()
             );
         }
-        return Ok(ca);
+        return Ok((ca, false));
     }
     let ca = match import {
         Some(src) => {
@@ -166,8 +181,7 @@ pub fn open_cluster_ca(
         }
         None => CertificateAuthority::create(td.clone(), CaOptions::default())?,
     };
-    ca.save(&dir)?;
-    Ok(ca)
+    Ok((ca, true))
 }
 
 /// Joins the federation named in the token and stores the cluster identity.
@@ -207,7 +221,7 @@ pub async fn join(p: JoinParams) -> anyhow::Result<ClusterIdentity> {
     }
     let fed_td = TrustDomain::new(&claims.federation_trust_domain)
         .context("the token's federation trust domain")?;
-    let ca = open_cluster_ca(&p.state_dir, &p.trust_domain, p.ca.as_deref())?;
+    let (ca, new_ca) = prepare_cluster_ca(&p.state_dir, &p.trust_domain, p.ca.as_deref())?;
     let id = cluster_spiffe_id(&fed_td, &p.cluster)?;
     let (key, csr) = trust::keys::key_and_csr(&id)?;
     let verifier = PinnedRootVerifier::new(
@@ -275,6 +289,10 @@ pub async fn join(p: JoinParams) -> anyhow::Result<ClusterIdentity> {
             resp.federator_endpoints
         },
     };
+    // Accepted: from here on the state is written (the CA first, identity.json last).
+    if new_ca {
+        ca.save(&ca_dir(&p.state_dir))?;
+    }
     std::fs::create_dir_all(&idir)?;
     svid.write_files(&idir, &bundle.x509_authorities)?;
     trust::files::write_atomic(

@@ -138,7 +138,7 @@ fn token(t: Token) -> anyhow::Result<ExitCode> {
             ttl,
             federator,
         } => {
-            let ca = FederationCa::open_or_create(&state_dir, None)?;
+            let ca = FederationCa::open(&state_dir)?;
             let federators = if federator.is_empty() {
                 let p = state_dir.join(ENDPOINTS_FILE);
                 let raw = std::fs::read(&p).with_context(|| {

@@ -204,103 +204,150 @@ pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
     if ttl <= 0 {
         bail!("--token-ttl must be positive");
     }
+    // The output is checked before a token exists.
+    match b.format {
+        Format::Dir => {
+            if b.out.exists()
+                && (!b.out.is_dir()
+                    || std::fs::read_dir(&b.out)
+                        .with_context(|| format!("cannot read {}", b.out.display()))?
+                        .next()
+                        .is_some())
+            {
+                bail!("{} exists and is not an empty directory", b.out.display());
+            }
+        }
+        Format::Tar | Format::Deb => {
+            let path = with_ext(
+                &b.out,
+                if b.format == Format::Tar {
+                    "tar.gz"
+                } else {
+                    "deb"
+                },
+            );
+            if path.exists() {
+                bail!("{} exists (it must not)", path.display());
+            }
+        }
+    }
     let store = crate::token::token_store(&b.agent_state_dir);
     let binding = crate::token::binding(&b.namespace, &b.group, &sa);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let (rec, secret) = store.create_bound(&binding, ttl, now)?;
-    let claims = VmClaims {
-        id: rec.id.clone(),
-        secret,
-        cluster: id.file.cluster.clone(),
-        trust_domain: id.file.trust_domain.clone(),
-        namespace: b.namespace.clone(),
-        group: b.group.clone(),
-        service_account: sa.clone(),
-        expires: rec.expires,
-    };
+    // The package is written in a closure: if it fails, the token it was to carry is revoked
+    // (a token no package holds must not stay valid).
+    let written = (|| -> anyhow::Result<PathBuf> {
+        let claims = VmClaims {
+            id: rec.id.clone(),
+            secret,
+            cluster: id.file.cluster.clone(),
+            trust_domain: id.file.trust_domain.clone(),
+            namespace: b.namespace.clone(),
+            group: b.group.clone(),
+            service_account: sa.clone(),
+            expires: rec.expires,
+        };
 
-    let stage = tempfile::tempdir()?;
-    let dir = stage.path();
-    let mut yaml = format!(
-        "# meshfed VM agent configuration (meshfed vm bootstrap, {})\n\
-         cluster: {}\ntrustDomain: {}\nnetwork: {}\nnamespace: {}\ngroup: {}\nserviceAccount: {}\n\
-         controlPlane: [{}]\n",
-        meshfed_model::entry::rfc3339(now * 1000),
-        id.file.cluster,
-        id.file.trust_domain,
-        id.file.network,
-        b.namespace,
-        b.group,
-        sa,
-        control_plane
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    if let Some(x) = &b.xds {
-        yaml.push_str(&format!("xds: \"{x}\"\n"));
-    }
-    if let Some(n) = &b.vm_network {
-        yaml.push_str(&format!("vmNetwork: {n}\n"));
-    }
-    write(&dir.join("vm.yaml"), yaml.as_bytes(), 0o644)?;
-    VmConfig::parse(&yaml, "vm.yaml").map_err(|e| anyhow::anyhow!(e))?;
-    write(
-        &dir.join("root-cert.pem"),
-        trust::keys::certs_to_pem(ca.roots().iter()).as_bytes(),
-        0o644,
-    )?;
-    write(&dir.join("join-token"), claims.encode().as_bytes(), 0o600)?;
-    // Hosts entries for the control plane's names, when it is reached by IP.
-    let mut hosts = String::new();
-    if let Some(ip) = control_plane
-        .first()
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
-    {
-        hosts.push_str(&format!("{ip} {VM_API_SNI} {XDS_SNI}\n"));
-    }
-    write(&dir.join("hosts"), hosts.as_bytes(), 0o644)?;
-    write(&dir.join("meshfed-vm.service"), UNIT.as_bytes(), 0o644)?;
-    write(&dir.join("install.sh"), INSTALL.as_bytes(), 0o755)?;
-    let bin = match &b.binary {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().context("cannot find this meshfed binary")?,
-    };
-    std::fs::copy(&bin, dir.join("meshfed"))
-        .with_context(|| format!("cannot copy {}", bin.display()))?;
-    std::fs::set_permissions(dir.join("meshfed"), std::fs::Permissions::from_mode(0o755))?;
+        let stage = tempfile::tempdir()?;
+        let dir = stage.path();
+        let mut yaml = format!(
+                "# meshfed VM agent configuration (meshfed vm bootstrap, {})\n\
+                 cluster: {}\ntrustDomain: {}\nnetwork: {}\nnamespace: {}\ngroup: {}\nserviceAccount: {}\n\
+                 controlPlane: [{}]\n",
+                meshfed_model::entry::rfc3339(now * 1000),
+                id.file.cluster,
+                id.file.trust_domain,
+                id.file.network,
+                b.namespace,
+                b.group,
+                sa,
+                control_plane
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        if let Some(x) = &b.xds {
+            yaml.push_str(&format!("xds: \"{x}\"\n"));
+        }
+        if let Some(n) = &b.vm_network {
+            yaml.push_str(&format!("vmNetwork: {n}\n"));
+        }
+        write(&dir.join("vm.yaml"), yaml.as_bytes(), 0o644)?;
+        VmConfig::parse(&yaml, "vm.yaml").map_err(|e| anyhow::anyhow!(e))?;
+        write(
+            &dir.join("root-cert.pem"),
+            trust::keys::certs_to_pem(ca.roots().iter()).as_bytes(),
+            0o644,
+        )?;
+        write(&dir.join("join-token"), claims.encode().as_bytes(), 0o600)?;
+        // Hosts entries for the control plane's names, when it is reached by IP.
+        let mut hosts = String::new();
+        if let Some(ip) = control_plane
+            .first()
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+        {
+            hosts.push_str(&format!("{ip} {VM_API_SNI} {XDS_SNI}\n"));
+        }
+        write(&dir.join("hosts"), hosts.as_bytes(), 0o644)?;
+        write(&dir.join("meshfed-vm.service"), UNIT.as_bytes(), 0o644)?;
+        write(&dir.join("install.sh"), INSTALL.as_bytes(), 0o755)?;
+        let bin = match &b.binary {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("cannot find this meshfed binary")?,
+        };
+        std::fs::copy(&bin, dir.join("meshfed"))
+            .with_context(|| format!("cannot copy {}", bin.display()))?;
+        std::fs::set_permissions(dir.join("meshfed"), std::fs::Permissions::from_mode(0o755))?;
 
-    let path = match b.format {
-        Format::Dir => {
-            if b.out.exists() && std::fs::read_dir(&b.out)?.next().is_some() {
-                bail!("{} exists and is not empty", b.out.display());
+        let path = match b.format {
+            Format::Dir => {
+                if b.out.exists() && std::fs::read_dir(&b.out)?.next().is_some() {
+                    bail!("{} exists and is not empty", b.out.display());
+                }
+                std::fs::create_dir_all(&b.out)
+                    .with_context(|| format!("cannot create {}", b.out.display()))?;
+                for e in std::fs::read_dir(dir)? {
+                    let e = e?;
+                    let to = b.out.join(e.file_name());
+                    std::fs::copy(e.path(), &to)
+                        .with_context(|| format!("cannot write {}", to.display()))?;
+                    std::fs::set_permissions(&to, e.metadata()?.permissions())?;
+                }
+                std::fs::set_permissions(&b.out, std::fs::Permissions::from_mode(0o700))?;
+                b.out.clone()
             }
-            std::fs::create_dir_all(&b.out)?;
-            for e in std::fs::read_dir(dir)? {
-                let e = e?;
-                let to = b.out.join(e.file_name());
-                std::fs::copy(e.path(), &to)?;
-                std::fs::set_permissions(&to, e.metadata()?.permissions())?;
+            Format::Tar => {
+                let path = with_ext(&b.out, "tar.gz");
+                let f = create_private(&path)?;
+                let gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+                let mut t = tar::Builder::new(gz);
+                t.mode(tar::HeaderMode::Deterministic);
+                t.append_dir_all("meshfed-vm", dir)?;
+                t.into_inner()?.finish()?;
+                path
             }
-            std::fs::set_permissions(&b.out, std::fs::Permissions::from_mode(0o700))?;
-            b.out.clone()
-        }
-        Format::Tar => {
-            let path = with_ext(&b.out, "tar.gz");
-            let f = create_private(&path)?;
-            let gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
-            let mut t = tar::Builder::new(gz);
-            t.mode(tar::HeaderMode::Deterministic);
-            t.append_dir_all("meshfed-vm", dir)?;
-            t.into_inner()?.finish()?;
-            path
-        }
-        Format::Deb => {
-            let path = with_ext(&b.out, "deb");
-            deb(dir, &path)?;
-            path
+            Format::Deb => {
+                let path = with_ext(&b.out, "deb");
+                deb(dir, &path)?;
+                path
+            }
+        };
+        Ok(path)
+    })();
+    let path = match written {
+        Ok(p) => p,
+        Err(e) => {
+            let revoked = match store.revoke(&rec.id) {
+                Ok(_) => format!("token {} was revoked", rec.id),
+                Err(r) => format!(
+                    "token {} could not be revoked ({r}): revoke it with `meshfed vm revoke`",
+                    rec.id
+                ),
+            };
+            return Err(e.context(format!("no package was written; {revoked}")));
         }
     };
     Ok(Built {
