@@ -545,7 +545,22 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
+    /// Starts the agent. Every listener binds before anything speaks to the federator or
+    /// writes to the Kubernetes API: an agent that cannot start has published nothing, and
+    /// what it spawned is stopped.
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        let tasks = Tasks::new();
+        match Self::start_on(cfg, tasks.clone()).await {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                tasks.abort_all();
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_on(cfg: AgentConfig, tasks: Tasks) -> anyhow::Result<Agent> {
+        check_listeners(&cfg)?;
         let identity = ClusterIdentity::load(&cfg.state_dir)?;
         let td = TrustDomain::new(&identity.file.trust_domain)?;
         // Creates the CA the first time; from then on the live CA follows its directory.
@@ -684,28 +699,18 @@ impl Agent {
             elected: cfg.leader_election.is_some(),
             speaks: watch::Sender::new(cfg.leader_election.is_none()),
         });
-        let tasks = Tasks::new();
-        if let Some(lease) = cfg.leader_election.clone() {
-            let Some(client) = cfg.kubernetes.clone() else {
-                anyhow::bail!(
-                    "leader election needs the Kubernetes source (its Lease is in the API)"
-                );
-            };
-            lease.validate().map_err(anyhow::Error::msg)?;
-            let tx = inner.leadership.clone();
-            let metric = inner.metrics.leader.clone();
-            let mut rx = tx.subscribe();
-            tasks.track(async move {
-                while rx.changed().await.is_ok() {
-                    metric.set(i64::from(rx.borrow_and_update().leader));
-                }
-            });
-            // On drain the leader releases the Lease, so a follower takes over at once.
-            tasks.spawn_server("leader election", move |drain| {
-                meshfed_kube::leader::run(client.0, lease, tx, drain.drained_owned())
-            });
-        }
-        inner.metrics.leader.set(i64::from(inner.is_leader()));
+        let election = match cfg.leader_election.clone() {
+            Some(lease) => {
+                let Some(client) = cfg.kubernetes.clone() else {
+                    anyhow::bail!(
+                        "leader election needs the Kubernetes source (its Lease is in the API)"
+                    );
+                };
+                lease.validate().map_err(anyhow::Error::msg)?;
+                Some((client, lease))
+            }
+            None => None,
+        };
         // Ready once the model is: the local source loaded (or fell back to what the
         // federator acknowledged) and the federation part restored from the cache.
         let model_ready = tasks.readiness("model");
@@ -714,10 +719,7 @@ impl Agent {
             model.wait_until_ready().await;
             model_ready.set_ready();
         });
-        tasks.spawn(
-            "federation sync",
-            sync::run(inner.clone(), federation_writer),
-        );
+        let mut writer = None;
         let kube = match cfg.kubernetes.clone() {
             Some(client) => {
                 let (src, run) = meshfed_kube::source::start(
@@ -730,15 +732,7 @@ impl Agent {
                     Duration::from_millis(100),
                 );
                 tasks.spawn("Kubernetes source", run);
-                tasks.spawn(
-                    "Kubernetes writer",
-                    write_kubernetes(
-                        inner.clone(),
-                        client.0.clone(),
-                        src.view.clone(),
-                        src.health.clone(),
-                    ),
-                );
+                writer = Some((client.0.clone(), src.view.clone(), src.health.clone()));
                 let _ = inner.kube_health.set(src.health.clone());
                 Some(src)
             }
@@ -760,16 +754,6 @@ impl Agent {
             ),
         );
         tasks.spawn(
-            "cluster certificate",
-            inner.cluster_cert.clone().run(
-                {
-                    let inner = inner.clone();
-                    issue_fn(move || renew_cluster_cert(inner.clone()))
-                },
-                Backoff::default(),
-            ),
-        );
-        tasks.spawn(
             "policy watcher",
             watch_policies(inner.clone(), cfg.policies.clone(), cfg.registry_poll),
         );
@@ -785,23 +769,6 @@ impl Agent {
         tasks.spawn(
             "policy merger",
             merge_policies(inner.clone(), kube_policies),
-        );
-        tasks.spawn(
-            "cluster CA",
-            run_ca(
-                inner.clone(),
-                cfg.ca_rotation,
-                cfg.registry_poll,
-                match (&cfg.state_secret, &cfg.kubernetes) {
-                    (Some((namespace, name)), Some(client)) => Some(SharedCa {
-                        client: client.0.clone(),
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                        state_dir: cfg.state_dir.clone(),
-                    }),
-                    _ => None,
-                },
-            ),
         );
         // Every TLS verifier of this cluster's own peers follows the live bundle.
         let own_trust = TrustStore::new({
@@ -993,6 +960,60 @@ impl Agent {
             }
             None => None,
         };
+        // Every listener is bound: from here on the agent speaks to the federator, renews its
+        // certificate, steps its CA, runs for the Lease and writes to the Kubernetes API.
+        if let Some((client, lease)) = election {
+            let tx = inner.leadership.clone();
+            let metric = inner.metrics.leader.clone();
+            let mut rx = tx.subscribe();
+            tasks.track(async move {
+                while rx.changed().await.is_ok() {
+                    metric.set(i64::from(rx.borrow_and_update().leader));
+                }
+            });
+            // On drain the leader releases the Lease, so a follower takes over at once.
+            tasks.spawn_server("leader election", move |drain| {
+                meshfed_kube::leader::run(client.0, lease, tx, drain.drained_owned())
+            });
+        }
+        inner.metrics.leader.set(i64::from(inner.is_leader()));
+        tasks.spawn(
+            "federation sync",
+            sync::run(inner.clone(), federation_writer),
+        );
+        tasks.spawn(
+            "cluster certificate",
+            inner.cluster_cert.clone().run(
+                {
+                    let inner = inner.clone();
+                    issue_fn(move || renew_cluster_cert(inner.clone()))
+                },
+                Backoff::default(),
+            ),
+        );
+        tasks.spawn(
+            "cluster CA",
+            run_ca(
+                inner.clone(),
+                cfg.ca_rotation,
+                cfg.registry_poll,
+                match (&cfg.state_secret, &cfg.kubernetes) {
+                    (Some((namespace, name)), Some(client)) => Some(SharedCa {
+                        client: client.0.clone(),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        state_dir: cfg.state_dir.clone(),
+                    }),
+                    _ => None,
+                },
+            ),
+        );
+        if let Some((client, view, health)) = writer {
+            tasks.spawn(
+                "Kubernetes writer",
+                write_kubernetes(inner.clone(), client, view, health),
+            );
+        }
         Ok(Agent {
             inner,
             admin_addr,
@@ -1024,6 +1045,57 @@ impl Agent {
     /// Stops at once, as a crash would (tests of static stability).
     pub fn stop(self) {
         self.tasks.abort_all();
+    }
+}
+
+/// Every listener the configuration asks for, tried at once: one error names every address
+/// that is taken (several agents on one host clash on all their default ports, not one per
+/// run). The servers bind for real afterwards; this only reports clashes together.
+fn check_listeners(cfg: &AgentConfig) -> anyhow::Result<()> {
+    let mut tcp: Vec<(&str, SocketAddr)> = Vec::new();
+    let mut udp: Vec<(&str, SocketAddr)> = Vec::new();
+    let mut add = |name: &'static str, a: Option<SocketAddr>| {
+        if let Some(a) = a.filter(|a| a.port() != 0) {
+            tcp.push((name, a));
+        }
+    };
+    add("--admin", cfg.admin);
+    add("--probe", cfg.probe);
+    add(
+        "--xds-plaintext",
+        cfg.xds.as_ref().and_then(|x| x.plaintext),
+    );
+    add("--xds-mtls", cfg.xds.as_ref().and_then(|x| x.mtls));
+    add("--vm-api", cfg.vm_api);
+    add("--bundle-endpoint", cfg.bundle_endpoint);
+    if let Some(d) = cfg.dns.as_ref().filter(|d| d.listen.port() != 0) {
+        tcp.push(("--dns (TCP)", d.listen));
+        udp.push(("--dns (UDP)", d.listen));
+    }
+    let mut taken = Vec::new();
+    let mut seen = std::collections::BTreeMap::new();
+    for (name, a) in &tcp {
+        if let Some(other) = seen.insert(*a, *name) {
+            taken.push(format!("{name} {a} (also {other})"));
+            continue;
+        }
+        if let Err(e) = std::net::TcpListener::bind(a) {
+            taken.push(format!("{name} {a}: {e}"));
+        }
+    }
+    for (name, a) in &udp {
+        if let Err(e) = std::net::UdpSocket::bind(a) {
+            taken.push(format!("{name} {a}: {e}"));
+        }
+    }
+    match taken.len() {
+        0 => Ok(()),
+        _ => anyhow::bail!(
+            "cannot listen on {} address{}: {} (another agent on this host? give each its own ports, or its own address with --listen-address)",
+            taken.len(),
+            if taken.len() == 1 { "" } else { "es" },
+            taken.join("; ")
+        ),
     }
 }
 

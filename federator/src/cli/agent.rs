@@ -110,6 +110,11 @@ pub struct AgentArgs {
     /// Admin HTTP address (/metrics, /healthz, /readyz, /status).
     #[arg(long, default_value = "127.0.0.1:15014", value_parser = args::socket_addr)]
     admin: std::net::SocketAddr,
+    /// Bind every listener that is on (admin, probe, xDS, VM API, DNS, bundle endpoint) to this
+    /// address, keeping each one's port: several agents on one host, each on its own loopback
+    /// address (127.0.0.2, 127.0.0.3, ...). The admin listener moves too: keep it private.
+    #[arg(long)]
+    listen_address: Option<std::net::IpAddr>,
     /// A second HTTP listener with /healthz, /readyz and /metrics only (kubelet probes and
     /// Prometheus on the pod IP, without /status or /debug); `off` by default.
     #[arg(long, default_value = "off", value_parser = args::listen)]
@@ -372,6 +377,14 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     if a.registry.is_none() && a.source == Source::File {
         anyhow::bail!("--registry FILE is required with --source file (the default)");
     }
+    // --listen-address moves every listener that is on to one address.
+    let listen_address = a.listen_address;
+    let on = |l: Option<std::net::SocketAddr>| {
+        l.map(|addr| match listen_address {
+            Some(ip) => std::net::SocketAddr::new(ip, addr.port()),
+            None => addr,
+        })
+    };
     // The client is built (its kubeconfig read and checked) before anything binds.
     let kubernetes = match a.source {
         Source::Kubernetes => Some(meshfed_kube::source::KubeClient(
@@ -384,25 +397,25 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         registry: a.registry,
         kubernetes,
         namespace_selector: a.namespace_selector,
-        admin: Some(a.admin),
-        probe: a.probe.0,
+        admin: on(Some(a.admin)),
+        probe: on(a.probe.0),
         registry_poll: a.registry_poll,
         policies: a.policies,
         xds: Some(meshfed_xds::XdsConfig {
-            plaintext: a.xds_plaintext.0,
-            mtls: a.xds_mtls.0,
+            plaintext: on(a.xds_plaintext.0),
+            mtls: on(a.xds_mtls.0),
             debounce: a.xds_debounce,
             workload_cert_ttl: a.sds_cert_ttl,
         }),
-        vm_api: a.vm_api.0,
+        vm_api: on(a.vm_api.0),
         vm_grace: a.vm_grace,
-        dns: a.dns.0.map(|listen| meshfed_dns::DnsConfig {
+        dns: on(a.dns.0).map(|listen| meshfed_dns::DnsConfig {
             listen,
             upstream: dns_upstream,
         }),
         vip_range_v4: a.vip_range,
         vip_range_v6: a.vip_range_v6.0,
-        bundle_endpoint: a.bundle_endpoint.0,
+        bundle_endpoint: on(a.bundle_endpoint.0),
         // Loaded (and checked: chain, key, that they match) before anything binds.
         bundle_endpoint_web: match (&a.bundle_endpoint_cert, &a.bundle_endpoint_key) {
             (Some(c), Some(k)) => Some(
