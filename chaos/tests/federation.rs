@@ -165,6 +165,15 @@ fn three_clusters_exchange_exports_and_bundles_then_leave() {
     })
     .unwrap();
     assert_eq!(f.cluster_status("east").unwrap()["lease"], "left");
+    // The federator's table lists members; east is named as gone, without numbers, and its
+    // leaving is not a problem.
+    let (code, text, _) = meshfed(&["status", "--admin", &f.admin]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("left the federation: east"), "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("east ")),
+        "no row for east: {text}"
+    );
     // ... and from west's SDS ROOTCA.
     wait_for(
         Duration::from_secs(15),
@@ -216,17 +225,25 @@ fn silent_cluster_turns_stale_within_the_lease_ttl() {
         stale_after <= Duration::from_secs(3),
         "stale only after {stale_after:?}; TTL + 1 s allowed"
     );
-    // Both status views say so and exit non-zero.
+    // Both status views say so and exit 3 (they are healthy; a peer is not), and the age is
+    // as of now: it grows while nothing new arrives.
     let (code, w) = status(&west.admin).unwrap();
-    assert_eq!(code, 1);
-    assert!(
-        peer(&w, "east").unwrap()["last_heartbeat_age_ms"]
+    assert_eq!(code, 3);
+    let age = |w: &serde_json::Value| {
+        peer(w, "east").unwrap()["last_heartbeat_age_ms"]
             .as_u64()
             .unwrap()
-            >= 2000
-    );
+    };
+    let first = age(&w);
+    assert!(first >= 2000, "{first}");
+    let later = wait_for(Duration::from_secs(10), "the age to grow", || {
+        let w = status(&west.admin)?.1;
+        Ok((age(&w) > first + 200).then_some(age(&w)))
+    })
+    .unwrap();
+    assert!(later > first);
     let (code, fs) = f.status().unwrap();
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     let e = fs["clusters"]
         .as_array()
         .unwrap()
@@ -360,7 +377,7 @@ fn federator_kill9_during_an_export_storm_loses_nothing_acknowledged() {
 #[test]
 fn agent_restarted_while_the_federator_is_down_serves_its_last_imports() {
     let mut f = Federation::start("5s").unwrap();
-    let _east = f
+    let mut east = f
         .add_cluster("east", "net-east", "us-east1/us-east1-b", SHOP)
         .unwrap();
     let mut west = f
@@ -371,9 +388,28 @@ fn agent_restarted_while_the_federator_is_down_serves_its_last_imports() {
     })
     .unwrap();
 
+    let acked = f.cluster_status("east").unwrap()["exports_acked_version"].clone();
+    assert!(acked.as_u64().unwrap() >= 1, "{acked}");
     f.federator.kill9();
     west.agent().unwrap().kill9();
     f.start_agent(&mut west).unwrap();
+    // A restarted agent reports the version the federator acknowledged (stored), not 0, and
+    // that it has not heard from the federator since it started.
+    east.agent().unwrap().kill9();
+    f.start_agent(&mut east).unwrap();
+    let s = east.status().unwrap();
+    assert_eq!(s["exports_acked_version"], acked, "{s}");
+    assert!(s["federator_last_heard_ms"].is_null(), "{s}");
+    // Peers restored from the cache: their heartbeat age is unknown, not a stale figure.
+    assert!(
+        peer(&s, "west").unwrap()["last_heartbeat_age_ms"].is_null(),
+        "{s}"
+    );
+    let (_, text, _) = meshfed(&["status", "--admin", &east.admin]).unwrap();
+    assert!(
+        text.contains("the federator was last heard from never since this agent started"),
+        "{text}"
+    );
     // At once, with no federator: the imports come from west's cache.
     let s = west.status().unwrap();
     assert_eq!(s["connected"], false);

@@ -151,6 +151,15 @@ pub struct Inner {
     /// Whether this replica speaks for the cluster (its Sync stream is the cluster's, it
     /// serves VMs): see [`sync::speaks`]. Always, for the only agent.
     pub speaks: watch::Sender<bool>,
+    /// When the federator last spoke, and when each peer's state arrived.
+    pub heard: Mutex<Heard>,
+}
+
+/// Receive times, to report ages as of now rather than as of the last message.
+#[derive(Debug, Clone, Default)]
+pub struct Heard {
+    pub federator: Option<std::time::Instant>,
+    pub peers: BTreeMap<String, std::time::Instant>,
 }
 
 impl Inner {
@@ -177,6 +186,7 @@ impl Inner {
         let snap = self.model.current();
         let st = self.status().clone();
         let id = self.identity().file.clone();
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut imports: BTreeMap<String, u64> = BTreeMap::new();
         for (src, _) in snap.imports.keys() {
             *imports.entry(src.clone()).or_default() += 1;
@@ -268,7 +278,9 @@ impl Inner {
                 .current()
                 .is_some_and(|c| c.not_after <= time::OffsetDateTime::now_utc()),
             exports: self.exports.borrow().len() as u64,
-            exports_acked_version: st.exports_acked_version,
+            // What the federator acknowledged and this agent stored (also across restarts).
+            exports_acked_version: self.cache.acked_version(),
+            federator_last_heard_ms: heard.federator.map(|t| t.elapsed().as_millis() as u64),
             imports_applied_revision: snap.applied_revision,
             imports,
             conflicts: st.conflicts,
@@ -287,7 +299,13 @@ impl Inner {
                         } else {
                             "fresh".into()
                         },
-                        last_heartbeat_age_ms: p.last_heartbeat_age_ms,
+                        // The federator's measurement plus the time since it arrived: the
+                        // age as of now (unknown for peers restored from the cache).
+                        last_heartbeat_age_ms: heard
+                            .peers
+                            .get(&f.cluster_id)
+                            .filter(|_| p.heartbeat_seen)
+                            .map(|t| p.last_heartbeat_age_ms + t.elapsed().as_millis() as u64),
                         bundle: snap.bundles.contains_key(&f.trust_domain),
                         bundle_sequence: bundle_facts(
                             &f.trust_domain,
@@ -313,8 +331,10 @@ pub struct PeerReport {
     pub trust_domain: String,
     pub connected: bool,
     pub lease: String,
-    /// As measured by the federator when it last told us.
-    pub last_heartbeat_age_ms: u64,
+    /// Milliseconds since the peer's last heartbeat, as of now: the federator's measurement
+    /// plus the time since it arrived. `None` when the federator has seen none since it
+    /// started, or the peer's state was restored from the cache and not heard since.
+    pub last_heartbeat_age_ms: Option<u64>,
     /// Whether we hold the peer's trust bundle.
     pub bundle: bool,
     /// The held bundle's sequence.
@@ -365,6 +385,10 @@ pub struct AgentReport {
     pub xds: Option<XdsReport>,
     pub exports: u64,
     pub exports_acked_version: u64,
+    /// Milliseconds since the federator last sent anything on the Sync stream (`None`:
+    /// nothing since this agent started).
+    #[serde(default)]
+    pub federator_last_heard_ms: Option<u64>,
     pub imports_applied_revision: u64,
     /// Imported services by source cluster.
     pub imports: BTreeMap<String, u64>,
@@ -498,15 +522,6 @@ impl AgentReport {
         for n in self.xds.iter().flat_map(|x| x.nacks.iter()) {
             out.push(format!("xDS NACK: {n}"));
         }
-        for p in &self.peers {
-            if p.lease == "stale" {
-                out.push(format!(
-                    "peer {} is stale (last heartbeat {:.1}s ago)",
-                    p.cluster,
-                    p.last_heartbeat_age_ms as f64 / 1000.0
-                ));
-            }
-        }
         for c in &self.conflicts {
             out.push(format!("conflict: {c}"));
         }
@@ -519,6 +534,26 @@ impl AgentReport {
             }
         }
         out
+    }
+
+    /// Other clusters that are stale, as the federator says (`meshfed status` exits 3 when only
+    /// these are found: this agent is healthy).
+    pub fn peer_problems(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter(|p| p.lease == "stale")
+            .map(|p| match p.last_heartbeat_age_ms {
+                Some(ms) => format!(
+                    "peer {} is stale (last heartbeat {:.1}s ago)",
+                    p.cluster,
+                    ms as f64 / 1000.0
+                ),
+                None => format!(
+                    "peer {} is stale (the federator has seen no heartbeat of it since it started)",
+                    p.cluster
+                ),
+            })
+            .collect()
     }
 }
 
@@ -698,6 +733,7 @@ impl Agent {
             }),
             elected: cfg.leader_election.is_some(),
             speaks: watch::Sender::new(cfg.leader_election.is_none()),
+            heard: Mutex::new(Heard::default()),
         });
         let election = match cfg.leader_election.clone() {
             Some(lease) => {

@@ -217,6 +217,10 @@ impl Exports {
     }
 }
 
+fn heard(inner: &Inner) -> std::sync::MutexGuard<'_, crate::Heard> {
+    inner.heard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Whether the federator is connected, in the status, the metrics and the model.
 fn set_connected(inner: &Inner, fed: &FederationWriter, up: bool) {
     inner.status().connected = up;
@@ -458,6 +462,7 @@ async fn session_inner(
         .await
         .map_err(|_| End::Failed(anyhow::anyhow!("no welcome from the federator within 10 s")))?
         .map_err(status_end)?;
+    heard(inner).federator = Some(Instant::now());
     let welcome = match first.and_then(|m| m.kind) {
         Some(In::Welcome(w)) => w,
         None => return Ok(()),
@@ -512,6 +517,7 @@ async fn session_inner(
         tokio::select! {
             m = inbound.message() => {
                 let Some(msg) = m.map_err(status_end)? else { return Ok(()) };
+                heard(inner).federator = Some(Instant::now());
                 match msg.kind {
                     Some(In::ExportAck(a)) => {
                         let Some((v, snap)) = ex.in_flight.take() else { continue };
@@ -563,6 +569,18 @@ async fn session_inner(
                         }
                     }
                     Some(In::Peers(p)) => {
+                        {
+                            let mut h = heard(inner);
+                            let now = Instant::now();
+                            for r in &p.removed {
+                                h.peers.remove(r);
+                            }
+                            for peer in &p.peers {
+                                if let Some(f) = &peer.facts {
+                                    h.peers.insert(f.cluster_id.clone(), now);
+                                }
+                            }
+                        }
                         inner.cache.set_peers(&p)?;
                         fed.update(|s| {
                             for r in &p.removed {

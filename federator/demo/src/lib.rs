@@ -1423,11 +1423,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         .map(|c| c.lease.clone())
         .unwrap_or_default();
     checks.assert(
-        west_lease == "stale" && !fs.problems().is_empty(),
+        west_lease == "stale" && !fs.peer_problems().is_empty(),
         "status",
         format!(
-            "the federator reports west {west_lease}; `meshfed status --admin {fed_admin}` exits 1 with: {}",
-            fs.problems().join("; ")
+            "the federator reports west {west_lease}; `meshfed status --admin {fed_admin}` exits 3 (a member is stale) with: {}",
+            fs.peer_problems().join("; ")
         ),
     );
 

@@ -248,8 +248,8 @@ impl Hub {
                 } else {
                     proto::LeaseState::Fresh
                 } as i32,
-                last_heartbeat_age_ms: age
-                    .unwrap_or_else(|| self.started.elapsed().as_millis() as u64),
+                last_heartbeat_age_ms: age.unwrap_or(0),
+                heartbeat_seen: age.is_some(),
                 connected,
             });
         }

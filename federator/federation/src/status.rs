@@ -40,8 +40,15 @@ pub struct FederationReport {
 }
 
 impl FederationReport {
-    /// Problems that make `meshfed status` exit non-zero.
+    /// What is wrong with the federator itself (`meshfed status` exits 1). Its member clusters'
+    /// states are [`peer_problems`](Self::peer_problems).
     pub fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Member clusters that are disconnected, stale or in conflict (`meshfed status` exits 3
+    /// when only these are found).
+    pub fn peer_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         for c in &self.clusters {
             if c.lease == "left" {
@@ -51,13 +58,17 @@ impl FederationReport {
                 out.push(format!("cluster {} is not connected", c.cluster));
             }
             if c.lease == "stale" {
-                out.push(format!(
-                    "cluster {} is stale (last heartbeat {} ago)",
-                    c.cluster,
-                    c.last_heartbeat_age_ms
-                        .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
-                        .unwrap_or_else(|| "never seen".into())
-                ));
+                out.push(match c.last_heartbeat_age_ms {
+                    Some(ms) => format!(
+                        "cluster {} is stale (last heartbeat {:.1}s ago)",
+                        c.cluster,
+                        ms as f64 / 1000.0
+                    ),
+                    None => format!(
+                        "cluster {} is stale (no heartbeat since this federator started)",
+                        c.cluster
+                    ),
+                });
             }
             for x in &c.conflicts {
                 out.push(format!("cluster {}: conflict: {x}", c.cluster));

@@ -19,6 +19,9 @@ use clap::{Parser, Subcommand};
 pub const EXIT_BAD_INPUT: u8 = 2;
 /// Exit code for a check that ran and found a problem (e.g. an invalid chain, an unhealthy status).
 pub const EXIT_CHECK_FAILED: u8 = 1;
+/// `meshfed status`: this component is healthy, but another cluster is stale, disconnected
+/// or in conflict.
+pub const EXIT_PEERS_DEGRADED: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(

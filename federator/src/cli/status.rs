@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use super::EXIT_CHECK_FAILED;
+use super::{EXIT_CHECK_FAILED, EXIT_PEERS_DEGRADED};
 use meshfed_agent::AgentReport;
 use meshfed_federation::status::FederationReport;
 
@@ -38,6 +38,7 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
         .and_then(|k| k.as_str())
         .unwrap_or_default()
         .to_string();
+    let mut peer_problems = Vec::new();
     let problems = match kind.as_str() {
         "federator" => {
             let r: FederationReport =
@@ -63,7 +64,7 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                     "LAG",
                     "BUNDLE",
                 );
-                for c in &r.clusters {
+                for c in r.clusters.iter().filter(|c| c.lease != "left") {
                     println!(
                         "{:<12} {:<10} {:<9} {:<7} {:>9} {:>7} {:>7} {:>9} {:>5} {:>6}  {}",
                         c.cluster,
@@ -79,7 +80,17 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                         c.trust_domain
                     );
                 }
+                let left: Vec<&str> = r
+                    .clusters
+                    .iter()
+                    .filter(|c| c.lease == "left")
+                    .map(|c| c.cluster.as_str())
+                    .collect();
+                if !left.is_empty() {
+                    println!("left the federation: {}", left.join(", "));
+                }
             }
+            peer_problems = r.peer_problems();
             r.problems()
         }
         "agent" => {
@@ -106,6 +117,14 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 if let Some(l) = &r.leadership {
                     println!("{}", leadership_line(l));
                 }
+                if !r.connected {
+                    println!(
+                        "the federator was last heard from {}: the peer states below are as it last told them (heartbeat ages still count up)",
+                        r.federator_last_heard_ms
+                            .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+                            .unwrap_or_else(|| "never since this agent started".into())
+                    );
+                }
                 println!(
                     "{:<12} {:<10} {:<9} {:<7} {:>9} {:>8} {:>10} {:>12}",
                     "PEER",
@@ -124,7 +143,7 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                         p.network,
                         if p.connected { "yes" } else { "no" },
                         p.lease,
-                        age(Some(p.last_heartbeat_age_ms)),
+                        age(p.last_heartbeat_age_ms),
                         r.imports.get(&p.cluster).copied().unwrap_or(0),
                         match (p.bundle, p.bundle_sequence) {
                             (false, _) => "none".to_string(),
@@ -163,6 +182,7 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 }
                 println!("mesh DNS: {} names", r.dns_names);
             }
+            peer_problems = r.peer_problems();
             r.problems()
         }
         "gateway" => {
@@ -248,13 +268,24 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
             for p in &problems {
                 println!("problem: {p}");
             }
+            for p in &peer_problems {
+                println!("peer: {p}");
+            }
         }
     }
-    Ok(if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
+    Ok(exit_code(&problems, &peer_problems))
+}
+
+/// 1 when this component is unhealthy; 3 when it is healthy but another cluster is stale,
+/// disconnected or in conflict; 0 otherwise.
+fn exit_code(own: &[String], peers: &[String]) -> ExitCode {
+    if !own.is_empty() {
         ExitCode::from(EXIT_CHECK_FAILED)
-    })
+    } else if !peers.is_empty() {
+        ExitCode::from(EXIT_PEERS_DEGRADED)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// One line on an agent replica's role (leader election).
