@@ -127,6 +127,7 @@ fn snapshot(west_eps: usize) -> Snapshot {
             lease: LeaseState::Fresh as i32,
             connected: true,
             last_heartbeat_age_ms: 1,
+            heartbeat_seen: true,
         },
     );
     s

@@ -1870,7 +1870,7 @@ mod tests {
             trust_domain: format!("{cluster}.mesh"),
             connected: true,
             lease: "fresh".into(),
-            last_heartbeat_age_ms: 0,
+            last_heartbeat_age_ms: Some(0),
             bundle: days.is_some(),
             bundle_sequence: days.map(|_| 3),
             bundle_days_left: days,

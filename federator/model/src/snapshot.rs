@@ -181,6 +181,7 @@ mod tests {
             lease: lease as i32,
             last_heartbeat_age_ms: 5,
             connected: true,
+            heartbeat_seen: true,
         }
     }
 
