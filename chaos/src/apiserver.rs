@@ -145,6 +145,8 @@ struct Store {
     down: bool,
     /// Kinds answered 404 as if their CRD were not installed.
     unserved: std::collections::BTreeSet<String>,
+    /// Kinds answered 403 (the client's RBAC does not grant them).
+    forbidden: std::collections::BTreeSet<String>,
     /// Requests served, as `LIST path`, `WATCH path` or `METHOD path`, for the tests.
     requests: Vec<String>,
 }
@@ -514,6 +516,16 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
         );
     };
     let (prefix, _, kind, _) = KINDS[r.kind];
+    if sh.lock().forbidden.contains(kind) {
+        return answer(
+            StatusCode::FORBIDDEN,
+            status(
+                403,
+                "Forbidden",
+                &format!("{path}: the client may not use {kind} (RBAC)"),
+            ),
+        );
+    }
     if sh.lock().unserved.contains(kind) {
         return answer(
             StatusCode::NOT_FOUND,
@@ -772,6 +784,16 @@ impl ApiServer {
             st.unserved.remove(kind);
         } else {
             st.unserved.insert(kind.to_string());
+        }
+    }
+
+    /// Whether `kind` is forbidden to the client (403, as RBAC without a grant).
+    pub fn set_forbidden(&self, kind: &str, forbidden: bool) {
+        let mut st = self.shared.lock();
+        if forbidden {
+            st.forbidden.insert(kind.to_string());
+        } else {
+            st.forbidden.remove(kind);
         }
     }
 

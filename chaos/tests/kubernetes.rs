@@ -683,6 +683,9 @@ fn workload_entries_are_optional_and_join_the_services_that_select_them() {
     let d = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(&d.path().join("kubeconfig")).unwrap();
     api.set_served("WorkloadEntry", false);
+    // An agent whose RBAC does not grant WorkloadGroups (an upgrade without the new
+    // ClusterRole) still publishes its view, and says why the kind is missing.
+    api.set_forbidden("WorkloadGroup", true);
     api.apply(service()).unwrap();
     api.apply(slice(&["10.1.0.5"])).unwrap();
     api.apply(export("payment")).unwrap();
@@ -701,6 +704,14 @@ fn workload_entries_are_optional_and_join_the_services_that_select_them() {
         let h = src.health.borrow().clone();
         assert!(h["WorkloadEntry"].not_served, "{h:?}");
         assert!(h["WorkloadEntry"].error.is_none(), "{h:?}");
+        let g = &h["WorkloadGroup"];
+        assert!(
+            g.error.as_deref().is_some_and(
+                |e| e.starts_with("forbidden: the agent may not list and watch WorkloadGroup")
+            ),
+            "{h:?}"
+        );
+        api.set_forbidden("WorkloadGroup", false);
         // Istio is installed and a VM joins payment.
         api.set_served("WorkloadEntry", true);
         api.apply(

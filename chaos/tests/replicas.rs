@@ -317,11 +317,20 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
 
     // east-1 drains (SIGTERM): it releases the Lease, and east-0 takes it without waiting
     // for it to expire.
+    let drained = Instant::now();
     east1.agent().unwrap().term().unwrap();
     wait_for(Duration::from_secs(20), "east-0 to lead again", || {
         Ok((holder(&api).as_deref() == Some("east-0")).then_some(()))
     })
     .unwrap();
+    // Released, not expired: an expired Lease could not be taken before the lease duration
+    // (less the one retry period since east-1's last renewal) had passed.
+    let handover = drained.elapsed();
+    eprintln!("handover after SIGTERM: {handover:?}");
+    assert!(
+        handover < Duration::from_millis(LEASE_SECONDS * 1000 - 500),
+        "{handover:?}"
+    );
     let l = api.get("Lease", "meshfed-system", "meshfed-agent").unwrap();
     assert_eq!(l["spec"]["leaseTransitions"], 2, "{l}");
     wait_for(Duration::from_secs(20), "east-0 reports leading", || {

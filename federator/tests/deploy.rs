@@ -468,6 +468,27 @@ fn the_agent_roles_grant_exactly_what_the_code_uses() {
     let role = find("Role");
     assert_eq!(role["metadata"]["namespace"], "meshfed-system");
     assert_eq!(granted(&role), used(meshfed_kube::rbac::NAMESPACED_RULES));
+    // Reading and replacing are limited to the one Lease and the one Secret the agent's
+    // manifest names.
+    let sts = find("StatefulSet");
+    let run: Vec<String> = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let secret = run[run.iter().position(|a| a == "--state-secret").unwrap() + 1].clone();
+    for r in role["rules"].as_array().unwrap() {
+        let verbs = r["verbs"].as_array().unwrap();
+        if verbs.iter().any(|v| v == "get" || v == "update") {
+            let want = if r["resources"][0] == "leases" {
+                "meshfed-agent".to_string()
+            } else {
+                secret.clone()
+            };
+            assert_eq!(r["resourceNames"], serde_json::json!([want]), "{r}");
+        }
+    }
     for binding in ["ClusterRoleBinding", "RoleBinding"] {
         let b = find(binding);
         assert_eq!(

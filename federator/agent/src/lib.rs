@@ -153,6 +153,9 @@ pub struct Inner {
     pub speaks: watch::Sender<bool>,
     /// When the federator last spoke, and when each peer's state arrived.
     pub heard: Mutex<Heard>,
+    /// The election's state when another replica's stream replaced this one's (see
+    /// [`sync::refresh_speaks`]).
+    pub superseded: Mutex<Option<sync::RoleKey>>,
 }
 
 /// Receive times, to report ages as of now rather than as of the last message.
@@ -734,6 +737,7 @@ impl Agent {
             elected: cfg.leader_election.is_some(),
             speaks: watch::Sender::new(cfg.leader_election.is_none()),
             heard: Mutex::new(Heard::default()),
+            superseded: Mutex::new(None),
         });
         let election = match cfg.leader_election.clone() {
             Some(lease) => {
@@ -1000,11 +1004,15 @@ impl Agent {
         // certificate, steps its CA, runs for the Lease and writes to the Kubernetes API.
         if let Some((client, lease)) = election {
             let tx = inner.leadership.clone();
-            let metric = inner.metrics.leader.clone();
             let mut rx = tx.subscribe();
-            tasks.track(async move {
+            let i = inner.clone();
+            // The metric and who speaks for the cluster follow the election (a loop the drain
+            // drops, so it never holds a drain up).
+            tasks.spawn("leadership", async move {
                 while rx.changed().await.is_ok() {
-                    metric.set(i64::from(rx.borrow_and_update().leader));
+                    let leader = rx.borrow_and_update().leader;
+                    i.metrics.leader.set(i64::from(leader));
+                    sync::refresh_speaks(&i);
                 }
             });
             // On drain the leader releases the Lease, so a follower takes over at once.
@@ -1188,6 +1196,11 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
     // The registry file as last loaded; what the VM API and the sweep read (`inner.registry`)
     // is it with the Kubernetes API's WorkloadGroups added.
     let mut file_registry = inner.registry();
+    // The API's WorkloadGroups as last merged, by key: one edited into a bad state keeps its
+    // last good version (as the registry file does), so its VMs are not swept for a typo.
+    let mut api_groups: BTreeMap<String, meshfed_model::workload::WorkloadGroup> = BTreeMap::new();
+    // Whether the groups VMs join through include the API's (the sweep waits for that).
+    let mut groups_merged = cfg.kube.is_none();
     let mut dirty = true;
     loop {
         if dirty {
@@ -1196,10 +1209,28 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
             let kube_ready = cfg.kube.is_none() || kube_view.is_some();
             let mut group_problems = Vec::new();
             if let (Some(file), true) = (&file_registry, kube_ready) {
+                if let Some(v) = &kube_view {
+                    let mut now: BTreeMap<String, meshfed_model::workload::WorkloadGroup> = v
+                        .workload_groups
+                        .iter()
+                        .map(|g| (g.key(), g.clone()))
+                        .collect();
+                    for p in v.problems.iter().filter(|p| p.kind == "WorkloadGroup") {
+                        let key = meshfed_model::validate::service_key(&p.namespace, &p.name);
+                        if let Some(last) = api_groups.get(&key) {
+                            group_problems.push(format!(
+                                "WorkloadGroup {key}: keeping its last good version until it is fixed"
+                            ));
+                            now.insert(key, last.clone());
+                        }
+                    }
+                    api_groups = now;
+                    groups_merged = true;
+                }
                 let merged = match &kube_view {
-                    Some(v) if !v.workload_groups.is_empty() => {
+                    Some(_) if !api_groups.is_empty() => {
                         let mut reg = Registry::clone(file);
-                        for g in &v.workload_groups {
+                        for g in api_groups.values() {
                             if file
                                 .group(&g.metadata.namespace.0, &g.metadata.name.0)
                                 .is_some()
@@ -1312,9 +1343,9 @@ async fn local_source(inner: Arc<Inner>, writer: LocalWriter, mut cfg: LocalSour
                 dirty = true;
             }
             _ = sweep.tick() => {
-                // Before the Kubernetes watches have listed, its WorkloadGroups are unknown:
-                // an entry of one is not "of a group that is gone".
-                if cfg.kube.is_some() && kube_rx.borrow().is_none() {
+                // Before the API's WorkloadGroups are merged, an entry of one is not "of a
+                // group that is gone".
+                if !groups_merged {
                     continue;
                 }
                 let groups = inner.registry().map(|r| {
@@ -1526,7 +1557,8 @@ async fn run_ca(
     // When a follower last read the shared Secret, and whether the leader owes it a write.
     let mut pulled: Option<tokio::time::Instant> = None;
     let mut publish = false;
-    let mut was_leader = false;
+    // This leader took the Secret's CA since it began leading.
+    let mut synced = false;
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Replicas with a leader: only the leader starts rotations and lets a new root sign (it
     // asks the federator, over its cluster identity, who holds the bundle); a follower's step
@@ -1540,21 +1572,35 @@ async fn run_ca(
         let now = time::OffsetDateTime::now_utc();
         let leader = inner.is_leader();
         let policy = if leader { policy } else { follower_policy };
+        if !leader {
+            synced = false;
+        }
         if let Some(sh) = &shared {
-            // A follower takes the leader's CA from the Secret (every 10 s); so does a new
-            // leader before its first step, in case it missed the last change.
+            // A follower takes the leader's CA from the Secret (every 10 s); a new leader takes
+            // it before its first step and does not step until it could (it may have missed
+            // the last change: a rotation it started from a stale CA would fork it).
             let due = pulled.is_none_or(|p| p.elapsed() >= SHARED_CA_PULL);
-            if (!leader && due) || (leader && !was_leader) {
-                match sh.pull(&inner).await {
-                    Ok(0) => {}
+            if (!leader && due) || (leader && !synced) {
+                let r = tokio::time::timeout(SHARED_CA_TIMEOUT, sh.pull(&inner))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("no answer within {SHARED_CA_TIMEOUT:?}"))
+                    });
+                pulled = Some(tokio::time::Instant::now());
+                match r {
                     Ok(n) => {
-                        tracing::info!(files = n, secret = %sh.name, "took the cluster CA's changes from the shared Secret")
+                        synced = leader;
+                        if n > 0 {
+                            tracing::info!(files = n, secret = %sh.name, "took the cluster CA's changes from the shared Secret");
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot read the shared Secret; keeping this replica's CA")
+                        tracing::warn!(error = %format!("{e:#}"), "cannot read the shared Secret; keeping this replica's CA");
+                        if leader {
+                            continue;
+                        }
                     }
                 }
-                pulled = Some(tokio::time::Instant::now());
             }
         }
         let may_activate = match inner.ca.activation_due(now).filter(|_| leader) {
@@ -1593,8 +1639,12 @@ async fn run_ca(
             Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cluster CA step failed"),
             Err(e) => tracing::error!(error = %e, "cluster CA step panicked"),
         }
-        if let (Some(sh), true) = (&shared, publish && leader) {
-            match sh.push(&inner).await {
+        // Leadership is checked again: the federator's answer above may have taken a while.
+        if let (Some(sh), true) = (&shared, publish && leader && inner.is_leader()) {
+            let r = tokio::time::timeout(SHARED_CA_TIMEOUT, sh.push(&inner))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {SHARED_CA_TIMEOUT:?}")));
+            match r {
                 Ok(changed) => {
                     publish = false;
                     if changed {
@@ -1609,13 +1659,14 @@ async fn run_ca(
         if !leader {
             publish = false;
         }
-        was_leader = leader;
     }
 }
 
 /// How often a follower reads the shared Secret for the leader's CA changes (a new root is
 /// published for 20 minutes by default before it signs).
 const SHARED_CA_PULL: Duration = Duration::from_secs(10);
+/// How long one read or write of the shared Secret may take.
+const SHARED_CA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The Secret replicas share the CA through.
 struct SharedCa {
@@ -1645,17 +1696,40 @@ impl SharedCa {
         }
         let ca = state.only(meshfed_kube::state_secret::CA);
         let dir = self.state_dir.clone();
-        tokio::task::spawn_blocking(move || ca.write(&dir)).await?
+        let td = inner.identity().file.trust_domain.clone();
+        let (ns, name) = (self.namespace.clone(), self.name.clone());
+        tokio::task::spawn_blocking(move || {
+            // Checked before it replaces anything: a CA that loads, of this cluster's domain.
+            let tmp = tempfile::tempdir_in(&dir)?;
+            ca.write(tmp.path())?;
+            let got =
+                trust::CertificateAuthority::load(&tmp.path().join(meshfed_kube::state_secret::CA))
+                    .with_context(|| format!("the CA in Secret {ns}/{name}"))?;
+            if got.trust_domain().as_str() != td {
+                anyhow::bail!(
+                    "Secret {ns}/{name} holds a CA of trust domain {}, not {td}",
+                    got.trust_domain()
+                );
+            }
+            // Under the CA directory's lock, as every other writer of it.
+            let _lock = trust::ca::CaDir::new(meshfed_identity::cluster::ca_dir(&dir)).lock()?;
+            ca.write(&dir)
+        })
+        .await?
     }
 
     /// Writes this replica's CA directory into the Secret; whether it changed.
     async fn push(&self, inner: &Inner) -> anyhow::Result<bool> {
         let cluster = inner.identity().file.cluster.clone();
-        let state = meshfed_kube::state_secret::SharedState::read(
-            &self.state_dir,
-            &cluster,
-            &[meshfed_kube::state_secret::CA],
-        )?;
+        let state = {
+            let _lock =
+                trust::ca::CaDir::new(meshfed_identity::cluster::ca_dir(&self.state_dir)).lock()?;
+            meshfed_kube::state_secret::SharedState::read(
+                &self.state_dir,
+                &cluster,
+                &[meshfed_kube::state_secret::CA],
+            )?
+        };
         meshfed_kube::state_secret::update_dir(
             self.client.clone(),
             &self.namespace,

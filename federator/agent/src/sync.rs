@@ -47,7 +47,28 @@ pub fn speaks(l: &meshfed_kube::leader::Leadership, superseded: bool) -> bool {
 }
 
 /// What of the election decides the role (not its error or timestamps).
-type RoleKey = (bool, Option<String>, bool);
+pub type RoleKey = (bool, Option<String>, bool);
+
+/// Recomputes whether this replica speaks for the cluster ([`speaks`]), from the election and
+/// whether another replica's stream replaced this one's. Being replaced holds only for the
+/// election's state it happened in: any change of that state (this replica led again, read
+/// another holder, ...) clears it. Called on every change of either, so the VM API and the
+/// Sync stream follow at once, also while the stream is reconnecting.
+pub fn refresh_speaks(inner: &Inner) {
+    let l = inner.leadership.borrow().clone();
+    let key = role_key(&l);
+    let replaced = {
+        let mut sup = inner.superseded.lock().unwrap_or_else(|p| p.into_inner());
+        if sup.as_ref().is_some_and(|k| *k != key) {
+            *sup = None;
+        }
+        sup.is_some()
+    };
+    let now = speaks(&l, replaced);
+    inner
+        .speaks
+        .send_if_modified(|s| std::mem::replace(s, now) != now);
+}
 
 fn role_key(l: &meshfed_kube::leader::Leadership) -> RoleKey {
     (l.leader, l.holder.clone(), l.held_last)
@@ -75,17 +96,18 @@ fn status_end(s: tonic::Status) -> End {
 /// Runs Sync sessions until the cluster leaves.
 pub async fn run(inner: Arc<Inner>, fed: FederationWriter) {
     let mut backoff = BACKOFF_MIN;
-    // The election's state when another replica's stream replaced this one's: until it
-    // changes, this replica observes.
-    let mut superseded: Option<RoleKey> = None;
+    let mut role = inner.speaks.subscribe();
     loop {
         let started = Instant::now();
-        let end = session(&inner, &fed, superseded.as_ref()).await;
+        let end = session(&inner, &fed).await;
         set_connected(&inner, &fed, false);
         match end {
             End::Superseded if inner.elected && !inner.is_leader() => {
                 tracing::info!("another replica's stream replaced this one's: observing until the Lease says more");
-                superseded = Some(role_key(&inner.leadership.borrow()));
+                // Until the election's state changes, this replica observes.
+                *inner.superseded.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(role_key(&inner.leadership.borrow()));
+                refresh_speaks(&inner);
                 backoff = BACKOFF_MIN;
                 continue;
             }
@@ -131,9 +153,14 @@ pub async fn run(inner: Arc<Inner>, fed: FederationWriter) {
         if started.elapsed() > Duration::from_secs(10) {
             backoff = BACKOFF_MIN;
         }
-        // Full jitter: a fleet that lost the federator at once does not return at once.
+        // Full jitter: a fleet that lost the federator at once does not return at once. A
+        // change of role ends the wait: the new role connects at once.
         let wait = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-        tokio::time::sleep(wait).await;
+        role.borrow_and_update();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = role.changed() => {}
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
@@ -399,8 +426,8 @@ fn install_federation_bundle(
     }
 }
 
-async fn session(inner: &Arc<Inner>, fed: &FederationWriter, superseded: Option<&RoleKey>) -> End {
-    match session_inner(inner, fed, superseded).await {
+async fn session(inner: &Arc<Inner>, fed: &FederationWriter) -> End {
+    match session_inner(inner, fed).await {
         Ok(()) => End::Closed,
         Err(e) => e,
     }
@@ -411,19 +438,9 @@ async fn session(inner: &Arc<Inner>, fed: &FederationWriter, superseded: Option<
 /// acknowledgements of the federation bundle; another replica's is an observer stream
 /// (`Hello.observer`): it receives and stores imports, peers and bundles and acknowledges only
 /// imports. A change of role ends the stream.
-async fn session_inner(
-    inner: &Arc<Inner>,
-    fed: &FederationWriter,
-    superseded: Option<&RoleKey>,
-) -> Result<(), End> {
-    let mut role = inner.leadership.subscribe();
-    let observer = {
-        let l = role.borrow_and_update();
-        !speaks(&l, superseded == Some(&role_key(&l)))
-    };
-    inner
-        .speaks
-        .send_if_modified(|s| std::mem::replace(s, !observer) == observer);
+async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(), End> {
+    let mut role = inner.speaks.subscribe();
+    let observer = !*role.borrow_and_update();
     let (cfg, facts, federators, fed_seq) = {
         let id = inner.identity();
         let cfg = trust::tls::client_config(
@@ -604,11 +621,7 @@ async fn session_inner(
                 }
             }
             r = role.changed() => {
-                if r.is_err() {
-                    return Err(End::RoleChanged);
-                }
-                let l = role.borrow_and_update().clone();
-                if speaks(&l, superseded == Some(&role_key(&l))) == observer {
+                if r.is_err() || *role.borrow_and_update() == observer {
                     return Err(End::RoleChanged);
                 }
             }

@@ -171,13 +171,25 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
-/// One attempt: read, then take or renew. `Ok(true)`: this replica holds the Lease now.
+/// What one attempt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// This replica holds the Lease now.
+    Held,
+    /// Another holder's record is fresh.
+    Other,
+    /// Another write came first (409): like a failed request, a holder keeps leading until
+    /// its renew deadline and tries again.
+    Conflict,
+}
+
+/// One attempt: read, then take or renew.
 async fn try_acquire_or_renew(
     api: &Api<Lease>,
     cfg: &LeaseConfig,
     observed: &mut Option<Observed>,
     state: &mut Leadership,
-) -> Result<bool, kube::Error> {
+) -> Result<Outcome, kube::Error> {
     let started = Instant::now();
     let Some(lease) = api.get_opt(&cfg.name).await? else {
         let Decision::Write(spec) = decide(cfg, None, started, started) else {
@@ -207,9 +219,9 @@ async fn try_acquire_or_renew(
                 state.holder = Some(cfg.identity.clone());
                 state.held_last = true;
                 state.transitions = 0;
-                Ok(true)
+                Ok(Outcome::Held)
             }
-            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) if is_conflict(&e) => Ok(Outcome::Conflict),
             Err(e) => Err(e),
         };
     };
@@ -229,7 +241,7 @@ async fn try_acquire_or_renew(
         .and_then(|s| s.lease_transitions)
         .unwrap_or(0);
     match decide(cfg, lease.spec.as_ref(), at, now) {
-        Decision::Wait(_) => Ok(false),
+        Decision::Wait(_) => Ok(Outcome::Other),
         Decision::Write(spec) => {
             let new = Lease {
                 metadata: lease.metadata.clone(),
@@ -244,9 +256,9 @@ async fn try_acquire_or_renew(
                         record: Some(spec),
                         at: started,
                     });
-                    Ok(true)
+                    Ok(Outcome::Held)
                 }
-                Err(e) if is_conflict(&e) => Ok(false),
+                Err(e) if is_conflict(&e) => Ok(Outcome::Conflict),
                 Err(e) => Err(e),
             }
         }
@@ -297,29 +309,46 @@ pub async fn run(
     loop {
         let attempt = Instant::now();
         let deadline = renewed_at.map(|r| r + cfg.renew_deadline);
+        // One attempt may take up to the renew deadline (a slow API server still elects a
+        // leader); a holder's deadline cuts it short.
         let result = tokio::select! {
-            r = tokio::time::timeout(cfg.retry_period, try_acquire_or_renew(&api, &cfg, &mut observed, &mut state)) => Some(r),
+            r = tokio::time::timeout(cfg.renew_deadline, try_acquire_or_renew(&api, &cfg, &mut observed, &mut state)) => Some(r),
             _ = sleep_until(deadline) => None,
             _ = &mut stop => break,
         };
+        let still_in_term = |renewed_at: Option<Instant>| {
+            renewed_at.is_some_and(|r| r + cfg.renew_deadline > Instant::now())
+        };
         let leader = match result {
-            Some(Ok(Ok(held))) => {
+            Some(Ok(Ok(Outcome::Held))) => {
                 state.error = None;
-                if held {
-                    renewed_at = Some(attempt);
-                }
-                held
+                renewed_at = Some(attempt);
+                true
+            }
+            Some(Ok(Ok(Outcome::Other))) => {
+                state.error = None;
+                false
+            }
+            // A lost race is normal for a candidate; for a holder it is a failed renewal.
+            Some(Ok(Ok(Outcome::Conflict))) => {
+                state.error = renewed_at.map(|_| {
+                    format!(
+                        "Lease {}/{}: another write came first (409)",
+                        cfg.namespace, cfg.name
+                    )
+                });
+                still_in_term(renewed_at)
             }
             Some(Ok(Err(e))) => {
                 state.error = Some(format!("Lease {}/{}: {e}", cfg.namespace, cfg.name));
-                renewed_at.is_some_and(|r| r + cfg.renew_deadline > Instant::now())
+                still_in_term(renewed_at)
             }
             Some(Err(_)) => {
                 state.error = Some(format!(
                     "Lease {}/{}: no answer within {:?}",
-                    cfg.namespace, cfg.name, cfg.retry_period
+                    cfg.namespace, cfg.name, cfg.renew_deadline
                 ));
-                renewed_at.is_some_and(|r| r + cfg.renew_deadline > Instant::now())
+                still_in_term(renewed_at)
             }
             None => false,
         };

@@ -87,6 +87,17 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// Whether a watch error says the client may not use the kind (403: RBAC without a grant).
+fn forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
+        watcher::Error::WatchError(s) => s.code == 403,
+        _ => false,
+    }
+}
+
 /// Whether a watch error says the kind is not served at all (404 on the list).
 fn not_served(e: &watcher::Error) -> bool {
     match e {
@@ -166,14 +177,24 @@ where
                         changed.notify_one();
                     }
                 }
-                Err(err) if optional && not_served(&err) => {
+                // An optional kind the API server does not serve, or that the agent's RBAC does
+                // not grant (an upgrade that did not apply the new ClusterRole): the view goes on
+                // without it; a 403 is reported as the watch's error.
+                Err(err) if optional && (not_served(&err) || forbidden(&err)) => {
+                    let denied = forbidden(&err).then(|| {
+                        format!("forbidden: the agent may not list and watch {kind} (apply the deploy's ClusterRole): {err}")
+                    });
                     health.send_if_modified(|h| {
                         let e = h.entry(kind.to_string()).or_default();
                         let was = e.clone();
                         e.not_served = true;
-                        e.error = None;
-                        e.failing_since = None;
-                        if !was.not_served {
+                        if e.error.is_some() != denied.is_some() {
+                            e.failing_since = denied.as_ref().map(|_| now_rfc3339());
+                        }
+                        e.error = denied.clone();
+                        if let (Some(d), false) = (&denied, was.error.is_some()) {
+                            tracing::warn!(kind, error = %d, "going on without this kind");
+                        } else if !was.not_served && denied.is_none() {
                             tracing::info!(kind, "the API server does not serve this kind (its CRD is not installed); watching for it to appear");
                         }
                         *e != was

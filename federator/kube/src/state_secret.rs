@@ -159,12 +159,13 @@ fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> anyho
 fn safe_join(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     let p = Path::new(rel);
     let ok = !rel.is_empty()
-        && p.components().all(|c| matches!(c, Component::Normal(_)))
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(n) if !n.to_string_lossy().starts_with('.')))
         && [IDENTITY, CA]
             .iter()
             .any(|d| p.starts_with(d) && p != Path::new(d));
     if !ok {
-        bail!("the path {rel:?} is not under identity/ or ca/");
+        bail!("the path {rel:?} is not a file under identity/ or ca/ (nor a hidden one)");
     }
     Ok(root.join(p))
 }
@@ -309,6 +310,7 @@ mod tests {
             "ca",
             "ca/../../x",
             "",
+            "ca/.lock",
         ] {
             let s = SharedState {
                 cluster: "east".into(),

@@ -159,16 +159,32 @@ async fn a_lost_race_is_a_conflict_and_a_holder_releases_on_stop() {
     let (_, send) = next(&mut h).await;
     send.send_response(reply(200, lease("agent-1", "7", 4)));
     until(&mut rx, |l| l.leader).await;
+    // A renewal that loses a race (409) is a failed renewal, not a lost Lease: still the leader
+    // (until the renew deadline), with the reason said; the next renewal clears it.
+    let (_, send) = next(&mut h).await;
+    send.send_response(reply(200, lease("agent-1", "7", 4)));
+    let (r, send) = next(&mut h).await;
+    assert_eq!(r.method(), "PUT");
+    send.send_response(failure(409, "Conflict"));
+    let l = until(&mut rx, |l| l.error.is_some()).await;
+    assert!(l.leader, "{l:?}");
+    assert!(l.error.as_deref().unwrap().contains("409"), "{l:?}");
+    let (_, send) = next(&mut h).await;
+    send.send_response(reply(200, lease("agent-1", "8", 4)));
+    let (_, send) = next(&mut h).await;
+    send.send_response(reply(200, lease("agent-1", "9", 4)));
+    let l = until(&mut rx, |l| l.error.is_none()).await;
+    assert!(l.leader, "{l:?}");
     // Stopping releases it: no holder, so a follower need not wait for it to expire.
     stop_tx.send(()).unwrap();
     let (r, send) = next(&mut h).await;
     assert_eq!(r.method(), "GET");
-    send.send_response(reply(200, lease("agent-1", "7", 4)));
+    send.send_response(reply(200, lease("agent-1", "9", 4)));
     let (r, send) = next(&mut h).await;
     assert_eq!(r.method(), "PUT");
     let put = body(r).await;
     assert!(put["spec"]["holderIdentity"].is_null(), "{put}");
-    send.send_response(reply(200, lease("", "8", 4)));
+    send.send_response(reply(200, lease("", "10", 4)));
     election.await.unwrap();
     assert!(!rx.borrow().leader);
 }

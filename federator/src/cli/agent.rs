@@ -79,10 +79,12 @@ pub struct AgentArgs {
     /// (kubectl's form: `meshfed.io/federate=true`, `env in (prod,staging)`, `!legacy`, ...).
     #[arg(long, value_parser = namespace_selector)]
     namespace_selector: Option<meshfed_kube::selector::NamespaceSelector>,
-    /// `--source kubernetes`: several replicas share this cluster's state and elect a leader
-    /// with a coordination.k8s.io Lease; only the leader writes to the API, speaks for the
-    /// cluster to the federator and steps the CA, every replica serves xDS, DNS and the VM API.
-    #[arg(long)]
+    /// `--source kubernetes`: several replicas share this cluster's state (--state-secret) and
+    /// elect a leader with a coordination.k8s.io Lease; only the leader writes to the API and
+    /// steps the CA, only the replica that speaks for the cluster (the leader, or the last one
+    /// while no other leads) holds its federation stream and serves VMs, and every replica
+    /// serves xDS and DNS.
+    #[arg(long, requires = "state_secret")]
     leader_election: bool,
     /// The Lease's namespace (the pod's, from the downward API's POD_NAMESPACE).
     #[arg(long, env = "POD_NAMESPACE", default_value = "meshfed-system", value_parser = args::label)]
