@@ -50,7 +50,8 @@ fn west_endpoints_of_east(west: &Cluster) -> anyhow::Result<u64> {
 #[test]
 fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over() {
     let api = ApiServer::start().unwrap();
-    let f = Federation::start("5s").unwrap();
+    // Cluster certificates live 8 s here (renewed at 50-80 %): the test outlives several.
+    let f = Federation::start_with("5s", None, &["--cluster-cert-ttl", "8s"]).unwrap();
     let kubeconfig = api.kubeconfig(&f.root.path().join("kubeconfig")).unwrap();
     api.apply(json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "payment", "namespace": "shop"},
@@ -148,6 +149,10 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
     // federator would have refused a second use), and the cluster is not joined again.
     let dir1 = f.root.path().join("east-1");
     let out = join(&dir1);
+    let joined_with = trust::Svid::load(&dir1.join("identity"))
+        .unwrap()
+        .0
+        .not_after;
     assert!(
         out.contains("restored the identity of spiffe://federation.meshfed/cluster/east"),
         "{out}"
@@ -378,4 +383,22 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
         || Ok((leading(&east0)? == Some(true)).then_some(())),
     )
     .unwrap();
+
+    // A replica that starts after the first cluster certificate expired restores a current
+    // one: the leader writes its renewed identity to the Secret.
+    wait_for(
+        Duration::from_secs(30),
+        "the first certificate to have expired",
+        || Ok((joined_with < time::OffsetDateTime::now_utc()).then_some(())),
+    )
+    .unwrap();
+    let dir2 = f.root.path().join("east-2");
+    let out = join(&dir2);
+    assert!(out.contains("restored the identity"), "{out}");
+    let restored = trust::Svid::load(&dir2.join("identity")).unwrap().0;
+    assert!(
+        restored.not_after > time::OffsetDateTime::now_utc(),
+        "restored a certificate that expired at {}",
+        restored.not_after
+    );
 }

@@ -1559,6 +1559,8 @@ async fn run_ca(
     let mut publish = false;
     // This leader took the Secret's CA since it began leading.
     let mut synced = false;
+    // The identity files this replica last wrote to the Secret.
+    let mut pushed_identity = None;
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Replicas with a leader: only the leader starts rotations and lets a new root sign (it
     // asks the federator, over its cluster identity, who holds the bundle); a follower's step
@@ -1659,6 +1661,26 @@ async fn run_ca(
         if !leader {
             publish = false;
         }
+        // The leader keeps the Secret's identity current too: its cluster certificate renews
+        // (and the federation bundle may change), and a replica that starts later restores
+        // what is there.
+        if let (Some(sh), true) = (&shared, leader && synced && inner.is_leader()) {
+            let r = tokio::time::timeout(
+                SHARED_CA_TIMEOUT,
+                sh.push_identity(&inner, &mut pushed_identity),
+            )
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {SHARED_CA_TIMEOUT:?}")));
+            match r {
+                Ok(true) => {
+                    tracing::info!(secret = %sh.name, "wrote the cluster identity's change (a renewed certificate) to the shared Secret")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot write the cluster identity to the shared Secret; trying again")
+                }
+            }
+        }
     }
 }
 
@@ -1716,6 +1738,34 @@ impl SharedCa {
             ca.write(&dir)
         })
         .await?
+    }
+
+    /// Writes this replica's identity directory into the Secret when it differs from what it
+    /// last wrote; whether the Secret changed.
+    async fn push_identity(
+        &self,
+        inner: &Inner,
+        last: &mut Option<BTreeMap<String, String>>,
+    ) -> anyhow::Result<bool> {
+        let cluster = inner.identity().file.cluster.clone();
+        let state = meshfed_kube::state_secret::SharedState::read(
+            &self.state_dir,
+            &cluster,
+            &[meshfed_kube::state_secret::IDENTITY],
+        )?;
+        if last.as_ref() == Some(&state.files) {
+            return Ok(false);
+        }
+        let changed = meshfed_kube::state_secret::update_dir(
+            self.client.clone(),
+            &self.namespace,
+            &self.name,
+            meshfed_kube::state_secret::IDENTITY,
+            &state,
+        )
+        .await?;
+        *last = Some(state.files);
+        Ok(changed)
     }
 
     /// Writes this replica's CA directory into the Secret; whether it changed.

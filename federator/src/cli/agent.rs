@@ -205,13 +205,52 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
     let joined = identity::identity_dir(&a.state_dir)
         .join("identity.json")
         .exists();
+    let now = time::OffsetDateTime::now_utc();
     if !joined {
         if let Some(state) = meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret).await?
         {
-            return restore(&a.state_dir, &a.cluster, &ns, &secret, state);
+            let id = restore(
+                &a.state_dir,
+                &a.cluster,
+                &a.trust_domain,
+                &ns,
+                &secret,
+                state,
+            )?;
+            if id.svid.not_after > now {
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Nobody renewed it in time: join again as the same cluster (its CA kept).
+            eprintln!(
+                "the identity in Secret {ns}/{secret} expired at {}; joining again with the token",
+                args::rfc3339(id.svid.not_after)
+            );
+        }
+    } else if let Some(state) = meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret)
+        .await?
+        .filter(|s| s.cluster == a.cluster)
+    {
+        // Joined, but this replica's certificate expired (it was down): the leader keeps the
+        // Secret's current, so take that one rather than spend a token.
+        let local = identity::ClusterIdentity::load(&a.state_dir)?;
+        if local.svid.not_after <= now {
+            let ids = state.only(meshfed_kube::state_secret::IDENTITY);
+            let tmp = tempfile::tempdir()?;
+            ids.write(tmp.path())?;
+            if let Ok(theirs) = identity::ClusterIdentity::load(tmp.path()) {
+                if theirs.svid.not_after > now && theirs.file.cluster == a.cluster {
+                    ids.write(&a.state_dir)?;
+                    println!(
+                        "took the current identity of {} from Secret {ns}/{secret} (this replica's had expired); the token was not used",
+                        theirs.svid.id
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
         }
     }
     let (state_dir, cluster) = (a.state_dir.clone(), a.cluster.clone());
+    let td = a.trust_domain.clone();
     match join_here(a).await {
         Ok(code) => {
             let state = meshfed_kube::state_secret::SharedState::read(
@@ -248,7 +287,8 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
                 if let Some(state) =
                     meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret).await?
                 {
-                    return restore(&state_dir, &cluster, &ns, &secret, state);
+                    restore(&state_dir, &cluster, &td, &ns, &secret, state)?;
+                    return Ok(ExitCode::SUCCESS);
                 }
             }
             Err(e)
@@ -257,28 +297,47 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Writes the Secret's identity and CA into the state directory (another replica joined).
+/// Writes the Secret's identity and CA into the state directory (another replica joined),
+/// once they load and are of this cluster and trust domain.
 fn restore(
     state_dir: &std::path::Path,
     cluster: &str,
+    trust_domain: &TrustDomain,
     ns: &str,
     secret: &str,
     state: meshfed_kube::state_secret::SharedState,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<ClusterIdentity> {
     if state.cluster != cluster {
         anyhow::bail!(
             "Secret {ns}/{secret} holds the state of cluster {:?}, not {cluster:?}",
             state.cluster
         );
     }
+    // Checked in a scratch directory first: nothing is written unless it is usable.
+    let tmp = tempfile::tempdir()?;
+    state.write(tmp.path())?;
+    let id = identity::ClusterIdentity::load(tmp.path())
+        .with_context(|| format!("the identity in Secret {ns}/{secret}"))?;
+    if id.file.trust_domain != trust_domain.as_str() {
+        anyhow::bail!(
+            "Secret {ns}/{secret} holds cluster {cluster} of trust domain {}, not {trust_domain}",
+            id.file.trust_domain
+        );
+    }
+    let ca = trust::CertificateAuthority::load(&identity::ca_dir(tmp.path()))
+        .with_context(|| format!("the CA in Secret {ns}/{secret}"))?;
+    if ca.trust_domain() != trust_domain {
+        anyhow::bail!(
+            "Secret {ns}/{secret} holds a CA of trust domain {}, not {trust_domain}",
+            ca.trust_domain()
+        );
+    }
     let n = state.write(state_dir)?;
-    let id = identity::ClusterIdentity::load(state_dir)
-        .with_context(|| format!("the state restored from Secret {ns}/{secret}"))?;
     println!(
         "restored the identity of {} and its CA from Secret {ns}/{secret} ({n} files; another replica joined); the token was not used",
         id.svid.id
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(id)
 }
 
 async fn join_here(a: JoinArgs) -> anyhow::Result<ExitCode> {
