@@ -74,6 +74,7 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("api/v1", "secrets", "Secret", true),
+    ("api/v1", "configmaps", "ConfigMap", true),
 ];
 
 fn api_version(prefix: &str) -> String {
@@ -105,6 +106,9 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         }
         "Event" => {
             serde_json::from_value::<k8s_openapi::api::events::v1::Event>(v.clone()).map(|_| ())
+        }
+        "ConfigMap" => {
+            serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(v.clone()).map(|_| ())
         }
         "Secret" => {
             serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(v.clone()).map(|_| ())

@@ -521,6 +521,30 @@ fn in_netns(ns: Option<&str>, args: &[String]) -> Result<(PathBuf, Vec<String>)>
     ))
 }
 
+/// `dig @<the cluster's mesh DNS> NAME QTYPE +short`: the answers, sorted.
+pub fn dig(c: &Cluster, name: &str, qtype: &str) -> Result<Vec<String>> {
+    let (host, port) = c.dns.rsplit_once(':').unwrap();
+    let out = std::process::Command::new("dig")
+        .args([
+            &format!("@{host}"),
+            "-p",
+            port,
+            name,
+            qtype,
+            "+short",
+            "+tries=1",
+            "+time=2",
+        ])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "dig failed: {:?}", out);
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// A federator plus clusters, all in one temporary directory.
 #[derive(Debug)]
 pub struct Federation {

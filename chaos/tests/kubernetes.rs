@@ -519,29 +519,6 @@ async fn source(
 }
 
 /// `dig +short` against a cluster's mesh DNS.
-fn dig(c: &Cluster, name: &str, qtype: &str) -> anyhow::Result<Vec<String>> {
-    let (host, port) = c.dns.rsplit_once(':').unwrap();
-    let out = std::process::Command::new("dig")
-        .args([
-            &format!("@{host}"),
-            "-p",
-            port,
-            name,
-            qtype,
-            "+short",
-            "+tries=1",
-            "+time=2",
-        ])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "dig failed: {:?}", out);
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
 /// A headless Service (a StatefulSet's: `clusterIP: None`, slices with hostnames) exported by
 /// east reaches west, on the same network, as MCS DNS names answered by west's mesh DNS (dig):
 /// every endpoint under the service's name, one under `<hostname>.east.<svc>...`; an endpoint

@@ -401,4 +401,46 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
         "restored a certificate that expired at {}",
         restored.not_after
     );
+
+    // Replicas answer with the same VIPs whatever their history: west withdraws orders-0,
+    // east-0 (the leader) keeps orders-1's address; east-2 starts fresh (a first-fit allocation
+    // of its own would give orders-1 another one) and takes the leader's.
+    west.write_registry(
+        "services:\n  - {namespace: shop, name: orders-1, ports: [{name: http, port: 9090}], export: true, endpoints: [{address: 10.0.0.2}]}\n",
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(20), "east-0 to drop orders-0", || {
+        Ok((east0.status()?["imports"]["west"].as_u64() == Some(1)).then_some(()))
+    })
+    .unwrap();
+    let name = "orders-1.shop.svc.clusterset.local";
+    let at_leader = dig(&east0, name, "A").unwrap();
+    assert_eq!(at_leader.len(), 1, "{at_leader:?}");
+    let mut east2 = Cluster {
+        name: "east-2".into(),
+        dir: dir2,
+        registry: east0.registry.clone(),
+        admin: format!("127.0.0.1:{}", free_port()),
+        xds: format!("127.0.0.1:{}", free_port()),
+        xds_mtls: format!("127.0.0.1:{}", free_port()),
+        vm_api: format!("127.0.0.1:{}", free_port()),
+        dns: format!("127.0.0.1:{}", free_udp_port()),
+        bundle_endpoint: format!("127.0.0.1:{}", free_port()),
+        policy_dir: east0.policy_dir.clone(),
+        agent: None,
+        netns: None,
+        agent_args: replica_args("east-2"),
+    };
+    f.start_agent(&mut east2).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "east-2 to answer with the leader's VIP",
+        || Ok((dig(&east2, name, "A")? == at_leader).then_some(())),
+    )
+    .unwrap();
+    assert_eq!(
+        api.get("ConfigMap", "meshfed-system", "meshfed-agent-vips")
+            .unwrap()["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "meshfed"
+    );
 }

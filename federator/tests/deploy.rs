@@ -480,11 +480,14 @@ fn the_agent_roles_grant_exactly_what_the_code_uses() {
     let secret = run[run.iter().position(|a| a == "--state-secret").unwrap() + 1].clone();
     for r in role["rules"].as_array().unwrap() {
         let verbs = r["verbs"].as_array().unwrap();
-        if verbs.iter().any(|v| v == "get" || v == "update") {
-            let want = if r["resources"][0] == "leases" {
-                "meshfed-agent".to_string()
-            } else {
-                secret.clone()
+        if verbs
+            .iter()
+            .any(|v| v == "get" || v == "update" || v == "patch")
+        {
+            let want = match r["resources"][0].as_str().unwrap() {
+                "leases" => "meshfed-agent".to_string(),
+                "configmaps" => meshfed_kube::shared_vips::name_for("meshfed-agent"),
+                _ => secret.clone(),
             };
             assert_eq!(r["resourceNames"], serde_json::json!([want]), "{r}");
         }

@@ -955,6 +955,9 @@ impl Agent {
             cfg.vip_range_v4,
             cfg.vip_range_v6,
         )?;
+        // A follower replica takes its leader's VIPs (`share_vips`); without one, none pinned.
+        let (vip_pins, pins_rx) = watch::channel(None);
+        let vips_assigned = watch::Sender::new(Arc::new(BTreeMap::new()));
         tasks.spawn(
             "name table",
             meshfed_dns::follow_names(
@@ -962,6 +965,8 @@ impl Agent {
                 inner.exports.subscribe(),
                 inner.names.clone(),
                 vips,
+                pins_rx,
+                vips_assigned.clone(),
             ),
         );
         if let Some(dcfg) = &cfg.dns {
@@ -1002,6 +1007,19 @@ impl Agent {
         };
         // Every listener is bound: from here on the agent speaks to the federator, renews its
         // certificate, steps its CA, runs for the Lease and writes to the Kubernetes API.
+        if let Some((client, lease)) = &election {
+            tasks.spawn(
+                "shared VIPs",
+                share_vips(
+                    inner.clone(),
+                    client.0.clone(),
+                    lease.namespace.clone(),
+                    meshfed_kube::shared_vips::name_for(&lease.name),
+                    vip_pins,
+                    vips_assigned.subscribe(),
+                ),
+            );
+        }
         if let Some((client, lease)) = election {
             let tx = inner.leadership.clone();
             let mut rx = tx.subscribe();
@@ -1680,6 +1698,83 @@ async fn run_ca(
                     tracing::warn!(error = %format!("{e:#}"), "cannot write the cluster identity to the shared Secret; trying again")
                 }
             }
+        }
+    }
+}
+
+/// Replicas answer with the same service VIPs: the leader writes its assignment to a
+/// ConfigMap whenever it changes; a follower reads it every second and its name table uses
+/// exactly those addresses (allocating none). Which VIP a pod gets does not depend on the
+/// replica its DNS query or its proxy's xDS stream reached.
+async fn share_vips(
+    inner: Arc<Inner>,
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    pins: watch::Sender<Option<meshfed_dns::Pinned>>,
+    mut assigned: watch::Receiver<Arc<BTreeMap<String, meshfed_dns::vips::Vip>>>,
+) {
+    let mut role = inner.leadership.subscribe();
+    let mut written: Option<Arc<BTreeMap<String, meshfed_dns::vips::Vip>>> = None;
+    loop {
+        let leader = role.borrow_and_update().leader;
+        if leader {
+            // The leader allocates (from what it adopted as a follower) and publishes.
+            pins.send_if_modified(|p| p.take().is_some());
+            let now = assigned.borrow_and_update().clone();
+            if written.as_ref() != Some(&now) {
+                let r = match serde_json::to_string(&*now) {
+                    Ok(j) => tokio::time::timeout(
+                        SHARED_CA_TIMEOUT,
+                        meshfed_kube::shared_vips::write(client.clone(), &namespace, &name, &j),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer"))),
+                    Err(e) => Err(e.into()),
+                };
+                match r {
+                    Ok(()) => written = Some(now),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot share the service VIPs with the other replicas; trying again")
+                    }
+                }
+            }
+        } else {
+            written = None;
+            let r = tokio::time::timeout(
+                SHARED_CA_TIMEOUT,
+                meshfed_kube::shared_vips::read(client.clone(), &namespace, &name),
+            )
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer")));
+            match r.and_then(|j| {
+                j.map(|j| serde_json::from_str::<BTreeMap<String, meshfed_dns::vips::Vip>>(&j))
+                    .transpose()
+                    .map_err(anyhow::Error::from)
+            }) {
+                Ok(got) => {
+                    let got = Arc::new(got.unwrap_or_default());
+                    pins.send_if_modified(|p| {
+                        if p.as_ref() == Some(&got) {
+                            false
+                        } else {
+                            *p = Some(got);
+                            true
+                        }
+                    });
+                }
+                // Unreadable: the addresses in use stay.
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "cannot read the leader's service VIPs")
+                }
+            }
+        }
+        // A follower reads again in a second; so does a leader whose write failed.
+        let again = !leader || written.as_ref() != Some(&*assigned.borrow());
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)), if again => {}
+            r = assigned.changed(), if leader => if r.is_err() { return },
+            r = role.changed() => if r.is_err() { return },
         }
     }
 }

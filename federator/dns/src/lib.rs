@@ -6,7 +6,7 @@ pub mod server;
 pub mod table;
 pub mod vips;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -101,17 +101,37 @@ pub async fn follow_names(
     mut exports: watch::Receiver<std::sync::Arc<meshfed_model::snapshot::Services>>,
     names: watch::Sender<Arc<NameTable>>,
     mut vips: vips::Vips,
+    mut pinned: watch::Receiver<Option<Pinned>>,
+    assigned: watch::Sender<Arc<BTreeMap<String, vips::Vip>>>,
 ) {
     let mut rx = model.subscribe();
+    // Without replicas nobody pins: the sender may be gone, which changes nothing.
+    let mut pins_open = true;
     loop {
         let snap = rx.borrow_and_update().clone();
         let exported: BTreeSet<String> = exports.borrow_and_update().keys().cloned().collect();
         let live: BTreeSet<String> = snap.services().keys().cloned().collect();
+        // A follower replica answers with its leader's addresses and allocates none.
+        let pins = pinned.borrow_and_update().clone();
+        if let Some(p) = &pins {
+            vips.adopt(p);
+        }
         let t = table::build(&snap, &exported, |k| {
-            let v = vips.get(k, &live);
+            let v = match &pins {
+                Some(_) => vips.assigned(k),
+                None => vips.get(k, &live),
+            };
             (v.v4, v.v6)
         });
         vips.flush();
+        assigned.send_if_modified(|cur| {
+            if **cur == *vips.all() {
+                false
+            } else {
+                *cur = Arc::new(vips.all().clone());
+                true
+            }
+        });
         names.send_if_modified(|cur| {
             if **cur == t {
                 false
@@ -123,9 +143,13 @@ pub async fn follow_names(
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             r = exports.changed() => if r.is_err() { return },
+            r = pinned.changed(), if pins_open => if r.is_err() { pins_open = false },
         }
     }
 }
+
+/// The VIPs a follower replica must use: its leader's assignments, by service key.
+pub type Pinned = Arc<BTreeMap<String, vips::Vip>>;
 
 #[cfg(test)]
 mod tests {

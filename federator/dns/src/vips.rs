@@ -106,6 +106,53 @@ impl Vips {
         vip
     }
 
+    /// Every assignment held, by service key (what a leader shares with its followers).
+    pub fn all(&self) -> &BTreeMap<String, Vip> {
+        &self.by_name
+    }
+
+    /// Makes this store hold exactly `assigned` (a follower takes its leader's addresses, so
+    /// every replica answers a name with the same VIP); stored, so a follower that becomes the
+    /// leader goes on from them. Addresses outside the configured ranges are dropped.
+    pub fn adopt(&mut self, assigned: &BTreeMap<String, Vip>) {
+        if &self.by_name == assigned {
+            return;
+        }
+        for k in self.by_name.keys() {
+            if !assigned.contains_key(k) {
+                let _ = self.tree.remove(k.as_bytes());
+            }
+        }
+        self.by_name.clear();
+        self.used.clear();
+        for (k, v) in assigned {
+            let vip = Vip {
+                v4: v.v4.filter(|a| self.v4.contains(a)),
+                v6: v.v6.filter(|a| self.v6.is_some_and(|n| n.contains(a))),
+            };
+            if let Some(a) = vip.v4 {
+                self.used.insert(a.into());
+            }
+            if let Some(a) = vip.v6 {
+                self.used.insert(a.into());
+            }
+            if let Ok(v) = serde_json::to_vec(&vip) {
+                if let Err(e) = self.tree.insert(k.as_bytes(), v) {
+                    tracing::warn!(error = %e, "cannot store a service VIP");
+                }
+            }
+            self.by_name.insert(k.clone(), vip);
+        }
+    }
+
+    /// The service's VIPs if it has them (a follower never allocates).
+    pub fn assigned(&self, key: &str) -> Vip {
+        self.by_name
+            .get(key)
+            .copied()
+            .unwrap_or(Vip { v4: None, v6: None })
+    }
+
     /// Makes the allocations made so far durable.
     pub fn flush(&self) {
         if let Err(e) = self.tree.flush() {
@@ -204,6 +251,54 @@ mod tests {
         let live: BTreeSet<String> = ["a", "c"].iter().map(|s| s.to_string()).collect();
         assert!(v.get("c", &live).v4.is_some());
         assert!(!v.exhausted_v4);
+    }
+
+    #[test]
+    fn a_follower_adopts_its_leaders_assignments_and_goes_on_from_them() {
+        let d = tempfile::tempdir().unwrap();
+        let db = sled::open(d.path()).unwrap();
+        let v4 = parse_v4("240.240.0.0/24").unwrap();
+        let live: BTreeSet<String> = ["shop/a", "shop/b", "shop/c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        // The leader's history: a, b, c allocated, then a removed and reclaimed elsewhere.
+        let leader: BTreeMap<String, Vip> = [
+            ("shop/b", Ipv4Addr::new(240, 240, 0, 2)),
+            ("shop/c", Ipv4Addr::new(240, 240, 0, 3)),
+        ]
+        .into_iter()
+        .map(|(k, a)| {
+            (
+                k.to_string(),
+                Vip {
+                    v4: Some(a),
+                    v6: None,
+                },
+            )
+        })
+        .collect();
+        let mut f = Vips::open(db.open_tree("f").unwrap(), v4, None).unwrap();
+        // A fresh replica would allocate first-fit: b would be .1.
+        f.adopt(&leader);
+        assert_eq!(f.assigned("shop/b"), leader["shop/b"]);
+        assert_eq!(
+            f.assigned("shop/a").v4,
+            None,
+            "a follower does not allocate"
+        );
+        assert_eq!(f.all(), &leader);
+        // Become the leader (a restart keeps them): a new service gets a free address.
+        drop(f);
+        let mut f = Vips::open(db.open_tree("f").unwrap(), v4, None).unwrap();
+        assert_eq!(f.get("shop/c", &live), leader["shop/c"]);
+        assert_eq!(
+            f.get("shop/a", &live).v4,
+            Some(Ipv4Addr::new(240, 240, 0, 1))
+        );
+        // Adopting a smaller set forgets the rest.
+        f.adopt(&BTreeMap::new());
+        assert!(f.all().is_empty());
     }
 
     #[test]

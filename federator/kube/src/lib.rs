@@ -12,6 +12,7 @@
 //! - [`selector`]: `--namespace-selector`, a label selector in kubectl's string form.
 //! - [`leader`]: leader election among the agent's replicas (a coordination.k8s.io Lease).
 //! - [`state_secret`]: the cluster identity and CA replicas share, in a Secret.
+//! - [`shared_vips`]: the service VIPs a leader shares with its followers (a ConfigMap).
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
 pub mod crds;
@@ -19,6 +20,7 @@ pub mod leader;
 pub mod policies;
 pub mod rbac;
 pub mod selector;
+pub mod shared_vips;
 pub mod sink;
 pub mod source;
 pub mod state_secret;

@@ -61,4 +61,6 @@ pub const NAMESPACED_RULES: &[(&str, &str, &[&str])] = &[
         &["create", "get", "update"],
     ),
     ("", "secrets", &["create", "get", "update"]),
+    // The service VIPs the leader shares (server-side apply, which may create it).
+    ("", "configmaps", &["create", "get", "patch"]),
 ];
