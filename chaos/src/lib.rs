@@ -523,7 +523,10 @@ fn in_netns(ns: Option<&str>, args: &[String]) -> Result<(PathBuf, Vec<String>)>
 
 /// `dig @<the cluster's mesh DNS> NAME QTYPE +short`: the answers, sorted.
 pub fn dig(c: &Cluster, name: &str, qtype: &str) -> Result<Vec<String>> {
-    let (host, port) = c.dns.rsplit_once(':').context("the DNS address has no port")?;
+    let (host, port) = c
+        .dns
+        .rsplit_once(':')
+        .context("the DNS address has no port")?;
     let out = std::process::Command::new("dig")
         .args([
             &format!("@{host}"),

@@ -1068,6 +1068,21 @@ impl Agent {
                     }),
                     _ => None,
                 },
+                // Replicas sign under the active root until they take the new CA from the
+                // Secret (one read, 10 s, later): a retiring root stays for the longest
+                // certificate they issue (workload or serving) past that.
+                match &cfg.state_secret {
+                    Some(_) => {
+                        cfg.xds
+                            .as_ref()
+                            .map(|x| x.workload_cert_ttl)
+                            .unwrap_or(time::Duration::ZERO)
+                            .max(cfg.serving_cert_ttl)
+                            + time::Duration::try_from(SHARED_CA_PULL * 2)
+                                .unwrap_or(time::Duration::ZERO)
+                    }
+                    None => time::Duration::ZERO,
+                },
             ),
         );
         if let Some((client, view, health)) = writer {
@@ -1570,6 +1585,7 @@ async fn run_ca(
     policy: RotationPolicy,
     every: Duration,
     shared: Option<SharedCa>,
+    others_until: time::Duration,
 ) {
     let mut t = tokio::time::interval(every);
     // When a follower last read the shared Secret, and whether the leader owes it a write.
@@ -1646,7 +1662,11 @@ async fn run_ca(
             },
         };
         let ca = inner.ca.clone();
-        match tokio::task::spawn_blocking(move || ca.step(now, &policy, may_activate)).await {
+        match tokio::task::spawn_blocking(move || {
+            ca.step_with(now, &policy, may_activate, others_until)
+        })
+        .await
+        {
             Ok(Ok(s)) => {
                 if s.signer_changed {
                     inner.metrics.ca_rotations.inc();

@@ -209,6 +209,19 @@ impl LiveCa {
         policy: &RotationPolicy,
         may_activate: bool,
     ) -> anyhow::Result<Stepped> {
+        self.step_with(now, policy, may_activate, Duration::ZERO)
+    }
+
+    /// [`step`](Self::step) for a CA others sign with too (agent replicas sharing it): a root
+    /// that stops signing stays published at least `others_until` longer, since their
+    /// certificates under it (they switch only when they take the new CA) may live that long.
+    pub fn step_with(
+        &self,
+        now: OffsetDateTime,
+        policy: &RotationPolicy,
+        may_activate: bool,
+        others_until: Duration,
+    ) -> anyhow::Result<Stepped> {
         let mut ca = self.ca.write().unwrap_or_else(|p| p.into_inner());
         let lock = self.dir.lock()?;
         let mut out = Stepped::default();
@@ -236,7 +249,7 @@ impl LiveCa {
                 tracing::info!(trust_domain = %ca.trust_domain(), sequence = ca.bundle_sequence(), "the active root is older than the rotation period: a new root is published");
             }
         }
-        let change = ca.advance_gated(now, may_activate);
+        let change = ca.advance_gated_with(now, may_activate, others_until);
         if out.began || change.bundle_changed || change.signer_changed {
             self.dir.save(&lock, &ca)?;
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = self.dir.metadata(&lock)?;

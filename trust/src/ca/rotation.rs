@@ -107,10 +107,22 @@ impl CertificateAuthority {
     /// [`advance`](Self::advance), activating a pending root only when `may_activate` also
     /// holds (the agent passes "every importer holds the new bundle").
     pub fn advance_gated(&mut self, now: OffsetDateTime, may_activate: bool) -> RotationChange {
+        self.advance_gated_with(now, may_activate, Duration::ZERO)
+    }
+
+    /// [`advance_gated`](Self::advance_gated), where others signed with this CA's active root
+    /// too and their certificates may live up to `others_until` from now (agent replicas that
+    /// share it): a root that stops signing stays in the bundle at least that long.
+    pub fn advance_gated_with(
+        &mut self,
+        now: OffsetDateTime,
+        may_activate: bool,
+        others_until: Duration,
+    ) -> RotationChange {
         let due = self.generations.iter().position(
             |g| matches!(g.state, GenerationState::Pending { activate_at } if activate_at <= now),
         );
-        self.step(now, due.filter(|_| may_activate))
+        self.step(now, due.filter(|_| may_activate), others_until)
     }
 
     /// Activates the pending root now, before its publish lead has passed (`meshfed ca rotate
@@ -121,7 +133,7 @@ impl CertificateAuthority {
             .iter()
             .position(|g| matches!(g.state, GenerationState::Pending { .. }))
             .ok_or_else(|| TrustError::Ca("no rotation is pending".into()))?;
-        Ok(self.step(now, Some(pending)))
+        Ok(self.step(now, Some(pending), Duration::ZERO))
     }
 
     /// The pending generation's activation time, when a rotation is pending.
@@ -132,12 +144,21 @@ impl CertificateAuthority {
         })
     }
 
-    fn step(&mut self, now: OffsetDateTime, activate: Option<usize>) -> RotationChange {
+    fn step(
+        &mut self,
+        now: OffsetDateTime,
+        activate: Option<usize>,
+        others_until: Duration,
+    ) -> RotationChange {
         let mut change = RotationChange::default();
         if let Some(new) = activate {
             for g in &mut self.generations {
                 if g.state == GenerationState::Active {
-                    let remove_after = g.last_issued_expiry().unwrap_or(now).max(now);
+                    let remove_after = g
+                        .last_issued_expiry()
+                        .unwrap_or(now)
+                        .max(now)
+                        .max(now + others_until);
                     g.state = GenerationState::Retiring { remove_after };
                 }
             }
@@ -221,5 +242,24 @@ mod tests {
         assert_eq!(ca.bundle().sequence, Some(3));
         assert!(!ca.roots().contains(&old_root));
         assert_eq!(ca.roots().len(), 1);
+    }
+
+    /// Others signing with the same active root (agent replicas): the old root stays at least
+    /// `others_until` past the activation, though this CA's own last leaf expires sooner.
+    #[test]
+    fn a_root_others_signed_with_stays_for_their_longest_certificate() {
+        let td = TrustDomain::new("east.mesh").unwrap();
+        let mut ca = CertificateAuthority::create(td, CaOptions::default()).unwrap();
+        let t0 = OffsetDateTime::now_utc();
+        ca.begin_rotation(t0, Duration::minutes(20)).unwrap();
+        let at = t0 + Duration::minutes(20);
+        let c = ca.advance_gated_with(at, true, Duration::hours(24));
+        assert!(c.signer_changed);
+        let GenerationState::Retiring { remove_after } = ca.generations[0].state.clone() else {
+            panic!("{:?}", ca.generations[0].state)
+        };
+        assert_eq!(remove_after, at + Duration::hours(24));
+        assert!(!ca.advance(at + Duration::hours(23)).bundle_changed);
+        assert!(ca.advance(at + Duration::hours(24)).bundle_changed);
     }
 }
