@@ -50,8 +50,8 @@ fn west_endpoints_of_east(west: &Cluster) -> anyhow::Result<u64> {
 #[test]
 fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over() {
     let api = ApiServer::start().unwrap();
-    // Cluster certificates live 8 s here (renewed at 50-80 %): the test outlives several.
-    let f = Federation::start_with("5s", None, &["--cluster-cert-ttl", "8s"]).unwrap();
+    // Cluster certificates live 12 s here (renewed at 50-80 %): the test outlives them.
+    let f = Federation::start_with("5s", None, &["--cluster-cert-ttl", "12s"]).unwrap();
     let kubeconfig = api.kubeconfig(&f.root.path().join("kubeconfig")).unwrap();
     api.apply(json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "payment", "namespace": "shop"},
@@ -412,7 +412,14 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
     wait_for(Duration::from_secs(20), "east-0 to drop orders-0", || {
         Ok((east0.status()?["imports"]["west"].as_u64() == Some(1)).then_some(()))
     })
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\neast-0: {:?}\nwest: {:?}\neast-0's log:\n{}",
+            east0.status().ok(),
+            west.status().ok(),
+            east0.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+        )
+    });
     let name = "orders-1.shop.svc.clusterset.local";
     let at_leader = dig(&east0, name, "A").unwrap();
     assert_eq!(at_leader.len(), 1, "{at_leader:?}");

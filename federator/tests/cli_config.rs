@@ -251,3 +251,104 @@ fn default_binds_are_what_the_ports_table_says() {
         assert_eq!(flag_default(text, flag), want, "{flag}");
     }
 }
+
+/// Issue 19: what a newcomer mistypes is refused at once, naming the flag and the value,
+/// without a stray prefix; nothing starts.
+#[test]
+fn mistyped_paths_hosts_and_labels_are_refused_naming_them() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    let registry = d.path().join("registry.yaml");
+    std::fs::write(&registry, "services: []\n").unwrap();
+    // A registry file that does not exist.
+    let r = run(meshfed().args([
+        "agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--registry",
+        "/nonexistent/registry.yaml",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("--registry /nonexistent/registry.yaml: no such file"),
+        "{}",
+        r.stderr
+    );
+    // A policy directory that does not exist.
+    let r = run(meshfed().args([
+        "agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--registry",
+        registry.to_str().unwrap(),
+        "--policy",
+        "/nonexistent/policies",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("--policy /nonexistent/policies: no such file or directory"),
+        "{}",
+        r.stderr
+    );
+    // A state directory that is a file, for the agent and for join.
+    let afile = d.path().join("afile");
+    std::fs::write(&afile, "x").unwrap();
+    let r = run(meshfed().args([
+        "agent",
+        "--state-dir",
+        afile.to_str().unwrap(),
+        "--registry",
+        registry.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is a file, not a directory"),
+        "{}",
+        r.stderr
+    );
+    let join = |state: &str, cluster: &str, gateway: &str| {
+        run(meshfed().args([
+            "join",
+            "--token",
+            "mft1.x",
+            "--state-dir",
+            state,
+            "--cluster",
+            cluster,
+            "--network",
+            "net",
+            "--trust-domain",
+            "east.mesh",
+            "--locality",
+            "us-east1",
+            "--gateway",
+            gateway,
+        ]))
+    };
+    let r = join(afile.to_str().unwrap(), "east", "gw:15443");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is a file, not a directory"),
+        "{}",
+        r.stderr
+    );
+    // A URL where a host:port goes, and a label with no "value:" prefix in its reason.
+    let r = join(state.to_str().unwrap(), "east", "http://127.0.60.1:15443");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--gateway") && r.stderr.contains("is a URL or a path, not a host"),
+        "{}",
+        r.stderr
+    );
+    let r = join(state.to_str().unwrap(), "C_4", "gw:15443");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("\"C_4\" is not a DNS label"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("value:"), "{}", r.stderr);
+    assert!(!state.exists(), "nothing was created");
+}

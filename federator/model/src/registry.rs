@@ -94,11 +94,12 @@ pub struct Address(pub String);
 impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let ok = s.parse::<std::net::IpAddr>().is_ok()
-            || (!s.is_empty() && s.len() <= 253 && s.split('.').all(validate::is_dns_label));
-        if !ok {
+        if let Some(p) = validate::host_problem(&s) {
+            return Err(de::Error::custom(p));
+        }
+        if s.starts_with('[') {
             return Err(de::Error::custom(format!(
-                "{s:?} is neither an IP address nor a host name"
+                "{s:?}: write an IPv6 address without brackets"
             )));
         }
         Ok(Address(s))
@@ -522,6 +523,13 @@ services:
         let e = err("services:\n  - namespace: shop\n    name: db\n    ports: [{port: 80}]\n    endpoints: [{address: 10.0.0.1, hostname: DB_0}]\n");
         assert!(e.starts_with("reg.yaml:5:"), "{e}");
         assert!(e.contains("\"DB_0\" is not a DNS label"), "{e}");
+        // A mistyped IPv4 address is not taken for a host name.
+        let e = err("services:\n  - namespace: shop\n    name: db\n    ports: [{port: 80}]\n    endpoints: [{address: 10.0.0.300}]\n");
+        assert!(e.starts_with("reg.yaml:5:"), "{e}");
+        assert!(
+            e.contains("\"10.0.0.300\" is not a valid IPv4 address"),
+            "{e}"
+        );
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: 70000}]\n");
         assert!(
             e.starts_with("reg.yaml:4:20: services[0].ports:") && e.contains("70000"),

@@ -58,6 +58,34 @@ pub fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Why `s` is not a host (an IP address, `[v6]`, or a DNS name), if it is not. A name made
+/// only of digits and dots is a mistyped IPv4 address, not a name; a URL is not a host.
+pub fn host_problem(s: &str) -> Option<String> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    if s.contains("://") || s.contains('/') {
+        return Some(format!(
+            "{s:?} is a URL or a path, not a host (give only the host name or IP address)"
+        ));
+    }
+    let labels: Vec<&str> = s.split('.').collect();
+    if labels
+        .iter()
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some(format!("{s:?} is not a valid IPv4 address"));
+    }
+    if s.is_empty() || s.len() > 253 || !labels.iter().all(|l| is_dns_label(l)) {
+        return Some(format!("{s:?} is neither an IP address nor a host name"));
+    }
+    None
+}
+
 pub fn check_label(what: &str, s: &str) -> Result<(), FieldError> {
     if is_dns_label(s) {
         Ok(())
@@ -112,6 +140,9 @@ pub fn check_host_port(what: &str, s: &str) -> Result<(), FieldError> {
     };
     if host.is_empty() {
         return Err(FieldError::new(what, format!("{s:?} has no host")));
+    }
+    if let Some(p) = host_problem(host) {
+        return Err(FieldError::new(what, format!("{s:?}: {p}")));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
@@ -332,6 +363,28 @@ pub fn port_conflict(older: &ServiceExport, newer: &ServiceExport) -> Option<Str
 mod tests {
     use super::*;
     use proto::Port;
+
+    #[test]
+    fn hosts_are_ips_or_names_not_urls_nor_mistyped_addresses() {
+        for ok in [
+            "10.0.0.3",
+            "::1",
+            "[::1]",
+            "gw.east.example.com",
+            "eastwest",
+        ] {
+            assert_eq!(host_problem(ok), None, "{ok}");
+        }
+        assert!(host_problem("10.0.0.300")
+            .unwrap()
+            .contains("not a valid IPv4 address"));
+        assert!(host_problem("http://127.0.60.1").unwrap().contains("URL"));
+        assert!(host_problem("Gw_1").unwrap().contains("neither"));
+        let e = check_host_port("--gateway", "http://127.0.60.1:15443").unwrap_err();
+        assert_eq!(e.field, "--gateway");
+        assert!(e.reason.contains("is a URL or a path, not a host"), "{e}");
+        assert!(check_host_port("--gateway", "[::1]:15443").is_ok());
+    }
 
     fn export(ports: &[(&str, u32, &str)]) -> ServiceExport {
         ServiceExport {

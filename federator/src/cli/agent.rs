@@ -196,7 +196,17 @@ pub struct LeaveArgs {
     state_dir: PathBuf,
 }
 
+/// A state directory that exists must be a directory (a file there is a mistake to name, not
+/// to fail on deep inside with "File exists").
+fn state_dir_is_a_directory(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("--state-dir {}: is a file, not a directory", dir.display());
+    }
+    Ok(())
+}
+
 pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
+    state_dir_is_a_directory(&a.state_dir)?;
     let Some(secret) = a.state_secret.clone() else {
         return join_here(a).await;
     };
@@ -438,6 +448,15 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     if a.registry.is_none() && a.source == Source::File {
         anyhow::bail!("--registry FILE is required with --source file (the default)");
     }
+    // What is named must exist: a typo is refused at once rather than logged while the agent
+    // runs without it (a file that exists but is broken is reported and retried instead).
+    if let Some(r) = a.registry.as_ref().filter(|r| !r.is_file()) {
+        anyhow::bail!("--registry {}: no such file", r.display());
+    }
+    for p in a.policies.iter().filter(|p| !p.exists()) {
+        anyhow::bail!("--policy {}: no such file or directory", p.display());
+    }
+    state_dir_is_a_directory(&a.state_dir)?;
     // --listen-address moves every listener that is on to one address.
     let listen_address = a.listen_address;
     let on = |l: Option<std::net::SocketAddr>| {

@@ -90,7 +90,7 @@ pub fn v6_range(s: &str) -> Result<V6Range, String> {
 }
 
 pub fn label(s: &str) -> Result<String, String> {
-    meshfed_model::validate::check_label("value", s)?;
+    meshfed_model::validate::check_label("value", s).map_err(|e| e.reason)?;
     Ok(s.to_string())
 }
 
@@ -103,7 +103,7 @@ pub fn locality(s: &str) -> Result<proto::Locality, String> {
 }
 
 pub fn host_port(s: &str) -> Result<String, String> {
-    meshfed_model::validate::check_host_port("value", s)?;
+    meshfed_model::validate::check_host_port("value", s).map_err(|e| e.reason)?;
     Ok(s.to_string())
 }
 
