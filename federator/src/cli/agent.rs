@@ -453,7 +453,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(r) = a.registry.as_ref().filter(|r| !r.is_file()) {
         anyhow::bail!("--registry {}: no such file", r.display());
     }
-    for p in a.policies.iter().filter(|p| !p.exists()) {
+    if let Some(p) = a.policies.iter().find(|p| !p.exists()) {
         anyhow::bail!("--policy {}: no such file or directory", p.display());
     }
     state_dir_is_a_directory(&a.state_dir)?;
