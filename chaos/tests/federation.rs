@@ -186,11 +186,16 @@ fn three_clusters_exchange_exports_and_bundles_then_leave() {
         },
     )
     .unwrap();
-    // The departed cluster's agent sees that it left.
+    // The departed cluster's agent sees that it left (told so, not that its stream was
+    // replaced) and serves no imports.
     wait_for(Duration::from_secs(15), "east's agent to notice", || {
         Ok((east.status()?["left"] == true).then_some(()))
     })
     .unwrap();
+    let s = east.status().unwrap();
+    assert_eq!(s["imports"], serde_json::json!({}), "{s}");
+    let log = east.agent.as_ref().map(|a| a.log()).unwrap_or_default();
+    assert!(!log.contains("replaced this one"), "{log}");
 }
 
 #[test]

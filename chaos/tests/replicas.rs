@@ -423,6 +423,12 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
     let name = "orders-1.shop.svc.clusterset.local";
     let at_leader = dig(&east0, name, "A").unwrap();
     assert_eq!(at_leader.len(), 1, "{at_leader:?}");
+    // Queries are not logged at the default level.
+    let log = east0.agent.as_ref().map(|a| a.log()).unwrap_or_default();
+    assert!(
+        !log.contains(name),
+        "a DNS query in the agent's log:\n{log}"
+    );
     let mut east2 = Cluster {
         name: "east-2".into(),
         dir: dir2,

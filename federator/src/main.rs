@@ -16,9 +16,15 @@ fn main() -> ExitCode {
         meshfed::cli::Command::Demo(_) => "warn,meshfed_federation::server=error",
         _ => "info",
     };
+    let mut filter = std::env::var("MESHFED_LOG").unwrap_or_else(|_| default.to_string());
+    // hickory logs every DNS query at INFO: that is DEBUG for an agent or a VM agent (name
+    // hickory in MESHFED_LOG to see them).
+    if !filter.contains("hickory") {
+        filter.push_str(",hickory_server=warn,hickory_proto=warn,hickory_resolver=warn");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESHFED_LOG")
+            tracing_subscriber::EnvFilter::try_new(&filter)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)

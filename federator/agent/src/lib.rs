@@ -270,6 +270,12 @@ impl Inner {
                 })
                 .collect(),
             dns_names: self.names.borrow().name_count() as u64,
+            config_warnings: config_warnings(
+                &snap,
+                &self.exports.borrow(),
+                st.connected,
+                &self.entries.current(),
+            ),
             ca: Some(self.ca.report(time::OffsetDateTime::now_utc())),
             cluster_cert_not_after: self.cluster_cert.current().map(|c| {
                 c.not_after
@@ -325,6 +331,44 @@ impl Inner {
                 .collect(),
         }
     }
+}
+
+/// Accepted configuration that does nothing: an export to a cluster that is not a member
+/// (checked only while the federator is connected, so the member list is current), and a
+/// registered VM whose address no service of the cluster has as an endpoint (its group's
+/// labels match no service `selector`).
+fn config_warnings(
+    snap: &meshfed_model::snapshot::Snapshot,
+    exports: &meshfed_model::snapshot::Services,
+    connected: bool,
+    entries: &BTreeMap<String, meshfed_model::entry::AutoEntry>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if connected {
+        for (k, e) in exports {
+            for c in &e.export_to {
+                if !snap.peers.contains_key(c) && *c != snap.facts.cluster_id {
+                    out.push(format!(
+                        "service {k} is exported to {c}, which is not a member of the federation"
+                    ));
+                }
+            }
+        }
+    }
+    let addresses: std::collections::BTreeSet<&str> = snap
+        .local
+        .values()
+        .flat_map(|s| s.endpoints.iter().map(|e| e.address.as_str()))
+        .collect();
+    for e in entries.values() {
+        if !addresses.contains(e.address.as_str()) {
+            out.push(format!(
+                "VM entry {}/{} ({}) is an endpoint of no service: no service's selector matches the labels of WorkloadGroup {} (docs/vm.md)",
+                e.namespace, e.name, e.address, e.group
+            ));
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -403,6 +447,10 @@ pub struct AgentReport {
     /// WorkloadEntries registered by VMs.
     #[serde(default)]
     pub workload_entries: Vec<EntryReport>,
+    /// What is accepted but probably not meant: an `exportTo` naming no member, a VM no
+    /// service selects (reported as warnings).
+    #[serde(default)]
+    pub config_warnings: Vec<String>,
     /// Names the mesh DNS answers for.
     #[serde(default)]
     pub dns_names: u64,
@@ -459,6 +507,7 @@ impl AgentReport {
             .iter()
             .map(|p| format!("Kubernetes: {p}"))
             .collect();
+        out.extend(self.config_warnings.iter().cloned());
         if let Some(ca) = &self.ca {
             if ca.signer_days_left < EXPIRY_WARNING_DAYS {
                 out.push(format!(
@@ -2098,6 +2147,57 @@ async fn renew_cluster_cert(inner: Arc<Inner>) -> anyhow::Result<trust::Svid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 19: an export to a cluster that is not a member and a VM no service selects are
+    /// warned about by name (the member list only counts while the federator is connected).
+    #[test]
+    fn exports_to_strangers_and_vms_no_service_selects_are_warned_about() {
+        let mut snap = meshfed_model::snapshot::Snapshot::default();
+        snap.facts.cluster_id = "east".into();
+        snap.peers
+            .insert("west".into(), proto::PeerCluster::default());
+        let svc = |addr: &str, to: &[&str]| {
+            Arc::new(proto::ServiceExport {
+                namespace: "shop".into(),
+                name: "payment".into(),
+                export_to: to.iter().map(|s| s.to_string()).collect(),
+                endpoints: vec![proto::Endpoint {
+                    address: addr.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        snap.local
+            .insert("shop/payment".into(), svc("10.0.0.5", &[]));
+        let exports: meshfed_model::snapshot::Services = [(
+            "shop/payment".to_string(),
+            svc("10.0.0.5", &["west", "nosuchcluster"]),
+        )]
+        .into();
+        let entry = |name: &str, addr: &str| meshfed_model::entry::AutoEntry {
+            name: name.into(),
+            namespace: "shop".into(),
+            group: "ledger-vm".into(),
+            address: addr.into(),
+            ..Default::default()
+        };
+        let entries: BTreeMap<String, meshfed_model::entry::AutoEntry> = [
+            ("a".to_string(), entry("payment-vm-10-0-0-5", "10.0.0.5")),
+            ("b".to_string(), entry("ledger-vm-10-0-0-9", "10.0.0.9")),
+        ]
+        .into();
+        let w = config_warnings(&snap, &exports, true, &entries);
+        assert_eq!(
+            w,
+            [
+                "service shop/payment is exported to nosuchcluster, which is not a member of the federation",
+                "VM entry shop/ledger-vm-10-0-0-9 (10.0.0.9) is an endpoint of no service: no service's selector matches the labels of WorkloadGroup ledger-vm (docs/vm.md)",
+            ]
+        );
+        // Not connected: the member list may be stale, so exports are not judged.
+        assert_eq!(config_warnings(&snap, &exports, false, &entries).len(), 1);
+    }
 
     /// A CA signer or a peer's root inside the warning window is warned about, with the days
     /// left; one outside it is not.

@@ -1191,12 +1191,14 @@ impl Service {
                 }
                 r = peers_rx.changed() => {
                     if r.is_err() { return Ok(()); }
-                    if generation.is_some_and(|g| hub.generation(&cluster) != g) {
-                        return Err(proto::reason::superseded("a newer stream of this cluster replaced this one"));
-                    }
+                    // Leaving also bumps the generation: say that it left, not that it was
+                    // replaced, so its agent stops at once.
                     let now = hub.store.cluster(&cluster).ok().flatten();
                     if now.as_ref().is_none_or(|r| r.left) {
                         return Err(proto::reason::left(format!("cluster {cluster} has left the federation")));
+                    }
+                    if generation.is_some_and(|g| hub.generation(&cluster) != g) {
+                        return Err(proto::reason::superseded("a newer stream of this cluster replaced this one"));
                     }
                     // An observer has no generation that a join would bump: it ends when the
                     // cluster's membership is no longer the one it opened under.

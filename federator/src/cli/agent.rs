@@ -217,24 +217,44 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
         .exists();
     let now = time::OffsetDateTime::now_utc();
     if !joined {
-        if let Some(state) = meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret).await?
+        if let Some(mut state) =
+            meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret).await?
         {
-            let id = restore(
-                &a.state_dir,
-                &a.cluster,
-                &a.trust_domain,
-                &ns,
-                &secret,
-                state,
-            )?;
-            if id.svid.not_after > now {
-                return Ok(ExitCode::SUCCESS);
+            // An expired identity in the Secret: a running leader writes its renewed one there
+            // every few seconds (it may have just been unable to reach the API). Joining again
+            // instead would end the membership every running replica speaks with, so wait for
+            // it first, and join again only when nobody refreshes it.
+            let deadline = tokio::time::Instant::now() + IDENTITY_REFRESH_WAIT;
+            loop {
+                let id = restore(
+                    &a.state_dir,
+                    &a.cluster,
+                    &a.trust_domain,
+                    &ns,
+                    &secret,
+                    state,
+                )?;
+                if id.svid.not_after > time::OffsetDateTime::now_utc() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "the identity in Secret {ns}/{secret} expired at {} and no replica renewed it within {IDENTITY_REFRESH_WAIT:?}; joining again with the token (the cluster keeps its CA)",
+                        args::rfc3339(id.svid.not_after)
+                    );
+                    break;
+                }
+                eprintln!(
+                    "the identity in Secret {ns}/{secret} expired at {}; waiting for the leading replica to write its renewed one",
+                    args::rfc3339(id.svid.not_after)
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                state =
+                    match meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret).await? {
+                        Some(s) => s,
+                        None => break,
+                    };
             }
-            // Nobody renewed it in time: join again as the same cluster (its CA kept).
-            eprintln!(
-                "the identity in Secret {ns}/{secret} expired at {}; joining again with the token",
-                args::rfc3339(id.svid.not_after)
-            );
         }
     } else if let Some(state) = meshfed_kube::state_secret::fetch(client.clone(), &ns, &secret)
         .await?
@@ -306,6 +326,10 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
         Err(e) => Err(e),
     }
 }
+
+/// How long a joining replica waits for a running leader to refresh an expired identity in
+/// the shared Secret before it joins again itself.
+const IDENTITY_REFRESH_WAIT: Duration = Duration::from_secs(60);
 
 /// Writes the Secret's identity and CA into the state directory (another replica joined),
 /// once they load and are of this cluster and trust domain.
