@@ -80,6 +80,27 @@ fn peer<'a>(agent_status: &'a serde_json::Value, name: &str) -> Option<&'a serde
 #[test]
 fn three_clusters_exchange_exports_and_bundles_then_leave() {
     let f = Federation::start("3s").unwrap();
+    // Something that does not speak TLS on the federator's port: the refused handshake is
+    // counted, not only logged.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&f.grpc).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = c.read_to_end(&mut buf);
+    }
+    wait_for(
+        Duration::from_secs(10),
+        "the refused handshake counted",
+        || {
+            Ok(metric(
+                &f.admin,
+                "meshfed_tls_handshakes_refused_total{reason=\"refused\"}",
+            )?
+            .filter(|n| *n >= 1.0))
+        },
+    )
+    .unwrap();
     let east = f
         .add_cluster("east", "net-east", "us-east1/us-east1-b", SHOP)
         .unwrap();

@@ -110,7 +110,11 @@ pub async fn start(
                 if **cur == r {
                     false
                 } else {
-                    tracing::info!(services = r.services.len(), "gateway routes updated");
+                    tracing::info!(
+                        services = r.services.values().filter(|e| !e.is_empty()).count(),
+                        without_endpoints = r.services.values().filter(|e| e.is_empty()).count(),
+                        "gateway routes updated"
+                    );
                     *cur = Arc::new(r);
                     true
                 }
@@ -167,12 +171,7 @@ pub async fn start(
                     registry: Arc::new(move || reg.clone()),
                     status: Arc::new(move || {
                         let routes = r.borrow().clone();
-                        Ok(serde_json::json!({
-                            "kind": "gateway",
-                            "services": routes.services.keys().map(|(h, p, s)| if s.is_empty() { format!("{h}:{p}") } else { format!("{h}:{p} ({s})") }).collect::<Vec<_>>(),
-                            "open_connections": g.open_connections(),
-                            "xds_connected": *up.borrow(),
-                        }))
+                        Ok(status_json(&routes, g.open_connections(), *up.borrow()))
                     }),
                     extra: None,
                     probe: o.probe,
@@ -190,4 +189,52 @@ pub async fn start(
         tasks,
         _ads: ads,
     })
+}
+
+/// The gateway's `/status`: the services it routes to (with an endpoint in its network), and
+/// apart those it knows but has no endpoint for here (it refuses their connections).
+fn status_json(routes: &Routes, open_connections: u64, xds_connected: bool) -> serde_json::Value {
+    let name = |(h, p, s): &(String, u16, String)| {
+        if s.is_empty() {
+            format!("{h}:{p}")
+        } else {
+            format!("{h}:{p} ({s})")
+        }
+    };
+    let (with, without): (Vec<_>, Vec<_>) =
+        routes.services.iter().partition(|(_, eps)| !eps.is_empty());
+    serde_json::json!({
+        "kind": "gateway",
+        "services": with.iter().map(|(k, _)| name(k)).collect::<Vec<_>>(),
+        "services_without_endpoints": without.iter().map(|(k, _)| name(k)).collect::<Vec<_>>(),
+        "open_connections": open_connections,
+        "xds_connected": xds_connected,
+    })
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn services_without_an_endpoint_here_are_not_counted_as_routed() {
+        let mut r = Routes::default();
+        r.services.insert(
+            ("reviews.shop.svc.cluster.local".into(), 9080, String::new()),
+            vec!["10.0.0.1:9080".parse().unwrap()],
+        );
+        r.services.insert(
+            ("stock.shop.svc.cluster.local".into(), 8080, String::new()),
+            Vec::new(),
+        );
+        let v = status_json(&r, 0, true);
+        assert_eq!(
+            v["services"],
+            serde_json::json!(["reviews.shop.svc.cluster.local:9080"])
+        );
+        assert_eq!(
+            v["services_without_endpoints"],
+            serde_json::json!(["stock.shop.svc.cluster.local:8080"])
+        );
+    }
 }

@@ -27,6 +27,7 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        meshfed_net::metrics::register_tls_refused(&registry);
         let m = AgentMetrics {
             connected: must(IntGauge::new(
                 "meshfed_agent_federator_connected",

@@ -20,6 +20,7 @@ pub struct FederationMetrics {
 impl FederationMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        meshfed_net::metrics::register_tls_refused(&registry);
         let m = FederationMetrics {
             messages: must(IntCounterVec::new(
                 Opts::new(

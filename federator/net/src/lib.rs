@@ -136,8 +136,14 @@ pub fn tls_incoming_with(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(TlsConn(tls))).await;
                     }
-                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics::TLS_REFUSED.with_label_values(&["refused"]).inc();
+                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        metrics::TLS_REFUSED.with_label_values(&["timeout"]).inc();
+                        tracing::warn!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }

@@ -17,3 +17,25 @@ pub fn render(registry: &Registry) -> String {
     let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
     String::from_utf8(buf).unwrap_or_default()
 }
+
+/// TLS handshakes the process refused or that timed out, by `reason` (`refused`, `timeout`):
+/// one counter for every mTLS listener of the process (federator, agent xDS and VM API).
+/// Each component registers it in its own registry ([`register_tls_refused`]).
+pub static TLS_REFUSED: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(
+    || {
+        must(prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "meshfed_tls_handshakes_refused_total",
+                "TLS handshakes refused (bad or missing client certificate, wrong trust domain, not TLS) or timed out",
+            ),
+            &["reason"],
+        ))
+    },
+);
+
+/// Adds [`TLS_REFUSED`] to a component's registry.
+pub fn register_tls_refused(registry: &Registry) {
+    if let Err(e) = registry.register(Box::new(TLS_REFUSED.clone())) {
+        tracing::warn!(error = %e, "cannot register the TLS handshake counter");
+    }
+}

@@ -89,14 +89,11 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
     let g = crate::gateway::start(
         crate::gateway::GatewayOptions {
             listen: a.listen,
-            xds: a.xds,
+            xds: a.xds.clone(),
             admin: a.admin.0,
             probe: a.probe.0,
             expose,
-            node_id: format!(
-                "router~{}~eastwest-gateway~meshfed-system.svc.cluster.local",
-                hostname()
-            ),
+            node_id: node_id(&a.xds, a.listen),
             network: a.network,
             config: GatewayConfig {
                 hello_timeout: a.hello_timeout,
@@ -130,8 +127,50 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
     Ok(super::serve_until_signal(&tasks, deadline, g.drain(deadline)).await)
 }
 
+/// Istio's form for a gateway: `router~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`,
+/// with the pod's IP (`INSTANCE_IP` or `POD_IP`, as Istio's injector sets them), else the
+/// listen address, else the address this host reaches the agent's xDS from.
+fn node_id(xds: &str, listen: SocketAddr) -> String {
+    let ip = ["INSTANCE_IP", "POD_IP"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<std::net::IpAddr>().ok())
+        .or_else(|| Some(listen.ip()).filter(|ip| !ip.is_unspecified()))
+        .or_else(|| {
+            // A UDP "connection" sends nothing: it only picks the outgoing address.
+            let to = std::net::ToSocketAddrs::to_socket_addrs(xds).ok()?.next()?;
+            let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let s = std::net::UdpSocket::bind(bind).ok()?;
+            s.connect(to).ok()?;
+            Some(s.local_addr().ok()?.ip())
+        })
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "0.0.0.0".into());
+    let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "meshfed-system".into());
+    format!("router~{ip}~{}.{ns}~{ns}.svc.cluster.local", hostname())
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "gateway".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_id_has_istios_router_form_with_an_address() {
+        let id = node_id("127.0.0.1:15010", "10.1.2.3:15443".parse().unwrap());
+        if std::env::var("INSTANCE_IP").is_err() && std::env::var("POD_IP").is_err() {
+            assert!(id.starts_with("router~10.1.2.3~"), "{id}");
+            // Listening on every address: the one this host reaches the agent from.
+            let id = node_id("127.0.0.1:15010", "0.0.0.0:15443".parse().unwrap());
+            assert!(id.starts_with("router~127.0.0.1~"), "{id}");
+        }
+        let parts: Vec<&str> = id.split('~').collect();
+        assert_eq!(parts.len(), 4, "{id}");
+        assert!(parts[2].ends_with(".meshfed-system") || std::env::var("POD_NAMESPACE").is_ok());
+        assert!(parts[3].ends_with(".svc.cluster.local"), "{id}");
+    }
 }
