@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: what failed and why, with the context chain joined by ": ".
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", meshfed::cli::one_line(&e));
             ExitCode::from(meshfed::cli::EXIT_BAD_INPUT)
         }
     }

@@ -81,6 +81,21 @@ fn init_issue_show_verify() {
         r.stdout
     );
 
+    // A bundle with no keys says so (issue 19), not that its roots carry no SPIFFE ID.
+    let empty = d.path().join("empty.json");
+    std::fs::write(&empty, r#"{"keys": []}"#).unwrap();
+    let r = run(meshfed()
+        .args(["bundle", "verify", "--bundle"])
+        .arg(&empty)
+        .arg("--cert")
+        .arg(out.join("cert-chain.pem")));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("the bundle holds no X.509 root"),
+        "{}",
+        r.stderr
+    );
+
     // A chain of another trust domain is invalid (exit 1) with the reason.
     let west = d.path().join("west");
     ca_init(&west, "west.mesh");

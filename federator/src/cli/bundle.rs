@@ -159,6 +159,9 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         // Parse once under a placeholder name to learn the roots, then under the real name.
         let placeholder = TrustDomain::new("unknown")?;
         let probe = TrustBundle::from_json(placeholder, &text, &what)?;
+        if probe.x509_authorities.is_empty() {
+            bail!("{what}: the bundle holds no X.509 root (its \"keys\" list has no x509-svid key); nothing could be verified against it");
+        }
         let td = match a.trust_domain.clone().or_else(|| trust_domain_of_roots(&probe)) {
             Some(td) => td,
             None => bail!("{what}: its roots carry no SPIFFE ID; say which trust domain it belongs to with --trust-domain"),

@@ -23,6 +23,41 @@ pub const EXIT_CHECK_FAILED: u8 = 1;
 /// or in conflict.
 pub const EXIT_PEERS_DEGRADED: u8 = 3;
 
+/// An error and its causes on one line, joined by ": ", each said once: a cause whose text the
+/// line already holds (an error that prints its source, then the source itself) is left out.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for part in e.chain().map(|c| c.to_string()) {
+        if part.is_empty() || out.contains(&part) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&part);
+    }
+    out
+}
+
+#[cfg(test)]
+mod one_line_tests {
+    #[test]
+    fn a_reason_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(1);
+        let inner = anyhow::Error::new(io).context(format!(
+            "cannot create /x: {}",
+            std::io::Error::from_raw_os_error(1)
+        ));
+        let e = inner.context("vm bootstrap");
+        let line = super::one_line(&e);
+        assert_eq!(line.matches("Operation not permitted").count(), 1, "{line}");
+        assert!(
+            line.starts_with("vm bootstrap: cannot create /x: "),
+            "{line}"
+        );
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "meshfed",

@@ -398,21 +398,58 @@ fn txn_err(e: TransactionError<StoreError>) -> StoreError {
 /// process is reported as such.
 pub fn open_sled(config: sled::Config, dir: &Path) -> Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut said = false;
     loop {
         match config.open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                let holder = lock_holder(dir)
+                    .map(|h| format!("process {h}"))
+                    .unwrap_or_else(|| "another process".into());
                 if std::time::Instant::now() >= deadline {
                     return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(format!(
-                        "{} is in use by another process (is another meshfed running with this state directory?)",
+                        "{} is in use by {holder} (is another meshfed running with this state directory?)",
                         dir.display()
                     )))));
+                }
+                if !std::mem::replace(&mut said, true) {
+                    tracing::warn!(dir = %dir.display(), %holder, "the store is locked; waiting up to 5 s for it");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Who holds the lock on the sled database in `dir`, from Linux's `/proc/locks` (the lock is on
+/// its `db` file): `<pid> (<command line>)`, when it can be told.
+pub fn lock_holder(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(dir.join("db")).ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid = locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 12345 08:01:123456 0 EOF" (a "->" marks a waiter).
+        let f: Vec<&str> = f.into_iter().filter(|x| *x != "->").collect();
+        let node = f.get(5)?;
+        (node.rsplit(':').next()?.parse::<u64>().ok()? == ino)
+            .then(|| f.get(4).map(|p| p.to_string()))?
+    })?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .split('\0')
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    Some(if cmd.is_empty() {
+        pid
+    } else {
+        format!("{pid} ({cmd})")
+    })
 }
 
 /// Rewrites every export record of a schema 1 store in the schema 2 encoding and records
@@ -1344,5 +1381,18 @@ mod tests {
         assert_eq!(c1.bundle_sequence, 3);
         assert_eq!(s.exports_of("c1").unwrap().len(), 1);
         assert_eq!(s.head(), c1.revision);
+    }
+
+    /// Who holds the store's lock is named (issue 19: a second federator waited silently).
+    #[test]
+    fn the_lock_holder_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let db = open_sled(sled::Config::new().path(d.path()), d.path()).unwrap();
+        let holder = lock_holder(d.path()).expect("the lock is in /proc/locks");
+        assert!(
+            holder.starts_with(&std::process::id().to_string()),
+            "{holder}"
+        );
+        drop(db);
     }
 }
