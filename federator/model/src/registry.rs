@@ -281,12 +281,15 @@ impl Registry {
     /// Parses registry YAML; errors carry `what:line:column`.
     pub fn parse(text: &str, what: &str) -> Result<Registry, String> {
         let reg: Registry = crate::policy::spec::parse_yaml(text, what)?;
+        // Where an item's name is, for errors found after parsing (`what:line:column`).
+        let at = |list: &str, i: usize| shadow::name_location(text, list, i, what);
         let mut seen = std::collections::HashSet::new();
         for (i, s) in reg.services.iter().enumerate() {
             let key = validate::service_key(&s.namespace.0, &s.name.0);
             if !seen.insert(key.clone()) {
                 return Err(format!(
-                    "{what}: services[{i}]: service {key} is listed twice"
+                    "{}: services[{i}]: service {key} is listed twice",
+                    at("services", i)
                 ));
             }
             let e = s.to_export(&Locality::default());
@@ -299,7 +302,8 @@ impl Registry {
                 .map_err(|m| format!("{what}: workloadGroups[{i}]: {m}"))?;
             if !seen.insert(g.key()) {
                 return Err(format!(
-                    "{what}: workloadGroups[{i}]: WorkloadGroup {} is listed twice",
+                    "{}: workloadGroups[{i}]: WorkloadGroup {} is listed twice",
+                    at("workloadGroups", i),
                     g.key()
                 ));
             }
@@ -311,7 +315,8 @@ impl Registry {
             let key = validate::service_key(&e.metadata.namespace.0, &e.metadata.name.0);
             if !seen.insert(key.clone()) {
                 return Err(format!(
-                    "{what}: workloadEntries[{i}]: WorkloadEntry {key} is listed twice"
+                    "{}: workloadEntries[{i}]: WorkloadEntry {key} is listed twice",
+                    at("workloadEntries", i)
                 ));
             }
         }
@@ -451,6 +456,55 @@ pub fn load_file(path: &Path) -> Result<Registry, String> {
     .load()
 }
 
+/// A second, lenient reading of a registry that only keeps where names are, to locate errors
+/// found after parsing (a duplicate is valid YAML; its position is the user's only clue).
+mod shadow {
+    use serde::Deserialize;
+    use serde_saphyr::Spanned;
+
+    #[derive(Deserialize, Default)]
+    struct Named {
+        #[serde(default)]
+        name: Option<Spanned<String>>,
+        #[serde(default)]
+        metadata: Option<Box<Named>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    struct Lists {
+        #[serde(default)]
+        services: Vec<Named>,
+        #[serde(default)]
+        workload_groups: Vec<Named>,
+        #[serde(default)]
+        workload_entries: Vec<Named>,
+    }
+
+    /// `what:line:column` of item `i`'s name in `list`, or `what` when it cannot be told.
+    pub(super) fn name_location(text: &str, list: &str, i: usize, what: &str) -> String {
+        let Ok(l) = serde_saphyr::from_str::<Lists>(text) else {
+            return what.to_string();
+        };
+        let items = match list {
+            "services" => &l.services,
+            "workloadGroups" => &l.workload_groups,
+            _ => &l.workload_entries,
+        };
+        let Some(item) = items.get(i) else {
+            return what.to_string();
+        };
+        let name = item
+            .name
+            .as_ref()
+            .or_else(|| item.metadata.as_ref().and_then(|m| m.name.as_ref()));
+        match name {
+            Some(n) => format!("{what}:{}:{}", n.referenced.line(), n.referenced.column()),
+            None => what.to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,5 +613,22 @@ services:
         assert!(e.starts_with("reg.yaml:1:11:"), "{e}");
         let e = err("services:\n  - {namespace: a, name: b, ports: [{port: 1}]}\n  - {namespace: a, name: b, ports: [{port: 2}]}\n");
         assert!(e.contains("a/b is listed twice"), "{e}");
+        // Located at the second one's name (issue 19).
+        assert!(e.starts_with("reg.yaml:3:"), "{e}");
+        let e = err("workloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {name: g, namespace: a}\n    spec: {}\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {name: g, namespace: a}\n    spec: {}\n");
+        assert!(e.starts_with("reg.yaml:8:"), "{e}");
+        assert!(e.contains("WorkloadGroup a/g is listed twice"), "{e}");
+        // A negative number and a duplicate key, in words (issue 19).
+        let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: -1}]\n");
+        assert!(e.starts_with("reg.yaml:4:20:"), "{e}");
+        assert!(e.ends_with("expected a whole number of 0 or more"), "{e}");
+        let e = err(
+            "services:\n  - namespace: shop\n    name: q\n    name: r\n    ports: [{port: 80}]\n",
+        );
+        assert!(e.starts_with("reg.yaml:4:5:"), "{e}");
+        assert!(
+            e.ends_with("the key \"name\" appears twice in this mapping"),
+            "{e}"
+        );
     }
 }

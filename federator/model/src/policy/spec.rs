@@ -238,6 +238,8 @@ fn saphyr_error(what: &str, doc: &str, e: &serde_saphyr::Error) -> String {
         Some((pos, rest)) if pos.contains(" column ") => rest,
         _ => msg,
     };
+    let msg = plain_message(msg);
+    let msg = msg.as_str();
     match e.location() {
         Some(l) if l.line() > 0 => {
             let path = path_at(doc, l.line() as usize);
@@ -250,6 +252,24 @@ fn saphyr_error(what: &str, doc: &str, e: &serde_saphyr::Error) -> String {
         }
         _ => format!("{what}: {msg}"),
     }
+}
+
+/// The parser's wording in a user's terms: a number type is "a whole number", a duplicate key
+/// is said without the parser's option names.
+fn plain_message(msg: &str) -> String {
+    if let Some(t) = msg.strip_prefix("invalid ") {
+        if ["u8", "u16", "u32", "u64"].contains(&t) {
+            return "expected a whole number of 0 or more".into();
+        }
+        if ["i8", "i16", "i32", "i64"].contains(&t) {
+            return "expected a whole number".into();
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(',').next().unwrap_or(rest).trim();
+        return format!("the key {key:?} appears twice in this mapping");
+    }
+    msg.to_string()
 }
 
 /// The block-style key path of `line` (1-based) in `doc`: `spec.failover[0].to`. Flow-style
