@@ -352,3 +352,29 @@ fn mistyped_paths_hosts_and_labels_are_refused_naming_them() {
     assert!(!r.stderr.contains("value:"), "{}", r.stderr);
     assert!(!state.exists(), "nothing was created");
 }
+
+/// Issue 19: `policy check --endpoints` errors are located (file:line:column), as the parser's.
+#[test]
+fn policy_check_endpoint_errors_are_located() {
+    let d = tempfile::tempdir().unwrap();
+    let eps = d.path().join("eps.yaml");
+    std::fs::write(
+        &eps,
+        "endpoints:\n  - {address: \"10.1.0.5:8080\", locality: us-east1/us-east1-b}\n  - {address: \"10.1.0.6\", locality: us-east1/us-east1-c}\n",
+    )
+    .unwrap();
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/examples/payment-failover.yaml");
+    let r = run(meshfed()
+        .args(["policy", "check", "-f"])
+        .arg(&policy)
+        .arg("--endpoints")
+        .arg(&eps)
+        .args(["--proxy-locality", "us-east1/us-east1-b"]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let want = format!(
+        "{}:3:15: endpoints[1].address: \"10.1.0.6\" is not ip:port",
+        eps.display()
+    );
+    assert!(r.stderr.contains(&want), "{}\nwanted {want}", r.stderr);
+}

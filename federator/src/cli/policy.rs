@@ -74,6 +74,13 @@ struct EndpointsFile {
 fn one() -> u32 {
     1
 }
+fn no_locality() -> serde_saphyr::Spanned<String> {
+    serde_saphyr::Spanned::new(
+        String::new(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
 fn yes() -> bool {
     true
 }
@@ -81,9 +88,9 @@ fn yes() -> bool {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EndpointSpec {
-    address: String,
-    #[serde(default)]
-    locality: String,
+    address: serde_saphyr::Spanned<String>,
+    #[serde(default = "no_locality")]
+    locality: serde_saphyr::Spanned<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default = "one")]
@@ -164,21 +171,30 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     };
     let mut eps = Vec::new();
     for (i, e) in file.endpoints.into_iter().enumerate() {
-        let at = format!("{what}: endpoints[{i}]");
-        match e.address.parse::<std::net::SocketAddr>() {
+        // `file:line:column: endpoints[i].field: reason`, as the parser's own errors.
+        let at = |field: &str, l: &serde_saphyr::Location| {
+            format!("{what}:{}:{}: endpoints[{i}].{field}", l.line(), l.column())
+        };
+        match e.address.value.parse::<std::net::SocketAddr>() {
             Ok(_) => {}
-            Err(_) => return bad(format!("{at}.address: {:?} is not ip:port", e.address)),
+            Err(_) => {
+                return bad(format!(
+                    "{}: {:?} is not ip:port",
+                    at("address", &e.address.referenced),
+                    e.address.value
+                ))
+            }
         }
-        let locality = if e.locality.is_empty() {
+        let locality = if e.locality.value.is_empty() {
             Loc::default()
         } else {
-            match Loc::parse(&e.locality) {
+            match Loc::parse(&e.locality.value) {
                 Ok(l) => l,
-                Err(m) => return bad(format!("{at}.locality: {m}")),
+                Err(m) => return bad(format!("{}: {m}", at("locality", &e.locality.referenced))),
             }
         };
         eps.push(EndpointIn {
-            address: e.address,
+            address: e.address.value,
             locality,
             labels: e.labels,
             weight: e.weight.max(1),
