@@ -66,6 +66,11 @@ pub struct BootstrapArgs {
 
 #[derive(Debug, Args)]
 pub struct VmAgentArgs {
+    /// The VM's configuration, as `meshfed vm bootstrap` wrote it. Fields (camelCase; docs/vm.md
+    /// has the table with defaults): cluster, trustDomain, network, namespace, group,
+    /// serviceAccount, controlPlane (required); xds, controlPlaneSni, xdsSni, rootCert,
+    /// tokenFile, stateDir, certDir, address, vmNetwork, locality, labels, xdsListen,
+    /// dnsListen, dnsUpstream, admin, drainTimeout.
     #[arg(long, default_value = "/etc/meshfed/vm.yaml")]
     config: PathBuf,
 }
