@@ -548,6 +548,38 @@ pub fn dig(c: &Cluster, name: &str, qtype: &str) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// `meshfed join` for `cluster` (trust domain `<cluster>.mesh`, as the harness names them)
+/// into `dir`, followed by `extra` flags.
+pub fn join_args(
+    token: &str,
+    dir: &Path,
+    cluster: &str,
+    network: &str,
+    locality: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let td = format!("{cluster}.mesh");
+    [
+        "join",
+        "--token",
+        token,
+        "--state-dir",
+        dir.to_str().unwrap_or_default(),
+        "--cluster",
+        cluster,
+        "--network",
+        network,
+        "--trust-domain",
+        &td,
+        "--locality",
+        locality,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A federator plus clusters, all in one temporary directory.
 #[derive(Debug)]
 pub struct Federation {
@@ -804,13 +836,15 @@ impl Federation {
         let agent = c.agent.as_mut();
         let agent = agent.context("agent just started")?;
         let r = wait_for(Duration::from_secs(20), "the agent to serve", || {
-            if status(&admin).is_ok() {
-                return Ok(Some(true));
-            }
+            let e = match status(&admin) {
+                Ok(_) => return Ok(Some(true)),
+                Err(e) => e,
+            };
             if agent.exited() && agent.log().contains("cannot listen on") {
                 return Ok(Some(false));
             }
-            Ok(None)
+            // Kept as the last error, which a timeout reports.
+            Err(e)
         });
         r.with_context(|| format!("the agent's log:\n{}", agent.log()))
     }

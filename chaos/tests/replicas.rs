@@ -41,6 +41,31 @@ fn leading(c: &Cluster) -> anyhow::Result<Option<bool>> {
     Ok(c.status()?["leadership"]["leader"].as_bool())
 }
 
+/// Another replica of `like`'s cluster: its own state directory and ports, the same registry
+/// and policies.
+fn replica(
+    like: &Cluster,
+    name: &str,
+    dir: std::path::PathBuf,
+    agent_args: Vec<String>,
+) -> Cluster {
+    Cluster {
+        name: name.into(),
+        dir,
+        registry: like.registry.clone(),
+        admin: format!("127.0.0.1:{}", free_port()),
+        xds: format!("127.0.0.1:{}", free_port()),
+        xds_mtls: format!("127.0.0.1:{}", free_port()),
+        vm_api: format!("127.0.0.1:{}", free_port()),
+        dns: format!("127.0.0.1:{}", free_udp_port()),
+        bundle_endpoint: format!("127.0.0.1:{}", free_port()),
+        policy_dir: like.policy_dir.clone(),
+        agent: None,
+        netns: None,
+        agent_args,
+    }
+}
+
 fn west_endpoints_of_east(west: &Cluster) -> anyhow::Result<u64> {
     Ok(west.status()?["endpoints"]["shop/payment"]["east"]
         .as_u64()
@@ -112,29 +137,23 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
     // runs it) finds the identity and writes the Secret.
     let token = f.token("east").unwrap();
     let join = |dir: &Path| -> String {
-        meshfed_ok(&[
-            "join",
-            "--if-not-joined",
-            "--token",
+        let args = join_args(
             &token,
-            "--state-dir",
-            dir.to_str().unwrap(),
-            "--cluster",
+            dir,
             "east",
-            "--network",
             "net-e",
-            "--trust-domain",
-            "east.mesh",
-            "--locality",
             "us-east1/us-east1-b",
-            "--state-secret",
-            "meshfed-agent-state",
-            "--state-secret-namespace",
-            "meshfed-system",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-        ])
-        .unwrap()
+            &[
+                "--if-not-joined",
+                "--state-secret",
+                "meshfed-agent-state",
+                "--state-secret-namespace",
+                "meshfed-system",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+            ],
+        );
+        meshfed_ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
     };
     let out = join(&east0.dir);
     assert!(out.contains("already joined"), "{out}");
@@ -169,21 +188,7 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
             "{f}"
         );
     }
-    let mut east1 = Cluster {
-        name: "east-1".into(),
-        dir: dir1,
-        registry: east0.registry.clone(),
-        admin: format!("127.0.0.1:{}", free_port()),
-        xds: format!("127.0.0.1:{}", free_port()),
-        xds_mtls: format!("127.0.0.1:{}", free_port()),
-        vm_api: format!("127.0.0.1:{}", free_port()),
-        dns: format!("127.0.0.1:{}", free_udp_port()),
-        bundle_endpoint: format!("127.0.0.1:{}", free_port()),
-        policy_dir: east0.policy_dir.clone(),
-        agent: None,
-        netns: None,
-        agent_args: replica_args("east-1"),
-    };
+    let mut east1 = replica(&east0, "east-1", dir1, replica_args("east-1"));
     f.start_agent(&mut east1).unwrap();
 
     let west = f
@@ -429,21 +434,7 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
         !log.contains(name),
         "a DNS query in the agent's log:\n{log}"
     );
-    let mut east2 = Cluster {
-        name: "east-2".into(),
-        dir: dir2,
-        registry: east0.registry.clone(),
-        admin: format!("127.0.0.1:{}", free_port()),
-        xds: format!("127.0.0.1:{}", free_port()),
-        xds_mtls: format!("127.0.0.1:{}", free_port()),
-        vm_api: format!("127.0.0.1:{}", free_port()),
-        dns: format!("127.0.0.1:{}", free_udp_port()),
-        bundle_endpoint: format!("127.0.0.1:{}", free_port()),
-        policy_dir: east0.policy_dir.clone(),
-        agent: None,
-        netns: None,
-        agent_args: replica_args("east-2"),
-    };
+    let mut east2 = replica(&east0, "east-2", dir2, replica_args("east-2"));
     f.start_agent(&mut east2).unwrap();
     wait_for(
         Duration::from_secs(20),

@@ -14,24 +14,15 @@ fn an_agent_that_cannot_bind_publishes_nothing_and_names_every_taken_address() {
     let f = Federation::start("5s").unwrap();
     let dir = f.root.path().join("east");
     let token = f.token("east").unwrap();
-    meshfed_ok(&[
-        "join",
-        "--token",
+    let join = join_args(
         &token,
-        "--state-dir",
-        dir.to_str().unwrap(),
-        "--cluster",
+        &dir,
         "east",
-        "--network",
         "net-e",
-        "--trust-domain",
-        "east.mesh",
-        "--locality",
         "us-east1/us-east1-b",
-        "--gateway",
-        "127.0.0.1:15443",
-    ])
-    .unwrap();
+        &["--gateway", "127.0.0.1:15443"],
+    );
+    meshfed_ok(&join.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
     let registry = f.root.path().join("east.yaml");
     std::fs::write(&registry, registry_yaml("payment", 1, 8080, "")).unwrap();
     // Two of its ports are taken.

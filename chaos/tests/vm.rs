@@ -347,52 +347,37 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
         out.lines().filter(|l| l.contains(state)).count()
     };
     let (valid, revoked) = (tokens("valid for"), tokens("revoked"));
-    let (code, _, err) = meshfed(&[
-        "vm",
-        "bootstrap",
-        "--state-dir",
-        east.dir.to_str().unwrap(),
-        "--registry",
-        east.registry.to_str().unwrap(),
-        "--group",
-        "ledger-vm",
-        "--namespace",
-        "shop",
-        "--out",
-        dir.join("ledger-vm").to_str().unwrap(),
-        "--format",
-        "tar",
-        "--control-plane",
-        &gw,
-    ])
-    .unwrap();
-    assert_ne!(code, 0);
+    let failed_bootstrap = |out: &Path, format: &str| -> String {
+        let (code, _, err) = meshfed(&[
+            "vm",
+            "bootstrap",
+            "--state-dir",
+            east.dir.to_str().unwrap(),
+            "--registry",
+            east.registry.to_str().unwrap(),
+            "--group",
+            "ledger-vm",
+            "--namespace",
+            "shop",
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            format,
+            "--control-plane",
+            &gw,
+        ])
+        .unwrap();
+        assert_ne!(code, 0, "{err}");
+        err
+    };
+    let err = failed_bootstrap(&dir.join("ledger-vm"), "tar");
     assert!(
         err.contains("ledger-vm.tar.gz exists (it must not)"),
         "{err}"
     );
     let afile = dir.join("afile");
     std::fs::write(&afile, "a file, not a directory").unwrap();
-    let (code, _, err) = meshfed(&[
-        "vm",
-        "bootstrap",
-        "--state-dir",
-        east.dir.to_str().unwrap(),
-        "--registry",
-        east.registry.to_str().unwrap(),
-        "--group",
-        "ledger-vm",
-        "--namespace",
-        "shop",
-        "--out",
-        afile.join("pkg").to_str().unwrap(),
-        "--format",
-        "dir",
-        "--control-plane",
-        &gw,
-    ])
-    .unwrap();
-    assert_ne!(code, 0);
+    let err = failed_bootstrap(&afile.join("pkg"), "dir");
     assert!(err.contains("no package was written; token "), "{err}");
     assert!(err.contains("was revoked"), "{err}");
     assert!(
