@@ -708,25 +708,7 @@ impl Federation {
     ) -> Result<Cluster> {
         let dir = self.root.path().join(name);
         let token = self.token(name)?;
-        let td = format!("{name}.mesh");
-        let mut join: Vec<String> = [
-            "join",
-            "--token",
-            &token,
-            "--state-dir",
-            dir.to_str().unwrap_or_default(),
-            "--cluster",
-            name,
-            "--network",
-            network,
-            "--trust-domain",
-            &td,
-            "--locality",
-            locality,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut join = join_args(&token, &dir, name, network, locality, &[]);
         if gateways.is_empty() {
             join.extend(["--gateway".into(), format!("127.0.0.1:{}", free_port())]);
         }
