@@ -11,6 +11,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = meshfed::cli::Cli::parse();
+    // A command whose output goes to a closed pipe (`meshfed status | head`) ends quietly, as
+    // Unix tools do, instead of panicking on the failed write. The servers keep Rust's default
+    // (EPIPE as an error on their sockets and pipes).
+    if !meshfed::cli::is_server(&args.command) {
+        // SAFETY: set before any thread starts; SIG_DFL installs no handler code. The one
+        // unsafe call of the binary (the workspace denies unsafe code elsewhere).
+        #[allow(unsafe_code)]
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     // Servers log what they do; the demo's own output is the story, so it only shows warnings.
     let default = match args.command {
         meshfed::cli::Command::Demo(_) => "warn,meshfed_federation::server=error",

@@ -378,3 +378,20 @@ fn policy_check_endpoint_errors_are_located() {
     );
     assert!(r.stderr.contains(&want), "{}\nwanted {want}", r.stderr);
 }
+
+/// A command whose reader goes away (`meshfed crds | head -1`) ends quietly, without a panic.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let mut child = meshfed()
+        .args(["crds", "--mcs"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away at once (before the command has written: a pipe with no reader
+    // fails every write with EPIPE).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

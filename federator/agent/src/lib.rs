@@ -2080,7 +2080,8 @@ async fn merge_policies(
 
 async fn watch_policies(inner: Arc<Inner>, paths: Vec<PathBuf>, poll: Duration) {
     if paths.is_empty() {
-        return;
+        // Nothing to watch; the task stays (a task that ends is reported as a failure).
+        return std::future::pending().await;
     }
     let mut seen = meshfed_model::policy::paths_version(&paths);
     let mut t = tokio::time::interval(poll);

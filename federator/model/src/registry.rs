@@ -618,6 +618,10 @@ services:
         let e = err("workloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {name: g, namespace: a}\n    spec: {}\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {name: g, namespace: a}\n    spec: {}\n");
         assert!(e.starts_with("reg.yaml:8:"), "{e}");
         assert!(e.contains("WorkloadGroup a/g is listed twice"), "{e}");
+        // A bad exportTo item is located at the item, not the list (issue 19).
+        let e = err("services:\n  - namespace: shop\n    name: q\n    ports: [{port: 80}]\n    exportTo: [west, Bad_Name]\n");
+        assert!(e.starts_with("reg.yaml:5:22: services[0].exportTo:"), "{e}");
+        assert!(e.contains("\"Bad_Name\" is not a DNS label"), "{e}");
         // A negative number and a duplicate key, in words (issue 19).
         let e = err("services:\n  - namespace: shop\n    name: p\n    ports: [{port: -1}]\n");
         assert!(e.starts_with("reg.yaml:4:20:"), "{e}");

@@ -23,6 +23,19 @@ pub const EXIT_CHECK_FAILED: u8 = 1;
 /// or in conflict.
 pub const EXIT_PEERS_DEGRADED: u8 = 3;
 
+/// Whether a command runs a server (the federator, an agent, a gateway, a VM agent, the demo)
+/// rather than printing a result and ending.
+pub fn is_server(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Federator(_)
+            | Command::Agent(_)
+            | Command::Gateway(_)
+            | Command::Demo(_)
+            | Command::Vm(vm::VmCommand::Agent(_))
+    )
+}
+
 /// An error and its causes on one line, joined by ": ", each said once: a cause whose text the
 /// line already holds (an error that prints its source, then the source itself) is left out.
 pub fn one_line(e: &anyhow::Error) -> String {
@@ -88,7 +101,8 @@ pub enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Leave the federation: this cluster's exports and bundle are removed everywhere.
     Leave(agent::LeaveArgs),
-    /// Show the measured state of a federator or an agent (exit 1 when unhealthy).
+    /// Show the measured state of a federator or an agent (exit 1 when it is unhealthy, 3 when
+    /// only another cluster is).
     Status(status::StatusArgs),
     /// Run the east-west gateway: SNI passthrough on 15443, routes from the local agent's xDS.
     Gateway(gateway::GatewayArgs),
