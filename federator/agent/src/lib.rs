@@ -1642,7 +1642,8 @@ async fn run_ca(
     let mut publish = false;
     // This leader took the Secret's CA since it began leading.
     let mut synced = false;
-    // The identity files this replica last wrote to the Secret.
+    // The identity (certificate expiry, federation bundle sequence) this leader last wrote to
+    // the Secret: its files are read only when that changes.
     let mut pushed_identity = None;
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Replicas with a leader: only the leader starts rotations and lets a new root sign (it
@@ -1747,17 +1748,23 @@ async fn run_ca(
         }
         if !leader {
             publish = false;
+            pushed_identity = None;
         }
         // The leader keeps the Secret's identity current too: its cluster certificate renews
         // (and the federation bundle may change), and a replica that starts later restores
         // what is there.
-        if let (Some(sh), true) = (&shared, leader && synced && inner.is_leader()) {
-            let r = tokio::time::timeout(
-                SHARED_CA_TIMEOUT,
-                sh.push_identity(&inner, &mut pushed_identity),
-            )
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {SHARED_CA_TIMEOUT:?}")));
+        let identity_now = (
+            inner.cluster_cert.current().map(|c| c.not_after),
+            inner.identity().federation_bundle.sequence,
+        );
+        let stale = pushed_identity != Some(identity_now);
+        if let (Some(sh), true) = (&shared, stale && leader && synced && inner.is_leader()) {
+            let r = tokio::time::timeout(SHARED_CA_TIMEOUT, sh.push_identity(&inner))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {SHARED_CA_TIMEOUT:?}")));
+            if r.is_ok() {
+                pushed_identity = Some(identity_now);
+            }
             match r {
                 Ok(true) => {
                     tracing::info!(secret = %sh.name, "wrote the cluster identity's change (a renewed certificate) to the shared Secret")
@@ -1904,32 +1911,22 @@ impl SharedCa {
         .await?
     }
 
-    /// Writes this replica's identity directory into the Secret when it differs from what it
-    /// last wrote; whether the Secret changed.
-    async fn push_identity(
-        &self,
-        inner: &Inner,
-        last: &mut Option<BTreeMap<String, String>>,
-    ) -> anyhow::Result<bool> {
+    /// Writes this replica's identity directory into the Secret; whether the Secret changed.
+    async fn push_identity(&self, inner: &Inner) -> anyhow::Result<bool> {
         let cluster = inner.identity().file.cluster.clone();
         let state = meshfed_kube::state_secret::SharedState::read(
             &self.state_dir,
             &cluster,
             &[meshfed_kube::state_secret::IDENTITY],
         )?;
-        if last.as_ref() == Some(&state.files) {
-            return Ok(false);
-        }
-        let changed = meshfed_kube::state_secret::update_dir(
+        meshfed_kube::state_secret::update_dir(
             self.client.clone(),
             &self.namespace,
             &self.name,
             meshfed_kube::state_secret::IDENTITY,
             &state,
         )
-        .await?;
-        *last = Some(state.files);
-        Ok(changed)
+        .await
     }
 
     /// Writes this replica's CA directory into the Secret; whether it changed.

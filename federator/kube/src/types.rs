@@ -17,6 +17,33 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
 
+/// `k8s_openapi::Resource` and `Metadata` for a namespaced type of ours (group, version,
+/// plural; the kind is the type's name), so kube's `Api` and watchers take it.
+macro_rules! namespaced_resource {
+    ($ty:ident, $group:literal, $version:literal, $plural:literal) => {
+        impl k8s_openapi::Resource for $ty {
+            const API_VERSION: &'static str = concat!($group, "/", $version);
+            const GROUP: &'static str = $group;
+            const KIND: &'static str = stringify!($ty);
+            const VERSION: &'static str = $version;
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $ty {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 /// An MCS ServiceExport: its existence exports the Service of the same namespace and name.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceExport {
@@ -32,26 +59,12 @@ pub struct ServiceExportStatus {
     pub conditions: Vec<Condition>,
 }
 
-impl k8s_openapi::Resource for ServiceExport {
-    const API_VERSION: &'static str = "multicluster.x-k8s.io/v1alpha1";
-    const GROUP: &'static str = "multicluster.x-k8s.io";
-    const KIND: &'static str = "ServiceExport";
-    const VERSION: &'static str = "v1alpha1";
-    const URL_PATH_SEGMENT: &'static str = "serviceexports";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for ServiceExport {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(
+    ServiceExport,
+    "multicluster.x-k8s.io",
+    "v1alpha1",
+    "serviceexports"
+);
 
 #[cfg(test)]
 mod tests {
@@ -133,26 +146,12 @@ pub struct ClusterStatus {
     pub cluster: String,
 }
 
-impl k8s_openapi::Resource for ServiceImport {
-    const API_VERSION: &'static str = "multicluster.x-k8s.io/v1alpha1";
-    const GROUP: &'static str = "multicluster.x-k8s.io";
-    const KIND: &'static str = "ServiceImport";
-    const VERSION: &'static str = "v1alpha1";
-    const URL_PATH_SEGMENT: &'static str = "serviceimports";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for ServiceImport {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(
+    ServiceImport,
+    "multicluster.x-k8s.io",
+    "v1alpha1",
+    "serviceimports"
+);
 
 /// An Istio `WorkloadEntry` (networking.istio.io/v1): a workload outside Kubernetes (a VM),
 /// selected by the labels of a Service's selector in its namespace, as Istio does. Only the
@@ -239,26 +238,12 @@ pub struct WorkloadEntrySpec {
     pub service_account: String,
 }
 
-impl k8s_openapi::Resource for WorkloadEntry {
-    const API_VERSION: &'static str = "networking.istio.io/v1";
-    const GROUP: &'static str = "networking.istio.io";
-    const KIND: &'static str = "WorkloadEntry";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "workloadentries";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for WorkloadEntry {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(
+    WorkloadEntry,
+    "networking.istio.io",
+    "v1",
+    "workloadentries"
+);
 
 /// An Istio `WorkloadGroup` (networking.istio.io/v1): the template VMs join through (docs/vm.md).
 /// Its spec is kept as the API sent it; the view parses it with the registry file's own type
@@ -270,23 +255,4 @@ pub struct WorkloadGroup {
     pub spec: serde_json::Value,
 }
 
-impl k8s_openapi::Resource for WorkloadGroup {
-    const API_VERSION: &'static str = "networking.istio.io/v1";
-    const GROUP: &'static str = "networking.istio.io";
-    const KIND: &'static str = "WorkloadGroup";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "workloadgroups";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for WorkloadGroup {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(WorkloadGroup, "networking.istio.io", "v1", "workloadgroups");
