@@ -84,8 +84,14 @@ fn run(make_before_break: bool) -> Outcome {
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(Mutex::new(Vec::new()));
+    let client_stop = Arc::new(AtomicBool::new(false));
     let client = {
-        let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+        let (stop, ok, failed, errors) = (
+            client_stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            errors.clone(),
+        );
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let attempt = || -> Result<(), String> {
@@ -159,8 +165,11 @@ fn run(make_before_break: bool) -> Outcome {
         client_store.update(b).unwrap();
         sleep(200);
     }
-    stop.store(true, Ordering::Relaxed);
+    // The client stops first and is joined, so no attempt of its own can meet a server that
+    // is already stopping; only then is the server told to stop and woken by one connection.
+    client_stop.store(true, Ordering::Relaxed);
     client.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
     let _ = TcpStream::connect(addr);
     server.join().unwrap();
     let errors = errors.lock().unwrap().clone();
