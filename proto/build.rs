@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/meshfed/federation/v1/federation.proto",
         "proto/meshfed/vm/v1/vm.proto",
+        "proto/istio/v1/auth/ca.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

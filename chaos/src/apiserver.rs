@@ -4,7 +4,8 @@
 //! `410 Gone` ERROR event for a version older than the last compaction, as a real API server
 //! sends it: HTTP 200, then the event) for Services, EndpointSlices, Nodes, Pods and MCS
 //! ServiceExports, cluster-wide and per namespace; GET, create and replace (with the
-//! `resourceVersion` precondition, 409 on a stale one) for Leases and Secrets. Tests change objects through
+//! `resourceVersion` precondition, 409 on a stale one) for Leases and Secrets, and
+//! `TokenReview`s of the service-account tokens a test adds ([`ApiServer::add_token`]). Tests change objects through
 //! [`ApiServer::apply`] and [`ApiServer::delete`]; every object is checked against
 //! k8s-openapi's type for its kind (or meshfed's ServiceExport) so fixtures follow the API's
 //! JSON. [`ApiServer::compact`] expires every version seen so far (watchers must relist);
@@ -153,6 +154,20 @@ struct Store {
     forbidden: std::collections::BTreeSet<String>,
     /// Requests served, as `LIST path`, `WATCH path` or `METHOD path`, for the tests.
     requests: Vec<String>,
+    /// Service-account tokens the double's TokenReview knows.
+    tokens: BTreeMap<String, Token>,
+}
+
+/// A service-account token as the double's TokenReview judges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub namespace: String,
+    pub service_account: String,
+    /// The audiences it was issued for (`aud`).
+    pub audiences: Vec<String>,
+    /// The pod it is bound to.
+    pub pod: Option<String>,
+    pub expired: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -479,6 +494,83 @@ async fn create(sh: &Shared, req: Request, kind: &'static str, ns: String) -> Re
         .into_response()
 }
 
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// `POST tokenreviews`: the verdict a kube-apiserver's service-account authenticator gives:
+/// unknown and expired tokens are not authenticated (with its error text), a token is
+/// authenticated only for the audiences it shares with the request (the API server's own,
+/// `https://kubernetes.default.svc`, when the request names none), and the user is
+/// `system:serviceaccount:<namespace>:<name>` with the bound pod in `extra`.
+async fn token_review(sh: &Shared, req: Request) -> Response {
+    if req.method() != axum::http::Method::POST {
+        return answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", "tokenreviews: create only"),
+        );
+    }
+    let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            )
+        }
+    };
+    let review: k8s_openapi::api::authentication::v1::TokenReview =
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    status(400, "BadRequest", &format!("not a TokenReview: {e}")),
+                )
+            }
+        };
+    let token = review.spec.token.clone().unwrap_or_default();
+    let wanted = review
+        .spec
+        .audiences
+        .clone()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| vec!["https://kubernetes.default.svc".into()]);
+    let known = sh.lock().tokens.get(&token).cloned();
+    let verdict = match known {
+        None => json!({"authenticated": false,
+            "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"}),
+        Some(t) if t.expired => json!({"authenticated": false,
+            "error": "[invalid bearer token, service account token has expired]"}),
+        Some(t) => {
+            let shared: Vec<&String> = wanted.iter().filter(|a| t.audiences.contains(a)).collect();
+            if shared.is_empty() {
+                json!({"authenticated": false, "error": format!(
+                    "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
+                    t.audiences, wanted)})
+            } else {
+                let mut extra = serde_json::Map::new();
+                if let Some(p) = &t.pod {
+                    extra.insert("authentication.kubernetes.io/pod-name".into(), json!([p]));
+                }
+                json!({"authenticated": true, "audiences": shared,
+                    "user": {"username": format!("system:serviceaccount:{}:{}", t.namespace, t.service_account),
+                        "uid": format!("uid-{}-{}", t.namespace, t.service_account),
+                        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", t.namespace), "system:authenticated"],
+                        "extra": extra}})
+            }
+        }
+    };
+    let mut out = serde_json::to_value(&review).unwrap_or_default();
+    out["apiVersion"] = json!("authentication.k8s.io/v1");
+    out["kind"] = json!("TokenReview");
+    out["status"] = verdict;
+    (
+        StatusCode::CREATED,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        format!("{out}\n"),
+    )
+        .into_response()
+}
+
 fn record(sh: &Shared, rv: u64, kind: &'static str, ev: &'static str, ns: String, object: Value) {
     let e = Event {
         rv,
@@ -508,6 +600,9 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
                 status(503, "ServiceUnavailable", "the API server double is down"),
             );
         }
+    }
+    if path == TOKEN_REVIEWS {
+        return token_review(&sh, req).await;
     }
     let Some(r) = route(&path) else {
         return answer(
@@ -799,6 +894,12 @@ impl ApiServer {
         } else {
             st.forbidden.remove(kind);
         }
+    }
+
+    /// A service-account token the double's TokenReview will judge (replaces one of the same
+    /// text).
+    pub fn add_token(&self, token: &str, t: Token) {
+        self.shared.lock().tokens.insert(token.to_string(), t);
     }
 
     /// Down: every request is answered 503 and open watches end. Up again: serves as before.

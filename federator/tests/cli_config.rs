@@ -22,6 +22,9 @@ fn a_bad_agent_flag_exits_2_naming_it_before_anything_starts() {
         ("--dns-upstream", "resolver.example", "is not IP or IP:PORT"),
         ("--vip-range-v6", "2001:2::/200", ""),
         ("--vm-grace", "0s", "must be positive"),
+        ("--token-audience", "istio ca", "is not an audience"),
+        ("--serving-dns-name", "agent-.example", "is not a DNS name"),
+        ("--serving-dns-name", "agent..example", "is not a DNS name"),
     ] {
         let r = run(meshfed().args([
             "agent",

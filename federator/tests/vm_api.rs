@@ -96,6 +96,8 @@ async fn world(dir: &Path) -> World {
         serving_cert_ttl: meshfed_agent::SERVING_CERT_TTL,
         leader_election: None,
         state_secret: None,
+        token_audiences: vec!["istio-ca".into()],
+        serving_dns_names: meshfed_agent::default_serving_dns_names(),
     })
     .await
     .unwrap();

@@ -816,9 +816,11 @@ async fn mtls_port_requires_an_svid_of_the_cluster_and_its_own_namespace() {
     let server_svid = east
         .issue_svid(&agent_id, &AnyWorkload, time::Duration::hours(1))
         .unwrap();
-    let tls = trust::tls::server_config(
+    // The agent's own configuration of the port.
+    let tls = meshfed_xds::serve::mtls_server_config(
+        store(),
+        &east_td,
         SvidResolver::with(&server_svid).unwrap(),
-        SpiffeVerifier::new(store(), Authorizer::trust_domain(east_td.clone())),
     )
     .unwrap();
     let state = XdsState::new(local(), &prometheus::Registry::new());
@@ -902,16 +904,20 @@ async fn mtls_port_requires_an_svid_of_the_cluster_and_its_own_namespace() {
         "{}",
         e.message()
     );
-    // Another trust domain's workload, and no certificate at all: no TLS session.
+    // Another trust domain's workload: no TLS session.
     let w = SpiffeId::istio_workload(&TrustDomain::new("west.mesh").unwrap(), "shop", "client")
         .unwrap();
     let w_svid = west
         .issue_svid(&w, &AnyWorkload, time::Duration::hours(1))
         .unwrap();
-    assert!(open(client(SvidResolver::with(&w_svid).unwrap()), "shop")
+    let e = open(client(SvidResolver::with(&w_svid).unwrap()), "shop")
         .await
-        .is_err());
-    assert!(open(client(SvidResolver::new()), "shop").await.is_err());
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("fatal alert"), "{e:?}");
+    // No certificate at all (a pod on its way to the CA API): the session opens, ADS refuses.
+    let e = open(client(SvidResolver::new()), "shop").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("present an SVID"), "{}", e.message());
 }
 
 /// A workload that listens elsewhere for a named port (WorkloadEntry `ports`, e.g. a VM whose

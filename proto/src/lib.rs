@@ -25,6 +25,19 @@ pub mod vm {
     tonic::include_proto!("meshfed.vm.v1");
 }
 
+/// Istio's certificate service (`istio.v1.auth.IstioCertificateService`), from
+/// `proto/istio/v1/auth/ca.proto`: the agent serves it so Istio's clients can use meshfed as
+/// their CA.
+#[allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
+pub mod istio_ca {
+    tonic::include_proto!("istio.v1.auth");
+}
+
 /// Why the federator refused a stream, as a machine-readable `meshfed-reason` metadata entry on
 /// the gRPC status (the message is for people and may change).
 pub mod reason {

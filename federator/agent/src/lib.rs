@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
+use trust::tls::{Authorizer, SpiffeVerifier};
 use trust::{BundleSet, TrustDomain, TrustStore};
 
 use crate::metrics::AgentMetrics;
@@ -80,6 +80,20 @@ pub struct AgentConfig {
     /// identity and CA through (`meshfed join --state-secret` wrote it). The leader writes the
     /// CA into it after every change; followers take it from there.
     pub state_secret: Option<(String, String)>,
+    /// The audiences a service-account token must be for to be accepted by the CA API
+    /// (`--token-audience`; Istio's clients use `istio-ca`).
+    pub token_audiences: Vec<String>,
+    /// DNS names in the agent's serving certificate beside its SPIFFE ID, for clients that
+    /// check the name they dialled (gRPC, Go): the in-cluster Service's names by default.
+    pub serving_dns_names: Vec<String>,
+}
+
+/// The names of the agent's Service in `deploy/kubernetes/agent`.
+pub fn default_serving_dns_names() -> Vec<String> {
+    vec![
+        "meshfed-agent.meshfed-system.svc".into(),
+        "meshfed-agent.meshfed-system.svc.cluster.local".into(),
+    ]
 }
 
 /// Istio's auto-allocation range for service entries' VIPs.
@@ -869,7 +883,11 @@ impl Agent {
         // The agent's serving SVID (xDS mTLS port and VM API), issued by the cluster CA.
         let serving_cert = Managed::new(
             "agent serving",
-            Some(serving_svid(&ca, cfg.serving_cert_ttl)?),
+            Some(serving_svid(
+                &ca,
+                cfg.serving_cert_ttl,
+                &cfg.serving_dns_names,
+            )?),
         )?;
         let serving = serving_cert.resolver();
         tasks.spawn(
@@ -887,16 +905,18 @@ impl Agent {
                 {
                     let ca = ca.clone();
                     let ttl = cfg.serving_cert_ttl;
+                    let names = cfg.serving_dns_names.clone();
                     issue_fn(move || {
-                        let ca = ca.clone();
-                        async move { serving_svid(&ca, ttl) }
+                        let (ca, names) = (ca.clone(), names.clone());
+                        async move { serving_svid(&ca, ttl, &names) }
                     })
                 },
                 Backoff::default(),
             ),
         );
         if let (Some(xcfg), Some(state)) = (&cfg.xds, xds_state) {
-            let tls = xds_tls(own_trust.clone(), &td, serving.clone())?;
+            let tls =
+                meshfed_xds::serve::mtls_server_config(own_trust.clone(), &td, serving.clone())?;
             // SDS: a proxy on the mTLS port gets a certificate for exactly the identity it
             // authenticated with (the port admits only this trust domain's SVIDs).
             {
@@ -917,6 +937,26 @@ impl Agent {
                     inner.model.clone(),
                 ),
             );
+            // Istio's CA API beside ADS on the mTLS port: pods authenticate with their
+            // service-account token (a TokenReview), holders of a certificate renew with it.
+            let ca_api = {
+                let ca = ca.clone();
+                let signer: meshfed_identity::ca_api::Signer =
+                    Arc::new(move |csr, policy, ttl| ca.sign_csr(csr, policy, ttl));
+                let tokens = cfg.kubernetes.as_ref().map(|k| {
+                    Arc::new(KubeTokens {
+                        client: k.0.clone(),
+                        audiences: cfg.token_audiences.clone(),
+                    }) as Arc<dyn meshfed_identity::ca_api::Authenticator>
+                });
+                meshfed_identity::ca_api::CaApi::new(
+                    td.clone(),
+                    signer,
+                    tokens,
+                    xcfg.workload_cert_ttl,
+                    meshfed_identity::ca_api::CaMetrics::new(&inner.metrics.registry),
+                )
+            };
             let served = meshfed_xds::serve::start(
                 &tasks,
                 xcfg,
@@ -924,6 +964,9 @@ impl Agent {
                 inner.model.clone(),
                 inner.policies.subscribe(),
                 Some(tls),
+                Some(Box::new(move |r: tonic::service::Routes| {
+                    r.add_service(ca_api.server())
+                })),
             )
             .await?;
             xds_plaintext = served.plaintext;
@@ -1621,9 +1664,9 @@ async fn write_kubernetes_while_leading(
 
 /// The agent's serving identity `spiffe://<td>/ns/meshfed-system/sa/meshfed-agent`, issued
 /// from the cluster CA (what xDS clients and VMs check).
-fn serving_svid(ca: &LiveCa, ttl: time::Duration) -> anyhow::Result<trust::Svid> {
+fn serving_svid(ca: &LiveCa, ttl: time::Duration, dns: &[String]) -> anyhow::Result<trust::Svid> {
     let id = agent_spiffe_id(&ca.trust_domain())?;
-    ca.issue_svid(&id, &trust::ca::policy::AnyWorkload, ttl)
+    ca.issue_svid_with_dns(&id, dns, &trust::ca::policy::AnyWorkload, ttl)
 }
 
 /// Drives the cluster CA: reloads it when `meshfed ca rotate` changed it, starts rotations on
@@ -2014,17 +2057,30 @@ async fn follow_own_bundle(
     }
 }
 
-/// The xDS mTLS port's TLS: the agent's serving SVID, clients verified against the cluster's
-/// bundle (live) and required to belong to its trust domain.
-fn xds_tls(
-    own: TrustStore,
-    td: &TrustDomain,
-    resolver: Arc<SvidResolver>,
-) -> anyhow::Result<rustls::ServerConfig> {
-    let verifier = SpiffeVerifier::new(own, Authorizer::trust_domain(td.clone()));
-    let mut tls = trust::tls::server_config(resolver, verifier)?;
-    tls.alpn_protocols = vec![meshfed_net::ALPN_H2.to_vec()];
-    Ok(tls)
+/// Service-account tokens, checked with a TokenReview for the configured audiences.
+struct KubeTokens {
+    client: kube::Client,
+    audiences: Vec<String>,
+}
+
+#[tonic::async_trait]
+impl meshfed_identity::ca_api::Authenticator for KubeTokens {
+    async fn authenticate(
+        &self,
+        token: &str,
+    ) -> Result<meshfed_identity::ca_api::ServiceAccount, meshfed_identity::ca_api::TokenRefusal>
+    {
+        use meshfed_identity::ca_api::{ServiceAccount, TokenRefusal};
+        use meshfed_kube::token_review::{review, ReviewError};
+        match review(self.client.clone(), token, &self.audiences).await {
+            Ok(r) => Ok(ServiceAccount {
+                namespace: r.namespace,
+                name: r.service_account,
+            }),
+            Err(ReviewError::Refused(why)) => Err(TokenRefusal::Invalid(why)),
+            Err(ReviewError::Unavailable(why)) => Err(TokenRefusal::Unavailable(why)),
+        }
+    }
 }
 
 /// The default lifetime of the agent's serving certificate.

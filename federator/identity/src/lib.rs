@@ -2,6 +2,7 @@
 //! and VMs; a cluster's identity on disk (its federation certificate, its CA) and the join that
 //! creates it; join and VM tokens (single-use, expiring, stored as hashes).
 
+pub mod ca_api;
 pub mod certs;
 pub mod cluster;
 pub mod ids;

@@ -155,8 +155,19 @@ impl LiveCa {
         policy: &dyn IssuancePolicy,
         ttl: Duration,
     ) -> anyhow::Result<Svid> {
+        self.issue_svid_with_dns(id, &[], policy, ttl)
+    }
+
+    /// An SVID that also names `dns` (a server's names).
+    pub fn issue_svid_with_dns(
+        &self,
+        id: &SpiffeId,
+        dns: &[String],
+        policy: &dyn IssuancePolicy,
+        ttl: Duration,
+    ) -> anyhow::Result<Svid> {
         let ca = self.read();
-        let svid = ca.issue_svid(id, policy, ttl)?;
+        let svid = ca.issue_svid_with_dns(id, dns, policy, ttl)?;
         self.record(&ca)?;
         Ok(svid)
     }

@@ -13,6 +13,7 @@
 //! - [`leader`]: leader election among the agent's replicas (a coordination.k8s.io Lease).
 //! - [`state_secret`]: the cluster identity and CA replicas share, in a Secret.
 //! - [`shared_vips`]: the service VIPs a leader shares with its followers (a ConfigMap).
+//! - [`token_review`]: who a service-account token belongs to (a TokenReview), for the CA API.
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
 pub mod crds;
@@ -24,5 +25,6 @@ pub mod shared_vips;
 pub mod sink;
 pub mod source;
 pub mod state_secret;
+pub mod token_review;
 pub mod types;
 pub mod view;

@@ -45,6 +45,8 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
     ("networking.istio.io", "workloadentries/status", &["patch"]),
     // Istio WorkloadGroups: the templates VMs join through (beside the registry file's).
     ("networking.istio.io", "workloadgroups", &["list", "watch"]),
+    // The CA API authenticates pods by their service-account tokens.
+    ("authentication.k8s.io", "tokenreviews", &["create"]),
     // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),

@@ -188,6 +188,42 @@ pub struct AgentArgs {
     /// for the SPIFFE ID a proxy authenticated with on the mTLS xDS port).
     #[arg(long, default_value = "24h", value_parser = args::duration)]
     sds_cert_ttl: time::Duration,
+    /// The audience a service-account token must be for to obtain a workload certificate from
+    /// the CA API on the mTLS xDS port (repeatable; Istio's clients ask for istio-ca). The
+    /// token is checked with a TokenReview, so this needs --source kubernetes.
+    #[arg(long = "token-audience", default_value = "istio-ca", value_parser = token_audience)]
+    token_audiences: Vec<String>,
+    /// A DNS name for the agent's serving certificate (xDS mTLS port, CA API, VM API), beside
+    /// its SPIFFE ID, for clients that check the name they dial (repeatable; default: the
+    /// names of the meshfed-agent Service in meshfed-system).
+    #[arg(long = "serving-dns-name", value_parser = dns_name)]
+    serving_dns_names: Vec<String>,
+}
+
+fn dns_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("{s:?} is not a DNS name"))
+    }
+}
+
+fn token_audience(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 253 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{s:?} is not an audience (1-253 characters, no spaces)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -537,6 +573,12 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             .state_secret
             .map(|name| (a.leader_election_namespace.clone(), name)),
         leader_election,
+        token_audiences: a.token_audiences,
+        serving_dns_names: if a.serving_dns_names.is_empty() {
+            meshfed_agent::default_serving_dns_names()
+        } else {
+            a.serving_dns_names
+        },
     })
     .await?;
     let show =

@@ -26,9 +26,29 @@ pub struct Served {
     pub mtls: Option<SocketAddr>,
 }
 
+/// The mTLS port's TLS: the agent's serving SVID; a client certificate, when one is presented,
+/// verified against the cluster's bundle (live) and required to belong to its trust domain. A
+/// client may connect without one: ADS and SDS then refuse it (`UNAUTHENTICATED`), and the
+/// CA API served beside them takes a service-account token instead (as istiod's 15012 does).
+pub fn mtls_server_config(
+    own: trust::TrustStore,
+    td: &trust::TrustDomain,
+    resolver: Arc<trust::tls::SvidResolver>,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let verifier =
+        trust::tls::SpiffeVerifier::new(own, trust::tls::Authorizer::trust_domain(td.clone()));
+    let mut tls = trust::tls::server_config_optional_client(resolver, verifier)?;
+    tls.alpn_protocols = vec![meshfed_net::ALPN_H2.to_vec()];
+    Ok(tls)
+}
+
+/// Adds gRPC services to a port's routes.
+pub type AddRoutes = Box<dyn FnOnce(tonic::service::Routes) -> tonic::service::Routes + Send>;
+
 /// Starts the builder and the listeners as tasks of `tasks` (the ports stop at its drain and
 /// every ADS stream ends with UNAVAILABLE). `tls` is the server configuration of the mTLS
-/// port.
+/// port (see [`mtls_server_config`]); `mtls_extra`, gRPC services served on it beside ADS and
+/// SDS (the agent's CA API).
 pub async fn start(
     tasks: &Tasks,
     cfg: &XdsConfig,
@@ -36,6 +56,7 @@ pub async fn start(
     model: Reader,
     policies: watch::Receiver<Arc<PolicySet>>,
     tls: Option<rustls::ServerConfig>,
+    mtls_extra: Option<AddRoutes>,
 ) -> anyhow::Result<Served> {
     // The first generation is built before the ports open, so no proxy sees an empty world; an
     // agent that cannot build one does not serve (proxies keep what they last had).
@@ -83,12 +104,15 @@ pub async fn start(
         mtls = Some(l.local_addr()?);
         let svc = Ads::server(state.clone(), true, tasks.signal());
         let sds = Sds::server(state.clone(), true, tasks.signal());
+        let mut routes = tonic::service::Routes::new(svc).add_service(sds);
+        if let Some(add) = mtls_extra {
+            routes = add(routes);
+        }
         let incoming = meshfed_net::tls_incoming(l, tls);
         tasks.spawn_server("xDS mTLS server", |drain| async move {
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(svc)
-                .add_service(sds)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                 .await;
             if let Err(e) = r {

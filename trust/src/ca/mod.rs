@@ -248,6 +248,8 @@ pub struct IssuedCert {
     pub id: SpiffeId,
     /// Leaf first, then intermediates (no root).
     pub chain: Vec<CertificateDer<'static>>,
+    /// The root the chain ends at (the signing generation's).
+    pub root: CertificateDer<'static>,
     pub not_after: OffsetDateTime,
 }
 
@@ -373,13 +375,14 @@ impl CertificateAuthority {
             }
         };
         self.authorize(&id, policy)?;
-        let chain = self.sign_leaf(&id, &params.public_key, ttl)?;
+        let chain = self.sign_leaf(&id, &[], &params.public_key, ttl)?;
         let not_after = crate::svid::validity(&chain[0])
             .map_err(|e| TrustError::Ca(e.to_string()))?
             .1;
         Ok(IssuedCert {
             id,
             chain,
+            root: self.active().root.clone(),
             not_after,
         })
     }
@@ -392,9 +395,22 @@ impl CertificateAuthority {
         policy: &dyn IssuancePolicy,
         ttl: Duration,
     ) -> Result<Svid> {
+        self.issue_svid_with_dns(id, &[], policy, ttl)
+    }
+
+    /// [`Self::issue_svid`] with DNS names beside the SPIFFE ID (X509-SVID allows other SAN
+    /// types next to its one URI SAN): for a server that clients also reach by a name they
+    /// check, as gRPC and Go's TLS do.
+    pub fn issue_svid_with_dns(
+        &self,
+        id: &SpiffeId,
+        dns: &[String],
+        policy: &dyn IssuancePolicy,
+        ttl: Duration,
+    ) -> Result<Svid> {
         self.authorize(id, policy)?;
         let key = self.options.key_algorithm.generate()?;
-        let chain = self.sign_leaf(id, &key, ttl)?;
+        let chain = self.sign_leaf(id, dns, &key, ttl)?;
         let pkcs8 = PrivatePkcs8KeyDer::from(key.serialize_der());
         Svid::new(chain, pkcs8)
     }
@@ -420,6 +436,7 @@ impl CertificateAuthority {
     fn sign_leaf(
         &self,
         id: &SpiffeId,
+        dns: &[String],
         public_key: &impl rcgen::PublicKeyData,
         ttl: Duration,
     ) -> Result<Vec<CertificateDer<'static>>> {
@@ -433,6 +450,13 @@ impl CertificateAuthority {
             vec![SanType::URI(id.as_str().try_into().map_err(|_| {
                 TrustError::Ca(format!("{id} is not a valid URI"))
             })?)];
+        for name in dns {
+            p.subject_alt_names.push(SanType::DnsName(
+                name.as_str()
+                    .try_into()
+                    .map_err(|_| TrustError::Ca(format!("{name:?} is not a DNS name")))?,
+            ));
+        }
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if public_key.algorithm() == &rcgen::PKCS_RSA_SHA256 {
