@@ -333,14 +333,9 @@ async fn item(
                     ),
                 );
             }
-            let bad = |e: String| answer(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e));
-            let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
-                Ok(b) => b,
-                Err(e) => return bad(e.to_string()),
-            };
-            let applied: Value = match serde_json::from_slice(&body) {
+            let applied: Value = match json_body(req).await {
                 Ok(v) => v,
-                Err(e) => return bad(e.to_string()),
+                Err(r) => return r,
             };
             let (rv, ev, obj) = {
                 let mut st = sh.lock();
@@ -384,14 +379,9 @@ async fn item(
         // Replace, with optimistic concurrency: a resourceVersion in the body must be the
         // stored one (409 Conflict otherwise), as the API server checks it.
         "PUT" => {
-            let bad = |e: String| answer(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e));
-            let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
-                Ok(b) => b,
-                Err(e) => return bad(e.to_string()),
-            };
-            let mut obj: Value = match serde_json::from_slice(&body) {
+            let mut obj: Value = match json_body(req).await {
                 Ok(v) => v,
-                Err(e) => return bad(e.to_string()),
+                Err(r) => return r,
             };
             if let Err(e) = check(kind, &obj) {
                 return answer(
@@ -436,25 +426,20 @@ async fn item(
     }
 }
 
+/// The request's body as JSON of type `T`, or the 400 answer naming why it is not.
+async fn json_body<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Response> {
+    let bad = |e: String| answer(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e));
+    let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
+}
+
 /// POST on a collection: creates the object (409 if it exists).
 async fn create(sh: &Shared, req: Request, kind: &'static str, ns: String) -> Response {
-    let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
-        Ok(b) => b,
-        Err(e) => {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                status(400, "BadRequest", &e.to_string()),
-            )
-        }
-    };
-    let mut obj: Value = match serde_json::from_slice(&body) {
+    let mut obj: Value = match json_body(req).await {
         Ok(v) => v,
-        Err(e) => {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                status(400, "BadRequest", &e.to_string()),
-            )
-        }
+        Err(r) => return r,
     };
     if let Err(e) = check(kind, &obj) {
         return answer(
@@ -508,25 +493,10 @@ async fn token_review(sh: &Shared, req: Request) -> Response {
             status(405, "MethodNotAllowed", "tokenreviews: create only"),
         );
     }
-    let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
-        Ok(b) => b,
-        Err(e) => {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                status(400, "BadRequest", &e.to_string()),
-            )
-        }
+    let review: k8s_openapi::api::authentication::v1::TokenReview = match json_body(req).await {
+        Ok(r) => r,
+        Err(r) => return r,
     };
-    let review: k8s_openapi::api::authentication::v1::TokenReview =
-        match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                return answer(
-                    StatusCode::BAD_REQUEST,
-                    status(400, "BadRequest", &format!("not a TokenReview: {e}")),
-                )
-            }
-        };
     let token = review.spec.token.clone().unwrap_or_default();
     let wanted = review
         .spec

@@ -750,6 +750,30 @@ impl Federation {
         Ok(c)
     }
 
+    /// A cluster whose agent reads the Kubernetes API of `kubeconfig` (`--source kubernetes`)
+    /// beside the registry file.
+    pub fn add_kube_cluster(
+        &self,
+        name: &str,
+        network: &str,
+        locality: &str,
+        registry: &str,
+        kubeconfig: &Path,
+    ) -> Result<Cluster> {
+        let kc = kubeconfig
+            .to_str()
+            .context("kubeconfig path is not UTF-8")?;
+        self.add_cluster_with(
+            name,
+            network,
+            locality,
+            registry,
+            None,
+            &[],
+            &["--source", "kubernetes", "--kubeconfig", kc],
+        )
+    }
+
     pub fn start_agent(&self, c: &mut Cluster) -> Result<()> {
         // Ports come from `free_port`, which another test may take before the agent binds
         // them: an agent that exits because a port is taken is started again on fresh ports.

@@ -67,19 +67,12 @@ fn services_and_exports_come_from_the_kubernetes_api() {
     api.apply(slice(&["10.1.0.5"])).unwrap();
     api.apply(export("payment")).unwrap();
     let east = f
-        .add_cluster_with(
+        .add_kube_cluster(
             "east",
             "net-e",
             "us-east1/us-east1-b",
             "services: []\n",
-            None,
-            &[],
-            &[
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-            ],
+            &kubeconfig,
         )
         .unwrap();
     // west runs on Kubernetes too (its own API server): it writes what it imports as MCS
@@ -96,19 +89,12 @@ fn services_and_exports_come_from_the_kubernetes_api() {
         )
         .unwrap();
     let west = f
-        .add_cluster_with(
+        .add_kube_cluster(
             "west",
             "net-w",
             "us-west1/us-west1-a",
             "services: []\n",
-            None,
-            &[],
-            &[
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                west_kubeconfig.to_str().unwrap(),
-            ],
+            &west_kubeconfig,
         )
         .unwrap();
     wait_for(

@@ -219,19 +219,12 @@ fn vm_joins_through_the_gateway_registers_is_probed_resolves_and_leaves() {
     let kubeconfig = api.kubeconfig(&dir.join("kubeconfig")).unwrap();
     api.apply(payment_group(p_pay)).unwrap();
     let mut east = f
-        .add_cluster_with(
+        .add_kube_cluster(
             "east",
             "net1",
             "us-east1/us-east1-b",
             &east_registry(&host, p_pay, p_inv),
-            None,
-            &[],
-            &[
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-            ],
+            &kubeconfig,
         )
         .unwrap();
     let entry_health = |name: &str| -> Option<String> {

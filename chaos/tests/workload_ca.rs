@@ -98,19 +98,12 @@ fn a_pod_obtains_exactly_its_service_accounts_certificate_with_its_token() {
         std::fs::write(dir.join(format!("{name}.token")), text).unwrap();
     }
     let east = f
-        .add_cluster_with(
+        .add_kube_cluster(
             "east",
             "net-e",
             "us-east1/us-east1-b",
             "services: []\n",
-            None,
-            &[],
-            &[
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-            ],
+            &kubeconfig,
         )
         .unwrap();
     let roots = east.dir.join("ca").join("root-cert.pem");
