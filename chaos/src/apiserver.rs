@@ -379,16 +379,10 @@ async fn item(
         // Replace, with optimistic concurrency: a resourceVersion in the body must be the
         // stored one (409 Conflict otherwise), as the API server checks it.
         "PUT" => {
-            let mut obj: Value = match json_body(req).await {
+            let mut obj = match object_body(req, kind).await {
                 Ok(v) => v,
                 Err(r) => return r,
             };
-            if let Err(e) = check(kind, &obj) {
-                return answer(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    status(422, "Invalid", &format!("{e:#}")),
-                );
-            }
             let (rv, obj) = {
                 let mut st = sh.lock();
                 let Some(cur) = st.objects.get(&key) else {
@@ -435,18 +429,24 @@ async fn json_body<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Re
     serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
 }
 
+/// The request's body as an object of `kind`, or the 400/422 answer naming why it is not one.
+async fn object_body(req: Request, kind: &str) -> Result<Value, Response> {
+    let obj: Value = json_body(req).await?;
+    check(kind, &obj).map_err(|e| {
+        answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            status(422, "Invalid", &format!("{e:#}")),
+        )
+    })?;
+    Ok(obj)
+}
+
 /// POST on a collection: creates the object (409 if it exists).
 async fn create(sh: &Shared, req: Request, kind: &'static str, ns: String) -> Response {
-    let mut obj: Value = match json_body(req).await {
+    let mut obj = match object_body(req, kind).await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(e) = check(kind, &obj) {
-        return answer(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            status(422, "Invalid", &format!("{e:#}")),
-        );
-    }
     obj["metadata"]["namespace"] = json!(ns);
     let name = obj["metadata"]["name"]
         .as_str()

@@ -263,9 +263,12 @@ impl IstioCertificateService for CaApi {
         let policy = ExactIds(vec![id.clone()]);
         let issued = (self.signer)(r.csr.as_bytes(), &policy, ttl).map_err(|e| {
             let msg = format!("{e:#}");
-            // The CA refuses an identity other than the caller's by name; a CSR it cannot use
-            // is the caller's mistake too, but of another kind.
-            if msg.contains("may only obtain") || msg.contains("trust domain") {
+            // The CA refuses an identity other than the caller's (its policy, or another trust
+            // domain); a CSR it cannot use is the caller's mistake too, but of another kind.
+            if matches!(
+                e.downcast_ref::<trust::TrustError>(),
+                Some(trust::TrustError::Refused { .. })
+            ) {
                 self.refuse(
                     "denied",
                     Status::permission_denied(format!("{who} may obtain only {id}: {msg}")),
