@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/meshfed/federation/v1/federation.proto",
         "proto/meshfed/vm/v1/vm.proto",
         "proto/istio/v1/auth/ca.proto",
+        "proto/meshfed/workload/v1/workload.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

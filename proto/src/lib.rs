@@ -38,6 +38,18 @@ pub mod istio_ca {
     tonic::include_proto!("istio.v1.auth");
 }
 
+/// What a pod's `meshfed workload` learns from its agent (`meshfed.workload.v1`), from
+/// `proto/meshfed/workload/v1/workload.proto`.
+#[allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
+pub mod workload {
+    tonic::include_proto!("meshfed.workload.v1");
+}
+
 /// Why the federator refused a stream, as a machine-readable `meshfed-reason` metadata entry on
 /// the gRPC status (the message is for people and may change).
 pub mod reason {

@@ -142,6 +142,11 @@ pub fn signing_key(pkcs8: &PrivatePkcs8KeyDer<'_>, what: &str) -> Result<rcgen::
     })
 }
 
+/// PEM for a CSR (`CERTIFICATE REQUEST`), as Istio's CA API takes it.
+pub fn csr_to_pem(der: &[u8]) -> String {
+    pem_block("CERTIFICATE REQUEST", der)
+}
+
 /// PEM for a PKCS#8 key (`PRIVATE KEY`).
 pub fn pkcs8_to_pem(key: &PrivatePkcs8KeyDer<'_>) -> String {
     pem_block("PRIVATE KEY", key.secret_pkcs8_der())

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod metrics;
 pub mod sync;
+pub mod workload_api;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -754,6 +755,7 @@ impl Agent {
             }
         };
         let identity_network = identity.file.network.clone();
+        let cluster_name = identity.file.cluster.clone();
         let xds_state = cfg.xds.as_ref().map(|_| {
             XdsState::new(
                 meshfed_xds::node::LocalFacts {
@@ -823,6 +825,7 @@ impl Agent {
             model_ready.set_ready();
         });
         let mut writer = None;
+        let mut workloads = None;
         let kube = match cfg.kubernetes.clone() {
             Some(client) => {
                 let (src, run) = meshfed_kube::source::start(
@@ -837,6 +840,7 @@ impl Agent {
                 tasks.spawn("Kubernetes source", run);
                 writer = Some((client.0.clone(), src.view.clone(), src.health.clone()));
                 let _ = inner.kube_health.set(src.health.clone());
+                workloads = Some(src.workloads.clone());
                 Some(src)
             }
             None => None,
@@ -849,7 +853,7 @@ impl Agent {
                 LocalSourceConfig {
                     kube,
                     file: source,
-                    default_locality,
+                    default_locality: default_locality.clone(),
                     poll: cfg.registry_poll,
                     vm_grace: cfg.vm_grace,
                     initial_exports,
@@ -957,6 +961,16 @@ impl Agent {
                     meshfed_identity::ca_api::CaMetrics::new(&inner.metrics.registry),
                 )
             };
+            // What a pod's `meshfed workload` needs beside its certificate.
+            let workload_api = workload_api::WorkloadApi::new(workload_api::Inputs {
+                cluster: cluster_name.clone(),
+                network: identity_network.clone(),
+                trust_domain: td.to_string(),
+                default_locality: default_locality.clone(),
+                own_bundle: inner.bundle.subscribe(),
+                model: inner.model.clone(),
+                workloads: workloads.clone(),
+            });
             let served = meshfed_xds::serve::start(
                 &tasks,
                 xcfg,
@@ -966,6 +980,7 @@ impl Agent {
                 Some(tls),
                 Some(Box::new(move |r: tonic::service::Routes| {
                     r.add_service(ca_api.server())
+                        .add_service(workload_api.server())
                 })),
             )
             .await?;

@@ -79,6 +79,77 @@ pub struct KubeSource {
     pub view: watch::Receiver<Option<Arc<View>>>,
     /// Per watched kind.
     pub health: watch::Receiver<BTreeMap<String, WatchHealth>>,
+    /// The watched Pods, Nodes and Namespaces (read-only), for questions about one pod.
+    pub workloads: Workloads,
+}
+
+/// Read-only handles on the watched Pods, Nodes and Namespaces: where a pod runs, for the
+/// workload API and the injection webhook.
+#[derive(Clone)]
+pub struct Workloads {
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    namespaces: Store<Namespace>,
+}
+
+impl Debug for Workloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workloads").finish_non_exhaustive()
+    }
+}
+
+/// Where a pod runs, as the API server says.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Placement {
+    pub service_account: String,
+    pub ip: String,
+    pub labels: BTreeMap<String, String>,
+    /// From its Node's topology labels; `None` when the pod is not scheduled, its Node is
+    /// unknown or has no region label.
+    pub locality: Option<proto::Locality>,
+}
+
+impl Workloads {
+    /// The pod `namespace/name`, or why it cannot be answered for.
+    pub fn placement(&self, namespace: &str, name: &str) -> Result<Placement, String> {
+        let key = reflector::ObjectRef::<Pod>::new(name).within(namespace);
+        let pod = self
+            .pods
+            .get(&key)
+            .ok_or_else(|| format!("no pod {namespace}/{name} is known to the agent"))?;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let locality = spec.node_name.as_deref().and_then(|n| {
+            self.nodes
+                .get(&reflector::ObjectRef::<Node>::new(n))
+                .and_then(|node| crate::view::node_locality(&node))
+        });
+        Ok(Placement {
+            service_account: spec
+                .service_account_name
+                .unwrap_or_else(|| "default".to_string()),
+            ip: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            locality,
+        })
+    }
+
+    /// The labels of a namespace, `None` when it is not known.
+    pub fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.namespaces
+            .get(&reflector::ObjectRef::<Namespace>::new(name))
+            .map(|n| n.metadata.labels.clone().unwrap_or_default())
+    }
+
+    /// Waits until the Pods, Nodes and Namespaces have been listed once.
+    pub async fn wait_until_ready(&self) -> bool {
+        self.pods.wait_until_ready().await.is_ok()
+            && self.nodes.wait_until_ready().await.is_ok()
+            && self.namespaces.wait_until_ready().await.is_ok()
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -291,6 +362,11 @@ pub fn start(
     let src = KubeSource {
         view: view.subscribe(),
         health: health.subscribe(),
+        workloads: Workloads {
+            pods: pods.clone(),
+            nodes: nodes.clone(),
+            namespaces: namespaces.clone(),
+        },
     };
     let builder = async move {
         // Nothing is published before every kind has listed once: an empty view would

@@ -102,7 +102,7 @@ fn name_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (S
 }
 
 /// A Node's locality from its topology labels; `None` without a region.
-fn node_locality(n: &Node) -> Option<Locality> {
+pub(crate) fn node_locality(n: &Node) -> Option<Locality> {
     let labels = n.metadata.labels.as_ref()?;
     let region = labels.get(REGION_LABEL)?.clone();
     Some(Locality {

@@ -194,6 +194,42 @@ pub fn channel(
     Ok(endpoint.connect_with_connector_lazy(svc))
 }
 
+/// Relays one local connection (plaintext, from a process on the same host or pod) to
+/// `addr` over TLS with `tls` (a client certificate of the workload, h2), until either side
+/// closes: how a VM's or a pod's local gRPC clients reach the agent's mTLS xDS port without
+/// holding TLS settings of their own (Istio's pilot-agent does the same for Envoy).
+pub async fn relay_tls<L>(
+    mut local: L,
+    mut tls: rustls::ClientConfig,
+    addrs: &[String],
+    server_name: &str,
+) -> anyhow::Result<()>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    tls.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let connector = TlsConnector::from(Arc::new(tls));
+    let name = ServerName::try_from(server_name.to_string()).context("invalid server name")?;
+    let mut last = anyhow::anyhow!("no upstream address");
+    for a in addrs {
+        let tcp = match TcpStream::connect(a.as_str()).await {
+            Ok(t) => t,
+            Err(e) => {
+                last = anyhow::anyhow!("{a}: {e}");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut up = connector
+            .connect(name.clone(), tcp)
+            .await
+            .with_context(|| format!("TLS to {a}"))?;
+        tokio::io::copy_bidirectional(&mut local, &mut up).await?;
+        return Ok(());
+    }
+    Err(last)
+}
+
 /// Resolves `host:port` to a socket address (first match).
 pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(addr)

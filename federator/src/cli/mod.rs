@@ -10,6 +10,7 @@ mod policy;
 mod proxy;
 mod status;
 mod vm;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,7 @@ pub fn is_server(c: &Command) -> bool {
             | Command::Gateway(_)
             | Command::Demo(_)
             | Command::Vm(vm::VmCommand::Agent(_))
+            | Command::Workload(workload::WorkloadCommand::Agent(_))
     )
 }
 
@@ -116,6 +118,9 @@ pub enum Command {
     /// VMs: bootstrap packages, the VM agent, joined VMs.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Pods: obtain the certificate and gRPC xDS bootstrap (init), keep them current (agent).
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
     /// Run a whole federation on this machine and show it working (--check: assert and exit).
     Demo(DemoArgs),
     /// Print the CustomResourceDefinitions meshfed reads (FailoverPolicy; with --mcs also the
@@ -173,6 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProxyStatus(a) => runtime()?.block_on(proxy::status(a)),
         Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
         Command::Vm(c) => runtime()?.block_on(vm::run(c)),
+        Command::Workload(c) => runtime()?.block_on(workload::run(c)),
         Command::Crds(a) => {
             print!("{}", crds_yaml(a.mcs)?);
             Ok(ExitCode::SUCCESS)

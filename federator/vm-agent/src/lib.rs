@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use proto::vm::vm_registration_client::VmRegistrationClient;
 use proto::vm::{agent_message, vm_message, Certificates, Health, Register, VmMessage};
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::sync::watch;
 use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
@@ -699,23 +699,22 @@ fn hostname() -> String {
 /// xDS port (through the east-west gateway when the VM is on another network).
 async fn relay_xds(shared: Arc<Shared>, l: tokio::net::TcpListener) {
     loop {
-        let Ok((mut local, peer)) = l.accept().await else {
+        let Ok((local, peer)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
             let r = async {
-                let mut tls =
-                    trust::tls::client_config(shared.svid.clone(), shared.agent_verifier()?)?;
-                tls.alpn_protocols = vec![meshfed_net::ALPN_H2.to_vec()];
-                let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-                let tcp = tokio::net::TcpStream::connect(shared.cfg.xds_address()).await?;
-                let _ = tcp.set_nodelay(true);
-                let name = ServerName::try_from(shared.cfg.xds_sni.clone())?;
-                let mut up = connector.connect(name, tcp).await?;
-                tokio::io::copy_bidirectional(&mut local, &mut up).await?;
-                anyhow::Ok(())
+                let tls = trust::tls::client_config(shared.svid.clone(), shared.agent_verifier()?)?;
+                let _ = local.set_nodelay(true);
+                meshfed_net::relay_tls(
+                    local,
+                    tls,
+                    &[shared.cfg.xds_address().to_string()],
+                    &shared.cfg.xds_sni,
+                )
+                .await
             }
             .await;
             if let Err(e) = r {
