@@ -4,8 +4,8 @@
 //! `410 Gone` ERROR event for a version older than the last compaction, as a real API server
 //! sends it: HTTP 200, then the event) for Services, EndpointSlices, Nodes, Pods and MCS
 //! ServiceExports, cluster-wide and per namespace; GET, create and replace (with the
-//! `resourceVersion` precondition, 409 on a stale one) for Leases and Secrets, and
-//! `TokenReview`s of the service-account tokens a test adds ([`ApiServer::add_token`]). Tests change objects through
+//! `resourceVersion` precondition, 409 on a stale one) for Leases, Secrets, ConfigMaps and
+//! MutatingWebhookConfigurations, and `TokenReview`s of the service-account tokens a test adds ([`ApiServer::add_token`]). Tests change objects through
 //! [`ApiServer::apply`] and [`ApiServer::delete`]; every object is checked against
 //! k8s-openapi's type for its kind (or meshfed's ServiceExport) so fixtures follow the API's
 //! JSON. [`ApiServer::compact`] expires every version seen so far (watchers must relist);
@@ -76,6 +76,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
     ),
     ("api/v1", "secrets", "Secret", true),
     ("api/v1", "configmaps", "ConfigMap", true),
+    (
+        "apis/admissionregistration.k8s.io/v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        false,
+    ),
 ];
 
 fn api_version(prefix: &str) -> String {
@@ -116,6 +122,10 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         }
         "Lease" => serde_json::from_value::<k8s_openapi::api::coordination::v1::Lease>(v.clone())
             .map(|_| ()),
+        "MutatingWebhookConfiguration" => serde_json::from_value::<
+            k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+        >(v.clone())
+        .map(|_| ()),
         // Custom resources without a Rust type here: the object shape the API server enforces.
         "FailoverPolicy" | "DestinationRule" | "WorkloadGroup" => {
             if v["metadata"]["name"].is_string() && v["spec"].is_object() {

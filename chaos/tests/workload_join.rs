@@ -81,8 +81,20 @@ fn serial(path: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
-#[test]
-fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
+/// The federation both tests use: east reads the API double (12-second certificates, and
+/// `east_args`), west exports `ledger`, served by grpcio over mTLS with west's SVID (clients of
+/// east.mesh only); pod `client-0` of shop runs on node-c (us-east1-c).
+struct Setup {
+    api: ApiServer,
+    _f: Federation,
+    dir: std::path::PathBuf,
+    east: Cluster,
+    _west: Cluster,
+    _srv: Proc,
+    port: u16,
+}
+
+fn setup(east_args: &[&str]) -> Setup {
     let api = ApiServer::start().unwrap();
     let f = Federation::start("5s").unwrap();
     let dir = f.root.path().to_path_buf();
@@ -102,7 +114,16 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
         "services:\n  - namespace: shop\n    name: ledger\n    ports: [{{name: grpc, port: {port}}}]\n    export: true\n    labels: {{security.istio.io/tlsMode: istio}}\n    endpoints: [{{address: 127.0.0.52, serviceAccount: ledger}}]\n"
     );
     let kc = kubeconfig.display().to_string();
-    // east issues 12-second certificates, so the test sees the pod renew.
+    // east issues 12-second certificates, so a test sees pods renew.
+    let mut args = vec![
+        "--source",
+        "kubernetes",
+        "--kubeconfig",
+        &kc,
+        "--sds-cert-ttl",
+        "12s",
+    ];
+    args.extend_from_slice(east_args);
     let east = f
         .add_cluster_with(
             "east",
@@ -111,14 +132,7 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
             "services: []\n",
             None,
             &[],
-            &[
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                &kc,
-                "--sds-cert-ttl",
-                "12s",
-            ],
+            &args,
         )
         .unwrap();
     let west = f
@@ -141,10 +155,9 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
     let server_certs = dir.join("ledger-certs");
     west.issue_svid("spiffe://west.mesh/ns/shop/sa/ledger", &server_certs)
         .unwrap();
-    let py = python().unwrap();
     let srv = Proc::spawn_program(
         "ledger",
-        &py,
+        &python().unwrap(),
         &[
             py_script("xds_echo.py").display().to_string(),
             "server".into(),
@@ -170,13 +183,68 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
         Ok(srv.log().contains("serving").then_some(()))
     })
     .unwrap();
+    Setup {
+        api,
+        _f: f,
+        dir,
+        east,
+        _west: west,
+        _srv: srv,
+        port,
+    }
+}
 
+fn results(p: &Proc) -> Vec<String> {
+    p.log()
+        .lines()
+        .filter(|l| l.starts_with("ok ") || l.starts_with("err "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// grpcio calling west's ledger through xDS, with `env` (its bootstrap) and nothing else.
+fn grpc_client(s: &Setup, name: &str, env: &[(&str, &str)]) -> Proc {
+    Proc::spawn_program(
+        name,
+        &python().unwrap(),
+        &[
+            py_script("xds_echo.py").display().to_string(),
+            "client".into(),
+            "--target".into(),
+            format!("xds:///ledger.shop.svc.cluster.local:{}", s.port),
+            "--secure".into(),
+        ],
+        env,
+        &s.dir,
+    )
+    .unwrap()
+}
+
+fn wait_calls(client: &Proc, n: usize, extra: &dyn Fn() -> String) {
+    wait_for(
+        Duration::from_secs(30),
+        "mTLS calls to west's ledger",
+        || {
+            let r = results(client);
+            Ok(
+                (r.len() >= n && r.iter().rev().take(n).all(|l| l == "ok ledger-west"))
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{:?}\n{}", results(client).last(), extra()));
+}
+
+#[test]
+fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
+    let s = setup(&[]);
+    let (api, dir, east) = (&s.api, s.dir.clone(), &s.east);
     // The pod's sidecar: token in, files out.
     let pod = dir.join("pod");
-    let tok = token(&api, &dir, "client", "shop", "client");
+    let tok = token(api, &dir, "client", "shop", "client");
     let mut sidecar = Proc::spawn(
         "workload-agent",
-        &workload_args("agent", &east, "client", "client-0", &tok, &pod),
+        &workload_args("agent", east, "client", "client-0", &tok, &pod),
         &dir,
     )
     .unwrap();
@@ -228,43 +296,14 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
 
     // The application: grpcio with the bootstrap and nothing else.
     let b = pod.join("grpc-bootstrap.json").display().to_string();
-    let client = Proc::spawn_program(
+    let client = grpc_client(
+        &s,
         "client",
-        &py,
-        &[
-            py_script("xds_echo.py").display().to_string(),
-            "client".into(),
-            "--target".into(),
-            format!("xds:///ledger.shop.svc.cluster.local:{port}"),
-            "--secure".into(),
-        ],
         &[("GRPC_XDS_BOOTSTRAP", b.as_str()), GRPC_SPIFFE_ENV],
-        &dir,
-    )
-    .unwrap();
-    let results = |p: &Proc| -> Vec<String> {
-        p.log()
-            .lines()
-            .filter(|l| l.starts_with("ok ") || l.starts_with("err "))
-            .map(str::to_string)
-            .collect()
-    };
-    wait_for(
-        Duration::from_secs(30),
-        "mTLS calls to west's ledger",
-        || {
-            let r = results(&client);
-            Ok(
-                (r.len() >= 10 && r.iter().rev().take(10).all(|l| l == "ok ledger-west"))
-                    .then_some(()),
-            )
-        },
-    )
-    .unwrap_or_else(|e| {
-        let r = results(&client);
-        panic!(
-            "{e}\n{:?}\n{}\n{}",
-            r.last(),
+    );
+    wait_calls(&client, 10, &|| {
+        format!(
+            "{}\n{}",
             sidecar.log(),
             east.agent.as_ref().map(|a| a.log()).unwrap_or_default()
         )
@@ -302,11 +341,11 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
 
     // Refusals, each named, each quick (nothing to wait for):
     // a token of another service account cannot speak for client-0 ...
-    let other = token(&api, &dir, "other", "shop", "other");
+    let other = token(api, &dir, "other", "shop", "other");
     let (code, _, err) = meshfed(
         &workload_args(
             "init",
-            &east,
+            east,
             "other",
             "client-0",
             &other,
@@ -326,7 +365,7 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
     let (code, _, err) = meshfed(
         &workload_args(
             "init",
-            &east,
+            east,
             "client",
             "client-0",
             &other,
@@ -346,7 +385,7 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
     let (code, _, err) = meshfed(
         &workload_args(
             "init",
-            &east,
+            east,
             "client",
             "client-0",
             &dir.join("missing.token"),
@@ -360,4 +399,201 @@ fn a_pod_joins_with_its_token_and_a_proxyless_client_calls_another_cluster() {
     assert_ne!(code, 0);
     assert!(err.contains("missing.token"), "{err}");
     sidecar.term().unwrap();
+}
+
+/// The env of an injected container as the kubelet would give it, for pod `pod`: downward API
+/// fields resolved; the volume paths and the agent Service's name mapped to this host (the
+/// kubelet's mounts and the cluster DNS do that in a cluster).
+fn container_env(
+    c: &serde_json::Value,
+    pod: &str,
+    agent: &str,
+    paths: &[(&str, &Path)],
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in c["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("metadata.name") => pod.to_string(),
+            Some("metadata.namespace") => "shop".into(),
+            Some("status.podIP") => "127.0.0.1".into(),
+            Some("spec.serviceAccountName") => "client".into(),
+            Some(other) => panic!("unexpected field {other}"),
+            None => e["value"].as_str().unwrap().to_string(),
+        };
+        let mut value = value.replace("meshfed-agent.meshfed-system.svc:15012", agent);
+        for (from, to) in paths {
+            value = value.replace(from, &to.display().to_string());
+        }
+        out.push((name, value));
+    }
+    out
+}
+
+#[test]
+fn a_deployment_joins_by_one_label_through_the_injection_webhook() {
+    let hook = format!("127.0.0.1:{}", free_port());
+    let s = setup(&[
+        "--injection-webhook",
+        &hook,
+        "--injection-image",
+        "registry.example/meshfed:test",
+    ]);
+    let (api, dir, east) = (&s.api, s.dir.clone(), &s.east);
+    // The operator's MutatingWebhookConfiguration, as deploy/kubernetes/agent applies it: no
+    // caBundle; the agent sets it to the cluster's roots.
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/agent/injector.yaml"),
+    )
+    .unwrap();
+    let hook_cfg: serde_json::Value = serde_saphyr_json(&manifest);
+    api.apply(hook_cfg).unwrap();
+    let roots = std::fs::read_to_string(east.dir.join("ca/root-cert.pem")).unwrap();
+    let ca_bundle = wait_for(Duration::from_secs(20), "the webhook's caBundle", || {
+        let v = api
+            .get("MutatingWebhookConfiguration", "", "meshfed-injector")
+            .unwrap();
+        let hooks = v["webhooks"].as_array().unwrap().clone();
+        let bundles: Vec<String> = hooks
+            .iter()
+            .filter_map(|w| w["clientConfig"]["caBundle"].as_str().map(str::to_string))
+            .collect();
+        Ok((bundles.len() == hooks.len()).then_some(bundles))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}",
+            east.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+        )
+    });
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for b in &ca_bundle {
+        assert_eq!(String::from_utf8(b64.decode(b).unwrap()).unwrap(), roots);
+    }
+    let ca_file = dir.join("ca-bundle.pem");
+    std::fs::write(&ca_file, &roots).unwrap();
+
+    // The API server's call: HTTPS to the Service's name, verified with the caBundle (curl).
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../federator/kube/tests/fixtures/admission-pod-create.json");
+    let hook_port = hook.rsplit(':').next().unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(&ca_file)
+        .args([
+            "--resolve",
+            &format!("meshfed-agent.meshfed-system.svc:{hook_port}:127.0.0.1"),
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", fixture.display()))
+        .arg(format!(
+            "https://meshfed-agent.meshfed-system.svc:{hook_port}/inject"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let review: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(review["response"]["allowed"], true, "{review}");
+    assert_eq!(
+        review["response"]["uid"],
+        "0d2c7b8e-9a41-4f5e-a6a4-2f1f8f3f6b11"
+    );
+    let patch: json_patch::Patch = serde_json::from_slice(
+        &b64.decode(review["response"]["patch"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let request: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&fixture).unwrap()).unwrap();
+    let mut pod = request["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+
+    // The API server stores the pod; the scheduler puts it on node-c.
+    let name = "client-7d9c6b5f4-x2x9q";
+    pod["metadata"]["name"] = json!(name);
+    pod["spec"]["nodeName"] = json!("node-c");
+    pod["status"] = json!({"podIP": "127.0.0.1"});
+    api.apply(pod.clone()).unwrap();
+
+    // The kubelet: the projected token, the init container, then the sidecar and the app.
+    let volume = dir.join("injected-pod");
+    let tokens = dir.join("injected-tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let tok = token(api, &dir, "injected", "shop", "client");
+    std::fs::copy(&tok, tokens.join("meshfed-token")).unwrap();
+    let paths = [
+        ("/var/run/meshfed", volume.as_path()),
+        ("/var/run/secrets/tokens", tokens.as_path()),
+    ];
+    let relay = format!("127.0.0.1:{}", free_port());
+    let run_env = |c: &serde_json::Value| {
+        let mut env = container_env(c, name, &east.xds_mtls, &paths);
+        // Every pod has its own loopback; here they share one.
+        env.push(("MESHFED_XDS_LISTEN".into(), relay.clone()));
+        env
+    };
+    let init = &pod["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "meshfed-init");
+    assert_eq!(init["image"], "registry.example/meshfed:test");
+    let args: Vec<String> = serde_json::from_value(init["args"].clone()).unwrap();
+    let o = Command::new(meshfed_bin().unwrap())
+        .args(&args)
+        .envs(run_env(init))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let said = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        said.contains("spiffe://east.mesh/ns/shop/sa/client until")
+            && said.contains("locality us-east1/us-east1-c"),
+        "{said}"
+    );
+    let containers = pod["spec"]["containers"].as_array().unwrap();
+    let side = containers
+        .iter()
+        .find(|c| c["name"] == "meshfed-agent")
+        .unwrap();
+    let side_args: Vec<String> = serde_json::from_value(side["args"].clone()).unwrap();
+    let env = run_env(side);
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut sidecar = Proc::spawn_program(
+        "injected-sidecar",
+        &meshfed_bin().unwrap(),
+        &side_args,
+        &env_ref,
+        &dir,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the injected sidecar", || {
+        assert!(!sidecar.exited(), "{}", sidecar.log());
+        Ok(sidecar.log().contains("xDS relay on").then_some(()))
+    })
+    .unwrap();
+    let app = containers.iter().find(|c| c["name"] == "client").unwrap();
+    let app_env = container_env(app, name, &east.xds_mtls, &paths);
+    let app_ref: Vec<(&str, &str)> = app_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert!(
+        app_ref.contains(&("GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE", "true")),
+        "{app_ref:?}"
+    );
+    let client = grpc_client(&s, "injected-client", &app_ref);
+    wait_calls(&client, 10, &|| sidecar.log());
+    let ps = meshfed_ok(&["proxy-status", "--admin", &east.admin]).unwrap();
+    assert!(
+        ps.contains(&format!("sidecar~127.0.0.1~{name}.shop")),
+        "{ps}"
+    );
+    println!("an injected pod of a Deployment called west over mTLS with only what meshfed wrote");
+    sidecar.term().unwrap();
+}
+
+/// A YAML manifest (one document) as JSON.
+fn serde_saphyr_json(yaml: &str) -> serde_json::Value {
+    serde_saphyr::from_str(yaml).unwrap()
 }

@@ -259,6 +259,7 @@ fn check_manifests(manifests: Vec<(String, Value)>, min_commands: usize) {
             "ClusterRole",
             "ClusterRoleBinding",
             "CustomResourceDefinition",
+            "MutatingWebhookConfiguration",
         ]
         .contains(&kind)
         {
@@ -492,6 +493,16 @@ fn the_agent_roles_grant_exactly_what_the_code_uses() {
             assert_eq!(r["resourceNames"], serde_json::json!([want]), "{r}");
         }
     }
+    // The webhook configuration is read and replaced by name only.
+    for r in find("ClusterRole")["rules"].as_array().unwrap() {
+        if r["resources"][0] == "mutatingwebhookconfigurations" {
+            assert_eq!(
+                r["resourceNames"],
+                serde_json::json!(["meshfed-injector"]),
+                "{r}"
+            );
+        }
+    }
     for binding in ["ClusterRoleBinding", "RoleBinding"] {
         let b = find(binding);
         assert_eq!(
@@ -566,5 +577,65 @@ fn kubectl_kustomize_renders_the_base() {
         rendered.len(),
         component_docs().len() + 1,
         "every object of the component manifests, and the CRD, is rendered"
+    );
+}
+
+/// The injection webhook's configuration calls the agent's Service on the port the agent
+/// serves it on, only for opted-in pods (its two selectors), never for the system namespaces,
+/// and carries no caBundle of its own (the agent's leader sets it).
+#[test]
+fn the_injector_calls_the_agents_webhook_for_opted_in_pods_only() {
+    let agent = docs(&deploy().join("kubernetes/agent/agent.yaml"));
+    let injector = docs(&deploy().join("kubernetes/agent/injector.yaml"));
+    let cfg = &injector[0];
+    assert_eq!(cfg["kind"], "MutatingWebhookConfiguration");
+    let sts = agent.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let args: Vec<String> =
+        serde_json::from_value(sts["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+            .unwrap();
+    let at = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+    let port: u64 = at("--injection-webhook")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let svc = agent.iter().find(|d| d["kind"] == "Service").unwrap();
+    let webhooks = cfg["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 2);
+    for w in webhooks {
+        let s = &w["clientConfig"]["service"];
+        assert_eq!(s["name"], svc["metadata"]["name"]);
+        assert_eq!(s["namespace"], svc["metadata"]["namespace"]);
+        assert_eq!(s["path"], "/inject");
+        assert!(
+            svc["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["port"] == s["port"] && p["targetPort"].as_u64() == Some(port)),
+            "the Service forwards the webhook's port to the agent's"
+        );
+        assert!(w["clientConfig"].get("caBundle").is_none());
+        assert_eq!(w["sideEffects"], "None");
+        assert_eq!(w["rules"][0]["operations"], serde_json::json!(["CREATE"]));
+        assert_eq!(w["rules"][0]["resources"], serde_json::json!(["pods"]));
+    }
+    // Opted in by the pod's label ...
+    assert_eq!(
+        webhooks[0]["objectSelector"]["matchLabels"][meshfed_kube::inject::INJECT_LABEL],
+        meshfed_kube::inject::TEMPLATE_GRPC
+    );
+    let system: Vec<String> = serde_json::from_value(
+        webhooks[0]["namespaceSelector"]["matchExpressions"][1]["values"].clone(),
+    )
+    .unwrap();
+    for ns in meshfed_kube::inject::SYSTEM_NAMESPACES {
+        assert!(system.iter().any(|s| s == ns), "{ns}");
+    }
+    // ... or by its namespace's.
+    assert_eq!(
+        webhooks[1]["namespaceSelector"]["matchLabels"][meshfed_kube::inject::INJECT_LABEL],
+        meshfed_kube::inject::TEMPLATE_GRPC
     );
 }

@@ -98,6 +98,7 @@ async fn world(dir: &Path) -> World {
         state_secret: None,
         token_audiences: vec!["istio-ca".into()],
         serving_dns_names: meshfed_agent::default_serving_dns_names(),
+        injection: None,
     })
     .await
     .unwrap();

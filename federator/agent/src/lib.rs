@@ -3,6 +3,7 @@
 //! local cache and in the in-process model ([`meshfed_model::store`]).
 
 pub mod cache;
+pub mod injection;
 pub mod metrics;
 pub mod sync;
 pub mod workload_api;
@@ -87,6 +88,8 @@ pub struct AgentConfig {
     /// DNS names in the agent's serving certificate beside its SPIFFE ID, for clients that
     /// check the name they dialled (gRPC, Go): the in-cluster Service's names by default.
     pub serving_dns_names: Vec<String>,
+    /// With the Kubernetes source: the injection webhook (`--injection-webhook`); `None` = off.
+    pub injection: Option<injection::InjectionConfig>,
 }
 
 /// The names of the agent's Service in `deploy/kubernetes/agent`.
@@ -635,6 +638,8 @@ pub struct Agent {
     pub dns_addr: Option<SocketAddr>,
     /// Where the SPIFFE bundle endpoint listens, when it runs.
     pub bundle_endpoint: Option<SocketAddr>,
+    /// Where the injection webhook listens, when it runs.
+    pub injection_webhook: Option<SocketAddr>,
     tasks: Tasks,
 }
 
@@ -1057,6 +1062,50 @@ impl Agent {
             ),
             None => None,
         };
+        let mut injection_webhook = None;
+        if let Some(icfg) = &cfg.injection {
+            let (Some(workloads), Some(client)) = (workloads.clone(), cfg.kubernetes.as_ref())
+            else {
+                anyhow::bail!("--injection-webhook needs --source kubernetes");
+            };
+            let ttl = cfg
+                .xds
+                .as_ref()
+                .map(|x| x.workload_cert_ttl)
+                .unwrap_or(time::Duration::hours(1));
+            injection_webhook = Some(
+                injection::serve(
+                    &tasks,
+                    icfg,
+                    trust::tls::server_config_no_client(serving.clone())?,
+                    td.clone(),
+                    cfg.token_audiences
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "istio-ca".into()),
+                    cfg.serving_dns_names
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "meshfed-agent.meshfed-system.svc".into()),
+                    // The projected token outlives a certificate, so a sidecar that lost its
+                    // certificate can obtain one again (the kubelet refreshes it at 80 %).
+                    ttl.whole_seconds().max(3600),
+                    inner.bundle.subscribe(),
+                    workloads,
+                )
+                .await?,
+            );
+            tasks.spawn(
+                "injection caBundle",
+                injection::keep_ca_bundle(
+                    client.0.clone(),
+                    icfg.webhook_config.clone(),
+                    td.clone(),
+                    inner.bundle.subscribe(),
+                    inner.leadership.subscribe(),
+                ),
+            );
+        }
         let vips = meshfed_dns::vips::Vips::open(
             inner.cache.tree("service_vips")?,
             cfg.vip_range_v4,
@@ -1206,6 +1255,7 @@ impl Agent {
             vm_api,
             dns_addr,
             bundle_endpoint,
+            injection_webhook,
             tasks,
         })
     }
@@ -1252,6 +1302,10 @@ fn check_listeners(cfg: &AgentConfig) -> anyhow::Result<()> {
     add("--xds-mtls", cfg.xds.as_ref().and_then(|x| x.mtls));
     add("--vm-api", cfg.vm_api);
     add("--bundle-endpoint", cfg.bundle_endpoint);
+    add(
+        "--injection-webhook",
+        cfg.injection.as_ref().map(|i| i.listen),
+    );
     if let Some(d) = cfg.dns.as_ref().filter(|d| d.listen.port() != 0) {
         tcp.push(("--dns (TCP)", d.listen));
         udp.push(("--dns (UDP)", d.listen));

@@ -17,6 +17,7 @@
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
 pub mod crds;
+pub mod inject;
 pub mod leader;
 pub mod policies;
 pub mod rbac;

@@ -50,6 +50,12 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
     // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),
+    // The injection webhook's caBundle (only the named MutatingWebhookConfiguration).
+    (
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        &["get", "update"],
+    ),
 ];
 
 /// In the agent's own namespace (a Role, not the ClusterRole): the leader election's Lease

@@ -16,42 +16,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
 
 use crate::drain::Tasks;
-use crate::TlsConn;
-
-/// HTTP/1.1, the protocol a bundle endpoint speaks.
-const ALPN_HTTP1: &[u8] = b"http/1.1";
-
-/// TLS connections accepted for axum (handshakes run beside the accept loop).
-struct TlsListener {
-    conns: tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConn;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.conns.next().await {
-                Some(Ok(c)) => {
-                    let peer = c.0.get_ref().0.peer_addr().unwrap_or(self.local);
-                    return (c, peer);
-                }
-                Some(Err(e)) => tracing::debug!(error = %e, "bundle endpoint accept failed"),
-                // The accept loop ended (the listener is gone): accept nothing more.
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
 
 async fn bundle(State(b): State<watch::Receiver<String>>) -> impl IntoResponse {
     let body = b.borrow().clone();
@@ -71,30 +37,13 @@ async fn bundle(State(b): State<watch::Receiver<String>>) -> impl IntoResponse {
 pub async fn serve(
     tasks: &Tasks,
     addr: SocketAddr,
-    mut tls: rustls::ServerConfig,
+    tls: rustls::ServerConfig,
     bundle_json: watch::Receiver<String>,
 ) -> anyhow::Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (bundle endpoint)"))?;
-    let local = l.local_addr()?;
-    tls.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
-    let listener = TlsListener {
-        conns: crate::tls_incoming_with(l, tls),
-        local,
-    };
     let app = Router::new()
         .route("/", get(bundle))
         .with_state(bundle_json);
-    tasks.spawn_server("bundle endpoint", |drain| async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(drain.drained_owned())
-            .await
-        {
-            tracing::error!(error = %e, "bundle endpoint failed");
-        }
-    });
-    Ok(local)
+    crate::https::serve(tasks, "bundle endpoint", addr, tls, app).await
 }
 
 /// The `https_web` profile's certificate: a PEM chain and key (PKCS#8, SEC1 or PKCS#1), as a
@@ -269,7 +218,7 @@ pub async fn fetch(url: &str, mut tls: rustls::ClientConfig) -> anyhow::Result<S
         .to_string();
     let port = uri.port_u16().unwrap_or(443);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    tls.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    tls.alpn_protocols = vec![crate::https::ALPN_HTTP1.to_vec()];
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         tokio::net::TcpStream::connect((host.as_str(), port)),

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod bundle_endpoint;
 pub mod drain;
+pub mod https;
 pub mod metrics;
 
 use std::net::SocketAddr;

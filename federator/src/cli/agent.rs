@@ -198,6 +198,24 @@ pub struct AgentArgs {
     /// names of the meshfed-agent Service in meshfed-system).
     #[arg(long = "serving-dns-name", value_parser = dns_name)]
     serving_dns_names: Vec<String>,
+    /// `--source kubernetes`: serve the injection webhook here (HTTPS, `POST /inject`, the
+    /// agent's serving certificate): pods labelled `meshfed.io/inject: grpc`, or created in a
+    /// namespace so labelled, get `meshfed workload init` and `meshfed workload agent`.
+    #[arg(long, value_parser = args::socket_addr)]
+    injection_webhook: Option<std::net::SocketAddr>,
+    /// The image of the injected containers (this meshfed's image).
+    #[arg(long, env = "MESHFED_IMAGE", requires = "injection_webhook")]
+    injection_image: Option<String>,
+    /// The injected containers' imagePullPolicy (default: the cluster's).
+    #[arg(long, requires = "injection_webhook", value_parser = ["Always", "IfNotPresent", "Never"])]
+    injection_image_pull_policy: Option<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the leader keeps equal to the
+    /// cluster's roots (applied by the operator; never created or deleted by the agent).
+    #[arg(long, default_value = "meshfed-injector", value_parser = args::label)]
+    injection_webhook_config: String,
+    /// The agent's mTLS xDS address as injected pods dial it.
+    #[arg(long, default_value = "meshfed-agent.meshfed-system.svc:15012", value_parser = args::host_port)]
+    injection_agent_address: String,
 }
 
 fn dns_name(s: &str) -> Result<String, String> {
@@ -505,6 +523,25 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let injection = match a.injection_webhook {
+        Some(listen) => {
+            if a.source != Source::Kubernetes {
+                anyhow::bail!("--injection-webhook is for --source kubernetes (pods and namespaces come from the API)");
+            }
+            let Some(image) = a.injection_image.clone() else {
+                anyhow::bail!("--injection-webhook needs --injection-image (or MESHFED_IMAGE): the image of the injected containers");
+            };
+            Some(meshfed_agent::injection::InjectionConfig {
+                listen,
+                image,
+                image_pull_policy: a.injection_image_pull_policy.clone(),
+                webhook_config: a.injection_webhook_config.clone(),
+                agent_address: a.injection_agent_address.clone(),
+                agent_namespace: a.leader_election_namespace.clone(),
+            })
+        }
+        None => None,
+    };
     if a.registry.is_none() && a.source == Source::File {
         anyhow::bail!("--registry FILE is required with --source file (the default)");
     }
@@ -579,12 +616,16 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         } else {
             a.serving_dns_names
         },
+        injection: injection.map(|mut i| {
+            i.listen = on(Some(i.listen)).unwrap_or(i.listen);
+            i
+        }),
     })
     .await?;
     let show =
         |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     println!(
-        "agent for cluster {} running (admin {}, xDS {} plaintext, {} mTLS, VM API {}, DNS {}, bundle endpoint {})",
+        "agent for cluster {} running (admin {}, xDS {} plaintext, {} mTLS, VM API {}, DNS {}, bundle endpoint {}, injection webhook {})",
         agent.inner.identity().file.cluster,
         show(agent.admin_addr),
         show(agent.xds_plaintext),
@@ -592,6 +633,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         show(agent.vm_api),
         show(agent.dns_addr),
         show(agent.bundle_endpoint),
+        show(agent.injection_webhook),
     );
     let tasks = agent.tasks().clone();
     Ok(super::serve_until_signal(&tasks, a.drain_timeout, agent.drain(a.drain_timeout)).await)
