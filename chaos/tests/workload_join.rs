@@ -597,3 +597,66 @@ fn a_deployment_joins_by_one_label_through_the_injection_webhook() {
 fn serde_saphyr_json(yaml: &str) -> serde_json::Value {
     serde_saphyr::from_str(yaml).unwrap()
 }
+
+/// Outside Kubernetes, a workload's first certificate is bought with a one-time token made
+/// beside the agent's state (`meshfed workload token`); the token works once.
+#[test]
+fn a_workload_outside_kubernetes_joins_with_a_one_time_token() {
+    let f = Federation::start("5s").unwrap();
+    let dir = f.root.path().to_path_buf();
+    let east = f
+        .add_cluster("east", "net1", "us-east1/us-east1-b", "services: []\n")
+        .unwrap();
+    let tok = dir.join("order.token");
+    let said = meshfed_ok(&[
+        "workload",
+        "token",
+        "--state-dir",
+        east.dir.to_str().unwrap(),
+        "--namespace",
+        "shop",
+        "--service-account",
+        "order",
+        "--ttl",
+        "5m",
+        "--out",
+        tok.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(
+        said.contains("for spiffe://east.mesh/ns/shop/sa/order"),
+        "{said}"
+    );
+    let init = |out: &str, token: &Path| {
+        let args = workload_args("init", &east, "order", "", token, &dir.join(out));
+        meshfed(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
+    };
+    let (code, out, err) = init("first", &tok);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("spiffe://east.mesh/ns/shop/sa/order until")
+            && out.contains("locality us-east1/us-east1-b"),
+        "{out}"
+    );
+    let svid = serial(&dir.join("first/cert-chain.pem"));
+    assert!(
+        svid.contains("URI:spiffe://east.mesh/ns/shop/sa/order"),
+        "{svid}"
+    );
+    // Spent: the same token buys nothing more.
+    let (code, _, err) = init("second", &tok);
+    assert_ne!(code, 0);
+    assert!(err.contains("workload token was already used"), "{err}");
+    // A Kubernetes-style token means nothing to an agent that does not read Kubernetes.
+    let sa_token = dir.join("sa.token");
+    std::fs::write(&sa_token, "eyJhbGciOiJSUzI1NiJ9.e30.c2ln").unwrap();
+    let (code, _, err) = init("third", &sa_token);
+    assert_ne!(code, 0);
+    assert!(err.contains("this agent does not read Kubernetes"), "{err}");
+    let refused = metric(
+        &east.admin,
+        "meshfed_ca_requests_total{result=\"unauthenticated\"}",
+    )
+    .unwrap();
+    assert_eq!(refused, Some(2.0));
+}

@@ -952,12 +952,16 @@ impl Agent {
                 let ca = ca.clone();
                 let signer: meshfed_identity::ca_api::Signer =
                     Arc::new(move |csr, policy, ttl| ca.sign_csr(csr, policy, ttl));
-                let tokens = cfg.kubernetes.as_ref().map(|k| {
-                    Arc::new(KubeTokens {
+                let tokens = Some(Arc::new(AgentTokens {
+                    kube: cfg.kubernetes.as_ref().map(|k| KubeTokens {
                         client: k.0.clone(),
                         audiences: cfg.token_audiences.clone(),
-                    }) as Arc<dyn meshfed_identity::ca_api::Authenticator>
-                });
+                    }),
+                    workload: meshfed_identity::workload_token::token_store(&cfg.state_dir),
+                    cluster: cluster_name.clone(),
+                    spending: tokio::sync::Mutex::new(()),
+                })
+                    as Arc<dyn meshfed_identity::ca_api::Authenticator>);
                 meshfed_identity::ca_api::CaApi::new(
                     td.clone(),
                     signer,
@@ -2132,8 +2136,52 @@ struct KubeTokens {
     audiences: Vec<String>,
 }
 
+/// The CA API's bearer tokens: meshfed workload tokens (`mwt1.`, one-time, from
+/// `meshfed workload token`) spent from the agent's state, anything else a Kubernetes
+/// service-account token (with the Kubernetes source).
+struct AgentTokens {
+    kube: Option<KubeTokens>,
+    workload: meshfed_identity::token::TokenStore,
+    cluster: String,
+    /// Check-and-spend of a workload token is one step.
+    spending: tokio::sync::Mutex<()>,
+}
+
 #[tonic::async_trait]
-impl meshfed_identity::ca_api::Authenticator for KubeTokens {
+impl meshfed_identity::ca_api::Authenticator for AgentTokens {
+    async fn authenticate(
+        &self,
+        token: &str,
+    ) -> Result<meshfed_identity::ca_api::ServiceAccount, meshfed_identity::ca_api::TokenRefusal>
+    {
+        use meshfed_identity::ca_api::{ServiceAccount, TokenRefusal};
+        use meshfed_identity::workload_token;
+        if workload_token::is_workload_token(token) {
+            let _one = self.spending.lock().await;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            return match workload_token::spend(&self.workload, token, &self.cluster, now) {
+                Ok(c) => Ok(ServiceAccount {
+                    namespace: c.namespace,
+                    name: c.service_account,
+                }),
+                Err(meshfed_identity::token::TokenError::Store(e)) => {
+                    Err(TokenRefusal::Unavailable(format!("the token store: {e}")))
+                }
+                Err(e) => Err(TokenRefusal::Invalid(e.to_string())),
+            };
+        }
+        match &self.kube {
+            Some(k) => k.authenticate(token).await,
+            None => Err(TokenRefusal::Invalid(
+                "not a meshfed workload token, and this agent does not read Kubernetes (no \
+                 TokenReview for service-account tokens)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl KubeTokens {
     async fn authenticate(
         &self,
         token: &str,

@@ -942,7 +942,102 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     );
     let eu_ca = cas.get("eu").context("eu ca")?;
     let order_id = SpiffeId::istio_workload(eu_ca.trust_domain(), "shop", "order")?;
-    let order_vm_svid = eu_ca.issue_svid(&order_id, &AnyWorkload, time::Duration::hours(1))?;
+    // order's identity comes from eu's CA API (Istio's CreateCertificate on the agent's mTLS
+    // xDS port), as a pod's does with `meshfed workload init`: here bought once with a
+    // one-time workload token (a pod sends its service-account token; the demo runs no
+    // Kubernetes), then renewed with the certificate itself.
+    let order_dir = root.join("order");
+    std::fs::create_dir_all(&order_dir)?;
+    let order_token = order_dir.join("token");
+    procs::run_once(
+        None,
+        &s(&[
+            "workload",
+            "token",
+            "--state-dir",
+            &eu_dir.display().to_string(),
+            "--namespace",
+            "shop",
+            "--service-account",
+            "order",
+            "--out",
+            &order_token.display().to_string(),
+        ]),
+    )
+    .await?;
+    let eu_ns = layout.cluster("eu")?.ns();
+    let order_certs = order_dir.join("certs");
+    let said = procs::run_once(
+        eu_ns,
+        &s(&[
+            "workload",
+            "init",
+            "--agent",
+            &format!("{eu_addr}:15012"),
+            "--trust-domain",
+            "eu.mesh",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "order",
+            "--token-file",
+            &order_token.display().to_string(),
+            "--root-cert",
+            &eu_dir.join("ca/root-cert.pem").display().to_string(),
+            "--out",
+            &order_certs.display().to_string(),
+            "--xds-listen",
+            &format!("{eu_addr}:15010"),
+            "--timeout",
+            "20s",
+        ]),
+    )
+    .await?;
+    let (order_svid, _) = trust::Svid::load(&order_certs)?;
+    let spent = procs::run_once(
+        eu_ns,
+        &s(&[
+            "workload",
+            "init",
+            "--agent",
+            &format!("{eu_addr}:15012"),
+            "--trust-domain",
+            "eu.mesh",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "order",
+            "--token-file",
+            &order_token.display().to_string(),
+            "--root-cert",
+            &eu_dir.join("ca/root-cert.pem").display().to_string(),
+            "--out",
+            &order_dir.join("again").display().to_string(),
+            "--xds-listen",
+            &format!("{eu_addr}:15010"),
+        ]),
+    )
+    .await;
+    checks.assert(
+        order_svid.id == order_id
+            && spent
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("already used")),
+        "workload identity",
+        format!(
+            "order obtained {} from eu's CA API with a one-time token ({}); the token was refused a second time: {}",
+            order_svid.id,
+            said.trim(),
+            match &spent {
+                Ok(_) => "not refused".to_string(),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    e.rsplit("error: ").next().unwrap_or_default().trim().to_string()
+                }
+            }
+        ),
+    );
+    let order_vm_svid = order_svid.clone();
     let mut eu_set = BundleSet::new();
     eu_set.insert(eu_ca.bundle())?;
     let eu_rt = &layout.cluster("eu")?.rt;
@@ -1006,7 +1101,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         let task = start_payment(&layout, c.name, ca, eu_bundle.clone(), stop.clone()).await?;
         servers.insert(c.name, (task, stop));
     }
-    let order_svid = eu_ca.issue_svid(&order_id, &AnyWorkload, time::Duration::hours(1))?;
     let counters = Arc::new(Stats::default());
     // order's proxy: an xDS client of eu's agent, in europe-west1.
     let mut order_proxy = proxy_of(&layout, "eu", "order", "europe-west1-b").await?;

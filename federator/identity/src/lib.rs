@@ -1,6 +1,7 @@
 //! How meshfed's parties prove who they are: the SPIFFE IDs of the federator, clusters, agents
 //! and VMs; a cluster's identity on disk (its federation certificate, its CA) and the join that
-//! creates it; join and VM tokens (single-use, expiring, stored as hashes).
+//! creates it; join, VM and workload tokens (single-use, expiring, stored as hashes); Istio's CA
+//! API.
 
 pub mod ca_api;
 pub mod certs;
@@ -9,3 +10,4 @@ pub mod ids;
 pub mod live_ca;
 pub mod token;
 pub mod vm_token;
+pub mod workload_token;

@@ -36,6 +36,8 @@ pub enum TokenKind {
     Join,
     /// A VM's token (`meshfed vm bootstrap`).
     Vm,
+    /// A workload's token for the CA API (`meshfed workload token`).
+    Workload,
 }
 
 impl TokenKind {
@@ -43,6 +45,7 @@ impl TokenKind {
         match self {
             TokenKind::Join => "create a new one with `meshfed federator token create`",
             TokenKind::Vm => "create a new package with `meshfed vm bootstrap` (a VM that joined once reconnects with its credential and needs no token)",
+            TokenKind::Workload => "create a new one with `meshfed workload token` (a workload that holds a valid certificate renews with it and needs no token)",
         }
     }
 }
@@ -52,6 +55,7 @@ impl std::fmt::Display for TokenKind {
         f.write_str(match self {
             TokenKind::Join => "join token",
             TokenKind::Vm => "VM token",
+            TokenKind::Workload => "workload token",
         })
     }
 }

@@ -19,6 +19,26 @@ pub enum WorkloadCommand {
     /// The same, then keep it current: renew the certificate, follow the trust bundles, relay
     /// the pod's xDS to the agent over mTLS (a sidecar).
     Agent(WorkloadAgentArgs),
+    /// Make a one-time token for a workload outside Kubernetes to obtain its first certificate
+    /// with (`meshfed workload init --token-file`), beside the agent's state.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The cluster agent's state directory.
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long, value_parser = args::label)]
+    namespace: String,
+    #[arg(long, value_parser = args::label)]
+    service_account: String,
+    /// How long the token stays valid.
+    #[arg(long, default_value = "10m", value_parser = args::std_duration)]
+    ttl: Duration,
+    /// Write the token here (0600) instead of printing it.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +140,52 @@ fn print(o: &meshfed_workload::Obtained, out: &std::path::Path) {
 
 pub async fn run(c: WorkloadCommand) -> anyhow::Result<ExitCode> {
     match c {
+        WorkloadCommand::Token(a) => {
+            let id = meshfed_identity::cluster::ClusterIdentity::load(&a.state_dir)?;
+            // The output is checked before a token exists.
+            if let Some(dir) = a.out.as_ref().and_then(|o| o.parent()) {
+                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                    anyhow::bail!("--out {}: no such directory", dir.display());
+                }
+            }
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let (rec, token) = meshfed_identity::workload_token::create(
+                &a.state_dir,
+                &id.file.cluster,
+                &id.file.trust_domain,
+                &a.namespace,
+                &a.service_account,
+                i64::try_from(a.ttl.as_secs()).unwrap_or(i64::MAX),
+                now,
+            )?;
+            match &a.out {
+                Some(path) => {
+                    if let Err(e) = trust::files::write_atomic(
+                        path,
+                        token.as_bytes(),
+                        trust::files::PRIVATE_MODE,
+                    ) {
+                        let _ = meshfed_identity::workload_token::token_store(&a.state_dir)
+                            .revoke(&rec.id);
+                        anyhow::bail!(
+                            "cannot write {} (the token was revoked): {e}",
+                            path.display()
+                        );
+                    }
+                    println!(
+                        "one-time token {} for spiffe://{}/ns/{}/sa/{} in {}, expires {}",
+                        rec.id,
+                        id.file.trust_domain,
+                        a.namespace,
+                        a.service_account,
+                        path.display(),
+                        args::rfc3339_unix(rec.expires)
+                    );
+                }
+                None => println!("{token}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         WorkloadCommand::Init(a) => {
             let timeout = a.timeout;
             let cfg = a.config();
