@@ -412,6 +412,31 @@ mod tests {
         let init = &spec.init_containers.unwrap()[0];
         assert_eq!(init.name, INIT_NAME);
         assert_eq!(init.args.as_deref().unwrap(), ["workload", "init"]);
+        let sc = init.security_context.as_ref().unwrap();
+        assert_eq!(
+            (sc.allow_privilege_escalation, sc.read_only_root_filesystem),
+            (Some(false), Some(true))
+        );
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref().unwrap(),
+            ["ALL"]
+        );
+        let names: Vec<_> = init
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        for n in [
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "POD_IP",
+            "SERVICE_ACCOUNT",
+            "MESHFED_ROOT_CERTS",
+        ] {
+            assert!(names.contains(&n), "{n}");
+        }
         let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["app", SIDECAR_NAME]);
         let app = &spec.containers[0];
@@ -432,9 +457,22 @@ mod tests {
             (m.mount_path.as_str(), m.read_only),
             (WORKLOAD_DIR, Some(true))
         );
-        let vols: Vec<_> = spec
-            .volumes
+        let volumes = spec.volumes.unwrap();
+        let sat = volumes[1]
+            .projected
+            .as_ref()
             .unwrap()
+            .sources
+            .as_ref()
+            .unwrap()[0]
+            .service_account_token
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (sat.audience.as_deref(), sat.expiration_seconds),
+            (Some("istio-ca"), Some(3600))
+        );
+        let vols: Vec<_> = volumes
             .into_iter()
             .map(|v| (v.name, v.projected.is_some(), v.empty_dir.is_some()))
             .collect();
