@@ -166,7 +166,12 @@ struct Store {
     requests: Vec<String>,
     /// Service-account tokens the double's TokenReview knows.
     tokens: BTreeMap<String, Token>,
+    /// What SubjectAccessReviews allow: (user, verb, group, resource, namespace, name).
+    grants: std::collections::BTreeSet<Grant>,
 }
+
+/// One permission the double's SubjectAccessReview allows (RBAC's answer for a user).
+pub type Grant = (String, String, String, String, String, String);
 
 /// A service-account token as the double's TokenReview judges it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -551,6 +556,49 @@ async fn token_review(sh: &Shared, req: Request) -> Response {
         .into_response()
 }
 
+const ACCESS_REVIEWS: &str = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+
+/// `POST subjectaccessreviews`: allowed exactly when [`ApiServer::allow`] granted the user
+/// that verb on that resource (as RBAC answers: no reason when nothing allows it).
+async fn access_review(sh: &Shared, req: Request) -> Response {
+    if req.method() != axum::http::Method::POST {
+        return answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", "subjectaccessreviews: create only"),
+        );
+    }
+    let review: k8s_openapi::api::authorization::v1::SubjectAccessReview =
+        match json_body(req).await {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+    let user = review.spec.user.clone().unwrap_or_default();
+    let attrs = review.spec.resource_attributes.clone().unwrap_or_default();
+    let grant = (
+        user,
+        attrs.verb.unwrap_or_default(),
+        attrs.group.unwrap_or_default(),
+        attrs.resource.unwrap_or_default(),
+        attrs.namespace.unwrap_or_default(),
+        attrs.name.unwrap_or_default(),
+    );
+    let allowed = sh.lock().grants.contains(&grant);
+    let mut out = serde_json::to_value(&review).unwrap_or_default();
+    out["apiVersion"] = json!("authorization.k8s.io/v1");
+    out["kind"] = json!("SubjectAccessReview");
+    out["status"] = if allowed {
+        json!({"allowed": true, "reason": "RBAC: allowed by the test's grant"})
+    } else {
+        json!({"allowed": false})
+    };
+    (
+        StatusCode::CREATED,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        format!("{out}\n"),
+    )
+        .into_response()
+}
+
 fn record(sh: &Shared, rv: u64, kind: &'static str, ev: &'static str, ns: String, object: Value) {
     let e = Event {
         rv,
@@ -583,6 +631,9 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
     }
     if path == TOKEN_REVIEWS {
         return token_review(&sh, req).await;
+    }
+    if path == ACCESS_REVIEWS {
+        return access_review(&sh, req).await;
     }
     let Some(r) = route(&path) else {
         return answer(
@@ -880,6 +931,27 @@ impl ApiServer {
     /// text).
     pub fn add_token(&self, token: &str, t: Token) {
         self.shared.lock().tokens.insert(token.to_string(), t);
+    }
+
+    /// Lets `user` do `verb` on `resource` (of API `group`) `namespace/name`, as far as the
+    /// double's SubjectAccessReview says.
+    pub fn allow(
+        &self,
+        user: &str,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+    ) {
+        self.shared.lock().grants.insert((
+            user.into(),
+            verb.into(),
+            group.into(),
+            resource.into(),
+            namespace.into(),
+            name.into(),
+        ));
     }
 
     /// Down: every request is answered 503 and open watches end. Up again: serves as before.

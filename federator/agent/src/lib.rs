@@ -980,6 +980,28 @@ impl Agent {
                 model: inner.model.clone(),
                 workloads: workloads.clone(),
             });
+            // VM tokens made at the running agent (`meshfed vm bootstrap --agent`), where VMs
+            // join (the VM API is on).
+            let vm_admin = cfg.vm_api.map(|_| {
+                let id = inner.identity();
+                meshfed_vm::admin::VmAdminApi::new(
+                    meshfed_vm::admin::AdminInputs {
+                        cluster: id.file.cluster.clone(),
+                        trust_domain: id.file.trust_domain.clone(),
+                        network: id.file.network.clone(),
+                        gateways: id.file.gateways.clone(),
+                        own_bundle: inner.bundle.subscribe(),
+                        registry: inner.registry.subscribe(),
+                        leading: inner.speaks.subscribe(),
+                        auth: cfg.kubernetes.as_ref().map(|k| {
+                            Arc::new(KubeAdmin {
+                                client: k.0.clone(),
+                            }) as Arc<dyn meshfed_vm::admin::AdminAuth>
+                        }),
+                    },
+                    &cfg.state_dir,
+                )
+            });
             let served = meshfed_xds::serve::start(
                 &tasks,
                 xcfg,
@@ -988,8 +1010,13 @@ impl Agent {
                 inner.policies.subscribe(),
                 Some(tls),
                 Some(Box::new(move |r: tonic::service::Routes| {
-                    r.add_service(ca_api.server())
-                        .add_service(workload_api.server())
+                    let r = r
+                        .add_service(ca_api.server())
+                        .add_service(workload_api.server());
+                    match vm_admin {
+                        Some(a) => r.add_service(a.server()),
+                        None => r,
+                    }
                 })),
             )
             .await?;
@@ -2127,6 +2154,54 @@ async fn follow_own_bundle(
                 }
             }
         }
+    }
+}
+
+/// Who may make VM tokens at the running agent: the API server says who the bearer token is
+/// (its own audience) and whether that user may update the WorkloadGroup.
+struct KubeAdmin {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubeAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeAdmin")
+    }
+}
+
+#[tonic::async_trait]
+impl meshfed_vm::admin::AdminAuth for KubeAdmin {
+    async fn authorize(
+        &self,
+        bearer: &str,
+        namespace: &str,
+        group: &str,
+    ) -> Result<String, tonic::Status> {
+        use meshfed_kube::token_review::{authenticate, may, Access, ReviewError};
+        let status = |e: ReviewError, refused: fn(String) -> tonic::Status| match e {
+            ReviewError::Refused(why) => refused(why),
+            ReviewError::Unavailable(why) => {
+                tonic::Status::unavailable(format!("the API server cannot be asked now: {why}"))
+            }
+        };
+        let user = authenticate(self.client.clone(), bearer)
+            .await
+            .map_err(|e| {
+                status(e, |w| {
+                    tonic::Status::unauthenticated(format!("the token was not accepted: {w}"))
+                })
+            })?;
+        let access = Access {
+            verb: "update",
+            group: "networking.istio.io",
+            resource: "workloadgroups",
+            namespace,
+            name: group,
+        };
+        may(self.client.clone(), &user, &access)
+            .await
+            .map_err(|e| status(e, tonic::Status::permission_denied))?;
+        Ok(user.username)
     }
 }
 

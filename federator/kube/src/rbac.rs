@@ -47,6 +47,8 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
     ("networking.istio.io", "workloadgroups", &["list", "watch"]),
     // The CA API authenticates pods by their service-account tokens.
     ("authentication.k8s.io", "tokenreviews", &["create"]),
+    // `meshfed vm bootstrap --agent`: may the caller update the WorkloadGroup?
+    ("authorization.k8s.io", "subjectaccessreviews", &["create"]),
     // Warnings on objects the source cannot use (kube-runtime's recorder: create, then patch
     // a series).
     ("events.k8s.io", "events", &["create", "patch"]),

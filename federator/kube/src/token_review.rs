@@ -107,6 +107,127 @@ pub fn judge(answer: &TokenReview, audiences: &[String]) -> Result<Reviewed, Rev
     })
 }
 
+/// Any authenticated user (a person's token as `kubectl` holds it, a service account's): who
+/// the API server says a token is, for its own audience.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub username: String,
+    pub uid: Option<String>,
+    pub groups: Vec<String>,
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// Who `token` is, for the API server's own audience (the token `kubectl` sends; a token made
+/// for another audience, such as a pod's CA token, is refused).
+pub async fn authenticate(client: kube::Client, token: &str) -> Result<User, ReviewError> {
+    let api: Api<TokenReview> = Api::all(client);
+    let req = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            audiences: None,
+        },
+        ..Default::default()
+    };
+    let answer = api
+        .create(&PostParams::default(), &req)
+        .await
+        .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
+    let Some(status) = answer.status else {
+        return Err(ReviewError::Unavailable(
+            "the answer carries no status".into(),
+        ));
+    };
+    if status.authenticated != Some(true) {
+        return Err(ReviewError::Refused(
+            status
+                .error
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| "the API server did not authenticate it".into()),
+        ));
+    }
+    let u = status.user.unwrap_or_default();
+    let username = u.username.filter(|n| !n.is_empty()).ok_or_else(|| {
+        ReviewError::Refused("the API server authenticated it but names no user".into())
+    })?;
+    Ok(User {
+        username,
+        uid: u.uid,
+        groups: u.groups.unwrap_or_default(),
+        extra: u.extra.unwrap_or_default(),
+    })
+}
+
+/// What a user asks to do, as RBAC names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access<'a> {
+    pub verb: &'a str,
+    pub group: &'a str,
+    pub resource: &'a str,
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+impl std::fmt::Display for Access<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            String::new()
+        } else {
+            format!(".{}", self.group)
+        };
+        write!(
+            f,
+            "{} {}{group} {}/{}",
+            self.verb, self.resource, self.namespace, self.name
+        )
+    }
+}
+
+/// Whether `user` may do `access`, as the API server's authorizers say (a
+/// SubjectAccessReview, authorization.k8s.io/v1): `Refused` with the API server's reason when
+/// not.
+pub async fn may(
+    client: kube::Client,
+    user: &User,
+    access: &Access<'_>,
+) -> Result<(), ReviewError> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let api: Api<SubjectAccessReview> = Api::all(client);
+    let req = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.username.clone()),
+            uid: user.uid.clone(),
+            groups: Some(user.groups.clone()),
+            extra: (!user.extra.is_empty()).then(|| user.extra.clone()),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(access.verb.into()),
+                group: Some(access.group.into()),
+                resource: Some(access.resource.into()),
+                namespace: Some(access.namespace.into()),
+                name: Some(access.name.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = api
+        .create(&PostParams::default(), &req)
+        .await
+        .map_err(|e| ReviewError::Unavailable(format!("SubjectAccessReview failed: {e}")))?;
+    let status = answer.status.unwrap_or_default();
+    if status.allowed && status.denied != Some(true) {
+        return Ok(());
+    }
+    let why = status.reason.filter(|r| !r.is_empty());
+    Err(ReviewError::Refused(format!(
+        "{} may not {access}{}",
+        user.username,
+        why.map(|w| format!(" ({w})")).unwrap_or_default()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -12,7 +12,7 @@ use meshfed_vm::package::{self, Bootstrap, Format};
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Make a VM bootstrap package (one-time token bound to a WorkloadGroup) on the cluster side.
-    Bootstrap(BootstrapArgs),
+    Bootstrap(Box<BootstrapArgs>),
     /// Run on the VM: join (first start) or reconnect, register, probe, certificates, DNS.
     Agent(VmAgentArgs),
     /// The VMs that joined this cluster, and its VM tokens.
@@ -23,19 +23,41 @@ pub enum VmCommand {
 
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
-    /// The cluster agent's state directory (its identity and CA).
-    #[arg(long)]
-    state_dir: PathBuf,
+    /// The cluster agent's state directory (its identity and CA): the token is made there.
+    #[arg(long, required_unless_present = "agent", conflicts_with = "agent")]
+    state_dir: Option<PathBuf>,
+    /// Or: make the token at the running agent (its mTLS xDS address, e.g.
+    /// meshfed-agent.meshfed-system.svc:15012 through a port-forward), which asks the API
+    /// server who --bearer-token-file is and whether it may update the WorkloadGroup.
+    #[arg(long, value_parser = args::host_port)]
+    agent: Option<String>,
+    /// With --agent: the TLS server name sent to the agent (checked by its SPIFFE ID).
+    #[arg(
+        long,
+        default_value = "meshfed-agent.meshfed-system.svc",
+        requires = "agent"
+    )]
+    agent_server_name: String,
+    /// With --agent: the cluster's roots (PEM) to check the agent with, e.g. the injection
+    /// webhook's caBundle, which the agent keeps current.
+    #[arg(long, requires = "agent")]
+    root_cert: Option<PathBuf>,
+    /// With --agent: the cluster's trust domain.
+    #[arg(long, requires = "agent", value_parser = args::trust_domain)]
+    trust_domain: Option<trust::TrustDomain>,
+    /// With --agent: a file holding your Kubernetes bearer token (`kubectl create token ...`).
+    #[arg(long, requires = "agent")]
+    bearer_token_file: Option<PathBuf>,
     /// The agent's registry file, which holds the WorkloadGroup.
     #[arg(
         long,
-        required_unless_present = "kubernetes",
-        conflicts_with = "kubernetes"
+        required_unless_present_any = ["kubernetes", "agent"],
+        conflicts_with_all = ["kubernetes", "agent"]
     )]
     registry: Option<PathBuf>,
     /// Read the WorkloadGroup from the Kubernetes API instead (networking.istio.io/v1, as the
     /// agent's `--source kubernetes` does).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "agent")]
     kubernetes: bool,
     /// With --kubernetes: the kubeconfig (default: the in-cluster configuration).
     #[arg(long, requires = "kubernetes")]
@@ -92,25 +114,73 @@ pub struct RevokeArgs {
 pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
     match c {
         VmCommand::Bootstrap(a) => {
-            let group_from = match a.registry {
-                Some(path) => package::GroupFrom::Registry(path),
-                None => package::GroupFrom::Object(Box::new(
-                    kube_group(a.kubeconfig.as_deref(), &a.namespace, &a.group).await?,
-                )),
+            let a = *a;
+            let built = match (&a.agent, &a.state_dir) {
+                (Some(agent), _) => {
+                    let need = |what: &str| anyhow::anyhow!("--agent needs {what}");
+                    let root = a
+                        .root_cert
+                        .clone()
+                        .ok_or_else(|| need("--root-cert FILE"))?;
+                    let td = a
+                        .trust_domain
+                        .clone()
+                        .ok_or_else(|| need("--trust-domain"))?;
+                    let bearer_file = a
+                        .bearer_token_file
+                        .clone()
+                        .ok_or_else(|| need("--bearer-token-file FILE"))?;
+                    let pem = std::fs::read(&root)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", root.display()))?;
+                    let roots = trust::keys::certs_from_pem(&pem, &root.display().to_string())?;
+                    let bearer = std::fs::read_to_string(&bearer_file).map_err(|e| {
+                        anyhow::anyhow!("cannot read {}: {e}", bearer_file.display())
+                    })?;
+                    package::build_at_agent(
+                        &package::Remote {
+                            agent: vec![agent.clone()],
+                            server_name: a.agent_server_name.clone(),
+                            roots,
+                            trust_domain: td,
+                            bearer,
+                            namespace: a.namespace.clone(),
+                            group: a.group.clone(),
+                        },
+                        &package::Output {
+                            out: a.out,
+                            format: a.format,
+                            token_ttl: a.token_ttl,
+                            vm_network: a.vm_network,
+                            control_plane: a.control_plane,
+                            xds: a.xds,
+                            binary: None,
+                        },
+                    )
+                    .await?
+                }
+                (None, Some(state_dir)) => {
+                    let group_from = match a.registry {
+                        Some(path) => package::GroupFrom::Registry(path),
+                        None => package::GroupFrom::Object(Box::new(
+                            kube_group(a.kubeconfig.as_deref(), &a.namespace, &a.group).await?,
+                        )),
+                    };
+                    package::build(&Bootstrap {
+                        agent_state_dir: state_dir.clone(),
+                        group_from,
+                        namespace: a.namespace.clone(),
+                        group: a.group.clone(),
+                        out: a.out,
+                        format: a.format,
+                        token_ttl: a.token_ttl,
+                        vm_network: a.vm_network,
+                        control_plane: a.control_plane,
+                        xds: a.xds,
+                        binary: None,
+                    })?
+                }
+                (None, None) => anyhow::bail!("give --state-dir DIR or --agent HOST:PORT"),
             };
-            let built = package::build(&Bootstrap {
-                agent_state_dir: a.state_dir,
-                group_from,
-                namespace: a.namespace.clone(),
-                group: a.group.clone(),
-                out: a.out,
-                format: a.format,
-                token_ttl: a.token_ttl,
-                vm_network: a.vm_network,
-                control_plane: a.control_plane,
-                xds: a.xds,
-                binary: None,
-            })?;
             println!(
                 "VM bootstrap package for WorkloadGroup {}/{}: {}",
                 a.namespace,

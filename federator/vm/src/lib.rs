@@ -3,6 +3,7 @@
 //! WorkloadEntries, VM tokens and records, and the bootstrap package. The VM's own side is
 //! `meshfed-vm-agent`. See docs/vm.md.
 
+pub mod admin;
 pub mod entries;
 pub mod package;
 pub mod server;

@@ -147,8 +147,94 @@ fn write(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the token and writes the package.
+/// What a package carries besides the binary: the cluster's facts, the group and its token.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub network: String,
+    pub namespace: String,
+    pub group: String,
+    pub service_account: String,
+    pub gateways: Vec<String>,
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The encoded one-time token.
+    pub token: String,
+    pub token_id: String,
+    pub expires: i64,
+}
+
+/// Checks the output and the addresses before a token exists.
+fn check_output(b: &Output) -> anyhow::Result<()> {
+    if let Some(n) = &b.vm_network {
+        meshfed_model::validate::check_label("--vm-network", n).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    for a in b.control_plane.iter().chain(b.xds.iter()) {
+        meshfed_model::validate::check_host_port("--control-plane", a)
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
+    if b.token_ttl.as_secs() == 0 {
+        bail!("--token-ttl must be positive");
+    }
+    match b.format {
+        Format::Dir => {
+            if b.out.exists()
+                && (!b.out.is_dir()
+                    || std::fs::read_dir(&b.out)
+                        .with_context(|| format!("cannot read {}", b.out.display()))?
+                        .next()
+                        .is_some())
+            {
+                bail!("{} exists and is not an empty directory", b.out.display());
+            }
+        }
+        Format::Tar | Format::Deb => {
+            let path = with_ext(
+                &b.out,
+                if b.format == Format::Tar {
+                    "tar.gz"
+                } else {
+                    "deb"
+                },
+            );
+            if path.exists() {
+                bail!("{} exists (it must not)", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where and how a package is written (the part of [`Bootstrap`] that is not about the token).
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub out: PathBuf,
+    pub format: Format,
+    pub token_ttl: std::time::Duration,
+    pub vm_network: Option<String>,
+    pub control_plane: Vec<String>,
+    pub xds: Option<String>,
+    pub binary: Option<PathBuf>,
+}
+
+impl Bootstrap {
+    fn output(&self) -> Output {
+        Output {
+            out: self.out.clone(),
+            format: self.format,
+            token_ttl: self.token_ttl,
+            vm_network: self.vm_network.clone(),
+            control_plane: self.control_plane.clone(),
+            xds: self.xds.clone(),
+            binary: self.binary.clone(),
+        }
+    }
+}
+
+/// Creates the token beside the agent's state and writes the package; a package that cannot
+/// be written leaves its token revoked.
 pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
+    let out = b.output();
     let id = meshfed_identity::cluster::ClusterIdentity::load(&b.agent_state_dir)?;
     let group = match &b.group_from {
         GroupFrom::Registry(path) => {
@@ -185,160 +271,44 @@ pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
         .unwrap_or_else(|| "default".into());
     let td = trust::TrustDomain::new(&id.file.trust_domain)?;
     let ca = meshfed_identity::cluster::open_cluster_ca(&b.agent_state_dir, &td, None)?;
-    if let Some(n) = &b.vm_network {
-        meshfed_model::validate::check_label("--vm-network", n).map_err(|e| anyhow::anyhow!(e))?;
-    }
-    let control_plane = if b.control_plane.is_empty() {
-        if id.file.gateways.is_empty() {
-            bail!("cluster {} has no east-west gateway; pass --control-plane HOST:PORT (the agent's VM API, port 15018 by default)", id.file.cluster);
-        }
-        id.file.gateways.clone()
-    } else {
-        b.control_plane.clone()
-    };
-    for a in control_plane.iter().chain(b.xds.iter()) {
-        meshfed_model::validate::check_host_port("--control-plane", a)
-            .map_err(|e| anyhow::anyhow!(e))?;
-    }
-    let ttl = b.token_ttl.as_secs() as i64;
-    if ttl <= 0 {
-        bail!("--token-ttl must be positive");
-    }
-    // The output is checked before a token exists.
-    match b.format {
-        Format::Dir => {
-            if b.out.exists()
-                && (!b.out.is_dir()
-                    || std::fs::read_dir(&b.out)
-                        .with_context(|| format!("cannot read {}", b.out.display()))?
-                        .next()
-                        .is_some())
-            {
-                bail!("{} exists and is not an empty directory", b.out.display());
-            }
-        }
-        Format::Tar | Format::Deb => {
-            let path = with_ext(
-                &b.out,
-                if b.format == Format::Tar {
-                    "tar.gz"
-                } else {
-                    "deb"
-                },
-            );
-            if path.exists() {
-                bail!("{} exists (it must not)", path.display());
-            }
-        }
+    check_output(&out)?;
+    if out.control_plane.is_empty() && id.file.gateways.is_empty() {
+        bail!("cluster {} has no east-west gateway; pass --control-plane HOST:PORT (the agent's VM API, port 15018 by default)", id.file.cluster);
     }
     let store = crate::token::token_store(&b.agent_state_dir);
     let binding = crate::token::binding(&b.namespace, &b.group, &sa);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let ttl = i64::try_from(out.token_ttl.as_secs()).unwrap_or(i64::MAX);
     let (rec, secret) = store.create_bound(&binding, ttl, now)?;
-    // The package is written in a closure: if it fails, the token it was to carry is revoked
-    // (a token no package holds must not stay valid).
-    let written = (|| -> anyhow::Result<PathBuf> {
-        let claims = VmClaims {
-            id: rec.id.clone(),
-            secret,
-            cluster: id.file.cluster.clone(),
-            trust_domain: id.file.trust_domain.clone(),
-            namespace: b.namespace.clone(),
-            group: b.group.clone(),
-            service_account: sa.clone(),
+    let claims = VmClaims {
+        id: rec.id.clone(),
+        secret,
+        cluster: id.file.cluster.clone(),
+        trust_domain: id.file.trust_domain.clone(),
+        namespace: b.namespace.clone(),
+        group: b.group.clone(),
+        service_account: sa.clone(),
+        expires: rec.expires,
+    };
+    let issued = Issued {
+        cluster: id.file.cluster.clone(),
+        trust_domain: id.file.trust_domain.clone(),
+        network: id.file.network.clone(),
+        namespace: b.namespace.clone(),
+        group: b.group.clone(),
+        service_account: sa,
+        gateways: id.file.gateways.clone(),
+        roots: ca.roots(),
+        token: claims.encode(),
+        token_id: rec.id.clone(),
+        expires: rec.expires,
+    };
+    match write_package(&issued, &out, now) {
+        Ok(path) => Ok(Built {
+            path,
+            token_id: rec.id,
             expires: rec.expires,
-        };
-
-        let stage = tempfile::tempdir()?;
-        let dir = stage.path();
-        let mut yaml = format!(
-                "# meshfed VM agent configuration (meshfed vm bootstrap, {})\n\
-                 cluster: {}\ntrustDomain: {}\nnetwork: {}\nnamespace: {}\ngroup: {}\nserviceAccount: {}\n\
-                 controlPlane: [{}]\n",
-                meshfed_model::entry::rfc3339(now * 1000),
-                id.file.cluster,
-                id.file.trust_domain,
-                id.file.network,
-                b.namespace,
-                b.group,
-                sa,
-                control_plane
-                    .iter()
-                    .map(|a| format!("\"{a}\""))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        if let Some(x) = &b.xds {
-            yaml.push_str(&format!("xds: \"{x}\"\n"));
-        }
-        if let Some(n) = &b.vm_network {
-            yaml.push_str(&format!("vmNetwork: {n}\n"));
-        }
-        write(&dir.join("vm.yaml"), yaml.as_bytes(), 0o644)?;
-        VmConfig::parse(&yaml, "vm.yaml").map_err(|e| anyhow::anyhow!(e))?;
-        write(
-            &dir.join("root-cert.pem"),
-            trust::keys::certs_to_pem(ca.roots().iter()).as_bytes(),
-            0o644,
-        )?;
-        write(&dir.join("join-token"), claims.encode().as_bytes(), 0o600)?;
-        // Hosts entries for the control plane's names, when it is reached by IP.
-        let mut hosts = String::new();
-        if let Some(ip) = control_plane
-            .first()
-            .and_then(|a| a.rsplit_once(':'))
-            .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
-        {
-            hosts.push_str(&format!("{ip} {VM_API_SNI} {XDS_SNI}\n"));
-        }
-        write(&dir.join("hosts"), hosts.as_bytes(), 0o644)?;
-        write(&dir.join("meshfed-vm.service"), UNIT.as_bytes(), 0o644)?;
-        write(&dir.join("install.sh"), INSTALL.as_bytes(), 0o755)?;
-        let bin = match &b.binary {
-            Some(p) => p.clone(),
-            None => std::env::current_exe().context("cannot find this meshfed binary")?,
-        };
-        std::fs::copy(&bin, dir.join("meshfed"))
-            .with_context(|| format!("cannot copy {}", bin.display()))?;
-        std::fs::set_permissions(dir.join("meshfed"), std::fs::Permissions::from_mode(0o755))?;
-
-        let path = match b.format {
-            Format::Dir => {
-                if b.out.exists() && std::fs::read_dir(&b.out)?.next().is_some() {
-                    bail!("{} exists and is not empty", b.out.display());
-                }
-                std::fs::create_dir_all(&b.out)
-                    .with_context(|| format!("cannot create {}", b.out.display()))?;
-                for e in std::fs::read_dir(dir)? {
-                    let e = e?;
-                    let to = b.out.join(e.file_name());
-                    std::fs::copy(e.path(), &to)
-                        .with_context(|| format!("cannot write {}", to.display()))?;
-                    std::fs::set_permissions(&to, e.metadata()?.permissions())?;
-                }
-                std::fs::set_permissions(&b.out, std::fs::Permissions::from_mode(0o700))?;
-                b.out.clone()
-            }
-            Format::Tar => {
-                let path = with_ext(&b.out, "tar.gz");
-                let f = create_private(&path)?;
-                let gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
-                let mut t = tar::Builder::new(gz);
-                t.mode(tar::HeaderMode::Deterministic);
-                t.append_dir_all("meshfed-vm", dir)?;
-                t.into_inner()?.finish()?;
-                path
-            }
-            Format::Deb => {
-                let path = with_ext(&b.out, "deb");
-                deb(dir, &path)?;
-                path
-            }
-        };
-        Ok(path)
-    })();
-    let path = match written {
-        Ok(p) => p,
+        }),
         Err(e) => {
             let revoked = match store.revoke(&rec.id) {
                 Ok(_) => format!("token {} was revoked", rec.id),
@@ -347,14 +317,227 @@ pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
                     rec.id
                 ),
             };
-            return Err(e.context(format!("no package was written; {revoked}")));
+            Err(e.context(format!("no package was written; {revoked}")))
+        }
+    }
+}
+
+/// A running agent to make the token at (`meshfed vm bootstrap --agent`).
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// The agent's mTLS xDS address(es).
+    pub agent: Vec<String>,
+    pub server_name: String,
+    /// The cluster's roots, to check the agent with.
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub trust_domain: trust::TrustDomain,
+    /// The caller's Kubernetes bearer token.
+    pub bearer: String,
+    pub namespace: String,
+    pub group: String,
+}
+
+fn remote_channel(r: &Remote) -> anyhow::Result<tonic::transport::Channel> {
+    let mut set = trust::BundleSet::new();
+    set.insert(trust::TrustBundle::new(
+        r.trust_domain.clone(),
+        r.roots.clone(),
+    ))?;
+    let verifier = trust::tls::SpiffeVerifier::new(
+        trust::TrustStore::new(set),
+        trust::tls::Authorizer::id(meshfed_identity::ids::agent_spiffe_id(&r.trust_domain)?),
+    );
+    let tls = trust::tls::client_config(trust::tls::SvidResolver::new(), verifier)?;
+    meshfed_net::channel(r.agent.clone(), tls, &r.server_name)
+}
+
+fn bearer<T>(r: &Remote, msg: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", r.bearer.trim())
+            .parse()
+            .context("the bearer token holds characters a header cannot carry")?,
+    );
+    Ok(req)
+}
+
+/// Makes the token at the running agent (it authenticates and authorizes the caller) and
+/// writes the package; a package that cannot be written has its token revoked there.
+pub async fn build_at_agent(r: &Remote, out: &Output) -> anyhow::Result<Built> {
+    use proto::vm::vm_admin_client::VmAdminClient;
+    check_output(out)?;
+    let mut client = VmAdminClient::new(remote_channel(r)?);
+    let resp = client
+        .create_token(bearer(
+            r,
+            proto::vm::CreateTokenRequest {
+                namespace: r.namespace.clone(),
+                group: r.group.clone(),
+                ttl_seconds: i64::try_from(out.token_ttl.as_secs()).unwrap_or(i64::MAX),
+            },
+        )?)
+        .await
+        .map_err(|s| {
+            meshfed_identity::cluster::describe_status("the agent did not make a VM token", &s)
+        })?
+        .into_inner();
+    let issued = (|| -> anyhow::Result<Issued> {
+        if resp.trust_domain != r.trust_domain.as_str() {
+            bail!(
+                "the agent's trust domain is {}, and --trust-domain says {}",
+                resp.trust_domain,
+                r.trust_domain
+            );
+        }
+        let roots = trust::keys::certs_from_pem(resp.roots_pem.as_bytes(), "the agent's roots")?;
+        for c in &roots {
+            trust::svid::check_signer(c, &r.trust_domain)
+                .map_err(|e| anyhow::anyhow!("a root from the agent is unusable: {e}"))?;
+        }
+        Ok(Issued {
+            cluster: resp.cluster.clone(),
+            trust_domain: resp.trust_domain.clone(),
+            network: resp.network.clone(),
+            namespace: r.namespace.clone(),
+            group: r.group.clone(),
+            service_account: resp.service_account.clone(),
+            gateways: resp.gateways.clone(),
+            roots,
+            token: resp.token.clone(),
+            token_id: resp.token_id.clone(),
+            expires: resp.expires,
+        })
+    })();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    match issued.and_then(|i| write_package(&i, out, now)) {
+        Ok(path) => Ok(Built {
+            path,
+            token_id: resp.token_id,
+            expires: resp.expires,
+        }),
+        Err(e) => {
+            let revoked = client
+                .revoke_token(bearer(
+                    r,
+                    proto::vm::RevokeTokenRequest {
+                        namespace: r.namespace.clone(),
+                        group: r.group.clone(),
+                        token_id: resp.token_id.clone(),
+                    },
+                )?)
+                .await;
+            let said = match revoked {
+                Ok(_) => format!("token {} was revoked at the agent", resp.token_id),
+                Err(s) => format!(
+                    "token {} could not be revoked at the agent ({}): it expires {}",
+                    resp.token_id,
+                    s.message(),
+                    meshfed_model::entry::rfc3339(resp.expires * 1000)
+                ),
+            };
+            Err(e.context(format!("no package was written; {said}")))
+        }
+    }
+}
+
+/// Writes the package for `i` into `b.out`.
+fn write_package(i: &Issued, b: &Output, now: i64) -> anyhow::Result<PathBuf> {
+    let control_plane = if b.control_plane.is_empty() {
+        if i.gateways.is_empty() {
+            bail!("cluster {} has no east-west gateway; pass --control-plane HOST:PORT (the agent's VM API, port 15018 by default)", i.cluster);
+        }
+        i.gateways.clone()
+    } else {
+        b.control_plane.clone()
+    };
+    let stage = tempfile::tempdir()?;
+    let dir = stage.path();
+    let mut yaml = format!(
+        "# meshfed VM agent configuration (meshfed vm bootstrap, {})\n\
+         cluster: {}\ntrustDomain: {}\nnetwork: {}\nnamespace: {}\ngroup: {}\nserviceAccount: {}\n\
+         controlPlane: [{}]\n",
+        meshfed_model::entry::rfc3339(now * 1000),
+        i.cluster,
+        i.trust_domain,
+        i.network,
+        i.namespace,
+        i.group,
+        i.service_account,
+        control_plane
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(x) = &b.xds {
+        yaml.push_str(&format!("xds: \"{x}\"\n"));
+    }
+    if let Some(n) = &b.vm_network {
+        yaml.push_str(&format!("vmNetwork: {n}\n"));
+    }
+    write(&dir.join("vm.yaml"), yaml.as_bytes(), 0o644)?;
+    VmConfig::parse(&yaml, "vm.yaml").map_err(|e| anyhow::anyhow!(e))?;
+    write(
+        &dir.join("root-cert.pem"),
+        trust::keys::certs_to_pem(i.roots.iter()).as_bytes(),
+        0o644,
+    )?;
+    write(&dir.join("join-token"), i.token.as_bytes(), 0o600)?;
+    // Hosts entries for the control plane's names, when it is reached by IP.
+    let mut hosts = String::new();
+    if let Some(ip) = control_plane
+        .first()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+    {
+        hosts.push_str(&format!("{ip} {VM_API_SNI} {XDS_SNI}\n"));
+    }
+    write(&dir.join("hosts"), hosts.as_bytes(), 0o644)?;
+    write(&dir.join("meshfed-vm.service"), UNIT.as_bytes(), 0o644)?;
+    write(&dir.join("install.sh"), INSTALL.as_bytes(), 0o755)?;
+    let bin = match &b.binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("cannot find this meshfed binary")?,
+    };
+    std::fs::copy(&bin, dir.join("meshfed"))
+        .with_context(|| format!("cannot copy {}", bin.display()))?;
+    std::fs::set_permissions(dir.join("meshfed"), std::fs::Permissions::from_mode(0o755))?;
+
+    let path = match b.format {
+        Format::Dir => {
+            if b.out.exists() && std::fs::read_dir(&b.out)?.next().is_some() {
+                bail!("{} exists and is not empty", b.out.display());
+            }
+            std::fs::create_dir_all(&b.out)
+                .with_context(|| format!("cannot create {}", b.out.display()))?;
+            for e in std::fs::read_dir(dir)? {
+                let e = e?;
+                let to = b.out.join(e.file_name());
+                std::fs::copy(e.path(), &to)
+                    .with_context(|| format!("cannot write {}", to.display()))?;
+                std::fs::set_permissions(&to, e.metadata()?.permissions())?;
+            }
+            std::fs::set_permissions(&b.out, std::fs::Permissions::from_mode(0o700))?;
+            b.out.clone()
+        }
+        Format::Tar => {
+            let path = with_ext(&b.out, "tar.gz");
+            let f = create_private(&path)?;
+            let gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+            let mut t = tar::Builder::new(gz);
+            t.mode(tar::HeaderMode::Deterministic);
+            t.append_dir_all("meshfed-vm", dir)?;
+            t.into_inner()?.finish()?;
+            path
+        }
+        Format::Deb => {
+            let path = with_ext(&b.out, "deb");
+            deb(dir, &path)?;
+            path
         }
     };
-    Ok(Built {
-        path,
-        token_id: rec.id,
-        expires: rec.expires,
-    })
+    Ok(path)
 }
 
 fn with_ext(out: &Path, ext: &str) -> PathBuf {

@@ -1,0 +1,202 @@
+//! `meshfed.vm.v1.VmAdmin` on the agent's mTLS xDS port: VM tokens made at the running agent,
+//! for `meshfed vm bootstrap --agent` (no shell on the agent's volume is needed). The caller is
+//! authenticated and authorized by an [`AdminAuth`] (with the Kubernetes source: the API server
+//! says who the bearer token is and whether that user may update the WorkloadGroup). Tokens
+//! are made in the same store the VM API spends them from, so only the replica that serves VMs
+//! answers.
+
+use std::sync::Arc;
+
+use proto::vm::vm_admin_server::{VmAdmin, VmAdminServer};
+use proto::vm::{CreateTokenRequest, CreateTokenResponse, RevokeTokenRequest, RevokeTokenResponse};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::token::{self, VmClaims};
+use meshfed_identity::token::TokenStore;
+use meshfed_model::registry::Registry;
+
+/// The longest a token made here may live.
+pub const MAX_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// Who may make tokens for a group.
+#[tonic::async_trait]
+pub trait AdminAuth: Send + Sync + std::fmt::Debug {
+    /// The caller behind `bearer`, when it may update WorkloadGroup `namespace/group`; else
+    /// the status to answer (UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE).
+    async fn authorize(&self, bearer: &str, namespace: &str, group: &str)
+        -> Result<String, Status>;
+}
+
+/// What the service reads.
+#[derive(Debug, Clone)]
+pub struct AdminInputs {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub network: String,
+    pub gateways: Vec<String>,
+    /// The cluster CA's bundle JSON (the roots a package carries).
+    pub own_bundle: watch::Receiver<String>,
+    /// The WorkloadGroups (the last good registry, with the Kubernetes API's groups).
+    pub registry: watch::Receiver<Option<Arc<Registry>>>,
+    /// Whether this replica serves VMs.
+    pub leading: watch::Receiver<bool>,
+    /// `None`: this agent cannot authenticate callers (no Kubernetes source).
+    pub auth: Option<Arc<dyn AdminAuth>>,
+}
+
+#[derive(Debug)]
+pub struct VmAdminApi {
+    inputs: AdminInputs,
+    tokens: TokenStore,
+}
+
+impl VmAdminApi {
+    pub fn new(inputs: AdminInputs, state_dir: &std::path::Path) -> Self {
+        VmAdminApi {
+            inputs,
+            tokens: token::token_store(state_dir),
+        }
+    }
+
+    pub fn server(self) -> VmAdminServer<Self> {
+        VmAdminServer::new(self)
+    }
+
+    /// The caller, authorized for the group; and the group's service account.
+    async fn check<T>(
+        &self,
+        req: &Request<T>,
+        namespace: &str,
+        group: &str,
+    ) -> Result<(String, String), Status> {
+        if !*self.inputs.leading.borrow() {
+            return Err(Status::unavailable(
+                "this agent replica does not serve VMs (it is not the cluster's leader); connect \
+                 again (the Service reaches the leader)",
+            ));
+        }
+        let Some(auth) = &self.inputs.auth else {
+            return Err(Status::failed_precondition(
+                "this agent does not read Kubernetes, so it cannot tell who is asking: make the \
+                 package where the agent's state directory is (meshfed vm bootstrap --state-dir)",
+            ));
+        };
+        let bearer = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "no credential: send a Kubernetes bearer token as `authorization: Bearer \
+                     <token>` (kubectl create token ...)",
+                )
+            })?;
+        let who = auth.authorize(bearer, namespace, group).await?;
+        let reg = self.inputs.registry.borrow().clone().ok_or_else(|| {
+            Status::unavailable("the cluster's registry has not loaded; try again")
+        })?;
+        let g = reg.group(namespace, group).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "WorkloadGroup {namespace}/{group} does not exist in cluster {}",
+                self.inputs.cluster
+            ))
+        })?;
+        let sa = g
+            .spec
+            .template
+            .service_account
+            .as_ref()
+            .map(|s| s.0.clone())
+            .unwrap_or_else(|| "default".into());
+        Ok((who, sa))
+    }
+}
+
+fn store_status(e: meshfed_identity::token::TokenError) -> Status {
+    use meshfed_identity::token::TokenError;
+    match e {
+        TokenError::Store(m) => Status::internal(m),
+        TokenError::Unknown(_) => Status::not_found(e.to_string()),
+        other => Status::invalid_argument(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl VmAdmin for VmAdminApi {
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let (namespace, group, ttl) = {
+            let r = req.get_ref();
+            (r.namespace.clone(), r.group.clone(), r.ttl_seconds)
+        };
+        if !(1..=MAX_TTL_SECS).contains(&ttl) {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds {ttl} is out of range (1 .. {MAX_TTL_SECS})"
+            )));
+        }
+        let (who, sa) = self.check(&req, &namespace, &group).await?;
+        let td = trust::TrustDomain::new(&self.inputs.trust_domain)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let own = self.inputs.own_bundle.borrow().clone();
+        let bundle = trust::TrustBundle::from_json(td, &own, "the cluster's bundle")
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (rec, secret) = self
+            .tokens
+            .create_bound(&token::binding(&namespace, &group, &sa), ttl, now)
+            .map_err(store_status)?;
+        let claims = VmClaims {
+            id: rec.id.clone(),
+            secret,
+            cluster: self.inputs.cluster.clone(),
+            trust_domain: self.inputs.trust_domain.clone(),
+            namespace: namespace.clone(),
+            group: group.clone(),
+            service_account: sa.clone(),
+            expires: rec.expires,
+        };
+        tracing::info!(user = %who, group = %format!("{namespace}/{group}"), token = %rec.id, "VM token created");
+        Ok(Response::new(CreateTokenResponse {
+            token: claims.encode(),
+            token_id: rec.id,
+            expires: rec.expires,
+            cluster: self.inputs.cluster.clone(),
+            trust_domain: self.inputs.trust_domain.clone(),
+            network: self.inputs.network.clone(),
+            service_account: sa,
+            gateways: self.inputs.gateways.clone(),
+            roots_pem: trust::keys::certs_to_pem(bundle.x509_authorities.iter()),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let (namespace, group, id) = {
+            let r = req.get_ref();
+            (r.namespace.clone(), r.group.clone(), r.token_id.clone())
+        };
+        let (who, sa) = self.check(&req, &namespace, &group).await?;
+        let rec = self
+            .tokens
+            .get(&id)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no VM token {id}")))?;
+        // A caller may revoke only tokens of the group it was authorized for.
+        if rec.cluster != token::binding(&namespace, &group, &sa) {
+            return Err(Status::permission_denied(format!(
+                "VM token {id} is not for WorkloadGroup {namespace}/{group}"
+            )));
+        }
+        self.tokens.revoke(&id).map_err(store_status)?;
+        tracing::info!(user = %who, token = %id, "VM token revoked");
+        Ok(Response::new(RevokeTokenResponse {}))
+    }
+}
