@@ -200,3 +200,119 @@ impl VmAdmin for VmAdminApi {
         Ok(Response::new(RevokeTokenResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[derive(Debug)]
+    struct Allow(&'static str);
+
+    #[tonic::async_trait]
+    impl AdminAuth for Allow {
+        async fn authorize(&self, bearer: &str, _: &str, group: &str) -> Result<String, Status> {
+            if bearer == self.0 && group == "payment-vm" {
+                Ok("ops-admin".into())
+            } else {
+                Err(Status::permission_denied("ops-admin may not update it"))
+            }
+        }
+    }
+
+    fn api(dir: &std::path::Path, leading: bool, auth: bool) -> VmAdminApi {
+        let ca = trust::ca::CertificateAuthority::create(
+            trust::TrustDomain::new("east.mesh").unwrap(),
+            trust::ca::CaOptions::default(),
+        )
+        .unwrap();
+        let reg = Registry::parse(
+            "services: []\nworkloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {name: payment-vm, namespace: shop}\n    spec: {template: {serviceAccount: payment}}\n",
+            "test",
+        )
+        .unwrap();
+        VmAdminApi::new(
+            AdminInputs {
+                cluster: "east".into(),
+                trust_domain: "east.mesh".into(),
+                network: "net1".into(),
+                gateways: vec!["gw.example:15443".into()],
+                own_bundle: watch::channel(ca.bundle().to_json().unwrap()).1,
+                registry: watch::channel(Some(Arc::new(reg))).1,
+                leading: watch::channel(leading).1,
+                auth: auth.then(|| Arc::new(Allow("secret")) as Arc<dyn AdminAuth>),
+            },
+            dir,
+        )
+    }
+
+    fn req(bearer: Option<&str>, ttl: i64) -> Request<CreateTokenRequest> {
+        let mut r = Request::new(CreateTokenRequest {
+            namespace: "shop".into(),
+            group: "payment-vm".into(),
+            ttl_seconds: ttl,
+        });
+        if let Some(b) = bearer {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {b}").parse().unwrap());
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn tokens_for_authorized_callers_of_the_leader_only() {
+        let d = tempfile::tempdir().unwrap();
+        let a = api(d.path(), true, true);
+        let ok = a
+            .create_token(req(Some("secret"), 600))
+            .await
+            .unwrap()
+            .into_inner();
+        let claims = VmClaims::decode(&ok.token).unwrap();
+        assert_eq!(
+            (claims.group.as_str(), ok.service_account.as_str()),
+            ("payment-vm", "payment")
+        );
+        assert!(ok.roots_pem.contains("BEGIN CERTIFICATE"));
+        let code = |r: Result<Response<CreateTokenResponse>, Status>| r.unwrap_err().code();
+        assert_eq!(
+            code(a.create_token(req(None, 600)).await),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(a.create_token(req(Some("guess"), 600)).await),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            code(a.create_token(req(Some("secret"), 0)).await),
+            tonic::Code::InvalidArgument
+        );
+        // A follower, and an agent that cannot authenticate anyone.
+        let follower = api(d.path(), false, true);
+        assert_eq!(
+            code(follower.create_token(req(Some("secret"), 600)).await),
+            tonic::Code::Unavailable
+        );
+        let blind = api(d.path(), true, false);
+        assert_eq!(
+            code(blind.create_token(req(Some("secret"), 600)).await),
+            tonic::Code::FailedPrecondition
+        );
+        // Revocation: only of the group's tokens.
+        let mut r = Request::new(RevokeTokenRequest {
+            namespace: "shop".into(),
+            group: "payment-vm".into(),
+            token_id: ok.token_id.clone(),
+        });
+        r.metadata_mut()
+            .insert("authorization", "Bearer secret".parse().unwrap());
+        a.revoke_token(r).await.unwrap();
+        assert!(
+            token::token_store(d.path())
+                .get(&ok.token_id)
+                .unwrap()
+                .unwrap()
+                .revoked
+        );
+    }
+}
