@@ -905,6 +905,44 @@ pub fn grpc_bootstrap(
     Ok(path.to_path_buf())
 }
 
+/// A grpcio echo server (`py/xds_echo.py server`) answering as `label` on `addrs`; with `tls`
+/// (a directory with `cert-chain.pem` and `key.pem`, and a roots file) it takes mTLS clients
+/// whose certificates chain to those roots only. Returns once it serves.
+pub fn echo_server(
+    name: &str,
+    label: &str,
+    addrs: &[String],
+    tls: Option<(&Path, &Path)>,
+    dir: &Path,
+) -> Result<Proc> {
+    let mut args = vec![
+        py_script("xds_echo.py").display().to_string(),
+        "server".into(),
+        "--name".into(),
+        label.into(),
+    ];
+    for a in addrs {
+        args.push("--addr".into());
+        args.push(a.clone());
+    }
+    if let Some((certs, roots)) = tls {
+        args.extend([
+            "--cert".into(),
+            certs.join("cert-chain.pem").display().to_string(),
+            "--key".into(),
+            certs.join("key.pem").display().to_string(),
+            "--roots".into(),
+            roots.display().to_string(),
+        ]);
+    }
+    let p = Proc::spawn_program(name, &python()?, &args, &[], dir)?;
+    wait_for(Duration::from_secs(30), &format!("server {name}"), || {
+        Ok(p.log().contains("serving").then_some(()))
+    })
+    .with_context(|| p.log())?;
+    Ok(p)
+}
+
 /// A registry YAML with `n` exported services named `<prefix>-<i>` in namespace `shop`.
 pub fn registry_yaml(prefix: &str, n: usize, port: u16, extra: &str) -> String {
     let mut s = String::from("services:\n");

@@ -59,35 +59,16 @@ fn federator_down_cross_cluster_calls_never_fail() {
     west.issue_svid("spiffe://west.mesh/ns/shop/sa/ledger", &server_certs)
         .unwrap();
     let py = python().unwrap();
-    let srv = Proc::spawn_program(
+    // The server takes clients of east.mesh only: east's roots, as west's agent wrote them from
+    // the bundle it received.
+    let east_roots = west.dir.join("xds/roots/east.mesh.pem");
+    let srv = echo_server(
         "ledger",
-        &py,
-        &[
-            py_script("xds_echo.py").display().to_string(),
-            "server".into(),
-            "--name".into(),
-            "ledger-west".into(),
-            "--addr".into(),
-            format!("127.0.0.51:{port}"),
-            "--cert".into(),
-            server_certs.join("cert-chain.pem").display().to_string(),
-            "--key".into(),
-            server_certs.join("key.pem").display().to_string(),
-            // The server takes clients of east.mesh only: east's roots, as west's agent wrote
-            // them from the bundle it received.
-            "--roots".into(),
-            west.dir
-                .join("xds/roots/east.mesh.pem")
-                .display()
-                .to_string(),
-        ],
-        &[],
+        "ledger-west",
+        &[format!("127.0.0.51:{port}")],
+        Some((&server_certs, &east_roots)),
         &dir,
     )
-    .unwrap();
-    wait_for(Duration::from_secs(30), "the ledger server", || {
-        Ok(srv.log().contains("serving").then_some(()))
-    })
     .unwrap();
 
     let client_certs = dir.join("client-certs");

@@ -23,32 +23,7 @@ fn policy(spec: &str) -> String {
 }
 
 fn server(name: &str, addrs: &[String], tls: Option<(&Path, &Path)>, dir: &Path) -> Proc {
-    let mut args = vec![
-        py_script("xds_echo.py").display().to_string(),
-        "server".into(),
-        "--name".into(),
-        name.into(),
-    ];
-    for a in addrs {
-        args.push("--addr".into());
-        args.push(a.clone());
-    }
-    if let Some((certs, roots)) = tls {
-        args.extend([
-            "--cert".into(),
-            certs.join("cert-chain.pem").display().to_string(),
-            "--key".into(),
-            certs.join("key.pem").display().to_string(),
-            "--roots".into(),
-            roots.display().to_string(),
-        ]);
-    }
-    let p = Proc::spawn_program(name, &python().unwrap(), &args, &[], dir).unwrap();
-    wait_for(Duration::from_secs(20), &format!("server {name}"), || {
-        Ok(p.log().contains("serving").then_some(()))
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
-    p
+    echo_server(name, name, addrs, tls, dir).unwrap()
 }
 
 /// With openssl and a CA's signing key (Istio cacerts layout: ca-cert.pem, ca-key.pem,

@@ -967,9 +967,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     .await?;
     let eu_ns = layout.cluster("eu")?.ns();
     let order_certs = order_dir.join("certs");
-    let said = procs::run_once(
-        eu_ns,
-        &s(&[
+    let init = |out: &std::path::Path| {
+        s(&[
             "workload",
             "init",
             "--agent",
@@ -985,39 +984,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             "--root-cert",
             &eu_dir.join("ca/root-cert.pem").display().to_string(),
             "--out",
-            &order_certs.display().to_string(),
+            &out.display().to_string(),
             "--xds-listen",
             &format!("{eu_addr}:15010"),
             "--timeout",
             "20s",
-        ]),
-    )
-    .await?;
+        ])
+    };
+    let said = procs::run_once(eu_ns, &init(&order_certs)).await?;
     let (order_svid, _) = trust::Svid::load(&order_certs)?;
-    let spent = procs::run_once(
-        eu_ns,
-        &s(&[
-            "workload",
-            "init",
-            "--agent",
-            &format!("{eu_addr}:15012"),
-            "--trust-domain",
-            "eu.mesh",
-            "--namespace",
-            "shop",
-            "--service-account",
-            "order",
-            "--token-file",
-            &order_token.display().to_string(),
-            "--root-cert",
-            &eu_dir.join("ca/root-cert.pem").display().to_string(),
-            "--out",
-            &order_dir.join("again").display().to_string(),
-            "--xds-listen",
-            &format!("{eu_addr}:15010"),
-        ]),
-    )
-    .await;
+    // The token was spent: a second use is refused.
+    let spent = procs::run_once(eu_ns, &init(&order_dir.join("again"))).await;
     checks.assert(
         order_svid.id == order_id
             && spent

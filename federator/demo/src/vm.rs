@@ -44,13 +44,15 @@ pub fn package(
         group_from: meshfed_vm::package::GroupFrom::Registry(eu_dir.join("registry.yaml")),
         namespace: "shop".into(),
         group: "stock-vm".into(),
-        out: pkg.clone(),
-        format: meshfed_vm::package::Format::Dir,
-        token_ttl: Duration::from_secs(3600),
-        vm_network: None,
-        control_plane: vec![gateway.to_string()],
-        xds: None,
-        binary: None,
+        output: meshfed_vm::package::Output {
+            out: pkg.clone(),
+            format: meshfed_vm::package::Format::Dir,
+            token_ttl: Duration::from_secs(3600),
+            vm_network: None,
+            control_plane: vec![gateway.to_string()],
+            xds: None,
+            binary: None,
+        },
     })?;
     // The VM's filesystem is this machine's: its FHS paths move under the demo's directory.
     let vm = root.join("vm");

@@ -254,6 +254,16 @@ impl WorkloadGroup {
     pub fn key(&self) -> String {
         crate::validate::service_key(&self.metadata.namespace.0, &self.metadata.name.0)
     }
+
+    /// The service account its VMs run as (the template's; Kubernetes' `default` without one).
+    pub fn service_account(&self) -> String {
+        self.spec
+            .template
+            .service_account
+            .as_ref()
+            .map(|s| s.0.clone())
+            .unwrap_or_else(|| "default".into())
+    }
 }
 
 impl WorkloadEntry {

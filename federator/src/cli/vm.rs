@@ -115,6 +115,15 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
     match c {
         VmCommand::Bootstrap(a) => {
             let a = *a;
+            let output = package::Output {
+                out: a.out.clone(),
+                format: a.format,
+                token_ttl: a.token_ttl,
+                vm_network: a.vm_network.clone(),
+                control_plane: a.control_plane.clone(),
+                xds: a.xds.clone(),
+                binary: None,
+            };
             let built = match (&a.agent, &a.state_dir) {
                 (Some(agent), _) => {
                     let need = |what: &str| anyhow::anyhow!("--agent needs {what}");
@@ -146,15 +155,7 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
                             namespace: a.namespace.clone(),
                             group: a.group.clone(),
                         },
-                        &package::Output {
-                            out: a.out,
-                            format: a.format,
-                            token_ttl: a.token_ttl,
-                            vm_network: a.vm_network,
-                            control_plane: a.control_plane,
-                            xds: a.xds,
-                            binary: None,
-                        },
+                        &output,
                     )
                     .await?
                 }
@@ -170,13 +171,7 @@ pub async fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
                         group_from,
                         namespace: a.namespace.clone(),
                         group: a.group.clone(),
-                        out: a.out,
-                        format: a.format,
-                        token_ttl: a.token_ttl,
-                        vm_network: a.vm_network,
-                        control_plane: a.control_plane,
-                        xds: a.xds,
-                        binary: None,
+                        output,
                     })?
                 }
                 (None, None) => anyhow::bail!("give --state-dir DIR or --agent HOST:PORT"),

@@ -96,22 +96,12 @@ impl VmAdminApi {
                 )
             })?;
         let who = auth.authorize(bearer, namespace, group).await?;
-        let reg = self.inputs.registry.borrow().clone().ok_or_else(|| {
-            Status::unavailable("the cluster's registry has not loaded; try again")
-        })?;
-        let g = reg.group(namespace, group).ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "WorkloadGroup {namespace}/{group} does not exist in cluster {}",
-                self.inputs.cluster
-            ))
-        })?;
-        let sa = g
-            .spec
-            .template
-            .service_account
-            .as_ref()
-            .map(|s| s.0.clone())
-            .unwrap_or_else(|| "default".into());
+        let sa = crate::server::group_service_account(
+            self.inputs.registry.borrow().as_deref(),
+            namespace,
+            group,
+            &self.inputs.cluster,
+        )?;
         Ok((who, sa))
     }
 }

@@ -43,15 +43,7 @@ pub struct Bootstrap {
     pub group_from: GroupFrom,
     pub namespace: String,
     pub group: String,
-    pub out: PathBuf,
-    pub format: Format,
-    pub token_ttl: std::time::Duration,
-    pub vm_network: Option<String>,
-    /// VM API addresses; default: the cluster's east-west gateways.
-    pub control_plane: Vec<String>,
-    /// mTLS xDS address; default: the first control-plane address.
-    pub xds: Option<String>,
-    pub binary: Option<PathBuf>,
+    pub output: Output,
 }
 
 /// What was produced.
@@ -205,36 +197,24 @@ fn check_output(b: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where and how a package is written (the part of [`Bootstrap`] that is not about the token).
+/// Where and how a package is written, whoever makes its token.
 #[derive(Debug, Clone)]
 pub struct Output {
     pub out: PathBuf,
     pub format: Format,
     pub token_ttl: std::time::Duration,
     pub vm_network: Option<String>,
+    /// VM API addresses; default: the cluster's east-west gateways.
     pub control_plane: Vec<String>,
+    /// mTLS xDS address; default: the first control-plane address.
     pub xds: Option<String>,
     pub binary: Option<PathBuf>,
-}
-
-impl Bootstrap {
-    fn output(&self) -> Output {
-        Output {
-            out: self.out.clone(),
-            format: self.format,
-            token_ttl: self.token_ttl,
-            vm_network: self.vm_network.clone(),
-            control_plane: self.control_plane.clone(),
-            xds: self.xds.clone(),
-            binary: self.binary.clone(),
-        }
-    }
 }
 
 /// Creates the token beside the agent's state and writes the package; a package that cannot
 /// be written leaves its token revoked.
 pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
-    let out = b.output();
+    let out = &b.output;
     let id = meshfed_identity::cluster::ClusterIdentity::load(&b.agent_state_dir)?;
     let group = match &b.group_from {
         GroupFrom::Registry(path) => {
@@ -262,16 +242,10 @@ pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
             (**g).clone()
         }
     };
-    let sa = group
-        .spec
-        .template
-        .service_account
-        .as_ref()
-        .map(|s| s.0.clone())
-        .unwrap_or_else(|| "default".into());
+    let sa = group.service_account();
     let td = trust::TrustDomain::new(&id.file.trust_domain)?;
     let ca = meshfed_identity::cluster::open_cluster_ca(&b.agent_state_dir, &td, None)?;
-    check_output(&out)?;
+    check_output(out)?;
     if out.control_plane.is_empty() && id.file.gateways.is_empty() {
         bail!("cluster {} has no east-west gateway; pass --control-plane HOST:PORT (the agent's VM API, port 15018 by default)", id.file.cluster);
     }
@@ -303,7 +277,7 @@ pub fn build(b: &Bootstrap) -> anyhow::Result<Built> {
         token_id: rec.id.clone(),
         expires: rec.expires,
     };
-    match write_package(&issued, &out, now) {
+    match write_package(&issued, out, now) {
         Ok(path) => Ok(Built {
             path,
             token_id: rec.id,

@@ -56,6 +56,24 @@ fn split_roots(
     (own, peers)
 }
 
+/// The service account of WorkloadGroup `namespace/group` in the last good registry, or why
+/// there is none.
+pub(crate) fn group_service_account(
+    reg: Option<&Registry>,
+    namespace: &str,
+    group: &str,
+    cluster: &str,
+) -> Result<String, Status> {
+    let reg =
+        reg.ok_or_else(|| Status::unavailable("the cluster's registry has not loaded; try again"))?;
+    let g = reg.group(namespace, group).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "WorkloadGroup {namespace}/{group} does not exist in cluster {cluster}"
+        ))
+    })?;
+    Ok(g.service_account())
+}
+
 /// How often an attached VM's record is read for a revocation.
 const REVOCATION_CHECK: Duration = Duration::from_secs(2);
 
@@ -152,21 +170,12 @@ impl VmApi {
     }
 
     fn group_sa(&self, namespace: &str, group: &str) -> Result<String, Status> {
-        let reg = self.registry().ok_or_else(|| {
-            Status::unavailable("the cluster's registry has not loaded; try again")
-        })?;
-        let g = reg.group(namespace, group).ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "WorkloadGroup {namespace}/{group} does not exist in cluster {}",
-                self.inputs.cluster
-            ))
-        })?;
-        Ok(g.spec
-            .template
-            .service_account
-            .as_ref()
-            .map(|s| s.0.clone())
-            .unwrap_or_else(|| "default".into()))
+        group_service_account(
+            self.registry().as_deref(),
+            namespace,
+            group,
+            &self.inputs.cluster,
+        )
     }
 
     fn registry(&self) -> Option<Arc<Registry>> {
