@@ -6,6 +6,7 @@
 //! (`target/<profile>/meshfed`), which `cargo nextest run --workspace` builds.
 
 pub mod apiserver;
+pub mod browser;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

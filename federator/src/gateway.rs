@@ -174,6 +174,7 @@ pub async fn start(
                         Ok(status_json(&routes, g.open_connections(), *up.borrow()))
                     }),
                     extra: None,
+                    ui: None,
                     probe: o.probe,
                 },
             )

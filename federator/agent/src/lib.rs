@@ -1183,6 +1183,7 @@ impl Agent {
                                 .xds
                                 .as_ref()
                                 .map(|x| meshfed_xds::debug::router(x.clone())),
+                            ui: None,
                             probe: cfg.probe,
                         },
                     )

@@ -715,6 +715,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         federator.pid().unwrap_or_default(),
         fr.federation_trust_domain
     );
+    println!(
+        "dashboard   http://{fed_admin}/ui/  (live: open it in a browser while the demo runs)"
+    );
 
     // The clusters: one-time token, join, agent, gateway.
     let mut clusters: BTreeMap<&str, ClusterRun> = BTreeMap::new();
@@ -1500,6 +1503,26 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             "the federator reports west {west_lease}; `meshfed status --admin {fed_admin}` exits 3 (a member is stale) with: {}",
             fs.peer_problems().join("; ")
         ),
+    );
+
+    // The dashboard's live stream says the same: what an open page shows now.
+    let shown = meshfed_net::dashboard::first_status(&fed_admin).await;
+    let west_shown = shown
+        .as_ref()
+        .ok()
+        .and_then(|s| s["clusters"].as_array().cloned())
+        .and_then(|c| c.into_iter().find(|c| c["cluster"] == "west"))
+        .map(|c| c["lease"].as_str().unwrap_or_default().to_string());
+    checks.assert(
+        west_shown.as_deref() == Some("stale"),
+        "dashboard",
+        match &shown {
+            Ok(_) => format!(
+                "http://{fed_admin}/ui/ answers and its event stream shows west {}",
+                west_shown.as_deref().unwrap_or("missing")
+            ),
+            Err(e) => format!("http://{fed_admin}/ui/events: {e:#}"),
+        },
     );
 
     println!("\nphase 3: west comes back");

@@ -7,3 +7,6 @@ pub mod server;
 pub mod status;
 
 pub use server::{Federator, FederatorConfig};
+
+/// The federation dashboard (`/ui/` on the federator's admin server): one page, embedded.
+pub const FEDERATION_PAGE: &str = include_str!("../ui/federation.html");

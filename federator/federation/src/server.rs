@@ -432,6 +432,7 @@ impl Hub {
                 last_heartbeat_age_ms: age,
                 exports,
                 imports: self.store.import_count(&r.id).map_err(store_status)?,
+                imports_from: self.store.import_counts(&r.id).map_err(store_status)?,
                 exports_acked_version: r.exports_acked_version,
                 imports_acked_revision: acked,
                 import_lag: head.saturating_sub(acked),
@@ -589,6 +590,7 @@ impl Federator {
                                     .map_err(|s| s.message().to_string())
                             }),
                             extra: None,
+                            ui: Some(crate::FEDERATION_PAGE),
                             probe: hub.cfg.probe,
                         },
                     )

@@ -17,6 +17,9 @@ pub struct ClusterReport {
     pub last_heartbeat_age_ms: Option<u64>,
     pub exports: u64,
     pub imports: u64,
+    /// The services it may see, by exporting cluster (the dashboard's import edges).
+    #[serde(default)]
+    pub imports_from: std::collections::BTreeMap<String, u64>,
     pub exports_acked_version: u64,
     pub imports_acked_revision: u64,
     pub import_lag: u64,

@@ -68,6 +68,9 @@ pub struct AdminConfig {
     pub status: StatusFn,
     /// More routes (the agent's `/debug/...` xDS endpoints).
     pub extra: Option<Router>,
+    /// The dashboard page served at `/ui/` (with `/ui/events`, the status as server-sent
+    /// events); `None`: no dashboard.
+    pub ui: Option<&'static str>,
     /// A second listener with `/healthz`, `/readyz` and `/metrics` only.
     pub probe: Option<SocketAddr>,
 }
@@ -125,6 +128,10 @@ pub async fn serve(tasks: &Tasks, cfg: AdminConfig) -> anyhow::Result<AdminAddrs
         .with_state(state.clone());
     let app = match cfg.extra {
         Some(r) => app.merge(r),
+        None => app,
+    };
+    let app = match cfg.ui {
+        Some(page) => app.merge(crate::dashboard::routes(page, state.status.clone())),
         None => app,
     };
     tasks.spawn_admin("admin server", move |stop| async move {
@@ -209,6 +216,7 @@ mod tests {
                 registry: Arc::new(move || reg.clone()),
                 status: Arc::new(|| Ok(serde_json::json!({"kind": "test"}))),
                 extra: Some(Router::new().route("/debug/config_dump", get(|| async { "dump" }))),
+                ui: None,
                 probe: Some("127.0.0.1:0".parse().unwrap()),
             },
         )

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod bundle_endpoint;
+pub mod dashboard;
 pub mod drain;
 pub mod https;
 pub mod metrics;

@@ -126,6 +126,38 @@ pub enum Command {
     /// Print the CustomResourceDefinitions meshfed reads (FailoverPolicy; with --mcs also the
     /// MCS ServiceExport and ServiceImport) as YAML for `kubectl apply -f -`.
     Crds(CrdsArgs),
+    /// The federation dashboard of a federator's admin server: checks that it answers, prints
+    /// its URL, and opens it where a desktop browser is available.
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DashboardArgs {
+    /// The federator's admin address.
+    #[arg(long, default_value = "127.0.0.1:15101", value_parser = args::host_port)]
+    admin: String,
+    /// Print the URL only; do not open a browser.
+    #[arg(long)]
+    no_open: bool,
+}
+
+/// `meshfed dashboard`.
+async fn dashboard(a: DashboardArgs) -> anyhow::Result<ExitCode> {
+    let status = meshfed_net::dashboard::first_status(&a.admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("no dashboard at {}: {e:#}", a.admin))?;
+    let url = format!("http://{}/ui/", a.admin);
+    let clusters = status["clusters"].as_array().map(|c| c.len()).unwrap_or(0);
+    println!("{url}  ({clusters} clusters; live while this federator runs)");
+    let desktop =
+        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    if !a.no_open && desktop {
+        match std::process::Command::new("xdg-open").arg(&url).status() {
+            Ok(s) if s.success() => {}
+            _ => println!("(could not open a browser: open the URL yourself)"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, clap::Args)]
@@ -179,6 +211,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProxyConfig(a) => runtime()?.block_on(proxy::config(a)),
         Command::Vm(c) => runtime()?.block_on(vm::run(c)),
         Command::Workload(c) => runtime()?.block_on(workload::run(c)),
+        Command::Dashboard(a) => runtime()?.block_on(dashboard(a)),
         Command::Crds(a) => {
             print!("{}", crds_yaml(a.mcs)?);
             Ok(ExitCode::SUCCESS)

@@ -974,6 +974,20 @@ impl Store {
             .count() as u64)
     }
 
+    /// What `importer` may see, by exporting cluster: the number of services each gives it.
+    pub fn import_counts(&self, importer: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+        let m = self.read();
+        let mut out = std::collections::BTreeMap::new();
+        for r in m
+            .exports
+            .values()
+            .filter(|r| r.cluster != importer && r.visible_to(importer))
+        {
+            *out.entry(r.cluster.clone()).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
     /// Conflicts standing against `cluster`'s exports.
     pub fn conflicts_of(&self, cluster: &str) -> Result<Vec<String>> {
         Ok(self

@@ -401,6 +401,7 @@ pub async fn start(cfg: VmConfig) -> anyhow::Result<VmAgent> {
                             .map_err(|e| e.to_string())
                     }),
                     extra: None,
+                    ui: None,
                     // A VM's health is read on the VM itself (systemd, the admin address).
                     probe: None,
                 },

@@ -1,0 +1,161 @@
+//! The federation dashboard in a real browser (headless Chromium through Selenium WebDriver):
+//! the graph shows the clusters and their import edges, a killed cluster turns stale on the
+//! open page without a reload, and fresh again when it returns; no console errors; bad URLs
+//! get a clear page. Screenshots of each state go to the test's directory (and, with
+//! MESHFED_DASHBOARD_SCREENSHOT=PATH, the first one there: the README's picture).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use chaos::browser::Browser;
+use chaos::*;
+
+fn lease_of(b: &mut Browser, cluster: &str) -> String {
+    b.eval(&format!(
+        "const n = document.querySelector('.cluster[data-cluster=\"{cluster}\"]'); return n ? n.dataset.lease : null;"
+    ))
+    .unwrap()
+    .as_str()
+    .unwrap_or("")
+    .to_string()
+}
+
+#[test]
+fn the_dashboard_shows_the_federation_live_in_a_browser() {
+    let ttl = 3.0;
+    let f = Federation::start("3s").unwrap();
+    let dir = f.root.path().to_path_buf();
+    let _east = f
+        .add_cluster(
+            "east",
+            "net-e",
+            "us-east1/us-east1-b",
+            &registry_yaml("pay", 2, 8080, ""),
+        )
+        .unwrap();
+    let mut west = f
+        .add_cluster(
+            "west",
+            "net-w",
+            "us-west1/us-west1-a",
+            &registry_yaml("ledger", 3, 8081, ""),
+        )
+        .unwrap();
+    let _eu = f
+        .add_cluster(
+            "eu",
+            "net-e",
+            "europe-west1/europe-west1-b",
+            "services: []\n",
+        )
+        .unwrap();
+    wait_for(Duration::from_secs(20), "imports everywhere", || {
+        let (_, s) = status(&f.admin)?;
+        let eu = s["clusters"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["cluster"] == "eu").cloned())
+            .unwrap_or_default();
+        Ok((eu["imports"] == 5).then_some(()))
+    })
+    .unwrap();
+
+    // `meshfed dashboard` checks the dashboard answers and prints where it is.
+    let said = meshfed_ok(&["dashboard", "--admin", &f.admin, "--no-open"]).unwrap();
+    assert!(
+        said.starts_with(&format!("http://{}/ui/  (3 clusters", f.admin)),
+        "{said}"
+    );
+    let (code, _, err) = meshfed(&[
+        "dashboard",
+        "--admin",
+        &format!("127.0.0.1:{}", free_port()),
+    ])
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("no dashboard at 127.0.0.1:"), "{err}");
+
+    let mut b = Browser::start().unwrap();
+    b.open(&format!("http://{}/ui/", f.admin)).unwrap();
+    // Three clusters, two networks, and the import edges with their service counts.
+    let (_, _) = b
+        .wait(
+            "return document.querySelectorAll('.cluster').length === 3 && \
+             document.querySelectorAll('.network').length === 2",
+            20.0,
+        )
+        .unwrap();
+    let edges = b
+        .eval(
+            "return [...document.querySelectorAll('.import')].map(e => e.dataset.from + '>' + e.dataset.to + ':' + e.dataset.count).sort()",
+        )
+        .unwrap();
+    assert_eq!(
+        edges,
+        serde_json::json!(["east>eu:2", "east>west:2", "west>east:3", "west>eu:3"]),
+        "{edges}"
+    );
+    assert_eq!(lease_of(&mut b, "west"), "fresh");
+    let live = b
+        .eval("return document.getElementById('feed').textContent")
+        .unwrap();
+    assert_eq!(live, "live");
+    let shot1 = dir.join("dashboard-1-fresh.png");
+    b.screenshot(&shot1).unwrap();
+    if let Ok(p) = std::env::var("MESHFED_DASHBOARD_SCREENSHOT") {
+        std::fs::copy(&shot1, p).unwrap();
+    }
+
+    // west dies: the open page shows it stale, with its heartbeat age, without a reload.
+    west.agent().unwrap().kill9();
+    let killed = Instant::now();
+    let (_, waited) = b
+        .wait(
+            "const n = document.querySelector('.cluster[data-cluster=\"west\"]'); \
+             return n && n.dataset.lease === 'stale' && n.querySelector('.state').textContent",
+            ttl + 10.0,
+        )
+        .unwrap();
+    let took = killed.elapsed().as_secs_f64();
+    println!(
+        "west shown stale {took:.2} s after kill -9 (lease TTL {ttl} s; waited {waited:.2} s)"
+    );
+    assert!(
+        took <= ttl + 1.0 + 1.0,
+        "stale shown {took:.2} s after the kill: the lease TTL is {ttl} s and the page is pushed every second"
+    );
+    let state = b
+        .eval("return document.querySelector('.cluster[data-cluster=\"west\"] .state').textContent")
+        .unwrap();
+    assert!(state.as_str().unwrap().starts_with("stale · "), "{state}");
+    let row = b
+        .eval("return document.querySelector('tr[data-cluster=\"west\"] td.stale').textContent")
+        .unwrap();
+    assert_eq!(row, "stale");
+    b.screenshot(&dir.join("dashboard-2-west-stale.png"))
+        .unwrap();
+
+    // west returns: fresh again, on the same page.
+    f.start_agent(&mut west).unwrap();
+    b.wait(
+        "const n = document.querySelector('.cluster[data-cluster=\"west\"]'); return n && n.dataset.lease === 'fresh'",
+        20.0,
+    )
+    .unwrap();
+    b.screenshot(&dir.join("dashboard-3-west-back.png"))
+        .unwrap();
+    let errors = b.console_errors().unwrap();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+
+    // Bad URLs: a clear page, never a 500.
+    for path in ["/ui/cluster/nope", "/ui/service/%3Cscript%3E", "/ui/%ff%fe"] {
+        let (code, body) = http_get(&f.admin, path).unwrap();
+        assert!(code == 404 || code == 400, "{path}: {code} {body}");
+        assert!(!body.contains("<script>"), "{path}: escaped: {body}");
+        if code == 404 {
+            assert!(body.contains("There is no page"), "{path}: {body}");
+        }
+    }
+    let (code, _) = http_get(&f.admin, "/ui").unwrap();
+    assert!(code == 308 || code == 200, "{code}");
+    println!("screenshots in {}", dir.display());
+}
