@@ -1,8 +1,9 @@
 //! The federation dashboard in a real browser (headless Chromium through Selenium WebDriver):
 //! the graph shows the clusters and their import edges, a killed cluster turns stale on the
 //! open page without a reload, and fresh again when it returns; no console errors; bad URLs
-//! get a clear page. Screenshots of each state go to the test's directory (and, with
-//! MESHFED_DASHBOARD_SCREENSHOT=PATH, the first one there: the README's picture).
+//! get a clear page; east's own page lists its peers, services (filtered) and proxies.
+//! Screenshots of each state go to the test's directory (with MESHFED_DASHBOARD_SCREENSHOTS=DIR,
+//! the federation's and east's pages are copied there: the README's pictures, docs/images).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
     let ttl = 3.0;
     let f = Federation::start("3s").unwrap();
     let dir = f.root.path().to_path_buf();
-    let _east = f
+    let east = f
         .add_cluster(
             "east",
             "net-e",
@@ -101,9 +102,12 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
     assert_eq!(live, "live");
     let shot1 = dir.join("dashboard-1-fresh.png");
     b.screenshot(&shot1).unwrap();
-    if let Ok(p) = std::env::var("MESHFED_DASHBOARD_SCREENSHOT") {
-        std::fs::copy(&shot1, p).unwrap();
-    }
+    let publish = |shot: &std::path::Path, name: &str| {
+        if let Ok(d) = std::env::var("MESHFED_DASHBOARD_SCREENSHOTS") {
+            std::fs::copy(shot, std::path::Path::new(&d).join(name)).unwrap();
+        }
+    };
+    publish(&shot1, "dashboard.png");
 
     // west dies: the open page shows it stale, with its heartbeat age, without a reload.
     west.agent().unwrap().kill9();
@@ -145,6 +149,54 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
         .unwrap();
     let errors = b.console_errors().unwrap();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+
+    // The cluster's own page on east's agent: its peers, services (filtered), proxies.
+    let gw = east
+        .start_gateway(
+            "east-gw",
+            &format!("127.0.0.1:{}", free_port()),
+            &format!("127.0.0.1:{}", free_port()),
+            &dir,
+        )
+        .unwrap();
+    let said = meshfed_ok(&["dashboard", "--admin", &east.admin, "--no-open"]).unwrap();
+    assert!(said.contains("(cluster east;"), "{said}");
+    b.open(&format!("http://{}/ui/", east.admin)).unwrap();
+    b.wait(
+        "return document.getElementById('name').textContent === 'east' && \
+         document.querySelector('#peers tr[data-key=\"west\"]') && \
+         document.querySelector('#peers tr[data-key=\"eu\"]') && \
+         [...document.querySelectorAll('#proxies tr[data-key]')].some(r => r.textContent.includes('router~') && r.textContent.includes('SYNCED'))",
+        20.0,
+    )
+    .unwrap();
+    let west_row = b
+        .eval("return document.querySelector('#peers tr[data-key=\"west\"]').textContent")
+        .unwrap();
+    assert!(west_row.as_str().unwrap().contains("fresh"), "{west_row}");
+    let all = b
+        .eval("return document.querySelectorAll('#services tr[data-key]').length")
+        .unwrap();
+    b.eval(
+        "const f = document.getElementById('filter'); f.value = 'ledger'; f.dispatchEvent(new Event('input')); return true",
+    )
+    .unwrap();
+    let shown = b
+        .eval("return [...document.querySelectorAll('#services tr[data-key]')].map(r => r.dataset.key)")
+        .unwrap();
+    let shown: Vec<String> = serde_json::from_value(shown).unwrap();
+    assert!(
+        !shown.is_empty()
+            && shown.iter().all(|k| k.contains("ledger"))
+            && (shown.len() as u64) < all.as_u64().unwrap(),
+        "{shown:?} of {all}"
+    );
+    let shot4 = dir.join("dashboard-4-cluster-east.png");
+    b.screenshot(&shot4).unwrap();
+    publish(&shot4, "dashboard-cluster.png");
+    let errors = b.console_errors().unwrap();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    drop(gw);
 
     // Bad URLs: a clear page, never a 500.
     for path in ["/ui/cluster/nope", "/ui/service/%3Cscript%3E", "/ui/%ff%fe"] {

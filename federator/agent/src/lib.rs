@@ -92,6 +92,9 @@ pub struct AgentConfig {
     pub injection: Option<injection::InjectionConfig>,
 }
 
+/// The cluster's dashboard (`/ui/` on the agent's admin server): one page, embedded.
+pub const CLUSTER_PAGE: &str = include_str!("../ui/cluster.html");
+
 /// The names of the agent's Service in `deploy/kubernetes/agent`.
 pub fn default_serving_dns_names() -> Vec<String> {
     vec![
@@ -1183,7 +1186,21 @@ impl Agent {
                                 .xds
                                 .as_ref()
                                 .map(|x| meshfed_xds::debug::router(x.clone())),
-                            ui: None,
+                            // The cluster's dashboard: its status and its proxies' sync states.
+                            ui: Some((CLUSTER_PAGE, {
+                                let ui = inner.clone();
+                                Arc::new(move || {
+                                    let proxies = ui
+                                        .xds
+                                        .as_ref()
+                                        .map(|x| x.proxies.report())
+                                        .unwrap_or_default();
+                                    Ok(serde_json::json!({
+                                        "status": serde_json::to_value(ui.report()).map_err(|e| e.to_string())?,
+                                        "proxies": proxies,
+                                    }))
+                                })
+                            })),
                             probe: cfg.probe,
                         },
                     )

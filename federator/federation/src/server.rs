@@ -577,20 +577,21 @@ impl Federator {
             Some(addr) => {
                 let report_hub = hub.clone();
                 let metrics_hub = hub.clone();
+                let status: meshfed_net::admin::StatusFn = Arc::new(move || {
+                    report_hub
+                        .report()
+                        .map(|r| serde_json::to_value(r).unwrap_or_default())
+                        .map_err(|s| s.message().to_string())
+                });
                 Some(
                     meshfed_net::admin::serve(
                         &tasks,
                         AdminConfig {
                             addr,
                             registry: Arc::new(move || metrics_hub.metrics.registry.clone()),
-                            status: Arc::new(move || {
-                                report_hub
-                                    .report()
-                                    .map(|r| serde_json::to_value(r).unwrap_or_default())
-                                    .map_err(|s| s.message().to_string())
-                            }),
+                            status: status.clone(),
                             extra: None,
-                            ui: Some(crate::FEDERATION_PAGE),
+                            ui: Some((crate::FEDERATION_PAGE, status)),
                             probe: hub.cfg.probe,
                         },
                     )

@@ -68,9 +68,9 @@ pub struct AdminConfig {
     pub status: StatusFn,
     /// More routes (the agent's `/debug/...` xDS endpoints).
     pub extra: Option<Router>,
-    /// The dashboard page served at `/ui/` (with `/ui/events`, the status as server-sent
-    /// events); `None`: no dashboard.
-    pub ui: Option<&'static str>,
+    /// The dashboard page served at `/ui/`, and what its event stream (`/ui/events`) sends;
+    /// `None`: no dashboard.
+    pub ui: Option<(&'static str, StatusFn)>,
     /// A second listener with `/healthz`, `/readyz` and `/metrics` only.
     pub probe: Option<SocketAddr>,
 }
@@ -131,7 +131,7 @@ pub async fn serve(tasks: &Tasks, cfg: AdminConfig) -> anyhow::Result<AdminAddrs
         None => app,
     };
     let app = match cfg.ui {
-        Some(page) => app.merge(crate::dashboard::routes(page, state.status.clone())),
+        Some((page, feed)) => app.merge(crate::dashboard::routes(page, feed)),
         None => app,
     };
     tasks.spawn_admin("admin server", move |stop| async move {

@@ -126,14 +126,14 @@ pub enum Command {
     /// Print the CustomResourceDefinitions meshfed reads (FailoverPolicy; with --mcs also the
     /// MCS ServiceExport and ServiceImport) as YAML for `kubectl apply -f -`.
     Crds(CrdsArgs),
-    /// The federation dashboard of a federator's admin server: checks that it answers, prints
-    /// its URL, and opens it where a desktop browser is available.
+    /// The dashboard of a federator's (the federation) or an agent's (its cluster) admin server:
+    /// checks that it answers, prints its URL, and opens it where a desktop browser is available.
     Dashboard(DashboardArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct DashboardArgs {
-    /// The federator's admin address.
+    /// The admin address of a federator (15101) or an agent (15014).
     #[arg(long, default_value = "127.0.0.1:15101", value_parser = args::host_port)]
     admin: String,
     /// Print the URL only; do not open a browser.
@@ -147,8 +147,17 @@ async fn dashboard(a: DashboardArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| anyhow::anyhow!("no dashboard at {}: {e:#}", a.admin))?;
     let url = format!("http://{}/ui/", a.admin);
-    let clusters = status["clusters"].as_array().map(|c| c.len()).unwrap_or(0);
-    println!("{url}  ({clusters} clusters; live while this federator runs)");
+    // A federator's stream carries its clusters; an agent's, its own status and proxies.
+    match status["clusters"].as_array() {
+        Some(c) => println!(
+            "{url}  ({} clusters; live while this federator runs)",
+            c.len()
+        ),
+        None => println!(
+            "{url}  (cluster {}; live while this agent runs)",
+            status["status"]["cluster"].as_str().unwrap_or("?")
+        ),
+    }
     let desktop =
         std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
     if !a.no_open && desktop {
