@@ -21,6 +21,83 @@ fn lease_of(b: &mut Browser, cluster: &str) -> String {
     .to_string()
 }
 
+/// `echo` in namespace shop, exported, one endpoint.
+fn echo(ip: &str, locality: &str) -> String {
+    format!(
+        "  - namespace: shop\n    name: echo\n    ports: [{{name: grpc, port: 9090}}]\n    export: true\n    endpoints: [{{address: {ip}, locality: {locality}}}]\n"
+    )
+}
+
+const ECHO_POLICY: &str = "apiVersion: meshfed.io/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: echo, namespace: shop}\nspec:\n  host: echo.shop.svc.cluster.local\n  outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 10s}\n";
+
+/// The what-if table east's agent serves, and `meshfed policy check` on the same inputs.
+fn what_if_matches_policy_check(
+    c: &Cluster,
+    dir: &std::path::Path,
+    query: &str,
+) -> serde_json::Value {
+    let (code, body) = http_get(&c.admin, &format!("/ui/failover?{query}")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let json: serde_json::Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let inputs = dir.join("what-if-endpoints.yaml");
+    std::fs::write(&inputs, json["inputs"].to_string()).unwrap();
+    let policy = dir.join("echo-policy.yaml");
+    std::fs::write(&policy, ECHO_POLICY).unwrap();
+    let out = meshfed_ok(&[
+        "policy",
+        "check",
+        "-f",
+        policy.to_str().unwrap(),
+        "--endpoints",
+        inputs.to_str().unwrap(),
+        "--proxy-locality",
+        json["proxy"]["locality"].as_str().unwrap(),
+        "--proxy-network",
+        json["proxy"]["network"].as_str().unwrap(),
+        "--proxy-cluster",
+        json["proxy"]["cluster"].as_str().unwrap(),
+        "-o",
+        "json",
+    ])
+    .unwrap();
+    let check: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ours: Vec<(u64, String, Vec<String>)> = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["priority"].as_u64().unwrap(),
+                r["locality"].as_str().unwrap().to_string(),
+                r["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["address"].as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    let theirs: Vec<(u64, String, Vec<String>)> = check["table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["priority"].as_u64().unwrap(),
+                r["locality"].as_str().unwrap().to_string(),
+                serde_json::from_value(r["endpoints"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ours, theirs,
+        "what-if {query}: {json}\npolicy check: {check}"
+    );
+    json
+}
+
 #[test]
 fn the_dashboard_shows_the_federation_live_in_a_browser() {
     let ttl = 3.0;
@@ -31,7 +108,7 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
             "east",
             "net-e",
             "us-east1/us-east1-b",
-            &registry_yaml("pay", 2, 8080, ""),
+            &registry_yaml("pay", 2, 8080, &echo("127.0.0.61", "us-east1/us-east1-b")),
         )
         .unwrap();
     let mut west = f
@@ -39,7 +116,12 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
             "west",
             "net-w",
             "us-west1/us-west1-a",
-            &registry_yaml("ledger", 3, 8081, ""),
+            &registry_yaml(
+                "ledger",
+                3,
+                8081,
+                &echo("127.0.0.62", "us-west1/us-west1-a"),
+            ),
         )
         .unwrap();
     let _eu = f
@@ -56,7 +138,7 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
             .as_array()
             .and_then(|c| c.iter().find(|c| c["cluster"] == "eu").cloned())
             .unwrap_or_default();
-        Ok((eu["imports"] == 5).then_some(()))
+        Ok((eu["imports"] == 7).then_some(()))
     })
     .unwrap();
 
@@ -92,7 +174,7 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
         .unwrap();
     assert_eq!(
         edges,
-        serde_json::json!(["east>eu:2", "east>west:2", "west>east:3", "west>eu:3"]),
+        serde_json::json!(["east>eu:3", "east>west:3", "west>east:4", "west>eu:4"]),
         "{edges}"
     );
     assert_eq!(lease_of(&mut b, "west"), "fresh");
@@ -150,6 +232,56 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
     let errors = b.console_errors().unwrap();
     assert!(errors.is_empty(), "console errors: {errors:?}");
 
+    // The failover table of east's proxies for echo, as things are and with west failed or
+    // east's zone down: each as `meshfed policy check` computes it from the same inputs.
+    east.write_policy("echo.yaml", ECHO_POLICY).unwrap();
+    let (_, list) = http_get(&east.admin, "/ui/services").unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(list.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let echo_port = wait_for(
+        Duration::from_secs(20),
+        "echo with its policy at east",
+        || {
+            let (_, l) = http_get(&east.admin, "/ui/services")?;
+            let l: serde_json::Value =
+                serde_json::from_str(l.split("\r\n\r\n").nth(1).unwrap_or("[]"))?;
+            Ok(l.as_array().and_then(|a| {
+                a.iter()
+                    .find(|x| x["host"] == "echo.shop.svc.cluster.local" && x["policy"] == true)
+                    .map(|x| x["service"].as_str().unwrap_or_default().to_string())
+            }))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {list}"));
+    let q = |extra: &str| {
+        format!(
+            "service={}&locality=us-east1/us-east1-b{extra}",
+            echo_port.replace('|', "%7C")
+        )
+    };
+    let now = what_if_matches_policy_check(&east, &dir, &q(""));
+    assert_eq!(now["rows"].as_array().unwrap().len(), 2, "{now}");
+    let west_failed = what_if_matches_policy_check(&east, &dir, &q("&failed=west"));
+    let zone_down = what_if_matches_policy_check(&east, &dir, &q("&down=us-east1/us-east1-b"));
+    assert!(
+        zone_down["rows"][0]["endpoints"][0]["healthy"] == false,
+        "{zone_down}"
+    );
+    println!(
+        "what-if tables match `meshfed policy check`: now {}, west failed {}, us-east1-b down {}",
+        now["rows"], west_failed["rows"], zone_down["rows"]
+    );
+    // Bad what-if input: a clear answer naming it.
+    for (query, want) in [
+        ("service=nope".to_string(), "no service port"),
+        (q("").replace("us-east1/us-east1-b", "a/b/c/d"), "a/b/c/d"),
+        ("".to_string(), "name a service port"),
+    ] {
+        let (code, body) = http_get(&east.admin, &format!("/ui/failover?{query}")).unwrap();
+        assert!(code == 400 || code == 404, "{query}: {code} {body}");
+        assert!(body.contains(want), "{query}: {body}");
+    }
+
     // The cluster's own page on east's agent: its peers, services (filtered), proxies.
     let gw = east
         .start_gateway(
@@ -191,6 +323,27 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
             && (shown.len() as u64) < all.as_u64().unwrap(),
         "{shown:?} of {all}"
     );
+    // The what-if on the page: echo with west failed.
+    b.eval(&format!(
+        "document.getElementById('wi-service').value = {}; \
+         document.querySelector('#wi-failed input[value=\"west\"]').checked = true; \
+         document.querySelector('#whatif-form button').click(); return true",
+        serde_json::Value::String(echo_port.clone())
+    ))
+    .unwrap();
+    let (shown, _) = b
+        .wait(
+            "const r = [...document.querySelectorAll('#wi-table tr[data-key]')].map(r => r.dataset.key); return r.length ? r : null",
+            10.0,
+        )
+        .unwrap();
+    let want: Vec<String> = west_failed["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("P{} {}", r["priority"], r["locality"].as_str().unwrap()))
+        .collect();
+    assert_eq!(shown, serde_json::json!(want));
     let shot4 = dir.join("dashboard-4-cluster-east.png");
     b.screenshot(&shot4).unwrap();
     publish(&shot4, "dashboard-cluster.png");

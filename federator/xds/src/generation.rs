@@ -452,6 +452,41 @@ impl Generation {
         Some(v.clone())
     }
 
+    /// What-if: the table a sidecar `proxy` would be pushed for the service port `cluster` if
+    /// the clusters in `failed` went stale (their lease expired: ranked as the service's
+    /// policy says for stale endpoints) and the endpoints in the localities matching `down`
+    /// (`region/zone` patterns, `*` allowed) failed their health checks. `None`: no such
+    /// service port.
+    pub fn what_if(
+        &self,
+        cluster: &str,
+        proxy: &ProxyIn,
+        failed: &[String],
+        down: &[String],
+    ) -> Option<Table> {
+        let sp = self.ports.get(cluster)?;
+        let eps: Vec<EndpointIn> = sp
+            .endpoints
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                if failed.contains(&e.cluster) {
+                    e.stale = true;
+                }
+                if down.iter().any(|d| e.locality.matches(d)) {
+                    e.healthy = false;
+                }
+                e
+            })
+            .collect();
+        Some(table::compute(
+            sp.policy.as_deref(),
+            proxy,
+            &eps,
+            &self.gateways,
+        ))
+    }
+
     fn table(&self, sp: &ServicePort, p: &ProxyNode) -> Table {
         match p.kind {
             // A gateway forwards only into its own network, to any healthy endpoint there.
