@@ -493,6 +493,8 @@ impl Cluster {
             admin,
             "--drain-timeout",
             "1s",
+            "--cluster",
+            &self.name,
         ]
         .iter()
         .map(|s| s.to_string())

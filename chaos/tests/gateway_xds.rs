@@ -90,6 +90,92 @@ fn registry(port: u16, ips: &[&str]) -> String {
     format!("services:\n  - namespace: shop\n    name: reviews\n    export: true\n    ports: [{{name: tls, port: {port}}}]\n    endpoints: [{}]\n  - namespace: shop\n    name: internal\n    ports: [{{name: tls, port: {port}}}]\n    endpoints: [{{address: 127.0.0.41}}]\n", eps.join(", "))
 }
 
+/// Every query of the shipped Grafana dashboard names metrics that the federator, an agent or
+/// a gateway exports (read from their `/metrics` after traffic, a refused handshake and a
+/// refused CA request).
+fn grafana_dashboard_reads_what_meshfed_exports(
+    f: &Federation,
+    east: &Cluster,
+    gateway_admin: &str,
+    dir: &Path,
+) {
+    // A refused TLS handshake at east, and a CA request with a token nobody made.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&east.xds_mtls).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    }
+    let bogus = dir.join("bogus.token");
+    std::fs::write(&bogus, "not-a-token").unwrap();
+    let (code, _, _) = meshfed(&[
+        "workload",
+        "init",
+        "--agent",
+        &east.xds_mtls,
+        "--trust-domain",
+        "east.mesh",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "x",
+        "--token-file",
+        bogus.to_str().unwrap(),
+        "--root-cert",
+        east.dir.join("ca/root-cert.pem").to_str().unwrap(),
+        "--out",
+        dir.join("bogus-out").to_str().unwrap(),
+        "--timeout",
+        "5s",
+    ])
+    .unwrap();
+    assert_ne!(code, 0);
+    let mut exported = std::collections::BTreeSet::new();
+    wait_for(Duration::from_secs(10), "the refusals counted", || {
+        exported.clear();
+        for admin in [f.admin.as_str(), east.admin.as_str(), gateway_admin] {
+            let (_, m) = http_get(admin, "/metrics")?;
+            for l in m.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+                let name = l.split(['{', ' ']).next().unwrap_or_default();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                exported.insert(name.to_string());
+                exported.insert(base.to_string());
+            }
+        }
+        Ok((exported.contains("meshfed_tls_handshakes_refused_total")
+            && exported.contains("meshfed_ca_requests_total")
+            && exported.contains("meshfed_agent_imported_services"))
+        .then_some(()))
+    })
+    .unwrap();
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/meshfed-federation.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut checked = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .filter(|w| w.starts_with("meshfed_") || w.starts_with("istio_"))
+                .collect();
+            assert!(!names.is_empty(), "{}: {expr}", p["title"]);
+            for n in names {
+                assert!(
+                    exported.contains(n),
+                    "panel {:?} queries {n}, which no meshfed process exports",
+                    p["title"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    println!("Grafana dashboard: {checked} metric names in its queries, all exported");
+}
+
 #[test]
 fn gateway_routes_follow_the_agent_over_xds() {
     let f = Federation::start("5s").unwrap();
@@ -103,6 +189,15 @@ fn gateway_routes_follow_the_agent_over_xds() {
             "net1",
             "us-east1/us-east1-b",
             &registry(port, &["127.0.0.41"]),
+        )
+        .unwrap();
+    // A peer, so east imports (and the dashboard's import and peer panels have series).
+    let _west = f
+        .add_cluster(
+            "west",
+            "net2",
+            "us-west1/us-west1-a",
+            &registry_yaml("w", 1, 8080, ""),
         )
         .unwrap();
     let mut a = s_server(&dir, "backend-a", &format!("127.0.0.41:{port}"));
@@ -124,6 +219,8 @@ fn gateway_routes_follow_the_agent_over_xds() {
             &probe,
             "--drain-timeout",
             "20s",
+            "--cluster",
+            "east",
         ]
         .map(String::from),
         &dir,
@@ -146,6 +243,27 @@ fn gateway_routes_follow_the_agent_over_xds() {
         out.contains("backend-a") && out.contains("ALPN protocol: istio"),
         "{out}"
     );
+    // Istio's standard TCP metrics, with Istio's labels, beside meshfed's own.
+    let (_, m) = http_get(&admin, "/metrics").unwrap();
+    let istio = m
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .unwrap_or_else(|| panic!("{m}"));
+    for want in [
+        "reporter=\"source\"",
+        "destination_cluster=\"east\"",
+        "destination_service=\"reviews.shop.svc.cluster.local\"",
+        "destination_service_name=\"reviews\"",
+        "destination_service_namespace=\"shop\"",
+        "source_cluster=\"unknown\"",
+    ] {
+        assert!(istio.contains(want), "{want} in {istio}");
+    }
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("istio_tcp_received_bytes_total{") && !l.ends_with(" 0")),
+        "{m}"
+    );
     // east does not export internal: the gateway has no route to it, though it runs in east
     // (at the very address that just answered for reviews).
     let (_, st) = status(&admin).unwrap();
@@ -162,6 +280,7 @@ fn gateway_routes_follow_the_agent_over_xds() {
         out.contains("unrecognized name") && !out.contains("backend-a"),
         "{out}"
     );
+    grafana_dashboard_reads_what_meshfed_exports(&f, &east, &admin, &dir);
     // The probe listener answers kubelet's questions, and nothing an operator's admin address
     // has.
     assert_eq!(http_get(&probe, "/healthz").unwrap().0, 200);

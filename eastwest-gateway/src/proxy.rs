@@ -28,6 +28,9 @@ pub const ISTIO_ALPN: &[&str] = &[
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
+    /// The cluster the gateway forwards into (`destination_cluster` of Istio's metrics; empty:
+    /// `unknown`).
+    pub cluster: String,
     /// A client must complete its ClientHello within this time (slowloris protection).
     pub hello_timeout: Duration,
     pub connect_timeout: Duration,
@@ -55,6 +58,7 @@ pub enum Balance {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            cluster: String::new(),
             hello_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(3600),
@@ -68,12 +72,34 @@ impl Default for GatewayConfig {
     }
 }
 
-/// Metrics, with the label names the rest of meshfed uses.
+/// The labels of Istio's standard TCP metrics that a passthrough gateway can fill:
+/// `reporter` is `source` (Istio's value for gateways); the calling cluster is not visible
+/// without terminating TLS (`source_cluster="unknown"`), nor is mTLS
+/// (`connection_security_policy="unknown"`).
+pub const ISTIO_TCP_LABELS: &[&str] = &[
+    "reporter",
+    "source_cluster",
+    "destination_cluster",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "connection_security_policy",
+];
+
+/// Metrics: meshfed's own (`meshfed_gateway_*`), and Istio's standard TCP metrics with Istio's
+/// names and labels, so Istio's and Grafana's dashboards read them.
 #[derive(Debug, Clone)]
 pub struct GatewayMetrics {
     pub active: IntGaugeVec,
     pub connections: IntCounterVec,
     pub bytes: IntCounterVec,
+    pub istio_opened: IntCounterVec,
+    pub istio_closed: IntCounterVec,
+    /// Bytes from the destination back to the caller (Istio: sent during the response).
+    pub istio_sent: IntCounterVec,
+    /// Bytes from the caller to the destination (Istio: received during the request).
+    pub istio_received: IntCounterVec,
     pub refused: IntCounterVec,
     pub connect_seconds: Histogram,
     pub pending_hellos: IntGauge,
@@ -104,6 +130,34 @@ impl GatewayMetrics {
                 Opts::new("meshfed_gateway_bytes_total", "Bytes forwarded"),
                 &["destination_service", "direction"],
             )),
+            istio_opened: must(IntCounterVec::new(
+                Opts::new(
+                    "istio_tcp_connections_opened_total",
+                    "TCP connections opened (Istio's standard metric)",
+                ),
+                ISTIO_TCP_LABELS,
+            )),
+            istio_closed: must(IntCounterVec::new(
+                Opts::new(
+                    "istio_tcp_connections_closed_total",
+                    "TCP connections closed (Istio's standard metric)",
+                ),
+                ISTIO_TCP_LABELS,
+            )),
+            istio_sent: must(IntCounterVec::new(
+                Opts::new(
+                    "istio_tcp_sent_bytes_total",
+                    "Bytes sent during the response (Istio's standard metric)",
+                ),
+                ISTIO_TCP_LABELS,
+            )),
+            istio_received: must(IntCounterVec::new(
+                Opts::new(
+                    "istio_tcp_received_bytes_total",
+                    "Bytes received during the request (Istio's standard metric)",
+                ),
+                ISTIO_TCP_LABELS,
+            )),
             refused: must(IntCounterVec::new(
                 Opts::new(
                     "meshfed_gateway_refused_total",
@@ -129,6 +183,10 @@ impl GatewayMetrics {
             Box::new(m.active.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.connections.clone()),
             Box::new(m.bytes.clone()),
+            Box::new(m.istio_opened.clone()),
+            Box::new(m.istio_closed.clone()),
+            Box::new(m.istio_sent.clone()),
+            Box::new(m.istio_received.clone()),
             Box::new(m.refused.clone()),
             Box::new(m.connect_seconds.clone()),
             Box::new(m.pending_hellos.clone()),
@@ -485,18 +543,25 @@ impl Gateway {
         self.metrics.connections.with_label_values(&labels).inc();
         let active = self.metrics.active.with_label_values(&labels);
         active.inc();
+        let istio = self.istio_labels(&service);
+        let istio: Vec<&str> = istio.iter().map(String::as_str).collect();
+        self.metrics.istio_opened.with_label_values(&istio).inc();
         let last = Arc::new(AtomicU64::new(0));
         let t0 = Instant::now();
-        let up_bytes = self
-            .metrics
-            .bytes
-            .with_label_values(&[service.as_str(), "upstream"]);
-        let down_bytes = self
-            .metrics
-            .bytes
-            .with_label_values(&[service.as_str(), "downstream"]);
+        let up_bytes = ByteCounters([
+            self.metrics
+                .bytes
+                .with_label_values(&[service.as_str(), "upstream"]),
+            self.metrics.istio_received.with_label_values(&istio),
+        ]);
+        let down_bytes = ByteCounters([
+            self.metrics
+                .bytes
+                .with_label_values(&[service.as_str(), "downstream"]),
+            self.metrics.istio_sent.with_label_values(&istio),
+        ]);
         // The ClientHello (and whatever came with it) was forwarded already.
-        up_bytes.inc_by(sent_first as u64);
+        up_bytes.add(sent_first as u64);
         let (client, up) = (Arc::new(client), Arc::new(up));
         let a = copy_one_way(client.clone(), up.clone(), last.clone(), t0, up_bytes);
         let b = copy_one_way(up, client, last.clone(), t0, down_bytes);
@@ -519,7 +584,41 @@ impl Gateway {
         }
         self.track(chosen, -1);
         active.dec();
+        self.metrics.istio_closed.with_label_values(&istio).inc();
         Ok(())
+    }
+
+    /// Istio's TCP labels for a connection to `service` (`host:port`, as routed).
+    fn istio_labels(&self, service: &str) -> Vec<String> {
+        let host = service.rsplit_once(':').map(|(h, _)| h).unwrap_or(service);
+        let mut parts = host.splitn(3, '.');
+        let name = parts.next().unwrap_or_default();
+        let namespace = parts.next().unwrap_or_default();
+        vec![
+            "source".into(),
+            "unknown".into(),
+            if self.cfg.cluster.is_empty() {
+                "unknown".into()
+            } else {
+                self.cfg.cluster.clone()
+            },
+            host.to_string(),
+            name.to_string(),
+            namespace.to_string(),
+            "tcp".into(),
+            "unknown".into(),
+        ]
+    }
+}
+
+/// The byte counters one direction of a connection adds to (meshfed's and Istio's).
+struct ByteCounters([prometheus::IntCounter; 2]);
+
+impl ByteCounters {
+    fn add(&self, n: u64) {
+        for c in &self.0 {
+            c.inc_by(n);
+        }
     }
 }
 
@@ -531,7 +630,7 @@ async fn copy_one_way(
     to: Arc<TcpStream>,
     last: Arc<AtomicU64>,
     t0: Instant,
-    bytes: prometheus::IntCounter,
+    bytes: ByteCounters,
 ) {
     #[cfg(target_os = "linux")]
     let _ = splice_loop(&from, &to, &last, t0, &bytes).await;
@@ -564,7 +663,7 @@ async fn splice_loop(
     to: &TcpStream,
     last: &AtomicU64,
     t0: Instant,
-    bytes: &prometheus::IntCounter,
+    bytes: &ByteCounters,
 ) -> std::io::Result<()> {
     use nix::fcntl::{splice, OFlag, SpliceFFlags};
     use tokio::io::Interest;
@@ -583,7 +682,7 @@ async fn splice_loop(
         };
         write_all(to, &small[..n]).await?;
         drop(small);
-        bytes.inc_by(n as u64);
+        bytes.add(n as u64);
         last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
         if n < SMALL {
             continue;
@@ -615,7 +714,7 @@ async fn splice_loop(
                     Err(e) => return Err(e),
                 }
             }
-            bytes.inc_by(n as u64);
+            bytes.add(n as u64);
             last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
         if eof {
@@ -630,7 +729,7 @@ async fn copy_loop(
     to: &TcpStream,
     last: &AtomicU64,
     t0: Instant,
-    bytes: &prometheus::IntCounter,
+    bytes: &ByteCounters,
 ) -> std::io::Result<()> {
     loop {
         from.readable().await?;
@@ -650,7 +749,7 @@ async fn copy_loop(
                 Err(e) => return Err(e),
             }
         }
-        bytes.inc_by(n as u64);
+        bytes.add(n as u64);
         last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }

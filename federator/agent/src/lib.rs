@@ -1178,7 +1178,11 @@ impl Agent {
                         &tasks,
                         AdminConfig {
                             addr,
-                            registry: Arc::new(move || ri.metrics.registry.clone()),
+                            // Per-peer gauges are set from the status at each scrape.
+                            registry: Arc::new(move || {
+                                ri.metrics.observe_peers(&ri.report());
+                                ri.metrics.registry.clone()
+                            }),
                             status: Arc::new(move || {
                                 serde_json::to_value(si.report()).map_err(|e| e.to_string())
                             }),

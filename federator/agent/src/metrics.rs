@@ -3,7 +3,8 @@
 
 use meshfed_net::metrics::must;
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 #[derive(Debug, Clone)]
@@ -22,6 +23,11 @@ pub struct AgentMetrics {
     pub ca_rotations: IntCounter,
     pub ca_bundle_sequence: IntGauge,
     pub leader: IntGauge,
+    /// Per peer, set from the status at every scrape ([`AgentMetrics::observe_peers`]).
+    pub peer_heartbeat_age: GaugeVec,
+    pub peer_fresh: IntGaugeVec,
+    pub peer_bundle_expiry_days: IntGaugeVec,
+    pub cluster_cert_expiry: Gauge,
 }
 
 impl AgentMetrics {
@@ -96,6 +102,31 @@ impl AgentMetrics {
                 "meshfed_agent_leader",
                 "1 while this replica holds the cluster's Lease (always 1 without leader election)",
             )),
+            peer_heartbeat_age: must(GaugeVec::new(
+                Opts::new(
+                    "meshfed_agent_peer_heartbeat_age_seconds",
+                    "Age of each peer's last heartbeat, as the federator measured it plus the time since",
+                ),
+                &["source_cluster"],
+            )),
+            peer_fresh: must(IntGaugeVec::new(
+                Opts::new(
+                    "meshfed_agent_peer_fresh",
+                    "1 while a peer's lease is fresh, 0 while it is stale",
+                ),
+                &["source_cluster"],
+            )),
+            peer_bundle_expiry_days: must(IntGaugeVec::new(
+                Opts::new(
+                    "meshfed_agent_peer_bundle_expiry_days",
+                    "Days until the first root of each peer's bundle expires",
+                ),
+                &["source_cluster"],
+            )),
+            cluster_cert_expiry: must(Gauge::new(
+                "meshfed_agent_cluster_certificate_expiry_seconds",
+                "Seconds until the cluster certificate (the Sync stream's) expires",
+            )),
             registry,
         };
         for c in [
@@ -112,6 +143,10 @@ impl AgentMetrics {
             Box::new(m.ca_rotations.clone()),
             Box::new(m.ca_bundle_sequence.clone()),
             Box::new(m.leader.clone()),
+            Box::new(m.peer_heartbeat_age.clone()),
+            Box::new(m.peer_fresh.clone()),
+            Box::new(m.peer_bundle_expiry_days.clone()),
+            Box::new(m.cluster_cert_expiry.clone()),
         ] {
             must(m.registry.register(c));
         }
@@ -122,5 +157,34 @@ impl AgentMetrics {
 impl Default for AgentMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl AgentMetrics {
+    /// Sets the per-peer gauges from the status (peers that left disappear).
+    pub fn observe_peers(&self, r: &crate::AgentReport) {
+        self.peer_heartbeat_age.reset();
+        self.peer_fresh.reset();
+        self.peer_bundle_expiry_days.reset();
+        for p in &r.peers {
+            let l = [p.cluster.as_str()];
+            if let Some(ms) = p.last_heartbeat_age_ms {
+                self.peer_heartbeat_age
+                    .with_label_values(&l)
+                    .set(ms as f64 / 1000.0);
+            }
+            self.peer_fresh
+                .with_label_values(&l)
+                .set(i64::from(p.lease == "fresh"));
+            if let Some(d) = p.bundle_days_left {
+                self.peer_bundle_expiry_days.with_label_values(&l).set(d);
+            }
+        }
+        if let Some(t) = r.cluster_cert_not_after.as_deref().and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        }) {
+            self.cluster_cert_expiry
+                .set((t - time::OffsetDateTime::now_utc()).as_seconds_f64());
+        }
     }
 }

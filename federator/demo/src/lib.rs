@@ -809,6 +809,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             &format!("{addr}:15021"),
             "--drain-timeout",
             "1s",
+            "--cluster",
+            c.name,
         ]);
         if c.name == "eu" {
             args.extend(s(&[

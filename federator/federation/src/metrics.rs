@@ -2,7 +2,9 @@
 //! `destination_cluster`, `reason`, `kind`) so series can be joined.
 
 use meshfed_net::metrics::must;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Debug, Clone)]
 pub struct FederationMetrics {
@@ -15,6 +17,10 @@ pub struct FederationMetrics {
     pub clusters: IntGaugeVec,
     pub head_revision: IntGauge,
     pub joins: IntCounterVec,
+    /// Per member cluster, set from the status at every scrape ([`FederationMetrics::observe`]).
+    pub heartbeat_age: GaugeVec,
+    pub fresh: IntGaugeVec,
+    pub import_lag: IntGaugeVec,
 }
 
 impl FederationMetrics {
@@ -66,6 +72,27 @@ impl FederationMetrics {
                 Opts::new("meshfed_federation_joins_total", "Join attempts by outcome"),
                 &["reason"],
             )),
+            heartbeat_age: must(GaugeVec::new(
+                Opts::new(
+                    "meshfed_federation_cluster_heartbeat_age_seconds",
+                    "Age of each member cluster's last heartbeat",
+                ),
+                &["source_cluster"],
+            )),
+            fresh: must(IntGaugeVec::new(
+                Opts::new(
+                    "meshfed_federation_cluster_fresh",
+                    "1 while a member cluster's lease is fresh, 0 while it is stale",
+                ),
+                &["source_cluster"],
+            )),
+            import_lag: must(IntGaugeVec::new(
+                Opts::new(
+                    "meshfed_federation_cluster_import_lag",
+                    "Revisions a member cluster has not acknowledged yet",
+                ),
+                &["destination_cluster"],
+            )),
             registry,
         };
         for c in [
@@ -77,10 +104,36 @@ impl FederationMetrics {
             Box::new(m.clusters.clone()),
             Box::new(m.head_revision.clone()),
             Box::new(m.joins.clone()),
+            Box::new(m.heartbeat_age.clone()),
+            Box::new(m.fresh.clone()),
+            Box::new(m.import_lag.clone()),
         ] {
             must(m.registry.register(c));
         }
         m
+    }
+}
+
+impl FederationMetrics {
+    /// Sets the per-cluster gauges from the status (clusters that left disappear).
+    pub fn observe(&self, r: &crate::status::FederationReport) {
+        self.heartbeat_age.reset();
+        self.fresh.reset();
+        self.import_lag.reset();
+        for c in r.clusters.iter().filter(|c| c.lease != "left") {
+            let l = [c.cluster.as_str()];
+            if let Some(ms) = c.last_heartbeat_age_ms {
+                self.heartbeat_age
+                    .with_label_values(&l)
+                    .set(ms as f64 / 1000.0);
+            }
+            self.fresh
+                .with_label_values(&l)
+                .set(i64::from(c.lease == "fresh"));
+            self.import_lag
+                .with_label_values(&l)
+                .set(i64::try_from(c.import_lag).unwrap_or(i64::MAX));
+        }
     }
 }
 

@@ -588,7 +588,13 @@ impl Federator {
                         &tasks,
                         AdminConfig {
                             addr,
-                            registry: Arc::new(move || metrics_hub.metrics.registry.clone()),
+                            // Per-cluster gauges are set from the status at each scrape.
+                            registry: Arc::new(move || {
+                                if let Ok(r) = metrics_hub.report() {
+                                    metrics_hub.metrics.observe(&r);
+                                }
+                                metrics_hub.metrics.registry.clone()
+                            }),
                             status: status.clone(),
                             extra: None,
                             ui: Some((crate::FEDERATION_PAGE, status)),

@@ -35,6 +35,10 @@ pub struct GatewayArgs {
     /// The network this gateway serves (default: the agent's).
     #[arg(long)]
     network: Option<String>,
+    /// The cluster it forwards into: `destination_cluster` of Istio's TCP metrics (default:
+    /// `unknown`).
+    #[arg(long, default_value = "", value_parser = cluster_label)]
+    cluster: String,
     /// Accept any ALPN instead of requiring one of Istio's mTLS values.
     #[arg(long)]
     any_alpn: bool,
@@ -96,6 +100,7 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<ExitCode> {
             node_id: node_id(&a.xds, a.listen),
             network: a.network,
             config: GatewayConfig {
+                cluster: a.cluster.clone(),
                 hello_timeout: a.hello_timeout,
                 idle_timeout: a.idle_timeout,
                 drain_timeout: a.drain_timeout,
@@ -173,4 +178,12 @@ mod tests {
         assert!(parts[2].ends_with(".meshfed-system") || std::env::var("POD_NAMESPACE").is_ok());
         assert!(parts[3].ends_with(".svc.cluster.local"), "{id}");
     }
+}
+
+/// A cluster name (or empty).
+fn cluster_label(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    args::label(s)
 }
