@@ -160,6 +160,14 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "gateway".into())
 }
 
+/// A cluster name (or empty).
+fn cluster_label(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    args::label(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,12 +186,4 @@ mod tests {
         assert!(parts[2].ends_with(".meshfed-system") || std::env::var("POD_NAMESPACE").is_ok());
         assert!(parts[3].ends_with(".svc.cluster.local"), "{id}");
     }
-}
-
-/// A cluster name (or empty).
-fn cluster_label(s: &str) -> Result<String, String> {
-    if s.is_empty() {
-        return Ok(String::new());
-    }
-    args::label(s)
 }
