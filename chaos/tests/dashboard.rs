@@ -191,6 +191,34 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
     };
     publish(&shot1, "dashboard.png");
 
+    // Fifty clusters in eight networks stay readable: the page's own drawing code, given such
+    // a report, places every cluster box apart from every other, inside the graph's width.
+    let big = b
+        .eval(
+            "const cs = []; for (let i = 0; i < 50; i++) { cs.push({cluster: 'c' + i, network: 'n' + (i % 8), \
+               trust_domain: 'c' + i + '.mesh', locality: 'r/z', gateways: ['10.0.0.' + i + ':15443'], \
+               connected: true, lease: i % 7 ? 'fresh' : 'stale', last_heartbeat_age_ms: 1000 * i, exports: 1, \
+               imports: 49, imports_from: i ? {c0: 1} : {}, exports_acked_version: 1, imports_acked_revision: 1, \
+               import_lag: 0, bundle_sequence: 1, conflicts: []}); } \
+             drawGraph(cs); \
+             const svg = document.getElementById('graph'); const w = svg.getBoundingClientRect().width; \
+             const boxes = [...document.querySelectorAll('.cluster rect')].map(r => r.getBBox()); \
+             let overlaps = 0; for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) { \
+               const a = boxes[i], b = boxes[j]; \
+               if (a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height) overlaps++; } \
+             const outside = boxes.filter(r => r.x < 0 || r.x + r.width > w).length; \
+             return {boxes: boxes.length, overlaps, outside, stale: document.querySelectorAll('.cluster[data-lease=\"stale\"]').length, \
+                     edges: document.querySelectorAll('.import').length};",
+        )
+        .unwrap();
+    assert_eq!(
+        big,
+        serde_json::json!({"boxes": 50, "overlaps": 0, "outside": 0, "stale": 8, "edges": 49}),
+        "{big}"
+    );
+    b.screenshot(&dir.join("dashboard-0-fifty-clusters.png"))
+        .unwrap();
+
     // west dies: the open page shows it stale, with its heartbeat age, without a reload.
     west.agent().unwrap().kill9();
     let killed = Instant::now();
