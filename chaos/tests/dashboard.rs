@@ -378,6 +378,14 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
     let errors = b.console_errors().unwrap();
     assert!(errors.is_empty(), "console errors: {errors:?}");
     drop(gw);
+    // The page says when the server it reads is gone.
+    let mut east = east;
+    east.agent().unwrap().kill9();
+    b.wait(
+        "return document.getElementById('feed').textContent.includes('unreachable')",
+        10.0,
+    )
+    .unwrap();
 
     // Bad URLs: a clear page, never a 500.
     for path in ["/ui/cluster/nope", "/ui/service/%3Cscript%3E", "/ui/%ff%fe"] {
