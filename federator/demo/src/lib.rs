@@ -1507,6 +1507,34 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         ),
     );
 
+    // `meshfed analyze` names the problem, with its fix.
+    let (code, out) = procs::run_any(
+        None,
+        &s(&["analyze", "--federator", &fed_admin, "-o", "json"]),
+    )
+    .await?;
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    let stale_found = findings
+        .iter()
+        .any(|f| f["code"] == "MF101" && f["object"] == "cluster west");
+    checks.assert(
+        stale_found && code == 1,
+        "analyze",
+        format!(
+            "`meshfed analyze --federator {fed_admin}` exits {code} with: {}",
+            findings
+                .iter()
+                .map(|f| format!(
+                    "{} {}: {}",
+                    f["code"].as_str().unwrap_or(""),
+                    f["object"].as_str().unwrap_or(""),
+                    f["message"].as_str().unwrap_or("")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    );
+
     // The dashboard's live stream says the same: what an open page shows now.
     let shown = meshfed_net::dashboard::first_status(&fed_admin).await;
     let west_shown = shown
@@ -1563,6 +1591,34 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         format!(
             "west is priority 0 again and gets the calls: {}",
             fmt_counts(&p3, f3)
+        ),
+    );
+    // Healthy again: `meshfed analyze` has nothing to say about the federator and agents.
+    let (code, out) = procs::run_any(
+        None,
+        &s(&[
+            "analyze",
+            "--federator",
+            &fed_admin,
+            "--agent",
+            &east_admin,
+            "--agent",
+            &west_admin,
+            "--agent",
+            &eu_admin,
+            "-o",
+            "json",
+        ]),
+    )
+    .await?;
+    let left: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    checks.assert(
+        code == 0 && left.is_empty(),
+        "analyze clean",
+        format!(
+            "`meshfed analyze` over the federator and the three agents exits {code} with {} findings{}",
+            left.len(),
+            if left.is_empty() { String::new() } else { format!(": {out}") }
         ),
     );
     let syncz = meshfed_net::admin::fetch_json(&eu_admin, "/debug/syncz")

@@ -130,3 +130,19 @@ pub async fn run_once(ns: Option<&str>, args: &[String]) -> anyhow::Result<Strin
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Runs `meshfed <args>` to completion (in namespace `ns`): its exit code and stdout, whatever
+/// the code (for commands whose exit code is an answer, such as `meshfed analyze`).
+pub async fn run_any(ns: Option<&str>, args: &[String]) -> anyhow::Result<(i32, String)> {
+    let exe = std::env::current_exe().context("cannot find the meshfed binary")?;
+    let (program, args) = meshfed_harness::netns::command_in(ns, &exe, args);
+    let out = tokio::process::Command::new(program)
+        .args(&args)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}

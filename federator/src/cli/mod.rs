@@ -1,6 +1,7 @@
 //! The `meshfed` command line. Only commands that work exist.
 
 mod agent;
+mod analyze;
 mod args;
 mod bundle;
 mod ca;
@@ -126,6 +127,10 @@ pub enum Command {
     /// Print the CustomResourceDefinitions meshfed reads (FailoverPolicy; with --mcs also the
     /// MCS ServiceExport and ServiceImport) as YAML for `kubectl apply -f -`.
     Crds(CrdsArgs),
+    /// Problems across the federation (stale or conflicting members, unreachable networks,
+    /// missing or expiring bundles and certificates, NACKs, risky policies), from federators',
+    /// agents' and policy files' views; exit 1 when any is an error.
+    Analyze(analyze::AnalyzeArgs),
     /// The dashboard of a federator's (the federation) or an agent's (its cluster) admin server:
     /// checks that it answers, prints its URL, and opens it where a desktop browser is available.
     Dashboard(DashboardArgs),
@@ -221,6 +226,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(c) => runtime()?.block_on(vm::run(c)),
         Command::Workload(c) => runtime()?.block_on(workload::run(c)),
         Command::Dashboard(a) => runtime()?.block_on(dashboard(a)),
+        Command::Analyze(a) => runtime()?.block_on(analyze::run(a)),
         Command::Crds(a) => {
             print!("{}", crds_yaml(a.mcs)?);
             Ok(ExitCode::SUCCESS)
