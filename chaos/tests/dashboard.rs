@@ -62,35 +62,24 @@ fn what_if_matches_policy_check(
     ])
     .unwrap();
     let check: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ours: Vec<(u64, String, Vec<String>)> = json["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["priority"].as_u64().unwrap(),
-                r["locality"].as_str().unwrap().to_string(),
-                r["endpoints"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| e["address"].as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect();
-    let theirs: Vec<(u64, String, Vec<String>)> = check["table"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["priority"].as_u64().unwrap(),
-                r["locality"].as_str().unwrap().to_string(),
-                serde_json::from_value(r["endpoints"].clone()).unwrap(),
-            )
-        })
-        .collect();
+    // (priority, locality, endpoint addresses): the API lists endpoint objects, the command
+    // addresses.
+    let rows = |t: &serde_json::Value| -> Vec<(u64, String, Vec<String>)> {
+        t.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let eps = r["endpoints"].as_array().unwrap().iter();
+                (
+                    r["priority"].as_u64().unwrap(),
+                    r["locality"].as_str().unwrap().to_string(),
+                    eps.map(|e| e["address"].as_str().or(e.as_str()).unwrap().to_string())
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let (ours, theirs) = (rows(&json["rows"]), rows(&check["table"]));
     assert_eq!(
         ours, theirs,
         "what-if {query}: {json}\npolicy check: {check}"

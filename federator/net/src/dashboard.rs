@@ -1,5 +1,5 @@
-//! The dashboard on an admin server: `/ui` is one page embedded in the binary (no assets from
-//! elsewhere), `/ui/events` a server-sent-event stream of the process's status JSON, the same
+//! The dashboard on an admin server: `/ui/` is one page embedded in the binary, with its shared
+//! script `/ui/live.js` (nothing is loaded from elsewhere), `/ui/events` a server-sent-event stream of the process's status JSON, the same
 //! document `/status` serves. For each open page the server computes the status once a second
 //! and sends it when it changed (ages change, so in practice about every second), or the
 //! reason it cannot be computed; nothing on the page polls. Anything else under `/ui/` is a
@@ -32,6 +32,7 @@ pub fn routes(page: &'static str, status: StatusFn) -> Router {
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
         .route("/ui/", get(index))
         .route("/ui/events", get(events))
+        .route("/ui/live.js", get(live_js))
         .route("/ui/{*rest}", get(not_found))
         .with_state(Ui { page, status })
 }
@@ -43,10 +44,24 @@ async fn index(State(ui): State<Ui>) -> Response {
             // The page loads nothing from elsewhere and runs only its own inline script.
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+                "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
             ),
         ],
         Html(ui.page),
+    )
+        .into_response()
+}
+
+/// The pages' shared script: the event stream and the "live" line.
+const LIVE_JS: &str = include_str!("dashboard_live.js");
+
+async fn live_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        LIVE_JS,
     )
         .into_response()
 }
