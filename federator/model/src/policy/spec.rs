@@ -183,15 +183,15 @@ struct TrafficPolicySpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct LoadBalancerSpec {
-    /// Accepted for compatibility; meshfed's clusters use ROUND_ROBIN.
+    /// meshfed's clusters are ROUND_ROBIN: that (or UNSPECIFIED) is accepted, anything else
+    /// refused by name rather than ignored.
     #[serde(default)]
-    #[allow(dead_code)]
-    simple: Option<SimpleLb>,
+    simple: Option<Spanned<SimpleLb>>,
     #[serde(default)]
     locality_lb_setting: Option<LocalityLbSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 enum SimpleLb {
     Unspecified,
@@ -516,6 +516,22 @@ fn parse_document(doc: &str, what: &str) -> Result<(Policy, At), String> {
                 .and_then(|t| t.load_balancer.as_ref())
                 .and_then(|l| l.locality_lb_setting.as_ref());
             let base = "spec.trafficPolicy.loadBalancer.localityLbSetting";
+            if let Some(simple) = tp
+                .as_ref()
+                .and_then(|t| t.load_balancer.as_ref())
+                .and_then(|l| l.simple.as_ref())
+                .filter(|v| !matches!(v.value, SimpleLb::RoundRobin | SimpleLb::Unspecified))
+            {
+                return Err(located(
+                    what,
+                    At::of(simple),
+                    "spec.trafficPolicy.loadBalancer.simple",
+                    format!(
+                        "{:?} is not applied by meshfed, whose clusters are ROUND_ROBIN: use ROUND_ROBIN or leave it out",
+                        simple.value
+                    ),
+                ));
+            }
             let od = tp.as_ref().and_then(|t| t.outlier_detection.as_ref());
             let mut p = Policy {
                 name,
@@ -978,6 +994,21 @@ spec:
         let y = GOOD.replace("      simple: ROUND_ROBIN", "      connectionPool: {}");
         let e = err(&y);
         assert!(e.contains("connectionPool"), "{e}");
+        // A load-balancing algorithm meshfed does not apply is refused by name, not ignored;
+        // the one it applies is accepted.
+        for other in ["LEAST_REQUEST", "RANDOM", "PASSTHROUGH", "LEAST_CONN"] {
+            let y = GOOD.replace(
+                "      simple: ROUND_ROBIN",
+                &format!("      simple: {other}"),
+            );
+            let e = err(&y);
+            assert!(
+                e.contains("spec.trafficPolicy.loadBalancer.simple: ")
+                    && e.contains("is not applied by meshfed"),
+                "{other}: {e}"
+            );
+            assert!(e.starts_with("p.yaml:"), "{e}");
+        }
     }
 
     #[test]
