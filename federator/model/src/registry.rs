@@ -8,7 +8,7 @@
 //!     name: payment
 //!     ports:
 //!       - {name: http, port: 8080, protocol: TCP, appProtocol: http}
-//!     exportTo: [west]          # or `export: true` for the whole federation
+//!     exportToClusters: [west]  # or `export: true` for the whole federation
 //!     staleness: {onExpiry: withdraw}
 //!     endpoints:
 //!       - {address: 10.1.0.5, locality: us-east1/us-east1-b, labels: {version: v1}, weight: 1, healthy: true, serviceAccount: payment}
@@ -182,7 +182,9 @@ pub struct ServiceSpec {
     pub endpoints: Vec<EndpointSpec>,
     #[serde(default)]
     pub export: bool,
-    #[serde(default)]
+    /// The clusters (not namespaces, as Istio's `exportTo` means) that may import it:
+    /// `exportToClusters`, or `exportTo`, its first name, still read.
+    #[serde(default, rename = "exportToClusters", alias = "exportTo")]
     pub export_to: Option<Vec<Label>>,
     #[serde(default)]
     pub staleness: Option<StalenessSpec>,
@@ -618,6 +620,16 @@ services:
         let e = err("workloadGroups:\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {name: g, namespace: a}\n    spec: {}\n  - apiVersion: networking.istio.io/v1\n    kind: WorkloadGroup\n    metadata: {name: g, namespace: a}\n    spec: {}\n");
         assert!(e.starts_with("reg.yaml:8:"), "{e}");
         assert!(e.contains("WorkloadGroup a/g is listed twice"), "{e}");
+        // exportToClusters (the name that says what it holds) and exportTo (its first name)
+        // mean the same.
+        let a = Registry::parse("services:\n  - {namespace: shop, name: q, ports: [{port: 80}], exportToClusters: [west]}\n", "a").unwrap();
+        let b = Registry::parse(
+            "services:\n  - {namespace: shop, name: q, ports: [{port: 80}], exportTo: [west]}\n",
+            "b",
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.services[0].export_to.as_ref().map(Vec::len), Some(1));
         // A bad exportTo item is located at the item, not the list (issue 19).
         let e = err("services:\n  - namespace: shop\n    name: q\n    ports: [{port: 80}]\n    exportTo: [west, Bad_Name]\n");
         assert!(e.starts_with("reg.yaml:5:22: services[0].exportTo:"), "{e}");
