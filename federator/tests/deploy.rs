@@ -164,6 +164,15 @@ fn overlays_render_each_clusters_part_with_its_facts() {
                 assert_eq!(n, "net-west", "{}", d["kind"]);
             }
         }
+        // The gateway labels Istio's metrics with west as their destination cluster.
+        if d["kind"] == "Deployment" {
+            let args: Vec<String> = serde_json::from_value(
+                d["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+            )
+            .unwrap();
+            let i = args.iter().position(|a| a == "--cluster").unwrap();
+            assert_eq!(args[i + 1], "west");
+        }
     }
     check_manifests(
         west.into_iter()
