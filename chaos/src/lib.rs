@@ -386,6 +386,18 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     Ok((code, body))
 }
 
+/// `GET <path>` from `addr` with a JSON body: (status code, the body).
+pub fn http_json(addr: &str, path: &str) -> Result<(u16, serde_json::Value)> {
+    let (code, whole) = http_get(addr, path)?;
+    let body = whole
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .with_context(|| format!("no body from {addr}{path}"))?;
+    let v = serde_json::from_str(body)
+        .with_context(|| format!("{addr}{path} did not answer JSON: {body}"))?;
+    Ok((code, v))
+}
+
 /// The value of one Prometheus sample (`name{labels}` exactly as exposed) from `GET /metrics`.
 pub fn metric(admin: &str, series: &str) -> Result<Option<f64>> {
     let (_, body) = http_get(admin, "/metrics")?;

@@ -36,10 +36,8 @@ fn what_if_matches_policy_check(
     dir: &std::path::Path,
     query: &str,
 ) -> serde_json::Value {
-    let (code, body) = http_get(&c.admin, &format!("/ui/failover?{query}")).unwrap();
-    assert_eq!(code, 200, "{body}");
-    let json: serde_json::Value =
-        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let (code, json) = http_json(&c.admin, &format!("/ui/failover?{query}")).unwrap();
+    assert_eq!(code, 200, "{json}");
     let inputs = dir.join("what-if-endpoints.yaml");
     std::fs::write(&inputs, json["inputs"].to_string()).unwrap();
     let policy = dir.join("echo-policy.yaml");
@@ -252,16 +250,11 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
     // The failover table of east's proxies for echo, as things are and with west failed or
     // east's zone down: each as `meshfed policy check` computes it from the same inputs.
     east.write_policy("echo.yaml", ECHO_POLICY).unwrap();
-    let (_, list) = http_get(&east.admin, "/ui/services").unwrap();
-    let list: serde_json::Value =
-        serde_json::from_str(list.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     let echo_port = wait_for(
         Duration::from_secs(20),
         "echo with its policy at east",
         || {
-            let (_, l) = http_get(&east.admin, "/ui/services")?;
-            let l: serde_json::Value =
-                serde_json::from_str(l.split("\r\n\r\n").nth(1).unwrap_or("[]"))?;
+            let (_, l) = http_json(&east.admin, "/ui/services")?;
             Ok(l.as_array().and_then(|a| {
                 a.iter()
                     .find(|x| x["host"] == "echo.shop.svc.cluster.local" && x["policy"] == true)
@@ -269,7 +262,7 @@ fn the_dashboard_shows_the_federation_live_in_a_browser() {
             }))
         },
     )
-    .unwrap_or_else(|e| panic!("{e}: {list}"));
+    .unwrap();
     let q = |extra: &str| {
         format!(
             "service={}&locality=us-east1/us-east1-b{extra}",

@@ -211,6 +211,20 @@ pub struct Gateway {
     outliers: Mutex<HashMap<SocketAddr, (u32, Option<Instant>)>>,
     /// Open forwarded connections per endpoint (least-connections balancing).
     per_endpoint: Mutex<HashMap<SocketAddr, u32>>,
+    /// Each routed service's counters, looked up once per service rather than by label values
+    /// on every connection.
+    per_service: std::sync::RwLock<HashMap<String, Arc<ServiceCounters>>>,
+}
+
+/// The counters of one routed service (meshfed's and Istio's).
+#[derive(Debug)]
+struct ServiceCounters {
+    connections: prometheus::IntCounter,
+    active: prometheus::IntGauge,
+    upstream: ByteCounters,
+    downstream: ByteCounters,
+    istio_opened: prometheus::IntCounter,
+    istio_closed: prometheus::IntCounter,
 }
 
 /// Consecutive connect failures that eject an endpoint.
@@ -253,6 +267,7 @@ impl Gateway {
             open: AtomicU64::new(0),
             outliers: Mutex::new(HashMap::new()),
             per_endpoint: Mutex::new(HashMap::new()),
+            per_service: std::sync::RwLock::new(HashMap::new()),
         })
     }
 
@@ -539,29 +554,15 @@ impl Gateway {
             return Err("upstream_write");
         }
         drop(buf);
-        let labels = [service.as_str()];
-        self.metrics.connections.with_label_values(&labels).inc();
-        let active = self.metrics.active.with_label_values(&labels);
-        active.inc();
-        let istio = self.istio_labels(&service);
-        let istio: Vec<&str> = istio.iter().map(String::as_str).collect();
-        self.metrics.istio_opened.with_label_values(&istio).inc();
+        let counters = self.counters(&service);
+        counters.connections.inc();
+        counters.active.inc();
+        counters.istio_opened.inc();
         let last = Arc::new(AtomicU64::new(0));
         let t0 = Instant::now();
-        let up_bytes = ByteCounters([
-            self.metrics
-                .bytes
-                .with_label_values(&[service.as_str(), "upstream"]),
-            self.metrics.istio_received.with_label_values(&istio),
-        ]);
-        let down_bytes = ByteCounters([
-            self.metrics
-                .bytes
-                .with_label_values(&[service.as_str(), "downstream"]),
-            self.metrics.istio_sent.with_label_values(&istio),
-        ]);
         // The ClientHello (and whatever came with it) was forwarded already.
-        up_bytes.add(sent_first as u64);
+        counters.upstream.add(sent_first as u64);
+        let (up_bytes, down_bytes) = (counters.upstream.clone(), counters.downstream.clone());
         let (client, up) = (Arc::new(client), Arc::new(up));
         let a = copy_one_way(client.clone(), up.clone(), last.clone(), t0, up_bytes);
         let b = copy_one_way(up, client, last.clone(), t0, down_bytes);
@@ -583,9 +584,44 @@ impl Gateway {
             _ = watchdog => { self.refuse("idle_timeout"); }
         }
         self.track(chosen, -1);
-        active.dec();
-        self.metrics.istio_closed.with_label_values(&istio).inc();
+        counters.active.dec();
+        counters.istio_closed.inc();
         Ok(())
+    }
+
+    /// The counters of `service`, made on its first connection.
+    fn counters(&self, service: &str) -> Arc<ServiceCounters> {
+        if let Some(c) = self
+            .per_service
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+        {
+            return c.clone();
+        }
+        let m = &self.metrics;
+        let istio = self.istio_labels(service);
+        let istio: Vec<&str> = istio.iter().map(String::as_str).collect();
+        let c = Arc::new(ServiceCounters {
+            connections: m.connections.with_label_values(&[service]),
+            active: m.active.with_label_values(&[service]),
+            upstream: ByteCounters([
+                m.bytes.with_label_values(&[service, "upstream"]),
+                m.istio_received.with_label_values(&istio),
+            ]),
+            downstream: ByteCounters([
+                m.bytes.with_label_values(&[service, "downstream"]),
+                m.istio_sent.with_label_values(&istio),
+            ]),
+            istio_opened: m.istio_opened.with_label_values(&istio),
+            istio_closed: m.istio_closed.with_label_values(&istio),
+        });
+        self.per_service
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(service.to_string())
+            .or_insert(c)
+            .clone()
     }
 
     /// Istio's TCP labels for a connection to `service` (`host:port`, as routed).
@@ -612,6 +648,7 @@ impl Gateway {
 }
 
 /// The byte counters one direction of a connection adds to (meshfed's and Istio's).
+#[derive(Debug, Clone)]
 struct ByteCounters([prometheus::IntCounter; 2]);
 
 impl ByteCounters {

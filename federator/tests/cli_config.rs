@@ -398,3 +398,90 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The injection webhook's and `meshfed workload`'s flags are checked before anything starts,
+/// each refusal naming the flag.
+#[test]
+fn injection_and_workload_flags_are_checked_naming_them() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("never-created");
+    let registry = d.path().join("registry.yaml");
+    std::fs::write(&registry, "services: []\n").unwrap();
+    let agent = |extra: &[&str]| {
+        let mut args = vec![
+            "agent",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--registry",
+            registry.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(meshfed().args(args))
+    };
+    let r = agent(&[
+        "--injection-webhook",
+        "127.0.0.1:0",
+        "--injection-image",
+        "m:1",
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains("--injection-webhook is for --source kubernetes"),
+        "{}",
+        r.stderr
+    );
+    let r = agent(&["--injection-webhook", "not-an-address"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--injection-webhook"), "{}", r.stderr);
+    let r = agent(&["--injection-image", "m:1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--injection-webhook"), "{}", r.stderr);
+    assert!(!state.exists(), "nothing was written");
+
+    let workload = |extra: &[&str]| {
+        let mut args = vec![
+            "workload",
+            "init",
+            "--trust-domain",
+            "east.mesh",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "client",
+        ];
+        args.extend_from_slice(extra);
+        run(meshfed().args(args).env_remove("MESHFED_ROOT_CERTS"))
+    };
+    for (flag, value) in [
+        ("--pod-ip", "10.0.0.300"),
+        ("--agent", "http://agent"),
+        ("--xds-listen", "loopback"),
+        ("--cert-ttl", "soon"),
+    ] {
+        let r = workload(&[flag, value]);
+        assert_eq!(r.code, 2, "{flag}: {}", r.stderr);
+        assert!(r.stderr.contains(flag), "{flag}: {}", r.stderr);
+    }
+    let r = workload(&["--trust-domain", "Not A Domain"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--trust-domain"), "{}", r.stderr);
+    // Without roots there is nothing to check the agent with: said before anything is asked.
+    let r = workload(&["--out", d.path().join("out").to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("--root-cert FILE or MESHFED_ROOT_CERTS"),
+        "{}",
+        r.stderr
+    );
+    let r = workload(&[
+        "--out",
+        d.path().join("out").to_str().unwrap(),
+        "--xds-listen",
+        "127.0.0.1:0",
+        "--root-cert",
+        "/nonexistent/roots.pem",
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("0 is for `agent` only"), "{}", r.stderr);
+}

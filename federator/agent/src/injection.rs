@@ -64,30 +64,17 @@ async fn inject(State(s): State<WebhookState>, body: Bytes) -> impl IntoResponse
     )
 }
 
-/// Serves the webhook; returns the bound address.
-#[allow(clippy::too_many_arguments)]
+/// Serves the webhook (`base`: what is injected, without the roots, which are read at each
+/// review); returns the bound address.
 pub async fn serve(
     tasks: &Tasks,
-    cfg: &InjectionConfig,
+    listen: SocketAddr,
+    base: Injection,
     tls: rustls::ServerConfig,
     td: TrustDomain,
-    token_audience: String,
-    server_name: String,
-    token_seconds: i64,
     bundle: watch::Receiver<String>,
     workloads: meshfed_kube::source::Workloads,
 ) -> anyhow::Result<SocketAddr> {
-    let base = Injection {
-        image: cfg.image.clone(),
-        image_pull_policy: cfg.image_pull_policy.clone(),
-        trust_domain: td.to_string(),
-        agent: cfg.agent_address.clone(),
-        server_name,
-        token_audience,
-        token_seconds,
-        roots_pem: String::new(),
-        agent_namespace: cfg.agent_namespace.clone(),
-    };
     let app = Router::new()
         .route("/inject", post(inject))
         .with_state(WebhookState {
@@ -96,7 +83,7 @@ pub async fn serve(
             bundle,
             workloads,
         });
-    meshfed_net::https::serve(tasks, "injection webhook", cfg.listen, tls, app).await
+    meshfed_net::https::serve(tasks, "injection webhook", listen, tls, app).await
 }
 
 /// While this replica leads: the configuration's caBundle follows the cluster's roots (at

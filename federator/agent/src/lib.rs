@@ -1107,23 +1107,34 @@ impl Agent {
                 .as_ref()
                 .map(|x| x.workload_cert_ttl)
                 .unwrap_or(time::Duration::hours(1));
+            let base = meshfed_kube::inject::Injection {
+                image: icfg.image.clone(),
+                image_pull_policy: icfg.image_pull_policy.clone(),
+                trust_domain: td.to_string(),
+                agent: icfg.agent_address.clone(),
+                server_name: cfg
+                    .serving_dns_names
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "meshfed-agent.meshfed-system.svc".into()),
+                token_audience: cfg
+                    .token_audiences
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "istio-ca".into()),
+                // The projected token outlives a certificate, so a sidecar that lost its
+                // certificate can obtain one again (the kubelet refreshes it at 80 %).
+                token_seconds: ttl.whole_seconds().max(3600),
+                roots_pem: String::new(),
+                agent_namespace: icfg.agent_namespace.clone(),
+            };
             injection_webhook = Some(
                 injection::serve(
                     &tasks,
-                    icfg,
+                    icfg.listen,
+                    base,
                     trust::tls::server_config_no_client(serving.clone())?,
                     td.clone(),
-                    cfg.token_audiences
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| "istio-ca".into()),
-                    cfg.serving_dns_names
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| "meshfed-agent.meshfed-system.svc".into()),
-                    // The projected token outlives a certificate, so a sidecar that lost its
-                    // certificate can obtain one again (the kubelet refreshes it at 80 %).
-                    ttl.whole_seconds().max(3600),
                     inner.bundle.subscribe(),
                     workloads,
                 )

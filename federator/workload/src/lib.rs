@@ -118,16 +118,25 @@ impl Client {
             .unwrap_or_default()
     }
 
-    /// A channel to the agent, presenting `client` (may hold no certificate).
-    fn channel(&self, client: Arc<SvidResolver>) -> anyhow::Result<tonic::transport::Channel> {
+    /// TLS to the agent: its certificate must chain to the cluster's roots and name the
+    /// agent's SPIFFE ID; this side presents `client` (which may hold no certificate yet).
+    fn tls(&self, client: Arc<SvidResolver>) -> anyhow::Result<rustls::ClientConfig> {
         let verifier = SpiffeVerifier::new(
             self.roots.clone(),
             Authorizer::id(meshfed_identity::ids::agent_spiffe_id(
                 &self.cfg.trust_domain,
             )?),
         );
-        let tls = trust::tls::client_config(client, verifier)?;
-        meshfed_net::channel(self.cfg.agent.clone(), tls, &self.cfg.server_name)
+        Ok(trust::tls::client_config(client, verifier)?)
+    }
+
+    /// A gRPC channel to the agent over [`Client::tls`].
+    fn channel(&self, client: Arc<SvidResolver>) -> anyhow::Result<tonic::transport::Channel> {
+        meshfed_net::channel(
+            self.cfg.agent.clone(),
+            self.tls(client)?,
+            &self.cfg.server_name,
+        )
     }
 
     /// A new SVID from the CA API: with the token, or (no token) over mTLS with `current`.
@@ -458,8 +467,6 @@ async fn start(
     client.install(&svid)?;
     let (first, stream) = first_config(&client, deadline).await?;
     let domains = client.write_trust(&first)?;
-    // The roots may have changed: the chain file's companions are rewritten with them.
-    client.install(&svid)?;
     let doc = bootstrap_document(&client.cfg, relay, &first);
     trust::files::write_atomic(
         &client.cfg.out.join(BOOTSTRAP_FILE),
@@ -623,13 +630,7 @@ async fn relay_loop(client: Arc<Client>, l: tokio::net::TcpListener) {
         let client = client.clone();
         tokio::spawn(async move {
             let r = async {
-                let verifier = SpiffeVerifier::new(
-                    client.roots.clone(),
-                    Authorizer::id(meshfed_identity::ids::agent_spiffe_id(
-                        &client.cfg.trust_domain,
-                    )?),
-                );
-                let tls = trust::tls::client_config(client.svid.clone(), verifier)?;
+                let tls = client.tls(client.svid.clone())?;
                 meshfed_net::relay_tls(local, tls, &client.cfg.agent, &client.cfg.server_name).await
             }
             .await;
