@@ -562,10 +562,15 @@ impl Gateway {
         let t0 = Instant::now();
         // The ClientHello (and whatever came with it) was forwarded already.
         counters.upstream.add(sent_first as u64);
-        let (up_bytes, down_bytes) = (counters.upstream.clone(), counters.downstream.clone());
         let (client, up) = (Arc::new(client), Arc::new(up));
-        let a = copy_one_way(client.clone(), up.clone(), last.clone(), t0, up_bytes);
-        let b = copy_one_way(up, client, last.clone(), t0, down_bytes);
+        let a = copy_one_way(
+            client.clone(),
+            up.clone(),
+            last.clone(),
+            t0,
+            &counters.upstream,
+        );
+        let b = copy_one_way(up, client, last.clone(), t0, &counters.downstream);
         let idle = self.cfg.idle_timeout;
         let watchdog = async {
             loop {
@@ -667,12 +672,12 @@ async fn copy_one_way(
     to: Arc<TcpStream>,
     last: Arc<AtomicU64>,
     t0: Instant,
-    bytes: ByteCounters,
+    bytes: &ByteCounters,
 ) {
     #[cfg(target_os = "linux")]
-    let _ = splice_loop(&from, &to, &last, t0, &bytes).await;
+    let _ = splice_loop(&from, &to, &last, t0, bytes).await;
     #[cfg(not(target_os = "linux"))]
-    let _ = copy_loop(&from, &to, &last, t0, &bytes).await;
+    let _ = copy_loop(&from, &to, &last, t0, bytes).await;
     let _ = socket2::SockRef::from(&*to).shutdown(std::net::Shutdown::Write);
 }
 
