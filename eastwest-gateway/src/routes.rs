@@ -51,11 +51,24 @@ impl Routes {
         r
     }
 
-    /// The endpoints for a ClientHello's SNI.
+    /// The endpoints for a ClientHello's SNI. A `.svc.clusterset.local` host (the name an
+    /// importer's sidecars use for a ServiceEntry meshfed wrote) is the exported service of
+    /// the same namespace and name.
     pub fn lookup(&self, sni: &str, target: &Target) -> Result<&[SocketAddr], NoRoute> {
         if let Some(f) = self.fixed.get(sni) {
             return Ok(f);
         }
+        let local;
+        let target = match target.host.strip_suffix(".svc.clusterset.local") {
+            Some(base) => {
+                local = Target {
+                    host: format!("{base}.svc.cluster.local"),
+                    ..target.clone()
+                };
+                &local
+            }
+            None => target,
+        };
         let key = match target.port {
             Some(p) => (target.host.clone(), p, target.subset.clone()),
             None => {
@@ -115,5 +128,28 @@ mod tests {
         assert!(matches!(r.lookup("x", &t), Err(NoRoute::UnknownService(_))));
         let t = crate::sni::parse("istiod.istio-system.svc").unwrap();
         assert_eq!(r.lookup("istiod.istio-system.svc", &t).unwrap(), &[b]);
+    }
+
+    #[test]
+    fn subsets_and_clusterset_names_route_to_their_endpoints() {
+        let all: SocketAddr = "10.0.0.1:9080".parse().unwrap();
+        let v2: SocketAddr = "10.0.0.2:9080".parse().unwrap();
+        let r = Routes::from_clusters([
+            (
+                "outbound|9080||reviews.shop.svc.cluster.local",
+                vec![all, v2],
+            ),
+            ("outbound|9080|v2|reviews.shop.svc.cluster.local", vec![v2]),
+        ]);
+        let t = crate::sni::parse("outbound_.9080_.v2_.reviews.shop.svc.cluster.local").unwrap();
+        assert_eq!(r.lookup("x", &t).unwrap(), &[v2]);
+        // The ServiceEntry host an Istio importer's sidecars send is the same service.
+        let t = crate::sni::parse("outbound_.9080_.v2_.reviews.shop.svc.clusterset.local").unwrap();
+        assert_eq!(r.lookup("x", &t).unwrap(), &[v2]);
+        let t = crate::sni::parse("outbound_.9080_._.reviews.shop.svc.clusterset.local").unwrap();
+        assert_eq!(r.lookup("x", &t).unwrap(), &[all, v2]);
+        // A subset the exporter does not define has no route (never the whole service).
+        let t = crate::sni::parse("outbound_.9080_.v3_.reviews.shop.svc.cluster.local").unwrap();
+        assert!(matches!(r.lookup("x", &t), Err(NoRoute::UnknownService(_))));
     }
 }

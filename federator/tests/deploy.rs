@@ -648,3 +648,54 @@ fn the_injector_calls_the_agents_webhook_for_opted_in_pods_only() {
         meshfed_kube::inject::TEMPLATE_GRPC
     );
 }
+
+/// The istio overlay: the agent runs with --istio and the mesh config ConfigMap it names, and
+/// its Role in istio-system grants exactly `ISTIO_NAMESPACED_RULES`, reading and patching only
+/// that one ConfigMap (never the `istio` ConfigMap), bound to the agent's ServiceAccount; the
+/// flags it adds parse.
+#[test]
+fn the_istio_overlay_runs_the_agent_with_istio_and_grants_only_its_config_map() {
+    let docs = kustomize("kubernetes/overlays/cluster-istio");
+    let sts = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet" && d["metadata"]["name"] == "meshfed-agent")
+        .expect("the agent");
+    let args: Vec<String> = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert!(args.contains(&"--istio".to_string()), "{args:?}");
+    let at = args
+        .iter()
+        .position(|a| a == "--istio-mesh-config")
+        .unwrap();
+    let (ns, name) = args[at + 1].split_once('/').unwrap();
+    assert_eq!(ns, "istio-system");
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == ns)
+        .expect("a Role in istio-system");
+    assert_eq!(
+        granted(role),
+        used(meshfed_kube::rbac::ISTIO_NAMESPACED_RULES)
+    );
+    for r in role["rules"].as_array().unwrap() {
+        if r["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "get" || v == "patch")
+        {
+            assert_eq!(r["resourceNames"], serde_json::json!([name]), "{r}");
+        }
+    }
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "RoleBinding" && d["metadata"]["namespace"] == ns)
+        .expect("a RoleBinding in istio-system");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], "meshfed-agent");
+    assert_eq!(binding["subjects"][0]["namespace"], "meshfed-system");
+}

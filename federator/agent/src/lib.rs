@@ -90,6 +90,36 @@ pub struct AgentConfig {
     pub serving_dns_names: Vec<String>,
     /// With the Kubernetes source: the injection webhook (`--injection-webhook`); `None` = off.
     pub injection: Option<injection::InjectionConfig>,
+    /// With the Kubernetes source: feed the cluster's istiod (`--istio`); `None` = off.
+    pub istio: Option<IstioConfig>,
+}
+
+/// What the agent writes for the cluster's istiod (docs/istio.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IstioConfig {
+    /// The ConfigMap (`namespace`, `name`) meshfed owns whose `mesh` key carries the peers'
+    /// roots, for istiod's `SHARED_MESH_CONFIG`; `None`: not written.
+    pub mesh_config: Option<(String, String)>,
+}
+
+/// What the agent last wrote for istiod (`meshfed status`, `meshfed analyze`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IstioReport {
+    pub service_entries: u64,
+    pub workload_entries: u64,
+    pub destination_rules: u64,
+    /// Hosts and policies meshfed did not write, and why.
+    #[serde(default)]
+    pub findings: Vec<meshfed_kube::istio::Finding>,
+    /// `namespace/name` of the mesh config ConfigMap, when written.
+    #[serde(default)]
+    pub mesh_config: Option<String>,
+    /// The trust domains whose roots it carries.
+    #[serde(default)]
+    pub mesh_config_trust_domains: Vec<String>,
+    /// Peer bundles left out of it, and why.
+    #[serde(default)]
+    pub mesh_config_errors: Vec<String>,
 }
 
 /// The cluster's dashboard (`/ui/` on the agent's admin server): one page, embedded.
@@ -123,6 +153,8 @@ pub struct SyncStatus {
     pub kubernetes_problems: Vec<String>,
     /// The last failed write to the Kubernetes API, until a write succeeds.
     pub kubernetes_write_error: Option<String>,
+    /// With `--istio`: what was last written for istiod.
+    pub istio: Option<IstioReport>,
 }
 
 /// The agent's shared state. Sources write the model through their own writers (held by their
@@ -233,6 +265,7 @@ impl Inner {
                 .chain(self.policy_problems.borrow().iter().map(|p| p.to_string()))
                 .collect(),
             kubernetes_write_error: st.kubernetes_write_error,
+            istio: st.istio,
             leadership: self.elected.then(|| self.leadership.borrow().clone()),
             kubernetes_watches: self
                 .kube_health
@@ -484,6 +517,9 @@ pub struct AgentReport {
     /// The last failed write to the Kubernetes API, until one succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_write_error: Option<String>,
+    /// With `--istio`: what was last written for istiod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio: Option<IstioReport>,
     /// The Kubernetes watches, by kind (with the Kubernetes source).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub kubernetes_watches: BTreeMap<String, meshfed_kube::source::WatchHealth>,
@@ -1308,7 +1344,7 @@ impl Agent {
         if let Some((client, view, health)) = writer {
             tasks.spawn(
                 "Kubernetes writer",
-                write_kubernetes(inner.clone(), client, view, health),
+                write_kubernetes(inner.clone(), client, view, health, cfg.istio.clone()),
             );
         }
         Ok(Agent {
@@ -1633,6 +1669,7 @@ async fn write_kubernetes(
     client: kube::Client,
     view: watch::Receiver<Option<Arc<meshfed_kube::view::View>>>,
     health: watch::Receiver<BTreeMap<String, meshfed_kube::source::WatchHealth>>,
+    istio: Option<IstioConfig>,
 ) {
     let mut role = inner.leadership.subscribe();
     loop {
@@ -1645,7 +1682,7 @@ async fn write_kubernetes(
         // A term: its writers start from what they list, so a new leader takes over the
         // objects the previous one wrote. Losing the Lease cancels the pass in flight.
         tokio::select! {
-            _ = write_kubernetes_while_leading(inner.clone(), client.clone(), view.clone(), health.clone()) => return,
+            _ = write_kubernetes_while_leading(inner.clone(), client.clone(), view.clone(), health.clone(), istio.clone()) => return,
             r = role.wait_for(|l| !l.leader) => {
                 if r.is_err() {
                     return;
@@ -1662,7 +1699,10 @@ async fn write_kubernetes_while_leading(
     client: kube::Client,
     mut view: watch::Receiver<Option<Arc<meshfed_kube::view::View>>>,
     mut health: watch::Receiver<BTreeMap<String, meshfed_kube::source::WatchHealth>>,
+    istio: Option<IstioConfig>,
 ) {
+    let mut istio_writer = istio.map(IstioWriter::new);
+    let mut policies = inner.policies.subscribe();
     inner.model.wait_until_ready().await;
     let mut snaps = inner.model.subscribe();
     let mut names = inner.names.subscribe();
@@ -1734,8 +1774,24 @@ async fn write_kubernetes_while_leading(
             .map(|v| v.problems.clone())
             .unwrap_or_default();
         problems.extend(policy_problems.borrow_and_update().iter().cloned());
+        let policy_set = policies.borrow_and_update().clone();
         let result = async {
             let mut done = writer.sync(&client, &desired).await?;
+            if let Some(w) = istio_writer.as_mut() {
+                let d = w
+                    .sync(
+                        &client,
+                        &snap,
+                        &services,
+                        &table,
+                        current_view.as_deref(),
+                        &policy_set,
+                    )
+                    .await?;
+                done.applied += d.applied;
+                done.deleted += d.deleted;
+                inner.status().istio = Some(w.report.clone());
+            }
             let s = slices
                 .sync(
                     &client,
@@ -1785,6 +1841,7 @@ async fn write_kubernetes_while_leading(
             r = view.changed() => if r.is_err() { return },
             r = acks.changed() => if r.is_err() { return },
             r = policy_problems.changed() => if r.is_err() { return },
+            r = policies.changed() => if r.is_err() { return },
             r = entries_rx.changed() => if r.is_err() { return },
             // The WorkloadEntry kind may become served later.
             r = health.changed() => if r.is_err() { return },
@@ -1792,6 +1849,130 @@ async fn write_kubernetes_while_leading(
         }
         // Coalesce a burst of changes into one pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The writers of what istiod reads (`--istio`): the imports as ServiceEntries, WorkloadEntries
+/// and DestinationRules, and the peers' roots in the mesh config ConfigMap meshfed owns.
+struct IstioWriter {
+    config: IstioConfig,
+    service_entries: meshfed_kube::sink::ManagedWriter<meshfed_kube::types::ServiceEntry>,
+    workload_entries: meshfed_kube::sink::ManagedWriter<meshfed_kube::types::WorkloadEntry>,
+    destination_rules: meshfed_kube::sink::ManagedWriter<meshfed_kube::types::DestinationRule>,
+    /// The mesh config last written (not written again while it is the same).
+    mesh_written: Option<String>,
+    report: IstioReport,
+}
+
+impl IstioWriter {
+    fn new(config: IstioConfig) -> IstioWriter {
+        IstioWriter {
+            config,
+            service_entries: Default::default(),
+            workload_entries: Default::default(),
+            destination_rules: Default::default(),
+            mesh_written: None,
+            report: IstioReport::default(),
+        }
+    }
+
+    async fn sync(
+        &mut self,
+        client: &kube::Client,
+        snap: &meshfed_model::snapshot::Snapshot,
+        services: &BTreeMap<String, Vec<meshfed_model::snapshot::Instance<'_>>>,
+        names: &NameTable,
+        view: Option<&meshfed_kube::view::View>,
+        policy_set: &PolicySet,
+    ) -> anyhow::Result<meshfed_kube::sink::Synced> {
+        let mut trust_domains: BTreeMap<String, String> = BTreeMap::new();
+        for (id, p) in &snap.peers {
+            if let Some(f) = &p.facts {
+                trust_domains.insert(id.clone(), f.trust_domain.clone());
+            }
+        }
+        // The policy in effect for each imported host: the cluster's own, else the one its
+        // exporters published (as the xDS generation chooses).
+        let mut policies: BTreeMap<String, Arc<meshfed_model::policy::Policy>> = BTreeMap::new();
+        for (key, insts) in services {
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            let host = format!("{name}.{ns}.svc.cluster.local");
+            if let Some(p) = policy_set
+                .by_host
+                .get(&host)
+                .cloned()
+                .or_else(|| meshfed_xds::generation::published_policy(insts))
+            {
+                policies.insert(host, Arc::new(p));
+            }
+        }
+        let empty_names = Default::default();
+        let empty_user = Default::default();
+        let vips = |ns: &str, name: &str| -> Vec<std::net::IpAddr> {
+            names
+                .services
+                .get(&(ns.to_string(), name.to_string()))
+                .map(|s| {
+                    s.v4.map(std::net::IpAddr::V4)
+                        .into_iter()
+                        .chain(s.v6.map(std::net::IpAddr::V6))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let desired = meshfed_kube::istio::desired(&meshfed_kube::istio::Inputs {
+            network: &snap.facts.network,
+            services,
+            trust_domains: &trust_domains,
+            vips: &vips,
+            local_names: view.map(|v| &v.service_names).unwrap_or(&empty_names),
+            user: view.map(|v| &v.istio_user).unwrap_or(&empty_user),
+            policies: &policies,
+        });
+        let mut done = self
+            .service_entries
+            .sync(client, &desired.service_entries)
+            .await?;
+        for d in [
+            self.workload_entries
+                .sync(client, &desired.workload_entries)
+                .await?,
+            self.destination_rules
+                .sync(client, &desired.destination_rules)
+                .await?,
+        ] {
+            done.applied += d.applied;
+            done.deleted += d.deleted;
+        }
+        let mut report = IstioReport {
+            service_entries: desired.service_entries.len() as u64,
+            workload_entries: desired.workload_entries.len() as u64,
+            destination_rules: desired.destination_rules.len() as u64,
+            findings: desired.findings,
+            ..Default::default()
+        };
+        if let Some((ns, name)) = &self.config.mesh_config {
+            let (mesh, errors) =
+                meshfed_kube::istio::mesh_config(&snap.facts.trust_domain, &snap.bundles);
+            if self.mesh_written.as_ref() != Some(&mesh) {
+                meshfed_kube::istio::write_mesh_config(client, ns, name, &mesh).await?;
+                self.mesh_written = Some(mesh);
+                done.applied += 1;
+            }
+            report.mesh_config = Some(format!("{ns}/{name}"));
+            report.mesh_config_trust_domains = snap
+                .bundles
+                .keys()
+                .filter(|td| **td != snap.facts.trust_domain)
+                .filter(|td| !errors.iter().any(|e| e.contains(td.as_str())))
+                .cloned()
+                .collect();
+            report.mesh_config_errors = errors;
+        }
+        self.report = report;
+        Ok(done)
     }
 }
 

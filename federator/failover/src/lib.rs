@@ -511,6 +511,7 @@ mod tests {
             on_expiry: None,
             allow_without_health_signal: false,
             publish: false,
+            subsets: Vec::new(),
         }
     }
 

@@ -13,11 +13,14 @@
 //! - [`leader`]: leader election among the agent's replicas (a coordination.k8s.io Lease).
 //! - [`state_secret`]: the cluster identity and CA replicas share, in a Secret.
 //! - [`shared_vips`]: the service VIPs a leader shares with its followers (a ConfigMap).
+//! - [`istio`]: imported services as Istio ServiceEntries, WorkloadEntries and DestinationRules, and the peers' roots as mesh config, for an istiod in the cluster.
 //! - [`token_review`]: who a service-account token belongs to (a TokenReview), for the CA API.
 //! - [`rbac`]: the verbs on the resources all this uses (what the deploy ClusterRole grants).
 
 pub mod crds;
 pub mod inject;
+pub mod istio;
+pub mod istio_schema;
 pub mod leader;
 pub mod policies;
 pub mod rbac;

@@ -28,12 +28,19 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
         &["delete", "get", "list", "patch"],
     ),
     ("multicluster.x-k8s.io", "serviceimports/status", &["patch"]),
-    // Failover policies: meshfed's FailoverPolicy and opted-in Istio DestinationRules.
+    // Failover policies: meshfed's FailoverPolicy and opted-in Istio DestinationRules; with
+    // --istio, the DestinationRules of imported hosts are written (users' are only read).
     ("meshfed.io", "failoverpolicies", &["list", "watch"]),
     (
         "networking.istio.io",
         "destinationrules",
-        &["list", "watch"],
+        &["delete", "get", "list", "patch", "watch"],
+    ),
+    // Istio ServiceEntries: users' are read (theirs win); with --istio, imports are written.
+    (
+        "networking.istio.io",
+        "serviceentries",
+        &["delete", "get", "list", "patch", "watch"],
     ),
     // Istio WorkloadEntries: read (VMs that Services select), and written for the VMs
     // registered with this agent (with their Healthy condition).
@@ -74,3 +81,8 @@ pub const NAMESPACED_RULES: &[(&str, &str, &[&str])] = &[
     // The service VIPs the leader shares (server-side apply, which may create it).
     ("", "configmaps", &["create", "get", "patch"]),
 ];
+
+/// With `--istio`, in istiod's namespace (a Role in `deploy/kubernetes/istio`): the mesh config
+/// ConfigMap meshfed owns (created with server-side apply, then read and patched by name).
+pub const ISTIO_NAMESPACED_RULES: &[(&str, &str, &[&str])] =
+    &[("", "configmaps", &["create", "get", "patch"])];

@@ -21,7 +21,7 @@ use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 
-use crate::types::{ServiceExport, WorkloadEntry, WorkloadGroup};
+use crate::types::{DestinationRule, ServiceEntry, ServiceExport, WorkloadEntry, WorkloadGroup};
 use crate::view::{Builder, Objects, Scope, View};
 
 /// A Kubernetes client, for configurations that are `Debug`.
@@ -358,6 +358,20 @@ pub fn start(
         changed.clone(),
         health.clone(),
     );
+    let (service_entries, f9) = follow::<ServiceEntry>(
+        &client,
+        "ServiceEntry",
+        true,
+        changed.clone(),
+        health.clone(),
+    );
+    let (destination_rules, f10) = follow::<DestinationRule>(
+        &client,
+        "DestinationRule",
+        true,
+        changed.clone(),
+        health.clone(),
+    );
     let view = watch::Sender::new(None);
     let src = KubeSource {
         view: view.subscribe(),
@@ -393,6 +407,14 @@ pub fn start(
             r = groups.wait_until_ready() => if r.is_err() { return },
             _ = h.wait_for(|m| m.get("WorkloadGroup").is_some_and(|w| w.not_served)) => {}
         }
+        tokio::select! {
+            r = service_entries.wait_until_ready() => if r.is_err() { return },
+            _ = h.wait_for(|m| m.get("ServiceEntry").is_some_and(|w| w.not_served)) => {}
+        }
+        tokio::select! {
+            r = destination_rules.wait_until_ready() => if r.is_err() { return },
+            _ = h.wait_for(|m| m.get("DestinationRule").is_some_and(|w| w.not_served)) => {}
+        }
         tracing::info!("Kubernetes watches synced");
         let mut builder = Builder::new(scope);
         loop {
@@ -405,6 +427,8 @@ pub fn start(
                 nodes: nodes.state(),
                 pods: pods.state(),
                 exports: exports.state(),
+                service_entries: service_entries.state(),
+                destination_rules: destination_rules.state(),
             };
             let v = builder.build(&objects, &default_locality);
             for p in &v.problems {
@@ -430,7 +454,7 @@ pub fn start(
     };
     let all = async move {
         futures::future::join(
-            futures::future::join_all([f1, f2, f3, f4, f5, f6, f7, f8]),
+            futures::future::join_all([f1, f2, f3, f4, f5, f6, f7, f8, f9, f10]),
             builder,
         )
         .await;

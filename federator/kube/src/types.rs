@@ -256,3 +256,30 @@ pub struct WorkloadGroup {
 }
 
 namespaced_resource!(WorkloadGroup, "networking.istio.io", "v1", "workloadgroups");
+
+/// An Istio `ServiceEntry` (networking.istio.io/v1), read for the hosts users wrote (theirs win
+/// over meshfed's); the spec is kept as the API sent it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: serde_json::Value,
+}
+
+namespaced_resource!(ServiceEntry, "networking.istio.io", "v1", "serviceentries");
+
+/// An Istio `DestinationRule` (networking.istio.io/v1), read for the hosts users wrote rules
+/// for; the spec is kept as the API sent it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestinationRule {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: serde_json::Value,
+}
+
+namespaced_resource!(
+    DestinationRule,
+    "networking.istio.io",
+    "v1",
+    "destinationrules"
+);

@@ -34,6 +34,9 @@ pub struct Objects {
     pub workload_entries: Vec<Arc<WorkloadEntry>>,
     /// Istio WorkloadGroups (VM templates).
     pub workload_groups: Vec<Arc<crate::types::WorkloadGroup>>,
+    /// Istio ServiceEntries and DestinationRules (what users wrote shadows meshfed's).
+    pub service_entries: Vec<Arc<crate::types::ServiceEntry>>,
+    pub destination_rules: Vec<Arc<crate::types::DestinationRule>>,
 }
 
 /// An object meshfed could not use, and why.
@@ -68,6 +71,11 @@ pub struct View {
     pub service_exports: BTreeMap<(String, String), Result<(), (String, String)>>,
     /// Usable WorkloadGroups of the read namespaces, by key.
     pub workload_groups: Vec<meshfed_model::workload::WorkloadGroup>,
+    /// Every Service of the cluster (namespace, name), read or not: an import of the same
+    /// name is merged into it by istiod rather than given the name.
+    pub service_names: std::collections::BTreeSet<(String, String)>,
+    /// The Istio ServiceEntries and DestinationRules users wrote, by host.
+    pub istio_user: crate::istio::UserObjects,
 }
 
 /// A WorkloadGroup object as the registry file's type: the same fields are accepted and
@@ -359,8 +367,41 @@ impl Builder {
                 )
             })
             .collect();
+        for svc in &o.services {
+            view.service_names.insert(name_of(&svc.metadata));
+        }
+        let ours = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            m.labels
+                .as_ref()
+                .and_then(|l| l.get(crate::types::MANAGED_BY_LABEL))
+                .is_some_and(|v| v == crate::types::MANAGED_BY)
+        };
+        for se in o.service_entries.iter().filter(|x| !ours(&x.metadata)) {
+            let (ns, name) = name_of(&se.metadata);
+            let hosts: Vec<String> = se.spec["hosts"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|h| h.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            view.istio_user.add_service_entry(&ns, &name, &hosts);
+        }
+        for dr in o.destination_rules.iter().filter(|x| !ours(&x.metadata)) {
+            let (ns, name) = name_of(&dr.metadata);
+            if let Some(h) = dr.spec["host"].as_str() {
+                view.istio_user.add_destination_rule(&ns, &name, h);
+            }
+        }
         let mut entries_by_ns: HashMap<&str, Vec<&Arc<WorkloadEntry>>> = HashMap::new();
-        for w in &o.workload_entries {
+        // The WorkloadEntries meshfed wrote for imports are other clusters' workloads.
+        for w in o.workload_entries.iter().filter(|w| {
+            !w.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(crate::istio::IMPORTED_FROM_LABEL))
+        }) {
             entries_by_ns
                 .entry(w.metadata.namespace.as_deref().unwrap_or_default())
                 .or_default()
@@ -748,6 +789,8 @@ mod tests {
             namespaces: Vec::new(),
             workload_entries: Vec::new(),
             workload_groups: Vec::new(),
+            service_entries: Vec::new(),
+            destination_rules: Vec::new(),
             services: vec![
                 obj(serde_json::json!({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": "payment", "namespace": "shop", "labels": {"app": "payment"}},

@@ -216,6 +216,36 @@ pub struct AgentArgs {
     /// The agent's mTLS xDS address as injected pods dial it.
     #[arg(long, default_value = "meshfed-agent.meshfed-system.svc:15012", value_parser = args::host_port)]
     injection_agent_address: String,
+    /// `--source kubernetes`: feed the cluster's istiod: every import as a ServiceEntry,
+    /// WorkloadEntries and, where a meshfed policy applies, a DestinationRule; the peers'
+    /// roots in the mesh config ConfigMap (docs/istio.md).
+    #[arg(long)]
+    istio: bool,
+    /// With --istio: the ConfigMap (`NAMESPACE/NAME`) meshfed owns for the peers' roots
+    /// (istiod reads it with SHARED_MESH_CONFIG=NAME), or `off`.
+    #[arg(long, default_value = "istio-system/meshfed-mesh", requires = "istio", value_parser = object_ref_or_off)]
+    istio_mesh_config: ObjectRefOrOff,
+}
+
+/// `NAMESPACE/NAME` of an object, or `off`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ObjectRefOrOff(Option<(String, String)>);
+
+fn object_ref_or_off(s: &str) -> Result<ObjectRefOrOff, String> {
+    if s == "off" {
+        return Ok(ObjectRefOrOff(None));
+    }
+    let (ns, name) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected NAMESPACE/NAME or off"))?;
+    args::label(ns).map_err(|e| format!("{s:?}: namespace: {e}"))?;
+    if name.is_empty()
+        || name.len() > 253
+        || !name.split('.').all(meshfed_model::validate::is_dns_label)
+    {
+        return Err(format!("{s:?}: {name:?} is not an object name"));
+    }
+    Ok(ObjectRefOrOff(Some((ns.to_string(), name.to_string()))))
 }
 
 fn dns_name(s: &str) -> Result<String, String> {
@@ -542,6 +572,12 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    if a.istio && a.source != Source::Kubernetes {
+        anyhow::bail!("--istio is for --source kubernetes (meshfed writes Istio's objects to the cluster's API)");
+    }
+    let istio = a.istio.then(|| meshfed_agent::IstioConfig {
+        mesh_config: a.istio_mesh_config.0.clone(),
+    });
     if a.registry.is_none() && a.source == Source::File {
         anyhow::bail!("--registry FILE is required with --source file (the default)");
     }
@@ -620,6 +656,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             i.listen = on(Some(i.listen)).unwrap_or(i.listen);
             i
         }),
+        istio,
     })
     .await?;
     let show =

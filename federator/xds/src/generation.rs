@@ -104,7 +104,7 @@ fn addr(ip: &str, port: u32) -> String {
 
 /// The policy published with the service by its exporters: the local cluster's first, then the
 /// lowest cluster id's. An invalid one is ignored (the federator refuses them at export time).
-fn published_policy(instances: &[meshfed_model::snapshot::Instance]) -> Option<Policy> {
+pub fn published_policy(instances: &[meshfed_model::snapshot::Instance]) -> Option<Policy> {
     let mut sorted: Vec<&meshfed_model::snapshot::Instance> = instances.iter().collect();
     sorted.sort_by(|a, b| b.local.cmp(&a.local).then(a.cluster.cmp(b.cluster)));
     sorted
@@ -255,7 +255,7 @@ impl Generation {
                 Vec::new()
             };
             for port in ports {
-                let cname: Arc<str> = resources::cluster_name(&host, port).into();
+                let cname: Arc<str> = resources::cluster_name(&host, port, "").into();
                 let lname = resources::listener_name(&host, port);
                 let mut eps = Vec::new();
                 for i in &instances {
@@ -304,33 +304,50 @@ impl Generation {
                     Res::new(&lname, &resources::route_configuration(&host, port)),
                 ));
                 let pol = policy.as_deref();
-                let grpc = Res::new(
-                    &cname,
-                    &resources::cluster(&host, port, pol, &sans, TlsForm::Grpc),
-                );
-                let envoy = if sans.is_empty() {
-                    grpc.clone()
-                } else {
-                    Res::new(
-                        &cname,
-                        &resources::cluster(&host, port, pol, &sans, TlsForm::Envoy),
-                    )
-                };
-                if exported_here {
-                    part.router.push((cname.clone(), envoy.clone()));
+                // The service's cluster, then one per subset of its policy (Istio's
+                // `outbound|<port>|<subset>|<host>`): the subset's endpoints only, the same
+                // policy, and the subset in the SNI so a gateway routes to those endpoints.
+                let subsets = pol.map(|p| p.subsets.as_slice()).unwrap_or(&[]);
+                let mut clusters = vec![(cname, String::new(), eps)];
+                for sub in subsets {
+                    let name: Arc<str> = resources::cluster_name(&host, port, &sub.name).into();
+                    let picked: Vec<EndpointIn> = clusters[0]
+                        .2
+                        .iter()
+                        .filter(|e| sub.selects(|k| e.labels.get(k).map(String::as_str)))
+                        .cloned()
+                        .collect();
+                    clusters.push((name, sub.name.clone(), picked));
                 }
-                part.grpc.push((cname.clone(), grpc));
-                part.envoy.push((cname.clone(), envoy));
-                part.ports.push((
-                    cname.clone(),
-                    Arc::new(ServicePort {
-                        host: host.clone(),
-                        port,
-                        cluster: cname,
-                        policy: policy.clone(),
-                        endpoints: eps,
-                    }),
-                ));
+                for (cname, subset, eps) in clusters {
+                    let grpc = Res::new(
+                        &cname,
+                        &resources::cluster(&host, port, &subset, pol, &sans, TlsForm::Grpc),
+                    );
+                    let envoy = if sans.is_empty() {
+                        grpc.clone()
+                    } else {
+                        Res::new(
+                            &cname,
+                            &resources::cluster(&host, port, &subset, pol, &sans, TlsForm::Envoy),
+                        )
+                    };
+                    if exported_here {
+                        part.router.push((cname.clone(), envoy.clone()));
+                    }
+                    part.grpc.push((cname.clone(), grpc));
+                    part.envoy.push((cname.clone(), envoy));
+                    part.ports.push((
+                        cname.clone(),
+                        Arc::new(ServicePort {
+                            host: host.clone(),
+                            port,
+                            cluster: cname,
+                            policy: policy.clone(),
+                            endpoints: eps,
+                        }),
+                    ));
+                }
             }
             let part = Arc::new(part);
             g.take_over(&part);

@@ -70,13 +70,15 @@ fn ads() -> core::ConfigSource {
 }
 
 /// `outbound|<port>|<subset>|<host>`, Istio's cluster name.
-pub fn cluster_name(host: &str, port: u32) -> String {
-    format!("outbound|{port}||{host}")
+pub fn cluster_name(host: &str, port: u32, subset: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
 }
 
-/// `outbound_.<port>_.<subset>_.<host>`, the SNI Istio's east-west gateways route on.
-pub fn sni(host: &str, port: u32) -> String {
-    format!("outbound_.{port}_._.{host}")
+/// `outbound_.<port>_.<subset>_.<host>` (`_` for no subset), the SNI Istio's east-west
+/// gateways route on.
+pub fn sni(host: &str, port: u32, subset: &str) -> String {
+    let subset = if subset.is_empty() { "_" } else { subset };
+    format!("outbound_.{port}_.{subset}_.{host}")
 }
 
 /// The listener (and route configuration) name a proxyless gRPC client asks for: `host:port`.
@@ -127,7 +129,7 @@ pub fn route_configuration(host: &str, port: u32) -> route::RouteConfiguration {
                 }),
                 action: Some(route::route::Action::Route(route::RouteAction {
                     cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
-                        cluster_name(host, port),
+                        cluster_name(host, port, ""),
                     )),
                     ..Default::default()
                 })),
@@ -189,7 +191,13 @@ fn sds(name: &str) -> tls::SdsSecretConfig {
 }
 
 #[allow(deprecated)]
-fn upstream_tls(host: &str, port: u32, sans: &[String], form: TlsForm) -> tls::UpstreamTlsContext {
+fn upstream_tls(
+    host: &str,
+    port: u32,
+    subset: &str,
+    sans: &[String],
+    form: TlsForm,
+) -> tls::UpstreamTlsContext {
     let matchers: Vec<matcher::StringMatcher> = sans
         .iter()
         .map(|s| matcher::StringMatcher {
@@ -257,7 +265,7 @@ fn upstream_tls(host: &str, port: u32, sans: &[String], form: TlsForm) -> tls::U
         // Both forms name the SNI east-west gateways route on: Envoy sends it; gRPC clients
         // send it under gRFC A101 (GRPC_EXPERIMENTAL_XDS_SNI=true) and ignore it otherwise
         // (A29).
-        sni: sni(host, port),
+        sni: sni(host, port, subset),
         ..Default::default()
     }
 }
@@ -266,11 +274,12 @@ fn upstream_tls(host: &str, port: u32, sans: &[String], form: TlsForm) -> tls::U
 pub fn cluster(
     host: &str,
     port: u32,
+    subset: &str,
     policy: Option<&Policy>,
     sans: &[String],
     form: TlsForm,
 ) -> cluster::Cluster {
-    let name = cluster_name(host, port);
+    let name = cluster_name(host, port, subset);
     let outlier = policy
         .and_then(|p| p.outlier.as_ref())
         .map(|o| cluster::OutlierDetection {
@@ -314,7 +323,7 @@ pub fn cluster(
             Some(core::TransportSocket {
                 name: "envoy.transport_sockets.tls".into(),
                 config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
-                    &upstream_tls(host, port, sans, form),
+                    &upstream_tls(host, port, subset, sans, form),
                 ))),
             })
         },

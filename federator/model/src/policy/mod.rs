@@ -67,6 +67,24 @@ pub struct Policy {
     pub allow_without_health_signal: bool,
     /// Attach to this cluster's export of the host so every importer applies it.
     pub publish: bool,
+    /// Named groups of the host's endpoints (Istio's DestinationRule `subsets`).
+    pub subsets: Vec<Subset>,
+}
+
+/// A DestinationRule subset: the endpoints whose labels include all of `labels`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Subset {
+    /// Whether an endpoint with these labels is in the subset.
+    pub fn selects<'a>(&self, mut get: impl FnMut(&str) -> Option<&'a str>) -> bool {
+        self.labels
+            .iter()
+            .all(|(k, v)| get(k).is_some_and(|x| x == v))
+    }
 }
 
 impl Policy {
@@ -155,6 +173,20 @@ impl Policy {
         }
         if self.allow_without_health_signal {
             y.push_str("  allowWithoutHealthSignal: true\n");
+        }
+        if !self.subsets.is_empty() {
+            y.push_str("  subsets:\n");
+            for s in &self.subsets {
+                y.push_str(&format!("    - name: {}\n      labels:", q(&s.name)));
+                if s.labels.is_empty() {
+                    y.push_str(" {}\n");
+                } else {
+                    y.push('\n');
+                    for (k, v) in &s.labels {
+                        y.push_str(&format!("        {}: {}\n", q(k), q(v)));
+                    }
+                }
+            }
         }
         y
     }

@@ -93,6 +93,22 @@ pub struct FailoverPolicySpec {
     /// Attach the policy to this cluster's export of `host`, so every importer applies it.
     #[serde(default)]
     publish: bool,
+    /// Named groups of the host's endpoints by label, as Istio's DestinationRule `subsets`:
+    /// each has its own clusters (`outbound|<port>|<subset>|<host>`) and failover tables.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<SubsetSpec>>")]
+    subsets: Option<Vec<Spanned<SubsetSpec>>>,
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SubsetSpec {
+    /// A DNS label (it is part of cluster names and SNI).
+    #[schemars(with = "String")]
+    name: Spanned<String>,
+    /// The labels an endpoint must carry to be in the subset.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -169,6 +185,8 @@ struct DestinationRuleSpec {
     host: Spanned<String>,
     #[serde(default)]
     traffic_policy: Option<TrafficPolicySpec>,
+    #[serde(default)]
+    subsets: Option<Vec<Spanned<SubsetSpec>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -490,6 +508,7 @@ fn parse_document(doc: &str, what: &str) -> Result<(Policy, At), String> {
                 }),
                 allow_without_health_signal: s.allow_without_health_signal,
                 publish: s.publish,
+                subsets: subsets(what, "spec.subsets", &s.subsets)?,
             };
             check_combination(
                 what,
@@ -550,6 +569,7 @@ fn parse_document(doc: &str, what: &str) -> Result<(Policy, At), String> {
                 on_expiry: None,
                 allow_without_health_signal: false,
                 publish: false,
+                subsets: subsets(what, "spec.subsets", &s.subsets)?,
             };
             check_combination(
                 what,
@@ -576,6 +596,52 @@ fn parse_document(doc: &str, what: &str) -> Result<(Policy, At), String> {
             format!("{kind:?} is not a policy kind (FailoverPolicy or DestinationRule)"),
         )),
     }
+}
+
+/// Subsets: each name a DNS label, given once; label keys and values as Kubernetes labels.
+fn subsets(
+    what: &str,
+    field: &str,
+    v: &Option<Vec<Spanned<SubsetSpec>>>,
+) -> Result<Vec<crate::policy::Subset>, String> {
+    let mut out: Vec<crate::policy::Subset> = Vec::new();
+    for (i, s) in v.iter().flatten().enumerate() {
+        let name = &s.value.name;
+        if !crate::validate::is_dns_label(&name.value) {
+            return Err(located(
+                what,
+                At::of(name),
+                &format!("{field}[{i}].name"),
+                format!(
+                    "{:?} is not a DNS label (a subset name is part of cluster names and SNI)",
+                    name.value
+                ),
+            ));
+        }
+        if out.iter().any(|o| o.name == name.value) {
+            return Err(located(
+                what,
+                At::of(name),
+                &format!("{field}[{i}].name"),
+                format!("subset {:?} is given twice", name.value),
+            ));
+        }
+        for (k, val) in &s.value.labels {
+            if !is_label_key(k) || !is_label_value(val) {
+                return Err(located(
+                    what,
+                    At::of(s),
+                    &format!("{field}[{i}].labels"),
+                    format!("{k}={val:?} is not a Kubernetes label"),
+                ));
+            }
+        }
+        out.push(crate::policy::Subset {
+            name: name.value.clone(),
+            labels: s.value.labels.clone(),
+        });
+    }
+    Ok(out)
 }
 
 /// A short host (`reviews`) is completed with the policy's namespace, as Istio does.
@@ -638,6 +704,17 @@ fn priorities(
         });
     }
     Ok(out)
+}
+
+/// A Kubernetes label value: empty, or up to 63 alphanumerics, `-`, `_` and `.`, beginning
+/// and ending with an alphanumeric.
+fn is_label_value(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
 }
 
 fn is_label_key(k: &str) -> bool {
