@@ -67,6 +67,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "WorkloadEntry",
         true,
     ),
+    (
+        "apis/networking.istio.io/v1",
+        "serviceentries",
+        "ServiceEntry",
+        true,
+    ),
     ("apis/coordination.k8s.io/v1", "leases", "Lease", true),
     (
         "apis/networking.istio.io/v1",
@@ -108,8 +114,22 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         "ServiceImport" => {
             serde_json::from_value::<meshfed_kube::types::ServiceImport>(v.clone()).map(|_| ())
         }
+        // Istio's kinds meshfed writes: Istio's schema (written from the API reference), as
+        // the API server's CRD validation and istiod's webhook would check them.
+        "WorkloadEntry" | "ServiceEntry" | "DestinationRule"
+            if v["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "meshfed" =>
+        {
+            return meshfed_kube::istio_schema::check(v)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| {
+                    format!("{kind} written by meshfed does not follow Istio's schema: {v}")
+                });
+        }
         "WorkloadEntry" => {
             serde_json::from_value::<meshfed_kube::types::WorkloadEntry>(v.clone()).map(|_| ())
+        }
+        "ServiceEntry" => {
+            serde_json::from_value::<meshfed_kube::types::ServiceEntry>(v.clone()).map(|_| ())
         }
         "Event" => {
             serde_json::from_value::<k8s_openapi::api::events::v1::Event>(v.clone()).map(|_| ())

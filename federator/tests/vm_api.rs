@@ -99,6 +99,7 @@ async fn world(dir: &Path) -> World {
         token_audiences: vec!["istio-ca".into()],
         serving_dns_names: meshfed_agent::default_serving_dns_names(),
         injection: None,
+        istio: None,
     })
     .await
     .unwrap();

@@ -198,6 +198,56 @@ pub fn agent(r: &AgentReport) -> Vec<Finding> {
             "correct the object named (its Events say the same)",
         ));
     }
+    if let Some(istio) = &r.istio {
+        for f in &istio.findings {
+            let (code, fix) = match f.kind.as_str() {
+                "shadowed" => (
+                    "MF401",
+                    "delete the user's object to have meshfed's, or keep it (it wins in istiod)",
+                ),
+                "not-expressible" => (
+                    "MF402",
+                    "give the policy what Istio needs (outlierDetection) or write the DestinationRule yourself",
+                ),
+                _ => (
+                    "MF403",
+                    "correct what the message names at the exporter (gateway IP addresses, TCP ports)",
+                ),
+            };
+            out.push(finding(
+                code,
+                Severity::Warning,
+                format!("{at} {}", f.service),
+                format!("{}: {}", f.host, f.message),
+                fix,
+            ));
+        }
+        if let Some(cm) = &istio.mesh_config {
+            for p in r.peers.iter().filter(|p| p.bundle) {
+                if !istio.mesh_config_trust_domains.contains(&p.trust_domain) {
+                    out.push(finding(
+                        "MF404",
+                        Severity::Error,
+                        format!("{at} peer {}", p.cluster),
+                        format!(
+                            "the mesh config {cm} istiod reads lacks trust domain {}: sidecars refuse its workloads",
+                            p.trust_domain
+                        ),
+                        "see the mesh config errors in meshfed status; the peer's bundle must hold X.509 roots",
+                    ));
+                }
+            }
+            for e in &istio.mesh_config_errors {
+                out.push(finding(
+                    "MF404",
+                    Severity::Error,
+                    format!("{at} {cm}"),
+                    format!("left out of the mesh config: {e}"),
+                    "the peer must publish a valid bundle (meshfed bundle show on that cluster)",
+                ));
+            }
+        }
+    }
     if let Some(x) = &r.xds {
         for n in &x.nacks {
             out.push(finding(
@@ -372,5 +422,41 @@ mod tests {
             codes,
             ["MF201", "MF202", "MF203", "MF204", "MF205", "MF206", "MF207"]
         );
+    }
+
+    #[test]
+    fn what_meshfed_could_not_write_for_istiod_is_found() {
+        let r: AgentReport = serde_json::from_value(serde_json::json!({
+            "kind": "agent", "cluster": "east", "network": "n", "trust_domain": "east.mesh",
+            "locality": "r/z", "federators": [], "connected": true, "left": false,
+            "exports": 0, "exports_acked_version": 0, "imports_applied_revision": 0,
+            "imports": {}, "conflicts": [], "dns_names": 0,
+            "peers": [
+                {"cluster": "west", "network": "n", "trust_domain": "west.mesh", "connected": true,
+                 "lease": "fresh", "bundle": true, "bundle_sequence": 1},
+                {"cluster": "eu", "network": "n", "trust_domain": "eu.mesh", "connected": true,
+                 "lease": "fresh", "bundle": true, "bundle_sequence": 1}
+            ],
+            "istio": {"service_entries": 1, "workload_entries": 2, "destination_rules": 0,
+                "findings": [
+                    {"kind": "shadowed", "service": "shop/ledger", "host": "ledger.shop.svc.clusterset.local",
+                     "message": "ServiceEntry shop/mine names it: it wins"},
+                    {"kind": "not-expressible", "service": "shop/ledger", "host": "ledger.shop.svc.cluster.local",
+                     "message": "allowWithoutHealthSignal"},
+                    {"kind": "skipped", "service": "shop/ledger", "host": "ledger.shop.svc.clusterset.local",
+                     "message": "port 53 (UDP) is not TCP"}
+                ],
+                "mesh_config": "istio-system/meshfed-mesh",
+                "mesh_config_trust_domains": ["west.mesh"],
+                "mesh_config_errors": []}
+        }))
+        .unwrap();
+        let found = agent(&r);
+        let mut codes: Vec<&str> = found.iter().map(|f| f.code).collect();
+        codes.sort();
+        assert_eq!(codes, ["MF401", "MF402", "MF403", "MF404"]);
+        let missing = found.iter().find(|f| f.code == "MF404").unwrap();
+        assert!(missing.message.contains("eu.mesh"), "{missing:?}");
+        assert!(matches!(missing.severity, Severity::Error));
     }
 }
