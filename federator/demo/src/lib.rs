@@ -63,6 +63,9 @@ spec:
     - {from: europe-west1, to: us-west1}
   outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 10s, maxEjectionPercent: 100}
   staleness: {onExpiry: deprioritize}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
 ";
 const PAYMENT_PORT: u16 = 18080;
 /// inventory runs in east and is exported to west only; west's payment calls it.
@@ -115,7 +118,9 @@ fn registry(c: &ClusterSpec, addr: &str, vm_addr: &str) -> String {
     let mut y = String::from("services:\n");
     if c.runs_payment {
         y.push_str(&format!(
-            "  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PAYMENT_PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {addr}, serviceAccount: payment, labels: {{version: v1}}}}]\n"
+            "  - namespace: shop\n    name: payment\n    ports: [{{name: https, port: {PAYMENT_PORT}, appProtocol: tls}}]\n    export: true\n    endpoints: [{{address: {addr}, serviceAccount: payment, labels: {{version: {}}}}}]\n",
+            // east runs payment v1 and west v2: eu's policy names both as subsets.
+            if c.name == "west" { "v2" } else { "v1" }
         ));
         if c.name == "east" {
             y.push_str(&format!(
@@ -1619,6 +1624,38 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             "`meshfed analyze` over the federator and the three agents exits {code} with {} findings{}",
             left.len(),
             if left.is_empty() { String::new() } else { format!(": {out}") }
+        ),
+    );
+    // Subsets: eu's policy names payment's v1 (east runs it) and v2 (west): each subset's
+    // cluster holds only its version's endpoints, v2's through west's gateway by subset SNI.
+    let mut by_subset = Vec::new();
+    for subset in ["v1", "v2"] {
+        let path = format!(
+            "/ui/failover?service=outbound%7C{PAYMENT_PORT}%7C{subset}%7Cpayment.shop.svc.cluster.local"
+        );
+        let t = meshfed_net::admin::fetch_json(&eu_admin, &path).await?;
+        let clusters: std::collections::BTreeSet<String> = t["inputs"]["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["labels"]["version"] == subset)
+            .filter_map(|e| e["cluster"].as_str().map(String::from))
+            .collect();
+        let all = t["inputs"]["endpoints"].as_array().map_or(0, |a| a.len());
+        by_subset.push((subset, clusters, all));
+    }
+    checks.assert(
+        by_subset.iter().all(|(s, c, all)| {
+            *all == 1 && c.len() == 1 && c.contains(if *s == "v1" { "east" } else { "west" })
+        }),
+        "subsets",
+        format!(
+            "eu's subset clusters outbound|{PAYMENT_PORT}|v1|payment and |v2| hold {}",
+            by_subset
+                .iter()
+                .map(|(s, c, all)| format!("{s}: {all} endpoint(s) from {c:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
     let syncz = meshfed_net::admin::fetch_json(&eu_admin, "/debug/syncz")
