@@ -107,11 +107,17 @@ fn imports_reach_istiod_as_istio_objects_and_peer_roots() {
     );
     // WorkloadEntries at west's gateway (the harness advertises one on a loopback port),
     // west's network, by group.
-    let entries = wait_for(Duration::from_secs(20), "two WorkloadEntries", || {
+    let entries = wait_for(Duration::from_secs(60), "two WorkloadEntries", || {
         let e = ours(&api, "WorkloadEntry");
         Ok((e.len() == 2).then_some(e))
     })
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}; east: {}",
+            ours(&api, "WorkloadEntry"),
+            east.status().unwrap_or_default()
+        )
+    });
     let mut seen = Vec::new();
     for we in &entries {
         let s = &we["spec"];

@@ -74,10 +74,9 @@ pub fn cluster_name(host: &str, port: u32, subset: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }
 
-/// `outbound_.<port>_.<subset>_.<host>` (`_` for no subset), the SNI Istio's east-west
-/// gateways route on.
+/// `outbound_.<port>_.<subset>_.<host>` (`outbound_.<port>_._.<host>` without a subset), the
+/// SNI Istio's east-west gateways route on.
 pub fn sni(host: &str, port: u32, subset: &str) -> String {
-    let subset = if subset.is_empty() { "_" } else { subset };
     format!("outbound_.{port}_.{subset}_.{host}")
 }
 
