@@ -281,8 +281,10 @@ impl Inner {
                 .collect(),
             xds: self.xds.as_ref().map(|x| {
                 let proxies = x.proxies.report();
+                let current = x.current();
                 XdsReport {
-                    generation: x.current().version,
+                    generation: current.version,
+                    policy_findings: current.policy_findings.clone(),
                     proxies: proxies.len() as u64,
                     nacks: proxies
                         .iter()
@@ -553,6 +555,9 @@ pub struct XdsReport {
     pub proxies: u64,
     /// `proxy type: error` for every proxy whose last response of a type was rejected.
     pub nacks: Vec<String>,
+    /// What the policies in effect name that the endpoints lack.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_findings: Vec<meshfed_xds::generation::PolicyFinding>,
 }
 
 impl AgentReport {
@@ -1725,18 +1730,8 @@ async fn write_kubernetes_while_leading(
         let retry;
         // The model's services, computed once for both writers.
         let services = snap.services();
-        let desired = meshfed_kube::sink::desired_imports(&services, |ns, name| {
-            table
-                .services
-                .get(&(ns.to_string(), name.to_string()))
-                .map(|s| {
-                    s.v4.map(std::net::IpAddr::V4)
-                        .into_iter()
-                        .chain(s.v6.map(std::net::IpAddr::V6))
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
+        let desired =
+            meshfed_kube::sink::desired_imports(&services, |ns, name| table.vips(ns, name));
         // What the federator stored: read from the cache only when it acknowledged something.
         if acks.has_changed().unwrap_or(false) || stored.is_none() {
             let acked = acks.borrow_and_update().clone();
@@ -1910,18 +1905,7 @@ impl IstioWriter {
         }
         let empty_names = Default::default();
         let empty_user = Default::default();
-        let vips = |ns: &str, name: &str| -> Vec<std::net::IpAddr> {
-            names
-                .services
-                .get(&(ns.to_string(), name.to_string()))
-                .map(|s| {
-                    s.v4.map(std::net::IpAddr::V4)
-                        .into_iter()
-                        .chain(s.v6.map(std::net::IpAddr::V6))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let vips = |ns: &str, name: &str| names.vips(ns, name);
         let desired = meshfed_kube::istio::desired(&meshfed_kube::istio::Inputs {
             network: &snap.facts.network,
             services,

@@ -67,6 +67,18 @@ spec:
     - {name: v1, labels: {version: v1}}
     - {name: v2, labels: {version: v2}}
 ";
+/// east's and west's policy for payment: only its subsets, published with the export, so each
+/// exporter's gateway routes the subsets' SNIs (`outbound_.<port>_.v2_.<host>`).
+const EXPORTER_POLICY: &str = "apiVersion: meshfed.io/v1alpha1
+kind: FailoverPolicy
+metadata: {name: payment-subsets, namespace: shop}
+spec:
+  host: payment.shop.svc.cluster.local
+  publish: true
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+";
 const PAYMENT_PORT: u16 = 18080;
 /// inventory runs in east and is exported to west only; west's payment calls it.
 const INVENTORY_PORT: u16 = 18081;
@@ -434,7 +446,7 @@ struct ClusterRun {
     gateway: Option<Proc>,
 }
 
-fn agent_args(dir: &Path, addr: &str, policies: bool) -> Vec<String> {
+fn agent_args(dir: &Path, addr: &str) -> Vec<String> {
     let mut v: Vec<String> = [
         "agent",
         "--state-dir",
@@ -465,12 +477,10 @@ fn agent_args(dir: &Path, addr: &str, policies: bool) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    if policies {
-        v.extend([
-            "--policy".into(),
-            dir.join("policies.yaml").display().to_string(),
-        ]);
-    }
+    v.extend([
+        "--policy".into(),
+        dir.join("policies.yaml").display().to_string(),
+    ]);
     v
 }
 
@@ -596,6 +606,34 @@ async fn gateway_answer(gateway: &str, sni: &str) -> String {
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no answer in 5 s".into(),
     }
+}
+
+/// Who answers a TLS connection to `gateway` with `sni` and Istio's ALPN: the server's SPIFFE
+/// ID, verified against `bundle` (the workload's own trust domain's bundle), or why not.
+async fn gateway_peer(gateway: &str, sni: &str, bundle: TrustBundle) -> Result<String, String> {
+    let mut set = BundleSet::new();
+    set.insert(bundle).map_err(|e| e.to_string())?;
+    let mut cfg = trust::tls::client_config(
+        SvidResolver::new(),
+        SpiffeVerifier::new(TrustStore::new(set), Authorizer::Any),
+    )
+    .map_err(|e| format!("no client config: {e}"))?;
+    cfg.alpn_protocols = vec![b"istio".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from(sni.to_string())
+        .map_err(|_| format!("{sni} is not a server name"))?;
+    let tcp = tokio::net::TcpStream::connect(gateway)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "no answer in 5 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    trust::tls::peer_id(tls.get_ref().1.peer_certificates())
+        .map(|id| id.to_string())
+        .ok_or_else(|| "the server presented no SPIFFE ID".into())
 }
 
 /// The federation bundle a joined cluster holds (`identity/federation-bundle.json`) and
@@ -770,15 +808,19 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             dir.join("registry.yaml"),
             registry(c, &addr, &layout.vm.addr),
         )?;
-        let policies = c.name == "eu";
-        if policies {
-            std::fs::write(dir.join("policies.yaml"), EU_POLICY)?;
-        }
+        std::fs::write(
+            dir.join("policies.yaml"),
+            if c.name == "eu" {
+                EU_POLICY
+            } else {
+                EXPORTER_POLICY
+            },
+        )?;
         let admin = format!("{addr}:15014");
         let mut agent = Proc::spawn(
             &format!("agent-{}", c.name),
             site.ns(),
-            &agent_args(&dir, &addr, policies),
+            &agent_args(&dir, &addr),
             &logs,
         )?;
         procs::wait_serving(&mut agent, &admin, Duration::from_secs(20)).await?;
@@ -1656,6 +1698,28 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
                 .map(|(s, c, all)| format!("{s}: {all} endpoint(s) from {c:?}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        ),
+    );
+    // And on the wire: west's gateway routes payment's v2 subset SNI to west's payment (v2),
+    // verified as west.mesh's workload, and has no route for v1, which west does not run.
+    let west_gw = format!("{}:15443", layout.addr("west"));
+    let west_bundle = cas.get("west").context("west ca")?.bundle();
+    let sni = |subset: &str| {
+        format!("outbound_.{PAYMENT_PORT}_.{subset}_.payment.shop.svc.cluster.local")
+    };
+    let v2 = gateway_peer(&west_gw, &sni("v2"), west_bundle.clone()).await;
+    let v1 = gateway_peer(&west_gw, &sni("v1"), west_bundle.clone()).await;
+    // The name an Istio importer's sidecar sends for meshfed's ServiceEntry (docs/istio.md).
+    let set_sni = sni("v2").replace(".svc.cluster.local", ".svc.clusterset.local");
+    let set = gateway_peer(&west_gw, &set_sni, west_bundle).await;
+    let payment = Ok("spiffe://west.mesh/ns/shop/sa/payment");
+    checks.assert(
+        v2.as_deref() == payment && set.as_deref() == payment && v1.is_err(),
+        "subset SNI",
+        format!(
+            "west's gateway {west_gw}: SNI {} reached {v2:?}, and {set_sni} {set:?}; SNI {} answered {v1:?}",
+            sni("v2"),
+            sni("v1")
         ),
     );
     let syncz = meshfed_net::admin::fetch_json(&eu_admin, "/debug/syncz")

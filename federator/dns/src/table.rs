@@ -65,6 +65,21 @@ pub struct NameTable {
     pub services: BTreeMap<(String, String), ServiceNames>,
 }
 
+impl NameTable {
+    /// A service's VIPs (IPv4, then IPv6); none for an unknown or headless service.
+    pub fn vips(&self, namespace: &str, name: &str) -> Vec<std::net::IpAddr> {
+        self.services
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|s| {
+                s.v4.map(std::net::IpAddr::V4)
+                    .into_iter()
+                    .chain(s.v6.map(std::net::IpAddr::V6))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// What a query name means to us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup<'a> {

@@ -77,14 +77,7 @@ fn string_map(v: &Value, at: &str, max: usize) -> R {
     Ok(())
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+use meshfed_model::validate::is_dns_label as dns_label;
 
 /// A protobuf Duration in its JSON form as Istio reads it (`10s`, `0.5s`, `1m`, `100ms`), at
 /// least 1 ms.

@@ -249,6 +249,29 @@ pub fn agent(r: &AgentReport) -> Vec<Finding> {
         }
     }
     if let Some(x) = &r.xds {
+        for p in &x.policy_findings {
+            let (code, fix) = match p.kind.as_str() {
+                "empty-subset" => (
+                    "MF302",
+                    "correct the subset's labels, or label the endpoints that should be in it",
+                ),
+                "empty-locality" => (
+                    "MF303",
+                    "name a locality where the service runs (meshfed status shows its endpoints by cluster)",
+                ),
+                _ => (
+                    "MF304",
+                    "define the subset in the exporter's policy and publish it (publish: true)",
+                ),
+            };
+            out.push(finding(
+                code,
+                Severity::Warning,
+                format!("{at} {} ({})", p.host, p.origin),
+                p.message.clone(),
+                fix,
+            ));
+        }
         for n in &x.nacks {
             out.push(finding(
                 "MF207",
@@ -413,14 +436,21 @@ mod tests {
             ],
             "config_warnings": ["export to cluster mars, which is not a member"],
             "kubernetes_problems": ["Service shop/x: no ports"],
-            "xds": {"generation": 3, "proxies": 1, "nacks": ["sidecar~1 cluster: bad"]}
+            "xds": {"generation": 3, "proxies": 1, "nacks": ["sidecar~1 cluster: bad"],
+                    "policy_findings": [
+                        {"host": "l.shop.svc.cluster.local", "origin": "p.yaml:1:1", "kind": "empty-subset", "message": "subset v9"},
+                        {"host": "l.shop.svc.cluster.local", "origin": "p.yaml:1:1", "kind": "empty-locality", "message": "mars1"},
+                        {"host": "l.shop.svc.cluster.local", "origin": "p.yaml:1:1", "kind": "subset-without-route", "message": "v1"}]}
         }))
         .unwrap();
         let mut codes: Vec<&str> = agent(&r).into_iter().map(|f| f.code).collect();
         codes.sort();
         assert_eq!(
             codes,
-            ["MF201", "MF202", "MF203", "MF204", "MF205", "MF206", "MF207"]
+            [
+                "MF201", "MF202", "MF203", "MF204", "MF205", "MF206", "MF207", "MF302", "MF303",
+                "MF304"
+            ]
         );
     }
 

@@ -81,6 +81,8 @@ pub struct Generation {
     pub gateways: BTreeMap<String, Vec<String>>,
     /// The policies in effect, by host.
     pub policies: BTreeMap<String, Arc<Policy>>,
+    /// What the policies in effect name that the endpoints do not have (for `meshfed analyze`).
+    pub policy_findings: Vec<PolicyFinding>,
     eds_cache: Mutex<HashMap<(Arc<str>, u64), Slot>>,
     /// Each service's resources and inputs, by `ns/name` (for the next generation to reuse).
     hosts: HashMap<String, Arc<HostPart>>,
@@ -88,6 +90,102 @@ pub struct Generation {
     pub hosts_reused: usize,
     /// How many EDS tables were computed (not served from the class cache).
     pub eds_computed: AtomicU64,
+}
+
+/// Something a policy in effect names that this cluster's view of the service lacks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct PolicyFinding {
+    pub host: String,
+    /// Where the policy came from (`file:line:column` or `published by cluster <id>`).
+    pub origin: String,
+    /// `empty-subset` (no endpoint carries its labels), `empty-locality` (no endpoint in a
+    /// locality it sends traffic to), `subset-without-route` (an exporter on another network
+    /// publishes no policy defining the subset, so its gateway may not route the subset's SNI).
+    pub kind: String,
+    pub message: String,
+}
+
+/// What `policy` names that `instances` lack.
+fn check_policy(
+    host: &str,
+    policy: &Policy,
+    own_network: &str,
+    instances: &[meshfed_model::snapshot::Instance],
+) -> Vec<PolicyFinding> {
+    let mut out = Vec::new();
+    let f = |kind: &str, message: String| PolicyFinding {
+        host: host.to_string(),
+        origin: policy.origin.clone(),
+        kind: kind.to_string(),
+        message,
+    };
+    let endpoints = || instances.iter().flat_map(|i| i.export.endpoints.iter());
+    for sub in &policy.subsets {
+        if !endpoints().any(|e| sub.selects(|k| e.labels.get(k).map(String::as_str))) {
+            out.push(f(
+                "empty-subset",
+                format!(
+                    "subset {} ({}) selects no endpoint in any cluster",
+                    sub.name,
+                    sub.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ));
+        }
+        for i in instances
+            .iter()
+            .filter(|i| !i.local && !i.network.is_empty() && i.network != own_network)
+        {
+            let published = meshfed_model::validate::check_published_policy(i.export, "")
+                .ok()
+                .filter(|_| !i.export.failover_policy.is_empty());
+            if !published.is_some_and(|p| p.subsets.iter().any(|s| s.name == sub.name)) {
+                out.push(f(
+                    "subset-without-route",
+                    format!(
+                        "subset {} is reached through cluster {}'s gateway (network {}), but {} publishes no policy defining it: its gateway routes outbound_.<port>_.{}_.{host} only if its own policy does",
+                        sub.name, i.cluster, i.network, i.cluster, sub.name
+                    ),
+                ));
+            }
+        }
+    }
+    let locs: Vec<Loc> = endpoints()
+        .map(|e| {
+            let l = e.locality.clone().unwrap_or_default();
+            Loc::new(&l.region, &l.zone, &l.subzone)
+        })
+        .collect();
+    if policy.enabled {
+        for fo in &policy.failover {
+            if !locs.iter().any(|l| l.matches(&fo.to)) {
+                out.push(f(
+                    "empty-locality",
+                    format!(
+                        "failover from {} to {}: no endpoint is in {}",
+                        fo.from, fo.to, fo.to
+                    ),
+                ));
+            }
+        }
+        for d in &policy.distribute {
+            for (pat, w) in &d.to {
+                if !locs.iter().any(|l| l.matches(pat)) {
+                    out.push(f(
+                        "empty-locality",
+                        format!(
+                            "distribute from {} sends {w}% to {pat}, where no endpoint is",
+                            d.from
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn host_of(namespace: &str, name: &str) -> String {
@@ -180,6 +278,8 @@ impl Generation {
                 .map(Arc::new);
             if let Some(p) = &policy {
                 g.policies.insert(host.clone(), p.clone());
+                g.policy_findings
+                    .extend(check_policy(&host, p, &local.network, &instances));
             }
             for i in &instances {
                 if !i.gateways.is_empty() && !i.network.is_empty() {
@@ -526,5 +626,164 @@ impl Generation {
                 table::compute(sp.policy.as_deref(), &proxy, &sp.endpoints, &self.gateways)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{ClusterFacts, Endpoint, LeaseState, Locality, PeerCluster, Port, ServiceExport};
+
+    fn ep(addr: &str, region: &str, version: &str) -> Endpoint {
+        Endpoint {
+            address: addr.into(),
+            locality: Some(Locality {
+                region: region.into(),
+                zone: format!("{region}-a"),
+                subzone: String::new(),
+            }),
+            labels: [
+                ("version".to_string(), version.to_string()),
+                (TLS_MODE_LABEL.to_string(), "istio".to_string()),
+            ]
+            .into(),
+            weight: 1,
+            healthy: true,
+            service_account: "ledger".into(),
+            ..Default::default()
+        }
+    }
+
+    fn export(endpoints: Vec<Endpoint>, policy: &str) -> Arc<ServiceExport> {
+        Arc::new(ServiceExport {
+            namespace: "shop".into(),
+            name: "ledger".into(),
+            ports: vec![Port {
+                name: "grpc".into(),
+                port: 9090,
+                protocol: "TCP".into(),
+                app_protocol: String::new(),
+            }],
+            endpoints,
+            failover_policy: policy.into(),
+            ..Default::default()
+        })
+    }
+
+    const POLICY: &str = "apiVersion: meshfed.io/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: ledger, namespace: shop}\nspec:\n  host: ledger\n  failover: [{from: us-east1, to: mars1}]\n  outlierDetection: {consecutive5xxErrors: 3}\n  subsets:\n    - {name: v1, labels: {version: v1}}\n    - {name: v2, labels: {version: v2}}\n    - {name: v9, labels: {version: v9}}\n";
+
+    /// east runs ledger v1; west (another network, through its gateway) runs v2. Each subset
+    /// cluster has only its subset's endpoints, with the subset in the SNI; what the policy
+    /// names that no endpoint has, and the subset west does not define, are found.
+    #[test]
+    fn subsets_get_their_own_clusters_and_what_is_missing_is_found() {
+        let mut snap = Snapshot::default();
+        snap.facts.cluster_id = "east".into();
+        snap.facts.network = "net-e".into();
+        snap.local.insert(
+            "shop/ledger".into(),
+            export(vec![ep("10.0.0.1", "us-east1", "v1")], ""),
+        );
+        snap.peers.insert(
+            "west".into(),
+            PeerCluster {
+                facts: Some(ClusterFacts {
+                    cluster_id: "west".into(),
+                    network: "net-w".into(),
+                    trust_domain: "west.mesh".into(),
+                    gateways: vec!["192.0.2.7:15443".into()],
+                    ..Default::default()
+                }),
+                lease: LeaseState::Fresh as i32,
+                ..Default::default()
+            },
+        );
+        // west publishes a policy defining v2 only.
+        let published = POLICY
+            .replace("    - {name: v1, labels: {version: v1}}\n", "")
+            .replace("    - {name: v9, labels: {version: v9}}\n", "")
+            .replace("spec:\n", "spec:\n  publish: true\n");
+        snap.imports.insert(
+            ("west".into(), "shop/ledger".into()),
+            export(vec![ep("10.1.0.1", "us-west1", "v2")], &published),
+        );
+        let policies = PolicySet::from_sources(&[("p.yaml".into(), POLICY.into())]).unwrap();
+        let local = LocalFacts {
+            cluster: "east".into(),
+            network: "net-e".into(),
+            locality: Loc::new("us-east1", "us-east1-a", ""),
+            trust_domain: "east.mesh".into(),
+        };
+        let g = Generation::build(1, &snap, &policies, &local);
+        let host = "ledger.shop.svc.cluster.local";
+        for (subset, want) in [("", 2), ("v1", 1), ("v2", 1), ("v9", 0)] {
+            let name = resources::cluster_name(host, 9090, subset);
+            let sp = &g.ports[name.as_str()];
+            assert_eq!(sp.endpoints.len(), want, "{name}");
+            assert!(
+                sp.endpoints
+                    .iter()
+                    .all(|e| subset.is_empty() || e.labels["version"] == subset),
+                "{name}"
+            );
+            assert!(g.clusters_grpc.contains_key(name.as_str()));
+        }
+        let sni = |subset: &str| -> String {
+            let c = &g.clusters_envoy[resources::cluster_name(host, 9090, subset).as_str()];
+            let c: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+                prost::Message::decode(c.any.value.as_slice()).unwrap();
+            let ts = c.transport_socket.unwrap();
+            let Some(
+                envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                    a,
+                ),
+            ) = ts.config_type
+            else {
+                panic!("no TLS")
+            };
+            let tls: envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext =
+                prost::Message::decode(a.value.as_slice()).unwrap();
+            tls.sni
+        };
+        assert_eq!(sni(""), format!("outbound_.9090_._.{host}"));
+        assert_eq!(sni("v2"), format!("outbound_.9090_.v2_.{host}"));
+        // Only east exports nothing here, so no router clusters; east's gateway would route
+        // subsets of what it exports.
+        let mut kinds: Vec<(String, String)> = g
+            .policy_findings
+            .iter()
+            .map(|f| {
+                (
+                    f.kind.clone(),
+                    f.message.split(':').next().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            [
+                "empty-locality",
+                "empty-subset",
+                "subset-without-route",
+                "subset-without-route"
+            ],
+            "{:?}",
+            g.policy_findings
+        );
+        let no_route: Vec<&str> = g
+            .policy_findings
+            .iter()
+            .filter(|f| f.kind == "subset-without-route")
+            .map(|f| f.message.as_str())
+            .collect();
+        assert!(
+            no_route.iter().any(|m| m.starts_with("subset v1 ")),
+            "{no_route:?}"
+        );
+        assert!(
+            no_route.iter().any(|m| m.starts_with("subset v9 ")),
+            "{no_route:?}"
+        );
     }
 }
