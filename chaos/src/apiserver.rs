@@ -285,23 +285,10 @@ fn route(path: &str) -> Option<Route> {
     None
 }
 
-fn decode(s: &str) -> String {
-    s.replace("%3D", "=")
-        .replace("%3d", "=")
-        .replace("%2F", "/")
-        .replace("%2f", "/")
-}
-
+/// The query's parameters, percent-decoded.
 fn query(req: &Request) -> BTreeMap<String, String> {
-    req.uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_string(), v.to_string())
-        })
+    form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
@@ -704,21 +691,27 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
         );
     }
     let matches = move |e_ns: &str| ns.as_deref().is_none_or(|n| n == e_ns);
-    // Equality label selectors (`k=v`, comma-separated), as meshfed sends them.
-    let selector: Vec<(String, String)> = q
-        .get("labelSelector")
-        .map(|s| decode(s))
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect();
+    let selector: String = q.get("labelSelector").cloned().unwrap_or_default();
+    // Kubernetes' selector forms meshfed uses: `key=value`, `key!=value`, `key`, `!key`.
+    let selector = match meshfed_kube::selector::parse(&selector) {
+        Ok(s) => s,
+        Err(e) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &format!("labelSelector: {e}")),
+            )
+        }
+    };
     let selected = move |v: &Value| {
-        selector
-            .iter()
-            .all(|(k, want)| v["metadata"]["labels"][k].as_str() == Some(want.as_str()))
+        let labels: BTreeMap<String, String> = v["metadata"]["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, x)| Some((k.clone(), x.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        selector.matches(&labels)
     };
     if q.get("watch").map(String::as_str) != Some("true") {
         let st = sh.lock();

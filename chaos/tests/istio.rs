@@ -51,6 +51,24 @@ fn imports_reach_istiod_as_istio_objects_and_peer_roots() {
         "spec": {"hosts": ["api.payments.example"], "location": "MESH_EXTERNAL", "resolution": "DNS",
                  "ports": [{"number": 443, "name": "https", "protocol": "TLS"}]}});
     api.apply(user_se.clone()).unwrap();
+    // A service made of Istio objects (a VM's WorkloadEntry behind a ServiceEntry), exported.
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "legacy", "namespace": "shop"},
+        "spec": {"hosts": ["legacy.shop.internal"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                 "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+                 "workloadSelector": {"labels": {"app": "legacy"}}}}))
+        .unwrap();
+    api.apply(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "legacy-vm", "namespace": "shop"},
+        "spec": {"address": "10.6.0.1", "labels": {"app": "legacy"}, "serviceAccount": "legacy"}}),
+    )
+    .unwrap();
+    api.apply(
+        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": {"name": "legacy", "namespace": "shop"}}),
+    )
+    .unwrap();
     let istio_cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "istio", "namespace": "istio-system"},
         "data": {"mesh": "trustDomain: east.mesh\n"}});
@@ -79,7 +97,7 @@ fn imports_reach_istiod_as_istio_objects_and_peer_roots() {
         "east's ServiceEntry for ledger",
         || Ok(api.get("ServiceEntry", "shop", "meshfed-ledger")),
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}: {}", east.status().unwrap_or_default()));
     let spec = &se["spec"];
     assert_eq!(
         spec["hosts"],
@@ -112,10 +130,15 @@ fn imports_reach_istiod_as_istio_objects_and_peer_roots() {
         Ok((e.len() == 2).then_some(e))
     })
     .unwrap_or_else(|e| {
+        let log = |n: &str| {
+            std::fs::read_to_string(f.root.path().join(format!("{n}.log"))).unwrap_or_default()
+        };
         panic!(
-            "{e}: {:?}; east: {}",
+            "{e}: {:?}; east: {}\nEAST LOG:\n{}\nFEDERATOR LOG:\n{}",
             ours(&api, "WorkloadEntry"),
-            east.status().unwrap_or_default()
+            east.status().unwrap_or_default(),
+            log("agent-east"),
+            log("federator"),
         )
     });
     let mut seen = Vec::new();
@@ -142,8 +165,17 @@ fn imports_reach_istiod_as_istio_objects_and_peer_roots() {
             ("us-west1/us-west1-b".into(), "v2".into(), 1)
         ]
     );
-    // The entries meshfed wrote for an import are not east's own workloads.
-    assert!(east.status().unwrap()["exports"].as_u64().unwrap_or(0) == 0);
+    // The entries meshfed wrote for an import are not east's own workloads; the service made
+    // of the user's ServiceEntry and WorkloadEntry is, and west imports it.
+    wait_for(
+        Duration::from_secs(30),
+        "west imports east's legacy",
+        || Ok((west.status()?["endpoints"]["shop/legacy"]["east"] == 1).then_some(())),
+    )
+    .unwrap();
+    let s = east.status().unwrap();
+    assert_eq!(s["exports"], 1, "{s}");
+    assert_eq!(s["endpoints"]["shop/ledger"]["east"], Value::Null, "{s}");
 
     // West's roots, for istiod (meshfed's own ConfigMap; the user's `istio` is untouched).
     let mesh = wait_for(Duration::from_secs(20), "the mesh config", || {
@@ -296,4 +328,117 @@ fn openssl_verify_against(pem: &str, west: &Cluster) -> bool {
         .output()
         .unwrap();
     out.status.success()
+}
+
+/// A ConfigMap of the mesh config's name that meshfed did not write is never changed: the agent
+/// says so in its status (and keeps writing the imports' objects).
+#[test]
+fn a_mesh_config_map_meshfed_did_not_write_is_left_alone_and_reported() {
+    let f = Federation::start("5s").unwrap();
+    let _west = f
+        .add_cluster("west", "net-w", "us-west1/us-west1-a", LEDGER)
+        .unwrap();
+    let api = ApiServer::start().unwrap();
+    let kubeconfig = api.kubeconfig(&f.root.path().join("kubeconfig")).unwrap();
+    let theirs = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "shared-mesh", "namespace": "istio-system"},
+        "data": {"mesh": "accessLogFile: /dev/stdout\n"}});
+    api.apply(theirs.clone()).unwrap();
+    let east = f
+        .add_cluster_with(
+            "east",
+            "net-e",
+            "us-east1/us-east1-b",
+            "services: []\n",
+            None,
+            &[],
+            &[
+                "--source",
+                "kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--istio",
+                "--istio-mesh-config",
+                "istio-system/shared-mesh",
+            ],
+        )
+        .unwrap();
+    let s = wait_for(
+        Duration::from_secs(30),
+        "the refusal in east's status",
+        || {
+            let s = east.status()?;
+            Ok(s["kubernetes_write_error"]
+                .as_str()
+                .is_some_and(|e| {
+                    e.contains("istio-system/shared-mesh") && e.contains("not written by meshfed")
+                })
+                .then_some(s))
+        },
+    )
+    .unwrap();
+    // The imports' objects are still written (before the mesh config, in every pass).
+    wait_for(Duration::from_secs(30), "the ServiceEntry", || {
+        Ok(api.get("ServiceEntry", "shop", "meshfed-ledger"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {s}"));
+    assert_eq!(
+        api.get("ConfigMap", "istio-system", "shared-mesh").unwrap()["data"],
+        theirs["data"]
+    );
+    assert!(
+        api.get("ConfigMap", "istio-system", "shared-mesh").unwrap()["metadata"]["labels"]
+            .is_null()
+    );
+}
+
+/// Two writers of WorkloadEntries (the imports' and the VMs') never delete each other's: each
+/// lists and deletes only what its selector selects. (Before they had their own selectors, the
+/// VM writer's first pass could delete the entries of imports written a moment before.)
+#[test]
+fn the_import_and_vm_entry_writers_leave_each_others_entries_alone() {
+    let api = ApiServer::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(&d.path().join("kubeconfig")).unwrap();
+    let we = |name: &str, labels: Value| {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+            "metadata": {"name": name, "namespace": "shop", "labels": labels},
+            "spec": {"address": "10.1.2.3", "serviceAccount": "sa"}})
+    };
+    api.apply(we(
+        "meshfed-ledger-west-1",
+        json!({"app.kubernetes.io/managed-by": "meshfed", "meshfed.io/imported-service": "ledger",
+               "meshfed.io/imported-from": "west"}),
+    ))
+    .unwrap();
+    api.apply(we(
+        "vm-1",
+        json!({"app.kubernetes.io/managed-by": "meshfed"}),
+    ))
+    .unwrap();
+    api.apply(we("users", json!({}))).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = meshfed_kube::source::client(Some(&kubeconfig))
+            .await
+            .unwrap();
+        // The VM writer wants no entry: it deletes its own (vm-1) only.
+        let mut vms =
+            meshfed_kube::sink::EntryWriter::with_selector(meshfed_kube::sink::VM_ENTRIES_SELECTOR);
+        let done = vms.sync(&client, &Default::default()).await.unwrap();
+        assert_eq!(done.deleted, 1);
+        assert!(api.get("WorkloadEntry", "shop", "vm-1").is_none());
+        assert!(api
+            .get("WorkloadEntry", "shop", "meshfed-ledger-west-1")
+            .is_some());
+        // The imports' writer wants none either: it deletes the import's entry only.
+        let mut imports: meshfed_kube::sink::ManagedWriter<meshfed_kube::types::WorkloadEntry> =
+            meshfed_kube::sink::ManagedWriter::with_selector(meshfed_kube::istio::IMPORTS_SELECTOR);
+        let done = imports.sync(&client, &Default::default()).await.unwrap();
+        assert_eq!(done.deleted, 1);
+    });
+    assert!(api
+        .get("WorkloadEntry", "shop", "meshfed-ledger-west-1")
+        .is_none());
+    assert!(api.get("WorkloadEntry", "shop", "users").is_some());
 }

@@ -1717,7 +1717,8 @@ async fn write_kubernetes_while_leading(
     let mut writer = meshfed_kube::sink::ImportWriter::default();
     let mut statuses = meshfed_kube::sink::ExportStatusWriter::default();
     let mut slices = meshfed_kube::sink::SliceWriter::default();
-    let mut vm_entries = meshfed_kube::sink::EntryWriter::default();
+    let mut vm_entries =
+        meshfed_kube::sink::EntryWriter::with_selector(meshfed_kube::sink::VM_ENTRIES_SELECTOR);
     let mut entries_rx = inner.entries.subscribe();
 
     // The pod's name (the downward API's POD_NAME, when the manifest sets it) tells replicas'
@@ -1847,6 +1848,8 @@ async fn write_kubernetes_while_leading(
     }
 }
 
+use meshfed_kube::sink::ManagedWriter;
+
 /// The writers of what istiod reads (`--istio`): the imports as ServiceEntries, WorkloadEntries
 /// and DestinationRules, and the peers' roots in the mesh config ConfigMap meshfed owns.
 struct IstioWriter {
@@ -1863,9 +1866,9 @@ impl IstioWriter {
     fn new(config: IstioConfig) -> IstioWriter {
         IstioWriter {
             config,
-            service_entries: Default::default(),
-            workload_entries: Default::default(),
-            destination_rules: Default::default(),
+            service_entries: ManagedWriter::with_selector(meshfed_kube::istio::IMPORTS_SELECTOR),
+            workload_entries: ManagedWriter::with_selector(meshfed_kube::istio::IMPORTS_SELECTOR),
+            destination_rules: ManagedWriter::with_selector(meshfed_kube::istio::IMPORTS_SELECTOR),
             mesh_written: None,
             report: IstioReport::default(),
         }

@@ -39,6 +39,10 @@ use crate::types::{MANAGED_BY, MANAGED_BY_LABEL};
 pub const IMPORTED_FROM_LABEL: &str = "meshfed.io/imported-from";
 /// The imported service a WorkloadEntry belongs to: its ServiceEntry selects on it.
 pub const IMPORTED_SERVICE_LABEL: &str = "meshfed.io/imported-service";
+/// The selector of everything the Istio writer writes (ServiceEntries, WorkloadEntries and
+/// DestinationRules of imports), apart from VMs' WorkloadEntries.
+pub const IMPORTS_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=meshfed,meshfed.io/imported-service";
 /// Istio's label that makes an endpoint mTLS-capable.
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 /// Istio's default east-west gateway port, for gateways advertised without one.

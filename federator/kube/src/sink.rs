@@ -144,23 +144,43 @@ pub fn desired_workload_entries(
 /// The writer of auto-registered VMs' WorkloadEntries.
 pub type EntryWriter = ManagedWriter<crate::types::WorkloadEntry>;
 
+/// The selector of VMs' WorkloadEntries (meshfed's, not written for an import).
+pub const VM_ENTRIES_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=meshfed,!meshfed.io/imported-service";
+
 /// Applies desired objects of one kind (`(namespace, name) -> (object, status or null)`) with
 /// server-side apply; remembers what it wrote so that unchanged objects are not written again,
-/// and deletes what it no longer wants only while the object still carries meshfed's
-/// `app.kubernetes.io/managed-by` label.
+/// and deletes what it no longer wants only while the object still carries its labels
+/// (meshfed's `app.kubernetes.io/managed-by`, and what tells its objects from another
+/// writer's of the same kind: imports' Istio WorkloadEntries from VMs').
 #[derive(Debug)]
 pub struct ManagedWriter<K> {
     written: BTreeMap<(String, String), (Value, Value)>,
     /// Whether the ones meshfed wrote earlier (another process, a restart) were listed.
     listed: bool,
+    /// The label selector of this writer's objects.
+    selector: &'static str,
     kind: std::marker::PhantomData<K>,
 }
 
+/// The label selector of everything meshfed writes.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=meshfed";
+
 impl<K> Default for ManagedWriter<K> {
     fn default() -> Self {
+        ManagedWriter::with_selector(MANAGED_SELECTOR)
+    }
+}
+
+impl<K> ManagedWriter<K> {
+    /// A writer whose objects are those `selector` selects (it must require
+    /// [`MANAGED_SELECTOR`]'s label too): two writers of one kind must select disjoint sets,
+    /// or each would delete the other's.
+    pub fn with_selector(selector: &'static str) -> Self {
         ManagedWriter {
             written: BTreeMap::new(),
             listed: false,
+            selector,
             kind: std::marker::PhantomData,
         }
     }
@@ -195,7 +215,7 @@ where
         if !self.listed {
             // Ours from before (a restart): known by the label, so they are cleaned up too.
             let all: Api<K> = Api::all(client.clone());
-            let lp = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+            let lp = ListParams::default().labels(self.selector);
             for o in all.list(&lp).await?.items {
                 let m = k8s_openapi::Metadata::metadata(&o);
                 let key = (
@@ -230,13 +250,16 @@ where
             .collect();
         for key in gone {
             let api: Api<K> = Api::namespaced(client.clone(), &key.0);
-            // Only an object that still says meshfed manages it.
+            // Only an object that still says this writer manages it.
             if let Some(o) = api.get_opt(&key.1).await? {
-                let ours = k8s_openapi::Metadata::metadata(&o)
+                let labels = k8s_openapi::Metadata::metadata(&o)
                     .labels
-                    .as_ref()
-                    .and_then(|l| l.get(MANAGED_BY_LABEL))
-                    .is_some_and(|v| v == MANAGED_BY);
+                    .clone()
+                    .unwrap_or_default();
+                let ours = labels
+                    .get(MANAGED_BY_LABEL)
+                    .is_some_and(|v| v == MANAGED_BY)
+                    && crate::selector::parse(self.selector).is_ok_and(|s| s.matches(&labels));
                 if ours {
                     api.delete(&key.1, &DeleteParams::default()).await?;
                     out.deleted += 1;

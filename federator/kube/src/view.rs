@@ -480,6 +480,49 @@ impl Builder {
             cache.insert(key, (inputs, one));
         }
         self.cache = cache;
+        // Services made of Istio objects: a user's ServiceEntry (MESH_INTERNAL, STATIC) with
+        // its inline endpoints or the WorkloadEntries it selects, exported by a ServiceExport
+        // of its name, as a Service would be. A Service of the same name wins (as in istiod).
+        for se in o.service_entries.iter().filter(|x| !ours(&x.metadata)) {
+            let (ns, name) = name_of(&se.metadata);
+            if name.is_empty() || skipped(&ns).is_some() {
+                continue;
+            }
+            let key = validate::service_key(&ns, &name);
+            let export = exports.remove(&(
+                se.metadata.namespace.as_deref().unwrap_or_default(),
+                se.metadata.name.as_deref().unwrap_or_default(),
+            ));
+            if view.local.contains_key(&key) {
+                continue;
+            }
+            let selected: Vec<&Arc<WorkloadEntry>> = match se.spec["workloadSelector"]["labels"]
+                .as_object()
+            {
+                Some(sel) if !sel.is_empty() => entries_by_ns
+                    .get(ns.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| {
+                        sel.iter()
+                            .all(|(k, v)| w.spec.labels.get(k).map(|x| x.as_str()) == v.as_str())
+                    })
+                    .copied()
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let one = one_service_entry(
+                se,
+                &selected,
+                export.map(|x| export_options(x)),
+                &self.scope.network,
+                default_locality,
+            );
+            view.local.extend(one.local);
+            view.exports.extend(one.exports);
+            view.problems.extend(one.problems);
+            view.service_exports.extend(one.service_exports);
+        }
         // ServiceExports whose Service does not exist (MCS condition Valid=False, NoService).
         let mut orphans: Vec<(String, String)> = exports
             .into_keys()
@@ -525,6 +568,225 @@ impl Builder {
         view.problems.dedup();
         view
     }
+}
+
+/// Istio's port protocol as a Kubernetes port: (protocol, appProtocol).
+fn port_protocols(istio: &str) -> (&'static str, String) {
+    match istio.to_ascii_uppercase().as_str() {
+        "UDP" => ("UDP", String::new()),
+        "" | "TCP" => ("TCP", String::new()),
+        other => ("TCP", other.to_ascii_lowercase()),
+    }
+}
+
+/// A user's ServiceEntry as a service of the cluster (like [`one_service`] for a Service):
+/// `MESH_INTERNAL` with `STATIC` resolution only (an external or DNS entry is not a workload
+/// of this cluster); its ports; its inline endpoints, or the WorkloadEntries it selects.
+fn one_service_entry(
+    se: &crate::types::ServiceEntry,
+    selected: &[&Arc<WorkloadEntry>],
+    want: Option<Result<ExportOptions, String>>,
+    network: &str,
+    default_locality: &Locality,
+) -> View {
+    let mut view = View::default();
+    let (ns, name) = name_of(&se.metadata);
+    let has_export = want.is_some();
+    let refuse = |view: &mut View, reason: String| {
+        if has_export {
+            view.service_exports.insert(
+                (ns.clone(), name.clone()),
+                Err((
+                    "InvalidService".into(),
+                    format!("ServiceEntry {ns}/{name}: {reason}"),
+                )),
+            );
+        }
+        view.problems.push(Problem {
+            kind: "ServiceEntry",
+            namespace: ns.clone(),
+            name: name.clone(),
+            reason,
+        });
+    };
+    let spec = &se.spec;
+    let location = spec["location"].as_str().unwrap_or("MESH_EXTERNAL");
+    let resolution = spec["resolution"].as_str().unwrap_or("NONE");
+    if location != "MESH_INTERNAL" || resolution != "STATIC" {
+        // Not a service of this cluster's workloads: only an export of it is a problem.
+        if has_export {
+            refuse(
+                &mut view,
+                format!(
+                    "location {location}, resolution {resolution}: only a MESH_INTERNAL ServiceEntry with STATIC resolution names workloads meshfed can export"
+                ),
+            );
+        }
+        return view;
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec["ports"].as_array().into_iter().flatten().enumerate() {
+        let Some(number) = p["number"].as_u64().filter(|n| (1..=65535).contains(n)) else {
+            refuse(
+                &mut view,
+                format!("spec.ports[{i}].number: not a port in 1-65535"),
+            );
+            return view;
+        };
+        let (protocol, app) = port_protocols(p["protocol"].as_str().unwrap_or(""));
+        ports.push(Port {
+            name: p["name"].as_str().unwrap_or("").to_string(),
+            port: number as u32,
+            protocol: protocol.into(),
+            app_protocol: app,
+        });
+    }
+    let mut endpoints = Vec::new();
+    let inline: Vec<(String, crate::types::WorkloadEntrySpec, bool)> = match spec.get("endpoints") {
+        Some(v) => {
+            match serde_json::from_value::<Vec<crate::types::WorkloadEntrySpec>>(v.clone()) {
+                Ok(list) => list
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| (format!("spec.endpoints[{i}]"), e, true))
+                    .collect(),
+                Err(e) => {
+                    refuse(&mut view, format!("spec.endpoints: {e}"));
+                    return view;
+                }
+            }
+        }
+        None => Vec::new(),
+    };
+    let from_entries = selected.iter().map(|w| {
+        let (wns, wname) = name_of(&w.metadata);
+        (
+            format!("WorkloadEntry {wns}/{wname}"),
+            w.spec.clone(),
+            w.healthy(),
+        )
+    });
+    for (at, e, healthy) in inline.into_iter().chain(from_entries) {
+        match entry_endpoint(&e, healthy, &ports, network, default_locality) {
+            Ok(ep) => endpoints.push(ep),
+            Err(why) => view.problems.push(Problem {
+                kind: "ServiceEntry",
+                namespace: ns.clone(),
+                name: name.clone(),
+                reason: format!("{at}: {why}"),
+            }),
+        }
+    }
+    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    endpoints.dedup_by(|a, b| a.address == b.address);
+    let opts = match want {
+        Some(Ok(o)) => Some(o),
+        Some(Err(e)) => {
+            refuse(&mut view, e);
+            None
+        }
+        None => None,
+    };
+    let e = Export {
+        headless: false,
+        namespace: ns.clone(),
+        name: name.clone(),
+        ports,
+        endpoints,
+        export_to: opts
+            .as_ref()
+            .map(|o| o.export_to.clone())
+            .unwrap_or_default(),
+        on_expiry: opts
+            .as_ref()
+            .map(|o| o.on_expiry)
+            .unwrap_or(OnExpiry::Deprioritize) as i32,
+        labels: se
+            .metadata
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        failover_policy: String::new(),
+    };
+    if let Err(err) = validate::check_export(&e, "ServiceEntry") {
+        refuse(&mut view, err.to_string());
+        return view;
+    }
+    let key = validate::service_key(&ns, &name);
+    let e = Arc::new(e);
+    if opts.is_some() {
+        view.service_exports
+            .insert((ns.clone(), name.clone()), Ok(()));
+        view.exports.insert(key.clone(), e.clone());
+    }
+    view.local.insert(key, e);
+    view
+}
+
+/// Why a WorkloadEntry (or a ServiceEntry's inline endpoint) is not an endpoint.
+#[derive(Debug)]
+enum EntryRefused {
+    Address(String),
+    /// (the entry's, the cluster's)
+    OtherNetwork(String, String),
+    Locality(String),
+}
+
+impl std::fmt::Display for EntryRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EntryRefused::Address(a) => write!(f, "spec.address: {a:?} is not an IP address"),
+            EntryRefused::OtherNetwork(n, ours) => write!(
+                f,
+                "spec.network: {n} is not this cluster's network {ours}; meshfed places every endpoint of a cluster on its network"
+            ),
+            EntryRefused::Locality(e) => write!(f, "spec.locality: {e}"),
+        }
+    }
+}
+
+/// A WorkloadEntry's spec as an endpoint of a service with `ports` (its `ports` map names
+/// the target port of a service port).
+fn entry_endpoint(
+    spec: &crate::types::WorkloadEntrySpec,
+    healthy: bool,
+    ports: &[Port],
+    network: &str,
+    default_locality: &Locality,
+) -> Result<Endpoint, EntryRefused> {
+    if spec.address.parse::<std::net::IpAddr>().is_err() {
+        return Err(EntryRefused::Address(spec.address.clone()));
+    }
+    if !network.is_empty() && !spec.network.is_empty() && spec.network != network {
+        return Err(EntryRefused::OtherNetwork(
+            spec.network.clone(),
+            network.to_string(),
+        ));
+    }
+    let locality = if spec.locality.is_empty() {
+        default_locality.clone()
+    } else {
+        validate::parse_locality(&spec.locality).map_err(|e| EntryRefused::Locality(e.reason))?
+    };
+    let target: BTreeMap<String, u32> = ports
+        .iter()
+        .filter_map(|p| {
+            let t = *spec.ports.get(&p.name)?;
+            (t != p.port && (1..=65535).contains(&t)).then(|| (p.name.clone(), t))
+        })
+        .collect();
+    Ok(Endpoint {
+        address: spec.address.clone(),
+        locality: Some(locality),
+        labels: spec.labels.clone().into_iter().collect(),
+        weight: spec.weight.max(1),
+        healthy,
+        service_account: spec.service_account.clone(),
+        ports: target.into_iter().collect(),
+        hostname: String::new(),
+    })
 }
 
 /// One Service's part of the view (its export, problems and ServiceExport validity), from the
@@ -658,67 +920,24 @@ fn one_service(
     }
     for w in entries {
         let (wns, wname) = name_of(&w.metadata);
-        let refuse = |reason: String| Problem {
-            kind: "WorkloadEntry",
-            namespace: wns.clone(),
-            name: wname.clone(),
-            reason,
-        };
-        let spec = &w.spec;
-        if spec.address.parse::<std::net::IpAddr>().is_err() {
-            view.problems.push(refuse(format!(
-                "spec.address: {:?} is not an IP address",
-                spec.address
-            )));
-            continue;
-        }
-        if !network.is_empty() && !spec.network.is_empty() && spec.network != network {
+        let ours = w
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::types::MANAGED_BY_LABEL))
+            .is_some_and(|v| v == crate::types::MANAGED_BY);
+        match entry_endpoint(&w.spec, w.healthy(), &ports, network, default_locality) {
+            Ok(e) => endpoints.push(e),
             // meshfed's own entry of a VM on another network: the VM is served through its
             // registration, not as a Kubernetes endpoint; not a problem of the user's.
-            let ours = w
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(crate::types::MANAGED_BY_LABEL))
-                .is_some_and(|v| v == crate::types::MANAGED_BY);
-            if ours {
-                continue;
-            }
-            view.problems.push(refuse(format!(
-                "spec.network: {} is not this cluster's network {network}; meshfed places every endpoint of a cluster on its network",
-                spec.network
-            )));
-            continue;
+            Err(EntryRefused::OtherNetwork(..)) if ours => {}
+            Err(e) => view.problems.push(Problem {
+                kind: "WorkloadEntry",
+                namespace: wns,
+                name: wname,
+                reason: e.to_string(),
+            }),
         }
-        let locality = if spec.locality.is_empty() {
-            default_locality.clone()
-        } else {
-            match validate::parse_locality(&spec.locality) {
-                Ok(l) => l,
-                Err(e) => {
-                    view.problems
-                        .push(refuse(format!("spec.locality: {}", e.reason)));
-                    continue;
-                }
-            }
-        };
-        let target: BTreeMap<String, u32> = ports
-            .iter()
-            .filter_map(|p| {
-                let t = *spec.ports.get(&p.name)?;
-                (t != p.port && (1..=65535).contains(&t)).then(|| (p.name.clone(), t))
-            })
-            .collect();
-        endpoints.push(Endpoint {
-            address: spec.address.clone(),
-            locality: Some(locality),
-            labels: spec.labels.clone().into_iter().collect(),
-            weight: spec.weight.max(1),
-            healthy: w.healthy(),
-            service_account: spec.service_account.clone(),
-            ports: target.into_iter().collect(),
-            hostname: String::new(),
-        });
     }
     endpoints.sort_by(|a, b| a.address.cmp(&b.address));
     endpoints.dedup_by(|a, b| a.address == b.address);
@@ -963,6 +1182,113 @@ mod tests {
                 "topology.istio.io/network": "net-a"}}}),
         )];
         assert_eq!(b.build(&o, &default_loc()).exports.len(), 1);
+    }
+
+    /// A user's ServiceEntry (MESH_INTERNAL, STATIC) is a service of the cluster, exported by a
+    /// ServiceExport of its name: its ports, its inline endpoints or the WorkloadEntries it
+    /// selects (not the ones meshfed wrote for imports). An external one is refused when
+    /// exported, naming it; a Service of the same name wins; meshfed's own entries are skipped.
+    #[test]
+    fn service_entries_are_services_and_can_be_exported() {
+        let mut o = objects();
+        let se = |name: &str, spec: serde_json::Value| -> Arc<crate::types::ServiceEntry> {
+            obj(
+                serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec}),
+            )
+        };
+        o.service_entries = vec![
+            se(
+                "legacy",
+                serde_json::json!({"hosts": ["legacy.shop.internal"], "location": "MESH_INTERNAL",
+                "resolution": "STATIC", "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+                "workloadSelector": {"labels": {"app": "legacy"}}}),
+            ),
+            se(
+                "inline",
+                serde_json::json!({"hosts": ["inline.shop.internal"], "location": "MESH_INTERNAL",
+                "resolution": "STATIC", "ports": [{"number": 9000, "name": "tcp", "protocol": "TCP"}],
+                "endpoints": [{"address": "10.7.0.1", "ports": {"tcp": 9001}, "locality": "us-west1/us-west1-b"},
+                              {"address": "not-an-ip"}]}),
+            ),
+            se(
+                "external",
+                serde_json::json!({"hosts": ["api.example.com"], "location": "MESH_EXTERNAL",
+                "resolution": "DNS", "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]}),
+            ),
+            // The name of a Service: the Service is the one served.
+            se(
+                "payment",
+                serde_json::json!({"hosts": ["payment.example"], "location": "MESH_INTERNAL",
+                "resolution": "STATIC", "ports": [{"number": 1, "name": "x"}]}),
+            ),
+        ];
+        let we = |name: &str, labels: serde_json::Value, addr: &str| -> Arc<WorkloadEntry> {
+            obj(
+                serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                "metadata": {"name": name, "namespace": "shop", "labels": labels},
+                "spec": {"address": addr, "labels": {"app": "legacy"}, "serviceAccount": "legacy"}}),
+            )
+        };
+        o.workload_entries = vec![
+            we("legacy-1", serde_json::json!({}), "10.6.0.1"),
+            we("legacy-2", serde_json::json!({}), "10.6.0.2"),
+            // An import meshfed wrote: another cluster's workload, never this one's.
+            we(
+                "meshfed-legacy-west-1",
+                serde_json::json!({"meshfed.io/imported-from": "west",
+                "app.kubernetes.io/managed-by": "meshfed"}),
+                "10.6.0.3",
+            ),
+        ];
+        o.exports = vec![
+            obj(
+                serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "metadata": {"name": "legacy", "namespace": "shop"}}),
+            ),
+            obj(
+                serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "metadata": {"name": "external", "namespace": "shop"}}),
+            ),
+        ];
+        let v = build(&o, &default_loc());
+        let legacy = &v.exports["shop/legacy"];
+        assert_eq!(legacy.ports[0].port, 8080);
+        assert_eq!(legacy.ports[0].app_protocol, "http");
+        let addrs: Vec<&str> = legacy
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        assert_eq!(addrs, ["10.6.0.1", "10.6.0.2"]);
+        assert_eq!(legacy.endpoints[0].service_account, "legacy");
+        assert_eq!(
+            v.service_exports[&("shop".to_string(), "legacy".to_string())],
+            Ok(())
+        );
+        // Not exported, but a service of the cluster; its bad endpoint named.
+        let inline = &v.local["shop/inline"];
+        assert!(!v.exports.contains_key("shop/inline"));
+        assert_eq!(inline.endpoints.len(), 1);
+        assert_eq!(inline.endpoints[0].ports.get("tcp"), Some(&9001));
+        let problems: Vec<String> = v.problems.iter().map(|p| p.to_string()).collect();
+        assert!(
+            problems.iter().any(|p| p.starts_with("ServiceEntry shop/inline: spec.endpoints[1]: spec.address")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("ServiceEntry shop/external: location MESH_EXTERNAL")),
+            "{problems:?}"
+        );
+        assert!(matches!(
+            &v.service_exports[&("shop".to_string(), "external".to_string())],
+            Err((reason, _)) if reason == "InvalidService"
+        ));
+        assert!(!v.local.contains_key("shop/external"));
+        // payment is the Service's (its port 80), not the ServiceEntry's.
+        assert_eq!(v.local["shop/payment"].ports[0].port, 80);
     }
 
     /// Istio WorkloadEntries selected by a Service's selector in its namespace are its
