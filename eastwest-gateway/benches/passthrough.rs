@@ -1,7 +1,13 @@
 //! East-west gateway benchmark (not a test): meshfed's gateway (the release `meshfed gateway`
-//! process), HAProxy (`mode tcp`, `req.ssl_sni`, `option splice-auto`) and nginx stream
-//! (`ssl_preread`) side by side in the same run, in front of the same backend, plus a direct
-//! connection as the ceiling.
+//! process), HAProxy (`mode tcp`, `req.ssl_sni`) with `option splice-auto` and with forced
+//! splice (`option splice-request` + `option splice-response`), nginx stream (`ssl_preread`),
+//! and a minimal splice relay written here (no routing, no parsing: accept, connect, splice
+//! both ways in blocking threads: the kernel path alone) side by side in the same run, in
+//! front of the same backend, plus a direct connection.
+//!
+//! `MESHFED_BENCH_ROUNDS=N` runs every proxy N times, alternating (A B C .. A B C ..), prints
+//! each run, then the median and the spread (min-max) of each figure. `MESHFED_BIN_B=path`
+//! adds a second meshfed build (`meshfed-b`) to the same run, for before/after comparisons.
 //!
 //! Each client connection sends a real rustls ClientHello with SNI
 //! `outbound_.9080_._.reviews.shop.svc.cluster.local` and ALPN `istio`, then the workload:
@@ -150,8 +156,7 @@ fn meshfed_bin() -> PathBuf {
     target.join("release/meshfed")
 }
 
-fn start_meshfed(be: SocketAddr, dir: &Path) -> Option<Proxy> {
-    let bin = meshfed_bin();
+fn start_meshfed(be: SocketAddr, dir: &Path, bin: PathBuf, name: &'static str) -> Option<Proxy> {
     if !bin.exists() {
         println!(
             "meshfed: skipped ({} missing; cargo build --release --bin meshfed)",
@@ -173,23 +178,25 @@ fn start_meshfed(be: SocketAddr, dir: &Path) -> Option<Proxy> {
             &format!("{SNI}={be}"),
         ])
         .env("MESHFED_LOG", "warn")
-        .stdout(std::fs::File::create(dir.join("meshfed.log")).unwrap())
+        .stdout(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
     wait_port(addr).then_some(Proxy {
-        name: "meshfed",
+        name,
         addr,
         child: Some(child),
     })
 }
 
-fn start_haproxy(be: SocketAddr, dir: &Path) -> Option<Proxy> {
+/// HAProxy with `splice` the splice options (`option splice-auto`, or `option splice-request`
+/// and `option splice-response` to splice always).
+fn start_haproxy(be: SocketAddr, dir: &Path, name: &'static str, splice: &str) -> Option<Proxy> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cfg = format!(
-        "global\n  maxconn 7900\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  option splice-auto\nfrontend fe\n  bind {addr}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n  use_backend be if {{ req.ssl_sni -m end .svc.cluster.local }}\nbackend be\n  server s1 {be}\n"
+        "global\n  maxconn 7900\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{splice}frontend fe\n  bind {addr}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n  use_backend be if {{ req.ssl_sni -m end .svc.cluster.local }}\nbackend be\n  server s1 {be}\n"
     );
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(format!("{name}.cfg"));
     std::fs::write(&path, cfg).unwrap();
     let child = Command::new("haproxy")
         .arg("-f")
@@ -200,7 +207,7 @@ fn start_haproxy(be: SocketAddr, dir: &Path) -> Option<Proxy> {
         .spawn()
         .ok()?;
     wait_port(addr).then_some(Proxy {
-        name: "haproxy",
+        name,
         addr,
         child: Some(child),
     })
@@ -234,6 +241,67 @@ fn start_nginx(be: SocketAddr, dir: &Path) -> Option<Proxy> {
         addr,
         child: Some(child),
     })
+}
+
+/// The ceiling: a minimal relay on the same kernel path (splice through a pipe, both ways,
+/// one blocking thread per direction), with nothing else: no parsing, routing or limits.
+fn start_relay(be: SocketAddr) -> Proxy {
+    use std::os::fd::AsFd;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    fn pump(from: TcpStream, to: TcpStream) {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let (pr, pw) = nix::unistd::pipe().unwrap();
+        loop {
+            let n = match splice(
+                from.as_fd(),
+                None,
+                &pw,
+                None,
+                1 << 20,
+                SpliceFFlags::SPLICE_F_MOVE,
+            ) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut left = n;
+            while left > 0 {
+                match splice(
+                    &pr,
+                    None,
+                    to.as_fd(),
+                    None,
+                    left,
+                    SpliceFFlags::SPLICE_F_MOVE,
+                ) {
+                    Ok(0) | Err(_) => return,
+                    Ok(m) => left -= m,
+                }
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    }
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            std::thread::spawn(move || {
+                let Ok(b) = TcpStream::connect(be) else {
+                    return;
+                };
+                let _ = c.set_nodelay(true);
+                let _ = b.set_nodelay(true);
+                let (c2, b2) = (c.try_clone().unwrap(), b.try_clone().unwrap());
+                let t = std::thread::spawn(move || pump(c2, b2));
+                pump(b, c);
+                let _ = t.join();
+            });
+        }
+    });
+    Proxy {
+        name: "relay",
+        addr,
+        child: None,
+    }
 }
 
 /// Connects, sends the hello, waits for the backend's byte; returns the time from send to reply.
@@ -326,6 +394,107 @@ fn idle_memory(p: &Proxy, hello: &[u8], n: usize) -> f64 {
     (after.saturating_sub(before)) as f64 * 1024.0 / got as f64
 }
 
+/// `perf stat` on a proxy's processes while `f` runs: (system calls, context switches, CPU
+/// milliseconds), or `None` without perf or a process.
+fn perf_counts<T>(p: &Proxy, f: impl FnOnce() -> T) -> (T, Option<(f64, f64, f64)>) {
+    let Some(c) = &p.child else {
+        return (f(), None);
+    };
+    let out = std::env::temp_dir().join(format!("meshfed-bench-perf-{}.csv", c.id()));
+    let perf = Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches,task-clock",
+            "-o",
+        ])
+        .arg(&out)
+        .args(["-p", &c.id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut perf) = perf else {
+        return (f(), None);
+    };
+    // perf attaches in a few milliseconds; a late start only undercounts.
+    std::thread::sleep(Duration::from_millis(200));
+    let r = f();
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait();
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    let get = |event: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.split(',').nth(2) == Some(event))
+            .and_then(|l| l.split(',').next()?.parse().ok())
+    };
+    let counts = match (
+        get("raw_syscalls:sys_enter"),
+        get("context-switches"),
+        get("task-clock"),
+    ) {
+        (Some(a), Some(b), Some(c)) => Some((a, b, c)),
+        _ => None,
+    };
+    (r, counts)
+}
+
+/// With `MESHFED_BENCH_PERF=1`: system calls and context switches per MiB of one stream, and
+/// per connection of the connection-rate test, for each proxy process (perf stat).
+fn profile(p: &Proxy, hello: &[u8]) {
+    if p.child.is_none() {
+        return;
+    }
+    let (_, bulk) = perf_counts(p, || throughput(p.addr, hello, 1));
+    let n = Arc::new(AtomicU64::new(0));
+    let (cps, conn) = perf_counts(p, || conns_per_sec(p.addr, hello));
+    n.store((cps * 5.0) as u64, Ordering::Relaxed);
+    let mib = (BULK / (1024 * 1024)) as f64;
+    let conns = (n.load(Ordering::Relaxed).max(1)) as f64;
+    match (bulk, conn) {
+        (Some(b), Some(c)) => println!(
+            "perf {:<10} 1 stream: {:.1} syscalls/MiB, {:.2} context switches/MiB, {:.2} CPU ms/MiB | conn/s test: {:.1} syscalls/conn, {:.2} context switches/conn, {:.1} CPU us/conn",
+            p.name,
+            b.0 / mib,
+            b.1 / mib,
+            b.2 / mib,
+            c.0 / conns,
+            c.1 / conns,
+            c.2 * 1000.0 / conns
+        ),
+        _ => println!("perf {:<10} no counts (perf missing or not permitted)", p.name),
+    }
+}
+
+/// One run of one proxy: 1 and 8 streams (Gb/s), conn/s, added p50 and p99 (us), bytes per
+/// idle connection (NaN where not measured).
+fn run(p: &Proxy, hello: &[u8], direct_lat: &[f64], idle_n: usize) -> [f64; 6] {
+    let t1 = throughput(p.addr, hello, 1);
+    let t8 = throughput(p.addr, hello, 8);
+    let cps = conns_per_sec(p.addr, hello);
+    let lat = latency(p.addr, hello);
+    let (a50, a99) = (
+        pct(&lat, 0.5) - pct(direct_lat, 0.5),
+        pct(&lat, 0.99) - pct(direct_lat, 0.99),
+    );
+    let mem = if p.child.is_some() {
+        idle_memory(p, hello, idle_n)
+    } else {
+        f64::NAN
+    };
+    [t1, t8, cps, a50, a99, mem]
+}
+
+fn row(name: &str, r: &[f64; 6]) -> String {
+    format!(
+        "{:<10} {:>9.2} Gb/s {:>7.2} Gb/s {:>10.0} {:>16.1} {:>16.1} {:>14.0}",
+        name, r[0], r[1], r[2], r[3], r[4], r[5]
+    )
+}
+
 fn main() {
     let hello = hello();
     let be = backend(hello.len());
@@ -334,20 +503,47 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(7000);
-    let mut proxies = vec![Proxy {
-        name: "direct",
-        addr: be,
-        child: None,
-    }];
-    proxies.extend(start_meshfed(be, dir.path()));
-    match start_haproxy(be, dir.path()) {
-        Some(p) => proxies.push(p),
-        None => println!("haproxy: skipped (apt-get install haproxy)"),
-    }
-    proxies.extend(start_nginx(be, dir.path()));
-    let direct_lat = latency(be, &hello);
-    println!(
-        "{:<8} {:>12} {:>12} {:>10} {:>16} {:>16} {:>14}",
+    let rounds: usize = std::env::var("MESHFED_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let start_all = || {
+        let mut proxies = vec![Proxy {
+            name: "direct",
+            addr: be,
+            child: None,
+        }];
+        proxies.push(start_relay(be));
+        let bin = meshfed_bin();
+        if bin.exists() {
+            proxies.extend(start_meshfed(be, dir.path(), bin, "meshfed"));
+        } else {
+            println!(
+                "meshfed: skipped ({} missing; cargo build --release --bin meshfed)",
+                bin.display()
+            );
+        }
+        if let Some(b) = std::env::var_os("MESHFED_BIN_B") {
+            proxies.extend(start_meshfed(be, dir.path(), b.into(), "meshfed-b"));
+        }
+        let auto = start_haproxy(be, dir.path(), "haproxy", "  option splice-auto\n");
+        let forced = start_haproxy(
+            be,
+            dir.path(),
+            "haproxy-fs",
+            "  option splice-request\n  option splice-response\n",
+        );
+        if auto.is_none() && forced.is_none() {
+            println!("haproxy: skipped (apt-get install haproxy)");
+        }
+        proxies.extend(auto);
+        proxies.extend(forced);
+        proxies.extend(start_nginx(be, dir.path()));
+        proxies
+    };
+    let header = format!(
+        "{:<10} {:>14} {:>12} {:>10} {:>16} {:>16} {:>14}",
         "proxy",
         "1 stream",
         "8 streams",
@@ -356,24 +552,79 @@ fn main() {
         "added p99 (us)",
         "B/idle conn"
     );
-    for p in &proxies {
-        let t1 = throughput(p.addr, &hello, 1);
-        let t8 = throughput(p.addr, &hello, 8);
-        let cps = conns_per_sec(p.addr, &hello);
-        let lat = latency(p.addr, &hello);
-        let (a50, a99) = (
-            pct(&lat, 0.5) - pct(&direct_lat, 0.5),
-            pct(&lat, 0.99) - pct(&direct_lat, 0.99),
-        );
-        let mem = if p.child.is_some() {
-            format!("{:.0}", idle_memory(p, &hello, idle_n))
-        } else {
-            "-".into()
-        };
-        println!(
-            "{:<8} {:>9.2} Gb/s {:>7.2} Gb/s {:>10.0} {:>16.1} {:>16.1} {:>14}",
-            p.name, t1, t8, cps, a50, a99, mem
-        );
-        let _ = std::io::stdout().flush();
+    println!("{header}");
+    // Every round starts every proxy afresh (so each memory figure is a fresh process's),
+    // and measures the direct connection's latency again.
+    let mut names: Vec<&'static str> = Vec::new();
+    let mut all: Vec<Vec<[f64; 6]>> = Vec::new();
+    for round in 0..rounds {
+        if rounds > 1 {
+            println!("-- run {} of {rounds}", round + 1);
+        }
+        let proxies = start_all();
+        if std::env::var_os("MESHFED_BENCH_PERF").is_some() {
+            for p in &proxies {
+                profile(p, &hello);
+            }
+        }
+        let direct_lat = latency(be, &hello);
+        for p in &proxies {
+            let mut r = run(p, &hello, &direct_lat, idle_n);
+            if p.name == "direct" {
+                r[3] = f64::NAN;
+                r[4] = f64::NAN;
+            }
+            println!("{}", row(p.name, &r));
+            let _ = std::io::stdout().flush();
+            match names.iter().position(|n| *n == p.name) {
+                Some(i) => all[i].push(r),
+                None => {
+                    names.push(p.name);
+                    all.push(vec![r]);
+                }
+            }
+        }
+    }
+    if rounds > 1 {
+        println!("\n-- median of {rounds} alternating runs (spread: min-max)");
+        println!("{header}");
+        let mut medians = Vec::new();
+        for (name, runs) in names.iter().zip(&all) {
+            let mut med = [0f64; 6];
+            let mut spread = Vec::new();
+            for (k, m) in med.iter_mut().enumerate() {
+                let mut v: Vec<f64> = runs.iter().map(|r| r[k]).collect();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+                *m = v[v.len() / 2];
+                spread.push(format!("{:.2}-{:.2}", v[0], v[v.len() - 1]));
+            }
+            println!("{}", row(name, &med));
+            println!("{:<10} spread: {}", "", spread.join(" | "));
+            medians.push((*name, med));
+        }
+        // meshfed against the better HAProxy configuration, figure by figure.
+        let get = |n: &str| medians.iter().find(|(m, _)| *m == n).map(|(_, r)| *r);
+        if let Some(m) = get("meshfed") {
+            let best = |k: usize, higher: bool| {
+                ["haproxy", "haproxy-fs"]
+                    .iter()
+                    .filter_map(|n| get(n).map(|r| r[k]))
+                    .fold(None, |acc: Option<f64>, x| match acc {
+                        None => Some(x),
+                        Some(a) => Some(if higher == (x > a) { x } else { a }),
+                    })
+            };
+            let names = ["1 stream", "8 streams", "conn/s"];
+            for (k, n) in names.iter().enumerate() {
+                if let (Some(h), Some(d), Some(r)) = (best(k, true), get("direct"), get("relay")) {
+                    println!(
+                        "meshfed {n}: {:.2}x the better HAProxy, {:.2}x direct, {:.2}x the relay",
+                        m[k] / h,
+                        m[k] / d[k],
+                        m[k] / r[k]
+                    );
+                }
+            }
+        }
     }
 }

@@ -316,6 +316,105 @@ async fn bulk_bytes_both_ways_with_half_close() {
     assert_eq!(fwd, 2.0 * payload.len() as f64, "bytes counted both ways");
 }
 
+/// Bursts that switch a direction between its small-read path and its pipe and back: each
+/// burst (sizes from one byte to over a MiB) is echoed whole before the next is sent, so the
+/// sockets drain between bursts; every byte comes back unchanged and is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_every_size_cross_the_gateway_intact() {
+    use tokio::io::AsyncReadExt;
+    let hello = istio_hello();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let be = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let (mut r, mut w) = s.split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![be])]);
+    let (gw, _g, _r, _stop, reg) = gateway(routes, GatewayConfig::default()).await;
+    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, hello);
+    let mut total = hello.len();
+    for (i, n) in [
+        1usize,
+        4095,
+        4096,
+        4097,
+        65536,
+        3 << 20,
+        10,
+        1 << 20,
+        4096,
+        7,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let burst: Vec<u8> = (0..n).map(|j| (j * 31 + i * 7) as u8).collect();
+        let (mut r, mut w) = s.split();
+        let (sent, got) = tokio::join!(w.write_all(&burst), async {
+            let mut got = vec![0u8; n];
+            r.read_exact(&mut got).await.map(|_| got)
+        });
+        sent.unwrap();
+        assert!(
+            got.unwrap() == burst,
+            "burst {i} of {n} bytes changed on the way"
+        );
+        total += n;
+    }
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    let fwd: f64 = reg
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "meshfed_gateway_bytes_total")
+        .flat_map(|f| f.get_metric().iter())
+        .map(|m| m.get_counter().get_value())
+        .sum();
+    assert_eq!(fwd, 2.0 * total as f64, "bytes counted both ways");
+}
+
+/// A connection with no bytes either way for the idle timeout is closed by the gateway, and
+/// counted; until then it stays open however long the client waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_at_the_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let be = l.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all).await;
+        all.len()
+    });
+    let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![be])]);
+    let cfg = GatewayConfig {
+        idle_timeout: Duration::from_millis(400),
+        ..GatewayConfig::default()
+    };
+    let (gw, _g, _r, _stop, reg) = gateway(routes, cfg).await;
+    let hello = istio_hello();
+    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    // The gateway closes both sides: the client reads EOF, the backend sees the hello and EOF.
+    assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "closed before the idle timeout"
+    );
+    assert_eq!(held.await.unwrap(), hello.len());
+    assert_eq!(refused(&reg, "idle_timeout"), 1);
+}
+
 fn istio_hello() -> Vec<u8> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
