@@ -15,8 +15,9 @@
 //! - connections per second: hello -> 1-byte reply -> close, 32 concurrent clients, 5 s;
 //! - added latency: time from sending the hello to the backend's reply, minus direct (p50/p99);
 //! - memory per idle connection: N connections held open after their hello reached the
-//!   backend; the proxy's RSS growth divided by N (N = 7000 here: the machine's 20000 file
-//!   descriptor limit per process).
+//!   backend; the proxy's RSS growth divided by N (`MESHFED_BENCH_IDLE=N`, default 7000; the
+//!   machine's 20000 file descriptors per process allow about 9000: the benchmark process
+//!   holds both the clients' and the backend's sockets).
 //!
 //! Needs `haproxy`, `nginx` with the stream module (`libnginx-mod-stream`) and a release build
 //! of meshfed (`cargo build --release --bin meshfed`); missing peers are reported and skipped.
@@ -194,7 +195,7 @@ fn start_meshfed(be: SocketAddr, dir: &Path, bin: PathBuf, name: &'static str) -
 fn start_haproxy(be: SocketAddr, dir: &Path, name: &'static str, splice: &str) -> Option<Proxy> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cfg = format!(
-        "global\n  maxconn 7900\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{splice}frontend fe\n  bind {addr}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n  use_backend be if {{ req.ssl_sni -m end .svc.cluster.local }}\nbackend be\n  server s1 {be}\n"
+        "global\n  maxconn 9500\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{splice}frontend fe\n  bind {addr}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n  use_backend be if {{ req.ssl_sni -m end .svc.cluster.local }}\nbackend be\n  server s1 {be}\n"
     );
     let path = dir.join(format!("{name}.cfg"));
     std::fs::write(&path, cfg).unwrap();
