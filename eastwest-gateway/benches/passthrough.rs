@@ -485,7 +485,10 @@ fn run(p: &Proxy, hello: &[u8], direct_lat: &[f64], idle_n: usize) -> [f64; 6] {
         // HAProxy asks for 2 x maxconn descriptors and more, and refuses to start above the
         // 20000 this machine allows: its maxconn 7900 holds at most about 7,800 connections.
         let n = if p.name.starts_with("haproxy") && idle_n > HAPROXY_MAX_IDLE {
-            println!("{}: idle memory over {HAPROXY_MAX_IDLE} connections", p.name);
+            println!(
+                "{}: idle memory over {HAPROXY_MAX_IDLE} connections",
+                p.name
+            );
             HAPROXY_MAX_IDLE
         } else {
             idle_n

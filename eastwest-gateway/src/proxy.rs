@@ -616,8 +616,8 @@ impl Gateway {
         let mut tick = std::pin::pin!(tokio::time::sleep(check));
         self.track(chosen, 1);
         let timed_out = std::future::poll_fn(|cx| {
-            let a_done = a.poll(cx, &up_ends).is_ready();
-            let b_done = b.poll(cx, &down_ends).is_ready();
+            let a_done = a.poll(cx, &up_ends, b.done).is_ready();
+            let b_done = b.poll(cx, &down_ends, a.done).is_ready();
             if a_done && b_done {
                 return Poll::Ready(false);
             }
@@ -744,7 +744,14 @@ const SMALL: usize = 16 * 1024;
 
 impl<'a> Pump<'a> {
     /// Moves bytes until EOF or an error, then half-closes the other side; `Ready` once done.
-    fn poll(&mut self, cx: &mut std::task::Context<'_>, ends: &Ends<'a>) -> Poll<()> {
+    /// When the other direction is done already, both sockets are closed right after, and the
+    /// close sends the FIN: the half-close is skipped (one system call per connection).
+    fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        ends: &Ends<'a>,
+        other_done: bool,
+    ) -> Poll<()> {
         if self.done {
             return Poll::Ready(());
         }
@@ -754,7 +761,9 @@ impl<'a> Pump<'a> {
                 self.done = true;
                 self.pending = None;
                 self.bulk = None;
-                let _ = socket2::SockRef::from(ends.to).shutdown(std::net::Shutdown::Write);
+                if !other_done {
+                    let _ = socket2::SockRef::from(ends.to).shutdown(std::net::Shutdown::Write);
+                }
                 Poll::Ready(())
             }
         }
