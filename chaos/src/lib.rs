@@ -196,6 +196,23 @@ pub fn meshfed_ok(args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
+/// `meshfed ca rotate start` on a cluster's state directory (a second root published `lead`
+/// before it signs, e.g. "1s"); what it printed.
+pub fn rotate_cluster_ca(state_dir: &Path, lead: &str) -> Result<String> {
+    let dir = state_dir
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("state directory {} is not UTF-8", state_dir.display()))?;
+    meshfed_ok(&[
+        "ca",
+        "rotate",
+        "start",
+        "--state-dir",
+        dir,
+        "--publish-lead",
+        lead,
+    ])
+}
+
 /// A long-running meshfed process whose output goes to a log file. Killed on drop.
 #[derive(Debug)]
 pub struct Proc {

@@ -32,6 +32,28 @@ fn ours(api: &ApiServer, kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Cluster east, reading the API double at `kubeconfig`, with `--istio` and `extra` flags.
+fn istio_east(f: &Federation, kubeconfig: &std::path::Path, extra: &[&str]) -> Cluster {
+    let mut args = vec![
+        "--source",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--istio",
+    ];
+    args.extend_from_slice(extra);
+    f.add_cluster_with(
+        "east",
+        "net-e",
+        "us-east1/us-east1-b",
+        "services: []\n",
+        None,
+        &[],
+        &args,
+    )
+    .unwrap()
+}
+
 fn mesh_config(api: &ApiServer) -> Option<Value> {
     let cm = api.get("ConfigMap", "istio-system", "meshfed-mesh")?;
     serde_saphyr::from_str(cm["data"]["mesh"].as_str()?).ok()
@@ -73,23 +95,7 @@ fn imports_reach_istiod_as_istio_objects_and_peer_roots() {
         "metadata": {"name": "istio", "namespace": "istio-system"},
         "data": {"mesh": "trustDomain: east.mesh\n"}});
     api.apply(istio_cm.clone()).unwrap();
-    let east = f
-        .add_cluster_with(
-            "east",
-            "net-e",
-            "us-east1/us-east1-b",
-            "services: []\n",
-            None,
-            &[],
-            &[
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--istio",
-            ],
-        )
-        .unwrap();
+    let east = istio_east(&f, &kubeconfig, &[]);
 
     // The ServiceEntry: both names (no Service called ledger here), west's identity, the VIP.
     let se = wait_for(
@@ -205,16 +211,7 @@ fn imports_reach_istiod_as_istio_objects_and_peer_roots() {
     );
 
     // West rotates its root: the mesh config carries both roots of west.
-    let out = meshfed_ok(&[
-        "ca",
-        "rotate",
-        "start",
-        "--state-dir",
-        west.dir.to_str().unwrap(),
-        "--publish-lead",
-        "1s",
-    ])
-    .unwrap();
+    let out = rotate_cluster_ca(&west.dir, "1s").unwrap();
     assert!(out.contains("holds 2 roots"), "{out}");
     wait_for(
         Duration::from_secs(30),
@@ -344,25 +341,11 @@ fn a_mesh_config_map_meshfed_did_not_write_is_left_alone_and_reported() {
         "metadata": {"name": "shared-mesh", "namespace": "istio-system"},
         "data": {"mesh": "accessLogFile: /dev/stdout\n"}});
     api.apply(theirs.clone()).unwrap();
-    let east = f
-        .add_cluster_with(
-            "east",
-            "net-e",
-            "us-east1/us-east1-b",
-            "services: []\n",
-            None,
-            &[],
-            &[
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--istio",
-                "--istio-mesh-config",
-                "istio-system/shared-mesh",
-            ],
-        )
-        .unwrap();
+    let east = istio_east(
+        &f,
+        &kubeconfig,
+        &["--istio-mesh-config", "istio-system/shared-mesh"],
+    );
     let s = wait_for(
         Duration::from_secs(30),
         "the refusal in east's status",

@@ -305,16 +305,7 @@ fn a_follower_takes_over_from_a_killed_leader_and_a_draining_leader_hands_over()
     .unwrap();
     // A rotation of the cluster CA on the leader's state reaches the follower through the
     // Secret: both publish the new root in their bundle.
-    let out = meshfed_ok(&[
-        "ca",
-        "rotate",
-        "start",
-        "--state-dir",
-        east1.dir.to_str().unwrap(),
-        "--publish-lead",
-        "1h",
-    ])
-    .unwrap();
+    let out = rotate_cluster_ca(&east1.dir, "1h").unwrap();
     assert!(out.contains("bundle sequence 2"), "{out}");
     for c in [&east1, &east0] {
         wait_for(

@@ -360,16 +360,7 @@ fn rotating_a_root_under_load_fails_no_call() {
         .unwrap();
 
     let t0 = Instant::now();
-    let out = meshfed_ok(&[
-        "ca",
-        "rotate",
-        "start",
-        "--state-dir",
-        west.dir.to_str().unwrap(),
-        "--publish-lead",
-        "2s",
-    ])
-    .unwrap();
+    let out = rotate_cluster_ca(&west.dir, "2s").unwrap();
     assert!(out.contains("bundle sequence 2 holds 2 roots"), "{out}");
     wait_for(Duration::from_secs(20), "eu holds west's bundle 2", || {
         Ok((peer_bundle_sequence(&eu, "west") == Some(2)).then_some(()))

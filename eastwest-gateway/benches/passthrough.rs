@@ -33,29 +33,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The ClientHello the integration tests use (SNI `SNI`, ALPN `istio`).
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 const SNI: &str = "outbound_.9080_._.reviews.shop.svc.cluster.local";
 const BULK: usize = 256 * 1024 * 1024;
-
-fn hello() -> Vec<u8> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"istio".to_vec()];
-    let mut c = rustls::ClientConnection::new(
-        Arc::new(cfg),
-        rustls_pki_types::ServerName::try_from(SNI.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut out).unwrap();
-    }
-    out
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -511,7 +494,7 @@ fn row(name: &str, r: &[f64; 6]) -> String {
 }
 
 fn main() {
-    let hello = hello();
+    let hello = common::istio_hello();
     let be = backend(hello.len());
     let dir = tempfile::tempdir().unwrap();
     let idle_n: usize = std::env::var("MESHFED_BENCH_IDLE")

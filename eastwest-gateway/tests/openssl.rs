@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use eastwest_gateway::proxy::{Gateway, GatewayConfig};
 use eastwest_gateway::routes::Routes;
-use tokio::sync::watch;
+
+mod common;
+use common::{gateway, gateway_to, istio_hello, HOST};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -118,26 +120,6 @@ fn s_client(gw: SocketAddr, sni: &str, alpn: &str) -> (bool, String) {
     (text.contains("s_server -accept"), text)
 }
 
-async fn gateway(
-    routes: Routes,
-    cfg: GatewayConfig,
-) -> (
-    SocketAddr,
-    Arc<Gateway>,
-    watch::Sender<Arc<Routes>>,
-    watch::Sender<bool>,
-    prometheus::Registry,
-) {
-    let (tx, rx) = watch::channel(Arc::new(routes));
-    let reg = prometheus::Registry::new();
-    let gw = Gateway::new(cfg, rx, &reg);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(gw.clone().serve(l, stop_rx));
-    (addr, gw, tx, stop_tx, reg)
-}
-
 fn refused(reg: &prometheus::Registry, reason: &str) -> u64 {
     reg.gather()
         .iter()
@@ -147,8 +129,6 @@ fn refused(reg: &prometheus::Registry, reason: &str) -> u64 {
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
 }
-
-const HOST: &str = "reviews.shop.svc.cluster.local";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_through_the_gateway_and_every_refusal() {
@@ -277,11 +257,8 @@ async fn openssl_through_the_gateway_and_every_refusal() {
 use tokio::io::AsyncWriteExt;
 
 /// Bytes cross the gateway unchanged in both directions, half-close included (splice path).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_bytes_both_ways_with_half_close() {
-    use tokio::io::AsyncReadExt;
-    let hello = istio_hello();
-    // Echo backend: everything it receives (hello included) goes back; it closes after EOF.
+/// A backend that sends back everything it receives (hello included) and closes after EOF.
+async fn echo_backend() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let be = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -290,8 +267,14 @@ async fn bulk_bytes_both_ways_with_half_close() {
         tokio::io::copy(&mut r, &mut w).await.unwrap();
         w.shutdown().await.unwrap();
     });
-    let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![be])]);
-    let (gw, _g, _r, _stop, reg) = gateway(routes, GatewayConfig::default()).await;
+    be
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_bytes_both_ways_with_half_close() {
+    use tokio::io::AsyncReadExt;
+    let hello = istio_hello();
+    let (gw, _g, _r, _stop, reg) = gateway_to(echo_backend().await, GatewayConfig::default()).await;
     let mut payload = hello.clone();
     payload.extend((0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
     let s = tokio::net::TcpStream::connect(gw).await.unwrap();
@@ -323,16 +306,7 @@ async fn bulk_bytes_both_ways_with_half_close() {
 async fn bursts_of_every_size_cross_the_gateway_intact() {
     use tokio::io::AsyncReadExt;
     let hello = istio_hello();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let be = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let (mut r, mut w) = s.split();
-        tokio::io::copy(&mut r, &mut w).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![be])]);
-    let (gw, _g, _r, _stop, reg) = gateway(routes, GatewayConfig::default()).await;
+    let (gw, _g, _r, _stop, reg) = gateway_to(echo_backend().await, GatewayConfig::default()).await;
     let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
     s.write_all(&hello).await.unwrap();
     let mut back = vec![0u8; hello.len()];
@@ -394,12 +368,11 @@ async fn an_idle_connection_is_closed_at_the_idle_timeout() {
         let _ = s.read_to_end(&mut all).await;
         all.len()
     });
-    let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![be])]);
     let cfg = GatewayConfig {
         idle_timeout: Duration::from_millis(400),
         ..GatewayConfig::default()
     };
-    let (gw, _g, _r, _stop, reg) = gateway(routes, cfg).await;
+    let (gw, _g, _r, _stop, reg) = gateway_to(be, cfg).await;
     let hello = istio_hello();
     let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
     s.write_all(&hello).await.unwrap();
@@ -413,27 +386,6 @@ async fn an_idle_connection_is_closed_at_the_idle_timeout() {
     );
     assert_eq!(held.await.unwrap(), hello.len());
     assert_eq!(refused(&reg, "idle_timeout"), 1);
-}
-
-fn istio_hello() -> Vec<u8> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"istio".to_vec()];
-    let mut c = rustls::ClientConnection::new(
-        Arc::new(cfg),
-        rustls_pki_types::ServerName::try_from(format!("outbound_.9080_._.{HOST}")).unwrap(),
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut out).unwrap();
-    }
-    out
 }
 
 /// Least connections: a new connection goes to the endpoint with the fewest open ones, where

@@ -2,15 +2,14 @@
 //! (its own test binary, so no other test's pipes are counted).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eastwest_gateway::proxy::{Gateway, GatewayConfig};
-use eastwest_gateway::routes::Routes;
+use eastwest_gateway::proxy::GatewayConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
-const HOST: &str = "reviews.shop.svc.cluster.local";
+mod common;
+use common::{gateway_to, istio_hello};
 
 fn pipes() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -33,32 +32,11 @@ async fn until_pipes(want: impl Fn(usize) -> bool, what: &str) {
     }
 }
 
-fn hello() -> Vec<u8> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"istio".to_vec()];
-    let mut c = rustls::ClientConnection::new(
-        Arc::new(cfg),
-        rustls_pki_types::ServerName::try_from(format!("outbound_.9080_._.{HOST}")).unwrap(),
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut out).unwrap();
-    }
-    out
-}
-
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_pipe_is_held_while_bytes_move_and_given_back_when_quiet() {
     let base = pipes();
-    let hello = hello();
+    let hello = istio_hello();
     let payload = 16 * 1024 * 1024;
     let total = hello.len() + payload;
     // The backend reads nothing until told, so the gateway's splice into it stalls with bytes
@@ -79,15 +57,7 @@ async fn a_bulk_pipe_is_held_while_bytes_move_and_given_back_when_quiet() {
         }
         let _ = got_tx.send(s);
     });
-    let (_tx, rx) = watch::channel(Arc::new(Routes::from_clusters([(
-        format!("outbound|9080||{HOST}").as_str(),
-        vec![be],
-    )])));
-    let gw = Gateway::new(GatewayConfig::default(), rx, &prometheus::Registry::new());
-    let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = gl.local_addr().unwrap();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(gw.clone().serve(gl, stop_rx));
+    let (addr, gw, _routes, _stop, _reg) = gateway_to(be, GatewayConfig::default()).await;
 
     let client = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (_r, mut w) = client.into_split();

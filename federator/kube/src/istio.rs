@@ -282,6 +282,26 @@ fn labels_base(name: &str) -> serde_json::Map<String, Value> {
     m
 }
 
+/// An Istio networking object meshfed writes, with the second value (the object's status,
+/// none) the writers expect.
+fn istio_object(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    labels: serde_json::Map<String, Value>,
+    spec: Value,
+) -> (Value, Value) {
+    (
+        json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": kind,
+            "metadata": {"name": name, "namespace": ns, "labels": Value::Object(labels)},
+            "spec": spec,
+        }),
+        Value::Null,
+    )
+}
+
 /// The Istio objects for every imported service.
 pub fn desired(inp: &Inputs) -> Desired {
     let mut out = Desired::default();
@@ -498,16 +518,7 @@ pub fn desired(inp: &Inputs) -> Desired {
         let se_name = format!("meshfed-{name}");
         out.service_entries.insert(
             (ns.to_string(), se_name.clone()),
-            (
-                json!({
-                    "apiVersion": "networking.istio.io/v1",
-                    "kind": "ServiceEntry",
-                    "metadata": {"name": se_name, "namespace": ns,
-                                 "labels": Value::Object(labels_base(name))},
-                    "spec": spec,
-                }),
-                Value::Null,
-            ),
+            istio_object("ServiceEntry", ns, &se_name, labels_base(name), spec),
         );
         out.workload_entries.extend(entries);
         // The policy in effect, for each host sidecars may call.
@@ -541,16 +552,7 @@ pub fn desired(inp: &Inputs) -> Desired {
                         };
                         out.destination_rules.insert(
                             (ns.to_string(), dr.clone()),
-                            (
-                                json!({
-                                    "apiVersion": "networking.istio.io/v1",
-                                    "kind": "DestinationRule",
-                                    "metadata": {"name": dr, "namespace": ns,
-                                                 "labels": Value::Object(labels_base(name))},
-                                    "spec": spec,
-                                }),
-                                Value::Null,
-                            ),
+                            istio_object("DestinationRule", ns, &dr, labels_base(name), spec),
                         );
                     }
                     Err(why) => out.findings.push(Finding {
@@ -629,15 +631,7 @@ fn workload_entry(
     if !locality.is_empty() {
         spec["locality"] = json!(locality);
     }
-    (
-        json!({
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "WorkloadEntry",
-            "metadata": {"name": wname, "namespace": ns, "labels": Value::Object(meta)},
-            "spec": spec,
-        }),
-        Value::Null,
-    )
+    istio_object("WorkloadEntry", ns, wname, meta, spec)
 }
 
 /// The mesh config meshfed owns (`data.mesh` of its ConfigMap, merged by istiod under its own

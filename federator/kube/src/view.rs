@@ -125,6 +125,33 @@ struct ExportOptions {
     on_expiry: OnExpiry,
 }
 
+/// The export of a service (a Service or a ServiceEntry) with its ServiceExport's options.
+fn export(
+    ns: &str,
+    name: &str,
+    headless: bool,
+    ports: Vec<Port>,
+    endpoints: Vec<Endpoint>,
+    opts: Option<&ExportOptions>,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Export {
+    Export {
+        headless,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        ports,
+        endpoints,
+        export_to: opts.map(|o| o.export_to.clone()).unwrap_or_default(),
+        on_expiry: opts.map_or(OnExpiry::Deprioritize, |o| o.on_expiry) as i32,
+        labels: labels
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        failover_policy: String::new(),
+    }
+}
+
 fn export_options(se: &ServiceExport) -> Result<ExportOptions, String> {
     let ann = se.metadata.annotations.clone().unwrap_or_default();
     let export_to = match ann.get(EXPORT_TO) {
@@ -687,29 +714,15 @@ fn one_service_entry(
         }
         None => None,
     };
-    let e = Export {
-        headless: false,
-        namespace: ns.clone(),
-        name: name.clone(),
+    let e = export(
+        &ns,
+        &name,
+        false,
         ports,
         endpoints,
-        export_to: opts
-            .as_ref()
-            .map(|o| o.export_to.clone())
-            .unwrap_or_default(),
-        on_expiry: opts
-            .as_ref()
-            .map(|o| o.on_expiry)
-            .unwrap_or(OnExpiry::Deprioritize) as i32,
-        labels: se
-            .metadata
-            .labels
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
-        failover_policy: String::new(),
-    };
+        opts.as_ref(),
+        se.metadata.labels.as_ref(),
+    );
     if let Err(err) = validate::check_export(&e, "ServiceEntry") {
         refuse(&mut view, err.to_string());
         return view;
@@ -955,29 +968,15 @@ fn one_service(
         }
         None => None,
     };
-    let e = Export {
-        headless: spec.cluster_ip.as_deref() == Some("None"),
-        namespace: ns.clone(),
-        name: name.clone(),
+    let e = export(
+        &ns,
+        &name,
+        spec.cluster_ip.as_deref() == Some("None"),
         ports,
         endpoints,
-        export_to: opts
-            .as_ref()
-            .map(|o| o.export_to.clone())
-            .unwrap_or_default(),
-        on_expiry: opts
-            .as_ref()
-            .map(|o| o.on_expiry)
-            .unwrap_or(OnExpiry::Deprioritize) as i32,
-        labels: svc
-            .metadata
-            .labels
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
-        failover_policy: String::new(),
-    };
+        opts.as_ref(),
+        svc.metadata.labels.as_ref(),
+    );
     if let Err(err) = validate::check_export(&e, "service") {
         invalid("InvalidService", err.to_string());
         view.problems.push(problem(err.to_string()));
