@@ -119,6 +119,8 @@ fn bad_federator_and_gateway_flags_exit_2_naming_them_before_anything_starts() {
         ("--advertise", "fed.example", "host:port"),
         ("--lease-ttl", "0s", "must be positive"),
         ("--rate-limit", "0", "0 is not in 1.."),
+        ("--max-services-per-cluster", "0", "0 is not in 1.."),
+        ("--max-services-per-cluster", "many", "invalid digit"),
         ("--drain-timeout", "later", "is not a duration"),
     ] {
         let r = run(meshfed().args([

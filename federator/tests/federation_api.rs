@@ -799,3 +799,107 @@ async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
         "{status:?}"
     );
 }
+
+/// A cluster may export at most `max_services_per_cluster` services: the delta that would go
+/// beyond ends the stream with RESOURCE_EXHAUSTED naming the cluster, the count and the flag,
+/// and is counted; what was acknowledged before stays, and a delta within the limit (one that
+/// replaces a service) is accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_beyond_the_per_cluster_limit_are_refused_and_the_acknowledged_stay() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = FederatorConfig::new(d.path().join("fed"), "127.0.0.1:0".parse().unwrap());
+    cfg.lease_ttl = Duration::from_secs(5);
+    cfg.max_services_per_cluster = 2;
+    let f = Federator::start(cfg).await.unwrap();
+    let east = joined(&f, d.path(), "east").await;
+
+    let acked = |f: &Federator| {
+        let r = f.report().unwrap();
+        let e = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+        (e.exports, e.exports_acked_version)
+    };
+    // Two services: within the limit.
+    let mut c = client(&east).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(hello(&east)).await.unwrap();
+    tx.send(exports(
+        1,
+        vec![export("payment", 8080), export("ledger", 9090)],
+    ))
+    .await
+    .unwrap();
+    let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("an acknowledgement")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
+            assert_eq!((a.version, a.error.as_str()), (1, ""));
+            break;
+        }
+    }
+    // A third: refused, naming the cluster, the count and the limit.
+    tx.send(exports(2, vec![export("stock", 7070)]))
+        .await
+        .unwrap();
+    let end = ends_with(&mut inbound, "the stream ends").await;
+    assert_eq!(end.code(), tonic::Code::ResourceExhausted, "{end:?}");
+    assert_eq!(
+        end.message(),
+        "exports: cluster east would export 3 services; a cluster may export at most 2 \
+         (the federator's --max-services-per-cluster)"
+    );
+    assert_eq!(acked(&f), (2, 1), "what was acknowledged stays");
+    assert!(f.metrics_text().contains("reason=\"services_limit\""));
+
+    // Replacing one (a removal with the upsert) stays within the limit and is accepted.
+    let mut c = client(&east).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(hello(&east)).await.unwrap();
+    tx.send(ClusterMessage {
+        kind: Some(Kind::Exports(ExportDelta {
+            version: 2,
+            full: false,
+            upserts: vec![export("stock", 7070)],
+            removals: vec![proto::ServiceKey {
+                namespace: "shop".into(),
+                name: "ledger".into(),
+            }],
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("an acknowledgement")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
+            assert_eq!((a.version, a.error.as_str()), (2, ""));
+            break;
+        }
+    }
+    assert_eq!(acked(&f), (2, 2));
+    // A full set of three is refused too.
+    let s = sync_until_error(
+        &east,
+        vec![
+            hello(&east),
+            ClusterMessage {
+                kind: Some(Kind::Exports(ExportDelta {
+                    version: 3,
+                    full: true,
+                    upserts: vec![export("a", 1), export("b", 2), export("c", 3)],
+                    removals: vec![],
+                })),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    assert_eq!(acked(&f), (2, 2));
+}

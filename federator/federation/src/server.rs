@@ -59,6 +59,9 @@ pub struct FederatorConfig {
     /// Lifetime of cluster certificates (and of the federator's own is `server_cert_ttl`).
     pub cluster_cert_ttl: time::Duration,
     pub server_cert_ttl: time::Duration,
+    /// The most services one cluster may export; an export delta that would go beyond is
+    /// refused, and what was acknowledged before stays.
+    pub max_services_per_cluster: usize,
 }
 
 impl FederatorConfig {
@@ -78,6 +81,7 @@ impl FederatorConfig {
             },
             cluster_cert_ttl: crate::ca::CLUSTER_CERT_TTL,
             server_cert_ttl: crate::ca::SERVER_CERT_TTL,
+            max_services_per_cluster: validate::DEFAULT_MAX_SERVICES_PER_CLUSTER,
         }
     }
 }
@@ -1022,6 +1026,18 @@ impl Session {
                         validate::check_label(&format!("exports.removals[{i}].name"), &k.name)
                     })
                     .map_err(|m| self.refuse("invalid_argument", Status::invalid_argument(m)))?;
+                }
+                let max = self.hub.cfg.max_services_per_cluster;
+                let after = self.hub.store.services_after(&self.cluster, &delta);
+                if after > max {
+                    return Err(self.refuse(
+                        "services_limit",
+                        Status::resource_exhausted(format!(
+                            "exports: cluster {} would export {after} services; a cluster may \
+                             export at most {max} (the federator's --max-services-per-cluster)",
+                            self.cluster
+                        )),
+                    ));
                 }
                 let started = Instant::now();
                 let result = tokio::task::block_in_place(|| {

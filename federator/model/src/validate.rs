@@ -40,6 +40,8 @@ impl From<FieldError> for String {
 
 /// Largest number of services in one export delta.
 pub const MAX_SERVICES_PER_DELTA: usize = 10_000;
+/// The default of the most services one cluster may export (`--max-services-per-cluster`).
+pub const DEFAULT_MAX_SERVICES_PER_CLUSTER: usize = 10_000;
 /// Largest number of endpoints of one service.
 pub const MAX_ENDPOINTS_PER_SERVICE: usize = 5_000;
 /// An import chunk is cut once it holds this many encoded bytes (or the caller's count limit),

@@ -44,6 +44,11 @@ pub struct FederatorArgs {
     /// Messages per second a cluster may send on its stream.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     rate_limit: u32,
+    /// The most services one cluster may export: an export beyond is refused (the stream ends
+    /// with RESOURCE_EXHAUSTED naming the limit) and what was acknowledged before stays.
+    #[arg(long, default_value_t = meshfed_model::validate::DEFAULT_MAX_SERVICES_PER_CLUSTER,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_services_per_cluster: usize,
     /// On SIGTERM, streams and requests get this long to finish before they are cut.
     #[arg(long, default_value = "5s", value_parser = args::std_duration)]
     drain_timeout: std::time::Duration,
@@ -110,6 +115,7 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
     cfg.trust_domain = a.trust_domain;
     cfg.lease_ttl = a.lease_ttl;
     cfg.rate_limit = a.rate_limit;
+    cfg.max_services_per_cluster = a.max_services_per_cluster;
     cfg.ca_rotation = meshfed_identity::live_ca::RotationPolicy {
         period: a.ca_rotation_period.0,
         publish_lead: a.ca_publish_lead,

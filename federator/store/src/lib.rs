@@ -683,6 +683,39 @@ impl Store {
             .collect())
     }
 
+    /// How many services `cluster` would export once `delta` is applied (what
+    /// [`apply_exports`](Self::apply_exports) would keep live), without applying it.
+    pub fn services_after(&self, cluster: &str, delta: &ExportDelta) -> usize {
+        let upserts: BTreeSet<String> = delta
+            .upserts
+            .iter()
+            .map(|e| service_key(&e.namespace, &e.name))
+            .collect();
+        if delta.full {
+            return upserts.len();
+        }
+        let m = self.read();
+        let live = |k: &String| {
+            m.exports
+                .get(&(cluster.to_string(), k.clone()))
+                .is_some_and(|r| !r.deleted)
+        };
+        let current = m
+            .exports
+            .range((cluster.to_string(), String::new())..)
+            .take_while(|((c, _), _)| c == cluster)
+            .filter(|(_, r)| !r.deleted)
+            .count();
+        let added = upserts.iter().filter(|k| !live(k)).count();
+        let removed: BTreeSet<String> = delta
+            .removals
+            .iter()
+            .map(|k| service_key(&k.namespace, &k.name))
+            .filter(|k| live(k) && !upserts.contains(k))
+            .collect();
+        current + added - removed.len()
+    }
+
     /// Stores an export delta from `cluster`: durable before this returns.
     pub fn apply_exports(&self, cluster: &str, delta: &ExportDelta) -> Result<Applied> {
         let _g = self.lock();
