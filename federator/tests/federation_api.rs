@@ -587,6 +587,45 @@ async fn a_bundle_sequence_regression_is_refused() {
     assert_eq!(c.bundle_sequence, 5);
 }
 
+/// A trust bundle larger than 64 KiB is refused with RESOURCE_EXHAUSTED naming the field and
+/// the size, and counted; the stored bundle stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_bundle_is_refused_naming_its_size() {
+    let d = tempfile::tempdir().unwrap();
+    let f = federator(d.path()).await;
+    let east = joined(&f, d.path(), "east").await;
+    let td = TrustDomain::new("east.mesh").unwrap();
+    let ca = identity::open_cluster_ca(&d.path().join("east"), &td, None).unwrap();
+    let mut b = ca.bundle();
+    // The same root many times over: valid JSON, beyond the size.
+    let root = b.x509_authorities[0].clone();
+    b.x509_authorities = vec![root; 200];
+    b.sequence = Some(9);
+    let json = b.to_json().unwrap();
+    assert!(json.len() > 64 * 1024, "{}", json.len());
+    let e = sync_until_error(
+        &east,
+        vec![
+            hello(&east),
+            ClusterMessage {
+                kind: Some(Kind::Bundle(proto::BundleUpdate {
+                    bundle_json: json.clone(),
+                })),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert_eq!(
+        e.message(),
+        format!("bundle.bundle_json: {} bytes, at most 65536", json.len())
+    );
+    assert!(f.metrics_text().contains("reason=\"bundle_size\""));
+    let r = f.report().unwrap();
+    let c = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    assert_ne!(c.bundle_sequence, 9, "the stored bundle stays");
+}
+
 /// Opens a Sync stream that stays open; returns its sender and the federator's messages.
 async fn open_sync(
     id: &ClusterIdentity,

@@ -970,6 +970,8 @@ impl Session {
             In::Bundle(b) => {
                 let td = TrustDomain::new(&self.trust_domain)
                     .map_err(|e| Status::internal(e.to_string()))?;
+                validate::check_bundle_size("bundle.bundle_json", &b.bundle_json)
+                    .map_err(|m| self.refuse("bundle_size", Status::resource_exhausted(m)))?;
                 let bundle = TrustBundle::from_json(td, &b.bundle_json, "bundle.bundle_json")
                     .map_err(|e| {
                         self.refuse("invalid_argument", Status::invalid_argument(e.to_string()))
@@ -1259,6 +1261,8 @@ impl Federation for Service {
             .map_err(|m| refuse("invalid_argument", Status::invalid_argument(m)))?;
         let td = TrustDomain::new(&facts.trust_domain)
             .map_err(|e| refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
+        validate::check_bundle_size("trust_bundle_json", &r.trust_bundle_json)
+            .map_err(|m| refuse("bundle_size", Status::resource_exhausted(m)))?;
         let bundle = TrustBundle::from_json(td.clone(), &r.trust_bundle_json, "trust_bundle_json")
             .map_err(|e| refuse("invalid_argument", Status::invalid_argument(e.to_string())))?;
         if bundle.x509_authorities.is_empty() {

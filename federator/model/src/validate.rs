@@ -42,6 +42,20 @@ impl From<FieldError> for String {
 pub const MAX_SERVICES_PER_DELTA: usize = 10_000;
 /// The default of the most services one cluster may export (`--max-services-per-cluster`).
 pub const DEFAULT_MAX_SERVICES_PER_CLUSTER: usize = 10_000;
+/// Largest trust bundle (its JSON) a cluster may publish: room for dozens of roots.
+pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
+
+/// A published trust bundle's JSON must be at most [`MAX_BUNDLE_BYTES`].
+pub fn check_bundle_size(field: &str, json: &str) -> Result<(), String> {
+    if json.len() > MAX_BUNDLE_BYTES {
+        return Err(format!(
+            "{field}: {} bytes, at most {MAX_BUNDLE_BYTES}",
+            json.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Largest number of endpoints of one service.
 pub const MAX_ENDPOINTS_PER_SERVICE: usize = 5_000;
 /// An import chunk is cut once it holds this many encoded bytes (or the caller's count limit),
