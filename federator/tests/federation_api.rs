@@ -942,3 +942,135 @@ async fn exports_beyond_the_per_cluster_limit_are_refused_and_the_acknowledged_s
     assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
     assert_eq!(acked(&f), (2, 2));
 }
+
+/// A cluster that stops reading its imports (a large backlog it is slow to take) while its
+/// heartbeats keep coming stays fresh: the federator sends imports only when the stream's queue
+/// has room and reads the cluster's messages in between, so heartbeats never wait behind the
+/// backlog. Observed over three lease TTLs, with the backlog real (east's imports not applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_are_read_while_a_stalled_importers_backlog_waits() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = FederatorConfig::new(d.path().join("fed"), "127.0.0.1:0".parse().unwrap());
+    let ttl = Duration::from_secs(1);
+    cfg.lease_ttl = ttl;
+    let f = Federator::start(cfg).await.unwrap();
+    let west = joined(&f, d.path(), "west").await;
+    let east = joined(&f, d.path(), "east").await;
+
+    // west exports about 6 MB in 40 import chunks to everyone: far more than the stream's
+    // queue and HTTP/2 windows hold.
+    let big: Vec<ServiceExport> = (0..8000)
+        .map(|i| {
+            let mut e = export(&format!("svc-{i}"), 8080);
+            e.export_to = vec![];
+            e.endpoints = (0..8)
+                .map(|j| proto::Endpoint {
+                    address: format!("10.{}.{}.{}", i / 250, i % 250, j + 1),
+                    weight: 1,
+                    healthy: true,
+                    service_account: "a-rather-long-service-account-name-for-size".into(),
+                    ..Default::default()
+                })
+                .collect();
+            e
+        })
+        .collect();
+    let mut wc = client(&west).await.max_encoding_message_size(64 << 20);
+    let (wtx, wrx) = tokio::sync::mpsc::channel(16);
+    wtx.send(hello(&west)).await.unwrap();
+    let mut delta = exports(1, big);
+    if let Some(Kind::Exports(x)) = &mut delta.kind {
+        x.full = true;
+    }
+    wtx.send(delta).await.unwrap();
+    let mut w_in = wc
+        .sync(ReceiverStream::new(wrx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), w_in.message())
+            .await
+            .expect("west's acknowledgement")
+            .unwrap()
+            .expect("west's stream stays open");
+        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
+            assert_eq!((a.version, a.error.as_str()), (1, ""));
+            break;
+        }
+    }
+    // west keeps heartbeating and reading, as a healthy agent does.
+    let w_beats = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ttl / 5);
+        loop {
+            tick.tick().await;
+            let beat = ClusterMessage {
+                kind: Some(Kind::Heartbeat(proto::Heartbeat {})),
+            };
+            if wtx.send(beat).await.is_err() {
+                return;
+            }
+        }
+    });
+    let w_reader = tokio::spawn(async move { while let Ok(Some(_)) = w_in.message().await {} });
+
+    // east opens its stream and heartbeats every TTL/5, but never reads what it is sent.
+    let mut ec = client(&east).await;
+    let (etx, erx) = tokio::sync::mpsc::channel(16);
+    etx.send(hello(&east)).await.unwrap();
+    let _e_in = ec
+        .sync(ReceiverStream::new(erx))
+        .await
+        .unwrap()
+        .into_inner();
+    let e_beats = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ttl / 5);
+        loop {
+            tick.tick().await;
+            let beat = ClusterMessage {
+                kind: Some(Kind::Heartbeat(proto::Heartbeat {})),
+            };
+            if etx.send(beat).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // The report walks every service: it runs off the runtime's workers, so that it cannot
+    // starve the clients' heartbeat tasks (that would be the test's stall, not the federator's).
+    let f = std::sync::Arc::new(f);
+    let report = |f: &std::sync::Arc<Federator>| {
+        let f = f.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f.report().unwrap();
+            let e = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+            (e.lease.clone(), e.imports_acked_revision, e.import_lag)
+        })
+    };
+    // east's lease ran out while west's export was stored: first its stream's heartbeats
+    // make it fresh again.
+    let t = std::time::Instant::now();
+    while report(&f).await.unwrap().0 != "fresh" {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "east's heartbeats never made it fresh"
+        );
+        tokio::time::sleep(ttl / 10).await;
+    }
+    let t = std::time::Instant::now();
+    let mut checks = 0;
+    while t.elapsed() < 3 * ttl {
+        let (lease, acked, lag) = report(&f).await.unwrap();
+        assert_eq!(lease, "fresh", "east turned stale after {:?}", t.elapsed());
+        assert_eq!(
+            acked, 0,
+            "east applied nothing: its backlog is real (lag {lag})"
+        );
+        checks += 1;
+        tokio::time::sleep(ttl / 10).await;
+    }
+    assert!(checks >= 3, "east was looked at {checks} times");
+    e_beats.abort();
+    w_beats.abort();
+    w_reader.abort();
+}

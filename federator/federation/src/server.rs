@@ -791,9 +791,12 @@ impl Session {
         status
     }
 
-    /// Sends every change after the cursor, in chunks of at most [`IMPORT_CHUNK`] services.
-    async fn push_imports(&mut self) -> Result<(), Status> {
-        loop {
+    /// Sends the next chunk (at most [`IMPORT_CHUNK`] services) of the changes after the
+    /// cursor; `false` once there is nothing more. The stream's loop calls it only when the
+    /// outbound queue has room, so reading the cluster's messages (heartbeats, ACKs) never
+    /// waits behind a slow importer's backlog.
+    async fn push_imports_step(&mut self) -> Result<bool, Status> {
+        {
             let (changes, next, complete) = self
                 .hub
                 .store
@@ -801,7 +804,7 @@ impl Session {
                 .map_err(store_status)?;
             let moved = next != self.cursor;
             if !moved && changes.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let records = self.hub.store.clusters().map_err(store_status)?;
             let mut delta = ImportDelta {
@@ -869,6 +872,7 @@ impl Session {
                 let p = self.hub.peer_states(&self.cluster)?;
                 send(&self.tx, Out::Peers(p)).await?;
             }
+            Ok(true)
         }
     }
 
@@ -1194,11 +1198,34 @@ impl Service {
         let fed = fed_rx.borrow_and_update().clone();
         send(&tx, Out::FederationBundle(fed)).await?;
         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
-        s.push_imports().await?;
         tracing::info!(%cluster, applied = hello.imports_applied_revision, observer, "cluster connected");
         let drain = hub.tasks.signal();
+        // What this stream owes the cluster goes out only when the outbound queue has room
+        // for it, between reading the cluster's messages: a cluster slow to take a large
+        // backlog still has its heartbeats read, and does not turn stale. Imports may be
+        // outstanding from the start and after every head change; the federation bundle and
+        // the peer states after their changes (sent as they are then, the latest).
+        let mut imports_pending = true;
+        let (mut fed_pending, mut peers_pending) = (false, false);
+        let room = tx.clone();
         loop {
             tokio::select! {
+                // Two slots: an import chunk may be followed by the peer states.
+                r = room.reserve_many(2), if imports_pending || fed_pending || peers_pending => {
+                    // The slots are released and taken again by the sends (this loop is the
+                    // only sender on the stream).
+                    drop(r.map_err(|_| Status::cancelled("the cluster went away"))?);
+                    if fed_pending {
+                        fed_pending = false;
+                        let fed = fed_rx.borrow_and_update().clone();
+                        send(&tx, Out::FederationBundle(fed)).await?;
+                    } else if peers_pending {
+                        peers_pending = false;
+                        send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
+                    } else {
+                        imports_pending = s.push_imports_step().await?;
+                    }
+                }
                 _ = drain.drained() => {
                     return Err(Status::unavailable("the federator is shutting down"));
                 }
@@ -1209,12 +1236,11 @@ impl Service {
                 },
                 r = head_rx.changed() => {
                     if r.is_err() { return Ok(()); }
-                    s.push_imports().await?;
+                    imports_pending = true;
                 }
-                r = fed_rx.changed() => {
+                r = fed_rx.changed(), if !fed_pending => {
                     if r.is_err() { return Ok(()); }
-                    let fed = fed_rx.borrow_and_update().clone();
-                    send(&tx, Out::FederationBundle(fed)).await?;
+                    fed_pending = true;
                 }
                 r = peers_rx.changed() => {
                     if r.is_err() { return Ok(()); }
@@ -1232,7 +1258,7 @@ impl Service {
                     if observer && now.is_some_and(|r| (r.joined_at, r.cert_fingerprint) != membership) {
                         return Err(Status::aborted("the cluster joined again; this observer stream belongs to its earlier membership"));
                     }
-                    send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
+                    peers_pending = true;
                 }
             }
         }
