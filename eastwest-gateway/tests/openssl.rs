@@ -13,7 +13,7 @@ use eastwest_gateway::proxy::{Gateway, GatewayConfig};
 use eastwest_gateway::routes::Routes;
 
 mod common;
-use common::{gateway, gateway_to, istio_hello, HOST};
+use common::{forwarded_bytes, gateway, gateway_to, istio_hello, HOST};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -289,13 +289,7 @@ async fn bulk_bytes_both_ways_with_half_close() {
     writer.await.unwrap();
     assert_eq!(back.len(), payload.len());
     assert!(back == payload, "bytes changed on the way");
-    let fwd: f64 = reg
-        .gather()
-        .iter()
-        .filter(|f| f.name() == "meshfed_gateway_bytes_total")
-        .flat_map(|f| f.get_metric().iter())
-        .map(|m| m.get_counter().get_value())
-        .sum();
+    let fwd = forwarded_bytes(&reg);
     assert_eq!(fwd, 2.0 * payload.len() as f64, "bytes counted both ways");
 }
 
@@ -345,13 +339,7 @@ async fn bursts_of_every_size_cross_the_gateway_intact() {
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
-    let fwd: f64 = reg
-        .gather()
-        .iter()
-        .filter(|f| f.name() == "meshfed_gateway_bytes_total")
-        .flat_map(|f| f.get_metric().iter())
-        .map(|m| m.get_counter().get_value())
-        .sum();
+    let fwd = forwarded_bytes(&reg);
     assert_eq!(fwd, 2.0 * total as f64, "bytes counted both ways");
 }
 

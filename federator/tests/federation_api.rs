@@ -166,6 +166,21 @@ async fn sync_until_error(id: &ClusterIdentity, msgs: Vec<ClusterMessage>) -> to
     }
 }
 
+/// Reads `inbound` until the federator acknowledges export `version`, without an error.
+async fn export_acked(inbound: &mut tonic::Streaming<proto::FederatorMessage>, version: u64) {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .expect("an acknowledgement")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
+            assert_eq!((a.version, a.error.as_str()), (version, ""));
+            return;
+        }
+    }
+}
+
 /// Reads a stream to its end and returns the status it ended with (`what` names the wait).
 async fn ends_with(
     inbound: &mut tonic::Streaming<proto::FederatorMessage>,
@@ -530,18 +545,7 @@ async fn a_drain_ends_sync_streams_with_unavailable_and_keeps_what_was_acknowled
         .await
         .unwrap();
     let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    // Until the export is acknowledged.
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-            .await
-            .expect("an acknowledgement")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
-            assert_eq!((a.version, a.error.as_str()), (1, ""));
-            break;
-        }
-    }
+    export_acked(&mut inbound, 1).await;
     let report = f.drain(Duration::from_secs(10)).await;
     assert!(report.aborted.is_empty(), "{report}");
     let end = ends_with(&mut inbound, "the stream ends").await;
@@ -868,17 +872,7 @@ async fn exports_beyond_the_per_cluster_limit_are_refused_and_the_acknowledged_s
     .await
     .unwrap();
     let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-            .await
-            .expect("an acknowledgement")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
-            assert_eq!((a.version, a.error.as_str()), (1, ""));
-            break;
-        }
-    }
+    export_acked(&mut inbound, 1).await;
     // A third: refused, naming the cluster, the count and the limit.
     tx.send(exports(2, vec![export("stock", 7070)]))
         .await
@@ -911,17 +905,7 @@ async fn exports_beyond_the_per_cluster_limit_are_refused_and_the_acknowledged_s
     .await
     .unwrap();
     let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-            .await
-            .expect("an acknowledgement")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
-            assert_eq!((a.version, a.error.as_str()), (2, ""));
-            break;
-        }
-    }
+    export_acked(&mut inbound, 2).await;
     assert_eq!(acked(&f), (2, 2));
     // A full set of three is refused too.
     let s = sync_until_error(
@@ -988,17 +972,7 @@ async fn heartbeats_are_read_while_a_stalled_importers_backlog_waits() {
         .await
         .unwrap()
         .into_inner();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), w_in.message())
-            .await
-            .expect("west's acknowledgement")
-            .unwrap()
-            .expect("west's stream stays open");
-        if let Some(proto::federator_message::Kind::ExportAck(a)) = m.kind {
-            assert_eq!((a.version, a.error.as_str()), (1, ""));
-            break;
-        }
-    }
+    export_acked(&mut w_in, 1).await;
     // west keeps heartbeating and reading, as a healthy agent does.
     let w_beats = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ttl / 5);

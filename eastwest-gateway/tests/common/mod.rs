@@ -11,18 +11,29 @@ use tokio::sync::watch;
 
 pub const HOST: &str = "reviews.shop.svc.cluster.local";
 
-/// A gateway serving `routes` on a loopback port: its address, the gateway, the routes' and
-/// the stop senders, and its metrics registry.
-pub async fn gateway(
-    routes: Routes,
-    cfg: GatewayConfig,
-) -> (
+/// A started gateway: its address, the gateway, the routes' and the stop senders, and its
+/// metrics registry.
+pub type Started = (
     SocketAddr,
     Arc<Gateway>,
     watch::Sender<Arc<Routes>>,
     watch::Sender<bool>,
     prometheus::Registry,
-) {
+);
+
+/// The bytes the gateway counted, both directions, every service.
+pub fn forwarded_bytes(reg: &prometheus::Registry) -> f64 {
+    reg.gather()
+        .iter()
+        .filter(|f| f.name() == "meshfed_gateway_bytes_total")
+        .flat_map(|f| f.get_metric().iter())
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
+/// A gateway serving `routes` on a loopback port: its address, the gateway, the routes' and
+/// the stop senders, and its metrics registry.
+pub async fn gateway(routes: Routes, cfg: GatewayConfig) -> Started {
     let (tx, rx) = watch::channel(Arc::new(routes));
     let reg = prometheus::Registry::new();
     let gw = Gateway::new(cfg, rx, &reg);
@@ -34,16 +45,7 @@ pub async fn gateway(
 }
 
 /// A gateway with one route, `outbound|9080||HOST` to `be`.
-pub async fn gateway_to(
-    be: SocketAddr,
-    cfg: GatewayConfig,
-) -> (
-    SocketAddr,
-    Arc<Gateway>,
-    watch::Sender<Arc<Routes>>,
-    watch::Sender<bool>,
-    prometheus::Registry,
-) {
+pub async fn gateway_to(be: SocketAddr, cfg: GatewayConfig) -> Started {
     let routes = Routes::from_clusters([(format!("outbound|9080||{HOST}").as_str(), vec![be])]);
     gateway(routes, cfg).await
 }
