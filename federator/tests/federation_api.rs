@@ -986,7 +986,22 @@ async fn heartbeats_are_read_while_a_stalled_importers_backlog_waits() {
             }
         }
     });
-    let w_reader = tokio::spawn(async move { while let Ok(Some(_)) = w_in.message().await {} });
+    // west reads everything; the federator pushes it the peers' states whenever a lease
+    // changes, so east's lease as west is told it is the condition the test waits on.
+    let (lease_tx, mut east_lease) = tokio::sync::watch::channel(None::<i32>);
+    let w_reader = tokio::spawn(async move {
+        while let Ok(Some(m)) = w_in.message().await {
+            if let Some(proto::federator_message::Kind::Peers(p)) = m.kind {
+                let east = p
+                    .peers
+                    .iter()
+                    .find(|c| c.facts.as_ref().is_some_and(|f| f.cluster_id == "east"));
+                if let Some(c) = east {
+                    lease_tx.send_replace(Some(c.lease));
+                }
+            }
+        }
+    });
 
     // east opens its stream and heartbeats every TTL/5, but never reads what it is sent.
     let mut ec = client(&east).await;
@@ -1010,40 +1025,35 @@ async fn heartbeats_are_read_while_a_stalled_importers_backlog_waits() {
         }
     });
 
-    // The report walks every service: it runs off the runtime's workers, so that it cannot
-    // starve the clients' heartbeat tasks (that would be the test's stall, not the federator's).
-    let f = std::sync::Arc::new(f);
-    let report = |f: &std::sync::Arc<Federator>| {
-        let f = f.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = f.report().unwrap();
-            let e = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
-            (e.lease.clone(), e.imports_acked_revision, e.import_lag)
-        })
-    };
     // east's lease ran out while west's export was stored: first its stream's heartbeats
     // make it fresh again.
+    let fresh = proto::LeaseState::Fresh as i32;
+    let stale = proto::LeaseState::Stale as i32;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        east_lease.wait_for(|l| *l == Some(fresh)),
+    )
+    .await
+    .expect("east's heartbeats never made it fresh")
+    .unwrap();
+    // Then it stays fresh for three TTLs: no lease change to stale reaches west.
     let t = std::time::Instant::now();
-    while report(&f).await.unwrap().0 != "fresh" {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "east's heartbeats never made it fresh"
-        );
-        tokio::time::sleep(ttl / 10).await;
-    }
-    let t = std::time::Instant::now();
-    let mut checks = 0;
-    while t.elapsed() < 3 * ttl {
-        let (lease, acked, lag) = report(&f).await.unwrap();
-        assert_eq!(lease, "fresh", "east turned stale after {:?}", t.elapsed());
-        assert_eq!(
-            acked, 0,
-            "east applied nothing: its backlog is real (lag {lag})"
-        );
-        checks += 1;
-        tokio::time::sleep(ttl / 10).await;
-    }
-    assert!(checks >= 3, "east was looked at {checks} times");
+    let turned = tokio::time::timeout(3 * ttl, east_lease.wait_for(|l| *l == Some(stale))).await;
+    assert!(turned.is_err(), "east turned stale after {:?}", t.elapsed());
+    // The backlog is real: east applied nothing of it. (The report walks every service: it
+    // runs off the runtime's workers, so it cannot starve the clients' heartbeat tasks.)
+    let (acked, lag) = tokio::task::spawn_blocking(move || {
+        let r = f.report().unwrap();
+        let e = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+        (e.imports_acked_revision, e.import_lag)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        acked, 0,
+        "east applied nothing: its backlog is real (lag {lag})"
+    );
+    assert!(lag > 0, "east has imports outstanding");
     e_beats.abort();
     w_beats.abort();
     w_reader.abort();
