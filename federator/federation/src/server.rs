@@ -1033,21 +1033,12 @@ impl Session {
                     })
                     .map_err(|m| self.refuse("invalid_argument", Status::invalid_argument(m)))?;
                 }
-                let max = self.hub.cfg.max_services_per_cluster;
-                let after = self.hub.store.services_after(&self.cluster, &delta);
-                if after > max {
-                    return Err(self.refuse(
-                        "services_limit",
-                        Status::resource_exhausted(format!(
-                            "exports: cluster {} would export {after} services; a cluster may \
-                             export at most {max} (the federator's --max-services-per-cluster)",
-                            self.cluster
-                        )),
-                    ));
-                }
                 let started = Instant::now();
+                let max = self.hub.cfg.max_services_per_cluster;
                 let result = tokio::task::block_in_place(|| {
-                    self.hub.store.apply_exports(&self.cluster, &delta)
+                    self.hub
+                        .store
+                        .apply_exports_within(&self.cluster, &delta, max)
                 });
                 self.hub
                     .metrics
@@ -1079,6 +1070,10 @@ impl Session {
                             }),
                         )
                         .await
+                    }
+                    Err(e @ StoreError::TooManyServices { .. }) => {
+                        Err(self
+                            .refuse("services_limit", Status::resource_exhausted(e.to_string())))
                     }
                     Err(e) => Err(store_status(e)),
                 }

@@ -39,6 +39,12 @@ pub enum StoreError {
     SequenceRegression { got: u64, stored: u64 },
     #[error("export version {got} does not follow the stored version {stored}; send a full set")]
     VersionGap { got: u64, stored: u64 },
+    #[error("exports: cluster {cluster} would export {after} services; a cluster may export at most {max} (the federator's --max-services-per-cluster)")]
+    TooManyServices {
+        cluster: String,
+        after: usize,
+        max: usize,
+    },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -595,6 +601,7 @@ impl Store {
                     ..Default::default()
                 },
                 Some(rec),
+                usize::MAX,
             )?;
             return Ok(applied.revision.unwrap_or_else(|| self.head()));
         }
@@ -683,43 +690,22 @@ impl Store {
             .collect())
     }
 
-    /// How many services `cluster` would export once `delta` is applied (what
-    /// [`apply_exports`](Self::apply_exports) would keep live), without applying it.
-    pub fn services_after(&self, cluster: &str, delta: &ExportDelta) -> usize {
-        let upserts: BTreeSet<String> = delta
-            .upserts
-            .iter()
-            .map(|e| service_key(&e.namespace, &e.name))
-            .collect();
-        if delta.full {
-            return upserts.len();
-        }
-        let m = self.read();
-        let live = |k: &String| {
-            m.exports
-                .get(&(cluster.to_string(), k.clone()))
-                .is_some_and(|r| !r.deleted)
-        };
-        let current = m
-            .exports
-            .range((cluster.to_string(), String::new())..)
-            .take_while(|((c, _), _)| c == cluster)
-            .filter(|(_, r)| !r.deleted)
-            .count();
-        let added = upserts.iter().filter(|k| !live(k)).count();
-        let removed: BTreeSet<String> = delta
-            .removals
-            .iter()
-            .map(|k| service_key(&k.namespace, &k.name))
-            .filter(|k| live(k) && !upserts.contains(k))
-            .collect();
-        current + added - removed.len()
-    }
-
     /// Stores an export delta from `cluster`: durable before this returns.
     pub fn apply_exports(&self, cluster: &str, delta: &ExportDelta) -> Result<Applied> {
+        self.apply_exports_within(cluster, delta, usize::MAX)
+    }
+
+    /// [`apply_exports`](Self::apply_exports), refused with
+    /// [`StoreError::TooManyServices`] (nothing stored) when it would leave `cluster` more
+    /// than `max_services` live exports.
+    pub fn apply_exports_within(
+        &self,
+        cluster: &str,
+        delta: &ExportDelta,
+        max_services: usize,
+    ) -> Result<Applied> {
         let _g = self.lock();
-        self.apply_exports_locked(cluster, delta, None)
+        self.apply_exports_locked(cluster, delta, None, max_services)
     }
 
     /// [`apply_exports`](Self::apply_exports) under the write lock. With `replace`, the
@@ -729,6 +715,7 @@ impl Store {
         cluster: &str,
         delta: &ExportDelta,
         replace: Option<ClusterRecord>,
+        max_services: usize,
     ) -> Result<Applied> {
         let mut rec = self.member(cluster)?;
         if replace.is_none()
@@ -769,6 +756,15 @@ impl Store {
                 .filter(|k| current.contains_key(k) && !upserts.contains_key(k))
                 .collect()
         };
+        let after = current.len() + upserts.keys().filter(|k| !current.contains_key(*k)).count()
+            - removed.len();
+        if after > max_services {
+            return Err(StoreError::TooManyServices {
+                cluster: cluster.to_string(),
+                after,
+                max: max_services,
+            });
+        }
         // Records to write, keyed by (cluster, ns/name): changed or new exports, tombstones,
         // and other clusters' exports whose conflict flag changes.
         let mut writes: BTreeMap<(String, String), ExportRecord> = BTreeMap::new();
@@ -928,7 +924,7 @@ impl Store {
             full: true,
             ..Default::default()
         };
-        let applied = self.apply_exports_locked(cluster, &delta, Some(rec))?;
+        let applied = self.apply_exports_locked(cluster, &delta, Some(rec), usize::MAX)?;
         Ok(applied.revision.unwrap_or_else(|| self.head()))
     }
 
@@ -1157,6 +1153,53 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["shop/ledger"]
         );
+    }
+
+    /// The per-cluster limit counts what would be live after the delta: new services count,
+    /// replaced and removed ones do not, a full set is its own size; a refused delta stores
+    /// nothing and leaves the version where it was.
+    #[test]
+    fn the_services_limit_counts_what_would_be_live_and_a_refusal_stores_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.join(record("c1")).unwrap();
+        let two = vec![export("a", 1, "TCP"), export("b", 2, "TCP")];
+        s.apply_exports_within("c1", &delta(1, two, vec![]), 2)
+            .unwrap();
+        let head = s.head();
+        assert!(matches!(
+            s.apply_exports_within("c1", &delta(2, vec![export("c", 3, "TCP")], vec![]), 2),
+            Err(StoreError::TooManyServices {
+                after: 3,
+                max: 2,
+                ..
+            })
+        ));
+        assert_eq!(s.head(), head, "nothing stored");
+        assert_eq!(s.exports_of("c1").unwrap().len(), 2);
+        // Changing one, and replacing one (removal with an upsert), stay within the limit.
+        s.apply_exports_within("c1", &delta(2, vec![export("a", 10, "TCP")], vec![]), 2)
+            .unwrap();
+        s.apply_exports_within("c1", &delta(3, vec![export("c", 3, "TCP")], vec!["b"]), 2)
+            .unwrap();
+        let mut full = delta(
+            4,
+            vec![
+                export("x", 1, "TCP"),
+                export("y", 2, "TCP"),
+                export("z", 3, "TCP"),
+            ],
+            vec![],
+        );
+        full.full = true;
+        assert!(matches!(
+            s.apply_exports_within("c1", &full, 2),
+            Err(StoreError::TooManyServices { after: 3, .. })
+        ));
+        full.upserts.pop();
+        s.apply_exports_within("c1", &full, 2).unwrap();
+        let keys: Vec<String> = s.exports_of("c1").unwrap().keys().cloned().collect();
+        assert_eq!(keys, vec!["shop/x", "shop/y"]);
     }
 
     #[test]
