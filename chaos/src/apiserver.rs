@@ -737,6 +737,14 @@ async fn handle(State(sh): State<Shared>, req: Request) -> Response {
     cut.borrow_and_update();
     let (backlog, expired) = {
         let st = sh.lock();
+        // Down since the check above: this watch subscribed after the cut, so answer as down
+        // (set_down sets the flag before it cuts, under this lock).
+        if st.down {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable", "the API server double is down"),
+            );
+        }
         let expired = from < st.compacted;
         let backlog: Vec<Event> = st
             .log
