@@ -1,10 +1,12 @@
-//! The federator's state: durable in sled, served from memory. Every mutation runs in one sled
-//! transaction across trees and is flushed to disk before the caller acknowledges anything;
-//! then the in-memory view (with its revision and per-service indexes) is updated. Reads never
-//! touch sled, so many importers reading at once cost no disk and no sled page churn; memory
-//! is the size of the data.
+//! The federator's state: durable in sled (one machine) or etcd (replicas), served from
+//! memory. Every mutation is planned from the in-memory view under one write lock and committed
+//! in one transaction (sled: across trees, flushed to disk; etcd: one transaction that compares
+//! the head key, see [`etcd`]) before the caller acknowledges anything. Then the in-memory view
+//! (with its revision and per-service indexes) is updated: by the writer with sled, by the
+//! prefix's watch with etcd, so a replica's view also follows the others' writes. Reads never
+//! touch the backend; memory is the size of the data.
 //!
-//! Trees:
+//! sled trees:
 //! - `meta`: `schema` (u32), `revision` (u64, the head revision)
 //! - `clusters`: cluster id -> [`ClusterRecord`] (JSON)
 //! - `exports`: `<cluster>\0<ns>/<name>` -> [`ExportRecord`] (binary, see `encode`)
@@ -18,6 +20,8 @@ use proto::{ClusterFacts, ExportDelta, ServiceExport};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+pub mod etcd;
+
 use meshfed_model::validate::{export_conflict, service_key, MAX_CHUNK_BYTES};
 
 /// 2: export records are protobuf (prost); 1: a hand-written layout, migrated on open.
@@ -27,6 +31,12 @@ pub const SCHEMA_VERSION: u32 = 2;
 pub enum StoreError {
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
+    /// etcd could not be reached or refused a request: nothing was written.
+    #[error("state store (etcd) {what}: {message}")]
+    Etcd { what: String, message: String },
+    /// A write larger than etcd is configured to take.
+    #[error("state store (etcd): {0}")]
+    EtcdLimit(String),
     #[error("state store: record {key:?} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("state store in {dir} has schema version {found}; this meshfed reads version {SCHEMA_VERSION}")]
@@ -340,9 +350,31 @@ struct Mem {
     by_rev: BTreeSet<(u64, String, String)>,
     /// `ns/name` -> clusters with a live export of it (for conflicts).
     by_service: HashMap<String, BTreeSet<String>>,
+    /// etcd: the revision at which the head key last changed (what a write compares).
+    head_mod: i64,
+    /// Bumped at every cluster record change.
+    cluster_changes: u64,
 }
 
 impl Mem {
+    /// A committed plan (sled: the process's own write is the only one).
+    fn apply(&mut self, plan: Plan) {
+        if let Some(h) = plan.head {
+            self.head = h;
+        }
+        for c in plan.clusters {
+            self.put_cluster(c);
+        }
+        for e in plan.exports {
+            self.put_export(e);
+        }
+    }
+
+    fn put_cluster(&mut self, c: ClusterRecord) {
+        self.cluster_changes += 1;
+        self.clusters.insert(c.id.clone(), c);
+    }
+
     fn put_export(&mut self, r: ExportRecord) {
         let skey = service_key(&r.export.namespace, &r.export.name);
         let k = (r.cluster.clone(), skey.clone());
@@ -376,19 +408,69 @@ impl Mem {
     }
 }
 
-pub struct Store {
+/// What one write stores, computed from the in-memory view under the write lock and committed
+/// by the backend in one transaction.
+#[derive(Debug, Default)]
+struct Plan {
+    /// The new head revision, when the write changes what importers or peers see.
+    head: Option<u64>,
+    clusters: Vec<ClusterRecord>,
+    exports: Vec<ExportRecord>,
+    /// Flushed to disk before the write returns (sled; etcd commits are always durable).
+    flush: bool,
+}
+
+/// Where the state lives.
+enum Backend {
+    Sled(SledDb),
+    Etcd(Box<etcd::Etcd>),
+}
+
+/// The sled database of a one-machine federator.
+struct SledDb {
     db: sled::Db,
     meta: sled::Tree,
     clusters: sled::Tree,
     exports: sled::Tree,
-    mem: RwLock<Mem>,
-    /// One writer at a time: what a transaction is computed from cannot change under it.
+}
+
+/// What the store has changed, for whoever serves it: the head revision (exports, membership,
+/// facts, bundles) and a counter of cluster record changes. With etcd these also move when
+/// another replica writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub head: u64,
+    pub clusters: u64,
+    /// The view follows the backend (always with sled; with etcd, while its watch runs; see
+    /// [`Store::unavailable`] for why not).
+    pub following: bool,
+}
+
+impl Default for Version {
+    fn default() -> Self {
+        Version {
+            head: 0,
+            clusters: 0,
+            following: true,
+        }
+    }
+}
+
+pub struct Store {
+    backend: Backend,
+    mem: Arc<RwLock<Mem>>,
+    /// One writer at a time in this process: what a plan is computed from cannot change under
+    /// it (with etcd, other replicas are kept out by the transaction's compare on the head).
     write: Mutex<()>,
+    version: tokio::sync::watch::Sender<Version>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("head", &self.head()).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.backend_name())
+            .field("head", &self.head())
+            .finish()
     }
 }
 
@@ -485,6 +567,7 @@ fn migrate_from_schema1(db: &sled::Db, meta: &sled::Tree) -> Result<()> {
 }
 
 impl Store {
+    /// Opens (creating) the sled store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         // sled caches up to 1 GiB by default; reads are served from memory here.
         let db = open_sled(sled::Config::new().path(dir).cache_capacity(16 << 20), dir)?;
@@ -528,14 +611,65 @@ impl Store {
             let (k, v) = kv?;
             mem.put_export(ExportRecord::decode(&k, &v)?);
         }
+        let version = tokio::sync::watch::Sender::new(Version {
+            head: mem.head,
+            ..Default::default()
+        });
         Ok(Store {
-            db,
-            meta,
-            clusters,
-            exports,
-            mem: RwLock::new(mem),
+            backend: Backend::Sled(SledDb {
+                db,
+                meta,
+                clusters,
+                exports,
+            }),
+            mem: Arc::new(RwLock::new(mem)),
             write: Mutex::new(()),
+            version,
         })
+    }
+
+    /// Connects to etcd and loads everything under the configured prefix; this replica's view
+    /// then follows the prefix (its own writes and every other replica's) through a watch.
+    pub fn open_etcd(cfg: &etcd::EtcdConfig) -> Result<Self> {
+        let mem = Arc::new(RwLock::new(Mem::default()));
+        let version = tokio::sync::watch::Sender::new(Version::default());
+        let backend = etcd::Etcd::open(cfg, mem.clone(), version.clone())?;
+        Ok(Store {
+            backend: Backend::Etcd(Box::new(backend)),
+            mem,
+            write: Mutex::new(()),
+            version,
+        })
+    }
+
+    /// `sled` or `etcd`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sled(_) => "sled",
+            Backend::Etcd(_) => "etcd",
+        }
+    }
+
+    /// Why the store cannot take writes now (etcd unreachable, its watch broken), or `None`.
+    pub fn unavailable(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Etcd(e) => e.unavailable(),
+        }
+    }
+
+    /// The records of `part` in the same etcd (`None` with sled: those parts keep files in the
+    /// state directory).
+    pub fn records(&self, part: &str) -> Option<etcd::Records> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Etcd(e) => Some(etcd::Records::new(e.conn().clone(), part)),
+        }
+    }
+
+    /// Follows what the store changed (see [`Version`]).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Version> {
+        self.version.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -546,8 +680,50 @@ impl Store {
         self.mem.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn mem_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mem> {
-        self.mem.write().unwrap_or_else(|p| p.into_inner())
+    /// Commits a plan computed under the write lock. `Ok(false)`: another replica wrote first
+    /// (etcd); the view now includes its write and the caller computes the plan again.
+    fn commit(&self, plan: Plan) -> Result<bool> {
+        if plan.head.is_none() && plan.clusters.is_empty() && plan.exports.is_empty() {
+            return Ok(true);
+        }
+        match &self.backend {
+            Backend::Sled(s) => {
+                s.commit(&plan)?;
+                let mut m = self.mem.write().unwrap_or_else(|p| p.into_inner());
+                m.apply(plan);
+                let v = Version {
+                    head: m.head,
+                    clusters: m.cluster_changes,
+                    following: true,
+                };
+                drop(m);
+                self.version.send_if_modified(|old| {
+                    let changed = *old != v;
+                    *old = v;
+                    changed
+                });
+                Ok(true)
+            }
+            Backend::Etcd(e) => {
+                let (head_mod, head) = {
+                    let m = self.read();
+                    (m.head_mod, m.head)
+                };
+                e.commit(&plan, head_mod, head)
+            }
+        }
+    }
+
+    /// Runs `plan` (computing a write from the view) and commits it, again when another replica
+    /// wrote first.
+    fn write_with<T>(&self, mut plan: impl FnMut() -> Result<(Plan, T)>) -> Result<T> {
+        let _g = self.lock();
+        loop {
+            let (p, out) = plan()?;
+            if self.commit(p)? {
+                return Ok(out);
+            }
+        }
     }
 
     /// The head revision: every change has a revision at or below it.
@@ -563,79 +739,77 @@ impl Store {
         Ok(self.read().clusters.values().cloned().collect())
     }
 
-    /// Writes a cluster record at a new revision (join, facts or bundle change, leave).
-    fn put_cluster_at_new_revision(&self, mut rec: ClusterRecord) -> Result<u64> {
+    /// A plan writing a cluster record at a new revision (join, facts or bundle change).
+    fn at_new_revision(&self, mut rec: ClusterRecord) -> (Plan, u64) {
         let rev = self.head() + 1;
         rec.revision = rev;
-        let json = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
-            key: rec.id.clone(),
-            reason: e.to_string(),
-        })?;
-        (&self.meta, &self.clusters)
-            .transaction(|(meta, clusters)| {
-                meta.insert("revision", &rev.to_be_bytes())?;
-                clusters.insert(rec.id.as_bytes(), json.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(txn_err)?;
-        self.db.flush()?;
-        let mut m = self.mem_mut();
-        m.head = rev;
-        m.clusters.insert(rec.id.clone(), rec);
-        Ok(rev)
+        (
+            Plan {
+                head: Some(rev),
+                clusters: vec![rec],
+                flush: true,
+                ..Default::default()
+            },
+            rev,
+        )
     }
 
     /// Records a newly joined cluster (a re-join after leaving replaces the old record).
     pub fn join(&self, rec: ClusterRecord) -> Result<u64> {
-        let _g = self.lock();
-        if self.cluster(&rec.id)?.is_some_and(|old| !old.left) {
-            // A member joining again (e.g. after losing its state): its old exports go, in the
-            // same transaction that writes the new record.
-            tracing::info!(cluster = %rec.id, "cluster joined again; its previous exports are withdrawn");
-            let id = rec.id.clone();
-            let applied = self.apply_exports_locked(
-                &id,
-                &ExportDelta {
-                    version: 0,
-                    full: true,
-                    ..Default::default()
-                },
-                Some(rec),
-                usize::MAX,
-            )?;
-            return Ok(applied.revision.unwrap_or_else(|| self.head()));
-        }
-        self.put_cluster_at_new_revision(rec)
+        self.write_with(|| {
+            if self.cluster(&rec.id)?.is_some_and(|old| !old.left) {
+                // A member joining again (e.g. after losing its state): its old exports go, in
+                // the same transaction that writes the new record.
+                tracing::info!(cluster = %rec.id, "cluster joined again; its previous exports are withdrawn");
+                let (plan, applied) = self.plan_exports(
+                    &rec.id,
+                    &ExportDelta {
+                        version: 0,
+                        full: true,
+                        ..Default::default()
+                    },
+                    Some(rec.clone()),
+                    usize::MAX,
+                )?;
+                let rev = applied.revision.unwrap_or_else(|| self.head());
+                return Ok((plan, rev));
+            }
+            Ok(self.at_new_revision(rec.clone()))
+        })
     }
 
     /// Updates a member's facts (addresses, locality) when they changed.
     pub fn update_facts(&self, id: &str, facts: &ClusterFacts) -> Result<Option<u64>> {
-        let _g = self.lock();
-        let mut rec = self.member(id)?;
-        let before = rec.clone();
-        rec.set_facts(facts);
-        if rec == before {
-            return Ok(None);
-        }
-        self.put_cluster_at_new_revision(rec).map(Some)
+        self.write_with(|| {
+            let mut rec = self.member(id)?;
+            let before = rec.clone();
+            rec.set_facts(facts);
+            if rec == before {
+                return Ok((Plan::default(), None));
+            }
+            let (plan, rev) = self.at_new_revision(rec);
+            Ok((plan, Some(rev)))
+        })
     }
 
     /// Stores a member's trust bundle when it changed.
     pub fn set_bundle(&self, id: &str, json: &str, sequence: u64) -> Result<Option<u64>> {
-        let _g = self.lock();
-        let mut rec = self.member(id)?;
-        if rec.bundle_json == json {
-            return Ok(None);
-        }
-        if !rec.bundle_json.is_empty() && sequence < rec.bundle_sequence {
-            return Err(StoreError::SequenceRegression {
-                got: sequence,
-                stored: rec.bundle_sequence,
-            });
-        }
-        rec.bundle_json = json.to_string();
-        rec.bundle_sequence = sequence;
-        self.put_cluster_at_new_revision(rec).map(Some)
+        self.write_with(|| {
+            let mut rec = self.member(id)?;
+            if rec.bundle_json == json {
+                return Ok((Plan::default(), None));
+            }
+            if !rec.bundle_json.is_empty() && sequence < rec.bundle_sequence {
+                return Err(StoreError::SequenceRegression {
+                    got: sequence,
+                    stored: rec.bundle_sequence,
+                });
+            }
+            rec.bundle_json = json.to_string();
+            rec.bundle_sequence = sequence;
+            let (plan, rev) = self.at_new_revision(rec);
+            Ok((plan, Some(rev)))
+        })
     }
 
     fn member(&self, id: &str) -> Result<ClusterRecord> {
@@ -651,19 +825,24 @@ impl Store {
     /// Adds a renewed certificate to a member's current membership (dropping the expired ones);
     /// durable before this returns, so a certificate handed out is always accepted.
     pub fn add_cert(&self, id: &str, cert: MemberCert, now: i64) -> Result<()> {
-        let _g = self.lock();
-        let mut rec = self.member(id)?;
-        rec.certs.retain(|c| c.not_after > now);
-        rec.certs.push(cert);
-        let json = serde_json::to_vec(&rec).unwrap_or_default();
-        self.clusters.insert(id.as_bytes(), json)?;
-        self.db.flush()?;
-        self.mem_mut().clusters.insert(id.to_string(), rec);
-        Ok(())
+        self.write_with(|| {
+            let mut rec = self.member(id)?;
+            rec.certs.retain(|c| c.not_after > now);
+            rec.certs.push(cert.clone());
+            Ok((
+                Plan {
+                    clusters: vec![rec],
+                    flush: true,
+                    ..Default::default()
+                },
+                (),
+            ))
+        })
     }
 
     /// Records the import revision a cluster has applied (not flushed on its own: losing it
-    /// only costs a resend).
+    /// only costs a resend; with etcd it is a key of its own, written without the head's
+    /// compare, so acknowledgements never contend with exports).
     pub fn set_imports_acked(&self, id: &str, revision: u64) -> Result<()> {
         let _g = self.lock();
         let Some(mut rec) = self.cluster(id)? else {
@@ -672,11 +851,17 @@ impl Store {
         if rec.imports_acked_revision == revision {
             return Ok(());
         }
-        rec.imports_acked_revision = revision;
-        let json = serde_json::to_vec(&rec).unwrap_or_default();
-        self.clusters.insert(id.as_bytes(), json)?;
-        self.mem_mut().clusters.insert(id.to_string(), rec);
-        Ok(())
+        match &self.backend {
+            Backend::Etcd(e) => e.set_acked(id, revision),
+            Backend::Sled(_) => {
+                rec.imports_acked_revision = revision;
+                self.commit(Plan {
+                    clusters: vec![rec],
+                    ..Default::default()
+                })
+                .map(|_| ())
+            }
+        }
     }
 
     /// The live (non-deleted) exports of `cluster`, keyed by `ns/name`.
@@ -704,19 +889,18 @@ impl Store {
         delta: &ExportDelta,
         max_services: usize,
     ) -> Result<Applied> {
-        let _g = self.lock();
-        self.apply_exports_locked(cluster, delta, None, max_services)
+        self.write_with(|| self.plan_exports(cluster, delta, None, max_services))
     }
 
-    /// [`apply_exports`](Self::apply_exports) under the write lock. With `replace`, the
-    /// cluster record is replaced by it (leave, re-join) in the same transaction.
-    fn apply_exports_locked(
+    /// The plan of [`apply_exports`](Self::apply_exports). With `replace`, the cluster record
+    /// is replaced by it (leave, re-join) in the same transaction.
+    fn plan_exports(
         &self,
         cluster: &str,
         delta: &ExportDelta,
         replace: Option<ClusterRecord>,
         max_services: usize,
-    ) -> Result<Applied> {
+    ) -> Result<(Plan, Applied)> {
         let mut rec = self.member(cluster)?;
         if replace.is_none()
             && !delta.full
@@ -880,52 +1064,37 @@ impl Store {
             }
             None => rec.exports_acked_version = delta.version,
         }
-        let rec_json = serde_json::to_vec(&rec).unwrap_or_default();
-        let encoded: Vec<(Vec<u8>, Vec<u8>)> = writes
-            .iter()
-            .map(|((c, k), r)| (export_key(c, k), r.encode()))
-            .collect();
-        (&self.meta, &self.clusters, &self.exports)
-            .transaction(|(meta, clusters, exports)| {
-                if changed {
-                    meta.insert("revision", &rev.to_be_bytes())?;
-                }
-                clusters.insert(cluster.as_bytes(), rec_json.as_slice())?;
-                for (k, v) in &encoded {
-                    exports.insert(k.as_slice(), v.as_slice())?;
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(txn_err)?;
-        self.db.flush()?;
-        let mut m = self.mem_mut();
-        if changed {
-            m.head = rev;
-        }
-        m.clusters.insert(cluster.to_string(), rec);
-        for (_, r) in writes {
-            m.put_export(r);
-        }
-        Ok(Applied {
-            revision: changed.then_some(rev),
-            conflicts,
-        })
+        let revision = changed.then_some(rev);
+        Ok((
+            Plan {
+                head: revision,
+                clusters: vec![rec],
+                exports: writes.into_values().collect(),
+                flush: true,
+            },
+            Applied {
+                revision,
+                conflicts,
+            },
+        ))
     }
 
     /// The cluster leaves: its exports become tombstones and its record is marked left.
     pub fn leave(&self, cluster: &str) -> Result<u64> {
-        let _g = self.lock();
-        let mut rec = self.member(cluster)?;
-        rec.left = true;
-        rec.bundle_json.clear();
-        // Tombstones and the left record in one transaction: no export can slip in between.
-        let delta = ExportDelta {
-            version: 0,
-            full: true,
-            ..Default::default()
-        };
-        let applied = self.apply_exports_locked(cluster, &delta, Some(rec), usize::MAX)?;
-        Ok(applied.revision.unwrap_or_else(|| self.head()))
+        self.write_with(|| {
+            let mut rec = self.member(cluster)?;
+            rec.left = true;
+            rec.bundle_json.clear();
+            // Tombstones and the left record in one transaction: no export can slip in between.
+            let delta = ExportDelta {
+                version: 0,
+                full: true,
+                ..Default::default()
+            };
+            let (plan, applied) = self.plan_exports(cluster, &delta, Some(rec), usize::MAX)?;
+            let rev = applied.revision.unwrap_or_else(|| self.head());
+            Ok((plan, rev))
+        })
     }
 
     /// Export changes after `cursor`, oldest first, at most `limit` of them (a chunk may end
@@ -1027,10 +1196,94 @@ impl Store {
     }
 }
 
+
+impl SledDb {
+    /// One sled transaction across the trees, flushed when the plan says so.
+    fn commit(&self, plan: &Plan) -> Result<()> {
+        let clusters: Vec<(Vec<u8>, Vec<u8>)> = plan
+            .clusters
+            .iter()
+            .map(|r| (r.id.as_bytes().to_vec(), serde_json::to_vec(r).unwrap_or_default()))
+            .collect();
+        let exports: Vec<(Vec<u8>, Vec<u8>)> = plan
+            .exports
+            .iter()
+            .map(|r| {
+                let k = export_key(&r.cluster, &service_key(&r.export.namespace, &r.export.name));
+                (k, r.encode())
+            })
+            .collect();
+        (&self.meta, &self.clusters, &self.exports)
+            .transaction(|(meta, tc, te)| {
+                if let Some(rev) = plan.head {
+                    meta.insert("revision", &rev.to_be_bytes())?;
+                }
+                for (k, v) in &clusters {
+                    tc.insert(k.as_slice(), v.as_slice())?;
+                }
+                for (k, v) in &exports {
+                    te.insert(k.as_slice(), v.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(txn_err)?;
+        if plan.flush {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proto::Port;
+
+    /// Where a test's store lives: a sled directory, or a prefix of a real etcd (a fresh one
+    /// per test). `open` again is a restart.
+    enum Backing {
+        Sled(tempfile::TempDir),
+        Etcd(etcd::testing::TestEtcd),
+    }
+
+    impl Backing {
+        fn open(&self) -> Store {
+            match self {
+                Backing::Sled(d) => Store::open(d.path()).unwrap(),
+                Backing::Etcd(e) => Store::open_etcd(&e.config("/test")).unwrap(),
+            }
+        }
+    }
+
+    /// The test `$name(&Backing)` on sled and on etcd.
+    macro_rules! on_both {
+        ($($name:ident),* $(,)?) => {$(
+            mod $name {
+                #[test]
+                fn sled() {
+                    super::$name(&super::Backing::Sled(tempfile::tempdir().unwrap()));
+                }
+                #[test]
+                fn etcd() {
+                    super::$name(&super::Backing::Etcd(
+                        crate::etcd::testing::TestEtcd::start().unwrap(),
+                    ));
+                }
+            }
+        )*};
+    }
+
+    on_both!(
+        oldest_export_wins_a_conflict_and_the_newer_appears_when_it_goes,
+        the_services_limit_counts_what_would_be_live_and_a_refusal_stores_nothing,
+        chunks_never_claim_a_revision_they_did_not_finish,
+        joining_again_withdraws_the_old_exports_and_leave_is_one_step,
+        resending_an_unchanged_set_changes_nothing,
+        restricted_exports_are_never_named_to_clusters_that_could_not_see_them,
+        a_bundle_sequence_never_goes_back,
+        everything_survives_a_reopen,
+
+    );
 
     fn record(id: &str) -> ClusterRecord {
         ClusterRecord {
@@ -1092,10 +1345,8 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn oldest_export_wins_a_conflict_and_the_newer_appears_when_it_goes() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+    fn oldest_export_wins_a_conflict_and_the_newer_appears_when_it_goes(b: &Backing) {
+        let s = b.open();
         for c in ["c1", "c2", "c3"] {
             s.join(record(c)).unwrap();
         }
@@ -1158,10 +1409,8 @@ mod tests {
     /// The per-cluster limit counts what would be live after the delta: new services count,
     /// replaced and removed ones do not, a full set is its own size; a refused delta stores
     /// nothing and leaves the version where it was.
-    #[test]
-    fn the_services_limit_counts_what_would_be_live_and_a_refusal_stores_nothing() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+    fn the_services_limit_counts_what_would_be_live_and_a_refusal_stores_nothing(b: &Backing) {
+        let s = b.open();
         s.join(record("c1")).unwrap();
         let two = vec![export("a", 1, "TCP"), export("b", 2, "TCP")];
         s.apply_exports_within("c1", &delta(1, two, vec![]), 2)
@@ -1202,10 +1451,8 @@ mod tests {
         assert_eq!(keys, vec!["shop/x", "shop/y"]);
     }
 
-    #[test]
-    fn chunks_never_claim_a_revision_they_did_not_finish() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+    fn chunks_never_claim_a_revision_they_did_not_finish(b: &Backing) {
+        let s = b.open();
         s.join(record("c1")).unwrap();
         s.join(record("c2")).unwrap();
         let many: Vec<_> = (0..1200)
@@ -1238,10 +1485,8 @@ mod tests {
         assert_eq!(complete, s.head());
     }
 
-    #[test]
-    fn joining_again_withdraws_the_old_exports_and_leave_is_one_step() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+    fn joining_again_withdraws_the_old_exports_and_leave_is_one_step(b: &Backing) {
+        let s = b.open();
         s.join(record("c1")).unwrap();
         s.join(record("c2")).unwrap();
         s.apply_exports(
@@ -1284,10 +1529,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn resending_an_unchanged_set_changes_nothing() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+    fn resending_an_unchanged_set_changes_nothing(b: &Backing) {
+        let s = b.open();
         s.join(record("c1")).unwrap();
         let labelled = || {
             let mut e = export("payment", 8080, "TCP");
@@ -1309,10 +1552,8 @@ mod tests {
         assert_eq!(s.head(), head);
     }
 
-    #[test]
-    fn restricted_exports_are_never_named_to_clusters_that_could_not_see_them() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+    fn restricted_exports_are_never_named_to_clusters_that_could_not_see_them(b: &Backing) {
+        let s = b.open();
         for c in ["c1", "c2", "c3"] {
             s.join(record(c)).unwrap();
         }
@@ -1348,7 +1589,7 @@ mod tests {
         s.apply_exports("c1", &delta(4, vec![narrowed], vec![]))
             .unwrap();
         drop(s);
-        let s = Store::open(d.path()).unwrap();
+        let s = b.open();
         let (c3, _, _) = s.changes_since("c3", &c3_cur, 100).unwrap();
         assert!(matches!(&c3[..], [Change::Remove { name, .. }] if name == "menu"));
     }
@@ -1409,15 +1650,21 @@ mod tests {
         }
         let s = Store::open(d.path()).unwrap();
         assert_eq!(all_records(&s), before);
-        let schema = s.meta.get("schema").unwrap().unwrap();
+        let Backend::Sled(db) = &s.backend else {
+            unreachable!()
+        };
+        let schema = db.meta.get("schema").unwrap().unwrap();
         assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
         drop(s);
         // And it opens again as schema 2.
         let s = Store::open(d.path()).unwrap();
         assert_eq!(all_records(&s), before);
         // A future schema is refused with the directory named.
-        s.meta.insert("schema", &9u32.to_be_bytes()).unwrap();
-        s.db.flush().unwrap();
+        let Backend::Sled(db) = &s.backend else {
+            unreachable!()
+        };
+        db.meta.insert("schema", &9u32.to_be_bytes()).unwrap();
+        db.db.flush().unwrap();
         drop(s);
         let e = Store::open(d.path()).err().unwrap().to_string();
         assert!(e.contains("schema version 9"), "{e}");
@@ -1434,10 +1681,8 @@ mod tests {
         assert!(e.to_string().contains("too short"), "{e}");
     }
 
-    #[test]
-    fn a_bundle_sequence_never_goes_back() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+    fn a_bundle_sequence_never_goes_back(b: &Backing) {
+        let s = b.open();
         s.join(record("c1")).unwrap();
         assert!(s.set_bundle("c1", "{\"v\": 5}", 5).unwrap().is_some());
         let e = s.set_bundle("c1", "{\"v\": 4}", 4).unwrap_err();
@@ -1451,11 +1696,9 @@ mod tests {
         assert!(s.set_bundle("c1", "{\"v\": 6}", 6).unwrap().is_some());
     }
 
-    #[test]
-    fn everything_survives_a_reopen() {
-        let d = tempfile::tempdir().unwrap();
+    fn everything_survives_a_reopen(b: &Backing) {
         {
-            let s = Store::open(d.path()).unwrap();
+            let s = b.open();
             s.join(record("c1")).unwrap();
             s.apply_exports(
                 "c1",
@@ -1465,7 +1708,7 @@ mod tests {
             s.set_bundle("c1", "{\"keys\": []}", 3).unwrap();
         }
         // `open_sled` waits for sled's threads to release the lock of the dropped handle.
-        let s = Store::open(d.path()).unwrap();
+        let s = b.open();
         let c1 = s.cluster("c1").unwrap().unwrap();
         assert_eq!(c1.exports_acked_version, 1);
         assert_eq!(c1.bundle_sequence, 3);

@@ -1,0 +1,212 @@
+//! A real etcd for tests: Debian's `etcd` (package etcd-server; `MESHFED_ETCD` names another
+//! binary), one or several members on loopback, each in a temporary directory, ready when its
+//! log says it serves clients. Members are killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::EtcdConfig;
+
+/// Flags every test etcd runs with: meshfed's whole-delta transactions need more operations
+/// and bytes per request than etcd's defaults (docs/federation-protocol.md).
+pub const LIMIT_FLAGS: [&str; 4] = [
+    "--max-txn-ops",
+    "40000",
+    "--max-request-bytes",
+    "33554432",
+];
+
+/// One member.
+#[derive(Debug)]
+pub struct Member {
+    pub name: String,
+    pub client_url: String,
+    pub peer_url: String,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+/// An etcd cluster of one or more members.
+#[derive(Debug)]
+pub struct TestEtcd {
+    pub members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn binary() -> String {
+    std::env::var("MESHFED_ETCD").unwrap_or_else(|_| "etcd".into())
+}
+
+impl TestEtcd {
+    /// One member.
+    pub fn start() -> std::io::Result<Self> {
+        Self::cluster(1)
+    }
+
+    /// `n` members forming one cluster.
+    pub fn cluster(n: usize) -> std::io::Result<Self> {
+        Self::with_flags(n, &LIMIT_FLAGS)
+    }
+
+    /// `n` members with these limit flags (none: etcd's defaults).
+    pub fn with_flags(n: usize, limits: &[&str]) -> std::io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Member {
+                name: format!("m{i}"),
+                client_url: format!("http://127.0.0.1:{}", free_port()?),
+                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                child: None,
+                args: Vec::new(),
+            });
+        }
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            let data = dir.path().join(&m.name);
+            m.args = [
+                "--name",
+                &m.name,
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--listen-client-urls",
+                &m.client_url,
+                "--advertise-client-urls",
+                &m.client_url,
+                "--listen-peer-urls",
+                &m.peer_url,
+                "--initial-advertise-peer-urls",
+                &m.peer_url,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(limits.iter().map(|s| s.to_string()))
+            .collect();
+        }
+        let mut t = TestEtcd { members, dir };
+        // Members of a new cluster wait for each other: start all, then wait for each.
+        let mut ready = Vec::new();
+        for i in 0..t.members.len() {
+            ready.push(t.spawn(i)?);
+        }
+        for r in ready {
+            r.recv_timeout(Duration::from_secs(60))
+                .map_err(|_| std::io::Error::other("etcd did not become ready within 60 s"))??;
+        }
+        Ok(t)
+    }
+
+    /// Starts member `i` with its arguments; the receiver says when it serves clients.
+    fn spawn(
+        &mut self,
+        i: usize,
+    ) -> std::io::Result<std::sync::mpsc::Receiver<std::io::Result<()>>> {
+        let m = &mut self.members[i];
+        let mut child = Command::new(binary())
+            .args(&m.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                std::io::Error::other(format!(
+                    "cannot run {} (install Debian's etcd-server, or set MESHFED_ETCD): {e}",
+                    binary()
+                ))
+            })?;
+        let stderr = child.stderr.take();
+        m.child = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = m.name.clone();
+        std::thread::spawn(move || {
+            let mut said = false;
+            let mut tail = Vec::new();
+            if let Some(s) = stderr {
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    // 3.4 says "serving client traffic", after the member is published
+                    // through raft (so a cluster has quorum); 3.5 also "ready to serve...".
+                    if !said
+                        && (line.contains("serving client traffic")
+                            || line.contains("ready to serve client requests"))
+                    {
+                        said = true;
+                        let _ = tx.send(Ok(()));
+                    }
+                    if !said {
+                        tail.push(line);
+                    }
+                }
+            }
+            if !said {
+                let _ = tx.send(Err(std::io::Error::other(format!(
+                    "etcd member {name} exited before serving: {}",
+                    tail.join("\n")
+                ))));
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// A store configuration for this cluster under `prefix`.
+    pub fn config(&self, prefix: &str) -> EtcdConfig {
+        EtcdConfig {
+            prefix: prefix.to_string(),
+            ..EtcdConfig::new(self.endpoints())
+        }
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a killed member again (its data directory kept) and waits until it serves.
+    pub fn restart(&mut self, i: usize) -> std::io::Result<()> {
+        self.kill(i);
+        let args = &mut self.members[i].args;
+        if let Some(p) = args.iter().position(|a| a == "--initial-cluster-state") {
+            args[p + 1] = "existing".into();
+        }
+        self.spawn(i)?
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| std::io::Error::other("etcd did not become ready within 60 s"))?
+    }
+
+    /// The directory the members keep their data in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
