@@ -151,6 +151,105 @@ fn bad_federator_and_gateway_flags_exit_2_naming_them_before_anything_starts() {
 
 /// SIGTERM drains: /healthz and /readyz answer from the tasks while serving, the process
 /// says what the drain did and exits 0 well inside its deadline.
+/// The store flags: each mistake named, before anything is written or dialed.
+#[test]
+fn the_federators_etcd_flags_are_checked_before_anything_starts() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("never-created");
+    let pem = d.path().join("x.pem");
+    let pem = pem.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--store", "etcd"],
+            "--store etcd needs --etcd-endpoints",
+        ),
+        (
+            vec!["--etcd-endpoints", "127.0.0.1:2379"],
+            "--etcd-endpoints is for --store etcd",
+        ),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "127.0.0.1:2379",
+                "--etcd-ca",
+                pem,
+            ],
+            "--etcd-ca, --etcd-cert and --etcd-key go together",
+        ),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "127.0.0.1:2379,etcd2",
+            ],
+            "--etcd-endpoints #2 (\"etcd2\")",
+        ),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "ftp://127.0.0.1:2379",
+            ],
+            "scheme \"ftp\"",
+        ),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "https://127.0.0.1:2379",
+            ],
+            "https:// needs --etcd-ca",
+        ),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "127.0.0.1:2379",
+                "--etcd-prefix",
+                "meshfed",
+            ],
+            "--etcd-prefix \"meshfed\"",
+        ),
+        (
+            vec!["--store", "zookeeper"],
+            "invalid value 'zookeeper' for '--store",
+        ),
+    ] {
+        let r = run(meshfed()
+            .args(["federator", "--state-dir", state.to_str().unwrap()])
+            .args(&args));
+        assert_ne!(r.code, 0, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+        assert!(!state.exists(), "{args:?}: nothing was written");
+    }
+    // The token commands take a state directory or etcd, exactly one.
+    for (args, says) in [
+        (
+            vec![],
+            "--state-dir (a sled federator) or --etcd-endpoints (replicas) is required",
+        ),
+        (
+            vec![
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--etcd-endpoints",
+                "127.0.0.1:2379",
+            ],
+            "give one",
+        ),
+    ] {
+        let r = run(meshfed().args(["federator", "token", "list"]).args(&args));
+        assert_ne!(r.code, 0, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+}
+
 #[test]
 fn sigterm_drains_the_federator_and_it_exits_0() {
     use std::io::{BufRead, BufReader, Read, Write};

@@ -6,27 +6,60 @@
 use std::path::Path;
 use std::time::Duration;
 
-use meshfed_federation::{Federator, FederatorConfig};
+use meshfed_federation::{Federator, FederatorConfig, StoreChoice};
 use meshfed_identity::cluster::{self as identity, ClusterIdentity, JoinParams};
-use meshfed_identity::token::{Claims, TokenStore};
+use meshfed_identity::token::Claims;
 use proto::cluster_message::Kind;
 use proto::federation_client::FederationClient;
 use proto::{ClusterMessage, ExportDelta, Hello, Port, ServiceExport};
 use tokio_stream::wrappers::ReceiverStream;
 use trust::TrustDomain;
 
-async fn federator(dir: &Path) -> Federator {
-    let mut cfg = FederatorConfig::new(dir.join("fed"), "127.0.0.1:0".parse().unwrap());
-    cfg.lease_ttl = Duration::from_secs(5);
-    Federator::start(cfg).await.unwrap()
+/// A test's directory and the store its federators use: sled, or a real etcd started for the
+/// test when `MESHFED_TEST_STORE=etcd` (scripts/test runs this file both ways).
+struct Env {
+    dir: tempfile::TempDir,
+    etcd: Option<meshfed_store::etcd::testing::TestEtcd>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let etcd = match std::env::var("MESHFED_TEST_STORE").as_deref() {
+            Ok("etcd") => Some(meshfed_store::etcd::testing::TestEtcd::start().unwrap()),
+            Ok("sled") | Err(_) => None,
+            Ok(other) => panic!("MESHFED_TEST_STORE={other}: sled or etcd"),
+        };
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+            etcd,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A federator of this test's federation (a restart is another `Federator::start` of it).
+    fn config(&self) -> FederatorConfig {
+        let mut cfg = FederatorConfig::new(self.path().join("fed"), "127.0.0.1:0".parse().unwrap());
+        cfg.lease_ttl = Duration::from_secs(5);
+        if let Some(e) = &self.etcd {
+            cfg.store = StoreChoice::Etcd(e.config("/fed"));
+        }
+        cfg
+    }
+}
+
+async fn federator(env: &Env) -> Federator {
+    Federator::start(env.config()).await.unwrap()
 }
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn token(f: &Federator, dir: &Path, cluster: &str, ttl: i64, created: i64) -> String {
-    TokenStore::new(&dir.join("fed"))
+fn token(f: &Federator, _dir: &Path, cluster: &str, ttl: i64, created: i64) -> String {
+    f.tokens()
         .create(
             cluster,
             ttl,
@@ -77,8 +110,8 @@ fn members(f: &Federator) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_refused_and_nothing_is_stored() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
 
     let expired = token(&f, d.path(), "east", 60, now() - 3600);
     let e = join_err(params(d.path(), expired, "east")).await;
@@ -95,7 +128,7 @@ async fn bad_tokens_are_refused_and_nothing_is_stored() {
 
     let revoked = token(&f, d.path(), "east", 900, now());
     let id = Claims::decode(&revoked).unwrap().id;
-    TokenStore::new(&d.path().join("fed")).revoke(&id).unwrap();
+    f.tokens().revoke(&id).unwrap();
     let e = join_err(params(d.path(), revoked, "east")).await;
     assert!(e.contains("revoked"), "{e}");
 
@@ -120,8 +153,8 @@ async fn bad_tokens_are_refused_and_nothing_is_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_federator_whose_ca_does_not_match_the_pin_is_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let good = token(&f, d.path(), "east", 900, now());
     let mut claims = Claims::decode(&good).unwrap();
     claims.ca_sha256 = "ab".repeat(32);
@@ -236,8 +269,8 @@ fn exports(version: u64, e: Vec<ServiceExport>) -> ClusterMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_may_only_speak_for_itself() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let _west = joined(&f, d.path(), "west").await;
     let mut forged = east.facts();
@@ -298,8 +331,8 @@ async fn a_cluster_may_only_speak_for_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_messages_are_refused_naming_the_field_without_hurting_others() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let west = joined(&f, d.path(), "west").await;
 
@@ -392,8 +425,8 @@ async fn malformed_and_oversized_messages_are_refused_naming_the_field_without_h
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_a_cluster_certificate_are_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let claims = Claims {
         id: "00".into(),
@@ -433,8 +466,8 @@ async fn calls_without_a_cluster_certificate_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_of_an_earlier_membership_are_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let old = joined(&f, d.path(), "east").await;
     assert!(client(&old)
         .await
@@ -506,8 +539,8 @@ async fn certificates_of_an_earlier_membership_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_rpc_reports_what_the_http_status_reports() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let rpc = client(&east)
         .await
@@ -535,8 +568,8 @@ async fn the_status_rpc_reports_what_the_http_status_reports() {
 /// is there when it starts again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_ends_sync_streams_with_unavailable_and_keeps_what_was_acknowledged() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let mut c = client(&east).await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -552,7 +585,7 @@ async fn a_drain_ends_sync_streams_with_unavailable_and_keeps_what_was_acknowled
     assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
     assert_eq!(end.message(), "the federator is shutting down");
     drop(tx);
-    let f = federator(d.path()).await;
+    let f = federator(&d).await;
     let r = f.report().unwrap();
     let east = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
     assert_eq!((east.exports, east.exports_acked_version), (1, 1));
@@ -562,8 +595,8 @@ async fn a_drain_ends_sync_streams_with_unavailable_and_keeps_what_was_acknowled
 /// stream with FAILED_PRECONDITION naming both numbers, is counted, and the newer one stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_sequence_regression_is_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let td = TrustDomain::new("east.mesh").unwrap();
     let ca = identity::open_cluster_ca(&d.path().join("east"), &td, None).unwrap();
@@ -595,8 +628,8 @@ async fn a_bundle_sequence_regression_is_refused() {
 /// the size, and counted; the stored bundle stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_bundle_is_refused_naming_its_size() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let td = TrustDomain::new("east.mesh").unwrap();
     let ca = identity::open_cluster_ca(&d.path().join("east"), &td, None).unwrap();
@@ -648,8 +681,8 @@ async fn open_sync(
 /// member holds it once it acknowledged an import revision carrying it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundle_distribution_names_who_does_not_hold_the_bundle_yet() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let west = joined(&f, d.path(), "west").await;
     let td = TrustDomain::new("east.mesh").unwrap();
@@ -732,8 +765,8 @@ async fn bundle_distribution_names_who_does_not_hold_the_bundle_yet() {
 /// import acknowledgements.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
-    let d = tempfile::tempdir().unwrap();
-    let f = federator(d.path()).await;
+    let d = Env::new();
+    let f = federator(&d).await;
     let east = joined(&f, d.path(), "east").await;
     let west = joined(&f, d.path(), "west").await;
     let (etx, mut ein) = open_sync(&east).await;
@@ -849,8 +882,8 @@ async fn an_observer_stream_receives_imports_without_replacing_the_cluster() {
 /// replaces a service) is accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_beyond_the_per_cluster_limit_are_refused_and_the_acknowledged_stay() {
-    let d = tempfile::tempdir().unwrap();
-    let mut cfg = FederatorConfig::new(d.path().join("fed"), "127.0.0.1:0".parse().unwrap());
+    let d = Env::new();
+    let mut cfg = d.config();
     cfg.lease_ttl = Duration::from_secs(5);
     cfg.max_services_per_cluster = 2;
     let f = Federator::start(cfg).await.unwrap();
@@ -933,8 +966,8 @@ async fn exports_beyond_the_per_cluster_limit_are_refused_and_the_acknowledged_s
 /// backlog. Observed over three lease TTLs, with the backlog real (east's imports not applied).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn heartbeats_are_read_while_a_stalled_importers_backlog_waits() {
-    let d = tempfile::tempdir().unwrap();
-    let mut cfg = FederatorConfig::new(d.path().join("fed"), "127.0.0.1:0".parse().unwrap());
+    let d = Env::new();
+    let mut cfg = d.config();
     let ttl = Duration::from_secs(1);
     cfg.lease_ttl = ttl;
     let f = Federator::start(cfg).await.unwrap();
@@ -1057,4 +1090,126 @@ async fn heartbeats_are_read_while_a_stalled_importers_backlog_waits() {
     e_beats.abort();
     w_beats.abort();
     w_reader.abort();
+}
+
+/// Two federator replicas on one etcd (always etcd, whatever MESHFED_TEST_STORE says).
+async fn replicas(etcd: &meshfed_store::etcd::testing::TestEtcd, d: &Path) -> [Federator; 2] {
+    let start = |name: &str| {
+        let mut cfg = FederatorConfig::new(d.join(name), "127.0.0.1:0".parse().unwrap());
+        cfg.lease_ttl = Duration::from_secs(5);
+        cfg.store = StoreChoice::Etcd(etcd.config("/fed"));
+        Federator::start(cfg)
+    };
+    let a = start("a").await.unwrap();
+    let b = start("b").await.unwrap();
+    [a, b]
+}
+
+/// Federator replicas share the federation: one CA, the join tokens, and each other's writes.
+/// A cluster joined on one replica and exporting there is imported by a cluster connected to
+/// the other; the store's revision means the same on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_ca_the_tokens_and_each_others_writes() {
+    let etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let [a, b] = replicas(&etcd, d.path()).await;
+    assert_eq!(a.ca_fingerprint(), b.ca_fingerprint());
+    assert_eq!(a.trust_domain(), b.trust_domain());
+    // A token made through one replica is spent on the other (the token names only b).
+    let mut claims = Claims::decode(&token(&a, d.path(), "east", 900, now())).unwrap();
+    claims.federators = b.advertise().to_vec();
+    let east = identity::join(params(d.path(), claims.encode(), "east"))
+        .await
+        .unwrap();
+    let west = joined(&a, d.path(), "west").await;
+    // West on a, east on b: east's export reaches west through etcd.
+    let (_wtx, mut win) = open_sync(&west).await;
+    let (etx, mut ein) = open_sync(&east).await;
+    etx.send(exports(1, vec![export("payment", 8080)]))
+        .await
+        .unwrap();
+    export_acked(&mut ein, 1).await;
+    let revision = loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), win.message())
+            .await
+            .expect("east's export reaches west on the other replica")
+            .unwrap()
+            .unwrap();
+        if let Some(proto::federator_message::Kind::Imports(delta)) = m.kind {
+            if delta.upserts.iter().any(|u| u.source_cluster == "east") {
+                break delta.revision;
+            }
+        }
+    };
+    for f in [&a, &b] {
+        let r = f.report().unwrap();
+        assert_eq!(r.clusters.len(), 2, "{:?}", r.clusters);
+        assert!(r.head_revision >= revision);
+        assert_eq!(r.store.backend, "etcd");
+        assert_eq!(r.store.unavailable, None);
+    }
+    // The revision west acknowledged means the same on either replica.
+    assert_eq!(
+        a.report().unwrap().head_revision,
+        b.report().unwrap().head_revision
+    );
+}
+
+/// Two replicas spending one join token at the same moment: exactly one join succeeds, the
+/// other is told the token was used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_racing_to_spend_one_token_admit_exactly_one() {
+    let etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let [a, b] = replicas(&etcd, d.path()).await;
+    for round in 0..5 {
+        let cluster = format!("east{round}");
+        let tok = token(&a, d.path(), &cluster, 900, now());
+        let mut claims = Claims::decode(&tok).unwrap();
+        let mut via = |f: &Federator, dir: &str| {
+            claims.federators = f.advertise().to_vec();
+            let mut p = params(d.path(), claims.encode(), &cluster);
+            p.state_dir = d.path().join(format!("{cluster}-{dir}"));
+            p
+        };
+        let (pa, pb) = (via(&a, "a"), via(&b, "b"));
+        let (ra, rb) = tokio::join!(identity::join(pa), identity::join(pb));
+        let oks = [ra.is_ok(), rb.is_ok()];
+        assert_eq!(
+            oks.iter().filter(|o| **o).count(),
+            1,
+            "round {round}: {:?} {:?}",
+            ra.as_ref().err(),
+            rb.as_ref().err()
+        );
+        let e = format!("{:#}", ra.err().or(rb.err()).unwrap());
+        assert!(e.contains("already used"), "round {round}: {e}");
+    }
+}
+
+/// A replica that loses etcd is not ready and says why; with etcd back it is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_etcd_is_not_ready_and_says_why() {
+    let mut etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = FederatorConfig::new(d.path().join("a"), "127.0.0.1:0".parse().unwrap());
+    cfg.store = StoreChoice::Etcd(etcd.config("/fed"));
+    let a = Federator::start(cfg).await.unwrap();
+    let mut store = a.store_version();
+    assert_eq!(a.tasks().readiness_report(), Ok(()));
+    etcd.kill(0);
+    tokio::time::timeout(Duration::from_secs(30), store.wait_for(|v| !v.following))
+        .await
+        .expect("the replica notices etcd is gone")
+        .unwrap();
+    let why = a.tasks().readiness_report().unwrap_err();
+    assert!(why.contains("state store: etcd:"), "{why}");
+    let problems = a.report().unwrap().problems();
+    assert!(problems.iter().any(|p| p.contains("etcd")), "{problems:?}");
+    etcd.restart(0).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), store.wait_for(|v| v.following))
+        .await
+        .expect("the replica follows etcd again")
+        .unwrap();
+    assert_eq!(a.tasks().readiness_report(), Ok(()));
 }

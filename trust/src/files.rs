@@ -90,3 +90,148 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "temporary file left behind");
     }
 }
+
+/// The text files of some directories of a state directory, as one value (what replicas
+/// share through a Kubernetes Secret or etcd): path relative to the state directory ->
+/// contents. Lock and temporary files (names starting with `.`) are not part of it.
+pub mod snapshot {
+    use std::collections::BTreeMap;
+    use std::path::{Component, Path, PathBuf};
+
+    use crate::error::{Result, TrustError};
+
+    /// Reads every file under `state_dir/<d>` for each of `dirs`.
+    pub fn read(state_dir: &Path, dirs: &[&str]) -> Result<BTreeMap<String, String>> {
+        let mut files = BTreeMap::new();
+        for d in dirs {
+            collect(state_dir, &state_dir.join(d), &mut files)?;
+        }
+        Ok(files)
+    }
+
+    /// Writes every file into the state directory (atomically each; `*key.pem` 0600) and
+    /// returns how many differed from what was there. A path that is not a file under one of
+    /// `dirs`, or that would leave the directory, is refused before anything is written.
+    pub fn write(
+        state_dir: &Path,
+        files: &BTreeMap<String, String>,
+        dirs: &[&str],
+    ) -> Result<usize> {
+        let mut paths = Vec::new();
+        for (rel, contents) in files {
+            paths.push((safe_join(state_dir, rel, dirs)?, rel, contents));
+        }
+        let mut changed = 0;
+        for (path, rel, contents) in paths {
+            if std::fs::read(&path).ok().as_deref() == Some(contents.as_bytes()) {
+                continue;
+            }
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| TrustError::io(parent, e))?;
+            }
+            let mode = if rel.ends_with("key.pem") {
+                super::PRIVATE_MODE
+            } else {
+                super::PUBLIC_MODE
+            };
+            super::write_atomic(&path, contents.as_bytes(), mode)?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Result<()> {
+        let entries = std::fs::read_dir(dir).map_err(|e| TrustError::io(dir, e))?;
+        for e in entries {
+            let e = e.map_err(|e| TrustError::io(dir, e))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = e.path();
+            let ft = e.file_type().map_err(|e| TrustError::io(&path, e))?;
+            if ft.is_dir() {
+                collect(root, &path, out)?;
+                continue;
+            }
+            let contents = std::fs::read_to_string(&path).map_err(|e| TrustError::io(&path, e))?;
+            let rel = path
+                .strip_prefix(root)
+                .map(|p| p.to_string_lossy().to_string())
+                .map_err(|_| {
+                    TrustError::io(&path, std::io::Error::other("outside the state directory"))
+                })?;
+            out.insert(rel, contents);
+        }
+        Ok(())
+    }
+
+    /// `root/rel`, refusing absolute paths, `..`, hidden names and anything outside `dirs`
+    /// (a snapshot's paths are data, not trusted).
+    pub fn safe_join(root: &Path, rel: &str, dirs: &[&str]) -> Result<PathBuf> {
+        let p = Path::new(rel);
+        let ok = !rel.is_empty()
+            && p.components().all(
+                |c| matches!(c, Component::Normal(n) if !n.to_string_lossy().starts_with('.')),
+            )
+            && dirs.iter().any(|d| p.starts_with(d) && p != Path::new(d));
+        if !ok {
+            return Err(TrustError::io(
+                Path::new(rel),
+                std::io::Error::other(format!(
+                    "not a file under {} (nor a hidden one)",
+                    dirs.iter()
+                        .map(|d| format!("{d}/"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )),
+            ));
+        }
+        Ok(root.join(p))
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::snapshot;
+
+    #[test]
+    fn a_snapshot_round_trips_and_refuses_paths_outside_its_directories() {
+        let a = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(a.path().join("ca/generations/0")).unwrap();
+        std::fs::write(a.path().join("ca/root-cert.pem"), "root").unwrap();
+        std::fs::write(a.path().join("ca/generations/0/ca-key.pem"), "key").unwrap();
+        std::fs::write(a.path().join("ca/.lock"), "").unwrap();
+        std::fs::write(a.path().join("other.txt"), "not shared").unwrap();
+        let files = snapshot::read(a.path(), &["ca"]).unwrap();
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            ["ca/generations/0/ca-key.pem", "ca/root-cert.pem"]
+        );
+        let b = tempfile::tempdir().unwrap();
+        assert_eq!(snapshot::write(b.path(), &files, &["ca"]).unwrap(), 2);
+        assert_eq!(snapshot::write(b.path(), &files, &["ca"]).unwrap(), 0);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(b.path().join("ca/generations/0/ca-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, super::PRIVATE_MODE);
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "ca",
+            "ca/.lock",
+            "identity/x",
+            "ca/../../x",
+            "",
+        ] {
+            let mut f = files.clone();
+            f.insert(bad.to_string(), "x".into());
+            let e = snapshot::write(b.path(), &f, &["ca"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not a file under ca/"), "{bad}: {e}");
+        }
+    }
+}

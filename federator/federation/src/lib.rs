@@ -4,9 +4,10 @@
 pub mod ca;
 pub mod metrics;
 pub mod server;
+pub mod shared;
 pub mod status;
 
-pub use server::{Federator, FederatorConfig};
+pub use server::{Federator, FederatorConfig, StoreChoice};
 
 /// The federation dashboard (`/ui/` on the federator's admin server): one page, embedded.
 pub const FEDERATION_PAGE: &str = include_str!("../ui/federation.html");

@@ -62,6 +62,19 @@ pub struct FederatorConfig {
     /// The most services one cluster may export; an export delta that would go beyond is
     /// refused, and what was acknowledged before stays.
     pub max_services_per_cluster: usize,
+    /// Where the federation's state lives.
+    pub store: StoreChoice,
+}
+
+/// Where the federation's state lives.
+#[derive(Debug, Clone, Default)]
+pub enum StoreChoice {
+    /// sled in `<state-dir>/store`, tokens and the CA in the state directory: one federator.
+    #[default]
+    Sled,
+    /// etcd: the store, join tokens, the federation CA and the replicas' addresses, shared by
+    /// every replica (the state directory keeps a working copy of the CA).
+    Etcd(meshfed_store::etcd::EtcdConfig),
 }
 
 impl FederatorConfig {
@@ -81,6 +94,7 @@ impl FederatorConfig {
             },
             cluster_cert_ttl: crate::ca::CLUSTER_CERT_TTL,
             server_cert_ttl: crate::ca::SERVER_CERT_TTL,
+            store: StoreChoice::Sled,
             max_services_per_cluster: validate::DEFAULT_MAX_SERVICES_PER_CLUSTER,
         }
     }
@@ -104,6 +118,8 @@ struct Hub {
     store: Store,
     tokens: TokenStore,
     ca: FederationCa,
+    /// With etcd: the federation CA as the replicas share it.
+    shared_ca: Option<crate::shared::SharedCa>,
     metrics: FederationMetrics,
     head: watch::Sender<u64>,
     peers: watch::Sender<u64>,
@@ -161,7 +177,12 @@ impl Hub {
 
     fn bump_head(&self, rev: u64) {
         self.metrics.head_revision.set(rev as i64);
-        self.head.send_replace(rev);
+        // Forwarded from the store's view too (another replica's write): tell once.
+        self.head.send_if_modified(|h| {
+            let moved = rev > *h;
+            *h = (*h).max(rev);
+            moved
+        });
     }
 
     fn bump_peers(&self) {
@@ -457,6 +478,10 @@ impl Hub {
             head_revision: head,
             lease_ttl_ms: self.cfg.lease_ttl.as_millis() as u64,
             clusters,
+            store: crate::status::StoreReport {
+                backend: self.store.backend_name().to_string(),
+                unavailable: self.store.unavailable(),
+            },
         })
     }
 }
@@ -486,13 +511,41 @@ impl Federator {
     pub async fn start(cfg: FederatorConfig) -> anyhow::Result<Federator> {
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
-        let mut ca = FederationCa::open_or_create(&cfg.state_dir, cfg.trust_domain.as_ref())?;
+        let (store, tokens, mut ca, shared_ca) = match &cfg.store {
+            StoreChoice::Sled => {
+                let ca = FederationCa::open_or_create(&cfg.state_dir, cfg.trust_domain.as_ref())?;
+                let store = Store::open(&cfg.state_dir.join("store")).with_context(|| {
+                    format!("cannot open the state store in {}", cfg.state_dir.display())
+                })?;
+                (store, TokenStore::new(&cfg.state_dir), ca, None)
+            }
+            StoreChoice::Etcd(e) => {
+                let (e, dir, td) = (e.clone(), cfg.state_dir.clone(), cfg.trust_domain.clone());
+                // Connecting and loading block: off the runtime's workers.
+                tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let store = Store::open_etcd(&e).with_context(|| {
+                        format!(
+                            "cannot open the state store in etcd ({}, prefix {})",
+                            e.endpoints.join(","),
+                            e.prefix
+                        )
+                    })?;
+                    let records = |part: &str| {
+                        store
+                            .records(part)
+                            .context("the etcd store has no records handle")
+                    };
+                    let tokens = crate::shared::tokens(records("tokens")?);
+                    let (ca, shared) =
+                        crate::shared::SharedCa::open(records("ca")?, &dir, td.as_ref())?;
+                    Ok((store, tokens, ca, Some(shared)))
+                })
+                .await??
+            }
+        };
         ca.cluster_ttl = cfg.cluster_cert_ttl;
         ca.server_ttl = cfg.server_cert_ttl;
         let fed_bundle = watch::Sender::new(federation_bundle_message(&ca)?);
-        let store = Store::open(&cfg.state_dir.join("store")).with_context(|| {
-            format!("cannot open the state store in {}", cfg.state_dir.display())
-        })?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -508,9 +561,15 @@ impl Federator {
             trust::files::PUBLIC_MODE,
         )?;
         let head = store.head();
+        if let Some(r) = store.records(crate::shared::REPLICAS) {
+            // Every replica's addresses, for join tokens made from etcd.
+            let (id, addrs) = (advertise.join(","), serde_json::to_vec(&advertise)?);
+            tokio::task::spawn_blocking(move || r.put(&id, addrs)).await??;
+        }
         let hub = Arc::new(Hub {
             advertise,
-            tokens: TokenStore::new(&cfg.state_dir),
+            tokens,
+            shared_ca,
             metrics: FederationMetrics::new(),
             head: watch::Sender::new(head),
             peers: watch::Sender::new(0),
@@ -524,6 +583,32 @@ impl Federator {
             cfg,
         });
         hub.metrics.head_revision.set(head as i64);
+        // The store's view moves with every replica's writes: sessions hear of them as of
+        // this replica's own.
+        let mut store_version = hub.store.subscribe();
+        let forward_hub = hub.clone();
+        hub.tasks.spawn("store changes", async move {
+            let mut seen = *store_version.borrow_and_update();
+            while store_version.changed().await.is_ok() {
+                let v = *store_version.borrow_and_update();
+                forward_hub.bump_head(v.head);
+                if v.clusters != seen.clusters {
+                    forward_hub.bump_peers();
+                }
+                seen = v;
+            }
+        });
+        // Weak: the check stays registered after a drain and must not keep the store open.
+        let ready_hub = Arc::downgrade(&hub);
+        hub.tasks.readiness_check(
+            "state store",
+            Arc::new(
+                move || match ready_hub.upgrade().and_then(|h| h.store.unavailable()) {
+                    Some(why) => Err(why),
+                    None => Ok(()),
+                },
+            ),
+        );
 
         // TLS: the federator's own certificate, renewed in the background; clients verified
         // against the federation bundle when they present a certificate (Join needs none).
@@ -631,6 +716,16 @@ impl Federator {
         meshfed_net::metrics::render(&self.hub.metrics.registry)
     }
 
+    /// The store's changes, and whether its view follows the backend.
+    pub fn store_version(&self) -> watch::Receiver<meshfed_store::Version> {
+        self.hub.store.subscribe()
+    }
+
+    /// The join tokens this federator accepts (in its state directory, or in etcd).
+    pub fn tokens(&self) -> &TokenStore {
+        &self.hub.tokens
+    }
+
     /// The federation CA's root fingerprint (what join tokens pin).
     pub fn ca_fingerprint(&self) -> String {
         self.hub.ca.root_fingerprint()
@@ -675,6 +770,10 @@ async fn federation_ca(hub: Arc<Hub>, fed_trust: TrustStore, serving: Arc<Manage
         let now = time::OffsetDateTime::now_utc();
         let hub2 = hub.clone();
         let stepped = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            // Replicas: another's change first (the live CA reloads it in this step).
+            if let Some(shared) = &hub2.shared_ca {
+                shared.pull(Some(&hub2.ca.trust_domain))?;
+            }
             let due = hub2.ca.live.activation_due(now);
             let pending = match due {
                 Some(seq) => hub2.federation_bundle_pending(seq)?,
@@ -682,7 +781,21 @@ async fn federation_ca(hub: Arc<Hub>, fed_trust: TrustStore, serving: Arc<Manage
             };
             hub2.ca.live.set_waiting_for(pending.clone());
             let may = due.is_some() && pending.is_empty();
-            hub2.ca.live.step(now, &hub2.cfg.ca_rotation, may)
+            let Some(shared) = &hub2.shared_ca else {
+                return hub2.ca.live.step(now, &hub2.cfg.ca_rotation, may);
+            };
+            // Other replicas sign too and record their issuances only in their own copy: a
+            // root that stops signing stays published as long as a certificate they issued
+            // under it may live.
+            let others = hub2.cfg.cluster_cert_ttl.max(hub2.cfg.server_cert_ttl);
+            let stepped = hub2
+                .ca
+                .live
+                .step_with(now, &hub2.cfg.ca_rotation, may, others)?;
+            if stepped.began || stepped.bundle_changed || stepped.signer_changed {
+                shared.push(&hub2.ca.trust_domain)?;
+            }
+            Ok(stepped)
         })
         .await;
         let stepped = match stepped {

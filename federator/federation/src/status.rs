@@ -40,13 +40,33 @@ pub struct FederationReport {
     pub head_revision: u64,
     pub lease_ttl_ms: u64,
     pub clusters: Vec<ClusterReport>,
+    /// Where the federation's state lives.
+    #[serde(default)]
+    pub store: StoreReport,
+}
+
+/// The federator's store as `/status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreReport {
+    /// `sled` or `etcd`.
+    pub backend: String,
+    /// Why the store takes no writes now (etcd unreachable), since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 impl FederationReport {
     /// What is wrong with the federator itself (`meshfed status` exits 1). Its member clusters'
     /// states are [`peer_problems`](Self::peer_problems).
     pub fn problems(&self) -> Vec<String> {
-        Vec::new()
+        let mut out = Vec::new();
+        if let Some(why) = &self.store.unavailable {
+            out.push(format!(
+                "the state store ({}) takes no writes: {why}",
+                self.store.backend
+            ));
+        }
+        out
     }
 
     /// Member clusters that are disconnected, stale or in conflict (`meshfed status` exits 3

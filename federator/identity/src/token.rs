@@ -138,10 +138,30 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(v)
 }
 
-/// The directory of token records.
+/// Token records kept where several federator replicas see them (etcd): each record has a
+/// revision, and a write succeeds only if the record's revision is still the one read, so two
+/// replicas can never both spend one token.
+pub trait SharedRecords: Send + Sync + std::fmt::Debug {
+    /// The record and its revision.
+    fn get(&self, id: &str) -> Result<Option<(Vec<u8>, i64)>, String>;
+    /// Every record: (id, value).
+    fn list(&self) -> Result<Vec<(String, Vec<u8>)>, String>;
+    /// Writes `value` if the record's revision is still `expected` (0: it must not exist);
+    /// false when another writer changed it first.
+    fn swap(&self, id: &str, value: Vec<u8>, expected: i64) -> Result<bool, String>;
+}
+
+#[derive(Debug, Clone)]
+enum Records {
+    /// One file per token in a directory (one federator, or an agent's VM tokens).
+    Dir(PathBuf),
+    Shared(std::sync::Arc<dyn SharedRecords>),
+}
+
+/// The token records.
 #[derive(Debug, Clone)]
 pub struct TokenStore {
-    dir: PathBuf,
+    records: Records,
     kind: TokenKind,
 }
 
@@ -152,7 +172,18 @@ impl TokenStore {
 
     /// A store of `kind` token records in `dir` (VM tokens live beside the agent's state).
     pub fn in_dir(dir: PathBuf, kind: TokenKind) -> Self {
-        TokenStore { dir, kind }
+        TokenStore {
+            records: Records::Dir(dir),
+            kind,
+        }
+    }
+
+    /// A store of `kind` token records that federator replicas share.
+    pub fn shared(records: std::sync::Arc<dyn SharedRecords>, kind: TokenKind) -> Self {
+        TokenStore {
+            records: Records::Shared(records),
+            kind,
+        }
     }
 
     /// Creates a record bound to `bound_to`, valid `ttl_secs`; returns it with the secret (which
@@ -174,7 +205,12 @@ impl TokenStore {
             used_by: None,
             revoked: false,
         };
-        self.write(&rec)?;
+        if !self.write(&rec, 0)? {
+            return Err(TokenError::Store(format!(
+                "a token with id {} exists already",
+                rec.id
+            )));
+        }
         Ok((rec, secret))
     }
 
@@ -209,33 +245,65 @@ impl TokenStore {
         Ok(rec)
     }
 
-    fn path(&self, id: &str) -> Result<PathBuf, TokenError> {
+    fn check_id(&self, id: &str) -> Result<(), TokenError> {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(TokenError::Malformed(
                 self.kind,
                 format!("token id {id:?} is not hexadecimal"),
             ));
         }
-        Ok(self.dir.join(format!("{id}.json")))
+        Ok(())
     }
 
-    fn write(&self, rec: &Record) -> Result<(), TokenError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| TokenError::Store(format!("{}: {e}", self.dir.display())))?;
+    fn path(dir: &Path, id: &str) -> PathBuf {
+        dir.join(format!("{id}.json"))
+    }
+
+    /// Writes a record. Shared records are written only if their revision is still
+    /// `expected` (see [`SharedRecords::swap`]); false when another writer came first.
+    fn write(&self, rec: &Record, expected: i64) -> Result<bool, TokenError> {
+        self.check_id(&rec.id)?;
         let json = serde_json::to_vec_pretty(rec).unwrap_or_default();
-        trust::files::write_atomic(&self.path(&rec.id)?, &json, trust::files::PRIVATE_MODE)
-            .map_err(|e| TokenError::Store(e.to_string()))
+        match &self.records {
+            Records::Dir(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| TokenError::Store(format!("{}: {e}", dir.display())))?;
+                trust::files::write_atomic(
+                    &Self::path(dir, &rec.id),
+                    &json,
+                    trust::files::PRIVATE_MODE,
+                )
+                .map_err(|e| TokenError::Store(e.to_string()))?;
+                Ok(true)
+            }
+            Records::Shared(s) => s.swap(&rec.id, json, expected).map_err(TokenError::Store),
+        }
+    }
+
+    /// The record and its revision (0 in a directory).
+    fn get_rev(&self, id: &str) -> Result<Option<(Record, i64)>, TokenError> {
+        self.check_id(id)?;
+        let (bytes, rev, at) = match &self.records {
+            Records::Dir(dir) => {
+                let p = Self::path(dir, id);
+                match std::fs::read(&p) {
+                    Ok(b) => (b, 0, p.display().to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(TokenError::Store(format!("{}: {e}", p.display()))),
+                }
+            }
+            Records::Shared(s) => match s.get(id).map_err(TokenError::Store)? {
+                Some((b, rev)) => (b, rev, format!("token record {id}")),
+                None => return Ok(None),
+            },
+        };
+        serde_json::from_slice(&bytes)
+            .map(|r| Some((r, rev)))
+            .map_err(|e| TokenError::Store(format!("{at}: {e}")))
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Record>, TokenError> {
-        let p = self.path(id)?;
-        match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| TokenError::Store(format!("{}: {e}", p.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TokenError::Store(format!("{}: {e}", p.display()))),
-        }
+        Ok(self.get_rev(id)?.map(|(r, _)| r))
     }
 
     /// Creates a token for `cluster`, valid `ttl` seconds.
@@ -263,16 +331,28 @@ impl TokenStore {
 
     pub fn list(&self) -> Result<Vec<Record>, TokenError> {
         let mut out = Vec::new();
-        let rd = match std::fs::read_dir(&self.dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(TokenError::Store(format!("{}: {e}", self.dir.display()))),
-        };
-        for entry in rd.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json") {
-                if let Some(r) = self.get(id)? {
-                    out.push(r);
+        match &self.records {
+            Records::Dir(dir) => {
+                let rd = match std::fs::read_dir(dir) {
+                    Ok(rd) => rd,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(TokenError::Store(format!("{}: {e}", dir.display()))),
+                };
+                for entry in rd.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if let Some(id) = name.strip_suffix(".json") {
+                        if let Some(r) = self.get(id)? {
+                            out.push(r);
+                        }
+                    }
+                }
+            }
+            Records::Shared(s) => {
+                for (id, bytes) in s.list().map_err(TokenError::Store)? {
+                    out.push(
+                        serde_json::from_slice(&bytes)
+                            .map_err(|e| TokenError::Store(format!("token record {id}: {e}")))?,
+                    );
                 }
             }
         }
@@ -281,10 +361,14 @@ impl TokenStore {
     }
 
     pub fn revoke(&self, id: &str) -> Result<Record, TokenError> {
-        let mut rec = self.get(id)?.ok_or(TokenError::Unknown(self.kind))?;
-        rec.revoked = true;
-        self.write(&rec)?;
-        Ok(rec)
+        loop {
+            let (mut rec, rev) = self.get_rev(id)?.ok_or(TokenError::Unknown(self.kind))?;
+            rec.revoked = true;
+            if self.write(&rec, rev)? {
+                return Ok(rec);
+            }
+            // Spent or revoked by another replica meanwhile: read it again.
+        }
     }
 
     /// Checks a presented token without using it up.
@@ -292,19 +376,28 @@ impl TokenStore {
         self.check_secret(&claims.id, &claims.secret, cluster, now)
     }
 
-    /// Marks a checked token used, durably. The caller serializes check + consume. The record
-    /// is read again first, so a revoke made meanwhile (by the CLI) is not overwritten.
+    /// Marks a checked token used, durably. The record is read again first, so a revoke made
+    /// meanwhile (by the CLI) is not overwritten. In a directory the caller serializes check +
+    /// consume; shared records are spent with a compare on the revision read, so of two
+    /// replicas spending one token at once exactly one succeeds and the other is told it was
+    /// used.
     pub fn consume(&self, rec: Record, cluster: &str, now: i64) -> Result<(), TokenError> {
-        let mut rec = self.get(&rec.id)?.ok_or(TokenError::Unknown(self.kind))?;
-        if rec.revoked {
-            return Err(TokenError::Revoked(self.kind));
+        loop {
+            let (mut rec, rev) = self
+                .get_rev(&rec.id)?
+                .ok_or(TokenError::Unknown(self.kind))?;
+            if rec.revoked {
+                return Err(TokenError::Revoked(self.kind));
+            }
+            if let Some(by) = &rec.used_by {
+                return Err(TokenError::Used(self.kind, by.clone()));
+            }
+            rec.used_at = Some(now);
+            rec.used_by = Some(cluster.to_string());
+            if self.write(&rec, rev)? {
+                return Ok(());
+            }
         }
-        if let Some(by) = &rec.used_by {
-            return Err(TokenError::Used(self.kind, by.clone()));
-        }
-        rec.used_at = Some(now);
-        rec.used_by = Some(cluster.to_string());
-        self.write(&rec)
     }
 }
 

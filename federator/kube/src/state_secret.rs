@@ -14,7 +14,9 @@
 //! paths relative to the state directory (Secret keys cannot hold `/`).
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
+
+use trust::files::snapshot;
 
 use anyhow::{bail, Context};
 use k8s_openapi::api::core::v1::Secret;
@@ -38,21 +40,13 @@ pub struct SharedState {
     pub files: BTreeMap<String, String>,
 }
 
-fn is_key_file(path: &str) -> bool {
-    path.ends_with("key.pem")
-}
-
 impl SharedState {
     /// Reads `dirs` (of [`IDENTITY`], [`CA`]) from the state directory; lock and temporary
     /// files (names starting with `.`) are not state.
     pub fn read(state_dir: &Path, cluster: &str, dirs: &[&str]) -> anyhow::Result<SharedState> {
-        let mut files = BTreeMap::new();
-        for d in dirs {
-            collect(state_dir, &state_dir.join(d), &mut files)?;
-        }
         Ok(SharedState {
             cluster: cluster.to_string(),
-            files,
+            files: snapshot::read(state_dir, dirs)?,
         })
     }
 
@@ -73,25 +67,7 @@ impl SharedState {
     /// Writes every file into the state directory (atomically each, keys 0600) and returns how
     /// many differed from what was there. A path that would leave the directory is refused.
     pub fn write(&self, state_dir: &Path) -> anyhow::Result<usize> {
-        let mut changed = 0;
-        for (rel, contents) in &self.files {
-            let path = safe_join(state_dir, rel)?;
-            if std::fs::read(&path).ok().as_deref() == Some(contents.as_bytes()) {
-                continue;
-            }
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
-            }
-            let mode = if is_key_file(rel) {
-                trust::files::PRIVATE_MODE
-            } else {
-                trust::files::PUBLIC_MODE
-            };
-            trust::files::write_atomic(&path, contents.as_bytes(), mode)?;
-            changed += 1;
-        }
-        Ok(changed)
+        Ok(snapshot::write(state_dir, &self.files, &[IDENTITY, CA])?)
     }
 
     fn to_secret(&self, namespace: &str, name: &str) -> anyhow::Result<Secret> {
@@ -123,51 +99,11 @@ impl SharedState {
         let state: SharedState = serde_json::from_slice(&bytes.0)
             .with_context(|| format!("Secret {namespace}/{name}: {KEY} is not meshfed's state"))?;
         for p in state.files.keys() {
-            safe_join(Path::new("/"), p)
+            snapshot::safe_join(Path::new("/"), p, &[IDENTITY, CA])
                 .with_context(|| format!("Secret {namespace}/{name}: {KEY}"))?;
         }
         Ok(state)
     }
-}
-
-fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> anyhow::Result<()> {
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    for e in entries {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') {
-            continue;
-        }
-        let path = e.path();
-        if e.file_type()?.is_dir() {
-            collect(root, &path, out)?;
-            continue;
-        }
-        let contents = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {} (as text)", path.display()))?;
-        let rel = path
-            .strip_prefix(root)
-            .map(|p| p.to_string_lossy().to_string())
-            .with_context(|| format!("{} is outside {}", path.display(), root.display()))?;
-        out.insert(rel, contents);
-    }
-    Ok(())
-}
-
-/// `root/rel`, refusing absolute paths and `..` (a Secret's paths are data, not trusted).
-fn safe_join(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
-    let p = Path::new(rel);
-    let ok = !rel.is_empty()
-        && p.components()
-            .all(|c| matches!(c, Component::Normal(n) if !n.to_string_lossy().starts_with('.')))
-        && [IDENTITY, CA]
-            .iter()
-            .any(|d| p.starts_with(d) && p != Path::new(d));
-    if !ok {
-        bail!("the path {rel:?} is not a file under identity/ or ca/ (nor a hidden one)");
-    }
-    Ok(root.join(p))
 }
 
 /// The Secret, if it exists.

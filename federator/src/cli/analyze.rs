@@ -404,6 +404,7 @@ mod tests {
             head_revision: 1,
             lease_ttl_ms: 3000,
             clusters: vec![east, west, eu, ap],
+            store: Default::default(),
         };
         let codes: Vec<(&str, String)> = federation(&r)
             .into_iter()

@@ -97,7 +97,7 @@ pub enum Command {
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
     /// Run the federation service, or manage its join tokens.
-    Federator(federator::FederatorArgs),
+    Federator(Box<federator::FederatorArgs>),
     /// Join this cluster to a federation (creates the cluster's keys locally).
     Join(agent::JoinArgs),
     /// Run the per-cluster control plane.
@@ -214,7 +214,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ca(c) => ca::run(c),
         Command::Bundle(c) => bundle::run(c),
-        Command::Federator(a) => runtime()?.block_on(federator::run(a)),
+        Command::Federator(a) => runtime()?.block_on(federator::run(*a)),
         Command::Join(a) => runtime()?.block_on(agent::join(a)),
         Command::Agent(a) => runtime()?.block_on(agent::run(*a)),
         Command::Leave(a) => runtime()?.block_on(agent::leave(a)),

@@ -29,8 +29,7 @@ use etcd_client::{
 };
 
 use crate::{
-    export_key, ClusterRecord, ExportRecord, Mem, Plan, Result, StoreError, Version,
-    SCHEMA_VERSION,
+    export_key, ClusterRecord, ExportRecord, Mem, Plan, Result, StoreError, Version, SCHEMA_VERSION,
 };
 use meshfed_model::validate::service_key;
 
@@ -280,7 +279,9 @@ pub struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("prefix", &self.keys.prefix).finish()
+        f.debug_struct("Conn")
+            .field("prefix", &self.keys.prefix)
+            .finish()
     }
 }
 
@@ -349,8 +350,11 @@ impl Conn {
     fn call<T: Send + 'static>(
         &self,
         what: &'static str,
-        f: impl FnOnce(KvClient) -> std::pin::Pin<Box<dyn Future<Output = std::result::Result<T, etcd_client::Error>> + Send>>
-            + Send
+        f: impl FnOnce(
+                KvClient,
+            ) -> std::pin::Pin<
+                Box<dyn Future<Output = std::result::Result<T, etcd_client::Error>> + Send>,
+            > + Send
             + 'static,
     ) -> Result<T> {
         let kv = self.kv.clone();
@@ -480,9 +484,9 @@ impl Etcd {
             .when([Compare::mod_revision(k.head(), CompareOp::Equal, head_mod)])
             .and_then(ops)
             .or_else([TxnOp::get(k.head(), None)]);
-        let resp = self
-            .conn
-            .call("commit", move |mut kv| Box::pin(async move { kv.txn(txn).await }))?;
+        let resp = self.conn.call("commit", move |mut kv| {
+            Box::pin(async move { kv.txn(txn).await })
+        })?;
         let timeout = self.conn.timeout;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
@@ -550,9 +554,9 @@ impl Records {
     /// The record and its revision (what [`swap`](Self::swap) compares).
     pub fn get(&self, id: &str) -> Result<Option<(Vec<u8>, i64)>> {
         let key = self.key(id);
-        let resp = self
-            .conn
-            .call("read", move |mut kv| Box::pin(async move { kv.get(key, None).await }))?;
+        let resp = self.conn.call("read", move |mut kv| {
+            Box::pin(async move { kv.get(key, None).await })
+        })?;
         Ok(resp
             .kvs()
             .first()
@@ -576,17 +580,32 @@ impl Records {
             .collect())
     }
 
-    /// Writes the record if its revision is still `expected` (0: only if it does not exist);
-    /// false when another writer changed it first.
-    pub fn swap(&self, id: &str, value: Vec<u8>, expected: i64) -> Result<bool> {
+    /// Writes the record whatever it held.
+    pub fn put(&self, id: &str, value: Vec<u8>) -> Result<()> {
+        let key = self.key(id);
+        self.conn.call("write", move |mut kv| {
+            Box::pin(async move { kv.put(key, value, None).await })
+        })?;
+        Ok(())
+    }
+
+    /// Writes the record if its revision is still `expected` (0: only if it does not exist):
+    /// its new revision, or `None` when another writer changed it first.
+    pub fn swap(&self, id: &str, value: Vec<u8>, expected: i64) -> Result<Option<i64>> {
         let key = self.key(id);
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, expected)])
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
             .and_then([TxnOp::put(key, value, None)]);
-        let resp = self
-            .conn
-            .call("write", move |mut kv| Box::pin(async move { kv.txn(txn).await }))?;
-        Ok(resp.succeeded())
+        let resp = self.conn.call("write", move |mut kv| {
+            Box::pin(async move { kv.txn(txn).await })
+        })?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
     }
 }
 
@@ -693,7 +712,8 @@ impl Follow {
             b.0 = why;
         }
         drop(h);
-        self.version.send_if_modified(|v| std::mem::replace(&mut v.following, false));
+        self.version
+            .send_if_modified(|v| std::mem::replace(&mut v.following, false));
     }
 
     fn healthy(&self) {
@@ -702,7 +722,8 @@ impl Follow {
             tracing::info!("etcd: this replica's view follows the store again");
         }
         drop(h);
-        self.version.send_if_modified(|v| !std::mem::replace(&mut v.following, true));
+        self.version
+            .send_if_modified(|v| !std::mem::replace(&mut v.following, true));
     }
 
     fn publish(&self) {
@@ -818,7 +839,10 @@ mod tests {
         assert!(matches!(k.parse(k.head().as_bytes()), Key::Head));
         assert!(matches!(k.parse(k.schema().as_bytes()), Key::Schema));
         assert!(matches!(k.parse(k.cluster("c1").as_bytes()), Key::Cluster));
-        assert!(matches!(k.parse(k.acked("c1").as_bytes()), Key::Acked("c1")));
+        assert!(matches!(
+            k.parse(k.acked("c1").as_bytes()),
+            Key::Acked("c1")
+        ));
         assert!(matches!(
             k.parse(k.export("c1", "shop/payment").as_bytes()),
             Key::Export("c1", "shop/payment")
@@ -911,7 +935,11 @@ mod tests {
         revs.extend(tb.join().unwrap());
         revs.sort();
         revs.dedup();
-        assert_eq!(revs.len() as u64, 2 * N, "every write has a revision of its own");
+        assert_eq!(
+            revs.len() as u64,
+            2 * N,
+            "every write has a revision of its own"
+        );
         assert_eq!(*revs.last().unwrap(), 2 + 2 * N);
         wait_head(&a, 2 + 2 * N);
         wait_head(&b, 2 + 2 * N);
@@ -922,7 +950,9 @@ mod tests {
         }
         // An importer's feed reads the same on either replica: a cursor from one resumes on
         // the other.
-        let (first, cur, _) = a.changes_since("c3", &Cursor::AfterRevision(0), 10).unwrap();
+        let (first, cur, _) = a
+            .changes_since("c3", &Cursor::AfterRevision(0), 10)
+            .unwrap();
         let (rest_b, _, upto_b) = b.changes_since("c3", &cur, 1000).unwrap();
         let (rest_a, _, upto_a) = a.changes_since("c3", &cur, 1000).unwrap();
         assert_eq!(first.len() + rest_b.len(), 2 * N as usize);
@@ -1014,7 +1044,9 @@ mod tests {
             .unwrap();
         let cargo_home = std::env::var_os("CARGO_HOME")
             .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo")
+            });
         let dir = std::fs::read_dir(cargo_home.join("registry/src"))
             .unwrap()
             .filter_map(|d| d.ok())

@@ -1196,20 +1196,27 @@ impl Store {
     }
 }
 
-
 impl SledDb {
     /// One sled transaction across the trees, flushed when the plan says so.
     fn commit(&self, plan: &Plan) -> Result<()> {
         let clusters: Vec<(Vec<u8>, Vec<u8>)> = plan
             .clusters
             .iter()
-            .map(|r| (r.id.as_bytes().to_vec(), serde_json::to_vec(r).unwrap_or_default()))
+            .map(|r| {
+                (
+                    r.id.as_bytes().to_vec(),
+                    serde_json::to_vec(r).unwrap_or_default(),
+                )
+            })
             .collect();
         let exports: Vec<(Vec<u8>, Vec<u8>)> = plan
             .exports
             .iter()
             .map(|r| {
-                let k = export_key(&r.cluster, &service_key(&r.export.namespace, &r.export.name));
+                let k = export_key(
+                    &r.cluster,
+                    &service_key(&r.export.namespace, &r.export.name),
+                );
                 (k, r.encode())
             })
             .collect();
@@ -1282,7 +1289,6 @@ mod tests {
         restricted_exports_are_never_named_to_clusters_that_could_not_see_them,
         a_bundle_sequence_never_goes_back,
         everything_survives_a_reopen,
-
     );
 
     fn record(id: &str) -> ClusterRecord {

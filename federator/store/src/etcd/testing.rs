@@ -11,12 +11,7 @@ use super::EtcdConfig;
 
 /// Flags every test etcd runs with: meshfed's whole-delta transactions need more operations
 /// and bytes per request than etcd's defaults (docs/federation-protocol.md).
-pub const LIMIT_FLAGS: [&str; 4] = [
-    "--max-txn-ops",
-    "40000",
-    "--max-request-bytes",
-    "33554432",
-];
+pub const LIMIT_FLAGS: [&str; 4] = ["--max-txn-ops", "40000", "--max-request-bytes", "33554432"];
 
 /// One member.
 #[derive(Debug)]
