@@ -1213,3 +1213,107 @@ async fn a_replica_without_etcd_is_not_ready_and_says_why() {
         .unwrap();
     assert_eq!(a.tasks().readiness_report(), Ok(()));
 }
+
+/// What `cluster`'s lease is, and whether it is connected, as the federator tells the reader
+/// of `inbound` (the peer states it pushes).
+fn lease_as_told(
+    mut inbound: tonic::Streaming<proto::FederatorMessage>,
+    cluster: &'static str,
+) -> tokio::sync::watch::Receiver<Option<(i32, bool)>> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            if let Some(proto::federator_message::Kind::Peers(p)) = m.kind {
+                let c = p
+                    .peers
+                    .iter()
+                    .find(|c| c.facts.as_ref().is_some_and(|f| f.cluster_id == cluster));
+                if let Some(c) = c {
+                    tx.send_replace(Some((c.lease, c.connected)));
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// A cluster connected to one replica is fresh on every replica while it heartbeats; frozen,
+/// it turns stale on every replica, from etcd's lease (one verdict, not one per replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_verdicts_agree_across_replicas_for_a_frozen_cluster() {
+    let etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(2);
+    let start = |name: &str| {
+        let mut cfg = FederatorConfig::new(d.path().join(name), "127.0.0.1:0".parse().unwrap());
+        cfg.lease_ttl = ttl;
+        cfg.store = StoreChoice::Etcd(etcd.config("/fed"));
+        Federator::start(cfg)
+    };
+    let (a, b) = (start("a").await.unwrap(), start("b").await.unwrap());
+    let join_on = |f: &Federator, cluster: &'static str| {
+        let mut claims = Claims::decode(&token(&a, d.path(), cluster, 900, now())).unwrap();
+        claims.federators = f.advertise().to_vec();
+        identity::join(params(d.path(), claims.encode(), cluster))
+    };
+    let west = join_on(&a, "west").await.unwrap();
+    let south = join_on(&b, "south").await.unwrap();
+    let east = join_on(&b, "east").await.unwrap();
+    let (_wtx, w_in) = open_sync(&west).await;
+    let (_stx, s_in) = open_sync(&south).await;
+    let mut on_a = lease_as_told(w_in, "east");
+    let mut on_b = lease_as_told(s_in, "east");
+    // East on b, heartbeating every TTL/5 until frozen.
+    let (etx, _e_in) = open_sync(&east).await;
+    let (freeze, mut frozen) = tokio::sync::oneshot::channel::<()>();
+    let beats = tokio::spawn(async move {
+        let mut t = tokio::time::interval(ttl / 5);
+        loop {
+            tokio::select! {
+                _ = t.tick() => {}
+                _ = &mut frozen => return etx,
+            }
+            let beat = ClusterMessage {
+                kind: Some(Kind::Heartbeat(proto::Heartbeat {})),
+            };
+            if etx.send(beat).await.is_err() {
+                return etx;
+            }
+        }
+    });
+    let (fresh, stale) = (
+        proto::LeaseState::Fresh as i32,
+        proto::LeaseState::Stale as i32,
+    );
+    for (replica, rx) in [("a", &mut on_a), ("b", &mut on_b)] {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            rx.wait_for(|l| *l == Some((fresh, true))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("east never fresh as replica {replica} tells it"))
+        .unwrap();
+    }
+    for f in [&a, &b] {
+        let r = f.report().unwrap();
+        let e = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+        assert_eq!((e.lease.as_str(), e.connected), ("fresh", true), "{e:?}");
+    }
+    // Frozen: the stream stays open and silent.
+    freeze.send(()).unwrap();
+    let _etx = beats.await.unwrap();
+    for (replica, rx) in [("a", &mut on_a), ("b", &mut on_b)] {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|l| l.is_some_and(|l| l.0 == stale)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("east never stale as replica {replica} tells it"))
+        .unwrap();
+    }
+    for f in [&a, &b] {
+        let r = f.report().unwrap();
+        let e = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+        assert_eq!(e.lease, "stale", "{e:?}");
+    }
+}

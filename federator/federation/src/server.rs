@@ -110,6 +110,8 @@ struct Live {
     acked: u64,
     /// The federation bundle sequence the cluster says it holds.
     federation_sequence: u64,
+    /// Connected (to this replica, or with etcd to any) as the last peer states said.
+    told_connected: bool,
 }
 
 struct Hub {
@@ -241,7 +243,7 @@ impl Hub {
 
     fn lease_of(&self, id: &str, live: &HashMap<String, Live>) -> (bool, Option<u64>, bool) {
         let ttl = self.cfg.lease_ttl;
-        match live.get(id) {
+        let (connected, age, stale) = match live.get(id) {
             Some(l) => match l.last_heartbeat {
                 Some(t) => {
                     let age = t.elapsed();
@@ -250,6 +252,13 @@ impl Hub {
                 None => (l.connected, None, self.started.elapsed() > ttl),
             },
             None => (false, None, self.started.elapsed() > ttl),
+        };
+        // Replicas: a cluster whose liveness key exists is connected to one of them and
+        // heartbeating, whichever holds its stream; its absence is the shared stale verdict
+        // (this replica's own recent heartbeat still counts while the key is being written).
+        match self.store.shared_live(id) {
+            Some(true) => (true, age, false),
+            _ => (connected, age, stale),
         }
     }
 
@@ -282,6 +291,7 @@ impl Hub {
     }
 
     fn heartbeat(&self, cluster: &str) {
+        self.store.heartbeat(cluster);
         let mut live = self.live();
         let l = live.entry(cluster.to_string()).or_default();
         l.last_heartbeat = Some(Instant::now());
@@ -294,6 +304,7 @@ impl Hub {
 
     /// Marks a new stream for `cluster`; a previous stream of the same cluster is superseded.
     fn connect(&self, cluster: &str) -> u64 {
+        self.store.heartbeat(cluster);
         let mut live = self.live();
         let l = live.entry(cluster.to_string()).or_default();
         l.generation += 1;
@@ -337,6 +348,12 @@ impl Hub {
             for r in records.iter().filter(|r| !r.left) {
                 let (is_connected, _, is_stale) = self.lease_of(&r.id, &live);
                 let l = live.entry(r.id.clone()).or_default();
+                // With replicas, a cluster connects and leaves on another one: members hear
+                // of it from here.
+                if l.told_connected != is_connected {
+                    l.told_connected = is_connected;
+                    changed = true;
+                }
                 if l.stale != is_stale {
                     l.stale = is_stale;
                     changed = true;
@@ -583,6 +600,7 @@ impl Federator {
             cfg,
         });
         hub.metrics.head_revision.set(head as i64);
+        hub.store.start_liveness(hub.cfg.lease_ttl);
         // The store's view moves with every replica's writes: sessions hear of them as of
         // this replica's own.
         let mut store_version = hub.store.subscribe();

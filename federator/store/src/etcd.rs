@@ -85,6 +85,7 @@ enum Key<'a> {
     Head,
     Cluster,
     Acked(&'a str),
+    Live(&'a str),
     Export(&'a str, &'a str),
     Other,
 }
@@ -110,6 +111,9 @@ impl Keys {
     fn acked(&self, id: &str) -> String {
         format!("{}/acked/{id}", self.prefix)
     }
+    fn live(&self, id: &str) -> String {
+        format!("{}/live/{id}", self.prefix)
+    }
     fn export(&self, cluster: &str, skey: &str) -> String {
         format!("{}/exports/{cluster}/{skey}", self.prefix)
     }
@@ -132,6 +136,7 @@ impl Keys {
             Some(("meta", "head")) => Key::Head,
             Some(("clusters", _)) => Key::Cluster,
             Some(("acked", id)) => Key::Acked(id),
+            Some(("live", id)) => Key::Live(id),
             Some(("exports", r)) => match r.split_once('/') {
                 Some((cluster, skey)) => Key::Export(cluster, skey),
                 None => Key::Other,
@@ -222,6 +227,9 @@ fn apply_put(mem: &mut Mem, keys: &Keys, kv: &KeyValue) -> Result<Option<(String
                 None => return Ok(Some((id.to_string(), v))),
             }
         }
+        Key::Live(id) => {
+            mem.live.insert(id.to_string());
+        }
         Key::Export(cluster, skey) => {
             let r = ExportRecord::decode(&export_key(cluster, skey), kv.value())?;
             mem.put_export(r);
@@ -229,6 +237,13 @@ fn apply_put(mem: &mut Mem, keys: &Keys, kv: &KeyValue) -> Result<Option<(String
         Key::Other => {}
     }
     Ok(None)
+}
+
+/// A deleted key: only liveness keys are ever deleted (by etcd, when their lease expires).
+fn apply_delete(mem: &mut Mem, keys: &Keys, kv: &KeyValue) {
+    if let Key::Live(id) = keys.parse(kv.key()) {
+        mem.live.remove(id);
+    }
 }
 
 /// The etcd revision the view has applied, and a condition writers wait on.
@@ -529,6 +544,72 @@ impl Etcd {
     }
 }
 
+/// Heartbeats every replica sees: `live/<cluster>` exists while the replica holding the
+/// cluster's stream keeps the key's lease (its TTL is the federation's lease TTL) alive with
+/// the cluster's heartbeats; etcd deletes it once the cluster has been silent for a TTL, and
+/// every replica's watch sees the deletion. So the stale/fresh verdict comes from etcd's clock,
+/// the same on every replica, whichever holds the stream (docs/federation-protocol.md).
+pub(crate) fn start_liveness(
+    conn: &Arc<Conn>,
+    ttl: Duration,
+) -> tokio::sync::mpsc::UnboundedSender<String> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let conn2 = conn.clone();
+    // etcd counts whole seconds (and enforces its own minimum).
+    let secs = i64::try_from(ttl.as_millis().div_ceil(1000))
+        .unwrap_or(i64::MAX)
+        .max(1);
+    conn.handle.spawn(async move {
+        let conn = conn2;
+        let mut leases: std::collections::HashMap<String, (i64, tokio::time::Instant)> =
+            Default::default();
+        let every = ttl / 4;
+        while let Some(cluster) = rx.recv().await {
+            if let Some((id, at)) = leases.get(&cluster).copied() {
+                if at.elapsed() < every {
+                    continue;
+                }
+                let kept = async {
+                    let (mut keeper, mut stream) =
+                        conn.client.lease_client().keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
+                };
+                match tokio::time::timeout(conn.timeout, kept).await {
+                    Ok(Ok(Some(t))) if t > 0 => {
+                        leases.insert(cluster, (id, tokio::time::Instant::now()));
+                        continue;
+                    }
+                    // Expired (a TTL passed without a heartbeat) or etcd unreachable: a new
+                    // lease below.
+                    _ => {
+                        leases.remove(&cluster);
+                    }
+                }
+            }
+            let key = conn.keys.live(&cluster);
+            let granted = async {
+                let id = conn.client.lease_client().grant(secs, None).await?.id();
+                conn.kv
+                    .clone()
+                    .put(key, "", Some(etcd_client::PutOptions::new().with_lease(id)))
+                    .await?;
+                Ok::<_, etcd_client::Error>(id)
+            };
+            match tokio::time::timeout(conn.timeout, granted).await {
+                Ok(Ok(id)) => {
+                    leases.insert(cluster, (id, tokio::time::Instant::now()));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%cluster, error = %e, "etcd: cannot record a heartbeat")
+                }
+                Err(_) => tracing::debug!(%cluster, "etcd: recording a heartbeat timed out"),
+            }
+        }
+    });
+    tx
+}
+
 /// Small records of one part of meshfed kept under `<prefix>/<part>/<id>` (join tokens, the
 /// federation CA, replica addresses), each written with a compare on its revision so that
 /// two replicas never both succeed in changing the same record (a join token is spent once).
@@ -795,6 +876,7 @@ async fn follow(mut f: Follow) {
                                 let Some(kv) = ev.kv() else { continue };
                                 f.rev = f.rev.max(kv.mod_revision());
                                 if ev.event_type() != EventType::Put {
+                                    apply_delete(&mut m, &f.keys, kv);
                                     continue;
                                 }
                                 match apply_put(&mut m, &f.keys, kv) {

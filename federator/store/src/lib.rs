@@ -354,6 +354,8 @@ struct Mem {
     head_mod: i64,
     /// Bumped at every cluster record change.
     cluster_changes: u64,
+    /// etcd: the clusters whose liveness key exists (a replica forwards their heartbeats).
+    live: BTreeSet<String>,
 }
 
 impl Mem {
@@ -458,6 +460,8 @@ impl Default for Version {
 
 pub struct Store {
     backend: Backend,
+    /// etcd: heartbeats to record (see [`Store::start_liveness`]).
+    heartbeats: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
     mem: Arc<RwLock<Mem>>,
     /// One writer at a time in this process: what a plan is computed from cannot change under
     /// it (with etcd, other replicas are kept out by the transaction's compare on the head).
@@ -625,6 +629,7 @@ impl Store {
             mem: Arc::new(RwLock::new(mem)),
             write: Mutex::new(()),
             version,
+            heartbeats: Default::default(),
         })
     }
 
@@ -639,6 +644,7 @@ impl Store {
             mem,
             write: Mutex::new(()),
             version,
+            heartbeats: Default::default(),
         })
     }
 
@@ -664,6 +670,34 @@ impl Store {
         match &self.backend {
             Backend::Sled(_) => None,
             Backend::Etcd(e) => Some(etcd::Records::new(e.conn().clone(), part)),
+        }
+    }
+
+    /// With etcd: starts recording the heartbeats this replica receives (see
+    /// [`heartbeat`](Self::heartbeat)) as liveness keys with a lease of `ttl`. Nothing with
+    /// sled: one federator's own clock decides.
+    pub fn start_liveness(&self, ttl: std::time::Duration) {
+        if let Backend::Etcd(e) = &self.backend {
+            let _ = self
+                .heartbeats
+                .get_or_init(|| etcd::start_liveness(e.conn(), ttl));
+        }
+    }
+
+    /// A heartbeat of `cluster` reached this replica (recorded in the background, at most
+    /// four times per TTL; never blocks).
+    pub fn heartbeat(&self, cluster: &str) {
+        if let Some(tx) = self.heartbeats.get() {
+            let _ = tx.send(cluster.to_string());
+        }
+    }
+
+    /// With etcd: whether `cluster`'s liveness key exists (some replica received its heartbeat
+    /// within the TTL), the verdict every replica shares. `None` with sled.
+    pub fn shared_live(&self, cluster: &str) -> Option<bool> {
+        match self.backend {
+            Backend::Sled(_) => None,
+            Backend::Etcd(_) => Some(self.read().live.contains(cluster)),
         }
     }
 
