@@ -620,6 +620,18 @@ pub struct Federation {
     pub admin: String,
     pub federator: Proc,
     lease_ttl: String,
+    /// With `--store etcd`: the replicas after the first (which is `federator`, `grpc`,
+    /// `admin`), and the etcd endpoints they share.
+    pub replicas: Vec<Replica>,
+    etcd: Option<Vec<String>>,
+}
+
+/// A federator replica beside the first.
+#[derive(Debug)]
+pub struct Replica {
+    pub proc: Proc,
+    pub grpc: String,
+    pub admin: String,
 }
 
 impl Federation {
@@ -671,11 +683,78 @@ impl Federation {
             admin,
             federator,
             lease_ttl: lease_ttl.to_string(),
+            replicas: Vec::new(),
+            etcd: None,
         };
         wait_for(Duration::from_secs(20), "the federator to serve", || {
             Ok(status(&f.admin).ok().map(|_| ()))
         })?;
         Ok(f)
+    }
+
+    /// `n` federator replicas (`--store etcd`) on the etcd at `endpoints`, each with a state
+    /// directory of its own, on loopback; join tokens come from etcd and name every replica.
+    pub fn start_replicas(lease_ttl: &str, endpoints: &[String], n: usize) -> Result<Federation> {
+        let root = tempfile::tempdir()?;
+        let mut started = Vec::new();
+        for i in 0..n {
+            let (grpc, admin) = (
+                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{}", free_port()),
+            );
+            let state = root.path().join(format!("federator-{i}"));
+            let args: Vec<String> = [
+                "federator",
+                "--state-dir",
+                state.to_str().unwrap_or_default(),
+                "--listen",
+                &grpc,
+                "--admin",
+                &admin,
+                "--lease-ttl",
+                lease_ttl,
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &endpoints.join(","),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let proc = Proc::spawn(&format!("federator-{i}"), &args, root.path())?;
+            wait_for(
+                Duration::from_secs(30),
+                "a federator replica to serve",
+                || Ok(status(&admin).ok().map(|_| ())),
+            )?;
+            started.push(Replica { proc, grpc, admin });
+        }
+        let mut it = started.into_iter();
+        let first = it.next().context("no replica")?;
+        Ok(Federation {
+            root,
+            grpc: first.grpc,
+            admin: first.admin,
+            federator: first.proc,
+            lease_ttl: lease_ttl.to_string(),
+            replicas: it.collect(),
+            etcd: Some(endpoints.to_vec()),
+        })
+    }
+
+    /// Every replica's admin address (the first federator's first).
+    pub fn admins(&self) -> Vec<String> {
+        std::iter::once(self.admin.clone())
+            .chain(self.replicas.iter().map(|r| r.admin.clone()))
+            .collect()
+    }
+
+    /// Replica `i` (0: `federator`).
+    pub fn replica_proc(&mut self, i: usize) -> &mut Proc {
+        match i {
+            0 => &mut self.federator,
+            i => &mut self.replicas[i - 1].proc,
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -687,12 +766,17 @@ impl Federation {
     }
 
     pub fn token(&self, cluster: &str) -> Result<String> {
+        let state_dir = self.state_dir();
+        let (flag, home) = match &self.etcd {
+            Some(e) => ("--etcd-endpoints", e.join(",")),
+            None => ("--state-dir", state_dir.to_string_lossy().into_owned()),
+        };
         Ok(meshfed_ok(&[
             "federator",
             "token",
             "create",
-            "--state-dir",
-            self.state_dir().to_str().unwrap_or_default(),
+            flag,
+            &home,
             "--cluster",
             cluster,
         ])?

@@ -157,6 +157,20 @@ fn bundle_not_after(r: &ClusterRecord) -> Option<time::OffsetDateTime> {
         .max()
 }
 
+/// Resolves when the store's view stops following its backend (never with sled).
+async fn store_lost_signal(rx: &mut watch::Receiver<meshfed_store::Version>) {
+    // The guard is dropped here: the future stays Send.
+    let _ = rx.wait_for(|v| !v.following).await.map(|_| ());
+}
+
+/// Why a replica that lost its store ends or refuses a stream (UNAVAILABLE: the agent
+/// reconnects, to another replica).
+fn store_lost(why: &str) -> Status {
+    Status::unavailable(format!(
+        "this federator replica cannot reach its store ({why}); connect to another replica"
+    ))
+}
+
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownCluster(c) => {
@@ -165,6 +179,11 @@ fn store_status(e: StoreError) -> Status {
         StoreError::Left(c) => proto::reason::left(format!(
             "cluster {c} has left the federation; join again with a new token"
         )),
+        e @ StoreError::Etcd { .. } => {
+            tracing::warn!(error = %e, "state store unreachable: nothing was written");
+            Status::unavailable(e.to_string())
+        }
+        e @ StoreError::EtcdLimit(_) => Status::resource_exhausted(e.to_string()),
         other => {
             tracing::error!(error = %other, "state store failure");
             Status::internal(other.to_string())
@@ -185,6 +204,18 @@ impl Hub {
             *h = (*h).max(rev);
             moved
         });
+    }
+
+    /// Where members reach the federation: this federator's addresses, and with replicas
+    /// every replica's (as registered in etcd).
+    fn endpoints(&self) -> Vec<String> {
+        match self.store.records(crate::shared::REPLICAS) {
+            None => self.advertise.clone(),
+            Some(r) => crate::shared::replica_addresses(&r, &self.advertise).unwrap_or_else(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the replicas' addresses; naming this replica's only");
+                self.advertise.clone()
+            }),
+        }
     }
 
     fn bump_peers(&self) {
@@ -1249,6 +1280,12 @@ impl Service {
             )));
         }
         validate::check_facts(&facts, "hello.facts").map_err(Status::invalid_argument)?;
+        // A replica that cannot reach etcd would acknowledge nothing: the cluster goes to
+        // another replica (its next connection starts from a random one).
+        if let Some(why) = hub.store.unavailable() {
+            return Err(store_lost(&why));
+        }
+        let mut store_rx = hub.store.subscribe();
         let rec: ClusterRecord = hub
             .store
             .cluster(&cluster)
@@ -1354,6 +1391,11 @@ impl Service {
                 }
                 _ = drain.drained() => {
                     return Err(Status::unavailable("the federator is shutting down"));
+                }
+                _ = store_lost_signal(&mut store_rx) => {
+                    let why = hub.store.unavailable().unwrap_or_else(|| "etcd: lost".into());
+                    tracing::warn!(%cluster, reason = %why, "ending the stream: this replica lost its store");
+                    return Err(store_lost(&why));
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => s.handle(m).await?,
@@ -1510,7 +1552,7 @@ impl Federation for Service {
                 .to_json()
                 .map_err(|e| Status::internal(e.to_string()))?,
             federation_trust_domain: hub.ca.trust_domain.to_string(),
-            federator_endpoints: hub.advertise.clone(),
+            federator_endpoints: tokio::task::block_in_place(|| hub.endpoints()),
         }))
     }
 

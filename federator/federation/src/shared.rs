@@ -199,6 +199,22 @@ impl SharedCa {
 /// The record part of the replicas' addresses.
 pub const REPLICAS: &str = "replicas";
 
+/// Every address the replicas registered in `records`, `first` first (a replica names itself
+/// first to those it answers).
+pub fn replica_addresses(records: &Records, first: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = first.to_vec();
+    for (id, v) in records.list()? {
+        let addrs: Vec<String> = serde_json::from_slice(&v)
+            .with_context(|| format!("etcd record {REPLICAS}/{id} is not a list of addresses"))?;
+        for a in addrs {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// What `meshfed federator token create|list|revoke --etcd-endpoints ...` needs, straight from
 /// etcd (no state directory, no running replica needed).
 #[derive(Debug)]

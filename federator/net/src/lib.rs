@@ -153,7 +153,9 @@ pub fn tls_incoming_with(
     ReceiverStream::new(rx)
 }
 
-/// A lazily connecting gRPC channel to the first reachable of `addrs`, over `config`.
+/// A lazily connecting gRPC channel to a reachable one of `addrs` (federator replicas), over
+/// `config`. Each connection tries them all, from a random one on: clusters spread over the
+/// replicas, and when one goes down its clusters move to the others without piling onto one.
 pub fn channel(
     addrs: Vec<String>,
     mut config: rustls::ClientConfig,
@@ -176,7 +178,8 @@ pub fn channel(
         let addrs = addrs.clone();
         async move {
             let mut last = std::io::Error::other("no address");
-            for a in addrs.iter() {
+            let from = rand::random_range(0..addrs.len().max(1));
+            for a in addrs.iter().cycle().skip(from).take(addrs.len()) {
                 let tcp = match TcpStream::connect(a.as_str()).await {
                     Ok(t) => t,
                     Err(e) => {

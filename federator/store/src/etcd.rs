@@ -841,12 +841,16 @@ impl Follow {
 /// Follows the prefix: the only writer of the view.
 async fn follow(mut f: Follow) {
     let mut backoff = Duration::from_millis(100);
+    // A watch that breaks once (its etcd member went away) is re-established at once on
+    // another member before the replica calls itself cut off: losing one member of three
+    // must not end every stream of the replicas that watched through it.
+    let mut retried = false;
     loop {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(f.rev + 1);
-        match f.watch.watch(f.keys.all(), Some(opts)).await {
-            Err(e) => f.broken(format!("cannot watch: {e}")),
+        let lost = match f.watch.watch(f.keys.all(), Some(opts)).await {
+            Err(e) => format!("cannot watch: {e}"),
             Ok(mut stream) => loop {
                 match stream.message().await {
                     Ok(Some(resp)) => {
@@ -856,16 +860,19 @@ async fn follow(mut f: Follow) {
                                 compacted = resp.compact_revision(),
                                 "etcd: the watch's revision was compacted; reloading the view"
                             );
-                            if let Err(e) = f.reload().await {
-                                f.broken(format!("cannot reload: {e}"));
+                            match f.reload().await {
+                                Ok(()) => {
+                                    retried = true;
+                                    break String::new();
+                                }
+                                Err(e) => break format!("cannot reload: {e}"),
                             }
-                            break;
                         }
                         if resp.canceled() {
-                            f.broken(format!("watch canceled: {}", resp.cancel_reason()));
-                            break;
+                            break format!("watch canceled: {}", resp.cancel_reason());
                         }
                         backoff = Duration::from_millis(100);
+                        retried = false;
                         f.healthy();
                         if resp.events().is_empty() {
                             continue;
@@ -879,26 +886,27 @@ async fn follow(mut f: Follow) {
                                     apply_delete(&mut m, &f.keys, kv);
                                     continue;
                                 }
-                                match apply_put(&mut m, &f.keys, kv) {
-                                    Ok(_) => {}
-                                    Err(e) => {
-                                        tracing::error!(error = %e, "etcd: a record under the prefix cannot be read; it is skipped")
-                                    }
+                                if let Err(e) = apply_put(&mut m, &f.keys, kv) {
+                                    tracing::error!(error = %e, "etcd: a record under the prefix cannot be read; it is skipped")
                                 }
                             }
                         }
                         f.publish();
                     }
-                    Ok(None) => {
-                        f.broken("the watch ended".into());
-                        break;
-                    }
-                    Err(e) => {
-                        f.broken(format!("watch: {e}"));
-                        break;
-                    }
+                    Ok(None) => break "the watch ended".to_string(),
+                    Err(e) => break format!("watch: {e}"),
                 }
             },
+        };
+        if !retried {
+            retried = true;
+            if !lost.is_empty() {
+                tracing::info!(reason = %lost, "etcd: the watch broke; watching again");
+            }
+            continue;
+        }
+        if !lost.is_empty() {
+            f.broken(lost);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));

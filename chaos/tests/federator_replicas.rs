@@ -1,0 +1,163 @@
+//! Federator replicas on a real etcd (Debian's etcd-server, three members started by the
+//! test): real `meshfed federator --store etcd` and `meshfed agent` processes on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chaos::*;
+use meshfed_store::etcd::testing::TestEtcd;
+
+fn imports_from(agent_status: &serde_json::Value, source: &str) -> u64 {
+    agent_status["imports"][source].as_u64().unwrap_or(0)
+}
+
+/// The first scenario: three etcd members, three replicas; the replica holding east's
+/// stream is killed with -9 in the middle of an export storm. Nothing acknowledged is lost,
+/// west converges, and east resumed on another replica without a full resend (on its
+/// counters). Then one etcd member is killed: the federation goes on.
+#[test]
+fn killing_the_replica_holding_a_stream_mid_storm_loses_nothing_acknowledged() {
+    let mut etcd = TestEtcd::cluster(3).unwrap();
+    let mut f = Federation::start_replicas("5s", &etcd.endpoints(), 3).unwrap();
+    let mut east = f
+        .add_cluster(
+            "east",
+            "net-east",
+            "us-east1/us-east1-b",
+            &registry_yaml("svc", 10, 8080, ""),
+        )
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(Duration::from_secs(20), "initial import", || {
+        Ok((imports_from(&west.status()?, "east") == 10).then_some(()))
+    })
+    .unwrap();
+    // East was told every replica's address at its join.
+    assert_eq!(
+        east.status().unwrap()["federators"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    // Every replica knows both clusters, connected and fresh, whichever holds their streams.
+    for a in f.admins() {
+        let (_, s) = status(&a).unwrap();
+        for c in s["clusters"].as_array().unwrap() {
+            assert_eq!(c["connected"], true, "{a}: {c}");
+            assert_eq!(c["lease"], "fresh", "{a}: {c}");
+        }
+        assert_eq!(s["store"]["backend"], "etcd");
+    }
+    let killed = wait_for(Duration::from_secs(10), "east's replica", || {
+        Ok(holder_among(&f.admins(), "east"))
+    })
+    .unwrap();
+    let before = east.status().unwrap()["exports_acked_version"]
+        .as_u64()
+        .unwrap_or(0);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for round in 0..60u16 {
+                let n = 10 + usize::from(round % 7);
+                east.write_registry(&registry_yaml("svc", n, 8000 + round, ""))
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        wait_for(Duration::from_secs(20), "the storm to be under way", || {
+            let v = east.status()?["exports_acked_version"]
+                .as_u64()
+                .unwrap_or(0);
+            Ok((v >= before + 3).then_some(()))
+        })
+        .unwrap();
+        f.replica_proc(killed).kill9();
+        writer.join().unwrap();
+    });
+    let want_n = 10 + 59 % 7;
+    wait_for(
+        Duration::from_secs(60),
+        "west to import the final set",
+        || Ok((imports_from(&west.status()?, "east") == want_n as u64).then_some(())),
+    )
+    .unwrap();
+    let survivors: Vec<String> = f
+        .admins()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != killed)
+        .map(|(_, a)| a)
+        .collect();
+    for a in &survivors {
+        wait_for(
+            Duration::from_secs(30),
+            "a surviving replica caught up",
+            || {
+                let (_, s) = status(a)?;
+                let c = s["clusters"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["cluster"] == "east").cloned())
+                    .unwrap_or_default();
+                Ok((c["exports"] == want_n as u64 && c["connected"] == true).then_some(()))
+            },
+        )
+        .unwrap();
+    }
+    // East resumed on another replica without a full resend.
+    assert_ne!(
+        holder_among(&survivors, "east"),
+        None,
+        "east is on a survivor"
+    );
+    let log = east.agent().unwrap().log();
+    assert!(
+        !log.contains("export versions differ"),
+        "east had to resend everything: a replica lost an acknowledged export\n{log}"
+    );
+    let full = metric(
+        &east.admin,
+        "meshfed_agent_export_deltas_sent_total{kind=\"full\"}",
+    )
+    .unwrap();
+    let deltas = metric(
+        &east.admin,
+        "meshfed_agent_export_deltas_sent_total{kind=\"delta\"}",
+    )
+    .unwrap();
+    println!("east sent {full:?} full exports and {deltas:?} deltas across the kill");
+    assert_eq!(full.unwrap_or(0.0), 0.0, "east resent its full export set");
+    assert!(deltas.unwrap_or(0.0) >= 5.0, "{deltas:?}");
+    assert!(
+        log.matches("connected to the federator").count() >= 2,
+        "east reconnected after the kill:\n{log}"
+    );
+
+    // One etcd member of three killed: exports still flow.
+    etcd.kill(0);
+    east.write_registry(&registry_yaml("svc", 4, 7000, ""))
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "west to import east's change with one etcd member down",
+        || Ok((imports_from(&west.status()?, "east") == 4).then_some(())),
+    )
+    .unwrap();
+}
+
+/// Which of `admins` holds (or held) a stream of `cluster`: the replica that counted its
+/// heartbeats.
+fn holder_among(admins: &[String], cluster: &str) -> Option<usize> {
+    admins.iter().position(|a| {
+        metric(
+            a,
+            &format!(
+                "meshfed_federation_messages_total{{cluster=\"{cluster}\",kind=\"heartbeat\"}}"
+            ),
+        )
+        .ok()
+        .flatten()
+        .is_some_and(|n| n >= 1.0)
+    })
+}
