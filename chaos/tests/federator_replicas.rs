@@ -161,3 +161,87 @@ fn holder_among(admins: &[String], cluster: &str) -> Option<usize> {
         .is_some_and(|n| n >= 1.0)
     })
 }
+
+/// A replica partitioned from etcd (its etcd connections run through a relay that is cut)
+/// stops acknowledging, says so on /readyz and in its status, and ends its streams: east moves
+/// to another replica and its exports flow again. Healed, the replica is ready again.
+#[test]
+fn a_replica_partitioned_from_etcd_stops_acknowledging_and_its_clusters_move() {
+    let etcd = TestEtcd::start().unwrap();
+    let member = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .to_string();
+    let relays: Vec<Cuttable> = (0..3).map(|_| Cuttable::start(&member).unwrap()).collect();
+    let each: Vec<Vec<String>> = relays
+        .iter()
+        .map(|r| vec![format!("http://{}", r.addr)])
+        .collect();
+    let f = Federation::start_replicas_each("5s", &each).unwrap();
+    let mut east = f
+        .add_cluster(
+            "east",
+            "net-east",
+            "us-east1/us-east1-b",
+            &registry_yaml("svc", 3, 8080, ""),
+        )
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(Duration::from_secs(20), "initial import", || {
+        Ok((imports_from(&west.status()?, "east") == 3).then_some(()))
+    })
+    .unwrap();
+    let admins = f.admins();
+    let p = wait_for(Duration::from_secs(10), "east's replica", || {
+        Ok(holder_among(&admins, "east"))
+    })
+    .unwrap();
+    relays[p].cut();
+    let (code, body) = wait_for(Duration::from_secs(30), "the cut replica not ready", || {
+        let (code, body) = http_get(&admins[p], "/readyz")?;
+        Ok((code == 503).then_some((code, body)))
+    })
+    .unwrap();
+    assert!(body.contains("state store: etcd:"), "{code} {body}");
+    let (_, s) = status(&admins[p]).unwrap();
+    assert!(
+        s["store"]["unavailable"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("etcd:")),
+        "{s}"
+    );
+    // East moves to a replica that reaches etcd, and its change is acknowledged and imported.
+    east.write_registry(&registry_yaml("svc", 5, 8080, ""))
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "west to import east's change through the other replicas",
+        || Ok((imports_from(&west.status()?, "east") == 5).then_some(())),
+    )
+    .unwrap();
+    let others: Vec<String> = admins
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != p)
+        .map(|(_, a)| a.clone())
+        .collect();
+    wait_for(Duration::from_secs(20), "east heartbeating on another replica", || {
+        Ok(holder_among(&others, "east"))
+    })
+    .unwrap();
+    assert!(
+        east.agent()
+            .unwrap()
+            .log()
+            .contains("cannot reach its store"),
+        "east was told why its replica ended the stream"
+    );
+    relays[p].heal();
+    wait_for(
+        Duration::from_secs(30),
+        "the healed replica ready again",
+        || Ok((http_get(&admins[p], "/readyz")?.0 == 200).then_some(())),
+    )
+    .unwrap();
+}
