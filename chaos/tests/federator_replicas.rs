@@ -226,9 +226,11 @@ fn a_replica_partitioned_from_etcd_stops_acknowledging_and_its_clusters_move() {
         .filter(|(i, _)| *i != p)
         .map(|(_, a)| a.clone())
         .collect();
-    wait_for(Duration::from_secs(20), "east heartbeating on another replica", || {
-        Ok(holder_among(&others, "east"))
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "east heartbeating on another replica",
+        || Ok(holder_among(&others, "east")),
+    )
     .unwrap();
     assert!(
         east.agent()

@@ -1106,6 +1106,42 @@ mod tests {
         assert_eq!(s.exports_of("c1").unwrap().len(), 1);
     }
 
+    /// mTLS to etcd (it requires client certificates): a store with the CA and a client
+    /// certificate works; trusting another CA, or speaking plain HTTP, is refused as an etcd
+    /// that cannot be reached; a missing certificate file is named.
+    #[test]
+    fn mtls_to_etcd_works_and_a_wrong_ca_or_plain_http_is_refused() {
+        let e = TestEtcd::start_mtls().unwrap();
+        let s = Store::open_etcd(&e.config("/fed")).unwrap();
+        s.join(member("c1")).unwrap();
+        assert_eq!(s.clusters().unwrap().len(), 1);
+        let tls = e.tls.clone().unwrap();
+        // The server's certificate is checked: trusting the client certificate as the CA fails.
+        let mut wrong_ca = e.config("/fed");
+        wrong_ca.timeout = Duration::from_secs(2);
+        wrong_ca.tls = Some(EtcdTls {
+            ca: tls.cert.clone(),
+            ..tls.clone()
+        });
+        let err = Store::open_etcd(&wrong_ca).unwrap_err();
+        assert!(matches!(err, StoreError::Etcd { .. }), "{err}");
+        // Plain HTTP to a TLS member: refused.
+        let mut plain = e.config("/fed");
+        plain.timeout = Duration::from_secs(2);
+        plain.tls = None;
+        plain.endpoints = vec![e.endpoints()[0].replace("https://", "http://")];
+        let err = Store::open_etcd(&plain).unwrap_err();
+        assert!(matches!(err, StoreError::Etcd { .. }), "{err}");
+        // A missing certificate file is named.
+        let mut missing = e.config("/fed");
+        missing.tls = Some(EtcdTls {
+            cert: "/nonexistent/client.pem".into(),
+            ..tls
+        });
+        let err = Store::open_etcd(&missing).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/client.pem"), "{err}");
+    }
+
     /// etcd's own limits on a transaction are named, with the flag that raises them.
     #[test]
     fn a_write_over_etcds_limits_names_the_flag() {

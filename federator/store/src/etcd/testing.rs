@@ -28,6 +28,67 @@ pub struct Member {
 pub struct TestEtcd {
     pub members: Vec<Member>,
     dir: tempfile::TempDir,
+    /// With mTLS: the CA, and a client certificate it signed.
+    pub tls: Option<super::EtcdTls>,
+}
+
+/// Runs openssl (the certificates of an mTLS etcd are made by it).
+fn openssl(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// A P-256 key and a certificate for `cn` signed by `ca` (`ca.pem`, `ca.key` in `dir`), with
+/// `ext` (subjectAltName, extendedKeyUsage).
+fn issue(dir: &std::path::Path, name: &str, cn: &str, ext: &str) -> std::io::Result<()> {
+    std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.pem"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    )
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -96,7 +157,11 @@ impl TestEtcd {
             .chain(limits.iter().map(|s| s.to_string()))
             .collect();
         }
-        let mut t = TestEtcd { members, dir };
+        let mut t = TestEtcd {
+            members,
+            dir,
+            tls: None,
+        };
         // Members of a new cluster wait for each other: start all, then wait for each.
         let mut ready = Vec::new();
         for i in 0..t.members.len() {
@@ -159,6 +224,98 @@ impl TestEtcd {
         Ok(rx)
     }
 
+    /// One member that serves clients over TLS and requires a client certificate signed by
+    /// its CA (etcd's `--client-cert-auth`); [`tls`](Self::tls) holds the CA and a client's
+    /// certificate and key.
+    pub fn start_mtls() -> std::io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs)?;
+        openssl(
+            &certs,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=test etcd CA",
+                "-days",
+                "2",
+            ],
+        )?;
+        issue(
+            &certs,
+            "server",
+            "etcd",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )?;
+        issue(&certs, "client", "meshfed", "extendedKeyUsage=clientAuth\n")?;
+        let client_port = free_port()?;
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let m = Member {
+            name: "m0".into(),
+            client_url: format!("https://127.0.0.1:{client_port}"),
+            peer_url: peer.clone(),
+            child: None,
+            args: Vec::new(),
+        };
+        let p = |f: &str| certs.join(f).to_string_lossy().into_owned();
+        let mut args: Vec<String> = [
+            "--name",
+            "m0",
+            "--data-dir",
+            &dir.path().join("m0").to_string_lossy(),
+            "--listen-client-urls",
+            &m.client_url,
+            "--advertise-client-urls",
+            &m.client_url,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("m0={peer}"),
+            "--initial-cluster-state",
+            "new",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+            "--cert-file",
+            &p("server.pem"),
+            "--key-file",
+            &p("server.key"),
+            "--trusted-ca-file",
+            &p("ca.pem"),
+            "--client-cert-auth",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(LIMIT_FLAGS.iter().map(|s| s.to_string()));
+        let mut t = TestEtcd {
+            members: vec![Member { args, ..m }],
+            tls: Some(super::EtcdTls {
+                ca: certs.join("ca.pem"),
+                cert: certs.join("client.pem"),
+                key: certs.join("client.key"),
+            }),
+            dir,
+        };
+        t.spawn(0)?
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| std::io::Error::other("etcd did not become ready within 60 s"))??;
+        Ok(t)
+    }
+
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.client_url.clone()).collect()
@@ -168,6 +325,7 @@ impl TestEtcd {
     pub fn config(&self, prefix: &str) -> EtcdConfig {
         EtcdConfig {
             prefix: prefix.to_string(),
+            tls: self.tls.clone(),
             ..EtcdConfig::new(self.endpoints())
         }
     }
