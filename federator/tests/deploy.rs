@@ -588,10 +588,11 @@ fn kubectl_kustomize_renders_the_base() {
     ] {
         assert!(kinds.contains(want), "{want} not in {kinds:?}");
     }
-    // The istio component is added by overlays that want it (cluster-istio), not the base.
+    // The istio and etcd components are added by the overlays that want them (cluster-istio,
+    // federation-ha), not the base.
     let base = component_docs()
         .iter()
-        .filter(|(f, _)| !f.starts_with("istio/"))
+        .filter(|(f, _)| !f.starts_with("istio/") && !f.starts_with("etcd/"))
         .count();
     assert_eq!(
         rendered.len(),
@@ -709,4 +710,97 @@ fn the_istio_overlay_runs_the_agent_with_istio_and_grants_only_its_config_map() 
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
     assert_eq!(binding["subjects"][0]["name"], "meshfed-agent");
     assert_eq!(binding["subjects"][0]["namespace"], "meshfed-system");
+}
+
+/// The HA overlay: three federator replicas with `--store etcd` on the three-member etcd it
+/// ships (mTLS to it from a mounted Secret), no volume of their own; the etcd members name
+/// each other as the StatefulSet and its headless Service make them, and run with limits that
+/// take meshfed's largest transaction. Every meshfed command line parses.
+#[test]
+fn the_ha_overlay_runs_three_federator_replicas_on_etcd() {
+    let docs = kustomize("kubernetes/overlays/federation-ha");
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind}/{name}"))
+            .clone()
+    };
+    let fed = find("StatefulSet", "meshfed-federator");
+    assert_eq!(fed["spec"]["replicas"], 3);
+    assert!(fed["spec"]["volumeClaimTemplates"].is_null(), "{fed}");
+    let c = &fed["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let flag = |f: &str| args[args.iter().position(|a| *a == f).unwrap() + 1];
+    assert_eq!(flag("--store"), "etcd");
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "etcd-client")
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for f in ["--etcd-ca", "--etcd-cert", "--etcd-key"] {
+        assert!(flag(f).starts_with(&mount), "{f} {} outside {mount}", flag(f));
+    }
+    let endpoints: Vec<&str> = flag("--etcd-endpoints").split(',').collect();
+
+    let etcd = find("StatefulSet", "meshfed-etcd");
+    let svc = find("Service", "meshfed-etcd");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    let n = etcd["spec"]["replicas"].as_u64().unwrap();
+    let domain = format!(
+        "{}.{}.svc",
+        etcd["spec"]["serviceName"].as_str().unwrap(),
+        etcd["metadata"]["namespace"].as_str().unwrap()
+    );
+    let members: Vec<String> = (0..n).map(|i| format!("meshfed-etcd-{i}.{domain}")).collect();
+    assert_eq!(
+        endpoints,
+        members
+            .iter()
+            .map(|m| format!("https://{m}:2379"))
+            .collect::<Vec<_>>()
+    );
+    let eargs: Vec<&str> = etcd["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let eflag = |f: &str| {
+        eargs
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("{f}=")))
+            .unwrap_or_else(|| panic!("etcd has no {f}"))
+    };
+    assert_eq!(
+        eflag("--initial-cluster"),
+        members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("meshfed-etcd-{i}=https://{m}:2380"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert!(eargs.contains(&"--client-cert-auth"));
+    assert!(eargs.contains(&"--peer-client-cert-auth"));
+    // The largest transaction: a full delta's services, as many conflict flags of other
+    // clusters' exports, the cluster record, its acknowledged revision and the head.
+    let ops: usize = eflag("--max-txn-ops").parse().unwrap();
+    assert!(ops > 2 * meshfed_model::validate::MAX_SERVICES_PER_DELTA + 3, "{ops}");
+    let bytes: usize = eflag("--max-request-bytes").parse().unwrap();
+    assert!(bytes >= 2 * meshfed_model::validate::MAX_MESSAGE_BYTES, "{bytes}");
+    check_manifests(
+        docs.into_iter()
+            .map(|d| ("overlays/federation-ha".into(), d))
+            .collect(),
+        1,
+    );
 }
