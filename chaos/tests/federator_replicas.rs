@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chaos::*;
-use meshfed_store::etcd::testing::TestEtcd;
+use meshfed_store::etcd::testing::{Cuttable, TestEtcd};
 
 fn imports_from(agent_status: &serde_json::Value, source: &str) -> u64 {
     agent_status["imports"][source].as_u64().unwrap_or(0)

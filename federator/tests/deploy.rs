@@ -747,7 +747,11 @@ fn the_ha_overlay_runs_three_federator_replicas_on_etcd() {
         .unwrap()
         .to_string();
     for f in ["--etcd-ca", "--etcd-cert", "--etcd-key"] {
-        assert!(flag(f).starts_with(&mount), "{f} {} outside {mount}", flag(f));
+        assert!(
+            flag(f).starts_with(&mount),
+            "{f} {} outside {mount}",
+            flag(f)
+        );
     }
     let endpoints: Vec<&str> = flag("--etcd-endpoints").split(',').collect();
 
@@ -760,7 +764,9 @@ fn the_ha_overlay_runs_three_federator_replicas_on_etcd() {
         etcd["spec"]["serviceName"].as_str().unwrap(),
         etcd["metadata"]["namespace"].as_str().unwrap()
     );
-    let members: Vec<String> = (0..n).map(|i| format!("meshfed-etcd-{i}.{domain}")).collect();
+    let members: Vec<String> = (0..n)
+        .map(|i| format!("meshfed-etcd-{i}.{domain}"))
+        .collect();
     assert_eq!(
         endpoints,
         members
@@ -794,9 +800,15 @@ fn the_ha_overlay_runs_three_federator_replicas_on_etcd() {
     // The largest transaction: a full delta's services, as many conflict flags of other
     // clusters' exports, the cluster record, its acknowledged revision and the head.
     let ops: usize = eflag("--max-txn-ops").parse().unwrap();
-    assert!(ops > 2 * meshfed_model::validate::MAX_SERVICES_PER_DELTA + 3, "{ops}");
+    assert!(
+        ops > 2 * meshfed_model::validate::MAX_SERVICES_PER_DELTA + 3,
+        "{ops}"
+    );
     let bytes: usize = eflag("--max-request-bytes").parse().unwrap();
-    assert!(bytes >= 2 * meshfed_model::validate::MAX_MESSAGE_BYTES, "{bytes}");
+    assert!(
+        bytes >= 2 * meshfed_model::validate::MAX_MESSAGE_BYTES,
+        "{bytes}"
+    );
     check_manifests(
         docs.into_iter()
             .map(|d| ("overlays/federation-ha".into(), d))

@@ -278,6 +278,8 @@ impl Applied {
 struct Health {
     /// Why the view is not following etcd, since when.
     broken: Option<(String, std::time::SystemTime)>,
+    /// Whole reloads of the view (its watch was compacted away).
+    reloads: u64,
 }
 
 /// A connection to etcd: the client, on a runtime of its own on its own thread (the store's
@@ -456,6 +458,14 @@ impl Etcd {
     /// The connection, for the other parts that keep state in etcd.
     pub(crate) fn conn(&self) -> &Arc<Conn> {
         &self.conn
+    }
+
+    #[cfg(test)]
+    fn reloads(&self) -> u64 {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reloads
     }
 
     pub(crate) fn unavailable(&self) -> Option<String> {
@@ -833,6 +843,10 @@ impl Follow {
         m.cluster_changes += changes + 1;
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = m;
         self.rev = rev;
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reloads += 1;
         self.publish();
         Ok(())
     }
@@ -942,6 +956,10 @@ mod tests {
         assert!(matches!(k.parse(b"\xff"), Key::Other));
         assert_eq!(prefix_end(b"/m/"), b"/m0".to_vec());
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    fn member_record(id: &str) -> ClusterRecord {
+        member(id)
     }
 
     fn member(id: &str) -> ClusterRecord {
@@ -1140,6 +1158,79 @@ mod tests {
         });
         let err = Store::open_etcd(&missing).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/client.pem"), "{err}");
+    }
+
+    /// A replica cut off from etcd while the others write, and etcd compacted past what it
+    /// had seen: when it reaches etcd again its watch cannot resume (compacted), so it loads
+    /// the whole view again and has every write it missed.
+    #[test]
+    fn a_replica_whose_watch_was_compacted_away_reloads_its_view() {
+        let e = TestEtcd::start().unwrap();
+        let member = e.endpoints()[0].trim_start_matches("http://").to_string();
+        let relay = super::testing::Cuttable::start(&member).unwrap();
+        let mut cfg = e.config("/fed");
+        cfg.endpoints = vec![format!("http://{}", relay.addr)];
+        cfg.timeout = Duration::from_secs(2);
+        let behind = Store::open_etcd(&cfg).unwrap();
+        let writer = Store::open_etcd(&e.config("/fed")).unwrap();
+        writer.join(member_record("c1")).unwrap();
+        wait_head(&behind, 1);
+        let mut rx = behind.subscribe();
+        relay.cut();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|v| !v.following))
+                .await
+                .expect("the cut replica notices")
+                .map(|_| ())
+                .unwrap();
+        });
+        for v in 1..=5 {
+            writer
+                .apply_exports("c1", &services(v, &[format!("svc{v}")]))
+                .unwrap();
+        }
+        // Compact everything up to now (etcdctl, from Debian's etcd-client).
+        let rev = std::process::Command::new("etcdctl")
+            .args([
+                "--endpoints",
+                &e.endpoints()[0],
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&rev.stdout).unwrap();
+        let rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+        let out = std::process::Command::new("etcdctl")
+            .args([
+                "--endpoints",
+                &e.endpoints()[0],
+                "compact",
+                &rev.to_string(),
+            ])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        relay.heal();
+        wait_head(&behind, writer.head());
+        let crate::Backend::Etcd(b) = &behind.backend else {
+            unreachable!()
+        };
+        assert_eq!(b.reloads(), 1);
+        assert_eq!(behind.exports_of("c1").unwrap().len(), 5);
+        assert_eq!(behind.clusters().unwrap(), writer.clusters().unwrap());
     }
 
     /// etcd's own limits on a transaction are named, with the flag that raises them.

@@ -363,3 +363,80 @@ impl Drop for TestEtcd {
         }
     }
 }
+
+/// A TCP relay to a target that can be cut: a network partition between whoever dials
+/// `addr` and the target (connections open at the cut are reset; new ones are refused).
+#[derive(Debug)]
+pub struct Cuttable {
+    pub addr: String,
+    state: std::sync::Arc<(
+        std::sync::atomic::AtomicBool,
+        std::sync::Mutex<Vec<std::net::TcpStream>>,
+    )>,
+}
+
+impl Cuttable {
+    pub fn start(target: &str) -> std::io::Result<Cuttable> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let state: std::sync::Arc<(
+            std::sync::atomic::AtomicBool,
+            std::sync::Mutex<Vec<std::net::TcpStream>>,
+        )> = Default::default();
+        let (st, target) = (state.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if st.0.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut open = st.1.lock().unwrap_or_else(|p| p.into_inner());
+                for s in [&client, &server] {
+                    if let Ok(c) = s.try_clone() {
+                        open.push(c);
+                    }
+                }
+                drop(open);
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(Cuttable { addr, state })
+    }
+
+    /// Resets every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.state
+            .0
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self
+            .state
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Relays again.
+    pub fn heal(&self) {
+        self.state
+            .0
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
