@@ -34,7 +34,17 @@ fn killing_the_replica_holding_a_stream_mid_storm_loses_nothing_acknowledged() {
         Ok((imports_from(&west.status()?, "east") == 10).then_some(()))
     })
     .unwrap();
-    // East was told every replica's address at its join.
+    // A token made from etcd names every replica; east was told every replica's address at
+    // its join too.
+    let token = f.token("probe").unwrap();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.trim_start_matches("mft1."))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["federators"].as_array().map(Vec::len), Some(3), "{claims}");
     assert_eq!(
         east.status().unwrap()["federators"]
             .as_array()

@@ -765,6 +765,11 @@ impl Federator {
         meshfed_net::metrics::render(&self.hub.metrics.registry)
     }
 
+    /// The federation bundle as members are sent it, as it changes (a root rotation).
+    pub fn federation_bundle(&self) -> watch::Receiver<proto::FederationBundle> {
+        self.hub.fed_bundle.subscribe()
+    }
+
     /// The store's changes, and whether its view follows the backend.
     pub fn store_version(&self) -> watch::Receiver<meshfed_store::Version> {
         self.hub.store.subscribe()
