@@ -44,7 +44,11 @@ fn killing_the_replica_holding_a_stream_mid_storm_loses_nothing_acknowledged() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(claims["federators"].as_array().map(Vec::len), Some(3), "{claims}");
+    assert_eq!(
+        claims["federators"].as_array().map(Vec::len),
+        Some(3),
+        "{claims}"
+    );
     assert_eq!(
         east.status().unwrap()["federators"]
             .as_array()

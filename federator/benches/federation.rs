@@ -1,13 +1,18 @@
 //! Federation push benchmark (not a test): N simulated clusters x S services x E endpoints
 //! against a real `meshfed federator` process over loopback gRPC with mTLS.
 //!
-//! Reports the time from an export change to every importer's ACK (p50/p99), per-importer
-//! latency, the initial full-sync time, and the federator's resident memory per cluster.
+//! Reports, for the federator on sled and on etcd (`MESHFED_BENCH_STORES`, default
+//! `sled,etcd`): the time from an export change to every importer's ACK (p50/p99),
+//! per-importer latency, the initial full-sync time, the time until every cluster is current
+//! after a federator restart, the federator's resident memory per cluster, etcd's database
+//! size, and the most clusters stale at once. Simulated agents heartbeat as `meshfed agent`
+//! does, with the default lease TTL.
 //!
-//!   cargo bench -p meshfed-federator --bench federation
-//!   MESHFED_BENCH_CLUSTERS=20 cargo bench -p meshfed-federator --bench federation   # smaller
+//!   cargo bench -p meshfed --bench federation
+//!   MESHFED_BENCH_CLUSTERS=20 cargo bench -p meshfed --bench federation   # smaller
 //!
-//! The same-run peer is etcd (`apt-get install etcd-server`); without it that part is skipped.
+//! The same-run peer is etcd's own watch fan-out (`apt-get install etcd-server`); without etcd
+//! the etcd store and the peer are skipped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -97,8 +102,240 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 enum Event {
+    /// Agent `i` has every foreign service.
     Synced,
-    Marker { marker: usize, at: Instant },
+    Marker {
+        marker: usize,
+        at: Instant,
+    },
+    /// Agent `i`'s stream is open again after a federator restart (its Welcome arrived).
+    Welcomed(usize),
+}
+
+/// Where the benchmarked federator keeps its state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backing {
+    Sled,
+    Etcd,
+}
+
+/// One scenario's figures.
+#[derive(Debug, Default)]
+struct Row {
+    all_p50: f64,
+    all_p99: f64,
+    one_p50: f64,
+    one_p99: f64,
+    sync_s: f64,
+    reconnect_s: f64,
+    rss_idle_mib: f64,
+    per_cluster_mib: f64,
+    steady_per_cluster_mib: f64,
+    etcd_db_mib: Option<f64>,
+    max_stale: f64,
+    join_s: f64,
+}
+
+fn free_addr() -> String {
+    format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    )
+}
+
+/// The federator process, (re)startable with the same arguments.
+struct Fed {
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+    admin: String,
+}
+
+impl Fed {
+    async fn start(&mut self) -> u32 {
+        // MESHFED_BENCH_WRAP runs the federator under a tool, e.g. "valgrind --tool=massif".
+        let wrap: Vec<String> = std::env::var("MESHFED_BENCH_WRAP")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrap.split_first() {
+            Some((tool, args)) => {
+                let mut c = Command::new(tool);
+                c.args(args).arg(env!("CARGO_BIN_EXE_meshfed"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_meshfed")),
+        };
+        let child = cmd
+            .args(&self.args)
+            .env("MESHFED_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        self.child = Some(child);
+        let t = Instant::now();
+        while meshfed_net::admin::fetch_status(&self.admin).await.is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "federator did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pid
+    }
+
+    /// SIGTERM (a wrapping profiler writes its report), then kill.
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let t = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Heartbeats as `meshfed agent` sends them: every lease TTL / 3.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// One simulated agent: holds a Sync stream, acknowledges every import delta, heartbeats, and
+/// reconnects (resuming from its applied revision) when the stream ends.
+#[allow(clippy::too_many_arguments)]
+async fn agent(
+    i: usize,
+    id: ClusterIdentity,
+    full: ExportDelta,
+    expected: u64,
+    mut cmds: mpsc::Receiver<ClusterMessage>,
+    ev: mpsc::UnboundedSender<Event>,
+) {
+    let mut applied = 0u64;
+    let mut imported = 0u64;
+    let mut synced = false;
+    let mut first = true;
+    loop {
+        let (cfg, _) = id.client_config().unwrap();
+        let channel = meshfed_net::channel(id.file.federators.clone(), cfg, "federator").unwrap();
+        let mut client = FederationClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel::<ClusterMessage>(64);
+        let hello = ClusterMessage {
+            kind: Some(Out::Hello(Hello {
+                observer: false,
+                facts: Some(id.facts()),
+                imports_applied_revision: applied,
+                federation_bundle_sequence: 0,
+            })),
+        };
+        let _ = tx.send(hello).await;
+        if std::mem::take(&mut first) {
+            let _ = tx
+                .send(ClusterMessage {
+                    kind: Some(Out::Exports(full.clone())),
+                })
+                .await;
+        }
+        let mut inbound = match client.sync(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100 + rand_ms(400))).await;
+                continue;
+            }
+        };
+        let mut beat = tokio::time::interval(LEASE_TTL / 3);
+        beat.tick().await;
+        loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(m)) => match m.kind {
+                        Some(In::Welcome(_)) => {
+                            let _ = ev.send(Event::Welcomed(i));
+                        }
+                        Some(In::Imports(d)) => {
+                            let at = Instant::now();
+                            applied = d.revision;
+                            let _ = tx
+                                .send(ClusterMessage {
+                                    kind: Some(Out::ImportAck(ImportAck {
+                                        revision: d.revision,
+                                        error: String::new(),
+                                    })),
+                                })
+                                .await;
+                            if !synced {
+                                imported += d.upserts.len() as u64;
+                                if imported >= expected {
+                                    synced = true;
+                                    let _ = ev.send(Event::Synced);
+                                }
+                            }
+                            for u in &d.upserts {
+                                if let Some(m) =
+                                    u.export.as_ref().and_then(|e| e.labels.get("bench-marker"))
+                                {
+                                    let _ = ev.send(Event::Marker {
+                                        marker: m.parse().unwrap_or(usize::MAX),
+                                        at,
+                                    });
+                                }
+                            }
+                        }
+                        _ => {}
+                    },
+                    _ => break,
+                },
+                c = cmds.recv() => match c {
+                    Some(c) => { let _ = tx.send(c).await; }
+                    None => return,
+                },
+                _ = beat.tick() => {
+                    let _ = tx
+                        .send(ClusterMessage {
+                            kind: Some(Out::Heartbeat(proto::Heartbeat {})),
+                        })
+                        .await;
+                }
+            }
+        }
+        // The agent's reconnect backoff starts at 250 ms with jitter.
+        tokio::time::sleep(Duration::from_millis(125 + rand_ms(125))).await;
+    }
+}
+
+fn rand_ms(max: u64) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()) % max.max(1))
+        .unwrap_or(0)
+}
+
+/// The largest number of stale clusters the federator reported, sampled every second while
+/// `run` is true.
+fn watch_stale(
+    admin: String,
+    run: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<f64> {
+    tokio::spawn(async move {
+        let mut max: f64 = 0.0;
+        while run.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(r) = meshfed_net::admin::fetch_status(&admin).await {
+                let stale = r["clusters"]
+                    .as_array()
+                    .map(|c| c.iter().filter(|c| c["lease"] == "stale").count())
+                    .unwrap_or(0);
+                max = max.max(stale as f64);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        max
+    })
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -107,72 +344,136 @@ async fn main() {
     let services = env("MESHFED_BENCH_SERVICES", 1000);
     let endpoints = env("MESHFED_BENCH_ENDPOINTS", 10);
     let changes = env("MESHFED_BENCH_CHANGES", 50);
+    let stores = std::env::var("MESHFED_BENCH_STORES").unwrap_or_else(|_| "sled,etcd".into());
+    let mut rows = Vec::new();
+    for store in stores.split(',') {
+        let backing = match store {
+            "sled" => Backing::Sled,
+            "etcd" if which("etcd").is_some() => Backing::Etcd,
+            "etcd" => {
+                println!("etcd store skipped: etcd not installed (apt-get install etcd-server)");
+                continue;
+            }
+            other => panic!("MESHFED_BENCH_STORES: {other}? (sled, etcd)"),
+        };
+        let row = scenario(backing, clusters, services, endpoints, changes).await;
+        rows.push((store.to_string(), row));
+    }
+    let peer = etcd_peer(
+        clusters - 1,
+        changes,
+        service(0, 0, endpoints, None).encoded_len(),
+    )
+    .await;
+    println!("--- results: {clusters} clusters x {services} services x {endpoints} endpoints, lease TTL {LEASE_TTL:?}, heartbeats every TTL/3 ---");
+    for (store, r) in &rows {
+        println!("[{store}] export change -> every importer ACKed: p50 {:.1} ms, p99 {:.1} ms ({changes} changes, {} importers each)", r.all_p50, r.all_p99, clusters - 1);
+        println!(
+            "[{store}] export change -> one importer ACKed:   p50 {:.1} ms, p99 {:.1} ms",
+            r.one_p50, r.one_p99
+        );
+        println!(
+            "[{store}] join of {clusters} clusters (8 at a time): {:.1} s",
+            r.join_s
+        );
+        println!(
+            "[{store}] initial full sync of {clusters} clusters at once: {:.1} s",
+            r.sync_s
+        );
+        println!(
+            "[{store}] federator restart -> every cluster reconnected and current: {:.1} s",
+            r.reconnect_s
+        );
+        println!("[{store}] federator RSS: idle {:.1} MiB; {:.2} MiB per cluster right after the sync, {:.2} steady", r.rss_idle_mib, r.per_cluster_mib, r.steady_per_cluster_mib);
+        if let Some(db) = r.etcd_db_mib {
+            println!("[{store}] etcd's database: {db:.1} MiB");
+        }
+        println!(
+            "[{store}] most clusters stale at once during the run: {}",
+            r.max_stale
+        );
+    }
+    match peer {
+        Ok((p50, p99)) => {
+            println!("peer etcd: put -> every watcher received: p50 {p50:.1} ms, p99 {p99:.1} ms ({} watchers)", clusters - 1);
+            for (store, r) in &rows {
+                println!(
+                    "ratio meshfed [{store}] / etcd: p50 {:.2}, p99 {:.2}",
+                    r.all_p50 / p50,
+                    r.all_p99 / p99
+                );
+            }
+        }
+        Err(e) => println!("peer etcd skipped: {e:#}"),
+    }
+}
+
+async fn scenario(
+    backing: Backing,
+    clusters: usize,
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+) -> Row {
+    let mut row = Row::default();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("federator");
-    let grpc = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    let admin = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    // MESHFED_BENCH_WRAP runs the federator under a tool, e.g. "valgrind --tool=massif".
-    let wrap: Vec<String> = std::env::var("MESHFED_BENCH_WRAP")
-        .map(|w| w.split_whitespace().map(String::from).collect())
-        .unwrap_or_default();
-    let mut cmd = match wrap.split_first() {
-        Some((tool, args)) => {
-            let mut c = Command::new(tool);
-            c.args(args).arg(env!("CARGO_BIN_EXE_meshfed"));
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_meshfed")),
-    };
-    let mut fed = cmd
-        .args([
-            "federator",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--listen",
-            &grpc,
-            "--admin",
-            &admin,
-            "--lease-ttl",
-            "120s",
-            "--rate-limit",
-            "1000",
-        ])
-        .env("MESHFED_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = fed.id();
-    let t = Instant::now();
-    while meshfed_net::admin::fetch_status(&admin).await.is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "federator did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let (grpc, admin) = (free_addr(), free_addr());
+    let etcd = (backing == Backing::Etcd)
+        .then(|| meshfed_store::etcd::testing::TestEtcd::start().unwrap());
+    let mut args: Vec<String> = [
+        "federator",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--listen",
+        &grpc,
+        "--admin",
+        &admin,
+        "--rate-limit",
+        "1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(e) = &etcd {
+        args.extend([
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            e.endpoints().join(","),
+        ]);
     }
+    let mut fed = Fed {
+        args,
+        child: None,
+        admin: admin.clone(),
+    };
+    let pid = fed.start().await;
     let rss_idle = rss_kib(pid);
-    println!("federator pid {pid}, idle RSS {} MiB; {clusters} clusters x {services} services x {endpoints} endpoints", rss_idle / 1024);
+    row.rss_idle_mib = rss_idle as f64 / 1024.0;
+    println!("[{backing:?}] federator pid {pid}, idle RSS {} MiB; {clusters} clusters x {services} services x {endpoints} endpoints", rss_idle / 1024);
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let stale = watch_stale(admin.clone(), running.clone());
 
     // Join every cluster (what `meshfed join` does), 8 at a time.
-    let (fp, td) = {
-        let ca = meshfed_federation::ca::FederationCa::open_or_create(&state, None).unwrap();
-        (ca.root_fingerprint(), ca.trust_domain.to_string())
+    let (tokens, fp, td) = match &etcd {
+        None => {
+            let ca = meshfed_federation::ca::FederationCa::open_or_create(&state, None).unwrap();
+            (
+                TokenStore::new(&state),
+                ca.root_fingerprint(),
+                ca.trust_domain.to_string(),
+            )
+        }
+        Some(e) => {
+            let a = meshfed_federation::shared::EtcdAdmin::open(
+                &e.config(meshfed_store::etcd::DEFAULT_PREFIX),
+            )
+            .unwrap();
+            let (fp, td) = a.federation().unwrap();
+            (a.tokens.clone(), fp, td.to_string())
+        }
     };
-    let tokens = TokenStore::new(&state);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut ids: Vec<ClusterIdentity> = Vec::new();
     let t_join = Instant::now();
@@ -204,9 +505,10 @@ async fn main() {
         got.sort_by_key(|(i, _)| *i);
         ids.extend(got.into_iter().map(|(_, id)| id));
     }
+    row.join_s = t_join.elapsed().as_secs_f64();
     println!(
-        "joined {clusters} clusters in {:.1}s",
-        t_join.elapsed().as_secs_f64()
+        "[{backing:?}] joined {clusters} clusters in {:.1}s",
+        row.join_s
     );
 
     // One simulated agent per cluster: full export, then ACK every import delta at once.
@@ -214,116 +516,48 @@ async fn main() {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
     let mut cmd_txs = Vec::new();
     let t_sync = Instant::now();
-    for (i, id) in ids.iter().enumerate() {
-        let (cfg, _) = id.client_config().unwrap();
-        let channel = meshfed_net::channel(id.file.federators.clone(), cfg, "federator").unwrap();
-        let mut client = FederationClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+    for (i, id) in ids.into_iter().enumerate() {
+        let full = ExportDelta {
+            version: 1,
+            full: true,
+            upserts: (0..services)
+                .map(|s| service(i, s, endpoints, None))
+                .collect(),
+            removals: vec![],
+        };
         let (tx, rx) = mpsc::channel::<ClusterMessage>(64);
-        tx.send(ClusterMessage {
-            kind: Some(Out::Hello(Hello {
-                observer: false,
-                facts: Some(id.facts()),
-                imports_applied_revision: 0,
-                federation_bundle_sequence: 0,
-            })),
-        })
-        .await
-        .unwrap();
-        tx.send(ClusterMessage {
-            kind: Some(Out::Exports(ExportDelta {
-                version: 1,
-                full: true,
-                upserts: (0..services)
-                    .map(|s| service(i, s, endpoints, None))
-                    .collect(),
-                removals: vec![],
-            })),
-        })
-        .await
-        .unwrap();
-        cmd_txs.push(tx.clone());
-        let ev = ev_tx.clone();
-        tokio::spawn(async move {
-            let mut inbound = client
-                .sync(ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut imported = 0u64;
-            let mut synced = false;
-            while let Ok(Some(m)) = inbound.message().await {
-                if let Some(In::Imports(d)) = m.kind {
-                    let at = Instant::now();
-                    let _ = tx
-                        .send(ClusterMessage {
-                            kind: Some(Out::ImportAck(ImportAck {
-                                revision: d.revision,
-                                error: String::new(),
-                            })),
-                        })
-                        .await;
-                    if !synced {
-                        imported += d.upserts.len() as u64;
-                        if imported >= expected {
-                            synced = true;
-                            let _ = ev.send(Event::Synced);
-                        }
-                    }
-                    for u in &d.upserts {
-                        if let Some(m) =
-                            u.export.as_ref().and_then(|e| e.labels.get("bench-marker"))
-                        {
-                            let _ = ev.send(Event::Marker {
-                                marker: m.parse().unwrap_or(usize::MAX),
-                                at,
-                            });
-                        }
-                    }
-                }
-            }
-        });
+        cmd_txs.push(tx);
+        tokio::spawn(agent(i, id, full, expected, rx, ev_tx.clone()));
     }
     let mut synced = 0;
     while synced < clusters {
-        match tokio::time::timeout(Duration::from_secs(600), ev_rx.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(3600), ev_rx.recv()).await {
             Ok(Some(Event::Synced)) => synced += 1,
             Ok(Some(_)) => {}
             _ => panic!("initial sync did not finish ({synced}/{clusters})"),
         }
     }
-    let sync_s = t_sync.elapsed().as_secs_f64();
+    row.sync_s = t_sync.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_loaded = rss_kib(pid);
-    if std::env::var("MESHFED_BENCH_SMAPS").is_ok() {
-        println!(
-            "{}",
-            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default()
-        );
-        let _ = Command::new("sh").arg("-c").arg(format!("sort -k2 -n -r <(grep -E '^[0-9a-f]+-' /proc/{pid}/maps | head -0) ; awk '/^[0-9a-f]+-/{{name=$6}} /^Rss:/{{if ($2>10000) print $2, name}}' /proc/{pid}/smaps | sort -n -r | head")).status();
-    }
     println!(
-        "initial sync: every cluster imported {expected} services in {sync_s:.1}s; federator RSS {} MiB",
+        "[{backing:?}] initial sync: every cluster imported {expected} services in {:.1}s; federator RSS {} MiB",
+        row.sync_s,
         rss_loaded / 1024
     );
 
     // Export changes: one service of one cluster at a time; wait for every importer's ACK.
     let mut all_acked_ms = Vec::new();
     let mut each_ms = Vec::new();
-    let versions = Arc::new(std::sync::Mutex::new(vec![1u64; clusters]));
+    let mut versions = vec![1u64; clusters];
     for k in 0..changes {
         let src = k % clusters;
-        let v = {
-            let mut vs = versions.lock().unwrap();
-            vs[src] += 1;
-            vs[src]
-        };
+        versions[src] += 1;
         let t0 = Instant::now();
         cmd_txs[src]
             .send(ClusterMessage {
                 kind: Some(Out::Exports(ExportDelta {
-                    version: v,
+                    version: versions[src],
                     full: false,
                     upserts: vec![service(src, k % services, endpoints, Some(k))],
                     removals: vec![],
@@ -334,7 +568,7 @@ async fn main() {
         let mut seen = 0;
         let mut last = t0;
         while seen < clusters - 1 {
-            match tokio::time::timeout(Duration::from_secs(30), ev_rx.recv()).await {
+            match tokio::time::timeout(Duration::from_secs(60), ev_rx.recv()).await {
                 Ok(Some(Event::Marker { marker, at })) if marker == k => {
                     seen += 1;
                     each_ms.push(at.duration_since(t0).as_secs_f64() * 1000.0);
@@ -350,52 +584,75 @@ async fn main() {
         all_acked_ms.push(last.duration_since(t0).as_secs_f64() * 1000.0);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let per_cluster_mib = (rss_loaded.saturating_sub(rss_idle)) as f64 / 1024.0 / clusters as f64;
+    row.per_cluster_mib = (rss_loaded.saturating_sub(rss_idle)) as f64 / 1024.0 / clusters as f64;
     // Steady state: the same federator after the change phase, transient buffers released.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_steady = rss_kib(pid);
-    let steady_mib = (rss_steady.saturating_sub(rss_idle)) as f64 / 1024.0 / clusters as f64;
-    println!("--- results ---");
-    println!("export change -> every importer ACKed: p50 {:.1} ms, p99 {:.1} ms ({changes} changes, {} importers each)", percentile(&mut all_acked_ms.clone(), 0.5), percentile(&mut all_acked_ms, 0.99), clusters - 1);
-    println!(
-        "export change -> one importer ACKed:   p50 {:.1} ms, p99 {:.1} ms",
-        percentile(&mut each_ms.clone(), 0.5),
-        percentile(&mut each_ms, 0.99)
-    );
-    println!("initial full sync of {clusters} clusters: {sync_s:.1} s");
-    println!(
-        "federator RSS: idle {:.1} MiB, right after the full sync {:.1} MiB ({per_cluster_mib:.2} MiB per cluster), steady {:.1} MiB ({steady_mib:.2} MiB per cluster)",
-        rss_idle as f64 / 1024.0,
-        rss_loaded as f64 / 1024.0,
-        rss_steady as f64 / 1024.0
-    );
-    // SIGTERM lets a wrapping profiler write its report.
-    let ours_p50 = percentile(&mut all_acked_ms.clone(), 0.5);
-    let ours_p99 = percentile(&mut all_acked_ms.clone(), 0.99);
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let _ = fed.kill();
-    let _ = fed.wait();
+    row.steady_per_cluster_mib =
+        (rss_steady.saturating_sub(rss_idle)) as f64 / 1024.0 / clusters as f64;
+    row.all_p50 = percentile(&mut all_acked_ms.clone(), 0.5);
+    row.all_p99 = percentile(&mut all_acked_ms, 0.99);
+    row.one_p50 = percentile(&mut each_ms.clone(), 0.5);
+    row.one_p99 = percentile(&mut each_ms, 0.99);
 
-    // Same-run peer: etcd (Debian's etcd-server) fanning one ~1.2 KB value change out to the
-    // same number of watchers, through its HTTP/JSON gateway.
-    match etcd_peer(
-        clusters - 1,
-        changes,
-        service(0, 0, endpoints, None).encoded_len(),
-    )
-    .await
-    {
-        Ok((p50, p99)) => {
-            println!("peer etcd: put -> every watcher received: p50 {p50:.1} ms, p99 {p99:.1} ms ({} watchers)", clusters - 1);
-            println!(
-                "ratio meshfed/etcd: p50 {:.2}, p99 {:.2}",
-                ours_p50 / p50,
-                ours_p99 / p99
-            );
+    // Restart: every agent reconnects (jittered) and resumes from its applied revision; the
+    // clock runs from starting the new process until every cluster is connected with no import
+    // lag in its status.
+    fed.stop().await;
+    while ev_rx.try_recv().is_ok() {}
+    let t_restart = Instant::now();
+    fed.start().await;
+    let mut welcomed = std::collections::HashSet::new();
+    while welcomed.len() < clusters {
+        match tokio::time::timeout(Duration::from_secs(600), ev_rx.recv()).await {
+            Ok(Some(Event::Welcomed(i))) => {
+                welcomed.insert(i);
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("{}/{clusters} clusters came back", welcomed.len()),
         }
-        Err(e) => println!("peer etcd skipped: {e:#}"),
     }
+    loop {
+        if let Ok(r) = meshfed_net::admin::fetch_status(&admin).await {
+            let current = r["clusters"].as_array().is_some_and(|cs| {
+                cs.len() == clusters
+                    && cs
+                        .iter()
+                        .all(|c| c["connected"] == true && c["import_lag"] == 0)
+            });
+            if current {
+                break;
+            }
+        }
+        assert!(
+            t_restart.elapsed() < Duration::from_secs(600),
+            "not current after a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    row.reconnect_s = t_restart.elapsed().as_secs_f64();
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    row.max_stale = stale.await.unwrap_or(f64::NAN);
+    if let Some(e) = &etcd {
+        let out = Command::new("etcdctl")
+            .args([
+                "--endpoints",
+                &e.endpoints()[0],
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ])
+            .env("ETCDCTL_API", "3")
+            .output();
+        row.etcd_db_mib = out.ok().and_then(|o| {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+            v[0]["Status"]["dbSize"].as_f64().map(|b| b / 1048576.0)
+        });
+    }
+    drop(cmd_txs);
+    fed.stop().await;
+    row
 }
 
 /// etcd watch fan-out: `watchers` HTTP watch streams on one key, `changes` puts of `size` bytes;
