@@ -699,7 +699,7 @@ impl Federation {
     }
 
     /// One replica per entry of `each`, which lists the etcd endpoints that replica dials (the
-    /// same etcd, perhaps through a `meshfed_store::etcd::testing::Cuttable` relay of its own).
+    /// same etcd, perhaps through a `meshfed_store::etcd::local::Cuttable` relay of its own).
     pub fn start_replicas_each(lease_ttl: &str, each: &[Vec<String>]) -> Result<Federation> {
         let root = tempfile::tempdir()?;
         let mut started = Vec::new();

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chaos::*;
-use meshfed_store::etcd::testing::{Cuttable, TestEtcd};
+use meshfed_store::etcd::local::{Cuttable, LocalEtcd};
 
 fn imports_from(agent_status: &serde_json::Value, source: &str) -> u64 {
     agent_status["imports"][source].as_u64().unwrap_or(0)
@@ -17,7 +17,7 @@ fn imports_from(agent_status: &serde_json::Value, source: &str) -> u64 {
 /// counters). Then one etcd member is killed: the federation goes on.
 #[test]
 fn killing_the_replica_holding_a_stream_mid_storm_loses_nothing_acknowledged() {
-    let mut etcd = TestEtcd::cluster(3).unwrap();
+    let mut etcd = LocalEtcd::cluster(3).unwrap();
     let mut f = Federation::start_replicas("5s", &etcd.endpoints(), 3).unwrap();
     let mut east = f
         .add_cluster(
@@ -181,7 +181,7 @@ fn holder_among(admins: &[String], cluster: &str) -> Option<usize> {
 /// to another replica and its exports flow again. Healed, the replica is ready again.
 #[test]
 fn a_replica_partitioned_from_etcd_stops_acknowledging_and_its_clusters_move() {
-    let etcd = TestEtcd::start().unwrap();
+    let etcd = LocalEtcd::start().unwrap();
     let member = etcd.endpoints()[0]
         .trim_start_matches("http://")
         .to_string();

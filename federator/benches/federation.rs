@@ -134,6 +134,9 @@ struct Row {
     etcd_db_mib: Option<f64>,
     max_stale: f64,
     join_s: f64,
+    /// Initial sync: when each cluster's stream was welcomed, p50 and the last.
+    welcome_p50_s: f64,
+    welcome_max_s: f64,
 }
 
 fn free_addr() -> String {
@@ -377,8 +380,8 @@ async fn main() {
             r.join_s
         );
         println!(
-            "[{store}] initial full sync of {clusters} clusters at once: {:.1} s",
-            r.sync_s
+            "[{store}] initial full sync of {clusters} clusters at once: {:.1} s (streams welcomed: p50 {:.1} s, last {:.1} s)",
+            r.sync_s, r.welcome_p50_s, r.welcome_max_s
         );
         println!(
             "[{store}] federator restart -> every cluster reconnected and current: {:.1} s",
@@ -419,8 +422,8 @@ async fn scenario(
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("federator");
     let (grpc, admin) = (free_addr(), free_addr());
-    let etcd = (backing == Backing::Etcd)
-        .then(|| meshfed_store::etcd::testing::TestEtcd::start().unwrap());
+    let etcd =
+        (backing == Backing::Etcd).then(|| meshfed_store::etcd::local::LocalEtcd::start().unwrap());
     let mut args: Vec<String> = [
         "federator",
         "--state-dir",
@@ -530,14 +533,18 @@ async fn scenario(
         tokio::spawn(agent(i, id, full, expected, rx, ev_tx.clone()));
     }
     let mut synced = 0;
+    let mut welcomes = Vec::new();
     while synced < clusters {
         match tokio::time::timeout(Duration::from_secs(3600), ev_rx.recv()).await {
             Ok(Some(Event::Synced)) => synced += 1,
+            Ok(Some(Event::Welcomed(_))) => welcomes.push(t_sync.elapsed().as_secs_f64()),
             Ok(Some(_)) => {}
             _ => panic!("initial sync did not finish ({synced}/{clusters})"),
         }
     }
     row.sync_s = t_sync.elapsed().as_secs_f64();
+    row.welcome_p50_s = percentile(&mut welcomes.clone(), 0.5);
+    row.welcome_max_s = percentile(&mut welcomes, 1.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_loaded = rss_kib(pid);
     println!(

@@ -19,13 +19,13 @@ use trust::TrustDomain;
 /// test when `MESHFED_TEST_STORE=etcd` (scripts/test runs this file both ways).
 struct Env {
     dir: tempfile::TempDir,
-    etcd: Option<meshfed_store::etcd::testing::TestEtcd>,
+    etcd: Option<meshfed_store::etcd::local::LocalEtcd>,
 }
 
 impl Env {
     fn new() -> Env {
         let etcd = match std::env::var("MESHFED_TEST_STORE").as_deref() {
-            Ok("etcd") => Some(meshfed_store::etcd::testing::TestEtcd::start().unwrap()),
+            Ok("etcd") => Some(meshfed_store::etcd::local::LocalEtcd::start().unwrap()),
             Ok("sled") | Err(_) => None,
             Ok(other) => panic!("MESHFED_TEST_STORE={other}: sled or etcd"),
         };
@@ -1093,7 +1093,7 @@ async fn heartbeats_are_read_while_a_stalled_importers_backlog_waits() {
 }
 
 /// Two federator replicas on one etcd (always etcd, whatever MESHFED_TEST_STORE says).
-async fn replicas(etcd: &meshfed_store::etcd::testing::TestEtcd, d: &Path) -> [Federator; 2] {
+async fn replicas(etcd: &meshfed_store::etcd::local::LocalEtcd, d: &Path) -> [Federator; 2] {
     let start = |name: &str| {
         let mut cfg = FederatorConfig::new(d.join(name), "127.0.0.1:0".parse().unwrap());
         cfg.lease_ttl = Duration::from_secs(5);
@@ -1110,7 +1110,7 @@ async fn replicas(etcd: &meshfed_store::etcd::testing::TestEtcd, d: &Path) -> [F
 /// the other; the store's revision means the same on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_ca_the_tokens_and_each_others_writes() {
-    let etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let etcd = meshfed_store::etcd::local::LocalEtcd::start().unwrap();
     let d = tempfile::tempdir().unwrap();
     let [a, b] = replicas(&etcd, d.path()).await;
     assert_eq!(a.ca_fingerprint(), b.ca_fingerprint());
@@ -1159,7 +1159,7 @@ async fn replicas_share_the_ca_the_tokens_and_each_others_writes() {
 /// other is told the token was used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_racing_to_spend_one_token_admit_exactly_one() {
-    let etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let etcd = meshfed_store::etcd::local::LocalEtcd::start().unwrap();
     let d = tempfile::tempdir().unwrap();
     let [a, b] = replicas(&etcd, d.path()).await;
     for round in 0..5 {
@@ -1190,7 +1190,7 @@ async fn two_replicas_racing_to_spend_one_token_admit_exactly_one() {
 /// A replica that loses etcd is not ready and says why; with etcd back it is ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_without_etcd_is_not_ready_and_says_why() {
-    let mut etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let mut etcd = meshfed_store::etcd::local::LocalEtcd::start().unwrap();
     let d = tempfile::tempdir().unwrap();
     let mut cfg = FederatorConfig::new(d.path().join("a"), "127.0.0.1:0".parse().unwrap());
     cfg.store = StoreChoice::Etcd(etcd.config("/fed"));
@@ -1241,7 +1241,7 @@ fn lease_as_told(
 /// it turns stale on every replica, from etcd's lease (one verdict, not one per replica).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_verdicts_agree_across_replicas_for_a_frozen_cluster() {
-    let etcd = meshfed_store::etcd::testing::TestEtcd::start().unwrap();
+    let etcd = meshfed_store::etcd::local::LocalEtcd::start().unwrap();
     let d = tempfile::tempdir().unwrap();
     let ttl = Duration::from_secs(2);
     let start = |name: &str| {

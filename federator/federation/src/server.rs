@@ -157,6 +157,15 @@ fn bundle_not_after(r: &ClusterRecord) -> Option<time::OffsetDateTime> {
         .max()
 }
 
+/// Aborts a task when dropped (a session's reader ends with the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Resolves when the store's view stops following its backend (never with sled).
 async fn store_lost_signal(rx: &mut watch::Receiver<meshfed_store::Version>) {
     // The guard is dropped here: the future stays Send.
@@ -474,6 +483,7 @@ impl Hub {
     fn report(&self) -> Result<FederationReport, Status> {
         let head = self.store.head();
         let records = self.store.clusters().map_err(store_status)?;
+        let counts = self.store.counts();
         let live = self.live();
         let mut clusters = Vec::new();
         for r in &records {
@@ -483,7 +493,8 @@ impl Hub {
                 .map(|l| l.acked)
                 .unwrap_or(0)
                 .max(r.imports_acked_revision);
-            let exports = self.store.exports_of(&r.id).map_err(store_status)?.len() as u64;
+            let exports = counts.exports.get(&r.id).copied().unwrap_or(0);
+            let imports_from = counts.imports_from.get(&r.id).cloned().unwrap_or_default();
             let bundle_not_after = bundle_not_after(r).and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
                     .ok()
@@ -504,8 +515,8 @@ impl Hub {
                 },
                 last_heartbeat_age_ms: age,
                 exports,
-                imports: self.store.import_count(&r.id).map_err(store_status)?,
-                imports_from: self.store.import_counts(&r.id).map_err(store_status)?,
+                imports: imports_from.values().sum(),
+                imports_from,
                 exports_acked_version: r.exports_acked_version,
                 imports_acked_revision: acked,
                 import_lag: head.saturating_sub(acked),
@@ -1066,9 +1077,6 @@ impl Session {
                 )),
             ));
         }
-        if !self.observer {
-            self.hub.heartbeat(&self.cluster);
-        }
         let kind = msg.kind.ok_or_else(|| {
             self.refuse(
                 "invalid_argument",
@@ -1373,6 +1381,32 @@ impl Service {
         // backlog still has its heartbeats read, and does not turn stale. Imports may be
         // outstanding from the start and after every head change; the federation bundle and
         // the peer states after their changes (sent as they are then, the latest).
+        // The cluster's messages are read by a task of their own, which renews its lease as
+        // each arrives: a session busy with a slow write (its export waiting behind other
+        // clusters' writes in a join storm) still hears the cluster's heartbeats.
+        let (to_session, mut from_cluster) = mpsc::channel::<Result<ClusterMessage, Status>>(64);
+        let reader_hub = hub.clone();
+        let reader_cluster = cluster.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => {
+                        if !observer {
+                            reader_hub.heartbeat(&reader_cluster);
+                        }
+                        if to_session.send(Ok(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = to_session.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let _reader = AbortOnDrop(reader);
         let mut imports_pending = true;
         let (mut fed_pending, mut peers_pending) = (false, false);
         let room = tx.clone();
@@ -1402,10 +1436,10 @@ impl Service {
                     tracing::warn!(%cluster, reason = %why, "ending the stream: this replica lost its store");
                     return Err(store_lost(&why));
                 }
-                msg = inbound.message() => match msg {
-                    Ok(Some(m)) => s.handle(m).await?,
-                    Ok(None) => return Ok(()),
-                    Err(e) => return Err(e),
+                msg = from_cluster.recv() => match msg {
+                    Some(Ok(m)) => s.handle(m).await?,
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
                 },
                 r = head_rx.changed() => {
                     if r.is_err() { return Ok(()); }

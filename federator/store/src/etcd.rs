@@ -927,12 +927,11 @@ async fn follow(mut f: Follow) {
     }
 }
 
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
+pub mod local;
 
 #[cfg(test)]
 mod tests {
-    use super::testing::TestEtcd;
+    use super::local::LocalEtcd;
     use super::*;
     use crate::{Cursor, Store};
     use proto::{ExportDelta, ServiceExport};
@@ -1018,7 +1017,7 @@ mod tests {
     /// replica's view follows the other's writes, and the two views end equal.
     #[test]
     fn replicas_serialize_their_writes_and_see_each_others() {
-        let e = TestEtcd::start().unwrap();
+        let e = LocalEtcd::start().unwrap();
         let a = Arc::new(Store::open_etcd(&e.config("/fed")).unwrap());
         let b = Arc::new(Store::open_etcd(&e.config("/fed")).unwrap());
         a.join(member("c1")).unwrap();
@@ -1080,7 +1079,7 @@ mod tests {
     /// etcd is back, the view follows again and writes succeed.
     #[test]
     fn without_etcd_nothing_is_acknowledged_and_the_store_says_so() {
-        let mut e = TestEtcd::start().unwrap();
+        let mut e = LocalEtcd::start().unwrap();
         let mut cfg = e.config("/fed");
         cfg.timeout = Duration::from_secs(2);
         let s = Store::open_etcd(&cfg).unwrap();
@@ -1129,7 +1128,7 @@ mod tests {
     /// that cannot be reached; a missing certificate file is named.
     #[test]
     fn mtls_to_etcd_works_and_a_wrong_ca_or_plain_http_is_refused() {
-        let e = TestEtcd::start_mtls().unwrap();
+        let e = LocalEtcd::start_mtls().unwrap();
         let s = Store::open_etcd(&e.config("/fed")).unwrap();
         s.join(member("c1")).unwrap();
         assert_eq!(s.clusters().unwrap().len(), 1);
@@ -1165,9 +1164,9 @@ mod tests {
     /// the whole view again and has every write it missed.
     #[test]
     fn a_replica_whose_watch_was_compacted_away_reloads_its_view() {
-        let e = TestEtcd::start().unwrap();
+        let e = LocalEtcd::start().unwrap();
         let member = e.endpoints()[0].trim_start_matches("http://").to_string();
-        let relay = super::testing::Cuttable::start(&member).unwrap();
+        let relay = super::local::Cuttable::start(&member).unwrap();
         let mut cfg = e.config("/fed");
         cfg.endpoints = vec![format!("http://{}", relay.addr)];
         cfg.timeout = Duration::from_secs(2);
@@ -1236,7 +1235,7 @@ mod tests {
     /// etcd's own limits on a transaction are named, with the flag that raises them.
     #[test]
     fn a_write_over_etcds_limits_names_the_flag() {
-        let e = TestEtcd::with_flags(1, &[]).unwrap();
+        let e = LocalEtcd::with_flags(1, &[]).unwrap();
         let s = Store::open_etcd(&e.config("/fed")).unwrap();
         s.join(member("c1")).unwrap();
         let names: Vec<String> = (0..200).map(|i| format!("svc{i}")).collect();

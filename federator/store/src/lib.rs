@@ -330,6 +330,15 @@ impl Stored {
     }
 }
 
+/// Counts for status (see [`Store::counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Cluster -> its live exports (conflicting ones included).
+    pub exports: HashMap<String, u64>,
+    /// Importer -> exporting cluster -> services it may import from it.
+    pub imports_from: HashMap<String, BTreeMap<String, u64>>,
+}
+
 /// Where an importer's reading stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cursor {
@@ -814,6 +823,17 @@ impl Store {
 
     /// Updates a member's facts (addresses, locality) when they changed.
     pub fn update_facts(&self, id: &str, facts: &ClusterFacts) -> Result<Option<u64>> {
+        // Unchanged facts (every reconnect's hello) take no write lock: a hello must not wait
+        // behind other clusters' export writes (a cluster that cannot be welcomed for a lease
+        // TTL turns stale).
+        {
+            let mut rec = self.member(id)?;
+            let before = rec.clone();
+            rec.set_facts(facts);
+            if rec == before {
+                return Ok(None);
+            }
+        }
         self.write_with(|| {
             let mut rec = self.member(id)?;
             let before = rec.clone();
@@ -1197,6 +1217,51 @@ impl Store {
         Ok((out, Cursor::AfterRevision(complete), complete))
     }
 
+    /// For status, in one pass over the exports without decoding any: each cluster's live
+    /// exports, and what each cluster may import, by exporting cluster. (Per-cluster calls of
+    /// [`exports_of`](Self::exports_of) and [`import_counts`](Self::import_counts) cost the
+    /// whole store each, so a status of N clusters cost N times the store.)
+    pub fn counts(&self) -> Counts {
+        let m = self.read();
+        let mut out = Counts::default();
+        let mut to_all: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut specific: HashMap<&str, BTreeMap<&str, u64>> = HashMap::new();
+        for r in m.exports.values() {
+            if r.deleted {
+                continue;
+            }
+            *out.exports.entry(r.cluster.clone()).or_insert(0) += 1;
+            if r.conflict.is_some() {
+                continue;
+            }
+            if r.export_to.is_empty() {
+                *to_all.entry(r.cluster.as_str()).or_insert(0) += 1;
+            } else {
+                for i in &r.export_to {
+                    if *i != r.cluster {
+                        *specific
+                            .entry(i.as_str())
+                            .or_default()
+                            .entry(r.cluster.as_str())
+                            .or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        for importer in m.clusters.keys() {
+            let mut from: BTreeMap<String, u64> = to_all
+                .iter()
+                .filter(|(e, _)| **e != importer.as_str())
+                .map(|(e, n)| (e.to_string(), *n))
+                .collect();
+            for (e, n) in specific.get(importer.as_str()).into_iter().flatten() {
+                *from.entry(e.to_string()).or_insert(0) += n;
+            }
+            out.imports_from.insert(importer.clone(), from);
+        }
+        out
+    }
+
     /// Number of live exports visible to `importer` (for status).
     pub fn import_count(&self, importer: &str) -> Result<u64> {
         let m = self.read();
@@ -1284,7 +1349,7 @@ mod tests {
     /// per test). `open` again is a restart.
     enum Backing {
         Sled(tempfile::TempDir),
-        Etcd(etcd::testing::TestEtcd),
+        Etcd(etcd::local::LocalEtcd),
     }
 
     impl Backing {
@@ -1307,7 +1372,7 @@ mod tests {
                 #[test]
                 fn etcd() {
                     super::$name(&super::Backing::Etcd(
-                        crate::etcd::testing::TestEtcd::start().unwrap(),
+                        crate::etcd::local::LocalEtcd::start().unwrap(),
                     ));
                 }
             }
@@ -1708,6 +1773,50 @@ mod tests {
         drop(s);
         let e = Store::open(d.path()).err().unwrap().to_string();
         assert!(e.contains("schema version 9"), "{e}");
+    }
+
+    /// The one-pass counts equal the per-cluster ones (exports with exportTo, a conflict, a
+    /// tombstone).
+    #[test]
+    fn counts_in_one_pass_equal_the_per_cluster_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        for c in ["c1", "c2", "c3"] {
+            s.join(record(c)).unwrap();
+        }
+        let mut only_c2 = export("ledger", 9090, "TCP");
+        only_c2.export_to = vec!["c2".into()];
+        s.apply_exports(
+            "c1",
+            &delta(
+                1,
+                vec![
+                    export("payment", 8080, "TCP"),
+                    only_c2,
+                    export("menu", 80, "TCP"),
+                ],
+                vec![],
+            ),
+        )
+        .unwrap();
+        s.apply_exports(
+            "c2",
+            &delta(1, vec![export("payment", 8080, "UDP")], vec![]),
+        )
+        .unwrap();
+        s.apply_exports("c1", &delta(2, vec![], vec!["menu"]))
+            .unwrap();
+        let counts = s.counts();
+        for c in ["c1", "c2", "c3"] {
+            assert_eq!(
+                counts.exports.get(c).copied().unwrap_or(0),
+                s.exports_of(c).unwrap().len() as u64,
+                "{c}"
+            );
+            assert_eq!(counts.imports_from[c], s.import_counts(c).unwrap(), "{c}");
+        }
+        assert_eq!(counts.imports_from["c2"]["c1"], 2);
+        assert_eq!(counts.imports_from["c3"]["c1"], 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! A real etcd for tests: Debian's `etcd` (package etcd-server; `MESHFED_ETCD` names another
-//! binary), one or several members on loopback, each in a temporary directory, ready when its
-//! log says it serves clients. Members are killed when dropped.
+//! A local etcd for the demo, the tests and the benchmark: Debian's `etcd` (package
+//! etcd-server; `MESHFED_ETCD` names another binary), one or several members on loopback, each
+//! in a temporary directory, ready when its log says it serves clients. Members are killed
+//! when dropped. Not for production: there, etcd is run as the deploy manifests describe.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use super::EtcdConfig;
 
-/// Flags every test etcd runs with: meshfed's whole-delta transactions need more operations
+/// Flags every local etcd runs with: meshfed's whole-delta transactions need more operations
 /// and bytes per request than etcd's defaults (docs/federation-protocol.md).
 pub const LIMIT_FLAGS: [&str; 4] = ["--max-txn-ops", "40000", "--max-request-bytes", "33554432"];
 
@@ -25,11 +26,13 @@ pub struct Member {
 
 /// An etcd cluster of one or more members.
 #[derive(Debug)]
-pub struct TestEtcd {
+pub struct LocalEtcd {
     pub members: Vec<Member>,
     dir: tempfile::TempDir,
     /// With mTLS: the CA, and a client certificate it signed.
     pub tls: Option<super::EtcdTls>,
+    /// A command the members run under (`ip netns exec NS`), or none.
+    prefix: Vec<String>,
 }
 
 /// Runs openssl (the certificates of an mTLS etcd are made by it).
@@ -95,11 +98,22 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn binary() -> String {
+/// Whether the etcd binary runs here.
+pub fn installed() -> bool {
+    Command::new(binary())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The etcd binary: `MESHFED_ETCD`, or `etcd` on the PATH.
+pub fn binary() -> String {
     std::env::var("MESHFED_ETCD").unwrap_or_else(|_| "etcd".into())
 }
 
-impl TestEtcd {
+impl LocalEtcd {
     /// One member.
     pub fn start() -> std::io::Result<Self> {
         Self::cluster(1)
@@ -112,13 +126,23 @@ impl TestEtcd {
 
     /// `n` members with these limit flags (none: etcd's defaults).
     pub fn with_flags(n: usize, limits: &[&str]) -> std::io::Result<Self> {
+        Self::build(n, limits, "127.0.0.1", Vec::new())
+    }
+
+    /// One member listening on `host`, run under `prefix` (e.g. `ip netns exec NS`: the
+    /// demo's federator network).
+    pub fn start_at(host: &str, prefix: Vec<String>) -> std::io::Result<Self> {
+        Self::build(1, &LIMIT_FLAGS, host, prefix)
+    }
+
+    fn build(n: usize, limits: &[&str], host: &str, prefix: Vec<String>) -> std::io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut members = Vec::new();
         for i in 0..n {
             members.push(Member {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{}", free_port()?),
-                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                client_url: format!("http://{host}:{}", free_port()?),
+                peer_url: format!("http://{host}:{}", free_port()?),
                 child: None,
                 args: Vec::new(),
             });
@@ -157,10 +181,11 @@ impl TestEtcd {
             .chain(limits.iter().map(|s| s.to_string()))
             .collect();
         }
-        let mut t = TestEtcd {
+        let mut t = LocalEtcd {
             members,
             dir,
             tls: None,
+            prefix,
         };
         // Members of a new cluster wait for each other: start all, then wait for each.
         let mut ready = Vec::new();
@@ -180,7 +205,15 @@ impl TestEtcd {
         i: usize,
     ) -> std::io::Result<std::sync::mpsc::Receiver<std::io::Result<()>>> {
         let m = &mut self.members[i];
-        let mut child = Command::new(binary())
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = cmd
             .args(&m.args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -301,7 +334,7 @@ impl TestEtcd {
         .map(|s| s.to_string())
         .collect();
         args.extend(LIMIT_FLAGS.iter().map(|s| s.to_string()));
-        let mut t = TestEtcd {
+        let mut t = LocalEtcd {
             members: vec![Member { args, ..m }],
             tls: Some(super::EtcdTls {
                 ca: certs.join("ca.pem"),
@@ -309,6 +342,7 @@ impl TestEtcd {
                 key: certs.join("client.key"),
             }),
             dir,
+            prefix: Vec::new(),
         };
         t.spawn(0)?
             .recv_timeout(Duration::from_secs(60))
@@ -356,7 +390,7 @@ impl TestEtcd {
     }
 }
 
-impl Drop for TestEtcd {
+impl Drop for LocalEtcd {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
             self.kill(i);
