@@ -16,6 +16,11 @@
 //! order calls `stock` on it over mTLS, and the VM's mesh DNS resolves an imported service.
 //! When the VM's agent dies, its entry goes after the grace period.
 //!
+//! With etcd on the machine (Debian's etcd-server; `scripts/test` installs it), the federator
+//! runs as two replicas on an etcd the demo starts in the federator's network: tokens are made
+//! from etcd, clusters spread over both replicas, and one replica is killed and started again
+//! while the federation goes on. Without etcd, one federator keeps its state in sled.
+//!
 //! Run as root with `ip`, every cluster, the VM and the federator get their own network
 //! namespace, joined by veth pairs through a router namespace (see [`meshfed_harness::netns`]); the
 //! processes run there (`ip netns exec`) and the workloads on runtimes whose threads entered
@@ -735,20 +740,48 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         )
     };
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Replicas on etcd when it is installed; one federator on sled otherwise.
+    let etcd = if meshfed_store::etcd::local::installed() {
+        let prefix = layout
+            .fed
+            .ns()
+            .map(|ns| s(&["ip", "netns", "exec", ns]))
+            .unwrap_or_default();
+        Some(
+            meshfed_store::etcd::local::LocalEtcd::start_at(&layout.fed.addr, prefix)
+                .context("cannot start the demo's etcd")?,
+        )
+    } else {
+        println!(
+            "etcd is not installed (apt-get install etcd-server): one federator, its state in sled"
+        );
+        None
+    };
+    let etcd_endpoints = etcd.as_ref().map(|e| e.endpoints().join(","));
+    let store_args = |v: &mut Vec<String>| {
+        if let Some(e) = &etcd_endpoints {
+            v.extend(s(&["--store", "etcd", "--etcd-endpoints", e]));
+        }
+    };
+    let fed_args = |dir: &Path, grpc: &str, admin: &str| {
+        let mut v = s(&[
+            "federator",
+            "--state-dir",
+            &dir.display().to_string(),
+            "--listen",
+            grpc,
+            "--admin",
+            admin,
+            "--lease-ttl",
+            &format!("{}s", LEASE_TTL.as_secs()),
+        ]);
+        store_args(&mut v);
+        v
+    };
     let mut federator = Proc::spawn(
         "federator",
         layout.fed.ns(),
-        &s(&[
-            "federator",
-            "--state-dir",
-            &fed_dir.display().to_string(),
-            "--listen",
-            &fed_grpc,
-            "--admin",
-            &fed_admin,
-            "--lease-ttl",
-            &format!("{}s", LEASE_TTL.as_secs()),
-        ]),
+        &fed_args(&fed_dir, &fed_grpc, &fed_admin),
         &logs,
     )?;
     procs::wait_serving(&mut federator, &fed_admin, Duration::from_secs(20)).await?;
@@ -758,6 +791,41 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         federator.pid().unwrap_or_default(),
         fr.federation_trust_domain
     );
+    // The second replica, on the same etcd.
+    let mut replica = match &etcd {
+        None => None,
+        Some(e) => {
+            let (grpc, admin) = if layout.netns() {
+                (
+                    format!("{}:15102", layout.fed.addr),
+                    format!("{}:15103", layout.fed.addr),
+                )
+            } else {
+                let free = || -> anyhow::Result<u16> {
+                    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                        .local_addr()?
+                        .port())
+                };
+                (
+                    format!("127.0.0.1:{}", free()?),
+                    format!("127.0.0.1:{}", free()?),
+                )
+            };
+            let mut p = Proc::spawn(
+                "federator-b",
+                layout.fed.ns(),
+                &fed_args(&root.join("federator-b"), &grpc, &admin),
+                &logs,
+            )?;
+            procs::wait_serving(&mut p, &admin, Duration::from_secs(20)).await?;
+            println!(
+                "replica     pid {:<7} gRPC {grpc}  admin http://{admin}/status  (both on etcd {})",
+                p.pid().unwrap_or_default(),
+                e.endpoints().join(",")
+            );
+            Some((p, admin))
+        }
+    };
     println!(
         "dashboard   http://{fed_admin}/ui/  (live: open it in a browser while the demo runs)"
     );
@@ -768,19 +836,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     for c in &CLUSTERS {
         let site = layout.cluster(c.name)?;
         let addr = site.addr.clone();
-        let token = procs::run_once(
-            None,
-            &s(&[
-                "federator",
-                "token",
-                "create",
-                "--state-dir",
-                &fed_dir.display().to_string(),
-                "--cluster",
-                c.name,
-            ]),
-        )
-        .await?;
+        let home = match &etcd_endpoints {
+            Some(e) => s(&["--etcd-endpoints", e]),
+            None => s(&["--state-dir", &fed_dir.display().to_string()]),
+        };
+        let mut token_args = s(&["federator", "token", "create", "--cluster", c.name]);
+        token_args.extend(home);
+        let token = procs::run_once(None, &token_args).await?;
         let dir = root.join(c.name);
         procs::run_once(
             site.ns(),
@@ -934,6 +996,48 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         "exportTo",
         "east's inventory (exportTo: [west]) reaches west and not eu".into(),
     );
+
+    // Replicas: the second is killed; the clusters it served move to the first, which has
+    // every cluster's messages; the second comes back and is ready.
+    if let Some((b, b_admin)) = replica.as_mut() {
+        b.kill();
+        let t0 = Instant::now();
+        let mut moved = false;
+        while t0.elapsed() < Duration::from_secs(30) && !moved {
+            let mut all = true;
+            for c in ["east", "west", "eu"] {
+                let series = format!(
+                    "meshfed_federation_messages_total{{cluster=\"{c}\",kind=\"heartbeat\"}}"
+                );
+                let before = metric(&fed_admin, &series).await.unwrap_or(0.0);
+                let connected = agent_report(&admin_of(c))
+                    .await
+                    .is_some_and(|r| r.connected);
+                all &= connected && before > 0.0;
+            }
+            moved = all;
+            if !moved {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let moved_in = t0.elapsed().as_secs_f64();
+        b.start()?;
+        let back = procs::wait_serving(b, b_admin, Duration::from_secs(20))
+            .await
+            .is_ok();
+        let (still, _) = wait_agent(&eu_admin, Duration::from_secs(10), |r| {
+            endpoints_of(r, "shop/payment", "east") > 0
+                && endpoints_of(r, "shop/payment", "west") > 0
+        })
+        .await;
+        checks.assert(
+            moved && back && still,
+            "federator replicas",
+            format!(
+                "two federators on etcd; one killed with -9: east, west and eu heartbeat on the other within {moved_in:.1}s and eu still imports payment from both; the killed one starts again and serves"
+            ),
+        );
+    }
 
     // The VM: joins eu through eu's gateway with a bootstrap package.
     let vm_addr = layout.vm.addr.clone();

@@ -860,6 +860,8 @@ async fn federation_ca(hub: Arc<Hub>, fed_trust: TrustStore, serving: Arc<Manage
             if stepped.began || stepped.bundle_changed || stepped.signer_changed {
                 shared.push(&hub2.ca.trust_domain)?;
             }
+            // The live CA now signs from what was taken or offered.
+            shared.applied();
             Ok(stepped)
         })
         .await;
@@ -1655,6 +1657,20 @@ impl Federation for Service {
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
         let cluster = self.hub.authenticate(&req)?;
         let r = req.into_inner();
+        // Replicas: a renewal (typically onto a root that just began to sign, announced by
+        // another replica) is signed only with the federation CA etcd holds now; a replica
+        // still taking it answers UNAVAILABLE and the agent retries.
+        if let Some(shared) = &self.hub.shared_ca {
+            match tokio::task::block_in_place(|| shared.current()) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Status::unavailable(
+                        "this replica is taking a newer federation CA from etcd; retry",
+                    ))
+                }
+                Err(e) => return Err(Status::unavailable(format!("{e:#}"))),
+            }
+        }
         let issued = tokio::task::block_in_place(|| self.hub.ca.sign_cluster(&r.csr_der, &cluster))
             .map_err(|e| Status::invalid_argument(format!("csr_der: {e:#}")))?;
         let cert = MemberCert {

@@ -67,6 +67,8 @@ pub struct SharedCa {
     state_dir: PathBuf,
     /// The record's revision and files as this replica last took or wrote them.
     last: Mutex<(i64, BTreeMap<String, String>)>,
+    /// The record's revision the live CA signs from (set after each rotation step).
+    applied: std::sync::atomic::AtomicI64,
 }
 
 impl SharedCa {
@@ -81,6 +83,7 @@ impl SharedCa {
             records,
             state_dir: state_dir.to_path_buf(),
             last: Mutex::new((0, BTreeMap::new())),
+            applied: Default::default(),
         };
         if !shared.pull(td)? {
             let ca = FederationCa::open_or_create(state_dir, td)?;
@@ -90,6 +93,7 @@ impl SharedCa {
                 Some(rev) => {
                     tracing::info!(trust_domain = %ca.trust_domain, "this replica's federation CA is now the federation's (etcd had none)");
                     *shared.lock() = (rev, snap.files);
+                    shared.applied();
                     return Ok((ca, shared));
                 }
                 None => {
@@ -100,7 +104,21 @@ impl SharedCa {
             }
         }
         let ca = FederationCa::open_or_create(state_dir, td)?;
+        shared.applied();
         Ok((ca, shared))
+    }
+
+    /// The live CA has stepped since the last take or offer: it signs from that revision.
+    pub fn applied(&self) {
+        let rev = self.lock().0;
+        self.applied
+            .store(rev, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the live CA signs from the revision etcd holds now (one read of etcd).
+    pub fn current(&self) -> anyhow::Result<bool> {
+        let now = self.records.get(SNAPSHOT)?.map(|(_, rev)| rev).unwrap_or(0);
+        Ok(now == self.applied.load(std::sync::atomic::Ordering::Acquire))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (i64, BTreeMap<String, String>)> {
@@ -247,6 +265,7 @@ impl EtcdAdmin {
             records: self.ca.clone(),
             state_dir: tmp.path().to_path_buf(),
             last: Mutex::new((0, BTreeMap::new())),
+            applied: Default::default(),
         };
         anyhow::ensure!(
             shared.pull(None)?,

@@ -104,8 +104,12 @@ impl Managed {
     /// Renews for as long as the task runs.
     pub async fn run(self: Arc<Self>, issue: IssueFn, backoff: Backoff) {
         let mut retry = backoff.min;
+        // A failed renewal is tried again after its backoff, also when it was asked for early
+        // (renew_soon: a new root signs) and the schedule is still far.
+        let mut failed = false;
         loop {
             let wait = match self.current() {
+                Some(_) if failed => Duration::ZERO,
                 Some(s) => until(s.renew_at()),
                 None => Duration::ZERO,
             };
@@ -116,6 +120,7 @@ impl Managed {
             match issue().await.and_then(|s| self.install(s)) {
                 Ok(()) => {
                     retry = backoff.min;
+                    failed = false;
                     tracing::info!(certificate = %self.name, "renewed");
                 }
                 Err(e) => {
@@ -128,6 +133,7 @@ impl Managed {
                     tracing::warn!(certificate = %self.name, error = %format!("{e:#}"), retry_in = ?wait, "cannot renew");
                     tokio::time::sleep(wait).await;
                     retry = (retry * 2).min(backoff.max);
+                    failed = true;
                 }
             }
         }
@@ -200,5 +206,36 @@ mod tests {
         rx.changed().await.unwrap();
         let renewed = m.current().unwrap();
         assert_ne!(renewed.chain[0], first.chain[0]);
+    }
+
+    /// A renewal asked for early (a new root signs) that fails is tried again after its
+    /// backoff, not at the certificate's far schedule (a federator replica still taking the
+    /// new CA refuses the first attempt).
+    #[tokio::test(start_paused = true)]
+    async fn an_early_renewal_that_fails_is_tried_again() {
+        let ca = ca();
+        let first = issue(&ca, time::Duration::days(7));
+        let m = Managed::new("test", Some(first.clone())).unwrap();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let (a, c) = (attempts.clone(), ca.clone());
+        let f = issue_fn(move || {
+            let (a, c) = (a.clone(), c.clone());
+            async move {
+                if a.fetch_add(1, Ordering::SeqCst) < 2 {
+                    anyhow::bail!("this replica is taking a newer federation CA");
+                }
+                Ok(issue(&c, time::Duration::days(7)))
+            }
+        });
+        let mut rx = m.subscribe();
+        rx.borrow_and_update();
+        tokio::spawn(m.clone().run(f, Backoff::default()));
+        m.renew_soon();
+        let t0 = tokio::time::Instant::now();
+        rx.changed().await.unwrap();
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+        assert_ne!(m.current().unwrap().chain[0], first.chain[0]);
+        // Two backoffs (1 s, 2 s), not the days until the scheduled renewal.
+        assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
     }
 }
