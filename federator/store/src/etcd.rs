@@ -1024,7 +1024,7 @@ mod tests {
         b.join(member("c2")).unwrap();
         wait_head(&a, 2);
         wait_head(&b, 2);
-        const N: u64 = 25;
+        const N: u64 = 60;
         let writer = |s: Arc<Store>, c: &'static str| {
             std::thread::spawn(move || {
                 let mut revs = Vec::new();

@@ -723,9 +723,11 @@ impl Store {
         self.mem.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Commits a plan computed under the write lock. `Ok(false)`: another replica wrote first
-    /// (etcd); the view now includes its write and the caller computes the plan again.
-    fn commit(&self, plan: Plan) -> Result<bool> {
+    /// Commits a plan computed under the write lock from the view as it was at `basis` (its
+    /// head revision and the head key's etcd revision, read before planning began). `Ok(false)`:
+    /// another replica wrote since (etcd); the view now includes its write and the caller
+    /// computes the plan again.
+    fn commit(&self, plan: Plan, basis: (i64, u64)) -> Result<bool> {
         if plan.head.is_none() && plan.clusters.is_empty() && plan.exports.is_empty() {
             return Ok(true);
         }
@@ -747,13 +749,9 @@ impl Store {
                 });
                 Ok(true)
             }
-            Backend::Etcd(e) => {
-                let (head_mod, head) = {
-                    let m = self.read();
-                    (m.head_mod, m.head)
-                };
-                e.commit(&plan, head_mod, head)
-            }
+            // The compare is on the basis the plan was computed from, never on a newer view:
+            // another replica's write applied while planning makes the compare fail.
+            Backend::Etcd(e) => e.commit(&plan, basis.0, basis.1),
         }
     }
 
@@ -762,11 +760,18 @@ impl Store {
     fn write_with<T>(&self, mut plan: impl FnMut() -> Result<(Plan, T)>) -> Result<T> {
         let _g = self.lock();
         loop {
+            let basis = self.basis();
             let (p, out) = plan()?;
-            if self.commit(p)? {
+            if self.commit(p, basis)? {
                 return Ok(out);
             }
         }
+    }
+
+    /// What a plan is computed from: the head key's etcd revision and the head.
+    fn basis(&self) -> (i64, u64) {
+        let m = self.read();
+        (m.head_mod, m.head)
     }
 
     /// The head revision: every change has a revision at or below it.
@@ -909,10 +914,14 @@ impl Store {
             Backend::Etcd(e) => e.set_acked(id, revision),
             Backend::Sled(_) => {
                 rec.imports_acked_revision = revision;
-                self.commit(Plan {
-                    clusters: vec![rec],
-                    ..Default::default()
-                })
+                let basis = self.basis();
+                self.commit(
+                    Plan {
+                        clusters: vec![rec],
+                        ..Default::default()
+                    },
+                    basis,
+                )
                 .map(|_| ())
             }
         }
