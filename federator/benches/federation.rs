@@ -360,6 +360,8 @@ async fn main() {
             other => panic!("MESHFED_BENCH_STORES: {other}? (sled, etcd)"),
         };
         let row = scenario(backing, clusters, services, endpoints, changes).await;
+        // Printed as soon as a store's scenario ends (a long run keeps what it measured).
+        println!("[{store}] done: {row:?}");
         rows.push((store.to_string(), row));
     }
     let peer = etcd_peer(

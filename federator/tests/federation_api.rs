@@ -1118,10 +1118,15 @@ async fn replicas_share_the_ca_the_tokens_and_each_others_writes() {
     // A token made through one replica is spent on the other (the token names only b).
     let mut claims = Claims::decode(&token(&a, d.path(), "east", 900, now())).unwrap();
     claims.federators = b.advertise().to_vec();
-    let east = identity::join(params(d.path(), claims.encode(), "east"))
+    let mut east = identity::join(params(d.path(), claims.encode(), "east"))
         .await
         .unwrap();
-    let west = joined(&a, d.path(), "west").await;
+    let mut west = joined(&a, d.path(), "west").await;
+    // A join names every replica (an agent's connection starts at a random one): the test
+    // pins each cluster to one.
+    assert_eq!(east.file.federators.len(), 2, "{:?}", east.file.federators);
+    west.file.federators = a.advertise().to_vec();
+    east.file.federators = b.advertise().to_vec();
     // West on a, east on b: east's export reaches west through etcd.
     let (_wtx, mut win) = open_sync(&west).await;
     let (etx, mut ein) = open_sync(&east).await;
@@ -1256,9 +1261,14 @@ async fn stale_verdicts_agree_across_replicas_for_a_frozen_cluster() {
         claims.federators = f.advertise().to_vec();
         identity::join(params(d.path(), claims.encode(), cluster))
     };
-    let west = join_on(&a, "west").await.unwrap();
-    let south = join_on(&b, "south").await.unwrap();
-    let east = join_on(&b, "east").await.unwrap();
+    // Each pinned to one replica (a join names both; an agent starts at a random one).
+    let pinned = |mut id: ClusterIdentity, f: &Federator| {
+        id.file.federators = f.advertise().to_vec();
+        id
+    };
+    let west = pinned(join_on(&a, "west").await.unwrap(), &a);
+    let south = pinned(join_on(&b, "south").await.unwrap(), &b);
+    let east = pinned(join_on(&b, "east").await.unwrap(), &b);
     let (_wtx, w_in) = open_sync(&west).await;
     let (_stx, s_in) = open_sync(&south).await;
     let mut on_a = lease_as_told(w_in, "east");
