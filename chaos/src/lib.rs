@@ -612,6 +612,68 @@ pub fn join_args(
     .collect()
 }
 
+/// An export storm at `c`: 60 registry writes 40 ms apart, of 10 + round % 7 services each;
+/// `during` runs once the federator has acknowledged three of them, while the writes go on.
+/// Returns the number of services of the last write.
+pub fn export_storm(c: &Cluster, during: impl FnOnce()) -> Result<usize> {
+    let before = c.status()?["exports_acked_version"].as_u64().unwrap_or(0);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| -> Result<()> {
+            for round in 0..60u16 {
+                let n = 10 + usize::from(round % 7);
+                c.write_registry(&registry_yaml("svc", n, 8000 + round, ""))?;
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            Ok(())
+        });
+        wait_for(Duration::from_secs(20), "the storm to be under way", || {
+            let v = c.status()?["exports_acked_version"].as_u64().unwrap_or(0);
+            Ok((v >= before + 3).then_some(()))
+        })?;
+        during();
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the storm's writer panicked"))?
+    })?;
+    Ok(10 + 59 % 7)
+}
+
+/// That cluster `c` resumed after losing its federator without a full resend: its agent never
+/// found the federator's export version behind its own, its counters show no full set and the
+/// storm's deltas, and it reconnected.
+pub fn assert_resumed_without_full_resend(c: &mut Cluster) {
+    let admin = c.admin.clone();
+    let log = c.agent().map(|a| a.log()).unwrap_or_default();
+    assert!(
+        !log.contains("export versions differ"),
+        "the cluster had to resend everything: an acknowledged export was lost\n{log}"
+    );
+    let full = metric(
+        &admin,
+        "meshfed_agent_export_deltas_sent_total{kind=\"full\"}",
+    )
+    .unwrap_or_default();
+    let deltas = metric(
+        &admin,
+        "meshfed_agent_export_deltas_sent_total{kind=\"delta\"}",
+    )
+    .unwrap_or_default();
+    println!("the cluster sent {full:?} full exports and {deltas:?} deltas across the kill");
+    assert_eq!(
+        full.unwrap_or(0.0),
+        0.0,
+        "the cluster resent its full export set"
+    );
+    assert!(
+        deltas.unwrap_or(0.0) >= 5.0,
+        "the storm produced deltas: {deltas:?}"
+    );
+    assert!(
+        log.matches("connected to the federator").count() >= 2,
+        "the cluster reconnected after the kill:\n{log}"
+    );
+}
+
 /// A federator plus clusters, all in one temporary directory.
 #[derive(Debug)]
 pub struct Federation {

@@ -68,29 +68,7 @@ fn killing_the_replica_holding_a_stream_mid_storm_loses_nothing_acknowledged() {
         Ok(holder_among(&f.admins(), "east"))
     })
     .unwrap();
-    let before = east.status().unwrap()["exports_acked_version"]
-        .as_u64()
-        .unwrap_or(0);
-    std::thread::scope(|s| {
-        let writer = s.spawn(|| {
-            for round in 0..60u16 {
-                let n = 10 + usize::from(round % 7);
-                east.write_registry(&registry_yaml("svc", n, 8000 + round, ""))
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(40));
-            }
-        });
-        wait_for(Duration::from_secs(20), "the storm to be under way", || {
-            let v = east.status()?["exports_acked_version"]
-                .as_u64()
-                .unwrap_or(0);
-            Ok((v >= before + 3).then_some(()))
-        })
-        .unwrap();
-        f.replica_proc(killed).kill9();
-        writer.join().unwrap();
-    });
-    let want_n = 10 + 59 % 7;
+    let want_n = export_storm(&east, || f.replica_proc(killed).kill9()).unwrap();
     wait_for(
         Duration::from_secs(60),
         "west to import the final set",
@@ -125,28 +103,7 @@ fn killing_the_replica_holding_a_stream_mid_storm_loses_nothing_acknowledged() {
         None,
         "east is on a survivor"
     );
-    let log = east.agent().unwrap().log();
-    assert!(
-        !log.contains("export versions differ"),
-        "east had to resend everything: a replica lost an acknowledged export\n{log}"
-    );
-    let full = metric(
-        &east.admin,
-        "meshfed_agent_export_deltas_sent_total{kind=\"full\"}",
-    )
-    .unwrap();
-    let deltas = metric(
-        &east.admin,
-        "meshfed_agent_export_deltas_sent_total{kind=\"delta\"}",
-    )
-    .unwrap();
-    println!("east sent {full:?} full exports and {deltas:?} deltas across the kill");
-    assert_eq!(full.unwrap_or(0.0), 0.0, "east resent its full export set");
-    assert!(deltas.unwrap_or(0.0) >= 5.0, "{deltas:?}");
-    assert!(
-        log.matches("connected to the federator").count() >= 2,
-        "east reconnected after the kill:\n{log}"
-    );
+    assert_resumed_without_full_resend(&mut east);
 
     // One etcd member of three killed: exports still flow.
     etcd.kill(0);

@@ -643,21 +643,11 @@ async fn scenario(
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     row.max_stale = stale.await.unwrap_or(f64::NAN);
     if let Some(e) = &etcd {
-        let out = Command::new("etcdctl")
-            .args([
-                "--endpoints",
-                &e.endpoints()[0],
-                "endpoint",
-                "status",
-                "-w",
-                "json",
-            ])
-            .env("ETCDCTL_API", "3")
-            .output();
-        row.etcd_db_mib = out.ok().and_then(|o| {
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-            v[0]["Status"]["dbSize"].as_f64().map(|b| b / 1048576.0)
-        });
+        row.etcd_db_mib = e
+            .status()
+            .ok()
+            .and_then(|v| v[0]["Status"]["dbSize"].as_f64())
+            .map(|b| b / 1048576.0);
     }
     drop(cmd_txs);
     fed.stop().await;

@@ -689,6 +689,13 @@ fn fmt_counts(m: &BTreeMap<String, u64>, failed: u64) -> String {
     parts.join(" ")
 }
 
+/// A loopback port nothing listens on now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let tmp;
     let root: PathBuf = match &opts.state_dir {
@@ -729,14 +736,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             format!("{}:15101", layout.fed.addr),
         )
     } else {
-        let free = || -> anyhow::Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port())
-        };
         (
-            format!("127.0.0.1:{}", free()?),
-            format!("127.0.0.1:{}", free()?),
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
         )
     };
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -801,14 +803,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
                     format!("{}:15103", layout.fed.addr),
                 )
             } else {
-                let free = || -> anyhow::Result<u16> {
-                    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                        .local_addr()?
-                        .port())
-                };
                 (
-                    format!("127.0.0.1:{}", free()?),
-                    format!("127.0.0.1:{}", free()?),
+                    format!("127.0.0.1:{}", free_port()?),
+                    format!("127.0.0.1:{}", free_port()?),
                 )
             };
             let mut p = Proc::spawn(

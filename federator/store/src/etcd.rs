@@ -957,29 +957,10 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
     }
 
+    use crate::tests::record as member;
+
     fn member_record(id: &str) -> ClusterRecord {
         member(id)
-    }
-
-    fn member(id: &str) -> ClusterRecord {
-        ClusterRecord {
-            id: id.into(),
-            network: format!("net-{id}"),
-            trust_domain: format!("{id}.mesh"),
-            region: String::new(),
-            zone: String::new(),
-            subzone: String::new(),
-            gateways: vec![],
-            joined_at: 0,
-            cert_fingerprint: String::new(),
-            bundle_json: String::new(),
-            bundle_sequence: 0,
-            revision: 0,
-            exports_acked_version: 0,
-            imports_acked_revision: 0,
-            left: false,
-            certs: Vec::new(),
-        }
     }
 
     fn services(version: u64, names: &[String]) -> ExportDelta {
@@ -1193,20 +1174,9 @@ mod tests {
                 .unwrap();
         }
         // Compact everything up to now (etcdctl, from Debian's etcd-client).
-        let rev = std::process::Command::new("etcdctl")
-            .args([
-                "--endpoints",
-                &e.endpoints()[0],
-                "endpoint",
-                "status",
-                "-w",
-                "json",
-            ])
-            .env("ETCDCTL_API", "3")
-            .output()
+        let rev = e.status().unwrap()[0]["Status"]["header"]["revision"]
+            .as_i64()
             .unwrap();
-        let status: serde_json::Value = serde_json::from_slice(&rev.stdout).unwrap();
-        let rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
         let out = std::process::Command::new("etcdctl")
             .args([
                 "--endpoints",

@@ -1399,7 +1399,7 @@ mod tests {
         everything_survives_a_reopen,
     );
 
-    fn record(id: &str) -> ClusterRecord {
+    pub(crate) fn record(id: &str) -> ClusterRecord {
         ClusterRecord {
             id: id.into(),
             network: format!("net-{id}"),

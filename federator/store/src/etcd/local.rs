@@ -350,6 +350,17 @@ impl LocalEtcd {
         Ok(t)
     }
 
+    /// `etcdctl endpoint status` of the first member (Debian's etcd-client): its revision
+    /// (`[0].Status.header.revision`), database size (`[0].Status.dbSize`) and more.
+    pub fn status(&self) -> std::io::Result<serde_json::Value> {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &self.members[0].client_url])
+            .args(["endpoint", "status", "-w", "json"])
+            .env("ETCDCTL_API", "3")
+            .output()?;
+        serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)
+    }
+
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.client_url.clone()).collect()
