@@ -136,12 +136,25 @@ impl LocalEtcd {
     }
 
     fn build(n: usize, limits: &[&str], host: &str, prefix: Vec<String>) -> std::io::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let flags: Vec<String> = limits.iter().map(|s| s.to_string()).collect();
+        Self::build_in(tempfile::tempdir()?, n, &flags, host, prefix, None)
+    }
+
+    /// `n` members in `dir` with `flags` added; with `tls` their client URLs are https.
+    fn build_in(
+        dir: tempfile::TempDir,
+        n: usize,
+        flags: &[String],
+        host: &str,
+        prefix: Vec<String>,
+        tls: Option<super::EtcdTls>,
+    ) -> std::io::Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::new();
         for i in 0..n {
             members.push(Member {
                 name: format!("m{i}"),
-                client_url: format!("http://{host}:{}", free_port()?),
+                client_url: format!("{scheme}://{host}:{}", free_port()?),
                 peer_url: format!("http://{host}:{}", free_port()?),
                 child: None,
                 args: Vec::new(),
@@ -178,13 +191,13 @@ impl LocalEtcd {
             ]
             .iter()
             .map(|s| s.to_string())
-            .chain(limits.iter().map(|s| s.to_string()))
+            .chain(flags.iter().cloned())
             .collect();
         }
         let mut t = LocalEtcd {
             members,
             dir,
-            tls: None,
+            tls,
             prefix,
         };
         // Members of a new cluster wait for each other: start all, then wait for each.
@@ -291,37 +304,8 @@ impl LocalEtcd {
             "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
         )?;
         issue(&certs, "client", "meshfed", "extendedKeyUsage=clientAuth\n")?;
-        let client_port = free_port()?;
-        let peer = format!("http://127.0.0.1:{}", free_port()?);
-        let m = Member {
-            name: "m0".into(),
-            client_url: format!("https://127.0.0.1:{client_port}"),
-            peer_url: peer.clone(),
-            child: None,
-            args: Vec::new(),
-        };
         let p = |f: &str| certs.join(f).to_string_lossy().into_owned();
-        let mut args: Vec<String> = [
-            "--name",
-            "m0",
-            "--data-dir",
-            &dir.path().join("m0").to_string_lossy(),
-            "--listen-client-urls",
-            &m.client_url,
-            "--advertise-client-urls",
-            &m.client_url,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &format!("m0={peer}"),
-            "--initial-cluster-state",
-            "new",
-            "--logger",
-            "zap",
-            "--log-outputs",
-            "stderr",
+        let mut flags: Vec<String> = [
             "--cert-file",
             &p("server.pem"),
             "--key-file",
@@ -333,21 +317,13 @@ impl LocalEtcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(LIMIT_FLAGS.iter().map(|s| s.to_string()));
-        let mut t = LocalEtcd {
-            members: vec![Member { args, ..m }],
-            tls: Some(super::EtcdTls {
-                ca: certs.join("ca.pem"),
-                cert: certs.join("client.pem"),
-                key: certs.join("client.key"),
-            }),
-            dir,
-            prefix: Vec::new(),
+        flags.extend(LIMIT_FLAGS.iter().map(|s| s.to_string()));
+        let tls = super::EtcdTls {
+            ca: certs.join("ca.pem"),
+            cert: certs.join("client.pem"),
+            key: certs.join("client.key"),
         };
-        t.spawn(0)?
-            .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| std::io::Error::other("etcd did not become ready within 60 s"))??;
-        Ok(t)
+        Self::build_in(dir, 1, &flags, "127.0.0.1", Vec::new(), Some(tls))
     }
 
     /// `etcdctl endpoint status` of the first member (Debian's etcd-client): its revision
