@@ -512,3 +512,124 @@ fn join_if_not_joined_is_idempotent_and_spends_no_token() {
         "{list}"
     );
 }
+
+/// An operator works a running federator through its admin API with an admin identity made
+/// from the state directory: a token created and listed through it, and a cluster whose agent
+/// is gone (killed) evicted: its exports and peer entry leave every importer, `meshfed status`
+/// names who evicted it and why, and it cannot be evicted twice. Bad uses are named.
+#[test]
+fn an_operator_evicts_a_dead_cluster_through_the_admin_api() {
+    let f = Federation::start("3s").unwrap();
+    let ops = f.root.path().join("ops");
+    let state_dir = f.state_dir();
+    let out = meshfed_ok(&[
+        "federator",
+        "admin-identity",
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--name",
+        "ops",
+        "--ttl",
+        "1h",
+        "--out",
+        ops.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(out.contains("/admin/ops in"), "{out}");
+    assert!(
+        out.contains(&f.grpc),
+        "names the federator it was made for: {out}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(ops.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the admin key is private");
+    }
+    let ops = ops.to_str().unwrap();
+    let mut east = f
+        .add_cluster("east", "net-east", "us-east1/us-east1-b", SHOP)
+        .unwrap();
+    let west = f
+        .add_cluster("west", "net-west", "us-west1/us-west1-a", "services: []\n")
+        .unwrap();
+    wait_for(Duration::from_secs(15), "east's payment at west", || {
+        Ok((imports_from(&west.status()?, "east") == 1).then_some(()))
+    })
+    .unwrap();
+
+    let token = meshfed_ok(&[
+        "federator",
+        "token",
+        "create",
+        "--admin-identity",
+        ops,
+        "--cluster",
+        "north",
+    ])
+    .unwrap();
+    assert!(token.trim().starts_with("mft1."), "{token}");
+    let list = meshfed_ok(&["federator", "token", "list", "--admin-identity", ops]).unwrap();
+    assert!(
+        list.lines()
+            .any(|l| l.contains("north") && l.contains("valid")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.contains("east") && l.contains("used")),
+        "{list}"
+    );
+
+    // East's agent dies and does not come back: it cannot leave by itself.
+    east.agent().unwrap().kill9();
+    let out = meshfed_ok(&[
+        "federator",
+        "evict",
+        "east",
+        "--admin-identity",
+        ops,
+        "--reason",
+        "region decommissioned",
+    ])
+    .unwrap();
+    assert!(out.contains("evicted cluster east"), "{out}");
+    wait_for(Duration::from_secs(15), "east gone from west", || {
+        let w = west.status()?;
+        Ok((imports_from(&w, "east") == 0 && peer(&w, "east").is_none()).then_some(()))
+    })
+    .unwrap();
+    let (code, text, _) = meshfed(&["status", "--admin", &f.admin]).unwrap();
+    assert_eq!(code, 0, "an evicted cluster is not a problem: {text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("east: evicted by ops at ")
+                && l.ends_with(": region decommissioned")),
+        "{text}"
+    );
+    let (code, _, err) = meshfed(&["federator", "evict", "east", "--admin-identity", ops]).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("cluster east has already left"), "{err}");
+
+    // A cluster's state directory is not an admin identity; evict needs one.
+    let (code, _, err) = meshfed(&[
+        "federator",
+        "evict",
+        "west",
+        "--admin-identity",
+        west.dir.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("admin.json not found"), "{err}");
+    let (code, _, err) = meshfed(&["federator", "evict", "west"]).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("--admin-identity"), "{err}");
+    assert_eq!(
+        f.cluster_status("west").unwrap()["lease"],
+        "fresh",
+        "west untouched"
+    );
+}

@@ -248,6 +248,86 @@ fn the_federators_etcd_flags_are_checked_before_anything_starts() {
         assert_ne!(r.code, 0, "{args:?}: {}", r.stderr);
         assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
     }
+    // The admin API's flags, each mistake named before anything is dialled or written.
+    let ops = d.path().join("ops");
+    let st = state.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["token", "list", "--admin-identity", "/x", "--state-dir", st],
+            "without --state-dir or --etcd-endpoints",
+        ),
+        (
+            vec!["token", "list", "--state-dir", st, "--api", "h:1"],
+            "--api needs --admin-identity",
+        ),
+        (vec!["evict", "east"], "pass --admin-identity DIR"),
+        (vec!["evict", "East_1"], "east_1"),
+        (
+            vec!["evict", "east", "--admin-identity", "/nonexistent"],
+            "admin.json not found",
+        ),
+        (
+            vec![
+                "admin-identity",
+                "--state-dir",
+                st,
+                "--name",
+                "ops",
+                "--ttl",
+                "30d",
+                "--out",
+                ops.to_str().unwrap(),
+            ],
+            "an admin certificate lives 1m to 7d",
+        ),
+        (
+            vec![
+                "admin-identity",
+                "--state-dir",
+                st,
+                "--name",
+                "Ops!",
+                "--out",
+                ops.to_str().unwrap(),
+            ],
+            "--name",
+        ),
+        (
+            vec![
+                "admin-identity",
+                "--state-dir",
+                st,
+                "--name",
+                "ops",
+                "--api",
+                "nohost",
+                "--out",
+                ops.to_str().unwrap(),
+            ],
+            "--api #1",
+        ),
+        (
+            vec![
+                "admin-identity",
+                "--state-dir",
+                st,
+                "--name",
+                "ops",
+                "--out",
+                ops.to_str().unwrap(),
+            ],
+            "holds no federation CA",
+        ),
+    ] {
+        let r = run(meshfed().arg("federator").args(&args));
+        assert_ne!(r.code, 0, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.to_lowercase().contains(&says.to_lowercase()),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert!(!ops.exists(), "{args:?}: nothing was written");
+    }
 }
 
 #[test]

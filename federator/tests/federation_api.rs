@@ -1327,3 +1327,322 @@ async fn stale_verdicts_agree_across_replicas_for_a_frozen_cluster() {
         assert_eq!(e.lease, "stale", "{e:?}");
     }
 }
+
+/// An admin identity of `f`'s federation, issued from the CA in its state directory (what
+/// `meshfed federator admin-identity` does).
+fn admin_identity(
+    env_dir: &Path,
+    f: &Federator,
+    name: &str,
+) -> meshfed_identity::admin::AdminIdentity {
+    let ca = meshfed_federation::ca::FederationCa::open(&env_dir.join("fed")).unwrap();
+    let svid = ca.issue_admin(name, time::Duration::hours(1)).unwrap();
+    let dir = env_dir.join(format!("admin-{name}"));
+    let file = meshfed_identity::admin::AdminFile {
+        name: name.into(),
+        federation_trust_domain: f.trust_domain().to_string(),
+        federators: f.advertise().to_vec(),
+        expires: now() + 3600,
+    };
+    meshfed_identity::admin::AdminIdentity::write(&dir, &file, &svid, &ca.bundle()).unwrap();
+    meshfed_identity::admin::AdminIdentity::load(&dir).unwrap()
+}
+
+fn admin_client(
+    id: &meshfed_identity::admin::AdminIdentity,
+) -> proto::federation_admin_client::FederationAdminClient<tonic::transport::Channel> {
+    proto::federation_admin_client::FederationAdminClient::new(
+        meshfed_net::channel(
+            id.file.federators.clone(),
+            id.client_config().unwrap(),
+            "federator",
+        )
+        .unwrap(),
+    )
+}
+
+/// The admin API: tokens made, listed and revoked by an operator's certificate, and refused to
+/// anyone else (no certificate, a cluster's); bad requests named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_manages_tokens_for_admin_certificates_only() {
+    let d = Env::new();
+    let f = federator(&d).await;
+    let ops = admin_identity(d.path(), &f, "ops");
+    let mut api = admin_client(&ops);
+    let made = api
+        .create_token(proto::CreateJoinTokenRequest {
+            cluster: "east".into(),
+            ttl_seconds: 600,
+            federators: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rec = made.record.clone().unwrap();
+    assert_eq!(rec.cluster, "east");
+    let claims = Claims::decode(&made.token).unwrap();
+    assert_eq!(
+        claims.federators,
+        f.advertise().to_vec(),
+        "the token names where to join"
+    );
+    assert_eq!(claims.ca_sha256, f.ca_fingerprint());
+    // The token joins, once.
+    let east = identity::join(params(d.path(), made.token.clone(), "east"))
+        .await
+        .unwrap();
+    let listed = api
+        .list_tokens(proto::ListJoinTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let t = listed.iter().find(|t| t.id == rec.id).unwrap();
+    assert_eq!(t.used_by, "east");
+    // Revoked: the list says so and it joins no one.
+    let other = api
+        .create_token(proto::CreateJoinTokenRequest {
+            cluster: "west".into(),
+            ttl_seconds: 600,
+            federators: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let revoked = api
+        .revoke_token(proto::RevokeJoinTokenRequest {
+            id: other.record.unwrap().id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+    let e = join_err(params(d.path(), other.token, "west")).await;
+    assert!(e.contains("revoked"), "{e}");
+    // Bad requests, each named.
+    for (req, needle) in [
+        (
+            proto::CreateJoinTokenRequest {
+                cluster: "East_1".into(),
+                ttl_seconds: 600,
+                federators: vec![],
+            },
+            "cluster",
+        ),
+        (
+            proto::CreateJoinTokenRequest {
+                cluster: "east2".into(),
+                ttl_seconds: 5,
+                federators: vec![],
+            },
+            "ttl_seconds",
+        ),
+        (
+            proto::CreateJoinTokenRequest {
+                cluster: "east2".into(),
+                ttl_seconds: 600,
+                federators: vec!["no-port".into()],
+            },
+            "federators[0]",
+        ),
+    ] {
+        let s = api.create_token(req).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(needle), "{needle}: {s:?}");
+    }
+    let s = api
+        .revoke_token(proto::RevokeJoinTokenRequest {
+            id: "0123456789abcdef".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::NotFound, "{s:?}");
+    // A cluster's certificate is not an admin's.
+    let (cfg, _) = east.client_config().unwrap();
+    let mut as_cluster = proto::federation_admin_client::FederationAdminClient::new(
+        meshfed_net::channel(east.file.federators.clone(), cfg, "federator").unwrap(),
+    );
+    let s = as_cluster
+        .list_tokens(proto::ListJoinTokensRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("cluster identity"), "{s:?}");
+    // No certificate at all.
+    let verifier = trust::tls::PinnedRootVerifier::new(
+        &f.ca_fingerprint(),
+        f.trust_domain().clone(),
+        trust::tls::Authorizer::Any,
+    );
+    let cfg = trust::tls::client_config_with(
+        trust::tls::SvidResolver::new(),
+        std::sync::Arc::new(verifier),
+    )
+    .unwrap();
+    let mut anonymous = proto::federation_admin_client::FederationAdminClient::new(
+        meshfed_net::channel(f.advertise().to_vec(), cfg, "federator").unwrap(),
+    );
+    let s = anonymous
+        .evict(proto::EvictRequest {
+            cluster: "east".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    assert_eq!(members(&f), 1, "nothing was evicted");
+}
+
+/// `evict`: the cluster's stream ends saying who evicted it and why, its exports leave every
+/// importer, its certificate no longer works, the status shows it; evicting it again, or a
+/// cluster that never joined, is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_cluster_is_gone_everywhere_and_told_why() {
+    let d = Env::new();
+    let f = federator(&d).await;
+    let east = joined(&f, d.path(), "east").await;
+    let west = joined(&f, d.path(), "west").await;
+    let (etx, mut ein) = open_sync(&east).await;
+    etx.send(exports(1, vec![export("payment", 8080)]))
+        .await
+        .unwrap();
+    export_acked(&mut ein, 1).await;
+    let (_wtx, mut win) = open_sync(&west).await;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), win.message())
+            .await
+            .expect("west imports east's payment")
+            .unwrap()
+            .unwrap();
+        if let Some(proto::federator_message::Kind::Imports(delta)) = m.kind {
+            if delta.upserts.iter().any(|u| u.source_cluster == "east") {
+                break;
+            }
+        }
+    }
+    let ops = admin_identity(d.path(), &f, "ops");
+    let mut api = admin_client(&ops);
+    let rev = api
+        .evict(proto::EvictRequest {
+            cluster: "east".into(),
+            reason: "datacenter decommissioned".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    // East's stream ends, naming the operator and the reason.
+    let s = ends_with(&mut ein, "east's stream after the eviction").await;
+    assert!(proto::reason::is_left(&s), "{s:?}");
+    assert!(
+        s.message().contains("evicted by ops") && s.message().contains("datacenter decommissioned"),
+        "{s:?}"
+    );
+    // West is told payment is gone, at the eviction's revision.
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), win.message())
+            .await
+            .expect("west hears of the removal")
+            .unwrap()
+            .unwrap();
+        if let Some(proto::federator_message::Kind::Imports(delta)) = m.kind {
+            if delta
+                .removals
+                .iter()
+                .any(|k| k.source_cluster == "east" && k.name == "payment")
+            {
+                assert!(delta.revision >= rev);
+                break;
+            }
+        }
+    }
+    // Its certificate is refused from now on.
+    let s = sync_until_error(&east, vec![hello(&east)]).await;
+    assert!(proto::reason::is_left(&s), "{s:?}");
+    let r = f.report().unwrap();
+    let c = r.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    assert_eq!(c.lease, "left");
+    assert!(
+        c.evicted
+            .as_deref()
+            .is_some_and(|e| e.starts_with("evicted by ops at ")
+                && e.ends_with(": datacenter decommissioned")),
+        "{:?}",
+        c.evicted
+    );
+    assert_eq!(c.exports, 0);
+    for (cluster, code) in [
+        ("east", tonic::Code::FailedPrecondition),
+        ("north", tonic::Code::NotFound),
+    ] {
+        let s = api
+            .evict(proto::EvictRequest {
+                cluster: cluster.into(),
+                reason: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), code, "{cluster}: {s:?}");
+        assert!(s.message().contains(cluster), "{s:?}");
+    }
+    let s = api
+        .evict(proto::EvictRequest {
+            cluster: "west".into(),
+            reason: "line\nbreak".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+}
+
+/// Members are told where every replica is: on connect, and when a replica joins later (the
+/// agent keeps the addresses with its identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_hear_of_a_replica_added_after_they_joined() {
+    let etcd = meshfed_store::etcd::local::LocalEtcd::start().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let mut cfg = FederatorConfig::new(d.path().join(name), "127.0.0.1:0".parse().unwrap());
+        cfg.store = StoreChoice::Etcd(etcd.config("/fed"));
+        cfg.replica_poll = Duration::from_millis(100);
+        Federator::start(cfg)
+    };
+    let a = start("a").await.unwrap();
+    let mut east = joined(&a, d.path(), "east").await;
+    assert_eq!(east.file.federators, a.advertise().to_vec());
+    let (_etx, mut ein) = open_sync(&east).await;
+    let mut told = Vec::new();
+    let mut next_addresses = async || loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), ein.message())
+            .await
+            .expect("the federator's addresses")
+            .unwrap()
+            .unwrap();
+        if let Some(proto::federator_message::Kind::Endpoints(e)) = m.kind {
+            return e.addresses;
+        }
+    };
+    told.push(next_addresses().await);
+    assert_eq!(told[0], a.advertise().to_vec(), "on connect");
+    let b = start("b").await.unwrap();
+    let mut both = [a.advertise().to_vec(), b.advertise().to_vec()].concat();
+    both.sort();
+    told.push(next_addresses().await);
+    assert_eq!(told[1], both, "after replica b started");
+    // What the agent does with them: kept with the identity, for its next connection.
+    assert!(east.set_federators(&told[1]).unwrap());
+    assert!(!east.set_federators(&told[1]).unwrap(), "unchanged");
+    let reloaded = ClusterIdentity::load(&d.path().join("east")).unwrap();
+    assert_eq!(reloaded.file.federators, both);
+    assert!(east.set_federators(&["nohost".into()]).is_err());
+    assert!(east.set_federators(&[]).is_err());
+    assert_eq!(
+        ClusterIdentity::load(&d.path().join("east"))
+            .unwrap()
+            .file
+            .federators,
+        both,
+        "bad addresses change nothing"
+    );
+    drop(b);
+}

@@ -617,6 +617,14 @@ async fn session_inner(inner: &Arc<Inner>, fed: &FederationWriter) -> Result<(),
                             send(&tx, Out::FederationBundleAck(ack)).await?;
                         }
                     }
+                    Some(In::Endpoints(e)) => {
+                        let mut id = inner.identity();
+                        match tokio::task::block_in_place(|| id.set_federators(&e.addresses)) {
+                            Ok(true) => tracing::info!(addresses = ?id.file.federators, "the federation's addresses changed; dialling these from the next connection"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(error = %format!("{e:#}"), "ignored the federator addresses the federator sent"),
+                        }
+                    }
                     Some(In::Welcome(_)) | None => {}
                 }
             }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use meshfed_identity::ids::{cluster_spiffe_id, federator_spiffe_id};
+use meshfed_identity::ids::{admin_spiffe_id, cluster_spiffe_id, federator_spiffe_id};
 use meshfed_identity::live_ca::LiveCa;
 use rustls_pki_types::CertificateDer;
 use time::Duration;
@@ -112,6 +112,13 @@ impl FederationCa {
         let id = cluster_spiffe_id(&self.trust_domain, cluster)?;
         self.live
             .sign_csr(csr_der, &ExactIds(vec![id]), self.cluster_ttl)
+    }
+
+    /// An operator's admin certificate, `spiffe://<td>/admin/<name>`, valid `ttl` (the key is
+    /// made here and written only to the operator's identity directory).
+    pub fn issue_admin(&self, name: &str, ttl: Duration) -> anyhow::Result<Svid> {
+        let id = admin_spiffe_id(&self.trust_domain, name)?;
+        self.live.issue_svid(&id, &ExactIds(vec![id.clone()]), ttl)
     }
 
     /// The federator's serving certificate; its chain ends with every published root so a

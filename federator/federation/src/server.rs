@@ -33,6 +33,8 @@ use meshfed_net::admin::AdminConfig;
 use meshfed_net::drain::{DrainReport, Tasks};
 use meshfed_store::{Change, ClusterRecord, Cursor, MemberCert, Store, StoreError};
 
+mod admin;
+
 /// How many export changes one import delta carries at most. Small chunks bound the memory a
 /// full resync of many importers takes at once.
 const IMPORT_CHUNK: usize = 200;
@@ -64,6 +66,8 @@ pub struct FederatorConfig {
     pub max_services_per_cluster: usize,
     /// Where the federation's state lives.
     pub store: StoreChoice,
+    /// With etcd: how often the replicas' addresses are read to tell members of a change.
+    pub replica_poll: Duration,
 }
 
 /// Where the federation's state lives.
@@ -96,6 +100,7 @@ impl FederatorConfig {
             server_cert_ttl: crate::ca::SERVER_CERT_TTL,
             store: StoreChoice::Sled,
             max_services_per_cluster: validate::DEFAULT_MAX_SERVICES_PER_CLUSTER,
+            replica_poll: Duration::from_secs(10),
         }
     }
 }
@@ -132,6 +137,9 @@ struct Hub {
     tasks: Tasks,
     /// The federation bundle as members are sent it (changes with a federation root rotation).
     fed_bundle: watch::Sender<proto::FederationBundle>,
+    /// Where members reach the federation ([`Hub::endpoints`]), as last read: members are sent
+    /// it on connect and when it changes (a replica added or moved).
+    addresses: watch::Sender<Vec<String>>,
 }
 
 /// The message that carries the federation CA's bundle and its signing root.
@@ -140,6 +148,22 @@ fn federation_bundle_message(ca: &FederationCa) -> anyhow::Result<proto::Federat
         bundle_json: ca.bundle().to_json()?,
         signer_root_sha256: ca.root_fingerprint(),
     })
+}
+
+/// How an eviction reads in the status and in the evicted cluster's error.
+fn eviction_text(e: &meshfed_store::Eviction) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(e.at)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    if e.reason.is_empty() {
+        format!("evicted by {} at {at}", e.by)
+    } else {
+        format!("evicted by {} at {at}: {}", e.by, e.reason)
+    }
 }
 
 fn now_unix() -> i64 {
@@ -216,15 +240,21 @@ impl Hub {
     }
 
     /// Where members reach the federation: this federator's addresses, and with replicas
-    /// every replica's (as registered in etcd).
+    /// every replica's (as registered in etcd), sorted.
     fn endpoints(&self) -> Vec<String> {
-        match self.store.records(crate::shared::REPLICAS) {
+        self.replica_list().unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the replicas' addresses; naming this replica's only");
+            self.advertise.clone()
+        })
+    }
+
+    fn replica_list(&self) -> anyhow::Result<Vec<String>> {
+        let mut all = match self.store.records(crate::shared::REPLICAS) {
             None => self.advertise.clone(),
-            Some(r) => crate::shared::replica_addresses(&r, &self.advertise).unwrap_or_else(|e| {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read the replicas' addresses; naming this replica's only");
-                self.advertise.clone()
-            }),
-        }
+            Some(r) => crate::shared::replica_addresses(&r, &self.advertise)?,
+        };
+        all.sort();
+        Ok(all)
     }
 
     fn bump_peers(&self) {
@@ -366,6 +396,17 @@ impl Hub {
                 self.bump_peers();
             }
         }
+    }
+
+    /// The cluster left or was evicted at `rev`: its streams here end (they see its record
+    /// left when the peers change), and members hear of it.
+    fn removed(&self, cluster: &str, rev: u64) {
+        self.bump_head(rev);
+        if let Some(l) = self.live().get_mut(cluster) {
+            l.connected = false;
+            l.generation += 1;
+        }
+        self.bump_peers();
     }
 
     fn generation(&self, cluster: &str) -> u64 {
@@ -523,6 +564,7 @@ impl Hub {
                 bundle_sequence: r.bundle_sequence,
                 bundle_not_after,
                 conflicts: self.store.conflicts_of(&r.id).map_err(store_status)?,
+                evicted: r.evicted.as_ref().map(eviction_text),
             });
         }
         Ok(FederationReport {
@@ -637,12 +679,35 @@ impl Federator {
             join_lock: tokio::sync::Mutex::new(()),
             tasks: Tasks::new(),
             fed_bundle,
+            addresses: watch::Sender::new(Vec::new()),
             store,
             ca,
             cfg,
         });
         hub.metrics.head_revision.set(head as i64);
+        hub.addresses.send_replace(hub.endpoints());
         hub.store.start_liveness(hub.cfg.lease_ttl);
+        if hub.store.records(crate::shared::REPLICAS).is_some() {
+            let poll_hub = hub.clone();
+            hub.tasks.spawn("replica addresses", async move {
+                let mut t = tokio::time::interval(poll_hub.cfg.replica_poll);
+                loop {
+                    t.tick().await;
+                    let h = poll_hub.clone();
+                    // Unreadable now: members keep what they were told.
+                    if let Ok(Ok(now)) = tokio::task::spawn_blocking(move || h.replica_list()).await {
+                        poll_hub.addresses.send_if_modified(|held| {
+                            let changed = *held != now;
+                            if changed {
+                                tracing::info!(addresses = ?now, "the replicas' addresses changed; telling members");
+                                *held = now;
+                            }
+                            changed
+                        });
+                    }
+                }
+            });
+        }
         // The store's view moves with every replica's writes: sessions hear of them as of
         // this replica's own.
         let mut store_version = hub.store.subscribe();
@@ -688,9 +753,11 @@ impl Federator {
         let svc = FederationServer::new(Service { hub: hub.clone() })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let admin_svc = admin::AdminService::new(hub.clone()).server();
         tasks.spawn_server("federation gRPC server", |drain| async move {
             let r = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(admin_svc)
                 .serve_with_incoming_shutdown(incoming, drain.drained_owned())
                 .await;
             if let Err(e) = r {
@@ -1337,6 +1404,7 @@ impl Service {
         let mut head_rx = hub.head.subscribe();
         let mut peers_rx = hub.peers.subscribe();
         let mut fed_rx = hub.fed_bundle.subscribe();
+        let mut endpoints_rx = hub.addresses.subscribe();
         send(
             &tx,
             Out::Welcome(Welcome {
@@ -1375,6 +1443,8 @@ impl Service {
         }
         let fed = fed_rx.borrow_and_update().clone();
         send(&tx, Out::FederationBundle(fed)).await?;
+        let addresses = endpoints_rx.borrow_and_update().clone();
+        send(&tx, Out::Endpoints(proto::FederatorEndpoints { addresses })).await?;
         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
         tracing::info!(%cluster, applied = hello.imports_applied_revision, observer, "cluster connected");
         let drain = hub.tasks.signal();
@@ -1410,12 +1480,12 @@ impl Service {
         });
         let _reader = AbortOnDrop(reader);
         let mut imports_pending = true;
-        let (mut fed_pending, mut peers_pending) = (false, false);
+        let (mut fed_pending, mut peers_pending, mut endpoints_pending) = (false, false, false);
         let room = tx.clone();
         loop {
             tokio::select! {
                 // Two slots: an import chunk may be followed by the peer states.
-                r = room.reserve_many(2), if imports_pending || fed_pending || peers_pending => {
+                r = room.reserve_many(2), if imports_pending || fed_pending || peers_pending || endpoints_pending => {
                     // The slots are released and taken again by the sends (this loop is the
                     // only sender on the stream).
                     drop(r.map_err(|_| Status::cancelled("the cluster went away"))?);
@@ -1423,6 +1493,10 @@ impl Service {
                         fed_pending = false;
                         let fed = fed_rx.borrow_and_update().clone();
                         send(&tx, Out::FederationBundle(fed)).await?;
+                    } else if endpoints_pending {
+                        endpoints_pending = false;
+                        let addresses = endpoints_rx.borrow_and_update().clone();
+                        send(&tx, Out::Endpoints(proto::FederatorEndpoints { addresses })).await?;
                     } else if peers_pending {
                         peers_pending = false;
                         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
@@ -1451,13 +1525,20 @@ impl Service {
                     if r.is_err() { return Ok(()); }
                     fed_pending = true;
                 }
+                r = endpoints_rx.changed(), if !endpoints_pending => {
+                    if r.is_err() { return Ok(()); }
+                    endpoints_pending = true;
+                }
                 r = peers_rx.changed() => {
                     if r.is_err() { return Ok(()); }
                     // Leaving also bumps the generation: say that it left, not that it was
                     // replaced, so its agent stops at once.
                     let now = hub.store.cluster(&cluster).ok().flatten();
                     if now.as_ref().is_none_or(|r| r.left) {
-                        return Err(proto::reason::left(format!("cluster {cluster} has left the federation")));
+                        return Err(proto::reason::left(match now.as_ref().and_then(|r| r.evicted.as_ref()) {
+                            Some(e) => format!("cluster {cluster} was {}; it may join again only with a new token", eviction_text(e)),
+                            None => format!("cluster {cluster} has left the federation"),
+                        }));
                     }
                     if generation.is_some_and(|g| hub.generation(&cluster) != g) {
                         return Err(proto::reason::superseded("a newer stream of this cluster replaced this one"));
@@ -1572,6 +1653,7 @@ impl Federation for Service {
                 fingerprint: trust::keys::fingerprint(&issued.chain[0]),
                 not_after: issued.not_after.unix_timestamp(),
             }],
+            evicted: None,
         };
         rec.set_facts(&facts);
         let rev = tokio::task::block_in_place(|| hub.store.join(rec)).map_err(store_status)?;
@@ -1644,12 +1726,7 @@ impl Federation for Service {
         let cluster = self.hub.authenticate(&req)?;
         let rev =
             tokio::task::block_in_place(|| self.hub.store.leave(&cluster)).map_err(store_status)?;
-        self.hub.bump_head(rev);
-        if let Some(l) = self.hub.live().get_mut(&cluster) {
-            l.connected = false;
-            l.generation += 1;
-        }
-        self.hub.bump_peers();
+        self.hub.removed(&cluster, rev);
         tracing::info!(%cluster, revision = rev, "cluster left the federation");
         Ok(Response::new(LeaveResponse { revision: rev }))
     }

@@ -260,6 +260,14 @@ impl EtcdAdmin {
 
     /// The federation CA's root fingerprint (what join tokens pin) and trust domain.
     pub fn federation(&self) -> anyhow::Result<(String, TrustDomain)> {
+        self.with_ca(|ca| Ok((ca.root_fingerprint(), ca.trust_domain.clone())))
+    }
+
+    /// Runs `f` on the federation CA etcd holds (a working copy in a temporary directory).
+    pub fn with_ca<T>(
+        &self,
+        f: impl FnOnce(&FederationCa) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let tmp = tempfile::tempdir()?;
         let shared = SharedCa {
             records: self.ca.clone(),
@@ -272,7 +280,7 @@ impl EtcdAdmin {
             "etcd holds no federation CA under this prefix: start a federator replica with --store etcd first"
         );
         let ca = FederationCa::open(tmp.path())?;
-        Ok((ca.root_fingerprint(), ca.trust_domain.clone()))
+        f(&ca)
     }
 
     /// Every replica's advertised addresses, as they registered them.

@@ -27,6 +27,9 @@ pub struct ClusterReport {
     /// RFC 3339 expiry of the cluster's newest bundle root, when known.
     pub bundle_not_after: Option<String>,
     pub conflicts: Vec<String>,
+    /// When an operator removed it (`meshfed federator evict`): by whom, when and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -93,6 +93,35 @@ impl ClusterIdentity {
         })
     }
 
+    /// Keeps the federator addresses the federation named (it tells members when replicas
+    /// change): each must be host:port, and there must be one. Returns whether they changed.
+    pub fn set_federators(&mut self, addresses: &[String]) -> anyhow::Result<bool> {
+        anyhow::ensure!(
+            !addresses.is_empty(),
+            "the federator named no address to reach it"
+        );
+        for (i, a) in addresses.iter().enumerate() {
+            meshfed_model::validate::check_host_port(&format!("federator address #{}", i + 1), a)
+                .map_err(anyhow::Error::msg)?;
+        }
+        let (mut now, mut held) = (addresses.to_vec(), self.file.federators.clone());
+        now.sort();
+        held.sort();
+        now.dedup();
+        if now == held {
+            return Ok(false);
+        }
+        let mut file = self.file.clone();
+        file.federators = now;
+        trust::files::write_atomic(
+            &self.dir.join("identity.json"),
+            &serde_json::to_vec_pretty(&file)?,
+            trust::files::PUBLIC_MODE,
+        )?;
+        self.file = file;
+        Ok(true)
+    }
+
     /// Replaces the cluster certificate (after a renewal).
     pub fn store_svid(&mut self, svid: Svid) -> anyhow::Result<()> {
         svid.write_files(&self.dir, &self.federation_bundle.x509_authorities)?;

@@ -3,6 +3,7 @@
 //! creates it; join, VM and workload tokens (single-use, expiring, stored as hashes); Istio's CA
 //! API.
 
+pub mod admin;
 pub mod ca_api;
 pub mod certs;
 pub mod cluster;

@@ -1,4 +1,5 @@
-//! `meshfed federator` and `meshfed federator token create|list|revoke`.
+//! `meshfed federator`, `meshfed federator token create|list|revoke`, `meshfed federator
+//! admin-identity` and `meshfed federator evict`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use meshfed_identity::token::TokenStore;
 #[command(args_conflicts_with_subcommands = true)]
 pub struct FederatorArgs {
     #[command(subcommand)]
-    token: Option<TokenCommand>,
+    command: Option<Command>,
     /// State directory (federation CA, store, tokens).
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -161,21 +162,119 @@ fn etcd_endpoint(e: &str, tls: bool) -> Result<String, String> {
 }
 
 #[derive(Debug, Subcommand)]
-enum TokenCommand {
+enum Command {
     /// Manage join tokens.
     #[command(subcommand)]
     Token(Token),
+    /// Make an operator's admin identity for the federator's admin API (token management and
+    /// evict against a running federator or its replicas): a certificate
+    /// spiffe://<federation>/admin/<name> signed by the federation CA, so it needs the CA
+    /// (the state directory or etcd), which is root-equivalent anyway.
+    AdminIdentity {
+        /// The federator's state directory (sled), or --etcd-endpoints (replicas).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// The operator's name (a DNS label), recorded with every change it makes.
+        #[arg(long, value_parser = args::label)]
+        name: String,
+        /// Lifetime of the certificate (at most 7d; there is no revocation: keep it short).
+        #[arg(long, default_value = "12h", value_parser = args::duration)]
+        ttl: time::Duration,
+        /// Where the federator's admin API is served, HOST:PORT (repeatable; default: what
+        /// the federator advertises, every replica's with etcd).
+        #[arg(long)]
+        api: Vec<String>,
+        /// Directory to write the identity into (created; the key is 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Remove a member that cannot leave by itself (a cluster that is gone): its exports are
+    /// withdrawn from every importer, its certificates stop working, its streams end, and it
+    /// may come back only with a new join token. Through the admin API.
+    Evict {
+        /// The cluster to remove.
+        #[arg(value_parser = args::label)]
+        cluster: String,
+        /// Why, recorded with the eviction and shown in the status and to the cluster.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminApiArgs,
+    },
+}
+
+/// How to reach the admin API: an admin identity, and optionally other addresses.
+#[derive(Debug, Clone, Args)]
+pub struct AdminApiArgs {
+    /// An admin identity directory (`meshfed federator admin-identity --out DIR`).
+    #[arg(long)]
+    admin_identity: Option<PathBuf>,
+    /// The admin API's address, HOST:PORT (repeatable; default: the identity's).
+    #[arg(long)]
+    api: Vec<String>,
+}
+
+impl AdminApiArgs {
+    /// A client of the admin API, if an identity was given.
+    fn client(
+        &self,
+    ) -> anyhow::Result<
+        Option<proto::federation_admin_client::FederationAdminClient<tonic::transport::Channel>>,
+    > {
+        let Some(dir) = &self.admin_identity else {
+            anyhow::ensure!(self.api.is_empty(), "--api needs --admin-identity");
+            return Ok(None);
+        };
+        let id = meshfed_identity::admin::AdminIdentity::load(dir)?;
+        id.check_current(now())?;
+        let addrs = if self.api.is_empty() {
+            id.file.federators.clone()
+        } else {
+            check_addresses("--api", &self.api)?;
+            self.api.clone()
+        };
+        anyhow::ensure!(
+            !addrs.is_empty(),
+            "{} names no federator address: pass --api HOST:PORT",
+            dir.display()
+        );
+        Ok(Some(
+            proto::federation_admin_client::FederationAdminClient::new(meshfed_net::channel(
+                addrs,
+                id.client_config()?,
+                "federator",
+            )?),
+        ))
+    }
+}
+
+fn check_addresses(flag: &str, addrs: &[String]) -> anyhow::Result<()> {
+    for (i, f) in addrs.iter().enumerate() {
+        meshfed_model::validate::check_host_port(&format!("{flag} #{}", i + 1), f)
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// An admin API refusal, said plainly.
+fn admin_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
 }
 
 #[derive(Debug, Subcommand)]
 enum Token {
     /// Create a single-use join token bound to one cluster name.
     Create {
-        /// The federator's state directory (sled), or --etcd-endpoints (replicas).
+        /// The federator's state directory (sled), or --etcd-endpoints (replicas), or
+        /// --admin-identity (a running federator's admin API).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[command(flatten)]
         etcd: EtcdArgs,
+        #[command(flatten)]
+        admin: AdminApiArgs,
         #[arg(long, value_parser = args::label)]
         cluster: String,
         #[arg(long, default_value = "15m", value_parser = args::duration)]
@@ -186,27 +285,47 @@ enum Token {
     },
     /// List join tokens and their state.
     List {
-        /// The federator's state directory (sled), or --etcd-endpoints (replicas).
+        /// The federator's state directory (sled), or --etcd-endpoints (replicas), or
+        /// --admin-identity (a running federator's admin API).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[command(flatten)]
         etcd: EtcdArgs,
+        #[command(flatten)]
+        admin: AdminApiArgs,
     },
     /// Revoke a join token.
     Revoke {
-        /// The federator's state directory (sled), or --etcd-endpoints (replicas).
+        /// The federator's state directory (sled), or --etcd-endpoints (replicas), or
+        /// --admin-identity (a running federator's admin API).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[command(flatten)]
         etcd: EtcdArgs,
+        #[command(flatten)]
+        admin: AdminApiArgs,
         /// Token id (from `token list`).
         id: String,
     },
 }
 
 pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
-    if let Some(TokenCommand::Token(t)) = a.token {
-        return token(t);
+    match a.command {
+        Some(Command::Token(t)) => return token(t).await,
+        Some(Command::AdminIdentity {
+            state_dir,
+            etcd,
+            name,
+            ttl,
+            api,
+            out,
+        }) => return admin_identity(state_dir, &etcd, &name, ttl, api, &out),
+        Some(Command::Evict {
+            cluster,
+            reason,
+            admin,
+        }) => return evict(&cluster, reason, &admin).await,
+        None => {}
     }
     let state_dir = a.state_dir.context("--state-dir is required")?;
     let etcd = a.etcd.config()?;
@@ -275,15 +394,80 @@ impl TokenHome {
     }
 }
 
-fn token(t: Token) -> anyhow::Result<ExitCode> {
+/// The admin API's client when --admin-identity was given (and no other home).
+fn admin_home(
+    state_dir: &Option<PathBuf>,
+    etcd: &EtcdArgs,
+    admin: &AdminApiArgs,
+) -> anyhow::Result<
+    Option<proto::federation_admin_client::FederationAdminClient<tonic::transport::Channel>>,
+> {
+    if admin.admin_identity.is_some() && (state_dir.is_some() || !etcd.etcd_endpoints.is_empty()) {
+        anyhow::bail!(
+            "--admin-identity goes to a running federator's admin API: give it without --state-dir or --etcd-endpoints"
+        );
+    }
+    admin.client()
+}
+
+/// One row of `token list`.
+fn token_row(id: &str, cluster: &str, revoked: bool, used_by: &str, expires: i64, now: i64) {
+    let state = if revoked {
+        "revoked"
+    } else if !used_by.is_empty() {
+        "used"
+    } else if now >= expires {
+        "expired"
+    } else {
+        "valid"
+    };
+    println!(
+        "{:<18} {:<16} {:<9} {:<22} {}",
+        id,
+        cluster,
+        state,
+        args::rfc3339_unix(expires),
+        used_by
+    );
+}
+
+fn token_header() {
+    println!(
+        "{:<18} {:<16} {:<9} {:<22} USED BY",
+        "ID", "CLUSTER", "STATE", "EXPIRES"
+    );
+}
+
+async fn token(t: Token) -> anyhow::Result<ExitCode> {
     match t {
         Token::Create {
             state_dir,
             etcd,
+            admin,
             cluster,
             ttl,
             federator,
         } => {
+            if let Some(mut api) = admin_home(&state_dir, &etcd, &admin)? {
+                check_addresses("--federator", &federator)?;
+                let r = api
+                    .create_token(proto::CreateJoinTokenRequest {
+                        cluster: cluster.clone(),
+                        ttl_seconds: ttl.whole_seconds(),
+                        federators: federator,
+                    })
+                    .await
+                    .map_err(|s| admin_error("create token", s))?
+                    .into_inner();
+                let rec = r.record.unwrap_or_default();
+                eprintln!(
+                    "token {} for cluster {cluster}, single use, expires {}",
+                    rec.id,
+                    args::rfc3339_unix(rec.expires)
+                );
+                println!("{}", r.token);
+                return Ok(ExitCode::SUCCESS);
+            }
             let home = TokenHome::open(state_dir, &etcd)?;
             let (fingerprint, td) = match &home {
                 TokenHome::Dir(d) => {
@@ -336,41 +520,131 @@ fn token(t: Token) -> anyhow::Result<ExitCode> {
             );
             println!("{tok}");
         }
-        Token::List { state_dir, etcd } => {
-            let home = TokenHome::open(state_dir, &etcd)?;
+        Token::List {
+            state_dir,
+            etcd,
+            admin,
+        } => {
             let now = now();
-            println!(
-                "{:<18} {:<16} {:<9} {:<22} USED BY",
-                "ID", "CLUSTER", "STATE", "EXPIRES"
-            );
+            if let Some(mut api) = admin_home(&state_dir, &etcd, &admin)? {
+                let r = api
+                    .list_tokens(proto::ListJoinTokensRequest {})
+                    .await
+                    .map_err(|s| admin_error("list tokens", s))?
+                    .into_inner();
+                token_header();
+                for t in r.tokens {
+                    token_row(&t.id, &t.cluster, t.revoked, &t.used_by, t.expires, now);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let home = TokenHome::open(state_dir, &etcd)?;
+            token_header();
             for r in home.tokens().list()? {
-                let state = if r.revoked {
-                    "revoked"
-                } else if r.used_by.is_some() {
-                    "used"
-                } else if now >= r.expires {
-                    "expired"
-                } else {
-                    "valid"
-                };
-                println!(
-                    "{:<18} {:<16} {:<9} {:<22} {}",
-                    r.id,
-                    r.cluster,
-                    state,
-                    args::rfc3339_unix(r.expires),
-                    r.used_by.unwrap_or_default()
-                );
+                let used_by = r.used_by.unwrap_or_default();
+                token_row(&r.id, &r.cluster, r.revoked, &used_by, r.expires, now);
             }
         }
         Token::Revoke {
             state_dir,
             etcd,
+            admin,
             id,
         } => {
+            if let Some(mut api) = admin_home(&state_dir, &etcd, &admin)? {
+                let r = api
+                    .revoke_token(proto::RevokeJoinTokenRequest { id })
+                    .await
+                    .map_err(|s| admin_error("revoke token", s))?
+                    .into_inner();
+                println!("revoked token {} (cluster {})", r.id, r.cluster);
+                return Ok(ExitCode::SUCCESS);
+            }
             let r = TokenHome::open(state_dir, &etcd)?.tokens().revoke(&id)?;
             println!("revoked token {} (cluster {})", r.id, r.cluster);
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The longest admin certificate `admin-identity` makes.
+const MAX_ADMIN_TTL: time::Duration = time::Duration::days(7);
+
+fn admin_identity(
+    state_dir: Option<PathBuf>,
+    etcd: &EtcdArgs,
+    name: &str,
+    ttl: time::Duration,
+    api: Vec<String>,
+    out: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        ttl <= MAX_ADMIN_TTL && ttl >= time::Duration::minutes(1),
+        "--ttl {ttl}: an admin certificate lives 1m to 7d (there is no revocation: keep it short)"
+    );
+    check_addresses("--api", &api)?;
+    let home = TokenHome::open(state_dir, etcd)?;
+    let issue = |ca: &FederationCa| -> anyhow::Result<_> {
+        Ok((
+            ca.issue_admin(name, ttl)?,
+            ca.bundle(),
+            ca.trust_domain.clone(),
+        ))
+    };
+    let ((svid, bundle, td), federators) = match &home {
+        TokenHome::Dir(d) => {
+            let ca = FederationCa::open(d)?;
+            let addrs = if api.is_empty() {
+                std::fs::read(d.join(ENDPOINTS_FILE))
+                    .ok()
+                    .and_then(|raw| serde_json::from_slice(&raw).ok())
+                    .unwrap_or_default()
+            } else {
+                api
+            };
+            (issue(&ca)?, addrs)
+        }
+        TokenHome::Etcd(a) => {
+            let addrs = if api.is_empty() { a.replicas()? } else { api };
+            (a.with_ca(issue)?, addrs)
+        }
+    };
+    let expires = (time::OffsetDateTime::now_utc() + ttl).unix_timestamp();
+    let file = meshfed_identity::admin::AdminFile {
+        name: name.to_string(),
+        federation_trust_domain: td.to_string(),
+        federators,
+        expires,
+    };
+    meshfed_identity::admin::AdminIdentity::write(out, &file, &svid, &bundle)?;
+    println!(
+        "admin identity spiffe://{td}/admin/{name} in {}, expires {}{}",
+        out.display(),
+        args::rfc3339_unix(expires),
+        if file.federators.is_empty() {
+            " (no federator address known: pass --api HOST:PORT when using it)".to_string()
+        } else {
+            format!(", for {}", file.federators.join(","))
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn evict(cluster: &str, reason: String, admin: &AdminApiArgs) -> anyhow::Result<ExitCode> {
+    let mut api = admin
+        .client()?
+        .context("evict goes through the admin API: pass --admin-identity DIR")?;
+    let r = api
+        .evict(proto::EvictRequest {
+            cluster: cluster.to_string(),
+            reason,
+        })
+        .await
+        .map_err(|s| admin_error(&format!("evict {cluster}"), s))?
+        .into_inner();
+    println!(
+        "evicted cluster {cluster}: its exports are withdrawn at revision {}; it may join again only with a new token",
+        r.revision
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -83,11 +83,16 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 let left: Vec<&str> = r
                     .clusters
                     .iter()
-                    .filter(|c| c.lease == "left")
+                    .filter(|c| c.lease == "left" && c.evicted.is_none())
                     .map(|c| c.cluster.as_str())
                     .collect();
                 if !left.is_empty() {
                     println!("left the federation: {}", left.join(", "));
+                }
+                for c in r.clusters.iter().filter(|c| c.lease == "left") {
+                    if let Some(e) = &c.evicted {
+                        println!("{}: {e}", c.cluster);
+                    }
                 }
             }
             peer_problems = r.peer_problems();

@@ -83,6 +83,19 @@ pub struct ClusterRecord {
     /// so a certificate of an earlier membership is refused however soon the re-join came.
     #[serde(default)]
     pub certs: Vec<MemberCert>,
+    /// Set when an operator removed the cluster (`meshfed federator evict`): who and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<Eviction>,
+}
+
+/// An operator's removal of a member.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Eviction {
+    /// The operator's admin name.
+    pub by: String,
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
 }
 
 /// A certificate the federation issued to a member.
@@ -1144,9 +1157,19 @@ impl Store {
 
     /// The cluster leaves: its exports become tombstones and its record is marked left.
     pub fn leave(&self, cluster: &str) -> Result<u64> {
+        self.remove_member(cluster, None)
+    }
+
+    /// An operator removes the cluster: as [`Store::leave`], with who and why recorded.
+    pub fn evict(&self, cluster: &str, eviction: Eviction) -> Result<u64> {
+        self.remove_member(cluster, Some(eviction))
+    }
+
+    fn remove_member(&self, cluster: &str, eviction: Option<Eviction>) -> Result<u64> {
         self.write_with(|| {
             let mut rec = self.member(cluster)?;
             rec.left = true;
+            rec.evicted = eviction.clone();
             rec.bundle_json.clear();
             // Tombstones and the left record in one transaction: no export can slip in between.
             let delta = ExportDelta {
@@ -1417,6 +1440,7 @@ mod tests {
             imports_acked_revision: 0,
             left: false,
             certs: Vec::new(),
+            evicted: None,
         }
     }
 
