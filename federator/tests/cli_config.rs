@@ -163,6 +163,11 @@ fn the_federators_etcd_flags_are_checked_before_anything_starts() {
             vec!["--store", "etcd"],
             "--store etcd needs --etcd-endpoints",
         ),
+        (vec!["--max-tls-handshakes", "0"], "--max-tls-handshakes"),
+        (
+            vec!["--tombstone-compaction", "soon"],
+            "--tombstone-compaction",
+        ),
         (
             vec!["--etcd-endpoints", "127.0.0.1:2379"],
             "--etcd-endpoints is for --store etcd",

@@ -1646,3 +1646,175 @@ async fn members_hear_of_a_replica_added_after_they_joined() {
     );
     drop(b);
 }
+
+/// Waits (yielding, bounded) until `f`'s status says `cluster` acknowledged `rev`.
+async fn acked_at_least(f: &Federator, cluster: &str, rev: u64) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let r = f.report().unwrap();
+            if r.clusters
+                .iter()
+                .any(|c| c.cluster == cluster && c.imports_acked_revision >= rev)
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{cluster} never acknowledged {rev}"));
+}
+
+/// The next import delta on `inbound` that `want`s, acknowledging the ones before it on `ack`.
+async fn imports_until(
+    inbound: &mut tonic::Streaming<proto::FederatorMessage>,
+    ack: &tokio::sync::mpsc::Sender<ClusterMessage>,
+    want: impl Fn(&proto::ImportDelta) -> bool,
+) -> proto::ImportDelta {
+    loop {
+        let d = next_imports(inbound).await;
+        if want(&d) {
+            return d;
+        }
+        ack.send(import_ack(d.revision)).await.unwrap();
+    }
+}
+
+/// The next import delta on `inbound`.
+async fn next_imports(
+    inbound: &mut tonic::Streaming<proto::FederatorMessage>,
+) -> proto::ImportDelta {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), inbound.message())
+            .await
+            .expect("an import delta")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(proto::federator_message::Kind::Imports(d)) = m.kind {
+            return d;
+        }
+    }
+}
+
+/// [`export_acked`] for a cluster that also acknowledges every import delta it is sent.
+async fn export_acked_acking(
+    inbound: &mut tonic::Streaming<proto::FederatorMessage>,
+    tx: &tokio::sync::mpsc::Sender<ClusterMessage>,
+    version: u64,
+) {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .expect("an acknowledgement")
+            .unwrap()
+            .expect("the stream stays open");
+        match m.kind {
+            Some(proto::federator_message::Kind::ExportAck(a)) => {
+                assert_eq!((a.version, a.error.as_str()), (version, ""));
+                return;
+            }
+            Some(proto::federator_message::Kind::Imports(d)) => {
+                tx.send(import_ack(d.revision)).await.unwrap();
+            }
+            _ => {}
+        }
+    }
+}
+
+fn import_ack(revision: u64) -> ClusterMessage {
+    ClusterMessage {
+        kind: Some(Kind::ImportAck(proto::ImportAck {
+            revision,
+            error: String::new(),
+        })),
+    }
+}
+
+/// Tombstones are dropped only once every member acknowledged them; a member that reconnects
+/// having applied less than the dropped ones' floor is resynced from scratch (it may have
+/// missed a removal), one at or above it gets only what changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_go_once_every_member_read_them_and_a_member_behind_is_resynced() {
+    let d = Env::new();
+    let mut cfg = d.config();
+    cfg.tombstone_compaction = None;
+    let f = Federator::start(cfg).await.unwrap();
+    let east = joined(&f, d.path(), "east").await;
+    let west = joined(&f, d.path(), "west").await;
+    let (etx, mut ein) = open_sync(&east).await;
+    let (wtx, mut win) = open_sync(&west).await;
+    etx.send(exports(1, vec![export("a", 80), export("b", 81)]))
+        .await
+        .unwrap();
+    export_acked_acking(&mut ein, &etx, 1).await;
+    let first = imports_until(&mut win, &wtx, |d| !d.upserts.is_empty()).await;
+    assert_eq!(first.upserts.len(), 2);
+    wtx.send(import_ack(first.revision)).await.unwrap();
+    let r1 = first.revision;
+    etx.send(ClusterMessage {
+        kind: Some(Kind::Exports(ExportDelta {
+            version: 2,
+            full: false,
+            upserts: vec![],
+            removals: vec![proto::ServiceKey {
+                namespace: "shop".into(),
+                name: "a".into(),
+            }],
+        })),
+    })
+    .await
+    .unwrap();
+    export_acked_acking(&mut ein, &etx, 2).await;
+    let removal = imports_until(&mut win, &wtx, |d| !d.removals.is_empty()).await;
+    assert_eq!(removal.removals.len(), 1);
+    let r2 = removal.revision;
+    acked_at_least(&f, "west", r1).await;
+    // West has not acknowledged the removal: its tombstone stays.
+    assert_eq!(f.compact_tombstones().unwrap(), 0);
+    assert_eq!(f.report().unwrap().store.tombstones, 1);
+    wtx.send(import_ack(r2)).await.unwrap();
+    acked_at_least(&f, "west", r2).await;
+    acked_at_least(&f, "east", r2).await;
+    assert_eq!(f.compact_tombstones().unwrap(), 1);
+    let store = f.report().unwrap().store;
+    assert_eq!((store.tombstones, store.floor), (0, r2));
+    assert!(f
+        .metrics_text()
+        .contains("meshfed_federation_tombstones_compacted_total 1"));
+    drop((wtx, win));
+
+    // West back from an older state (it applied r1 only): resynced from scratch.
+    let resume = |applied: u64| ClusterMessage {
+        kind: Some(Kind::Hello(Hello {
+            observer: false,
+            facts: Some(west.facts()),
+            imports_applied_revision: applied,
+            federation_bundle_sequence: 0,
+        })),
+    };
+    let mut c = client(&west).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(resume(r1)).await.unwrap();
+    let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let reset = next_imports(&mut inbound).await;
+    assert!(reset.full && reset.upserts.is_empty(), "{reset:?}");
+    let again = imports_until(&mut inbound, &tx, |d| !d.upserts.is_empty()).await;
+    assert_eq!(
+        again
+            .upserts
+            .iter()
+            .map(|u| u.export.as_ref().unwrap().name.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    drop((tx, inbound));
+    // From r2 on: only the next change, no resync.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(resume(r2)).await.unwrap();
+    let mut inbound = c.sync(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    etx.send(exports(3, vec![export("c", 82)])).await.unwrap();
+    export_acked_acking(&mut ein, &etx, 3).await;
+    let next = imports_until(&mut inbound, &tx, |d| d.full || !d.upserts.is_empty()).await;
+    assert!(!next.full, "{next:?}");
+    assert_eq!(next.upserts.len(), 1);
+}

@@ -21,6 +21,8 @@ pub struct FederationMetrics {
     pub heartbeat_age: GaugeVec,
     pub fresh: IntGaugeVec,
     pub import_lag: IntGaugeVec,
+    pub tombstones_compacted: prometheus::IntCounter,
+    pub tombstones: IntGauge,
 }
 
 impl FederationMetrics {
@@ -93,6 +95,14 @@ impl FederationMetrics {
                 ),
                 &["destination_cluster"],
             )),
+            tombstones_compacted: must(prometheus::IntCounter::new(
+                "meshfed_federation_tombstones_compacted_total",
+                "Tombstones of removed exports dropped once every member had read them",
+            )),
+            tombstones: must(IntGauge::new(
+                "meshfed_federation_tombstones",
+                "Tombstones of removed exports held in the store",
+            )),
             registry,
         };
         for c in [
@@ -107,6 +117,8 @@ impl FederationMetrics {
             Box::new(m.heartbeat_age.clone()),
             Box::new(m.fresh.clone()),
             Box::new(m.import_lag.clone()),
+            Box::new(m.tombstones_compacted.clone()),
+            Box::new(m.tombstones.clone()),
         ] {
             must(m.registry.register(c));
         }

@@ -68,6 +68,11 @@ pub struct FederatorConfig {
     pub store: StoreChoice,
     /// With etcd: how often the replicas' addresses are read to tell members of a change.
     pub replica_poll: Duration,
+    /// TLS handshakes the gRPC listener runs at once; more connections wait in the accept
+    /// queue (a restart's reconnect storm is served in order instead of timing out together).
+    pub max_handshakes: usize,
+    /// How often tombstones every member has read are dropped (`None`: never).
+    pub tombstone_compaction: Option<Duration>,
 }
 
 /// Where the federation's state lives.
@@ -101,6 +106,8 @@ impl FederatorConfig {
             store: StoreChoice::Sled,
             max_services_per_cluster: validate::DEFAULT_MAX_SERVICES_PER_CLUSTER,
             replica_poll: Duration::from_secs(10),
+            max_handshakes: meshfed_net::MAX_CONCURRENT_HANDSHAKES,
+            tombstone_compaction: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -398,6 +405,51 @@ impl Hub {
         }
     }
 
+    /// The lowest import revision any member has acknowledged (this replica's sessions know
+    /// their clusters' latest; others' are as stored, which is never higher): tombstones at or
+    /// below it have been read by everyone who may ever ask. `None` without members.
+    fn compaction_horizon(&self) -> Option<u64> {
+        let records = self.store.clusters().ok()?;
+        let live = self.live();
+        records
+            .iter()
+            .filter(|r| !r.left)
+            .map(|r| {
+                live.get(&r.id)
+                    .map(|l| l.acked)
+                    .unwrap_or(0)
+                    .max(r.imports_acked_revision)
+            })
+            .min()
+    }
+
+    /// Drops the tombstones every member has read, a batch per transaction.
+    fn compact_tombstones(&self) -> Result<usize, StoreError> {
+        const BATCH: usize = 1000;
+        let Some(horizon) = self.compaction_horizon() else {
+            return Ok(0);
+        };
+        let mut total = 0;
+        loop {
+            let n = self.store.compact_tombstones(horizon, BATCH)?;
+            total += n;
+            if n < BATCH {
+                break;
+            }
+        }
+        self.metrics.tombstones_compacted.inc_by(total as u64);
+        self.metrics.tombstones.set(self.store.tombstones() as i64);
+        if total > 0 {
+            tracing::info!(
+                compacted = total,
+                horizon,
+                floor = self.store.floor(),
+                "dropped tombstones every member has read"
+            );
+        }
+        Ok(total)
+    }
+
     /// The cluster left or was evicted at `rev`: its streams here end (they see its record
     /// left when the peers change), and members hear of it.
     fn removed(&self, cluster: &str, rev: u64) {
@@ -582,6 +634,8 @@ impl Hub {
             store: crate::status::StoreReport {
                 backend: self.store.backend_name().to_string(),
                 unavailable: self.store.unavailable(),
+                tombstones: self.store.tombstones() as u64,
+                floor: self.store.floor(),
             },
         })
     }
@@ -687,6 +741,22 @@ impl Federator {
         hub.metrics.head_revision.set(head as i64);
         hub.addresses.send_replace(hub.endpoints());
         hub.store.start_liveness(hub.cfg.lease_ttl);
+        if let Some(every) = hub.cfg.tombstone_compaction {
+            let compact_hub = hub.clone();
+            hub.tasks.spawn("tombstone compaction", async move {
+                let mut t = tokio::time::interval(every);
+                t.tick().await;
+                loop {
+                    t.tick().await;
+                    let h = compact_hub.clone();
+                    if let Ok(Err(e)) =
+                        tokio::task::spawn_blocking(move || h.compact_tombstones()).await
+                    {
+                        tracing::warn!(error = %e, "tombstone compaction failed; trying again later");
+                    }
+                }
+            });
+        }
         if hub.store.records(crate::shared::REPLICAS).is_some() {
             let poll_hub = hub.clone();
             hub.tasks.spawn("replica addresses", async move {
@@ -747,7 +817,13 @@ impl Federator {
             Authorizer::trust_domain(hub.ca.trust_domain.clone()),
         );
         let tls = trust::tls::server_config_optional_client(resolver.clone(), verifier)?;
-        let incoming = meshfed_net::tls_incoming(listener, tls);
+        let mut tls = tls;
+        tls.alpn_protocols = vec![meshfed_net::ALPN_H2.to_vec()];
+        let incoming = meshfed_net::tls_incoming_limited(
+            listener,
+            tls,
+            meshfed_net::Handshakes::new(hub.cfg.max_handshakes),
+        );
 
         let tasks = hub.tasks.clone();
         let svc = FederationServer::new(Service { hub: hub.clone() })
@@ -839,6 +915,12 @@ impl Federator {
     }
 
     /// The Prometheus text of the federator's metrics.
+    /// Drops the tombstones every member has read now (the federator does so every
+    /// `tombstone_compaction`); returns how many went.
+    pub fn compact_tombstones(&self) -> anyhow::Result<usize> {
+        Ok(self.hub.compact_tombstones()?)
+    }
+
     pub fn metrics_text(&self) -> String {
         meshfed_net::metrics::render(&self.hub.metrics.registry)
     }
@@ -1426,8 +1508,14 @@ impl Service {
             bucket: Bucket::new(hub.cfg.rate_limit),
             observer,
         };
-        if s.sent > hub.store.head() {
-            tracing::warn!(%cluster, applied = s.sent, head = hub.store.head(), "cluster is ahead of this federator's store; resyncing it from scratch");
+        let floor = hub.store.floor();
+        if s.sent > hub.store.head() || (s.sent > 0 && s.sent < floor) {
+            if s.sent > floor {
+                tracing::warn!(%cluster, applied = s.sent, head = hub.store.head(), "cluster is ahead of this federator's store; resyncing it from scratch");
+            } else {
+                // Removals it has not read may have been compacted away.
+                tracing::warn!(%cluster, applied = s.sent, floor, "cluster applied less than the compacted tombstones' floor; resyncing it from scratch");
+            }
             send(
                 &tx,
                 Out::Imports(ImportDelta {

@@ -56,6 +56,12 @@ pub struct StoreReport {
     /// Why the store takes no writes now (etcd unreachable), since when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
+    /// Tombstones of removed exports held (dropped once every member has read them).
+    #[serde(default)]
+    pub tombstones: u64,
+    /// The newest revision of a dropped tombstone: a member that applied less is resynced.
+    #[serde(default)]
+    pub floor: u64,
 }
 
 impl FederationReport {

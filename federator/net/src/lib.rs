@@ -93,9 +93,56 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, yielding established
-/// streams for `tonic::transport::Server::serve_with_incoming`. A failed handshake is logged and
-/// dropped; it never stops the loop.
+/// How many TLS handshakes one listener runs at once. A handshake costs a signature and a chain
+/// verification; when hundreds of clusters reconnect at once (a federator restart) unbounded
+/// handshakes share the CPU until most time out. Beyond the bound, connections wait in the
+/// kernel's accept queue and are taken in order as handshakes finish.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 32;
+
+/// A listener's handshake bound, and what it has seen (tests read the peak).
+#[derive(Debug)]
+pub struct Handshakes {
+    permits: Arc<tokio::sync::Semaphore>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl Handshakes {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Handshakes {
+            permits: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            in_flight: Default::default(),
+            peak: Default::default(),
+        })
+    }
+
+    /// The most handshakes that were under way at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn started(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.in_flight.fetch_add(1, Relaxed) + 1;
+        self.peak.fetch_max(now, Relaxed);
+        metrics::TLS_IN_PROGRESS.inc();
+    }
+
+    fn finished(&self) {
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::TLS_IN_PROGRESS.dec();
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, at most
+/// [`MAX_CONCURRENT_HANDSHAKES`] at once, yielding established streams for
+/// `tonic::transport::Server::serve_with_incoming`. A failed handshake is logged and dropped; it
+/// never stops the loop.
 pub fn tls_incoming(
     listener: TcpListener,
     mut config: rustls::ServerConfig,
@@ -109,10 +156,27 @@ pub fn tls_incoming_with(
     listener: TcpListener,
     config: rustls::ServerConfig,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    tls_incoming_limited(listener, config, Handshakes::new(MAX_CONCURRENT_HANDSHAKES))
+}
+
+/// [`tls_incoming_with`] with the handshake bound `limit`.
+pub fn tls_incoming_limited(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    limit: Arc<Handshakes>,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
+            // A permit first: at the bound, the next connection stays in the accept queue.
+            let permit = tokio::select! {
+                p = limit.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = tx.closed() => break,
+            };
             // When the server stops (its stream is dropped) the listener is closed with it, so
             // the address can be bound again at once.
             let accepted = tokio::select! {
@@ -133,8 +197,13 @@ pub fn tls_incoming_with(
             }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let limit = limit.clone();
+            limit.started();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                limit.finished();
+                drop(permit);
+                match r {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(TlsConn(tls))).await;
                     }

@@ -33,9 +33,23 @@ pub static TLS_REFUSED: std::sync::LazyLock<prometheus::IntCounterVec> = std::sy
     },
 );
 
-/// Adds [`TLS_REFUSED`] to a component's registry.
+/// TLS handshakes under way on every mTLS listener of the process; each listener runs at most
+/// [`crate::MAX_CONCURRENT_HANDSHAKES`] at once and leaves further connections in the kernel's
+/// accept queue.
+pub static TLS_IN_PROGRESS: std::sync::LazyLock<prometheus::IntGauge> =
+    std::sync::LazyLock::new(|| {
+        must(prometheus::IntGauge::new(
+            "meshfed_tls_handshakes_in_progress",
+            "TLS handshakes under way (each listener runs a bounded number at once)",
+        ))
+    });
+
+/// Adds [`TLS_REFUSED`] and [`TLS_IN_PROGRESS`] to a component's registry.
 pub fn register_tls_refused(registry: &Registry) {
     if let Err(e) = registry.register(Box::new(TLS_REFUSED.clone())) {
         tracing::warn!(error = %e, "cannot register the TLS handshake counter");
+    }
+    if let Err(e) = registry.register(Box::new(TLS_IN_PROGRESS.clone())) {
+        tracing::warn!(error = %e, "cannot register the TLS handshake gauge");
     }
 }

@@ -50,6 +50,17 @@ pub struct FederatorArgs {
     #[arg(long, default_value_t = meshfed_model::validate::DEFAULT_MAX_SERVICES_PER_CLUSTER,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_services_per_cluster: usize,
+    /// TLS handshakes the gRPC port runs at once; further connections wait in the kernel's
+    /// accept queue and are taken in order (a reconnect storm of hundreds of clusters is
+    /// served instead of timing out together).
+    #[arg(long, default_value_t = meshfed_net::MAX_CONCURRENT_HANDSHAKES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    max_tls_handshakes: usize,
+    /// How often tombstones of removed exports that every member has read are dropped (`off`:
+    /// kept forever). A member that has not acknowledged them holds them back: evict members
+    /// that are gone for good.
+    #[arg(long, default_value = "60s", value_parser = args::duration_or_off)]
+    tombstone_compaction: args::MaybeDuration,
     /// On SIGTERM, streams and requests get this long to finish before they are cut.
     #[arg(long, default_value = "5s", value_parser = args::std_duration)]
     drain_timeout: std::time::Duration,
@@ -344,6 +355,12 @@ pub async fn run(a: FederatorArgs) -> anyhow::Result<ExitCode> {
     cfg.lease_ttl = a.lease_ttl;
     cfg.rate_limit = a.rate_limit;
     cfg.max_services_per_cluster = a.max_services_per_cluster;
+    cfg.max_handshakes = a.max_tls_handshakes;
+    cfg.tombstone_compaction = a
+        .tombstone_compaction
+        .0
+        .map(|d| std::time::Duration::try_from(d).context("--tombstone-compaction"))
+        .transpose()?;
     cfg.ca_rotation = meshfed_identity::live_ca::RotationPolicy {
         period: a.ca_rotation_period.0,
         publish_lead: a.ca_publish_lead,

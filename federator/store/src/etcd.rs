@@ -83,6 +83,7 @@ pub(crate) struct Keys {
 enum Key<'a> {
     Schema,
     Head,
+    Floor,
     Cluster,
     Acked(&'a str),
     Live(&'a str),
@@ -104,6 +105,9 @@ impl Keys {
     }
     fn head(&self) -> String {
         format!("{}/meta/head", self.prefix)
+    }
+    fn floor(&self) -> String {
+        format!("{}/meta/floor", self.prefix)
     }
     fn cluster(&self, id: &str) -> String {
         format!("{}/clusters/{id}", self.prefix)
@@ -134,6 +138,7 @@ impl Keys {
         match rest.split_once('/') {
             Some(("meta", "schema")) => Key::Schema,
             Some(("meta", "head")) => Key::Head,
+            Some(("meta", "floor")) => Key::Floor,
             Some(("clusters", _)) => Key::Cluster,
             Some(("acked", id)) => Key::Acked(id),
             Some(("live", id)) => Key::Live(id),
@@ -215,6 +220,9 @@ fn apply_put(mem: &mut Mem, keys: &Keys, kv: &KeyValue) -> Result<Option<(String
             mem.head = parse_u64(kv)?;
             mem.head_mod = kv.mod_revision();
         }
+        Key::Floor => {
+            mem.floor = mem.floor.max(parse_u64(kv)?);
+        }
         Key::Cluster => {
             let rec: ClusterRecord =
                 serde_json::from_slice(kv.value()).map_err(|e| corrupt_key(kv.key(), e))?;
@@ -239,10 +247,14 @@ fn apply_put(mem: &mut Mem, keys: &Keys, kv: &KeyValue) -> Result<Option<(String
     Ok(None)
 }
 
-/// A deleted key: only liveness keys are ever deleted (by etcd, when their lease expires).
+/// A deleted key: liveness keys (by etcd, when their lease expires) and compacted tombstones.
 fn apply_delete(mem: &mut Mem, keys: &Keys, kv: &KeyValue) {
-    if let Key::Live(id) = keys.parse(kv.key()) {
-        mem.live.remove(id);
+    match keys.parse(kv.key()) {
+        Key::Live(id) => {
+            mem.live.remove(id);
+        }
+        Key::Export(cluster, skey) => mem.drop_export(cluster, skey),
+        _ => {}
     }
 }
 
@@ -499,6 +511,12 @@ impl Etcd {
         for e in &plan.exports {
             let skey = service_key(&e.export.namespace, &e.export.name);
             ops.push(TxnOp::put(k.export(&e.cluster, &skey), e.encode(), None));
+        }
+        for (cluster, skey) in &plan.dropped {
+            ops.push(TxnOp::delete(k.export(cluster, skey), None));
+        }
+        if let Some(f) = plan.floor {
+            ops.push(TxnOp::put(k.floor(), f.to_string(), None));
         }
         ops.push(TxnOp::put(
             k.head(),
@@ -992,6 +1010,40 @@ mod tests {
                 .unwrap_or_else(|_| panic!("head {} never reached {head}", s.head()))
                 .unwrap();
         });
+    }
+
+    /// Tombstones compacted by one replica leave the other's view (its watch sees the deletes)
+    /// and its floor rises with them.
+    #[test]
+    fn a_compaction_reaches_the_other_replicas_view() {
+        let e = LocalEtcd::start().unwrap();
+        let a = Store::open_etcd(&e.config("/fed")).unwrap();
+        let b = Store::open_etcd(&e.config("/fed")).unwrap();
+        a.join(member("c1")).unwrap();
+        let names: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
+        a.apply_exports("c1", &services(1, &names)).unwrap();
+        let mut gone = services(2, &[]);
+        gone.removals = names[..3]
+            .iter()
+            .map(|n| proto::ServiceKey {
+                namespace: "shop".into(),
+                name: n.clone(),
+            })
+            .collect();
+        let rev = a.apply_exports("c1", &gone).unwrap().revision.unwrap();
+        wait_head(&b, rev);
+        assert_eq!(b.tombstones(), 3);
+        assert_eq!(a.compact_tombstones(rev, 100).unwrap(), 3);
+        // A later write: once b has it, it has applied everything before it.
+        let after = a
+            .apply_exports("c1", &services(3, &names[3..]))
+            .unwrap()
+            .revision;
+        let after = after.unwrap_or_else(|| a.head());
+        a.set_bundle("c1", "{\"keys\": []}", 2).unwrap();
+        wait_head(&b, a.head().max(after));
+        assert_eq!((b.tombstones(), b.floor()), (0, rev));
+        assert_eq!(b.exports_of("c1").unwrap().len(), 2);
     }
 
     /// Two replicas write at once: every write lands exactly once at its own revision, each

@@ -378,6 +378,9 @@ struct Mem {
     cluster_changes: u64,
     /// etcd: the clusters whose liveness key exists (a replica forwards their heartbeats).
     live: BTreeSet<String>,
+    /// The newest revision of a tombstone compacted away ([`Store::compact_tombstones`]): an
+    /// importer that applied less than this may have missed a removal and is resynced.
+    floor: u64,
 }
 
 impl Mem {
@@ -391,6 +394,20 @@ impl Mem {
         }
         for e in plan.exports {
             self.put_export(e);
+        }
+        for (cluster, skey) in plan.dropped {
+            self.drop_export(&cluster, &skey);
+        }
+        if let Some(f) = plan.floor {
+            self.floor = self.floor.max(f);
+        }
+    }
+
+    /// A compacted tombstone leaves the view.
+    fn drop_export(&mut self, cluster: &str, skey: &str) {
+        let k = (cluster.to_string(), skey.to_string());
+        if let Some(old) = self.exports.remove(&k) {
+            self.by_rev.remove(&(old.modified, k.0, k.1));
         }
     }
 
@@ -442,6 +459,10 @@ struct Plan {
     exports: Vec<ExportRecord>,
     /// Flushed to disk before the write returns (sled; etcd commits are always durable).
     flush: bool,
+    /// Tombstones compacted away: (cluster, `ns/name`).
+    dropped: Vec<(String, String)>,
+    /// The new floor, with `dropped`.
+    floor: Option<u64>,
 }
 
 /// Where the state lives.
@@ -617,11 +638,15 @@ impl Store {
         }
         let clusters = db.open_tree("clusters")?;
         let exports = db.open_tree("exports")?;
-        let mut mem = Mem {
-            head: meta
-                .get("revision")?
+        let read_u64 = |key: &str| -> Result<u64> {
+            Ok(meta
+                .get(key)?
                 .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-                .unwrap_or(0),
+                .unwrap_or(0))
+        };
+        let mut mem = Mem {
+            head: read_u64("revision")?,
+            floor: read_u64("floor")?,
             ..Default::default()
         };
         for kv in clusters.iter() {
@@ -741,7 +766,11 @@ impl Store {
     /// another replica wrote since (etcd); the view now includes its write and the caller
     /// computes the plan again.
     fn commit(&self, plan: Plan, basis: (i64, u64)) -> Result<bool> {
-        if plan.head.is_none() && plan.clusters.is_empty() && plan.exports.is_empty() {
+        if plan.head.is_none()
+            && plan.clusters.is_empty()
+            && plan.exports.is_empty()
+            && plan.dropped.is_empty()
+        {
             return Ok(true);
         }
         match &self.backend {
@@ -790,6 +819,41 @@ impl Store {
     /// The head revision: every change has a revision at or below it.
     pub fn head(&self) -> u64 {
         self.read().head
+    }
+
+    /// The newest revision of a compacted tombstone: an importer that applied less than this
+    /// (and more than 0) cannot be brought up to date by changes and is resynced from scratch.
+    pub fn floor(&self) -> u64 {
+        self.read().floor
+    }
+
+    /// Tombstones every importer has read: those at or below `horizon` (the lowest import
+    /// revision any member has acknowledged), at most `max` of them per call, oldest first, in
+    /// one transaction. Returns how many went. The floor rises to the newest one dropped.
+    pub fn compact_tombstones(&self, horizon: u64, max: usize) -> Result<usize> {
+        self.write_with(|| {
+            let m = self.read();
+            let mut plan = Plan::default();
+            for (rev, cluster, skey) in m.by_rev.iter() {
+                if *rev > horizon || plan.dropped.len() >= max {
+                    break;
+                }
+                let k = (cluster.clone(), skey.clone());
+                if m.exports.get(&k).is_some_and(|r| r.deleted) {
+                    plan.dropped.push(k);
+                    plan.floor = Some(*rev);
+                }
+            }
+            // Durable before it returns, as every write.
+            plan.flush = true;
+            let n = plan.dropped.len();
+            Ok((plan, n))
+        })
+    }
+
+    /// Tombstones held now.
+    pub fn tombstones(&self) -> usize {
+        self.read().exports.values().filter(|r| r.deleted).count()
     }
 
     pub fn cluster(&self, id: &str) -> Result<Option<ClusterRecord>> {
@@ -1147,6 +1211,7 @@ impl Store {
                 clusters: vec![rec],
                 exports: writes.into_values().collect(),
                 flush: true,
+                ..Default::default()
             },
             Applied {
                 revision,
@@ -1351,10 +1416,17 @@ impl SledDb {
                 (k, r.encode())
             })
             .collect();
+        let dropped: Vec<Vec<u8>> = plan.dropped.iter().map(|(c, k)| export_key(c, k)).collect();
         (&self.meta, &self.clusters, &self.exports)
             .transaction(|(meta, tc, te)| {
                 if let Some(rev) = plan.head {
                     meta.insert("revision", &rev.to_be_bytes())?;
+                }
+                if let Some(f) = plan.floor {
+                    meta.insert("floor", &f.to_be_bytes())?;
+                }
+                for k in &dropped {
+                    te.remove(k.as_slice())?;
                 }
                 for (k, v) in &clusters {
                     tc.insert(k.as_slice(), v.as_slice())?;
@@ -1412,6 +1484,7 @@ mod tests {
     }
 
     on_both!(
+        tombstones_every_importer_read_are_compacted_and_the_floor_survives_a_reopen,
         oldest_export_wins_a_conflict_and_the_newer_appears_when_it_goes,
         the_services_limit_counts_what_would_be_live_and_a_refusal_stores_nothing,
         chunks_never_claim_a_revision_they_did_not_finish,
@@ -1876,6 +1949,67 @@ mod tests {
         // The same bundle again is no change; a newer one is stored.
         assert!(s.set_bundle("c1", "{\"v\": 5}", 5).unwrap().is_none());
         assert!(s.set_bundle("c1", "{\"v\": 6}", 6).unwrap().is_some());
+    }
+
+    fn removed(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Remove { cluster, name, .. } => Some(format!("{cluster}:{name}")),
+                Change::Upsert(_) => None,
+            })
+            .collect()
+    }
+
+    fn tombstones_every_importer_read_are_compacted_and_the_floor_survives_a_reopen(b: &Backing) {
+        let (r2, r3);
+        {
+            let s = b.open();
+            s.join(record("c1")).unwrap();
+            s.join(record("c2")).unwrap();
+            let all = vec![
+                export("a", 80, "TCP"),
+                export("b", 81, "TCP"),
+                export("c", 82, "TCP"),
+            ];
+            s.apply_exports("c1", &delta(1, all, vec![])).unwrap();
+            r2 = s
+                .apply_exports("c1", &delta(2, vec![], vec!["a"]))
+                .unwrap()
+                .revision
+                .unwrap();
+            r3 = s
+                .apply_exports("c1", &delta(3, vec![], vec!["b"]))
+                .unwrap()
+                .revision
+                .unwrap();
+            assert_eq!((s.tombstones(), s.floor()), (2, 0));
+            // Below the horizon only: a's tombstone goes, b's stays.
+            assert_eq!(s.compact_tombstones(r2, 100).unwrap(), 1);
+            assert_eq!((s.tombstones(), s.floor()), (1, r2));
+            let (changes, _, _) = s
+                .changes_since("c2", &Cursor::AfterRevision(r2), 100)
+                .unwrap();
+            assert_eq!(removed(&changes), ["c1:b"], "b's removal is still told");
+            let (changes, _, _) = s
+                .changes_since("c2", &Cursor::AfterRevision(0), 100)
+                .unwrap();
+            assert_eq!(removed(&changes), ["c1:b"], "a's tombstone is gone");
+            assert_eq!(upserted(&changes), ["c1:c"]);
+            // At most `max` per call.
+            s.apply_exports("c1", &delta(4, vec![], vec!["c"])).unwrap();
+            let head = s.head();
+            assert_eq!(s.compact_tombstones(head, 1).unwrap(), 1);
+            assert_eq!((s.tombstones(), s.floor()), (1, r3));
+            assert_eq!(s.compact_tombstones(head, 100).unwrap(), 1);
+            assert_eq!(s.compact_tombstones(head, 100).unwrap(), 0, "nothing left");
+            assert_eq!(s.head(), head, "compaction is no change for importers");
+        }
+        let s = b.open();
+        assert_eq!(s.tombstones(), 0);
+        assert!(s.floor() > r3);
+        assert_eq!(s.floor(), s.head());
+        assert!(s.exports_of("c1").unwrap().is_empty());
     }
 
     fn everything_survives_a_reopen(b: &Backing) {
