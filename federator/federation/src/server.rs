@@ -1126,6 +1126,29 @@ impl Session {
     /// waits behind a slow importer's backlog.
     async fn push_imports_step(&mut self) -> Result<bool, Status> {
         {
+            // Tombstones this stream had not read yet were compacted away (an observer's stream
+            // is not counted in the horizon, nor a stream still reading a long history): it may
+            // miss a removal, so it starts again from scratch.
+            let floor = self.hub.store.floor();
+            let at = match &self.cursor {
+                Cursor::AfterRevision(r) => *r,
+                Cursor::AfterKey(r, ..) => r.saturating_sub(1),
+            };
+            if self.sent > 0 && at < floor {
+                tracing::warn!(cluster = %self.cluster, at, floor, "tombstones this stream had not read were compacted; resyncing it from scratch");
+                send(
+                    &self.tx,
+                    Out::Imports(ImportDelta {
+                        revision: 0,
+                        full: true,
+                        ..Default::default()
+                    }),
+                )
+                .await?;
+                self.sent = 0;
+                self.acked = 0;
+                self.cursor = Cursor::AfterRevision(0);
+            }
             let (changes, next, complete) = self
                 .hub
                 .store
