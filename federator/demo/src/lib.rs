@@ -1843,6 +1843,108 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         ),
     );
 
+    // The operator's admin API: an admin identity made from the federation CA, a join token
+    // made through it for a cluster that joins and never comes up, and that cluster evicted.
+    let ops = root.join("ops");
+    let mut identity_args = s(&[
+        "federator",
+        "admin-identity",
+        "--name",
+        "demo-ops",
+        "--ttl",
+        "1h",
+        "--out",
+        &ops.display().to_string(),
+    ]);
+    identity_args.extend(match &etcd_endpoints {
+        Some(e) => s(&["--etcd-endpoints", e]),
+        None => s(&["--state-dir", &fed_dir.display().to_string()]),
+    });
+    let made = procs::run_once(None, &identity_args).await?;
+    let admin_id = made
+        .split_whitespace()
+        .find(|w| w.starts_with("spiffe://"))
+        .unwrap_or("?")
+        .to_string();
+    let ops_dir = ops.display().to_string();
+    let ap_token = procs::run_once(
+        None,
+        &s(&[
+            "federator",
+            "token",
+            "create",
+            "--admin-identity",
+            &ops_dir,
+            "--cluster",
+            "ap",
+            "--ttl",
+            "5m",
+        ]),
+    )
+    .await?;
+    procs::run_once(
+        None,
+        &s(&[
+            "join",
+            "--token",
+            ap_token.trim(),
+            "--state-dir",
+            &root.join("ap").display().to_string(),
+            "--cluster",
+            "ap",
+            "--network",
+            "net-ap",
+            "--trust-domain",
+            "ap.mesh",
+            "--locality",
+            "asia-east1/asia-east1-b",
+            "--gateway",
+            "192.0.2.1:15443",
+        ]),
+    )
+    .await
+    .context("joining ap with a token from the admin API")?;
+    let evicted = procs::run_once(
+        None,
+        &s(&[
+            "federator",
+            "evict",
+            "ap",
+            "--admin-identity",
+            &ops_dir,
+            "--reason",
+            "demo: this cluster never came up",
+        ]),
+    )
+    .await?;
+    let ap = federation_report(&fed_admin)
+        .await?
+        .clusters
+        .into_iter()
+        .find(|c| c.cluster == "ap");
+    let token_list = procs::run_once(
+        None,
+        &s(&["federator", "token", "list", "--admin-identity", &ops_dir]),
+    )
+    .await?;
+    let spent = token_list
+        .lines()
+        .any(|l| l.contains(" ap ") && l.contains("used") && l.trim_end().ends_with("ap"));
+    checks.assert(
+        ap.as_ref().is_some_and(|c| {
+            c.lease == "left"
+                && c.evicted
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("evicted by demo-ops"))
+        }) && spent,
+        "admin API",
+        format!(
+            "an admin identity ({admin_id}) made a join token through the federator's admin API; cluster ap joined with it and never came up; `meshfed federator evict ap` -> {}; the federator's status: {}",
+            evicted.trim(),
+            ap.and_then(|c| c.evicted).unwrap_or_else(|| "not evicted".into())
+        ),
+    );
+
     stop_all.store(true, Ordering::Relaxed);
     let _ = lg.await;
     let (total, failed) = counters.snapshot();
