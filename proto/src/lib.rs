@@ -14,6 +14,8 @@ pub mod federation {
 
 pub use federation::*;
 
+pub mod wire;
+
 /// The VM API (`meshfed.vm.v1`), from `proto/meshfed/vm/v1/vm.proto`.
 #[allow(
     clippy::all,

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use proto::cluster_message::Kind as In;
-use proto::federation_server::{Federation, FederationServer};
-use proto::federator_message::Kind as Out;
+use proto::federation_server::Federation;
+use proto::wire::{FederatorMessageWire, ImportDeltaWire, ImportedServiceWire, Kind as Out};
 use proto::{
-    ClusterMessage, ClusterStatus, FederatorMessage, ImportDelta, ImportKey, ImportedService,
-    JoinRequest, JoinResponse, LeaveRequest, LeaveResponse, PeerBundle, PeerCluster, PeerStates,
-    RenewRequest, RenewResponse, StatusRequest, StatusResponse, Welcome,
+    ClusterMessage, ClusterStatus, FederatorMessage, ImportKey, JoinRequest, JoinResponse,
+    LeaveRequest, LeaveResponse, PeerBundle, PeerCluster, PeerStates, RenewRequest, RenewResponse,
+    StatusRequest, StatusResponse, Welcome,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,12 +28,13 @@ use crate::metrics::FederationMetrics;
 use meshfed_identity::certs::{issue_fn, Backoff, Managed};
 use meshfed_identity::ids::cluster_of;
 use meshfed_identity::token::{Claims, TokenError, TokenStore};
-use meshfed_model::validate::{self, MAX_MESSAGE_BYTES, MAX_SERVICES_PER_DELTA};
+use meshfed_model::validate::{self, MAX_SERVICES_PER_DELTA};
 use meshfed_net::admin::AdminConfig;
 use meshfed_net::drain::{DrainReport, Tasks};
 use meshfed_store::{Change, ClusterRecord, Cursor, MemberCert, Store, StoreError};
 
 mod admin;
+mod raw_sync;
 
 /// How many export changes one import delta carries at most. Small chunks bound the memory a
 /// full resync of many importers takes at once.
@@ -826,9 +827,7 @@ impl Federator {
         );
 
         let tasks = hub.tasks.clone();
-        let svc = FederationServer::new(Service { hub: hub.clone() })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let svc = raw_sync::FederationService::new(Service { hub: hub.clone() });
         let admin_svc = admin::AdminService::new(hub.clone()).server();
         tasks.spawn_server("federation gRPC server", |drain| async move {
             let r = tonic::transport::Server::builder()
@@ -1083,10 +1082,10 @@ impl Bucket {
     }
 }
 
-type Tx = mpsc::Sender<Result<FederatorMessage, Status>>;
+type Tx = mpsc::Sender<Result<FederatorMessageWire, Status>>;
 
 async fn send(tx: &Tx, kind: Out) -> Result<(), Status> {
-    tx.send(Ok(FederatorMessage { kind: Some(kind) }))
+    tx.send(Ok(FederatorMessageWire { kind: Some(kind) }))
         .await
         .map_err(|_| Status::cancelled("the cluster went away"))
 }
@@ -1138,7 +1137,7 @@ impl Session {
                 tracing::warn!(cluster = %self.cluster, at, floor, "tombstones this stream had not read were compacted; resyncing it from scratch");
                 send(
                     &self.tx,
-                    Out::Imports(ImportDelta {
+                    Out::Imports(ImportDeltaWire {
                         revision: 0,
                         full: true,
                         ..Default::default()
@@ -1159,7 +1158,7 @@ impl Session {
                 return Ok(false);
             }
             let records = self.hub.store.clusters().map_err(store_status)?;
-            let mut delta = ImportDelta {
+            let mut delta = ImportDeltaWire {
                 revision: complete,
                 ..Default::default()
             };
@@ -1180,13 +1179,11 @@ impl Session {
             }
             for c in changes {
                 match c {
-                    Change::Upsert(r) => {
-                        let r = *r;
-                        delta.upserts.push(ImportedService {
-                            source_cluster: r.cluster,
-                            export: Some(r.export),
-                        })
-                    }
+                    // The stored bytes, as they are: no decoding, no encoding per importer.
+                    Change::Upsert(r) => delta.upserts.push(ImportedServiceWire {
+                        source_cluster: r.cluster,
+                        export: r.encoded,
+                    }),
                     Change::Remove {
                         cluster,
                         namespace,
@@ -1431,9 +1428,57 @@ impl Session {
     }
 }
 
-type SyncStream = ReceiverStream<Result<FederatorMessage, Status>>;
+/// What the Sync route sends (see `raw_sync`).
+type WireStream = ReceiverStream<Result<FederatorMessageWire, Status>>;
+
+/// The generated trait's Sync (reached only when the generated server is mounted without the
+/// raw route): the same stream, each message decoded as `FederatorMessage`.
+type SyncStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<FederatorMessage, Status>> + Send>>;
 
 impl Service {
+    /// A Sync stream: the session runs in a task of its own and sends on the returned stream.
+    async fn open_sync(
+        &self,
+        req: Request<Streaming<ClusterMessage>>,
+    ) -> Result<Response<WireStream>, Status> {
+        let cluster = self.hub.authenticate(&req)?;
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        // Tracked, so the drain waits for the acknowledged revision to be recorded.
+        self.hub.tasks.track(async move {
+            let mut connected_as = None;
+            let result = Service::run_session(
+                hub.clone(),
+                cluster.clone(),
+                inbound,
+                tx.clone(),
+                &mut connected_as,
+            )
+            .await;
+            if let Err(status) = result {
+                if status.code() != tonic::Code::Cancelled {
+                    tracing::info!(%cluster, code = ?status.code(), message = %status.message(), "sync stream ended");
+                }
+                let _ = tx.send(Err(status)).await;
+            }
+            // Only the stream that connected as this generation may mark the cluster gone.
+            if let Some(g) = connected_as {
+                let acked = hub.live().get(&cluster).map(|l| l.acked).unwrap_or(0);
+                if acked > 0 {
+                    if let Err(e) =
+                        tokio::task::block_in_place(|| hub.store.set_imports_acked(&cluster, acked))
+                    {
+                        tracing::warn!(error = %e, "cannot record the acknowledged import revision");
+                    }
+                }
+                hub.disconnect(&cluster, g);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn run_session(
         hub: Arc<Hub>,
         cluster: String,
@@ -1541,7 +1586,7 @@ impl Service {
             }
             send(
                 &tx,
-                Out::Imports(ImportDelta {
+                Out::Imports(ImportDeltaWire {
                     revision: 0,
                     full: true,
                     ..Default::default()
@@ -1554,6 +1599,15 @@ impl Service {
         }
         let fed = fed_rx.borrow_and_update().clone();
         send(&tx, Out::FederationBundle(fed)).await?;
+        // Read afresh: a replica that started before the others registered has not polled
+        // them yet, and a shorter list would replace the member's longer one.
+        if let Ok(now) = tokio::task::block_in_place(|| hub.replica_list()) {
+            hub.addresses.send_if_modified(|held| {
+                let changed = *held != now;
+                *held = now;
+                changed
+            });
+        }
         let addresses = endpoints_rx.borrow_and_update().clone();
         send(&tx, Out::Endpoints(proto::FederatorEndpoints { addresses })).await?;
         send(&tx, Out::Peers(hub.peer_states(&cluster)?)).await?;
@@ -1796,41 +1850,15 @@ impl Federation for Service {
         &self,
         req: Request<Streaming<ClusterMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let cluster = self.hub.authenticate(&req)?;
-        let inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let hub = self.hub.clone();
-        // Tracked, so the drain waits for the acknowledged revision to be recorded.
-        self.hub.tasks.track(async move {
-            let mut connected_as = None;
-            let result = Service::run_session(
-                hub.clone(),
-                cluster.clone(),
-                inbound,
-                tx.clone(),
-                &mut connected_as,
-            )
-            .await;
-            if let Err(status) = result {
-                if status.code() != tonic::Code::Cancelled {
-                    tracing::info!(%cluster, code = ?status.code(), message = %status.message(), "sync stream ended");
-                }
-                let _ = tx.send(Err(status)).await;
-            }
-            // Only the stream that connected as this generation may mark the cluster gone.
-            if let Some(g) = connected_as {
-                let acked = hub.live().get(&cluster).map(|l| l.acked).unwrap_or(0);
-                if acked > 0 {
-                    if let Err(e) =
-                        tokio::task::block_in_place(|| hub.store.set_imports_acked(&cluster, acked))
-                    {
-                        tracing::warn!(error = %e, "cannot record the acknowledged import revision");
-                    }
-                }
-                hub.disconnect(&cluster, g);
-            }
+        use prost::Message;
+        use tokio_stream::StreamExt;
+        let stream = self.open_sync(req).await?.into_inner().map(|m| {
+            m.and_then(|m| {
+                FederatorMessage::decode(m.encode_to_vec().as_slice())
+                    .map_err(|e| Status::internal(e.to_string()))
+            })
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {

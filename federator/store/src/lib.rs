@@ -301,12 +301,29 @@ pub struct Applied {
 /// A change an importer must apply.
 #[derive(Debug, Clone)]
 pub enum Change {
-    Upsert(Box<ExportRecord>),
+    Upsert(Imported),
     Remove {
         cluster: String,
         namespace: String,
         name: String,
     },
+}
+
+/// A live export an importer may see, as the store holds it: the `ServiceExport` encoded once
+/// and shared (cloning it is a reference count), sent to importers without decoding.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+    pub encoded: bytes::Bytes,
+}
+
+impl Imported {
+    /// The export, decoded (tests and tools; the federator sends `encoded` as it is).
+    pub fn export(&self) -> ServiceExport {
+        ServiceExport::decode(self.encoded.clone()).unwrap_or_default()
+    }
 }
 
 /// An export as kept in memory: encoded once, shared by every importer's read.
@@ -320,7 +337,7 @@ struct Stored {
     export_to: Vec<String>,
     namespace: String,
     name: String,
-    encoded: Vec<u8>,
+    encoded: bytes::Bytes,
 }
 
 impl Stored {
@@ -332,7 +349,7 @@ impl Stored {
             deleted: self.deleted,
             conflict: self.conflict.clone(),
             audience: self.audience.clone(),
-            export: ServiceExport::decode(self.encoded.as_slice()).unwrap_or_default(),
+            export: ServiceExport::decode(self.encoded.clone()).unwrap_or_default(),
         }
     }
 
@@ -434,7 +451,7 @@ impl Mem {
             owners.insert(r.cluster.clone());
         }
         let stored = Stored {
-            encoded: r.export.encode_to_vec(),
+            encoded: r.export.encode_to_vec().into(),
             export_to: r.export.export_to.clone(),
             namespace: r.export.namespace.clone(),
             name: r.export.name.clone(),
@@ -1297,7 +1314,12 @@ impl Store {
             };
             if r.visible_to(importer) {
                 bytes += r.encoded.len();
-                out.push(Change::Upsert(Box::new(r.record())));
+                out.push(Change::Upsert(Imported {
+                    cluster: r.cluster.clone(),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    encoded: r.encoded.clone(),
+                }));
             } else if could_have_seen(&r.audience, importer) {
                 out.push(Change::Remove {
                     cluster: r.cluster.clone(),
@@ -1550,7 +1572,7 @@ mod tests {
         changes
             .iter()
             .filter_map(|c| match c {
-                Change::Upsert(r) => Some(format!("{}:{}", r.cluster, r.export.name)),
+                Change::Upsert(r) => Some(format!("{}:{}", r.cluster, r.export().name)),
                 Change::Remove { .. } => None,
             })
             .collect()
