@@ -10,6 +10,7 @@
 //!
 //!   cargo bench -p meshfed --bench federation
 //!   MESHFED_BENCH_CLUSTERS=20 cargo bench -p meshfed --bench federation   # smaller
+//!   MESHFED_BENCH_FED_BIN=/path/to/other/meshfed ...                      # another federator build
 //!
 //! The same-run peer is etcd's own watch fan-out (`apt-get install etcd-server`); without etcd
 //! the etcd store and the peer are skipped.
@@ -24,8 +25,7 @@ use meshfed_identity::cluster::{self as identity, ClusterIdentity, JoinParams};
 use meshfed_identity::token::TokenStore;
 use prost::Message;
 use proto::cluster_message::Kind as Out;
-use proto::federation_client::FederationClient;
-use proto::federator_message::Kind as In;
+use proto::wire::{FederatorMessageWire, Kind as In};
 use proto::{
     ClusterMessage, Endpoint, ExportDelta, Hello, ImportAck, Locality, Port, ServiceExport,
 };
@@ -150,6 +150,12 @@ fn free_addr() -> String {
     )
 }
 
+/// The federator binary: this build's, or `MESHFED_BENCH_FED_BIN` (another build of meshfed, for
+/// before/after runs on one machine).
+fn fed_bin() -> String {
+    std::env::var("MESHFED_BENCH_FED_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshfed").into())
+}
+
 /// The federator process, (re)startable with the same arguments.
 struct Fed {
     args: Vec<String>,
@@ -166,10 +172,10 @@ impl Fed {
         let mut cmd = match wrap.split_first() {
             Some((tool, args)) => {
                 let mut c = Command::new(tool);
-                c.args(args).arg(env!("CARGO_BIN_EXE_meshfed"));
+                c.args(args).arg(fed_bin());
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_meshfed")),
+            None => Command::new(fed_bin()),
         };
         let child = cmd
             .args(&self.args)
@@ -225,7 +231,11 @@ async fn agent(
     loop {
         let (cfg, _) = id.client_config().unwrap();
         let channel = meshfed_net::channel(id.file.federators.clone(), cfg, "federator").unwrap();
-        let mut client = FederationClient::new(channel)
+        // The stream is read as proto::wire's twin of FederatorMessage (the same bytes): each
+        // import's export stays encoded, as a real agent's would be decoded on its own CPUs,
+        // not on the two this benchmark shares with the federator. An export is decoded once
+        // the cluster is synced (the changes carry the markers).
+        let mut client = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<ClusterMessage>(64);
@@ -245,7 +255,22 @@ async fn agent(
                 })
                 .await;
         }
-        let mut inbound = match client.sync(ReceiverStream::new(rx)).await {
+        let opened = async {
+            client
+                .ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            client
+                .streaming(
+                    tonic::Request::new(ReceiverStream::new(rx)),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(
+                        "/meshfed.federation.v1.Federation/Sync",
+                    ),
+                    tonic_prost::ProstCodec::<ClusterMessage, FederatorMessageWire>::default(),
+                )
+                .await
+        };
+        let mut inbound = match opened.await {
             Ok(r) => r.into_inner(),
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(100 + rand_ms(400))).await;
@@ -278,11 +303,11 @@ async fn agent(
                                     synced = true;
                                     let _ = ev.send(Event::Synced);
                                 }
+                                continue;
                             }
                             for u in &d.upserts {
-                                if let Some(m) =
-                                    u.export.as_ref().and_then(|e| e.labels.get("bench-marker"))
-                                {
+                                let e = ServiceExport::decode(u.export.clone()).unwrap();
+                                if let Some(m) = e.labels.get("bench-marker") {
                                     let _ = ev.send(Event::Marker {
                                         marker: m.parse().unwrap_or(usize::MAX),
                                         at,
