@@ -1507,19 +1507,11 @@ async fn an_evicted_cluster_is_gone_everywhere_and_told_why() {
         .await
         .unwrap();
     export_acked(&mut ein, 1).await;
-    let (_wtx, mut win) = open_sync(&west).await;
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), win.message())
-            .await
-            .expect("west imports east's payment")
-            .unwrap()
-            .unwrap();
-        if let Some(proto::federator_message::Kind::Imports(delta)) = m.kind {
-            if delta.upserts.iter().any(|u| u.source_cluster == "east") {
-                break;
-            }
-        }
-    }
+    let (wtx, mut win) = open_sync(&west).await;
+    imports_until(&mut win, &wtx, |d| {
+        d.upserts.iter().any(|u| u.source_cluster == "east")
+    })
+    .await;
     let ops = admin_identity(d.path(), &f, "ops");
     let mut api = admin_client(&ops);
     let rev = api
@@ -1539,23 +1531,13 @@ async fn an_evicted_cluster_is_gone_everywhere_and_told_why() {
         "{s:?}"
     );
     // West is told payment is gone, at the eviction's revision.
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), win.message())
-            .await
-            .expect("west hears of the removal")
-            .unwrap()
-            .unwrap();
-        if let Some(proto::federator_message::Kind::Imports(delta)) = m.kind {
-            if delta
-                .removals
-                .iter()
-                .any(|k| k.source_cluster == "east" && k.name == "payment")
-            {
-                assert!(delta.revision >= rev);
-                break;
-            }
-        }
-    }
+    let removal = imports_until(&mut win, &wtx, |d| {
+        d.removals
+            .iter()
+            .any(|k| k.source_cluster == "east" && k.name == "payment")
+    })
+    .await;
+    assert!(removal.revision >= rev);
     // Its certificate is refused from now on.
     let s = sync_until_error(&east, vec![hello(&east)]).await;
     assert!(proto::reason::is_left(&s), "{s:?}");

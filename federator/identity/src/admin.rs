@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use trust::tls::{Authorizer, SpiffeVerifier, SvidResolver};
-use trust::{BundleSet, Svid, TrustBundle, TrustDomain, TrustStore};
-
-use crate::ids::federator_spiffe_id;
+use trust::tls::SvidResolver;
+use trust::{Svid, TrustBundle};
 
 pub const ADMIN_FILE: &str = "admin.json";
 const BUNDLE_FILE: &str = "federation-bundle.json";
@@ -77,12 +75,9 @@ impl AdminIdentity {
             .with_context(|| format!("{} is malformed", path.display()))?;
         let (svid, _) = Svid::load(dir)
             .with_context(|| format!("cannot load the admin certificate in {}", dir.display()))?;
-        let td = TrustDomain::new(&file.federation_trust_domain)
-            .with_context(|| format!("{}: federation_trust_domain", path.display()))?;
-        let bpath = dir.join(BUNDLE_FILE);
-        let text = std::fs::read_to_string(&bpath)
-            .with_context(|| format!("cannot read {}", bpath.display()))?;
-        let federation_bundle = TrustBundle::from_json(td, &text, &bpath.display().to_string())?;
+        let federation_bundle =
+            crate::cluster::read_federation_bundle(dir, &file.federation_trust_domain)
+                .with_context(|| format!("{}: the federation bundle", path.display()))?;
         Ok(AdminIdentity {
             file,
             svid,
@@ -109,14 +104,10 @@ impl AdminIdentity {
     /// An mTLS client configuration for the admin API: this identity's certificate, and the
     /// federator checked as the federation's federator identity.
     pub fn client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
-        let resolver = SvidResolver::with(&self.svid)?;
-        let mut set = BundleSet::new();
-        set.insert(self.federation_bundle.clone())?;
-        let td = TrustDomain::new(&self.file.federation_trust_domain)?;
-        let verifier = SpiffeVerifier::new(
-            TrustStore::new(set),
-            Authorizer::id(federator_spiffe_id(&td)?),
-        );
-        Ok(trust::tls::client_config(resolver, verifier)?)
+        crate::cluster::federator_client_config(
+            SvidResolver::with(&self.svid)?,
+            &self.federation_bundle,
+            &self.file.federation_trust_domain,
+        )
     }
 }

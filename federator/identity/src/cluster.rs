@@ -80,11 +80,7 @@ impl ClusterIdentity {
             .with_context(|| format!("{} is malformed", path.display()))?;
         let (svid, _) = Svid::load(&dir)
             .with_context(|| format!("cannot load the cluster certificate in {}", dir.display()))?;
-        let td = TrustDomain::new(&file.federation_trust_domain)?;
-        let bpath = dir.join("federation-bundle.json");
-        let text = std::fs::read_to_string(&bpath)
-            .with_context(|| format!("cannot read {}", bpath.display()))?;
-        let federation_bundle = TrustBundle::from_json(td, &text, &bpath.display().to_string())?;
+        let federation_bundle = read_federation_bundle(&dir, &file.federation_trust_domain)?;
         Ok(ClusterIdentity {
             file,
             svid,
@@ -132,18 +128,43 @@ impl ClusterIdentity {
     /// An mTLS client configuration for talking to the federator as this cluster.
     pub fn client_config(&self) -> anyhow::Result<(rustls::ClientConfig, Arc<SvidResolver>)> {
         let resolver = SvidResolver::with(&self.svid)?;
-        let mut set = BundleSet::new();
-        set.insert(self.federation_bundle.clone())?;
-        let td = TrustDomain::new(&self.file.federation_trust_domain)?;
-        let verifier = SpiffeVerifier::new(
-            TrustStore::new(set),
-            Authorizer::id(federator_spiffe_id(&td)?),
-        );
-        Ok((
-            trust::tls::client_config(resolver.clone(), verifier)?,
-            resolver,
-        ))
+        let cfg = federator_client_config(
+            resolver.clone(),
+            &self.federation_bundle,
+            &self.file.federation_trust_domain,
+        )?;
+        Ok((cfg, resolver))
     }
+}
+
+/// The federation bundle an identity directory keeps (`federation-bundle.json`).
+pub(crate) fn read_federation_bundle(dir: &Path, td: &str) -> anyhow::Result<TrustBundle> {
+    let td = TrustDomain::new(td)?;
+    let path = dir.join("federation-bundle.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(TrustBundle::from_json(
+        td,
+        &text,
+        &path.display().to_string(),
+    )?)
+}
+
+/// A client of the federator presenting `resolver`'s certificate and checking the server as the
+/// federation's federator identity under `bundle`.
+pub(crate) fn federator_client_config(
+    resolver: Arc<SvidResolver>,
+    bundle: &TrustBundle,
+    td: &str,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut set = BundleSet::new();
+    set.insert(bundle.clone())?;
+    let td = TrustDomain::new(td)?;
+    let verifier = SpiffeVerifier::new(
+        TrustStore::new(set),
+        Authorizer::id(federator_spiffe_id(&td)?),
+    );
+    Ok(trust::tls::client_config(resolver, verifier)?)
 }
 
 /// What `meshfed join` was told about the cluster.

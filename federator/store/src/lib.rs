@@ -338,6 +338,19 @@ struct Stored {
     namespace: String,
     name: String,
     encoded: bytes::Bytes,
+    /// What decides a conflict (headless, ports), kept decoded: the conflict check of one
+    /// cluster's export compares it with every other cluster's export of the service, which
+    /// with a service exported by all of 255 clusters meant 254 decodes per service written.
+    shape: ServiceExport,
+}
+
+/// The part of an export a conflict depends on ([`meshfed_model::validate::export_conflict`]).
+fn shape_of(e: &ServiceExport) -> ServiceExport {
+    ServiceExport {
+        headless: e.headless,
+        ports: e.ports.clone(),
+        ..Default::default()
+    }
 }
 
 impl Stored {
@@ -451,6 +464,7 @@ impl Mem {
             owners.insert(r.cluster.clone());
         }
         let stored = Stored {
+            shape: shape_of(&r.export),
             encoded: r.export.encode_to_vec().into(),
             export_to: r.export.export_to.clone(),
             namespace: r.export.namespace.clone(),
@@ -1160,42 +1174,74 @@ impl Store {
             // Conflicts: for every touched service the oldest live export wins; newer ones
             // that disagree on ports are excluded. A flag that changes bumps that export.
             for skey in &touched {
-                let mut live: Vec<ExportRecord> = m
+                // Every live export of the service: the other clusters' as stored (only their
+                // shape is read; one is decoded only if its flag changes), this cluster's as
+                // planned.
+                struct Live {
+                    created: u64,
+                    cluster: String,
+                    shape: ServiceExport,
+                    conflict: Option<String>,
+                    stored: Option<Arc<Stored>>,
+                }
+                let mut live: Vec<Live> = m
                     .by_service
                     .get(skey)
                     .into_iter()
                     .flatten()
                     .filter(|c| c.as_str() != cluster)
-                    .filter_map(|c| {
-                        m.exports
-                            .get(&(c.clone(), skey.clone()))
-                            .map(|r| r.record())
+                    .filter_map(|c| m.exports.get(&(c.clone(), skey.clone())))
+                    .map(|r| Live {
+                        created: r.created,
+                        cluster: r.cluster.clone(),
+                        shape: r.shape.clone(),
+                        conflict: r.conflict.clone(),
+                        stored: Some(r.clone()),
                     })
                     .collect();
                 if let Some(w) = writes.get(&(cluster.to_string(), skey.clone())) {
                     if !w.deleted {
-                        live.push(w.clone());
+                        live.push(Live {
+                            created: w.created,
+                            cluster: w.cluster.clone(),
+                            shape: shape_of(&w.export),
+                            conflict: w.conflict.clone(),
+                            stored: None,
+                        });
                     }
                 }
                 live.sort_by(|a, b| (a.created, &a.cluster).cmp(&(b.created, &b.cluster)));
                 let Some((oldest, rest)) = live.split_first() else {
                     continue;
                 };
-                let mut flags = vec![(oldest.clone(), None)];
+                let mut flags = vec![(oldest, None)];
                 for r in rest {
-                    let c = export_conflict(&oldest.export, &r.export).map(|why| {
+                    let c = export_conflict(&oldest.shape, &r.shape).map(|why| {
                         format!(
                             "{skey}: {why} (cluster {} exported it first)",
                             oldest.cluster
                         )
                     });
-                    flags.push((r.clone(), c));
+                    flags.push((r, c));
                 }
-                for (mut r, flag) in flags {
-                    if r.conflict != flag {
-                        r.conflict = flag;
-                        r.modified = rev;
-                        writes.insert((r.cluster.clone(), skey.clone()), r);
+                for (r, flag) in flags {
+                    if r.conflict == flag {
+                        continue;
+                    }
+                    let key = (r.cluster.clone(), skey.clone());
+                    match &r.stored {
+                        Some(s) => {
+                            let mut rec = s.record();
+                            rec.conflict = flag;
+                            rec.modified = rev;
+                            writes.insert(key, rec);
+                        }
+                        None => {
+                            if let Some(w) = writes.get_mut(&key) {
+                                w.conflict = flag;
+                                w.modified = rev;
+                            }
+                        }
                     }
                 }
             }
@@ -1404,12 +1450,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Conflicts standing against `cluster`'s exports.
+    /// Conflicts standing against `cluster`'s exports, read from the records without decoding
+    /// them (the status asks for every cluster's at each scrape: decoding every export of every
+    /// cluster there cost a full decode of the store per status).
     pub fn conflicts_of(&self, cluster: &str) -> Result<Vec<String>> {
-        Ok(self
-            .exports_of(cluster)?
-            .into_values()
-            .filter_map(|r| r.conflict)
+        let m = self.read();
+        Ok(m.exports
+            .range((cluster.to_string(), String::new())..)
+            .take_while(|((c, _), _)| c == cluster)
+            .filter(|(_, r)| !r.deleted)
+            .filter_map(|(_, r)| r.conflict.clone())
             .collect())
     }
 }
