@@ -612,9 +612,10 @@ pub fn join_args(
     .collect()
 }
 
-/// An export storm at `c`: 60 registry writes 40 ms apart, of 10 + round % 7 services each;
-/// `during` runs once the federator has acknowledged three of them, while the writes go on.
-/// Returns the number of services of the last write.
+/// An export storm at `c`: 60 registry writes of 10 + round % 7 services each, each written
+/// once the agent has read the one before (its export count, which differs from round to
+/// round); `during` runs once the federator has acknowledged three of them, while the writes
+/// go on. Returns the number of services of the last write.
 pub fn export_storm(c: &Cluster, during: impl FnOnce()) -> Result<usize> {
     let before = c.status()?["exports_acked_version"].as_u64().unwrap_or(0);
     std::thread::scope(|s| {
@@ -622,7 +623,11 @@ pub fn export_storm(c: &Cluster, during: impl FnOnce()) -> Result<usize> {
             for round in 0..60u16 {
                 let n = 10 + usize::from(round % 7);
                 c.write_registry(&registry_yaml("svc", n, 8000 + round, ""))?;
-                std::thread::sleep(Duration::from_millis(40));
+                wait_for(
+                    Duration::from_secs(20),
+                    "the agent to read the write",
+                    || Ok((c.status()?["exports"].as_u64() == Some(n as u64)).then_some(())),
+                )?;
             }
             Ok(())
         });

@@ -243,6 +243,9 @@ impl Inner {
         let st = self.status().clone();
         let id = self.identity().file.clone();
         let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Borrowed once: two borrows of one watch in a statement deadlock when the registry's
+        // writer queues between them (std's RwLock makes the second reader wait for it).
+        let exports = self.exports.borrow().clone();
         let mut imports: BTreeMap<String, u64> = BTreeMap::new();
         for (src, _) in snap.imports.keys() {
             *imports.entry(src.clone()).or_default() += 1;
@@ -328,7 +331,7 @@ impl Inner {
             dns_names: self.names.borrow().name_count() as u64,
             config_warnings: config_warnings(
                 &snap,
-                &self.exports.borrow(),
+                &exports,
                 st.connected,
                 &self.entries.current(),
             ),
@@ -342,7 +345,7 @@ impl Inner {
                 .cluster_cert
                 .current()
                 .is_some_and(|c| c.not_after <= time::OffsetDateTime::now_utc()),
-            exports: self.exports.borrow().len() as u64,
+            exports: exports.len() as u64,
             // What the federator acknowledged and this agent stored (also across restarts).
             exports_acked_version: self.cache.acked_version(),
             federator_last_heard_ms: heard.federator.map(|t| t.elapsed().as_millis() as u64),
