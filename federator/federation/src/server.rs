@@ -635,7 +635,7 @@ impl Hub {
             store: crate::status::StoreReport {
                 backend: self.store.backend_name().to_string(),
                 unavailable: self.store.unavailable(),
-                tombstones: self.store.tombstones() as u64,
+                tombstones: counts.tombstones,
                 floor: self.store.floor(),
             },
         })

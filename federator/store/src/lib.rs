@@ -380,6 +380,8 @@ pub struct Counts {
     pub exports: HashMap<String, u64>,
     /// Importer -> exporting cluster -> services it may import from it.
     pub imports_from: HashMap<String, BTreeMap<String, u64>>,
+    /// Tombstones held.
+    pub tombstones: u64,
 }
 
 /// Where an importer's reading stopped.
@@ -1393,6 +1395,7 @@ impl Store {
         let mut specific: HashMap<&str, BTreeMap<&str, u64>> = HashMap::new();
         for r in m.exports.values() {
             if r.deleted {
+                out.tombstones += 1;
                 continue;
             }
             *out.exports.entry(r.cluster.clone()).or_insert(0) += 1;
