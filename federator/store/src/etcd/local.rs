@@ -94,9 +94,19 @@ fn issue(dir: &std::path::Path, name: &str, cn: &str, ext: &str) -> std::io::Res
     )
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct free ports: every listener is held until all are chosen (one after another,
+/// the kernel may hand out the port just released, and a member got the same port for its
+/// client and peer URLs).
+fn free_ports(host: &str, n: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind((host, 0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
+
+/// How many times a cluster is started afresh, on new ports, when a member found its port
+/// taken (another test or process bound it between choosing and etcd's bind).
+const PORT_ATTEMPTS: usize = 3;
 
 /// Whether the etcd binary runs here.
 pub fn installed() -> bool {
@@ -150,66 +160,88 @@ impl LocalEtcd {
         tls: Option<super::EtcdTls>,
     ) -> std::io::Result<Self> {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut members = Vec::new();
-        for i in 0..n {
-            members.push(Member {
-                name: format!("m{i}"),
-                client_url: format!("{scheme}://{host}:{}", free_port()?),
-                peer_url: format!("http://{host}:{}", free_port()?),
-                child: None,
-                args: Vec::new(),
-            });
-        }
-        let initial = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url))
-            .collect::<Vec<_>>()
-            .join(",");
-        for m in &mut members {
-            let data = dir.path().join(&m.name);
-            m.args = [
-                "--name",
-                &m.name,
-                "--data-dir",
-                &data.to_string_lossy(),
-                "--listen-client-urls",
-                &m.client_url,
-                "--advertise-client-urls",
-                &m.client_url,
-                "--listen-peer-urls",
-                &m.peer_url,
-                "--initial-advertise-peer-urls",
-                &m.peer_url,
-                "--initial-cluster",
-                &initial,
-                "--initial-cluster-state",
-                "new",
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(flags.iter().cloned())
-            .collect();
-        }
         let mut t = LocalEtcd {
-            members,
+            members: Vec::new(),
             dir,
             tls,
             prefix,
         };
-        // Members of a new cluster wait for each other: start all, then wait for each.
+        for attempt in 1..=PORT_ATTEMPTS {
+            for i in 0..t.members.len() {
+                t.kill(i);
+            }
+            let ports = free_ports(host, 2 * n)?;
+            let mut members: Vec<Member> = (0..n)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client_url: format!("{scheme}://{host}:{}", ports[2 * i]),
+                    peer_url: format!("http://{host}:{}", ports[2 * i + 1]),
+                    child: None,
+                    args: Vec::new(),
+                })
+                .collect();
+            let initial = members
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.peer_url))
+                .collect::<Vec<_>>()
+                .join(",");
+            for m in &mut members {
+                // A data directory per attempt: a failed attempt's members may have written.
+                let data = t.dir.path().join(format!("{}-{attempt}", m.name));
+                m.args = [
+                    "--name",
+                    &m.name,
+                    "--data-dir",
+                    &data.to_string_lossy(),
+                    "--listen-client-urls",
+                    &m.client_url,
+                    "--advertise-client-urls",
+                    &m.client_url,
+                    "--listen-peer-urls",
+                    &m.peer_url,
+                    "--initial-advertise-peer-urls",
+                    &m.peer_url,
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                    "--logger",
+                    "zap",
+                    "--log-outputs",
+                    "stderr",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(flags.iter().cloned())
+                .collect();
+            }
+            t.members = members;
+            match t.start_all() {
+                Ok(()) => return Ok(t),
+                Err(e)
+                    if attempt < PORT_ATTEMPTS
+                        && e.to_string().contains("address already in use") =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("etcd: no free ports"))
+    }
+
+    /// Starts every member (members of a new cluster wait for each other: start all, then wait
+    /// for each).
+    fn start_all(&mut self) -> std::io::Result<()> {
         let mut ready = Vec::new();
-        for i in 0..t.members.len() {
-            ready.push(t.spawn(i)?);
+        for i in 0..self.members.len() {
+            ready.push(self.spawn(i)?);
         }
         for r in ready {
             r.recv_timeout(Duration::from_secs(60))
                 .map_err(|_| std::io::Error::other("etcd did not become ready within 60 s"))??;
         }
-        Ok(t)
+        Ok(())
     }
 
     /// Starts member `i` with its arguments; the receiver says when it serves clients.
