@@ -96,10 +96,11 @@ fn issue(dir: &std::path::Path, name: &str, cn: &str, ext: &str) -> std::io::Res
 
 /// `n` distinct free ports: every listener is held until all are chosen (one after another,
 /// the kernel may hand out the port just released, and a member got the same port for its
-/// client and peer URLs).
-fn free_ports(host: &str, n: usize) -> std::io::Result<Vec<u16>> {
+/// client and peer URLs). Chosen on this process's loopback, also for members that run in a
+/// network namespace (the demo's), whose address does not exist here.
+fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     let held = (0..n)
-        .map(|_| TcpListener::bind((host, 0)))
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<Vec<_>>>()?;
     held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
@@ -170,7 +171,7 @@ impl LocalEtcd {
             for i in 0..t.members.len() {
                 t.kill(i);
             }
-            let ports = free_ports(host, 2 * n)?;
+            let ports = free_ports(2 * n)?;
             let mut members: Vec<Member> = (0..n)
                 .map(|i| Member {
                     name: format!("m{i}"),
