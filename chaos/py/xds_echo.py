@@ -5,6 +5,9 @@ server: answers /meshfed.test.Echo/Who with its name, plaintext or mTLS. With --
         whenever DIR (a symlink swapped atomically) points somewhere new.
 client: calls an xds:/// target every --interval and prints one line per call:
         "ok <server name>" or "err <CODE> <details>". GRPC_XDS_BOOTSTRAP names the bootstrap.
+        --header k=v sends request metadata (what a route may match); --sni NAME sets the
+        channel's TLS target name override, which grpcio sends as the SNI (grpcio does not
+        send the xDS cluster's `sni`, gRFC A101), keeping the target as the authority.
 """
 import argparse
 import os
@@ -82,17 +85,23 @@ def watched_credentials(path, roots_path):
 
 
 def client(a):
+    options = []
+    if a.sni:
+        options.append(("grpc.ssl_target_name_override", a.sni))
+        # The override would also become the authority the xDS routes are chosen by.
+        options.append(("grpc.default_authority", a.target.split("///", 1)[-1]))
     if a.secure:
         creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
-        channel = grpc.secure_channel(a.target, creds)
+        channel = grpc.secure_channel(a.target, creds, options=options)
     else:
-        channel = grpc.insecure_channel(a.target)
+        channel = grpc.insecure_channel(a.target, options=options)
     who = channel.unary_unary("/meshfed.test.Echo/Who")
+    metadata = [tuple(h.split("=", 1)) for h in a.header]
     n = 0
     while a.calls == 0 or n < a.calls:
         n += 1
         try:
-            r = who(b"", timeout=a.timeout)
+            r = who(b"", timeout=a.timeout, metadata=metadata or None)
             print("ok", r.decode(), flush=True)
         except grpc.RpcError as e:
             details = (e.details() or "").replace("\n", " ")[:300]
@@ -116,6 +125,8 @@ def main():
     c.add_argument("--calls", type=int, default=0)
     c.add_argument("--interval", type=float, default=0.05)
     c.add_argument("--timeout", type=float, default=3.0)
+    c.add_argument("--header", action="append", default=[])
+    c.add_argument("--sni")
     a = p.parse_args()
     if a.cmd == "server":
         serve(a)

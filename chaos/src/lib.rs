@@ -512,7 +512,19 @@ impl Cluster {
         admin: &str,
         log_dir: &Path,
     ) -> Result<Proc> {
-        let args: Vec<String> = [
+        self.start_gateway_with(name, listen, admin, log_dir, &[])
+    }
+
+    /// [`start_gateway`](Self::start_gateway) with extra flags (`--any-alpn`).
+    pub fn start_gateway_with(
+        &self,
+        name: &str,
+        listen: &str,
+        admin: &str,
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Proc> {
+        let mut args: Vec<String> = [
             "gateway",
             "--listen",
             listen,
@@ -528,6 +540,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
         let (program, args) = self.command(&args)?;
         let p = Proc::spawn_program(name, &program, &args, &[], log_dir)?;
         wait_for(

@@ -97,12 +97,25 @@ fn bootstrap(dir: &Path, xds: &str, certs: &Path, trust: &Path) -> PathBuf {
 }
 
 fn client(name: &str, target: &str, secure: bool, bootstrap: &Path, dir: &Path) -> Proc {
+    client_with(name, target, secure, bootstrap, dir, &[])
+}
+
+/// A client with more arguments (`--header k=v`, `--sni NAME`).
+fn client_with(
+    name: &str,
+    target: &str,
+    secure: bool,
+    bootstrap: &Path,
+    dir: &Path,
+    extra: &[String],
+) -> Proc {
     let mut args = vec![
         py_script("xds_echo.py").display().to_string(),
         "client".into(),
         "--target".into(),
         target.into(),
     ];
+    args.extend(extra.iter().cloned());
     if secure {
         args.push("--secure".into());
     }
@@ -558,4 +571,182 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
         dump.contains("spiffe://west.mesh/ns/shop/sa/secure"),
         "{dump}"
     );
+}
+
+/// Routes select a subset for proxyless gRPC, across networks. east's policy names subsets v1
+/// (east runs it) and v2 (west runs it, on another network), and a VirtualService sends calls
+/// with `x-version: v2` to v2 and the rest to v1. east's grpcio client, routed by the RDS east's
+/// agent serves, reaches v2 only through west's east-west gateway by the subset's SNI (grpcio
+/// sends the SNI it is given as its TLS target name: it does not send the cluster's `sni`), with
+/// mTLS end to end from east.mesh to west.mesh; its other calls go to east's v1 directly. When
+/// the route goes, the header no longer selects v2.
+#[test]
+fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
+    let f = Federation::start("3s").unwrap();
+    let dir = f.root.path().to_path_buf();
+    let port = free_port();
+    let gw = format!("127.0.0.1:{}", free_port());
+    let gw_admin = format!("127.0.0.1:{}", free_port());
+    let host = "ledger.shop.svc.cluster.local";
+    let registry = |ip: &str, locality: &str, version: &str| {
+        format!(
+            "services:\n  - namespace: shop\n    name: ledger\n    ports: [{{name: grpc, port: {port}}}]\n    export: true\n    labels: {{security.istio.io/tlsMode: istio}}\n    endpoints:\n      - {{address: {ip}, locality: {locality}, serviceAccount: ledger, labels: {{version: {version}}}}}\n"
+        )
+    };
+    let subsets = |name: &str, extra: &str, list: &str| {
+        format!(
+            "apiVersion: meshfed.io/v1alpha1\nkind: FailoverPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  host: ledger\n{extra}  subsets:\n{list}"
+        )
+    };
+    let v1 = "    - {name: v1, labels: {version: v1}}\n";
+    let v2 = "    - {name: v2, labels: {version: v2}}\n";
+    let east = f
+        .add_cluster(
+            "east",
+            "net-e",
+            "us-east1/us-east1-b",
+            &registry("127.0.0.11", "us-east1/us-east1-b", "v1"),
+        )
+        .unwrap();
+    let west = f
+        .add_cluster_in(
+            "west",
+            "net-w",
+            "us-west1/us-west1-a",
+            &registry("127.0.0.21", "us-west1/us-west1-a", "v2"),
+            None,
+            std::slice::from_ref(&gw),
+        )
+        .unwrap();
+    // west defines v2 and publishes it, so its gateway routes v2's SNI.
+    west.write_policy(
+        "ledger.yaml",
+        &subsets("ledger-west", "  publish: true\n", v2),
+    )
+    .unwrap();
+    east.write_policy("ledger.yaml", &subsets("ledger", "", &format!("{v1}{v2}")))
+        .unwrap();
+    let routes = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ledger, namespace: shop}\nspec:\n  hosts: [ledger]\n  http:\n    - name: v2-by-header\n      match: [{headers: {x-version: {exact: v2}}}]\n      route: [{destination: {host: ledger, subset: v2}}]\n    - route: [{destination: {host: ledger, subset: v1}}]\n";
+    east.write_policy("ledger-routes.yaml", routes).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "east imports west's ledger and bundle, west east's bundle",
+        || {
+            let s = east.status()?;
+            Ok((s["imports"]["west"].as_u64() == Some(1)
+                && east.has_bundle_of("west")?
+                && west.has_bundle_of("east")?)
+            .then_some(()))
+        },
+    )
+    .unwrap();
+    // A proxyless client offers ALPN h2, not Istio's: the gateway takes any.
+    let _gw = west
+        .start_gateway_with("gw-west", &gw, &gw_admin, &dir, &["--any-alpn"])
+        .unwrap();
+
+    // v1 in east with east's identity, v2 in west with west's; each takes east.mesh clients.
+    let (east_certs, west_certs) = (dir.join("east-ledger"), dir.join("west-ledger"));
+    east.issue_svid("spiffe://east.mesh/ns/shop/sa/ledger", &east_certs)
+        .unwrap();
+    west.issue_svid("spiffe://west.mesh/ns/shop/sa/ledger", &west_certs)
+        .unwrap();
+    let east_roots = east.dir.join("xds/trust-roots.pem");
+    let east_at_west = west.dir.join("xds/roots/east.mesh.pem");
+    let _s1 = server(
+        "v1",
+        &[format!("127.0.0.11:{port}")],
+        Some((&east_certs, &east_roots)),
+        &dir,
+    );
+    let _s2 = server(
+        "v2",
+        &[format!("127.0.0.21:{port}")],
+        Some((&west_certs, &east_at_west)),
+        &dir,
+    );
+
+    let client_certs = dir.join("client-certs");
+    east.issue_svid("spiffe://east.mesh/ns/shop/sa/client", &client_certs)
+        .unwrap();
+    let boot = bootstrap(&dir, &east.xds, &client_certs, &east.dir.join("xds"));
+    let target = format!("xds:///{host}:{port}");
+    let sni_v2 = format!("outbound_.{port}_.v2_.{host}");
+    let routed = |name: &str, header: bool| {
+        let mut extra = vec!["--sni".to_string(), sni_v2.clone()];
+        if header {
+            extra.extend(["--header".to_string(), "x-version=v2".to_string()]);
+        }
+        client_with(name, &target, true, &boot, &dir, &extra)
+    };
+    let gw_connections = || {
+        metric(
+            &gw_admin,
+            &format!("meshfed_gateway_connections_total{{destination_service=\"{host}:{port}\"}}"),
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(0.0)
+    };
+    let before = gw_connections();
+    let to_v2 = routed("client-v2", true);
+    wait_streak(
+        &to_v2,
+        &["v2"],
+        20,
+        Duration::from_secs(60),
+        "calls routed to v2",
+    );
+    let rest = routed("client-rest", false);
+    wait_streak(
+        &rest,
+        &["v1"],
+        20,
+        Duration::from_secs(60),
+        "other calls to v1",
+    );
+    // Windows of 20 more calls each: only their subset answers.
+    let (n2, n1) = (count(&to_v2), count(&rest));
+    wait_for(Duration::from_secs(30), "20 more calls each", || {
+        Ok((count(&to_v2) >= n2 + 20 && count(&rest) >= n1 + 20).then_some(()))
+    })
+    .unwrap();
+    let (w2, w1) = (lines(&to_v2, n2), lines(&rest, n1));
+    assert!(
+        w2.iter().all(|l| l == "ok v2"),
+        "x-version: v2 -> v2 only: {w2:?}"
+    );
+    assert!(
+        w1.iter().all(|l| l == "ok v1"),
+        "the rest -> v1 only: {w1:?}"
+    );
+    let through = gw_connections() - before;
+    assert!(
+        through >= 1.0,
+        "v2's calls crossed west's gateway ({through} connections)"
+    );
+    let refused = metric(
+        &gw_admin,
+        "meshfed_gateway_refused_total{reason=\"no_sni\"}",
+    )
+    .unwrap()
+    .unwrap_or(0.0);
+    assert_eq!(refused, 0.0, "grpcio sent the subset SNI");
+    println!(
+        "{} calls with x-version: v2 all answered by west's v2 through its gateway ({through} connections by SNI {sni_v2}); {} others by east's v1",
+        w2.len(),
+        w1.len()
+    );
+
+    // Without the VirtualService, the host's one route takes every call to the whole service
+    // (v1 or v2): the header selects nothing any more.
+    std::fs::remove_file(east.policy_dir.join("ledger-routes.yaml")).unwrap();
+    let n = count(&to_v2);
+    wait_for(
+        Duration::from_secs(30),
+        "a call with the header answered by v1",
+        || Ok(lines(&to_v2, n).iter().any(|l| l == "ok v1").then_some(())),
+    )
+    .unwrap();
+    println!("routes removed: calls with the header reach v1 too");
 }

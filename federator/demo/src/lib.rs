@@ -71,6 +71,18 @@ spec:
   subsets:
     - {name: v1, labels: {version: v1}}
     - {name: v2, labels: {version: v2}}
+---
+# Calls to payment that carry x-version: v2 go to subset v2 (west's); the rest to the service.
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: payment, namespace: shop}
+spec:
+  hosts: [payment.shop.svc.cluster.local]
+  http:
+    - name: v2-by-header
+      match: [{headers: {x-version: {exact: v2}}}]
+      route: [{destination: {host: payment.shop.svc.cluster.local, subset: v2}}]
+    - route: [{destination: {host: payment.shop.svc.cluster.local}}]
 ";
 /// east's and west's policy for payment: only its subsets, published with the export, so each
 /// exporter's gateway routes the subsets' SNIs (`outbound_.<port>_.v2_.<host>`).
@@ -349,6 +361,68 @@ async fn proxy_of(
             meshfed_xds::client::AdsClient::start(format!("http://{addr}:15010"), node)
         })
         .await
+}
+
+/// payment's routes as eu's xDS serves them to a proxyless client: `header=value -> cluster`
+/// per route, `*` for a route matching every call.
+async fn subset_routes(layout: &Layout) -> anyhow::Result<Vec<String>> {
+    use envoy_types::pb::envoy::config::route::v3 as route;
+    let addr = layout.addr("eu");
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        id: format!("sidecar~{addr}~routes.shop~shop.svc.cluster.local"),
+        user_agent_name: "meshfed-demo".into(),
+        ..Default::default()
+    };
+    let name = format!("payment.shop.svc.cluster.local:{PAYMENT_PORT}");
+    let found = layout
+        .cluster("eu")?
+        .rt
+        .run(async move {
+            meshfed_xds::client::fetch_once(
+                &format!("http://{addr}:15010"),
+                &node,
+                meshfed_xds::ROUTE_TYPE,
+                &[name],
+                Duration::from_secs(10),
+            )
+            .await
+        })
+        .await??;
+    let any = found.first().context("no route configuration")?;
+    let rc = <route::RouteConfiguration as prost::Message>::decode(any.value.as_slice())?;
+    let mut out = Vec::new();
+    for r in rc.virtual_hosts.iter().flat_map(|v| v.routes.iter()) {
+        let when: Vec<String> = r
+            .r#match
+            .iter()
+            .flat_map(|m| m.headers.iter())
+            .map(|h| match &h.header_match_specifier {
+                Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(m)) => match &m
+                    .match_pattern
+                {
+                    Some(envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(v)) => {
+                        format!("{}={v}", h.name)
+                    }
+                    other => format!("{}~{other:?}", h.name),
+                },
+                other => format!("{}?{other:?}", h.name),
+            })
+            .collect();
+        let to = match &r.action {
+            Some(route::route::Action::Route(a)) => match &a.cluster_specifier {
+                Some(route::route_action::ClusterSpecifier::Cluster(c)) => c.clone(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        };
+        let when = if when.is_empty() {
+            "*".to_string()
+        } else {
+            when.join(",")
+        };
+        out.push(format!("{when} -> {to}"));
+    }
+    Ok(out)
 }
 
 /// Whose gateway an address is.
@@ -1821,6 +1895,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             "west's gateway {west_gw}: SNI {} reached {v2:?}, and {set_sni} {set:?}; SNI {} answered {v1:?}",
             sni("v2"),
             sni("v1")
+        ),
+    );
+    // Routes: eu's VirtualService, as eu's xDS serves it to a proxyless gRPC client (RDS):
+    // x-version: v2 to subset v2's cluster, everything else to the service's.
+    let routes = subset_routes(&layout).await;
+    let want = [
+        format!("x-version=v2 -> outbound|{PAYMENT_PORT}|v2|payment.shop.svc.cluster.local"),
+        format!("* -> outbound|{PAYMENT_PORT}||payment.shop.svc.cluster.local"),
+    ];
+    checks.assert(
+        routes.as_ref().is_ok_and(|r| r[..] == want[..]),
+        "subset routes",
+        format!(
+            "eu's RDS for payment.shop.svc.cluster.local:{PAYMENT_PORT} (its VirtualService): {}",
+            match &routes {
+                Ok(r) => r.join("; "),
+                Err(e) => format!("{e:#}"),
+            }
         ),
     );
     let syncz = meshfed_net::admin::fetch_json(&eu_admin, "/debug/syncz")

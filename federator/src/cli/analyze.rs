@@ -250,23 +250,36 @@ pub fn agent(r: &AgentReport) -> Vec<Finding> {
     }
     if let Some(x) = &r.xds {
         for p in &x.policy_findings {
-            let (code, fix) = match p.kind.as_str() {
+            let (code, severity, fix) = match p.kind.as_str() {
                 "empty-subset" => (
                     "MF302",
+                    Severity::Warning,
                     "correct the subset's labels, or label the endpoints that should be in it",
                 ),
                 "empty-locality" => (
                     "MF303",
+                    Severity::Warning,
                     "name a locality where the service runs (meshfed status shows its endpoints by cluster)",
+                ),
+                "route-unknown-subset" => (
+                    "MF305",
+                    Severity::Error,
+                    "define the subset in the host's policy (FailoverPolicy or DestinationRule subsets), or route to one it defines",
+                ),
+                "route-unknown-port" => (
+                    "MF306",
+                    Severity::Error,
+                    "name one of the service's ports (meshfed status shows them), or leave the port out",
                 ),
                 _ => (
                     "MF304",
+                    Severity::Warning,
                     "define the subset in the exporter's policy and publish it (publish: true)",
                 ),
             };
             out.push(finding(
                 code,
-                Severity::Warning,
+                severity,
                 format!("{at} {} ({})", p.host, p.origin),
                 p.message.clone(),
                 fix,
@@ -289,7 +302,8 @@ pub fn agent(r: &AgentReport) -> Vec<Finding> {
 /// failover only with outlier detection; without it, traffic fails over on connection
 /// failures only).
 pub fn policies(set: &PolicySet) -> Vec<Finding> {
-    set.by_host
+    let mut out: Vec<Finding> = set
+        .by_host
         .values()
         .filter(|p| p.enabled && p.outlier.is_none() && p.allow_without_health_signal)
         .map(|p| {
@@ -304,7 +318,29 @@ pub fn policies(set: &PolicySet) -> Vec<Finding> {
                 "add outlierDetection to the policy",
             )
         })
-        .collect()
+        .collect();
+    // A route to a subset the files' own policy for the host lacks (without a policy in the
+    // files, an exporter's published one may define it: only a running agent can tell).
+    for r in set.routes_by_host.values() {
+        let Some(p) = set.by_host.get(&r.host) else {
+            continue;
+        };
+        for s in r.subsets() {
+            if !p.subsets.iter().any(|d| d.name == s) {
+                out.push(finding(
+                    "MF305",
+                    Severity::Error,
+                    r.origin.clone(),
+                    format!(
+                        "VirtualService {}/{} routes to subset {s}, which the policy for {} ({}) does not define: calls taking that route fail",
+                        r.namespace, r.name, r.host, p.origin
+                    ),
+                    "define the subset in the host's policy (FailoverPolicy or DestinationRule subsets), or route to one it defines",
+                ));
+            }
+        }
+    }
+    out
 }
 
 pub async fn run(a: AnalyzeArgs) -> anyhow::Result<ExitCode> {
@@ -441,18 +477,45 @@ mod tests {
                     "policy_findings": [
                         {"host": "l.shop.svc.cluster.local", "origin": "p.yaml:1:1", "kind": "empty-subset", "message": "subset v9"},
                         {"host": "l.shop.svc.cluster.local", "origin": "p.yaml:1:1", "kind": "empty-locality", "message": "mars1"},
-                        {"host": "l.shop.svc.cluster.local", "origin": "p.yaml:1:1", "kind": "subset-without-route", "message": "v1"}]}
+                        {"host": "l.shop.svc.cluster.local", "origin": "p.yaml:1:1", "kind": "subset-without-route", "message": "v1"},
+                        {"host": "l.shop.svc.cluster.local", "origin": "r.yaml:5:3", "kind": "route-unknown-subset", "message": "v7"},
+                        {"host": "l.shop.svc.cluster.local", "origin": "r.yaml:5:3", "kind": "route-unknown-port", "message": "9"}]}
         }))
         .unwrap();
-        let mut codes: Vec<&str> = agent(&r).into_iter().map(|f| f.code).collect();
+        let found = agent(&r);
+        let mut codes: Vec<&str> = found.iter().map(|f| f.code).collect();
         codes.sort();
         assert_eq!(
             codes,
             [
                 "MF201", "MF202", "MF203", "MF204", "MF205", "MF206", "MF207", "MF302", "MF303",
-                "MF304"
+                "MF304", "MF305", "MF306"
             ]
         );
+        // A route to nothing fails calls: an error, where the object and its file are named.
+        let mf305 = found.iter().find(|f| f.code == "MF305").unwrap();
+        assert_eq!(mf305.severity, Severity::Error);
+        assert!(
+            mf305
+                .object
+                .ends_with("l.shop.svc.cluster.local (r.yaml:5:3)"),
+            "{mf305:?}"
+        );
+    }
+
+    #[test]
+    fn policy_files_with_a_route_to_a_subset_their_policy_lacks() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: l, namespace: shop}\nspec:\n  host: l\n  subsets: [{name: v1, labels: {version: v1}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: l, namespace: shop}\nspec:\n  hosts: [l]\n  http:\n    - route: [{destination: {host: l, subset: v2}}]\n";
+        let set = PolicySet::from_sources(&[("p.yaml".into(), text.into())]).unwrap();
+        let found = policies(&set);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].code, "MF305");
+        assert_eq!(found[0].object, "p.yaml:12:11");
+        assert!(found[0].message.contains("subset v2"), "{found:?}");
+        // Defined: nothing found.
+        let fixed = text.replace("subset: v2", "subset: v1");
+        let set = PolicySet::from_sources(&[("p.yaml".into(), fixed)]).unwrap();
+        assert!(policies(&set).is_empty());
     }
 
     #[test]

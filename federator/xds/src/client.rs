@@ -196,6 +196,39 @@ async fn run_once(
     Ok(())
 }
 
+/// One request for `names` of `type_url` from `server` as `node`: the first response's
+/// resources (what a proxyless client asking for them would be sent), or an error after
+/// `timeout`.
+pub async fn fetch_once(
+    server: &str,
+    node: &Node,
+    type_url: &str,
+    names: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Vec<envoy_types::pb::google::protobuf::Any>> {
+    let once = async {
+        let mut client = AggregatedDiscoveryServiceClient::connect(server.to_string()).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(DiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: type_url.into(),
+            resource_names: names.to_vec(),
+            ..Default::default()
+        })?;
+        let mut inbound = client
+            .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        match inbound.next().await {
+            Some(r) => Ok(r?.resources),
+            None => anyhow::bail!("{server} closed the stream without answering"),
+        }
+    };
+    tokio::time::timeout(timeout, once)
+        .await
+        .map_err(|_| anyhow::anyhow!("{server}: no {type_url} within {timeout:?}"))?
+}
+
 /// `(priority, address, healthy)` of every endpoint in a table, in priority order.
 pub fn endpoints(c: &ClusterLoadAssignment) -> Vec<(u32, String, bool)> {
     use envoy_types::pb::envoy::config::core::v3::{address, socket_address, HealthStatus};

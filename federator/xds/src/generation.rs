@@ -12,6 +12,7 @@ use super::node::{LocalFacts, NodeKind, ProxyNode};
 use super::resources::{self, Res, SharedRes, TlsForm};
 use super::Kind;
 use meshfed_failover::{self as table, EndpointIn, Loc, ProxyIn, Table};
+use meshfed_model::policy::routes::Routes;
 use meshfed_model::policy::{OnExpiryPolicy, Policy, PolicySet};
 use meshfed_model::snapshot::Snapshot;
 
@@ -35,6 +36,7 @@ type Slot = Arc<OnceLock<(SharedRes, Arc<Table>)>>;
 #[derive(Debug, PartialEq)]
 struct HostInputs {
     policy: Option<Arc<Policy>>,
+    routes: Option<Arc<Routes>>,
     exported_here: bool,
     instances: Vec<InstanceIn>,
 }
@@ -100,9 +102,62 @@ pub struct PolicyFinding {
     pub origin: String,
     /// `empty-subset` (no endpoint carries its labels), `empty-locality` (no endpoint in a
     /// locality it sends traffic to), `subset-without-route` (an exporter on another network
-    /// publishes no policy defining the subset, so its gateway may not route the subset's SNI).
+    /// publishes no policy defining the subset, so its gateway may not route the subset's SNI),
+    /// `route-unknown-subset` / `route-unknown-port` (a VirtualService sends calls to a subset
+    /// no policy defines, or to a port the service lacks: those calls fail).
     pub kind: String,
     pub message: String,
+}
+
+/// What a VirtualService sends calls to that does not exist: a subset no policy in effect
+/// defines, a port the service does not have (each such call fails at the client).
+fn check_routes(
+    routes: &Routes,
+    policy: Option<&Policy>,
+    instances: &[meshfed_model::snapshot::Instance],
+) -> Vec<PolicyFinding> {
+    let mut out = Vec::new();
+    let f = |kind: &str, message: String| PolicyFinding {
+        host: routes.host.clone(),
+        origin: routes.origin.clone(),
+        kind: kind.to_string(),
+        message,
+    };
+    for s in routes.subsets() {
+        if !policy.is_some_and(|p| p.subsets.iter().any(|d| d.name == s)) {
+            out.push(f(
+                "route-unknown-subset",
+                format!(
+                    "VirtualService {}/{} routes to subset {s}, which {}: calls taking that route fail",
+                    routes.namespace,
+                    routes.name,
+                    match policy {
+                        Some(p) => format!("the policy in effect ({}) does not define", p.origin),
+                        None => "no policy in effect defines".to_string(),
+                    }
+                ),
+            ));
+        }
+    }
+    let ports: BTreeSet<u32> = instances
+        .iter()
+        .flat_map(|i| i.export.ports.iter().map(|p| p.port))
+        .collect();
+    let mut named: BTreeSet<u32> = BTreeSet::new();
+    for r in &routes.http {
+        named.extend(r.to.iter().filter_map(|d| d.port));
+        named.extend(r.matches.iter().filter_map(|m| m.port));
+    }
+    for p in named.difference(&ports) {
+        out.push(f(
+            "route-unknown-port",
+            format!(
+                "VirtualService {}/{} names port {p}, which {} does not have",
+                routes.namespace, routes.name, routes.host
+            ),
+        ));
+    }
+    out
 }
 
 /// What `policy` names that `instances` lack.
@@ -281,6 +336,11 @@ impl Generation {
                 g.policy_findings
                     .extend(check_policy(&host, p, &local.network, &instances));
             }
+            let routes = policies.routes_by_host.get(&host).cloned().map(Arc::new);
+            if let Some(r) = &routes {
+                g.policy_findings
+                    .extend(check_routes(r, policy.as_deref(), &instances));
+            }
             for i in &instances {
                 if !i.gateways.is_empty() && !i.network.is_empty() {
                     g.gateways
@@ -290,6 +350,7 @@ impl Generation {
             }
             let inputs = HostInputs {
                 policy: policy.clone(),
+                routes: routes.clone(),
                 exported_here,
                 instances: instances
                     .iter()
@@ -401,7 +462,10 @@ impl Generation {
                 ));
                 part.routes.push((
                     lkey,
-                    Res::new(&lname, &resources::route_configuration(&host, port)),
+                    Res::new(
+                        &lname,
+                        &resources::route_configuration(&host, port, routes.as_deref()),
+                    ),
                 ));
                 let pol = policy.as_deref();
                 // The service's cluster, then one per subset of its policy (Istio's
@@ -785,5 +849,101 @@ mod tests {
             no_route.iter().any(|m| m.starts_with("subset v9 ")),
             "{no_route:?}"
         );
+    }
+
+    const ROUTES: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ledger, namespace: shop}\nspec:\n  hosts: [ledger]\n  http:\n    - match: [{headers: {x-version: {exact: v2}}}]\n      route: [{destination: {host: ledger, subset: v2}}]\n    - match: [{headers: {x-version: {exact: v7}}}]\n      route: [{destination: {host: ledger, subset: v7, port: {number: 7000}}}]\n    - route: [{destination: {host: ledger, subset: v1}}]\n";
+
+    /// A VirtualService beside the policy: the route configuration sends calls to the subset
+    /// clusters in order; a route to a subset no policy defines, or to a port the service does
+    /// not have, is found; a change of the routes alone rebuilds the service's resources.
+    #[test]
+    fn routes_select_subset_clusters_and_what_they_miss_is_found() {
+        use envoy_types::pb::envoy::config::route::v3 as route;
+        let mut snap = Snapshot::default();
+        snap.facts.cluster_id = "east".into();
+        snap.local.insert(
+            "shop/ledger".into(),
+            export(
+                vec![
+                    ep("10.0.0.1", "us-east1", "v1"),
+                    ep("10.0.0.2", "us-east1", "v2"),
+                ],
+                "",
+            ),
+        );
+        let local = LocalFacts {
+            cluster: "east".into(),
+            network: "net-e".into(),
+            locality: Loc::new("us-east1", "us-east1-a", ""),
+            trust_domain: "east.mesh".into(),
+        };
+        let policies = PolicySet::from_sources(&[
+            ("p.yaml".into(), POLICY.into()),
+            ("r.yaml".into(), ROUTES.into()),
+        ])
+        .unwrap();
+        let g = Generation::build(1, &snap, &policies, &local);
+        let host = "ledger.shop.svc.cluster.local";
+        let rc = &g.routes[resources::listener_name(host, 9090).as_str()];
+        let rc: route::RouteConfiguration =
+            prost::Message::decode(rc.any.value.as_slice()).unwrap();
+        let clusters: Vec<String> = rc.virtual_hosts[0]
+            .routes
+            .iter()
+            .map(|r| match &r.action {
+                Some(route::route::Action::Route(a)) => match &a.cluster_specifier {
+                    Some(route::route_action::ClusterSpecifier::Cluster(c)) => c.clone(),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            clusters,
+            [
+                format!("outbound|9090|v2|{host}"),
+                format!("outbound|7000|v7|{host}"),
+                format!("outbound|9090|v1|{host}"),
+            ]
+        );
+        // The clusters the routes name that exist are served.
+        assert!(g
+            .clusters_grpc
+            .contains_key(format!("outbound|9090|v2|{host}").as_str()));
+        let mut kinds: Vec<&str> = g
+            .policy_findings
+            .iter()
+            .filter(|f| f.kind.starts_with("route-"))
+            .map(|f| f.kind.as_str())
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            ["route-unknown-port", "route-unknown-subset"],
+            "{:?}",
+            g.policy_findings
+        );
+        let f = g
+            .policy_findings
+            .iter()
+            .find(|f| f.kind == "route-unknown-subset")
+            .unwrap();
+        assert_eq!(f.origin, "r.yaml:5:11");
+        assert!(
+            f.message
+                .contains("subset v7, which the policy in effect (p.yaml:5:9) does not define"),
+            "{f:?}"
+        );
+
+        // Without the routes: one route to the service's cluster; the service was rebuilt.
+        let plain = PolicySet::from_sources(&[("p.yaml".into(), POLICY.into())]).unwrap();
+        let g2 = Generation::build_after(Some(&g), 2, &snap, &plain, &local);
+        assert_eq!(g2.hosts_reused, 0);
+        let rc = &g2.routes[resources::listener_name(host, 9090).as_str()];
+        let rc: route::RouteConfiguration =
+            prost::Message::decode(rc.any.value.as_slice()).unwrap();
+        assert_eq!(rc.virtual_hosts[0].routes.len(), 1);
+        let g3 = Generation::build_after(Some(&g2), 3, &snap, &plain, &local);
+        assert_eq!(g3.hosts_reused, 1);
     }
 }

@@ -18,6 +18,7 @@ use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use prost::{Message, Name};
 
 use meshfed_failover::Table;
+use meshfed_model::policy::routes::{Destination, HttpRoute, RouteMatch, Routes, StringMatch};
 use meshfed_model::policy::Policy;
 
 /// One encoded resource, shared by every proxy it is sent to.
@@ -114,28 +115,139 @@ pub fn listener(host: &str, port: u32) -> listener::Listener {
     }
 }
 
-pub fn route_configuration(host: &str, port: u32) -> route::RouteConfiguration {
+/// The route configuration of `host:port`: one route to the service's cluster, or, with a
+/// `VirtualService` for the host, its routes for this port in order (one Envoy route per
+/// match, as Istio builds them), each to its destinations' clusters
+/// (`outbound|<port>|<subset>|<host>`), weighted when there are several. A call that meets no
+/// route fails, as with Istio.
+pub fn route_configuration(
+    host: &str,
+    port: u32,
+    routes: Option<&Routes>,
+) -> route::RouteConfiguration {
     let name = listener_name(host, port);
+    let routes = match routes {
+        None => vec![route::Route {
+            r#match: Some(route::RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix(String::new())),
+                ..Default::default()
+            }),
+            action: Some(route::route::Action::Route(route::RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                    cluster_name(host, port, ""),
+                )),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        Some(rs) => {
+            let mut out = Vec::new();
+            for (r, matches) in rs.for_port(port) {
+                let action = route_action(host, port, r);
+                if matches.is_empty() {
+                    out.push(envoy_route(&r.name, &RouteMatch::default(), action));
+                } else {
+                    for m in matches {
+                        out.push(envoy_route(&r.name, m, action.clone()));
+                    }
+                }
+            }
+            out
+        }
+    };
     route::RouteConfiguration {
         name: name.clone(),
         virtual_hosts: vec![route::VirtualHost {
             name: name.clone(),
             domains: vec![host.to_string(), name],
-            routes: vec![route::Route {
-                r#match: Some(route::RouteMatch {
-                    path_specifier: Some(route::route_match::PathSpecifier::Prefix(String::new())),
-                    ..Default::default()
-                }),
-                action: Some(route::route::Action::Route(route::RouteAction {
-                    cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
-                        cluster_name(host, port, ""),
-                    )),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            routes,
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+fn route_action(host: &str, port: u32, r: &HttpRoute) -> route::RouteAction {
+    use route::route_action::ClusterSpecifier;
+    let cluster = |d: &Destination| cluster_name(host, d.port.unwrap_or(port), &d.subset);
+    let cluster_specifier = match r.to.as_slice() {
+        [one] => ClusterSpecifier::Cluster(cluster(one)),
+        many => ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+            clusters: many
+                .iter()
+                .filter(|d| d.weight > 0)
+                .map(|d| route::weighted_cluster::ClusterWeight {
+                    name: cluster(d),
+                    weight: Some(UInt32Value { value: d.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    route::RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        // gRFC A31: the call's deadline is at most this.
+        max_stream_duration: r
+            .timeout_ms
+            .map(|ms| route::route_action::MaxStreamDuration {
+                max_stream_duration: Some(duration_ms(ms)),
+                grpc_timeout_header_max: Some(duration_ms(ms)),
+                ..Default::default()
+            }),
+        ..Default::default()
+    }
+}
+
+fn string_matcher(m: &StringMatch) -> matcher::StringMatcher {
+    use matcher::string_matcher::MatchPattern;
+    matcher::StringMatcher {
+        match_pattern: Some(match m {
+            StringMatch::Exact(v) => MatchPattern::Exact(v.clone()),
+            StringMatch::Prefix(v) => MatchPattern::Prefix(v.clone()),
+            StringMatch::Regex(v) => MatchPattern::SafeRegex(regex_matcher(v)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn regex_matcher(re: &str) -> matcher::RegexMatcher {
+    matcher::RegexMatcher {
+        regex: re.to_string(),
+        ..Default::default()
+    }
+}
+
+fn envoy_route(name: &str, m: &RouteMatch, action: route::RouteAction) -> route::Route {
+    use route::route_match::PathSpecifier;
+    let path = match &m.uri {
+        None => PathSpecifier::Prefix(String::new()),
+        Some(StringMatch::Exact(p)) => PathSpecifier::Path(p.clone()),
+        Some(StringMatch::Prefix(p)) => PathSpecifier::Prefix(p.clone()),
+        Some(StringMatch::Regex(r)) => PathSpecifier::SafeRegex(regex_matcher(r)),
+    };
+    let header = |(name, sm): &(String, StringMatch), invert: bool| route::HeaderMatcher {
+        name: name.clone(),
+        invert_match: invert,
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_matcher(sm),
+        )),
+        ..Default::default()
+    };
+    let headers = m
+        .headers
+        .iter()
+        .map(|h| header(h, false))
+        .chain(m.without_headers.iter().map(|h| header(h, true)))
+        .collect();
+    route::Route {
+        name: name.to_string(),
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(path),
+            headers,
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::Route(action)),
         ..Default::default()
     }
 }
@@ -389,5 +501,97 @@ pub fn load_assignment(name: &str, table: &Table) -> endpoint::ClusterLoadAssign
             })
             .collect(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use meshfed_model::policy::PolicySet;
+
+    /// A VirtualService's routes in Envoy's terms (the fields gRPC's xDS client reads: path
+    /// and header matchers, inverted for withoutHeaders, weighted clusters, max stream
+    /// duration), one route per match, in order.
+    #[test]
+    fn a_virtual_service_becomes_envoy_routes() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: l, namespace: shop}\nspec:\n  hosts: [l]\n  http:\n    - name: canary\n      match:\n        - headers: {x-version: {exact: v2}}\n          withoutHeaders: {x-debug: {regex: \"on|yes\"}}\n        - uri: {exact: /shop.L/Get}\n      route: [{destination: {host: l, subset: v2}}]\n      timeout: 250ms\n    - match: [{uri: {regex: \"/shop.L/.*\"}, port: 8080}]\n      route: [{destination: {host: l, subset: v9}}]\n    - route:\n        - {destination: {host: l, subset: v1}, weight: 75}\n        - {destination: {host: l, subset: v2, port: {number: 9091}}, weight: 25}\n";
+        let set = PolicySet::from_sources(&[("r.yaml".into(), text.into())]).unwrap();
+        let host = "l.shop.svc.cluster.local";
+        let rc = route_configuration(host, 9090, set.routes_by_host.get(host));
+        let vh = &rc.virtual_hosts[0];
+        assert_eq!(vh.domains, [host.to_string(), format!("{host}:9090")]);
+        // The route limited to port 8080 is left out of port 9090's configuration.
+        assert_eq!(vh.routes.len(), 3);
+        let (a, b, c) = (&vh.routes[0], &vh.routes[1], &vh.routes[2]);
+        assert_eq!(a.name, "canary");
+        let m = a.r#match.as_ref().unwrap();
+        assert_eq!(
+            m.path_specifier,
+            Some(route::route_match::PathSpecifier::Prefix(String::new()))
+        );
+        assert_eq!(m.headers.len(), 2);
+        assert_eq!(
+            (m.headers[0].name.as_str(), m.headers[0].invert_match),
+            ("x-version", false)
+        );
+        assert_eq!(
+            (m.headers[1].name.as_str(), m.headers[1].invert_match),
+            ("x-debug", true)
+        );
+        let Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(sm)) =
+            &m.headers[1].header_match_specifier
+        else {
+            panic!("{:?}", m.headers[1])
+        };
+        assert_eq!(
+            sm.match_pattern,
+            Some(matcher::string_matcher::MatchPattern::SafeRegex(
+                regex_matcher("on|yes")
+            ))
+        );
+        assert_eq!(
+            b.r#match.as_ref().unwrap().path_specifier,
+            Some(route::route_match::PathSpecifier::Path(
+                "/shop.L/Get".into()
+            ))
+        );
+        assert_eq!(
+            a.action, b.action,
+            "both matches of one route share its action"
+        );
+        let Some(route::route::Action::Route(act)) = &a.action else {
+            panic!()
+        };
+        assert_eq!(
+            act.cluster_specifier,
+            Some(route::route_action::ClusterSpecifier::Cluster(format!(
+                "outbound|9090|v2|{host}"
+            )))
+        );
+        let msd = act.max_stream_duration.as_ref().unwrap();
+        assert_eq!(msd.max_stream_duration, Some(duration_ms(250)));
+        assert_eq!(msd.grpc_timeout_header_max, Some(duration_ms(250)));
+        let Some(route::route::Action::Route(split)) = &c.action else {
+            panic!()
+        };
+        let Some(route::route_action::ClusterSpecifier::WeightedClusters(w)) =
+            &split.cluster_specifier
+        else {
+            panic!("{split:?}")
+        };
+        let ws: Vec<(&str, u32)> = w
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c.weight.unwrap().value))
+            .collect();
+        let (v1, v2) = (
+            format!("outbound|9090|v1|{host}"),
+            format!("outbound|9091|v2|{host}"),
+        );
+        assert_eq!(ws, [(v1.as_str(), 75), (v2.as_str(), 25)]);
+        // Port 8080 gets the regex route too.
+        let rc = route_configuration(host, 8080, set.routes_by_host.get(host));
+        assert_eq!(rc.virtual_hosts[0].routes.len(), 4);
     }
 }

@@ -2,7 +2,9 @@
 //! compiled into per-locality priority tables with Istio's semantics (`table`). The agent
 //! watches policy files and applies policies published with imported services.
 
+pub mod routes;
 pub mod spec;
+mod virtual_service;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -192,31 +194,49 @@ impl Policy {
     }
 }
 
-/// Policies by host, from files and from the federation.
+/// Policies by host, from files and from the federation, and the routes of the files.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicySet {
     pub by_host: BTreeMap<String, Policy>,
+    /// `VirtualService`s by host (one per host).
+    pub routes_by_host: BTreeMap<String, routes::Routes>,
 }
 
 impl PolicySet {
-    /// Parses several files; two policies for one host (in one file or across files) are an
-    /// error naming both places.
+    /// Parses several files; two policies, or two VirtualServices, for one host (in one file
+    /// or across files) are an error naming both places.
     pub fn from_sources(sources: &[(String, String)]) -> Result<PolicySet, String> {
         let mut set = PolicySet::default();
         let mut errors = Vec::new();
         for (what, text) in sources {
-            match spec::parse(text, what) {
+            match spec::parse_all(text, what) {
                 Ok(ps) => {
-                    for (mut p, at) in ps {
-                        p.origin = format!("{what}:{}:{}", at.line, at.column);
-                        if let Some(prev) = set.by_host.get(&p.host) {
-                            errors.push(format!(
-                                "{}: spec.host: {:?} already has a policy ({}/{} at {}); one policy per host",
-                                p.origin, p.host, prev.namespace, prev.name, prev.origin
-                            ));
-                            continue;
+                    for (parsed, at) in ps {
+                        let origin = format!("{what}:{}:{}", at.line, at.column);
+                        match parsed {
+                            spec::Parsed::Policy(mut p) => {
+                                p.origin = origin;
+                                if let Some(prev) = set.by_host.get(&p.host) {
+                                    errors.push(format!(
+                                        "{}: spec.host: {:?} already has a policy ({}/{} at {}); one policy per host",
+                                        p.origin, p.host, prev.namespace, prev.name, prev.origin
+                                    ));
+                                    continue;
+                                }
+                                set.by_host.insert(p.host.clone(), p);
+                            }
+                            spec::Parsed::Routes(mut r) => {
+                                r.origin = origin;
+                                if let Some(prev) = set.routes_by_host.get(&r.host) {
+                                    errors.push(format!(
+                                        "{}: spec.hosts: {:?} already has a VirtualService ({}/{} at {}); one per host",
+                                        r.origin, r.host, prev.namespace, prev.name, prev.origin
+                                    ));
+                                    continue;
+                                }
+                                set.routes_by_host.insert(r.host.clone(), r);
+                            }
                         }
-                        set.by_host.insert(p.host.clone(), p);
                     }
                 }
                 Err(e) => errors.push(e),

@@ -16,7 +16,7 @@ pub struct At {
 }
 
 impl At {
-    fn of<T>(s: &Spanned<T>) -> At {
+    pub(super) fn of<T>(s: &Spanned<T>) -> At {
         At {
             line: s.referenced.line(),
             column: s.referenced.column(),
@@ -234,7 +234,7 @@ struct LocalityLbSpec {
 }
 
 /// A located error: `what:line:column: field: message`.
-fn located(what: &str, at: At, field: &str, msg: impl std::fmt::Display) -> String {
+pub(super) fn located(what: &str, at: At, field: &str, msg: impl std::fmt::Display) -> String {
     if field.is_empty() {
         format!("{what}:{}:{}: {msg}", at.line, at.column)
     } else {
@@ -243,7 +243,7 @@ fn located(what: &str, at: At, field: &str, msg: impl std::fmt::Display) -> Stri
 }
 
 /// serde-saphyr's message without its own location suffix or snippet.
-fn saphyr_error(what: &str, doc: &str, e: &serde_saphyr::Error) -> String {
+pub(super) fn saphyr_error(what: &str, doc: &str, e: &serde_saphyr::Error) -> String {
     let full = e.to_string();
     let first = full.lines().next().unwrap_or("invalid YAML").trim();
     let msg = match first.find(" at line ") {
@@ -366,7 +366,7 @@ fn key_of(t: &str) -> Option<String> {
     Some(k.to_string())
 }
 
-fn options() -> serde_saphyr::Options {
+pub(super) fn options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         budget: serde_saphyr::budget! {
             max_anchors: 100,
@@ -432,9 +432,39 @@ fn shift(e: String, what: &str, offset: u64) -> String {
     }
 }
 
-/// Parses every policy in `text`; `what` names the source in errors (a file path). Returns all
+/// One document of a policy file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    /// A `FailoverPolicy` or `DestinationRule`.
+    Policy(Policy),
+    /// A `VirtualService`.
+    Routes(super::routes::Routes),
+}
+
+/// Parses every failover policy in `text`; `what` names the source in errors (a file path).
+/// A `VirtualService` is refused (where only policies belong: a published policy). Returns all
 /// the errors found, one per line, or the policies.
 pub fn parse(text: &str, what: &str) -> Result<Vec<(Policy, At)>, String> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (p, at) in parse_all(text, what)? {
+        match p {
+            Parsed::Policy(p) => out.push((p, at)),
+            Parsed::Routes(r) => errors.push(format!(
+                "{what}:{}:{}: VirtualService {}/{}: routes are not a failover policy (they are read from the cluster's policy files only)",
+                at.line, at.column, r.namespace, r.name
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+/// Parses every document in `text`: policies and routes.
+pub fn parse_all(text: &str, what: &str) -> Result<Vec<(Parsed, At)>, String> {
     if text.len() > super::MAX_POLICY_FILE_BYTES {
         return Err(format!(
             "{what}: {} bytes is more than the {} bytes a policy file may have",
@@ -460,7 +490,7 @@ pub fn parse(text: &str, what: &str) -> Result<Vec<(Policy, At)>, String> {
     }
 }
 
-fn parse_document(doc: &str, what: &str) -> Result<(Policy, At), String> {
+fn parse_document(doc: &str, what: &str) -> Result<(Parsed, At), String> {
     let head: Document = serde_saphyr::from_str_with_options(doc, options())
         .map_err(|e| saphyr_error(what, doc, &e))?;
     let kind = head.kind.value.as_str();
@@ -518,7 +548,7 @@ fn parse_document(doc: &str, what: &str) -> Result<(Policy, At), String> {
                 s.failover.as_ref().map(At::of),
                 s.distribute.as_ref().map(At::of),
             )?;
-            Ok((p, At::of(&s.host)))
+            Ok((Parsed::Policy(p), At::of(&s.host)))
         }
         (
             "networking.istio.io/v1" | "networking.istio.io/v1beta1"
@@ -579,21 +609,35 @@ fn parse_document(doc: &str, what: &str) -> Result<(Policy, At), String> {
                 lb.and_then(|l| l.failover.as_ref()).map(At::of),
                 lb.and_then(|l| l.distribute.as_ref()).map(At::of),
             )?;
-            Ok((p, At::of(&s.host)))
+            Ok((Parsed::Policy(p), At::of(&s.host)))
         }
-        ("meshfed.io/v1alpha1", _) | (_, "FailoverPolicy") | (_, "DestinationRule") => Err(located(
+        (
+            "networking.istio.io/v1" | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1alpha3",
+            "VirtualService",
+        ) => {
+            let d: super::virtual_service::VirtualServiceDoc =
+                serde_saphyr::from_str_with_options(doc, options())
+                    .map_err(|e| saphyr_error(what, doc, &e))?;
+            let (r, at) = super::virtual_service::routes(d, what, name, namespace)?;
+            Ok((Parsed::Routes(r), at))
+        }
+        ("meshfed.io/v1alpha1", _)
+        | (_, "FailoverPolicy")
+        | (_, "DestinationRule")
+        | (_, "VirtualService") => Err(located(
             what,
             At::of(&head.kind),
             "",
             format!(
-                "apiVersion {api:?} with kind {kind:?} is not a policy (expected meshfed.io/v1alpha1 FailoverPolicy or networking.istio.io/v1 DestinationRule)"
+                "apiVersion {api:?} with kind {kind:?} is not a policy (expected meshfed.io/v1alpha1 FailoverPolicy, or networking.istio.io/v1 DestinationRule or VirtualService)"
             ),
         )),
         _ => Err(located(
             what,
             At::of(&head.kind),
             "kind",
-            format!("{kind:?} is not a policy kind (FailoverPolicy or DestinationRule)"),
+            format!("{kind:?} is not a policy kind (FailoverPolicy, DestinationRule or VirtualService)"),
         )),
     }
 }
@@ -646,12 +690,22 @@ fn subsets(
 
 /// A short host (`reviews`) is completed with the policy's namespace, as Istio does.
 fn check_host(what: &str, h: &Spanned<String>, namespace: &str) -> Result<String, String> {
+    check_host_at(what, h, namespace, "spec.host")
+}
+
+/// A service host: a short name (completed with `namespace`) or a DNS name, no wildcard.
+pub(super) fn check_host_at(
+    what: &str,
+    h: &Spanned<String>,
+    namespace: &str,
+    field: &str,
+) -> Result<String, String> {
     let v = h.value.trim_end_matches('.');
     if v.contains('*') {
         return Err(located(
             what,
             At::of(h),
-            "spec.host",
+            field,
             format!("{v:?}: wildcard hosts are not supported; name one service"),
         ));
     }
@@ -664,7 +718,7 @@ fn check_host(what: &str, h: &Spanned<String>, namespace: &str) -> Result<String
         return Err(located(
             what,
             At::of(h),
-            "spec.host",
+            field,
             format!("{:?} is not a DNS name", h.value),
         ));
     }
@@ -717,7 +771,7 @@ fn is_label_value(v: &str) -> bool {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
 }
 
-fn is_label_key(k: &str) -> bool {
+pub(super) fn is_label_key(k: &str) -> bool {
     let name = k.rsplit('/').next().unwrap_or(k);
     !k.is_empty()
         && k.len() <= 317
@@ -872,7 +926,11 @@ fn specificity(p: &str) -> (usize, bool) {
     (p.split('/').filter(|x| *x != "*").count(), !p.contains('*'))
 }
 
-fn duration(what: &str, field: &str, v: &Option<Spanned<String>>) -> Result<Option<u64>, String> {
+pub(super) fn duration(
+    what: &str,
+    field: &str,
+    v: &Option<Spanned<String>>,
+) -> Result<Option<u64>, String> {
     let Some(v) = v else { return Ok(None) };
     let d = humantime::parse_duration(&v.value).map_err(|e| {
         located(
@@ -1150,7 +1208,13 @@ fn paths_follow_block_structure() {
 fn mutated_policies_never_panic() {
     // Deterministic mutations of a valid file: byte flips, truncations, duplications. Every
     // outcome must be a policy or a located error.
-    let base = tests::GOOD.as_bytes();
+    // With a VirtualService too: its routes are parsed by the same rules.
+    let text = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: p, namespace: shop}}\nspec:\n  hosts: [payment]\n  http:\n    - match: [{{headers: {{x-v: {{regex: \"v[12]\"}}}}, uri: {{prefix: /a}}, port: 80}}]\n      route:\n        - {{destination: {{host: payment, subset: v2, port: {{number: 80}}}}, weight: 5}}\n        - {{destination: {{host: payment}}, weight: 95}}\n      timeout: 2s\n",
+        tests::GOOD
+    );
+    assert!(parse_all(&text, "m.yaml").is_ok());
+    let base = text.as_bytes();
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = || {
         seed ^= seed << 13;
@@ -1179,7 +1243,7 @@ fn mutated_policies_never_panic() {
             }
         }
         let text = String::from_utf8_lossy(&b);
-        if let Err(e) = parse(&text, "m.yaml") {
+        if let Err(e) = parse_all(&text, "m.yaml") {
             assert!(e.starts_with("m.yaml"), "{e}");
         }
     }
