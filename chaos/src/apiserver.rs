@@ -63,6 +63,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
     ),
     (
         "apis/networking.istio.io/v1",
+        "virtualservices",
+        "VirtualService",
+        true,
+    ),
+    (
+        "apis/networking.istio.io/v1",
         "workloadentries",
         "WorkloadEntry",
         true,
@@ -147,7 +153,7 @@ fn check(kind: &str, v: &Value) -> Result<()> {
         >(v.clone())
         .map(|_| ()),
         // Custom resources without a Rust type here: the object shape the API server enforces.
-        "FailoverPolicy" | "DestinationRule" | "WorkloadGroup" => {
+        "FailoverPolicy" | "DestinationRule" | "VirtualService" | "WorkloadGroup" => {
             if v["metadata"]["name"].is_string() && v["spec"].is_object() {
                 Ok(())
             } else {

@@ -350,13 +350,48 @@ fn services_and_exports_come_from_the_kubernetes_api() {
         "spec": {"host": "other.shop.svc.cluster.local", "whatever": {}}}),
     )
     .unwrap();
+    // Routes: an opted-in VirtualService applies, a bad one is refused by name, one without
+    // the label is not read.
+    let vs = |name: &str, labelled: bool, http: Value| {
+        let labels = if labelled {
+            json!({"meshfed.io/routes": "true"})
+        } else {
+            json!({})
+        };
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": name, "namespace": "shop", "labels": labels},
+            "spec": {"hosts": ["payment"], "http": http}})
+    };
+    api.apply(vs(
+        "payment-routes",
+        true,
+        json!([{"match": [{"headers": {"x-version": {"exact": "v2"}}}],
+                "route": [{"destination": {"host": "payment", "subset": "v2"}}]},
+               {"route": [{"destination": {"host": "payment"}}]}]),
+    ))
+    .unwrap();
+    api.apply(vs(
+        "payment-mirror",
+        true,
+        json!([{"route": [{"destination": {"host": "payment"}}], "mirror": {"host": "x"}}]),
+    ))
+    .unwrap();
+    api.apply(vs(
+        "istio-routes",
+        false,
+        json!([{"route": [{"destination": {"host": "payment"}}], "fault": {}}]),
+    ))
+    .unwrap();
     let s = wait_for(Duration::from_secs(20), "policies from the Kubernetes API", || {
         let s = east.status()?;
         let problems = s["kubernetes_problems"].to_string();
         Ok((s["policies"]
             .as_array()
             .is_some_and(|p| p.iter().any(|x| x.as_str() == Some("payment.shop.svc.cluster.local (shop/payment at FailoverPolicy shop/payment)")))
+            && s["routes"].as_array().is_some_and(|r| r.iter().any(|x| x.as_str() == Some("payment.shop.svc.cluster.local (shop/payment-routes at VirtualService shop/payment-routes)")))
             && problems.contains("FailoverPolicy shop/ledger:")
+            && problems.contains("VirtualService shop/payment-mirror:")
+            && problems.contains("spec.http[0].mirror: not applied")
             && problems.contains("DestinationRule shop/payment-dr: spec.host"))
         .then_some(s))
     })
@@ -366,7 +401,10 @@ fn services_and_exports_come_from_the_kubernetes_api() {
         "{s}"
     );
     assert!(
-        !s["kubernetes_problems"].to_string().contains("istio-only"),
+        !s["kubernetes_problems"].to_string().contains("istio-only")
+            && !s["kubernetes_problems"]
+                .to_string()
+                .contains("istio-routes"),
         "{s}"
     );
     wait_for(

@@ -282,6 +282,13 @@ impl Inner {
                 .values()
                 .map(|p| format!("{} ({}/{} at {})", p.host, p.namespace, p.name, p.origin))
                 .collect(),
+            routes: self
+                .policies
+                .borrow()
+                .routes_by_host
+                .values()
+                .map(|r| format!("{} ({}/{} at {})", r.host, r.namespace, r.name, r.origin))
+                .collect(),
             xds: self.xds.as_ref().map(|x| {
                 let proxies = x.proxies.report();
                 let current = x.current();
@@ -487,6 +494,9 @@ pub struct AgentReport {
     /// Policies in effect from files: `host (ns/name at file:line:column)`.
     #[serde(default)]
     pub policies: Vec<String>,
+    /// VirtualServices in effect (files and objects): `host (ns/name at origin)`.
+    #[serde(default)]
+    pub routes: Vec<String>,
     #[serde(default)]
     pub xds: Option<XdsReport>,
     pub exports: u64,

@@ -1,7 +1,8 @@
-//! Failover policies from the Kubernetes API: meshfed's `FailoverPolicy` objects
-//! (meshfed.io/v1alpha1) and Istio `DestinationRule`s (networking.istio.io/v1) labelled
-//! `meshfed.io/failover: "true"`, fed to the same policy compiler as the files. Each object is
-//! parsed on its own: a bad one is a problem naming it (and the field), a second policy for a
+//! Failover policies and routes from the Kubernetes API: meshfed's `FailoverPolicy` objects
+//! (meshfed.io/v1alpha1), Istio `DestinationRule`s (networking.istio.io/v1) labelled
+//! `meshfed.io/failover: "true"` and Istio `VirtualService`s labelled `meshfed.io/routes:
+//! "true"`, fed to the same policy compiler as the files. Each object is parsed on its own: a
+//! bad one is a problem naming it (and the field), a second policy (or VirtualService) for a
 //! host already taken (by a file, or an older object) too; the others apply.
 
 use std::collections::BTreeMap;
@@ -21,6 +22,8 @@ use crate::view::Problem;
 
 /// The label that opts an Istio DestinationRule in.
 pub const DESTINATION_RULE_LABEL: &str = "meshfed.io/failover";
+/// The label that opts an Istio VirtualService in (its routes for meshfed's proxyless clients).
+pub const VIRTUAL_SERVICE_LABEL: &str = "meshfed.io/routes";
 
 /// Policy objects as documents for the compiler: `(what, JSON text)`, `what` naming the object
 /// (`FailoverPolicy shop/payment`).
@@ -68,6 +71,17 @@ pub fn merge(files: &PolicySet, objects: &PolicyDocs) -> (PolicySet, Vec<Problem
                     }
                     p.origin = what.clone();
                     set.by_host.insert(host, p);
+                }
+                for (host, mut r) in one.routes_by_host {
+                    if let Some(prev) = set.routes_by_host.get(&host) {
+                        problems.push(problem(format!(
+                            "spec.hosts: {host:?} already has a VirtualService ({}/{} at {}); one per host",
+                            prev.namespace, prev.name, prev.origin
+                        )));
+                        continue;
+                    }
+                    r.origin = what.clone();
+                    set.routes_by_host.insert(host, r);
                 }
             }
             Err(e) => problems.push(problem(
@@ -142,6 +156,13 @@ pub fn start(
         Some(&format!("{DESTINATION_RULE_LABEL}=true")),
         changed.clone(),
     );
+    let (vs, f3) = follow(
+        &client,
+        GroupVersionKind::gvk("networking.istio.io", "v1", "VirtualService"),
+        "virtualservices",
+        Some(&format!("{VIRTUAL_SERVICE_LABEL}=true")),
+        changed.clone(),
+    );
     let tx = watch::Sender::new(Arc::new(PolicyDocs::default()));
     let rx = tx.subscribe();
     let builder = async move {
@@ -152,6 +173,7 @@ pub fn start(
             for (store, kind, api_version) in [
                 (&fp, "FailoverPolicy", "meshfed.io/v1alpha1"),
                 (&dr, "DestinationRule", "networking.istio.io/v1"),
+                (&vs, "VirtualService", "networking.istio.io/v1"),
             ] {
                 let mut objs: BTreeMap<(String, String), String> = BTreeMap::new();
                 for o in store.state() {
@@ -179,7 +201,7 @@ pub fn start(
         }
     };
     let run = async move {
-        futures::future::join(futures::future::join(f1, f2), builder).await;
+        futures::future::join(futures::future::join3(f1, f2, f3), builder).await;
     };
     (rx, run)
 }
@@ -235,7 +257,49 @@ mod tests {
                 ),
             ],
         };
+        let vs = |name: &str, spec: Value| {
+            let o = obj(
+                json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec}),
+            );
+            (
+                "VirtualService",
+                "shop".to_string(),
+                name.to_string(),
+                document("networking.istio.io/v1", "VirtualService", &o),
+            )
+        };
+        let mut docs = docs;
+        docs.docs.push(vs(
+            "payment-routes",
+            json!({"hosts": ["payment"], "http": [{"route": [{"destination": {"host": "payment", "subset": "v2"}}]}]}),
+        ));
+        docs.docs.push(vs(
+            "payment-again",
+            json!({"hosts": ["payment"], "http": [{"route": [{"destination": {"host": "payment"}}]}]}),
+        ));
+        docs.docs.push(vs(
+            "retrying",
+            json!({"hosts": ["ledger"], "http": [{"route": [{"destination": {"host": "ledger"}}], "retries": {"attempts": 3}}]}),
+        ));
         let (set, problems) = merge(&PolicySet::default(), &docs);
+        let r = &set.routes_by_host["payment.shop.svc.cluster.local"];
+        assert_eq!(r.origin, "VirtualService shop/payment-routes");
+        assert_eq!(r.subsets(), ["v2"]);
+        assert!(!set
+            .routes_by_host
+            .contains_key("ledger.shop.svc.cluster.local"));
+        let (problems, vs_problems): (Vec<Problem>, Vec<Problem>) = problems
+            .into_iter()
+            .partition(|p| p.kind != "VirtualService");
+        let vs_text: Vec<String> = vs_problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(vs_text.len(), 2, "{vs_text:?}");
+        assert!(vs_text[0].starts_with("VirtualService shop/payment-again: spec.hosts: \"payment.shop.svc.cluster.local\" already has a VirtualService (shop/payment-routes at VirtualService shop/payment-routes)"), "{vs_text:?}");
+        assert!(
+            vs_text[1].starts_with("VirtualService shop/retrying:")
+                && vs_text[1].contains("spec.http[0].retries: not applied"),
+            "{vs_text:?}"
+        );
         let p = &set.by_host["payment.shop.svc.cluster.local"];
         assert_eq!(p.origin, "FailoverPolicy shop/payment");
         assert!(p.outlier.is_some());

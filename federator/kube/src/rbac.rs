@@ -36,6 +36,8 @@ pub const RULES: &[(&str, &str, &[&str])] = &[
         "destinationrules",
         &["delete", "get", "list", "patch", "watch"],
     ),
+    // Istio VirtualServices opted in: their routes for meshfed's proxyless clients (read only).
+    ("networking.istio.io", "virtualservices", &["list", "watch"]),
     // Istio ServiceEntries: users' are read (theirs win); with --istio, imports are written.
     (
         "networking.istio.io",
