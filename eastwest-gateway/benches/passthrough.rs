@@ -19,6 +19,9 @@
 //!   machine's 20000 file descriptors per process allow about 9000: the benchmark process
 //!   holds both the clients' and the backend's sockets).
 //!
+//! For quicker comparisons: `MESHFED_BENCH_PROXIES=meshfed,meshfed-b,haproxy` runs only those
+//! (and the direct connection); `MESHFED_BENCH_SKIP=bulk,idle` leaves those figures out (NaN).
+//!
 //! Needs `haproxy`, `nginx` with the stream module (`libnginx-mod-stream`) and a release build
 //! of meshfed (`cargo build --release --bin meshfed`); missing peers are reported and skipped.
 //!
@@ -427,14 +430,20 @@ fn perf_counts<T>(p: &Proxy, f: impl FnOnce() -> T) -> (T, Option<(f64, f64, f64
 }
 
 /// With `MESHFED_BENCH_PERF=1`: system calls and context switches per MiB of one stream, and
-/// per connection of the connection-rate test, for each proxy process (perf stat).
+/// per connection of the connection-rate test, for each proxy process (perf stat); and, for
+/// the direct connection too, the whole machine's CPU time and TCP segments sent per
+/// connection of that test (/proc/stat, /proc/net/snmp).
 fn profile(p: &Proxy, hello: &[u8]) {
-    if p.child.is_none() {
+    if p.child.is_none() && p.name != "direct" {
         return;
     }
     let (_, bulk) = perf_counts(p, || throughput(p.addr, hello, 1));
     let n = Arc::new(AtomicU64::new(0));
+    // The whole machine's CPU time and TCP segments over the same test: what a proxy makes
+    // the clients, the backend and the kernel do as well as what it does itself.
+    let (cpu0, segs0) = (machine_cpu_secs(), tcp_out_segments());
     let (cps, conn) = perf_counts(p, || conns_per_sec(p.addr, hello));
+    let (cpu1, segs1) = (machine_cpu_secs(), tcp_out_segments());
     n.store((cps * 5.0) as u64, Ordering::Relaxed);
     let mib = (BULK / (1024 * 1024)) as f64;
     let conns = (n.load(Ordering::Relaxed).max(1)) as f64;
@@ -449,22 +458,75 @@ fn profile(p: &Proxy, hello: &[u8]) {
             c.1 / conns,
             c.2 * 1000.0 / conns
         ),
+        _ if p.child.is_none() => {}
         _ => println!("perf {:<10} no counts (perf missing or not permitted)", p.name),
     }
+    if let (Some(c0), Some(c1), Some(s0), Some(s1)) = (cpu0, cpu1, segs0, segs1) {
+        println!(
+            "machine {:<7} conn/s test: {cps:.0} conn/s, {:.2} CPUs busy, {:.1} CPU us/conn (all processes), {:.1} TCP segments sent/conn",
+            p.name,
+            (c1 - c0) / 5.0,
+            (c1 - c0) * 1e6 / conns,
+            (s1 - s0) / conns
+        );
+    }
+}
+
+/// CPU seconds the machine spent busy (every CPU: user, nice, system, irq, softirq, steal),
+/// from /proc/stat.
+fn machine_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+    Some(busy / 100.0)
+}
+
+/// TCP segments sent by the machine (/proc/net/snmp `Tcp: OutSegs`).
+fn tcp_out_segments() -> Option<f64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|x| x == "OutSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 /// One run of one proxy: 1 and 8 streams (Gb/s), conn/s, added p50 and p99 (us), bytes per
 /// idle connection (NaN where not measured).
+/// Whether `MESHFED_BENCH_SKIP` names this part of the run.
+fn skipped(part: &str) -> bool {
+    std::env::var("MESHFED_BENCH_SKIP")
+        .unwrap_or_default()
+        .split(',')
+        .any(|x| x.trim() == part)
+}
+
+/// Whether `MESHFED_BENCH_PROXIES` (when set) names this proxy.
+fn selected(name: &str) -> bool {
+    match std::env::var("MESHFED_BENCH_PROXIES") {
+        Ok(v) if !v.trim().is_empty() => name == "direct" || v.split(',').any(|x| x.trim() == name),
+        _ => true,
+    }
+}
+
 fn run(p: &Proxy, hello: &[u8], direct_lat: &[f64], idle_n: usize) -> [f64; 6] {
-    let t1 = throughput(p.addr, hello, 1);
-    let t8 = throughput(p.addr, hello, 8);
+    let (t1, t8) = if skipped("bulk") {
+        (f64::NAN, f64::NAN)
+    } else {
+        (throughput(p.addr, hello, 1), throughput(p.addr, hello, 8))
+    };
     let cps = conns_per_sec(p.addr, hello);
     let lat = latency(p.addr, hello);
     let (a50, a99) = (
         pct(&lat, 0.5) - pct(direct_lat, 0.5),
         pct(&lat, 0.99) - pct(direct_lat, 0.99),
     );
-    let mem = if p.child.is_some() {
+    let mem = if p.child.is_some() && !skipped("idle") {
         // HAProxy asks for 2 x maxconn descriptors and more, and refuses to start above the
         // 20000 this machine allows: its maxconn 7900 holds at most about 7,800 connections.
         let n = if p.name.starts_with("haproxy") && idle_n > HAPROXY_MAX_IDLE {
@@ -538,6 +600,7 @@ fn main() {
         proxies.extend(auto);
         proxies.extend(forced);
         proxies.extend(start_nginx(be, dir.path()));
+        proxies.retain(|p| selected(p.name));
         proxies
     };
     let header = format!(
