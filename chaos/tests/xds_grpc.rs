@@ -575,7 +575,8 @@ fn grpcio_follows_priorities_failover_and_policy_changes_with_mtls_across_trust_
 
 /// Routes select a subset for proxyless gRPC, across networks. east's policy names subsets v1
 /// (east runs it) and v2 (west runs it, on another network), and a VirtualService sends calls
-/// with `x-version: v2` to v2 and the rest to v1. east's grpcio client, routed by the RDS east's
+/// without `x-version: v2` (no such header, or another value: `withoutHeaders`) to v1, and
+/// those with it to v2. east's grpcio client, routed by the RDS east's
 /// agent serves, reaches v2 only through west's east-west gateway by the subset's SNI (grpcio
 /// sends the SNI it is given as its TLS target name: it does not send the cluster's `sni`), with
 /// mTLS end to end from east.mesh to west.mesh; its other calls go to east's v1 directly. When
@@ -626,7 +627,9 @@ fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
     .unwrap();
     east.write_policy("ledger.yaml", &subsets("ledger", "", &format!("{v1}{v2}")))
         .unwrap();
-    let routes = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ledger, namespace: shop}\nspec:\n  hosts: [ledger]\n  http:\n    - name: v2-by-header\n      match: [{headers: {x-version: {exact: v2}}}]\n      route: [{destination: {host: ledger, subset: v2}}]\n    - route: [{destination: {host: ledger, subset: v1}}]\n";
+    // Every call meets one of the two routes: without x-version: v2 (the header absent, or
+    // another value) to v1; with it to v2.
+    let routes = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ledger, namespace: shop}\nspec:\n  hosts: [ledger]\n  http:\n    - name: not-v2\n      match: [{withoutHeaders: {x-version: {exact: v2}}}]\n      route: [{destination: {host: ledger, subset: v1}}]\n    - name: v2-by-header\n      match: [{headers: {x-version: {exact: v2}}}]\n      route: [{destination: {host: ledger, subset: v2}}]\n";
     east.write_policy("ledger-routes.yaml", routes).unwrap();
     wait_for(
         Duration::from_secs(30),
@@ -672,10 +675,10 @@ fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
     let boot = bootstrap(&dir, &east.xds, &client_certs, &east.dir.join("xds"));
     let target = format!("xds:///{host}:{port}");
     let sni_v2 = format!("outbound_.{port}_.v2_.{host}");
-    let routed = |name: &str, header: bool| {
+    let routed = |name: &str, version: Option<&str>| {
         let mut extra = vec!["--sni".to_string(), sni_v2.clone()];
-        if header {
-            extra.extend(["--header".to_string(), "x-version=v2".to_string()]);
+        if let Some(v) = version {
+            extra.extend(["--header".to_string(), format!("x-version={v}")]);
         }
         client_with(name, &target, true, &boot, &dir, &extra)
     };
@@ -689,7 +692,7 @@ fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
         .unwrap_or(0.0)
     };
     let before = gw_connections();
-    let to_v2 = routed("client-v2", true);
+    let to_v2 = routed("client-v2", Some("v2"));
     wait_streak(
         &to_v2,
         &["v2"],
@@ -697,28 +700,43 @@ fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
         Duration::from_secs(60),
         "calls routed to v2",
     );
-    let rest = routed("client-rest", false);
+    let rest = routed("client-rest", None);
     wait_streak(
         &rest,
         &["v1"],
         20,
         Duration::from_secs(60),
-        "other calls to v1",
+        "calls without the header to v1",
+    );
+    let v3 = routed("client-v3", Some("v3"));
+    wait_streak(
+        &v3,
+        &["v1"],
+        20,
+        Duration::from_secs(60),
+        "calls with x-version: v3 to v1",
     );
     // Windows of 20 more calls each: only their subset answers.
-    let (n2, n1) = (count(&to_v2), count(&rest));
+    let (n2, n1, n3) = (count(&to_v2), count(&rest), count(&v3));
     wait_for(Duration::from_secs(30), "20 more calls each", || {
-        Ok((count(&to_v2) >= n2 + 20 && count(&rest) >= n1 + 20).then_some(()))
+        Ok(
+            (count(&to_v2) >= n2 + 20 && count(&rest) >= n1 + 20 && count(&v3) >= n3 + 20)
+                .then_some(()),
+        )
     })
     .unwrap();
-    let (w2, w1) = (lines(&to_v2, n2), lines(&rest, n1));
+    let (w2, w1, w3) = (lines(&to_v2, n2), lines(&rest, n1), lines(&v3, n3));
     assert!(
         w2.iter().all(|l| l == "ok v2"),
         "x-version: v2 -> v2 only: {w2:?}"
     );
     assert!(
         w1.iter().all(|l| l == "ok v1"),
-        "the rest -> v1 only: {w1:?}"
+        "no header -> v1 only: {w1:?}"
+    );
+    assert!(
+        w3.iter().all(|l| l == "ok v1"),
+        "x-version: v3 -> v1 only: {w3:?}"
     );
     let through = gw_connections() - before;
     assert!(
@@ -733,9 +751,10 @@ fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
     .unwrap_or(0.0);
     assert_eq!(refused, 0.0, "grpcio sent the subset SNI");
     println!(
-        "{} calls with x-version: v2 all answered by west's v2 through its gateway ({through} connections by SNI {sni_v2}); {} others by east's v1",
+        "{} calls with x-version: v2 all answered by west's v2 through its gateway ({through} connections by SNI {sni_v2}); {} without the header and {} with v3 by east's v1",
         w2.len(),
-        w1.len()
+        w1.len(),
+        w3.len()
     );
 
     // Without the VirtualService, the host's one route takes every call to the whole service

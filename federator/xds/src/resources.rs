@@ -145,10 +145,10 @@ pub fn route_configuration(
             for (r, matches) in rs.for_port(port) {
                 let action = route_action(host, port, r);
                 if matches.is_empty() {
-                    out.push(envoy_route(&r.name, &RouteMatch::default(), action));
+                    out.extend(envoy_routes(&r.name, &RouteMatch::default(), &action));
                 } else {
                     for m in matches {
-                        out.push(envoy_route(&r.name, m, action.clone()));
+                        out.extend(envoy_routes(&r.name, m, &action));
                     }
                 }
             }
@@ -218,7 +218,11 @@ fn regex_matcher(re: &str) -> matcher::RegexMatcher {
     }
 }
 
-fn envoy_route(name: &str, m: &RouteMatch, action: route::RouteAction) -> route::Route {
+/// The Envoy routes of one match. A `withoutHeaders` entry holds when the header is absent or
+/// does not match; Envoy's and gRPC's inverted matchers fail on an absent header, so each such
+/// entry becomes two alternatives (absent; present and not matching), one route per
+/// combination, in order.
+fn envoy_routes(name: &str, m: &RouteMatch, action: &route::RouteAction) -> Vec<route::Route> {
     use route::route_match::PathSpecifier;
     let path = match &m.uri {
         None => PathSpecifier::Prefix(String::new()),
@@ -234,22 +238,42 @@ fn envoy_route(name: &str, m: &RouteMatch, action: route::RouteAction) -> route:
         )),
         ..Default::default()
     };
-    let headers = m
-        .headers
-        .iter()
-        .map(|h| header(h, false))
-        .chain(m.without_headers.iter().map(|h| header(h, true)))
-        .collect();
-    route::Route {
+    // "Present", inverted: absent. (gRPC releases differ on `present_match: false` alone.)
+    let absent = |name: &str| route::HeaderMatcher {
         name: name.to_string(),
-        r#match: Some(route::RouteMatch {
-            path_specifier: Some(path),
-            headers,
-            ..Default::default()
-        }),
-        action: Some(route::route::Action::Route(action)),
+        invert_match: true,
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::PresentMatch(
+            true,
+        )),
         ..Default::default()
-    }
+    };
+    let n = m.without_headers.len();
+    (0..1u32 << n)
+        .map(|mask| {
+            let headers = m
+                .headers
+                .iter()
+                .map(|h| header(h, false))
+                .chain(m.without_headers.iter().enumerate().map(|(i, h)| {
+                    if mask & (1 << i) == 0 {
+                        header(h, true)
+                    } else {
+                        absent(&h.0)
+                    }
+                }))
+                .collect();
+            route::Route {
+                name: name.to_string(),
+                r#match: Some(route::RouteMatch {
+                    path_specifier: Some(path.clone()),
+                    headers,
+                    ..Default::default()
+                }),
+                action: Some(route::route::Action::Route(action.clone())),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 /// Which TLS form a cluster carries.
@@ -521,9 +545,27 @@ mod tests {
         let rc = route_configuration(host, 9090, set.routes_by_host.get(host));
         let vh = &rc.virtual_hosts[0];
         assert_eq!(vh.domains, [host.to_string(), format!("{host}:9090")]);
-        // The route limited to port 8080 is left out of port 9090's configuration.
-        assert_eq!(vh.routes.len(), 3);
-        let (a, b, c) = (&vh.routes[0], &vh.routes[1], &vh.routes[2]);
+        // The route limited to port 8080 is left out of port 9090's configuration; the first
+        // match's withoutHeaders makes two routes (x-debug present and not matching; absent).
+        assert_eq!(vh.routes.len(), 4);
+        let (a, a2, b, c) = (&vh.routes[0], &vh.routes[1], &vh.routes[2], &vh.routes[3]);
+        let m2 = a2.r#match.as_ref().unwrap();
+        assert_eq!(
+            (
+                m2.headers[1].name.as_str(),
+                m2.headers[1].invert_match,
+                &m2.headers[1].header_match_specifier
+            ),
+            (
+                "x-debug",
+                true,
+                &Some(route::header_matcher::HeaderMatchSpecifier::PresentMatch(
+                    true
+                ))
+            ),
+            "the alternative: x-debug absent"
+        );
+        assert_eq!(a.action, a2.action);
         assert_eq!(a.name, "canary");
         let m = a.r#match.as_ref().unwrap();
         assert_eq!(
@@ -592,6 +634,6 @@ mod tests {
         assert_eq!(ws, [(v1.as_str(), 75), (v2.as_str(), 25)]);
         // Port 8080 gets the regex route too.
         let rc = route_configuration(host, 8080, set.routes_by_host.get(host));
-        assert_eq!(rc.virtual_hosts[0].routes.len(), 4);
+        assert_eq!(rc.virtual_hosts[0].routes.len(), 5);
     }
 }

@@ -38,7 +38,8 @@ pub struct RouteMatch {
     pub ignore_uri_case: bool,
     /// Headers (lower case) that must be present and match.
     pub headers: Vec<(String, StringMatch)>,
-    /// Headers that must not match (absent, or a value that does not match).
+    /// Headers that must not match: absent, or a value that does not match (served as one
+    /// route per combination of the two, since an inverted matcher fails on an absent header).
     pub without_headers: Vec<(String, StringMatch)>,
     /// The route applies to this port of the host only.
     pub port: Option<u32>,

@@ -166,6 +166,9 @@ fn refused(what: &str, base: &str, fields: &[(&str, &Refused, &str)]) -> Result<
 
 const NOT_GRPC: &str = "gRPC's xDS client does not implement it";
 
+/// `withoutHeaders` entries one match may have.
+pub const MAX_WITHOUT_HEADERS: usize = 4;
+
 /// A `VirtualService` document of a policy file, `namespace` from its metadata.
 pub(super) fn routes(
     doc: VirtualServiceDoc,
@@ -430,6 +433,19 @@ fn route_match(what: &str, base: &str, m: &Spanned<MatchSpec>) -> Result<RouteMa
         Some(u) => Some(string_match(what, &format!("{base}.uri"), u)?),
         None => None,
     };
+    // Each withoutHeaders entry doubles the routes served (absent, or present and not
+    // matching: see the xDS routes).
+    if v.without_headers.len() > MAX_WITHOUT_HEADERS {
+        return Err(located(
+            what,
+            At::of(m),
+            &format!("{base}.withoutHeaders"),
+            format!(
+                "{} headers: at most {MAX_WITHOUT_HEADERS} per match",
+                v.without_headers.len()
+            ),
+        ));
+    }
     let headers = header_matches(what, &format!("{base}.headers"), &v.headers)?;
     let without_headers =
         header_matches(what, &format!("{base}.withoutHeaders"), &v.without_headers)?;
@@ -681,6 +697,11 @@ spec:
             ("  http:\n", "  tcp: []\n  http:\n", "spec.tcp: not applied by meshfed's routes"),
             ("          port: 9090", "          port: 70000", "spec.http[0].match[1].port: 70000 is not a port"),
             ("          port: 9090", "          prot: 9090", "unknown field `prot`"),
+            (
+                "          port: 9090",
+                "          port: 9090\n          withoutHeaders: {a: {exact: x}, b: {exact: x}, c: {exact: x}, d: {exact: x}, e: {exact: x}}",
+                "spec.http[0].match[1].withoutHeaders: 5 headers: at most 4 per match",
+            ),
         ];
         for (from, to, want) in cases {
             assert!(GOOD.contains(from), "{from}");
