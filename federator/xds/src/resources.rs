@@ -230,12 +230,17 @@ fn envoy_routes(name: &str, m: &RouteMatch, action: &route::RouteAction) -> Vec<
         Some(StringMatch::Prefix(p)) => PathSpecifier::Prefix(p.clone()),
         Some(StringMatch::Regex(r)) => PathSpecifier::SafeRegex(regex_matcher(r)),
     };
+    // Istio reads `prefix: ""` as "any value": the header present (an empty prefix is not a
+    // valid StringMatcher).
     let header = |(name, sm): &(String, StringMatch), invert: bool| route::HeaderMatcher {
         name: name.clone(),
         invert_match: invert,
-        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
-            string_matcher(sm),
-        )),
+        header_match_specifier: Some(match sm {
+            StringMatch::Prefix(p) if p.is_empty() => {
+                route::header_matcher::HeaderMatchSpecifier::PresentMatch(true)
+            }
+            sm => route::header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(sm)),
+        }),
         ..Default::default()
     };
     // "Present", inverted: absent. (gRPC releases differ on `present_match: false` alone.)
@@ -632,6 +637,24 @@ mod tests {
             format!("outbound|9091|v2|{host}"),
         );
         assert_eq!(ws, [(v1.as_str(), 75), (v2.as_str(), 25)]);
+        // An empty header prefix is "present".
+        let any = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: l, namespace: shop}\nspec:\n  hosts: [l]\n  http:\n    - match: [{headers: {x-canary: {prefix: \"\"}}}]\n      route: [{destination: {host: l, subset: v2}}]\n";
+        let set2 = PolicySet::from_sources(&[("a.yaml".into(), any.into())]).unwrap();
+        let rc2 = route_configuration(host, 9090, set2.routes_by_host.get(host));
+        let h = &rc2.virtual_hosts[0].routes[0]
+            .r#match
+            .as_ref()
+            .unwrap()
+            .headers[0];
+        assert_eq!(
+            (h.invert_match, &h.header_match_specifier),
+            (
+                false,
+                &Some(route::header_matcher::HeaderMatchSpecifier::PresentMatch(
+                    true
+                ))
+            )
+        );
         // Port 8080 gets the regex route too.
         let rc = route_configuration(host, 8080, set.routes_by_host.get(host));
         assert_eq!(rc.virtual_hosts[0].routes.len(), 5);

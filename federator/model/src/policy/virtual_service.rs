@@ -430,7 +430,17 @@ fn route_match(what: &str, base: &str, m: &Spanned<MatchSpec>) -> Result<RouteMa
         ));
     }
     let uri = match &v.uri {
-        Some(u) => Some(string_match(what, &format!("{base}.uri"), u)?),
+        Some(u) => match string_match(what, &format!("{base}.uri"), u)? {
+            StringMatch::Exact(p) if p.is_empty() => {
+                return Err(located(
+                    what,
+                    At::of(u),
+                    &format!("{base}.uri.exact"),
+                    "an empty path matches no call: a gRPC path is /package.Service/Method",
+                ))
+            }
+            m => Some(m),
+        },
         None => None,
     };
     // Each withoutHeaders entry doubles the routes served (absent, or present and not
@@ -508,6 +518,12 @@ fn string_match(
     match (&v.exact, &v.prefix, &v.regex) {
         (Some(e), None, None) => Ok(StringMatch::Exact(e.clone())),
         (None, Some(p), None) => Ok(StringMatch::Prefix(p.clone())),
+        (None, None, Some(r)) if r.is_empty() => Err(located(
+            what,
+            At::of(m),
+            &format!("{field}.regex"),
+            "an empty regular expression: write one, or use prefix: \"\" for any value",
+        )),
         (None, None, Some(r)) => match regex::Regex::new(r) {
             Ok(_) => Ok(StringMatch::Regex(r.clone())),
             Err(e) => Err(located(
@@ -697,6 +713,16 @@ spec:
             ("  http:\n", "  tcp: []\n  http:\n", "spec.tcp: not applied by meshfed's routes"),
             ("          port: 9090", "          port: 70000", "spec.http[0].match[1].port: 70000 is not a port"),
             ("          port: 9090", "          prot: 9090", "unknown field `prot`"),
+            (
+                "            prefix: /shop.Ledger/Audit",
+                "            exact: \"\"",
+                "spec.http[0].match[1].uri.exact: an empty path matches no call",
+            ),
+            (
+                "              exact: v2",
+                "              regex: \"\"",
+                "spec.http[0].match[0].headers.x-version.regex: an empty regular expression",
+            ),
             (
                 "          port: 9090",
                 "          port: 9090\n          withoutHeaders: {a: {exact: x}, b: {exact: x}, c: {exact: x}, d: {exact: x}, e: {exact: x}}",
