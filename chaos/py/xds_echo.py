@@ -1,6 +1,7 @@
 """A real proxyless gRPC peer for meshfed's xDS tests (grpcio from PyPI).
 
-server: answers /meshfed.test.Echo/Who with its name, plaintext or mTLS. With --watch DIR
+server: answers /meshfed.test.Echo/Who with its name, plaintext or mTLS; with --fail-every N
+        every Nth call fails with UNAVAILABLE (and prints "failed <n>"). With --watch DIR
         the certificate is DIR/cert-chain.pem + DIR/key.pem, re-read for new handshakes
         whenever DIR (a symlink swapped atomically) points somewhere new.
 client: calls an xds:/// target every --interval and prints one line per call:
@@ -12,6 +13,7 @@ client: calls an xds:/// target every --interval and prints one line per call:
 import argparse
 import os
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -21,8 +23,16 @@ import grpc.experimental
 
 def serve(a):
     name = a.name
+    calls = {"n": 0}
+    lock = threading.Lock()
 
-    def who(_req, _ctx):
+    def who(_req, ctx):
+        with lock:
+            calls["n"] += 1
+            fail = a.fail_every > 0 and calls["n"] % a.fail_every == 0
+        if fail:
+            print("failed", calls["n"], flush=True)
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
         return name.encode()
 
     handler = grpc.method_handlers_generic_handler(
@@ -119,6 +129,7 @@ def main():
     s.add_argument("--key")
     s.add_argument("--roots")
     s.add_argument("--watch")
+    s.add_argument("--fail-every", type=int, default=0)
     c = sub.add_parser("client")
     c.add_argument("--target", required=True)
     c.add_argument("--secure", action="store_true")

@@ -769,3 +769,95 @@ fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
     .unwrap();
     println!("routes removed: calls with the header reach v1 too");
 }
+
+/// Retries from a VirtualService reach grpcio (gRFC A44): a server failing every second call
+/// with UNAVAILABLE fails about half of them until the route says `retries: {attempts: 2,
+/// retryOn: unavailable}`; then every call succeeds while the server goes on failing attempts.
+#[test]
+fn grpcio_retries_as_the_virtual_service_says() {
+    let f = Federation::start("3s").unwrap();
+    let dir = f.root.path().to_path_buf();
+    let port = free_port();
+    let east = f
+        .add_cluster(
+            "east",
+            "net1",
+            "us-east1/us-east1-b",
+            &format!("services:\n  - namespace: shop\n    name: flaky\n    ports: [{{name: grpc, port: {port}}}]\n    endpoints: [{{address: 127.0.0.41, locality: us-east1/us-east1-b}}]\n"),
+        )
+        .unwrap();
+    let server = Proc::spawn_program(
+        "flaky",
+        &python().unwrap(),
+        &[
+            py_script("xds_echo.py").display().to_string(),
+            "server".into(),
+            "--name".into(),
+            "flaky".into(),
+            "--addr".into(),
+            format!("127.0.0.41:{port}"),
+            "--fail-every".into(),
+            "2".into(),
+        ],
+        &[],
+        &dir,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the flaky server", || {
+        Ok(server.log().contains("serving").then_some(()))
+    })
+    .unwrap();
+    let certs = dir.join("client-certs");
+    east.issue_svid("spiffe://east.mesh/ns/shop/sa/client", &certs)
+        .unwrap();
+    let boot = bootstrap(&dir, &east.xds, &certs, &east.dir.join("xds"));
+    let c = client(
+        "client-flaky",
+        &format!("xds:///flaky.shop.svc.cluster.local:{port}"),
+        false,
+        &boot,
+        &dir,
+    );
+    // Without retries: calls fail.
+    wait_for(Duration::from_secs(60), "a failed call", || {
+        Ok(lines(&c, 0)
+            .iter()
+            .any(|l| l.starts_with("err UNAVAILABLE"))
+            .then_some(()))
+    })
+    .unwrap();
+    east.write_policy(
+        "flaky.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: flaky, namespace: shop}\nspec:\n  hosts: [flaky]\n  http:\n    - route: [{destination: {host: flaky}}]\n      retries: {attempts: 2, retryOn: unavailable}\n",
+    )
+    .unwrap();
+    // With them: 40 calls in a row succeed (without, at most one in two does), while the
+    // server fails every second attempt.
+    wait_streak(&c, &["flaky"], 40, Duration::from_secs(60), "calls retried");
+    let failed = server
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("failed"))
+        .count();
+    let n = count(&c);
+    wait_for(Duration::from_secs(30), "20 more calls", || {
+        Ok((count(&c) >= n + 20).then_some(()))
+    })
+    .unwrap();
+    let window = lines(&c, n);
+    assert!(window.iter().all(|l| l == "ok flaky"), "{window:?}");
+    let failed_after = server
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("failed"))
+        .count();
+    assert!(
+        failed_after >= failed + 10,
+        "the server failed attempts meanwhile ({failed} -> {failed_after})"
+    );
+    println!(
+        "{} calls without a failure; the server failed {} attempts meanwhile",
+        window.len(),
+        failed_after - failed
+    );
+}

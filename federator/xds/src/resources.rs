@@ -187,6 +187,12 @@ fn route_action(host: &str, port: u32, r: &HttpRoute) -> route::RouteAction {
     };
     route::RouteAction {
         cluster_specifier: Some(cluster_specifier),
+        // gRFC A44: retries on status codes.
+        retry_policy: r.retries.as_ref().map(|x| route::RetryPolicy {
+            retry_on: x.on.join(","),
+            num_retries: Some(UInt32Value { value: x.attempts }),
+            ..Default::default()
+        }),
         // gRFC A31: the call's deadline is at most this.
         max_stream_duration: r
             .timeout_ms
@@ -544,7 +550,7 @@ mod tests {
     /// duration), one route per match, in order.
     #[test]
     fn a_virtual_service_becomes_envoy_routes() {
-        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: l, namespace: shop}\nspec:\n  hosts: [l]\n  http:\n    - name: canary\n      match:\n        - headers: {x-version: {exact: v2}}\n          withoutHeaders: {x-debug: {regex: \"on|yes\"}}\n        - uri: {exact: /shop.L/Get}\n      route: [{destination: {host: l, subset: v2}}]\n      timeout: 250ms\n    - match: [{uri: {regex: \"/shop.L/.*\"}, port: 8080}]\n      route: [{destination: {host: l, subset: v9}}]\n    - route:\n        - {destination: {host: l, subset: v1}, weight: 75}\n        - {destination: {host: l, subset: v2, port: {number: 9091}}, weight: 25}\n";
+        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: l, namespace: shop}\nspec:\n  hosts: [l]\n  http:\n    - name: canary\n      match:\n        - headers: {x-version: {exact: v2}}\n          withoutHeaders: {x-debug: {regex: \"on|yes\"}}\n        - uri: {exact: /shop.L/Get}\n      route: [{destination: {host: l, subset: v2}}]\n      timeout: 250ms\n      retries: {attempts: 2, retryOn: \"unavailable,internal\"}\n    - match: [{uri: {regex: \"/shop.L/.*\"}, port: 8080}]\n      route: [{destination: {host: l, subset: v9}}]\n    - route:\n        - {destination: {host: l, subset: v1}, weight: 75}\n        - {destination: {host: l, subset: v2, port: {number: 9091}}, weight: 25}\n";
         let set = PolicySet::from_sources(&[("r.yaml".into(), text.into())]).unwrap();
         let host = "l.shop.svc.cluster.local";
         let rc = route_configuration(host, 9090, set.routes_by_host.get(host));
@@ -616,6 +622,9 @@ mod tests {
                 "outbound|9090|v2|{host}"
             )))
         );
+        let retry = act.retry_policy.as_ref().unwrap();
+        assert_eq!(retry.retry_on, "unavailable,internal");
+        assert_eq!(retry.num_retries, Some(UInt32Value { value: 2 }));
         let msd = act.max_stream_duration.as_ref().unwrap();
         assert_eq!(msd.max_stream_duration, Some(duration_ms(250)));
         assert_eq!(msd.grpc_timeout_header_max, Some(duration_ms(250)));

@@ -28,7 +28,31 @@ pub struct HttpRoute {
     pub to: Vec<Destination>,
     /// The call's deadline at most (gRPC A31: `max_stream_duration`).
     pub timeout_ms: Option<u64>,
+    /// Retries (gRPC A44).
+    pub retries: Option<Retries>,
 }
+
+/// Istio's `retries`, as gRPC's client applies them: on status codes only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Retries {
+    /// Retries after the first attempt (gRPC makes at most 5 attempts in all).
+    pub attempts: u32,
+    /// gRPC status codes, as Envoy names them (`unavailable`, `cancelled`, ...).
+    pub on: Vec<String>,
+}
+
+/// The status codes gRPC's client retries on (gRFC A44), by Envoy's names.
+pub const GRPC_RETRY_ON: [&str; 5] = [
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// What meshfed retries on when `retryOn` is left out: the gRPC codes of Istio's default
+/// (`connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`).
+pub const DEFAULT_RETRY_ON: [&str; 2] = ["cancelled", "unavailable"];
 
 /// All conditions must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

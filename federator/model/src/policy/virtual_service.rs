@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::routes::{Destination, HttpRoute, RouteMatch, Routes, StringMatch};
+use super::routes::{
+    Destination, HttpRoute, Retries, RouteMatch, Routes, StringMatch, DEFAULT_RETRY_ON,
+    GRPC_RETRY_ON,
+};
 use super::spec::{check_host_at, located, At};
 
 /// A field of Istio's schema that meshfed does not apply; its presence is an error.
@@ -63,7 +66,7 @@ struct HttpRouteSpec {
     #[serde(default)]
     rewrite: Refused,
     #[serde(default)]
-    retries: Refused,
+    retries: Option<Spanned<RetriesSpec>>,
     #[serde(default)]
     fault: Refused,
     #[serde(default)]
@@ -76,6 +79,23 @@ struct HttpRouteSpec {
     cors_policy: Refused,
     #[serde(default)]
     headers: Refused,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RetriesSpec {
+    #[serde(default)]
+    attempts: Option<Spanned<u32>>,
+    #[serde(default)]
+    retry_on: Option<Spanned<String>>,
+    #[serde(default)]
+    per_try_timeout: Refused,
+    #[serde(default)]
+    retry_remote_localities: Refused,
+    #[serde(default)]
+    retry_ignore_previous_hosts: Refused,
+    #[serde(default)]
+    backoff: Refused,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,7 +283,6 @@ fn http_route(
             ("directResponse", &v.direct_response, NOT_GRPC),
             ("delegate", &v.delegate, "routes are not delegated"),
             ("rewrite", &v.rewrite, NOT_GRPC),
-            ("retries", &v.retries, "not served yet"),
             ("fault", &v.fault, "not served yet"),
             ("mirror", &v.mirror, NOT_GRPC),
             ("mirrors", &v.mirrors, NOT_GRPC),
@@ -354,6 +373,10 @@ fn http_route(
             format!("the weights sum to {total}: they must sum to more than 0 and fit 32 bits"),
         ));
     }
+    let retries = match &v.retries {
+        Some(r) => retries(what, &format!("{base}.retries"), r)?,
+        None => None,
+    };
     let timeout_ms = match &v.timeout {
         Some(t) => Some(timeout(what, &format!("{base}.timeout"), t)?),
         None => None,
@@ -363,7 +386,97 @@ fn http_route(
         matches,
         to,
         timeout_ms,
+        retries,
     })
+}
+
+/// `retries`: `attempts` (0 turns retries off) and `retryOn` with gRPC status codes only.
+fn retries(what: &str, base: &str, r: &Spanned<RetriesSpec>) -> Result<Option<Retries>, String> {
+    let v = &r.value;
+    refused(
+        what,
+        base,
+        &[
+            (
+                "perTryTimeout",
+                &v.per_try_timeout,
+                "gRPC's client has no per-attempt timeout; the route's timeout bounds the call",
+            ),
+            (
+                "retryRemoteLocalities",
+                &v.retry_remote_localities,
+                NOT_GRPC,
+            ),
+            (
+                "retryIgnorePreviousHosts",
+                &v.retry_ignore_previous_hosts,
+                NOT_GRPC,
+            ),
+            ("backoff", &v.backoff, "not served yet"),
+        ],
+    )?;
+    let attempts = match &v.attempts {
+        Some(a) if a.value > 4 => {
+            return Err(located(
+                what,
+                At::of(a),
+                &format!("{base}.attempts"),
+                format!(
+                    "{}: gRPC makes at most 5 attempts in all, so at most 4 retries",
+                    a.value
+                ),
+            ))
+        }
+        Some(a) => a.value,
+        None => {
+            return Err(located(
+                what,
+                At::of(r),
+                &format!("{base}.attempts"),
+                "missing: how many retries (0 turns them off)",
+            ))
+        }
+    };
+    if attempts == 0 {
+        return Ok(None);
+    }
+    let on = match &v.retry_on {
+        None => DEFAULT_RETRY_ON.iter().map(|s| s.to_string()).collect(),
+        Some(list) => {
+            let mut on: Vec<String> = Vec::new();
+            for c in list
+                .value
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+            {
+                if !GRPC_RETRY_ON.contains(&c) {
+                    return Err(located(
+                        what,
+                        At::of(list),
+                        &format!("{base}.retryOn"),
+                        format!(
+                            "{c:?}: gRPC's client retries on status codes only: {}",
+                            GRPC_RETRY_ON.join(", ")
+                        ),
+                    ));
+                }
+                if !on.iter().any(|x| x == c) {
+                    on.push(c.to_string());
+                }
+            }
+            if on.is_empty() {
+                return Err(located(
+                    what,
+                    At::of(list),
+                    &format!("{base}.retryOn"),
+                    "empty: name the status codes to retry on",
+                ));
+            }
+            on
+        }
+    };
+    Ok(Some(Retries { attempts, on }))
 }
 
 /// Istio writes durations as protobuf JSON (`1.5s`) or Go (`100ms`).
@@ -606,6 +719,30 @@ spec:
         let first = &r.http[0];
         assert_eq!(first.name, "canary-users");
         assert_eq!(first.timeout_ms, Some(1500));
+        assert_eq!(first.retries, None);
+        let with = |r: &str| {
+            routes(&GOOD.replace(
+                "      timeout: 1.5s",
+                &format!("      timeout: 1.5s\n      retries: {r}"),
+            ))
+            .unwrap()
+            .http[0]
+                .retries
+                .clone()
+        };
+        assert_eq!(
+            with("{attempts: 3, retryOn: \"unavailable, internal,unavailable\"}"),
+            Some(Retries {
+                attempts: 3,
+                on: vec!["unavailable".into(), "internal".into()]
+            })
+        );
+        assert_eq!(
+            with("{attempts: 2}").unwrap().on,
+            ["cancelled", "unavailable"],
+            "the gRPC codes of Istio's default"
+        );
+        assert_eq!(with("{attempts: 0, retryOn: unavailable}"), None);
         assert_eq!(
             first.matches[0].headers,
             [("x-version".to_string(), StringMatch::Exact("v2".into()))]
@@ -646,8 +783,23 @@ spec:
         let cases: &[(&str, &str, &str)] = &[
             (
                 "      timeout: 1.5s",
-                "      timeout: 1.5s\n      retries: {attempts: 3}",
-                "r.yaml:23:16: spec.http[0].retries: not applied by meshfed's routes",
+                "      timeout: 1.5s\n      retries: {attempts: 3, retryOn: \"unavailable,5xx\"}",
+                "r.yaml:23:39: spec.http[0].retries.retryOn: \"5xx\": gRPC's client retries on status codes only",
+            ),
+            (
+                "      timeout: 1.5s",
+                "      timeout: 1.5s\n      retries: {attempts: 7}",
+                "spec.http[0].retries.attempts: 7: gRPC makes at most 5 attempts in all",
+            ),
+            (
+                "      timeout: 1.5s",
+                "      timeout: 1.5s\n      retries: {attempts: 2, perTryTimeout: 1s}",
+                "spec.http[0].retries.perTryTimeout: not applied by meshfed's routes (gRPC's client has no per-attempt timeout",
+            ),
+            (
+                "      timeout: 1.5s",
+                "      timeout: 1.5s\n      retries: {retryOn: unavailable}",
+                "spec.http[0].retries.attempts: missing",
             ),
             (
                 "            x-version:",
@@ -777,6 +929,13 @@ spec:
         assert_eq!(r.http[0].matches.len(), 2);
         assert_eq!(r.http[0].matches[1].port, Some(18080));
         assert_eq!(r.http[0].timeout_ms, Some(1500));
+        assert_eq!(
+            r.http[0].retries,
+            Some(Retries {
+                attempts: 2,
+                on: vec!["unavailable".into()]
+            })
+        );
         let w: Vec<(&str, u32)> = r.http[1]
             .to
             .iter()
