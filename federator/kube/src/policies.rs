@@ -279,8 +279,8 @@ mod tests {
             json!({"hosts": ["payment"], "http": [{"route": [{"destination": {"host": "payment"}}]}]}),
         ));
         docs.docs.push(vs(
-            "retrying",
-            json!({"hosts": ["ledger"], "http": [{"route": [{"destination": {"host": "ledger"}}], "retries": {"attempts": 3}}]}),
+            "faulty",
+            json!({"hosts": ["ledger"], "http": [{"route": [{"destination": {"host": "ledger"}}], "fault": {"abort": {"httpStatus": 503}}}]}),
         ));
         let (set, problems) = merge(&PolicySet::default(), &docs);
         let r = &set.routes_by_host["payment.shop.svc.cluster.local"];
@@ -294,10 +294,10 @@ mod tests {
             .partition(|p| p.kind != "VirtualService");
         let vs_text: Vec<String> = vs_problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(vs_text.len(), 2, "{vs_text:?}");
-        assert!(vs_text[0].starts_with("VirtualService shop/payment-again: spec.hosts: \"payment.shop.svc.cluster.local\" already has a VirtualService (shop/payment-routes at VirtualService shop/payment-routes)"), "{vs_text:?}");
+        assert!(vs_text[1].starts_with("VirtualService shop/payment-again: spec.hosts: \"payment.shop.svc.cluster.local\" already has a VirtualService (shop/payment-routes at VirtualService shop/payment-routes)"), "{vs_text:?}");
         assert!(
-            vs_text[1].starts_with("VirtualService shop/retrying:")
-                && vs_text[1].contains("spec.http[0].retries: not applied"),
+            vs_text[0].starts_with("VirtualService shop/faulty:")
+                && vs_text[0].contains("spec.http[0].fault: not applied"),
             "{vs_text:?}"
         );
         let p = &set.by_host["payment.shop.svc.cluster.local"];
