@@ -557,6 +557,30 @@ impl Cluster {
     }
 }
 
+/// Waits until `importer` imports `n` services from `exporter` and each holds the other's
+/// bundle.
+pub fn wait_peered(
+    importer: &Cluster,
+    exporter: &Cluster,
+    n: u64,
+    timeout: Duration,
+) -> Result<()> {
+    wait_for(
+        timeout,
+        &format!(
+            "{} imports {n} of {}'s services and both hold each other's bundle",
+            importer.name, exporter.name
+        ),
+        || {
+            let s = importer.status()?;
+            Ok((s["imports"][&exporter.name].as_u64() == Some(n)
+                && importer.has_bundle_of(&exporter.name)?
+                && exporter.has_bundle_of(&importer.name)?)
+            .then_some(()))
+        },
+    )
+}
+
 /// `meshfed <args>`, wrapped in `ip netns exec <ns>` when `ns` is given.
 fn in_netns(ns: Option<&str>, args: &[String]) -> Result<(PathBuf, Vec<String>)> {
     Ok(meshfed_harness::netns::command_in(

@@ -138,18 +138,7 @@ fn setup(east_args: &[&str]) -> Setup {
     let west = f
         .add_cluster("west", "net1", "us-west1/us-west1-a", &west_reg)
         .unwrap();
-    wait_for(
-        Duration::from_secs(20),
-        "east imports ledger and both hold each other's bundle",
-        || {
-            let s = east.status()?;
-            Ok((s["imports"]["west"].as_u64() == Some(1)
-                && east.has_bundle_of("west")?
-                && west.has_bundle_of("east")?)
-            .then_some(()))
-        },
-    )
-    .unwrap();
+    wait_peered(&east, &west, 1, Duration::from_secs(20)).unwrap();
 
     // west's server: its own SVID, taking clients of east.mesh only.
     let server_certs = dir.join("ledger-certs");

@@ -631,18 +631,7 @@ fn grpcio_is_routed_to_a_subset_through_the_gateway_by_subset_sni() {
     // another value) to v1; with it to v2.
     let routes = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ledger, namespace: shop}\nspec:\n  hosts: [ledger]\n  http:\n    - name: not-v2\n      match: [{withoutHeaders: {x-version: {exact: v2}}}]\n      route: [{destination: {host: ledger, subset: v1}}]\n    - name: v2-by-header\n      match: [{headers: {x-version: {exact: v2}}}]\n      route: [{destination: {host: ledger, subset: v2}}]\n";
     east.write_policy("ledger-routes.yaml", routes).unwrap();
-    wait_for(
-        Duration::from_secs(30),
-        "east imports west's ledger and bundle, west east's bundle",
-        || {
-            let s = east.status()?;
-            Ok((s["imports"]["west"].as_u64() == Some(1)
-                && east.has_bundle_of("west")?
-                && west.has_bundle_of("east")?)
-            .then_some(()))
-        },
-    )
-    .unwrap();
+    wait_peered(&east, &west, 1, Duration::from_secs(30)).unwrap();
     // A proxyless client offers ALPN h2, not Istio's: the gateway takes any.
     let _gw = west
         .start_gateway_with("gw-west", &gw, &gw_admin, &dir, &["--any-alpn"])

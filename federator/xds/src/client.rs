@@ -106,26 +106,42 @@ fn ack(
     }
 }
 
+/// An ADS stream to `server` whose first request is `first`: the sender of the requests that
+/// follow, and the responses. Unbounded: an ACK never waits for the send window, so a reader
+/// always reads the next response (a client that stops reading while its requests wait can
+/// deadlock a server that is busy writing).
+async fn open(
+    server: &str,
+    first: DiscoveryRequest,
+) -> anyhow::Result<(
+    mpsc::UnboundedSender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+)> {
+    let mut client = AggregatedDiscoveryServiceClient::connect(server.to_string()).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(first)?;
+    let inbound = client
+        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
 async fn run_once(
     server: &str,
     node: &Node,
     tables_tx: &watch::Sender<Tables>,
     up: &watch::Sender<bool>,
 ) -> anyhow::Result<()> {
-    let mut client = AggregatedDiscoveryServiceClient::connect(server.to_string()).await?;
-    // Unbounded: an ACK never waits for the send window, so this loop always reads the next
-    // response (a client that stops reading while its requests wait can deadlock a server
-    // that is busy writing).
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(DiscoveryRequest {
-        node: Some(node.clone()),
-        type_url: CLUSTER_TYPE.into(),
-        ..Default::default()
-    })?;
-    let mut inbound = client
-        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (tx, mut inbound) = open(
+        server,
+        DiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: CLUSTER_TYPE.into(),
+            ..Default::default()
+        },
+    )
+    .await?;
     up.send_replace(true);
     let mut names: Vec<String> = Vec::new();
     let (mut cds_ok, mut eds_ok) = (String::new(), String::new());
@@ -207,18 +223,16 @@ pub async fn fetch_once(
     timeout: Duration,
 ) -> anyhow::Result<Vec<envoy_types::pb::google::protobuf::Any>> {
     let once = async {
-        let mut client = AggregatedDiscoveryServiceClient::connect(server.to_string()).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(DiscoveryRequest {
-            node: Some(node.clone()),
-            type_url: type_url.into(),
-            resource_names: names.to_vec(),
-            ..Default::default()
-        })?;
-        let mut inbound = client
-            .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let (_tx, mut inbound) = open(
+            server,
+            DiscoveryRequest {
+                node: Some(node.clone()),
+                type_url: type_url.into(),
+                resource_names: names.to_vec(),
+                ..Default::default()
+            },
+        )
+        .await?;
         match inbound.next().await {
             Some(r) => Ok(r?.resources),
             None => anyhow::bail!("{server} closed the stream without answering"),
