@@ -44,16 +44,17 @@ struct Metadata {
     namespace: Option<Spanned<String>>,
 }
 
+/// One typed document: the kind's `spec`, the rest checked by [`Document`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct FailoverPolicyDoc {
+pub(super) struct Doc<S> {
     #[allow(dead_code)]
     api_version: String,
     #[allow(dead_code)]
     kind: String,
     #[allow(dead_code)]
     metadata: serde::de::IgnoredAny,
-    spec: FailoverPolicySpec,
+    pub(super) spec: S,
 }
 
 /// The spec of a meshfed `FailoverPolicy` (meshfed.io/v1alpha1): how proxies of this
@@ -165,18 +166,6 @@ struct OutlierSpec {
     #[serde(default)]
     #[schemars(with = "Option<u32>")]
     max_ejection_percent: Option<Spanned<u32>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct DestinationRuleDoc {
-    #[allow(dead_code)]
-    api_version: String,
-    #[allow(dead_code)]
-    kind: String,
-    #[allow(dead_code)]
-    metadata: serde::de::IgnoredAny,
-    spec: DestinationRuleSpec,
 }
 
 #[derive(Debug, Deserialize)]
@@ -518,7 +507,7 @@ fn parse_document(doc: &str, what: &str) -> Result<(Parsed, At), String> {
     })?;
     match (api, kind) {
         ("meshfed.io/v1alpha1", "FailoverPolicy") => {
-            let d: FailoverPolicyDoc = serde_saphyr::from_str_with_options(doc, options())
+            let d: Doc<FailoverPolicySpec> = serde_saphyr::from_str_with_options(doc, options())
                 .map_err(|e| saphyr_error(what, doc, &e))?;
             let s = d.spec;
             let host = check_host(what, &s.host, &namespace)?;
@@ -555,7 +544,7 @@ fn parse_document(doc: &str, what: &str) -> Result<(Parsed, At), String> {
             | "networking.istio.io/v1alpha3",
             "DestinationRule",
         ) => {
-            let d: DestinationRuleDoc = serde_saphyr::from_str_with_options(doc, options())
+            let d: Doc<DestinationRuleSpec> = serde_saphyr::from_str_with_options(doc, options())
                 .map_err(|e| saphyr_error(what, doc, &e))?;
             let s = d.spec;
             let host = check_host(what, &s.host, &namespace)?;
@@ -616,7 +605,7 @@ fn parse_document(doc: &str, what: &str) -> Result<(Parsed, At), String> {
             | "networking.istio.io/v1alpha3",
             "VirtualService",
         ) => {
-            let d: super::virtual_service::VirtualServiceDoc =
+            let d: Doc<super::virtual_service::VirtualServiceSpec> =
                 serde_saphyr::from_str_with_options(doc, options())
                     .map_err(|e| saphyr_error(what, doc, &e))?;
             let (r, at) = super::virtual_service::routes(d, what, name, namespace)?;

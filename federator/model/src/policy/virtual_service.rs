@@ -12,26 +12,14 @@ use super::routes::{
     Destination, HttpRoute, Retries, RouteMatch, Routes, StringMatch, DEFAULT_RETRY_ON,
     GRPC_RETRY_ON,
 };
-use super::spec::{check_host_at, located, At};
+use super::spec::{check_host_at, located, At, Doc};
 
 /// A field of Istio's schema that meshfed does not apply; its presence is an error.
 type Refused = Option<Spanned<serde_json::Value>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct VirtualServiceDoc {
-    #[allow(dead_code)]
-    api_version: String,
-    #[allow(dead_code)]
-    kind: String,
-    #[allow(dead_code)]
-    metadata: serde::de::IgnoredAny,
-    spec: VirtualServiceSpec,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct VirtualServiceSpec {
+pub(super) struct VirtualServiceSpec {
     hosts: Spanned<Vec<Spanned<String>>>,
     /// Only the mesh (`mesh`, or none): meshfed's routes are for the clients of its xDS.
     #[serde(default)]
@@ -191,7 +179,7 @@ pub const MAX_WITHOUT_HEADERS: usize = 4;
 
 /// A `VirtualService` document of a policy file, `namespace` from its metadata.
 pub(super) fn routes(
-    doc: VirtualServiceDoc,
+    doc: Doc<VirtualServiceSpec>,
     what: &str,
     name: String,
     namespace: String,
