@@ -126,35 +126,35 @@ pub fn route_configuration(
     routes: Option<&Routes>,
 ) -> route::RouteConfiguration {
     let name = listener_name(host, port);
-    let routes = match routes {
-        None => vec![route::Route {
-            r#match: Some(route::RouteMatch {
-                path_specifier: Some(route::route_match::PathSpecifier::Prefix(String::new())),
-                ..Default::default()
-            }),
-            action: Some(route::route::Action::Route(route::RouteAction {
-                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
-                    cluster_name(host, port, ""),
-                )),
-                ..Default::default()
-            })),
-            ..Default::default()
+    // Without a VirtualService: one route, every call to the whole service.
+    let whole = HttpRoute {
+        name: String::new(),
+        matches: Vec::new(),
+        to: vec![Destination {
+            subset: String::new(),
+            port: None,
+            weight: 100,
         }],
-        Some(rs) => {
-            let mut out = Vec::new();
-            for (r, matches) in rs.for_port(port) {
-                let action = route_action(host, port, r);
-                if matches.is_empty() {
-                    out.extend(envoy_routes(&r.name, &RouteMatch::default(), &action));
-                } else {
-                    for m in matches {
-                        out.extend(envoy_routes(&r.name, m, &action));
-                    }
-                }
-            }
-            out
-        }
+        timeout_ms: None,
+        retries: None,
     };
+    let http: Vec<(&HttpRoute, Vec<&RouteMatch>)> = match routes {
+        Some(rs) => rs.for_port(port).collect(),
+        None => vec![(&whole, Vec::new())],
+    };
+    let every_call = RouteMatch::default();
+    let mut routes = Vec::new();
+    for (r, matches) in http {
+        let action = route_action(host, port, r);
+        let matches = if matches.is_empty() {
+            vec![&every_call]
+        } else {
+            matches
+        };
+        for m in matches {
+            routes.extend(envoy_routes(&r.name, m, &action));
+        }
+    }
     route::RouteConfiguration {
         name: name.clone(),
         virtual_hosts: vec![route::VirtualHost {

@@ -59,7 +59,6 @@ pub const DEFAULT_RETRY_ON: [&str; 2] = ["cancelled", "unavailable"];
 pub struct RouteMatch {
     /// On the request path (`/package.Service/Method` for gRPC).
     pub uri: Option<StringMatch>,
-    pub ignore_uri_case: bool,
     /// Headers (lower case) that must be present and match.
     pub headers: Vec<(String, StringMatch)>,
     /// Headers that must not match: absent, or a value that does not match (served as one

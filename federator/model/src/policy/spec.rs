@@ -440,7 +440,7 @@ pub fn parse(text: &str, what: &str) -> Result<Vec<(Policy, At)>, String> {
         match p {
             Parsed::Policy(p) => out.push((p, at)),
             Parsed::Routes(r) => errors.push(format!(
-                "{what}:{}:{}: VirtualService {}/{}: routes are not a failover policy (they are read from the cluster's policy files only)",
+                "{what}:{}:{}: VirtualService {}/{}: routes are not a failover policy (they are the importing cluster's own, never published)",
                 at.line, at.column, r.namespace, r.name
             )),
         }
@@ -760,7 +760,7 @@ fn is_label_value(v: &str) -> bool {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
 }
 
-pub(super) fn is_label_key(k: &str) -> bool {
+fn is_label_key(k: &str) -> bool {
     let name = k.rsplit('/').next().unwrap_or(k);
     !k.is_empty()
         && k.len() <= 317
@@ -915,27 +915,41 @@ fn specificity(p: &str) -> (usize, bool) {
     (p.split('/').filter(|x| *x != "*").count(), !p.contains('*'))
 }
 
+/// A duration in milliseconds, at least 1 ms: Go's form (`100ms`, `1m30s`) or protobuf
+/// JSON's (`1.5s`), both of which Istio's objects carry.
 pub(super) fn duration(
     what: &str,
     field: &str,
     v: &Option<Spanned<String>>,
 ) -> Result<Option<u64>, String> {
     let Some(v) = v else { return Ok(None) };
-    let d = humantime::parse_duration(&v.value).map_err(|e| {
-        located(
-            what,
-            At::of(v),
-            field,
-            format!(
-                "{:?} is not a duration ({e}); write e.g. 10s or 1m",
-                v.value
-            ),
-        )
-    })?;
-    if d.as_millis() == 0 {
+    let text = v.value.trim();
+    let fractional_secs = text
+        .strip_suffix('s')
+        .filter(|n| !n.ends_with('m') && n.contains('.'))
+        .and_then(|n| n.parse::<f64>().ok())
+        .filter(|secs| secs.is_finite() && *secs >= 0.0);
+    let ms = match fractional_secs {
+        Some(secs) => (secs * 1000.0).round() as u64,
+        None => {
+            let d = humantime::parse_duration(text).map_err(|e| {
+                located(
+                    what,
+                    At::of(v),
+                    field,
+                    format!(
+                        "{:?} is not a duration ({e}); write e.g. 10s, 1.5s or 500ms",
+                        v.value
+                    ),
+                )
+            })?;
+            d.as_millis().min(u128::from(u64::MAX)) as u64
+        }
+    };
+    if ms == 0 {
         return Err(located(what, At::of(v), field, "must be at least 1ms"));
     }
-    Ok(Some(d.as_millis().min(u128::from(u64::MAX)) as u64))
+    Ok(Some(ms))
 }
 
 fn outlier(
@@ -1073,6 +1087,31 @@ spec:
         assert_eq!(at.line, 27, "lines count from the top of the file");
         assert_eq!(dr.distribute[0].to[0], ("us-east1/*".to_string(), 80));
         assert!(!dr.failover_enabled());
+    }
+
+    #[test]
+    fn durations_are_read_in_gos_and_protobufs_forms() {
+        for (v, ms) in [
+            ("1.5s", 1500),
+            ("0.25s", 250),
+            ("1m30s", 90_000),
+            ("500ms", 500),
+        ] {
+            let y = GOOD.replace("interval: 1s", &format!("interval: {v}"));
+            let ps = parse(&y, "p.yaml").unwrap();
+            assert_eq!(
+                ps[0].0.outlier.as_ref().unwrap().interval_ms,
+                Some(ms),
+                "{v}"
+            );
+        }
+        let e = err(&GOOD.replace("interval: 1s", "interval: 0.0001s"));
+        assert!(
+            e.contains("spec.outlierDetection.interval: must be at least 1ms"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("interval: 1s", "interval: 1.5.s"));
+        assert!(e.contains("\"1.5.s\" is not a duration"), "{e}");
     }
 
     #[test]

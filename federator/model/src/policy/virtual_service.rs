@@ -12,7 +12,7 @@ use super::routes::{
     Destination, HttpRoute, Retries, RouteMatch, Routes, StringMatch, DEFAULT_RETRY_ON,
     GRPC_RETRY_ON,
 };
-use super::spec::{check_host_at, located, At, Doc};
+use super::spec::{check_host_at, duration, located, At, Doc};
 
 /// A field of Istio's schema that meshfed does not apply; its presence is an error.
 type Refused = Option<Spanned<serde_json::Value>>;
@@ -365,10 +365,7 @@ fn http_route(
         Some(r) => retries(what, &format!("{base}.retries"), r)?,
         None => None,
     };
-    let timeout_ms = match &v.timeout {
-        Some(t) => Some(timeout(what, &format!("{base}.timeout"), t)?),
-        None => None,
-    };
+    let timeout_ms = duration(what, &format!("{base}.timeout"), &v.timeout)?;
     Ok(HttpRoute {
         name: v.name.clone().unwrap_or_default(),
         matches,
@@ -467,29 +464,6 @@ fn retries(what: &str, base: &str, r: &Spanned<RetriesSpec>) -> Result<Option<Re
     Ok(Some(Retries { attempts, on }))
 }
 
-/// Istio writes durations as protobuf JSON (`1.5s`) or Go (`100ms`).
-fn timeout(what: &str, field: &str, t: &Spanned<String>) -> Result<u64, String> {
-    let v = t.value.trim();
-    let ms = match v.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()) {
-        Some(secs) if secs.is_finite() && secs >= 0.0 && !v.ends_with("ms") => {
-            Some((secs * 1000.0).round() as u64)
-        }
-        _ => humantime::parse_duration(v)
-            .ok()
-            .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
-    };
-    match ms {
-        Some(ms) if ms >= 1 => Ok(ms),
-        Some(_) => Err(located(what, At::of(t), field, "must be at least 1ms")),
-        None => Err(located(
-            what,
-            At::of(t),
-            field,
-            format!("{:?} is not a duration; write e.g. 1.5s or 500ms", t.value),
-        )),
-    }
-}
-
 fn route_match(what: &str, base: &str, m: &Spanned<MatchSpec>) -> Result<RouteMatch, String> {
     let v = &m.value;
     refused(
@@ -574,7 +548,6 @@ fn route_match(what: &str, base: &str, m: &Spanned<MatchSpec>) -> Result<RouteMa
     };
     Ok(RouteMatch {
         uri,
-        ignore_uri_case: false,
         headers,
         without_headers,
         port,
